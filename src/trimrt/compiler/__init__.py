@@ -1,0 +1,1 @@
+"""Compiler: model loading and export, structure analysis, the pass pipeline, builds."""

@@ -1,0 +1,306 @@
+"""Structure analysis: find the transformer blocks of an exported graph.
+
+`analyse(model) -> TransformerMap` works from the graph alone. An attention core is a
+Softmax whose input comes, through scalar scaling (Mul/Div by a constant) and masking
+(Add), from a MatMul of two activations (Q·Kᵀ), and whose output feeds a MatMul with
+V. Its block is delimited by the residual Add that joins an ancestor of Q (the stream
+entering the block) with the attention output. In pre-norm blocks the stream after
+the attention sub-layer is that Add; in post-norm blocks (BERT) it is the
+LayerNormalization that follows. The token axis is the axis of the residual stream
+whose size equals the number of keys.
+
+When the structure is not there, analysis raises StructureError saying what it
+found and what is missing: it never guesses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import StructureError
+
+_SCALE_OPS = {"Mul", "Div"}
+_PASS_THROUGH = {"Cast", "Identity", "Dropout"}
+
+
+@dataclass
+class Attention:
+    softmax: ir.Node
+    scores_matmul: ir.Node  # MatMul(q, k_t)
+    context_matmul: ir.Node  # MatMul(probs, v)
+    scale: float  # product of the scalar factors between the scores MatMul and the Softmax
+    mask: ir.Value | None  # additive mask on the logits, if any
+
+    @property
+    def q(self) -> ir.Value:
+        return self.scores_matmul.inputs[0]
+
+    @property
+    def k_t(self) -> ir.Value:
+        return self.scores_matmul.inputs[1]
+
+    @property
+    def num_heads(self) -> int | None:
+        shape = self.q.shape
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+            return shape[1]
+        return None
+
+
+@dataclass
+class Block:
+    index: int
+    attention: Attention
+    stream_in: ir.Value  # residual stream entering the block
+    residual_add: ir.Node  # Add(stream_in, attention output)
+    stream_mid: ir.Value  # residual stream after the attention sub-layer
+    post_norm: bool
+
+
+@dataclass
+class TransformerMap:
+    blocks: list[Block]
+    token_axis: int
+    num_tokens: int | str | None  # static count, or the symbolic name of a dynamic one
+    width: int | None
+    pooling: str  # "cls" (output reads token 0), "all" (outputs keep the token axis) or "unknown"
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "blocks": len(self.blocks),
+            "tokens": self.num_tokens,
+            "token_axis": self.token_axis,
+            "width": self.width,
+            "heads": self.blocks[0].attention.num_heads if self.blocks else None,
+            "norm": "post-norm" if self.blocks and self.blocks[0].post_norm else "pre-norm",
+            "pooling": self.pooling,
+            "protected_tokens": "cls (index 0)" if self.pooling == "cls" else "none found",
+            "attention": [
+                {
+                    "block": b.index,
+                    "softmax": b.attention.softmax.name,
+                    "scores": b.attention.scores_matmul.name,
+                    "scale": round(b.attention.scale, 6),
+                    "masked": b.attention.mask is not None,
+                    "stream": b.stream_mid.name,
+                }
+                for b in self.blocks
+            ],
+            "notes": self.notes,
+        }
+
+
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The value of a constant with a single element, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    if tensor is None:
+        return None
+    arr = tensor.numpy()
+    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return value is not None and (value.const_value is not None or (
+        value.producer() is not None and value.producer().op_type == "Constant"))
+
+
+def _find_scores(softmax: ir.Node):
+    """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention."""
+    scale, mask = 1.0, None
+    value = softmax.inputs[0]
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            if any(is_constant(v) for v in node.inputs):
+                return None
+            return node, scale, mask
+        if node.op_type in _SCALE_OPS:
+            a, b = node.inputs
+            c = scalar_constant(b)
+            if c is None and node.op_type == "Mul":  # constant first: Mul(c, scores)
+                a, c = b, scalar_constant(a)
+            if c is None or c == 0:
+                return None
+            scale = scale * c if node.op_type == "Mul" else scale / c
+            value = a
+        elif node.op_type in ("Add", "Where"):
+            # additive mask (Add) or masked_fill (Where): follow the branch that is not constant
+            candidates = [v for v in node.inputs if v is not None and not is_constant(v)]
+            if node.op_type == "Where":
+                candidates = [node.inputs[1]] if not is_constant(node.inputs[1]) else [node.inputs[2]]
+                mask = node.inputs[0]
+            if not candidates:
+                return None
+            value = candidates[0]
+            if node.op_type == "Add" and len(candidates) > 1:
+                mask = candidates[1]
+            elif node.op_type == "Add":
+                mask = next(v for v in node.inputs if v is not value)
+        elif node.op_type in _PASS_THROUGH:
+            value = node.inputs[0]
+        else:
+            return None
+    return None
+
+
+def _find_context(softmax: ir.Node) -> ir.Node | None:
+    frontier = [softmax.outputs[0]]
+    for _ in range(4):
+        nxt = []
+        for value in frontier:
+            for user in value.consumers():
+                if user.op_type == "MatMul" and user.inputs[0] is value:
+                    return user
+                if user.op_type in _PASS_THROUGH:
+                    nxt.append(user.outputs[0])
+        frontier = nxt
+    return None
+
+
+def _activation_ancestors(value: ir.Value, limit: int = 400) -> set[ir.Value]:
+    """Non-constant values from which `value` is computed (bounded backward search)."""
+    seen: set[ir.Value] = set()
+    queue = deque([value])
+    while queue and len(seen) < limit:
+        v = queue.popleft()
+        if v in seen or is_constant(v):
+            continue
+        seen.add(v)
+        node = v.producer()
+        if node is not None:
+            queue.extend(i for i in node.inputs if i is not None)
+    return seen
+
+
+def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value] | None:
+    ancestors = _activation_ancestors(attn.q)
+    queue = deque([(attn.context_matmul.outputs[0], 0)])
+    seen = set()
+    while queue:
+        value, depth = queue.popleft()
+        if value in seen or depth > 16:
+            continue
+        seen.add(value)
+        for user in value.consumers():
+            if user.op_type == "Add":
+                other = [v for v in user.inputs if v is not value]
+                if other and other[0] in ancestors:
+                    return user, other[0]
+            queue.extend((out, depth + 1) for out in user.outputs)
+    return None
+
+
+def _find_attentions(graph: ir.Graph) -> list[Attention]:
+    found = []
+    for node in graph:
+        if node.op_type != "Softmax":
+            continue
+        scores = _find_scores(node)
+        if scores is None:
+            continue
+        context = _find_context(node)
+        if context is None:
+            continue
+        matmul, scale, mask = scores
+        found.append(Attention(node, matmul, context, scale, mask))
+    return found
+
+
+def _dim_matches(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return a is not None and b is not None and str(a) == str(b) and not isinstance(a, int)
+
+
+def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
+    """'cls' when the outputs read token 0 of the final stream, 'all' when they keep every token."""
+    queue, seen = deque([last_stream]), set()
+    kinds = set()
+    while queue:
+        v = queue.popleft()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.is_graph_output():
+            kinds.add("all")
+        for user in v.consumers():
+            if user.op_type == "Gather" and user.inputs[0] is v:
+                axis = user.attributes.get_int("axis", 0)
+                idx = scalar_constant(user.inputs[1])
+                if axis == token_axis and idx == 0:
+                    kinds.add("cls")
+                    continue
+            if user.op_type == "Slice" and user.inputs[0] is v:
+                starts, ends = scalar_constant(user.inputs[1]), scalar_constant(user.inputs[2])
+                if starts == 0 and ends == 1:
+                    kinds.add("cls")
+                    continue
+            queue.extend(user.outputs)
+    if kinds == {"cls"}:
+        return "cls"
+    if "all" in kinds:
+        return "all"
+    return "unknown"
+
+
+def analyse(model: ir.Model) -> TransformerMap:
+    """Find blocks, residual stream, attention and token axis; StructureError when missing."""
+    graph = model.graph
+    attentions = _find_attentions(graph)
+    softmax_count = sum(1 for n in graph if n.op_type == "Softmax")
+    fused = sorted({n.op_type for n in graph if n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")})
+    if not attentions:
+        found = f"{softmax_count} Softmax node(s)" + (f" and fused {fused} op(s)" if fused else "")
+        raise StructureError(
+            f"no transformer blocks found: no attention (Softmax over a MatMul of Q and Kᵀ, followed by a MatMul with V) "
+            f"among {len(graph)} nodes ({found}); token passes need the attention sub-graph"
+        )
+    blocks = []
+    for attn in attentions:
+        res = _find_residual_add(attn)
+        if res is None:
+            raise StructureError(
+                f"attention at {attn.softmax.name!r} has no residual Add joining its output with the stream that feeds Q; "
+                "cannot locate the residual stream of this block"
+            )
+        add, stream_in = res
+        stream_mid, post_norm = add.outputs[0], False
+        users = list(add.outputs[0].consumers())
+        if len(users) == 1 and users[0].op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
+            stream_mid, post_norm = users[0].outputs[0], True
+        blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
+
+    keys = blocks[0].attention.softmax.inputs[0].shape
+    stream_shape = blocks[0].stream_mid.shape
+    if keys is None or stream_shape is None:
+        raise StructureError("token axis unknown: the graph carries no shapes for the attention and the residual stream "
+                             "(run shape inference or export with shapes)")
+    n_keys = keys[len(keys) - 1]
+    candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
+    if len(candidates) != 1:
+        raise StructureError(
+            f"token axis ambiguous: residual stream shape {list(stream_shape)} has {len(candidates)} axes matching "
+            f"the {n_keys} attention keys"
+        )
+    token_axis = candidates[0]
+    width = stream_shape[len(stream_shape) - 1]
+    tokens = stream_shape[token_axis]
+    num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
+    pooling = _pooling(graph, blocks[-1].stream_mid, token_axis)
+    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    """Annotate values with shapes (onnx shape inference with data propagation), in place."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)

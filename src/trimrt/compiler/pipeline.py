@@ -1,0 +1,133 @@
+"""The pass pipeline: one visible, ordered list.
+
+    canonicalize → analyse → feature passes (token pruning, …) → attach decompositions
+    → cleanup → target finalisation
+
+`build_passes(recipe, target)` returns that list; `run_pipeline` runs it with onnx_ir's
+PassManager and collects each pass's report for the build manifest. An `after_pass`
+instrument may inspect the model after every pass (how verify attributes drift).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
+
+from ..errors import BuildError, TrimrtError
+from ..passes import TokenPruningPass, TrimrtPass
+from ..plugins import DOMAIN, OP_VERSION, REGISTRY
+from ..recipe import Recipe
+from .analysis import analyse, infer_shapes
+
+TARGETS = ("onnxruntime", "tensorrt")
+MIN_OPSET = 18
+
+
+class CanonicalizePass(TrimrtPass):
+    """Bring the graph to the form passes expect: opset ≥ 18 and shapes annotated."""
+
+    name = "canonicalize"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opset = model.opset_imports.get("", 0)
+        if opset < MIN_OPSET:
+            from ..errors import ModelLoadError
+
+            raise ModelLoadError(f"the model uses ONNX opset {opset}; trimrt needs opset >= {MIN_OPSET}: re-export with opset_version={MIN_OPSET}")
+        infer_shapes(model)
+        self.report = {"opset": opset, "nodes": len(model.graph)}
+        return ir.passes.PassResult(model, modified=False)
+
+
+class AnalysePass(TrimrtPass):
+    """Record the transformer structure (does not change the graph)."""
+
+    name = "analyse"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.report = analyse(model).summary()
+        return ir.passes.PassResult(model, modified=False)
+
+
+class AttachDecompositionsPass(TrimrtPass):
+    """Attach, for every trimrt op used, its decomposition as a model-local function."""
+
+    name = "attach_decompositions"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
+        for op_type in used:
+            fn = ir.serde.deserialize_function(REGISTRY[op_type].function())
+            model.functions[fn.identifier()] = fn
+        if used:
+            model.opset_imports[DOMAIN] = OP_VERSION
+        self.report = {"functions": used}
+        return ir.passes.PassResult(model, modified=bool(used))
+
+
+class CleanupPass(TrimrtPass):
+    """Drop dead nodes and opsets, sort topologically, re-infer shapes."""
+
+    name = "cleanup"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(model.graph)
+        RemoveUnusedNodesPass()(model)
+        TopologicalSortPass()(model)
+        RemoveUnusedOpsetsPass()(model)
+        if any(n.domain == DOMAIN for n in model.graph):
+            model.opset_imports[DOMAIN] = OP_VERSION
+        infer_shapes(model)
+        self.report = {"nodes_removed": before - len(model.graph)}
+        return ir.passes.PassResult(model, modified=True)
+
+
+class TargetPass(TrimrtPass):
+    """Target finalisation. TensorRT: mark custom nodes as plugins (namespace, version)."""
+
+    name = "target"
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        marked = 0
+        if self.target == "tensorrt":
+            for node in model.graph.all_nodes():
+                if node.domain == DOMAIN:
+                    node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", DOMAIN)
+                    node.attributes["plugin_version"] = ir.AttrString("plugin_version", str(OP_VERSION))
+                    marked += 1
+        self.report = {"target": self.target, "plugin_nodes": marked}
+        return ir.passes.PassResult(model, modified=bool(marked))
+
+
+def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass]:
+    """The ordered pass list for a recipe and target."""
+    feature: list[TrimrtPass] = []
+    if recipe.token_pruning is not None:
+        feature.append(TokenPruningPass(recipe.token_pruning))
+    return [CanonicalizePass(), AnalysePass(), *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
+
+
+def run_pipeline(model: ir.Model, passes: list[TrimrtPass],
+                 after_pass: Callable[[TrimrtPass, ir.Model], None] | None = None) -> list[dict]:
+    """Run the passes in order (in place); return [{"pass": name, "report": {...}}, ...]."""
+    try:
+        if after_pass is None:
+            ir.passes.PassManager(passes)(model)
+        else:
+            for p in passes:
+                p(model)
+                after_pass(p, model)
+    except ir.passes.PassError as exc:
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, TrimrtError):
+            cause = cause.__cause__
+        if isinstance(cause, TrimrtError):
+            raise cause from None
+        raise BuildError(f"a compiler pass failed: {cause}") from exc
+    return [{"pass": p.name, "report": p.report} for p in passes]

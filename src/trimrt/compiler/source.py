@@ -1,0 +1,170 @@
+"""Model sources: an ONNX file, or a PyTorch factory / module that trimrt exports itself.
+
+A factory is named `path/to/file.py:name` or `package.module:name` and returns
+`(torch_module, example_inputs)`. Export uses the torch.onnx dynamo exporter with a
+dynamic batch axis (and a dynamic token axis on integer inputs such as token ids and
+masks), falling back to the TorchScript exporter when dynamo fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+#: opset of exported models; the decompositions use standard ops of opset >= 18
+EXPORT_OPSET = 18
+
+
+@dataclass
+class LoadedModel:
+    model: ir.Model
+    #: example feeds (name -> array) when the source provided them (factories do)
+    example_feeds: dict[str, np.ndarray] | None
+    #: a PyTorch callable reproducing the model, when the source was PyTorch
+    torch_module: Any = None
+    description: str = ""
+
+
+def is_factory_spec(spec: str) -> bool:
+    return ":" in spec and not spec.lower().endswith(".onnx") and not Path(spec).exists()
+
+
+def load_onnx(path: str | Path) -> ir.Model:
+    """Read an ONNX file (with external data) into onnx_ir; one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError / various on non-ONNX bytes
+        raise ModelLoadError(f"{path} is not an ONNX model ({type(exc).__name__}); pass an .onnx file or a factory 'file.py:function'") from None
+    if not proto.graph.node:
+        raise ModelLoadError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read the ONNX graph: {exc}") from None
+
+
+def resolve_factory(spec: str) -> Callable[[], Any]:
+    """`path/to/file.py:name` or `package.module:name` -> the callable."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ModelLoadError(f"model spec {spec!r} must be an .onnx file or 'file.py:factory' / 'package.module:factory'")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise ModelLoadError(f"factory file not found: {path}")
+        mod_name = f"_trimrt_factory_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise ModelLoadError(f"cannot import module {target!r}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"{target} has no callable {name!r}")
+    return factory
+
+
+def call_factory(spec: str):
+    factory = resolve_factory(spec)
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise ModelLoadError(f"factory {spec} must return (torch_module, example_inputs), got {type(result).__name__}")
+    module, example = result
+    if not isinstance(example, (tuple, list)):
+        example = (example,)
+    return module, tuple(example)
+
+
+def input_names_of(module, count: int) -> list[str]:
+    import inspect
+
+    params = [p for p in inspect.signature(module.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params][:count]
+    return names + [f"input_{i}" for i in range(len(names), count)]
+
+
+def export_torch(module, example_inputs: tuple, *, opset: int = EXPORT_OPSET) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """Export a torch module to onnx_ir: dynamo exporter first, TorchScript as fallback."""
+    try:
+        import torch
+    except ImportError:
+        raise ModelLoadError("exporting a PyTorch model needs torch: pip install 'trimrt[torch]'") from None
+    module.eval()  # the TorchScript exporter restores training flags recursively: set eval on the outermost module
+    names = input_names_of(module, len(example_inputs))
+    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, example_inputs)}
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tokens = torch.export.Dim("tokens", min=2, max=65536)
+    dynamic_shapes, dynamic_axes = {}, {}
+    for n, t in zip(names, example_inputs):
+        axes = {0: batch} if t.dim() >= 1 else {}
+        if t.dim() == 2 and not t.dtype.is_floating_point:
+            axes[1] = tokens
+        dynamic_shapes[n] = axes
+        dynamic_axes[n] = {a: ("batch" if a == 0 else "tokens") for a in axes}
+    errors = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, opset_version=opset,
+                                        input_names=names, dynamic_shapes=dynamic_shapes, verbose=False)
+            program.save(str(path))
+        except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
+            errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.warning("dynamo export failed (%s); trying the TorchScript exporter", errors[-1])
+            try:
+                torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, opset_version=opset,
+                                  input_names=names, dynamic_axes=dynamic_axes)
+            except Exception as exc2:  # noqa: BLE001
+                errors.append(f"torchscript: {type(exc2).__name__}: {exc2}")
+                raise ModelLoadError("export failed with both exporters; " + " | ".join(errors)) from None
+        module.eval()
+        model = load_onnx(path)
+    return model, feeds
+
+
+def load_source(source: Any, example_inputs: tuple | None = None) -> LoadedModel:
+    """Anything `trimrt.compile` accepts as a model -> LoadedModel."""
+    if isinstance(source, ir.Model):
+        return LoadedModel(source, None, description="onnx_ir model")
+    if isinstance(source, onnx.ModelProto):
+        return LoadedModel(ir.serde.deserialize_model(source), None, description="ModelProto")
+    if isinstance(source, (str, Path)):
+        spec = str(source)
+        if is_factory_spec(spec):
+            module, example = call_factory(spec)
+            model, feeds = export_torch(module, example)
+            return LoadedModel(model, feeds, module, description=spec)
+        return LoadedModel(load_onnx(spec), None, description=spec)
+    if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
+        if example_inputs is None:
+            raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")
+        if not isinstance(example_inputs, (tuple, list)):
+            example_inputs = (example_inputs,)
+        model, feeds = export_torch(source, tuple(example_inputs))
+        return LoadedModel(model, feeds, source, description=type(source).__name__)
+    raise ModelLoadError(f"cannot compile a {type(source).__name__}: pass an .onnx path, a factory spec or a torch.nn.Module")

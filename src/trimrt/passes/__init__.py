@@ -1,0 +1,7 @@
+"""Graph rewrites, one module per pass. Each is an onnx_ir InPlacePass taking its options
+(a frozen dataclass from the Recipe) at construction and recording what it did in `report`."""
+
+from .base import PASS_TAG, TrimrtPass
+from .token_pruning import TokenPruningPass
+
+__all__ = ["PASS_TAG", "TrimrtPass", "TokenPruningPass"]
