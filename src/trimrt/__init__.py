@@ -1,0 +1,41 @@
+"""trimrt: a deployment compiler for transformer models.
+
+    build = trimrt.compile("model.onnx", "recipe.toml", "build/")
+    session = trimrt.load("build/")
+    outputs = session.run({"pixel_values": x})
+    report = trimrt.verify("build/", reference="model.onnx")
+
+The runtime (`load`, `Session`) needs numpy and onnxruntime only; the compiler and
+verify import their heavier dependencies when called.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    BackendUnavailableError, BuildError, BuildLoadError, InputError, ModelLoadError, RecipeError,
+    StructureError, TrimrtError,
+)
+from .runtime import Session, load  # noqa: E402
+
+
+def compile(model, recipe=None, out_dir="build", *, example_inputs=None, target="onnxruntime", progress=None):  # noqa: A001
+    """Compile `model` (an .onnx path, a 'file.py:factory' spec, or a torch module with
+    `example_inputs`) with `recipe` (TOML path, dict or Recipe) into the build directory
+    `out_dir`. Returns the build's manifest (dict)."""
+    from .compiler.driver import compile_model
+
+    return compile_model(model, recipe, out_dir, example_inputs=example_inputs, target=target, progress=progress)
+
+
+def verify(build_dir, reference, **kwargs):
+    """Run a build and its reference (an .onnx path, a factory spec or a torch module) on the
+    same inputs; returns a VerifyReport with per-output errors, cosine and top-1 agreement."""
+    from .verify import verify_build
+
+    return verify_build(build_dir, reference, **kwargs)
+
+
+__all__ = [
+    "__version__", "compile", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
+    "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError",
+]

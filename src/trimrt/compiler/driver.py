@@ -1,0 +1,146 @@
+"""compile(): source → passes → checks → build directory.
+
+A build is only written when it is right: it must load and run on ONNX Runtime, give
+outputs of the original's names and ranks, and — when the recipe changes nothing —
+reproduce the original outputs. Otherwise BuildError, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..errors import BackendUnavailableError, BuildError
+from ..plugins import DOMAIN, OP_VERSION
+from ..recipe import load_recipe
+from ..runtime.backends import OnnxRuntimeBackend
+from ..runtime.feeds import TensorInfo, random_feeds
+from ..runtime.manifest import ENGINE, MODEL
+from .artifacts import atomic_build_dir, write_manifest
+from .flops import count_flops
+from .pipeline import TARGETS, build_passes, run_pipeline
+from .source import load_source
+
+log = logging.getLogger(__name__)
+REFERENCE = "reference.onnx"
+#: a recipe that changes nothing must reproduce the original within this max abs error
+NOOP_TOLERANCE = 1e-4
+
+
+def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example_inputs=None,
+                  target: str = "onnxruntime", save_reference: bool | None = None,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    say = progress or (lambda msg: log.info(msg))
+    started = time.perf_counter()
+    recipe = load_recipe(recipe)  # validate before any expensive work
+    if target not in TARGETS:
+        raise BuildError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if target == "tensorrt":
+        from ..runtime.backends import TensorRTBackend
+
+        if not TensorRTBackend.available():
+            raise BackendUnavailableError("--target tensorrt needs TensorRT and an NVIDIA GPU on this machine; "
+                                          "compile for onnxruntime here and build the engine on the GPU machine")
+    say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
+    loaded = load_source(source, example_inputs)
+    original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
+    model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
+
+    passes = build_passes(recipe, target)
+    say("running passes: " + " → ".join(p.name for p in passes))
+    reports = run_pipeline(model, passes)
+    built = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(built)
+    except onnx.checker.ValidationError as exc:
+        raise BuildError(f"the rewritten graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
+
+    say("checking the build on ONNX Runtime")
+    base_rt, build_rt = _session(original), _session(built)
+    hints = {k: v.shape for k, v in (loaded.example_feeds or {}).items()}
+    feeds = random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints)
+    base_out = base_rt.infer(feeds)
+    try:
+        build_out = build_rt.infer(feeds)
+    except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
+        raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
+    _check_outputs(base_out, build_out, noop=_is_noop(reports))
+    one = {k: v[:1] for k, v in feeds.items()}
+    flops_before, flops_after = count_flops(original, one), count_flops(built, one)
+
+    if save_reference is None:
+        save_reference = loaded.torch_module is not None
+    structure = next((r["report"] for r in reports if r["pass"] == "analyse"), {})
+    with atomic_build_dir(out_dir) as tmp:
+        _save(built, tmp / MODEL)
+        if save_reference:
+            _save(original, tmp / REFERENCE)
+        if target == "tensorrt":
+            say("building the TensorRT engine")
+            from .tensorrt_target import build_engine
+
+            build_engine(tmp / MODEL, tmp / ENGINE, hints=hints)
+        manifest = write_manifest(tmp, {
+            "source": loaded.description,
+            "target": target,
+            "recipe": recipe.to_dict(),
+            "structure": {k: v for k, v in structure.items() if k != "attention"},
+            "passes": reports,
+            "inputs": [_info(i) for i in build_rt.inputs],
+            "outputs": [_info(o) for o in build_rt.outputs],
+            "example_shapes": {k: list(v.shape) for k, v in feeds.items()},
+            "ops": {op: {"domain": DOMAIN, "version": OP_VERSION} for op in
+                    sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})},
+            "flops": {"batch": 1, "before": flops_before, "after": flops_after,
+                      "ratio": round(flops_before / max(flops_after, 1), 4)},
+            "reference": REFERENCE if save_reference else None,
+            "compile_seconds": round(time.perf_counter() - started, 2),
+        })
+    say(f"wrote {out_dir} (FLOPs ratio {manifest['flops']['ratio']:.2f}×)")
+    return manifest
+
+
+def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:
+    backend = OnnxRuntimeBackend(proto.SerializeToString())
+    backend.activate()
+    return backend
+
+
+def _is_noop(reports: list[dict]) -> bool:
+    for r in reports:
+        if r["pass"] == "token_pruning" and r["report"]["tokens_after"] != r["report"]["tokens_before"]:
+            return False
+    return True
+
+
+def _check_outputs(base: dict, build: dict, *, noop: bool) -> None:
+    if list(base) != list(build):
+        raise BuildError(f"the build's outputs {list(build)} differ from the original's {list(base)}")
+    for name, ref in base.items():
+        got = build[name]
+        if got.ndim != ref.ndim or got.dtype != ref.dtype:
+            raise BuildError(f"output {name!r}: build gives {got.dtype}{list(got.shape)}, original {ref.dtype}{list(ref.shape)}")
+        if not np.all(np.isfinite(got[np.isfinite(ref)])):
+            raise BuildError(f"output {name!r} of the build has NaN/inf where the original has finite values")
+        if noop:
+            err = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
+            if got.shape != ref.shape or err > NOOP_TOLERANCE:
+                raise BuildError(f"output {name!r}: a recipe that keeps every token must reproduce the original, "
+                                 f"but max abs error is {err:.3g}; please report this model")
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    if proto.ByteSize() > 1_900_000_000:
+        onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(proto, str(path))
+
+
+def _info(info: TensorInfo) -> dict:
+    return {"name": info.name, "dtype": info.dtype.name, "shape": list(info.shape)}

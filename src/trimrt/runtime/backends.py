@@ -1,0 +1,129 @@
+"""Backends: one small interface (activate / infer / deactivate), like polygraphy's runners.
+
+ONNX Runtime runs every build on CPU (custom ops are inlined from their functions).
+TensorRT runs `model.engine` when TensorRT and a GPU are present; it is imported
+lazily, so the runtime imports without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .feeds import TensorInfo
+
+
+class Backend:
+    name = "base"
+
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def infer(self, feeds: Mapping[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        pass
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
+                 optimization: str = "all", providers: list[str] | None = None):
+        # a path, or the serialized model itself
+        self.model = model if isinstance(model, bytes) else str(model)
+        self.threads = threads
+        self.optimization = optimization
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.optimization]
+        self._session = ort.InferenceSession(self.model, opts, providers=self.providers)
+        self.inputs = [TensorInfo.from_ort(a) for a in self._session.get_inputs()]
+        self.outputs = [TensorInfo.from_ort(a) for a in self._session.get_outputs()]
+
+    def infer(self, feeds, output_names=None):
+        # InferenceSession.run is thread-safe: one session serves concurrent callers
+        names = output_names or [o.name for o in self.outputs]
+        return dict(zip(names, self._session.run(names, dict(feeds))))
+
+    def deactivate(self) -> None:
+        self._session = None
+
+
+class TensorRTBackend(Backend):
+    """Runs a serialized TensorRT engine (needs tensorrt, torch with CUDA, and a GPU)."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path):
+        self.engine_path = Path(engine_path)
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            import tensorrt  # noqa: F401
+            import torch
+
+            return torch.cuda.is_available()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def activate(self) -> None:
+        if not self.available():
+            raise BackendUnavailableError("the tensorrt backend needs TensorRT, torch with CUDA and an NVIDIA GPU; use backend='onnxruntime'")
+        import tensorrt as trt
+
+        from ..plugins.tensorrt_glue import register_all
+
+        register_all()
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self._engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        self._context = self._engine.create_execution_context()
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        is_input = lambda n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
+        info = lambda n: TensorInfo(n, np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))),  # noqa: E731
+                                    tuple(d if d >= 0 else "?" for d in self._engine.get_tensor_shape(n)))
+        self.inputs = [info(n) for n in names if is_input(n)]
+        self.outputs = [info(n) for n in names if not is_input(n)]
+
+    def infer(self, feeds, output_names=None):
+        import torch
+
+        stream = torch.cuda.current_stream()
+        keep = []
+        for info in self.inputs:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[info.name])).cuda()
+            keep.append(t)
+            self._context.set_input_shape(info.name, tuple(t.shape))
+            self._context.set_tensor_address(info.name, t.data_ptr())
+        outs = {}
+        for info in self.outputs:
+            shape = tuple(self._context.get_tensor_shape(info.name))
+            t = torch.empty(shape, dtype=getattr(torch, info.dtype.name), device="cuda")
+            self._context.set_tensor_address(info.name, t.data_ptr())
+            outs[info.name] = t
+        self._context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        names = output_names or list(outs)
+        return {n: outs[n].cpu().numpy() for n in names}

@@ -1,0 +1,110 @@
+"""Feeds: validation against a model's inputs, and random feeds for verify / bench."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An input or output of a model: name, numpy dtype and shape (ints or symbolic names)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    @classmethod
+    def from_ort(cls, arg) -> "TensorInfo":
+        dtype = np.dtype(_ORT_TYPES.get(arg.type, np.float32))
+        return cls(arg.name, dtype, tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.dtype.name}[{', '.join(str(d) for d in self.shape)}]"
+
+
+def validate_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Check names, dtypes, ranks and static dims; one-line InputError naming the problem."""
+    expected = {i.name: i for i in inputs}
+    unknown = sorted(set(feeds) - set(expected))
+    if unknown:
+        raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
+    missing = sorted(set(expected) - set(feeds))
+    if missing:
+        raise InputError(f"missing input(s) {missing}; expected {', '.join(i.describe() for i in inputs)}")
+    out = {}
+    for name, info in expected.items():
+        arr = np.asarray(feeds[name])
+        if arr.dtype != info.dtype:
+            raise InputError(f"input {name!r} must be {info.dtype.name}, got {arr.dtype.name} (cast it with .astype(np.{info.dtype.name}))")
+        if arr.ndim != len(info.shape):
+            raise InputError(f"input {name!r} must have rank {len(info.shape)} ({info.describe()}), got shape {list(arr.shape)}")
+        for axis, (want, got) in enumerate(zip(info.shape, arr.shape)):
+            if isinstance(want, int) and want != got:
+                raise InputError(f"input {name!r} axis {axis} must be {want} ({info.describe()}), got shape {list(arr.shape)}")
+        out[name] = arr
+    return out
+
+
+def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
+    """A concrete shape for `info`: symbolic axis 0 -> batch, other symbolic axes from `hints`."""
+    hint = (hints or {}).get(info.name)
+    dims = []
+    for axis, d in enumerate(info.shape):
+        if isinstance(d, int):
+            dims.append(d)
+        elif axis == 0:
+            dims.append(batch)
+        elif hint is not None and axis < len(hint):
+            dims.append(int(hint[axis]))
+        else:
+            raise InputError(f"input {info.describe()} has a dynamic axis {axis}; give input files (--input) to fix its size")
+    return tuple(dims)
+
+
+def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
+                 hints: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs: standard normal floats; integers in [0, 100) (token ids), ones for masks."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for info in inputs:
+        shape = concrete_shape(info, batch, hints)
+        if np.issubdtype(info.dtype, np.floating):
+            feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
+        elif "mask" in info.name.lower() or info.dtype == np.bool_:
+            feeds[info.name] = np.ones(shape, dtype=info.dtype)
+        else:
+            feeds[info.name] = rng.integers(0, 100, size=shape).astype(info.dtype)
+    return feeds
+
+
+def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:
+    """`NAME=FILE.npy` items, or `FILE.npz` holding arrays by input name."""
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        path = Path(file if sep else name)
+        if not path.is_file():
+            raise InputError(f"input file not found: {path}")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files
+            raise InputError(f"cannot read {path} as .npy/.npz: {exc}") from None
+        if isinstance(data, np.ndarray):
+            if not sep:
+                raise InputError(f"{path}: a .npy file needs a name: --input NAME={path}")
+            feeds[name] = data
+        else:
+            feeds.update({k: data[k] for k in data.files})
+    return feeds

@@ -1,0 +1,62 @@
+"""Session: a loaded build, its inputs/outputs, validated feeds, thread-safe runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BackendUnavailableError
+from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend
+from .feeds import TensorInfo, validate_feeds
+from .manifest import ENGINE, MODEL, read_manifest
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class Session:
+    """Run a trimrt build. Safe to call from several threads (the backend session is shared,
+    read-only; ONNX Runtime's run is thread-safe)."""
+
+    def __init__(self, build_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
+                 check_hashes: bool = True):
+        self.build_dir = Path(build_dir)
+        self.manifest = read_manifest(self.build_dir, check_hashes=check_hashes)
+        if backend not in BACKENDS:
+            raise BackendUnavailableError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+        engine = self.build_dir / ENGINE
+        if backend == "tensorrt" or (backend == "auto" and engine.is_file() and TensorRTBackend.available()):
+            if not engine.is_file():
+                raise BackendUnavailableError(f"{self.build_dir} has no {ENGINE}; compile with --target tensorrt on a GPU machine")
+            self.backend: Backend = TensorRTBackend(engine)
+        else:
+            self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads)
+        self.backend.activate()
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return list(self.backend.inputs)
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return list(self.backend.outputs)
+
+    def run(self, feeds: Mapping[str, object], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Validate `feeds` (name, dtype, rank, static dims) and run; returns {output name: array}."""
+        return self.backend.infer(validate_feeds(self.inputs, feeds), output_names)
+
+    def __call__(self, **feeds) -> dict[str, np.ndarray]:
+        return self.run(feeds)
+
+    def close(self) -> None:
+        self.backend.deactivate()
+
+    def __repr__(self) -> str:
+        ins = ", ".join(i.describe() for i in self.inputs)
+        return f"Session({str(self.build_dir)!r}, backend={self.backend.name}, inputs=[{ins}])"
+
+
+def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = None) -> Session:
+    """Load a build directory (checks the manifest's format version and file hashes)."""
+    return Session(build_dir, backend, threads=threads)
