@@ -1,0 +1,79 @@
+"""bench: time a build against its unmodified baseline in one process.
+
+Both run on ONNX Runtime CPU with the same thread count and the same inputs. After a
+warm-up, each round times one baseline run and one build run, in alternating order,
+so drift of the machine (frequency, other load) hits both alike; the report gives
+medians, their ratio, and the FLOPs ratio from the build manifest (the ideal speedup).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .runtime.backends import OnnxRuntimeBackend
+from .runtime.feeds import load_feed_files, random_feeds
+from .runtime.manifest import MODEL, read_manifest
+
+
+@dataclass
+class BenchReport:
+    batch: int
+    threads: int
+    rounds: int
+    baseline_ms: float
+    build_ms: float
+    speedup: float
+    flops_ratio: float | None
+
+    @property
+    def efficiency(self) -> float | None:
+        """Measured speedup as a fraction of the ideal (FLOPs) one."""
+        return self.speedup / self.flops_ratio if self.flops_ratio else None
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "efficiency": self.efficiency}
+
+
+def time_alternating(run_a, run_b, *, warmup: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of two callables, interleaved (ABBA…) after `warmup` calls of each."""
+    for _ in range(warmup):
+        run_a()
+        run_b()
+    times_a, times_b = [], []
+    for i in range(rounds):
+        order = ((run_a, times_a), (run_b, times_b)) if i % 2 == 0 else ((run_b, times_b), (run_a, times_a))
+        for fn, sink in order:
+            t0 = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - t0)
+    return times_a, times_b
+
+
+def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
+                warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0) -> BenchReport:
+    from .errors import InputError
+
+    build_dir = Path(build_dir)
+    manifest = read_manifest(build_dir)
+    if baseline is None:
+        if not manifest.get("reference"):
+            raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
+        baseline = build_dir / manifest["reference"]
+    if not Path(baseline).is_file():
+        raise InputError(f"baseline model not found: {baseline}")
+    base = OnnxRuntimeBackend(baseline, threads=threads)
+    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads)
+    base.activate()
+    build.activate()
+    if inputs:
+        feeds = load_feed_files(inputs)
+    else:
+        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"))
+    t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
+    med_base, med_build = statistics.median(t_base), statistics.median(t_build)
+    return BenchReport(batch=int(next(iter(feeds.values())).shape[0]), threads=threads, rounds=rounds,
+                       baseline_ms=med_base * 1e3, build_ms=med_build * 1e3, speedup=med_base / med_build,
+                       flops_ratio=manifest.get("flops", {}).get("ratio"))
