@@ -1,0 +1,174 @@
+"""The `trimrt` command line: compile / run / verify / bench / inspect.
+
+Every error a user can cause prints one line, `error: …`, and exits with code 2;
+`verify` exits with 1 when a threshold is missed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import TrimrtError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except TrimrtError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="trimrt")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the compiler does.")
+def main(verbose: bool) -> None:
+    """trimrt: compile transformers with token pruning into builds that run on ONNX Runtime and TensorRT."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Build directory to write.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe TOML file (none: no rewrites).")
+@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+def compile(model: str, out_dir: Path, recipe: Path | None, target: str) -> None:  # noqa: A001
+    """Compile MODEL (an .onnx file, or file.py:factory / package.module:factory) into a build."""
+    from .compiler.driver import compile_model
+
+    console = _console()
+    with console.status("compiling") as status:
+        manifest = compile_model(model, recipe, out_dir, target=target,
+                                 progress=lambda msg: (status.update(msg), console.log(msg)))
+    f = manifest["flops"]
+    console.print(f"[bold green]build written[/]: {out_dir}  (FLOPs {f['before'] / 1e9:.2f} → {f['after'] / 1e9:.2f} G, "
+                  f"ideal speedup {f['ratio']:.2f}×)")
+    for p in manifest["passes"]:
+        if p["pass"] == "token_pruning":
+            steps = ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in p["report"]["layers"])
+            console.print(f"token pruning: {steps}")
+
+
+@main.command()
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--input", "inputs", multiple=True, required=True, help="NAME=FILE.npy, or FILE.npz (repeatable).")
+@click.option("--output", type=click.Path(path_type=Path), help="Write outputs to this .npz file.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str) -> None:
+    """Run BUILD on inputs from .npy/.npz files."""
+    from .runtime import load
+    from .runtime.feeds import load_feed_files
+
+    session = load(build, backend=backend)
+    outs = session.run(load_feed_files(list(inputs)))
+    if output is not None:
+        np.savez(output, **outs)
+        click.echo(f"wrote {len(outs)} output(s) to {output}")
+    for name, arr in outs.items():
+        preview = np.array2string(arr.reshape(-1)[:6], precision=4)
+        click.echo(f"{name}: {arr.dtype}{list(arr.shape)} {preview}")
+
+
+@main.command()
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--reference", help="Original .onnx file or a PyTorch factory (default: the build's reference.onnx).")
+@click.option("--samples", default=8, show_default=True, help="Random input samples (when no --input).")
+@click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
+@click.option("--min-cosine", type=float, help="Fail (exit 1) when an output's mean cosine is below this.")
+@click.option("--min-top1", type=float, help="Fail (exit 1) when the top-1 agreement of logits is below this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(build: Path, reference: str | None, samples: int, inputs, min_cosine, min_top1, as_json: bool) -> None:
+    """Compare BUILD with its reference on the same inputs."""
+    from .verify import verify_build
+
+    report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None,
+                          min_cosine=min_cosine, min_top1=min_top1)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"verify {build} ({report.samples} samples)")
+        for col in ("output", "shape", "max abs", "max rel", "cosine mean", "cosine min", "top-1"):
+            table.add_column(col, justify="right")
+        for m in report.outputs:
+            table.add_row(m.name, str(m.shape), f"{m.max_abs:.3g}", f"{m.max_rel:.3g}", f"{m.cosine_mean:.5f}",
+                          f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
+        console = _console()
+        console.print(table)
+        console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("build", type=click.Path(path_type=Path))
+@click.option("--baseline", type=click.Path(path_type=Path), help="Unmodified .onnx (default: the build's reference.onnx).")
+@click.option("--batch", default=1, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads, same for both.")
+@click.option("--rounds", default=30, show_default=True, help="Timed rounds (each runs both models once).")
+@click.option("--warmup", default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(build: Path, baseline: Path | None, batch: int, threads: int, rounds: int, warmup: int, as_json: bool) -> None:
+    """Time BUILD against its unmodified baseline (alternating runs, medians)."""
+    from .bench import bench_build
+
+    r = bench_build(build, baseline, batch=batch, threads=threads, rounds=rounds, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    ideal = f"{r.flops_ratio:.2f}×" if r.flops_ratio else "n/a"
+    eff = f"{100 * r.efficiency:.0f}%" if r.efficiency else "n/a"
+    click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):")
+    click.echo(f"  baseline {r.baseline_ms:8.2f} ms")
+    click.echo(f"  build    {r.build_ms:8.2f} ms")
+    click.echo(f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+def inspect(target: str, as_json: bool) -> None:
+    """Show the transformer structure of a MODEL, or the passes and ops of a BUILD."""
+    from .inspect import inspect_target
+
+    info = inspect_target(target)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    s = info.get("structure") or {}
+    click.echo(f"{info['kind']}: {info.get('source') or info.get('path')}")
+    click.echo(f"  blocks: {s.get('blocks')}  tokens: {s.get('tokens')} (axis {s.get('token_axis')})  width: {s.get('width')}  "
+               f"heads: {s.get('heads')}  {s.get('norm')}")
+    click.echo(f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
+    for a in s.get("attention", []):
+        click.echo(f"  block {a['block']:>2}: attention at {a['softmax']} (scores {a['scores']}, scale {a['scale']}"
+                   f"{', masked' if a['masked'] else ''}), stream {a['stream']}")
+    if info["kind"] == "build":
+        click.echo(f"  target: {info['target']}")
+        click.echo("  passes: " + " → ".join(p["pass"] for p in info["passes"]))
+        for p in info["passes"]:
+            if p["pass"] == "token_pruning":
+                for x in p["report"]["layers"]:
+                    click.echo(f"    token pruning at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
+                               f"(kept {x['kept']}, protected {x['protected']}{', +1 fused' if x['fused'] else ''})")
+        click.echo(f"  custom ops: {info['custom_ops'] or 'none'}")
+        f = info["flops"]
+        click.echo(f"  FLOPs (batch 1): {f['before'] / 1e9:.3f} G → {f['after'] / 1e9:.3f} G ({f['ratio']:.2f}×)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,143 @@
+"""verify: run a build and its reference on the same inputs and compare the outputs.
+
+The reference is the original ONNX model (run on ONNX Runtime) or a PyTorch callable
+(a factory spec 'file.py:name' / 'package.module:name', or an nn.Module). Inputs are
+random (seeded) unless given. Per output: max abs / max rel error, cosine similarity
+(per sample, then mean and minimum) and, for logits ([batch, classes]), top-1
+agreement. Thresholds turn the report into pass / fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InputError, ModelLoadError
+from .runtime.backends import OnnxRuntimeBackend
+from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
+from .runtime.session import Session
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    cosine_mean: float
+    cosine_min: float
+    top1: float | None  # fraction of samples with the same argmax (logits only)
+
+
+@dataclass
+class VerifyReport:
+    samples: int
+    outputs: list[OutputMetrics]
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetrics:
+    if got.shape != ref.shape:
+        raise InputError(f"output {name!r}: build shape {list(got.shape)} differs from the reference {list(ref.shape)}")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(g - r)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max()) if diff.size else 0.0
+    g2, r2 = g.reshape(g.shape[0], -1) if g.ndim else g.reshape(1, 1), r.reshape(r.shape[0], -1) if r.ndim else r.reshape(1, 1)
+    denom = np.linalg.norm(g2, axis=1) * np.linalg.norm(r2, axis=1)
+    cos = np.where(denom > 0, (g2 * r2).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
+    top1 = None
+    if got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):
+        top1 = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
+    return OutputMetrics(name, list(got.shape), max_abs, max_rel, float(cos.mean()), float(cos.min()), top1)
+
+
+class _TorchReference:
+    def __init__(self, module, input_names: list[str]):
+        self.module = module.eval()
+        self.input_names = input_names
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+        if isinstance(out, torch.Tensor):
+            out = (out,)
+        elif isinstance(out, Mapping):
+            out = tuple(out.values())
+        elif hasattr(out, "to_tuple"):
+            out = out.to_tuple()
+        return [o.detach().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
+
+
+def _reference(reference: Any, session: Session):
+    from .compiler.source import call_factory, is_factory_spec
+
+    input_names = [i.name for i in session.inputs]
+    if isinstance(reference, (str, Path)):
+        spec = str(reference)
+        if is_factory_spec(spec):
+            module, _ = call_factory(spec)
+            return _TorchReference(module, input_names)
+        if not Path(spec).is_file():
+            raise ModelLoadError(f"reference model not found: {spec}")
+        backend = OnnxRuntimeBackend(spec)
+        try:
+            backend.activate()
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"reference {spec} cannot be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from None
+        return backend
+    if hasattr(reference, "forward"):
+        return _TorchReference(reference, input_names)
+    raise ModelLoadError(f"reference must be an .onnx path, a factory spec or a torch module, not {type(reference).__name__}")
+
+
+def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
+                 min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0) -> VerifyReport:
+    """Compare a build with its reference; see the module docstring."""
+    session = Session(build_dir, backend="onnxruntime")
+    if reference is None:
+        ref_name = session.manifest.get("reference")
+        if not ref_name:
+            raise InputError(f"{build_dir} holds no reference model: pass --reference ORIGINAL.onnx or a factory")
+        reference = Path(build_dir) / ref_name
+    ref = _reference(reference, session)
+    if inputs:
+        batches = [validate_feeds(session.inputs, load_feed_files(inputs))]
+    else:
+        hints = session.manifest.get("example_shapes")
+        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints) for i in range(samples)]
+    names = [o.name for o in session.outputs]
+    got_all: dict[str, list] = {n: [] for n in names}
+    ref_all: dict[str, list] = {n: [] for n in names}
+    for feeds in batches:
+        got = session.run(feeds)
+        expected = ref.infer(feeds)
+        expected = list(expected.values()) if isinstance(expected, dict) else list(expected)
+        if len(expected) < len(names):
+            raise InputError(f"the reference gives {len(expected)} outputs, the build {len(names)}")
+        for n, e in zip(names, expected):
+            got_all[n].append(got[n])
+            ref_all[n].append(e)
+    metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in names]
+    report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=metrics,
+                          min_cosine=min_cosine, min_top1=min_top1)
+    for m in metrics:
+        if min_cosine is not None and m.cosine_mean < min_cosine:
+            report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
+        if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
+            report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
+    return report
