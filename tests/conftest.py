@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models exported once per session (export takes seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from trimrt.compiler.source import export_torch  # noqa: E402
+from trimrt.models.vit import tiny_vit  # noqa: E402
+
+
+def _export(tmp_path_factory, fused: bool):
+    import onnx_ir as ir
+
+    module, example = tiny_vit(fused_attention=fused)
+    model, _ = export_torch(module, example)
+    path = tmp_path_factory.mktemp("models") / f"tiny_vit{'_fused' if fused else ''}.onnx"
+    ir.save(model, path)
+    return module, path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_onnx(tmp_path_factory):
+    """(torch module, path to its ONNX export) of a 4-block ViT with explicit softmax(QKᵀ) attention."""
+    return _export(tmp_path_factory, fused=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_sdpa_onnx(tmp_path_factory):
+    """The same ViT written with F.scaled_dot_product_attention (a different exported pattern)."""
+    return _export(tmp_path_factory, fused=True)
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)

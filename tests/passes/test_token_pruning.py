@@ -1,0 +1,103 @@
+"""TokenPruningPass: which ops appear, the no-op reproduces the original, the pruned
+build equals an independent PyTorch EViT implementation."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from trimrt.compiler.pipeline import build_passes, run_pipeline
+from trimrt.errors import RecipeError
+from trimrt.passes import PASS_TAG
+from trimrt.recipe import load_recipe
+
+from evit_reference import evit_forward
+
+
+def compile_in_memory(path, **token_pruning):
+    model = ir.load(path)
+    reports = run_pipeline(model, build_passes(load_recipe({"token_pruning": token_pruning})))
+    return model, {r["pass"]: r["report"] for r in reports}
+
+
+def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": x})[0]
+
+
+@pytest.fixture(params=["explicit", "sdpa"])
+def vit(request, tiny_vit_onnx, tiny_vit_sdpa_onnx):
+    return tiny_vit_onnx if request.param == "explicit" else tiny_vit_sdpa_onnx
+
+
+def test_inserts_scoring_and_pruning_ops_tagged(vit):
+    _, path = vit
+    model, reports = compile_in_memory(path, layers=[1, 2], keep=0.5, fuse_pruned=True)
+    ops = Counter((n.domain, n.op_type) for n in model.graph)
+    assert ops[("trimrt", "AttentionRowScore")] == 2
+    assert ops[("trimrt", "TokenPrune")] == 2
+    inserted = [n for n in model.graph if n.metadata_props.get(PASS_TAG) == "token_pruning"]
+    assert {n.op_type for n in inserted} == {"AttentionRowScore", "TokenPrune", "Concat"}
+    assert {f.name for f in model.functions.values()} == {"AttentionRowScore", "TokenPrune"}
+    report = reports["token_pruning"]
+    # 65 tokens: keep ceil(0.5·64)=32 + CLS + fused = 34; then ceil(0.5·33)=17 + 2 = 19
+    assert [(x["tokens_in"], x["tokens_out"]) for x in report["layers"]] == [(65, 34), (34, 19)]
+    assert report["shape_constants_rewritten"] > 0
+
+
+def test_keep_all_reproduces_original(vit, images):
+    _, path = vit
+    base = run(ir.load(path), images)
+    model, reports = compile_in_memory(path, layers=[0, 1, 2, 3], keep=1.0, fuse_pruned=True)
+    assert all(not x["fused"] for x in reports["token_pruning"]["layers"])  # nothing dropped: nothing fused
+    np.testing.assert_allclose(run(model, images), base, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers,keep,fuse", [([1], 0.7, False), ([1, 2], 0.5, True), ([0, 3], 0.25, True)])
+def test_pruned_build_matches_pytorch_evit(tiny_vit_onnx, images, layers, keep, fuse):
+    module, path = tiny_vit_onnx
+    model, _ = compile_in_memory(path, layers=layers, keep=keep, fuse_pruned=fuse)
+    with torch.no_grad():
+        want = evit_forward(module, torch.from_numpy(images), layers, keep, fuse).numpy()
+        full = module(torch.from_numpy(images)).numpy()
+    got = run(model, images)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - full).max() > 1e-3  # pruning really changed the computation
+
+
+def test_pruning_shrinks_tensors_downstream(tiny_vit_onnx, images):
+    _, path = tiny_vit_onnx
+    model, _ = compile_in_memory(path, layers=[1], keep=0.25)
+    proto = ir.serde.serialize_model(model)
+    import onnx
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(proto)
+    del inlined.graph.output[:]
+    # the MLP input of block 1 (a LayerNormalization after the prune) must have 1 + 16 tokens
+    ln = [n for n in inlined.graph.node if n.op_type == "LayerNormalization"]
+    inlined.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n.output[0]) for n in ln)
+    sess = ort.InferenceSession(inlined.SerializeToString(), providers=["CPUExecutionProvider"])
+    tokens = [o.shape[1] for o in sess.run(None, {"pixel_values": images})]
+    assert tokens == [65, 65, 65, 17, 17, 17, 17, 17, 17]
+
+
+def test_layer_out_of_range_is_a_recipe_error(tiny_vit_onnx):
+    _, path = tiny_vit_onnx
+    with pytest.raises(RecipeError, match=r"layers \[7\] do not exist: the model has 4 blocks \(0..3\)"):
+        compile_in_memory(path, layers=[1, 7], keep=0.5)
+
+
+def test_protect_prefix(tiny_vit_onnx):
+    _, path = tiny_vit_onnx
+    model, reports = compile_in_memory(path, layers=[1], keep=0.5, protect="first:5")
+    (layer,) = reports["token_pruning"]["layers"]
+    assert layer["protected"] == 5 and layer["kept"] == 30  # ceil(0.5·60)
+    prune = next(n for n in model.graph if n.op_type == "TokenPrune")
+    assert prune.attributes["protect"].value == 5
