@@ -126,25 +126,42 @@ def export_torch(module, example_inputs: tuple, *, opset: int = EXPORT_OPSET) ->
             axes[1] = tokens
         dynamic_shapes[n] = axes
         dynamic_axes[n] = {a: ("batch" if a == 0 else "tokens") for a in axes}
+    output_names = _output_names(module, example_inputs)
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         try:
             program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, opset_version=opset,
-                                        input_names=names, dynamic_shapes=dynamic_shapes, verbose=False)
+                                        input_names=names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
             program.save(str(path))
         except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
             errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             log.warning("dynamo export failed (%s); trying the TorchScript exporter", errors[-1])
             try:
                 torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, opset_version=opset,
-                                  input_names=names, dynamic_axes=dynamic_axes)
+                                  input_names=names, output_names=output_names, dynamic_axes=dynamic_axes)
             except Exception as exc2:  # noqa: BLE001
                 errors.append(f"torchscript: {type(exc2).__name__}: {exc2}")
                 raise ModelLoadError("export failed with both exporters; " + " | ".join(errors)) from None
         module.eval()
         model = load_onnx(path)
     return model, feeds
+
+
+def _output_names(module, example_inputs: tuple) -> list[str]:
+    """Readable output names: keys of a dict / ModelOutput, else output / output_<i>."""
+    import torch
+
+    with torch.no_grad():
+        out = module(*example_inputs)
+    if isinstance(out, torch.Tensor):
+        return ["output"]
+    if hasattr(out, "keys"):
+        return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+    if isinstance(out, (tuple, list)):
+        return [f"output_{i}" for i in range(len(out))]
+    return []
 
 
 def load_source(source: Any, example_inputs: tuple | None = None) -> LoadedModel:

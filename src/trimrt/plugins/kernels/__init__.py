@@ -1,0 +1,18 @@
+"""Triton kernels of the custom ops (item 4 of the op contract), one module per op.
+
+Each module imports triton and torch at its top, so it is only ever imported lazily:
+through `OpDef.run_triton` (the op's `triton = "module:function"` entry) or from the
+TensorRT plugin glue. Every module exposes
+
+- `run(*inputs, **attributes, out=None)`: launch on torch tensors, return the outputs
+  (the same tuple as the NumPy reference); `out` lets a caller (the TensorRT plugin)
+  supply the output buffers;
+- `scalar_args`, `grid`, `constexprs`: the kernel's launch arguments computed from the
+  input shapes, written so that they work on plain ints (here) and on TensorRT symbolic
+  shape expressions (the plugin's `aot_impl`), so both paths launch the same kernel the
+  same way;
+- `compile_kernel(...)`: ahead-of-time compilation of that kernel (PTX for `aot_impl`).
+
+On a machine without a GPU the kernels run under the Triton interpreter: set
+`TRITON_INTERPRET=1` before importing a module here (the kernels are defined at import).
+"""

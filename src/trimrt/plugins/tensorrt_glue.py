@@ -1,0 +1,251 @@
+"""TensorRT plugin glue (item 5 of the op contract), generated from the OpDef schemas.
+
+`register_<op>()` registers the op as a TensorRT quickly deployable plugin
+(`tensorrt.plugin`, TensorRT >= 10.7) under the id "trimrt::<Name>", version "1" — the
+name, namespace and version the ONNX node encoding uses, so the ONNX parser picks it
+up. From the schema come: the input/attribute signature of every callback, the output
+count and dtypes (TensorSpec "int64" -> int64, "float" -> the first float input's type)
+and the attribute defaults. Per op, only the output shapes and the AOT launch
+geometry are written out (`_SPECS`), and the launch geometry itself comes from the
+kernel module, shared with its `run`.
+
+- `register`: output shapes/dtypes from the input descriptors and attributes;
+- `impl` (JIT): wraps TensorRT's tensors as torch tensors (zero copy) and runs the
+  kernel module's `run` on the plugin's stream, writing into TensorRT's outputs;
+- `aot_impl` (when this TensorRT has it): compiles the same Triton kernel to PTX, with
+  the attributes baked in, and returns its launch grid and int32 scalar arguments as
+  symbolic expressions, so the engine runs without Python. A node selects it with the
+  ONNX attribute `aot=1` (TensorRT's convention); otherwise the JIT `impl` runs.
+
+Nothing here imports tensorrt, torch or triton at module level. Registration is
+idempotent and thread-safe.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import BackendUnavailableError
+from .attention_row_score import OP as ATTENTION_ROW_SCORE
+from .base import DOMAIN, OP_VERSION, OpDef
+from .token_prune import OP as TOKEN_PRUNE
+
+_LOCK = threading.Lock()
+_REGISTERED: set[str] = set()
+
+
+@dataclass(frozen=True)
+class _PluginSpec:
+    op: OpDef
+    #: (input shapes by name, attributes) -> one shape tuple per output; works on ShapeExprs
+    output_shapes: Callable[[dict[str, Any], dict[str, Any]], list[tuple]]
+    #: (trtp, kernel module, input descs by name, attributes, output descs) -> aot_impl result
+    aot: Callable[..., tuple]
+
+
+def plugin_id(op: OpDef) -> str:
+    return f"{DOMAIN}::{op.name}"
+
+
+def register_attention_row_score() -> None:
+    """Register "trimrt::AttentionRowScore" with TensorRT (idempotent)."""
+    _register(_SPECS[ATTENTION_ROW_SCORE.name])
+
+
+def register_token_prune() -> None:
+    """Register "trimrt::TokenPrune" with TensorRT (idempotent)."""
+    _register(_SPECS[TOKEN_PRUNE.name])
+
+
+def register_all() -> None:
+    for spec in _SPECS.values():
+        _register(spec)
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _tensorrt():
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailableError(
+            f"the trimrt TensorRT plugins need TensorRT >= 10.7 with `tensorrt.plugin` ({exc}); "
+            "install trimrt[trt] on a machine with an NVIDIA GPU"
+        ) from None
+    return trt, trtp
+
+
+def _already_defined(trtp, name: str) -> bool:
+    namespace = getattr(getattr(trtp, "op", None), DOMAIN, None)
+    return namespace is not None and hasattr(namespace, name)
+
+
+def _register(spec: _PluginSpec) -> None:
+    trt, trtp = _tensorrt()
+    op, pid = spec.op, plugin_id(spec.op)
+    assert OP_VERSION == 1, "tensorrt.plugin registers every plugin as version 1"
+    with _LOCK:
+        if pid in _REGISTERED or _already_defined(trtp, op.name):
+            _REGISTERED.add(pid)
+            return
+        trtp.register(pid)(_descriptor(spec, trt, trtp))
+        trtp.impl(pid)(_jit_impl(spec, trtp))
+        if hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams"):
+            trtp.aot_impl(pid)(_aot_impl(spec, trtp))
+        _REGISTERED.add(pid)
+
+
+def _params(op: OpDef, tensor_type=inspect.Parameter.empty, attr_types: bool = False, extra=()):
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter(t.name, kind, annotation=tensor_type) for t in op.inputs]
+    params += [inspect.Parameter(a.name, kind, annotation=a.kind if attr_types else inspect.Parameter.empty)
+               for a in op.attributes]
+    params += [inspect.Parameter(name, kind) for name in extra]
+    return params
+
+
+def _generated(fn, name: str, signature: inspect.Signature):
+    """Give a generic (*args, **kwargs) callback the signature tensorrt.plugin inspects."""
+    fn.__signature__ = signature
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _bind(signature: inspect.Signature, op: OpDef, args, kwargs):
+    """Split a callback's arguments into inputs, attributes (defaults filled in) and the rest."""
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    inputs = {t.name: bound[t.name] for t in op.inputs}
+    attrs = op.attribute_values({a.name: bound[a.name] for a in op.attributes if a.name in bound})
+    return inputs, attrs, bound
+
+
+def _descriptor(spec: _PluginSpec, trt, trtp):
+    op = spec.op
+    signature = inspect.Signature(
+        _params(op, trtp.TensorDesc, attr_types=True),
+        return_annotation=typing.Tuple[tuple([trtp.TensorDesc] * len(op.outputs))],
+    )
+    float_input = next(t.name for t in op.inputs if t.dtype == "float")
+
+    def describe(*args, **kwargs):
+        inputs, attrs, _ = _bind(signature, op, args, kwargs)
+        shapes = spec.output_shapes({k: v.shape_expr for k, v in inputs.items()}, attrs)
+        float_type = inputs[float_input].dtype
+        return tuple(
+            trtp.from_shape_expr(tuple(shape), dtype=trt.int64 if out.dtype == "int64" else float_type)
+            for out, shape in zip(op.outputs, shapes)
+        )
+
+    return _generated(describe, f"{op.name}_describe", signature)
+
+
+def _kernel_module(op: OpDef):
+    return importlib.import_module(op.triton.partition(":")[0])
+
+
+def _jit_impl(spec: _PluginSpec, trtp):
+    op = spec.op
+    signature = inspect.Signature(_params(op, extra=("outputs", "stream")), return_annotation=None)
+
+    def impl(*args, **kwargs):
+        import torch
+
+        inputs, attrs, bound = _bind(signature, op, args, kwargs)
+        run = getattr(_kernel_module(op), op.triton.partition(":")[2])
+        with torch.cuda.stream(torch.cuda.ExternalStream(int(bound["stream"]))):
+            tensors = [torch.as_tensor(inputs[t.name], device="cuda") for t in op.inputs]
+            outputs = tuple(torch.as_tensor(o, device="cuda") for o in bound["outputs"])
+            run(*tensors, **attrs, out=outputs)
+
+    return _generated(impl, f"{op.name}_impl", signature)
+
+
+def _aot_impl(spec: _PluginSpec, trtp):
+    op = spec.op
+    result = typing.Tuple[typing.Union[str, bytes], typing.Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
+    # all attributes: TensorRT passes every attribute positionally to aot_impl
+    signature = inspect.Signature(_params(op, extra=("outputs", "tactic")), return_annotation=result)
+
+    def aot_impl(*args, **kwargs):
+        inputs, attrs, bound = _bind(signature, op, args, kwargs)
+        return spec.aot(trtp, _kernel_module(op), inputs, attrs, bound["outputs"])
+
+    return _generated(aot_impl, f"{op.name}_aot_impl", signature)
+
+
+def _triton_type(dtype) -> str:
+    import tensorrt as trt
+
+    types = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16", trt.int64: "i64"}
+    if dtype not in types:
+        raise BackendUnavailableError(f"the trimrt Triton kernels do not support TensorRT dtype {dtype}")
+    return types[dtype]
+
+
+def _largest(desc, axis: int) -> int:
+    """Largest value dimension `axis` takes in this build (the profile max if dynamic)."""
+    shape = desc.shape
+    return int(shape.max[axis] if shape.is_dynamic else shape[axis])
+
+
+def _launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
+    if getattr(kernel.metadata, "global_scratch_size", 0):
+        raise BackendUnavailableError(f"{kernel.metadata.name} needs Triton global scratch, unsupported by AOT plugins")
+    params = trtp.KernelLaunchParams()
+    params.grid_x = grid[0]
+    if len(grid) > 1:
+        params.grid_y = grid[1]
+    params.block_x = kernel.metadata.num_warps * 32
+    params.shared_mem = kernel.metadata.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
+    return kernel.metadata.name, kernel.asm["ptx"], params, extra
+
+
+# --------------------------------------------------------------------------- per op
+
+
+def _attention_row_score_shapes(shapes, attrs):
+    return [(shapes["q"][0], shapes["k_t"][3])]
+
+
+def _attention_row_score_aot(trtp, kernels, inputs, attrs, outputs):
+    q, k_t = inputs["q"], inputs["k_t"]
+    kernel = kernels.compile_kernel(
+        {"q": _triton_type(q.dtype), "k_t": _triton_type(k_t.dtype), "score": _triton_type(outputs[0].dtype)},
+        n=_largest(k_t, 3), dh=_largest(q, 3), scale=attrs["scale"],
+    )
+    shapes = (q.shape_expr, k_t.shape_expr)
+    return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv),
+                   kernels.scalar_args(*shapes, row=attrs["row"]))
+
+
+def _token_prune_shapes(shapes, attrs):
+    b, d, m = shapes["x"][0], shapes["x"][2], attrs["protect"] + attrs["keep"]
+    return [(b, m, d), (b, m), (b, 1, d)]
+
+
+def _token_prune_aot(trtp, kernels, inputs, attrs, outputs):
+    x, score = inputs["x"], inputs["score"]
+    n, d = _largest(x, 1), _largest(x, 2)
+    kernel = kernels.compile_kernel(
+        {"x": _triton_type(x.dtype), "score": _triton_type(score.dtype),
+         "y": _triton_type(outputs[0].dtype), "fused": _triton_type(outputs[2].dtype)},
+        n=n, d=d,
+    )
+    shapes = (x.shape_expr, score.shape_expr)
+    block_d = kernels.constexprs(n, d)["BLOCK_D"]
+    return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
+                   kernels.scalar_args(*shapes, keep=attrs["keep"], protect=attrs["protect"]))
+
+
+_SPECS: dict[str, _PluginSpec] = {
+    ATTENTION_ROW_SCORE.name: _PluginSpec(ATTENTION_ROW_SCORE, _attention_row_score_shapes, _attention_row_score_aot),
+    TOKEN_PRUNE.name: _PluginSpec(TOKEN_PRUNE, _token_prune_shapes, _token_prune_aot),
+}

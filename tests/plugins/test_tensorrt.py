@@ -1,0 +1,217 @@
+"""TensorRT plugin glue: one-node ONNX networks through TensorRT == NumPy references.
+
+The `gpu` tests need TensorRT >= 10.7 and a CUDA device (conftest.py skips them
+otherwise). The others check, without TensorRT, the error when it is missing and the
+callback signatures generated from the OpDef schemas.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import typing
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+from trimrt.errors import BackendUnavailableError
+from trimrt.plugins import ATTENTION_ROW_SCORE, DOMAIN, TOKEN_PRUNE
+from trimrt.plugins import tensorrt_glue as glue
+
+# ------------------------------------------------------------------- without TensorRT
+
+
+@pytest.mark.parametrize(
+    "register",
+    [glue.register_attention_row_score, glue.register_token_prune,
+     ATTENTION_ROW_SCORE.register_tensorrt, TOKEN_PRUNE.register_tensorrt],
+)
+def test_register_without_tensorrt_raises(register, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)
+    with pytest.raises(BackendUnavailableError, match="TensorRT") as info:
+        register()
+    assert "\n" not in str(info.value)
+
+
+class _FakeDesc:
+    def __init__(self, shape, dtype="half"):
+        self.shape_expr, self.dtype = shape, dtype
+
+
+def _fakes():
+    trt = SimpleNamespace(int64="int64")
+    trtp = SimpleNamespace(
+        TensorDesc=type("TensorDesc", (), {}),
+        KernelLaunchParams=type("KernelLaunchParams", (), {}),
+        SymExprs=type("SymExprs", (), {}),
+        from_shape_expr=lambda shape, dtype: (shape, dtype),
+    )
+    return trt, trtp
+
+
+@pytest.mark.parametrize("op", [ATTENTION_ROW_SCORE, TOKEN_PRUNE])
+def test_generated_signatures_follow_the_schema(op):
+    """The schemas tensorrt.plugin validates: inputs, attributes, then outputs/stream/tactic."""
+    trt, trtp = _fakes()
+    spec = glue._SPECS[op.name]
+    names = [t.name for t in op.inputs] + [a.name for a in op.attributes]
+
+    describe = inspect.signature(glue._descriptor(spec, trt, trtp))
+    assert list(describe.parameters) == names
+    assert [p.annotation for p in describe.parameters.values()] == \
+        [trtp.TensorDesc] * len(op.inputs) + [a.kind for a in op.attributes]
+    assert typing.get_origin(describe.return_annotation) is tuple
+    assert typing.get_args(describe.return_annotation) == (trtp.TensorDesc,) * len(op.outputs)
+
+    assert list(inspect.signature(glue._jit_impl(spec, trtp)).parameters) == names + ["outputs", "stream"]
+    aot = inspect.signature(glue._aot_impl(spec, trtp))
+    assert list(aot.parameters) == names + ["outputs", "tactic"]
+    assert typing.get_args(aot.return_annotation)[2:] == (trtp.KernelLaunchParams, trtp.SymExprs)
+
+
+def test_descriptors_give_output_shapes_and_dtypes():
+    trt, trtp = _fakes()
+    describe = glue._descriptor(glue._SPECS[TOKEN_PRUNE.name], trt, trtp)
+    x, score = _FakeDesc(("B", "N", "D")), _FakeDesc(("B", "N"))
+    assert describe(x, score, keep=5) == (  # protect from its default, 0
+        (("B", 5, "D"), "half"), (("B", 5), "int64"), (("B", 1, "D"), "half"))
+    assert describe(x, score, 5, 2)[1] == (("B", 7), "int64")
+
+    describe = glue._descriptor(glue._SPECS[ATTENTION_ROW_SCORE.name], trt, trtp)
+    q, k_t = _FakeDesc(("B", "H", "Nq", "Dh"), "float"), _FakeDesc(("B", "H", "Dh", "N"), "float")
+    assert describe(q, k_t, row=-1, scale=0.125) == ((("B", "N"), "float"),)
+
+
+def test_registration_is_idempotent(monkeypatch):
+    """register -> impl -> aot_impl once per op, whatever the number of calls (fake tensorrt)."""
+    trt, trtp = _fakes()
+    calls = []
+    namespace = SimpleNamespace()
+
+    def decorator(kind):
+        def for_id(plugin_id):
+            def record(fn):
+                calls.append((kind, plugin_id, fn.__name__))
+                if kind == "register":
+                    setattr(namespace, plugin_id.split("::")[1], fn)
+                return fn
+            return record
+        return for_id
+
+    trtp.register, trtp.impl, trtp.aot_impl = decorator("register"), decorator("impl"), decorator("aot_impl")
+    trtp.op = SimpleNamespace(**{DOMAIN: namespace})
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(glue, "_REGISTERED", set())
+    for _ in range(2):
+        glue.register_attention_row_score()
+        TOKEN_PRUNE.register_tensorrt()
+    assert calls == [(kind, f"{DOMAIN}::{op.name}", f"{op.name}_{suffix}")
+                     for op in (ATTENTION_ROW_SCORE, TOKEN_PRUNE)
+                     for kind, suffix in [("register", "describe"), ("impl", "impl"), ("aot_impl", "aot_impl")]]
+    monkeypatch.setattr(glue, "_REGISTERED", set())  # e.g. a module reload: TensorRT already has it
+    glue.register_all()
+    assert len(calls) == 6
+
+
+# ---------------------------------------------------------------------- with TensorRT
+
+
+def _one_node_model(op, inputs: dict[str, np.ndarray], output_shapes: list[tuple], attrs: dict, aot: bool) -> bytes:
+    elem = onnx.helper.np_dtype_to_tensor_dtype
+    node = oh.make_node(
+        op.name, [t.name for t in op.inputs], [t.name for t in op.outputs], domain=DOMAIN,
+        plugin_namespace=DOMAIN, plugin_version="1", **attrs, **({"aot": 1} if aot else {}),
+    )
+    graph = oh.make_graph(
+        [node], f"one_{op.name}",
+        [oh.make_tensor_value_info(name, elem(a.dtype), a.shape) for name, a in inputs.items()],
+        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT, s)
+         for t, s in zip(op.outputs, output_shapes)],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def _run_tensorrt(model: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(model):
+        raise AssertionError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    plan = builder.build_serialized_network(network, builder.create_builder_config())
+    assert plan is not None, "TensorRT build failed"
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    context = engine.create_execution_context()
+
+    keep_alive, outputs = [], {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            keep_alive.append(tensor)
+        else:
+            dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            tensor = outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        context.set_tensor_address(name, tensor.data_ptr())
+    stream = torch.cuda.Stream()
+    assert context.execute_async_v3(stream.cuda_stream)
+    stream.synchronize()
+    return {name: t.cpu().numpy() for name, t in outputs.items()}
+
+
+def _aot_supported() -> bool:
+    import tensorrt.plugin as trtp
+
+    return hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
+@pytest.mark.parametrize("row", [0, -1])
+def test_attention_row_score_plugin(aot, row, rng):
+    pytest.importorskip("tensorrt")
+    if aot and not _aot_supported():
+        pytest.skip("this TensorRT has no aot_impl")
+    glue.register_attention_row_score()
+    glue.register_attention_row_score()  # idempotent
+    q = rng.standard_normal((2, 3, 7, 24)).astype(np.float32)
+    k_t = rng.standard_normal((2, 3, 24, 45)).astype(np.float32)
+    attrs = {"row": row, "scale": 24**-0.5}
+    (expected,) = ATTENTION_ROW_SCORE.run_reference(q, k_t, **attrs)
+    model = _one_node_model(ATTENTION_ROW_SCORE, {"q": q, "k_t": k_t}, [expected.shape], attrs, aot)
+    got = _run_tensorrt(model, {"q": q, "k_t": k_t})
+    np.testing.assert_allclose(got["score"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
+@pytest.mark.parametrize("keep, protect", [(1, 0), (20, 1), (68, 2)])
+def test_token_prune_plugin(aot, keep, protect, rng):
+    pytest.importorskip("tensorrt")
+    if aot and not _aot_supported():
+        pytest.skip("this TensorRT has no aot_impl")
+    glue.register_token_prune()
+    glue.register_token_prune()  # idempotent
+    x = rng.standard_normal((3, 70, 40)).astype(np.float32)
+    score = (rng.integers(0, 8, size=(3, 70)) / 8).astype(np.float32)  # with ties
+    attrs = {"keep": keep, "protect": protect}
+    expected = TOKEN_PRUNE.run_reference(x, score, **attrs)
+    model = _one_node_model(TOKEN_PRUNE, {"x": x, "score": score}, [e.shape for e in expected], attrs, aot)
+    got = _run_tensorrt(model, {"x": x, "score": score})
+    np.testing.assert_array_equal(got["kept_index"], expected[1])
+    np.testing.assert_array_equal(got["y"], expected[0])
+    np.testing.assert_allclose(got["fused"], expected[2], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,112 @@
+"""The CLI end to end through click's runner: compile → run → verify → bench → inspect."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from trimrt.cli import main
+
+RECIPE = """
+[token_pruning]
+method = "cls_attention"
+layers = [1, 2]
+keep = 0.5
+protect = "cls"
+fuse_pruned = true
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_build(tiny_vit_onnx, tmp_path_factory):
+    _, model = tiny_vit_onnx
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "recipe.toml").write_text(RECIPE)
+    result = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp / "build"), "--recipe", str(tmp / "recipe.toml")])
+    assert result.exit_code == 0, result.output
+    assert "build written" in result.output and "block 1: 65→34" in result.output
+    return model, tmp
+
+
+def test_help_lists_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    for cmd in ("compile", "run", "verify", "bench", "inspect"):
+        assert cmd in result.output
+
+
+def test_run_writes_outputs(cli_build, tmp_path):
+    _, tmp = cli_build
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(main, ["run", str(tmp / "build"), "--input", f"pixel_values={tmp_path / 'x.npy'}",
+                                       "--output", str(tmp_path / "out.npz")])
+    assert result.exit_code == 0, result.output
+    out = np.load(tmp_path / "out.npz")
+    assert out["output"].shape == (2, 10)
+    import trimrt
+
+    np.testing.assert_array_equal(out["output"], trimrt.load(tmp / "build").run({"pixel_values": x})["output"])
+
+
+def test_verify_thresholds_set_exit_code(cli_build):
+    model, tmp = cli_build
+    ok = CliRunner().invoke(main, ["verify", str(tmp / "build"), "--reference", str(model), "--samples", "4",
+                                   "--min-cosine", "0.5", "--json"])
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.output)
+    assert report["passed"] and report["samples"] == 4
+    (out,) = report["outputs"]
+    assert out["name"] == "output" and 0.5 < out["cosine_mean"] <= 1.0 and out["top1"] is not None
+    strict = CliRunner().invoke(main, ["verify", str(tmp / "build"), "--reference", str(model), "--samples", "4",
+                                       "--min-cosine", "0.999999"])
+    assert strict.exit_code == 1
+    assert "FAIL" in strict.output and "mean cosine" in strict.output
+
+
+def test_bench_prints_ratios(cli_build):
+    model, tmp = cli_build
+    result = CliRunner().invoke(main, ["bench", str(tmp / "build"), "--baseline", str(model), "--rounds", "3",
+                                       "--warmup", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.output)
+    assert r["batch"] == 1 and r["rounds"] == 3 and r["baseline_ms"] > 0 and r["build_ms"] > 0
+    assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["build_ms"])
+    assert r["flops_ratio"] > 1.3
+
+
+def test_inspect_model_and_build(cli_build):
+    model, tmp = cli_build
+    m = CliRunner().invoke(main, ["inspect", str(model)])
+    assert m.exit_code == 0, m.output
+    assert "blocks: 4  tokens: 65 (axis 1)" in m.output and "protected tokens: cls (index 0)" in m.output
+    b = CliRunner().invoke(main, ["inspect", str(tmp / "build")])
+    assert b.exit_code == 0, b.output
+    assert "token pruning at block 1: 65 → 34 tokens" in b.output
+    assert "'AttentionRowScore': 2" in b.output and "'TokenPrune': 2" in b.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compile", "{tmp}/nope.onnx", "-o", "{tmp}/b"], "error: model file not found"),
+    (["compile", "{tmp}/notonnx.onnx", "-o", "{tmp}/b"], "is not an ONNX model"),
+    (["compile", "{model}", "-o", "{tmp}/b", "--recipe", "{tmp}/badlayer.toml"], "layers [12] do not exist"),
+    (["compile", "{model}", "-o", "{tmp}/b", "--recipe", "{tmp}/badkeep.toml"], "keep must be a number in (0, 1]"),
+    (["run", "{build}", "--input", "pixel_values={tmp}/missing.npy"], "error: input file not found"),
+    (["run", "{tmp}/b", "--input", "x=y.npy"], "build directory not found"),
+    (["verify", "{build}", "--reference", "{tmp}/nope.onnx"], "reference model not found"),
+    (["bench", "{build}", "--baseline", "{tmp}/nope.onnx"], "baseline model not found"),
+])
+def test_bad_input_one_line_exit_2(cli_build, tmp_path, args, message):
+    model, tmp = cli_build
+    (tmp_path / "notonnx.onnx").write_text("hello")
+    (tmp_path / "badlayer.toml").write_text("[token_pruning]\nlayers = [1, 12]\nkeep = 0.5\n")
+    (tmp_path / "badkeep.toml").write_text("[token_pruning]\nlayers = [1]\nkeep = 2\n")
+    args = [a.format(tmp=tmp_path, model=model, build=tmp / "build") for a in args]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()
