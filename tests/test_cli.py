@@ -110,3 +110,18 @@ def test_bad_input_one_line_exit_2(cli_build, tmp_path, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_tensorrt_target_without_tensorrt_is_refused_cleanly(cli_build, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    model, _ = cli_build
+    result = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp_path / "b"), "--target", "tensorrt"])
+    assert result.exit_code == 2
+    assert "error: --target tensorrt needs TensorRT and an NVIDIA GPU" in result.output
+    assert not (tmp_path / "b").exists()

@@ -27,6 +27,18 @@ def compile(model, recipe=None, out_dir="build", *, example_inputs=None, target=
     return compile_model(model, recipe, out_dir, example_inputs=example_inputs, target=target, progress=progress)
 
 
+def export(model, out_path, *, example_inputs=None):
+    """Export a PyTorch model (a 'file.py:factory' spec, or a module with `example_inputs`) to
+    an ONNX file the way `compile` does (dynamo exporter, dynamic batch). Returns the path."""
+    import onnx_ir as ir
+
+    from .compiler.source import load_source
+
+    loaded = load_source(model, example_inputs)
+    ir.save(loaded.model, out_path)
+    return out_path
+
+
 def verify(build_dir, reference, **kwargs):
     """Run a build and its reference (an .onnx path, a factory spec or a torch module) on the
     same inputs; returns a VerifyReport with per-output errors, cosine and top-1 agreement."""
@@ -36,6 +48,6 @@ def verify(build_dir, reference, **kwargs):
 
 
 __all__ = [
-    "__version__", "compile", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
+    "__version__", "compile", "export", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
     "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError",
 ]
