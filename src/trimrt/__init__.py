@@ -42,7 +42,7 @@ def export(model, out_path, *, example_inputs=None):
 def verify(build_dir, reference, **kwargs):
     """Run a build and its reference (an .onnx path, a factory spec or a torch module) on the
     same inputs; returns a VerifyReport with per-output errors, cosine and top-1 agreement."""
-    from .verify import verify_build
+    from .verification import verify_build
 
     return verify_build(build_dir, reference, **kwargs)
 

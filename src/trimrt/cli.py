@@ -92,7 +92,7 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(build: Path, reference: str | None, samples: int, inputs, min_cosine, min_top1, as_json: bool) -> None:
     """Compare BUILD with its reference on the same inputs."""
-    from .verify import verify_build
+    from .verification import verify_build
 
     report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None,
                           min_cosine=min_cosine, min_top1=min_top1)
