@@ -28,7 +28,7 @@ OUT = Path("builds/example_vit")
 
 
 def main() -> int:
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # keep the table readable when piped
     OUT.mkdir(parents=True, exist_ok=True)
     baseline = OUT / "deit_s.onnx"
     console.log(f"exporting {FACTORY}")
@@ -50,7 +50,7 @@ def main() -> int:
         console.log("verifying against the PyTorch model")
         fid = trimrt.verify(build, FACTORY, samples=8).outputs[0]
         tp = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_pruning")
-        tokens = " → ".join(str(n) for n in [tp["tokens_before"]] + [x["tokens_out"] for x in tp["layers"]])
+        tokens = "→".join(str(n) for n in [tp["tokens_before"]] + [x["tokens_out"] for x in tp["layers"]])
         for batch in (1, 8):
             console.log(f"timing batch {batch}")
             r = bench_build(build, baseline, batch=batch, threads=2, rounds=20)

@@ -125,3 +125,23 @@ def test_tensorrt_target_without_tensorrt_is_refused_cleanly(cli_build, tmp_path
     assert result.exit_code == 2
     assert "error: --target tensorrt needs TensorRT and an NVIDIA GPU" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_graph_without_transformer_blocks_is_refused(tmp_path):
+    import onnx
+    import onnx.helper as oh
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    w = onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Relu", ["h"], ["y"])],
+                          "mlp", [x], [y], [w])
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]), tmp_path / "mlp.onnx")
+    (tmp_path / "r.toml").write_text("[token_pruning]\nlayers = [0]\nkeep = 0.5\n")
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "mlp.onnx"), "-o", str(tmp_path / "b"),
+                                       "--recipe", str(tmp_path / "r.toml")])
+    assert result.exit_code == 2
+    assert "error: no transformer blocks found" in result.output and "0 Softmax node(s)" in result.output
+    assert not (tmp_path / "b").exists()
+    inspect = CliRunner().invoke(main, ["inspect", str(tmp_path / "mlp.onnx")])
+    assert inspect.exit_code == 2 and "no transformer blocks found" in inspect.output

@@ -110,7 +110,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
     feature: list[TrimrtPass] = []
     if recipe.token_pruning is not None:
         feature.append(TokenPruningPass(recipe.token_pruning))
-    return [CanonicalizePass(), AnalysePass(), *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
+    analysis = [AnalysePass()] if feature else []  # structure is only required by token-level passes
+    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
 
 
 def run_pipeline(model: ir.Model, passes: list[TrimrtPass],
