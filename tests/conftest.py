@@ -33,6 +33,16 @@ def tiny_vit_sdpa_onnx(tmp_path_factory):
     return _export(tmp_path_factory, fused=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_vit_torchscript_onnx(tmp_path_factory):
+    """The ViT through the TorchScript exporter (the fallback), which emits other patterns."""
+    module, example = tiny_vit()
+    path = tmp_path_factory.mktemp("models") / "tiny_vit_ts.onnx"
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=18, input_names=["pixel_values"],
+                      output_names=["output"], dynamic_axes={"pixel_values": {0: "batch"}})
+    return module, path
+
+
 @pytest.fixture
 def images():
     return np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)

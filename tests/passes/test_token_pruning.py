@@ -31,9 +31,10 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"pixel_values": x})[0]
 
 
-@pytest.fixture(params=["explicit", "sdpa"])
-def vit(request, tiny_vit_onnx, tiny_vit_sdpa_onnx):
-    return tiny_vit_onnx if request.param == "explicit" else tiny_vit_sdpa_onnx
+@pytest.fixture(params=["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx"])
+def vit(request):
+    """Explicit attention and SDPA through the dynamo exporter; the TorchScript exporter."""
+    return request.getfixturevalue(request.param)
 
 
 def test_inserts_scoring_and_pruning_ops_tagged(vit):
@@ -48,7 +49,19 @@ def test_inserts_scoring_and_pruning_ops_tagged(vit):
     report = reports["token_pruning"]
     # 65 tokens: keep ceil(0.5·64)=32 + CLS + fused = 34; then ceil(0.5·33)=17 + 2 = 19
     assert [(x["tokens_in"], x["tokens_out"]) for x in report["layers"]] == [(65, 34), (34, 19)]
-    assert report["shape_constants_rewritten"] > 0
+
+
+def test_baked_token_counts_are_freed(tiny_vit_onnx):
+    """The dynamo export bakes 65 into the Reshape targets of every block; after pruning
+    at block 1 those of blocks 2 and 3 (2 per block) must follow the runtime count."""
+    _, path = tiny_vit_onnx
+    model, reports = compile_in_memory(path, layers=[1], keep=0.5)
+    assert reports["token_pruning"]["shape_constants_rewritten"] == 4
+    rewritten = [n for n in model.graph if n.metadata_props.get("trimrt.rewritten_by") == "token_pruning"]
+    assert len(rewritten) == 4 and {n.op_type for n in rewritten} == {"Reshape"}
+    for node in rewritten:
+        target = ir.convenience.get_const_tensor(node.inputs[1]).numpy().tolist()
+        assert 65 not in target and target[1] == 0 and node.attributes["allowzero"].value == 0
 
 
 def test_keep_all_reproduces_original(vit, images):
@@ -60,8 +73,9 @@ def test_keep_all_reproduces_original(vit, images):
 
 
 @pytest.mark.parametrize("layers,keep,fuse", [([1], 0.7, False), ([1, 2], 0.5, True), ([0, 3], 0.25, True)])
-def test_pruned_build_matches_pytorch_evit(tiny_vit_onnx, images, layers, keep, fuse):
-    module, path = tiny_vit_onnx
+@pytest.mark.parametrize("export", ["tiny_vit_onnx", "tiny_vit_torchscript_onnx"])
+def test_pruned_build_matches_pytorch_evit(export, request, images, layers, keep, fuse):
+    module, path = request.getfixturevalue(export)
     model, _ = compile_in_memory(path, layers=layers, keep=keep, fuse_pruned=fuse)
     with torch.no_grad():
         want = evit_forward(module, torch.from_numpy(images), layers, keep, fuse).numpy()
