@@ -112,43 +112,44 @@ def is_constant(value: ir.Value | None) -> bool:
 
 
 def _find_scores(softmax: ir.Node):
-    """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention."""
-    scale, mask = 1.0, None
-    value = softmax.inputs[0]
-    for _ in range(8):
-        node = value.producer() if value is not None else None
-        if node is None:
+    """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
+
+    Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
+    additive mask (Add of a non-constant tensor) or boolean mask (Where) if any.
+    """
+    return _walk_scores(softmax.inputs[0], 1.0, None, depth=8)
+
+
+def _walk_scores(value: ir.Value | None, scale: float, mask: ir.Value | None, depth: int):
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0:
+        return None
+    op = node.op_type
+    if op == "MatMul":
+        return None if any(is_constant(v) for v in node.inputs) else (node, scale, mask)
+    if op in _SCALE_OPS:
+        a, b = node.inputs
+        c = scalar_constant(b)
+        if c is None and op == "Mul":  # constant first: Mul(c, scores)
+            a, c = b, scalar_constant(a)
+        if c is None or c == 0:
             return None
-        if node.op_type == "MatMul":
-            if any(is_constant(v) for v in node.inputs):
-                return None
-            return node, scale, mask
-        if node.op_type in _SCALE_OPS:
-            a, b = node.inputs
-            c = scalar_constant(b)
-            if c is None and node.op_type == "Mul":  # constant first: Mul(c, scores)
-                a, c = b, scalar_constant(a)
-            if c is None or c == 0:
-                return None
-            scale = scale * c if node.op_type == "Mul" else scale / c
-            value = a
-        elif node.op_type in ("Add", "Where"):
-            # additive mask (Add) or masked_fill (Where): follow the branch that is not constant
-            candidates = [v for v in node.inputs if v is not None and not is_constant(v)]
-            if node.op_type == "Where":
-                candidates = [node.inputs[1]] if not is_constant(node.inputs[1]) else [node.inputs[2]]
-                mask = node.inputs[0]
-            if not candidates:
-                return None
-            value = candidates[0]
-            if node.op_type == "Add" and len(candidates) > 1:
-                mask = candidates[1]
-            elif node.op_type == "Add":
-                mask = next(v for v in node.inputs if v is not value)
-        elif node.op_type in _PASS_THROUGH:
-            value = node.inputs[0]
-        else:
-            return None
+        return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1)
+    if op == "Add":
+        # scores + mask: whichever input leads to the Q·Kᵀ MatMul is the scores, the other the mask
+        for i, candidate in enumerate(node.inputs):
+            if candidate is None or is_constant(candidate):
+                continue
+            found = _walk_scores(candidate, scale, mask, depth - 1)
+            if found is not None:
+                other = node.inputs[1 - i]
+                return found[0], found[1], found[2] if is_constant(other) else other
+        return None
+    if op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
+        branch = node.inputs[2] if is_constant(node.inputs[1]) else node.inputs[1]
+        return _walk_scores(branch, scale, node.inputs[0], depth - 1)
+    if op in _PASS_THROUGH:
+        return _walk_scores(node.inputs[0], scale, mask, depth - 1)
     return None
 
 
@@ -162,6 +163,8 @@ def _find_context(softmax: ir.Node) -> ir.Node | None:
                     return user
                 if user.op_type in _PASS_THROUGH:
                     nxt.append(user.outputs[0])
+                elif user.op_type == "Where" and value in (user.inputs[1], user.inputs[2]):
+                    nxt.append(user.outputs[0])  # NaN guard after the softmax (safe softmax)
         frontier = nxt
     return None
 
