@@ -7,7 +7,10 @@ up. From the schema come: the input/attribute signature of every callback, the o
 count and dtypes (TensorSpec "int64" -> int64, "float" -> the first float input's type)
 and the attribute defaults. Per op, only the output shapes and the AOT launch
 geometry are written out (`_SPECS`), and the launch geometry itself comes from the
-kernel module, shared with its `run`.
+kernel module, shared with its `run`. Counts that depend on a run-time dimension
+(TokenPrune with keep == 0: k from keep_ratio and N) are TensorRT shape expressions,
+built by the same kernel-module functions `run` uses on ints, so the output shapes,
+the AOT scalars and the JIT launch always agree.
 
 - `register`: output shapes/dtypes from the input descriptors and attributes;
 - `impl` (JIT): wraps TensorRT's tensors as torch tensors (zero copy) and runs the
@@ -42,8 +45,9 @@ _REGISTERED: set[str] = set()
 @dataclass(frozen=True)
 class _PluginSpec:
     op: OpDef
-    #: (input shapes by name, attributes) -> one shape tuple per output; works on ShapeExprs
-    output_shapes: Callable[[dict[str, Any], dict[str, Any]], list[tuple]]
+    #: (input shapes by name, attributes, tensorrt.plugin) -> one shape tuple per output;
+    #: works on ShapeExprs (the module supplies cdiv/max/min) and on plain ints
+    output_shapes: Callable[[dict[str, Any], dict[str, Any], Any], list[tuple]]
     #: (trtp, kernel module, input descs by name, attributes, output descs) -> aot_impl result
     aot: Callable[..., tuple]
 
@@ -136,7 +140,7 @@ def _descriptor(spec: _PluginSpec, trt, trtp):
 
     def describe(*args, **kwargs):
         inputs, attrs, _ = _bind(signature, op, args, kwargs)
-        shapes = spec.output_shapes({k: v.shape_expr for k, v in inputs.items()}, attrs)
+        shapes = spec.output_shapes({k: v.shape_expr for k, v in inputs.items()}, attrs, trtp)
         float_type = inputs[float_input].dtype
         return tuple(
             trtp.from_shape_expr(tuple(shape), dtype=trt.int64 if out.dtype == "int64" else float_type)
@@ -211,23 +215,30 @@ def _launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
 # --------------------------------------------------------------------------- per op
 
 
-def _attention_row_score_shapes(shapes, attrs):
+def _attention_row_score_shapes(shapes, attrs, trtp):
     return [(shapes["q"][0], shapes["k_t"][3])]
 
 
 def _attention_row_score_aot(trtp, kernels, inputs, attrs, outputs):
-    q, k_t = inputs["q"], inputs["k_t"]
+    q, k_t, mask = inputs["q"], inputs["k_t"], inputs["mask"]
     kernel = kernels.compile_kernel(
-        {"q": _triton_type(q.dtype), "k_t": _triton_type(k_t.dtype), "score": _triton_type(outputs[0].dtype)},
+        {"q": _triton_type(q.dtype), "k_t": _triton_type(k_t.dtype), "mask": _triton_type(mask.dtype),
+         "score": _triton_type(outputs[0].dtype)},
         n=_largest(k_t, 3), dh=_largest(q, 3), scale=attrs["scale"],
     )
-    shapes = (q.shape_expr, k_t.shape_expr)
+    shapes = (q.shape_expr, k_t.shape_expr, mask.shape_expr)
     return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv),
-                   kernels.scalar_args(*shapes, row=attrs["row"]))
+                   kernels.scalar_args(*shapes, row=attrs["row"], sym=trtp))
 
 
-def _token_prune_shapes(shapes, attrs):
-    b, d, m = shapes["x"][0], shapes["x"][2], attrs["protect"] + attrs["keep"]
+def _token_prune_shapes(shapes, attrs, trtp):
+    """[B, M, D], [B, M], [B, 1, D] with M = protect + k + (N - end). With keep == 0, k is
+    max(1, min(span, ceil(keep_ratio · span - 1e-9))) of the run-time span, expressed
+    exactly in integer shape arithmetic (keep_ratio = a / q, a float32 is dyadic)."""
+    kernels = _kernel_module(TOKEN_PRUNE)  # owns the kept-count rule, on ints and on shape expressions
+    b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
+    kernels.check_attributes(n, **attrs)
+    _, m = kernels.counts(n, **attrs, sym=trtp)
     return [(b, m, d), (b, m), (b, 1, d)]
 
 
@@ -242,7 +253,7 @@ def _token_prune_aot(trtp, kernels, inputs, attrs, outputs):
     shapes = (x.shape_expr, score.shape_expr)
     block_d = kernels.constexprs(n, d)["BLOCK_D"]
     return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
-                   kernels.scalar_args(*shapes, keep=attrs["keep"], protect=attrs["protect"]))
+                   kernels.scalar_args(*shapes, **attrs, sym=trtp))
 
 
 _SPECS: dict[str, _PluginSpec] = {

@@ -2,8 +2,13 @@
 
 One program per batch row loops over the heads; per head it computes the logits
 q[b, h, row, :] · k_t[b, h, :, :] in chunks of BLOCK_DH features (all N keys at once,
-N padded to a power of two and masked), takes the softmax over the keys in float32 and
-accumulates it; the mean over heads is written to score[b, :].
+N padded to a power of two and masked), scales them, adds the mask's row (before the
+max-subtraction, so a float32-min mask stays finite), takes the softmax over the keys in
+float32 and accumulates it; the mean over heads is written to score[b, :].
+
+The mask is rank 4 and broadcastable to [B, H, Nq, N]: the kernel reads it (made
+contiguous) through element strides that are 0 along its size-1 dimensions, and at
+its row `row`, or row 0 when it has a single query row.
 """
 
 from __future__ import annotations
@@ -13,19 +18,21 @@ import triton
 import triton.language as tl
 
 #: kernel parameters in launch order: input pointers, int32 scalars, float scalar, output pointer
-POINTERS_IN = ("q_ptr", "kt_ptr")
-SCALARS = ("H", "Nq", "Dh", "N", "row")
+POINTERS_IN = ("q_ptr", "kt_ptr", "mask_ptr")
+SCALARS = ("H", "Nq", "Dh", "N", "row", "mask_sb", "mask_sh", "mask_sn", "mask_row_offset")
 POINTERS_OUT = ("out_ptr",)
 MAX_BLOCK_DH = 32
 
 
 @triton.jit
-def attention_row_score_kernel(q_ptr, kt_ptr, H, Nq, Dh, N, row, scale, out_ptr,
+def attention_row_score_kernel(q_ptr, kt_ptr, mask_ptr, H, Nq, Dh, N, row,
+                               mask_sb, mask_sh, mask_sn, mask_row_offset, scale, out_ptr,
                                BLOCK_N: tl.constexpr, BLOCK_DH: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, BLOCK_N)
     n_mask = n < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    mask_b = mask_ptr + b * mask_sb + mask_row_offset
     for h in range(0, H):
         bh = b * H + h
         q_row = q_ptr + (bh * Nq + row) * Dh
@@ -38,7 +45,8 @@ def attention_row_score_kernel(q_ptr, kt_ptr, H, Nq, Dh, N, row, scale, out_ptr,
             kv = tl.load(k_base + d[:, None] * N + n[None, :],
                          mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
             logits += tl.sum(qv[:, None] * kv, axis=0)
-        logits = tl.where(n_mask, logits * scale, float("-inf"))
+        m = tl.load(mask_b + h * mask_sh + n * mask_sn, mask=n_mask, other=0.0).to(tl.float32)
+        logits = tl.where(n_mask, logits * scale + m, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         acc += p / tl.sum(p, axis=0)
     tl.store(out_ptr + b * N + n, (acc / H).to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -49,13 +57,36 @@ def _row_index(row: int, nq):
     return row if row >= 0 else nq + row
 
 
-def scalar_args(q_shape, k_t_shape, *, row: int) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes."""
+def _not_one(dim, sym):
+    """1 if dim != 1 else 0, for dims >= 1: an int, or a TensorRT shape expression (`sym`
+    is then `tensorrt.plugin`, or anything with its `min`)."""
+    if isinstance(dim, int):
+        return int(dim != 1)
+    return sym.min(dim - 1, 1)
+
+
+def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
+    """The int32 kernel arguments (SCALARS order) from the input shapes.
+
+    Works on ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin` then).
+    The mask is taken as contiguous: its element strides, zeroed along broadcast
+    (size-1) dimensions, and the offset of the row the op reads."""
     _, h, nq, dh = q_shape
-    return [h, nq, dh, k_t_shape[3], _row_index(row, nq)]
+    mb, mh, mq, mn = mask_shape
+    row_index = _row_index(row, nq)
+    s_h = _times(mq, mn)  # a head of the mask (a row is mn elements)
+    s_b = _times(mh, s_h)
+    row_offset = _times(_times(row_index, _not_one(mq, sym)), mn)  # row 0 of a one-row mask
+    return [h, nq, dh, k_t_shape[3], row_index,
+            _times(s_b, _not_one(mb, sym)), _times(s_h, _not_one(mh, sym)), _not_one(mn, sym), row_offset]
 
 
-def grid(q_shape, k_t_shape, cdiv=triton.cdiv) -> tuple:
+def _times(a, b):
+    """a * b with a shape expression (if any) on the left: ShapeExpr has no reflected ops."""
+    return b * a if isinstance(a, int) and not isinstance(b, int) else a * b
+
+
+def grid(q_shape, k_t_shape, mask_shape=None, cdiv=triton.cdiv) -> tuple:
     return (q_shape[0],)
 
 
@@ -65,33 +96,47 @@ def constexprs(n: int, dh: int) -> dict:
             "BLOCK_DH": min(triton.next_power_of_2(max(int(dh), 1)), MAX_BLOCK_DH)}
 
 
-def run(q: torch.Tensor, k_t: torch.Tensor, *, row: int, scale: float, out=None):
-    """q [B, H, Nq, Dh], k_t [B, H, Dh, N] -> (score [B, N],) on q's device and dtype."""
-    if q.dim() != 4 or k_t.dim() != 4:
-        raise ValueError(f"AttentionRowScore: q and k_t must be 4-D, got {tuple(q.shape)}, {tuple(k_t.shape)}")
-    b, h, nq, dh = q.shape
-    n = k_t.shape[3]
-    if tuple(k_t.shape[:3]) != (b, h, dh):
-        raise ValueError(f"AttentionRowScore: k_t {tuple(k_t.shape)} does not match q {tuple(q.shape)}")
+def check_shapes(q_shape, k_t_shape, mask_shape, row: int) -> None:
+    """Raise ValueError unless the (concrete) shapes and `row` fit the op's schema."""
+    if len(q_shape) != 4 or len(k_t_shape) != 4:
+        raise ValueError(f"AttentionRowScore: q and k_t must be 4-D, got {tuple(q_shape)}, {tuple(k_t_shape)}")
+    b, h, nq, dh = q_shape
+    n = k_t_shape[3]
+    if tuple(k_t_shape[:3]) != (b, h, dh):
+        raise ValueError(f"AttentionRowScore: k_t {tuple(k_t_shape)} does not match q {tuple(q_shape)}")
     if not -nq <= row < nq:
         raise ValueError(f"AttentionRowScore: row={row} out of range for {nq} query rows")
-    q, k_t = q.contiguous(), k_t.contiguous()
+    if len(mask_shape) != 4 or any(m not in (1, full) for m, full in zip(mask_shape, (b, h, nq, n))):
+        raise ValueError(f"AttentionRowScore: mask {tuple(mask_shape)} is not rank 4 and broadcastable "
+                         f"to {(b, h, nq, n)}")
+
+
+def run(q: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, *, row: int, scale: float, out=None):
+    """q [B, H, Nq, Dh], k_t [B, H, Dh, N], mask broadcastable to [B, H, Nq, N]
+    -> (score [B, N],) on q's device and dtype."""
+    check_shapes(tuple(q.shape), tuple(k_t.shape), tuple(mask.shape), row)
+    b, h, nq, dh = q.shape
+    n = k_t.shape[3]
+    q, k_t, mask = q.contiguous(), k_t.contiguous(), mask.contiguous()
     score = out[0] if out is not None else torch.empty((b, n), dtype=q.dtype, device=q.device)
     if b == 0 or n == 0:
         return (score,)
-    attention_row_score_kernel[grid(q.shape, k_t.shape)](
-        q, k_t, *scalar_args(q.shape, k_t.shape, row=row), float(scale), score, **constexprs(n, dh))
+    attention_row_score_kernel[grid(q.shape, k_t.shape, mask.shape)](
+        q, k_t, mask, *scalar_args(tuple(q.shape), tuple(k_t.shape), tuple(mask.shape), row=row),
+        float(scale), score, **constexprs(n, dh))
     return (score,)
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, dh: int, scale: float, target=None):
     """Compile for `target` (default: the current GPU) with `scale` baked in as a constant.
 
-    `dtypes` maps "q", "k_t", "score" to Triton type names ("fp32", "fp16", "bf16").
-    Returns the `triton.compiler.CompiledKernel` (name, PTX in `.asm["ptx"]`, metadata).
-    The launch then passes the pointers and `scalar_args` in order, without `scale`.
+    `dtypes` maps "q", "k_t", "mask" (default: q's) and "score" to Triton type names
+    ("fp32", "fp16", "bf16"). Returns the `triton.compiler.CompiledKernel` (name, PTX in
+    `.asm["ptx"]`, metadata). The launch then passes the pointers and `scalar_args` in
+    order, without `scale`.
     """
-    signature = {"q_ptr": f"*{dtypes['q']}", "kt_ptr": f"*{dtypes['k_t']}"}
+    signature = {"q_ptr": f"*{dtypes['q']}", "kt_ptr": f"*{dtypes['k_t']}",
+                 "mask_ptr": f"*{dtypes.get('mask', dtypes['q'])}"}
     signature.update({name: "i32" for name in SCALARS})
     signature["scale"] = "constexpr"
     signature["out_ptr"] = f"*{dtypes['score']}"

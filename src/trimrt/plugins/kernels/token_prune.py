@@ -1,17 +1,20 @@
 """Triton kernel of TokenPrune: select, gather and fuse in one launch.
 
-Grid (B, cdiv(D, BLOCK_D)). Each program walks the N tokens of its batch row in
-chunks of BLOCK_I and, per chunk:
+Grid (B, cdiv(D, BLOCK_D)). The prunable span is [protect, end) (end = span_end, or N);
+k of its tokens are kept (`kept_count`: the static `keep`, or the `keep_ratio` rule on
+the run-time span length, computed on the host — or as a TensorRT shape expression —
+and passed in as a scalar). Each program walks the N tokens of its batch row in chunks
+of BLOCK_I and, per chunk:
 
-1. select: rank_i = #{prunable j : s_j > s_i, or s_j == s_i and j < i} (a
-   BLOCK_I x BLOCK_J comparison, looped over j), so token i is kept iff it is protected
-   (i < protect) or prunable with rank_i < keep — exactly the stable descending sort of
-   the reference, ties to the lower index;
+1. select: rank_i = #{span j : s_j > s_i, or s_j == s_i and j < i} (a BLOCK_I x BLOCK_J
+   comparison, looped over the span), so token i is kept iff it is outside the span
+   (i < protect or i >= end) or inside with rank_i < k — exactly the stable descending
+   sort of the reference, ties to the lower index;
 2. its output slot is the number of kept tokens before it (running count plus an
-   exclusive `tl.cumsum`), which keeps the original order; the program of the first
-   feature block writes kept_index;
+   exclusive `tl.cumsum`), which keeps the original order (prefix, chosen, suffix);
+   the program of the first feature block writes kept_index;
 3. gather: the kept rows' features of this block are stored at their slots in y;
-4. fuse: the dropped prunable rows, weighted by their scores, are summed into `fused`.
+4. fuse: the dropped span rows, weighted by their scores, are summed into `fused`.
 
 Selection is recomputed by every feature block (O(N²) comparisons, cheap next to
 the copy for N up to a few thousand) so that everything is one kernel: the TensorRT
@@ -20,24 +23,31 @@ AOT path launches exactly one kernel per plugin. No sort or top-k is used.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import torch
 import triton
 import triton.language as tl
 
 #: kernel parameters in launch order: input pointers, int32 scalars, output pointers
 POINTERS_IN = ("x_ptr", "s_ptr")
-SCALARS = ("N", "D", "keep", "protect")
+SCALARS = ("N", "D", "keep", "protect", "end")  # keep: the kept span count k
 POINTERS_OUT = ("y_ptr", "idx_ptr", "fused_ptr")
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
+#: the reference's ceil(keep_ratio · span - EPS)
+EPS = 1e-9
+#: bound on the span length for which the symbolic k stays inside int64 arithmetic
+_MAX_SPAN_BITS = 31
 
 
 @triton.jit
-def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, y_ptr, idx_ptr, fused_ptr,
+def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, fused_ptr,
                        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-    m = protect + keep
+    m = protect + keep + (N - end)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d < D
     fused = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -46,16 +56,16 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, y_ptr, idx_ptr, fused_
         i = i0 + tl.arange(0, BLOCK_I)
         i_valid = i < N
         s_i = tl.load(s_ptr + b * N + i, mask=i_valid, other=0.0)
-        # 1. rank among the prunable tokens
+        # 1. rank among the span's tokens
         rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(protect, N, BLOCK_J):
+        for j0 in range(protect, end, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            j_valid = j < N
+            j_valid = j < end
             s_j = tl.load(s_ptr + b * N + j, mask=j_valid, other=0.0)
             beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
             rank += tl.sum((beats & j_valid[None, :]).to(tl.int32), axis=1)
-        prunable = i_valid & (i >= protect)
-        kept = (i_valid & (i < protect)) | (prunable & (rank < keep))
+        in_span = i_valid & (i >= protect) & (i < end)
+        kept = (i_valid & ((i < protect) | (i >= end))) | (in_span & (rank < keep))
         # 2. output slots in original order
         kept_i32 = kept.to(tl.int32)
         slot = n_before + tl.cumsum(kept_i32, axis=0) - kept_i32
@@ -66,15 +76,97 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, y_ptr, idx_ptr, fused_
         rows = tl.load(x_ptr + (b * N + i)[:, None] * D + d[None, :],
                        mask=i_valid[:, None] & d_mask[None, :], other=0.0)
         tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], rows, mask=kept[:, None] & d_mask[None, :])
-        # 4. fuse the dropped rows
-        w = tl.where(prunable & (rank >= keep), s_i.to(tl.float32), 0.0)
+        # 4. fuse the dropped span rows
+        w = tl.where(in_span & (rank >= keep), s_i.to(tl.float32), 0.0)
         fused += tl.sum(w[:, None] * rows.to(tl.float32), axis=0)
     tl.store(fused_ptr + b * D + d, fused.to(fused_ptr.dtype.element_ty), mask=d_mask)
 
 
-def scalar_args(x_shape, score_shape, *, keep: int, protect: int) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes."""
-    return [x_shape[1], x_shape[2], keep, protect]
+# ------------------------------------------------------------ counts (ints or symbolic)
+# These work on plain ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin`,
+# or anything with its `cdiv`, `max` and `min`): the plugin's output shapes and its AOT
+# launch arguments come from the same functions as `run`'s, so they always agree.
+# Shape expressions have +, -, * and // but no reflected operators: keep them on the left.
+
+
+def _ratio_terms(keep_ratio: float, symbolic: bool) -> tuple[int, int, int]:
+    """(a, c, q) with ceil(keep_ratio · span - EPS) == ceil((a · span - c) / q) for every span.
+
+    keep_ratio = a / q exactly (a float is a dyadic rational) and c = floor(EPS · q): for
+    an integer t = q·j - a·span, t >= -EPS·q  <=>  t >= -floor(EPS·q). Symbolic (int64)
+    arithmetic needs small terms: float32 ratios (what TensorRT passes) down to 2^-38 fit.
+    """
+    ratio = Fraction(keep_ratio)
+    a, q = ratio.numerator, ratio.denominator
+    c = math.floor(Fraction(EPS) * q)
+    if symbolic and (abs(a).bit_length() + _MAX_SPAN_BITS > 62 or q.bit_length() > 62):
+        raise ValueError(
+            f"TokenPrune: keep_ratio={keep_ratio!r} has no exact int64 form for a TensorRT shape expression "
+            "(use a float32 value >= 2**-38, or a static keep > 0)")
+    return a, c, q
+
+
+def kept_count(span, *, keep: int, keep_ratio: float, sym=None):
+    """Tokens kept of a span of `span` tokens: `keep` if > 0, else
+    max(1, min(span, ceil(keep_ratio · span - 1e-9))) in exact integer arithmetic
+    (`trimrt.plugins.token_prune.span_keep` up to float64 rounding of the product)."""
+    if keep > 0:
+        return keep
+    a, c, q = _ratio_terms(keep_ratio, symbolic=not isinstance(span, int))
+    if isinstance(span, int):
+        return max(1, min(span, -((c - a * span) // q)))
+    # the numerator is clamped to >= 1 so that CEIL_DIV only sees positive operands: k >= 1
+    numerator = sym.max(span * a - c, 1) if a > 0 else 1
+    k = sym.cdiv(numerator, q) if not isinstance(numerator, int) else 1
+    return sym.min(k, span) if not isinstance(k, int) else k
+
+
+def span_bounds(n, *, span_end: int):
+    """(end, suffix length N - end) of the span; `n` is an int or a shape expression."""
+    if span_end > 0:
+        return span_end, n - span_end
+    return n, 0
+
+
+def counts(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, sym=None):
+    """(k, m): the kept span tokens and the output token count protect + k + (N - end)."""
+    end, suffix = span_bounds(n, span_end=span_end)
+    k = keep if keep > 0 else kept_count(end - protect, keep=keep, keep_ratio=keep_ratio, sym=sym)
+    m = _plus(_plus(k, protect), suffix)
+    return k, m
+
+
+def _plus(a, b):
+    """a + b with a shape expression (if any) on the left."""
+    return b + a if isinstance(a, int) and not isinstance(b, int) else a + b
+
+
+def check_attributes(n, *, keep: int, protect: int, span_end: int, keep_ratio: float) -> None:
+    """Raise ValueError for a span or keep the reference rejects; when `n` is a shape
+    expression, only what does not depend on it is checked."""
+    concrete = isinstance(n, int)
+    end = span_end if span_end > 0 else n
+    if concrete:
+        bad_span = not 0 <= protect < end <= n
+    else:
+        bad_span = protect < 0 or (span_end > 0 and protect >= span_end)
+    if bad_span:
+        raise ValueError(f"TokenPrune: span [{protect}, {end if concrete or span_end > 0 else 'N'}) "
+                         f"is not inside {n if concrete else 'the N'} tokens")
+    if concrete or span_end > 0:
+        span = end - protect
+        k = kept_count(span, keep=keep, keep_ratio=keep_ratio)
+        if not 1 <= k <= span:
+            raise ValueError(f"TokenPrune: keep={keep} must be in [1, {span}] for a span of {span} tokens")
+
+
+def scalar_args(x_shape, score_shape, *, keep: int, protect: int, span_end: int = 0, keep_ratio: float = 1.0,
+                sym=None) -> list:
+    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    n = x_shape[1]
+    end, _ = span_bounds(n, span_end=span_end)
+    k, _ = counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
+    return [n, x_shape[2], k, protect, end]
 
 
 def grid(x_shape, score_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
@@ -88,18 +180,22 @@ def constexprs(n: int, d: int) -> dict:
             "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
 
 
-def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, out=None):
-    """x [B, N, D], score [B, N] -> (y [B, protect + keep, D], kept_index [B, protect + keep] int64,
-    fused [B, 1, D]), matching `trimrt.plugins.token_prune.reference`."""
+def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int = 0,
+        keep_ratio: float = 1.0, out=None):
+    """x [B, N, D], score [B, N] -> (y [B, M, D], kept_index [B, M] int64, fused [B, 1, D]),
+    M = protect + k + (N - end), matching `trimrt.plugins.token_prune.reference`."""
     if x.dim() != 3 or score.dim() != 2 or tuple(score.shape) != tuple(x.shape[:2]):
         raise ValueError(f"TokenPrune: need x [B, N, D] and score [B, N], got {tuple(x.shape)}, {tuple(score.shape)}")
     b, n, d = x.shape
-    if not 1 <= keep <= n - protect or protect < 0:
-        raise ValueError(f"keep={keep} must be in [1, {n - protect}] for {n} tokens, protect={protect}")
+    attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
+    check_attributes(n, **attrs)
     x, score = x.contiguous(), score.contiguous()
-    m = protect + keep
+    _, m = counts(n, **attrs)
     if out is not None:
         y, kept_index, fused = out
+        if (tuple(y.shape), tuple(kept_index.shape), tuple(fused.shape)) != ((b, m, d), (b, m), (b, 1, d)):
+            raise ValueError(f"TokenPrune: output buffers {[tuple(t.shape) for t in out]} do not hold "
+                             f"{m} tokens of {d} features")
     else:
         y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
         kept_index = torch.empty((b, m), dtype=torch.int64, device=x.device)
@@ -107,18 +203,18 @@ def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, out=No
     if b == 0:
         return y, kept_index, fused
     if d == 0:  # no feature block would write kept_index
-        kept_index.copy_(_select_without_features(score, keep, protect))
+        kept_index.copy_(_select_without_features(score, **attrs))
         return y, kept_index, fused
     blocks = constexprs(n, d)
     token_prune_kernel[grid(x.shape, score.shape, block_d=blocks["BLOCK_D"])](
-        x, score, *scalar_args(x.shape, score.shape, keep=keep, protect=protect),
+        x, score, *scalar_args(tuple(x.shape), tuple(score.shape), **attrs),
         y, kept_index, fused, **blocks)
     return y, kept_index, fused
 
 
-def _select_without_features(score, keep, protect):
+def _select_without_features(score, **attrs):
     x = torch.zeros((*score.shape, 1), dtype=score.dtype, device=score.device)
-    return run(x, score, keep=keep, protect=protect)[1]
+    return run(x, score, **attrs)[1]
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
