@@ -53,7 +53,8 @@ def time_alternating(run_a, run_b, *, warmup: int, rounds: int) -> tuple[list[fl
 
 
 def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
-                warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0) -> BenchReport:
+                warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
+                tokens: int | None = None) -> BenchReport:
     from .errors import InputError
 
     build_dir = Path(build_dir)
@@ -71,7 +72,7 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if inputs:
         feeds = load_feed_files(inputs)
     else:
-        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"))
+        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens)
     t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
     med_base, med_build = statistics.median(t_base), statistics.median(t_build)
     return BenchReport(batch=int(next(iter(feeds.values())).shape[0]), threads=threads, rounds=rounds,

@@ -87,14 +87,15 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 @click.option("--reference", help="Original .onnx file or a PyTorch factory (default: the build's reference.onnx).")
 @click.option("--samples", default=8, show_default=True, help="Random input samples (when no --input).")
 @click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
+@click.option("--tokens", type=int, help="Length of dynamic token axes of random inputs (default: the build's example).")
 @click.option("--min-cosine", type=float, help="Fail (exit 1) when an output's mean cosine is below this.")
 @click.option("--min-top1", type=float, help="Fail (exit 1) when the top-1 agreement of logits is below this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(build: Path, reference: str | None, samples: int, inputs, min_cosine, min_top1, as_json: bool) -> None:
+def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, as_json: bool) -> None:
     """Compare BUILD with its reference on the same inputs."""
     from .verification import verify_build
 
-    report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None,
+    report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None, tokens=tokens,
                           min_cosine=min_cosine, min_top1=min_top1)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -118,15 +119,19 @@ def verify(build: Path, reference: str | None, samples: int, inputs, min_cosine,
 @click.argument("build", type=click.Path(path_type=Path))
 @click.option("--baseline", type=click.Path(path_type=Path), help="Unmodified .onnx (default: the build's reference.onnx).")
 @click.option("--batch", default=1, show_default=True)
+@click.option("--tokens", type=int, help="Length of dynamic token axes (default: the build's example).")
+@click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads, same for both.")
 @click.option("--rounds", default=30, show_default=True, help="Timed rounds (each runs both models once).")
 @click.option("--warmup", default=5, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def bench(build: Path, baseline: Path | None, batch: int, threads: int, rounds: int, warmup: int, as_json: bool) -> None:
+def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, inputs, threads: int, rounds: int,
+          warmup: int, as_json: bool) -> None:
     """Time BUILD against its unmodified baseline (alternating runs, medians)."""
     from .bench import bench_build
 
-    r = bench_build(build, baseline, batch=batch, threads=threads, rounds=rounds, warmup=warmup)
+    r = bench_build(build, baseline, batch=batch, threads=threads, rounds=rounds, warmup=warmup, tokens=tokens,
+                    inputs=list(inputs) or None)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=2))
         return

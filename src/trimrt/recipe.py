@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOKEN_PRUNING_METHODS = ("cls_attention",)
+TOKEN_PRUNING_METHODS = ("cls_attention", "last_token_attention")
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,24 @@ class TokenPruningOptions:
     keep: float = 1.0
     protect: str = "cls"
     fuse_pruned: bool = False
+    #: [start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)
+    prunable: tuple[int, int] | None = None
 
     @property
     def protected_prefix(self) -> int:
-        """Number of leading tokens never pruned."""
+        """Number of leading tokens never pruned (the start of the prunable span)."""
+        if self.prunable is not None:
+            return self.prunable[0]
         if self.protect == "none":
             return 0
         if self.protect == "cls":
             return 1
         return int(self.protect.split(":", 1)[1])
+
+    @property
+    def span_end(self) -> int | None:
+        """End (exclusive) of the prunable span; None: up to the last token."""
+        return self.prunable[1] if self.prunable is not None else None
 
     def kept_count(self, prunable: int) -> int:
         """Prunable tokens kept at one layer: ceil(keep · prunable), at least 1."""
@@ -60,6 +69,10 @@ class Recipe:
         if self.token_pruning is not None:
             tp = dataclasses.asdict(self.token_pruning)
             tp["layers"] = list(tp["layers"])
+            if tp["prunable"] is None:
+                del tp["prunable"]
+            else:
+                tp["prunable"] = list(tp["prunable"])
             out["token_pruning"] = tp
         return out
 
@@ -126,5 +139,14 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     fuse = tp.get("fuse_pruned", False)
     if not isinstance(fuse, bool):
         raise RecipeError(f"{where}: fuse_pruned must be true or false, got {fuse!r}")
+    prunable = tp.get("prunable")
+    if prunable is not None:
+        if "protect" in tp:
+            raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
+        if (not isinstance(prunable, (list, tuple)) or len(prunable) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in prunable)
+                or not 0 <= prunable[0] < prunable[1]):
+            raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end, got {prunable!r}")
+        prunable = (int(prunable[0]), int(prunable[1]))
     return TokenPruningOptions(method=method, layers=tuple(sorted(layers)), keep=float(keep),
-                               protect=protect, fuse_pruned=fuse)
+                               protect=protect, fuse_pruned=fuse, prunable=prunable)

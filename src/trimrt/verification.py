@@ -73,7 +73,7 @@ class _TorchReference:
         import torch
 
         with torch.no_grad():
-            out = self.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names])
+            out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
         if isinstance(out, torch.Tensor):
             out = (out,)
         elif isinstance(out, Mapping):
@@ -106,7 +106,8 @@ def _reference(reference: Any, session: Session):
 
 
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
-                 min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0) -> VerifyReport:
+                 min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0,
+                 tokens: int | None = None) -> VerifyReport:
     """Compare a build with its reference; see the module docstring."""
     session = Session(build_dir, backend="onnxruntime")
     if reference is None:
@@ -119,7 +120,7 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         batches = [validate_feeds(session.inputs, load_feed_files(inputs))]
     else:
         hints = session.manifest.get("example_shapes")
-        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints) for i in range(samples)]
+        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints, tokens=tokens) for i in range(samples)]
     names = [o.name for o in session.outputs]
     got_all: dict[str, list] = {n: [] for n in names}
     ref_all: dict[str, list] = {n: [] for n in names}

@@ -33,7 +33,8 @@ class Attention:
     scores_matmul: ir.Node  # MatMul(q, k_t)
     context_matmul: ir.Node  # MatMul(probs, v)
     scale: float  # product of the scalar factors between the scores MatMul and the Softmax
-    mask: ir.Value | None  # additive mask on the logits, if any
+    mask: ir.Value | None  # additive mask added to the logits, if any
+    mask_select: ir.Node | None = None  # or a Where(condition, logits, fill) masking them
 
     @property
     def q(self) -> ir.Value:
@@ -86,7 +87,7 @@ class TransformerMap:
                     "softmax": b.attention.softmax.name,
                     "scores": b.attention.scores_matmul.name,
                     "scale": round(b.attention.scale, 6),
-                    "masked": b.attention.mask is not None,
+                    "masked": b.attention.mask is not None or b.attention.mask_select is not None,
                     "stream": b.stream_mid.name,
                 }
                 for b in self.blocks
@@ -115,7 +116,8 @@ def _find_scores(softmax: ir.Node):
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
     Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
-    additive mask (Add of a non-constant tensor) or boolean mask (Where) if any.
+    mask if any: an additive tensor (Add of a non-constant value) or the Where node that
+    selects between the logits and a fill value.
     """
     return _walk_scores(softmax.inputs[0], 1.0, None, depth=8)
 
@@ -147,7 +149,7 @@ def _walk_scores(value: ir.Value | None, scale: float, mask: ir.Value | None, de
         return None
     if op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
         branch = node.inputs[2] if is_constant(node.inputs[1]) else node.inputs[1]
-        return _walk_scores(branch, scale, node.inputs[0], depth - 1)
+        return _walk_scores(branch, scale, node, depth - 1)
     if op in _PASS_THROUGH:
         return _walk_scores(node.inputs[0], scale, mask, depth - 1)
     return None
@@ -214,7 +216,10 @@ def _find_attentions(graph: ir.Graph) -> list[Attention]:
         if context is None:
             continue
         matmul, scale, mask = scores
-        found.append(Attention(node, matmul, context, scale, mask))
+        if isinstance(mask, ir.Node):
+            found.append(Attention(node, matmul, context, scale, None, mask))
+        else:
+            found.append(Attention(node, matmul, context, scale, mask))
     return found
 
 

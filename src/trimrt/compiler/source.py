@@ -108,53 +108,71 @@ def input_names_of(module, count: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
-def export_torch(module, example_inputs: tuple, *, opset: int = EXPORT_OPSET) -> tuple[ir.Model, dict[str, np.ndarray]]:
-    """Export a torch module to onnx_ir: dynamo exporter first, TorchScript as fallback."""
+def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """Export a torch module to onnx_ir: dynamo exporter first, TorchScript as fallback.
+
+    `example_inputs` is a tuple of tensors (positional) or a dict name -> tensor (keyword
+    arguments, the usual way to call Hugging Face models)."""
     try:
         import torch
     except ImportError:
         raise ModelLoadError("exporting a PyTorch model needs torch: pip install 'trimrt[torch]'") from None
     module.eval()  # the TorchScript exporter restores training flags recursively: set eval on the outermost module
-    names = input_names_of(module, len(example_inputs))
-    feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, example_inputs)}
+    if isinstance(example_inputs, dict):
+        kwargs = dict(example_inputs)
+    elif len(example_inputs) == 1 and isinstance(example_inputs[0], dict):
+        kwargs = dict(example_inputs[0])
+    else:
+        kwargs = dict(zip(input_names_of(module, len(example_inputs)), example_inputs))
+    names = list(kwargs)
+    feeds = {n: t.detach().cpu().numpy() for n, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1, max=4096)
     tokens = torch.export.Dim("tokens", min=2, max=65536)
     dynamic_shapes, dynamic_axes = {}, {}
-    for n, t in zip(names, example_inputs):
+    for n, t in kwargs.items():
         axes = {0: batch} if t.dim() >= 1 else {}
         if t.dim() == 2 and not t.dtype.is_floating_point:
             axes[1] = tokens
         dynamic_shapes[n] = axes
         dynamic_axes[n] = {a: ("batch" if a == 0 else "tokens") for a in axes}
-    output_names = _output_names(module, example_inputs)
+    output_names = _output_names(module, kwargs)
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         try:
-            program = torch.onnx.export(module, tuple(example_inputs), dynamo=True, opset_version=opset,
+            program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, opset_version=opset,
                                         input_names=names, output_names=output_names,
                                         dynamic_shapes=dynamic_shapes, verbose=False)
             program.save(str(path))
         except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
-            errors.append(f"dynamo: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
             log.warning("dynamo export failed (%s); trying the TorchScript exporter", errors[-1])
             try:
-                torch.onnx.export(module, tuple(example_inputs), str(path), dynamo=False, opset_version=opset,
+                # positional when the inputs are the leading parameters of forward (HF models
+                # reject a trailing kwargs dict), else a trailing dict of keyword arguments
+                leading = input_names_of(module, len(names))
+                args = tuple(kwargs.values()) if leading == names else (kwargs,)
+                torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                                   input_names=names, output_names=output_names, dynamic_axes=dynamic_axes)
             except Exception as exc2:  # noqa: BLE001
-                errors.append(f"torchscript: {type(exc2).__name__}: {exc2}")
+                errors.append(f"torchscript: {type(exc2).__name__}: {_first_line(exc2)}")
                 raise ModelLoadError("export failed with both exporters; " + " | ".join(errors)) from None
         module.eval()
         model = load_onnx(path)
     return model, feeds
 
 
-def _output_names(module, example_inputs: tuple) -> list[str]:
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _output_names(module, kwargs: dict) -> list[str]:
     """Readable output names: keys of a dict / ModelOutput, else output / output_<i>."""
     import torch
 
     with torch.no_grad():
-        out = module(*example_inputs)
+        out = module(**kwargs)
     if isinstance(out, torch.Tensor):
         return ["output"]
     if hasattr(out, "keys"):

@@ -78,3 +78,193 @@ def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int) -> np.ndarray:
         return new
     raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r} (shape {arr.tolist()}): "
                      "a token-reducing pass would leave it with the original count; please report this graph")
+
+
+def token_axes(value: ir.Value, n_tokens: int | str) -> list[int]:
+    """Axes (beyond the batch axis) of `value` whose size is the token count `n_tokens`."""
+    shape = value.shape
+    if shape is None:
+        return []
+    axes = []
+    for axis in range(1, len(shape)):
+        dim = shape[axis]
+        if isinstance(n_tokens, int):
+            if isinstance(dim, int) and dim == n_tokens:
+                axes.append(axis)
+        elif dim is not None and not isinstance(dim, int) and dim.value is not None and str(dim.value) == n_tokens:
+            axes.append(axis)
+    return axes
+
+
+def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]:
+    """Non-constant values consumed inside `region` but produced outside it (masks, position
+    tables, ...), in first-use order."""
+    inside = {out for node in region for out in node.outputs}
+    seen: dict[ir.Value, None] = {}
+    for node in region:
+        for value in node.inputs:
+            if value is None or value in inside or value in exclude or value in seen:
+                continue
+            if value.const_value is not None or (value.producer() is not None and value.producer().op_type == "Constant"):
+                continue
+            seen[value] = None
+    return list(seen)
+
+
+def gather_tokens(value: ir.Value, axes: list[int], kept_index: ir.Value, make_node, name: str) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes gathering `value` along each token axis in `axes` with kept_index [B, k]
+    (GatherElements, after broadcasting a size-1 batch axis to B)."""
+    rank = len(value.shape)
+    nodes = []
+    ints = lambda vals, tag: ir.Value(name=f"{name}_{tag}", const_value=ir.tensor(np.array(vals, dtype=np.int64), name=f"{name}_{tag}"))  # noqa: E731
+    # broadcast the batch axis: Expand(value, [B, 1, ..., 1])
+    batch = make_node("Shape", [kept_index], {"start": 0, "end": 1}, f"{name}_batch")
+    ones = ints([1] * (rank - 1), "ones")
+    target = make_node("Concat", [batch.outputs[0], ones], {"axis": 0}, f"{name}_bshape")
+    current = make_node("Expand", [value, target.outputs[0]], {}, f"{name}_bexpand")
+    nodes += [batch, target, current]
+    out = current.outputs[0]
+    for axis in axes:
+        # indices [B, 1.., k, ..1] expanded to the data's shape with k on `axis`
+        shape = [0] + [1] * (rank - 1)
+        shape[axis] = -1
+        idx = make_node("Reshape", [kept_index, ints(shape, f"ishape{axis}")], {}, f"{name}_idx{axis}")
+        data_shape = make_node("Shape", [out], {}, f"{name}_dshape{axis}")
+        k_dim = make_node("Shape", [kept_index], {"start": 1, "end": 2}, f"{name}_k{axis}")
+        parts = []
+        if axis > 0:
+            parts.append(make_node("Slice", [data_shape.outputs[0], ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")], {}, f"{name}_pre{axis}"))
+        parts.append(k_dim)
+        if axis < rank - 1:
+            parts.append(make_node("Slice", [data_shape.outputs[0], ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")], {}, f"{name}_post{axis}"))
+        full = make_node("Concat", [p.outputs[0] for p in parts], {"axis": 0}, f"{name}_ishape_full{axis}")
+        idx_full = make_node("Expand", [idx.outputs[0], full.outputs[0]], {}, f"{name}_iexpand{axis}")
+        gathered = make_node("GatherElements", [out, idx_full.outputs[0]], {"axis": axis}, f"{name}_gather{axis}")
+        nodes += [idx, data_shape, k_dim, *parts, full, idx_full, gathered]
+        out = gathered.outputs[0]
+    return nodes, out
+
+
+#: ops that compute with shapes (the arithmetic of dynamic Reshape / Expand targets)
+_SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Cast", "Add", "Sub", "Mul",
+                     "Div", "Identity", "Constant", "Reshape", "Max", "Min", "Abs", "Neg", "Equal", "Where",
+                     "ConstantOfShape", "Range"}
+#: metadata mark on the node computing a pruned region's token count
+TOKEN_COUNT_MARK = "trimrt.token_count"
+
+
+def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], n_tokens: int | str, stream: ir.Value,
+                          make_node, name: str) -> int:
+    """Re-derive, inside a pruned region, the shape values computed from the original token count.
+
+    Dynamic exports compute Reshape / Expand targets from Shape(some input)[token axis]
+    once and reuse them everywhere. Each such value entering `region` is recomputed by a
+    clone of its shape arithmetic in which Shape(T) (T with a token axis of size
+    `n_tokens`) reports the pruned count taken from Shape(stream) instead (and an earlier
+    layer's marked count is replaced by this one's). Returns the number of values replaced.
+    """
+    inside = {out for node in region for out in node.outputs}
+    first = region[0] if region else None
+    count = make_node("Shape", [stream], {"start": 1, "end": 2}, f"{name}_tokens")
+    count.metadata_props[TOKEN_COUNT_MARK] = "1"
+    new_nodes: list[ir.Node] = [count]
+    clones: dict[ir.Value, ir.Value] = {}
+
+    def int_const(vals, tag):
+        v = ir.Value(name=f"{name}_{tag}_{len(new_nodes)}", const_value=ir.tensor(np.array(vals, dtype=np.int64)))
+        return v
+
+    def leaf_replacement(node: ir.Node) -> ir.Value | None:
+        """The pruned-count version of a token-count leaf, or None if `node` is no such leaf."""
+        if node.metadata_props.get(TOKEN_COUNT_MARK):
+            return count.outputs[0]
+        if node.op_type != "Shape":
+            return None
+        source = node.inputs[0]
+        axes = token_axes(source, n_tokens) if source is not stream else []
+        if source.shape is None or len(axes) != 1:
+            return None
+        rank, axis = len(source.shape), axes[0]
+        full = make_node("Shape", [source], {}, f"{name}_shape_{len(new_nodes)}")
+        parts = []
+        if axis > 0:
+            parts.append(make_node("Slice", [full.outputs[0], int_const([0], "s"), int_const([axis], "e")], {},
+                                   f"{name}_pre_{len(new_nodes)}"))
+        parts.append(None)
+        if axis < rank - 1:
+            parts.append(make_node("Slice", [full.outputs[0], int_const([axis + 1], "s"), int_const([rank], "e")], {},
+                                   f"{name}_post_{len(new_nodes)}"))
+        concat = make_node("Concat", [count.outputs[0] if p is None else p.outputs[0] for p in parts], {"axis": 0},
+                           f"{name}_newshape_{len(new_nodes)}")
+        new_nodes.extend([full, *[p for p in parts if p is not None], concat])
+        start = node.attributes.get_int("start", 0)
+        end = node.attributes.get_int("end", rank)
+        if start == 0 and end >= rank:
+            return concat.outputs[0]
+        sliced = make_node("Slice", [concat.outputs[0], int_const([start], "s"), int_const([end], "e")], {},
+                           f"{name}_shape_slice_{len(new_nodes)}")
+        new_nodes.append(sliced)
+        return sliced.outputs[0]
+
+    def depends_on_tokens(value: ir.Value, seen: dict) -> bool:
+        if value in seen:
+            return seen[value]
+        node = value.producer()
+        result = False
+        if node is not None and value not in inside:
+            if leaf_replacement_check(node):
+                result = True
+            elif node.op_type in _SHAPE_ARITHMETIC and node.op_type != "Shape":
+                result = any(depends_on_tokens(v, seen) for v in node.inputs if v is not None)
+        seen[value] = result
+        return result
+
+    def leaf_replacement_check(node: ir.Node) -> bool:
+        if node.metadata_props.get(TOKEN_COUNT_MARK):
+            return True
+        if node.op_type != "Shape" or node.inputs[0] is stream:
+            return False
+        source = node.inputs[0]
+        return source.shape is not None and len(token_axes(source, n_tokens)) == 1
+
+    def clone(value: ir.Value) -> ir.Value:
+        if value in clones:
+            return clones[value]
+        node = value.producer()
+        if node is None:
+            return value
+        replacement = leaf_replacement(node) if leaf_replacement_check(node) else None
+        if replacement is None:
+            if not depends_on_tokens(value, memo):
+                return value
+            inputs = [clone(v) if v is not None else None for v in node.inputs]
+            attrs = {k: a for k, a in node.attributes.items()}
+            copy = ir.Node(node.domain, node.op_type, inputs, attrs.values(), num_outputs=len(node.outputs),
+                           name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
+            copy.metadata_props.update({k: v for k, v in count.metadata_props.items() if k != TOKEN_COUNT_MARK})
+            new_nodes.append(copy)
+            for old, new in zip(node.outputs, copy.outputs):
+                clones[old] = new
+            return clones[value]
+        clones[value] = replacement
+        return replacement
+
+    memo: dict = {}
+    replaced = 0
+    for node in region:
+        for i, value in enumerate(node.inputs):
+            if value is None or value in inside or value.dtype not in (ir.DataType.INT64, ir.DataType.INT32, None):
+                continue
+            if value.shape is not None and len(value.shape) > 1:
+                continue
+            if not depends_on_tokens(value, memo):
+                continue
+            node.replace_input_with(i, clone(value))
+            replaced += 1
+    if replaced:
+        for node in new_nodes:
+            for value in node.inputs:
+                if value is not None and value.const_value is not None and value.graph is None and not value.is_initializer():
+                    graph.register_initializer(value)
+        graph.insert_after(stream.producer(), new_nodes)
+    return replaced

@@ -72,6 +72,7 @@ class OpDef:
         return values
 
     def function(self) -> onnx.FunctionProto:
+        """The decomposition; attributes with a default in the schema are declared with it."""
         fn = self.build_function()
         assert fn.name == self.name and fn.domain == DOMAIN
         return fn
@@ -94,12 +95,18 @@ def _resolve(target: str) -> Callable:
 
 
 def make_function(name: str, inputs: list[str], outputs: list[str], attributes: list[str],
-                  nodes: list[onnx.NodeProto], doc: str) -> onnx.FunctionProto:
-    """A model-local function in the trimrt domain, body in standard ops (FUNCTION_OPSET)."""
+                  nodes: list[onnx.NodeProto], doc: str, defaults: dict[str, Any] | None = None) -> onnx.FunctionProto:
+    """A model-local function in the trimrt domain, body in standard ops (FUNCTION_OPSET).
+
+    Attributes in `defaults` are declared with their default value (used when a node
+    omits them); the others are required."""
+    defaults = defaults or {}
     return onnx.helper.make_function(
         DOMAIN, name, inputs, outputs, nodes,
         opset_imports=[onnx.helper.make_opsetid("", FUNCTION_OPSET)],
-        attributes=attributes, doc_string=doc,
+        attributes=[a for a in attributes if a not in defaults],
+        attribute_protos=[onnx.helper.make_attribute(k, v) for k, v in defaults.items()],
+        doc_string=doc,
     )
 
 

@@ -1,22 +1,29 @@
-"""TokenPrune: keep the top-`keep` scored tokens (plus a protected prefix), in order.
+"""TokenPrune: keep the top-k scored tokens of a span, and every token outside it, in order.
 
-Inputs x [B, N, D] and score [B, N]. The first `protect` tokens (CLS, a prefix) are
-always kept; of the rest, the `keep` highest-scoring are kept (ties: lower index
-first) and stay in their original order, so position-dependent parts downstream
-(the CLS at index 0, causal order) remain valid. Outputs:
+Inputs x [B, N, D] and score [B, N]. Tokens before `protect` (CLS, a system prefix) and
+from `span_end` on (the text after an image span; `span_end` = 0 means N) are always
+kept; of the span [protect, span_end), the k highest-scoring are kept (ties: lower
+index first). Everything stays in its original order, so position-dependent parts
+downstream (the CLS at index 0, causal order) remain valid.
 
-- y [B, protect + keep, D]: the kept tokens,
-- kept_index [B, protect + keep] int64: their original positions (to gather masks and
-  position ids with the tokens),
-- fused [B, 1, D]: Σ score_j · x_j over the dropped tokens (EViT inattentive-token
+k is `keep` when it is > 0 — a build-time constant, so shapes are static (TensorRT needs
+a static TopK k) — else max(1, ceil(keep_ratio · span length)) computed at run time, for
+models whose token count is only known then (text).
+
+Outputs:
+- y [B, protect + k + (N - span_end), D]: the kept tokens,
+- kept_index [B, protect + k + (N - span_end)] int64: their original positions (to gather
+  masks and position ids with the tokens),
+- fused [B, 1, D]: Σ score_j · x_j over the dropped span tokens (EViT inattentive-token
   fusion; the pass appends it to y when the recipe asks for fusion).
 
-`keep` is a build-time constant (TensorRT needs static TopK k), so shapes are static
-per build. The decomposition gathers rows with GatherND, so everything after the op
-really runs on fewer tokens.
+The decomposition gathers rows with GatherND, so everything after the op really runs
+on fewer tokens.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx.helper as oh
@@ -26,24 +33,37 @@ from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_func
 NAME = "TokenPrune"
 
 
-def select(score: np.ndarray, keep: int, protect: int) -> np.ndarray:
-    """Original positions of the kept tokens, ascending, [B, protect + keep]."""
-    s = score[:, protect:]
-    order = np.argsort(-s, axis=1, kind="stable")[:, :keep]
+def span_keep(span: int, keep: int, keep_ratio: float) -> int:
+    """Tokens kept of a span of `span` tokens (the rule the decomposition computes)."""
+    if keep > 0:
+        return keep
+    return max(1, min(span, math.ceil(keep_ratio * span - 1e-9)))
+
+
+def select(score: np.ndarray, k: int, protect: int, end: int) -> np.ndarray:
+    """Original positions of the kept tokens, ascending, [B, protect + k + N - end]."""
+    b, n = score.shape
+    s = score[:, protect:end]
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     chosen = np.sort(order, axis=1) + protect
-    prefix = np.broadcast_to(np.arange(protect, dtype=np.int64), (score.shape[0], protect))
-    return np.concatenate([prefix, chosen.astype(np.int64)], axis=1)
+    prefix = np.broadcast_to(np.arange(protect, dtype=np.int64), (b, protect))
+    suffix = np.broadcast_to(np.arange(end, n, dtype=np.int64), (b, n - end))
+    return np.concatenate([prefix, chosen.astype(np.int64), suffix], axis=1)
 
 
-def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int):
+def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span_end: int = 0, keep_ratio: float = 1.0):
     n = x.shape[1]
-    if not 1 <= keep <= n - protect:
-        raise ValueError(f"keep={keep} must be in [1, {n - protect}] for {n} tokens, protect={protect}")
-    kept = select(score, keep, protect)
+    end = span_end if span_end > 0 else n
+    if not 0 <= protect < end <= n:
+        raise ValueError(f"span [{protect}, {end}) is not inside {n} tokens")
+    k = span_keep(end - protect, keep, keep_ratio)
+    if not 1 <= k <= end - protect:
+        raise ValueError(f"keep={keep} must be in [1, {end - protect}] for a span of {end - protect} tokens")
+    kept = select(score, k, protect, end)
     y = np.take_along_axis(x, kept[:, :, None], axis=1)
-    weights = score.astype(np.float64).copy()
+    weights = np.zeros(score.shape, dtype=np.float64)
+    weights[:, protect:end] = score[:, protect:end]
     np.put_along_axis(weights, kept, 0.0, axis=1)
-    weights[:, :protect] = 0.0
     fused = np.einsum("bn,bnd->bd", weights, x.astype(np.float64))[:, None, :].astype(x.dtype)
     return y, kept, fused
 
@@ -53,29 +73,54 @@ def build_function():
     nodes = [
         const_from_attr("keep_s", "keep"),
         const_from_attr("protect_s", "protect"),
+        const_from_attr("span_end_s", "span_end"),
+        const_from_attr("ratio_f", "keep_ratio", "value_float"),
         const("ax0", np.array([0], dtype=np.int64)),
         const("ax1", np.array([1], dtype=np.int64)),
         const("axm1", np.array([-1], dtype=np.int64)),
-        const("end", np.array([big], dtype=np.int64)),
+        const("end_max", np.array([big], dtype=np.int64)),
         const("zero_s", np.array(0, dtype=np.int64)),
         const("one_s", np.array(1, dtype=np.int64)),
         const("one_f", np.array([1.0], dtype=np.float32)),
-        oh.make_node("Unsqueeze", ["keep_s", "ax0"], ["keep"]),
+        const("eps", np.array(1e-9, dtype=np.float64)),
+        # span [protect, end): end = span_end, or N when span_end == 0
+        oh.make_node("Shape", ["score"], ["n1"], start=1, end=2),
+        oh.make_node("Squeeze", ["n1"], ["n_s"]),
+        oh.make_node("Greater", ["span_end_s", "zero_s"], ["has_end"]),
+        oh.make_node("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),
+        oh.make_node("Unsqueeze", ["end_s", "ax0"], ["end"]),
         oh.make_node("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
-        # rank the prunable tokens; keep the top `keep`, then restore their order
+        # k = keep, or max(1, ceil(keep_ratio · span)) when keep == 0
+        oh.make_node("Sub", ["end_s", "protect_s"], ["span_s"]),
+        oh.make_node("Cast", ["span_s"], ["span_d"], to=11),
+        oh.make_node("Cast", ["ratio_f"], ["ratio_d"], to=11),
+        oh.make_node("Mul", ["span_d", "ratio_d"], ["k_real"]),
+        oh.make_node("Sub", ["k_real", "eps"], ["k_real_eps"]),
+        oh.make_node("Ceil", ["k_real_eps"], ["k_ceil"]),
+        oh.make_node("Cast", ["k_ceil"], ["k_ratio_raw"], to=7),
+        oh.make_node("Max", ["k_ratio_raw", "one_s"], ["k_ratio"]),
+        oh.make_node("Greater", ["keep_s", "zero_s"], ["static_k"]),
+        oh.make_node("Where", ["static_k", "keep_s", "k_ratio"], ["k_s"]),
+        oh.make_node("Unsqueeze", ["k_s", "ax0"], ["k"]),
+        # rank the span's tokens; keep the top k, then restore their order
         oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),
-        oh.make_node("TopK", ["s_p", "keep"], ["_top", "order"], axis=1, largest=1, sorted=1),
-        oh.make_node("TopK", ["order", "keep"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
+        oh.make_node("TopK", ["s_p", "k"], ["_top", "order"], axis=1, largest=1, sorted=1),
+        oh.make_node("TopK", ["order", "k"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
         oh.make_node("Add", ["order_sorted", "protect"], ["chosen"]),
-        # protected prefix 0..protect-1, broadcast over the batch
-        oh.make_node("Range", ["zero_s", "protect_s", "one_s"], ["prefix1"]),
+        # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
         oh.make_node("Shape", ["score"], ["batch"], start=0, end=1),
+        oh.make_node("Range", ["zero_s", "protect_s", "one_s"], ["prefix1"]),
         oh.make_node("Concat", ["batch", "protect"], ["prefix_shape"], axis=0),
         oh.make_node("Expand", ["prefix1", "prefix_shape"], ["prefix"]),
-        oh.make_node("Concat", ["prefix", "chosen"], ["kept_index"], axis=1),
+        oh.make_node("Range", ["end_s", "n_s", "one_s"], ["suffix1"]),
+        oh.make_node("Sub", ["n_s", "end_s"], ["n_suffix_s"]),
+        oh.make_node("Unsqueeze", ["n_suffix_s", "ax0"], ["n_suffix"]),
+        oh.make_node("Concat", ["batch", "n_suffix"], ["suffix_shape"], axis=0),
+        oh.make_node("Expand", ["suffix1", "suffix_shape"], ["suffix"]),
+        oh.make_node("Concat", ["prefix", "chosen", "suffix"], ["kept_index"], axis=1),
         oh.make_node("Unsqueeze", ["kept_index", "axm1"], ["gather_idx"]),
         oh.make_node("GatherND", ["x", "gather_idx"], ["y"], batch_dims=1),
-        # fusion weights: the scores of the dropped prunable tokens, zero elsewhere
+        # fusion weights: the scores of the dropped span tokens, zero elsewhere
         oh.make_node("Shape", ["order"], ["order_shape"]),
         oh.make_node("CastLike", ["one_f", "s_p"], ["one_t"]),
         oh.make_node("Expand", ["one_t", "order_shape"], ["ones"]),
@@ -86,11 +131,13 @@ def build_function():
         oh.make_node("Sub", ["one_t", "kept_mask"], ["drop_mask"]),
         oh.make_node("Mul", ["s_p", "drop_mask"], ["w"]),
         oh.make_node("CastLike", ["w", "x"], ["w_x"]),
-        oh.make_node("Unsqueeze", ["w_x", "ax1"], ["w_row"]),  # [B, 1, N - protect]
+        oh.make_node("Unsqueeze", ["w_x", "ax1"], ["w_row"]),  # [B, 1, span]
         oh.make_node("Slice", ["x", "protect", "end", "ax1"], ["x_p"]),
         oh.make_node("MatMul", ["w_row", "x_p"], ["fused"]),  # [B, 1, D]
     ]
-    return make_function(NAME, ["x", "score"], ["y", "kept_index", "fused"], ["keep", "protect"], nodes, __doc__)
+    return make_function(NAME, ["x", "score"], ["y", "kept_index", "fused"],
+                         ["keep", "protect", "span_end", "keep_ratio"], nodes, __doc__,
+                         defaults={"protect": 0, "span_end": 0, "keep_ratio": 1.0})
 
 
 OP = OpDef(
@@ -101,13 +148,15 @@ OP = OpDef(
         TensorSpec("score", "token scores [B, N], higher = more important"),
     ),
     outputs=(
-        TensorSpec("y", "kept tokens [B, protect + keep, D]"),
-        TensorSpec("kept_index", "original positions of the kept tokens [B, protect + keep]", "int64"),
+        TensorSpec("y", "kept tokens [B, protect + k + N - span_end, D]"),
+        TensorSpec("kept_index", "original positions of the kept tokens", "int64"),
         TensorSpec("fused", "score-weighted sum of the dropped tokens [B, 1, D]"),
     ),
     attributes=(
-        AttrSpec("keep", int, "number of prunable tokens kept (build-time constant)"),
-        AttrSpec("protect", int, "number of leading tokens always kept", 0),
+        AttrSpec("keep", int, "span tokens kept (build-time constant); 0: use keep_ratio at run time"),
+        AttrSpec("protect", int, "start of the prunable span: tokens before it are always kept", 0),
+        AttrSpec("span_end", int, "end of the prunable span (exclusive); 0 means N", 0),
+        AttrSpec("keep_ratio", float, "fraction of the span kept when keep == 0", 1.0),
     ),
     reference=reference,
     build_function=build_function,

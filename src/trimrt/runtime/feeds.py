@@ -57,8 +57,14 @@ def validate_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, object]) ->
     return out
 
 
-def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[int]] | None = None) -> tuple[int, ...]:
-    """A concrete shape for `info`: symbolic axis 0 -> batch, other symbolic axes from `hints`."""
+#: size given to dynamic non-batch axes (tokens) when neither hints nor a length are given
+DEFAULT_TOKENS = 32
+
+
+def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[int]] | None = None,
+                   tokens: int | None = None) -> tuple[int, ...]:
+    """A concrete shape for `info`: symbolic axis 0 -> batch; other symbolic axes -> `tokens`,
+    else the size in `hints` (e.g. the example shapes of the manifest), else DEFAULT_TOKENS."""
     hint = (hints or {}).get(info.name)
     dims = []
     for axis, d in enumerate(info.shape):
@@ -66,20 +72,22 @@ def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[in
             dims.append(d)
         elif axis == 0:
             dims.append(batch)
+        elif tokens is not None:
+            dims.append(int(tokens))
         elif hint is not None and axis < len(hint):
             dims.append(int(hint[axis]))
         else:
-            raise InputError(f"input {info.describe()} has a dynamic axis {axis}; give input files (--input) to fix its size")
+            dims.append(DEFAULT_TOKENS)
     return tuple(dims)
 
 
 def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
-                 hints: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+                 hints: Mapping[str, Sequence[int]] | None = None, tokens: int | None = None) -> dict[str, np.ndarray]:
     """Random inputs: standard normal floats; integers in [0, 100) (token ids), ones for masks."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for info in inputs:
-        shape = concrete_shape(info, batch, hints)
+        shape = concrete_shape(info, batch, hints, tokens)
         if np.issubdtype(info.dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
         elif "mask" in info.name.lower() or info.dtype == np.bool_:
