@@ -18,23 +18,26 @@ from .errors import (  # noqa: E402
 from .runtime import Session, load  # noqa: E402
 
 
-def compile(model, recipe=None, out_dir="build", *, example_inputs=None, target="onnxruntime", progress=None):  # noqa: A001
+def compile(model, recipe=None, out_dir="build", *, example_inputs=None, target="onnxruntime", exporter="auto",
+            progress=None):  # noqa: A001
     """Compile `model` (an .onnx path, a 'file.py:factory' spec, or a torch module with
-    `example_inputs`) with `recipe` (TOML path, dict or Recipe) into the build directory
-    `out_dir`. Returns the build's manifest (dict)."""
+    `example_inputs`, a tuple or a dict of keyword inputs) with `recipe` (TOML path, dict or
+    Recipe) into the build directory `out_dir`. Returns the build's manifest (dict)."""
     from .compiler.driver import compile_model
 
-    return compile_model(model, recipe, out_dir, example_inputs=example_inputs, target=target, progress=progress)
+    return compile_model(model, recipe, out_dir, example_inputs=example_inputs, target=target, exporter=exporter,
+                         progress=progress)
 
 
-def export(model, out_path, *, example_inputs=None):
+def export(model, out_path, *, example_inputs=None, exporter="auto", opset=18):
     """Export a PyTorch model (a 'file.py:factory' spec, or a module with `example_inputs`) to
-    an ONNX file the way `compile` does (dynamo exporter, dynamic batch). Returns the path."""
+    an ONNX file the way `compile` does (dynamo exporter, TorchScript fallback; dynamic batch
+    and token axes). Returns the path."""
     import onnx_ir as ir
 
     from .compiler.source import load_source
 
-    loaded = load_source(model, example_inputs)
+    loaded = load_source(model, example_inputs, exporter=exporter, opset=opset)
     ir.save(loaded.model, out_path)
     return out_path
 

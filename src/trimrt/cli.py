@@ -45,13 +45,15 @@ def main(verbose: bool) -> None:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Build directory to write.")
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe TOML file (none: no rewrites).")
 @click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
-def compile(model: str, out_dir: Path, recipe: Path | None, target: str) -> None:  # noqa: A001
+@click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
+              help="PyTorch exporter for factory models (auto: dynamo, TorchScript if dynamo fails).")
+def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporter: str) -> None:  # noqa: A001
     """Compile MODEL (an .onnx file, or file.py:factory / package.module:factory) into a build."""
     from .compiler.driver import compile_model
 
     console = _console()
     with console.status("compiling") as status:
-        manifest = compile_model(model, recipe, out_dir, target=target,
+        manifest = compile_model(model, recipe, out_dir, target=target, exporter=exporter,
                                  progress=lambda msg: (status.update(msg), console.log(msg)))
     f = manifest["flops"]
     console.print(f"[bold green]build written[/]: {out_dir}  (FLOPs {f['before'] / 1e9:.2f} → {f['after'] / 1e9:.2f} G, "

@@ -260,6 +260,18 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
     return "unknown"
 
 
+def _probe_token_axis(model: ir.Model, block: Block) -> list[int]:
+    """Token axis by running the model once (symbolic dims that shape inference could not relate)."""
+    from .probe import PROBE_TOKENS, probe_shapes
+
+    shapes = probe_shapes(model)
+    stream = shapes.get(block.stream_mid.name)
+    keys = shapes.get(block.attention.softmax.inputs[0].name)
+    if stream is None or keys is None or keys[-1] != PROBE_TOKENS:
+        return []
+    return [a for a in range(len(stream) - 1) if stream[a] == PROBE_TOKENS]
+
+
 def analyse(model: ir.Model) -> TransformerMap:
     """Find blocks, residual stream, attention and token axis; StructureError when missing."""
     graph = model.graph
@@ -294,6 +306,8 @@ def analyse(model: ir.Model) -> TransformerMap:
                              "(run shape inference or export with shapes)")
     n_keys = keys[len(keys) - 1]
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
+    if len(candidates) != 1 and not isinstance(n_keys, int):
+        candidates = _probe_token_axis(model, blocks[0])
     if len(candidates) != 1:
         raise StructureError(
             f"token axis ambiguous: residual stream shape {list(stream_shape)} has {len(candidates)} axes matching "

@@ -34,7 +34,7 @@ NOOP_TOLERANCE = 1e-4
 
 
 def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example_inputs=None,
-                  target: str = "onnxruntime", save_reference: bool | None = None,
+                  target: str = "onnxruntime", exporter: str = "auto", save_reference: bool | None = None,
                   progress: Callable[[str], None] | None = None) -> dict:
     say = progress or (lambda msg: log.info(msg))
     started = time.perf_counter()
@@ -48,7 +48,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             raise BackendUnavailableError("--target tensorrt needs TensorRT and an NVIDIA GPU on this machine; "
                                           "compile for onnxruntime here and build the engine on the GPU machine")
     say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
-    loaded = load_source(source, example_inputs)
+    loaded = load_source(source, example_inputs, exporter=exporter)
     original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
     model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
 

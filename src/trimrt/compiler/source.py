@@ -108,11 +108,17 @@ def input_names_of(module, count: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
-def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET) -> tuple[ir.Model, dict[str, np.ndarray]]:
-    """Export a torch module to onnx_ir: dynamo exporter first, TorchScript as fallback.
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter: str = "auto") -> tuple[ir.Model, dict[str, np.ndarray]]:
+    """Export a torch module to onnx_ir: dynamo exporter first, TorchScript as fallback
+    (`exporter` forces one of them).
 
     `example_inputs` is a tuple of tensors (positional) or a dict name -> tensor (keyword
     arguments, the usual way to call Hugging Face models)."""
+    if exporter not in EXPORTERS:
+        raise ModelLoadError(f"unknown exporter {exporter!r}; choose one of {list(EXPORTERS)}")
     try:
         import torch
     except ImportError:
@@ -139,27 +145,55 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET) -> tuple[
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        try:
-            program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, opset_version=opset,
-                                        input_names=names, output_names=output_names,
-                                        dynamic_shapes=dynamic_shapes, verbose=False)
-            program.save(str(path))
-        except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
-            errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
-            log.warning("dynamo export failed (%s); trying the TorchScript exporter", errors[-1])
+        if exporter in ("auto", "dynamo"):
             try:
-                # positional when the inputs are the leading parameters of forward (HF models
-                # reject a trailing kwargs dict), else a trailing dict of keyword arguments
-                leading = input_names_of(module, len(names))
-                args = tuple(kwargs.values()) if leading == names else (kwargs,)
-                torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
+                program = torch.onnx.export(module, (), kwargs=kwargs, dynamo=True, opset_version=opset,
+                                            input_names=names, output_names=output_names,
+                                            dynamic_shapes=dynamic_shapes, verbose=False)
+                program.save(str(path))
+            except Exception as exc:  # noqa: BLE001 - any exporter failure falls back
+                errors.append(f"dynamo: {type(exc).__name__}: {_first_line(exc)}")
+                if exporter == "dynamo":
+                    raise ModelLoadError("export failed: " + errors[-1]) from None
+                log.warning("dynamo export failed (%s); trying the TorchScript exporter", errors[-1])
+        if not path.exists():
+            try:
+                # the tracer calls forward positionally, which Hugging Face models reject
+                # ("multiple values for use_cache"): trace a wrapper that calls by keyword
+                wrapper = _KeywordCall(module, names, output_names)
+                torch.onnx.export(wrapper, tuple(kwargs.values()), str(path), dynamo=False, opset_version=opset,
                                   input_names=names, output_names=output_names, dynamic_axes=dynamic_axes)
             except Exception as exc2:  # noqa: BLE001
                 errors.append(f"torchscript: {type(exc2).__name__}: {_first_line(exc2)}")
-                raise ModelLoadError("export failed with both exporters; " + " | ".join(errors)) from None
+                raise ModelLoadError("export failed: " + " | ".join(errors)) from None
         module.eval()
         model = load_onnx(path)
     return model, feeds
+
+
+def _keyword_call_class():
+    import torch
+
+    class KeywordCall(torch.nn.Module):
+        """Calls the wrapped module with keyword inputs and returns its outputs as a tuple."""
+
+        def __init__(self, module, input_names: list[str], output_names: list[str]):
+            super().__init__()
+            self.module, self.input_names, self.output_names = module, input_names, output_names
+
+        def forward(self, *tensors):
+            out = self.module(**dict(zip(self.input_names, tensors)))
+            if isinstance(out, torch.Tensor):
+                return out
+            if hasattr(out, "keys"):
+                return tuple(out[k] for k in self.output_names)
+            return tuple(out)
+
+    return KeywordCall
+
+
+def _KeywordCall(module, input_names, output_names):  # noqa: N802 - builds the nn.Module lazily (torch import)
+    return _keyword_call_class()(module, input_names, output_names).eval()
 
 
 def _first_line(exc: Exception) -> str:
@@ -182,7 +216,8 @@ def _output_names(module, kwargs: dict) -> list[str]:
     return []
 
 
-def load_source(source: Any, example_inputs: tuple | None = None) -> LoadedModel:
+def load_source(source: Any, example_inputs: tuple | dict | None = None, *, exporter: str = "auto",
+                opset: int = EXPORT_OPSET) -> LoadedModel:
     """Anything `trimrt.compile` accepts as a model -> LoadedModel."""
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, description="onnx_ir model")
@@ -192,14 +227,15 @@ def load_source(source: Any, example_inputs: tuple | None = None) -> LoadedModel
         spec = str(source)
         if is_factory_spec(spec):
             module, example = call_factory(spec)
-            model, feeds = export_torch(module, example)
+            model, feeds = export_torch(module, example, exporter=exporter, opset=opset)
             return LoadedModel(model, feeds, module, description=spec)
         return LoadedModel(load_onnx(spec), None, description=spec)
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
         if example_inputs is None:
             raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")
-        if not isinstance(example_inputs, (tuple, list)):
+        if not isinstance(example_inputs, (tuple, list, dict)):
             example_inputs = (example_inputs,)
-        model, feeds = export_torch(source, tuple(example_inputs))
+        model, feeds = export_torch(source, example_inputs if isinstance(example_inputs, dict) else tuple(example_inputs),
+                                    exporter=exporter, opset=opset)
         return LoadedModel(model, feeds, source, description=type(source).__name__)
     raise ModelLoadError(f"cannot compile a {type(source).__name__}: pass an .onnx path, a factory spec or a torch.nn.Module")

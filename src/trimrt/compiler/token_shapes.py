@@ -80,20 +80,6 @@ def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int) -> np.ndarray:
                      "a token-reducing pass would leave it with the original count; please report this graph")
 
 
-def token_axes(value: ir.Value, n_tokens: int | str) -> list[int]:
-    """Axes (beyond the batch axis) of `value` whose size is the token count `n_tokens`."""
-    shape = value.shape
-    if shape is None:
-        return []
-    axes = []
-    for axis in range(1, len(shape)):
-        dim = shape[axis]
-        if isinstance(n_tokens, int):
-            if isinstance(dim, int) and dim == n_tokens:
-                axes.append(axis)
-        elif dim is not None and not isinstance(dim, int) and dim.value is not None and str(dim.value) == n_tokens:
-            axes.append(axis)
-    return axes
 
 
 def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]:
@@ -111,10 +97,10 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
     return list(seen)
 
 
-def gather_tokens(value: ir.Value, axes: list[int], kept_index: ir.Value, make_node, name: str) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes gathering `value` along each token axis in `axes` with kept_index [B, k]
-    (GatherElements, after broadcasting a size-1 batch axis to B)."""
-    rank = len(value.shape)
+def gather_tokens(value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value, make_node,
+                  name: str) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes gathering `value` (of rank `rank`) along each token axis in `axes` with
+    kept_index [B, k] (GatherElements, after broadcasting a size-1 batch axis to B)."""
     nodes = []
     ints = lambda vals, tag: ir.Value(name=f"{name}_{tag}", const_value=ir.tensor(np.array(vals, dtype=np.int64), name=f"{name}_{tag}"))  # noqa: E731
     # broadcast the batch axis: Expand(value, [B, 1, ..., 1])
@@ -153,14 +139,14 @@ _SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze
 TOKEN_COUNT_MARK = "trimrt.token_count"
 
 
-def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], n_tokens: int | str, stream: ir.Value,
+def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: ir.Value,
                           make_node, name: str) -> int:
     """Re-derive, inside a pruned region, the shape values computed from the original token count.
 
     Dynamic exports compute Reshape / Expand targets from Shape(some input)[token axis]
     once and reuse them everywhere. Each such value entering `region` is recomputed by a
-    clone of its shape arithmetic in which Shape(T) (T with a token axis of size
-    `n_tokens`) reports the pruned count taken from Shape(stream) instead (and an earlier
+    clone of its shape arithmetic in which Shape(T) (T with one token axis, as `axes_of`
+    tells: a `probe.TokenDims`) reports the pruned count taken from Shape(stream) instead (and an earlier
     layer's marked count is replaced by this one's). Returns the number of values replaced.
     """
     inside = {out for node in region for out in node.outputs}
@@ -181,10 +167,10 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], n_tokens: int 
         if node.op_type != "Shape":
             return None
         source = node.inputs[0]
-        axes = token_axes(source, n_tokens) if source is not stream else []
-        if source.shape is None or len(axes) != 1:
+        axes = dims.axes(source) if source is not stream else []
+        if len(axes) != 1:
             return None
-        rank, axis = len(source.shape), axes[0]
+        rank, axis = dims.rank(source), axes[0]
         full = make_node("Shape", [source], {}, f"{name}_shape_{len(new_nodes)}")
         parts = []
         if axis > 0:
@@ -224,8 +210,7 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], n_tokens: int 
             return True
         if node.op_type != "Shape" or node.inputs[0] is stream:
             return False
-        source = node.inputs[0]
-        return source.shape is not None and len(token_axes(source, n_tokens)) == 1
+        return len(dims.axes(node.inputs[0])) == 1
 
     def clone(value: ir.Value) -> ir.Value:
         if value in clones:

@@ -27,8 +27,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, analyse
+from ..compiler.probe import TokenDims
 from ..compiler.token_shapes import (
-    downstream_nodes, free_token_count, gather_tokens, rederive_shape_values, side_inputs, token_axes,
+    downstream_nodes, free_token_count, gather_tokens, rederive_shape_values, side_inputs,
 )
 from ..errors import RecipeError, StructureError
 from ..recipe import TokenPruningOptions
@@ -60,6 +61,7 @@ class TokenPruningPass(TrimrtPass):
         if isinstance(n, int) and (start >= n or (end is not None and end > n)):
             raise RecipeError(f"[token_pruning] the prunable span [{start}, {end or n}) does not fit the model's {n} tokens")
         self.graph = model.graph
+        dims = TokenDims(model, n)  # token axes of the original graph's values (probed when dynamic)
         n_orig = n
         layers, pruned, aligned, gathered = [], [], None, {}
         span_len = (end - start) if end is not None else (n - start if isinstance(n, int) else None)
@@ -71,10 +73,10 @@ class TokenPruningPass(TrimrtPass):
                                           (start + span_len) if end is not None else 0, fuse, gathered)
             region = downstream_nodes(self.graph, [out])
             if aligned is None:  # first prune: find what travels with the tokens
-                aligned = {v: token_axes(v, n) for v in side_inputs(region, {out})}
-                aligned = {v: axes for v, axes in aligned.items() if axes}
+                aligned = {v: (dims.rank(v), dims.axes(v)) for v in side_inputs(region, {out})}
+                aligned = {v: ra for v, ra in aligned.items() if ra[1] and ra[0] is not None}
             self._gather_side_tensors(aligned, gathered, region, kept_index, layer)
-            rederived = rederive_shape_values(self.graph, region, n_orig, out,
+            rederived = rederive_shape_values(self.graph, region, dims, out,
                                               lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm),
                                               f"trimrt_prune_{layer}_shape")
             pruned.append(out)
@@ -183,13 +185,13 @@ class TokenPruningPass(TrimrtPass):
         """Gather each travelling tensor (its latest version) with this layer's kept indices,
         for its uses inside `region`; `gathered` maps each original to its latest version."""
         in_region = set(region)
-        for value, axes in aligned.items():
+        for value, (rank, axes) in aligned.items():
             current = gathered.get(value, value)
             uses = [(user, i) for user, i in current.uses() if user in in_region]
             if not uses:
                 continue
             name = f"trimrt_prune_{layer}_{_safe(value.name)}"
-            nodes, out = gather_tokens(current, axes, kept_index,
+            nodes, out = gather_tokens(current, rank, axes, kept_index,
                                        lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm), name)
             self.graph.insert_after(kept_index.producer(), nodes)
             for user, i in uses:

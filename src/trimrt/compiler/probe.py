@@ -1,0 +1,74 @@
+"""Which axes of which tensors are token axes, when shapes alone cannot tell.
+
+Exports with a dynamic token count name that dimension inconsistently (the TorchScript
+exporter leaves `unk__7`-style symbols that shape inference cannot relate), so a mask's
+token axes cannot be matched to the residual stream's by name. The probe runs the
+model once on ONNX Runtime with an unusual token count and a small batch, exposing
+the values asked for, and reads their real shapes: an axis of size PROBE_TOKENS is a
+token axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..runtime.feeds import TensorInfo, random_feeds
+
+PROBE_TOKENS = 37
+PROBE_BATCH = 3
+
+
+class TokenDims:
+    """Token axes of values: by static size or symbol when the graph says, else by probing."""
+
+    def __init__(self, model: ir.Model, n_tokens: int | str):
+        self.n_tokens = n_tokens
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        if not isinstance(n_tokens, int):
+            self.shapes = probe_shapes(model)
+
+    def rank(self, value: ir.Value) -> int | None:
+        if value.shape is not None:
+            return len(value.shape)
+        shape = self.shapes.get(value.name)
+        return None if shape is None else len(shape)
+
+    def axes(self, value: ir.Value) -> list[int]:
+        """Axes (beyond the batch axis) of `value` that run over the tokens."""
+        if isinstance(self.n_tokens, int):
+            shape = value.shape
+            if shape is None:
+                return []
+            return [a for a in range(1, len(shape)) if isinstance(shape[a], int) and shape[a] == self.n_tokens]
+        shape = self.shapes.get(value.name)
+        if shape is None:
+            return []
+        return [a for a in range(1, len(shape)) if shape[a] == PROBE_TOKENS]
+
+
+def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every non-constant value whose shape is not fully static."""
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    wanted = []
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name and (out.shape is None or not all(isinstance(d, int) for d in out.shape)):
+                wanted.append(out.name)
+    inputs = [v for v in model.graph.inputs]
+    wanted += [v.name for v in inputs]
+    import onnx
+
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(wanted) if n not in existing)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    infos = [TensorInfo.from_ort(a) for a in session.get_inputs()]
+    feeds = random_feeds(infos, batch=PROBE_BATCH, seed=0, tokens=PROBE_TOKENS)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, feeds)
+    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
