@@ -43,6 +43,19 @@ def tiny_vit_torchscript_onnx(tmp_path_factory):
     return module, path
 
 
+@pytest.fixture(scope="session")
+def tiny_vit_opset23_onnx(tmp_path_factory):
+    """The SDPA ViT exported at opset 23, where attention becomes one fused `Attention` op."""
+    module, example = tiny_vit(fused_attention=True)
+    model, _ = export_torch(module, example, opset=23, exporter="dynamo")
+    assert any(n.op_type == "Attention" for n in model.graph)
+    path = tmp_path_factory.mktemp("models") / "tiny_vit_opset23.onnx"
+    import onnx_ir as ir
+
+    ir.save(model, path)
+    return module, path
+
+
 @pytest.fixture
 def images():
     return np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)

@@ -162,7 +162,7 @@ def inspect(target: str, as_json: bool) -> None:
                f"heads: {s.get('heads')}  {s.get('norm')}")
     click.echo(f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
     for a in s.get("attention", []):
-        click.echo(f"  block {a['block']:>2}: attention at {a['softmax']} (scores {a['scores']}, scale {a['scale']}"
+        click.echo(f"  block {a['block']:>2}: attention {a['core']} (scale {a['scale']}"
                    f"{', masked' if a['masked'] else ''}), stream {a['stream']}")
     if info["kind"] == "build":
         click.echo(f"  target: {info['target']}")

@@ -29,20 +29,24 @@ _PASS_THROUGH = {"Cast", "Identity", "Dropout"}
 
 @dataclass
 class Attention:
-    softmax: ir.Node
-    scores_matmul: ir.Node  # MatMul(q, k_t)
-    context_matmul: ir.Node  # MatMul(probs, v)
-    scale: float  # product of the scalar factors between the scores MatMul and the Softmax
+    """One attention core: softmax(q·kᵀ·scale + mask)·v, as separate ops or one fused op."""
+
+    core: ir.Node  # the Softmax, or the fused Attention node (opset 23)
+    q: ir.Value  # queries [B, H, N, Dh] (possibly pre-scaled)
+    k: ir.Value  # keys: transposed [B, H, Dh, N] when k_transposed, else [B, Hkv, N, Dh]
+    k_transposed: bool
+    output: ir.Value  # the attention's context output
+    scale: float  # factor applied to q·kᵀ before the softmax
     mask: ir.Value | None  # additive mask added to the logits, if any
     mask_select: ir.Node | None = None  # or a Where(condition, logits, fill) masking them
 
     @property
-    def q(self) -> ir.Value:
-        return self.scores_matmul.inputs[0]
-
-    @property
-    def k_t(self) -> ir.Value:
-        return self.scores_matmul.inputs[1]
+    def keys_shape(self):
+        """Shape whose last entry is the number of keys."""
+        if self.core.op_type == "Softmax":
+            return self.core.inputs[0].shape
+        shape = self.k.shape
+        return None if shape is None else list(shape)[:-1]
 
     @property
     def num_heads(self) -> int | None:
@@ -84,8 +88,7 @@ class TransformerMap:
             "attention": [
                 {
                     "block": b.index,
-                    "softmax": b.attention.softmax.name,
-                    "scores": b.attention.scores_matmul.name,
+                    "core": f"{b.attention.core.op_type} {b.attention.core.name}",
                     "scale": round(b.attention.scale, 6),
                     "masked": b.attention.mask is not None or b.attention.mask_select is not None,
                     "stream": b.stream_mid.name,
@@ -188,7 +191,7 @@ def _activation_ancestors(value: ir.Value, limit: int = 400) -> set[ir.Value]:
 
 def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value] | None:
     ancestors = _activation_ancestors(attn.q)
-    queue = deque([(attn.context_matmul.outputs[0], 0)])
+    queue = deque([(attn.output, 0)])
     seen = set()
     while queue:
         value, depth = queue.popleft()
@@ -207,6 +210,9 @@ def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value] | None:
 def _find_attentions(graph: ir.Graph) -> list[Attention]:
     found = []
     for node in graph:
+        if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
+            found.append(_fused_attention(node))
+            continue
         if node.op_type != "Softmax":
             continue
         scores = _find_scores(node)
@@ -216,11 +222,26 @@ def _find_attentions(graph: ir.Graph) -> list[Attention]:
         if context is None:
             continue
         matmul, scale, mask = scores
-        if isinstance(mask, ir.Node):
-            found.append(Attention(node, matmul, context, scale, None, mask))
-        else:
-            found.append(Attention(node, matmul, context, scale, mask))
+        q, k_t = matmul.inputs
+        select = mask if isinstance(mask, ir.Node) else None
+        found.append(Attention(node, q, k_t, True, context.outputs[0], scale, None if select else mask, select))
     return found
+
+
+def _fused_attention(node: ir.Node) -> Attention:
+    """The opset-23 Attention op: Q, K, V (4-D), optional additive or boolean mask."""
+    q, k = node.inputs[0], node.inputs[1]
+    if q.shape is not None and len(q.shape) != 4:
+        raise StructureError(f"Attention node {node.name!r} takes 3-D inputs; token passes support the 4-D form "
+                             "[batch, heads, tokens, head_dim] only")
+    scale = node.attributes.get_float("scale", 0.0)
+    if not scale:
+        dh = q.shape[3] if q.shape is not None else None
+        if not isinstance(dh, int):
+            raise StructureError(f"Attention node {node.name!r}: head size unknown, cannot derive the default scale")
+        scale = dh ** -0.5
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    return Attention(node, q, k, False, node.outputs[0], scale, mask)
 
 
 def _dim_matches(a, b) -> bool:
@@ -266,7 +287,11 @@ def _probe_token_axis(model: ir.Model, block: Block) -> list[int]:
 
     shapes = probe_shapes(model)
     stream = shapes.get(block.stream_mid.name)
-    keys = shapes.get(block.attention.softmax.inputs[0].name)
+    core = block.attention.core
+    keys = shapes.get(core.inputs[0].name) if core.op_type == "Softmax" else None
+    if keys is None and core.op_type != "Softmax":
+        k = shapes.get(block.attention.k.name)
+        keys = None if k is None else k[:-1]
     if stream is None or keys is None or keys[-1] != PROBE_TOKENS:
         return []
     return [a for a in range(len(stream) - 1) if stream[a] == PROBE_TOKENS]
@@ -289,7 +314,7 @@ def analyse(model: ir.Model) -> TransformerMap:
         res = _find_residual_add(attn)
         if res is None:
             raise StructureError(
-                f"attention at {attn.softmax.name!r} has no residual Add joining its output with the stream that feeds Q; "
+                f"attention at {attn.core.name!r} has no residual Add joining its output with the stream that feeds Q; "
                 "cannot locate the residual stream of this block"
             )
         add, stream_in = res
@@ -299,7 +324,7 @@ def analyse(model: ir.Model) -> TransformerMap:
             stream_mid, post_norm = users[0].outputs[0], True
         blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
 
-    keys = blocks[0].attention.softmax.inputs[0].shape
+    keys = blocks[0].attention.keys_shape
     stream_shape = blocks[0].stream_mid.shape
     if keys is None or stream_shape is None:
         raise StructureError("token axis unknown: the graph carries no shapes for the attention and the residual stream "

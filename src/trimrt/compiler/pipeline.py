@@ -32,10 +32,10 @@ class CanonicalizePass(TrimrtPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", 0)
-        if opset < MIN_OPSET:
+        if opset < MIN_OPSET:  # load_source up-converts older models; this guards other entry points
             from ..errors import ModelLoadError
 
-            raise ModelLoadError(f"the model uses ONNX opset {opset}; trimrt needs opset >= {MIN_OPSET}: re-export with opset_version={MIN_OPSET}")
+            raise ModelLoadError(f"the model uses ONNX opset {opset}; trimrt needs opset >= {MIN_OPSET}")
         infer_shapes(model)
         self.report = {"opset": opset, "nodes": len(model.graph)}
         return ir.passes.PassResult(model, modified=False)
@@ -58,8 +58,14 @@ class AttachDecompositionsPass(TrimrtPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
+        opset = model.opset_imports.get("", MIN_OPSET)
         for op_type in used:
-            fn = ir.serde.deserialize_function(REGISTRY[op_type].function())
+            proto = REGISTRY[op_type].function()
+            # the bodies use ops unchanged from opset 18 on: declare the model's own opset
+            for imp in proto.opset_import:
+                if imp.domain == "":
+                    imp.version = max(imp.version, opset)
+            fn = ir.serde.deserialize_function(proto)
             model.functions[fn.identifier()] = fn
         if used:
             model.opset_imports[DOMAIN] = OP_VERSION

@@ -54,10 +54,29 @@ def load_onnx(path: str | Path) -> ir.Model:
         raise ModelLoadError(f"{path} is not an ONNX model ({type(exc).__name__}); pass an .onnx file or a factory 'file.py:function'") from None
     if not proto.graph.node:
         raise ModelLoadError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    proto = upgrade_opset(proto, str(path))
     try:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read the ONNX graph: {exc}") from None
+
+
+#: the lowest opset trimrt works on; older models are up-converted on load
+MIN_OPSET = 18
+
+
+def upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """Models below MIN_OPSET (e.g. opset-17 exports) are converted with onnx's version converter."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
+    if opset >= MIN_OPSET:
+        return proto
+    import onnx.version_converter
+
+    try:
+        return onnx.version_converter.convert_version(proto, MIN_OPSET)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+        raise ModelLoadError(f"{where} uses ONNX opset {opset} and could not be converted to opset {MIN_OPSET} "
+                             f"({str(exc).splitlines()[0]}); re-export it with opset_version={MIN_OPSET}") from None
 
 
 def resolve_factory(spec: str) -> Callable[[], Any]:
@@ -222,7 +241,7 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, description="onnx_ir model")
     if isinstance(source, onnx.ModelProto):
-        return LoadedModel(ir.serde.deserialize_model(source), None, description="ModelProto")
+        return LoadedModel(ir.serde.deserialize_model(upgrade_opset(source, "the model")), None, description="ModelProto")
     if isinstance(source, (str, Path)):
         spec = str(source)
         if is_factory_spec(spec):

@@ -187,6 +187,7 @@ def passages(tokenizer, n_tokens: int, count: int) -> list[Passage]:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+_SIGNATURE = re.compile(r"^[\w.]+\(")
 
 
 def queries(count: int, *, min_words: int = 4, max_words: int = 30) -> list[str]:
@@ -198,10 +199,10 @@ def queries(count: int, *, min_words: int = 4, max_words: int = 30) -> list[str]
         if d.kind != "function":
             continue
         first = d.text.split("\n\n", 1)[0].replace("\n", " ").strip()
-        first = _SENTENCE_END.split(first, 1)[0].strip()
-        words = first.split()
-        if not min_words <= len(words) <= max_words or ">>>" in first or not first[0].isalpha():
-            continue
+        words = _SENTENCE_END.split(first, 1)[0].split()
+        first = " ".join(words)
+        if not min_words <= len(words) <= max_words or not first[0].isalpha() or _SIGNATURE.match(first) or "->" in first:
+            continue  # too short / long, or a call signature ("S.pack_into(buffer, ...)") rather than a sentence
         found.setdefault(first, None)
     ordered = sorted(found, key=lambda s: (zlib.crc32(s.encode()), s))
     if len(ordered) < count:

@@ -114,7 +114,8 @@ class TokenPruningPass(TrimrtPass):
         prefix = f"trimrt_prune_{layer}"
         nodes = []
         mask = self._additive_mask(attn, prefix, nodes, gathered)
-        score = self._node("AttentionRowScore", [attn.q, attn.k_t, mask],
+        k_t = self._transposed_keys(attn, prefix, nodes)
+        score = self._node("AttentionRowScore", [attn.q, k_t, mask],
                            {"row": SCORE_ROW[self.options.method], "scale": float(attn.scale)},
                            f"{prefix}_score", domain="trimrt")
         prune = self._node("TokenPrune", [stream, score.outputs[0]],
@@ -130,10 +131,42 @@ class TokenPruningPass(TrimrtPass):
             user.replace_input_with(idx, out)
         return out, kept_index
 
+    def _transposed_keys(self, attn: Attention, prefix: str, nodes: list) -> ir.Value:
+        """Kᵀ [B, H, Dh, N] for the side branch: transposed for a fused Attention op, with
+        grouped KV heads repeated to the query heads."""
+        if attn.k_transposed:
+            return attn.k
+        k_t = self._node("Transpose", [attn.k], {"perm": [0, 1, 3, 2]}, f"{prefix}_kt")
+        nodes.append(k_t)
+        hq = attn.q.shape[1] if attn.q.shape is not None else None
+        hk = attn.k.shape[1] if attn.k.shape is not None else None
+        if isinstance(hq, int) and isinstance(hk, int) and hq != hk:
+            group = hq // hk
+            unsq = self._node("Unsqueeze", [k_t.outputs[0], self._const(f"{prefix}_ax2", np.array([2]))], {}, f"{prefix}_kt_u")
+            shape = self._node("Shape", [unsq.outputs[0]], {}, f"{prefix}_kt_s")
+            target = self._node("Mul", [shape.outputs[0], self._const(f"{prefix}_rep", np.array([1, 1, group, 1, 1]))], {},
+                                f"{prefix}_kt_t")
+            rep = self._node("Expand", [unsq.outputs[0], target.outputs[0]], {}, f"{prefix}_kt_rep")
+            dh = attn.k.shape[3]
+            if not isinstance(dh, int):
+                raise StructureError(f"attention {attn.core.name!r}: grouped KV heads with an unknown head size")
+            merged = self._node("Reshape", [rep.outputs[0], self._const(f"{prefix}_kt_shape", np.array([0, hq, dh, -1]))],
+                                {}, f"{prefix}_kt_gqa")
+            nodes += [unsq, shape, target, rep, merged]
+            return merged.outputs[0]
+        return k_t.outputs[0]
+
     def _additive_mask(self, attn: Attention, prefix: str, nodes: list, gathered: dict) -> ir.Value:
         """The block's attention mask as an additive rank-4 tensor, as the block sees it now
         (`gathered`: travelling tensors already gathered by earlier prunes)."""
-        if attn.mask is not None:
+        if attn.mask is not None and attn.mask.dtype == ir.DataType.BOOL:  # True = attend (Attention op)
+            cond = gathered.get(attn.mask, attn.mask)
+            zero = self._const(f"{prefix}_mask_zero", np.array(0.0, dtype=np.float32))
+            fill = self._const(f"{prefix}_mask_fill", np.array(np.finfo(np.float32).min, dtype=np.float32))
+            where = self._node("Where", [cond, zero, fill], {}, f"{prefix}_mask")
+            nodes.append(where)
+            mask = where.outputs[0]
+        elif attn.mask is not None:
             mask = gathered.get(attn.mask, attn.mask)
         elif attn.mask_select is not None:
             cond, when_true, when_false = attn.mask_select.inputs
