@@ -1,0 +1,36 @@
+"""FastV on a Hugging Face LlamaModel, written in PyTorch from the paper's description (not
+from trimrt's code): the independent reference for pruned decoder builds.
+
+After the attention of `layer`, score the tokens of the span [start, end) by the
+head-mean attention row of the last token, keep the top ceil(keep · span), keep their
+ORIGINAL position ids for RoPE, and restrict the causal mask to the kept tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def fastv_forward(model, input_ids: torch.Tensor, layer: int, keep: float, span: tuple[int, int],
+                  renumber_positions: bool = False) -> torch.Tensor:
+    model.config._attn_implementation = "eager"  # so the attention returns its weights
+    b, n = input_ids.shape
+    h = model.embed_tokens(input_ids)
+    pos = torch.arange(n).expand(b, n)
+    for i, block in enumerate(model.layers):
+        cos, sin = model.rotary_emb(h, torch.arange(h.shape[1]).expand(b, -1) if renumber_positions else pos)
+        future = pos[:, None, :] > pos[:, :, None]  # key after query: masked
+        mask = torch.where(future, torch.finfo(h.dtype).min, 0.0)[:, None]
+        attn, weights = block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=mask)
+        h = h + attn
+        if i == layer:
+            start, end = span
+            score = weights[:, :, -1, start:end].mean(dim=1)
+            k = max(1, math.ceil(keep * (end - start) - 1e-9))
+            chosen = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start
+            kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
+            h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
+            pos = torch.gather(pos, 1, kept)
+        h = h + block.mlp(block.post_attention_layernorm(h))
+    return model.norm(h)
