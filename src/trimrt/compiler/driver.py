@@ -20,7 +20,7 @@ from ..errors import BackendUnavailableError, BuildError
 from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
-from ..runtime.feeds import TensorInfo, random_feeds
+from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL
 from .artifacts import atomic_build_dir, write_manifest
 from .flops import count_flops
@@ -63,8 +63,11 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
     say("checking the build on ONNX Runtime")
     base_rt, build_rt = _session(original), _session(built)
-    hints = {k: v.shape for k, v in (loaded.example_feeds or {}).items()}
-    feeds = random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints)
+    min_tokens = _min_tokens(recipe)
+    given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
+    hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
+    check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
+    feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens)
     base_out = base_rt.infer(feeds)
     try:
         build_out = build_rt.infer(feeds)
@@ -100,10 +103,26 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "flops": {"batch": 1, "before": flops_before, "after": flops_after,
                       "ratio": round(flops_before / max(flops_after, 1), 4)},
             "reference": REFERENCE if save_reference else None,
+            "min_tokens": min_tokens,
             "compile_seconds": round(time.perf_counter() - started, 2),
         })
     say(f"wrote {out_dir} (FLOPs ratio {manifest['flops']['ratio']:.2f}×)")
     return manifest
+
+
+def _min_tokens(recipe) -> int:
+    """Fewest tokens a build of `recipe` accepts (a prunable span must fit)."""
+    tp = recipe.token_pruning
+    if tp is None:
+        return 0
+    return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
+
+
+def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:
+    """Example inputs given with an ONNX source: a dict of arrays, used for the checks."""
+    if isinstance(example_inputs, dict):
+        return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in example_inputs.items()}
+    return None
 
 
 def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:

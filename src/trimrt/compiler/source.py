@@ -248,7 +248,7 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
             module, example = call_factory(spec)
             model, feeds = export_torch(module, example, exporter=exporter, opset=opset)
             return LoadedModel(model, feeds, module, description=spec)
-        return LoadedModel(load_onnx(spec), None, description=spec)
+        return LoadedModel(load_onnx(spec), None, description=spec)  # example_inputs, if any, serve as check feeds
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
         if example_inputs is None:
             raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, InputError
 from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend
 from .feeds import TensorInfo, validate_feeds
 from .manifest import ENGINE, MODEL, read_manifest
@@ -44,7 +44,14 @@ class Session:
 
     def run(self, feeds: Mapping[str, object], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Validate `feeds` (name, dtype, rank, static dims) and run; returns {output name: array}."""
-        return self.backend.infer(validate_feeds(self.inputs, feeds), output_names)
+        checked = validate_feeds(self.inputs, feeds)
+        min_tokens = self.manifest.get("min_tokens") or 0
+        for info in self.inputs:
+            arr = checked[info.name]
+            if min_tokens and arr.ndim >= 2 and not isinstance(info.shape[1], int) and arr.shape[1] < min_tokens:
+                raise InputError(f"input {info.name!r} has {arr.shape[1]} tokens; this build needs at least {min_tokens} "
+                                 "(its recipe prunes a span ending there)")
+        return self.backend.infer(checked, output_names)
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         return self.run(feeds)
