@@ -60,8 +60,16 @@ class TokenPruningOptions:
 
 
 @dataclass(frozen=True)
+class PaddingOptions:
+    """[padding]: trim trailing padding before the first block (exact; outputs padded back)."""
+
+    trim_trailing: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     token_pruning: TokenPruningOptions | None = None
+    padding: PaddingOptions | None = None
     source: str = field(default="<dict>", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,11 +82,13 @@ class Recipe:
             else:
                 tp["prunable"] = list(tp["prunable"])
             out["token_pruning"] = tp
+        if self.padding is not None:
+            out["padding"] = dataclasses.asdict(self.padding)
         return out
 
     @property
     def is_empty(self) -> bool:
-        return self.token_pruning is None
+        return self.token_pruning is None and (self.padding is None or not self.padding.trim_trailing)
 
 
 def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Recipe:
@@ -102,12 +112,27 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning"}
+    known = {"token_pruning", "padding"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
     tp = data.get("token_pruning")
-    return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None, source=source)
+    pad = data.get("padding")
+    return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None,
+                  padding=_parse_padding(pad, source) if pad is not None else None, source=source)
+
+
+def _parse_padding(pad: Any, source: str) -> PaddingOptions:
+    where = f"{source}: [padding]"
+    if not isinstance(pad, Mapping):
+        raise RecipeError(f"{where} must be a table")
+    unknown = sorted(set(pad) - {"trim_trailing"})
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: ['trim_trailing']")
+    trim = pad.get("trim_trailing", False)
+    if not isinstance(trim, bool):
+        raise RecipeError(f"{where}: trim_trailing must be true or false, got {trim!r}")
+    return PaddingOptions(trim_trailing=trim)
 
 
 def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import TokenPruningPass, TrimrtPass
+from ..passes import TokenPruningPass, TrimPaddingPass, TrimrtPass
 from ..plugins import DOMAIN, OP_VERSION, REGISTRY
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
@@ -114,9 +114,11 @@ class TargetPass(TrimrtPass):
 def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass]:
     """The ordered pass list for a recipe and target."""
     feature: list[TrimrtPass] = []
+    if recipe.padding is not None and recipe.padding.trim_trailing:
+        feature.append(TrimPaddingPass())  # first: it probes the graph on ONNX Runtime, before custom ops appear
     if recipe.token_pruning is not None:
         feature.append(TokenPruningPass(recipe.token_pruning))
-    analysis = [AnalysePass()] if feature else []  # structure is only required by token-level passes
+    analysis = [AnalysePass()] if recipe.token_pruning is not None else []  # needed by token-level passes only
     return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
 
 

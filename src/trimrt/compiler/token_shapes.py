@@ -137,6 +137,8 @@ _SHAPE_ARITHMETIC = {"Shape", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze
                      "ConstantOfShape", "Range"}
 #: metadata mark on the node computing a pruned region's token count
 TOKEN_COUNT_MARK = "trimrt.token_count"
+#: metadata mark on nodes that must keep computing the ORIGINAL token count (never re-derived)
+ORIGINAL_COUNT_MARK = "trimrt.original_token_count"
 
 
 def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: ir.Value,
@@ -197,7 +199,7 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
             return seen[value]
         node = value.producer()
         result = False
-        if node is not None and value not in inside:
+        if node is not None and value not in inside and not node.metadata_props.get(ORIGINAL_COUNT_MARK):
             if leaf_replacement_check(node):
                 result = True
             elif node.op_type in _SHAPE_ARITHMETIC and node.op_type != "Shape":

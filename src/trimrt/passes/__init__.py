@@ -3,5 +3,6 @@
 
 from .base import PASS_TAG, TrimrtPass
 from .token_pruning import TokenPruningPass
+from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "TokenPruningPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "TokenPruningPass", "TrimPaddingPass"]
