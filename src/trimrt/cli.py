@@ -112,6 +112,8 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
                           f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
         console = _console()
         console.print(table)
+        for line in report.not_compared:
+            console.print(f"not compared (token-level output, tokens pruned): {line}")
         console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
     if not report.passed:
         sys.exit(1)
@@ -172,6 +174,11 @@ def inspect(target: str, as_json: bool) -> None:
                 for x in p["report"]["layers"]:
                     click.echo(f"    token pruning at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
                                f"(kept {x['kept']}, protected {x['protected']}{', +1 fused' if x['fused'] else ''})")
+                if p["report"].get("travelling_tensors"):
+                    click.echo(f"    travelling with the tokens: {', '.join(p['report']['travelling_tensors'])}")
+            if p["pass"] == "trim_padding":
+                click.echo(f"    trailing padding trimmed from {', '.join(p['report']['inputs_trimmed'])} "
+                           f"(mask {p['report']['mask']})")
         click.echo(f"  custom ops: {info['custom_ops'] or 'none'}")
         f = info["flops"]
         click.echo(f"  FLOPs (batch 1): {f['before'] / 1e9:.3f} G → {f['after'] / 1e9:.3f} G ({f['ratio']:.2f}×)")

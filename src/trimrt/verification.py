@@ -39,6 +39,8 @@ class VerifyReport:
     min_cosine: float | None = None
     min_top1: float | None = None
     failures: list[str] = field(default_factory=list)
+    #: outputs whose shape differs from the reference (token-level outputs after pruning)
+    not_compared: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -133,9 +135,12 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         for n, e in zip(names, expected):
             got_all[n].append(got[n])
             ref_all[n].append(e)
-    metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in names]
+    comparable = [n for n in names if all(g.shape == r.shape for g, r in zip(got_all[n], ref_all[n]))]
+    metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in comparable]
     report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=metrics,
-                          min_cosine=min_cosine, min_top1=min_top1)
+                          min_cosine=min_cosine, min_top1=min_top1,
+                          not_compared=[f"{n}: build {list(got_all[n][0].shape)} vs reference {list(ref_all[n][0].shape)}"
+                                        for n in names if n not in comparable])
     for m in metrics:
         if min_cosine is not None and m.cosine_mean < min_cosine:
             report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
