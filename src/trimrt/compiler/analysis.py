@@ -72,7 +72,7 @@ class TransformerMap:
     token_axis: int
     num_tokens: int | str | None  # static count, or the symbolic name of a dynamic one
     width: int | None
-    pooling: str  # "cls" (output reads token 0), "all" (outputs keep the token axis) or "unknown"
+    pooling: str  # "cls" (outputs read token 0), "all" (outputs keep the token axis), "cls+all" or "unknown"
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -84,7 +84,7 @@ class TransformerMap:
             "heads": self.blocks[0].attention.num_heads if self.blocks else None,
             "norm": "post-norm" if self.blocks and self.blocks[0].post_norm else "pre-norm",
             "pooling": self.pooling,
-            "protected_tokens": "cls (index 0)" if self.pooling == "cls" else "none found",
+            "protected_tokens": "cls (index 0)" if self.pooling.startswith("cls") else "none found",
             "attention": [
                 {
                     "block": b.index,
@@ -276,6 +276,8 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
             queue.extend(user.outputs)
     if kinds == {"cls"}:
         return "cls"
+    if kinds == {"cls", "all"}:
+        return "cls+all"  # e.g. BERT: a pooler on token 0 and the full hidden states
     if "all" in kinds:
         return "all"
     return "unknown"
