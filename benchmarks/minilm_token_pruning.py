@@ -30,8 +30,9 @@ pruning recipe that reaches the speed target, and with both, against the baselin
 
 Prints a Markdown table and writes results.json to --out. The best recipe reaching mean
 cosine >= 0.99, top-1 agreement >= 97% and >= 1.5× at 256 tokens is marked ★; the
-Pareto column marks recipes no other recipe beats in both measured speed and mean
-cosine at 256 tokens (measured speed is noisy on a shared machine: compare FLOPs too).
+Pareto column marks recipes no other recipe beats in both FLOPs ratio and mean cosine
+at 256 tokens (FLOPs, because measured speedups move with the machine's load: the keep =
+1.0 row shows how much; compare a row's speedup with its FLOPs ratio).
 
 Why a mean-pooled sentence embedder is hard to prune without retraining: its embedding
 is the mean of all final token states, so every dropped token removes a term of that
@@ -378,9 +379,10 @@ def most_faithful_fast(rows: list[dict]) -> str | None:
 
 
 def pareto(rows: list[dict]) -> set[str]:
-    """Recipes not dominated in (speedup at 256, mean cosine at 256)."""
+    """Recipes not dominated in (FLOPs ratio at 256, mean cosine at 256). FLOPs rather than
+    the measured speedup, which moves with the machine's load between rows."""
     ok = [r for r in rows if "error" not in r]
-    key = lambda r: (r["speed"][256]["speedup"], r["fidelity"][256]["cosine_mean"])  # noqa: E731
+    key = lambda r: (r["flops_ratio_256"], r["fidelity"][256]["cosine_mean"])  # noqa: E731
     return {r["recipe"] for r in ok
             if not any(key(o)[0] >= key(r)[0] and key(o)[1] >= key(r)[1] and key(o) != key(r) for o in ok)}
 
