@@ -314,7 +314,7 @@ def main() -> int:
         build = backend(model_path, args.threads)
         row = {"recipe": name, "layers": layers, "keep": keep, "fuse": fuse, "recipe_dict": recipe,
                "compile_seconds": manifest.get("compile_seconds"),
-               "tokens_256": tokens_per_stage(model_path, f256, fused=fuse),
+               "tokens_256": tokens_per_stage(model_path, f256, fused=fuse and keep < 1.0),  # nothing fused at keep 1
                "flops_ratio_256": base_flops / flops(model_path, f256)}
         build_emb = {"passages": {n: embed_passages(build, passages[n]) for n in args.lengths},
                      "queries": embed_queries(build, query_ids)}
