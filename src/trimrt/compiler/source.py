@@ -179,7 +179,7 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
             try:
                 # the tracer calls forward positionally, which Hugging Face models reject
                 # ("multiple values for use_cache"): trace a wrapper that calls by keyword
-                wrapper = _KeywordCall(module, names, output_names)
+                wrapper = _keyword_call(module, names, output_names)
                 torch.onnx.export(wrapper, tuple(kwargs.values()), str(path), dynamo=False, opset_version=opset,
                                   input_names=names, output_names=output_names, dynamic_axes=dynamic_axes)
             except Exception as exc2:  # noqa: BLE001
@@ -211,7 +211,8 @@ def _keyword_call_class():
     return KeywordCall
 
 
-def _KeywordCall(module, input_names, output_names):  # noqa: N802 - builds the nn.Module lazily (torch import)
+def _keyword_call(module, input_names: list[str], output_names: list[str]):
+    """`module` wrapped to take positional tensors and call it by keyword (built lazily: torch import)."""
     return _keyword_call_class()(module, input_names, output_names).eval()
 
 
