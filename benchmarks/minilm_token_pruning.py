@@ -92,7 +92,7 @@ def embed_passages(b, passages, batch: int = 8) -> np.ndarray:
 
     out = []
     for i in range(0, len(passages), batch):
-        out.append(b.infer(feeds([p.input_ids for p in passages[i:i + batch]]))["output"])
+        out.append(b.infer(feeds([p.input_ids for p in passages[i:i + batch]]))["sentence_embedding"])
     return np.concatenate(out).astype(np.float64)
 
 
@@ -100,7 +100,7 @@ def embed_queries(b, query_ids: list[np.ndarray]) -> np.ndarray:
     """One query at a time, each at its own length (no padding)."""
     from trimrt.models.corpus import feeds
 
-    return np.concatenate([b.infer(feeds(q))["output"] for q in query_ids]).astype(np.float64)
+    return np.concatenate([b.infer(feeds(q))["sentence_embedding"] for q in query_ids]).astype(np.float64)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -196,7 +196,7 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
 
     padded, tight = encode(padding="max_length", max_length=256), encode(padding="longest")
     base = backend(baseline_path, args.threads)
-    e_tight = base.infer(tight)["output"]
+    e_tight = base.infer(tight)["sentence_embedding"]
     result = {"batch": len(sentences), "padded_to": 256, "longest": int(tight["input_ids"].shape[1]),
               "real_tokens": int(tight["attention_mask"].sum()), "padded_tokens": int(padded["input_ids"].size),
               "rows": []}
@@ -205,7 +205,7 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
         """A = baseline on a_feeds, B = model on b_feeds (alternating, medians)."""
         t_a, t_b = time_alternating(lambda: base.infer(a_feeds), lambda: model.infer(b_feeds),
                                     warmup=2, rounds=args.pad_rounds)
-        e = model.infer(b_feeds)["output"]
+        e = model.infer(b_feeds)["sentence_embedding"]
         result["rows"].append({"model": label, "a_ms": statistics.median(t_a) * 1e3,
                                "b_ms": statistics.median(t_b) * 1e3,
                                "speedup": statistics.median(t_a) / statistics.median(t_b),

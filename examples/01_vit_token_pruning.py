@@ -44,7 +44,7 @@ def main() -> int:
 
         session = trimrt.load(build)
         image = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-        logits = session.run({"pixel_values": image})["output"]
+        logits = session.run({"pixel_values": image})["logits"]
         console.log(f"ran the build: logits {logits.shape}, class {int(logits.argmax())}")
 
         console.log("verifying against the PyTorch model")

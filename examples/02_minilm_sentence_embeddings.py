@@ -67,14 +67,14 @@ def main() -> int:
     queries = corpus.queries(40)
 
     def embed(run, ids_list, batch=8):
-        return np.concatenate([run(corpus.feeds(ids_list[i:i + batch]))["output"]
+        return np.concatenate([run(corpus.feeds(ids_list[i:i + batch]))["sentence_embedding"]
                                for i in range(0, len(ids_list), batch)])
 
     p_ids = [p.input_ids for p in passages]
     p_base, p_build = embed(base.infer, p_ids), embed(build.run, p_ids)
     q_ids = [np.asarray(tokenizer(q)["input_ids"], dtype=np.int64) for q in queries]
-    q_base = np.concatenate([base.infer(corpus.feeds(q))["output"] for q in q_ids])  # one by one: no padding
-    q_build = np.concatenate([build.run(corpus.feeds(q))["output"] for q in q_ids])
+    q_base = np.concatenate([base.infer(corpus.feeds(q))["sentence_embedding"] for q in q_ids])  # one by one: no padding
+    q_build = np.concatenate([build.run(corpus.feeds(q))["sentence_embedding"] for q in q_ids])
 
     cos = np.sum(p_base * p_build, axis=1)  # embeddings are L2-normalised
     rank_base = np.argsort(-(q_base @ p_base.T), axis=1)[:, :5]

@@ -39,7 +39,7 @@ def tiny_vit_torchscript_onnx(tmp_path_factory):
     module, example = tiny_vit()
     path = tmp_path_factory.mktemp("models") / "tiny_vit_ts.onnx"
     torch.onnx.export(module, example, str(path), dynamo=False, opset_version=18, input_names=["pixel_values"],
-                      output_names=["output"], dynamic_axes={"pixel_values": {0: "batch"}})
+                      output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}})
     return module, path
 
 

@@ -45,10 +45,10 @@ def test_run_writes_outputs(cli_build, tmp_path):
                                        "--output", str(tmp_path / "out.npz")])
     assert result.exit_code == 0, result.output
     out = np.load(tmp_path / "out.npz")
-    assert out["output"].shape == (2, 10)
+    assert out["logits"].shape == (2, 10)
     import trimrt
 
-    np.testing.assert_array_equal(out["output"], trimrt.load(tmp / "build").run({"pixel_values": x})["output"])
+    np.testing.assert_array_equal(out["logits"], trimrt.load(tmp / "build").run({"pixel_values": x})["logits"])
 
 
 def test_verify_thresholds_set_exit_code(cli_build):
@@ -59,7 +59,7 @@ def test_verify_thresholds_set_exit_code(cli_build):
     report = json.loads(ok.output)
     assert report["passed"] and report["samples"] == 4
     (out,) = report["outputs"]
-    assert out["name"] == "output" and 0.5 < out["cosine_mean"] <= 1.0 and out["top1"] is not None
+    assert out["name"] == "logits" and 0.5 < out["cosine_mean"] <= 1.0 and out["top1"] is not None
     strict = CliRunner().invoke(main, ["verify", str(tmp / "build"), "--reference", str(model), "--samples", "4",
                                        "--min-cosine", "0.999999"])
     assert strict.exit_code == 1

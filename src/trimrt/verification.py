@@ -3,8 +3,8 @@
 The reference is the original ONNX model (run on ONNX Runtime) or a PyTorch callable
 (a factory spec 'file.py:name' / 'package.module:name', or an nn.Module). Inputs are
 random (seeded) unless given. Per output: max abs / max rel error, cosine similarity
-(per sample, then mean and minimum) and, for logits ([batch, classes]), top-1
-agreement. Thresholds turn the report into pass / fail.
+(per sample, then mean and minimum) and, for logits (outputs named *logit*, [batch,
+classes]), top-1 agreement. Thresholds turn the report into pass / fail.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetric
     denom = np.linalg.norm(g2, axis=1) * np.linalg.norm(r2, axis=1)
     cos = np.where(denom > 0, (g2 * r2).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
     top1 = None
-    if got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):
+    if "logit" in name.lower() and got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):
         top1 = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
     return OutputMetrics(name, list(got.shape), max_abs, max_rel, float(cos.mean()), float(cos.min()), top1)
 

@@ -87,5 +87,5 @@ def test_empty_recipe_is_identity(tiny_vit_onnx, tmp_path, images):
     import onnxruntime as ort
 
     want = ort.InferenceSession(str(path)).run(None, {"pixel_values": images})[0]
-    got = trimrt.load(tmp_path / "b").run({"pixel_values": images})["output"]
+    got = trimrt.load(tmp_path / "b").run({"pixel_values": images})["logits"]
     np.testing.assert_allclose(got, want, atol=1e-6)

@@ -27,8 +27,8 @@ def test_inputs_outputs_and_run(build, images):
     session = trimrt.load(build)
     assert [i.describe() for i in session.inputs] == ["pixel_values: float32[batch, 3, 32, 32]"]
     out = session.run({"pixel_values": images})
-    assert list(out) == [o.name for o in session.outputs] and out["output"].shape == (3, 10)
-    np.testing.assert_array_equal(session(pixel_values=images)["output"], out["output"])
+    assert list(out) == [o.name for o in session.outputs] and out["logits"].shape == (3, 10)
+    np.testing.assert_array_equal(session(pixel_values=images)["logits"], out["logits"])
 
 
 @pytest.mark.parametrize("feeds,message", [
@@ -65,9 +65,9 @@ def test_concurrent_runs_agree(build):
     session = trimrt.load(build)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((2, 3, 32, 32)).astype(np.float32) for _ in range(8)]
-    expected = [session.run({"pixel_values": b})["output"] for b in batches]
+    expected = [session.run({"pixel_values": b})["logits"] for b in batches]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        got = list(pool.map(lambda b: session.run({"pixel_values": b})["output"], batches * 3))
+        got = list(pool.map(lambda b: session.run({"pixel_values": b})["logits"], batches * 3))
     for i, g in enumerate(got):
         np.testing.assert_array_equal(g, expected[i % 8])
 
@@ -81,7 +81,7 @@ def test_runtime_imports_without_torch_onnxscript_tensorrt(build):
         import trimrt
         s = trimrt.load({str(build)!r})
         out = s.run({{"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}})
-        print(out["output"].shape)
+        print(out["logits"].shape)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

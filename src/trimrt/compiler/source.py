@@ -222,9 +222,13 @@ def _first_line(exc: Exception) -> str:
 
 
 def _output_names(module, kwargs: dict) -> list[str]:
-    """Readable output names: keys of a dict / ModelOutput, else output / output_<i>."""
+    """Readable output names: the module's own `output_names` if it declares them, keys of a
+    dict / ModelOutput, else output / output_<i>."""
     import torch
 
+    declared = getattr(module, "output_names", None)
+    if declared and not isinstance(declared, torch.Tensor):
+        return list(declared)
     with torch.no_grad():
         out = module(**kwargs)
     if isinstance(out, torch.Tensor):

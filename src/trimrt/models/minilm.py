@@ -79,6 +79,8 @@ def _sentence_embedder_class():
     class SentenceEmbedder(nn.Module):
         """BertModel + masked mean pooling + L2 normalisation (the sentence-transformers head)."""
 
+        output_names = ("sentence_embedding",)  # name of the exported output
+
         def __init__(self, encoder: nn.Module):
             super().__init__()
             self.encoder = encoder

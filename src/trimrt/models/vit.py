@@ -73,6 +73,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    output_names = ("logits",)  # names of the exported outputs
+
     def __init__(self, cfg: ViTConfig = DEIT_SMALL):
         super().__init__()
         self.cfg = cfg
