@@ -126,7 +126,7 @@ def fidelity(base_emb: dict, build_emb: dict, length: int) -> dict:
 
 def speed(base, build, feeds_list, *, warmup: int, rounds: int) -> dict:
     """Alternating timing, cycling through a few real passages (the same for both)."""
-    from trimrt.bench import time_alternating
+    from trimrt.bench import paired_speedup, time_alternating
 
     state = {"a": 0, "b": 0}
 
@@ -138,7 +138,7 @@ def speed(base, build, feeds_list, *, warmup: int, rounds: int) -> dict:
 
     t_base, t_build = time_alternating(runner(base, "a"), runner(build, "b"), warmup=warmup, rounds=rounds)
     mb, mr = statistics.median(t_base), statistics.median(t_build)
-    return {"baseline_ms": mb * 1e3, "build_ms": mr * 1e3, "speedup": mb / mr}
+    return {"baseline_ms": mb * 1e3, "build_ms": mr * 1e3, "speedup": paired_speedup(t_base, t_build)}
 
 
 def flops(model_path: Path, feeds: dict) -> int:
@@ -184,7 +184,7 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
     """A batch of short sentences padded to 256 tokens: what the padding costs the baseline,
     and what builds that trim padding (and prune) save on it. `pruning`: a recipe dict."""
     import trimrt
-    from trimrt.bench import time_alternating
+    from trimrt.bench import paired_speedup, time_alternating
     from trimrt.errors import TrimrtError
     from trimrt.models.corpus import queries
 
@@ -208,7 +208,7 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
         e = model.infer(b_feeds)["sentence_embedding"]
         result["rows"].append({"model": label, "a_ms": statistics.median(t_a) * 1e3,
                                "b_ms": statistics.median(t_b) * 1e3,
-                               "speedup": statistics.median(t_a) / statistics.median(t_b),
+                               "speedup": paired_speedup(t_a, t_b),
                                "cosine_vs_unpadded": float(np.mean(np.sum(unit(e) * unit(e_tight), axis=1)))})
 
     measure("baseline padded to 256 (A) vs baseline padded to the longest sentence (B)", base, padded, tight)

@@ -18,3 +18,13 @@ def test_efficiency_is_measured_over_ideal():
     r = BenchReport(batch=1, threads=2, rounds=3, baseline_ms=10.0, build_ms=8.0, speedup=1.25, flops_ratio=1.5)
     assert abs(r.efficiency - 1.25 / 1.5) < 1e-12
     assert BenchReport(1, 2, 3, 1.0, 1.0, 1.0, None).efficiency is None
+
+
+def test_paired_speedup_is_the_median_of_round_ratios():
+    from trimrt.bench import paired_speedup
+
+    # a slow spell in rounds 3-4 hits both models: per-round ratios stay 2
+    base = [10.0, 10.0, 30.0, 30.0, 10.0]
+    build = [5.0, 5.0, 15.0, 15.0, 5.0]
+    assert paired_speedup(base, build) == 2.0
+    assert paired_speedup([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0

@@ -3,7 +3,8 @@
 Both run on ONNX Runtime CPU with the same thread count and the same inputs. After a
 warm-up, each round times one baseline run and one build run, in alternating order,
 so drift of the machine (frequency, other load) hits both alike; the report gives
-medians, their ratio, and the FLOPs ratio from the build manifest (the ideal speedup).
+the median times, the speedup as the median of the per-round ratios, and the FLOPs
+ratio from the build manifest (the ideal speedup).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class BenchReport:
     rounds: int
     baseline_ms: float
     build_ms: float
-    speedup: float
+    speedup: float  # median of per-round baseline/build ratios
     flops_ratio: float | None
 
     @property
@@ -52,6 +53,12 @@ def time_alternating(run_a, run_b, *, warmup: int, rounds: int) -> tuple[list[fl
     return times_a, times_b
 
 
+def paired_speedup(times_a: list[float], times_b: list[float]) -> float:
+    """Median over rounds of time_a / time_b: each round's two runs are neighbours in time,
+    so load that drifts over the measurement cancels in each ratio."""
+    return statistics.median(a / b for a, b in zip(times_a, times_b))
+
+
 def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
                 warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
                 tokens: int | None = None) -> BenchReport:
@@ -76,5 +83,5 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
     med_base, med_build = statistics.median(t_base), statistics.median(t_build)
     return BenchReport(batch=int(next(iter(feeds.values())).shape[0]), threads=threads, rounds=rounds,
-                       baseline_ms=med_base * 1e3, build_ms=med_build * 1e3, speedup=med_base / med_build,
+                       baseline_ms=med_base * 1e3, build_ms=med_build * 1e3, speedup=paired_speedup(t_base, t_build),
                        flops_ratio=manifest.get("flops", {}).get("ratio"))
