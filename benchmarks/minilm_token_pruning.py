@@ -290,6 +290,15 @@ def main() -> int:
         f"{len(query_texts)} queries ({min(map(len, query_ids))}–{max(map(len, query_ids))} tokens)")
 
     base = backend(baseline_path, args.threads)
+    # the same export with its intermediate shapes inferred: every trimrt build carries them,
+    # and they alone make ONNX Runtime faster on this model; timing against this copy too
+    # gives the speedup of the pruning by itself
+    import onnx
+    import onnx.shape_inference
+
+    annotated_path = args.out / "minilm_shapes_inferred.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load(str(baseline_path)), data_prop=True), str(annotated_path))
+    annotated = backend(annotated_path, args.threads)
     base_emb = {"passages": {n: embed_passages(base, passages[n]) for n in args.lengths},
                 "queries": embed_queries(base, query_ids)}
     base_flops = flops(baseline_path, f256)
@@ -321,10 +330,13 @@ def main() -> int:
         row["fidelity"] = {n: fidelity(base_emb, build_emb, n) for n in args.lengths}
         row["speed"] = {n: speed(base, build, timing_feeds[n], warmup=args.warmup, rounds=args.rounds)
                         for n in args.lengths}
+        row["speed_vs_shapes_inferred_256"] = speed(annotated, build, timing_feeds[256], warmup=args.warmup,
+                                                    rounds=args.rounds)
         rows.append(row)
         f, s = row["fidelity"][256], row["speed"]
         log(f"{name}: tokens {row['tokens_256']}, FLOPs {row['flops_ratio_256']:.2f}×, "
             + ", ".join(f"{n}: {s[n]['speedup']:.2f}×" for n in args.lengths)
+            + f", pruning only @256: {row['speed_vs_shapes_inferred_256']['speedup']:.2f}×"
             + f", cos {f['cosine_mean']:.4f} (p5 {f['cosine_p5']:.4f}), top-1 {f['top1']:.2f}, top-5 {f['top5']:.2f}")
         del build
 
@@ -418,7 +430,7 @@ def markdown(rows: list[dict], lengths: list[int], best: str | None) -> str:
     front = pareto(rows)
     for n in lengths:
         head += [f"{n} tok: baseline → build ms", f"speedup @{n}"]
-    head += ["cos mean @256", "cos p5 @256", "top-1 @256", "top-5 @256"]
+    head += ["speedup @256 vs shape-inferred export", "cos mean @256", "cos p5 @256", "top-1 @256", "top-5 @256"]
     others = [n for n in lengths if n != 256]
     for n in others:
         head += [f"cos mean @{n}", f"top-1 @{n}"]
@@ -437,7 +449,7 @@ def markdown(rows: list[dict], lengths: list[int], best: str | None) -> str:
             s = r["speed"][n]
             cells += [f"{s['baseline_ms']:.1f} → {s['build_ms']:.1f}", f"**{s['speedup']:.2f}×**"]
         f = r["fidelity"][256]
-        cells += [f"{f['cosine_mean']:.4f}", f"{f['cosine_p5']:.4f}", f"{f['top1']:.0%}", f"{f['top5']:.0%}"]
+        cells += [f"{r['speed_vs_shapes_inferred_256']['speedup']:.2f}×",f"{f['cosine_mean']:.4f}", f"{f['cosine_p5']:.4f}", f"{f['top1']:.0%}", f"{f['top5']:.0%}"]
         for n in others:
             cells += [f"{r['fidelity'][n]['cosine_mean']:.4f}", f"{r['fidelity'][n]['top1']:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
