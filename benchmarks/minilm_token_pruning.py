@@ -81,7 +81,7 @@ def parse_layers(text: str) -> list[int]:
 def backend(path: Path, threads: int):
     from trimrt.runtime.backends import OnnxRuntimeBackend
 
-    b = OnnxRuntimeBackend(path, threads=threads)
+    b = OnnxRuntimeBackend(path, threads=threads, spinning=False)  # see trimrt.bench
     b.activate()
     return b
 

@@ -58,8 +58,8 @@ def main() -> int:
     print(f"2. compiling with {RECIPE}")
     build_dir = OUT / "build"
     trimrt.compile(str(original), RECIPE, build_dir)
-    build = trimrt.load(build_dir, threads=THREADS)  # the runtime: numpy + onnxruntime only
-    base = OnnxRuntimeBackend(original, threads=THREADS)
+    build = trimrt.load(build_dir, threads=THREADS, spinning=False)  # the runtime: numpy + onnxruntime only
+    base = OnnxRuntimeBackend(original, threads=THREADS, spinning=False)
     base.activate()
 
     print("3. embedding real text (stdlib docstrings) with the build and the original export")

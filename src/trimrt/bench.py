@@ -4,7 +4,9 @@ Both run on ONNX Runtime CPU with the same thread count and the same inputs. Aft
 warm-up, each round times one baseline run and one build run, in alternating order,
 so drift of the machine (frequency, other load) hits both alike; the report gives
 the median times, the speedup as the median of the per-round ratios, and the FLOPs
-ratio from the build manifest (the ideal speedup).
+ratio from the build manifest (the ideal speedup). Both sessions run with intra-op
+spinning off: spinning threads of the idle session would otherwise steal the cores of
+the running one (measured: ±30% swings of an identity build on 2 cores).
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
         baseline = build_dir / manifest["reference"]
     if not Path(baseline).is_file():
         raise InputError(f"baseline model not found: {baseline}")
-    base = OnnxRuntimeBackend(baseline, threads=threads)
-    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads)
+    base = OnnxRuntimeBackend(baseline, threads=threads, spinning=False)
+    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads, spinning=False)
     base.activate()
     build.activate()
     if inputs:

@@ -36,12 +36,15 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
-                 optimization: str = "all", providers: list[str] | None = None):
+                 optimization: str = "all", providers: list[str] | None = None, spinning: bool = True):
         # a path, or the serialized model itself
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads = threads
         self.optimization = optimization
         self.providers = providers or ["CPUExecutionProvider"]
+        # ORT's intra-op threads spin after each run; two sessions alternating in one process
+        # (bench) then fight for the cores, so timing turns them off
+        self.spinning = spinning
         self._session = None
 
     def activate(self) -> None:
@@ -51,6 +54,8 @@ class OnnxRuntimeBackend(Backend):
         if self.threads:
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
+        if not self.spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

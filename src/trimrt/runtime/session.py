@@ -20,7 +20,7 @@ class Session:
     read-only; ONNX Runtime's run is thread-safe)."""
 
     def __init__(self, build_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
-                 check_hashes: bool = True):
+                 check_hashes: bool = True, spinning: bool = True):
         self.build_dir = Path(build_dir)
         self.manifest = read_manifest(self.build_dir, check_hashes=check_hashes)
         if backend not in BACKENDS:
@@ -31,7 +31,7 @@ class Session:
                 raise BackendUnavailableError(f"{self.build_dir} has no {ENGINE}; compile with --target tensorrt on a GPU machine")
             self.backend: Backend = TensorRTBackend(engine)
         else:
-            self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads)
+            self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning)
         self.backend.activate()
 
     @property
@@ -64,6 +64,8 @@ class Session:
         return f"Session({str(self.build_dir)!r}, backend={self.backend.name}, inputs=[{ins}])"
 
 
-def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = None) -> Session:
-    """Load a build directory (checks the manifest's format version and file hashes)."""
-    return Session(build_dir, backend, threads=threads)
+def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = None, spinning: bool = True) -> Session:
+    """Load a build directory (checks the manifest's format version and file hashes).
+    `spinning=False` turns off ONNX Runtime's busy-waiting threads (when several sessions
+    share few cores, e.g. when timing two models in one process)."""
+    return Session(build_dir, backend, threads=threads, spinning=spinning)
