@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import BuildError
+from .analysis import is_constant
 
 #: op type -> indices of inputs that are shapes / sizes
 _SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (1,)}
@@ -91,7 +92,7 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
         for value in node.inputs:
             if value is None or value in inside or value in exclude or value in seen:
                 continue
-            if value.const_value is not None or (value.producer() is not None and value.producer().op_type == "Constant"):
+            if is_constant(value):
                 continue
             seen[value] = None
     return list(seen)

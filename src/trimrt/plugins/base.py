@@ -15,7 +15,7 @@ Modules register their OpDef in `trimrt.plugins.REGISTRY` by import.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -53,7 +53,6 @@ class OpDef:
     build_function: Callable[[], onnx.FunctionProto]
     triton: str = ""  # "module:function" running the Triton kernel on torch tensors
     tensorrt: str = ""  # "module:function" registering the TensorRT plugin
-    extra: dict = field(default_factory=dict)
 
     def attribute_values(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and reject unknown or missing attributes."""
