@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -149,4 +151,6 @@ def test_every_op_honours_the_contract():
         assert sorted(declared) == sorted(a.name for a in op.attributes)
         defaults = {a.name: onnx.helper.get_attribute_value(a) for a in fn.attribute_proto}
         assert defaults == {a.name: a.default for a in op.attributes if a.default is not None}
-        assert op.triton and op.tensorrt
+        kernels = importlib.import_module(op.triton.partition(":")[0])
+        assert callable(getattr(kernels, op.triton.partition(":")[2]))
+        assert callable(kernels.trt_output_shapes) and callable(kernels.trt_aot)

@@ -18,7 +18,7 @@ import onnx.helper as oh
 import pytest
 
 from trimrt.errors import BackendUnavailableError
-from trimrt.plugins import ATTENTION_ROW_SCORE, DOMAIN, TOKEN_PRUNE
+from trimrt.plugins import ATTENTION_ROW_SCORE, DOMAIN, REGISTRY, TOKEN_PRUNE
 from trimrt.plugins import tensorrt_glue as glue
 
 # ------------------------------------------------------------------- without TensorRT
@@ -26,7 +26,7 @@ from trimrt.plugins import tensorrt_glue as glue
 
 @pytest.mark.parametrize(
     "register",
-    [glue.register_attention_row_score, glue.register_token_prune,
+    [lambda: glue.register(ATTENTION_ROW_SCORE), glue.register_all,
      ATTENTION_ROW_SCORE.register_tensorrt, TOKEN_PRUNE.register_tensorrt],
 )
 def test_register_without_tensorrt_raises(register, monkeypatch):
@@ -109,7 +109,7 @@ def _fakes():
 def test_generated_signatures_follow_the_schema(op):
     """The schemas tensorrt.plugin validates: inputs, attributes, then outputs/stream/tactic."""
     trt, trtp = _fakes()
-    spec = glue._SPECS[op.name]
+    spec = glue.spec_for(op)
     names = [t.name for t in op.inputs] + [a.name for a in op.attributes]
 
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
@@ -127,13 +127,13 @@ def test_generated_signatures_follow_the_schema(op):
 
 def test_descriptors_give_output_shapes_and_dtypes():
     trt, trtp = _fakes()
-    describe = glue._descriptor(glue._SPECS[TOKEN_PRUNE.name], trt, trtp)
+    describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
     x, score = _FakeDesc(("B", "N", "D")), _FakeDesc(("B", "N"))
     assert describe(x, score, keep=5) == (  # protect, span_end, keep_ratio from their defaults
         (("B", 5, "D"), "half"), (("B", 5), "int64"), (("B", 1, "D"), "half"))
     assert describe(x, score, 5, 2)[1] == (("B", 7), "int64")  # a static count: no arithmetic on N
 
-    describe = glue._descriptor(glue._SPECS[ATTENTION_ROW_SCORE.name], trt, trtp)
+    describe = glue._descriptor(glue.spec_for(ATTENTION_ROW_SCORE), trt, trtp)
     q, k_t = _FakeDesc(("B", "H", "Nq", "Dh"), "float"), _FakeDesc(("B", "H", "Dh", "N"), "float")
     mask = _FakeDesc(("B", 1, 1, "N"), "float")
     assert describe(q, k_t, mask, row=-1, scale=0.125) == ((("B", "N"), "float"),)
@@ -155,7 +155,7 @@ def test_token_prune_symbolic_shapes_and_launch_args(n, keep, protect, span_end,
     trt, trtp = _fakes()
     b, d = 2, 3
     y, kept, fused = TOKEN_PRUNE.run_reference(np.zeros((b, n, d), np.float32), np.zeros((b, n), np.float32), **attrs)
-    describe = glue._descriptor(glue._SPECS[TOKEN_PRUNE.name], trt, trtp)
+    describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
     sym_x = (_Dim(b), _Dim(n), _Dim(d))
     shapes = [tuple(_value(v) for v in shape) for shape, _ in
               describe(_FakeDesc(sym_x), _FakeDesc(sym_x[:2]), **attrs)]
@@ -168,7 +168,7 @@ def test_token_prune_symbolic_shapes_and_launch_args(n, keep, protect, span_end,
 
 def test_token_prune_describe_rejects_what_the_reference_rejects():
     trt, trtp = _fakes()
-    describe = glue._descriptor(glue._SPECS[TOKEN_PRUNE.name], trt, trtp)
+    describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
     x, score = _FakeDesc((_Dim(1), _Dim(8), _Dim(4))), _FakeDesc((_Dim(1), _Dim(8)))
     with pytest.raises(ValueError, match="span"):
         describe(x, score, keep=1, protect=5, span_end=5)
@@ -227,14 +227,15 @@ def test_registration_is_idempotent(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setattr(glue, "_REGISTERED", set())
     for _ in range(2):
-        glue.register_attention_row_score()
+        glue.register(ATTENTION_ROW_SCORE)
         TOKEN_PRUNE.register_tensorrt()
     assert calls == [(kind, f"{DOMAIN}::{op.name}", f"{op.name}_{suffix}")
                      for op in (ATTENTION_ROW_SCORE, TOKEN_PRUNE)
                      for kind, suffix in [("register", "describe"), ("impl", "impl"), ("aot_impl", "aot_impl")]]
     monkeypatch.setattr(glue, "_REGISTERED", set())  # e.g. a module reload: TensorRT already has it
-    glue.register_all()
-    assert len(calls) == 6
+    glue.register_all()  # registers the other ops, each once
+    assert len(calls) == 3 * len(REGISTRY)
+    assert {pid for kind, pid, _ in calls if kind == "register"} == {f"{DOMAIN}::{name}" for name in REGISTRY}
 
 
 # ---------------------------------------------------------------------- with TensorRT
@@ -305,8 +306,8 @@ def test_attention_row_score_plugin(aot, row, mask_kind, rng):
     pytest.importorskip("tensorrt")
     if aot and not _aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
-    glue.register_attention_row_score()
-    glue.register_attention_row_score()  # idempotent
+    glue.register(ATTENTION_ROW_SCORE)
+    glue.register(ATTENTION_ROW_SCORE)  # idempotent
     q = rng.standard_normal((2, 3, 45, 24)).astype(np.float32)
     k_t = rng.standard_normal((2, 3, 24, 45)).astype(np.float32)
     f32_min = np.finfo(np.float32).min
@@ -334,8 +335,8 @@ def test_token_prune_plugin(aot, keep, protect, span_end, keep_ratio, rng):
     pytest.importorskip("tensorrt")
     if aot and not _aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
-    glue.register_token_prune()
-    glue.register_token_prune()  # idempotent
+    glue.register(TOKEN_PRUNE)
+    glue.register(TOKEN_PRUNE)  # idempotent
     x = rng.standard_normal((3, 70, 40)).astype(np.float32)
     score = (rng.integers(0, 8, size=(3, 70)) / 8).astype(np.float32)  # with ties
     attrs = {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": keep_ratio}

@@ -76,5 +76,4 @@ OP = OpDef(
     reference=reference,
     build_function=build_function,
     triton="trimrt.plugins.kernels.attention_row_score:run",
-    tensorrt="trimrt.plugins.tensorrt_glue:register_attention_row_score",
 )

@@ -7,9 +7,11 @@ A custom op module creates one `OpDef` holding
 3. a decomposition into standard ONNX ops, built as a model-local `FunctionProto`
    that ONNX Runtime inlines, so every build runs anywhere without a custom-op library,
 4. the name of a function running its Triton kernel (imported lazily: GPU path),
-5. the name of a function registering its TensorRT plugin (imported lazily).
+5. its TensorRT plugin hooks: `trt_output_shapes` and `trt_aot` in the same kernel
+   module, from which `tensorrt_glue` generates the plugin (imported lazily).
 
-Modules register their OpDef in `trimrt.plugins.REGISTRY` by import.
+Every module of `trimrt.plugins` that defines `OP = OpDef(...)` is registered in
+`trimrt.plugins.REGISTRY` (found by listing the package).
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ class OpDef:
     reference: Callable[..., tuple[np.ndarray, ...]]
     build_function: Callable[[], onnx.FunctionProto]
     triton: str = ""  # "module:function" running the Triton kernel on torch tensors
-    tensorrt: str = ""  # "module:function" registering the TensorRT plugin
 
     def attribute_values(self, given: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults and reject unknown or missing attributes."""
@@ -85,7 +86,9 @@ class OpDef:
 
     def register_tensorrt(self) -> None:
         """Register the TensorRT plugin; needs tensorrt >= 10.7 with `tensorrt.plugin`."""
-        _resolve(self.tensorrt)()
+        from .tensorrt_glue import register
+
+        register(self)
 
 
 def _resolve(target: str) -> Callable:

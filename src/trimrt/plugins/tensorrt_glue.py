@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import BackendUnavailableError
-from .attention_row_score import OP as ATTENTION_ROW_SCORE
 from .base import DOMAIN, OP_VERSION, OpDef
-from .token_prune import OP as TOKEN_PRUNE
 
 _LOCK = threading.Lock()
 _REGISTERED: set[str] = set()
@@ -48,7 +46,7 @@ class _PluginSpec:
     #: (input shapes by name, attributes, tensorrt.plugin) -> one shape tuple per output;
     #: works on ShapeExprs (the module supplies cdiv/max/min) and on plain ints
     output_shapes: Callable[[dict[str, Any], dict[str, Any], Any], list[tuple]]
-    #: (trtp, kernel module, input descs by name, attributes, output descs) -> aot_impl result
+    #: (trtp, input descs by name, attributes, output descs) -> aot_impl result
     aot: Callable[..., tuple]
 
 
@@ -56,19 +54,23 @@ def plugin_id(op: OpDef) -> str:
     return f"{DOMAIN}::{op.name}"
 
 
-def register_attention_row_score() -> None:
-    """Register "trimrt::AttentionRowScore" with TensorRT (idempotent)."""
-    _register(_SPECS[ATTENTION_ROW_SCORE.name])
+def spec_for(op: OpDef) -> _PluginSpec:
+    """The op's TensorRT hooks: `trt_output_shapes` and `trt_aot` of its kernel module."""
+    kernels = _kernel_module(op)
+    return _PluginSpec(op, kernels.trt_output_shapes, kernels.trt_aot)
 
 
-def register_token_prune() -> None:
-    """Register "trimrt::TokenPrune" with TensorRT (idempotent)."""
-    _register(_SPECS[TOKEN_PRUNE.name])
+def register(op: OpDef) -> None:
+    """Register "trimrt::<op>" with TensorRT (idempotent)."""
+    _tensorrt()  # the clear error first, before importing the kernels
+    _register(spec_for(op))
 
 
 def register_all() -> None:
-    for spec in _SPECS.values():
-        _register(spec)
+    from . import REGISTRY
+
+    for op in REGISTRY.values():
+        register(op)
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -179,12 +181,13 @@ def _aot_impl(spec: _PluginSpec, trtp):
 
     def aot_impl(*args, **kwargs):
         inputs, attrs, bound = _bind(signature, op, args, kwargs)
-        return spec.aot(trtp, _kernel_module(op), inputs, attrs, bound["outputs"])
+        return spec.aot(trtp, inputs, attrs, bound["outputs"])
 
     return _generated(aot_impl, f"{op.name}_aot_impl", signature)
 
 
-def _triton_type(dtype) -> str:
+def triton_type(dtype) -> str:
+    """Triton's name of a TensorRT dtype (for compiling a kernel ahead of time)."""
     import tensorrt as trt
 
     types = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16", trt.int64: "i64"}
@@ -193,13 +196,13 @@ def _triton_type(dtype) -> str:
     return types[dtype]
 
 
-def _largest(desc, axis: int) -> int:
+def largest(desc, axis: int) -> int:
     """Largest value dimension `axis` takes in this build (the profile max if dynamic)."""
     shape = desc.shape
     return int(shape.max[axis] if shape.is_dynamic else shape[axis])
 
 
-def _launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
+def launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
     if getattr(kernel.metadata, "global_scratch_size", 0):
         raise BackendUnavailableError(f"{kernel.metadata.name} needs Triton global scratch, unsupported by AOT plugins")
     params = trtp.KernelLaunchParams()
@@ -210,53 +213,3 @@ def _launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
     params.shared_mem = kernel.metadata.shared
     extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
     return kernel.metadata.name, kernel.asm["ptx"], params, extra
-
-
-# --------------------------------------------------------------------------- per op
-
-
-def _attention_row_score_shapes(shapes, attrs, trtp):
-    return [(shapes["q"][0], shapes["k_t"][3])]
-
-
-def _attention_row_score_aot(trtp, kernels, inputs, attrs, outputs):
-    q, k_t, mask = inputs["q"], inputs["k_t"], inputs["mask"]
-    kernel = kernels.compile_kernel(
-        {"q": _triton_type(q.dtype), "k_t": _triton_type(k_t.dtype), "mask": _triton_type(mask.dtype),
-         "score": _triton_type(outputs[0].dtype)},
-        n=_largest(k_t, 3), dh=_largest(q, 3), scale=attrs["scale"],
-    )
-    shapes = (q.shape_expr, k_t.shape_expr, mask.shape_expr)
-    return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv),
-                   kernels.scalar_args(*shapes, row=attrs["row"], sym=trtp))
-
-
-def _token_prune_shapes(shapes, attrs, trtp):
-    """[B, M, D], [B, M], [B, 1, D] with M = protect + k + (N - end). With keep == 0, k is
-    max(1, min(span, ceil(keep_ratio · span - 1e-9))) of the run-time span, expressed
-    exactly in integer shape arithmetic (keep_ratio = a / q, a float32 is dyadic)."""
-    kernels = _kernel_module(TOKEN_PRUNE)  # owns the kept-count rule, on ints and on shape expressions
-    b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
-    kernels.check_attributes(n, **attrs)
-    _, m = kernels.counts(n, **attrs, sym=trtp)
-    return [(b, m, d), (b, m), (b, 1, d)]
-
-
-def _token_prune_aot(trtp, kernels, inputs, attrs, outputs):
-    x, score = inputs["x"], inputs["score"]
-    n, d = _largest(x, 1), _largest(x, 2)
-    kernel = kernels.compile_kernel(
-        {"x": _triton_type(x.dtype), "score": _triton_type(score.dtype),
-         "y": _triton_type(outputs[0].dtype), "fused": _triton_type(outputs[2].dtype)},
-        n=n, d=d,
-    )
-    shapes = (x.shape_expr, score.shape_expr)
-    block_d = kernels.constexprs(n, d)["BLOCK_D"]
-    return _launch(trtp, kernel, kernels.grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
-                   kernels.scalar_args(*shapes, **attrs, sym=trtp))
-
-
-_SPECS: dict[str, _PluginSpec] = {
-    ATTENTION_ROW_SCORE.name: _PluginSpec(ATTENTION_ROW_SCORE, _attention_row_score_shapes, _attention_row_score_aot),
-    TOKEN_PRUNE.name: _PluginSpec(TOKEN_PRUNE, _token_prune_shapes, _token_prune_aot),
-}

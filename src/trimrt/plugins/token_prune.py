@@ -161,5 +161,4 @@ OP = OpDef(
     reference=reference,
     build_function=build_function,
     triton="trimrt.plugins.kernels.token_prune:run",
-    tensorrt="trimrt.plugins.tensorrt_glue:register_token_prune",
 )

@@ -144,3 +144,25 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, dh: int, scale: float, tar
     signature.update({name: "constexpr" for name in constexprs(n, dh)})
     src = triton.compiler.ASTSource(fn=attention_row_score_kernel, signature=signature, constexprs=consts)
     return triton.compile(src, target=target)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """score [B, N] (shape expressions or ints)."""
+    return [(shapes["q"][0], shapes["k_t"][3])]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
+    from ..tensorrt_glue import largest, launch, triton_type
+
+    q, k_t, mask = inputs["q"], inputs["k_t"], inputs["mask"]
+    kernel = compile_kernel(
+        {"q": triton_type(q.dtype), "k_t": triton_type(k_t.dtype), "mask": triton_type(mask.dtype),
+         "score": triton_type(outputs[0].dtype)},
+        n=largest(k_t, 3), dh=largest(q, 3), scale=attrs["scale"],
+    )
+    shapes = (q.shape_expr, k_t.shape_expr, mask.shape_expr)
+    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, row=attrs["row"], sym=trtp))

@@ -230,3 +230,33 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
     signature.update({name: "constexpr" for name in consts})
     src = triton.compiler.ASTSource(fn=token_prune_kernel, signature=signature, constexprs=consts)
     return triton.compile(src, target=target)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """[B, M, D], [B, M], [B, 1, D] with M = protect + k + (N - end). With keep == 0, k is
+    max(1, min(span, ceil(keep_ratio · span - 1e-9))) of the run-time span, expressed
+    exactly in integer shape arithmetic (keep_ratio = a / q, a float32 is dyadic)."""
+    b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
+    check_attributes(n, **attrs)
+    _, m = counts(n, **attrs, sym=trtp)
+    return [(b, m, d), (b, m), (b, 1, d)]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
+    from ..tensorrt_glue import largest, launch, triton_type
+
+    x, score = inputs["x"], inputs["score"]
+    n, d = largest(x, 1), largest(x, 2)
+    kernel = compile_kernel(
+        {"x": triton_type(x.dtype), "score": triton_type(score.dtype),
+         "y": triton_type(outputs[0].dtype), "fused": triton_type(outputs[2].dtype)},
+        n=n, d=d,
+    )
+    shapes = (x.shape_expr, score.shape_expr)
+    block_d = constexprs(n, d)["BLOCK_D"]
+    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
+                  scalar_args(*shapes, **attrs, sym=trtp))
