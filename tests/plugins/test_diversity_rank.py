@@ -1,0 +1,205 @@
+"""DiversityRank (DivPrune's greedy max-min selection as a score): the reference's
+semantics, the ONNX decomposition on ONNX Runtime and the Triton kernel against it,
+the TensorRT hooks with fake and (gpu-marked) real TensorRT.
+
+Tie tests use tokens whose normalised features are exact in float32 (entries ±1, D a
+power of 4, and zero tokens), so every distance is exact and ties are real ties in
+float32 and float64 alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from test_decompositions import run_decomposition
+
+from trimrt.plugins import REGISTRY
+from trimrt.plugins.diversity_rank import cosine_distances, greedy_picks
+from trimrt.plugins.token_prune import span_keep
+
+DIVERSITY_RANK = REGISTRY["DiversityRank"]
+TOKEN_PRUNE = REGISTRY["TokenPrune"]
+
+CASES = [  # (batch, n, d, keep, protect, span_end, keep_ratio)
+    (2, 5, 4, 3, 0, 0, 1.0),
+    (3, 17, 8, 1, 1, 0, 1.0),  # k = 1: only the first pick
+    (2, 17, 8, 16, 1, 0, 1.0),  # k = the whole span
+    (2, 64, 16, 20, 0, 0, 1.0),
+    (2, 64, 16, 64, 0, 0, 1.0),  # k = all tokens, nothing protected
+    (2, 197, 32, 58, 1, 0, 1.0),  # ViT-B/16: CLS + 196 patches
+    (2, 197, 32, 0, 1, 0, 0.3),  # k from the ratio at run time: ceil(0.3 · 196) = 59
+    (2, 40, 8, 5, 3, 30, 1.0),  # a span [3, 30): the 10 tokens after it score 0
+    (2, 40, 8, 27, 3, 30, 1.0),  # the whole span
+    (2, 23, 8, 0, 2, 20, 0.3),  # ratio over a span: ceil(0.3 · 18) = 6
+    (2, 23, 8, 0, 1, 0, 0.001),  # ratio floor: one token
+    (2, 10, 3, 1, 4, 5, 1.0),  # a one-token span
+]
+
+
+def _expected_k(n, keep, protect, span_end, ratio):
+    end = span_end or n
+    return span_keep(end - protect, keep, ratio)
+
+
+def _check_scores(score, x, keep, protect, span_end, ratio):
+    """Scores are a permutation of k..1 on the span and 0 elsewhere; return the pick order per sample."""
+    b, n, _ = x.shape
+    end = span_end or n
+    k = _expected_k(n, keep, protect, span_end, ratio)
+    assert score.shape == (b, n) and score.dtype == x.dtype
+    assert np.all(score[:, :protect] == 0) and np.all(score[:, end:] == 0)
+    orders = []
+    for row in score[:, protect:end]:
+        assert sorted(row[row > 0].tolist()) == list(range(1, k + 1))
+        assert np.count_nonzero(row) == k
+        orders.append(list(np.argsort(-row, kind="stable")[:k]))
+    return orders
+
+
+# ------------------------------------------------------------------------- reference
+
+
+def test_reference_semantics_by_hand():
+    """Points on a line (as 2-D directions): the outliers first, then the gaps' middles."""
+    angles = np.array([0.0, 0.1, 0.2, 1.5, 0.05])  # radians; cos distance grows with the angle gap
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1)[None].astype(np.float32)
+    (score,) = DIVERSITY_RANK.run_reference(x, keep=3)
+    # nearest-neighbour distances: 1.5 is far from all -> first; then 0.0 (farthest from 1.5),
+    # then 0.2 (its distance to {0.0, 1.5} is the largest min)
+    assert score.tolist() == [[2.0, 0.0, 1.0, 3.0, 0.0]]
+
+
+def test_reference_greedy_is_max_min():
+    """Every pick maximises the distance to the ones before it (the definition, brute force)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((12, 6))
+    dist = cosine_distances(x)
+    picks = greedy_picks(dist, 12)
+    np.testing.assert_allclose(dist, dist.T, atol=1e-12)
+    off = dist + np.diag(np.full(12, np.inf))
+    assert picks[0] == int(np.argmax(off.min(axis=0)))
+    for t in range(1, 12):
+        before = picks[:t]
+        gaps = [dist[before, j].min() if j not in before else -np.inf for j in range(12)]
+        assert picks[t] == int(np.argmax(gaps))
+
+
+def test_reference_rejects_bad_keep_and_span():
+    x = np.zeros((1, 6, 2), np.float32)
+    with pytest.raises(ValueError, match="keep=6 must be in"):
+        DIVERSITY_RANK.run_reference(x, keep=6, protect=1)
+    with pytest.raises(ValueError, match="span"):
+        DIVERSITY_RANK.run_reference(x, keep=1, protect=3, span_end=3)
+    with pytest.raises(ValueError, match="required"):
+        DIVERSITY_RANK.run_reference(x)
+
+
+# --------------------------------------------------------------------- decomposition
+
+
+@pytest.mark.parametrize("batch,n,d,keep,protect,span_end,ratio", CASES)
+def test_decomposition_matches_reference(batch, n, d, keep, protect, span_end, ratio):
+    rng = np.random.default_rng(n * 7 + keep + protect)
+    x = rng.standard_normal((batch, n, d)).astype(np.float32)
+    attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
+    (got,) = run_decomposition("DiversityRank", [x], **attrs)
+    (want,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    _check_scores(want, x, keep, protect, span_end, ratio)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_decomposition_default_attributes():
+    x = np.random.default_rng(2).standard_normal((2, 9, 5)).astype(np.float32)
+    (got,) = run_decomposition("DiversityRank", [x], keep=4)
+    np.testing.assert_array_equal(got, DIVERSITY_RANK.run_reference(x, keep=4)[0])
+
+
+def _tied_tokens(rng, b, n, d, zeros=2):
+    """±1 entries (few distinct directions: many duplicates, distance 0) and zero tokens."""
+    x = rng.choice([-1.0, 1.0], size=(b, n, d)).astype(np.float32)
+    x[:, rng.choice(n, size=zeros, replace=False)] = 0.0
+    x *= rng.choice([0.5, 2.0, 4.0], size=(b, n, 1)).astype(np.float32)  # scale: same direction
+    return x
+
+
+@pytest.mark.parametrize("n,d,keep,protect,span_end", [(17, 4, 16, 1, 0), (17, 4, 5, 1, 0), (64, 4, 64, 0, 0),
+                                                         (40, 16, 12, 3, 30), (6, 1, 6, 0, 0)])
+def test_decomposition_ties_and_duplicates(n, d, keep, protect, span_end):
+    """Exact ties everywhere (duplicates at distance 0, zero tokens at distance 1): lower index wins."""
+    x = _tied_tokens(np.random.default_rng(n + keep), 3, n, d)
+    attrs = dict(keep=keep, protect=protect, span_end=span_end)
+    (want,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    _check_scores(want, x, keep, protect, span_end, 1.0)
+    (got,) = run_decomposition("DiversityRank", [x], **attrs)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_all_tokens_identical_picks_in_index_order():
+    """Every distance 0: each argmax is a tie over the unpicked tokens, so picks go 0, 1, 2, ..."""
+    x = np.ones((2, 7, 4), np.float32)
+    (want,) = DIVERSITY_RANK.run_reference(x, keep=4, protect=1)
+    assert want.tolist() == [[0, 4, 3, 2, 1, 0, 0]] * 2
+    (got,) = run_decomposition("DiversityRank", [x], keep=4, protect=1)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_duplicates_are_picked_after_every_distinct_token():
+    """Random distinct tokens, each repeated: the first picks cover every distinct token once."""
+    rng = np.random.default_rng(11)
+    distinct = rng.standard_normal((2, 9, 8)).astype(np.float32)
+    copies = rng.integers(0, 9, size=(2, 20))
+    x = np.take_along_axis(distinct, copies[:, :, None], axis=1)
+    for b in range(2):
+        x[b, :9] = distinct[b]  # every distinct token is present
+    (got,) = run_decomposition("DiversityRank", [x], keep=x.shape[1])
+    (want,) = DIVERSITY_RANK.run_reference(x, keep=x.shape[1])
+    for score in (got, want):
+        for b in range(2):
+            first = np.argsort(-score[b], kind="stable")[:9]
+            kinds = [tuple(x[b, j]) for j in first]
+            assert len(set(kinds)) == 9
+
+
+# ------------------------------------------------------------------------ properties
+
+
+@pytest.mark.parametrize("keep,protect,span_end,ratio", [(7, 1, 0, 1.0), (1, 0, 0, 1.0), (30, 2, 32, 1.0),
+                                                          (0, 1, 0, 0.4), (33, 0, 0, 1.0)])
+def test_token_prune_keeps_exactly_the_greedy_set(keep, protect, span_end, ratio):
+    """score -> TokenPrune (same attributes) keeps the protected tokens, the suffix and the picks."""
+    rng = np.random.default_rng(keep + 3)
+    x = rng.standard_normal((3, 33, 8)).astype(np.float32)
+    attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
+    (score,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    _, kept, fused = TOKEN_PRUNE.run_reference(x, score, **attrs)
+    end = span_end or 33
+    k = _expected_k(33, keep, protect, span_end, ratio)
+    for b in range(3):
+        picks = greedy_picks(cosine_distances(x[b, protect:end]), k)
+        want = list(range(protect)) + sorted(p + protect for p in picks) + list(range(end, 33))
+        assert kept[b].tolist() == want
+    np.testing.assert_array_equal(fused, 0)  # the dropped tokens score 0: nothing fused
+
+
+def _min_pairwise(dist, subset):
+    return min(dist[i, j] for i, j in itertools.combinations(subset, 2))
+
+
+def test_greedy_set_is_more_diverse_than_random_subsets():
+    """Clustered tokens: the greedy set's closest pair is at least as far apart as a random
+    subset's (a sanity property of max-min selection, not a bound)."""
+    rng = np.random.default_rng(4)
+    centres = rng.standard_normal((6, 16))
+    x = (np.repeat(centres, 10, axis=0) + 0.05 * rng.standard_normal((60, 16)))[rng.permutation(60)]
+    x = x[None].astype(np.float32)
+    dist = cosine_distances(x[0])
+    for k in (3, 6, 10):
+        (score,) = run_decomposition("DiversityRank", [x], keep=k)
+        chosen = np.flatnonzero(score[0])
+        greedy = _min_pairwise(dist, chosen)
+        for _ in range(20):
+            assert greedy >= _min_pairwise(dist, rng.choice(60, size=k, replace=False))
+        if k == 6:  # one token per cluster
+            assert greedy > 0.1
