@@ -23,7 +23,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOKEN_PRUNING_METHODS = ("cls_attention", "last_token_attention")
+TOKEN_PRUNING_METHODS = ("cls_attention", "last_token_attention", "zero_tprune", "divprune", "recycle", "adaptive")
+#: recipe keys that belong to one method only
+_METHOD_KEYS = {"iterations": "zero_tprune", "head_variance": "zero_tprune", "recycle_grid": "recycle",
+                "mass": "adaptive"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,15 @@ class TokenPruningOptions:
     fuse_pruned: bool = False
     #: [start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)
     prunable: tuple[int, int] | None = None
+    #: zero_tprune: PageRank iterations per listed layer (None: the paper's schedule by depth)
+    iterations: tuple[int, ...] | None = None
+    #: zero_tprune: heads whose score variance falls outside [low, high] are ignored
+    head_variance: tuple[float, float] = (0.01, 0.7)
+    #: recycle: dropped tokens are merged into one token per cell of a grid × grid layout
+    recycle_grid: int = 2
+    #: adaptive: keep the fewest tokens holding this share of the attention mass
+    #: (`keep` is then the static upper bound)
+    mass: float = 0.9
 
     @property
     def protected_prefix(self) -> int:
@@ -60,6 +72,45 @@ class TokenPruningOptions:
 
 
 @dataclass(frozen=True)
+class TokenMergingOptions:
+    """[token_merging]: ToMe — merge r tokens per block by bipartite soft matching."""
+
+    #: tokens merged away at each listed block
+    r: tuple[int, ...] = ()
+    layers: tuple[int, ...] = ()
+    protect: str = "cls"
+    #: add log(size) to later attention logits, so a merged token weighs as the tokens it holds
+    proportional_attention: bool = True
+
+    @property
+    def protected_prefix(self) -> int:
+        return 1 if self.protect == "cls" else 0
+
+    @property
+    def min_tokens(self) -> int:
+        """Fewest tokens for which every block has r mergeable tokens (sources are the
+        even-indexed tokens after the protected ones)."""
+        n = 1
+        while not self.fits(n):
+            n += 1
+        return n
+
+    def fits(self, n: int) -> bool:
+        for r in self.r:
+            if r > (n + 1) // 2 - (self.protected_prefix + 1) // 2:
+                return False
+            n -= r
+        return True
+
+
+@dataclass(frozen=True)
+class TokenSlimmingOptions:
+    """[token_slimming]: fuse the model's own token slimming modules (SiT) into one op each."""
+
+    fuse: bool = True
+
+
+@dataclass(frozen=True)
 class PaddingOptions:
     """[padding]: trim trailing padding before the first block (exact; outputs padded back)."""
 
@@ -69,6 +120,8 @@ class PaddingOptions:
 @dataclass(frozen=True)
 class Recipe:
     token_pruning: TokenPruningOptions | None = None
+    token_merging: TokenMergingOptions | None = None
+    token_slimming: TokenSlimmingOptions | None = None
     padding: PaddingOptions | None = None
     source: str = field(default="<dict>", compare=False)
 
@@ -81,14 +134,29 @@ class Recipe:
                 del tp["prunable"]
             else:
                 tp["prunable"] = list(tp["prunable"])
+            for key, value in list(tp.items()):
+                if key in _METHOD_KEYS and _METHOD_KEYS[key] != tp["method"]:
+                    del tp[key]
+                elif isinstance(value, tuple):
+                    tp[key] = list(value)
+            if tp.get("iterations") is None:
+                tp.pop("iterations", None)
             out["token_pruning"] = tp
+        if self.token_merging is not None:
+            tm = dataclasses.asdict(self.token_merging)
+            tm["r"], tm["layers"] = list(tm["r"]), list(tm["layers"])
+            out["token_merging"] = tm
+        if self.token_slimming is not None:
+            out["token_slimming"] = dataclasses.asdict(self.token_slimming)
         if self.padding is not None:
             out["padding"] = dataclasses.asdict(self.padding)
         return out
 
     @property
     def is_empty(self) -> bool:
-        return self.token_pruning is None and (self.padding is None or not self.padding.trim_trailing)
+        return (self.token_pruning is None and self.token_merging is None
+                and (self.token_slimming is None or not self.token_slimming.fuse)
+                and (self.padding is None or not self.padding.trim_trailing))
 
 
 def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Recipe:
@@ -112,14 +180,83 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning", "padding"}
+    known = {"token_pruning", "token_merging", "token_slimming", "padding"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
     tp = data.get("token_pruning")
     pad = data.get("padding")
+    tm = data.get("token_merging")
+    ts = data.get("token_slimming")
+    if tp is not None and tm is not None:
+        raise RecipeError(f"{source}: [token_pruning] and [token_merging] cannot be combined yet; choose one")
     return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None,
+                  token_merging=_parse_token_merging(tm, source) if tm is not None else None,
+                  token_slimming=_parse_token_slimming(ts, source) if ts is not None else None,
                   padding=_parse_padding(pad, source) if pad is not None else None, source=source)
+
+
+def _table(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{where} must be a table")
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _block_list(value: Any, where: str, key: str = "layers") -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(i) for i in value):
+        raise RecipeError(f"{where}: {key} must be a non-empty list of block indices, e.g. [3, 6, 9]")
+    if any(i < 0 for i in value):
+        raise RecipeError(f"{where}: {key} must be 0-based block indices >= 0, got {list(value)}")
+    if len(set(value)) != len(value):
+        raise RecipeError(f"{where}: {key} contains duplicates: {list(value)}")
+    return tuple(value)
+
+
+def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
+    where = f"{source}: [token_merging]"
+    tm = _table(tm, where, {f.name for f in dataclasses.fields(TokenMergingOptions)})
+    r = tm.get("r")
+    layers = _block_list(tm["layers"], where) if "layers" in tm else None
+    if _is_int(r):
+        if r < 1:
+            raise RecipeError(f"{where}: r must be >= 1, got {r}")
+        if layers is None:
+            raise RecipeError(f"{where}: with a constant r, give the blocks too: layers = [0, 1, ...] "
+                              "(or r as a per-block list)")
+        r = (r,) * len(layers)
+    elif isinstance(r, (list, tuple)) and r and all(_is_int(i) and i >= 0 for i in r):
+        r = tuple(r)
+        if layers is None:
+            layers = tuple(range(len(r)))
+        elif len(layers) != len(r):
+            raise RecipeError(f"{where}: r lists {len(r)} values for {len(layers)} layers")
+    else:
+        raise RecipeError(f"{where}: r must be a positive integer or a list of integers >= 0 (one per block), got {r!r}")
+    protect = tm.get("protect", "cls")
+    if protect not in ("cls", "none"):
+        raise RecipeError(f"{where}: protect must be \"cls\" or \"none\", got {protect!r}")
+    prop = tm.get("proportional_attention", True)
+    if not isinstance(prop, bool):
+        raise RecipeError(f"{where}: proportional_attention must be true or false, got {prop!r}")
+    pairs = sorted(zip(layers, r))
+    return TokenMergingOptions(r=tuple(p[1] for p in pairs), layers=tuple(p[0] for p in pairs), protect=protect,
+                               proportional_attention=prop)
+
+
+def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:
+    where = f"{source}: [token_slimming]"
+    ts = _table(ts, where, {"fuse"})
+    fuse = ts.get("fuse", True)
+    if not isinstance(fuse, bool):
+        raise RecipeError(f"{where}: fuse must be true or false, got {fuse!r}")
+    return TokenSlimmingOptions(fuse=fuse)
 
 
 def _parse_padding(pad: Any, source: str) -> PaddingOptions:
@@ -146,15 +283,7 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     method = tp.get("method", "cls_attention")
     if method not in TOKEN_PRUNING_METHODS:
         raise RecipeError(f"{where}: method {method!r} is not supported; choose one of {list(TOKEN_PRUNING_METHODS)}")
-    layers = tp.get("layers")
-    if not isinstance(layers, (list, tuple)) or not layers or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in layers
-    ):
-        raise RecipeError(f"{where}: layers must be a non-empty list of block indices, e.g. [3, 6, 9]")
-    if any(i < 0 for i in layers):
-        raise RecipeError(f"{where}: layers must be 0-based block indices >= 0, got {list(layers)}")
-    if len(set(layers)) != len(layers):
-        raise RecipeError(f"{where}: layers contains duplicates: {list(layers)}")
+    layers = _block_list(tp.get("layers"), where)
     keep = tp.get("keep")
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
         raise RecipeError(f"{where}: keep must be a number in (0, 1], got {keep!r}")
@@ -173,5 +302,33 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
                 or not 0 <= prunable[0] < prunable[1]):
             raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end, got {prunable!r}")
         prunable = (int(prunable[0]), int(prunable[1]))
+    for key, owner in _METHOD_KEYS.items():
+        if key in tp and method != owner:
+            raise RecipeError(f"{where}: {key} applies to method = \"{owner}\" only (method is {method!r})")
+    extra: dict[str, Any] = {}
+    if "iterations" in tp:
+        its = tp["iterations"]
+        if not isinstance(its, (list, tuple)) or len(its) != len(layers) or not all(_is_int(i) and i >= 1 for i in its):
+            raise RecipeError(f"{where}: iterations must list one integer >= 1 per layer ({len(layers)}), got {its!r}")
+        extra["iterations"] = tuple(i for _, i in sorted(zip(layers, its)))
+    if "head_variance" in tp:
+        hv = tp["head_variance"]
+        if (not isinstance(hv, (list, tuple)) or len(hv) != 2 or not all(isinstance(v, (int, float)) for v in hv)
+                or not 0 <= hv[0] <= hv[1]):
+            raise RecipeError(f"{where}: head_variance must be [low, high] with 0 <= low <= high, got {hv!r}")
+        extra["head_variance"] = (float(hv[0]), float(hv[1]))
+    if "recycle_grid" in tp:
+        grid = tp["recycle_grid"]
+        if not _is_int(grid) or grid < 1:
+            raise RecipeError(f"{where}: recycle_grid must be an integer >= 1, got {grid!r}")
+        extra["recycle_grid"] = grid
+    if "mass" in tp:
+        mass = tp["mass"]
+        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 < mass <= 1.0:
+            raise RecipeError(f"{where}: mass must be a number in (0, 1], got {mass!r}")
+        extra["mass"] = float(mass)
+    if fuse and method in ("recycle", "adaptive"):
+        raise RecipeError(f"{where}: fuse_pruned does not apply to method {method!r} "
+                          "(recycle merges the dropped tokens itself; adaptive masks them)")
     return TokenPruningOptions(method=method, layers=tuple(sorted(layers)), keep=float(keep),
-                               protect=protect, fuse_pruned=fuse, prunable=prunable)
+                               protect=protect, fuse_pruned=fuse, prunable=prunable, **extra)

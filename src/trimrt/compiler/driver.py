@@ -111,7 +111,10 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
 
 def _min_tokens(recipe) -> int:
-    """Fewest tokens a build of `recipe` accepts (a prunable span must fit)."""
+    """Fewest tokens a build of `recipe` accepts (a prunable span must fit, every merge
+    must find its r tokens)."""
+    if recipe.token_merging is not None:
+        return recipe.token_merging.min_tokens
     tp = recipe.token_pruning
     if tp is None:
         return 0
@@ -133,7 +136,7 @@ def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:
 
 def _is_noop(reports: list[dict]) -> bool:
     for r in reports:
-        if r["pass"] == "token_pruning" and r["report"]["tokens_after"] != r["report"]["tokens_before"]:
+        if r["pass"] in ("token_pruning", "token_merging") and r["report"]["tokens_after"] != r["report"]["tokens_before"]:
             return False
     return True
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import TokenPruningPass, TrimPaddingPass, TrimrtPass
+from ..passes import TokenMergingPass, TokenPruningPass, TrimPaddingPass, TrimrtPass
 from ..plugins import DOMAIN, OP_VERSION, REGISTRY
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
@@ -114,11 +114,18 @@ class TargetPass(TrimrtPass):
 def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass]:
     """The ordered pass list for a recipe and target."""
     feature: list[TrimrtPass] = []
+    if recipe.token_slimming is not None and recipe.token_slimming.fuse:
+        from ..passes.token_slimming import TokenSlimmingPass
+
+        feature.append(TokenSlimmingPass())
     if recipe.padding is not None and recipe.padding.trim_trailing:
-        feature.append(TrimPaddingPass())  # first: it probes the graph on ONNX Runtime, before custom ops appear
+        feature.append(TrimPaddingPass())  # it probes the graph on ONNX Runtime, before token ops appear
     if recipe.token_pruning is not None:
         feature.append(TokenPruningPass(recipe.token_pruning))
-    analysis = [AnalysePass()] if recipe.token_pruning is not None else []  # needed by token-level passes only
+    if recipe.token_merging is not None:
+        feature.append(TokenMergingPass(recipe.token_merging))
+    token_level = recipe.token_pruning is not None or recipe.token_merging is not None
+    analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
 
 

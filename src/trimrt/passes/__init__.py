@@ -2,7 +2,8 @@
 (a frozen dataclass from the Recipe) at construction and recording what it did in `report`."""
 
 from .base import PASS_TAG, TrimrtPass
+from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "TokenPruningPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "TokenMergingPass", "TokenPruningPass", "TrimPaddingPass"]

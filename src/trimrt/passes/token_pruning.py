@@ -1,14 +1,23 @@
-"""Token pruning (EViT, FastV): after the attention of chosen blocks, keep the top tokens.
+"""Token pruning: after (or before) the attention of chosen blocks, keep the top tokens.
 
-At each listed block the pass inserts, right after the attention sub-layer's residual
-(and its LayerNorm in post-norm blocks):
+Methods (`[token_pruning] method`), each a score op feeding a selection op:
 
-    score      = trimrt::AttentionRowScore(q, kᵀ, mask, row)   # CLS row (EViT) or last row (FastV)
-    y, idx, f  = trimrt::TokenPrune(stream, score, ...)         # top-k of the prunable span
-    stream'    = y with f inserted after the kept span tokens   # if fuse_pruned
+    cls_attention / last_token_attention   EViT / FastV: AttentionRowScore (CLS row / last row)
+                                           → TokenPrune (top-k of the span), optional fusion
+    zero_tprune    AttentionPageRank (weighted PageRank per head, head filter, similarity
+                   stage) on the block's attention probabilities → TokenPrune
+    divprune       DiversityRank (greedy max–min cosine diversity) on the tokens entering
+                   the block — before its attention, so `layers = [0]` prunes before layer 0
+                   → TokenPrune
+    recycle        AttentionRowScore → TokenRecycle: the dropped tokens are merged into one
+                   token per cell of a grid over the patch layout (VFlowOpt)
+    adaptive       AttentionRowScore → TokenPrune with k = ceil(keep · span) as a static
+                   upper bound → MassMask: per input, only the tokens holding `mass` of the
+                   attention stay visible; the others are masked out of every later
+                   attention (ATP-style; static shapes, a validity mask, no NonZero)
 
-and routes every later use of the stream to stream'. The MLP of that block and all
-later blocks then run on fewer tokens.
+The reduced stream replaces the old one for every later use, so the MLP of that block
+(for divprune, the whole block) and all later blocks run on fewer tokens.
 
 Tensors that travel with the tokens — the attention mask (padding, causal), RoPE
 cos/sin tables built from the position ids — are found as the inputs of the pruned
@@ -18,27 +27,34 @@ Shape constants that baked the original count are rewritten to follow the runtim
 
 k is a build-time constant when the token count (or the prunable span) is static,
 so TensorRT gets static shapes; for text models whose length is only known at run
-time the op computes k = ceil(keep · span) itself.
+time the ops compute k = ceil(keep · span) themselves.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import Attention, analyse
+from ..compiler.analysis import Block, analyse
 from ..compiler.probe import TokenDims
-from ..compiler.token_shapes import (
-    downstream_nodes, free_token_count, gather_tokens, rederive_shape_values, side_inputs,
-)
+from ..compiler.token_shapes import free_token_count
 from ..errors import RecipeError, StructureError
 from ..recipe import TokenPruningOptions
-from .base import TrimrtPass
+from .token_graph import BLOCKED, TokenGraphPass, clear_stale_shapes
 
 SCORE_ROW = {"cls_attention": 0, "last_token_attention": -1}
 
 
-class TokenPruningPass(TrimrtPass):
+def page_rank_iterations(layer: int, depth: int) -> int:
+    """Zero-TPrune's default schedule: many iterations early, one in the last layers."""
+    if layer >= depth - 3:
+        return 1
+    return 30 if layer < 3 else 5
+
+
+class TokenPruningPass(TokenGraphPass):
     name = "token_pruning"
 
     def __init__(self, options: TokenPruningOptions):
@@ -61,129 +77,147 @@ class TokenPruningPass(TrimrtPass):
         if isinstance(n, int) and (start >= n or (end is not None and end > n)):
             raise RecipeError(f"[token_pruning] the prunable span [{start}, {end or n}) does not fit the model's {n} tokens")
         self.graph = model.graph
+        self.depth = depth
         dims = TokenDims(model, n)  # token axes of the original graph's values (probed when dynamic)
         n_orig = n
         layers, pruned, aligned, gathered = [], [], None, {}
         span_len = (end - start) if end is not None else (n - start if isinstance(n, int) else None)
-        for layer in opts.layers:
+        self._recycle_setup(n, start, span_len)
+        self.position = None  # recycle: original patch index of each token
+        self.key_bias = None  # adaptive: 0 / BLOCKED per token, for the attention of later blocks
+        biases = []  # (layer, key bias valid after it)
+        for i, layer in enumerate(opts.layers):
             block = tmap.blocks[layer]
             keep = opts.kept_count(span_len) if span_len is not None else 0  # 0: the op computes k at run time
             fuse = opts.fuse_pruned and (keep < span_len if keep else opts.keep < 1.0)
-            out, kept_index = self._prune(block.stream_mid, block.attention, layer, keep, start,
-                                          (start + span_len) if end is not None else 0, fuse, gathered)
-            region = downstream_nodes(self.graph, [out])
-            if aligned is None:  # first prune: find what travels with the tokens
-                aligned = {v: (dims.rank(v), dims.axes(v)) for v in side_inputs(region, {out})}
-                aligned = {v: ra for v, ra in aligned.items() if ra[1] and ra[0] is not None}
-            self._gather_side_tensors(aligned, gathered, region, kept_index, layer)
-            rederived = rederive_shape_values(self.graph, region, dims, out,
-                                              lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm),
-                                              f"trimrt_prune_{layer}_shape")
+            span_end_attr = (start + span_len) if (end is not None or opts.method == "recycle") else 0
+            out, kept_index, extra = self._prune(block, layer, keep, start, span_end_attr, fuse, gathered, i)
+            aligned, _, rederived = self._follow_tokens(out, kept_index, layer, dims, aligned, gathered)
             pruned.append(out)
             new_span = (keep + (1 if fuse else 0)) if keep else None
-            tokens_out = (n - span_len + new_span) if isinstance(n, int) and new_span is not None else "dynamic"
-            layers.append({"block": layer, "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)",
-                           "protected": start, "fused": bool(fuse), "tokens_out": tokens_out,
-                           "shape_values_rederived": rederived})
+            added = self.options.recycle_grid ** 2 if opts.method == "recycle" else 0
+            tokens_out = (n - span_len + new_span + added) if isinstance(n, int) and new_span is not None else "dynamic"
+            entry = {"block": layer, "at": "block input" if opts.method == "divprune" else "after attention",
+                     "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)", "protected": start,
+                     "fused": bool(fuse), "tokens_out": tokens_out, "shape_values_rederived": rederived, **extra}
+            layers.append(entry)
+            if self.key_bias is not None:
+                biases.append((layer, self.key_bias))
             n, span_len = tokens_out, new_span
+        self._bias_later_attention(tmap.blocks, biases)
         rewritten = free_token_count(self.graph, pruned[:1], n_orig, self.name) if isinstance(n_orig, int) else 0
-        _clear_stale_shapes(self.graph, pruned[:1], n_orig, n)
+        clear_stale_shapes(self.graph, pruned[:1], n_orig, n)
         self.report = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                        "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
         return ir.passes.PassResult(model, modified=True)
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ methods
 
-    def _node(self, op_type: str, inputs, attributes: dict, name: str, domain: str = "", num_outputs: int = 1) -> ir.Node:
-        for value in inputs:  # register the small constants the pass creates
-            if value is not None and value.const_value is not None and value.graph is None and not value.is_initializer():
-                self.graph.register_initializer(value)
-        if domain:
-            return self.custom_node(op_type, inputs, attributes, num_outputs, name)
-        return self.std_node(op_type, inputs, attributes, name=name)
-
-    def _const(self, name: str, array: np.ndarray) -> ir.Value:
-        return ir.Value(name=name, const_value=ir.tensor(array, name=name))
-
-    def _prune(self, stream: ir.Value, attn: Attention, layer: int, keep: int, protect: int, span_end: int,
-               fuse: bool, gathered: dict) -> tuple[ir.Value, ir.Value]:
-        """Insert scoring + pruning after `stream`; return (new stream, kept indices for side tensors)."""
-        if stream.is_graph_output():
-            raise StructureError(f"the stream after block {layer} is a graph output; cannot prune it")
-        uses = list(stream.uses())
+    def _prune(self, block: Block, layer: int, keep: int, protect: int, span_end: int, fuse: bool, gathered: dict,
+               step: int) -> tuple[ir.Value, ir.Value, dict]:
+        """Insert scoring + selection at this block; return (new stream, kept indices into
+        the previous tokens, extra report entries)."""
+        method = self.options.method
+        attn = block.attention
+        stream = block.stream_in if method == "divprune" else block.stream_mid
+        uses = self._stream_uses(stream, layer)
         prefix = f"trimrt_prune_{layer}"
-        nodes = []
-        mask = self._additive_mask(attn, prefix, nodes, gathered)
-        k_t = self._transposed_keys(attn, prefix, nodes)
-        score = self._node("AttentionRowScore", [attn.q, k_t, mask],
-                           {"row": SCORE_ROW[self.options.method], "scale": float(attn.scale)},
-                           f"{prefix}_score", domain="trimrt")
-        prune = self._node("TokenPrune", [stream, score.outputs[0]],
-                           {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": float(self.options.keep)},
-                           prefix, domain="trimrt", num_outputs=3)
-        nodes += [score, prune]
-        y, kept_index, fused = prune.outputs
-        out = y
-        if fuse:
-            out, kept_index = self._insert_fused(y, kept_index, fused, keep, protect, span_end, prefix, nodes)
-        self.graph.insert_after(stream.producer(), nodes)
-        for user, idx in uses:
-            user.replace_input_with(idx, out)
-        return out, kept_index
-
-    def _transposed_keys(self, attn: Attention, prefix: str, nodes: list) -> ir.Value:
-        """Kᵀ [B, H, Dh, N] for the side branch: transposed for a fused Attention op, with
-        grouped KV heads repeated to the query heads."""
-        if attn.k_transposed:
-            return attn.k
-        k_t = self._node("Transpose", [attn.k], {"perm": [0, 1, 3, 2]}, f"{prefix}_kt")
-        nodes.append(k_t)
-        hq = attn.q.shape[1] if attn.q.shape is not None else None
-        hk = attn.k.shape[1] if attn.k.shape is not None else None
-        if isinstance(hq, int) and isinstance(hk, int) and hq != hk:
-            group = hq // hk
-            unsq = self._node("Unsqueeze", [k_t.outputs[0], self._const(f"{prefix}_ax2", np.array([2]))], {}, f"{prefix}_kt_u")
-            shape = self._node("Shape", [unsq.outputs[0]], {}, f"{prefix}_kt_s")
-            target = self._node("Mul", [shape.outputs[0], self._const(f"{prefix}_rep", np.array([1, 1, group, 1, 1]))], {},
-                                f"{prefix}_kt_t")
-            rep = self._node("Expand", [unsq.outputs[0], target.outputs[0]], {}, f"{prefix}_kt_rep")
-            dh = attn.k.shape[3]
-            if not isinstance(dh, int):
-                raise StructureError(f"attention {attn.core.name!r}: grouped KV heads with an unknown head size")
-            merged = self._node("Reshape", [rep.outputs[0], self._const(f"{prefix}_kt_shape", np.array([0, hq, dh, -1]))],
-                                {}, f"{prefix}_kt_gqa")
-            nodes += [unsq, shape, target, rep, merged]
-            return merged.outputs[0]
-        return k_t.outputs[0]
-
-    def _additive_mask(self, attn: Attention, prefix: str, nodes: list, gathered: dict) -> ir.Value:
-        """The block's attention mask as an additive rank-4 tensor, as the block sees it now
-        (`gathered`: travelling tensors already gathered by earlier prunes)."""
-        if attn.mask is not None and attn.mask.dtype == ir.DataType.BOOL:  # True = attend (Attention op)
-            cond = gathered.get(attn.mask, attn.mask)
-            zero = self._const(f"{prefix}_mask_zero", np.array(0.0, dtype=np.float32))
-            fill = self._const(f"{prefix}_mask_fill", np.array(np.finfo(np.float32).min, dtype=np.float32))
-            where = self._node("Where", [cond, zero, fill], {}, f"{prefix}_mask")
-            nodes.append(where)
-            mask = where.outputs[0]
-        elif attn.mask is not None:
-            mask = gathered.get(attn.mask, attn.mask)
-        elif attn.mask_select is not None:
-            cond, when_true, when_false = attn.mask_select.inputs
-            cond = gathered.get(cond, cond)
-            zero = self._const(f"{prefix}_mask_zero", np.array(0.0, dtype=np.float32))
-            fill_is_false = when_true.const_value is None  # Where(cond, logits, fill)
-            fill = when_false if fill_is_false else when_true
-            fill_f = self._node("Cast", [fill], {"to": ir.DataType.FLOAT}, f"{prefix}_mask_fill")
-            where = self._node("Where", [cond, zero, fill_f.outputs[0]] if fill_is_false else [cond, fill_f.outputs[0], zero],
-                               {}, f"{prefix}_mask")
-            nodes += [fill_f, where]
-            mask = where.outputs[0]
+        nodes: list[ir.Node] = []
+        select = {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": float(self.options.keep)}
+        extra: dict = {}
+        if method in SCORE_ROW or method in ("recycle", "adaptive"):
+            row = SCORE_ROW.get(method, 0 if self.options.prunable is None and protect > 0 else -1)
+            mask = self._additive_mask(attn, prefix, nodes, gathered, self.key_bias)
+            k_t = self._transposed_keys(attn, prefix, nodes)
+            score = self._node("AttentionRowScore", [attn.q, k_t, mask], {"row": row, "scale": float(attn.scale)},
+                               f"{prefix}_score", domain="trimrt")
+        elif method == "zero_tprune":
+            probs = self._attention_probs(attn, prefix, nodes, gathered)
+            metric = self._head_mean_keys(attn, prefix, nodes)
+            its = (self.options.iterations[step] if self.options.iterations is not None
+                   else page_rank_iterations(layer, self.depth))
+            low, high = self.options.head_variance
+            score = self._node("AttentionPageRank", [probs, metric],
+                               {"iterations": its, "var_min": low, "var_max": high, "protect": protect,
+                                "span_end": span_end}, f"{prefix}_score", domain="trimrt")
+            extra["iterations"] = its
+        elif method == "divprune":
+            score = self._node("DiversityRank", [stream], select, f"{prefix}_score", domain="trimrt")
+        else:  # pragma: no cover - the recipe validates methods
+            raise RecipeError(f"[token_pruning] unknown method {method!r}")
+        nodes.append(score)
+        if method == "recycle":
+            out, kept_index = self._recycle(stream, score.outputs[0], select, prefix, nodes)
+            extra["cells"] = self.options.recycle_grid ** 2
         else:
-            return self._const(f"{prefix}_no_mask", np.zeros((1, 1, 1, 1), dtype=np.float32))
-        if mask.shape is not None and len(mask.shape) != 4:
-            raise StructureError(f"attention mask {mask.name!r} has rank {len(mask.shape)}; token pruning expects a rank-4 mask")
-        return mask
+            prune = self._node("TokenPrune", [stream, score.outputs[0]], select, prefix, domain="trimrt", num_outputs=3)
+            nodes.append(prune)
+            out, kept_index, fused = prune.outputs
+            if fuse:
+                out, kept_index = self._insert_fused(out, kept_index, fused, keep, protect, span_end, prefix, nodes)
+            if method == "adaptive":
+                extra["visible_count"] = self._adaptive_mask(score.outputs[0], kept_index, protect, span_end, prefix,
+                                                             nodes)
+        self._replace_stream(stream, uses, nodes, out)
+        return out, kept_index, extra
+
+    def _adaptive_mask(self, score, kept_index, protect, span_end, prefix, nodes) -> str:
+        """MassMask after the static top-k: tokens outside the input's attention mass get a
+        blocking key bias in every later attention (the previous bias, gathered, joins it)."""
+        mass = self._node("MassMask", [score, kept_index], {"tau": float(self.options.mass), "protect": protect,
+                                                             "span_end": span_end}, f"{prefix}_mass", domain="trimrt",
+                          num_outputs=2)
+        valid, count = mass.outputs
+        count.name = f"{prefix}_visible_count"
+        zero = self._const(f"{prefix}_bias_zero", np.array(0.0, np.float32))
+        blocked = self._const(f"{prefix}_bias_blocked", np.array(BLOCKED, np.float32))
+        is_valid = self._node("Cast", [valid], {"to": ir.DataType.BOOL}, f"{prefix}_valid")
+        bias = self._node("Where", [is_valid.outputs[0], zero, blocked], {}, f"{prefix}_bias")
+        nodes += [mass, is_valid, bias]
+        new_bias = bias.outputs[0]
+        if self.key_bias is not None:
+            old = self._node("GatherElements", [self.key_bias, kept_index], {"axis": 1}, f"{prefix}_bias_prev")
+            both = self._node("Min", [old.outputs[0], new_bias], {}, f"{prefix}_bias_all")
+            nodes += [old, both]
+            new_bias = both.outputs[0]
+        self.key_bias = new_bias
+        return count.name
+
+    def _recycle_setup(self, n, protect: int, span_len) -> None:
+        if self.options.method != "recycle":
+            return
+        if not isinstance(span_len, int):
+            raise StructureError("recycle needs a static token count (its grid is laid over the image patches)")
+        side = math.isqrt(span_len)
+        if side * side != span_len:
+            raise StructureError(f"recycle lays its grid over a square patch layout; the prunable span has {span_len} "
+                                 "tokens, not a square number (set prunable = [start, end) to the patch tokens)")
+        if self.options.recycle_grid > side:
+            raise RecipeError(f"[token_pruning] recycle_grid = {self.options.recycle_grid} is larger than the "
+                              f"{side}×{side} patch layout")
+        self.patch_side = side
+        self.first_patch = protect
+
+    def _recycle(self, stream, score, select, prefix, nodes) -> tuple[ir.Value, ir.Value]:
+        if self.position is None:  # original index of every token, [B, N]
+            shape = self._node("Shape", [stream], {"start": 0, "end": 2}, f"{prefix}_pos_shape")
+            count = self._node("Shape", [stream], {"start": 1, "end": 2}, f"{prefix}_pos_n")
+            zero = self._const(f"{prefix}_pos_zero", np.array(0, np.int64))
+            one = self._const(f"{prefix}_pos_one", np.array(1, np.int64))
+            n_s = self._node("Squeeze", [count.outputs[0]], {}, f"{prefix}_pos_ns")
+            rng = self._node("Range", [zero, n_s.outputs[0], one], {}, f"{prefix}_pos_range")
+            pos = self._node("Expand", [rng.outputs[0], shape.outputs[0]], {}, f"{prefix}_pos")
+            nodes += [shape, count, n_s, rng, pos]
+            self.position = pos.outputs[0]
+        grid = self.options.recycle_grid
+        recycle = self._node("TokenRecycle", [stream, score, self.position],
+                             {**select, "grid": grid, "patch_rows": self.patch_side, "patch_cols": self.patch_side,
+                              "first_patch": self.first_patch}, prefix, domain="trimrt", num_outputs=2)
+        out, kept_index = recycle.outputs
+        new_pos = self._node("GatherElements", [self.position, kept_index], {"axis": 1}, f"{prefix}_pos_kept")
+        nodes += [recycle, new_pos]
+        self.position = new_pos.outputs[0]
+        return out, kept_index
 
     def _insert_fused(self, y, kept_index, fused, keep, protect, span_end, prefix, nodes):
         """Place the fused token right after the kept span tokens (at the end when the span
@@ -212,38 +246,3 @@ class TokenPruningPass(TrimrtPass):
                            f"{prefix}_fuse_index")
         nodes += [n_y, rest, sizes, y_parts, i_parts, last, y_new, i_new]
         return y_new.outputs[0], i_new.outputs[0]
-
-    def _gather_side_tensors(self, aligned: dict, gathered: dict, region: list[ir.Node], kept_index: ir.Value,
-                             layer: int) -> None:
-        """Gather each travelling tensor (its latest version) with this layer's kept indices,
-        for its uses inside `region`; `gathered` maps each original to its latest version."""
-        in_region = set(region)
-        for value, (rank, axes) in aligned.items():
-            current = gathered.get(value, value)
-            uses = [(user, i) for user, i in current.uses() if user in in_region]
-            if not uses:
-                continue
-            name = f"trimrt_prune_{layer}_{_safe(value.name)}"
-            nodes, out = gather_tokens(current, rank, axes, kept_index,
-                                       lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm), name)
-            self.graph.insert_after(kept_index.producer(), nodes)
-            for user, i in uses:
-                user.replace_input_with(i, out)
-            gathered[value] = out
-
-
-def _safe(name: str | None) -> str:
-    return "".join(c if c.isalnum() else "_" for c in (name or "value"))
-
-
-def _clear_stale_shapes(graph: ir.Graph, start: list[ir.Value], n_orig, n_final) -> None:
-    """Shapes inferred before pruning are wrong downstream of it: drop them (re-inferred
-    later); graph outputs that keep the token axis get the final token count."""
-    for node in downstream_nodes(graph, start):
-        for out in node.outputs:
-            if not out.is_graph_output():
-                out.shape = None
-            elif out.shape is not None and len(out.shape) >= 3 and out.shape[1] == n_orig:
-                dims = list(out.shape)
-                dims[1] = n_final if isinstance(n_final, int) else ir.SymbolicDim("pruned_tokens")
-                out.shape = ir.Shape(dims)

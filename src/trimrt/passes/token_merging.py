@@ -1,0 +1,102 @@
+"""Token merging (ToMe): at chosen blocks, merge r tokens into their most similar ones.
+
+At each listed block, between the attention and the MLP (where ToMe merges), the pass
+inserts
+
+    metric          = head-mean of the block's keys                      [B, N, Dh]
+    y, size', index = trimrt::TokenMerge(stream, metric, size, r)       bipartite soft matching
+
+and routes every later use of the stream to y. `size` (how many original tokens each
+token stands for) starts at ones and travels from merge to merge. With proportional
+attention, log(size) is added to the attention logits of every later block, so a
+merged token draws the attention its tokens would have drawn together.
+
+Tensors that travel with the tokens (padding masks) are gathered with `index` (a merged
+token takes its destination's row). The merge itself is a one-hot matmul — exact and
+TensorRT-safe, unlike scatter-with-reduction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..compiler.analysis import analyse
+from ..compiler.probe import TokenDims
+from ..compiler.token_shapes import free_token_count
+from ..errors import RecipeError, StructureError
+from ..recipe import TokenMergingOptions
+from .token_graph import TokenGraphPass, clear_stale_shapes
+
+
+class TokenMergingPass(TokenGraphPass):
+    name = "token_merging"
+
+    def __init__(self, options: TokenMergingOptions):
+        super().__init__()
+        self.options = options
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        tmap = analyse(model)
+        depth = len(tmap.blocks)
+        bad = [i for i in opts.layers if i >= depth]
+        if bad:
+            raise RecipeError(f"[token_merging] layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
+        if tmap.token_axis != 1:
+            raise StructureError(f"token merging needs the residual stream as [batch, tokens, width]; found token axis {tmap.token_axis}")
+        n = tmap.num_tokens
+        if n is None:
+            raise StructureError("token count unknown: the residual stream has no shape on its token axis")
+        if isinstance(n, int) and not opts.fits(n):
+            raise RecipeError(f"[token_merging] r = {list(opts.r)} merges more tokens than the model's {n} allow "
+                              f"(each block can merge at most half of its tokens; {opts.min_tokens} tokens needed)")
+        self.graph = model.graph
+        dims = TokenDims(model, n)
+        n_orig, protect = n, opts.protected_prefix
+        layers, merged, aligned, gathered, biases = [], [], None, {}, []
+        size = None
+        for layer, r in zip(opts.layers, opts.r):
+            if r == 0:
+                continue
+            block = tmap.blocks[layer]
+            stream = block.stream_mid
+            uses = self._stream_uses(stream, layer)
+            prefix = f"trimrt_merge_{layer}"
+            nodes: list[ir.Node] = []
+            if size is None:
+                size = self._ones(stream, prefix, nodes)
+            metric = self._head_mean_keys(block.attention, prefix, nodes)
+            merge = self._node("TokenMerge", [stream, metric, size], {"r": r, "protect": protect}, prefix,
+                               domain="trimrt", num_outputs=3)
+            nodes.append(merge)
+            out, size, index = merge.outputs
+            if opts.proportional_attention:
+                log_size = self._node("Log", [size], {}, f"{prefix}_log_size")
+                nodes.append(log_size)
+                biases.append((layer, log_size.outputs[0]))
+            self._replace_stream(stream, uses, nodes, out)
+            aligned, _, rederived = self._follow_tokens(out, index, layer, dims, aligned, gathered)
+            merged.append(out)
+            tokens_out = n - r if isinstance(n, int) else "dynamic"
+            layers.append({"block": layer, "tokens_in": n, "merged": r, "tokens_out": tokens_out,
+                           "shape_values_rederived": rederived})
+            n = tokens_out
+        if not merged:
+            self.report = {"layers": [], "tokens_before": n_orig, "tokens_after": n_orig}
+            return ir.passes.PassResult(model, modified=False)
+        self._bias_later_attention(tmap.blocks, biases)
+        rewritten = free_token_count(self.graph, merged[:1], n_orig, self.name) if isinstance(n_orig, int) else 0
+        clear_stale_shapes(self.graph, merged[:1], n_orig, n)
+        self.report = {"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
+                       "proportional_attention": opts.proportional_attention,
+                       "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
+        return ir.passes.PassResult(model, modified=True)
+
+    def _ones(self, stream: ir.Value, prefix: str, nodes: list) -> ir.Value:
+        """size = 1 for every token, [B, N]."""
+        shape = self._node("Shape", [stream], {"start": 0, "end": 2}, f"{prefix}_size_shape")
+        one = ir.tensor(np.array([1.0], np.float32), name=f"{prefix}_one")
+        ones = self._node("ConstantOfShape", [shape.outputs[0]], {"value": one}, f"{prefix}_size")
+        nodes += [shape, ones]
+        return ones.outputs[0]
