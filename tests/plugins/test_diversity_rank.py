@@ -203,3 +203,120 @@ def test_greedy_set_is_more_diverse_than_random_subsets():
             assert greedy >= _min_pairwise(dist, rng.choice(60, size=k, replace=False))
         if k == 6:  # one token per cluster
             assert greedy > 0.1
+
+
+# ---------------------------------------------------------------------- Triton kernel
+
+
+@pytest.fixture
+def torch():
+    pytest.importorskip("triton")
+    return pytest.importorskip("torch")
+
+
+def _run_kernel(torch, x, device, **attrs):
+    (score,) = DIVERSITY_RANK.run_triton(torch.from_numpy(np.ascontiguousarray(x)).to(device), **attrs)
+    assert score.dtype == torch.float32 and tuple(score.shape) == x.shape[:2]
+    return score.cpu().numpy()
+
+
+KERNEL_CASES = [  # (batch, n, d, keep, protect, span_end, keep_ratio): small, for the interpreter
+    (2, 5, 4, 3, 0, 0, 1.0),
+    (3, 17, 8, 1, 1, 0, 1.0),  # k = 1
+    (2, 17, 13, 16, 1, 0, 1.0),  # k = span, D not a power of two
+    (2, 64, 16, 20, 0, 0, 1.0),  # span = 4 tiles exactly
+    (2, 70, 40, 70, 0, 0, 1.0),  # k = all, D over one chunk
+    (2, 40, 8, 5, 3, 30, 1.0),  # span [3, 30)
+    (2, 23, 8, 0, 2, 20, 0.3),  # k from the ratio: 6
+    (2, 23, 8, 0, 1, 0, 0.001),  # ratio floor: 1
+    (2, 10, 3, 1, 4, 5, 1.0),  # a one-token span
+]
+
+
+@pytest.mark.parametrize("batch,n,d,keep,protect,span_end,ratio", KERNEL_CASES)
+def test_kernel_matches_reference(batch, n, d, keep, protect, span_end, ratio, torch, device):
+    x = np.random.default_rng(n * 5 + keep).standard_normal((batch, n, d)).astype(np.float32)
+    attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
+    (want,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    np.testing.assert_array_equal(_run_kernel(torch, x, device, **attrs), want)
+
+
+def test_kernel_large_span_and_features(torch, device):
+    """N and D of a ViT-B/16 layer (197 tokens; 96 features to keep the interpreter quick)."""
+    x = np.random.default_rng(9).standard_normal((2, 197, 96)).astype(np.float32)
+    attrs = dict(keep=0, protect=1, keep_ratio=0.1)  # 20 picks
+    (want,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    np.testing.assert_array_equal(_run_kernel(torch, x, device, **attrs), want)
+
+
+@pytest.mark.parametrize("n,d,keep,protect,span_end", [(17, 4, 16, 1, 0), (40, 16, 12, 3, 30), (33, 4, 33, 0, 0),
+                                                         (6, 1, 6, 0, 0)])
+def test_kernel_ties_and_duplicates(n, d, keep, protect, span_end, torch, device):
+    x = _tied_tokens(np.random.default_rng(n + keep), 3, n, d)
+    attrs = dict(keep=keep, protect=protect, span_end=span_end)
+    (want,) = DIVERSITY_RANK.run_reference(x, **attrs)
+    np.testing.assert_array_equal(_run_kernel(torch, x, device, **attrs), want)
+    ones = np.ones((2, 7, 4), np.float32)  # all tied: index order
+    assert _run_kernel(torch, ones, device, keep=4, protect=1).tolist() == [[0, 4, 3, 2, 1, 0, 0]] * 2
+
+
+def test_kernel_half_precision_and_no_features(torch, device):
+    x = np.random.default_rng(3).standard_normal((2, 12, 8)).astype(np.float16)
+    (want,) = DIVERSITY_RANK.run_reference(x, keep=5, protect=1)
+    (got,) = DIVERSITY_RANK.run_triton(torch.from_numpy(x).to(device), keep=5, protect=1)
+    assert got.dtype == torch.float16
+    np.testing.assert_array_equal(got.cpu().numpy(), want)
+    empty = np.zeros((2, 6, 0), np.float32)  # no features: every distance 1, index order
+    (want,) = DIVERSITY_RANK.run_reference(empty, keep=3)
+    assert want.tolist() == [[3, 2, 1, 0, 0, 0]] * 2
+    np.testing.assert_array_equal(_run_kernel(torch, empty, device, keep=3), want)
+
+
+def test_kernel_writes_into_given_buffer_and_rejects_bad_attributes(torch, device):
+    x = np.random.default_rng(1).standard_normal((2, 9, 4)).astype(np.float32)
+    xt = torch.from_numpy(x).to(device)
+    out = torch.full((2, 9), 7.0, device=device)
+    from trimrt.plugins.kernels.diversity_rank import run
+
+    run(xt, keep=3, protect=2, span_end=8, out=(out,))  # the TensorRT JIT impl's call
+    np.testing.assert_array_equal(out.cpu().numpy(), DIVERSITY_RANK.run_reference(x, keep=3, protect=2, span_end=8)[0])
+    with pytest.raises(ValueError, match="DiversityRank: keep=9 must be in"):
+        DIVERSITY_RANK.run_triton(xt, keep=9, protect=1)
+    with pytest.raises(ValueError, match="DiversityRank: span"):
+        DIVERSITY_RANK.run_triton(xt, keep=1, protect=4, span_end=4)
+    with pytest.raises(ValueError, match="output buffer"):
+        run(xt, keep=1, out=(torch.empty((2, 8), device=device),))
+
+
+_COMPILE = """
+import sys
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.backends import backends
+except ImportError as exc:
+    print(exc); sys.exit(77)
+if "nvidia" not in backends:
+    print("no nvidia backend"); sys.exit(77)
+from trimrt.plugins.kernels import diversity_rank
+for dt in ("fp32", "fp16"):
+    for n, d in ((577, 1024), (197, 768), (5, 3)):
+        k = diversity_rank.compile_kernel({"x": dt, "score": dt}, n=n, d=d, target=GPUTarget("cuda", 80, 32))
+        assert ".entry diversity_rank_kernel" in k.asm["ptx"], k.metadata.name
+        assert getattr(k.metadata, "global_scratch_size", 0) == 0
+print("ok")
+"""
+
+
+def test_kernel_compiles_to_ptx():
+    """The kernel compiles for sm_80 (what the TensorRT AOT path embeds), no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
