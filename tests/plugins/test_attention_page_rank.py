@@ -4,10 +4,14 @@ on ONNX Runtime, the Triton kernel (interpreter on CPU) and the TensorRT hooks."
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
 import pytest
 
 from test_decompositions import run_decomposition
-from trimrt.plugins import REGISTRY
+from trimrt.plugins import DOMAIN, REGISTRY
+from trimrt.plugins.base import FUNCTION_OPSET
 from trimrt.plugins.attention_page_rank import IMPORTANT_OFFSET, importance
 
 OP = REGISTRY["AttentionPageRank"]
@@ -48,7 +52,7 @@ def span_of(n, protect, span_end):
     return protect, span_end if span_end > 0 else n
 
 
-def check_score_layout(score, probs, metric, *, iterations, protect, span_end, var_min=0.01, var_max=0.7):
+def check_score_layout(score, probs, *, iterations, protect, span_end, var_min=0.01, var_max=0.7):
     """The score's structure, from the I-stage alone: important half = 4 + I (the
     ceil(span/2) largest I, ties to the lower index), 1 - sim in [0, 2] for the rest,
     I outside the span."""
@@ -159,7 +163,7 @@ def test_decomposition_matches_reference(b, h, n, c, iterations, protect, span_e
     (got,) = run_decomposition(OP.name, [probs, metric], **attrs)
     assert got.shape == (b, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
-    check_score_layout(want, probs, metric, **attrs)
+    check_score_layout(want, probs, **attrs)
     if ties:  # duplicated tokens tie exactly; across the important boundary the lower index wins
         imp = importance(probs, iterations=iterations, var_min=0.01, var_max=0.7)
         start, end = span_of(n, protect, span_end)
@@ -245,11 +249,6 @@ def test_decomposition_float16_inputs():
     probs, metric = _case(rng, 2, 6, 17, 8)
     attrs = dict(iterations=5, protect=1)
     # through ORT with float16 inputs: the function computes in float32 and casts back
-    import onnx
-    import onnx.helper as oh
-    import onnxruntime as ort
-    from trimrt.plugins.base import DOMAIN, FUNCTION_OPSET
-
     node = oh.make_node(OP.name, ["probs", "metric"], ["score"], domain=DOMAIN, **attrs)
     f16 = onnx.TensorProto.FLOAT16
     graph = oh.make_graph([node], "one_op",
@@ -284,3 +283,199 @@ def test_reference_rejects_bad_attributes(attrs, match):
     probs = np.full((1, 1, 8, 8), 1 / 8, np.float32)
     with pytest.raises(ValueError, match=match):
         OP.run_reference(probs, np.ones((1, 8, 2), np.float32), **attrs)
+
+
+# ------------------------------------------------------------ Triton kernel (interpreter)
+
+
+def _torch(array, device):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+KERNEL_CASES = [  # (batch, heads, n, c, iterations, protect, span_end)
+    (2, 1, 5, 4, 1, 0, 0),
+    (3, 6, 17, 8, 5, 1, 0),
+    (2, 6, 16, 8, 30, 1, 15),
+    (2, 6, 65, 16, 5, 0, 40),
+    (2, 3, 37, 64, 30, 1, 0),  # C = 64, odd N > 32 (several row chunks)
+    (2, 1, 64, 8, 3, 1, 2),  # a one-token span
+    (1, 2, 197, 16, 3, 1, 0),  # ViT-B/16 tokens: BLOCK_N 256
+]
+
+
+@pytest.mark.parametrize("b, h, n, c, iterations, protect, span_end", KERNEL_CASES)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_kernel_matches_reference(b, h, n, c, iterations, protect, span_end, ties, device):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(n * 100 + iterations + protect + span_end)
+    probs, metric = _case(rng, b, h, n, c, _duplicates(n) if ties else ())
+    attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
+    (want,) = OP.run_reference(probs, metric, **attrs)
+    (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), **attrs)
+    got = got.cpu().numpy()
+    assert got.shape == (b, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_kernel_ties_fallback_and_column_mean(device):
+    """Uniform attention (every importance ties: the lowest span indices are important),
+    per-sample head fallback, and iterations = 1 giving the column mean."""
+    pytest.importorskip("triton")
+    b, h, n, c = 2, 6, 9, 4
+    probs = np.full((b, h, n, n), 1.0 / n, np.float32)
+    metric = np.random.default_rng(3).standard_normal((b, n, c)).astype(np.float32)
+    metric[:, 7] = 2.5 * metric[:, 2]
+    (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), iterations=7, protect=1)
+    got = got.cpu().numpy()
+    np.testing.assert_allclose(got, OP.run_reference(probs, metric, iterations=7, protect=1)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[:, 1:5], IMPORTANT_OFFSET + np.sqrt(h) / n, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 7], 0.0, atol=1e-6)
+
+    rng = np.random.default_rng(5)
+    n = 17
+    probs = np.concatenate([softmax_probs(rng, 1, 4, n, temperatures=[8.0] * 4),
+                            softmax_probs(rng, 1, 4, n, temperatures=[8.0, 0.7, 1.0, 8.0])])
+    metric = rng.standard_normal((2, n, 6)).astype(np.float32)
+    for attrs in [dict(iterations=5, protect=1), dict(iterations=5, var_min=1e6, var_max=2e6)]:
+        (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), **attrs)
+        np.testing.assert_allclose(got.cpu().numpy(), OP.run_reference(probs, metric, **attrs)[0],
+                                   rtol=1e-5, atol=1e-6)
+
+    (got,) = OP.run_triton(_torch(probs[:, :1], device), _torch(metric, device), iterations=1, protect=3, span_end=9)
+    column_mean = probs[:, 0].mean(axis=1)
+    np.testing.assert_allclose(got.cpu().numpy()[:, 9:], column_mean[:, 9:], rtol=1e-5)
+
+
+def test_kernel_float16_and_out_buffer(device):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    rng = np.random.default_rng(8)
+    probs, metric = _case(rng, 2, 6, 17, 8)
+    p16, m16 = probs.astype(np.float16), metric.astype(np.float16)
+    from trimrt.plugins.kernels.attention_page_rank import run
+
+    out = torch.empty((2, 17), dtype=torch.float16, device=device)  # as TensorRT's JIT impl passes it
+    (got,) = run(_torch(p16, device), _torch(m16, device), iterations=5, protect=1, out=(out,))
+    assert got is out and got.dtype == torch.float16
+    (want,) = OP.run_reference(p16, m16, iterations=5, protect=1)
+    np.testing.assert_allclose(got.cpu().numpy().astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_kernel_rejects_bad_shapes_and_attributes(device):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    probs = torch.full((1, 1, 8, 8), 1 / 8, device=device)
+    with pytest.raises(ValueError, match="metric"):
+        OP.run_triton(probs, torch.ones((1, 7, 2), device=device), iterations=1)
+    with pytest.raises(ValueError, match="span"):
+        OP.run_triton(probs, torch.ones((1, 8, 2), device=device), iterations=1, protect=8)
+    with pytest.raises(ValueError, match="iterations"):
+        OP.run_triton(probs, torch.ones((1, 8, 2), device=device), iterations=0)
+
+
+_COMPILE = """
+import sys
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.backends import backends
+except ImportError as exc:
+    print(exc); sys.exit(77)
+if "nvidia" not in backends:
+    print("no nvidia backend"); sys.exit(77)
+from trimrt.plugins.kernels import attention_page_rank as apr
+for probs, metric in (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "bf16")):
+    k = apr.compile_kernel({"probs": probs, "metric": metric, "score": probs}, n=197, var_min=0.01, var_max=0.7,
+                           target=GPUTarget("cuda", 80, 32))
+    assert ".entry attention_page_rank_kernel" in k.asm["ptx"], k.metadata.name
+    assert getattr(k.metadata, "global_scratch_size", 0) == 0
+print("ok")
+"""
+
+
+def test_kernel_compiles_to_ptx():
+    """The kernel compiles for a real GPU target (sm_80 PTX, what the TensorRT AOT path
+    embeds) without global scratch; the interpreter alone does not check that. Needs no GPU."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+# --------------------------------------------------------------------------- TensorRT
+
+
+def test_generated_signatures_follow_the_schema():
+    import test_tensorrt
+
+    test_tensorrt.test_generated_signatures_follow_the_schema(OP)
+
+
+def test_descriptor_gives_score_shape_and_dtype():
+    from test_tensorrt import _fakes, _FakeDesc
+
+    from trimrt.plugins import tensorrt_glue as glue
+
+    trt, trtp = _fakes()
+    describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
+    probs, metric = _FakeDesc(("B", "H", "N", "N")), _FakeDesc(("B", "N", "C"), "float")
+    assert describe(probs, metric, iterations=5) == ((("B", "N"), "half"),)
+    assert describe(probs, metric, 30, 0.0, 1.0, 1, 60) == ((("B", "N"), "half"),)
+    with pytest.raises(ValueError, match="iterations"):
+        describe(probs, metric, iterations=0)
+    with pytest.raises(ValueError, match="span"):
+        describe(probs, metric, iterations=1, protect=4, span_end=4)
+
+
+@pytest.mark.parametrize("n, protect, span_end", [(17, 0, 0), (17, 1, 0), (197, 1, 0), (64, 1, 2), (65, 0, 40),
+                                                   (16, 3, 16), (1, 0, 0)])
+def test_symbolic_launch_args(n, protect, span_end):
+    """The AOT scalars as shape expressions (N known only at run time) == those of the
+    kernel's own launch on ints; the important count is ceil(span / 2)."""
+    pytest.importorskip("triton")
+    from test_tensorrt import _Dim, _fakes, _value
+
+    from trimrt.plugins.kernels import attention_page_rank as kernels
+
+    _, trtp = _fakes()
+    b, h, c = 2, 6, 8
+    attrs = dict(iterations=5, var_min=0.01, var_max=0.7, protect=protect, span_end=span_end)
+    want = kernels.scalar_args((b, h, n, n), (b, n, c), **attrs)
+    end = span_end or n
+    assert want == [h, n, c, 5, protect, end, -(-(end - protect) // 2)]
+    sym_probs, sym_metric = (_Dim(b), _Dim(h), _Dim(n), _Dim(n)), (_Dim(b), _Dim(n), _Dim(c))
+    assert [_value(v) for v in kernels.scalar_args(sym_probs, sym_metric, **attrs, sym=trtp)] == want
+    assert [_value(v) for v in kernels.grid(sym_probs, sym_metric, cdiv=trtp.cdiv)] == [b]
+    assert [tuple(_value(v) for v in s) for s in kernels.trt_output_shapes(
+        {"probs": sym_probs, "metric": sym_metric}, attrs, trtp)] == [(b, n)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
+@pytest.mark.parametrize("iterations, protect, span_end", [(1, 0, 0), (5, 1, 0), (30, 1, 40)])
+def test_plugin_matches_reference(aot, iterations, protect, span_end):
+    pytest.importorskip("tensorrt")
+    from test_tensorrt import _aot_supported, _one_node_model, _run_tensorrt
+
+    from trimrt.plugins import tensorrt_glue as glue
+
+    if aot and not _aot_supported():
+        pytest.skip("this TensorRT has no aot_impl")
+    glue.register(OP)
+    glue.register(OP)  # idempotent
+    rng = np.random.default_rng(9)
+    probs, metric = _case(rng, 2, 6, 65, 16, _duplicates(65))
+    attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
+    (expected,) = OP.run_reference(probs, metric, **attrs)
+    feeds = {"probs": probs, "metric": metric}
+    got = _run_tensorrt(_one_node_model(OP, feeds, [expected.shape], attrs, aot), feeds)
+    np.testing.assert_allclose(got["score"], expected, rtol=1e-5, atol=2e-6)

@@ -1,0 +1,216 @@
+"""Triton kernel of AttentionPageRank: Zero-TPrune's I-stage and S-stage in one launch.
+
+Grid (B,): one program per sample holds its token vectors (N padded to BLOCK_N) in
+registers and never writes scratch memory, so the same kernel serves TensorRT's AOT
+path (one kernel per plugin, no workspace):
+
+1. I-stage, per head: s = 1/N, then `iterations` times s_j <- Σ_i A_ij s_i, reading A
+   in chunks of BLOCK_I rows; the chunk's s_i are picked out of the register vector s
+   with a one-hot sum (Triton has no register indexing). The head's variance of N·s
+   decides whether it is kept; both Σ_kept s² and Σ_all s² are accumulated, so the
+   "no head kept: keep all" fallback needs no second pass. I = sqrt(the chosen sum).
+2. Important set: rank_j = #{span i : I_i > I_j, or I_i == I_j and i < j} (chunked
+   comparisons); j is important iff it is in the span and rank_j < ceil(span / 2):
+   exactly TopK's choice, ties to the lower index.
+3. Similarity: for each chunk of span rows i, the dot products x_i · x_j with every
+   token j (a loop over the C features), scaled by both inverse norms; the max over the
+   important i gives each token's best match.
+4. score = 4 + I (important), 1 - best (other span tokens), I (outside the span).
+
+Work is O(H · iterations · N²) + O(span · N · C) per sample, fine for ViT-sized N (the
+op targets N up to a few hundred; BLOCK_N = next power of two of N, up to MAX_N).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS, important_count, span_end_of
+
+#: kernel parameters in launch order: input pointers, int32 scalars, float scalars, output pointer
+POINTERS_IN = ("p_ptr", "m_ptr")
+SCALARS = ("H", "N", "C", "iterations", "protect", "end", "n_important")
+FLOAT_SCALARS = ("var_min", "var_max")  # constexpr (baked in) in the AOT build
+POINTERS_OUT = ("out_ptr",)
+#: elements of one [BLOCK_I, BLOCK_N] tile
+TILE = 4096
+MAX_N = 4096
+
+
+@triton.jit
+def attention_page_rank_kernel(p_ptr, m_ptr, H, N, C, iterations, protect, end, n_important,
+                               var_min, var_max, out_ptr,
+                               BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr,
+                               OFFSET: tl.constexpr, EPS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_N)
+    j_valid = j < N
+    n_f = N.to(tl.float32)
+    # ---- 1. I-stage
+    sum_kept = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_all = tl.zeros([BLOCK_N], dtype=tl.float32)
+    n_kept = tl.sum(tl.zeros([BLOCK_N], dtype=tl.int32), axis=0)
+    for h in range(0, H):
+        p_head = p_ptr + (b * H + h) * N * N
+        s = tl.where(j_valid, 1.0 / n_f, 0.0)
+        for _step in range(0, iterations):
+            s_next = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i0 in range(0, N, BLOCK_I):
+                i = i0 + tl.arange(0, BLOCK_I)
+                s_i = tl.sum(tl.where(i[:, None] == j[None, :], s[None, :], 0.0), axis=1)
+                a = tl.load(p_head + i[:, None] * N + j[None, :],
+                            mask=(i < N)[:, None] & j_valid[None, :], other=0.0).to(tl.float32)
+                s_next += tl.sum(a * s_i[:, None], axis=0)
+            s = s_next
+        ns = s * n_f
+        dev = tl.where(j_valid, ns - tl.sum(ns, axis=0) / n_f, 0.0)
+        variance = tl.sum(dev * dev, axis=0) / n_f
+        head_ok = (variance >= var_min) & (variance <= var_max)
+        s2 = s * s
+        sum_all += s2
+        sum_kept += tl.where(head_ok, s2, 0.0)
+        n_kept += head_ok.to(tl.int32)
+    imp = tl.sqrt(tl.where(n_kept > 0, sum_kept, sum_all))
+    # ---- 2. important span tokens: rank by importance, ties to the lower index
+    in_span = (j >= protect) & (j < end)
+    rank = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for i0 in range(protect, end, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        imp_i = tl.sum(tl.where(i[:, None] == j[None, :], imp[None, :], 0.0), axis=1)
+        beats = (imp_i[:, None] > imp[None, :]) | ((imp_i[:, None] == imp[None, :]) & (i[:, None] < j[None, :]))
+        rank += tl.sum((beats & (i < end)[:, None]).to(tl.int32), axis=0)
+    important = in_span & (rank < n_important)
+    # ---- 3. best cosine similarity to an important token
+    m_row = m_ptr + b * N * C
+    norm2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c in range(0, C):
+        x_j = tl.load(m_row + j * C + c, mask=j_valid, other=0.0).to(tl.float32)
+        norm2 += x_j * x_j
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(norm2), EPS)
+    best = tl.full([BLOCK_N], -3.0, dtype=tl.float32)  # below any cosine; the span has an important token
+    for i0 in range(protect, end, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_valid = i < end
+        pick = i[:, None] == j[None, :]
+        important_i = tl.sum((pick & important[None, :]).to(tl.int32), axis=1) > 0
+        inv_norm_i = tl.sum(tl.where(pick, inv_norm[None, :], 0.0), axis=1)
+        dot = tl.zeros([BLOCK_I, BLOCK_N], dtype=tl.float32)
+        for c in range(0, C):
+            x_i = tl.load(m_row + i * C + c, mask=i_valid, other=0.0).to(tl.float32)
+            x_j = tl.load(m_row + j * C + c, mask=j_valid, other=0.0).to(tl.float32)
+            dot += x_i[:, None] * x_j[None, :]
+        sim = dot * inv_norm_i[:, None] * inv_norm[None, :]
+        best = tl.maximum(best, tl.max(tl.where(important_i[:, None], sim, -3.0), axis=0))
+    # ---- 4. scores
+    score = tl.where(important, OFFSET + imp, tl.where(in_span, 1.0 - best, imp))
+    tl.store(out_ptr + b * N + j, score.to(out_ptr.dtype.element_ty), mask=j_valid)
+
+
+# ------------------------------------------------------ launch geometry (ints or symbolic)
+# These work on plain ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin`):
+# the AOT launch arguments come from the same functions as `run`'s. Shape expressions
+# have +, -, * and // but no reflected operators: keep them on the left.
+
+
+def check_attributes(n, *, iterations: int, protect: int, span_end: int, **_) -> None:
+    """Raise ValueError for what the reference rejects; when `n` is a shape expression,
+    only what does not depend on it is checked."""
+    if iterations < 1:
+        raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
+    if isinstance(n, int):
+        end = span_end_of(n, span_end)
+        if not 0 <= protect < end <= n:
+            raise ValueError(f"{NAME}: span [{protect}, {end}) is not inside {n} tokens")
+        if n > MAX_N:
+            raise ValueError(f"{NAME}: the Triton kernel handles at most {MAX_N} tokens, got {n}")
+    elif protect < 0 or (span_end > 0 and protect >= span_end):
+        raise ValueError(f"{NAME}: span [{protect}, {span_end or 'N'}) is empty or negative")
+
+
+def scalar_args(probs_shape, metric_shape, *, iterations: int, protect: int = 0, span_end: int = 0,
+                sym=None, **_) -> list:
+    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs):
+    H, N, C, iterations, protect, end, ceil((end - protect) / 2)."""
+    h, n = probs_shape[1], probs_shape[2]
+    if span_end > 0:
+        end, n_important = span_end, important_count(span_end - protect)
+    else:  # (N - protect + 1) // 2, built with the shape expression on the left
+        end, n_important = n, (n - protect + 1) // 2
+    return [h, n, metric_shape[2], iterations, protect, end, n_important]
+
+
+def grid(probs_shape, metric_shape=None, cdiv=triton.cdiv) -> tuple:
+    return (probs_shape[0],)
+
+
+def constexprs(n: int) -> dict:
+    """Block sizes for at most `n` tokens (a concrete int), and the op's constants."""
+    block_n = triton.next_power_of_2(max(int(n), 1))
+    return {"BLOCK_N": block_n, "BLOCK_I": max(1, min(16, TILE // block_n)),
+            "OFFSET": IMPORTANT_OFFSET, "EPS": NORM_EPS}
+
+
+def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: float = 0.01,
+        var_max: float = 0.7, protect: int = 0, span_end: int = 0, out=None):
+    """probs [B, H, N, N], metric [B, N, C] -> (score [B, N],) in probs' dtype, matching
+    `trimrt.plugins.attention_page_rank.reference`."""
+    if probs.dim() != 4 or probs.shape[2] != probs.shape[3] or metric.dim() != 3 \
+            or tuple(metric.shape[:2]) != (probs.shape[0], probs.shape[2]):
+        raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], "
+                         f"got {tuple(probs.shape)}, {tuple(metric.shape)}")
+    b, _, n, _ = probs.shape
+    attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
+    check_attributes(n, **attrs)
+    probs, metric = probs.contiguous(), metric.contiguous()
+    score = out[0] if out is not None else torch.empty((b, n), dtype=probs.dtype, device=probs.device)
+    if tuple(score.shape) != (b, n):
+        raise ValueError(f"{NAME}: output buffer {tuple(score.shape)} is not {(b, n)}")
+    if b == 0:
+        return (score,)
+    attention_page_rank_kernel[grid(probs.shape)](
+        probs, metric, *scalar_args(tuple(probs.shape), tuple(metric.shape), **attrs),
+        float(var_min), float(var_max), score, **constexprs(n))
+    return (score,)
+
+
+def compile_kernel(dtypes: dict[str, str], *, n: int, var_min: float, var_max: float, target=None):
+    """Compile for `target` (default: the current GPU) with var_min/var_max baked in.
+
+    `dtypes` maps "probs", "metric" and "score" to Triton type names ("fp32", "fp16",
+    "bf16"); `n` is the largest token count. Returns the `triton.compiler.CompiledKernel`;
+    its launch passes the pointers and `scalar_args` in order.
+    """
+    signature = {"p_ptr": f"*{dtypes['probs']}", "m_ptr": f"*{dtypes['metric']}"}
+    signature.update({name: "i32" for name in SCALARS})
+    signature.update({name: "constexpr" for name in FLOAT_SCALARS})
+    signature["out_ptr"] = f"*{dtypes['score']}"
+    consts = {"var_min": float(var_min), "var_max": float(var_max), **constexprs(n)}
+    signature.update({name: "constexpr" for name in constexprs(n)})
+    src = triton.compiler.ASTSource(fn=attention_page_rank_kernel, signature=signature, constexprs=consts)
+    return triton.compile(src, target=target)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """score [B, N] (shape expressions or ints)."""
+    probs = shapes["probs"]
+    check_attributes(probs[2], **attrs)
+    return [(probs[0], probs[2])]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
+    from ..tensorrt_glue import largest, launch, triton_type
+
+    probs, metric = inputs["probs"], inputs["metric"]
+    kernel = compile_kernel(
+        {"probs": triton_type(probs.dtype), "metric": triton_type(metric.dtype),
+         "score": triton_type(outputs[0].dtype)},
+        n=largest(probs, 2), var_min=attrs["var_min"], var_max=attrs["var_max"],
+    )
+    shapes = (probs.shape_expr, metric.shape_expr)
+    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, **attrs, sym=trtp))
