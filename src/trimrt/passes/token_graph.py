@@ -160,7 +160,15 @@ class TokenGraphPass(TrimrtPass):
             self.graph.insert_before(core, nodes)
             core.replace_input_with(0, add.outputs[0])
             return
-        # fused Attention op (opset 23): the bias joins its attn_mask input (index 3)
+        # fused Attention op (opset 23): the bias joins its attn_mask input (index 3), which
+        # ONNX Runtime wants with the query rows spelled out: [B, 1, Nq, N]
+        rows = self._node("Shape", [attn.q], {"start": 2, "end": 3}, f"{prefix}_rows")
+        ones = self._const(f"{prefix}_ones", np.array([1, 1], np.int64))
+        one = self._const(f"{prefix}_one", np.array([1], np.int64))
+        target = self._node("Concat", [ones, rows.outputs[0], one], {"axis": 0}, f"{prefix}_target")
+        full = self._node("Expand", [bias4.outputs[0], target.outputs[0]], {}, f"{prefix}_rows_bias")
+        nodes += [rows, target, full]
+        bias4 = full
         mask = core.inputs[3] if len(core.inputs) > 3 else None
         if mask is None:
             new_mask = bias4.outputs[0]

@@ -1,0 +1,89 @@
+"""TokenMergingPass (ToMe): the merged build equals ToMe written in plain PyTorch, on
+every export form; shapes shrink by r per block; bad r is a recipe error."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from trimrt.compiler.pipeline import build_passes, run_pipeline
+from trimrt.errors import RecipeError
+from trimrt.passes import PASS_TAG
+from trimrt.recipe import load_recipe
+
+from tome_reference import tome_forward
+
+
+def merge_in_memory(path, **token_merging):
+    model = ir.load(path)
+    reports = run_pipeline(model, build_passes(load_recipe({"token_merging": token_merging})))
+    return model, {r["pass"]: r["report"] for r in reports}
+
+
+def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": x})[0]
+
+
+@pytest.mark.parametrize("export", ["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx",
+                                    "tiny_vit_opset23_onnx"])
+@pytest.mark.parametrize("r, proportional", [([8, 8, 8, 8], True), ([0, 16, 5, 3], True), ([12, 12, 0, 0], False)])
+def test_merged_build_matches_pytorch_tome(export, r, proportional, request, images):
+    module, path = request.getfixturevalue(export)
+    model, reports = merge_in_memory(path, r=r, proportional_attention=proportional)
+    got = run(model, images)
+    with torch.no_grad():
+        want = tome_forward(module, torch.from_numpy(images), dict(enumerate(r)), proportional).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    report = reports["token_merging"]
+    assert report["tokens_after"] == 65 - sum(r)
+    assert [x["merged"] for x in report["layers"]] == [v for v in r if v]
+
+
+def test_inserts_merge_ops_and_proportional_bias(tiny_vit_onnx):
+    _, path = tiny_vit_onnx
+    model, _ = merge_in_memory(path, r=4, layers=[0, 2])
+    ops = Counter((n.domain, n.op_type) for n in model.graph)
+    assert ops[("trimrt", "TokenMerge")] == 2
+    inserted = [n for n in model.graph if n.metadata_props.get(PASS_TAG) == "token_merging"]
+    # log(size) joins the logits of blocks 1, 2 (after merge 0) and 3 (after merge 2)
+    assert sum(n.op_type == "Log" for n in inserted) == 2
+    softmax_inputs = [n.inputs[0].producer() for n in model.graph if n.op_type == "Softmax"]
+    assert sum(p is not None and p.metadata_props.get(PASS_TAG) == "token_merging" for p in softmax_inputs) == 3
+
+
+def test_merging_shrinks_tensors_downstream(tiny_vit_onnx, images):
+    _, path = tiny_vit_onnx
+    model, _ = merge_in_memory(path, r=[10, 10, 10, 10])
+    proto = ir.serde.serialize_model(model)
+    names = [v.name for n in model.graph for v in n.outputs if n.op_type == "Softmax"]
+    for out in names:
+        proto.graph.output.add().name = out
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(names, {"pixel_values": images})
+    assert [a.shape[-1] for a in got] == [65, 55, 45, 35]
+
+
+def test_too_many_merges_is_a_recipe_error(tiny_vit_onnx):
+    _, path = tiny_vit_onnx
+    with pytest.raises(RecipeError, match="merges more tokens"):
+        merge_in_memory(path, r=[32, 20])
+    with pytest.raises(RecipeError, match="do not exist"):
+        merge_in_memory(path, r=2, layers=[7])
+
+
+def test_recipe_validation():
+    with pytest.raises(RecipeError, match="give the blocks too"):
+        load_recipe({"token_merging": {"r": 8}})
+    with pytest.raises(RecipeError, match="3 values for 2 layers"):
+        load_recipe({"token_merging": {"r": [1, 2, 3], "layers": [0, 1]}})
+    with pytest.raises(RecipeError, match="cannot be combined"):
+        load_recipe({"token_merging": {"r": [1]}, "token_pruning": {"layers": [1], "keep": 0.5}})
+    opts = load_recipe({"token_merging": {"r": 13, "layers": list(range(12))}}).token_merging
+    assert opts.r == (13,) * 12 and opts.min_tokens == 170  # the last block needs 27 tokens to merge 13
