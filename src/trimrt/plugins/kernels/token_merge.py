@@ -1,0 +1,249 @@
+"""Triton kernel of TokenMerge: match, rank and merge in one launch.
+
+Grid (B, cdiv(D, BLOCK_D)). Every program holds all Na = ceil(N/2) A tokens (even
+positions) of its batch row at once (BLOCK_A >= Na, so N is bounded: MAX_TOKENS) and:
+
+1. match: the cosine of each A token to each B token (odd positions), the metrics
+   normalised first as in the reference, in BLOCK_B x BLOCK_C tiles (`tl.dot` in IEEE
+   fp32, no TF32); protected rows and columns are -inf; a running max keeps each A
+   token's best score and its lowest-index best B token;
+2. rank: rank_i = #{A tokens k : best_k > best_i, or best_k == best_i and k < i} (a
+   BLOCK_A x BLOCK_A comparison), the stable descending sort of the reference without
+   sorting: the r lowest ranks are merged away, the others keep their order, their
+   output slot an exclusive `tl.cumsum`;
+3. merge: for its feature block, the kept A rows are written to their slots and each
+   B row to slot Na - r + j as (x_j·size_j + Σ merged x_i·size_i) / (size_j + Σ size_i),
+   the sums a one-hot `tl.dot` (hit[i, j] = i merged into j) over the A rows.
+
+The program of the first feature block also writes size_out and index. Matching is
+recomputed by every feature block (O(Na·Nb·C), small next to the merge for ViT sizes)
+so that all of it is one kernel: the TensorRT AOT path launches exactly one per plugin.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..token_merge import check_r
+
+#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
+POINTERS_IN = ("x_ptr", "metric_ptr", "size_ptr")
+SCALARS = ("N", "D", "C", "r", "protect")
+POINTERS_OUT = ("y_ptr", "size_out_ptr", "idx_ptr")
+#: tl.dot needs every block dimension >= 16
+MIN_BLOCK = 16
+MAX_BLOCK_B = 32
+MAX_BLOCK_C = 32
+MAX_BLOCK_D = 64
+#: all A tokens live in one block (BLOCK_A >= ceil(N/2)); the rank is BLOCK_A² comparisons
+MAX_TOKENS = 1024
+
+
+@triton.jit
+def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, size_out_ptr, idx_ptr,
+                       BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    na = (N + 1) // 2
+    nb = N // 2
+    m_out = N - r
+    metric_row = metric_ptr + b * N * C
+    i = tl.arange(0, BLOCK_A)  # A token i is input position 2i
+    a_valid = i < na
+
+    # 1. match: norms of the A metrics, then each A token's best B token
+    sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ma = tl.load(metric_row + (2 * i)[:, None] * C + c[None, :],
+                     mask=a_valid[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
+        sq_a += tl.sum(ma * ma, axis=1)
+    norm_a = tl.where(a_valid, tl.sqrt(sq_a), 1.0)
+    a_blocked = (2 * i) < protect
+    best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    best_j = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for j0 in range(0, nb, BLOCK_B):
+        j = j0 + tl.arange(0, BLOCK_B)
+        b_valid = j < nb
+        sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mb = tl.load(metric_row + (2 * j + 1)[:, None] * C + c[None, :],
+                         mask=b_valid[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
+            sq_b += tl.sum(mb * mb, axis=1)
+        norm_b = tl.where(b_valid, tl.sqrt(sq_b), 1.0)
+        scores = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            c_valid = c < C
+            ma = tl.load(metric_row + (2 * i)[:, None] * C + c[None, :],
+                         mask=a_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32) / norm_a[:, None]
+            mb = tl.load(metric_row + (2 * j + 1)[:, None] * C + c[None, :],
+                         mask=b_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32) / norm_b[:, None]
+            scores += tl.dot(ma, tl.trans(mb), input_precision="ieee")
+        blocked = a_blocked[:, None] | ((2 * j + 1) < protect)[None, :] | (j >= nb)[None, :]
+        scores = tl.where(blocked, float("-inf"), scores)
+        chunk_best = tl.max(scores, axis=1)
+        chunk_j = tl.min(tl.where(scores == chunk_best[:, None], j[None, :], 2147483647), axis=1)
+        better = chunk_best > best  # strict: an earlier chunk keeps a tie
+        best_j = tl.where(better, chunk_j, best_j)
+        best = tl.where(better, chunk_best, best)
+
+    # 2. rank the A tokens by best score (descending, ties to the lower index)
+    beats = (best[None, :] > best[:, None]) | ((best[None, :] == best[:, None]) & (i[None, :] < i[:, None]))
+    rank = tl.sum((beats & a_valid[None, :]).to(tl.int32), axis=1)
+    merged = a_valid & (rank < r)
+    kept = a_valid & (rank >= r)
+    kept_i32 = kept.to(tl.int32)
+    slot = tl.cumsum(kept_i32, axis=0) - kept_i32
+    size_a = tl.load(size_ptr + b * N + 2 * i, mask=a_valid, other=1.0).to(tl.float32)
+    kept_first = kept & ((i * 0 + pid_d) == 0)  # a vector mask: the interpreter rejects a scalar one
+    tl.store(idx_ptr + b * m_out + slot, (2 * i).to(tl.int64), mask=kept_first)
+    tl.store(size_out_ptr + b * m_out + slot, size_a.to(size_out_ptr.dtype.element_ty), mask=kept_first)
+
+    # 3. merge this block of features: kept A rows, then every B row with what merged into it
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_valid = d < D
+    xa = tl.load(x_ptr + (b * N + 2 * i)[:, None] * D + d[None, :],
+                 mask=a_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+    xs_a = xa * size_a[:, None]
+    tl.store(y_ptr + (b * m_out + slot)[:, None] * D + d[None, :],
+             (xs_a / size_a[:, None]).to(y_ptr.dtype.element_ty), mask=kept[:, None] & d_valid[None, :])
+    for j0 in range(0, nb, BLOCK_B):
+        j = j0 + tl.arange(0, BLOCK_B)
+        b_valid = j < nb
+        hit = (merged[:, None] & (best_j[:, None] == j[None, :])).to(tl.float32)  # [BLOCK_A, BLOCK_B]
+        size_b = tl.load(size_ptr + b * N + 2 * j + 1, mask=b_valid, other=1.0).to(tl.float32)
+        xb = tl.load(x_ptr + (b * N + 2 * j + 1)[:, None] * D + d[None, :],
+                     mask=b_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+        total = xb * size_b[:, None] + tl.dot(tl.trans(hit), xs_a, input_precision="ieee")
+        size_total = size_b + tl.sum(hit * size_a[:, None], axis=0)
+        out_slot = na - r + j
+        tl.store(y_ptr + (b * m_out + out_slot)[:, None] * D + d[None, :],
+                 (total / size_total[:, None]).to(y_ptr.dtype.element_ty), mask=b_valid[:, None] & d_valid[None, :])
+        b_first = b_valid & ((j * 0 + pid_d) == 0)
+        tl.store(idx_ptr + b * m_out + out_slot, (2 * j + 1).to(tl.int64), mask=b_first)
+        tl.store(size_out_ptr + b * m_out + out_slot, size_total.to(size_out_ptr.dtype.element_ty), mask=b_first)
+
+
+# ------------------------------------------------------------ counts (ints or symbolic)
+# Shape arithmetic on plain ints and on TensorRT shape expressions alike (those have
+# +, -, * and // but no reflected operators: keep them on the left).
+
+
+def check_attributes(n, *, r: int, protect: int) -> None:
+    """Raise ValueError for what the reference rejects; with a symbolic `n`, only what
+    does not depend on it."""
+    if isinstance(n, int):
+        check_r(n, r, protect)
+        if n > MAX_TOKENS:
+            raise ValueError(f"TokenMerge: the Triton kernel holds at most {MAX_TOKENS} tokens, got {n}")
+    elif r < 0 or protect < 0:
+        raise ValueError(f"TokenMerge: r={r} and protect={protect} must be >= 0")
+
+
+def out_tokens(n, *, r: int):
+    """N - r (an int or a shape expression)."""
+    return n - r
+
+
+def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, sym=None) -> list:
+    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    return [x_shape[1], x_shape[2], metric_shape[2], r, protect]
+
+
+def grid(x_shape, metric_shape, size_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
+    return (x_shape[0], cdiv(x_shape[2], block_d))
+
+
+def constexprs(n: int, c: int, d: int) -> dict:
+    """Block sizes for at most `n` tokens, `c` metric and `d` token features (concrete ints)."""
+    def block(size: int, largest: int) -> int:
+        return max(MIN_BLOCK, min(triton.next_power_of_2(max(int(size), 1)), largest))
+
+    return {"BLOCK_A": block((n + 1) // 2, MAX_TOKENS), "BLOCK_B": block(n // 2, MAX_BLOCK_B),
+            "BLOCK_C": block(c, MAX_BLOCK_C), "BLOCK_D": block(d, MAX_BLOCK_D)}
+
+
+def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int = 1, out=None):
+    """x [B, N, D], metric [B, N, C], size [B, N] -> (y [B, N - r, D], size_out [B, N - r],
+    index [B, N - r] int64), matching `trimrt.plugins.token_merge.reference`; y and
+    size_out in x's dtype."""
+    if x.dim() != 3 or metric.dim() != 3 or size.dim() != 2 or tuple(metric.shape[:2]) != tuple(x.shape[:2]) \
+            or tuple(size.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"TokenMerge: need x [B, N, D], metric [B, N, C], size [B, N], got "
+                         f"{tuple(x.shape)}, {tuple(metric.shape)}, {tuple(size.shape)}")
+    b, n, d = x.shape
+    check_attributes(n, r=r, protect=protect)
+    m = out_tokens(n, r=r)
+    if out is not None:
+        y, size_out, index = out
+        if (tuple(y.shape), tuple(size_out.shape), tuple(index.shape)) != ((b, m, d), (b, m), (b, m)):
+            raise ValueError(f"TokenMerge: output buffers {[tuple(t.shape) for t in out]} do not hold "
+                             f"{m} tokens of {d} features")
+    else:
+        y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
+        size_out = torch.empty((b, m), dtype=x.dtype, device=x.device)
+        index = torch.empty((b, m), dtype=torch.int64, device=x.device)
+    if b == 0:
+        return y, size_out, index
+    if d == 0:  # no feature block would write size_out and index
+        _, size_only, index_only = run(torch.zeros((b, n, 1), dtype=x.dtype, device=x.device), metric, size,
+                                       r=r, protect=protect)
+        size_out.copy_(size_only)
+        index.copy_(index_only)
+        return y, size_out, index
+    x, metric, size = x.contiguous(), metric.contiguous(), size.contiguous()
+    blocks = constexprs(n, metric.shape[2], d)
+    token_merge_kernel[grid(x.shape, metric.shape, size.shape, block_d=blocks["BLOCK_D"])](
+        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), r=r, protect=protect),
+        y, size_out, index, **blocks)
+    return y, size_out, index
+
+
+def compile_kernel(dtypes: dict[str, str], *, n: int, c: int, d: int, target=None):
+    """Compile for `target` (default: the current GPU), for at most `n` tokens.
+
+    `dtypes` maps "x", "metric", "size", "y", "size_out" to Triton type names ("fp32",
+    "fp16", "bf16"); index is always int64. Returns the `triton.compiler.CompiledKernel`.
+    """
+    signature = {"x_ptr": f"*{dtypes['x']}", "metric_ptr": f"*{dtypes['metric']}", "size_ptr": f"*{dtypes['size']}"}
+    signature.update({name: "i32" for name in SCALARS})
+    signature.update({"y_ptr": f"*{dtypes['y']}", "size_out_ptr": f"*{dtypes['size_out']}", "idx_ptr": "*i64"})
+    consts = constexprs(n, c, d)
+    signature.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=token_merge_kernel, signature=signature, constexprs=consts)
+    return triton.compile(src, target=target)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """[B, N - r, D], [B, N - r], [B, N - r] (shape expressions or ints)."""
+    b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
+    check_attributes(n, **attrs)
+    m = out_tokens(n, r=attrs["r"])
+    return [(b, m, d), (b, m), (b, m)]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """aot_impl: the same kernel compiled to PTX for the profile's largest N, with its
+    grid and int32 scalars."""
+    from ..tensorrt_glue import largest, launch, triton_type
+
+    x, metric, size = inputs["x"], inputs["metric"], inputs["size"]
+    n, c, d = largest(x, 1), largest(metric, 2), largest(x, 2)
+    check_attributes(n, **attrs)
+    kernel = compile_kernel(
+        {"x": triton_type(x.dtype), "metric": triton_type(metric.dtype), "size": triton_type(size.dtype),
+         "y": triton_type(outputs[0].dtype), "size_out": triton_type(outputs[1].dtype)},
+        n=n, c=c, d=d,
+    )
+    shapes = (x.shape_expr, metric.shape_expr, size.shape_expr)
+    block_d = constexprs(n, c, d)["BLOCK_D"]
+    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
+                  scalar_args(*shapes, **attrs, sym=trtp))
