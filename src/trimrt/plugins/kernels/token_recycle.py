@@ -1,0 +1,283 @@
+"""Triton kernel of TokenRecycle: select, gather and merge into grid cells in one launch.
+
+Grid (B, cdiv(D, BLOCK_D)). Selection is TokenPrune's (kernels/token_prune.py): a span
+token is kept iff its stable descending rank among the span's scores is < k, the rank
+being counted by BLOCK x BLOCK comparisons (no sort). Each program:
+
+1. walks the N tokens in chunks of BLOCK_I: ranks them, gives each kept token its output
+   slot (kept tokens before it, plus grid² for the suffix, which comes after the cells)
+   and copies its features of this block; the first feature block writes kept_index;
+2. walks the cells in chunks of BLOCK_C and, per chunk, the span in chunks of BLOCK_T:
+   re-ranks those tokens (so nothing is kept between the phases: no scratch memory,
+   one kernel, which the TensorRT AOT path needs), computes their cells from their
+   original positions, and accumulates per cell, in float32, Σ w_j x_j and Σ w_j over
+   the dropped members (w = score), Σ x_j and the member count, and the first
+   highest-scoring dropped member and member (chunks are visited in index order, so a
+   later chunk only wins with a strictly higher score: ties go to the lower index);
+   then writes the cell tokens (weighted mean, else members' mean, else zeros) and
+   their representatives.
+
+The per-cell sums are a [BLOCK_T, BLOCK_C, BLOCK_D] broadcast reduced over the tokens
+(exact float32, unlike a TF32 tl.dot). Re-ranking costs O(cells / BLOCK_C · span²)
+comparisons, small next to the copy for ViT sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..token_recycle import check_layout
+from .token_prune import check_attributes as check_prune_attributes
+from .token_prune import counts as prune_counts
+
+#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
+POINTERS_IN = ("x_ptr", "s_ptr", "pos_ptr")
+SCALARS = ("N", "D", "keep", "protect", "end", "grid_size", "patch_rows", "patch_cols", "first_patch")
+POINTERS_OUT = ("y_ptr", "idx_ptr")
+MAX_BLOCK_N = 64
+MAX_BLOCK_D = 32
+MAX_BLOCK_C = 16
+BLOCK_T = 16  # span tokens per step of the cell phase (its broadcast is BLOCK_T x BLOCK_C x BLOCK_D)
+
+
+@triton.jit
+def _span_rank(s_row_ptr, s_i, i, protect, end, BLOCK_J: tl.constexpr):
+    """#{span j : s_j > s_i, or s_j == s_i and j < i}: the stable descending rank of i."""
+    rank = tl.zeros(s_i.shape, dtype=tl.int32)
+    for j0 in range(protect, end, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_valid = j < end
+        s_j = tl.load(s_row_ptr + j, mask=j_valid, other=0.0)
+        beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((beats & j_valid[None, :]).to(tl.int32), axis=1)
+    return rank
+
+
+@triton.jit
+def _cell_of(pos, first_patch, grid_size, patch_rows, patch_cols):
+    """Grid cell of original patch positions; -1 outside the patch layout."""
+    p = pos - first_patch
+    inside = (p >= 0) & (p < patch_rows * patch_cols)
+    p = tl.where(inside, p, 0)
+    row = p // patch_cols
+    col = p % patch_cols
+    cell = (row * grid_size // patch_rows) * grid_size + col * grid_size // patch_cols
+    return tl.where(inside, cell, -1)
+
+
+@triton.jit
+def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_size, patch_rows, patch_cols,
+                         first_patch, y_ptr, idx_ptr,
+                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cells = grid_size * grid_size
+    m = protect + keep + cells + (N - end)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d < D
+    s_row = s_ptr + b * N
+    # 1. the kept tokens: prefix, chosen span tokens, then (after the cells) the suffix
+    n_before = tl.sum(tl.zeros([BLOCK_I], dtype=tl.int32), axis=0)
+    for i0 in range(0, N, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_valid = i < N
+        s_i = tl.load(s_row + i, mask=i_valid, other=0.0)
+        rank = _span_rank(s_row, s_i, i, protect, end, BLOCK_J)
+        in_span = i_valid & (i >= protect) & (i < end)
+        kept = (i_valid & ((i < protect) | (i >= end))) | (in_span & (rank < keep))
+        kept_i32 = kept.to(tl.int32)
+        slot = n_before + tl.cumsum(kept_i32, axis=0) - kept_i32
+        n_before += tl.sum(kept_i32, axis=0)
+        slot = tl.where(i >= end, slot + cells, slot)
+        first_block = (tl.zeros([BLOCK_I], dtype=tl.int32) + pid_d) == 0
+        tl.store(idx_ptr + b * m + slot, i.to(tl.int64), mask=kept & first_block)
+        rows = tl.load(x_ptr + (b * N + i)[:, None] * D + d[None, :],
+                       mask=kept[:, None] & d_mask[None, :], other=0.0)
+        tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], rows, mask=kept[:, None] & d_mask[None, :])
+    # 2. the cell tokens, BLOCK_C cells at a time
+    for c0 in range(0, cells, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_valid = c < cells
+        sum_w = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        sum_m = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        total_w = tl.zeros([BLOCK_C], dtype=tl.float32)
+        count = tl.zeros([BLOCK_C], dtype=tl.float32)
+        best_drop_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+        best_drop_i = tl.zeros([BLOCK_C], dtype=tl.int32) + protect
+        has_drop = tl.zeros([BLOCK_C], dtype=tl.int1)
+        best_mem_s = tl.zeros([BLOCK_C], dtype=tl.float32)
+        best_mem_i = tl.zeros([BLOCK_C], dtype=tl.int32) + protect
+        has_mem = tl.zeros([BLOCK_C], dtype=tl.int1)
+        for t0 in range(protect, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_valid = t < end
+            s_t = tl.load(s_row + t, mask=t_valid, other=0.0)
+            dropped = t_valid & (_span_rank(s_row, s_t, t, protect, end, BLOCK_J) >= keep)
+            pos = tl.load(pos_ptr + b * N + t, mask=t_valid, other=0)
+            cell = tl.where(t_valid, _cell_of(pos, first_patch, grid_size, patch_rows, patch_cols), -1)
+            member = (cell[:, None] == c[None, :]) & t_valid[:, None]  # [BLOCK_T, BLOCK_C]
+            dropped_member = member & dropped[:, None]
+            s32 = s_t.to(tl.float32)
+            w = tl.where(dropped_member, s32[:, None], 0.0)
+            one = member.to(tl.float32)
+            rows = tl.load(x_ptr + (b * N + t)[:, None] * D + d[None, :],
+                           mask=t_valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            sum_w += tl.sum(w[:, :, None] * rows[:, None, :], axis=0)
+            sum_m += tl.sum(one[:, :, None] * rows[:, None, :], axis=0)
+            total_w += tl.sum(w, axis=0)
+            count += tl.sum(one, axis=0)
+            # the chunk's first highest-scoring dropped member / member of each cell
+            key = tl.where(dropped_member, s32[:, None], float("-inf"))
+            top = tl.max(key, axis=0)
+            arg = tl.min(tl.where(dropped_member & (key == top[None, :]), t[:, None], 2147483647), axis=0)
+            found = tl.max(dropped_member.to(tl.int32), axis=0) > 0
+            take = found & (~has_drop | (top > best_drop_s))
+            best_drop_s = tl.where(take, top, best_drop_s)
+            best_drop_i = tl.where(take, arg, best_drop_i)
+            has_drop = has_drop | found
+            key = tl.where(member, s32[:, None], float("-inf"))
+            top = tl.max(key, axis=0)
+            arg = tl.min(tl.where(member & (key == top[None, :]), t[:, None], 2147483647), axis=0)
+            found = tl.max(member.to(tl.int32), axis=0) > 0
+            take = found & (~has_mem | (top > best_mem_s))
+            best_mem_s = tl.where(take, top, best_mem_s)
+            best_mem_i = tl.where(take, arg, best_mem_i)
+            has_mem = has_mem | found
+        weighted = total_w > 0
+        mean_w = sum_w / tl.where(weighted, total_w, 1.0)[:, None]
+        mean_m = sum_m / tl.maximum(count, 1.0)[:, None]
+        value = tl.where(weighted[:, None], mean_w, mean_m)
+        slot = protect + keep + c
+        tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], value.to(y_ptr.dtype.element_ty),
+                 mask=c_valid[:, None] & d_mask[None, :])
+        representative = tl.where(has_drop, best_drop_i, tl.where(has_mem, best_mem_i, protect))
+        first_block = (tl.zeros([BLOCK_C], dtype=tl.int32) + pid_d) == 0
+        tl.store(idx_ptr + b * m + slot, representative.to(tl.int64), mask=c_valid & first_block)
+
+
+# ------------------------------------------------------------ counts (ints or symbolic)
+# As in kernels/token_prune.py: these work on ints and on TensorRT shape expressions
+# (`sym` = tensorrt.plugin), so the plugin's output shapes and AOT scalars and `run`'s
+# launch come from the same functions. Shape expressions have no reflected operators.
+
+
+def counts(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, grid: int, sym=None, **_layout):
+    """(k, m): the kept span tokens and the output token count protect + k + grid² + (N - end)."""
+    k, m_pruned = prune_counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
+    return k, m_pruned + grid * grid  # a shape expression (if any) stays on the left
+
+
+def check_attributes(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, grid: int, patch_rows: int,
+                     patch_cols: int, first_patch: int) -> None:
+    """Raise ValueError for what the reference rejects (with a shape expression `n`: only
+    what does not depend on it)."""
+    check_layout(grid, patch_rows, patch_cols)
+    try:
+        check_prune_attributes(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("TokenPrune", "TokenRecycle")) from None
+
+
+def scalar_args(x_shape, score_shape, position_shape, *, keep: int, protect: int, span_end: int = 0,
+                keep_ratio: float = 1.0, grid: int, patch_rows: int, patch_cols: int, first_patch: int = 1,
+                sym=None) -> list:
+    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    n = x_shape[1]
+    end = span_end if span_end > 0 else n
+    k, _ = counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, grid=grid, sym=sym)
+    return [n, x_shape[2], k, protect, end, grid, patch_rows, patch_cols, first_patch]
+
+
+def launch_grid(x_shape, score_shape=None, position_shape=None, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
+    return (x_shape[0], cdiv(x_shape[2], block_d))
+
+
+grid = launch_grid  # the name the kernel modules share (`grid` is also this op's attribute)
+
+
+def constexprs(n: int, d: int, cells: int) -> dict:
+    """Block sizes for at most `n` tokens of `d` features and `cells` cells (concrete ints)."""
+    block_n = min(triton.next_power_of_2(max(int(n), 1)), MAX_BLOCK_N)
+    return {"BLOCK_I": block_n, "BLOCK_J": block_n,
+            "BLOCK_C": min(triton.next_power_of_2(max(int(cells), 1)), MAX_BLOCK_C),
+            "BLOCK_T": min(block_n, BLOCK_T),
+            "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
+
+
+def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=None, **attrs):
+    """x [B, N, D], score [B, N], position [B, N] int64 -> (y [B, M, D], kept_index [B, M]
+    int64), M = protect + k + grid² + (N - end), matching `trimrt.plugins.token_recycle.reference`.
+    `attrs`: keep, protect, span_end, keep_ratio, grid, patch_rows, patch_cols, first_patch."""
+    if x.dim() != 3 or score.dim() != 2 or tuple(score.shape) != tuple(x.shape[:2]) \
+            or tuple(position.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"TokenRecycle: need x [B, N, D], score and position [B, N], got "
+                         f"{tuple(x.shape)}, {tuple(score.shape)}, {tuple(position.shape)}")
+    b, n, d = x.shape
+    check_attributes(n, **attrs)
+    x, score, position = x.contiguous(), score.contiguous(), position.to(torch.int64).contiguous()
+    _, m = counts(n, **attrs)
+    if out is not None:
+        y, kept_index = out
+        if (tuple(y.shape), tuple(kept_index.shape)) != ((b, m, d), (b, m)):
+            raise ValueError(f"TokenRecycle: output buffers {[tuple(t.shape) for t in out]} do not hold "
+                             f"{m} tokens of {d} features")
+    else:
+        y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
+        kept_index = torch.empty((b, m), dtype=torch.int64, device=x.device)
+    if b == 0:
+        return y, kept_index
+    if d == 0:  # no feature block would write kept_index
+        ones = torch.zeros((b, n, 1), dtype=x.dtype, device=x.device)
+        kept_index.copy_(run(ones, score, position, **attrs)[1])
+        return y, kept_index
+    blocks = constexprs(n, d, attrs["grid"] ** 2)
+    token_recycle_kernel[launch_grid(x.shape, block_d=blocks["BLOCK_D"])](
+        x, score, position, *scalar_args(tuple(x.shape), tuple(score.shape), tuple(position.shape), **attrs),
+        y, kept_index, **blocks)
+    return y, kept_index
+
+
+def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, cells: int, target=None):
+    """Compile for `target` (default: the current GPU).
+
+    `dtypes` maps "x", "score" and "y" to Triton type names ("fp32", "fp16", "bf16");
+    position and kept_index are int64. Returns the `triton.compiler.CompiledKernel`."""
+    signature = {"x_ptr": f"*{dtypes['x']}", "s_ptr": f"*{dtypes['score']}", "pos_ptr": "*i64"}
+    signature.update({name: "i32" for name in SCALARS})
+    signature.update({"y_ptr": f"*{dtypes['y']}", "idx_ptr": "*i64"})
+    consts = constexprs(n, d, cells)
+    signature.update({name: "constexpr" for name in consts})
+    src = triton.compiler.ASTSource(fn=token_recycle_kernel, signature=signature, constexprs=consts)
+    return triton.compile(src, target=target)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """[B, M, D] and [B, M], M = protect + k + grid² + (N - end); with keep == 0, k is
+    TokenPrune's keep_ratio rule on the run-time span, as an exact shape expression."""
+    b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
+    check_attributes(n, **attrs)
+    _, m = counts(n, **attrs, sym=trtp)
+    return [(b, m, d), (b, m)]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
+    from ..tensorrt_glue import largest, launch, triton_type
+
+    x, score, position = inputs["x"], inputs["score"], inputs["position"]
+    n, d = largest(x, 1), largest(x, 2)
+    cells = attrs["grid"] ** 2
+    kernel = compile_kernel(
+        {"x": triton_type(x.dtype), "score": triton_type(score.dtype), "y": triton_type(outputs[0].dtype)},
+        n=n, d=d, cells=cells,
+    )
+    shapes = (x.shape_expr, score.shape_expr, position.shape_expr)
+    block_d = constexprs(n, d, cells)["BLOCK_D"]
+    return launch(trtp, kernel, launch_grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
+                  scalar_args(*shapes, **attrs, sym=trtp))
