@@ -320,3 +320,111 @@ def test_kernel_compiles_to_ptx():
         pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------ TensorRT hooks
+
+
+def test_generated_tensorrt_signatures_follow_the_schema():
+    import inspect
+    import typing
+
+    from test_tensorrt import _fakes
+
+    from trimrt.plugins import tensorrt_glue as glue
+
+    trt, trtp = _fakes()
+    spec = glue.spec_for(DIVERSITY_RANK)
+    names = ["x", "keep", "protect", "span_end", "keep_ratio"]
+    describe = inspect.signature(glue._descriptor(spec, trt, trtp))
+    assert list(describe.parameters) == names
+    assert [p.annotation for p in describe.parameters.values()] == [trtp.TensorDesc, int, int, int, float]
+    assert typing.get_args(describe.return_annotation) == (trtp.TensorDesc,)
+    assert list(inspect.signature(glue._jit_impl(spec, trtp)).parameters) == names + ["outputs", "stream"]
+    assert list(inspect.signature(glue._aot_impl(spec, trtp)).parameters) == names + ["outputs", "tactic"]
+
+
+def test_tensorrt_describe_gives_score_shape_and_rejects_what_the_reference_rejects():
+    from test_tensorrt import _Dim, _FakeDesc, _fakes
+
+    from trimrt.plugins import tensorrt_glue as glue
+
+    trt, trtp = _fakes()
+    describe = glue._descriptor(glue.spec_for(DIVERSITY_RANK), trt, trtp)
+    assert describe(_FakeDesc(("B", "N", "D")), keep=5) == ((("B", "N"), "half"),)
+    x = _FakeDesc((_Dim(1), _Dim(8), _Dim(4)))
+    with pytest.raises(ValueError, match="DiversityRank: span"):
+        describe(x, keep=1, protect=5, span_end=5)
+    with pytest.raises(ValueError, match="DiversityRank: keep=5 must be in"):
+        describe(x, keep=5, protect=1, span_end=5)
+    with pytest.raises(ValueError, match="DiversityRank: keep_ratio"):  # no exact int64 form
+        describe(x, keep=0, keep_ratio=1e-30)
+
+
+@pytest.mark.parametrize("n, keep, protect, span_end, ratio",
+                         [(17, 5, 1, 0, 1.0), (40, 5, 3, 30, 1.0), (197, 0, 1, 0, 0.3), (23, 0, 2, 20, 0.3),
+                          (23, 0, 1, 0, 0.001), (577, 0, 1, 0, 0.098), (9, 0, 0, 0, 1.0)])
+def test_tensorrt_symbolic_launch_args_are_the_run_args(n, keep, protect, span_end, ratio):
+    """The AOT scalars as shape expressions (N known only at run time) == run's on ints,
+    and k == the reference's (and TokenPrune's) count."""
+    pytest.importorskip("triton")
+    from test_tensorrt import _Dim, _fakes, _value
+
+    from trimrt.plugins.kernels import diversity_rank as kernels
+
+    ratio = float(np.float32(ratio))  # what an ONNX float attribute holds
+    attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
+    _, trtp = _fakes()
+    sym_x = (_Dim(2), _Dim(n), _Dim(3))
+    want = kernels.scalar_args((2, n, 3), **attrs)
+    assert [_value(v) for v in kernels.scalar_args(sym_x, **attrs, sym=trtp)] == want
+    assert want == [n, 3, _expected_k(n, keep, protect, span_end, ratio), protect, span_end or n]
+    assert [_value(v) for v in kernels.grid(sym_x, cdiv=trtp.cdiv)] == [2]
+
+
+def test_registration_with_fake_tensorrt(monkeypatch):
+    import sys
+
+    from test_tensorrt import _fakes
+
+    from trimrt.plugins import DOMAIN
+    from trimrt.plugins import tensorrt_glue as glue
+
+    trt, trtp = _fakes()
+    calls = []
+
+    def decorator(kind):
+        return lambda plugin_id: (lambda fn: calls.append((kind, plugin_id, fn.__name__)) or fn)
+
+    trtp.register, trtp.impl, trtp.aot_impl = decorator("register"), decorator("impl"), decorator("aot_impl")
+    trt.plugin = trtp
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(glue, "_REGISTERED", set())
+    DIVERSITY_RANK.register_tensorrt()
+    DIVERSITY_RANK.register_tensorrt()  # idempotent
+    pid = f"{DOMAIN}::DiversityRank"
+    assert calls == [("register", pid, "DiversityRank_describe"), ("impl", pid, "DiversityRank_impl"),
+                     ("aot_impl", pid, "DiversityRank_aot_impl")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
+@pytest.mark.parametrize("keep, protect, span_end, keep_ratio",
+                         [(1, 0, 0, 1.0), (20, 1, 0, 1.0), (69, 1, 0, 1.0), (5, 3, 60, 1.0), (0, 1, 0, 0.3)])
+def test_tensorrt_plugin(aot, keep, protect, span_end, keep_ratio, rng):
+    """DiversityRank alone, and feeding TokenPrune, through TensorRT == the reference."""
+    pytest.importorskip("tensorrt")
+    from test_tensorrt import _aot_supported, _one_node_model, _run_tensorrt
+
+    from trimrt.plugins import tensorrt_glue as glue
+
+    if aot and not _aot_supported():
+        pytest.skip("this TensorRT has no aot_impl")
+    glue.register(DIVERSITY_RANK)
+    x = rng.standard_normal((3, 70, 40)).astype(np.float32)
+    attrs = {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": keep_ratio}
+    (expected,) = DIVERSITY_RANK.run_reference(x, **{**attrs, "keep_ratio": float(np.float32(keep_ratio))})
+    model = _one_node_model(DIVERSITY_RANK, {"x": x}, [expected.shape], attrs, aot)
+    got = _run_tensorrt(model, {"x": x})
+    np.testing.assert_array_equal(got["score"], expected)

@@ -136,10 +136,13 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
 # work on ints and on TensorRT shape expressions, so k here always equals TokenPrune's.
 
 
-def check_attributes(n, **attrs) -> None:
-    """TokenPrune's span/keep checks (the reference rejects the same), under this op's name."""
+def check_attributes(n, *, sym=None, **attrs) -> None:
+    """TokenPrune's span/keep checks (the reference rejects the same), under this op's
+    name; with `sym`, also that k has an exact shape-expression form (keep_ratio)."""
     try:
         span_rules.check_attributes(n, **attrs)
+        if sym is not None:
+            span_rules.counts(n, **attrs, sym=sym)
     except ValueError as exc:
         raise ValueError(str(exc).replace("TokenPrune", NAME)) from None
 
@@ -206,9 +209,10 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
 
 
 def trt_output_shapes(shapes, attrs, trtp):
-    """score [B, N]; the attributes are checked as far as they do not depend on N."""
+    """score [B, N]; the attributes are checked as far as they do not depend on N, so
+    that a bad keep_ratio fails the build here rather than in aot_impl."""
     b, n = shapes["x"][0], shapes["x"][1]
-    check_attributes(n, **attrs)
+    check_attributes(n, **attrs, sym=trtp)
     return [(b, n)]
 
 
