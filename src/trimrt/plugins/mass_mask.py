@@ -13,11 +13,12 @@ Per sample: the span's scores sorted descending (stable: ties to the lower index
 cum_r = (s_(0) + ... + s_(r)) / total, total = the sum of the span's scores, and
 c = min(span, 1 + #{r : cum_r < tau - TOLERANCE}); the span token of rank r is needed iff
 r < c. If total == 0 no mass can be reached: every span token is needed (c = span).
-TOLERANCE = 1e-6 absorbs rounding of the cumulative sum, so tau = 1.0 needs the tokens up
-to the one completing the mass and none of the zero-mass tokens after it (a token
-carrying less than 1e-6 of the mass after the first 1 - 1e-6 is not needed either).
-The sums are in float64, and total is the last cumulative sum (the same additions), so the
-comparison is not disturbed by the input's float type.
+TOLERANCE = 2^-20 (about 1e-6) absorbs rounding of the cumulative sum, so tau = 1.0 needs
+the tokens up to the one completing the mass and none of the zero-mass tokens after it
+(nor tokens carrying, together, less than 2^-20 of the mass at the tail). The sums are in
+float64 and total is the last cumulative sum (the same additions); tau is a float32 (what
+the ONNX attribute holds), and tau - 2^-20 is then exact in float64 in every
+implementation (a power of two is a float32 constant in the Triton kernel too).
 
 Outputs valid [B, M] (1.0 / 0.0): 1 where kept_index is outside the span or a needed span
 token; count [B] int64: c.
@@ -34,8 +35,8 @@ import onnx.helper as oh
 from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
 
 NAME = "MassMask"
-#: cum < tau - TOLERANCE: the slack of the mass comparison
-TOLERANCE = 1e-6
+#: cum < tau - TOLERANCE: the slack of the mass comparison (a power of two: exact everywhere)
+TOLERANCE = 2.0**-20
 
 
 def check_tau(tau: float) -> None:
