@@ -511,3 +511,17 @@ def test_token_merge_plugin(aot, r, protect, rng):
     stream.synchronize()
     got = [tensors[t.name].cpu().numpy() for t in OP.outputs]
     _check_against_reference(got, want, 3, 69, 40, r)
+
+
+def test_op_honours_the_contract():
+    """The registry's contract checks, for this op alone (independent of the other ops)."""
+    import importlib
+
+    assert OP.name == "TokenMerge" and not onnx.defs.has(OP.name)
+    fn = OP.function()
+    assert fn.domain == DOMAIN and fn.name == OP.name
+    assert sorted(list(fn.attribute) + [a.name for a in fn.attribute_proto]) == ["protect", "r"]
+    assert {a.name: oh.get_attribute_value(a) for a in fn.attribute_proto} == {"protect": 1}
+    kernels = importlib.import_module(OP.triton.partition(":")[0])
+    assert callable(getattr(kernels, OP.triton.partition(":")[2]))
+    assert callable(kernels.trt_output_shapes) and callable(kernels.trt_aot)
