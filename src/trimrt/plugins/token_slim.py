@@ -25,9 +25,11 @@ import onnx.helper as oh
 from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
 
 NAME = "TokenSlim"
+#: LayerNorm's default 1e-5 as an ONNX float attribute holds it (float32)
+EPSILON_DEFAULT = float(np.float32(1e-5))
 
 
-def reference(x: np.ndarray, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float = 1e-5, scale: float = 1.0):
+def reference(x: np.ndarray, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float = EPSILON_DEFAULT, scale: float = 1.0):
     if x.ndim != 3 or w1.shape[0] != x.shape[2] or w2.shape[0] != w1.shape[1]:
         raise ValueError(f"TokenSlim: x {x.shape}, w1 {w1.shape}, w2 {w2.shape} do not chain")
     if x.shape[1] == 0:
@@ -84,7 +86,7 @@ def build_function():
         oh.make_node("MatMul", ["weights", "x"], ["y"]),  # [B, M, D]
     ]
     return make_function(NAME, ["x", "ln_scale", "ln_bias", "w1", "b1", "w2", "b2"], ["y"],
-                         ["epsilon", "scale"], nodes, __doc__, defaults={"epsilon": 1e-5, "scale": 1.0})
+                         ["epsilon", "scale"], nodes, __doc__, defaults={"epsilon": EPSILON_DEFAULT, "scale": 1.0})
 
 
 OP = OpDef(
@@ -101,7 +103,7 @@ OP = OpDef(
     ),
     outputs=(TensorSpec("y", "slimmed tokens [B, M, D], each a convex combination of the N inputs"),),
     attributes=(
-        AttrSpec("epsilon", float, "LayerNorm epsilon", 1e-5),
+        AttrSpec("epsilon", float, "LayerNorm epsilon", EPSILON_DEFAULT),
         AttrSpec("scale", float, "factor on the MLP output before the softmax (1 / temperature)", 1.0),
     ),
     reference=reference,
