@@ -12,7 +12,7 @@ import pytest
 from test_decompositions import run_decomposition
 from trimrt.plugins import DOMAIN, REGISTRY
 from trimrt.plugins.base import FUNCTION_OPSET
-from trimrt.plugins.attention_page_rank import IMPORTANT_OFFSET, importance
+from trimrt.plugins.attention_page_rank import IMPORTANT_OFFSET, VAR_MAX, VAR_MIN, importance
 
 OP = REGISTRY["AttentionPageRank"]
 WIDE = dict(var_min=0.0, var_max=1e30)  # every head passes the filter
@@ -52,7 +52,7 @@ def span_of(n, protect, span_end):
     return protect, span_end if span_end > 0 else n
 
 
-def check_score_layout(score, probs, *, iterations, protect, span_end, var_min=0.01, var_max=0.7):
+def check_score_layout(score, probs, *, iterations, protect, span_end, var_min=VAR_MIN, var_max=VAR_MAX):
     """The score's structure, from the I-stage alone: important half = 4 + I (the
     ceil(span/2) largest I, ties to the lower index), 1 - sim in [0, 2] for the rest,
     I outside the span."""
@@ -79,7 +79,7 @@ def test_reference_uniform_attention_gives_uniform_importance():
     b, h, n, c = 2, 3, 9, 4
     probs = np.full((b, h, n, n), 1.0 / n, np.float32)
     metric = np.random.default_rng(0).standard_normal((b, n, c)).astype(np.float32)
-    imp = importance(probs, iterations=4, var_min=0.01, var_max=0.7)
+    imp = importance(probs, iterations=4, var_min=VAR_MIN, var_max=VAR_MAX)
     np.testing.assert_allclose(imp, np.sqrt(h) / n)
     (score,) = OP.run_reference(probs, metric, iterations=4, protect=1, span_end=8)
     np.testing.assert_allclose(score[:, [0, 8]], np.sqrt(h) / n, rtol=1e-6)
@@ -121,7 +121,7 @@ def test_reference_head_filter_and_fallback():
     s = np.full((3, n), 1.0 / n)
     for _ in range(3):
         s = np.einsum("hij,hi->hj", probs[0].astype(np.float64), s)
-    np.testing.assert_allclose(importance(probs, iterations=3, var_min=0.01, var_max=0.7)[0], s[1], rtol=1e-12)
+    np.testing.assert_allclose(importance(probs, iterations=3, var_min=VAR_MIN, var_max=VAR_MAX)[0], s[1], rtol=1e-12)
     np.testing.assert_allclose(importance(probs, iterations=3, var_min=50.0, var_max=60.0)[0],
                                np.sqrt((s**2).sum(axis=0)), rtol=1e-12)
 
@@ -165,7 +165,7 @@ def test_decomposition_matches_reference(b, h, n, c, iterations, protect, span_e
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
     check_score_layout(want, probs, **attrs)
     if ties:  # duplicated tokens tie exactly; across the important boundary the lower index wins
-        imp = importance(probs, iterations=iterations, var_min=0.01, var_max=0.7)
+        imp = importance(probs, iterations=iterations, var_min=VAR_MIN, var_max=VAR_MAX)
         start, end = span_of(n, protect, span_end)
         for src, dst in _duplicates(n):
             np.testing.assert_array_equal(imp[:, src], imp[:, dst])
@@ -448,7 +448,7 @@ def test_symbolic_launch_args(n, protect, span_end):
 
     _, trtp = _fakes()
     b, h, c = 2, 6, 8
-    attrs = dict(iterations=5, var_min=0.01, var_max=0.7, protect=protect, span_end=span_end)
+    attrs = dict(iterations=5, var_min=VAR_MIN, var_max=VAR_MAX, protect=protect, span_end=span_end)
     want = kernels.scalar_args((b, h, n, n), (b, n, c), **attrs)
     end = span_end or n
     assert want == [h, n, c, 5, protect, end, -(-(end - protect) // 2)]

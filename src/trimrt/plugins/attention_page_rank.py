@@ -40,6 +40,9 @@ NAME = "AttentionPageRank"
 IMPORTANT_OFFSET = 4.0
 #: smallest norm a metric row is divided by (a zero row stays zero instead of NaN)
 NORM_EPS = 1e-12
+#: the paper's head-variance range, as the float32 values an ONNX attribute holds
+VAR_MIN = float(np.float32(0.01))
+VAR_MAX = float(np.float32(0.7))
 
 
 def span_end_of(n: int, span_end: int) -> int:
@@ -64,8 +67,8 @@ def importance(probs: np.ndarray, *, iterations: int, var_min: float, var_max: f
     return np.sqrt((s**2 * kept[:, :, None]).sum(axis=1))
 
 
-def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float = 0.01,
-              var_max: float = 0.7, protect: int = 0, span_end: int = 0) -> tuple[np.ndarray]:
+def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float = VAR_MIN,
+              var_max: float = VAR_MAX, protect: int = 0, span_end: int = 0) -> tuple[np.ndarray]:
     b, h, n, n2 = probs.shape
     if n != n2 or metric.ndim != 3 or metric.shape[:2] != (b, n):
         raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], got {probs.shape}, {metric.shape}")
@@ -196,7 +199,7 @@ def build_function():
     ]
     return make_function(NAME, ["probs", "metric"], ["score"],
                          ["iterations", "var_min", "var_max", "protect", "span_end"], nodes, __doc__,
-                         defaults={"var_min": 0.01, "var_max": 0.7, "protect": 0, "span_end": 0})
+                         defaults={"var_min": VAR_MIN, "var_max": VAR_MAX, "protect": 0, "span_end": 0})
 
 
 OP = OpDef(
@@ -209,8 +212,8 @@ OP = OpDef(
     outputs=(TensorSpec("score", "Zero-TPrune token scores [B, N], higher = keep"),),
     attributes=(
         AttrSpec("iterations", int, "PageRank steps s <- Aᵀ s (>= 1)"),
-        AttrSpec("var_min", float, "heads with variance of N·s below this are dropped", 0.01),
-        AttrSpec("var_max", float, "heads with variance of N·s above this are dropped", 0.7),
+        AttrSpec("var_min", float, "heads with variance of N·s below this are dropped", VAR_MIN),
+        AttrSpec("var_max", float, "heads with variance of N·s above this are dropped", VAR_MAX),
         AttrSpec("protect", int, "start of the scored span: tokens before it get their importance", 0),
         AttrSpec("span_end", int, "end of the scored span (exclusive); 0 means N", 0),
     ),

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS, important_count, span_end_of
+from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS, VAR_MAX, VAR_MIN, important_count, span_end_of
 
 #: kernel parameters in launch order: input pointers, int32 scalars, float scalars, output pointer
 POINTERS_IN = ("p_ptr", "m_ptr")
@@ -152,8 +152,8 @@ def constexprs(n: int) -> dict:
             "OFFSET": IMPORTANT_OFFSET, "EPS": NORM_EPS}
 
 
-def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: float = 0.01,
-        var_max: float = 0.7, protect: int = 0, span_end: int = 0, out=None):
+def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: float = VAR_MIN,
+        var_max: float = VAR_MAX, protect: int = 0, span_end: int = 0, out=None):
     """probs [B, H, N, N], metric [B, N, C] -> (score [B, N],) in probs' dtype, matching
     `trimrt.plugins.attention_page_rank.reference`."""
     if probs.dim() != 4 or probs.shape[2] != probs.shape[3] or metric.dim() != 3 \
