@@ -395,14 +395,16 @@ def test_generated_plugin_signatures_follow_the_schema():
     names = [t.name for t in OP.inputs] + [a.name for a in OP.attributes]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
     assert list(describe.parameters) == names
-    assert [p.annotation for p in describe.parameters.values()] == [trtp.TensorDesc] * 3 + [a.kind for a in OP.attributes]
+    annotations = [p.annotation for p in describe.parameters.values()]
+    assert annotations == [trtp.TensorDesc] * 3 + [a.kind for a in OP.attributes]
     assert typing.get_args(describe.return_annotation) == (trtp.TensorDesc,) * 2
     assert list(inspect.signature(glue._jit_impl(spec, trtp)).parameters) == names + ["outputs", "stream"]
     assert list(inspect.signature(glue._aot_impl(spec, trtp)).parameters) == names + ["outputs", "tactic"]
 
 
 @pytest.mark.parametrize("n, keep, protect, span_end, ratio, grid", [
-    (17, 5, 1, 0, 1.0, 2), (197, 60, 1, 0, 1.0, 3), (197, 0, 1, 0, 0.3, 3), (40, 0, 2, 30, 0.5, 1), (30, 7, 3, 20, 1.0, 4)])
+    (17, 5, 1, 0, 1.0, 2), (197, 60, 1, 0, 1.0, 3), (197, 0, 1, 0, 0.3, 3), (40, 0, 2, 30, 0.5, 1),
+    (30, 7, 3, 20, 1.0, 4)])
 def test_symbolic_shapes_and_launch_args(n, keep, protect, span_end, ratio, grid):
     """Output shapes and AOT scalars from shape expressions (N known at run time only) ==
     the reference's shapes and the kernel's own launch arguments on ints."""

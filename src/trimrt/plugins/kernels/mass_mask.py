@@ -102,7 +102,8 @@ def check_attributes(n, *, tau: float, protect: int, span_end: int) -> None:
     else:
         bad = protect < 0 or (span_end > 0 and protect >= span_end)
     if bad:
-        raise ValueError(f"MassMask: span [{protect}, {span_end or 'N'}) is not inside {n if isinstance(n, int) else 'the N'} tokens")
+        tokens = n if isinstance(n, int) else "the N"
+        raise ValueError(f"MassMask: span [{protect}, {span_end or 'N'}) is not inside {tokens} tokens")
 
 
 def scalar_args(score_shape, kept_index_shape, *, tau: float, protect: int, span_end: int = 0, sym=None) -> list:

@@ -165,7 +165,8 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
 
 
 def counts(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, grid: int, sym=None, **_layout):
-    """(k, m): the kept span tokens and the output token count protect + k + grid² + (N - end)."""
+    """(k, m): the kept span tokens and the output token count protect + k + grid² + (N - end).
+    The layout attributes (patch_rows, ...) are accepted and do not matter here."""
     k, m_pruned = prune_counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
     return k, m_pruned + grid * grid  # a shape expression (if any) stays on the left
 
