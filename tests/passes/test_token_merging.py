@@ -70,10 +70,19 @@ def test_merging_shrinks_tensors_downstream(tiny_vit_onnx, images):
     assert [a.shape[-1] for a in got] == [65, 55, 45, 35]
 
 
-def test_too_many_merges_is_a_recipe_error(tiny_vit_onnx):
+def test_r_is_clamped_to_the_mergeable_tokens_like_tome(tiny_vit_onnx, images):
+    """As ToMe does, a block merges at most its A tokens after the CLS: 65 tokens → 32, then 16."""
+    module, path = tiny_vit_onnx
+    model, reports = merge_in_memory(path, r=[40, 20])
+    layers = reports["token_merging"]["layers"]
+    assert [(x["merged"], x.get("clamped_from")) for x in layers] == [(32, 40), (16, 20)]
+    with torch.no_grad():
+        want = tome_forward(module, torch.from_numpy(images), {0: 32, 1: 16}).numpy()
+    np.testing.assert_allclose(run(model, images), want, atol=2e-5, rtol=1e-4)
+
+
+def test_layer_out_of_range_is_a_recipe_error(tiny_vit_onnx):
     _, path = tiny_vit_onnx
-    with pytest.raises(RecipeError, match="merges more tokens"):
-        merge_in_memory(path, r=[32, 20])
     with pytest.raises(RecipeError, match="do not exist"):
         merge_in_memory(path, r=2, layers=[7])
 

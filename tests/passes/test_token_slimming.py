@@ -158,3 +158,16 @@ def test_non_constant_weights_do_not_match():
     pass_ = TokenSlimmingPass()
     pass_(model)
     assert pass_.report["modules_fused"] == 0
+
+
+def test_compile_with_token_slimming_recipe(tmp_path):
+    """Through trimrt.compile: the [token_slimming] table fuses both modules; the build's
+    compile check (a no-op in tokens) holds it to the original outputs."""
+    import trimrt
+
+    manifest = trimrt.compile("trimrt.models.sit:tiny_sit", {"token_slimming": {"fuse": True}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_slimming")
+    assert report["modules_fused"] == 2
+    assert "TokenSlim" in manifest["ops"]
+    result = trimrt.verify(tmp_path / "b", "trimrt.models.sit:tiny_sit", samples=4)
+    assert result.outputs[0].max_abs < 1e-5

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import TokenMergingPass, TokenPruningPass, TrimPaddingPass, TrimrtPass
+from ..passes import TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass, TrimrtPass
 from ..plugins import DOMAIN, OP_VERSION, REGISTRY
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
@@ -115,9 +115,7 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
     """The ordered pass list for a recipe and target."""
     feature: list[TrimrtPass] = []
     if recipe.token_slimming is not None and recipe.token_slimming.fuse:
-        from ..passes.token_slimming import TokenSlimmingPass
-
-        feature.append(TokenSlimmingPass())
+        feature.append(TokenSlimmingPass())  # first: it matches the model's own modules, as exported
     if recipe.padding is not None and recipe.padding.trim_trailing:
         feature.append(TrimPaddingPass())  # it probes the graph on ONNX Runtime, before token ops appear
     if recipe.token_pruning is not None:

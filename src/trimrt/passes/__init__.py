@@ -4,6 +4,7 @@
 from .base import PASS_TAG, TrimrtPass
 from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
+from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "TokenMergingPass", "TokenPruningPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]

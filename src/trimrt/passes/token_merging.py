@@ -25,6 +25,7 @@ from ..compiler.analysis import analyse
 from ..compiler.probe import TokenDims
 from ..compiler.token_shapes import free_token_count
 from ..errors import RecipeError, StructureError
+from ..plugins.token_merge import max_merged
 from ..recipe import TokenMergingOptions
 from .token_graph import TokenGraphPass, clear_stale_shapes
 
@@ -48,15 +49,16 @@ class TokenMergingPass(TokenGraphPass):
         n = tmap.num_tokens
         if n is None:
             raise StructureError("token count unknown: the residual stream has no shape on its token axis")
-        if isinstance(n, int) and not opts.fits(n):
-            raise RecipeError(f"[token_merging] r = {list(opts.r)} merges more tokens than the model's {n} allow "
-                              f"(each block can merge at most half of its tokens; {opts.min_tokens} tokens needed)")
         self.graph = model.graph
         dims = TokenDims(model, n)
         n_orig, protect = n, opts.protected_prefix
         layers, merged, aligned, gathered, biases = [], [], None, {}, []
         size = None
-        for layer, r in zip(opts.layers, opts.r):
+        for layer, asked in zip(opts.layers, opts.r):
+            # as ToMe does, a block merges at most its mergeable tokens (static counts only:
+            # a dynamic length cannot be clamped at compile time; the build then needs
+            # `min_tokens` tokens, see TokenMergingOptions)
+            r = min(asked, max_merged(n, protect)) if isinstance(n, int) else asked
             if r == 0:
                 continue
             block = tmap.blocks[layer]
@@ -80,7 +82,7 @@ class TokenMergingPass(TokenGraphPass):
             merged.append(out)
             tokens_out = n - r if isinstance(n, int) else "dynamic"
             layers.append({"block": layer, "tokens_in": n, "merged": r, "tokens_out": tokens_out,
-                           "shape_values_rederived": rederived})
+                           "shape_values_rederived": rederived, **({"clamped_from": asked} if r != asked else {})})
             n = tokens_out
         if not merged:
             self.report = {"layers": [], "tokens_before": n_orig, "tokens_after": n_orig}
