@@ -114,6 +114,9 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
         console.print(table)
         for line in report.not_compared:
             console.print(f"not compared (token-level output, tokens pruned): {line}")
+        for k in report.keep_ratios:
+            console.print(f"adaptive pruning at block {k['block']}: kept visible {k['mean']:.1%} of its span "
+                          f"(min {k['min']:.1%}, max {k['max']:.1%})")
         console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
     if not report.passed:
         sys.exit(1)

@@ -81,26 +81,12 @@ class TokenMergingOptions:
     protect: str = "cls"
     #: add log(size) to later attention logits, so a merged token weighs as the tokens it holds
     proportional_attention: bool = True
+    #: weight a masked mean pooling after the blocks by size too (sentence embedders)
+    weighted_pooling: bool = True
 
     @property
     def protected_prefix(self) -> int:
         return 1 if self.protect == "cls" else 0
-
-    @property
-    def min_tokens(self) -> int:
-        """Fewest tokens for which every block has r mergeable tokens (sources are the
-        even-indexed tokens after the protected ones)."""
-        n = 1
-        while not self.fits(n):
-            n += 1
-        return n
-
-    def fits(self, n: int) -> bool:
-        for r in self.r:
-            if r > (n + 1) // 2 - (self.protected_prefix + 1) // 2:
-                return False
-            n -= r
-        return True
 
 
 @dataclass(frozen=True)
@@ -245,9 +231,12 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
     prop = tm.get("proportional_attention", True)
     if not isinstance(prop, bool):
         raise RecipeError(f"{where}: proportional_attention must be true or false, got {prop!r}")
+    weighted = tm.get("weighted_pooling", True)
+    if not isinstance(weighted, bool):
+        raise RecipeError(f"{where}: weighted_pooling must be true or false, got {weighted!r}")
     pairs = sorted(zip(layers, r))
     return TokenMergingOptions(r=tuple(p[1] for p in pairs), layers=tuple(p[0] for p in pairs), protect=protect,
-                               proportional_attention=prop)
+                               proportional_attention=prop, weighted_pooling=weighted)
 
 
 def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:

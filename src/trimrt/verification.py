@@ -41,6 +41,8 @@ class VerifyReport:
     failures: list[str] = field(default_factory=list)
     #: outputs whose shape differs from the reference (token-level outputs after pruning)
     not_compared: list[str] = field(default_factory=list)
+    #: adaptive pruning: per layer, the share of its span each input kept visible
+    keep_ratios: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -135,15 +137,52 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         for n, e in zip(names, expected):
             got_all[n].append(got[n])
             ref_all[n].append(e)
+    keep_ratios = realised_keep_ratios(Path(build_dir), session.manifest, batches)
     comparable = [n for n in names if all(g.shape == r.shape for g, r in zip(got_all[n], ref_all[n]))]
     metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in comparable]
     report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=metrics,
                           min_cosine=min_cosine, min_top1=min_top1,
                           not_compared=[f"{n}: build {list(got_all[n][0].shape)} vs reference {list(ref_all[n][0].shape)}"
-                                        for n in names if n not in comparable])
+                                        for n in names if n not in comparable],
+                          keep_ratios=keep_ratios)
     for m in metrics:
         if min_cosine is not None and m.cosine_mean < min_cosine:
             report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
         if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
             report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
     return report
+
+
+def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -> list[dict]:
+    """For adaptive pruning layers: run the build with each layer's visible-token count
+    (MassMask's count) exposed, and report count / span tokens entering the layer."""
+    layers = [x for p in manifest.get("passes", []) if p["pass"] == "token_pruning"
+              for x in p["report"].get("layers", []) if "visible_count" in x]
+    if not layers:
+        return []
+    import onnx
+    import onnxruntime as ort
+
+    from .runtime.manifest import MODEL
+
+    model = onnx.load(str(build_dir / MODEL))
+    mass = {n.output[1]: n for n in model.graph.node if n.op_type == "MassMask"}
+    names, spans = [], []
+    for layer in layers:
+        node = mass[layer["visible_count"]]
+        names += [node.output[1], node.input[0]]  # count [B], score [B, N] (its width: the layer's tokens)
+        spans.append(next((a.i for a in node.attribute if a.name == "span_end"), 0))
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ratios: list[list[float]] = [[] for _ in layers]
+    for feeds in batches:
+        outs = sess.run(names, dict(feeds))
+        for i, layer in enumerate(layers):
+            count, score = outs[2 * i], outs[2 * i + 1]
+            span = (spans[i] or score.shape[1]) - layer["protected"]
+            ratios[i] += list(count / max(span, 1))
+    return [{"block": layer["block"], "mean": float(np.mean(r)), "min": float(np.min(r)), "max": float(np.max(r))}
+            for layer, r in zip(layers, ratios)]

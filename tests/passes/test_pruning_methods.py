@@ -101,3 +101,16 @@ def test_recycle_needs_a_square_patch_span(tiny_vit_onnx):
         prune_in_memory(path, method="recycle", layers=[1], keep=0.5, prunable=[1, 40])
     with pytest.raises(RecipeError, match="larger than the 8×8"):
         prune_in_memory(path, method="recycle", layers=[1], keep=0.5, recycle_grid=9)
+
+
+def test_verify_reports_realised_keep_ratios(tmp_path):
+    """adaptive: the visible share of each layer's span varies per input, within the bound."""
+    import trimrt
+
+    build = tmp_path / "adaptive"
+    trimrt.compile("trimrt.models.vit:tiny_vit", {"token_pruning": {"method": "adaptive", "layers": [1, 2],
+                                                                   "keep": 0.5, "mass": 0.5}}, build)
+    report = trimrt.verify(build, "trimrt.models.vit:tiny_vit", samples=3)
+    assert [k["block"] for k in report.keep_ratios] == [1, 2]
+    first = report.keep_ratios[0]
+    assert 0 < first["min"] <= first["mean"] <= first["max"] <= 32 / 64  # at most the static bound of 64 patches

@@ -95,4 +95,51 @@ def test_recipe_validation():
     with pytest.raises(RecipeError, match="cannot be combined"):
         load_recipe({"token_merging": {"r": [1]}, "token_pruning": {"layers": [1], "keep": 0.5}})
     opts = load_recipe({"token_merging": {"r": 13, "layers": list(range(12))}}).token_merging
-    assert opts.r == (13,) * 12 and opts.min_tokens == 170  # the last block needs 27 tokens to merge 13
+    assert opts.r == (13,) * 12 and opts.layers == tuple(range(12))
+
+
+def test_masked_mean_pooling_is_weighted_by_size(tmp_path):
+    """A sentence embedder (BERT + masked mean pooling): after merging, the pooled mean
+    counts each token by its size, Σ m·s·h / Σ m·s, with the final hidden states and
+    sizes read from the build itself."""
+    pytest.importorskip("transformers")
+    import onnx
+    import transformers as tf
+
+    import trimrt
+    from trimrt.models.minilm import _sentence_embedder_class
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(hidden_size=64, vocab_size=200, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=128)
+    config._attn_implementation = "eager"  # an explicit softmax(QKᵀ + mask), as the MiniLM example exports
+    bert = tf.BertModel(config)
+    module = _sentence_embedder_class()(bert.eval()).eval()
+    ids = torch.randint(0, 200, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    path = tmp_path / "embedder.onnx"
+    trimrt.export(module, path, example_inputs={"input_ids": ids, "attention_mask": mask})
+    model, reports = merge_in_memory(path, r=[6, 6, 6])
+    assert len(reports["token_merging"]["weighted_pooling"]) == 1
+    proto = ir.serde.serialize_model(model)
+    merges = [n for n in proto.graph.node if n.op_type == "TokenMerge"]
+    pooled_mul = next(n for n in proto.graph.node if n.op_type == "Mul" and n.name.endswith("_weighted"))
+    weighted_users = [n for n in proto.graph.node if pooled_mul.output[0] in n.input and n.op_type == "Mul"]
+    hidden = next(i for i in weighted_users[0].input if i != pooled_mul.output[0])
+    extra = [merges[-1].output[1], hidden]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in extra)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    emb, size, h = session.run(None, feeds)
+    assert size.shape == (2, 40 - 18) and np.allclose(size.sum(axis=1), 40)
+    pooled = (h * size[..., None]).sum(axis=1) / size.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(emb, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), atol=1e-5)
+
+    unweighted, reports = merge_in_memory(path, r=[6, 6, 6], weighted_pooling=False)
+    assert reports["token_merging"]["weighted_pooling"] == []
+    assert not np.allclose(run_named(unweighted, feeds), emb, atol=1e-4)
+
+
+def run_named(model: ir.Model, feeds: dict) -> np.ndarray:
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]

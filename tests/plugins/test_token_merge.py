@@ -154,16 +154,23 @@ def test_reference_ties():
 @pytest.mark.parametrize("n, protect, bound", [(9, 1, 4), (10, 1, 4), (10, 0, 5), (9, 3, 3), (5, 4, 0), (6, 4, 1), (4, 4, 0),
                                                (3, 2, 0), (2, 1, 0), (2, 0, 1)])
 def test_max_merged(n, protect, bound):
+    """r beyond the mergeable tokens is clamped, as ToMe does: r = bound + 3 merges `bound`."""
     assert max_merged(n, protect) == bound
     x, metric, size = _inputs(np.random.default_rng(n), 1, n, 2, 3)
-    OP.run_reference(x, metric, size, r=bound, protect=protect)
-    with pytest.raises(ValueError, match=rf"r={bound + 1} must be in \[0, {bound}\]"):
-        OP.run_reference(x, metric, size, r=bound + 1, protect=protect)
+    exact = OP.run_reference(x, metric, size, r=bound, protect=protect)
+    clamped = OP.run_reference(x, metric, size, r=bound + 3, protect=protect)
+    assert clamped[0].shape[1] == n - bound
+    for a, b in zip(exact, clamped):
+        np.testing.assert_array_equal(a, b)
+    if n >= 4:  # the decomposition clamps the same way at run time
+        got = run_decomposition([x, metric, size], r=bound + 3, protect=protect)
+        np.testing.assert_allclose(got[0], exact[0], atol=1e-5)
+        np.testing.assert_array_equal(got[2], exact[2])
 
 
 def test_reference_rejects_bad_attributes():
     x, metric, size = _inputs(np.random.default_rng(0), 1, 8, 2, 3)
-    with pytest.raises(ValueError, match=r"r=-1 must be in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"r=-1 must be >= 0"):
         OP.run_reference(x, metric, size, r=-1)
     with pytest.raises(ValueError, match="protect=-1"):
         OP.run_reference(x, metric, size, r=1, protect=-1)
@@ -311,9 +318,10 @@ def test_kernel_output_buffers_and_no_features(device):
     np.testing.assert_allclose(size_out.cpu().numpy(), want[1])
 
 
-@pytest.mark.parametrize("n, r, protect, match", [(9, 5, 1, r"r=5 must be in \[0, 4\]"), (10, -1, 0, "r=-1"),
+@pytest.mark.parametrize("n, r, protect, match", [(10, -1, 0, "r=-1"),
                                                    (1, 0, 1, "at least 2 tokens"), (8, 1, -2, "protect=-2")])
 def test_kernel_rejects_what_the_reference_rejects(n, r, protect, match, device):
+    """(An r beyond the mergeable tokens is not an error: both clamp it, see test_max_merged.)"""
     inputs = _inputs(np.random.default_rng(6), 1, n, 2, 3)
     with pytest.raises(ValueError, match=match):
         OP.run_reference(*inputs, r=r, protect=protect)
@@ -402,7 +410,8 @@ def _fake_tensorrt():
     trt = SimpleNamespace(int64="int64")
     trtp = SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KernelLaunchParams", (), {}),
                            SymExprs=type("SymExprs", (), {}), from_shape_expr=lambda shape, dtype: (shape, dtype),
-                           cdiv=cdiv)
+                           cdiv=cdiv, max=lambda a, b: _Dim(max(_value(a), _value(b))),
+                           min=lambda a, b: _Dim(min(_value(a), _value(b))))
     return trt, trtp
 
 
@@ -456,8 +465,10 @@ def test_plugin_describe_rejects_bad_r():
     shapes = (_Dim(1), _Dim(8), _Dim(4)), (_Dim(1), _Dim(8), _Dim(4)), (_Dim(1), _Dim(8))
     with pytest.raises(ValueError, match="r=-1"):
         describe(*(_FakeDesc(s) for s in shapes), r=-1)
-    with pytest.raises(ValueError, match=r"r=5 must be in \[0, 3\]"):  # a static N is checked fully
-        describe(_FakeDesc((1, 8, 4)), _FakeDesc((1, 8, 4)), _FakeDesc((1, 8)), r=5)
+    # r beyond the mergeable tokens is clamped: 8 tokens with the CLS protected merge at most 3
+    assert describe(_FakeDesc((1, 8, 4)), _FakeDesc((1, 8, 4)), _FakeDesc((1, 8)), r=5)[1][0] == (1, 5)
+    sym = describe(*(_FakeDesc(s) for s in shapes), r=5)[1][0]
+    assert _value(sym[1]) == 5
 
 
 # --------------------------------------------------------------------- with TensorRT
@@ -525,3 +536,11 @@ def test_op_honours_the_contract():
     kernels = importlib.import_module(OP.triton.partition(":")[0])
     assert callable(getattr(kernels, OP.triton.partition(":")[2]))
     assert callable(kernels.trt_output_shapes) and callable(kernels.trt_aot)
+
+
+def test_kernel_clamps_r_like_the_reference(device):
+    inputs = _inputs(np.random.default_rng(7), 2, 9, 4, 3)
+    want = OP.run_reference(*inputs, r=50, protect=1)
+    assert want[0].shape[1] == 9 - 4
+    got = _run_kernel(inputs, device, r=50, protect=1)
+    _check_against_reference(got, want, 2, 9, 4, 4)

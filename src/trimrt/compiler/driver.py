@@ -111,10 +111,10 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
 
 def _min_tokens(recipe) -> int:
-    """Fewest tokens a build of `recipe` accepts (a prunable span must fit, every merge
-    must find its r tokens)."""
+    """Fewest tokens a build of `recipe` accepts (a prunable span must fit; merging needs
+    two tokens to match)."""
     if recipe.token_merging is not None:
-        return recipe.token_merging.min_tokens
+        return 2
     tp = recipe.token_pruning
     if tp is None:
         return 0

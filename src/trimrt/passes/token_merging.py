@@ -55,9 +55,8 @@ class TokenMergingPass(TokenGraphPass):
         layers, merged, aligned, gathered, biases = [], [], None, {}, []
         size = None
         for layer, asked in zip(opts.layers, opts.r):
-            # as ToMe does, a block merges at most its mergeable tokens (static counts only:
-            # a dynamic length cannot be clamped at compile time; the build then needs
-            # `min_tokens` tokens, see TokenMergingOptions)
+            # as ToMe does, a block merges at most its mergeable tokens (the op clamps at
+            # run time too, so dynamic lengths work; a static count is reported exactly)
             r = min(asked, max_merged(n, protect)) if isinstance(n, int) else asked
             if r == 0:
                 continue
@@ -81,6 +80,8 @@ class TokenMergingPass(TokenGraphPass):
             aligned, _, rederived = self._follow_tokens(out, index, layer, dims, aligned, gathered)
             merged.append(out)
             tokens_out = n - r if isinstance(n, int) else "dynamic"
+            if not isinstance(n, int):
+                r = f"≤ {r}"
             layers.append({"block": layer, "tokens_in": n, "merged": r, "tokens_out": tokens_out,
                            "shape_values_rederived": rederived, **({"clamped_from": asked} if r != asked else {})})
             n = tokens_out
@@ -88,12 +89,48 @@ class TokenMergingPass(TokenGraphPass):
             self.report = {"layers": [], "tokens_before": n_orig, "tokens_after": n_orig}
             return ir.passes.PassResult(model, modified=False)
         self._bias_later_attention(tmap.blocks, biases)
+        weighted = self._weight_pooling(aligned, gathered, size) if opts.weighted_pooling else []
         rewritten = free_token_count(self.graph, merged[:1], n_orig, self.name) if isinstance(n_orig, int) else 0
         clear_stale_shapes(self.graph, merged[:1], n_orig, n)
         self.report = {"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
-                       "proportional_attention": opts.proportional_attention,
+                       "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,
                        "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
         return ir.passes.PassResult(model, modified=True)
+
+    def _weight_pooling(self, aligned: dict, gathered: dict, size: ir.Value) -> list[str]:
+        """Per-token weights that travel with the tokens into a weighted sum — the mask
+        of a masked mean pooling, [B, N, 1] — are multiplied by the final size, so the
+        pooled mean counts a merged token as the tokens it holds (Σ m·s·x / Σ m·s), as
+        proportional attention does inside the blocks. Recognised: a float tensor with
+        only the token axis (and batch) non-trivial, used only by Mul / ReduceSum."""
+        weighted = []
+        for value, (rank, axes) in aligned.items():
+            current = gathered.get(value)
+            if current is None or axes != [1] or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            shape = value.shape
+            if shape is None or any(d != 1 for d in list(shape)[2:]):
+                continue
+            uses = list(current.uses())
+            if not uses or any(user.op_type not in ("Mul", "ReduceSum") for user, _ in uses):
+                continue
+            prefix = f"trimrt_merge_pool_{len(weighted)}"
+            nodes = []
+            s = size
+            if rank > 2:
+                unsq = self._node("Unsqueeze", [size, self._const(f"{prefix}_axes", np.arange(2, rank, dtype=np.int64))],
+                                  {}, f"{prefix}_size")
+                nodes.append(unsq)
+                s = unsq.outputs[0]
+            like = self._node("CastLike", [s, current], {}, f"{prefix}_size_cast")
+            mul = self._node("Mul", [current, like.outputs[0]], {}, f"{prefix}_weighted")
+            nodes += [like, mul]
+            self.graph.insert_after(current.producer(), nodes) if current.producer() is not None else \
+                self.graph.insert_before(uses[0][0], nodes)
+            for user, i in uses:
+                user.replace_input_with(i, mul.outputs[0])
+            weighted.append(value.name)
+        return weighted
 
     def _ones(self, stream: ir.Value, prefix: str, nodes: list) -> ir.Value:
         """size = 1 for every token, [B, N]."""

@@ -12,6 +12,10 @@ This is ToMe's `bipartite_soft_matching` with `class_token=True` for protect = 1
 a token's best match is its lowest-index best B token, and among equal best scores the
 lower-index A token is merged first.
 
+r is an upper bound: a block merges min(r, its mergeable A tokens), as ToMe clamps it,
+so a build with a static r serves inputs of any length (the count depends on N only,
+never on the data: shapes stay static per input shape).
+
 Outputs (N - r tokens: the kept A tokens in their original order, then all B tokens):
 - y [B, N - r, D]: the tokens, merged ones the size-weighted mean of their group,
 - size_out [B, N - r]: the sizes after merging (feed to the next merge and to
@@ -19,7 +23,7 @@ Outputs (N - r tokens: the kept A tokens in their original order, then all B tok
 - index [B, N - r] int64: the input position each output token descends from (a kept
   A token's own, a B token's own), to gather masks and positions with the tokens.
 
-r is a build-time constant, so all shapes are static. The decomposition sums the merged
+The decomposition sums the merged
 tokens into their destinations with a one-hot matmul (exact, no scatter with reduction,
 which ONNX and TensorRT lack or get wrong) and gathers the kept ones, so everything
 after the op really runs on N - r tokens.
@@ -45,20 +49,33 @@ def max_merged(n: int, protect: int) -> int:
     return max(sources, 0) if destinations > 0 else 0
 
 
+def merged_count(n, r: int, protect: int, sym=None):
+    """Tokens actually merged: min(r, max_merged(n, protect)), as ToMe clamps r to what a
+    block has, so one build serves every input length. Works on ints and on TensorRT
+    shape expressions (`sym`: tensorrt.plugin, for its min/max; keep them on the left)."""
+    if isinstance(n, int):
+        return min(r, max_merged(n, protect))
+    sources = (n + 1) // 2 - (protect + 1) // 2
+    destinations = n // 2 - protect // 2
+    # destinations <= 0 → bound 0; destinations >= 1 → destinations · n >= n >= sources
+    bound = sym.max(sources * 0, sym.min(sources, destinations * n))
+    return sym.min(bound, bound * 0 + r)
+
+
 def check_r(n: int, r: int, protect: int) -> None:
     """Raise ValueError for what no implementation handles (ONNX ArgMax fails on an empty B set)."""
     if n < 2:
         raise ValueError(f"TokenMerge: needs at least 2 tokens, got {n}")
     if protect < 0:
         raise ValueError(f"TokenMerge: protect={protect} must be >= 0")
-    bound = max_merged(n, protect)
-    if not 0 <= r <= bound:
-        raise ValueError(f"TokenMerge: r={r} must be in [0, {bound}] for {n} tokens with protect={protect}")
+    if r < 0:
+        raise ValueError(f"TokenMerge: r={r} must be >= 0")
 
 
 def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int = 1):
     batch, n, _ = x.shape
     check_r(n, r, protect)
+    r = merged_count(n, r, protect)
     nb = n // 2
     m = metric.astype(np.float64)
     m = m / np.linalg.norm(m, axis=-1, keepdims=True)
@@ -127,7 +144,20 @@ def build_function():
         oh.make_node("ArgMax", ["scores"], ["node_idx"], axis=-1, keepdims=0, select_last_index=0),
         oh.make_node("Shape", ["node_max"], ["na"], start=1, end=2),
         oh.make_node("TopK", ["node_max", "na"], ["_ranked", "order"], axis=1, largest=1, sorted=1),
-        oh.make_node("Unsqueeze", ["r_s", "ax0"], ["r"]),
+        # r = min(r, mergeable A tokens): ToMe's clamp, so short inputs merge what they have
+        oh.make_node("Add", ["n_s", "one_s"], ["n_plus"]),
+        oh.make_node("Div", ["n_plus", "two_s"], ["na_s"]),
+        oh.make_node("Add", ["protect_s", "one_s"], ["p_plus"]),
+        oh.make_node("Div", ["p_plus", "two_s"], ["a_protected_n"]),
+        oh.make_node("Sub", ["na_s", "a_protected_n"], ["sources"]),
+        oh.make_node("Div", ["n_s", "two_s"], ["nb_all"]),
+        oh.make_node("Div", ["protect_s", "two_s"], ["b_protected_n"]),
+        oh.make_node("Sub", ["nb_all", "b_protected_n"], ["destinations"]),
+        oh.make_node("Greater", ["destinations", "zero_s"], ["can_receive"]),
+        oh.make_node("Max", ["sources", "zero_s"], ["sources_pos"]),
+        oh.make_node("Where", ["can_receive", "sources_pos", "zero_s"], ["bound"]),
+        oh.make_node("Min", ["r_s", "bound"], ["r_eff"]),
+        oh.make_node("Unsqueeze", ["r_eff", "ax0"], ["r"]),
         oh.make_node("Slice", ["order", "zero", "r", "ax1"], ["src"]),  # [B, r] merged away
         oh.make_node("Slice", ["order", "r", "end_max", "ax1"], ["unm_ranked"]),
         oh.make_node("Sub", ["na", "r"], ["n_unm"]),
@@ -191,7 +221,7 @@ OP = OpDef(
         TensorSpec("index", "input position each output token descends from [B, N - r]", "int64"),
     ),
     attributes=(
-        AttrSpec("r", int, "tokens merged away (build-time constant)"),
+        AttrSpec("r", int, "tokens merged away, at most (build-time constant; clamped to the mergeable tokens)"),
         AttrSpec("protect", int, "leading tokens never merged away nor merged into (CLS)", 1),
     ),
     reference=reference,

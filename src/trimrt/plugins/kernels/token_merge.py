@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..token_merge import check_r
+from ..token_merge import check_r, merged_count
 
 #: kernel parameters in launch order: input pointers, int32 scalars, output pointers
 POINTERS_IN = ("x_ptr", "metric_ptr", "size_ptr")
@@ -145,14 +145,15 @@ def check_attributes(n, *, r: int, protect: int) -> None:
         raise ValueError(f"TokenMerge: r={r} and protect={protect} must be >= 0")
 
 
-def out_tokens(n, *, r: int):
-    """N - r (an int or a shape expression)."""
-    return n - r
+def out_tokens(n, *, r: int, protect: int, sym=None):
+    """N - min(r, mergeable) (an int or a shape expression)."""
+    return n - merged_count(n, r, protect, sym)
 
 
 def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, sym=None) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
-    return [x_shape[1], x_shape[2], metric_shape[2], r, protect]
+    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs);
+    r is the clamped count."""
+    return [x_shape[1], x_shape[2], metric_shape[2], merged_count(x_shape[1], r, protect, sym), protect]
 
 
 def grid(x_shape, metric_shape, size_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
@@ -178,7 +179,7 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
                          f"{tuple(x.shape)}, {tuple(metric.shape)}, {tuple(size.shape)}")
     b, n, d = x.shape
     check_attributes(n, r=r, protect=protect)
-    m = out_tokens(n, r=r)
+    m = out_tokens(n, r=r, protect=protect)
     if out is not None:
         y, size_out, index = out
         if (tuple(y.shape), tuple(size_out.shape), tuple(index.shape)) != ((b, m, d), (b, m), (b, m)):
@@ -226,7 +227,7 @@ def trt_output_shapes(shapes, attrs, trtp):
     """[B, N - r, D], [B, N - r], [B, N - r] (shape expressions or ints)."""
     b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
     check_attributes(n, **attrs)
-    m = out_tokens(n, r=attrs["r"])
+    m = out_tokens(n, r=attrs["r"], protect=attrs["protect"], sym=trtp)
     return [(b, m, d), (b, m), (b, m)]
 
 
