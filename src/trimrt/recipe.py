@@ -75,8 +75,11 @@ class TokenPruningOptions:
 class TokenMergingOptions:
     """[token_merging]: ToMe — merge r tokens per block by bipartite soft matching."""
 
-    #: tokens merged away at each listed block
+    #: tokens merged away at each listed block (one value: the same at every block)
     r: tuple[int, ...] = ()
+    #: or, for inputs whose length varies: merge floor(ratio · tokens) at each block
+    ratio: float = 0.0
+    #: blocks that merge; empty: every block
     layers: tuple[int, ...] = ()
     protect: str = "cls"
     #: add log(size) to later attention logits, so a merged token weighs as the tokens it holds
@@ -87,6 +90,12 @@ class TokenMergingOptions:
     @property
     def protected_prefix(self) -> int:
         return 1 if self.protect == "cls" else 0
+
+    def schedule(self, depth: int) -> list[tuple[int, int]]:
+        """(block, r) for a model of `depth` blocks; r = 0 means "use ratio"."""
+        layers = self.layers or tuple(range(depth))
+        r = self.r if len(self.r) == len(layers) else (self.r[0] if self.r else 0,) * len(layers)
+        return list(zip(layers, r))
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,10 @@ class Recipe:
         if self.token_merging is not None:
             tm = dataclasses.asdict(self.token_merging)
             tm["r"], tm["layers"] = list(tm["r"]), list(tm["layers"])
+            if not tm["r"]:
+                del tm["r"]
+            else:
+                del tm["ratio"]
             out["token_merging"] = tm
         if self.token_slimming is not None:
             out["token_slimming"] = dataclasses.asdict(self.token_slimming)
@@ -208,15 +221,20 @@ def _block_list(value: Any, where: str, key: str = "layers") -> tuple[int, ...]:
 def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
     where = f"{source}: [token_merging]"
     tm = _table(tm, where, {f.name for f in dataclasses.fields(TokenMergingOptions)})
-    r = tm.get("r")
+    r, ratio = tm.get("r"), tm.get("ratio")
     layers = _block_list(tm["layers"], where) if "layers" in tm else None
-    if _is_int(r):
+    if (r is None) == (ratio is None):
+        raise RecipeError(f"{where}: give r (tokens merged per block) or ratio (share of the tokens merged per "
+                          "block, for inputs of varying length), not both")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 0.5:
+            raise RecipeError(f"{where}: ratio must be a number in (0, 0.5) (a block can merge at most half "
+                              f"of its tokens), got {ratio!r}")
+        r = ()
+    elif _is_int(r):
         if r < 1:
             raise RecipeError(f"{where}: r must be >= 1, got {r}")
-        if layers is None:
-            raise RecipeError(f"{where}: with a constant r, give the blocks too: layers = [0, 1, ...] "
-                              "(or r as a per-block list)")
-        r = (r,) * len(layers)
+        r = (r,) * len(layers) if layers is not None else (r,)
     elif isinstance(r, (list, tuple)) and r and all(_is_int(i) and i >= 0 for i in r):
         r = tuple(r)
         if layers is None:
@@ -234,9 +252,11 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
     weighted = tm.get("weighted_pooling", True)
     if not isinstance(weighted, bool):
         raise RecipeError(f"{where}: weighted_pooling must be true or false, got {weighted!r}")
-    pairs = sorted(zip(layers, r))
-    return TokenMergingOptions(r=tuple(p[1] for p in pairs), layers=tuple(p[0] for p in pairs), protect=protect,
-                               proportional_attention=prop, weighted_pooling=weighted)
+    if layers is not None and len(r) == len(layers):
+        pairs = sorted(zip(layers, r))
+        layers, r = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    return TokenMergingOptions(r=tuple(r), ratio=float(ratio or 0.0), layers=tuple(sorted(layers or ())),
+                               protect=protect, proportional_attention=prop, weighted_pooling=weighted)
 
 
 def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:

@@ -88,8 +88,11 @@ def test_layer_out_of_range_is_a_recipe_error(tiny_vit_onnx):
 
 
 def test_recipe_validation():
-    with pytest.raises(RecipeError, match="give the blocks too"):
-        load_recipe({"token_merging": {"r": 8}})
+    with pytest.raises(RecipeError, match="not both"):
+        load_recipe({"token_merging": {"r": 8, "ratio": 0.1}})
+    with pytest.raises(RecipeError, match="ratio must be a number in"):
+        load_recipe({"token_merging": {"ratio": 0.5}})
+    assert load_recipe({"token_merging": {"r": 8}}).token_merging.schedule(3) == [(0, 8), (1, 8), (2, 8)]
     with pytest.raises(RecipeError, match="3 values for 2 layers"):
         load_recipe({"token_merging": {"r": [1, 2, 3], "layers": [0, 1]}})
     with pytest.raises(RecipeError, match="cannot be combined"):
@@ -135,6 +138,14 @@ def test_masked_mean_pooling_is_weighted_by_size(tmp_path):
     pooled = (h * size[..., None]).sum(axis=1) / size.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(emb, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), atol=1e-5)
 
+    # a ratio serves every length of a dynamic-length export: 40 and 9 tokens
+    by_ratio, reports = merge_in_memory(path, ratio=0.2)
+    assert reports["token_merging"]["layers"][0]["merged"] == "min(floor(0.2·tokens), mergeable)"
+    for n in (40, 9):
+        short = {k: v[:, :n] for k, v in feeds.items()}
+        out = run_named(by_ratio, short)
+        assert out.shape == (2, 64) and np.all(np.isfinite(out))
+
     unweighted, reports = merge_in_memory(path, r=[6, 6, 6], weighted_pooling=False)
     assert reports["token_merging"]["weighted_pooling"] == []
     assert not np.allclose(run_named(unweighted, feeds), emb, atol=1e-4)
@@ -143,3 +154,13 @@ def test_masked_mean_pooling_is_weighted_by_size(tmp_path):
 def run_named(model: ir.Model, feeds: dict) -> np.ndarray:
     proto = ir.serde.serialize_model(model)
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_ratio_merges_a_share_of_each_blocks_tokens(tiny_vit_onnx, images):
+    """ratio 0.2 on 65 tokens: floor(0.2·65) = 13, then floor(0.2·52) = 10, 8, 6."""
+    module, path = tiny_vit_onnx
+    model, reports = merge_in_memory(path, ratio=0.2)
+    assert [x["merged"] for x in reports["token_merging"]["layers"]] == [13, 10, 8, 6]
+    with torch.no_grad():
+        want = tome_forward(module, torch.from_numpy(images), {0: 13, 1: 10, 2: 8, 3: 6}).numpy()
+    np.testing.assert_allclose(run(model, images), want, atol=2e-5, rtol=1e-4)

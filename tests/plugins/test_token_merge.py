@@ -425,10 +425,10 @@ def test_plugin_signatures_follow_the_schema():
 
     trt, trtp = _fake_tensorrt()
     spec = glue.spec_for(OP)
-    names = ["x", "metric", "size", "r", "protect"]
+    names = ["x", "metric", "size", "r", "protect", "ratio"]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
     assert list(describe.parameters) == names
-    assert [p.annotation for p in describe.parameters.values()] == [trtp.TensorDesc] * 3 + [int, int]
+    assert [p.annotation for p in describe.parameters.values()] == [trtp.TensorDesc] * 3 + [int, int, float]
     assert typing.get_args(describe.return_annotation) == (trtp.TensorDesc,) * 3
     assert list(inspect.signature(glue._jit_impl(spec, trtp)).parameters) == names + ["outputs", "stream"]
     assert list(inspect.signature(glue._aot_impl(spec, trtp)).parameters) == names + ["outputs", "tactic"]
@@ -531,8 +531,8 @@ def test_op_honours_the_contract():
     assert OP.name == "TokenMerge" and not onnx.defs.has(OP.name)
     fn = OP.function()
     assert fn.domain == DOMAIN and fn.name == OP.name
-    assert sorted(list(fn.attribute) + [a.name for a in fn.attribute_proto]) == ["protect", "r"]
-    assert {a.name: oh.get_attribute_value(a) for a in fn.attribute_proto} == {"protect": 1}
+    assert sorted(list(fn.attribute) + [a.name for a in fn.attribute_proto]) == ["protect", "r", "ratio"]
+    assert {a.name: oh.get_attribute_value(a) for a in fn.attribute_proto} == {"protect": 1, "ratio": 0.0}
     kernels = importlib.import_module(OP.triton.partition(":")[0])
     assert callable(getattr(kernels, OP.triton.partition(":")[2]))
     assert callable(kernels.trt_output_shapes) and callable(kernels.trt_aot)
@@ -544,3 +544,25 @@ def test_kernel_clamps_r_like_the_reference(device):
     assert want[0].shape[1] == 9 - 4
     got = _run_kernel(inputs, device, r=50, protect=1)
     _check_against_reference(got, want, 2, 9, 4, 4)
+
+
+@pytest.mark.parametrize("n, ratio, protect", [(256, 0.1, 1), (17, 0.25, 1), (40, 0.7, 1), (9, 0.05, 0), (64, 0.3, 2)])
+def test_ratio_merges_a_share_of_the_tokens(n, ratio, protect, device):
+    """r = 0 with ratio: floor(ratio · N) merged (clamped), same in the reference, the
+    decomposition, the kernel and the TensorRT shape expressions."""
+    ratio = float(np.float32(ratio))
+    inputs = _inputs(np.random.default_rng(n), 2, n, 8, 4)
+    merged = min(math.floor(ratio * n), max_merged(n, protect))
+    want = OP.run_reference(*inputs, r=0, protect=protect, ratio=ratio)
+    assert want[0].shape[1] == n - merged
+    np.testing.assert_array_equal(want[2], OP.run_reference(*inputs, r=merged, protect=protect)[2]) if merged else None
+    got = run_decomposition(inputs, r=0, protect=protect, ratio=ratio)
+    np.testing.assert_array_equal(got[2], want[2])
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    _check_against_reference(_run_kernel(inputs, device, r=0, protect=protect, ratio=ratio), want, 2, n, 8, merged)
+    from trimrt.plugins import tensorrt_glue as glue
+
+    trt, trtp = _fake_tensorrt()
+    describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
+    shapes = (_Dim(2), _Dim(n), _Dim(8)), (_Dim(2), _Dim(n), _Dim(4)), (_Dim(2), _Dim(n))
+    assert _value(describe(*(_FakeDesc(s) for s in shapes), r=0, protect=protect, ratio=ratio)[1][0][1]) == n - merged

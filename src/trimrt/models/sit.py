@@ -81,3 +81,16 @@ def tiny_sit(seed: int = 0, batch: int = 2, cfg: SiTConfig = TINY_SIT):
     model = SlimmedViT(cfg).eval()
     example = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed + 1))
     return model, (example,)
+
+
+#: DeiT-S geometry with TSMs after blocks 3, 6 and 9 keeping ~70% of the patches each time
+DEIT_SMALL_SIT = SiTConfig(slimming=((3, 137), (6, 96), (9, 67)), slim_hidden=384, slim_scale=1.0)
+
+
+def deit_small_sit(seed: int = 0, batch: int = 1):
+    """Factory: the DeiT-S-geometry ViT with three token slimming modules (random weights)."""
+    torch.manual_seed(seed)
+    model = SlimmedViT(DEIT_SMALL_SIT).eval()
+    cfg = DEIT_SMALL_SIT
+    example = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(seed + 1))
+    return model, (example,)

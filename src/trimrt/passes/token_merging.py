@@ -25,7 +25,7 @@ from ..compiler.analysis import analyse
 from ..compiler.probe import TokenDims
 from ..compiler.token_shapes import free_token_count
 from ..errors import RecipeError, StructureError
-from ..plugins.token_merge import max_merged
+from ..plugins.token_merge import merged_count
 from ..recipe import TokenMergingOptions
 from .token_graph import TokenGraphPass, clear_stale_shapes
 
@@ -41,7 +41,8 @@ class TokenMergingPass(TokenGraphPass):
         opts = self.options
         tmap = analyse(model)
         depth = len(tmap.blocks)
-        bad = [i for i in opts.layers if i >= depth]
+        schedule = opts.schedule(depth)
+        bad = [i for i, _ in schedule if i >= depth]
         if bad:
             raise RecipeError(f"[token_merging] layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
         if tmap.token_axis != 1:
@@ -54,11 +55,15 @@ class TokenMergingPass(TokenGraphPass):
         n_orig, protect = n, opts.protected_prefix
         layers, merged, aligned, gathered, biases = [], [], None, {}, []
         size = None
-        for layer, asked in zip(opts.layers, opts.r):
+        for layer, asked in schedule:
             # as ToMe does, a block merges at most its mergeable tokens (the op clamps at
             # run time too, so dynamic lengths work; a static count is reported exactly)
-            r = min(asked, max_merged(n, protect)) if isinstance(n, int) else asked
-            if r == 0:
+            if isinstance(n, int):
+                r = merged_count(n, asked, protect, ratio=opts.ratio)
+                asked = asked or r  # with a ratio, the op gets the count itself: shapes stay static
+            else:
+                r = asked
+            if r == 0 and (isinstance(n, int) or not opts.ratio):
                 continue
             block = tmap.blocks[layer]
             stream = block.stream_mid
@@ -68,7 +73,8 @@ class TokenMergingPass(TokenGraphPass):
             if size is None:
                 size = self._ones(stream, prefix, nodes)
             metric = self._head_mean_keys(block.attention, prefix, nodes)
-            merge = self._node("TokenMerge", [stream, metric, size], {"r": r, "protect": protect}, prefix,
+            merge = self._node("TokenMerge", [stream, metric, size], {"r": r, "protect": protect, "ratio": opts.ratio},
+                               prefix,
                                domain="trimrt", num_outputs=3)
             nodes.append(merge)
             out, size, index = merge.outputs
@@ -80,9 +86,9 @@ class TokenMergingPass(TokenGraphPass):
             aligned, _, rederived = self._follow_tokens(out, index, layer, dims, aligned, gathered)
             merged.append(out)
             tokens_out = n - r if isinstance(n, int) else "dynamic"
-            if not isinstance(n, int):
-                r = f"≤ {r}"
-            layers.append({"block": layer, "tokens_in": n, "merged": r, "tokens_out": tokens_out,
+            merged_text = f"min({r}, mergeable)" if r else f"min(floor({opts.ratio}·tokens), mergeable)"
+            layers.append({"block": layer, "tokens_in": n, "merged": r if isinstance(n, int) else merged_text,
+                           "r": r, "ratio": opts.ratio, "tokens_out": tokens_out,
                            "shape_values_rederived": rederived, **({"clamped_from": asked} if r != asked else {})})
             n = tokens_out
         if not merged:

@@ -12,7 +12,8 @@ This is ToMe's `bipartite_soft_matching` with `class_token=True` for protect = 1
 a token's best match is its lowest-index best B token, and among equal best scores the
 lower-index A token is merged first.
 
-r is an upper bound: a block merges min(r, its mergeable A tokens), as ToMe clamps it,
+With r == 0 the count is floor(ratio · N) instead, for inputs whose length varies (text).
+Either way it is an upper bound: a block merges min(r, its mergeable A tokens), as ToMe clamps it,
 so a build with a static r serves inputs of any length (the count depends on N only,
 never on the data: shapes stay static per input shape).
 
@@ -32,6 +33,7 @@ after the op really runs on N - r tokens.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import onnx.helper as oh
@@ -49,20 +51,29 @@ def max_merged(n: int, protect: int) -> int:
     return max(sources, 0) if destinations > 0 else 0
 
 
-def merged_count(n, r: int, protect: int, sym=None):
-    """Tokens actually merged: min(r, max_merged(n, protect)), as ToMe clamps r to what a
-    block has, so one build serves every input length. Works on ints and on TensorRT
+def asked_count(n, r: int, ratio: float):
+    """r when > 0, else floor(ratio · n) (exact: ratio = a / q, a float is dyadic)."""
+    if r > 0 or ratio <= 0:
+        return r
+    frac = Fraction(float(ratio))
+    return (n * frac.numerator) // frac.denominator
+
+
+def merged_count(n, r: int, protect: int, sym=None, ratio: float = 0.0):
+    """Tokens actually merged: min(asked, max_merged(n, protect)), as ToMe clamps r to what
+    a block has, so one build serves every input length. Works on ints and on TensorRT
     shape expressions (`sym`: tensorrt.plugin, for its min/max; keep them on the left)."""
+    asked = asked_count(n, r, ratio)
     if isinstance(n, int):
-        return min(r, max_merged(n, protect))
+        return min(asked, max_merged(n, protect))
     sources = (n + 1) // 2 - (protect + 1) // 2
     destinations = n // 2 - protect // 2
     # destinations <= 0 → bound 0; destinations >= 1 → destinations · n >= n >= sources
     bound = sym.max(sources * 0, sym.min(sources, destinations * n))
-    return sym.min(bound, bound * 0 + r)
+    return sym.min(bound, asked if not isinstance(asked, int) else bound * 0 + asked)
 
 
-def check_r(n: int, r: int, protect: int) -> None:
+def check_r(n: int, r: int, protect: int, ratio: float = 0.0) -> None:
     """Raise ValueError for what no implementation handles (ONNX ArgMax fails on an empty B set)."""
     if n < 2:
         raise ValueError(f"TokenMerge: needs at least 2 tokens, got {n}")
@@ -70,12 +81,14 @@ def check_r(n: int, r: int, protect: int) -> None:
         raise ValueError(f"TokenMerge: protect={protect} must be >= 0")
     if r < 0:
         raise ValueError(f"TokenMerge: r={r} must be >= 0")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"TokenMerge: ratio={ratio} must be in [0, 1)")
 
 
-def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int = 1):
+def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int = 1, ratio: float = 0.0):
     batch, n, _ = x.shape
-    check_r(n, r, protect)
-    r = merged_count(n, r, protect)
+    check_r(n, r, protect, ratio)
+    r = merged_count(n, r, protect, ratio=ratio)
     nb = n // 2
     m = metric.astype(np.float64)
     m = m / np.linalg.norm(m, axis=-1, keepdims=True)
@@ -109,6 +122,7 @@ def build_function():
     nodes = [
         const_from_attr("r_s", "r"),
         const_from_attr("protect_s", "protect"),
+        const_from_attr("ratio_f", "ratio", "value_float"),
         const("ax0", np.array([0], dtype=np.int64)),
         const("ax1", np.array([1], dtype=np.int64)),
         const("axm1", np.array([-1], dtype=np.int64)),
@@ -156,7 +170,15 @@ def build_function():
         oh.make_node("Greater", ["destinations", "zero_s"], ["can_receive"]),
         oh.make_node("Max", ["sources", "zero_s"], ["sources_pos"]),
         oh.make_node("Where", ["can_receive", "sources_pos", "zero_s"], ["bound"]),
-        oh.make_node("Min", ["r_s", "bound"], ["r_eff"]),
+        # asked = r, or floor(ratio · N) when r == 0 (in float64: exact for a float32 ratio)
+        oh.make_node("Cast", ["n_s"], ["n_d"], to=11),
+        oh.make_node("Cast", ["ratio_f"], ["ratio_d"], to=11),
+        oh.make_node("Mul", ["n_d", "ratio_d"], ["r_real"]),
+        oh.make_node("Floor", ["r_real"], ["r_floor"]),
+        oh.make_node("Cast", ["r_floor"], ["r_from_ratio"], to=7),
+        oh.make_node("Greater", ["r_s", "zero_s"], ["static_r"]),
+        oh.make_node("Where", ["static_r", "r_s", "r_from_ratio"], ["asked"]),
+        oh.make_node("Min", ["asked", "bound"], ["r_eff"]),
         oh.make_node("Unsqueeze", ["r_eff", "ax0"], ["r"]),
         oh.make_node("Slice", ["order", "zero", "r", "ax1"], ["src"]),  # [B, r] merged away
         oh.make_node("Slice", ["order", "r", "end_max", "ax1"], ["unm_ranked"]),
@@ -203,8 +225,8 @@ def build_function():
         oh.make_node("Expand", ["b_pos", "b_index_shape"], ["b_index"]),
         oh.make_node("Concat", ["unm_pos", "b_index"], ["index"], axis=1),
     ]
-    return make_function(NAME, ["x", "metric", "size"], ["y", "size_out", "index"], ["r", "protect"],
-                         nodes, __doc__, defaults={"protect": 1})
+    return make_function(NAME, ["x", "metric", "size"], ["y", "size_out", "index"], ["r", "protect", "ratio"],
+                         nodes, __doc__, defaults={"protect": 1, "ratio": 0.0})
 
 
 OP = OpDef(
@@ -223,6 +245,7 @@ OP = OpDef(
     attributes=(
         AttrSpec("r", int, "tokens merged away, at most (build-time constant; clamped to the mergeable tokens)"),
         AttrSpec("protect", int, "leading tokens never merged away nor merged into (CLS)", 1),
+        AttrSpec("ratio", float, "when r == 0: merge floor(ratio · N) tokens (text of any length)", 0.0),
     ),
     reference=reference,
     build_function=build_function,

@@ -134,26 +134,26 @@ def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, 
 # +, -, * and // but no reflected operators: keep them on the left).
 
 
-def check_attributes(n, *, r: int, protect: int) -> None:
+def check_attributes(n, *, r: int, protect: int, ratio: float = 0.0) -> None:
     """Raise ValueError for what the reference rejects; with a symbolic `n`, only what
     does not depend on it."""
     if isinstance(n, int):
-        check_r(n, r, protect)
+        check_r(n, r, protect, ratio)
         if n > MAX_TOKENS:
             raise ValueError(f"TokenMerge: the Triton kernel holds at most {MAX_TOKENS} tokens, got {n}")
-    elif r < 0 or protect < 0:
-        raise ValueError(f"TokenMerge: r={r} and protect={protect} must be >= 0")
+    elif r < 0 or protect < 0 or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"TokenMerge: r={r} and protect={protect} must be >= 0, ratio={ratio} in [0, 1)")
 
 
-def out_tokens(n, *, r: int, protect: int, sym=None):
+def out_tokens(n, *, r: int, protect: int, ratio: float = 0.0, sym=None):
     """N - min(r, mergeable) (an int or a shape expression)."""
-    return n - merged_count(n, r, protect, sym)
+    return n - merged_count(n, r, protect, sym, ratio)
 
 
-def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, sym=None) -> list:
+def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, ratio: float = 0.0, sym=None) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs);
     r is the clamped count."""
-    return [x_shape[1], x_shape[2], metric_shape[2], merged_count(x_shape[1], r, protect, sym), protect]
+    return [x_shape[1], x_shape[2], metric_shape[2], merged_count(x_shape[1], r, protect, sym, ratio), protect]
 
 
 def grid(x_shape, metric_shape, size_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
@@ -169,7 +169,8 @@ def constexprs(n: int, c: int, d: int) -> dict:
             "BLOCK_C": block(c, MAX_BLOCK_C), "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
-def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int = 1, out=None):
+def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int = 1, ratio: float = 0.0,
+        out=None):
     """x [B, N, D], metric [B, N, C], size [B, N] -> (y [B, N - r, D], size_out [B, N - r],
     index [B, N - r] int64), matching `trimrt.plugins.token_merge.reference`; y and
     size_out in x's dtype."""
@@ -178,8 +179,8 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
         raise ValueError(f"TokenMerge: need x [B, N, D], metric [B, N, C], size [B, N], got "
                          f"{tuple(x.shape)}, {tuple(metric.shape)}, {tuple(size.shape)}")
     b, n, d = x.shape
-    check_attributes(n, r=r, protect=protect)
-    m = out_tokens(n, r=r, protect=protect)
+    check_attributes(n, r=r, protect=protect, ratio=ratio)
+    m = out_tokens(n, r=r, protect=protect, ratio=ratio)
     if out is not None:
         y, size_out, index = out
         if (tuple(y.shape), tuple(size_out.shape), tuple(index.shape)) != ((b, m, d), (b, m), (b, m)):
@@ -193,14 +194,15 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
         return y, size_out, index
     if d == 0:  # no feature block would write size_out and index
         _, size_only, index_only = run(torch.zeros((b, n, 1), dtype=x.dtype, device=x.device), metric, size,
-                                       r=r, protect=protect)
+                                       r=r, protect=protect, ratio=ratio)
         size_out.copy_(size_only)
         index.copy_(index_only)
         return y, size_out, index
     x, metric, size = x.contiguous(), metric.contiguous(), size.contiguous()
     blocks = constexprs(n, metric.shape[2], d)
     token_merge_kernel[grid(x.shape, metric.shape, size.shape, block_d=blocks["BLOCK_D"])](
-        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), r=r, protect=protect),
+        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), r=r, protect=protect,
+                                                ratio=ratio),
         y, size_out, index, **blocks)
     return y, size_out, index
 
@@ -227,7 +229,7 @@ def trt_output_shapes(shapes, attrs, trtp):
     """[B, N - r, D], [B, N - r], [B, N - r] (shape expressions or ints)."""
     b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
     check_attributes(n, **attrs)
-    m = out_tokens(n, r=attrs["r"], protect=attrs["protect"], sym=trtp)
+    m = out_tokens(n, r=attrs["r"], protect=attrs["protect"], ratio=attrs.get("ratio", 0.0), sym=trtp)
     return [(b, m, d), (b, m), (b, m)]
 
 
