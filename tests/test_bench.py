@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from trimrt.bench import BenchReport, time_alternating
 
 
@@ -28,3 +30,24 @@ def test_paired_speedup_is_the_median_of_round_ratios():
     build = [5.0, 5.0, 15.0, 15.0, 5.0]
     assert paired_speedup(base, build) == 2.0
     assert paired_speedup([3.0, 1.0, 2.0], [1.0, 1.0, 1.0]) == 2.0
+
+
+def test_bench_refuses_a_batch_the_model_cannot_take(tmp_path, tiny_vit_onnx):
+    """A model exported with its batch axis fixed: batch 8 is an InputError, not a silent
+    measurement at the fixed batch."""
+    import onnx
+
+    import trimrt
+    from trimrt.bench import bench_build
+    from trimrt.errors import InputError
+
+    _, path = tiny_vit_onnx
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2  # fix the batch axis
+    fixed = tmp_path / "fixed_batch.onnx"
+    onnx.save(model, str(fixed))
+    build = tmp_path / "build"
+    trimrt.compile(str(fixed), {"token_pruning": {"layers": [1], "keep": 0.5}}, build)
+    with pytest.raises(InputError, match="batch axis is fixed at 2"):
+        bench_build(build, fixed, batch=8, rounds=1, warmup=0)
+    assert bench_build(build, fixed, batch=2, rounds=1, warmup=0).batch == 2

@@ -82,6 +82,10 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
         feeds = load_feed_files(inputs)
     else:
         feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens)
+        got = int(next(iter(feeds.values())).shape[0])
+        if got != batch:
+            raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {got} "
+                             "(export it with a dynamic batch)")
     t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
     med_base, med_build = statistics.median(t_base), statistics.median(t_build)
     return BenchReport(batch=int(next(iter(feeds.values())).shape[0]), threads=threads, rounds=rounds,

@@ -74,8 +74,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
         raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
     _check_outputs(base_out, build_out, noop=_is_noop(reports))
-    one = {k: v[:1] for k, v in feeds.items()}
-    flops_before, flops_after = count_flops(original, one), count_flops(built, one)
+    # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
+    batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
+    flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
 
     if save_reference is None:
         save_reference = loaded.torch_module is not None

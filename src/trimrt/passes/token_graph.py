@@ -197,6 +197,51 @@ class TokenGraphPass(TrimrtPass):
                 self._add_key_bias(blocks[b].attention, bias, f"trimrt_{self.name}_{layer}_bias_block{b}")
 
 
+    # ------------------------------------------------------------------ token sizes
+
+    def _weight_pooling(self, aligned: dict, gathered: dict, size: ir.Value) -> list[str]:
+        """Per-token weights that travel with the tokens into a weighted sum — the mask
+        of a masked mean pooling, [B, N, 1] — are multiplied by the final size, so the
+        pooled mean counts a merged token as the tokens it holds (Σ m·s·x / Σ m·s), as
+        proportional attention does inside the blocks. Recognised: a float tensor with
+        only the token axis (and batch) non-trivial, used only by Mul / ReduceSum."""
+        weighted = []
+        for value, (rank, axes) in aligned.items():
+            current = gathered.get(value)
+            if current is None or axes != [1] or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                continue
+            shape = value.shape
+            if shape is None or any(d != 1 for d in list(shape)[2:]):
+                continue
+            uses = list(current.uses())
+            if not uses or any(user.op_type not in ("Mul", "ReduceSum") for user, _ in uses):
+                continue
+            prefix = f"trimrt_pool_{len(weighted)}"
+            nodes = []
+            s = size
+            if rank > 2:
+                unsq = self._node("Unsqueeze", [size, self._const(f"{prefix}_axes", np.arange(2, rank, dtype=np.int64))],
+                                  {}, f"{prefix}_size")
+                nodes.append(unsq)
+                s = unsq.outputs[0]
+            like = self._node("CastLike", [s, current], {}, f"{prefix}_size_cast")
+            mul = self._node("Mul", [current, like.outputs[0]], {}, f"{prefix}_weighted")
+            nodes += [like, mul]
+            self.graph.insert_after(current.producer(), nodes) if current.producer() is not None else \
+                self.graph.insert_before(uses[0][0], nodes)
+            for user, i in uses:
+                user.replace_input_with(i, mul.outputs[0])
+            weighted.append(value.name)
+        return weighted
+
+    def _ones(self, stream: ir.Value, prefix: str, nodes: list) -> ir.Value:
+        """size = 1 for every token, [B, N]."""
+        shape = self._node("Shape", [stream], {"start": 0, "end": 2}, f"{prefix}_size_shape")
+        one = ir.tensor(np.array([1.0], np.float32), name=f"{prefix}_one")
+        ones = self._node("ConstantOfShape", [shape.outputs[0]], {"value": one}, f"{prefix}_size")
+        nodes += [shape, ones]
+        return ones.outputs[0]
+
     # ------------------------------------------------------------------ travelling tensors
 
     def _follow_tokens(self, out: ir.Value, index: ir.Value, layer: int, dims, aligned: dict | None,
