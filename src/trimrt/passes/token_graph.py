@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import Attention, Block
+from ..compiler.analysis import Attention, Block, analyse
 from ..compiler.token_shapes import downstream_nodes, gather_tokens, rederive_shape_values, side_inputs
-from ..errors import StructureError
+from ..errors import RecipeError, StructureError
 from .base import TrimrtPass
 
 #: additive bias of a key no query may attend (finite, so sums with other masks stay finite)
@@ -31,6 +31,22 @@ class TokenGraphPass(TrimrtPass):
     """Base of the token-reducing passes: node helpers and the shared graph surgery."""
 
     graph: ir.Graph
+
+    def _structure(self, model: ir.Model, layers, table: str):
+        """analyse(model), checked for a token-level rewrite of `layers` (recipe table
+        `table`): the blocks exist, the stream is [batch, tokens, width], the count is known."""
+        tmap = analyse(model)
+        depth = len(tmap.blocks)
+        bad = [i for i in layers if i >= depth]
+        if bad:
+            raise RecipeError(f"[{table}] layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
+        if tmap.token_axis != 1:
+            raise StructureError(f"[{table}] needs the residual stream as [batch, tokens, width]; "
+                                 f"found token axis {tmap.token_axis}")
+        if tmap.num_tokens is None:
+            raise StructureError("token count unknown: the residual stream has no shape on its token axis")
+        self.graph = model.graph
+        return tmap
 
     # ------------------------------------------------------------------ nodes
 

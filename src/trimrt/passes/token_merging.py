@@ -18,13 +18,10 @@ TensorRT-safe, unlike scatter-with-reduction.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import analyse
 from ..compiler.probe import TokenDims
 from ..compiler.token_shapes import free_token_count
-from ..errors import RecipeError, StructureError
 from ..plugins.token_merge import merged_count
 from ..recipe import TokenMergingOptions
 from .token_graph import TokenGraphPass, clear_stale_shapes
@@ -39,18 +36,9 @@ class TokenMergingPass(TokenGraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        tmap = analyse(model)
-        depth = len(tmap.blocks)
-        schedule = opts.schedule(depth)
-        bad = [i for i, _ in schedule if i >= depth]
-        if bad:
-            raise RecipeError(f"[token_merging] layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
-        if tmap.token_axis != 1:
-            raise StructureError(f"token merging needs the residual stream as [batch, tokens, width]; found token axis {tmap.token_axis}")
+        tmap = self._structure(model, opts.layers, "token_merging")
+        schedule = opts.schedule(len(tmap.blocks))
         n = tmap.num_tokens
-        if n is None:
-            raise StructureError("token count unknown: the residual stream has no shape on its token axis")
-        self.graph = model.graph
         dims = TokenDims(model, n)
         n_orig, protect = n, opts.protected_prefix
         layers, merged, aligned, gathered, biases = [], [], None, {}, []

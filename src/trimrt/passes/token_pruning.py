@@ -37,7 +37,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import Block, analyse
+from ..compiler.analysis import Block
 from ..compiler.probe import TokenDims
 from ..compiler.token_shapes import free_token_count
 from ..errors import RecipeError, StructureError
@@ -63,20 +63,12 @@ class TokenPruningPass(TokenGraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        tmap = analyse(model)
+        tmap = self._structure(model, opts.layers, "token_pruning")
         depth = len(tmap.blocks)
-        bad = [i for i in opts.layers if i >= depth]
-        if bad:
-            raise RecipeError(f"[token_pruning] layers {bad} do not exist: the model has {depth} blocks (0..{depth - 1})")
-        if tmap.token_axis != 1:
-            raise StructureError(f"token pruning needs the residual stream as [batch, tokens, width]; found token axis {tmap.token_axis}")
         n = tmap.num_tokens
-        if n is None:
-            raise StructureError("token count unknown: the residual stream has no shape on its token axis")
         start, end = opts.protected_prefix, opts.span_end
         if isinstance(n, int) and (start >= n or (end is not None and end > n)):
             raise RecipeError(f"[token_pruning] the prunable span [{start}, {end or n}) does not fit the model's {n} tokens")
-        self.graph = model.graph
         self.depth = depth
         dims = TokenDims(model, n)  # token axes of the original graph's values (probed when dynamic)
         n_orig = n

@@ -126,3 +126,40 @@ def const_from_attr(output: str, attr: str, kind: str = "value_int") -> onnx.Nod
 def const(output: str, value) -> onnx.NodeProto:
     arr = np.asarray(value)
     return onnx.helper.make_node("Constant", [], [output], value=onnx.numpy_helper.from_array(arr, output))
+
+
+def span_nodes(tokens: str) -> list[onnx.NodeProto]:
+    """The prunable span [protect, end) of an op with attributes protect / span_end, for
+    `tokens` [B, N, ...]: defines n_s, end_s, span_s (scalars) and protect, end ([1]).
+    Needs the Constants protect_s, span_end_s, zero_s and ax0."""
+    make = onnx.helper.make_node
+    return [
+        make("Shape", [tokens], ["n1"], start=1, end=2),
+        make("Squeeze", ["n1"], ["n_s"]),
+        make("Greater", ["span_end_s", "zero_s"], ["has_end"]),
+        make("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),  # span_end == 0 means N
+        make("Unsqueeze", ["end_s", "ax0"], ["end"]),
+        make("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
+        make("Sub", ["end_s", "protect_s"], ["span_s"]),
+    ]
+
+
+def kept_count_nodes() -> list[onnx.NodeProto]:
+    """k of an op with attributes keep / keep_ratio, after `span_nodes`: keep when > 0,
+    else max(1, min(span, ceil(keep_ratio · span - 1e-9))) (in float64); defines k_s
+    and k ([1]). Needs the Constants keep_s, ratio_f, zero_s, one_s and ax0."""
+    make = onnx.helper.make_node
+    return [
+        const("k_eps", np.array(1e-9, dtype=np.float64)),
+        make("Cast", ["span_s"], ["span_d"], to=onnx.TensorProto.DOUBLE),
+        make("Cast", ["ratio_f"], ["ratio_d"], to=onnx.TensorProto.DOUBLE),
+        make("Mul", ["span_d", "ratio_d"], ["k_real"]),
+        make("Sub", ["k_real", "k_eps"], ["k_real_eps"]),
+        make("Ceil", ["k_real_eps"], ["k_ceil"]),
+        make("Cast", ["k_ceil"], ["k_ratio_raw"], to=onnx.TensorProto.INT64),
+        make("Max", ["k_ratio_raw", "one_s"], ["k_ratio_low"]),
+        make("Min", ["k_ratio_low", "span_s"], ["k_ratio"]),
+        make("Greater", ["keep_s", "zero_s"], ["static_k"]),
+        make("Where", ["static_k", "keep_s", "k_ratio"], ["k_s"]),
+        make("Unsqueeze", ["k_s", "ax0"], ["k"]),
+    ]

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, span_nodes
 from .token_prune import span_keep
 
 NAME = "DiversityRank"
@@ -128,28 +128,12 @@ def build_function():
         const("zero_s", np.array(0, dtype=np.int64)),
         const("one_s", np.array(1, dtype=np.int64)),
         const("one_f", np.array(1.0, dtype=np.float32)),
-        const("eps", np.array(1e-9, dtype=np.float64)),
         const("norm_eps", np.array(NORM_EPS, dtype=np.float32)),
         const("inf_f", np.array(np.inf, dtype=np.float32)),
         const("true", np.array(True)),
-        # span [protect, end): end = span_end, or N when span_end == 0 (as TokenPrune)
-        oh.make_node("Shape", ["x"], ["n1"], start=1, end=2),
-        oh.make_node("Squeeze", ["n1"], ["n_s"]),
-        oh.make_node("Greater", ["span_end_s", "zero_s"], ["has_end"]),
-        oh.make_node("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),
-        oh.make_node("Unsqueeze", ["end_s", "ax0"], ["end"]),
-        oh.make_node("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
-        # k = keep, or max(1, ceil(keep_ratio · span)) when keep == 0 (as TokenPrune)
-        oh.make_node("Sub", ["end_s", "protect_s"], ["span_s"]),
-        oh.make_node("Cast", ["span_s"], ["span_d"], to=11),
-        oh.make_node("Cast", ["ratio_f"], ["ratio_d"], to=11),
-        oh.make_node("Mul", ["span_d", "ratio_d"], ["k_real"]),
-        oh.make_node("Sub", ["k_real", "eps"], ["k_real_eps"]),
-        oh.make_node("Ceil", ["k_real_eps"], ["k_ceil"]),
-        oh.make_node("Cast", ["k_ceil"], ["k_ratio_raw"], to=7),
-        oh.make_node("Max", ["k_ratio_raw", "one_s"], ["k_ratio"]),
-        oh.make_node("Greater", ["keep_s", "zero_s"], ["static_k"]),
-        oh.make_node("Where", ["static_k", "keep_s", "k_ratio"], ["k_s"]),
+        # span [protect, end) and k, as TokenPrune
+        *span_nodes("x"),
+        *kept_count_nodes(),
         # cosine distances of the span's tokens, [B, S, S]
         oh.make_node("Slice", ["x", "protect", "end", "ax1"], ["x_p"]),
         oh.make_node("ReduceL2", ["x_p", "axm1"], ["norm"], keepdims=1),

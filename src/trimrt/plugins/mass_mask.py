@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function, span_nodes
 
 NAME = "MassMask"
 #: cum < tau - TOLERANCE: the slack of the mass comparison (a power of two: exact everywhere)
@@ -90,13 +90,7 @@ def build_function():
         const("tolerance", np.array(TOLERANCE, dtype=np.float64)),
         const("one_f", np.array(1.0, dtype=np.float32)),
         # span [protect, end)
-        oh.make_node("Shape", ["score"], ["n1"], start=1, end=2),
-        oh.make_node("Squeeze", ["n1"], ["n_s"]),
-        oh.make_node("Greater", ["span_end_s", "zero_s"], ["has_end"]),
-        oh.make_node("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),
-        oh.make_node("Unsqueeze", ["end_s", "ax0"], ["end"]),
-        oh.make_node("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
-        oh.make_node("Sub", ["end_s", "protect_s"], ["span_s"]),
+        *span_nodes("score"),
         oh.make_node("Unsqueeze", ["span_s", "ax0"], ["span"]),
         # the span's scores in stable descending order, their cumulative mass in float64
         oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),

@@ -28,7 +28,7 @@ import math
 import numpy as np
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, span_nodes
 
 NAME = "TokenPrune"
 
@@ -82,26 +82,8 @@ def build_function():
         const("zero_s", np.array(0, dtype=np.int64)),
         const("one_s", np.array(1, dtype=np.int64)),
         const("one_f", np.array([1.0], dtype=np.float32)),
-        const("eps", np.array(1e-9, dtype=np.float64)),
-        # span [protect, end): end = span_end, or N when span_end == 0
-        oh.make_node("Shape", ["score"], ["n1"], start=1, end=2),
-        oh.make_node("Squeeze", ["n1"], ["n_s"]),
-        oh.make_node("Greater", ["span_end_s", "zero_s"], ["has_end"]),
-        oh.make_node("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),
-        oh.make_node("Unsqueeze", ["end_s", "ax0"], ["end"]),
-        oh.make_node("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
-        # k = keep, or max(1, ceil(keep_ratio · span)) when keep == 0
-        oh.make_node("Sub", ["end_s", "protect_s"], ["span_s"]),
-        oh.make_node("Cast", ["span_s"], ["span_d"], to=11),
-        oh.make_node("Cast", ["ratio_f"], ["ratio_d"], to=11),
-        oh.make_node("Mul", ["span_d", "ratio_d"], ["k_real"]),
-        oh.make_node("Sub", ["k_real", "eps"], ["k_real_eps"]),
-        oh.make_node("Ceil", ["k_real_eps"], ["k_ceil"]),
-        oh.make_node("Cast", ["k_ceil"], ["k_ratio_raw"], to=7),
-        oh.make_node("Max", ["k_ratio_raw", "one_s"], ["k_ratio"]),
-        oh.make_node("Greater", ["keep_s", "zero_s"], ["static_k"]),
-        oh.make_node("Where", ["static_k", "keep_s", "k_ratio"], ["k_s"]),
-        oh.make_node("Unsqueeze", ["k_s", "ax0"], ["k"]),
+        *span_nodes("score"),
+        *kept_count_nodes(),
         # rank the span's tokens; keep the top k, then restore their order
         oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),
         oh.make_node("TopK", ["s_p", "k"], ["_top", "order"], axis=1, largest=1, sorted=1),
