@@ -63,3 +63,14 @@ def test_kept_count_rounds_up_and_keeps_one():
     assert opts.kept_count(196) == 138  # ceil(0.7 · 196), DeiT-S layer 3
     assert TokenPruningOptions(layers=(1,), keep=0.001).kept_count(10) == 1
     assert TokenPruningOptions(layers=(1,), keep=1.0).kept_count(10) == 10
+
+
+def test_example_recipes_load():
+    """Every recipe shipped in examples/recipes parses."""
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.toml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert not recipe.is_empty, path.name
