@@ -210,11 +210,10 @@ def realised_tokens(report: dict, n: int) -> list:
 
             cur -= merged_count(cur, layer["r"], 1, ratio=layer["ratio"])
         else:
-            import math
+            from trimrt.plugins.token_prune import span_keep
 
-            span = cur - layer["protected"]
-            kept = layer["kept"] if isinstance(layer["kept"], int) else max(1, math.ceil(
-                float(layer["kept"].split("(")[1].split("·")[0]) * span - 1e-9))
+            kept = span_keep(cur - layer["protected"], layer["kept"] if isinstance(layer["kept"], int) else 0,
+                             layer["keep_ratio"])
             cur = layer["protected"] + kept + (1 if layer["fused"] else 0) + layer.get("cells", 0)
         out.append(cur)
     return out

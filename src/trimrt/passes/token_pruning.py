@@ -90,7 +90,8 @@ class TokenPruningPass(TokenGraphPass):
             added = self.options.recycle_grid ** 2 if opts.method == "recycle" else 0
             tokens_out = (n - span_len + new_span + added) if isinstance(n, int) and new_span is not None else "dynamic"
             entry = {"block": layer, "at": "block input" if opts.method == "divprune" else "after attention",
-                     "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)", "protected": start,
+                     "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)", "keep_ratio": opts.keep,
+                     "protected": start,
                      "fused": bool(fuse), "tokens_out": tokens_out, "shape_values_rederived": rederived, **extra}
             layers.append(entry)
             if self.key_bias is not None:
