@@ -1,9 +1,9 @@
-"""Example 1: EViT-style token pruning on a ViT, end to end on ONNX Runtime CPU.
+"""Example 1: token pruning (EViT) and merging (ToMe) on a ViT, end to end on ONNX Runtime CPU.
 
     make demo          # or: python examples/01_vit_token_pruning.py
 
 1. export the in-tree ViT with DeiT-S geometry (random weights) to ONNX,
-2. compile it with the recipe in examples/recipes/deit_s_keep07.toml,
+2. compile it with recipes from examples/recipes/ (EViT keep 0.7 and 0.5, ToMe r = 13),
 3. load the build and run it,
 4. verify it against the PyTorch model,
 5. time it against the unmodified export (alternating runs, medians),
@@ -37,7 +37,7 @@ def main() -> int:
     table = Table(title="DeiT-S geometry ViT, ONNX Runtime CPU, 2 threads (medians of alternating runs)")
     for col in ("recipe", "tokens", "batch", "baseline ms", "build ms", "speedup", "FLOPs ratio", "cosine", "top-1", "max abs"):
         table.add_column(col, justify="right")
-    for recipe in ("deit_s_keep07", "deit_s_keep05"):
+    for recipe in ("deit_s_keep07", "deit_s_keep05", "deit_s_tome_r13"):
         build = OUT / recipe
         console.log(f"compiling with examples/recipes/{recipe}.toml")
         manifest = trimrt.compile(str(baseline), HERE / "recipes" / f"{recipe}.toml", build)
@@ -49,8 +49,9 @@ def main() -> int:
 
         console.log("verifying against the PyTorch model")
         fid = trimrt.verify(build, FACTORY, samples=8).outputs[0]
-        tp = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_pruning")
-        tokens = "→".join(str(n) for n in [tp["tokens_before"]] + [x["tokens_out"] for x in tp["layers"]])
+        tp = next(p["report"] for p in manifest["passes"] if p["pass"] in ("token_pruning", "token_merging"))
+        counts = [tp["tokens_before"]] + [x["tokens_out"] for x in tp["layers"]]
+        tokens = "→".join(map(str, counts)) if len(counts) <= 5 else f"{counts[0]}→…→{counts[-1]}"
         for batch in (1, 8):
             console.log(f"timing batch {batch}")
             r = bench_build(build, baseline, batch=batch, threads=2, rounds=20)
@@ -58,7 +59,7 @@ def main() -> int:
                           f"{r.flops_ratio:.2f}×", f"{fid.cosine_mean:.4f}", f"{fid.top1:.2f}", f"{fid.max_abs:.2g}")
     console.print(table)
     console.print("Weights are random, so top-1 agreement is a fidelity check, not accuracy. "
-                  "Full benchmark: python benchmarks/vit_token_pruning.py")
+                  "Full benchmarks: python benchmarks/vit_token_pruning.py, python benchmarks/token_reduction.py --model vit")
     return 0
 
 
