@@ -4,14 +4,12 @@ on ONNX Runtime, the Triton kernel (interpreter on CPU) and the TensorRT hooks."
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.helper as oh
-import onnxruntime as ort
 import pytest
 
-from test_decompositions import run_decomposition
-from trimrt.plugins import DOMAIN, REGISTRY
-from trimrt.plugins.base import FUNCTION_OPSET
+from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, check_plugin_signatures, fake_tensorrt,
+                        one_node_model, run_decomposition, run_tensorrt, to_torch, value)
+
+from trimrt.plugins import REGISTRY
 from trimrt.plugins.attention_page_rank import IMPORTANT_OFFSET, VAR_MAX, VAR_MIN, importance
 
 OP = REGISTRY["AttentionPageRank"]
@@ -160,7 +158,7 @@ def test_decomposition_matches_reference(b, h, n, c, iterations, protect, span_e
     probs, metric = _case(rng, b, h, n, c, _duplicates(n) if ties else ())
     attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
     (want,) = OP.run_reference(probs, metric, **attrs)
-    (got,) = run_decomposition(OP.name, [probs, metric], **attrs)
+    (got,) = run_decomposition(OP, [probs, metric], **attrs)
     assert got.shape == (b, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
     check_score_layout(want, probs, **attrs)
@@ -192,7 +190,7 @@ def test_decomposition_tie_at_the_important_boundary():
     metric[:, 7] = 2.5 * metric[:, 2]  # unimportant token 7 duplicates important token 2 (same direction)
     attrs = dict(iterations=7, protect=1, span_end=0)
     (want,) = OP.run_reference(probs, metric, **attrs)
-    (got,) = run_decomposition(OP.name, [probs, metric], **attrs)
+    (got,) = run_decomposition(OP, [probs, metric], **attrs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[:, 1:5], IMPORTANT_OFFSET + np.sqrt(h) / n, rtol=1e-5)
     assert np.all(got[:, 5:] < 2.0 + 1e-6)
@@ -208,14 +206,14 @@ def test_decomposition_one_iteration_is_column_mean(h):
     b, n = 3, 17
     probs = softmax_probs(rng, b, h, n)
     metric = rng.standard_normal((b, n, 5)).astype(np.float32)
-    (got,) = run_decomposition(OP.name, [probs[:, :1], metric], iterations=1, protect=3, span_end=9, **WIDE)
+    (got,) = run_decomposition(OP, [probs[:, :1], metric], iterations=1, protect=3, span_end=9, **WIDE)
     column_mean = probs[:, 0].mean(axis=1)
     np.testing.assert_allclose(got[:, :3], column_mean[:, :3], rtol=1e-5)
     np.testing.assert_allclose(got[:, 9:], column_mean[:, 9:], rtol=1e-5)
     top = np.sort(got[:, 3:9], axis=1)[:, -3:]
     np.testing.assert_allclose(top - IMPORTANT_OFFSET, np.sort(column_mean[:, 3:9], axis=1)[:, -3:], rtol=1e-5)
     if h > 1:  # with every head kept: the root-sum-of-squares of the heads' column means
-        (got_all,) = run_decomposition(OP.name, [probs, metric], iterations=1, protect=3, span_end=9, **WIDE)
+        (got_all,) = run_decomposition(OP, [probs, metric], iterations=1, protect=3, span_end=9, **WIDE)
         np.testing.assert_allclose(got_all[:, :3], np.sqrt((probs.mean(axis=2) ** 2).sum(axis=1))[:, :3], rtol=1e-5)
 
 
@@ -231,7 +229,7 @@ def test_decomposition_all_heads_filtered_falls_back_to_all_heads():
     var = head_variances(probs, 5)
     assert np.all(var[0] > 0.7) and ((var[1] >= 0.01) & (var[1] <= 0.7)).tolist() == [False, True, True, False]
     attrs = dict(iterations=5, protect=1)
-    (got,) = run_decomposition(OP.name, [probs, metric], **attrs)
+    (got,) = run_decomposition(OP, [probs, metric], **attrs)
     (want,) = OP.run_reference(probs, metric, **attrs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     (all_heads,) = OP.run_reference(probs, metric, **attrs, **WIDE)
@@ -240,7 +238,7 @@ def test_decomposition_all_heads_filtered_falls_back_to_all_heads():
     np.testing.assert_allclose(got[1], kept_only[1], rtol=1e-5, atol=1e-6)
     assert not np.allclose(got[1], all_heads[1], rtol=1e-3)  # the filter matters
     # a range no head of any sample satisfies: everything falls back
-    (none,) = run_decomposition(OP.name, [probs, metric], **attrs, var_min=1e6, var_max=2e6)
+    (none,) = run_decomposition(OP, [probs, metric], **attrs, var_min=1e6, var_max=2e6)
     np.testing.assert_allclose(none, all_heads, rtol=1e-5, atol=1e-6)
 
 
@@ -249,17 +247,8 @@ def test_decomposition_float16_inputs():
     probs, metric = _case(rng, 2, 6, 17, 8)
     attrs = dict(iterations=5, protect=1)
     # through ORT with float16 inputs: the function computes in float32 and casts back
-    node = oh.make_node(OP.name, ["probs", "metric"], ["score"], domain=DOMAIN, **attrs)
-    f16 = onnx.TensorProto.FLOAT16
-    graph = oh.make_graph([node], "one_op",
-                          [oh.make_tensor_value_info("probs", f16, probs.shape),
-                           oh.make_tensor_value_info("metric", f16, metric.shape)],
-                          [oh.make_tensor_value_info("score", f16, None)])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[OP.function()])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     p16, m16 = probs.astype(np.float16), metric.astype(np.float16)
-    (got,) = session.run(None, {"probs": p16, "metric": m16})
+    (got,) = run_decomposition(OP, [p16, m16], **attrs)
     (want,) = OP.run_reference(p16, m16, **attrs)
     assert got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -288,12 +277,6 @@ def test_reference_rejects_bad_attributes(attrs, match):
 # ------------------------------------------------------------ Triton kernel (interpreter)
 
 
-def _torch(array, device):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
-
-
 KERNEL_CASES = [  # (batch, heads, n, c, iterations, protect, span_end)
     (2, 1, 5, 4, 1, 0, 0),
     (3, 6, 17, 8, 5, 1, 0),
@@ -314,7 +297,7 @@ def test_kernel_matches_reference(b, h, n, c, iterations, protect, span_end, tie
     probs, metric = _case(rng, b, h, n, c, _duplicates(n) if ties else ())
     attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
     (want,) = OP.run_reference(probs, metric, **attrs)
-    (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), **attrs)
+    (got,) = OP.run_triton(to_torch(probs, device), to_torch(metric, device), **attrs)
     got = got.cpu().numpy()
     assert got.shape == (b, n) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
@@ -328,7 +311,7 @@ def test_kernel_ties_fallback_and_column_mean(device):
     probs = np.full((b, h, n, n), 1.0 / n, np.float32)
     metric = np.random.default_rng(3).standard_normal((b, n, c)).astype(np.float32)
     metric[:, 7] = 2.5 * metric[:, 2]
-    (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), iterations=7, protect=1)
+    (got,) = OP.run_triton(to_torch(probs, device), to_torch(metric, device), iterations=7, protect=1)
     got = got.cpu().numpy()
     np.testing.assert_allclose(got, OP.run_reference(probs, metric, iterations=7, protect=1)[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[:, 1:5], IMPORTANT_OFFSET + np.sqrt(h) / n, rtol=1e-5)
@@ -340,11 +323,11 @@ def test_kernel_ties_fallback_and_column_mean(device):
                             softmax_probs(rng, 1, 4, n, temperatures=[8.0, 0.7, 1.0, 8.0])])
     metric = rng.standard_normal((2, n, 6)).astype(np.float32)
     for attrs in [dict(iterations=5, protect=1), dict(iterations=5, var_min=1e6, var_max=2e6)]:
-        (got,) = OP.run_triton(_torch(probs, device), _torch(metric, device), **attrs)
+        (got,) = OP.run_triton(to_torch(probs, device), to_torch(metric, device), **attrs)
         np.testing.assert_allclose(got.cpu().numpy(), OP.run_reference(probs, metric, **attrs)[0],
                                    rtol=1e-5, atol=1e-6)
 
-    (got,) = OP.run_triton(_torch(probs[:, :1], device), _torch(metric, device), iterations=1, protect=3, span_end=9)
+    (got,) = OP.run_triton(to_torch(probs[:, :1], device), to_torch(metric, device), iterations=1, protect=3, span_end=9)
     column_mean = probs[:, 0].mean(axis=1)
     np.testing.assert_allclose(got.cpu().numpy()[:, 9:], column_mean[:, 9:], rtol=1e-5)
 
@@ -358,7 +341,7 @@ def test_kernel_float16_and_out_buffer(device):
     from trimrt.plugins.kernels.attention_page_rank import run
 
     out = torch.empty((2, 17), dtype=torch.float16, device=device)  # as TensorRT's JIT impl passes it
-    (got,) = run(_torch(p16, device), _torch(m16, device), iterations=5, protect=1, out=(out,))
+    (got,) = run(to_torch(p16, device), to_torch(m16, device), iterations=5, protect=1, out=(out,))
     assert got is out and got.dtype == torch.float16
     (want,) = OP.run_reference(p16, m16, iterations=5, protect=1)
     np.testing.assert_allclose(got.cpu().numpy().astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -376,58 +359,34 @@ def test_kernel_rejects_bad_shapes_and_attributes(device):
         OP.run_triton(probs, torch.ones((1, 8, 2), device=device), iterations=0)
 
 
-_COMPILE = """
-import sys
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.backends import backends
-except ImportError as exc:
-    print(exc); sys.exit(77)
-if "nvidia" not in backends:
-    print("no nvidia backend"); sys.exit(77)
-from trimrt.plugins.kernels import attention_page_rank as apr
-for probs, metric in (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "bf16")):
-    k = apr.compile_kernel({"probs": probs, "metric": metric, "score": probs}, n=197, var_min=0.01, var_max=0.7,
-                           target=GPUTarget("cuda", 80, 32))
-    assert ".entry attention_page_rank_kernel" in k.asm["ptx"], k.metadata.name
-    assert getattr(k.metadata, "global_scratch_size", 0) == 0
-print("ok")
-"""
-
-
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for a real GPU target (sm_80 PTX, what the TensorRT AOT path
     embeds) without global scratch; the interpreter alone does not check that. Needs no GPU."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
+    check_compiles_to_ptx("""
+        from trimrt.plugins.kernels import attention_page_rank as apr
+        for probs, metric in (("fp32", "fp32"), ("fp16", "fp16"), ("fp32", "bf16")):
+            k = apr.compile_kernel({"probs": probs, "metric": metric, "score": probs}, n=197, var_min=0.01,
+                                   var_max=0.7, target=GPUTarget("cuda", 80, 32))
+            assert ".entry attention_page_rank_kernel" in k.asm["ptx"], k.metadata.name
+            assert getattr(k.metadata, "global_scratch_size", 0) == 0
+        print("ok")
+    """)
 
 
 # --------------------------------------------------------------------------- TensorRT
 
 
 def test_generated_signatures_follow_the_schema():
-    import test_tensorrt
-
-    test_tensorrt.test_generated_signatures_follow_the_schema(OP)
+    check_plugin_signatures(OP)
 
 
 def test_descriptor_gives_score_shape_and_dtype():
-    from test_tensorrt import _fakes, _FakeDesc
-
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    probs, metric = _FakeDesc(("B", "H", "N", "N")), _FakeDesc(("B", "N", "C"), "float")
+    probs, metric = FakeDesc(("B", "H", "N", "N")), FakeDesc(("B", "N", "C"), "float")
     assert describe(probs, metric, iterations=5) == ((("B", "N"), "half"),)
     assert describe(probs, metric, 30, 0.0, 1.0, 1, 60) == ((("B", "N"), "half"),)
     with pytest.raises(ValueError, match="iterations"):
@@ -442,20 +401,18 @@ def test_symbolic_launch_args(n, protect, span_end):
     """The AOT scalars as shape expressions (N known only at run time) == those of the
     kernel's own launch on ints; the important count is ceil(span / 2)."""
     pytest.importorskip("triton")
-    from test_tensorrt import _Dim, _fakes, _value
-
     from trimrt.plugins.kernels import attention_page_rank as kernels
 
-    _, trtp = _fakes()
+    _, trtp = fake_tensorrt()
     b, h, c = 2, 6, 8
     attrs = dict(iterations=5, var_min=VAR_MIN, var_max=VAR_MAX, protect=protect, span_end=span_end)
     want = kernels.scalar_args((b, h, n, n), (b, n, c), **attrs)
     end = span_end or n
     assert want == [h, n, c, 5, protect, end, -(-(end - protect) // 2)]
-    sym_probs, sym_metric = (_Dim(b), _Dim(h), _Dim(n), _Dim(n)), (_Dim(b), _Dim(n), _Dim(c))
-    assert [_value(v) for v in kernels.scalar_args(sym_probs, sym_metric, **attrs, sym=trtp)] == want
-    assert [_value(v) for v in kernels.grid(sym_probs, sym_metric, cdiv=trtp.cdiv)] == [b]
-    assert [tuple(_value(v) for v in s) for s in kernels.trt_output_shapes(
+    sym_probs, sym_metric = (Dim(b), Dim(h), Dim(n), Dim(n)), (Dim(b), Dim(n), Dim(c))
+    assert [value(v) for v in kernels.scalar_args(sym_probs, sym_metric, **attrs, sym=trtp)] == want
+    assert [value(v) for v in kernels.grid(sym_probs, sym_metric, cdiv=trtp.cdiv)] == [b]
+    assert [tuple(value(v) for v in s) for s in kernels.trt_output_shapes(
         {"probs": sym_probs, "metric": sym_metric}, attrs, trtp)] == [(b, n)]
 
 
@@ -464,11 +421,9 @@ def test_symbolic_launch_args(n, protect, span_end):
 @pytest.mark.parametrize("iterations, protect, span_end", [(1, 0, 0), (5, 1, 0), (30, 1, 40)])
 def test_plugin_matches_reference(aot, iterations, protect, span_end):
     pytest.importorskip("tensorrt")
-    from test_tensorrt import _aot_supported, _one_node_model, _run_tensorrt
-
     from trimrt.plugins import tensorrt_glue as glue
 
-    if aot and not _aot_supported():
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     glue.register(OP)
     glue.register(OP)  # idempotent
@@ -477,5 +432,5 @@ def test_plugin_matches_reference(aot, iterations, protect, span_end):
     attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
     (expected,) = OP.run_reference(probs, metric, **attrs)
     feeds = {"probs": probs, "metric": metric}
-    got = _run_tensorrt(_one_node_model(OP, feeds, [expected.shape], attrs, aot), feeds)
+    got = run_tensorrt(one_node_model(OP, feeds, [expected.shape], attrs, aot), feeds)
     np.testing.assert_allclose(got["score"], expected, rtol=1e-5, atol=2e-6)

@@ -6,31 +6,11 @@ import importlib
 
 import numpy as np
 import onnx
-import onnx.helper as oh
-import onnxruntime as ort
 import pytest
 
+from op_testing import run_decomposition
+
 from trimrt.plugins import DOMAIN, REGISTRY
-from trimrt.plugins.base import FUNCTION_OPSET
-
-_DTYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.int64): onnx.TensorProto.INT64}
-
-
-def run_decomposition(op_name: str, inputs: list[np.ndarray], **attrs) -> list[np.ndarray]:
-    op = REGISTRY[op_name]
-    in_names = [i.name for i in op.inputs]
-    out_specs = op.outputs
-    node = oh.make_node(op.name, in_names, [o.name for o in out_specs], domain=DOMAIN, **attrs)
-    graph = oh.make_graph(
-        [node], "one_op",
-        [oh.make_tensor_value_info(n, _DTYPES[a.dtype], list(a.shape)) for n, a in zip(in_names, inputs)],
-        [oh.make_tensor_value_info(o.name, onnx.TensorProto.INT64 if o.dtype == "int64" else onnx.TensorProto.FLOAT, None)
-         for o in out_specs],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[op.function()])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(in_names, inputs)))
 
 
 def _mask(kind: str, batch: int, n: int) -> np.ndarray:

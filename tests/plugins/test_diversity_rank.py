@@ -13,7 +13,8 @@ import itertools
 
 import numpy as np
 import pytest
-from test_decompositions import run_decomposition
+from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
+                        run_decomposition, run_tensorrt, to_torch, value)
 
 from trimrt.plugins import REGISTRY
 from trimrt.plugins.diversity_rank import cosine_distances, greedy_picks
@@ -215,7 +216,7 @@ def torch():
 
 
 def _run_kernel(torch, x, device, **attrs):
-    (score,) = DIVERSITY_RANK.run_triton(torch.from_numpy(np.ascontiguousarray(x)).to(device), **attrs)
+    (score,) = DIVERSITY_RANK.run_triton(to_torch(x, device), **attrs)
     assert score.dtype == torch.float32 and tuple(score.shape) == x.shape[:2]
     return score.cpu().numpy()
 
@@ -288,38 +289,18 @@ def test_kernel_writes_into_given_buffer_and_rejects_bad_attributes(torch, devic
         run(xt, keep=1, out=(torch.empty((2, 8), device=device),))
 
 
-_COMPILE = """
-import sys
-try:
-    from triton.backends.compiler import GPUTarget
-    from triton.backends import backends
-except ImportError as exc:
-    print(exc); sys.exit(77)
-if "nvidia" not in backends:
-    print("no nvidia backend"); sys.exit(77)
-from trimrt.plugins.kernels import diversity_rank
-for dt in ("fp32", "fp16"):
-    for n, d in ((577, 1024), (197, 768), (5, 3)):
-        k = diversity_rank.compile_kernel({"x": dt, "score": dt}, n=n, d=d, target=GPUTarget("cuda", 80, 32))
-        assert ".entry diversity_rank_kernel" in k.asm["ptx"], k.metadata.name
-        assert getattr(k.metadata, "global_scratch_size", 0) == 0
-print("ok")
-"""
-
-
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for sm_80 (what the TensorRT AOT path embeds), no GPU needed."""
-    import os
-    import subprocess
-    import sys
-
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
+    check_compiles_to_ptx("""
+        from trimrt.plugins.kernels import diversity_rank
+        for dt in ("fp32", "fp16"):
+            for n, d in ((577, 1024), (197, 768), (5, 3)):
+                k = diversity_rank.compile_kernel({"x": dt, "score": dt}, n=n, d=d, target=GPUTarget("cuda", 80, 32))
+                assert ".entry diversity_rank_kernel" in k.asm["ptx"], k.metadata.name
+                assert getattr(k.metadata, "global_scratch_size", 0) == 0
+        print("ok")
+    """)
 
 
 # ------------------------------------------------------------------ TensorRT hooks
@@ -329,11 +310,9 @@ def test_generated_tensorrt_signatures_follow_the_schema():
     import inspect
     import typing
 
-    from test_tensorrt import _fakes
-
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     spec = glue.spec_for(DIVERSITY_RANK)
     names = ["x", "keep", "protect", "span_end", "keep_ratio"]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
@@ -345,14 +324,12 @@ def test_generated_tensorrt_signatures_follow_the_schema():
 
 
 def test_tensorrt_describe_gives_score_shape_and_rejects_what_the_reference_rejects():
-    from test_tensorrt import _Dim, _FakeDesc, _fakes
-
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(DIVERSITY_RANK), trt, trtp)
-    assert describe(_FakeDesc(("B", "N", "D")), keep=5) == ((("B", "N"), "half"),)
-    x = _FakeDesc((_Dim(1), _Dim(8), _Dim(4)))
+    assert describe(FakeDesc(("B", "N", "D")), keep=5) == ((("B", "N"), "half"),)
+    x = FakeDesc((Dim(1), Dim(8), Dim(4)))
     with pytest.raises(ValueError, match="DiversityRank: span"):
         describe(x, keep=1, protect=5, span_end=5)
     with pytest.raises(ValueError, match="DiversityRank: keep=5 must be in"):
@@ -368,29 +345,25 @@ def test_tensorrt_symbolic_launch_args_are_the_run_args(n, keep, protect, span_e
     """The AOT scalars as shape expressions (N known only at run time) == run's on ints,
     and k == the reference's (and TokenPrune's) count."""
     pytest.importorskip("triton")
-    from test_tensorrt import _Dim, _fakes, _value
-
     from trimrt.plugins.kernels import diversity_rank as kernels
 
     ratio = float(np.float32(ratio))  # what an ONNX float attribute holds
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
-    _, trtp = _fakes()
-    sym_x = (_Dim(2), _Dim(n), _Dim(3))
+    _, trtp = fake_tensorrt()
+    sym_x = (Dim(2), Dim(n), Dim(3))
     want = kernels.scalar_args((2, n, 3), **attrs)
-    assert [_value(v) for v in kernels.scalar_args(sym_x, **attrs, sym=trtp)] == want
+    assert [value(v) for v in kernels.scalar_args(sym_x, **attrs, sym=trtp)] == want
     assert want == [n, 3, _expected_k(n, keep, protect, span_end, ratio), protect, span_end or n]
-    assert [_value(v) for v in kernels.grid(sym_x, cdiv=trtp.cdiv)] == [2]
+    assert [value(v) for v in kernels.grid(sym_x, cdiv=trtp.cdiv)] == [2]
 
 
 def test_registration_with_fake_tensorrt(monkeypatch):
     import sys
 
-    from test_tensorrt import _fakes
-
     from trimrt.plugins import DOMAIN
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     calls = []
 
     def decorator(kind):
@@ -415,16 +388,14 @@ def test_registration_with_fake_tensorrt(monkeypatch):
 def test_tensorrt_plugin(aot, keep, protect, span_end, keep_ratio, rng):
     """DiversityRank alone, and feeding TokenPrune, through TensorRT == the reference."""
     pytest.importorskip("tensorrt")
-    from test_tensorrt import _aot_supported, _one_node_model, _run_tensorrt
-
     from trimrt.plugins import tensorrt_glue as glue
 
-    if aot and not _aot_supported():
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     glue.register(DIVERSITY_RANK)
     x = rng.standard_normal((3, 70, 40)).astype(np.float32)
     attrs = {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": keep_ratio}
     (expected,) = DIVERSITY_RANK.run_reference(x, **{**attrs, "keep_ratio": float(np.float32(keep_ratio))})
-    model = _one_node_model(DIVERSITY_RANK, {"x": x}, [expected.shape], attrs, aot)
-    got = _run_tensorrt(model, {"x": x})
+    model = one_node_model(DIVERSITY_RANK, {"x": x}, [expected.shape], attrs, aot)
+    got = run_tensorrt(model, {"x": x})
     np.testing.assert_array_equal(got["score"], expected)

@@ -6,25 +6,18 @@ conftest.py before the kernel modules are imported), so sizes stay small.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from op_testing import check_compiles_to_ptx, to_torch  # noqa: E402
+
 from trimrt.plugins import ATTENTION_ROW_SCORE, TOKEN_PRUNE  # noqa: E402
 from trimrt.plugins.token_prune import span_keep  # noqa: E402
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _torch(array, device):
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
 
 # ----------------------------------------------------------------- AttentionRowScore
@@ -52,7 +45,7 @@ def _mask(kind: str, b: int, nq: int, n: int, rng) -> np.ndarray:
 
 def _check_attention_row_score(q, k_t, mask, row, scale, device):
     (expected,) = ATTENTION_ROW_SCORE.run_reference(q, k_t, mask, row=row, scale=scale)
-    (got,) = ATTENTION_ROW_SCORE.run_triton(_torch(q, device), _torch(k_t, device), _torch(mask, device),
+    (got,) = ATTENTION_ROW_SCORE.run_triton(to_torch(q, device), to_torch(k_t, device), to_torch(mask, device),
                                             row=row, scale=scale)
     got = got.cpu().numpy()
     assert got.shape == expected.shape == (q.shape[0], k_t.shape[3]) and got.dtype == np.float32
@@ -115,14 +108,14 @@ def test_attention_row_score_strided_keys_and_default_attributes(rng, device):
     k_t = np.swapaxes(k, -1, -2)
     mask = _mask("padding", 2, 3, 21, rng)
     (expected,) = ATTENTION_ROW_SCORE.run_reference(q, k_t, mask)
-    (got,) = ATTENTION_ROW_SCORE.run_triton(_torch(q, device), _torch(k, device).transpose(-1, -2),
-                                            _torch(mask, device).expand(2, 2, 3, 21))
+    (got,) = ATTENTION_ROW_SCORE.run_triton(to_torch(q, device), to_torch(k, device).transpose(-1, -2),
+                                            to_torch(mask, device).expand(2, 2, 3, 21))
     np.testing.assert_allclose(got.cpu().numpy(), expected, rtol=RTOL, atol=ATOL)
 
 
 def test_attention_row_score_rejects_bad_row_and_mask(rng, device):
-    q = _torch(rng.standard_normal((1, 1, 3, 4)).astype(np.float32), device)
-    k_t = _torch(rng.standard_normal((1, 1, 4, 5)).astype(np.float32), device)
+    q = to_torch(rng.standard_normal((1, 1, 3, 4)).astype(np.float32), device)
+    k_t = to_torch(rng.standard_normal((1, 1, 4, 5)).astype(np.float32), device)
     zero = torch.zeros((1, 1, 1, 1), device=device)
     with pytest.raises(ValueError, match="row"):
         ATTENTION_ROW_SCORE.run_triton(q, k_t, zero, row=3)
@@ -136,7 +129,7 @@ def test_attention_row_score_rejects_bad_row_and_mask(rng, device):
 
 def _check_token_prune(x, score, device, **attrs):
     expected = TOKEN_PRUNE.run_reference(x, score, **attrs)
-    got = TOKEN_PRUNE.run_triton(_torch(x, device), _torch(score, device), **attrs)
+    got = TOKEN_PRUNE.run_triton(to_torch(x, device), to_torch(score, device), **attrs)
     y, kept_index, fused = (t.cpu().numpy() for t in got)
     b, n, d = x.shape
     m = expected[1].shape[1]
@@ -212,7 +205,7 @@ def test_token_prune_default_attributes(rng, device):
     x = rng.standard_normal((2, 12, 3)).astype(np.float32)
     score = rng.random((2, 12)).astype(np.float32)
     expected = TOKEN_PRUNE.run_reference(x, score, keep=4, protect=1)
-    got = TOKEN_PRUNE.run_triton(_torch(x, device), _torch(score, device), keep=4, protect=1)
+    got = TOKEN_PRUNE.run_triton(to_torch(x, device), to_torch(score, device), keep=4, protect=1)
     np.testing.assert_array_equal(got[1].cpu().numpy(), expected[1])
 
 
@@ -225,7 +218,7 @@ def test_token_prune_rejects_bad_keep_or_span(keep, protect, span_end, match, rn
     with pytest.raises(ValueError, match=match):
         TOKEN_PRUNE.run_reference(x, score, **attrs)
     with pytest.raises(ValueError, match=match):
-        TOKEN_PRUNE.run_triton(_torch(x, device), _torch(score, device), **attrs)
+        TOKEN_PRUNE.run_triton(to_torch(x, device), to_torch(score, device), **attrs)
 
 
 def test_kept_count_is_the_reference_rule():
@@ -243,36 +236,18 @@ def test_kept_count_is_the_reference_rule():
 
 # ------------------------------------------------------------- real (AOT) compilation
 
-_COMPILE = textwrap.dedent(
-    """
-    import sys
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends import backends
-    except ImportError as exc:
-        print(exc); sys.exit(77)
-    if "nvidia" not in backends:
-        print("no nvidia backend"); sys.exit(77)
-    from trimrt.plugins.kernels import attention_row_score as ars, token_prune as tp
-    target = GPUTarget("cuda", 80, 32)
-    for dt in ("fp32", "fp16"):
-        k = ars.compile_kernel({"q": dt, "k_t": dt, "mask": "fp32", "score": dt}, n=197, dh=64, scale=0.125,
-                               target=target)
-        assert ".entry attention_row_score_kernel" in k.asm["ptx"], k.metadata.name
-        k = tp.compile_kernel({"x": dt, "score": dt, "y": dt, "fused": dt}, n=197, d=768, target=target)
-        assert ".entry token_prune_kernel" in k.asm["ptx"], k.metadata.name
-        assert getattr(k.metadata, "global_scratch_size", 0) == 0
-    print("ok")
-    """
-)
-
-
 def test_kernels_compile_to_ptx():
     """The kernels compile for a real GPU target (sm_80 PTX, what the TensorRT AOT path
     embeds); the interpreter alone does not check that. Needs no GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
+    check_compiles_to_ptx("""
+        from trimrt.plugins.kernels import attention_row_score as ars, token_prune as tp
+        target = GPUTarget("cuda", 80, 32)
+        for dt in ("fp32", "fp16"):
+            k = ars.compile_kernel({"q": dt, "k_t": dt, "mask": "fp32", "score": dt}, n=197, dh=64, scale=0.125,
+                                   target=target)
+            assert ".entry attention_row_score_kernel" in k.asm["ptx"], k.metadata.name
+            k = tp.compile_kernel({"x": dt, "score": dt, "y": dt, "fused": dt}, n=197, d=768, target=target)
+            assert ".entry token_prune_kernel" in k.asm["ptx"], k.metadata.name
+            assert getattr(k.metadata, "global_scratch_size", 0) == 0
+        print("ok")
+    """)

@@ -5,50 +5,26 @@ against a fake tensorrt."""
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-import textwrap
 import typing
-from types import SimpleNamespace
 
 import numpy as np
-import onnx
-import onnx.helper as oh
-import onnxruntime as ort
 import pytest
 
-from trimrt.plugins import DOMAIN, REGISTRY
+from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
+                        run_decomposition, run_tensorrt, run_triton, value)
+
+from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
-from trimrt.plugins.base import FUNCTION_OPSET
 from trimrt.plugins.token_prune import select
 
 OP = REGISTRY["MassMask"]
-_ONNX_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.int64): onnx.TensorProto.INT64}
-
-
-def run_decomposition(inputs: list[np.ndarray], **attrs) -> list[np.ndarray]:
-    names = [t.name for t in OP.inputs]
-    node = oh.make_node(OP.name, names, [t.name for t in OP.outputs], domain=DOMAIN, **attrs)
-    graph = oh.make_graph(
-        [node], "one_op",
-        [oh.make_tensor_value_info(n, _ONNX_TYPES[a.dtype], list(a.shape)) for n, a in zip(names, inputs)],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT,
-                                   None) for t in OP.outputs],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[OP.function()])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(names, inputs)))
-
-
 def f32(value: float) -> float:
     """What a float ONNX attribute holds: the reference gets the same tau."""
     return float(np.float32(value))
 
 
 def _check(score, kept_index, **attrs):
-    got = run_decomposition([score, kept_index], **attrs)
+    got = run_decomposition(OP, [score, kept_index], **attrs)
     want = OP.run_reference(score, kept_index, **attrs)
     b, m = kept_index.shape
     assert got[0].shape == want[0].shape == (b, m) and got[0].dtype == score.dtype
@@ -169,16 +145,8 @@ def test_rejects_bad_span_and_index():
 # --------------------------------------------------------- Triton kernel (interpreter)
 
 
-def _triton_run(score, kept_index, device, **attrs):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    got = OP.run_triton(torch.from_numpy(np.ascontiguousarray(score)).to(device),
-                        torch.from_numpy(np.ascontiguousarray(kept_index)).to(device), **attrs)
-    return tuple(t.cpu().numpy() for t in got)
-
-
 def _check_kernel(score, kept_index, device, **attrs):
-    valid, count = _triton_run(score, kept_index, device, **attrs)
+    valid, count = run_triton(OP, [score, kept_index], device, **attrs)
     want = OP.run_reference(score, kept_index, **attrs)
     assert valid.shape == want[0].shape and valid.dtype == score.dtype
     assert count.shape == want[1].shape and count.dtype == np.int64
@@ -212,7 +180,7 @@ def test_kernel_fp16_empty_batch_and_out_buffers(device):
     rng = np.random.default_rng(4)
     score = rng.random((2, 20)).astype(np.float16)
     _check_kernel(score, select(score, 9, 1, 20), device, tau=f32(0.7), protect=1)
-    valid, count = _triton_run(score[:0], np.zeros((0, 9), np.int64), device, tau=0.5)
+    valid, count = run_triton(OP, [score[:0], np.zeros((0, 9), np.int64)], device, tau=0.5)
     assert valid.shape == (0, 9) and count.shape == (0,)
     from trimrt.plugins.kernels import mass_mask as kernels
 
@@ -234,62 +202,25 @@ def test_kernel_rejects_what_the_reference_rejects(attrs, match, device):
     with pytest.raises(ValueError, match=match):
         OP.run_reference(s, idx, **attrs)
     with pytest.raises(ValueError, match=match):
-        _triton_run(s, idx, device, **attrs)
+        run_triton(OP, [s, idx], device, **attrs)
 
 
 def test_kernel_compiles_to_ptx():
     """The kernel (float64 sums, tau baked in) compiles for a real GPU target (sm_80 PTX)."""
-    code = textwrap.dedent("""
-        import sys
-        try:
-            from triton.backends.compiler import GPUTarget
-            from triton.backends import backends
-        except ImportError as exc:
-            print(exc); sys.exit(77)
-        if "nvidia" not in backends:
-            print("no nvidia backend"); sys.exit(77)
+    check_compiles_to_ptx("""
         from trimrt.plugins.kernels import mass_mask
         for dt in ("fp32", "fp16"):
             k = mass_mask.compile_kernel({"score": dt, "valid": dt}, n=197, tau=0.9, target=GPUTarget("cuda", 80, 32))
             assert ".entry mass_mask_kernel" in k.asm["ptx"] and not getattr(k.metadata, "global_scratch_size", 0)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
 
 
 # ------------------------------------------------------- TensorRT hooks (fake tensorrt)
 
 
-class _Dim:
-    """An evaluated stand-in for a tensorrt.plugin ShapeExpr: not an int, no reflected ops."""
-
-    def __init__(self, value):
-        self.value = int(value)
-
-    def __sub__(self, other):
-        return _Dim(self.value - (other.value if isinstance(other, _Dim) else other))
-
-
-def _fakes():
-    trt = SimpleNamespace(int64="int64")
-    trtp = SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KernelLaunchParams", (), {}),
-                           SymExprs=type("SymExprs", (), {}), from_shape_expr=lambda shape, dtype: (shape, dtype),
-                           cdiv=lambda a, b: _Dim(-(-a.value // b)))
-    return trt, trtp
-
-
-class _Desc:
-    def __init__(self, shape, dtype="half"):
-        self.shape_expr, self.dtype = shape, dtype
-
-
 def test_generated_plugin_signatures_follow_the_schema():
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     spec = glue.spec_for(OP)
     names = [t.name for t in OP.inputs] + [a.name for a in OP.attributes]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
@@ -304,20 +235,20 @@ def test_describe_and_symbolic_launch_args():
     pytest.importorskip("triton")
     from trimrt.plugins.kernels import mass_mask as kernels
 
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    score, kept = _Desc(("B", "N")), _Desc(("B", "M"), "int64")
+    score, kept = FakeDesc(("B", "N")), FakeDesc(("B", "M"), "int64")
     assert describe(score, kept, tau=0.5) == ((("B", "M"), "half"), (("B",), "int64"))
     with pytest.raises(ValueError, match="tau"):
         describe(score, kept, tau=0.0)
     with pytest.raises(ValueError, match="span"):
         describe(score, kept, tau=0.5, protect=4, span_end=3)
     for span_end in (0, 30):
-        sym = kernels.scalar_args((_Dim(2), _Dim(40)), (_Dim(2), _Dim(17)), tau=0.5, protect=3, span_end=span_end,
+        sym = kernels.scalar_args((Dim(2), Dim(40)), (Dim(2), Dim(17)), tau=0.5, protect=3, span_end=span_end,
                                   sym=trtp)
-        assert [v.value if isinstance(v, _Dim) else v for v in sym] == \
+        assert [value(v) for v in sym] == \
             kernels.scalar_args((2, 40), (2, 17), tau=0.5, protect=3, span_end=span_end) == [40, 17, 3, span_end or 40]
-    assert kernels.grid((_Dim(3), _Dim(40)))[0].value == 3
+    assert kernels.grid((Dim(3), Dim(40)))[0].value == 3
 
 
 # ---------------------------------------------------------------------- with TensorRT
@@ -327,11 +258,8 @@ def test_describe_and_symbolic_launch_args():
 @pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
 @pytest.mark.parametrize("tau, protect, span_end", [(0.5, 1, 0), (0.9, 1, 0), (1.0, 2, 150), (1e-4, 0, 0)])
 def test_tensorrt_plugin(aot, tau, protect, span_end):
-    trt = pytest.importorskip("tensorrt")
-    import tensorrt.plugin as trtp
-    import torch
-
-    if aot and not (hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")):
+    pytest.importorskip("tensorrt")
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     OP.register_tensorrt()
     rng = np.random.default_rng(protect)
@@ -340,29 +268,7 @@ def test_tensorrt_plugin(aot, tau, protect, span_end):
     feeds = {"score": score, "kept_index": select(score, 120, protect, span_end or 197)}
     attrs = dict(tau=f32(tau), protect=protect, span_end=span_end)
     expected = OP.run_reference(*feeds.values(), **attrs)
-    node = oh.make_node(OP.name, list(feeds), [t.name for t in OP.outputs], domain=DOMAIN, plugin_namespace=DOMAIN,
-                        plugin_version="1", **attrs, **({"aot": 1} if aot else {}))
-    graph = oh.make_graph([node], "one", [oh.make_tensor_value_info(k, _ONNX_TYPES[v.dtype], v.shape)
-                                          for k, v in feeds.items()],
-                          [oh.make_tensor_value_info(t.name, _ONNX_TYPES[e.dtype], e.shape)
-                           for t, e in zip(OP.outputs, expected)])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    engine = trt.Runtime(logger).deserialize_cuda_engine(
-        builder.build_serialized_network(network, builder.create_builder_config()))
-    context = engine.create_execution_context()
-    tensors = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
-    tensors.update({t.name: torch.empty(e.shape, dtype=torch.from_numpy(e).dtype, device="cuda")
-                    for t, e in zip(OP.outputs, expected)})
-    for name, tensor in tensors.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    np.testing.assert_array_equal(tensors["count"].cpu().numpy(), expected[1])
-    np.testing.assert_array_equal(tensors["valid"].cpu().numpy(), expected[0])
+    model = one_node_model(OP, feeds, [e.shape for e in expected], attrs, aot)
+    tensors = run_tensorrt(model, feeds, strongly_typed=False)
+    np.testing.assert_array_equal(tensors["count"], expected[1])
+    np.testing.assert_array_equal(tensors["valid"], expected[0])

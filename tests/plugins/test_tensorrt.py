@@ -7,15 +7,14 @@ callback signatures generated from the OpDef schemas.
 
 from __future__ import annotations
 
-import inspect
 import sys
-import typing
 from types import SimpleNamespace
 
 import numpy as np
-import onnx
-import onnx.helper as oh
 import pytest
+
+from op_testing import (Dim, FakeDesc, aot_supported, check_plugin_signatures, fake_tensorrt, one_node_model,
+                        run_tensorrt, value)
 
 from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import ATTENTION_ROW_SCORE, DOMAIN, REGISTRY, TOKEN_PRUNE
@@ -37,105 +36,23 @@ def test_register_without_tensorrt_raises(register, monkeypatch):
     assert "\n" not in str(info.value)
 
 
-class _FakeDesc:
-    def __init__(self, shape, dtype="half"):
-        self.shape_expr, self.dtype = shape, dtype
-
-
-class _Dim:
-    """Stands for a tensorrt.plugin.ShapeExpr, evaluated: not an int, the same operators
-    (+, -, *, //, ==, <; no reflected ones, so an int on the left fails like in TensorRT)."""
-
-    def __init__(self, value: int):
-        self.value = int(value)
-
-    def _op(self, other, fn):
-        if not isinstance(other, (int, _Dim)):
-            return NotImplemented
-        return _Dim(fn(self.value, other.value if isinstance(other, _Dim) else other))
-
-    def __add__(self, other):
-        return self._op(other, lambda a, b: a + b)
-
-    def __sub__(self, other):
-        return self._op(other, lambda a, b: a - b)
-
-    def __mul__(self, other):
-        return self._op(other, lambda a, b: a * b)
-
-    def __floordiv__(self, other):
-        return self._op(other, lambda a, b: a // b)
-
-    def __eq__(self, other):
-        return self._op(other, lambda a, b: int(a == b))
-
-    def __lt__(self, other):
-        return self._op(other, lambda a, b: int(a < b))
-
-    __hash__ = None
-
-    def __repr__(self):
-        return f"_Dim({self.value})"
-
-
-def _top_level(fn):
-    """tensorrt.plugin.cdiv / max / min: at least one operand is a ShapeExpr."""
-    def apply(first, second):
-        if isinstance(first, int) and isinstance(second, int):
-            raise ValueError("Both arguments cannot be 'int's")
-        return _Dim(fn(*(v.value if isinstance(v, _Dim) else v for v in (first, second))))
-    return apply
-
-
-def _value(v):
-    return v.value if isinstance(v, _Dim) else v
-
-
-def _fakes():
-    trt = SimpleNamespace(int64="int64")
-    trtp = SimpleNamespace(
-        TensorDesc=type("TensorDesc", (), {}),
-        KernelLaunchParams=type("KernelLaunchParams", (), {}),
-        SymExprs=type("SymExprs", (), {}),
-        from_shape_expr=lambda shape, dtype: (shape, dtype),
-        cdiv=_top_level(lambda a, b: -(-a // b)),
-        max=_top_level(max),
-        min=_top_level(min),
-    )
-    return trt, trtp
-
-
 @pytest.mark.parametrize("op", [ATTENTION_ROW_SCORE, TOKEN_PRUNE])
 def test_generated_signatures_follow_the_schema(op):
     """The schemas tensorrt.plugin validates: inputs, attributes, then outputs/stream/tactic."""
-    trt, trtp = _fakes()
-    spec = glue.spec_for(op)
-    names = [t.name for t in op.inputs] + [a.name for a in op.attributes]
-
-    describe = inspect.signature(glue._descriptor(spec, trt, trtp))
-    assert list(describe.parameters) == names
-    assert [p.annotation for p in describe.parameters.values()] == \
-        [trtp.TensorDesc] * len(op.inputs) + [a.kind for a in op.attributes]
-    assert typing.get_origin(describe.return_annotation) is tuple
-    assert typing.get_args(describe.return_annotation) == (trtp.TensorDesc,) * len(op.outputs)
-
-    assert list(inspect.signature(glue._jit_impl(spec, trtp)).parameters) == names + ["outputs", "stream"]
-    aot = inspect.signature(glue._aot_impl(spec, trtp))
-    assert list(aot.parameters) == names + ["outputs", "tactic"]
-    assert typing.get_args(aot.return_annotation)[2:] == (trtp.KernelLaunchParams, trtp.SymExprs)
+    check_plugin_signatures(op)
 
 
 def test_descriptors_give_output_shapes_and_dtypes():
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
-    x, score = _FakeDesc(("B", "N", "D")), _FakeDesc(("B", "N"))
+    x, score = FakeDesc(("B", "N", "D")), FakeDesc(("B", "N"))
     assert describe(x, score, keep=5) == (  # protect, span_end, keep_ratio from their defaults
         (("B", 5, "D"), "half"), (("B", 5), "int64"), (("B", 1, "D"), "half"))
     assert describe(x, score, 5, 2)[1] == (("B", 7), "int64")  # a static count: no arithmetic on N
 
     describe = glue._descriptor(glue.spec_for(ATTENTION_ROW_SCORE), trt, trtp)
-    q, k_t = _FakeDesc(("B", "H", "Nq", "Dh"), "float"), _FakeDesc(("B", "H", "Dh", "N"), "float")
-    mask = _FakeDesc(("B", 1, 1, "N"), "float")
+    q, k_t = FakeDesc(("B", "H", "Nq", "Dh"), "float"), FakeDesc(("B", "H", "Dh", "N"), "float")
+    mask = FakeDesc(("B", 1, 1, "N"), "float")
     assert describe(q, k_t, mask, row=-1, scale=0.125) == ((("B", "N"), "float"),)
 
 
@@ -152,24 +69,24 @@ def test_token_prune_symbolic_shapes_and_launch_args(n, keep, protect, span_end,
 
     ratio = float(np.float32(ratio))  # what an ONNX float attribute holds
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio)
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     b, d = 2, 3
     y, kept, fused = TOKEN_PRUNE.run_reference(np.zeros((b, n, d), np.float32), np.zeros((b, n), np.float32), **attrs)
     describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
-    sym_x = (_Dim(b), _Dim(n), _Dim(d))
-    shapes = [tuple(_value(v) for v in shape) for shape, _ in
-              describe(_FakeDesc(sym_x), _FakeDesc(sym_x[:2]), **attrs)]
+    sym_x = (Dim(b), Dim(n), Dim(d))
+    shapes = [tuple(value(v) for v in shape) for shape, _ in
+              describe(FakeDesc(sym_x), FakeDesc(sym_x[:2]), **attrs)]
     assert shapes == [y.shape, kept.shape, fused.shape]
     args = kernels.scalar_args(sym_x, sym_x[:2], **attrs, sym=trtp)
-    assert [_value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n), **attrs)
+    assert [value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n), **attrs)
     grid = kernels.grid(sym_x, sym_x[:2], cdiv=trtp.cdiv, block_d=2)
-    assert [_value(v) for v in grid] == [b, 2]
+    assert [value(v) for v in grid] == [b, 2]
 
 
 def test_token_prune_describe_rejects_what_the_reference_rejects():
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(TOKEN_PRUNE), trt, trtp)
-    x, score = _FakeDesc((_Dim(1), _Dim(8), _Dim(4))), _FakeDesc((_Dim(1), _Dim(8)))
+    x, score = FakeDesc((Dim(1), Dim(8), Dim(4))), FakeDesc((Dim(1), Dim(8)))
     with pytest.raises(ValueError, match="span"):
         describe(x, score, keep=1, protect=5, span_end=5)
     with pytest.raises(ValueError, match="keep=5 must be in"):
@@ -187,14 +104,14 @@ def test_attention_row_score_symbolic_launch_args(mask_shape, row):
     pytest.importorskip("triton")
     from trimrt.plugins.kernels import attention_row_score as kernels
 
-    _, trtp = _fakes()
+    _, trtp = fake_tensorrt()
     for sizes in [dict(B=2, H=3, Nq=5, Dh=4, N=7), dict(B=1, H=1, Nq=5, Dh=4, N=1)]:
         q, k_t = (sizes[k] for k in ("B", "H", "Nq", "Dh")), (sizes[k] for k in ("B", "H", "Dh", "N"))
         q, k_t = tuple(q), tuple(k_t)
         mask = tuple(sizes[v] if isinstance(v, str) else v for v in mask_shape)
         want = kernels.scalar_args(q, k_t, mask, row=row)
-        sym = [tuple(_Dim(v) for v in shape) for shape in (q, k_t, mask)]  # constants are ShapeExprs too
-        assert [_value(v) for v in kernels.scalar_args(*sym, row=row, sym=trtp)] == want
+        sym = [tuple(Dim(v) for v in shape) for shape in (q, k_t, mask)]  # constants are ShapeExprs too
+        assert [value(v) for v in kernels.scalar_args(*sym, row=row, sym=trtp)] == want
         if sizes["B"] > 1:
             assert want[5:] == [_stride(mask, 0), _stride(mask, 1), _stride(mask, 3),
                                 (row % 5 if mask[2] > 1 else 0) * mask[3]]
@@ -206,7 +123,7 @@ def _stride(shape, axis):
 
 def test_registration_is_idempotent(monkeypatch):
     """register -> impl -> aot_impl once per op, whatever the number of calls (fake tensorrt)."""
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     calls = []
     namespace = SimpleNamespace()
 
@@ -241,70 +158,13 @@ def test_registration_is_idempotent(monkeypatch):
 # ---------------------------------------------------------------------- with TensorRT
 
 
-def _one_node_model(op, inputs: dict[str, np.ndarray], output_shapes: list[tuple], attrs: dict, aot: bool) -> bytes:
-    elem = onnx.helper.np_dtype_to_tensor_dtype
-    node = oh.make_node(
-        op.name, [t.name for t in op.inputs], [t.name for t in op.outputs], domain=DOMAIN,
-        plugin_namespace=DOMAIN, plugin_version="1", **attrs, **({"aot": 1} if aot else {}),
-    )
-    graph = oh.make_graph(
-        [node], f"one_{op.name}",
-        [oh.make_tensor_value_info(name, elem(a.dtype), a.shape) for name, a in inputs.items()],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT, s)
-         for t, s in zip(op.outputs, output_shapes)],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    return model.SerializeToString()
-
-
-def _run_tensorrt(model: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import tensorrt as trt
-    import torch
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(model):
-        raise AssertionError("; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
-    plan = builder.build_serialized_network(network, builder.create_builder_config())
-    assert plan is not None, "TensorRT build failed"
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    context = engine.create_execution_context()
-
-    keep_alive, outputs = [], {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
-            keep_alive.append(tensor)
-        else:
-            dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-            tensor = outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return {name: t.cpu().numpy() for name, t in outputs.items()}
-
-
-def _aot_supported() -> bool:
-    import tensorrt.plugin as trtp
-
-    return hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("aot", [False, True], ids=["jit", "aot"])
 @pytest.mark.parametrize("mask_kind", ["none", "padding", "causal"])
 @pytest.mark.parametrize("row", [0, -1])
 def test_attention_row_score_plugin(aot, row, mask_kind, rng):
     pytest.importorskip("tensorrt")
-    if aot and not _aot_supported():
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     glue.register(ATTENTION_ROW_SCORE)
     glue.register(ATTENTION_ROW_SCORE)  # idempotent
@@ -321,8 +181,8 @@ def test_attention_row_score_plugin(aot, row, mask_kind, rng):
     attrs = {"row": row, "scale": 24**-0.5}
     (expected,) = ATTENTION_ROW_SCORE.run_reference(q, k_t, mask, **attrs)
     feeds = {"q": q, "k_t": k_t, "mask": mask}
-    model = _one_node_model(ATTENTION_ROW_SCORE, feeds, [expected.shape], attrs, aot)
-    got = _run_tensorrt(model, feeds)
+    model = one_node_model(ATTENTION_ROW_SCORE, feeds, [expected.shape], attrs, aot)
+    got = run_tensorrt(model, feeds)
     np.testing.assert_allclose(got["score"], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -333,7 +193,7 @@ def test_attention_row_score_plugin(aot, row, mask_kind, rng):
                           (0, 1, 0, 0.5), (0, 2, 64, 0.3)])
 def test_token_prune_plugin(aot, keep, protect, span_end, keep_ratio, rng):
     pytest.importorskip("tensorrt")
-    if aot and not _aot_supported():
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     glue.register(TOKEN_PRUNE)
     glue.register(TOKEN_PRUNE)  # idempotent
@@ -342,8 +202,8 @@ def test_token_prune_plugin(aot, keep, protect, span_end, keep_ratio, rng):
     attrs = {"keep": keep, "protect": protect, "span_end": span_end, "keep_ratio": keep_ratio}
     # the node stores keep_ratio as float32: the reference gets that value
     expected = TOKEN_PRUNE.run_reference(x, score, **{**attrs, "keep_ratio": float(np.float32(keep_ratio))})
-    model = _one_node_model(TOKEN_PRUNE, {"x": x, "score": score}, [e.shape for e in expected], attrs, aot)
-    got = _run_tensorrt(model, {"x": x, "score": score})
+    model = one_node_model(TOKEN_PRUNE, {"x": x, "score": score}, [e.shape for e in expected], attrs, aot)
+    got = run_tensorrt(model, {"x": x, "score": score})
     np.testing.assert_array_equal(got["kept_index"], expected[1])
     np.testing.assert_array_equal(got["y"], expected[0])
     np.testing.assert_allclose(got["fused"], expected[2], rtol=1e-5, atol=1e-5)

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import subprocess
-import sys
-import textwrap
 import typing
-from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnxruntime as ort
 import pytest
 
+from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
+                        run_decomposition, run_tensorrt, run_triton, value)
+
 from trimrt.plugins import DOMAIN, REGISTRY
-from trimrt.plugins.base import FUNCTION_OPSET
 from trimrt.plugins.token_merge import max_merged
 
 OP = REGISTRY["TokenMerge"]
@@ -163,7 +159,7 @@ def test_max_merged(n, protect, bound):
     for a, b in zip(exact, clamped):
         np.testing.assert_array_equal(a, b)
     if n >= 4:  # the decomposition clamps the same way at run time
-        got = run_decomposition([x, metric, size], r=bound + 3, protect=protect)
+        got = run_decomposition(OP, [x, metric, size], r=bound + 3, protect=protect)
         np.testing.assert_allclose(got[0], exact[0], atol=1e-5)
         np.testing.assert_array_equal(got[2], exact[2])
 
@@ -183,36 +179,18 @@ def test_reference_rejects_bad_attributes():
 # ---------------------------------------------------------------- ONNX decomposition
 
 
-_ONNX_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.float16): onnx.TensorProto.FLOAT16}
-
-
-def run_decomposition(inputs, **attrs):
-    names = [t.name for t in OP.inputs]
-    node = oh.make_node(OP.name, names, [t.name for t in OP.outputs], domain=DOMAIN, **attrs)
-    graph = oh.make_graph(
-        [node], "token_merge",
-        [oh.make_tensor_value_info(name, _ONNX_TYPES[a.dtype], list(a.shape)) for name, a in zip(names, inputs)],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else _ONNX_TYPES[inputs[0].dtype],
-                                   None) for t in OP.outputs],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[OP.function()])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(names, inputs)))
-
-
 @pytest.mark.parametrize("batch, n, d, c, r, protect", CASES)
 def test_decomposition_matches_reference(batch, n, d, c, r, protect):
     rng = np.random.default_rng(n * 7 + r + protect)
     inputs = _inputs(rng, batch, n, d, c)
-    got = run_decomposition(list(inputs), r=r, protect=protect)
+    got = run_decomposition(OP, list(inputs), r=r, protect=protect)
     want = OP.run_reference(*inputs, r=r, protect=protect)
     _check_against_reference(got, want, batch, n, d, r)
 
 
 def test_decomposition_default_protect():
     inputs = _inputs(np.random.default_rng(1), 2, 13, 4, 3)
-    got = run_decomposition(list(inputs), r=5)
+    got = run_decomposition(OP, list(inputs), r=5)
     _check_against_reference(got, OP.run_reference(*inputs, r=5), 2, 13, 4, 5)
     assert got[2][:, 0].tolist() == [0, 0]  # the CLS is kept, first
 
@@ -224,14 +202,14 @@ def test_decomposition_ties(batch, n, r, protect, categories):
     rng = np.random.default_rng(n + categories)
     x, _, size = _inputs(rng, batch, n, 6, 4)
     metric = _tied_metric(rng, batch, n, 4, categories)
-    got = run_decomposition([x, metric, size], r=r, protect=protect)
+    got = run_decomposition(OP, [x, metric, size], r=r, protect=protect)
     _check_against_reference(got, OP.run_reference(x, metric, size, r=r, protect=protect), batch, n, 6, r)
 
 
 def test_decomposition_r_zero_reorders():
     """r = 0 merges nothing but still orders the tokens A first, then B."""
     x, metric, size = _inputs(np.random.default_rng(2), 2, 7, 3, 4)
-    y, size_out, index = run_decomposition([x, metric, size], r=0, protect=1)
+    y, size_out, index = run_decomposition(OP, [x, metric, size], r=0, protect=1)
     assert index.tolist() == [[0, 2, 4, 6, 1, 3, 5]] * 2
     np.testing.assert_allclose(y, x[:, [0, 2, 4, 6, 1, 3, 5]], rtol=1e-6)
     np.testing.assert_array_equal(size_out, size[:, [0, 2, 4, 6, 1, 3, 5]])
@@ -242,7 +220,7 @@ def test_decomposition_float16():
     rng = np.random.default_rng(3)
     x, metric, size = _inputs(rng, 2, 21, 8, 4)
     inputs = [x.astype(np.float16), metric, size]
-    y, size_out, index = run_decomposition(inputs, r=6, protect=1)
+    y, size_out, index = run_decomposition(OP, inputs, r=6, protect=1)
     want = OP.run_reference(*inputs, r=6, protect=1)
     assert y.dtype == size_out.dtype == np.float16
     np.testing.assert_array_equal(index, want[2])
@@ -258,18 +236,11 @@ def test_decomposition_avoids_scatter_and_nonzero():
 # ------------------------------------------------------------------- Triton kernel
 
 
-def _run_kernel(inputs, device, **attrs):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in inputs]
-    return [t.cpu().numpy() for t in OP.run_triton(*tensors, **attrs)]
-
-
 @pytest.mark.parametrize("batch, n, d, c, r, protect", CASES + [(2, 199, 384, 64, 40, 1), (1, 64, 100, 70, 31, 1)])
 def test_kernel_matches_reference(batch, n, d, c, r, protect, device):
     rng = np.random.default_rng(n * 7 + r + protect)
     inputs = _inputs(rng, batch, n, d, c)
-    got = _run_kernel(inputs, device, r=r, protect=protect)
+    got = run_triton(OP, inputs, device, r=r, protect=protect)
     _check_against_reference(got, OP.run_reference(*inputs, r=r, protect=protect), batch, n, d, r)
 
 
@@ -280,7 +251,7 @@ def test_kernel_ties(batch, n, r, protect, categories, device):
     rng = np.random.default_rng(n + categories)
     x, _, size = _inputs(rng, batch, n, 6, 4)
     metric = _tied_metric(rng, batch, n, 4, categories)
-    got = _run_kernel([x, metric, size], device, r=r, protect=protect)
+    got = run_triton(OP, [x, metric, size], device, r=r, protect=protect)
     _check_against_reference(got, OP.run_reference(x, metric, size, r=r, protect=protect), batch, n, 6, r)
 
 
@@ -326,104 +297,39 @@ def test_kernel_rejects_what_the_reference_rejects(n, r, protect, match, device)
     with pytest.raises(ValueError, match=match):
         OP.run_reference(*inputs, r=r, protect=protect)
     with pytest.raises(ValueError, match=match):
-        _run_kernel(inputs, device, r=r, protect=protect)
+        run_triton(OP, inputs, device, r=r, protect=protect)
 
 
 def test_kernel_rejects_bad_shapes(device):
     x, metric, size = _inputs(np.random.default_rng(7), 1, 8, 2, 3)
     with pytest.raises(ValueError, match="need x"):
-        _run_kernel([x, metric[:, :6], size], device, r=1)
+        run_triton(OP, [x, metric[:, :6], size], device, r=1)
     with pytest.raises(ValueError, match="at most"):
-        _run_kernel(_inputs(np.random.default_rng(7), 1, 1025, 1, 1), device, r=1)
-
-
-_COMPILE = textwrap.dedent(
-    """
-    import sys
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends import backends
-    except ImportError as exc:
-        print(exc); sys.exit(77)
-    if "nvidia" not in backends:
-        print("no nvidia backend"); sys.exit(77)
-    from trimrt.plugins.kernels import token_merge as tm
-    target = GPUTarget("cuda", 80, 32)
-    for dt in ("fp32", "fp16"):
-        k = tm.compile_kernel({"x": dt, "metric": dt, "size": "fp32", "y": dt, "size_out": dt},
-                              n=197, c=64, d=384, target=target)
-        assert ".entry token_merge_kernel" in k.asm["ptx"], k.metadata.name
-        assert getattr(k.metadata, "global_scratch_size", 0) == 0
-    print("ok")
-    """
-)
+        run_triton(OP, _inputs(np.random.default_rng(7), 1, 1025, 1, 1), device, r=1)
 
 
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for a real GPU target (sm_80 PTX, what the TensorRT AOT path
     embeds); the interpreter alone does not check that. Needs no GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
+    check_compiles_to_ptx("""
+        from trimrt.plugins.kernels import token_merge as tm
+        target = GPUTarget("cuda", 80, 32)
+        for dt in ("fp32", "fp16"):
+            k = tm.compile_kernel({"x": dt, "metric": dt, "size": "fp32", "y": dt, "size_out": dt},
+                                  n=197, c=64, d=384, target=target)
+            assert ".entry token_merge_kernel" in k.asm["ptx"], k.metadata.name
+            assert getattr(k.metadata, "global_scratch_size", 0) == 0
+        print("ok")
+    """, timeout=600)
 
 
 # ------------------------------------------------------- TensorRT hooks (fake tensorrt)
 
 
-class _Dim:
-    """Stands for a tensorrt.plugin ShapeExpr: +, -, *, // with an int on the right only."""
-
-    def __init__(self, value: int):
-        self.value = int(value)
-
-    def _op(self, other, fn):
-        if not isinstance(other, (int, _Dim)):
-            return NotImplemented
-        return _Dim(fn(self.value, other.value if isinstance(other, _Dim) else other))
-
-    def __add__(self, other):
-        return self._op(other, lambda a, b: a + b)
-
-    def __sub__(self, other):
-        return self._op(other, lambda a, b: a - b)
-
-    def __mul__(self, other):
-        return self._op(other, lambda a, b: a * b)
-
-    def __floordiv__(self, other):
-        return self._op(other, lambda a, b: a // b)
-
-
-def _value(v):
-    return v.value if isinstance(v, _Dim) else v
-
-
-def _fake_tensorrt():
-    def cdiv(a, b):
-        if isinstance(a, int) and isinstance(b, int):
-            raise ValueError("Both arguments cannot be 'int's")
-        return _Dim(-(-_value(a) // _value(b)))
-
-    trt = SimpleNamespace(int64="int64")
-    trtp = SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KernelLaunchParams", (), {}),
-                           SymExprs=type("SymExprs", (), {}), from_shape_expr=lambda shape, dtype: (shape, dtype),
-                           cdiv=cdiv, max=lambda a, b: _Dim(max(_value(a), _value(b))),
-                           min=lambda a, b: _Dim(min(_value(a), _value(b))))
-    return trt, trtp
-
-
-class _FakeDesc:
-    def __init__(self, shape, dtype="half"):
-        self.shape_expr, self.dtype = shape, dtype
-
-
 def test_plugin_signatures_follow_the_schema():
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fake_tensorrt()
+    trt, trtp = fake_tensorrt()
     spec = glue.spec_for(OP)
     names = ["x", "metric", "size", "r", "protect", "ratio"]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
@@ -442,17 +348,17 @@ def test_plugin_shapes_and_launch_args(n, r, protect):
     from trimrt.plugins import tensorrt_glue as glue
     from trimrt.plugins.kernels import token_merge as kernels
 
-    trt, trtp = _fake_tensorrt()
+    trt, trtp = fake_tensorrt()
     b, d, c = 2, 5, 3
     want = OP.run_reference(*_inputs(np.random.default_rng(n), b, n, d, c), r=r, protect=protect)
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    x, metric, size = (_Dim(b), _Dim(n), _Dim(d)), (_Dim(b), _Dim(n), _Dim(c)), (_Dim(b), _Dim(n))
-    described = describe(_FakeDesc(x), _FakeDesc(metric, "float"), _FakeDesc(size, "float"), r=r, protect=protect)
-    assert [tuple(_value(v) for v in shape) for shape, _ in described] == [w.shape for w in want]
+    x, metric, size = (Dim(b), Dim(n), Dim(d)), (Dim(b), Dim(n), Dim(c)), (Dim(b), Dim(n))
+    described = describe(FakeDesc(x), FakeDesc(metric, "float"), FakeDesc(size, "float"), r=r, protect=protect)
+    assert [tuple(value(v) for v in shape) for shape, _ in described] == [w.shape for w in want]
     assert [dtype for _, dtype in described] == ["half", "half", "int64"]  # float outputs follow x
     args = kernels.scalar_args(x, metric, size, r=r, protect=protect, sym=trtp)
-    assert [_value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n, c), (b, n), r=r, protect=protect)
-    assert [_value(v) for v in kernels.grid(x, metric, size, cdiv=trtp.cdiv, block_d=2)] == [b, 3]
+    assert [value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n, c), (b, n), r=r, protect=protect)
+    assert [value(v) for v in kernels.grid(x, metric, size, cdiv=trtp.cdiv, block_d=2)] == [b, 3]
     # a static N: plain ints through the same functions
     assert kernels.trt_output_shapes({"x": (b, n, d)}, {"r": r, "protect": protect}, trtp)[0] == (b, n - r, d)
 
@@ -460,15 +366,15 @@ def test_plugin_shapes_and_launch_args(n, r, protect):
 def test_plugin_describe_rejects_bad_r():
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fake_tensorrt()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    shapes = (_Dim(1), _Dim(8), _Dim(4)), (_Dim(1), _Dim(8), _Dim(4)), (_Dim(1), _Dim(8))
+    shapes = (Dim(1), Dim(8), Dim(4)), (Dim(1), Dim(8), Dim(4)), (Dim(1), Dim(8))
     with pytest.raises(ValueError, match="r=-1"):
-        describe(*(_FakeDesc(s) for s in shapes), r=-1)
+        describe(*(FakeDesc(s) for s in shapes), r=-1)
     # r beyond the mergeable tokens is clamped: 8 tokens with the CLS protected merge at most 3
-    assert describe(_FakeDesc((1, 8, 4)), _FakeDesc((1, 8, 4)), _FakeDesc((1, 8)), r=5)[1][0] == (1, 5)
-    sym = describe(*(_FakeDesc(s) for s in shapes), r=5)[1][0]
-    assert _value(sym[1]) == 5
+    assert describe(FakeDesc((1, 8, 4)), FakeDesc((1, 8, 4)), FakeDesc((1, 8)), r=5)[1][0] == (1, 5)
+    sym = describe(*(FakeDesc(s) for s in shapes), r=5)[1][0]
+    assert value(sym[1]) == 5
 
 
 # --------------------------------------------------------------------- with TensorRT
@@ -479,48 +385,19 @@ def test_plugin_describe_rejects_bad_r():
 @pytest.mark.parametrize("r, protect", [(0, 1), (16, 1), (34, 1), (20, 0), (10, 3)])
 def test_token_merge_plugin(aot, r, protect, rng):
     """One TokenMerge node through TensorRT (the registered plugin) == the reference."""
-    import tensorrt as trt
-    import tensorrt.plugin as trtp
-    import torch
-
+    pytest.importorskip("tensorrt")
     from trimrt.plugins import tensorrt_glue as glue
 
-    if aot and not (hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")):
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     glue.register(OP)
     x, metric, size = _inputs(rng, 3, 69, 40, 16)
     attrs = {"r": r, "protect": protect}
     want = OP.run_reference(x, metric, size, **attrs)
     feeds = {"x": x, "metric": metric, "size": size}
-    node = oh.make_node(OP.name, list(feeds), [t.name for t in OP.outputs], domain=DOMAIN, plugin_namespace=DOMAIN,
-                        plugin_version="1", **attrs, **({"aot": 1} if aot else {}))
-    graph = oh.make_graph(
-        [node], "one_token_merge",
-        [oh.make_tensor_value_info(k, onnx.TensorProto.FLOAT, v.shape) for k, v in feeds.items()],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT,
-                                   w.shape) for t, w in zip(OP.outputs, want)],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    plan = builder.build_serialized_network(network, builder.create_builder_config())
-    assert plan is not None, "TensorRT build failed"
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    context = engine.create_execution_context()
-    tensors = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
-    tensors.update({t.name: torch.empty(w.shape, dtype=torch.from_numpy(w).dtype, device="cuda")
-                    for t, w in zip(OP.outputs, want)})
-    for name, tensor in tensors.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    got = [tensors[t.name].cpu().numpy() for t in OP.outputs]
+    model = one_node_model(OP, feeds, [w.shape for w in want], attrs, aot)
+    out = run_tensorrt(model, feeds, strongly_typed=False)
+    got = [out[t.name] for t in OP.outputs]
     _check_against_reference(got, want, 3, 69, 40, r)
 
 
@@ -542,7 +419,7 @@ def test_kernel_clamps_r_like_the_reference(device):
     inputs = _inputs(np.random.default_rng(7), 2, 9, 4, 3)
     want = OP.run_reference(*inputs, r=50, protect=1)
     assert want[0].shape[1] == 9 - 4
-    got = _run_kernel(inputs, device, r=50, protect=1)
+    got = run_triton(OP, inputs, device, r=50, protect=1)
     _check_against_reference(got, want, 2, 9, 4, 4)
 
 
@@ -556,13 +433,13 @@ def test_ratio_merges_a_share_of_the_tokens(n, ratio, protect, device):
     want = OP.run_reference(*inputs, r=0, protect=protect, ratio=ratio)
     assert want[0].shape[1] == n - merged
     np.testing.assert_array_equal(want[2], OP.run_reference(*inputs, r=merged, protect=protect)[2]) if merged else None
-    got = run_decomposition(inputs, r=0, protect=protect, ratio=ratio)
+    got = run_decomposition(OP, inputs, r=0, protect=protect, ratio=ratio)
     np.testing.assert_array_equal(got[2], want[2])
     np.testing.assert_allclose(got[0], want[0], atol=1e-5)
-    _check_against_reference(_run_kernel(inputs, device, r=0, protect=protect, ratio=ratio), want, 2, n, 8, merged)
+    _check_against_reference(run_triton(OP, inputs, device, r=0, protect=protect, ratio=ratio), want, 2, n, 8, merged)
     from trimrt.plugins import tensorrt_glue as glue
 
-    trt, trtp = _fake_tensorrt()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    shapes = (_Dim(2), _Dim(n), _Dim(8)), (_Dim(2), _Dim(n), _Dim(4)), (_Dim(2), _Dim(n))
-    assert _value(describe(*(_FakeDesc(s) for s in shapes), r=0, protect=protect, ratio=ratio)[1][0][1]) == n - merged
+    shapes = (Dim(2), Dim(n), Dim(8)), (Dim(2), Dim(n), Dim(4)), (Dim(2), Dim(n))
+    assert value(describe(*(FakeDesc(s) for s in shapes), r=0, protect=protect, ratio=ratio)[1][0][1]) == n - merged

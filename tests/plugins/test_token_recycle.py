@@ -5,43 +5,19 @@ against a fake tensorrt."""
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
-import textwrap
 import typing
-from types import SimpleNamespace
 
 import numpy as np
-import onnx
-import onnx.helper as oh
-import onnxruntime as ort
 import pytest
 
-from trimrt.plugins import DOMAIN, REGISTRY
+from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
+                        run_decomposition, run_tensorrt, run_triton, to_torch, value)
+
+from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
-from trimrt.plugins.base import FUNCTION_OPSET
 from trimrt.plugins.token_prune import select, span_keep
 
 OP = REGISTRY["TokenRecycle"]
-_ONNX_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.int64): onnx.TensorProto.INT64}
-
-
-def run_decomposition(inputs: list[np.ndarray], **attrs) -> list[np.ndarray]:
-    names = [t.name for t in OP.inputs]
-    node = oh.make_node(OP.name, names, [t.name for t in OP.outputs], domain=DOMAIN, **attrs)
-    graph = oh.make_graph(
-        [node], "one_op",
-        [oh.make_tensor_value_info(n, _ONNX_TYPES[a.dtype], list(a.shape)) for n, a in zip(names, inputs)],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT,
-                                   None) for t in OP.outputs],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[OP.function()])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, dict(zip(names, inputs)))
-
-
 def _positions(kind: str, b: int, n: int, protect: int, end: int, rows: int, cols: int, first: int, rng):
     """Original patch positions of the tokens: the span holds patches, the rest is not."""
     span = end - protect
@@ -56,7 +32,7 @@ def _positions(kind: str, b: int, n: int, protect: int, end: int, rows: int, col
 
 
 def _check(x, score, position, **attrs):
-    got = run_decomposition([x, score, position], **attrs)
+    got = run_decomposition(OP, [x, score, position], **attrs)
     want = OP.run_reference(x, score, position, **attrs)
     b, n, d = x.shape
     end = attrs.get("span_end", 0) or n
@@ -146,7 +122,7 @@ def test_reference_semantics_by_hand():
     y, kept = OP.run_reference(x, score, position, keep=2, protect=1, grid=1, patch_rows=2, patch_cols=2)
     assert kept.tolist() == [[0, 2, 4, 1]]
     np.testing.assert_allclose(y[0, :, 0], [0, 20, 40, 10], rtol=1e-6)
-    got = run_decomposition([x, score, position], keep=2, protect=1, grid=1, patch_rows=2, patch_cols=2)
+    got = run_decomposition(OP, [x, score, position], keep=2, protect=1, grid=1, patch_rows=2, patch_cols=2)
     np.testing.assert_allclose(got[0], y, rtol=1e-6)
 
 
@@ -219,16 +195,8 @@ def test_keep_all_gives_member_means():
 # --------------------------------------------------------- Triton kernel (interpreter)
 
 
-def _triton_run(x, score, position, device, **attrs):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    got = OP.run_triton(*(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (x, score, position)),
-                        **attrs)
-    return tuple(t.cpu().numpy() for t in got)
-
-
 def _check_kernel(x, score, position, device, **attrs):
-    y, kept_index = _triton_run(x, score, position, device, **attrs)
+    y, kept_index = run_triton(OP, [x, score, position], device, **attrs)
     want = OP.run_reference(x, score, position, **attrs)
     assert y.shape == want[0].shape and y.dtype == x.dtype
     assert kept_index.shape == want[1].shape and kept_index.dtype == np.int64
@@ -284,17 +252,17 @@ def test_kernel_empty_batch_no_features_and_out_buffers(device):
     attrs = dict(keep=3, protect=1, grid=2, patch_rows=3, patch_cols=3)
     score = rng.random((2, 10)).astype(np.float32)
     position = np.broadcast_to(np.arange(10), (2, 10))
-    y, kept_index = _triton_run(np.zeros((2, 10, 0), np.float32), score, position, device, **attrs)
+    y, kept_index = run_triton(OP, [np.zeros((2, 10, 0), np.float32), score, position], device, **attrs)
     assert y.shape == (2, 8, 0)
     np.testing.assert_array_equal(kept_index, OP.run_reference(np.zeros((2, 10, 1), np.float32), score, position,
                                                                **attrs)[1])
-    y, kept_index = _triton_run(np.zeros((0, 10, 4), np.float32), score[:0], position[:0], device, **attrs)
+    y, kept_index = run_triton(OP, [np.zeros((0, 10, 4), np.float32), score[:0], position[:0]], device, **attrs)
     assert y.shape == (0, 8, 4) and kept_index.shape == (0, 8)
     from trimrt.plugins.kernels import token_recycle as kernels
 
     x = rng.standard_normal((2, 10, 4)).astype(np.float32)
     out = (torch.empty((2, 8, 4), device=device), torch.empty((2, 8), dtype=torch.int64, device=device))
-    t = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (x, score, position)]
+    t = [to_torch(a, device) for a in (x, score, position)]
     kernels.run(*t, **OP.attribute_values(attrs), out=out)
     np.testing.assert_allclose(out[0].cpu().numpy(), OP.run_reference(x, score, position, **attrs)[0], rtol=1e-5)
     with pytest.raises(ValueError, match="output buffers"):
@@ -309,20 +277,12 @@ def test_kernel_rejects_what_the_reference_rejects(attrs, match, device):
     with pytest.raises(ValueError, match=match):
         OP.run_reference(x, s, p, **attrs)
     with pytest.raises(ValueError, match=match):
-        _triton_run(x, s, p, device, **attrs)
+        run_triton(OP, [x, s, p], device, **attrs)
 
 
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for a real GPU target (sm_80 PTX, what TensorRT AOT embeds)."""
-    code = textwrap.dedent("""
-        import sys
-        try:
-            from triton.backends.compiler import GPUTarget
-            from triton.backends import backends
-        except ImportError as exc:
-            print(exc); sys.exit(77)
-        if "nvidia" not in backends:
-            print("no nvidia backend"); sys.exit(77)
+    check_compiles_to_ptx("""
         from trimrt.plugins.kernels import token_recycle
         for dt in ("fp32", "fp16"):
             k = token_recycle.compile_kernel({"x": dt, "score": dt, "y": dt}, n=197, d=768, cells=9,
@@ -330,67 +290,13 @@ def test_kernel_compiles_to_ptx():
             assert ".entry token_recycle_kernel" in k.asm["ptx"] and not getattr(k.metadata, "global_scratch_size", 0)
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode == 77:
-        pytest.skip(f"triton cannot compile for CUDA here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("ok")
 
 
 # ------------------------------------------------------- TensorRT hooks (fake tensorrt)
 
 
-class _Dim:
-    """An evaluated stand-in for a tensorrt.plugin ShapeExpr: not an int, no reflected ops."""
-
-    def __init__(self, value):
-        self.value = int(value)
-
-    def _op(self, other, fn):
-        if not isinstance(other, (int, _Dim)):
-            return NotImplemented
-        return _Dim(fn(self.value, _value(other)))
-
-    def __add__(self, other):
-        return self._op(other, lambda a, b: a + b)
-
-    def __sub__(self, other):
-        return self._op(other, lambda a, b: a - b)
-
-    def __mul__(self, other):
-        return self._op(other, lambda a, b: a * b)
-
-    def __floordiv__(self, other):
-        return self._op(other, lambda a, b: a // b)
-
-
-def _value(v):
-    return v.value if isinstance(v, _Dim) else v
-
-
-def _fakes():
-    def top_level(fn):
-        def apply(first, second):
-            if isinstance(first, int) and isinstance(second, int):
-                raise ValueError("Both arguments cannot be 'int's")
-            return _Dim(fn(_value(first), _value(second)))
-        return apply
-
-    trt = SimpleNamespace(int64="int64")
-    trtp = SimpleNamespace(TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KernelLaunchParams", (), {}),
-                           SymExprs=type("SymExprs", (), {}), from_shape_expr=lambda shape, dtype: (shape, dtype),
-                           cdiv=top_level(lambda a, b: -(-a // b)), max=top_level(max), min=top_level(min))
-    return trt, trtp
-
-
-class _Desc:
-    def __init__(self, shape, dtype="half"):
-        self.shape_expr, self.dtype = shape, dtype
-
-
 def test_generated_plugin_signatures_follow_the_schema():
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     spec = glue.spec_for(OP)
     names = [t.name for t in OP.inputs] + [a.name for a in OP.attributes]
     describe = inspect.signature(glue._descriptor(spec, trt, trtp))
@@ -414,25 +320,25 @@ def test_symbolic_shapes_and_launch_args(n, keep, protect, span_end, ratio, grid
     ratio = float(np.float32(ratio))
     attrs = OP.attribute_values(dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=ratio, grid=grid,
                                      patch_rows=14, patch_cols=14))
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     b, d = 2, 3
     y, kept = OP.run_reference(np.zeros((b, n, d), np.float32), np.zeros((b, n), np.float32),
                                np.zeros((b, n), np.int64), **attrs)
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    x_sym = (_Dim(b), _Dim(n), _Dim(d))
-    got = describe(_Desc(x_sym), _Desc(x_sym[:2]), _Desc(x_sym[:2], "int64"), **attrs)
-    assert [tuple(_value(v) for v in shape) for shape, _ in got] == [y.shape, kept.shape]
+    x_sym = (Dim(b), Dim(n), Dim(d))
+    got = describe(FakeDesc(x_sym), FakeDesc(x_sym[:2]), FakeDesc(x_sym[:2], "int64"), **attrs)
+    assert [tuple(value(v) for v in shape) for shape, _ in got] == [y.shape, kept.shape]
     assert [dtype for _, dtype in got] == ["half", "int64"]
     args = kernels.scalar_args(x_sym, x_sym[:2], x_sym[:2], **attrs, sym=trtp)
-    assert [_value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n), (b, n), **attrs)
-    assert [_value(v) for v in kernels.launch_grid(x_sym, cdiv=trtp.cdiv, block_d=2)] == [b, 2]
+    assert [value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n), (b, n), **attrs)
+    assert [value(v) for v in kernels.launch_grid(x_sym, cdiv=trtp.cdiv, block_d=2)] == [b, 2]
 
 
 def test_describe_rejects_what_the_reference_rejects():
-    trt, trtp = _fakes()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    x = (_Dim(1), _Dim(17), _Dim(4))
-    descs = (_Desc(x), _Desc(x[:2]), _Desc(x[:2], "int64"))
+    x = (Dim(1), Dim(17), Dim(4))
+    descs = (FakeDesc(x), FakeDesc(x[:2]), FakeDesc(x[:2], "int64"))
     with pytest.raises(ValueError, match="grid"):
         describe(*descs, keep=3, grid=5, patch_rows=4, patch_cols=4)
     with pytest.raises(ValueError, match="TokenRecycle: keep=6 must be in"):
@@ -448,11 +354,8 @@ def test_describe_rejects_what_the_reference_rejects():
                          [(1, 1, 0, 1.0, 2), (60, 1, 0, 1.0, 3), (196, 1, 0, 1.0, 3), (0, 1, 0, 0.5, 2),
                           (20, 2, 150, 1.0, 3)])
 def test_tensorrt_plugin(aot, keep, protect, span_end, keep_ratio, grid):
-    trt = pytest.importorskip("tensorrt")
-    import tensorrt.plugin as trtp
-    import torch
-
-    if aot and not (hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams")):
+    pytest.importorskip("tensorrt")
+    if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
     OP.register_tensorrt()
     rng = np.random.default_rng(keep)
@@ -463,29 +366,7 @@ def test_tensorrt_plugin(aot, keep, protect, span_end, keep_ratio, grid):
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, grid=grid, patch_rows=14,
                  patch_cols=14)
     expected = OP.run_reference(*feeds.values(), **{**attrs, "keep_ratio": float(np.float32(keep_ratio))})
-    node = oh.make_node(OP.name, list(feeds), [t.name for t in OP.outputs], domain=DOMAIN, plugin_namespace=DOMAIN,
-                        plugin_version="1", **attrs, **({"aot": 1} if aot else {}))
-    graph = oh.make_graph([node], "one", [oh.make_tensor_value_info(k, _ONNX_TYPES[v.dtype], v.shape)
-                                          for k, v in feeds.items()],
-                          [oh.make_tensor_value_info(t.name, _ONNX_TYPES[e.dtype], e.shape)
-                           for t, e in zip(OP.outputs, expected)])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid(DOMAIN, 1)])
-    model.ir_version = 10
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse(model.SerializeToString()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
-    engine = trt.Runtime(logger).deserialize_cuda_engine(
-        builder.build_serialized_network(network, builder.create_builder_config()))
-    context = engine.create_execution_context()
-    tensors = {k: torch.from_numpy(v).cuda() for k, v in feeds.items()}
-    tensors.update({t.name: torch.empty(e.shape, dtype=torch.from_numpy(e).dtype, device="cuda")
-                    for t, e in zip(OP.outputs, expected)})
-    for name, tensor in tensors.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.Stream()
-    assert context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    np.testing.assert_array_equal(tensors["kept_index"].cpu().numpy(), expected[1])
-    np.testing.assert_allclose(tensors["y"].cpu().numpy(), expected[0], rtol=1e-5, atol=1e-5)
+    model = one_node_model(OP, feeds, [e.shape for e in expected], attrs, aot)
+    tensors = run_tensorrt(model, feeds, strongly_typed=False)
+    np.testing.assert_array_equal(tensors["kept_index"], expected[1])
+    np.testing.assert_allclose(tensors["y"], expected[0], rtol=1e-5, atol=1e-5)

@@ -3,9 +3,7 @@ the reference == the PyTorch TSM, and the TensorRT hooks (fake tensorrt; gpu-mar
 
 from __future__ import annotations
 
-import math
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
 
-from test_decompositions import run_decomposition
+from op_testing import Dim, FakeDesc, fake_tensorrt, one_node_model, run_decomposition, run_tensorrt, run_triton
 
 OP = REGISTRY["TokenSlim"]
 
@@ -113,19 +111,11 @@ def test_function_uses_opset_18_ops_only():
 # ---------------------------------------------------------------------- Triton kernel
 
 
-def _run_kernel(ins, device, **attrs):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in ins]
-    (y,) = OP.run_triton(*tensors, **attrs)
-    return y.cpu().numpy()
-
-
 @pytest.mark.parametrize("b, n, d, hd, m", SIZES)
 def test_kernel_matches_reference(b, n, d, hd, m, rng, device):
     ins = _inputs(rng, b, n, d, hd, m, spread=1.0)
     (want,) = OP.run_reference(*ins, epsilon=1e-6, scale=0.8)
-    got = _run_kernel(ins, device, epsilon=1e-6, scale=0.8)
+    (got,) = run_triton(OP, ins, device, epsilon=1e-6, scale=0.8)
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -134,7 +124,7 @@ def test_kernel_large_logits_stay_finite(rng, device):
     """Logits in the hundreds: the online softmax must subtract its running max."""
     ins = _inputs(rng, 2, 40, 8, 6, 4, spread=3.0)
     (want,) = OP.run_reference(*ins, scale=50.0)
-    got = _run_kernel(ins, device, scale=50.0)
+    (got,) = run_triton(OP, ins, device, scale=50.0)
     assert np.all(np.isfinite(got))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -159,34 +149,11 @@ def test_kernel_writes_into_given_buffer_and_checks_shapes(rng, device):
 # ---------------------------------------------------------------- TensorRT (fake)
 
 
-class _Dim:
-    """A stand-in for a tensorrt.plugin ShapeExpr (evaluated), with no reflected operators."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __add__(self, other):
-        return _Dim(self.value + (other.value if isinstance(other, _Dim) else other))
-
-
-def _fake_trtp():
-    return SimpleNamespace(
-        TensorDesc=type("TensorDesc", (), {}), KernelLaunchParams=type("KernelLaunchParams", (), {}),
-        SymExprs=type("SymExprs", (), {}), from_shape_expr=lambda shape, dtype: (shape, dtype),
-        cdiv=lambda a, b: _Dim(math.ceil(a.value / b)),
-    )
-
-
-class _Desc:
-    def __init__(self, shape, dtype="float"):
-        self.shape_expr, self.dtype = shape, dtype
-
-
 def test_describe_gives_output_shape_and_dtype():
-    trt, trtp = SimpleNamespace(int64="int64"), _fake_trtp()
+    trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    x = _Desc(("B", "N", "D"), "half")
-    descs = [x, _Desc(("D",)), _Desc(("D",)), _Desc(("D", 32)), _Desc((32,)), _Desc((32, 8)), _Desc((8,))]
+    x = FakeDesc(("B", "N", "D"), "half")
+    descs = [x] + [FakeDesc(shape, "float") for shape in [("D",), ("D",), ("D", 32), (32,), (32, 8), (8,)]]
     assert describe(*descs, epsilon=1e-6, scale=0.5) == ((("B", 8, "D"), "half"),)
     assert describe(*descs) == ((("B", 8, "D"), "half"),)  # attribute defaults
 
@@ -195,9 +162,9 @@ def test_launch_args_on_shape_expressions_match_ints():
     pytest.importorskip("triton")
     from trimrt.plugins.kernels import token_slim as kernels
 
-    trtp = _fake_trtp()
+    _, trtp = fake_tensorrt()
     x, w2 = (2, 70, 40), (16, 35)
-    sym_x, sym_w2 = tuple(_Dim(v) for v in x), tuple(_Dim(v) for v in w2)
+    sym_x, sym_w2 = tuple(Dim(v) for v in x), tuple(Dim(v) for v in w2)
     assert [v.value for v in kernels.scalar_args(sym_x, sym_w2)] == kernels.scalar_args(x, w2) == [70, 35, 40]
     sym_grid = kernels.grid(sym_x, sym_w2, cdiv=trtp.cdiv, block_d=16)
     assert [v.value for v in sym_grid] == list(kernels.grid(x, w2, block_d=16)) == [2, 35, 3]
@@ -206,7 +173,7 @@ def test_launch_args_on_shape_expressions_match_ints():
 def test_signatures_follow_the_schema():
     import inspect
 
-    trt, trtp = SimpleNamespace(int64="int64"), _fake_trtp()
+    trt, trtp = fake_tensorrt()
     spec = glue.spec_for(OP)
     names = ["x", "ln_scale", "ln_bias", "w1", "b1", "w2", "b2", "epsilon", "scale"]
     assert list(inspect.signature(glue._descriptor(spec, trt, trtp)).parameters) == names
@@ -218,7 +185,7 @@ def test_aot_is_unavailable_with_a_clear_error():
     pytest.importorskip("triton")
     spec = glue.spec_for(OP)
     with pytest.raises(BackendUnavailableError, match="JIT") as info:
-        spec.aot(_fake_trtp(), {}, {"epsilon": 1e-5, "scale": 1.0}, [])
+        spec.aot(fake_tensorrt()[1], {}, {"epsilon": 1e-5, "scale": 1.0}, [])
     assert "\n" not in str(info.value)
 
 
@@ -233,12 +200,10 @@ def test_register_without_tensorrt_raises(monkeypatch):
 def test_token_slim_plugin_jit(rng):
     """One TokenSlim node through TensorRT (JIT impl) == the reference."""
     pytest.importorskip("tensorrt")
-    from test_tensorrt import _one_node_model, _run_tensorrt
-
     glue.register(OP)
     ins = _inputs(rng, 2, 33, 40, 16, 9)
     attrs = {"epsilon": 1e-6, "scale": 0.5}
     (want,) = OP.run_reference(*ins, **attrs)
     feeds = dict(zip([t.name for t in OP.inputs], ins))
-    got = _run_tensorrt(_one_node_model(OP, feeds, [want.shape], attrs, aot=False), feeds)
+    got = run_tensorrt(one_node_model(OP, feeds, [want.shape], attrs, aot=False), feeds)
     np.testing.assert_allclose(got["y"], want, rtol=1e-5, atol=1e-5)
