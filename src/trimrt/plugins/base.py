@@ -163,3 +163,32 @@ def kept_count_nodes() -> list[onnx.NodeProto]:
         make("Where", ["static_k", "keep_s", "k_ratio"], ["k_s"]),
         make("Unsqueeze", ["k_s", "ax0"], ["k"]),
     ]
+
+
+def prefix_suffix_nodes(tokens: str) -> list[onnx.NodeProto]:
+    """The always-kept positions outside the span, broadcast over the batch of `tokens`
+    [B, N, ...]: prefix = 0..protect-1, suffix = end..N-1 (int64 [B, ·]). After `span_nodes`;
+    needs the Constants zero_s, one_s and ax0."""
+    make = onnx.helper.make_node
+    return [
+        make("Shape", [tokens], ["batch"], start=0, end=1),
+        make("Range", ["zero_s", "protect_s", "one_s"], ["prefix1"]),
+        make("Concat", ["batch", "protect"], ["prefix_shape"], axis=0),
+        make("Expand", ["prefix1", "prefix_shape"], ["prefix"]),
+        make("Range", ["end_s", "n_s", "one_s"], ["suffix1"]),
+        make("Sub", ["n_s", "end_s"], ["n_suffix_s"]),
+        make("Unsqueeze", ["n_suffix_s", "ax0"], ["n_suffix"]),
+        make("Concat", ["batch", "n_suffix"], ["suffix_shape"], axis=0),
+        make("Expand", ["suffix1", "suffix_shape"], ["suffix"]),
+    ]
+
+
+def selection_attributes(verb: str) -> tuple[AttrSpec, ...]:
+    """keep / protect / span_end / keep_ratio: how the selection ops (TokenPrune and the
+    ops built on its rule) define the span and its k; `verb`: "kept", "picked", ..."""
+    return (
+        AttrSpec("keep", int, f"span tokens {verb} (build-time constant); 0: use keep_ratio at run time"),
+        AttrSpec("protect", int, "start of the span: tokens before it are always kept", 0),
+        AttrSpec("span_end", int, "end of the span (exclusive); 0 means N", 0),
+        AttrSpec("keep_ratio", float, f"fraction of the span {verb} when keep == 0", 1.0),
+    )

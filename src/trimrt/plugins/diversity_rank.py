@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, span_nodes
+from .base import OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, selection_attributes, span_nodes
 from .token_prune import span_keep
 
 NAME = "DiversityRank"
@@ -182,10 +182,7 @@ OP = OpDef(
     inputs=(TensorSpec("x", "tokens [B, N, D]"),),
     outputs=(TensorSpec("score", "[B, N]: k - t for the t-th greedy pick of the span, 0 elsewhere"),),
     attributes=(
-        AttrSpec("keep", int, "span tokens picked (build-time constant); 0: use keep_ratio at run time"),
-        AttrSpec("protect", int, "start of the span: tokens before it are not ranked (score 0)", 0),
-        AttrSpec("span_end", int, "end of the span (exclusive); 0 means N", 0),
-        AttrSpec("keep_ratio", float, "fraction of the span picked when keep == 0", 1.0),
+        *selection_attributes("picked"),
     ),
     reference=reference,
     build_function=build_function,

@@ -28,7 +28,8 @@ import math
 import numpy as np
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, span_nodes
+from .base import (OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, prefix_suffix_nodes,
+                   selection_attributes, span_nodes)
 
 NAME = "TokenPrune"
 
@@ -90,15 +91,7 @@ def build_function():
         oh.make_node("TopK", ["order", "k"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
         oh.make_node("Add", ["order_sorted", "protect"], ["chosen"]),
         # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
-        oh.make_node("Shape", ["score"], ["batch"], start=0, end=1),
-        oh.make_node("Range", ["zero_s", "protect_s", "one_s"], ["prefix1"]),
-        oh.make_node("Concat", ["batch", "protect"], ["prefix_shape"], axis=0),
-        oh.make_node("Expand", ["prefix1", "prefix_shape"], ["prefix"]),
-        oh.make_node("Range", ["end_s", "n_s", "one_s"], ["suffix1"]),
-        oh.make_node("Sub", ["n_s", "end_s"], ["n_suffix_s"]),
-        oh.make_node("Unsqueeze", ["n_suffix_s", "ax0"], ["n_suffix"]),
-        oh.make_node("Concat", ["batch", "n_suffix"], ["suffix_shape"], axis=0),
-        oh.make_node("Expand", ["suffix1", "suffix_shape"], ["suffix"]),
+        *prefix_suffix_nodes("score"),
         oh.make_node("Concat", ["prefix", "chosen", "suffix"], ["kept_index"], axis=1),
         oh.make_node("Unsqueeze", ["kept_index", "axm1"], ["gather_idx"]),
         oh.make_node("GatherND", ["x", "gather_idx"], ["y"], batch_dims=1),
@@ -135,10 +128,7 @@ OP = OpDef(
         TensorSpec("fused", "score-weighted sum of the dropped tokens [B, 1, D]"),
     ),
     attributes=(
-        AttrSpec("keep", int, "span tokens kept (build-time constant); 0: use keep_ratio at run time"),
-        AttrSpec("protect", int, "start of the prunable span: tokens before it are always kept", 0),
-        AttrSpec("span_end", int, "end of the prunable span (exclusive); 0 means N", 0),
-        AttrSpec("keep_ratio", float, "fraction of the span kept when keep == 0", 1.0),
+        *selection_attributes("kept"),
     ),
     reference=reference,
     build_function=build_function,

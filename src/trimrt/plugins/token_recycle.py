@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, span_nodes
+from .base import (AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function,
+                   prefix_suffix_nodes, selection_attributes, span_nodes)
 from .token_prune import select, span_keep
 
 NAME = "TokenRecycle"
@@ -202,15 +203,7 @@ def build_function():
         oh.make_node("Where", ["has_dropped", "best_dropped", "best_or_first"], ["best_local"]),
         oh.make_node("Add", ["best_local", "protect_s"], ["cell_index"]),
         # outputs: prefix, kept span tokens, cell tokens, suffix
-        oh.make_node("Shape", ["score"], ["batch"], start=0, end=1),
-        oh.make_node("Range", ["zero_s", "protect_s", "one_s"], ["prefix1"]),
-        oh.make_node("Concat", ["batch", "protect"], ["prefix_shape"], axis=0),
-        oh.make_node("Expand", ["prefix1", "prefix_shape"], ["prefix"]),
-        oh.make_node("Range", ["end_s", "n_s", "one_s"], ["suffix1"]),
-        oh.make_node("Sub", ["n_s", "end_s"], ["n_suffix_s"]),
-        oh.make_node("Unsqueeze", ["n_suffix_s", "ax0"], ["n_suffix"]),
-        oh.make_node("Concat", ["batch", "n_suffix"], ["suffix_shape"], axis=0),
-        oh.make_node("Expand", ["suffix1", "suffix_shape"], ["suffix"]),
+        *prefix_suffix_nodes("score"),
         oh.make_node("Concat", ["prefix", "chosen", "cell_index", "suffix"], ["kept_index"], axis=1),
         oh.make_node("Unsqueeze", ["chosen", "axm1"], ["gather_idx"]),
         oh.make_node("GatherND", ["x", "gather_idx"], ["x_kept"], batch_dims=1),
@@ -237,10 +230,7 @@ OP = OpDef(
         TensorSpec("kept_index", "index into x of each output token (a cell: its representative)", "int64"),
     ),
     attributes=(
-        AttrSpec("keep", int, "span tokens kept (build-time constant); 0: use keep_ratio at run time"),
-        AttrSpec("protect", int, "start of the prunable span: tokens before it are always kept", 0),
-        AttrSpec("span_end", int, "end of the prunable span (exclusive); 0 means N", 0),
-        AttrSpec("keep_ratio", float, "fraction of the span kept when keep == 0", 1.0),
+        *selection_attributes("kept"),
         AttrSpec("grid", int, "cells per side of the merge grid (grid² cell tokens)"),
         AttrSpec("patch_rows", int, "rows of the original patch layout"),
         AttrSpec("patch_cols", int, "columns of the original patch layout"),
