@@ -243,8 +243,7 @@ class TokenGraphPass(TrimrtPass):
             like = self._node("CastLike", [s, current], {}, f"{prefix}_size_cast")
             mul = self._node("Mul", [current, like.outputs[0]], {}, f"{prefix}_weighted")
             nodes += [like, mul]
-            self.graph.insert_after(current.producer(), nodes) if current.producer() is not None else \
-                self.graph.insert_before(uses[0][0], nodes)
+            self.graph.insert_after(current.producer(), nodes)  # `current` is a gather the pass made
             for user, i in uses:
                 user.replace_input_with(i, mul.outputs[0])
             weighted.append(value.name)
