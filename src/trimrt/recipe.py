@@ -106,6 +106,16 @@ class TokenSlimmingOptions:
 
 
 @dataclass(frozen=True)
+class QuantizationOptions:
+    """[quantization]: first slice — INT8 weights per output channel (round to nearest)
+    with dynamically quantized INT8 activations, for ONNX Runtime CPU builds."""
+
+    weights: str = "int8"
+    activations: str = "int8"
+    method: str = "rtn"
+
+
+@dataclass(frozen=True)
 class PaddingOptions:
     """[padding]: trim trailing padding before the first block (exact; outputs padded back)."""
 
@@ -117,6 +127,7 @@ class Recipe:
     token_pruning: TokenPruningOptions | None = None
     token_merging: TokenMergingOptions | None = None
     token_slimming: TokenSlimmingOptions | None = None
+    quantization: QuantizationOptions | None = None
     padding: PaddingOptions | None = None
     source: str = field(default="<dict>", compare=False)
 
@@ -147,13 +158,15 @@ class Recipe:
             out["token_merging"] = tm
         if self.token_slimming is not None:
             out["token_slimming"] = dataclasses.asdict(self.token_slimming)
+        if self.quantization is not None:
+            out["quantization"] = dataclasses.asdict(self.quantization)
         if self.padding is not None:
             out["padding"] = dataclasses.asdict(self.padding)
         return out
 
     @property
     def is_empty(self) -> bool:
-        return (self.token_pruning is None and self.token_merging is None
+        return (self.token_pruning is None and self.token_merging is None and self.quantization is None
                 and (self.token_slimming is None or not self.token_slimming.fuse)
                 and (self.padding is None or not self.padding.trim_trailing))
 
@@ -179,7 +192,7 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning", "token_merging", "token_slimming", "padding"}
+    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
@@ -192,6 +205,8 @@ def _parse(data: Mapping[str, Any], source: str) -> Recipe:
     return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None,
                   token_merging=_parse_token_merging(tm, source) if tm is not None else None,
                   token_slimming=_parse_token_slimming(ts, source) if ts is not None else None,
+                  quantization=_parse_quantization(data.get("quantization"), source)
+                  if data.get("quantization") is not None else None,
                   padding=_parse_padding(pad, source) if pad is not None else None, source=source)
 
 
@@ -257,6 +272,27 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
         layers, r = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
     return TokenMergingOptions(r=tuple(r), ratio=float(ratio or 0.0), layers=tuple(sorted(layers or ())),
                                protect=protect, proportional_attention=prop, weighted_pooling=weighted)
+
+
+#: what [quantization] will accept; only the first is built so far
+_QUANT_PLANNED = {"weights": ("int8", "int4", "fp8"), "activations": ("int8", "fp8", "none"),
+                  "method": ("rtn", "smoothquant", "awq", "gptq")}
+
+
+def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
+    where = f"{source}: [quantization]"
+    q = _table(q, where, set(_QUANT_PLANNED))
+    chosen = {}
+    for key, allowed in _QUANT_PLANNED.items():
+        value = q.get(key, allowed[0])
+        if value not in allowed:
+            raise RecipeError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
+        chosen[key] = value
+    if (chosen["weights"], chosen["activations"], chosen["method"]) != ("int8", "int8", "rtn"):
+        raise RecipeError(f"{where}: weights = {chosen['weights']!r}, activations = {chosen['activations']!r}, "
+                          f"method = {chosen['method']!r} is not available yet; this version builds weights = \"int8\", "
+                          "activations = \"int8\", method = \"rtn\"")
+    return QuantizationOptions(**chosen)
 
 
 def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:

@@ -139,6 +139,8 @@ def _is_noop(reports: list[dict]) -> bool:
     for r in reports:
         if r["pass"] in ("token_pruning", "token_merging") and r["report"]["tokens_after"] != r["report"]["tokens_before"]:
             return False
+        if r["pass"] == "quantization" and r["report"]["matmuls_quantized"]:
+            return False
     return True
 
 

@@ -16,7 +16,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass, TrimrtPass
+from ..passes import (QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
+                      TrimrtPass)
 from ..plugins import DOMAIN, OP_VERSION, REGISTRY
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
@@ -122,6 +123,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
         feature.append(TokenPruningPass(recipe.token_pruning))
     if recipe.token_merging is not None:
         feature.append(TokenMergingPass(recipe.token_merging))
+    if recipe.quantization is not None:
+        feature.append(QuantizationPass(recipe.quantization))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]

@@ -1,0 +1,86 @@
+"""QuantizationPass (first slice: INT8 weights per output channel, dynamic INT8
+activations): the quantized weights follow the formula, a one-MatMul build equals the
+NumPy reference of the numerics, and it composes with token pruning."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
+import pytest
+
+import trimrt
+from trimrt.errors import RecipeError
+from trimrt.passes.quantization import quantize_weight
+from trimrt.recipe import load_recipe
+
+
+def test_weights_are_rounded_per_output_channel():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 20)).astype(np.float32) * rng.uniform(0.01, 3, size=20).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero column stays exactly zero
+    q, scale = quantize_weight(w)
+    assert q.dtype == np.int8 and scale.shape == (20,)
+    np.testing.assert_allclose(scale[np.arange(20) != 3], np.abs(w).max(0)[np.arange(20) != 3] / 127, rtol=1e-6)
+    assert np.abs(q).max() == 127 and np.all(q[:, 3] == 0)
+    assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-7)  # round to nearest
+
+
+def _dynamic_quantize(x: np.ndarray):
+    """ONNX DynamicQuantizeLinear: uint8, the range widened to include 0."""
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    scale = np.float32((hi - lo) / 255)
+    zp = np.clip(np.rint(-lo / scale), 0, 255)
+    return np.clip(np.rint(x / scale) + zp, 0, 255), scale, zp
+
+
+def test_one_matmul_equals_the_numpy_reference(tmp_path):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((32, 24)).astype(np.float32)
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 32])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", 24])],
+                          [onnx.numpy_helper.from_array(w, "w")])
+    path = tmp_path / "mm.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]), str(path))
+    manifest = trimrt.compile(str(path), {"quantization": {}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "quantization")
+    assert report["matmuls_quantized"] == 1
+    assert report["weight_bytes_before"] == w.nbytes and report["weight_bytes_after"] == 32 * 24 + 24 * 4 + 24
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    got = trimrt.load(tmp_path / "b").run({"x": x})["y"]
+    xq, x_scale, x_zp = _dynamic_quantize(x)
+    wq, w_scale = quantize_weight(w)
+    want = ((xq - x_zp) @ wq.astype(np.float64)) * (x_scale * w_scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_int8_build(tmp_path, tiny_vit_onnx, images):
+    _, path = tiny_vit_onnx
+    manifest = trimrt.compile(str(path), {"quantization": {}, "token_pruning": {"layers": [1], "keep": 0.5}},
+                              tmp_path / "b")
+    model = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    ops = Counter(n.op_type for n in model.graph.node)
+    weights = {i.name for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # every linear layer
+    assert ops["MatMulInteger"] == 16 and ops["TokenPrune"] == 1  # 4 blocks × (qkv, proj, fc1, fc2); the head is a Gemm
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "quantization")
+    assert report["weight_bytes_after"] < report["weight_bytes_before"] / 3.5
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": images})[0]
+    pruned = trimrt.compile(str(path), {"token_pruning": {"layers": [1], "keep": 0.5}}, tmp_path / "p")
+    got = trimrt.load(tmp_path / "b").run({"pixel_values": images})["logits"]
+    fp32 = trimrt.load(tmp_path / "p").run({"pixel_values": images})["logits"]
+    cos = np.sum(got * fp32, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() > 0.999  # INT8 on top of the same pruning
+    assert ref.shape == got.shape and pruned["flops"]["ratio"] == pytest.approx(manifest["flops"]["ratio"], rel=1e-3)
+
+
+def test_recipe_refuses_what_is_not_built_yet():
+    assert load_recipe({"quantization": {}}).quantization.method == "rtn"
+    with pytest.raises(RecipeError, match="not available yet"):
+        load_recipe({"quantization": {"weights": "int4", "activations": "none", "method": "awq"}})
+    with pytest.raises(RecipeError, match="weights must be one of"):
+        load_recipe({"quantization": {"weights": "int2"}})
