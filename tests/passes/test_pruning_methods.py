@@ -12,25 +12,21 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trimrt.compiler.pipeline import build_passes, run_pipeline
 from trimrt.errors import RecipeError, StructureError
 from trimrt.recipe import load_recipe
 
+from in_memory import apply_recipe, run_model
 from pruning_reference import pruned_forward
 
 EXPORTS = ["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx", "tiny_vit_opset23_onnx"]
 
 
-def prune_in_memory(path, **token_pruning):
-    model = ir.load(path)
-    reports = run_pipeline(model, build_passes(load_recipe({"token_pruning": token_pruning})))
-    return model, {r["pass"]: r["report"] for r in reports}
+def prune_in_memory(path, **options):
+    return apply_recipe(path, "token_pruning", **options)
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"pixel_values": x})[0]
+    return run_model(model, {"pixel_values": x})
 
 
 @pytest.mark.parametrize("export", EXPORTS)

@@ -11,24 +11,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from trimrt.compiler.pipeline import build_passes, run_pipeline
 from trimrt.errors import RecipeError
 from trimrt.passes import PASS_TAG
 from trimrt.recipe import load_recipe
 
+from in_memory import apply_recipe, run_model
 from tome_reference import tome_forward
 
 
-def merge_in_memory(path, **token_merging):
-    model = ir.load(path)
-    reports = run_pipeline(model, build_passes(load_recipe({"token_merging": token_merging})))
-    return model, {r["pass"]: r["report"] for r in reports}
+def merge_in_memory(path, **options):
+    return apply_recipe(path, "token_merging", **options)
 
 
 def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
-    proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"pixel_values": x})[0]
+    return run_model(model, {"pixel_values": x})
 
 
 @pytest.mark.parametrize("export", ["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx",
@@ -143,17 +139,12 @@ def test_masked_mean_pooling_is_weighted_by_size(tmp_path):
     assert reports["token_merging"]["layers"][0]["merged"] == "min(floor(0.2·tokens), mergeable)"
     for n in (40, 9):
         short = {k: v[:, :n] for k, v in feeds.items()}
-        out = run_named(by_ratio, short)
+        out = run_model(by_ratio, short)
         assert out.shape == (2, 64) and np.all(np.isfinite(out))
 
     unweighted, reports = merge_in_memory(path, r=[6, 6, 6], weighted_pooling=False)
     assert reports["token_merging"]["weighted_pooling"] == []
-    assert not np.allclose(run_named(unweighted, feeds), emb, atol=1e-4)
-
-
-def run_named(model: ir.Model, feeds: dict) -> np.ndarray:
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert not np.allclose(run_model(unweighted, feeds), emb, atol=1e-4)
 
 
 def test_ratio_merges_a_share_of_each_blocks_tokens(tiny_vit_onnx, images):
