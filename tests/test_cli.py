@@ -145,3 +145,11 @@ def test_graph_without_transformer_blocks_is_refused(tmp_path):
     assert not (tmp_path / "b").exists()
     inspect = CliRunner().invoke(main, ["inspect", str(tmp_path / "mlp.onnx")])
     assert inspect.exit_code == 2 and "no transformer blocks found" in inspect.output
+
+
+def test_verify_per_pass_prints_each_step(cli_build):
+    model, tmp = cli_build
+    result = CliRunner().invoke(main, ["verify", str(tmp / "build"), "--reference", str(model), "--samples", "2",
+                                       "--per-pass"])
+    assert result.exit_code == 0, result.output
+    assert "after token_pruning: mean cosine logits" in result.output

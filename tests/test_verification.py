@@ -27,3 +27,34 @@ def test_top1_only_for_logits_and_shapes_must_match():
     assert compare_outputs("sentence_embedding", emb, emb).cosine_min == pytest.approx(1.0)
     with pytest.raises(InputError, match="differs from the reference"):
         compare_outputs("x", emb[:, :4], emb)
+
+
+def test_per_pass_drift_attribution(tmp_path):
+    """Pruning + INT8: verify applies the tables one at a time; pruning alone drifts less
+    than pruning + INT8, whose cosine is the build's own."""
+    import trimrt
+
+    build = tmp_path / "b"
+    trimrt.compile("trimrt.models.vit:tiny_vit", {"token_pruning": {"layers": [1], "keep": 0.5},
+                                                  "quantization": {}}, build)
+    report = trimrt.verify(build, samples=3, per_pass=True)
+    assert [s["passes"] for s in report.per_pass] == [["token_pruning"], ["token_pruning", "quantization"]]
+    pruned, both = (s["cosine_mean"]["logits"] for s in report.per_pass)
+    assert both == pytest.approx(report.outputs[0].cosine_mean, abs=1e-6)
+    assert 0.9 < both < 1.0 and 0.9 < pruned < 1.0
+
+
+def test_per_pass_needs_the_original_onnx(tmp_path, tiny_vit_onnx):
+    import shutil
+
+    import trimrt
+    from trimrt.errors import InputError
+
+    _, path = tiny_vit_onnx
+    build = tmp_path / "b"
+    trimrt.compile(str(path), {"quantization": {}}, build)
+    with pytest.raises(InputError, match="per-pass drift needs the original ONNX"):
+        trimrt.verify(build, "trimrt.models.vit:tiny_vit", samples=1, per_pass=True)
+    copy = tmp_path / "original.onnx"
+    shutil.copy(path, copy)
+    assert len(trimrt.verify(build, str(copy), samples=1, per_pass=True).per_pass) == 1

@@ -42,9 +42,10 @@ def export(model, out_path, *, example_inputs=None, exporter="auto", opset=18):
     return out_path
 
 
-def verify(build_dir, reference, **kwargs):
+def verify(build_dir, reference=None, **kwargs):
     """Run a build and its reference (an .onnx path, a factory spec or a torch module) on the
-    same inputs; returns a VerifyReport with per-output errors, cosine and top-1 agreement."""
+    same inputs (default: the build's reference.onnx); returns a VerifyReport with per-output
+    errors, cosine and top-1 agreement (and, with per_pass=True, the drift each pass adds)."""
     from .verification import verify_build
 
     return verify_build(build_dir, reference, **kwargs)

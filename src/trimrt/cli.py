@@ -92,13 +92,15 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 @click.option("--tokens", type=int, help="Length of dynamic token axes of random inputs (default: the build's example).")
 @click.option("--min-cosine", type=float, help="Fail (exit 1) when an output's mean cosine is below this.")
 @click.option("--min-top1", type=float, help="Fail (exit 1) when the top-1 agreement of logits is below this.")
+@click.option("--per-pass", is_flag=True, help="Also apply the recipe's passes one at a time: the drift each adds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, as_json: bool) -> None:
+def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, per_pass: bool,
+           as_json: bool) -> None:
     """Compare BUILD with its reference on the same inputs."""
     from .verification import verify_build
 
     report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None, tokens=tokens,
-                          min_cosine=min_cosine, min_top1=min_top1)
+                          min_cosine=min_cosine, min_top1=min_top1, per_pass=per_pass)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -114,6 +116,9 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
         console.print(table)
         for line in report.not_compared:
             console.print(f"not compared (token-level output, tokens pruned): {line}")
+        for step in report.per_pass:
+            cos = ", ".join(f"{name} {c:.5f}" for name, c in step["cosine_mean"].items())
+            console.print(f"after {' + '.join(step['passes'])}: mean cosine {cos}")
         for k in report.keep_ratios:
             console.print(f"adaptive pruning at block {k['block']}: kept visible {k['mean']:.1%} of its span "
                           f"(min {k['min']:.1%}, max {k['max']:.1%})")

@@ -43,6 +43,9 @@ class VerifyReport:
     not_compared: list[str] = field(default_factory=list)
     #: adaptive pruning: per layer, the share of its span each input kept visible
     keep_ratios: list[dict] = field(default_factory=list)
+    #: with per_pass: the recipe applied one table more at a time, and each output's mean
+    #: cosine to the reference after it (how much each feature pass adds to the drift)
+    per_pass: list[dict] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -111,7 +114,7 @@ def _reference(reference: Any, session: Session):
 
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
                  min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0,
-                 tokens: int | None = None) -> VerifyReport:
+                 tokens: int | None = None, per_pass: bool = False) -> VerifyReport:
     """Compare a build with its reference; see the module docstring."""
     session = Session(build_dir, backend="onnxruntime")
     if reference is None:
@@ -138,13 +141,14 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
             got_all[n].append(got[n])
             ref_all[n].append(e)
     keep_ratios = realised_keep_ratios(Path(build_dir), session.manifest, batches)
+    drift = attribute_drift(Path(build_dir), session.manifest, reference, batches, ref_all) if per_pass else []
     comparable = [n for n in names if all(g.shape == r.shape for g, r in zip(got_all[n], ref_all[n]))]
     metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in comparable]
     report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=metrics,
                           min_cosine=min_cosine, min_top1=min_top1,
                           not_compared=[f"{n}: build {list(got_all[n][0].shape)} vs reference {list(ref_all[n][0].shape)}"
                                         for n in names if n not in comparable],
-                          keep_ratios=keep_ratios)
+                          keep_ratios=keep_ratios, per_pass=drift)
     for m in metrics:
         if min_cosine is not None and m.cosine_mean < min_cosine:
             report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
@@ -186,3 +190,41 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
             ratios[i] += list(count / max(span, 1))
     return [{"block": layer["block"], "mean": float(np.mean(r)), "min": float(np.min(r)), "max": float(np.max(r))}
             for layer, r in zip(layers, ratios)]
+
+
+#: recipe tables in pipeline order (compiler/pipeline.build_passes)
+_FEATURE_TABLES = ("token_slimming", "padding", "token_pruning", "token_merging", "quantization")
+
+
+def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: list[dict],
+                    ref_all: dict[str, list]) -> list[dict]:
+    """Recompile the original with the recipe's tables added one at a time, in pipeline
+    order, and measure each output's mean cosine to the reference after each step."""
+    import tempfile
+
+    from .compiler.driver import compile_model
+    from .runtime.manifest import MODEL
+
+    original = Path(reference) if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx") else None
+    if original is None and manifest.get("reference"):
+        original = build_dir / manifest["reference"]
+    if original is None or not original.is_file():
+        raise InputError("per-pass drift needs the original ONNX model: pass --reference ORIGINAL.onnx "
+                         "(or use a build compiled from PyTorch, which keeps reference.onnx)")
+    recipe = manifest.get("recipe") or {}
+    tables = [t for t in _FEATURE_TABLES if t in recipe]
+    steps = []
+    with tempfile.TemporaryDirectory(prefix="trimrt_drift_") as tmp:
+        for i in range(1, len(tables) + 1):
+            partial = {t: recipe[t] for t in tables[:i]}
+            out = Path(tmp) / f"step{i}"
+            compile_model(str(original), partial, out, progress=None)
+            backend = OnnxRuntimeBackend(out / MODEL)
+            backend.activate()
+            cosines = {}
+            for name, refs in ref_all.items():
+                got = [backend.infer(feeds)[name] for feeds in batches]
+                if all(g.shape == r.shape for g, r in zip(got, refs)):
+                    cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
+            steps.append({"passes": tables[:i], "cosine_mean": cosines})
+    return steps
