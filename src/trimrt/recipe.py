@@ -219,6 +219,13 @@ def _table(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
     return value
 
 
+def _flag(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise RecipeError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -261,12 +268,8 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
     protect = tm.get("protect", "cls")
     if protect not in ("cls", "none"):
         raise RecipeError(f"{where}: protect must be \"cls\" or \"none\", got {protect!r}")
-    prop = tm.get("proportional_attention", True)
-    if not isinstance(prop, bool):
-        raise RecipeError(f"{where}: proportional_attention must be true or false, got {prop!r}")
-    weighted = tm.get("weighted_pooling", True)
-    if not isinstance(weighted, bool):
-        raise RecipeError(f"{where}: weighted_pooling must be true or false, got {weighted!r}")
+    prop = _flag(tm, "proportional_attention", True, where)
+    weighted = _flag(tm, "weighted_pooling", True, where)
     if layers is not None and len(r) == len(layers):
         pairs = sorted(zip(layers, r))
         layers, r = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
@@ -298,33 +301,18 @@ def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
 def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:
     where = f"{source}: [token_slimming]"
     ts = _table(ts, where, {"fuse"})
-    fuse = ts.get("fuse", True)
-    if not isinstance(fuse, bool):
-        raise RecipeError(f"{where}: fuse must be true or false, got {fuse!r}")
-    return TokenSlimmingOptions(fuse=fuse)
+    return TokenSlimmingOptions(fuse=_flag(ts, "fuse", True, where))
 
 
 def _parse_padding(pad: Any, source: str) -> PaddingOptions:
     where = f"{source}: [padding]"
-    if not isinstance(pad, Mapping):
-        raise RecipeError(f"{where} must be a table")
-    unknown = sorted(set(pad) - {"trim_trailing"})
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: ['trim_trailing']")
-    trim = pad.get("trim_trailing", False)
-    if not isinstance(trim, bool):
-        raise RecipeError(f"{where}: trim_trailing must be true or false, got {trim!r}")
-    return PaddingOptions(trim_trailing=trim)
+    pad = _table(pad, where, {"trim_trailing"})
+    return PaddingOptions(trim_trailing=_flag(pad, "trim_trailing", False, where))
 
 
 def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     where = f"{source}: [token_pruning]"
-    if not isinstance(tp, Mapping):
-        raise RecipeError(f"{where} must be a table")
-    allowed = {f.name for f in dataclasses.fields(TokenPruningOptions)}
-    unknown = sorted(set(tp) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    tp = _table(tp, where, {f.name for f in dataclasses.fields(TokenPruningOptions)})
     method = tp.get("method", "cls_attention")
     if method not in TOKEN_PRUNING_METHODS:
         raise RecipeError(f"{where}: method {method!r} is not supported; choose one of {list(TOKEN_PRUNING_METHODS)}")
@@ -335,9 +323,7 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     protect = tp.get("protect", "cls")
     if not isinstance(protect, str) or not (protect in ("cls", "none") or re.fullmatch(r"first:[0-9]+", protect)):
         raise RecipeError(f"{where}: protect must be \"cls\", \"none\" or \"first:N\", got {protect!r}")
-    fuse = tp.get("fuse_pruned", False)
-    if not isinstance(fuse, bool):
-        raise RecipeError(f"{where}: fuse_pruned must be true or false, got {fuse!r}")
+    fuse = _flag(tp, "fuse_pruned", False, where)
     prunable = tp.get("prunable")
     if prunable is not None:
         if "protect" in tp:

@@ -47,8 +47,7 @@ class TokenMergingPass(TokenGraphPass):
             # as ToMe does, a block merges at most its mergeable tokens (the op clamps at
             # run time too, so dynamic lengths work; a static count is reported exactly)
             if isinstance(n, int):
-                r = merged_count(n, asked, protect, ratio=opts.ratio)
-                asked = asked or r  # with a ratio, the op gets the count itself: shapes stay static
+                r = merged_count(n, asked, protect, ratio=opts.ratio)  # static: the op gets the exact count
             else:
                 r = asked
             if r == 0 and (isinstance(n, int) or not opts.ratio):
@@ -62,8 +61,7 @@ class TokenMergingPass(TokenGraphPass):
                 size = self._ones(stream, prefix, nodes)
             metric = self._head_mean_keys(block.attention, prefix, nodes)
             merge = self._node("TokenMerge", [stream, metric, size], {"r": r, "protect": protect, "ratio": opts.ratio},
-                               prefix,
-                               domain="trimrt", num_outputs=3)
+                               prefix, domain="trimrt", num_outputs=3)
             nodes.append(merge)
             out, size, index = merge.outputs
             if opts.proportional_attention:
@@ -77,7 +75,7 @@ class TokenMergingPass(TokenGraphPass):
             merged_text = f"min({r}, mergeable)" if r else f"min(floor({opts.ratio}·tokens), mergeable)"
             layers.append({"block": layer, "tokens_in": n, "merged": r if isinstance(n, int) else merged_text,
                            "r": r, "ratio": opts.ratio, "tokens_out": tokens_out,
-                           "shape_values_rederived": rederived, **({"clamped_from": asked} if r != asked else {})})
+                           "shape_values_rederived": rederived, **({"clamped_from": asked} if asked and r != asked else {})})
             n = tokens_out
         if not merged:
             self.report = {"layers": [], "tokens_before": n_orig, "tokens_after": n_orig}

@@ -192,3 +192,20 @@ def selection_attributes(verb: str) -> tuple[AttrSpec, ...]:
         AttrSpec("span_end", int, "end of the span (exclusive); 0 means N", 0),
         AttrSpec("keep_ratio", float, f"fraction of the span {verb} when keep == 0", 1.0),
     )
+
+
+def drop_mask_nodes() -> list[onnx.NodeProto]:
+    """drop_mask [B, span] (1 where a span token was dropped, 0 where kept) in the type of
+    the span scores s_p, from TopK's `order` (ones scattered without reduction at the kept
+    positions); also defines one_t (1 in that type). Needs the Constant one_f."""
+    make = onnx.helper.make_node
+    return [
+        make("Shape", ["order"], ["order_shape"]),
+        make("CastLike", ["one_f", "s_p"], ["one_t"]),
+        make("Expand", ["one_t", "order_shape"], ["ones"]),
+        make("Shape", ["s_p"], ["s_p_shape"]),
+        make("ConstantOfShape", ["s_p_shape"], ["zeros_f"]),
+        make("CastLike", ["zeros_f", "s_p"], ["zeros"]),
+        make("ScatterElements", ["zeros", "order", "ones"], ["kept_mask"], axis=1),
+        make("Sub", ["one_t", "kept_mask"], ["drop_mask"]),
+    ]

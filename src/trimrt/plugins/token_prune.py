@@ -28,7 +28,7 @@ import math
 import numpy as np
 import onnx.helper as oh
 
-from .base import (OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, prefix_suffix_nodes,
+from .base import (OpDef, TensorSpec, const, const_from_attr, drop_mask_nodes, kept_count_nodes, make_function, prefix_suffix_nodes,
                    selection_attributes, span_nodes)
 
 NAME = "TokenPrune"
@@ -96,14 +96,7 @@ def build_function():
         oh.make_node("Unsqueeze", ["kept_index", "axm1"], ["gather_idx"]),
         oh.make_node("GatherND", ["x", "gather_idx"], ["y"], batch_dims=1),
         # fusion weights: the scores of the dropped span tokens, zero elsewhere
-        oh.make_node("Shape", ["order"], ["order_shape"]),
-        oh.make_node("CastLike", ["one_f", "s_p"], ["one_t"]),
-        oh.make_node("Expand", ["one_t", "order_shape"], ["ones"]),
-        oh.make_node("Shape", ["s_p"], ["s_p_shape"]),
-        oh.make_node("ConstantOfShape", ["s_p_shape"], ["zeros_f"]),
-        oh.make_node("CastLike", ["zeros_f", "s_p"], ["zeros"]),
-        oh.make_node("ScatterElements", ["zeros", "order", "ones"], ["kept_mask"], axis=1),
-        oh.make_node("Sub", ["one_t", "kept_mask"], ["drop_mask"]),
+        *drop_mask_nodes(),
         oh.make_node("Mul", ["s_p", "drop_mask"], ["w"]),
         oh.make_node("CastLike", ["w", "x"], ["w_x"]),
         oh.make_node("Unsqueeze", ["w_x", "ax1"], ["w_row"]),  # [B, 1, span]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 import onnx.helper as oh
 
-from .base import (AttrSpec, OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function,
+from .base import (AttrSpec, OpDef, TensorSpec, const, const_from_attr, drop_mask_nodes, kept_count_nodes, make_function,
                    prefix_suffix_nodes, selection_attributes, span_nodes)
 from .token_prune import select, span_keep
 
@@ -131,14 +131,7 @@ def build_function():
         oh.make_node("TopK", ["order", "k"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
         oh.make_node("Add", ["order_sorted", "protect"], ["chosen"]),
         # dropped mask over the span: ones scattered (no reduction) at the kept positions
-        oh.make_node("Shape", ["order"], ["order_shape"]),
-        oh.make_node("CastLike", ["one_f", "s_p"], ["one_t"]),
-        oh.make_node("Expand", ["one_t", "order_shape"], ["ones"]),
-        oh.make_node("Shape", ["s_p"], ["s_p_shape"]),
-        oh.make_node("ConstantOfShape", ["s_p_shape"], ["zeros_f"]),
-        oh.make_node("CastLike", ["zeros_f", "s_p"], ["zeros"]),
-        oh.make_node("ScatterElements", ["zeros", "order", "ones"], ["kept_mask"], axis=1),
-        oh.make_node("Sub", ["one_t", "kept_mask"], ["drop_mask"]),
+        *drop_mask_nodes(),
         oh.make_node("Cast", ["drop_mask"], ["dropped"], to=9),  # bool [B, span]
         # cell of each span token from its original patch position (-1: not a patch)
         oh.make_node("Slice", ["position", "protect", "end", "ax1"], ["pos_p"]),
