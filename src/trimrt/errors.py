@@ -32,3 +32,7 @@ class InputError(TrimrtError):
 
 class BackendUnavailableError(TrimrtError):
     """The requested backend (e.g. TensorRT) is not installed or has no device here."""
+
+
+class CalibrationError(TrimrtError):
+    """Calibration data for quantization is missing, unreadable or does not fit the model's inputs."""

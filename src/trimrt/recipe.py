@@ -107,12 +107,45 @@ class TokenSlimmingOptions:
 
 @dataclass(frozen=True)
 class QuantizationOptions:
-    """[quantization]: first slice — INT8 weights per output channel (round to nearest)
-    with dynamically quantized INT8 activations, for ONNX Runtime CPU builds."""
+    """[quantization]: weight / activation formats, the method that picks the weights,
+    and the fidelity guard. Methods other than rtn (and FP8's static activation scales,
+    and the guard) need a [calibration] table."""
 
     weights: str = "int8"
+    #: "none": weight-only (the float activations meet dequantized weights)
     activations: str = "int8"
     method: str = "rtn"
+    #: int4 only: weights sharing one scale along the input axis (a power of two >= 16)
+    group_size: int = 128
+    #: smoothquant: migration strength in [0, 1]; None: searched on the calibration set
+    alpha: float | None = None
+    #: fidelity guard: keep the most sensitive layers in float until the output cosine
+    #: on the calibration set is at least this (None: no guard)
+    min_cosine: float | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when building it needs activations (statistics, scales or a fidelity check)."""
+        return self.method != "rtn" or self.weights == "fp8" or self.min_cosine is not None
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """[calibration]: the data quantization measures activations on.
+
+    Exactly one of `source` (a folder of .npy/.npz feeds, a .txt file with one sample a
+    line, or an image folder; relative to the recipe file) or `random` (a smoke test:
+    statistics of random data say little about real inputs)."""
+
+    source: str | None = None
+    #: samples used (the first ones of the source, in sorted order), each of batch 1
+    samples: int = 128
+    random: bool = False
+    #: text sources: AutoTokenizer name or folder
+    tokenizer: str | None = None
+    #: text sources: tokens per sample (default: the model's static length, else 128)
+    max_length: int | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,7 +162,13 @@ class Recipe:
     token_slimming: TokenSlimmingOptions | None = None
     quantization: QuantizationOptions | None = None
     padding: PaddingOptions | None = None
+    calibration: CalibrationOptions | None = None
     source: str = field(default="<dict>", compare=False)
+
+    @property
+    def directory(self) -> Path | None:
+        """Folder of the recipe file (relative paths in it resolve there); None for a dict."""
+        return None if self.source == "<dict>" else Path(self.source).resolve().parent
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -159,7 +198,15 @@ class Recipe:
         if self.token_slimming is not None:
             out["token_slimming"] = dataclasses.asdict(self.token_slimming)
         if self.quantization is not None:
-            out["quantization"] = dataclasses.asdict(self.quantization)
+            q = {k: v for k, v in dataclasses.asdict(self.quantization).items() if v is not None}
+            if q["weights"] != "int4":
+                del q["group_size"]
+            out["quantization"] = q
+        if self.calibration is not None:
+            cal = {k: v for k, v in dataclasses.asdict(self.calibration).items() if v is not None}
+            if not cal["random"]:
+                del cal["random"]
+            out["calibration"] = cal
         if self.padding is not None:
             out["padding"] = dataclasses.asdict(self.padding)
         return out
@@ -192,7 +239,7 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding"}
+    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding", "calibration"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
@@ -202,11 +249,11 @@ def _parse(data: Mapping[str, Any], source: str) -> Recipe:
     ts = data.get("token_slimming")
     if tp is not None and tm is not None:
         raise RecipeError(f"{source}: [token_pruning] and [token_merging] cannot be combined yet; choose one")
+    quant, cal = _parse_quantization_and_calibration(data.get("quantization"), data.get("calibration"), source)
     return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None,
                   token_merging=_parse_token_merging(tm, source) if tm is not None else None,
                   token_slimming=_parse_token_slimming(ts, source) if ts is not None else None,
-                  quantization=_parse_quantization(data.get("quantization"), source)
-                  if data.get("quantization") is not None else None,
+                  quantization=quant, calibration=cal,
                   padding=_parse_padding(pad, source) if pad is not None else None, source=source)
 
 
@@ -277,25 +324,107 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
                                protect=protect, proportional_attention=prop, weighted_pooling=weighted)
 
 
-#: what [quantization] will accept; only the first is built so far
-_QUANT_PLANNED = {"weights": ("int8", "int4", "fp8"), "activations": ("int8", "fp8", "none"),
-                  "method": ("rtn", "smoothquant", "awq", "gptq")}
+#: (weights, activations) -> the methods that build them
+QUANT_COMBINATIONS = {("int8", "int8"): ("rtn", "smoothquant", "gptq"),
+                      ("int4", "none"): ("rtn", "awq", "gptq"),
+                      ("fp8", "fp8"): ("rtn", "smoothquant")}
+_QUANT_VALUES = {"weights": ("int8", "int4", "fp8"), "activations": ("int8", "fp8", "none"),
+                 "method": ("rtn", "smoothquant", "awq", "gptq")}
+#: activations when the recipe names only the weights
+_DEFAULT_ACTIVATIONS = {"int8": "int8", "int4": "none", "fp8": "fp8"}
+
+
+def _number(table: Mapping[str, Any], key: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan  # rejected by the caller's range check
+    return float(value)
+
+
+def _parse_quantization_and_calibration(q: Any, cal: Any, source: str
+                                        ) -> tuple[QuantizationOptions | None, CalibrationOptions | None]:
+    if cal is not None and q is None:
+        raise RecipeError(f"{source}: [calibration] without [quantization]; calibration data is only used "
+                          "by quantization (add a [quantization] table or remove [calibration])")
+    quant = _parse_quantization(q, source) if q is not None else None
+    calibration = _parse_calibration(cal, source) if cal is not None else None
+    if quant is not None and calibration is None and quant.needs_calibration:
+        if quant.method != "rtn":
+            what = f'method = "{quant.method}"'
+        elif quant.weights == "fp8":
+            what = 'weights = "fp8" (static activation scales)'
+        else:
+            what = "min_cosine (the fidelity guard)"
+        raise RecipeError(f'{source}: [quantization] {what} needs calibration data: add [calibration] source = "..." '
+                          "(a folder of .npy/.npz feeds, a text file, or an image folder), or random = true "
+                          "for a smoke test")
+    return quant, calibration
 
 
 def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
     where = f"{source}: [quantization]"
-    q = _table(q, where, set(_QUANT_PLANNED))
+    q = _table(q, where, {f.name for f in dataclasses.fields(QuantizationOptions)})
     chosen = {}
-    for key, allowed in _QUANT_PLANNED.items():
-        value = q.get(key, allowed[0])
+    for key, allowed in _QUANT_VALUES.items():
+        default = _DEFAULT_ACTIVATIONS.get(chosen.get("weights")) if key == "activations" else allowed[0]
+        value = q.get(key, default)
         if value not in allowed:
             raise RecipeError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
         chosen[key] = value
-    if (chosen["weights"], chosen["activations"], chosen["method"]) != ("int8", "int8", "rtn"):
+    if chosen["method"] not in QUANT_COMBINATIONS.get((chosen["weights"], chosen["activations"]), ()):
+        allowed = "; ".join(f"weights = {w!r}, activations = {a!r}: method in {list(m)}"
+                            for (w, a), m in QUANT_COMBINATIONS.items())
         raise RecipeError(f"{where}: weights = {chosen['weights']!r}, activations = {chosen['activations']!r}, "
-                          f"method = {chosen['method']!r} is not available yet; this version builds weights = \"int8\", "
-                          "activations = \"int8\", method = \"rtn\"")
+                          f"method = {chosen['method']!r} is not a supported combination; choose one of: {allowed}")
+    if "group_size" in q:
+        group = q["group_size"]
+        if chosen["weights"] != "int4":
+            raise RecipeError(f"{where}: group_size applies to int4 weights (weights is {chosen['weights']!r}); "
+                              "remove it")
+        if not _is_int(group) or group < 16 or group & (group - 1):
+            raise RecipeError(f"{where}: group_size must be a power of two >= 16 (e.g. 128), got {group!r}")
+        chosen["group_size"] = group
+    if "alpha" in q:
+        if chosen["method"] != "smoothquant":
+            raise RecipeError(f"{where}: alpha applies to method = \"smoothquant\" only (method is "
+                              f"{chosen['method']!r}); remove it")
+        alpha = _number(q, "alpha")
+        if not 0.0 <= alpha <= 1.0:
+            raise RecipeError(f"{where}: alpha must be a number in [0, 1] (leave it out to search it), "
+                              f"got {q['alpha']!r}")
+        chosen["alpha"] = alpha
+    if "min_cosine" in q:
+        floor = _number(q, "min_cosine")
+        if not 0.0 < floor <= 1.0:
+            raise RecipeError(f"{where}: min_cosine must be a number in (0, 1], got {q['min_cosine']!r}")
+        chosen["min_cosine"] = floor
     return QuantizationOptions(**chosen)
+
+
+def _parse_calibration(cal: Any, source: str) -> CalibrationOptions:
+    where = f"{source}: [calibration]"
+    cal = _table(cal, where, {f.name for f in dataclasses.fields(CalibrationOptions)})
+    random = _flag(cal, "random", False, where)
+    data = cal.get("source")
+    if data is not None and (not isinstance(data, str) or not data.strip()):
+        raise RecipeError(f"{where}: source must be a path (a folder of .npy/.npz feeds, a .txt file, "
+                          f"or an image folder), got {data!r}")
+    if (data is None) == (not random):
+        raise RecipeError(f"{where}: give exactly one of source = \"...\" (real calibration data) or "
+                          "random = true (a smoke test)")
+    ints = {}
+    for key, low in (("samples", 1), ("max_length", 1), ("seed", 0)):
+        if key in cal:
+            value = cal[key]
+            if not _is_int(value) or value < low:
+                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            ints[key] = value
+    tokenizer = cal.get("tokenizer")
+    if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
+        raise RecipeError(f"{where}: tokenizer must be a Hugging Face tokenizer name or folder, got {tokenizer!r}")
+    return CalibrationOptions(source=data, random=random, tokenizer=tokenizer, **ints)
 
 
 def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:
