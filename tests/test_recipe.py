@@ -74,3 +74,12 @@ def test_example_recipes_load():
     for path in recipes:
         recipe = load_recipe(path)
         assert not recipe.is_empty, path.name
+
+
+def test_onnxruntime_table():
+    recipe = load_recipe({"onnxruntime": {"fuse": True}})
+    assert recipe.onnxruntime.fuse and recipe.to_dict() == {"onnxruntime": {"fuse": True}}
+    with pytest.raises(RecipeError, match=r"\[onnxruntime\]: fuse must be true or false"):
+        load_recipe({"onnxruntime": {"fuse": "yes"}})
+    with pytest.raises(RecipeError, match=r"\[onnxruntime\]: unknown key\(s\) \['threads'\]"):
+        load_recipe({"onnxruntime": {"threads": 2}})

@@ -156,6 +156,15 @@ class PaddingOptions:
 
 
 @dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """[onnxruntime]: options of ONNX Runtime builds (the default target)."""
+
+    #: fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels
+    #: (checked against the unfused graph; TensorRT builds fuse on their own)
+    fuse: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     token_pruning: TokenPruningOptions | None = None
     token_merging: TokenMergingOptions | None = None
@@ -163,6 +172,7 @@ class Recipe:
     quantization: QuantizationOptions | None = None
     padding: PaddingOptions | None = None
     calibration: CalibrationOptions | None = None
+    onnxruntime: OnnxRuntimeOptions | None = None
     source: str = field(default="<dict>", compare=False)
 
     @property
@@ -209,13 +219,16 @@ class Recipe:
             out["calibration"] = cal
         if self.padding is not None:
             out["padding"] = dataclasses.asdict(self.padding)
+        if self.onnxruntime is not None:
+            out["onnxruntime"] = dataclasses.asdict(self.onnxruntime)
         return out
 
     @property
     def is_empty(self) -> bool:
         return (self.token_pruning is None and self.token_merging is None and self.quantization is None
                 and (self.token_slimming is None or not self.token_slimming.fuse)
-                and (self.padding is None or not self.padding.trim_trailing))
+                and (self.padding is None or not self.padding.trim_trailing)
+                and (self.onnxruntime is None or not self.onnxruntime.fuse))
 
 
 def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Recipe:
@@ -239,7 +252,7 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding", "calibration"}
+    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding", "calibration", "onnxruntime"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
@@ -254,7 +267,9 @@ def _parse(data: Mapping[str, Any], source: str) -> Recipe:
                   token_merging=_parse_token_merging(tm, source) if tm is not None else None,
                   token_slimming=_parse_token_slimming(ts, source) if ts is not None else None,
                   quantization=quant, calibration=cal,
-                  padding=_parse_padding(pad, source) if pad is not None else None, source=source)
+                  padding=_parse_padding(pad, source) if pad is not None else None,
+                  onnxruntime=_parse_onnxruntime(data["onnxruntime"], source) if "onnxruntime" in data else None,
+                  source=source)
 
 
 def _table(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
@@ -437,6 +452,12 @@ def _parse_padding(pad: Any, source: str) -> PaddingOptions:
     where = f"{source}: [padding]"
     pad = _table(pad, where, {"trim_trailing"})
     return PaddingOptions(trim_trailing=_flag(pad, "trim_trailing", False, where))
+
+
+def _parse_onnxruntime(table: Any, source: str) -> OnnxRuntimeOptions:
+    where = f"{source}: [onnxruntime]"
+    table = _table(table, where, {"fuse"})
+    return OnnxRuntimeOptions(fuse=_flag(table, "fuse", False, where))
 
 
 def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:

@@ -25,6 +25,7 @@ from ..runtime.manifest import ENGINE, MODEL
 from .artifacts import atomic_build_dir, write_manifest
 from .flops import count_flops
 from .pipeline import TARGETS, build_passes, run_pipeline
+from .pipeline import min_tokens as pipeline_min_tokens
 from .source import load_source
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     recipe = load_recipe(recipe)  # validate before any expensive work
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
+    if target != "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse:
+        raise BuildError("the recipe's [onnxruntime] fuse applies to ONNX Runtime builds only; "
+                         f"remove it to build for {target}")
     if target == "tensorrt":
         from ..runtime.backends import TensorRTBackend
 
@@ -63,7 +67,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
     say("checking the build on ONNX Runtime")
     base_rt, build_rt = _session(original), _session(built)
-    min_tokens = _min_tokens(recipe)
+    min_tokens = pipeline_min_tokens(recipe)
     given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
     hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
     check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
@@ -109,17 +113,6 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         })
     say(f"wrote {out_dir} (FLOPs ratio {manifest['flops']['ratio']:.2f}×)")
     return manifest
-
-
-def _min_tokens(recipe) -> int:
-    """Fewest tokens a build of `recipe` accepts (a prunable span must fit; merging needs
-    two tokens to match)."""
-    if recipe.token_merging is not None:
-        return 2
-    tp = recipe.token_pruning
-    if tp is None:
-        return 0
-    return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
 
 
 def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:

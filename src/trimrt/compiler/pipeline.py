@@ -16,7 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import (QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
+from ..passes import (OrtFusionPass, QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
                       TrimrtPass)
 from ..plugins import DOMAIN, OP_VERSION, REGISTRY
 from ..recipe import Recipe
@@ -112,6 +112,17 @@ class TargetPass(TrimrtPass):
         return ir.passes.PassResult(model, modified=bool(marked))
 
 
+def min_tokens(recipe: Recipe) -> int:
+    """Fewest tokens a build of `recipe` accepts (a prunable span must fit; merging needs
+    two tokens to match)."""
+    if recipe.token_merging is not None:
+        return 2
+    tp = recipe.token_pruning
+    if tp is None:
+        return 0
+    return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
+
+
 def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass]:
     """The ordered pass list for a recipe and target."""
     feature: list[TrimrtPass] = []
@@ -127,7 +138,11 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
         feature.append(QuantizationPass(recipe.quantization))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
-    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
+    # ONNX Runtime kernel fusion: last before the target, on the finished float / quantized graph
+    fusion = [OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8))] if (
+        target == "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse) else []
+    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), *fusion,
+            TargetPass(target)]
 
 
 def run_pipeline(model: ir.Model, passes: list[TrimrtPass],

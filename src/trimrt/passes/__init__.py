@@ -2,10 +2,11 @@
 (a frozen dataclass from the Recipe) at construction and recording what it did in `report`."""
 
 from .base import PASS_TAG, TrimrtPass
+from .ort_fusion import OrtFusionPass
 from .quantization import QuantizationPass
 from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "OrtFusionPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]

@@ -1,0 +1,142 @@
+"""ONNX Runtime kernel fusion: attention, GELU and skip-LayerNorm become ORT's contrib ops.
+
+ONNX Runtime's own graph optimiser does not recognise the attention of dynamo exports,
+so each block runs ~15 small nodes around its two attention MatMuls. onnxscript's
+`ort_fusions` rules (maintained with ONNX Runtime) match those patterns and rewrite them
+into `com.microsoft` MultiHeadAttention, BiasGelu and SkipLayerNormalization. We apply
+the fusions that keep the Q/K/V projections as separate MatMuls (no packed-QKV
+`Attention`), so quantized projections stay quantized, and only on ONNX Runtime builds
+(TensorRT has its own fusions and does not run contrib ops).
+
+Fusion is a float rewrite; it must not change results. The pass checks that: it fuses
+a copy, runs the graph before and after on random inputs, and applies the fusion only
+when every output agrees (relative L2 error ≤ FUSION_TOLERANCE); otherwise it leaves
+the graph as it was and says why in its report.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from ..plugins import DOMAIN
+from .base import TrimrtPass
+
+log = logging.getLogger(__name__)
+
+#: largest relative L2 difference of any output between the fused and unfused graph
+FUSION_TOLERANCE = 1e-3
+#: contrib-op domain of ONNX Runtime
+MS_DOMAIN = "com.microsoft"
+
+
+def _fusions():
+    """The fusion steps, in the order they build on each other (SDPA → MHA → MHA scale)."""
+    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu, mha, mha_scale, sdpa, skip_normalization
+
+    return [
+        ("erf_gelu", erfgelu.fuse_erfgelu, {}),
+        ("skip_layer_norm", skip_normalization.fuse_skip_layer_normalization, {}),
+        ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
+        ("mha", mha.fuse_mha1, {}),
+        ("mha_no_past", mha.fuse_mha2, {}),
+        ("mha_scale", mha_scale.fuse_mha_scale, {}),
+        ("gelu", gelu.fuse_gelu, {}),
+        ("bias_gelu", bias_gelu.fuse_bias_gelu, {}),
+    ]
+
+
+def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
+    """Apply the fusions in place; return how often each one matched.
+
+    trimrt's own op functions are set aside meanwhile, so the optimiser inlines only the
+    rewriter's intermediate functions (an SDPA no MHA consumed), never trimrt ops."""
+    from onnxscript import optimizer
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+
+    own = {k: f for k, f in model.functions.items() if f.domain == DOMAIN}
+    for key in own:
+        del model.functions[key]
+    try:
+        ir.passes.common.ShapeInferencePass()(model)
+        optimizer.optimize(model)
+        shape_optimization.rules.apply_to_model(model)
+        counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
+        optimizer.optimize(model)  # inlines leftover fusion intermediates, drops dead nodes
+    finally:
+        model.functions.update(own)
+    if any(n.domain == MS_DOMAIN for n in model.graph):
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return counts
+
+
+class OrtFusionPass(TrimrtPass):
+    """Fuse into ONNX Runtime contrib kernels, verified against the unfused graph."""
+
+    name = "ort_fusion"
+
+    def __init__(self, tokens: int = 32):
+        super().__init__()
+        self.tokens = tokens  # token count of the check inputs (at least what the build accepts)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = ir.serde.serialize_model(model)
+        trial = ir.serde.deserialize_model(before)
+        try:
+            counts = fuse_for_onnxruntime(trial)
+        except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
+            return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
+        if not any(counts.values()):
+            self.report = {"fused": counts, "applied": False, "reason": "no pattern matched"}
+            return ir.passes.PassResult(model, modified=False)
+        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens)
+        if drift is None or drift > FUSION_TOLERANCE:
+            why = ("the fused graph does not run on ONNX Runtime" if drift is None
+                   else f"the fused graph differs from the unfused one (relative error {drift:.2g})")
+            return self._skipped(model, why)
+        existing = {id(n) for n in model.graph}
+        fuse_for_onnxruntime(model)  # deterministic: the same rewrite as the checked trial
+        for node in model.graph:
+            if id(node) not in existing:
+                self.tagged(node)
+        self.report = {"fused": {k: v for k, v in counts.items() if v}, "applied": True,
+                       "max_relative_error": float(f"{drift:.3g}"),
+                       "contrib_ops": sorted({n.op_type for n in model.graph if n.domain == MS_DOMAIN})}
+        return ir.passes.PassResult(model, modified=True)
+
+    def _skipped(self, model: ir.Model, reason: str) -> ir.passes.PassResult:
+        log.warning("ONNX Runtime fusion skipped: %s", reason)
+        self.report = {"applied": False, "reason": reason}
+        return ir.passes.PassResult(model, modified=False)
+
+
+def _relative_drift(before, after, tokens: int) -> float | None:
+    """Largest relative L2 difference over the outputs, on random inputs (batch 2); None
+    when the fused graph fails to run."""
+    from ..runtime.backends import OnnxRuntimeBackend
+    from ..runtime.feeds import random_feeds
+
+    unfused = OnnxRuntimeBackend(before.SerializeToString())
+    unfused.activate()
+    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens)
+    want = unfused.infer(feeds)
+    try:
+        fused = OnnxRuntimeBackend(after.SerializeToString())
+        fused.activate()
+        got = fused.infer(feeds)
+    except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
+        return None
+    worst = 0.0
+    for name, ref in want.items():
+        out = got.get(name)
+        if out is None or out.shape != ref.shape:
+            return None
+        if not np.issubdtype(ref.dtype, np.floating):
+            if not np.array_equal(out, ref):
+                return float("inf")
+            continue
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-12)))
+    return worst

@@ -1,0 +1,103 @@
+"""[onnxruntime] fuse: attention, GELU and skip-LayerNorm become ONNX Runtime contrib ops,
+the outputs stay those of the unfused graph, and a fusion that would change them is
+refused (the graph is left as it was)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxscript")
+
+import trimrt  # noqa: E402
+from trimrt.compiler.source import export_torch  # noqa: E402
+from trimrt.errors import BuildError  # noqa: E402
+from trimrt.passes import ort_fusion  # noqa: E402
+
+from hf_models import make  # noqa: E402
+
+FUSE = {"onnxruntime": {"fuse": True}}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    module, inputs = make("bert")
+    model, feeds = export_torch(module, inputs, exporter="dynamo")
+    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
+    import onnx_ir as ir
+
+    ir.save(model, path)
+    return path, feeds
+
+
+def _run(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def _ops(path) -> Counter:
+    return Counter((n.domain, n.op_type) for n in onnx.load(str(path)).graph.node)
+
+
+def _report(manifest, name="ort_fusion"):
+    return next(p["report"] for p in manifest["passes"] if p["pass"] == name)
+
+
+def test_fused_bert_keeps_its_outputs(bert, tmp_path):
+    path, feeds = bert
+    manifest = trimrt.compile(str(path), FUSE, tmp_path / "b")
+    report = _report(manifest)
+    assert report["applied"] and report["fused"]["mha_no_past"] == 3 and report["fused"]["skip_layer_norm"] >= 3
+    ops = _ops(tmp_path / "b" / "model.onnx")
+    assert ops[("com.microsoft", "MultiHeadAttention")] == 3 and ops[("", "Softmax")] == 0
+    assert ops[("com.microsoft", "BiasGelu")] == 3 and ops[("", "Erf")] == 0
+    want, got = _run(path, feeds), _run(tmp_path / "b" / "model.onnx", feeds)  # the padded sample included
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_fusion_composes_with_int8_and_keeps_the_projections_quantized(bert, tmp_path):
+    path, feeds = bert
+    trimrt.compile(str(path), {"quantization": {}}, tmp_path / "q")
+    manifest = trimrt.compile(str(path), {"quantization": {}, **FUSE}, tmp_path / "qf")
+    assert _report(manifest)["applied"]
+    ops = _ops(tmp_path / "qf" / "model.onnx")
+    assert ops[("com.microsoft", "MultiHeadAttention")] == 3
+    assert ops[("", "MatMulInteger")] == _report(manifest, "quantization")["matmuls_quantized"] == 3 * 6  # q, k, v, out, 2 MLP per block
+    want, got = _run(tmp_path / "q" / "model.onnx", feeds), _run(tmp_path / "qf" / "model.onnx", feeds)
+    for name in want:  # the same int8 numerics, float ops merely fused
+        assert np.linalg.norm(got[name] - want[name]) <= 1e-3 * np.linalg.norm(want[name])
+
+
+def test_a_fusion_that_changes_the_outputs_is_not_applied(bert, tmp_path, monkeypatch):
+    path, feeds = bert
+    real = ort_fusion.fuse_for_onnxruntime
+
+    def wrong(model):  # fuse, then break one weight: what a faulty rule would do
+        counts = real(model)
+        init = next(v for v in model.graph.initializers.values() if v.const_value is not None
+                    and v.const_value.numpy().dtype == np.float32 and v.const_value.numpy().size > 100)
+        import onnx_ir as ir
+
+        init.const_value = ir.tensor(init.const_value.numpy() * 2.0, name=init.name)
+        return counts
+
+    monkeypatch.setattr(ort_fusion, "fuse_for_onnxruntime", wrong)
+    manifest = trimrt.compile(str(path), FUSE, tmp_path / "b")
+    report = _report(manifest)
+    assert not report["applied"] and "differs from the unfused one" in report["reason"]
+    assert _ops(tmp_path / "b" / "model.onnx")[("com.microsoft", "MultiHeadAttention")] == 0
+    want, got = _run(path, feeds), _run(tmp_path / "b" / "model.onnx", feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_is_for_onnxruntime_builds_only(bert, tmp_path):
+    path, _ = bert
+    with pytest.raises(BuildError, match=r"\[onnxruntime\].*ONNX Runtime builds"):
+        trimrt.compile(str(path), FUSE, tmp_path / "t", target="tensorrt")
