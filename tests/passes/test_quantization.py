@@ -13,9 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import trimrt
-from trimrt.errors import RecipeError
 from trimrt.passes.quantization import quantize_weight
-from trimrt.recipe import load_recipe
 
 
 def test_weights_are_rounded_per_output_channel():
@@ -76,11 +74,3 @@ def test_vit_int8_build(tmp_path, tiny_vit_onnx, images):
     cos = np.sum(got * fp32, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.999  # INT8 on top of the same pruning
     assert ref.shape == got.shape and pruned["flops"]["ratio"] == pytest.approx(manifest["flops"]["ratio"], rel=1e-3)
-
-
-def test_recipe_refuses_what_is_not_built_yet():
-    assert load_recipe({"quantization": {}}).quantization.method == "rtn"
-    with pytest.raises(RecipeError, match="not available yet"):
-        load_recipe({"quantization": {"weights": "int4", "activations": "none", "method": "awq"}})
-    with pytest.raises(RecipeError, match="weights must be one of"):
-        load_recipe({"quantization": {"weights": "int2"}})

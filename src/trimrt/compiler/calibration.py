@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import CalibrationError, InputError
 from ..recipe import CalibrationOptions
 from ..runtime.feeds import TensorInfo, random_feeds, validate_feeds
+from .progress import steps
 
 log = logging.getLogger(__name__)
 
@@ -370,8 +371,6 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
     feed and return, per name in `value_names` (graph inputs or node outputs), the
     statistics in `want` (a subset of absmax, hessian, rows, range)."""
     import onnxruntime as ort
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     want = frozenset(want)
     if want - STATISTICS:
@@ -389,12 +388,10 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
     rng = np.random.default_rng(seed)
     accumulators = {n: _Accumulator(n, want, max_rows, rng) for n in names}
     feeds = list(feeds) if not isinstance(feeds, Sequence) else feeds
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=True) as bar:
-        task = bar.add_task("calibrating", total=len(feeds))
+    with steps("calibrating", len(feeds), enabled=progress) as advance:
         for feed in feeds:
             values = dict(zip(fetched, session.run(fetched, dict(feed)))) if fetched else {}
             for name in names:
                 accumulators[name].add(np.asarray(values[name] if name in values else feed[name]))
-            bar.advance(task)
+            advance()
     return {n: acc.result() for n, acc in accumulators.items()}

@@ -4,7 +4,8 @@ Shapes after token-reducing ops are only known at run time (TopK k lives in a fu
 attribute), so the count runs the model once on ONNX Runtime with every MatMul / Gemm /
 Conv input and output exposed, and reads the real shapes. Counts are multiply-adds × 2
 of those ops, which carry nearly all the compute of a transformer; INT8 MatMulInteger
-counts like MatMul (the ratio is then the token saving; the INT8 gain is measured).
+counts like MatMul, INT4 MatMulNBits too (the ratio is then the token saving; the
+quantization gain is measured).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import onnx
 import onnx.inliner
 
-_COUNTED = ("MatMul", "MatMulInteger", "Gemm", "Conv")
+_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv")
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
@@ -33,6 +34,8 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
     del graph.output[:]
     graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
     inits = {i.name: tuple(i.dims) for i in graph.initializer}
+    if not wanted:
+        return 0
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
@@ -46,6 +49,9 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
             continue
         if n.op_type in ("MatMul", "MatMulInteger"):  # integer multiply-adds count as operations too
             total += 2 * int(np.prod(out)) * int(a[-1])
+        elif n.op_type == "MatMulNBits":  # B is packed: K is an attribute
+            k = next(at.i for at in n.attribute if at.name == "K")
+            total += 2 * int(np.prod(out)) * int(k)
         elif n.op_type == "Gemm":
             trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
             total += 2 * int(np.prod(out)) * int(a[0] if trans_a else a[-1])

@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 from ..errors import BuildError, TrimrtError
 from ..passes import (OrtFusionPass, QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
                       TrimrtPass)
-from ..plugins import DOMAIN, OP_VERSION, REGISTRY
+from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
 
@@ -58,18 +58,7 @@ class AttachDecompositionsPass(TrimrtPass):
     name = "attach_decompositions"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
-        opset = model.opset_imports.get("", MIN_OPSET)
-        for op_type in used:
-            proto = REGISTRY[op_type].function()
-            # the bodies use ops unchanged from opset 18 on: declare the model's own opset
-            for imp in proto.opset_import:
-                if imp.domain == "":
-                    imp.version = max(imp.version, opset)
-            fn = ir.serde.deserialize_function(proto)
-            model.functions[fn.identifier()] = fn
-        if used:
-            model.opset_imports[DOMAIN] = OP_VERSION
+        used = attach_decompositions(model)
         self.report = {"functions": used}
         return ir.passes.PassResult(model, modified=bool(used))
 
@@ -135,7 +124,7 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
     if recipe.token_merging is not None:
         feature.append(TokenMergingPass(recipe.token_merging))
     if recipe.quantization is not None:
-        feature.append(QuantizationPass(recipe.quantization))  # last: quantizes the pruned / merged graph
+        feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     # ONNX Runtime kernel fusion: last before the target, on the finished float / quantized graph

@@ -1,96 +1,303 @@
-"""Quantization, first slice: INT8 weights (per output channel, symmetric, round to
-nearest) with activations quantized dynamically per tensor, for ONNX Runtime CPU builds.
+"""Quantization of the linear layers: every MatMul of an activation by a constant 2-D
+weight W [K, N], after the token passes (pruned and merged graphs quantize the same way).
 
-Every MatMul of an activation by a constant 2-D weight W [K, N] becomes
+The pass
+1. finds those MatMuls (MatMuls inside trimrt op functions — activation × activation —
+   stay float);
+2. when the recipe needs data (SmoothQuant, AWQ, GPTQ, static activation scales, the
+   guard), runs the float graph on the calibration feeds and collects the statistics of
+   the activations the MatMuls read;
+3. lets the method decide the numbers (quantization.methods);
+4. with `min_cosine`, runs the fidelity guard (quantization.guard): layers whose
+   quantization costs most go back to float until the output cosine on the calibration
+   set reaches the bar;
+5. writes each quantized MatMul in the encoding its target runs fastest
+   (quantization.encodings):
 
-    xq, x_scale, x_zp = DynamicQuantizeLinear(x)            (once per activation)
-    y = Cast(MatMulInteger(xq, Wq, x_zp, 0)) · (x_scale · w_scale)
+   | format | ONNX Runtime | TensorRT |
+   |---|---|---|
+   | int8 | DynamicQuantizeLinear + MatMulInteger (fused by ORT) | Q/DQ, static scales |
+   | int4 weight-only | com.microsoft MatMulNBits | INT4 + blocked DequantizeLinear (opset 21) |
+   | fp8 | Q/DQ FLOAT8E4M3FN (opset 19) | the same |
 
-with Wq = round(W / w_scale) in [-127, 127], w_scale[n] = max|W[:, n]| / 127. This is
-the form ONNX Runtime fuses into its INT8 CPU kernels (DynamicQuantizeMatMul), the
-numerics of `quantize_dynamic(per_channel=True)`. It runs after the token passes, so
-pruned and merged builds quantize the same way. MatMuls inside custom-op functions
-(activation × activation) are left in float.
+   SmoothQuant's and AWQ's input scale s becomes a Mul by 1/s shared by the MatMuls
+   reading x, folded into the LayerNormalization that makes x when nothing else reads it.
 """
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
-from ..recipe import QuantizationOptions
+from ..errors import BuildError, RecipeError
+from ..plugins import attach_decompositions
+from ..quantization import encodings
+from ..quantization.guard import choose_float_layers
+from ..quantization.methods import NEEDED_STATISTICS, Linear, QuantizedLinear, Skipped, quantize_linears
+from ..quantization.numerics import quantize_int8_per_channel
+from ..recipe import CalibrationOptions, QuantizationOptions
 from .base import TrimrtPass
 
-INT8_MAX = 127
+log = logging.getLogger(__name__)
 
+#: calibration samples the guard evaluates candidate builds on (the first ones)
+GUARD_SAMPLES = 32
+#: MatMulNBits accuracy level of ONNX Runtime INT4 builds: 4 = int8 compute (fast)
+NBITS_ACCURACY_LEVEL = 4
 
-def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(Wq int8 [K, N], scale float32 [N]): symmetric per output channel, round to nearest."""
-    scale = np.abs(w).max(axis=0).astype(np.float32) / INT8_MAX
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)  # an all-zero column stays zero
-    q = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
-    return q, scale
+quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept for callers of the first slice)
 
 
 class QuantizationPass(TrimrtPass):
     name = "quantization"
 
-    def __init__(self, options: QuantizationOptions):
+    def __init__(self, options: QuantizationOptions, calibration: CalibrationOptions | None = None,
+                 recipe_dir: Path | None = None, target: str = "onnxruntime", progress: bool = True):
         super().__init__()
-        self.options = options
+        self.options, self.calibration, self.recipe_dir = options, calibration, recipe_dir
+        self.target, self.progress = target, progress
+        self.static_int8 = target == "tensorrt" and options.activations == "int8"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        quantized_inputs: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
-        count, bytes_before, bytes_after = 0, 0, 0
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-                continue
-            x, w = node.inputs
-            weight = _constant_array(w)
-            if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or is_constant(x):
-                continue
-            prefix = f"trimrt_quant_{count}"
-            nodes = []
-            if x not in quantized_inputs:
-                dql = self.tagged(ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{prefix}_dql"))
-                nodes.append(dql)
-                quantized_inputs[x] = tuple(dql.outputs)
-            xq, x_scale, x_zp = quantized_inputs[x]
-            wq, w_scale = quantize_weight(weight)
-            wq_v = self._initializer(graph, f"{prefix}_w", wq)
-            zp_v = self._initializer(graph, f"{prefix}_w_zp", np.zeros(wq.shape[1], np.int8))
-            scale_v = self._initializer(graph, f"{prefix}_w_scale", w_scale)
-            mmi = self.std_node("MatMulInteger", [xq, wq_v, x_zp, zp_v], name=f"{prefix}_matmul")
-            cast = self.std_node("Cast", [mmi.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{prefix}_cast")
-            scales = self.std_node("Mul", [x_scale, scale_v], name=f"{prefix}_scales")
-            out = self.std_node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{prefix}_out")
-            nodes += [mmi, cast, scales, out]
-            graph.insert_before(node, nodes)
-            old = node.outputs[0]
-            out.outputs[0].name, old.name = old.name, f"{old.name}_float"
-            out.outputs[0].shape, out.outputs[0].dtype = old.shape, old.dtype
-            old.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            count += 1
-            bytes_before += weight.nbytes
-            bytes_after += wq.nbytes + w_scale.nbytes + wq.shape[1]
-        self.report = {"weights": "int8 per output channel (symmetric, round to nearest)",
-                       "activations": "int8 dynamic per tensor", "encoding": "DynamicQuantizeLinear + MatMulInteger",
-                       "matmuls_quantized": count, "weight_bytes_before": bytes_before,
-                       "weight_bytes_after": bytes_after}
-        return ir.passes.PassResult(model, modified=count > 0)
+        sites = find_linears(model.graph)
+        for i, (_, x, _) in enumerate(sites):
+            x.name = x.name or f"trimrt_quant_input_{i}"
+        linears = [Linear(_name(node, i), x.name, w) for i, (node, x, w) in enumerate(sites)]
+        # calibration data given is always used: at least to measure the build's fidelity
+        needs_data = self.options.needs_calibration or self.static_int8 or self.calibration is not None
+        if needs_data and self.calibration is None:
+            raise RecipeError("TensorRT INT8 builds need static activation scales: add a [calibration] table "
+                              "(source = ..., or random = true for a smoke test)")
+        feeds, stats = [], {}
+        if needs_data and linears:
+            feeds, stats = self._calibrate(model, linears)
+        plan = quantize_linears(self.options, linears, stats, static_activations=self.static_int8)
+        candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
+        original = ir.serde.serialize_model(model) if feeds else None
+        fidelity, kept_float = None, []
+        if feeds and candidates:
+            guard_feeds = feeds[:GUARD_SAMPLES]
+            evaluate = _Evaluator(original, plan, self.tagged, self.target, guard_feeds)
+            if self.options.min_cosine is not None:
+                total = 1 + 2 * len(candidates)
+                from ..compiler.progress import steps
 
-    @staticmethod
-    def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape),
-                         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)))
-        graph.register_initializer(value)
-        return value
+                with steps("fidelity guard", total, enabled=self.progress) as advance:
+                    result = choose_float_layers(candidates, evaluate, self.options.min_cosine, advance)
+                kept_float = result.kept_float
+                fidelity = {"cosine": round(result.cosine, 6), "cosine_all_quantized": round(result.cosine_all_quantized, 6),
+                            "min_cosine": self.options.min_cosine, "samples": len(guard_feeds),
+                            "sensitivity": {linears[i].name: round(c, 6) for i, c in result.sensitivity.items()}}
+            else:
+                fidelity = {"cosine": round(evaluate(frozenset(candidates)), 6), "samples": len(guard_feeds)}
+        chosen = frozenset(candidates) - set(kept_float)
+        apply_plan(model, sites, plan, chosen, self.tagged, self.target)
+        self.report = self._report(linears, plan, chosen, kept_float, fidelity, len(feeds))
+        return ir.passes.PassResult(model, modified=bool(chosen))
+
+    def _calibrate(self, model: ir.Model, linears: list[Linear]):
+        from ..compiler.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
+
+        runnable = _runnable(ir.serde.serialize_model(model))
+        feeds = load_calibration_feeds(self.calibration, model_inputs(runnable), self.recipe_dir)
+        if not feeds:
+            raise BuildError("the calibration source gave no samples: check [calibration] source")
+        want = set(NEEDED_STATISTICS[self.options.method])
+        if self.options.weights == "fp8" or self.static_int8:
+            want.add("absmax")
+        names = sorted({lin.activation for lin in linears})
+        stats = collect_activation_stats(runnable, feeds, names, want=want, progress=self.progress,
+                                         seed=self.calibration.seed)
+        return feeds, stats
+
+    def _report(self, linears, plan, chosen, kept_float, fidelity, samples) -> dict:
+        layers, before, after = [], 0, 0
+        for i, (linear, q) in enumerate(zip(linears, plan)):
+            entry = {"name": linear.name, "shape": list(linear.weight.shape)}
+            before += linear.weight.nbytes
+            if i in chosen:
+                entry["format"] = q.format
+                if q.alpha is not None:
+                    entry["alpha"] = q.alpha
+                after += q.nbytes
+            else:
+                entry["format"] = "float"
+                entry["reason"] = str(q) if isinstance(q, Skipped) else "fidelity guard"
+                after += linear.weight.nbytes
+            layers.append(entry)
+        o = self.options
+        report = {"weights": o.weights, "activations": o.activations, "method": o.method,
+                  "encoding": _encoding_name(o, self.target),
+                  "matmuls_quantized": len(chosen), "matmuls_float": len(linears) - len(chosen),
+                  "weight_bytes_before": before, "weight_bytes_after": after, "layers": layers}
+        if o.weights == "int4":
+            report["group_size"] = o.group_size
+        if samples:
+            report["calibration"] = {"samples": samples, "source": "random" if self.calibration.random
+                                     else self.calibration.source}
+        if fidelity is not None:
+            report["fidelity"] = fidelity
+        if kept_float:
+            report["kept_float"] = [linears[i].name for i in kept_float]
+        return report
 
 
-def _constant_array(value: ir.Value) -> np.ndarray | None:
+def find_linears(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value, np.ndarray]]:
+    """(node, activation, weight [K, N] float32) of every MatMul of an activation by a
+    constant 2-D float32 weight, in graph order."""
+    sites = []
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        x, w = node.inputs
+        weight = _constant_array(w)
+        if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or is_constant(x):
+            continue
+        sites.append((node, x, weight))
+    return sites
+
+
+def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], tag: encodings.Tag, target: str) -> None:
+    """Replace the chosen MatMuls (indices into `sites`) by their encodings, in place."""
+    graph = model.graph
+    shared: encodings.SharedQuantized = {}
+    scaled_inputs: dict[tuple[str, int], ir.Value] = {}
+    fmt_opsets: dict[str, int] = {}
+    for i in sorted(chosen):
+        node, x, _ = sites[i]
+        q: QuantizedLinear = plan[i]
+        prefix = f"trimrt_quant_{i}"
+        nodes: list[ir.Node] = []
+        if q.input_scale is not None:
+            key = (x.name, id(q.input_scale))
+            if key not in scaled_inputs:
+                scaled_inputs[key], extra = _divide_input(graph, x, q.input_scale, sites, plan, chosen, prefix, tag)
+                nodes += extra
+            x = scaled_inputs[key]
+        encoding = _encoding(q, target)
+        if encoding == "int8_dynamic":
+            new, out = encodings.int8_dynamic(graph, x, q.codes, q.scale, prefix, tag, shared)
+        elif encoding == "int4_matmul_nbits":
+            new, out = encodings.int4_matmul_nbits(graph, x, q.codes, q.scale, q.group_size, prefix, tag,
+                                                   accuracy_level=NBITS_ACCURACY_LEVEL)
+        elif encoding == "int4_blocked_dq":
+            new, out = encodings.int4_blocked_dq(graph, x, q.codes, q.scale, q.group_size, prefix, tag)
+        else:
+            new, out = encodings.qdq_static(graph, x, q.activation_scale, q.codes, q.scale, q.format, prefix, tag)
+        for domain, version in encodings.required_opsets(encoding).items():
+            fmt_opsets[domain] = max(fmt_opsets.get(domain, 0), version)
+        nodes += new
+        graph.insert_before(node, nodes)
+        old = node.outputs[0]
+        out.name, old.name = old.name, f"{old.name}_float"
+        out.shape = old.shape if old.shape is not None else out.shape
+        out.dtype = old.dtype if old.dtype is not None else out.dtype
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+    for domain, version in fmt_opsets.items():
+        # raising the default opset only adds types to the ops exporters emit (18 → 19 / 21)
+        if model.opset_imports.get(domain, 0) < version:
+            model.opset_imports[domain] = version
+
+
+def _divide_input(graph: ir.Graph, x: ir.Value, s: np.ndarray, sites, plan, chosen, prefix: str, tag):
+    """x / s for the MatMuls sharing `s`: folded into x's LayerNormalization when only
+    they read x, else one Mul by 1/s."""
+    readers = {id(n) for n, _ in x.uses()}
+    group = {id(sites[j][0]) for j in chosen if sites[j][1] is x and plan[j].input_scale is s}
+    producer = x.producer()
+    if producer is not None and readers == group and _fold_into_layer_norm(graph, producer, s, prefix):
+        return x, []
+    inverse = encodings.add_initializer(graph, f"{prefix}_input_scale", (1.0 / s).astype(np.float32))
+    mul = tag(ir.node("Mul", [x, inverse], name=f"{prefix}_smooth"))
+    mul.outputs[0].name = f"{prefix}_smoothed"
+    mul.outputs[0].shape, mul.outputs[0].dtype = x.shape, x.dtype
+    return mul.outputs[0], [mul]
+
+
+def _fold_into_layer_norm(graph: ir.Graph, node: ir.Node, s: np.ndarray, prefix: str) -> bool:
+    """LayerNormalization(x, γ, β) / s == LayerNormalization(x, γ/s, β/s) (new initializers)."""
+    if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return False
+    gamma = _constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    beta = _constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if gamma is None or gamma.shape != s.shape:
+        return False
+    node.replace_input_with(1, encodings.add_initializer(graph, f"{prefix}_ln_scale", (gamma / s).astype(np.float32)))
+    if beta is not None:
+        node.replace_input_with(2, encodings.add_initializer(graph, f"{prefix}_ln_bias", (beta / s).astype(np.float32)))
+    return True
+
+
+def _encoding(q: QuantizedLinear, target: str) -> str:
+    if q.format == "int4":
+        return "int4_blocked_dq" if target == "tensorrt" else "int4_matmul_nbits"
+    if q.format == "fp8":
+        return "qdq_fp8"
+    return "qdq_int8" if target == "tensorrt" else "int8_dynamic"
+
+
+def _encoding_name(options: QuantizationOptions, target: str) -> str:
+    return {("int8", "onnxruntime"): "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime DynamicQuantizeMatMul)",
+            ("int8", "tensorrt"): "QuantizeLinear/DequantizeLinear INT8, static activation scales",
+            ("int4", "onnxruntime"): f"com.microsoft MatMulNBits (accuracy level {NBITS_ACCURACY_LEVEL})",
+            ("int4", "tensorrt"): "INT4 initializers + blocked DequantizeLinear (opset 21)",
+            }.get((options.weights, target), "QuantizeLinear/DequantizeLinear FLOAT8E4M3FN, static activation scales")
+
+
+class _Evaluator:
+    """Output cosine of the graph with a subset of the plan applied, vs the float graph,
+    on the guard's calibration feeds (min over float outputs of the mean over samples)."""
+
+    def __init__(self, original, plan, tag: encodings.Tag, target: str, feeds):
+        self.original, self.plan, self.tag, self.target, self.feeds = original, plan, tag, target, feeds
+        self.reference = _run(_runnable(original), feeds)
+
+    def __call__(self, quantized: frozenset[int]) -> float:
+        model = ir.serde.deserialize_model(self.original)
+        apply_plan(model, find_linears(model.graph), self.plan, quantized, self.tag, self.target)
+        return _cosine(self.reference, _run(_runnable(ir.serde.serialize_model(model)), self.feeds))
+
+
+def _runnable(proto):
+    """A serialized copy with trimrt ops' decompositions attached (ONNX Runtime can run it)."""
+    model = ir.serde.deserialize_model(proto)
+    attach_decompositions(model)
+    return ir.serde.serialize_model(model)
+
+
+def _run(proto, feeds) -> list[dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return [dict(zip(names, session.run(None, dict(feed)))) for feed in feeds]
+
+
+def _cosine(reference: list[dict], got: list[dict]) -> float:
+    worst = 1.0
+    for name, first in reference[0].items():
+        if not np.issubdtype(first.dtype, np.floating):
+            continue
+        values = []
+        for ref, out in zip(reference, got):
+            a, b = ref[name].astype(np.float64).ravel(), out[name].astype(np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            values.append(float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b)))
+        worst = min(worst, float(np.mean(values)))
+    return worst
+
+
+def _name(node: ir.Node, index: int) -> str:
+    return node.name or f"MatMul_{index}"
+
+
+def _constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
     if value.const_value is not None:

@@ -27,7 +27,27 @@ def _discover() -> dict[str, OpDef]:
 
 
 REGISTRY: dict[str, OpDef] = _discover()
+
+
+def attach_decompositions(model) -> list[str]:
+    """Attach to an onnx_ir model, for every trimrt op it uses, its decomposition as a
+    model-local function (so ONNX Runtime can run it); return the ops' names."""
+    import onnx_ir as ir
+
+    used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
+    opset = model.opset_imports.get("", 18)
+    for op_type in used:
+        proto = REGISTRY[op_type].function()
+        # the bodies use ops unchanged from opset 18 on: declare the model's own opset
+        for imp in proto.opset_import:
+            if imp.domain == "":
+                imp.version = max(imp.version, opset)
+        fn = ir.serde.deserialize_function(proto)
+        model.functions[fn.identifier()] = fn
+    if used:
+        model.opset_imports[DOMAIN] = OP_VERSION
+    return used
 ATTENTION_ROW_SCORE = REGISTRY["AttentionRowScore"]
 TOKEN_PRUNE = REGISTRY["TokenPrune"]
 
-__all__ = ["DOMAIN", "OP_VERSION", "OpDef", "REGISTRY", "ATTENTION_ROW_SCORE", "TOKEN_PRUNE"]
+__all__ = ["attach_decompositions", "DOMAIN", "OP_VERSION", "OpDef", "REGISTRY", "ATTENTION_ROW_SCORE", "TOKEN_PRUNE"]

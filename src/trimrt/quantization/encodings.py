@@ -67,9 +67,9 @@ def int8_dynamic(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarray,
         nodes.append(dql)
         shared[x] = tuple(dql.outputs)
     xq, x_scale, x_zp = shared[x]
-    q_v = _initializer(graph, f"{prefix}_w", q)
-    zp_v = _initializer(graph, f"{prefix}_w_zp", np.zeros(n, np.int8))
-    scale_v = _initializer(graph, f"{prefix}_w_scale", scale)
+    q_v = add_initializer(graph, f"{prefix}_w", q)
+    zp_v = add_initializer(graph, f"{prefix}_w_zp", np.zeros(n, np.int8))
+    scale_v = add_initializer(graph, f"{prefix}_w_scale", scale)
     mmi = _node(tag, "MatMulInteger", [xq, q_v, x_zp, zp_v], f"{prefix}_matmul")
     cast = _node(tag, "Cast", [mmi.outputs[0]], f"{prefix}_cast", {"to": ir.DataType.FLOAT})
     scales = _node(tag, "Mul", [x_scale, scale_v], f"{prefix}_scales")
@@ -89,8 +89,8 @@ def int4_matmul_nbits(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.nda
     k, n, scale = _check_int4(q, scale, group_size, "int4_matmul_nbits", x)
     if group_size < 16 or group_size & (group_size - 1):
         raise BuildError(f"MatMulNBits needs a power-of-two group size >= 16, got {group_size}: change group_size")
-    b_v = _initializer(graph, f"{prefix}_w", pack_matmul_nbits(q, group_size))
-    scale_v = _initializer(graph, f"{prefix}_w_scale", np.ascontiguousarray(scale.T))
+    b_v = add_initializer(graph, f"{prefix}_w", pack_matmul_nbits(q, group_size))
+    scale_v = add_initializer(graph, f"{prefix}_w_scale", np.ascontiguousarray(scale.T))
     attributes = {"K": k, "N": n, "bits": 4, "block_size": group_size, "accuracy_level": accuracy_level}
     node = _node(tag, "MatMulNBits", [x, b_v, scale_v], f"{prefix}_matmul", attributes, domain=MS_DOMAIN)
     return [node], _typed_output(node, x, n)
@@ -111,8 +111,8 @@ def int4_blocked_dq(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarr
     [K // group_size, N]; no zero point (0). Needs default opset >= 21.
     """
     _, n, scale = _check_int4(q, scale, group_size, "int4_blocked_dq", x)
-    q_v = _initializer(graph, f"{prefix}_w", q.astype(ml_dtypes.int4))
-    scale_v = _initializer(graph, f"{prefix}_w_scale", scale)
+    q_v = add_initializer(graph, f"{prefix}_w", q.astype(ml_dtypes.int4))
+    scale_v = add_initializer(graph, f"{prefix}_w_scale", scale)
     dq = _node(tag, "DequantizeLinear", [q_v, scale_v], f"{prefix}_w_dq", {"axis": 0, "block_size": group_size})
     matmul = _node(tag, "MatMul", [x, dq.outputs[0]], f"{prefix}_matmul")
     return [dq, matmul], _typed_output(matmul, x, n)
@@ -140,11 +140,11 @@ def qdq_static(graph: ir.Graph, x: ir.Value, x_scale: float, q_w: np.ndarray, w_
     if not (np.isfinite(x_scale) and x_scale > 0):
         raise BuildError(f"qdq_static activation scale must be a positive number, got {x_scale}: recalibrate")
     w_scale = _check_scale(w_scale, (n,), "qdq_static")
-    x_scale_v = _initializer(graph, f"{prefix}_x_scale", np.array(x_scale, np.float32))
-    x_zp_v = _initializer(graph, f"{prefix}_x_zp", np.zeros((), zero_dtype))
-    w_v = _initializer(graph, f"{prefix}_w", stored)
-    w_scale_v = _initializer(graph, f"{prefix}_w_scale", w_scale)
-    w_zp_v = _initializer(graph, f"{prefix}_w_zp", np.zeros(n, zero_dtype))
+    x_scale_v = add_initializer(graph, f"{prefix}_x_scale", np.array(x_scale, np.float32))
+    x_zp_v = add_initializer(graph, f"{prefix}_x_zp", np.zeros((), zero_dtype))
+    w_v = add_initializer(graph, f"{prefix}_w", stored)
+    w_scale_v = add_initializer(graph, f"{prefix}_w_scale", w_scale)
+    w_zp_v = add_initializer(graph, f"{prefix}_w_zp", np.zeros(n, zero_dtype))
     quant = _node(tag, "QuantizeLinear", [x, x_scale_v, x_zp_v], f"{prefix}_x_q")
     dequant = _node(tag, "DequantizeLinear", [quant.outputs[0], x_scale_v, x_zp_v], f"{prefix}_x_dq")
     w_dq = _node(tag, "DequantizeLinear", [w_v, w_scale_v, w_zp_v], f"{prefix}_w_dq", {"axis": 1})
@@ -169,7 +169,8 @@ def _typed_output(node: ir.Node, x: ir.Value, n: int) -> ir.Value:
     return out
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a graph initializer named `name`; return its value."""
     tensor = ir.tensor(array, name=name)
     value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(value)
