@@ -153,7 +153,6 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
     layer's marked count is replaced by this one's). Returns the number of values replaced.
     """
     inside = {out for node in region for out in node.outputs}
-    first = region[0] if region else None
     count = make_node("Shape", [stream], {"start": 1, "end": 2}, f"{name}_tokens")
     count.metadata_props[TOKEN_COUNT_MARK] = "1"
     new_nodes: list[ir.Node] = [count]

@@ -9,7 +9,6 @@ linear head on the final CLS token.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
