@@ -79,9 +79,14 @@ def parse_layers(text: str) -> list[int]:
 # ---------------------------------------------------------------- measurement helpers
 
 def backend(path: Path, threads: int):
+    """An ONNX Runtime session of a model file; a build's model gets the session settings
+    its manifest asks for (as trimrt.load would apply them)."""
     from trimrt.runtime.backends import OnnxRuntimeBackend
+    from trimrt.runtime.manifest import MANIFEST, onnxruntime_settings, read_manifest
 
-    b = OnnxRuntimeBackend(path, threads=threads, spinning=False)  # see trimrt.bench
+    path = Path(path)
+    settings = onnxruntime_settings(read_manifest(path.parent)) if (path.parent / MANIFEST).is_file() else {}
+    b = OnnxRuntimeBackend(path, threads=threads, spinning=False, **settings)  # spinning off: see trimrt.bench
     b.activate()
     return b
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import load_feed_files, random_feeds
-from .runtime.manifest import MODEL, read_manifest
+from .runtime.manifest import MODEL, onnxruntime_settings, read_manifest
 
 
 @dataclass
@@ -75,7 +75,7 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if not Path(baseline).is_file():
         raise InputError(f"baseline model not found: {baseline}")
     base = OnnxRuntimeBackend(baseline, threads=threads, spinning=False)
-    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads, spinning=False)
+    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads, spinning=False, **onnxruntime_settings(manifest))
     base.activate()
     build.activate()
     if inputs:

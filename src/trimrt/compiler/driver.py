@@ -85,6 +85,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     if save_reference is None:
         save_reference = loaded.torch_module is not None
     structure = next((r["report"] for r in reports if r["pass"] == "analyse"), {})
+    fusion = next((r["report"] for r in reports if r["pass"] == "ort_fusion"), None)
     with atomic_build_dir(out_dir) as tmp:
         _save(built, tmp / MODEL)
         if save_reference:
@@ -110,6 +111,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "reference": REFERENCE if save_reference else None,
             "min_tokens": min_tokens,
             "compile_seconds": round(time.perf_counter() - started, 2),
+            # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
+            **({"onnxruntime": fusion["session"]} if fusion else {}),
         })
     say(f"wrote {out_dir} (FLOPs ratio {manifest['flops']['ratio']:.2f}×)")
     return manifest

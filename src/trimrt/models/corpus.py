@@ -186,6 +186,18 @@ def passages(tokenizer, n_tokens: int, count: int) -> list[Passage]:
     return out
 
 
+def calibration_texts(count: int, *, min_words: int = 20) -> list[str]:
+    """`count` real texts for quantization calibration, disjoint from both `passages()`
+    and `queries()`: the module and class docstrings of the query pool (passages use the
+    other pool, queries are function summaries), longest first, whitespace collapsed to
+    one line each."""
+    texts = [" ".join(d.text.split()) for d in _pool("query") if d.kind != "function"]
+    texts = sorted((t for t in texts if len(t.split()) >= min_words), key=lambda t: (-len(t), t))
+    if len(texts) < count:
+        raise ValueError(f"the corpus has {len(texts)} calibration texts of >= {min_words} words, fewer than {count}")
+    return texts[:count]
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 _SIGNATURE = re.compile(r"^[\w.]+\(")
 

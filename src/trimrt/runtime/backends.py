@@ -8,7 +8,7 @@ lazily, so the runtime imports without it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
-                 optimization: str = "all", providers: list[str] | None = None, spinning: bool = True):
+                 optimization: str = "all", providers: list[str] | None = None, spinning: bool = True,
+                 disabled_optimizers: Sequence[str] = ()):
         # a path, or the serialized model itself
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads = threads
@@ -45,6 +46,8 @@ class OnnxRuntimeBackend(Backend):
         # ORT's intra-op threads spin after each run; two sessions alternating in one process
         # (bench) then fight for the cores, so timing turns them off
         self.spinning = spinning
+        # ONNX Runtime graph optimizers a build asks to skip (its manifest's "onnxruntime" entry)
+        self.disabled_optimizers = list(disabled_optimizers)
         self._session = None
 
     def activate(self) -> None:
@@ -62,7 +65,8 @@ class OnnxRuntimeBackend(Backend):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization]
-        self._session = ort.InferenceSession(self.model, opts, providers=self.providers)
+        self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
+                                             disabled_optimizers=self.disabled_optimizers or None)
         self.inputs = [TensorInfo.from_ort(a) for a in self._session.get_inputs()]
         self.outputs = [TensorInfo.from_ort(a) for a in self._session.get_outputs()]
 

@@ -45,3 +45,10 @@ def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
             if sha256_file(file) != digest:
                 raise BuildLoadError(f"{build_dir}: {name} does not match its sha256 in the manifest (modified or corrupted); recompile the build")
     return manifest
+
+
+def onnxruntime_settings(manifest: dict) -> dict:
+    """Keyword arguments for OnnxRuntimeBackend that a build asks for (e.g. graph
+    optimizers to skip, recorded by the [onnxruntime] fuse pass)."""
+    settings = manifest.get("onnxruntime") or {}
+    return {"disabled_optimizers": list(settings.get("disabled_optimizers", []))}

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, InputError
 from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend
 from .feeds import TensorInfo, validate_feeds
-from .manifest import ENGINE, MODEL, read_manifest
+from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -31,7 +31,8 @@ class Session:
                 raise BackendUnavailableError(f"{self.build_dir} has no {ENGINE}; compile with --target tensorrt on a GPU machine")
             self.backend: Backend = TensorRTBackend(engine)
         else:
-            self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning)
+            self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning,
+                                              **onnxruntime_settings(self.manifest))
         self.backend.activate()
 
     @property
