@@ -58,10 +58,17 @@ def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporte
     f = manifest["flops"]
     console.print(f"[bold green]build written[/]: {out_dir}  (FLOPs {f['before'] / 1e9:.2f} → {f['after'] / 1e9:.2f} G, "
                   f"ideal speedup {f['ratio']:.2f}×)")
+    from .inspect import fusion_line, quantization_line, quantization_summary
+
     for p in manifest["passes"]:
         if p["pass"] == "token_pruning":
             steps = ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in p["report"]["layers"])
             console.print(f"token pruning: {steps}")
+        # layer names and reasons may hold brackets: no rich markup; one line each, never wrapped
+        if p["pass"] == "quantization":
+            console.print(quantization_line(quantization_summary(p["report"])), markup=False, soft_wrap=True)
+        if p["pass"] == "ort_fusion":
+            console.print(fusion_line(p["report"]), markup=False, soft_wrap=True)
 
 
 @main.command()
@@ -106,7 +113,11 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
     else:
         from rich.table import Table
 
-        table = Table(title=f"verify {build} ({report.samples} samples)")
+        from .inspect import format_label
+
+        q = report.quantization
+        quantized = "" if q is None else f", quantized {format_label(q)} {q['method']}"
+        table = Table(title=f"verify {build} ({report.samples} samples{quantized})")
         for col in ("output", "shape", "max abs", "max rel", "cosine mean", "cosine min", "top-1"):
             table.add_column(col, justify="right")
         for m in report.outputs:
@@ -114,6 +125,12 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
                           f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
         console = _console()
         console.print(table)
+        if q is not None:
+            at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.5f}"
+                          if "calibration_cosine" in q else "")
+            console.print(f"quantized build ({q['quantized']}/{q['linear_layers']} linear layers {format_label(q)}, "
+                          f"{q['method']}): the cosines above are its fidelity against the float model{at_compile}",
+                          soft_wrap=True)
         for line in report.not_compared:
             console.print(f"not compared (token-level output, tokens pruned): {line}")
         for step in report.per_pass:
@@ -168,9 +185,12 @@ def inspect(target: str, as_json: bool) -> None:
         return
     s = info.get("structure") or {}
     click.echo(f"{info['kind']}: {info.get('source') or info.get('path')}")
-    click.echo(f"  blocks: {s.get('blocks')}  tokens: {s.get('tokens')} (axis {s.get('token_axis')})  width: {s.get('width')}  "
-               f"heads: {s.get('heads')}  {s.get('norm')}")
-    click.echo(f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
+    if s or info["kind"] == "model":
+        click.echo(f"  blocks: {s.get('blocks')}  tokens: {s.get('tokens')} (axis {s.get('token_axis')})  "
+                   f"width: {s.get('width')}  heads: {s.get('heads')}  {s.get('norm')}")
+        click.echo(f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
+    else:
+        click.echo("  structure: not analysed (the recipe has no token-level pass)")
     for a in s.get("attention", []):
         click.echo(f"  block {a['block']:>2}: attention {a['core']} (scale {a['scale']}"
                    f"{', masked' if a['masked'] else ''}), stream {a['stream']}")
@@ -190,6 +210,39 @@ def inspect(target: str, as_json: bool) -> None:
         click.echo(f"  custom ops: {info['custom_ops'] or 'none'}")
         f = info["flops"]
         click.echo(f"  FLOPs (batch 1): {f['before'] / 1e9:.3f} G → {f['after'] / 1e9:.3f} G ({f['ratio']:.2f}×)")
+        if info.get("quantization"):
+            _echo_quantization(info["quantization"])
+        if info.get("onnxruntime_fusion"):
+            from .inspect import fusion_line
+
+            click.echo(f"  {fusion_line(info['onnxruntime_fusion'])}")
+
+
+def _echo_quantization(q: dict) -> None:
+    """The quantization section of `inspect`: summary lines, then one row per linear layer."""
+    from .inspect import fidelity_text, format_label, human_bytes
+
+    group = f", group size {q['group_size']}" if "group_size" in q else ""
+    click.echo(f"  quantization: {format_label(q)}, method {q['method']}{group}")
+    click.echo(f"    encoding: {q['encoding']}")
+    click.echo(f"    {q['quantized']} of {q['linear_layers']} linear layers quantized")
+    ratio = f" ({q['weight_ratio']:.2f}× smaller)" if q["weight_ratio"] else ""
+    click.echo(f"    weights: {human_bytes(q['weight_bytes_before'])} → {human_bytes(q['weight_bytes_after'])}{ratio}")
+    cal = q.get("calibration")
+    if cal:
+        source = "random data (random = true, a smoke test)" if cal["source"] == "random" else cal["source"]
+        click.echo(f"    calibration: {cal['samples']} samples from {source}")
+    click.echo(f"    fidelity on the calibration set: {fidelity_text(q)}")
+    for layer in q["kept_float"]:
+        alone = f", cosine with only it quantized {layer['cosine_alone']:.5f}" if "cosine_alone" in layer else ""
+        click.echo(f"    kept float: {layer['name']} ({layer['reason']}{alone})")
+    rows = [(x["name"], "×".join(map(str, x["shape"])), x["format"], "" if x.get("alpha") is None else f"{x['alpha']:g}",
+             f"{x['cosine_alone']:.5f}" if "cosine_alone" in x else "", x.get("reason", "")) for x in q["layers"]]
+    header = ("layer", "shape", "format", "alpha", "cosine if only it is quantized", "reason")
+    keep = [i for i, h in enumerate(header) if i < 3 or any(r[i] for r in rows)]  # drop empty columns
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for row in (header, *rows):
+        click.echo("      " + "  ".join(row[i].ljust(widths[i]) for i in keep).rstrip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,10 @@
-"""inspect: what trimrt sees in a model (transformer structure) or a build (passes, ops)."""
+"""inspect: what trimrt sees in a model (transformer structure) or a build (passes, ops).
+
+For builds it also condenses the quantization and ONNX Runtime fusion reports into the
+facts a user checks before shipping (what was quantized, how much smaller, how faithful
+on the calibration set, what stayed float and why); `compile` prints the same one-line
+summaries, so both commands say the same thing.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +50,98 @@ def inspect_build(build_dir: Path) -> dict:
         "inputs": manifest.get("inputs"),
         "outputs": manifest.get("outputs"),
         "flops": manifest.get("flops"),
+        "quantization": _summary(manifest, "quantization", quantization_summary),
+        "onnxruntime_fusion": _summary(manifest, "ort_fusion", lambda report: report),
     }
+
+
+def _summary(manifest: dict, pass_name: str, summarise) -> dict | None:
+    report = next((p["report"] for p in manifest.get("passes") or [] if p["pass"] == pass_name), None)
+    return summarise(report) if report else None
+
+
+def quantization_summary(report: dict) -> dict:
+    """The quantization pass report with the derived facts (layer counts, size ratio, the
+    float layers and why) and each layer's guard sensitivity next to its row."""
+    fidelity = report.get("fidelity") or {}
+    sensitivity = fidelity.get("sensitivity") or {}
+    layers = []
+    for layer in report.get("layers", []):
+        row = dict(layer)
+        if layer["name"] in sensitivity:
+            row["cosine_alone"] = sensitivity[layer["name"]]  # output cosine with only this layer quantized
+        layers.append(row)
+    guard_order = {name: i for i, name in enumerate(report.get("kept_float", []))}  # most sensitive first
+    kept = sorted((x for x in layers if x["format"] == "float"), key=lambda x: guard_order.get(x["name"], len(guard_order)))
+    before, after = report["weight_bytes_before"], report["weight_bytes_after"]
+    summary = {key: report[key] for key in ("weights", "activations", "method", "encoding", "group_size") if key in report}
+    summary.update({
+        "linear_layers": report["matmuls_quantized"] + report["matmuls_float"],
+        "quantized": report["matmuls_quantized"],
+        "weight_bytes_before": before,
+        "weight_bytes_after": after,
+        "weight_ratio": round(before / after, 3) if after else None,
+        "calibration": report.get("calibration"),
+        "fidelity": {k: v for k, v in fidelity.items() if k != "sensitivity"} or None,
+        "kept_float": [{"name": x["name"], "reason": x.get("reason"), **({"cosine_alone": x["cosine_alone"]}
+                        if "cosine_alone" in x else {})} for x in kept],
+        "layers": layers,
+    })
+    return summary
+
+
+def format_label(summary: dict) -> str:
+    """'int8', 'int4 weight-only', 'int8 weights / fp8 activations'."""
+    weights, activations = summary["weights"], summary.get("activations")
+    if activations in (None, "none"):
+        return f"{weights} weight-only"
+    return weights if activations == weights else f"{weights} weights / {activations} activations"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fidelity_text(summary: dict) -> str:
+    """'cosine 0.99510 on 32 calibration samples (guard: min_cosine 0.99, all quantized 0.98700)'."""
+    fidelity, calibration = summary.get("fidelity"), summary.get("calibration") or {}
+    if not fidelity:
+        return "fidelity not measured (no [calibration] data)"
+    random = " random" if calibration.get("source") == "random" else ""
+    text = f"cosine {fidelity['cosine']:.5f} on {fidelity['samples']}{random} calibration samples"
+    if "min_cosine" in fidelity:
+        text += (f" (guard: min_cosine {fidelity['min_cosine']}, all quantized "
+                 f"{fidelity['cosine_all_quantized']:.5f})")
+    return text
+
+
+def quantization_line(summary: dict) -> str:
+    """One line: what was quantized, size before → after, fidelity, what stayed float."""
+    ratio = summary["weight_ratio"]
+    line = (f"quantization: {summary['quantized']}/{summary['linear_layers']} linear layers {format_label(summary)} "
+            f"({summary['method']}), weights {human_bytes(summary['weight_bytes_before'])} → "
+            f"{human_bytes(summary['weight_bytes_after'])}"
+            f"{f' ({ratio:.1f}× smaller)' if ratio else ''}, {fidelity_text(summary)}")
+    if summary["kept_float"]:
+        by_reason: dict[str, list[str]] = {}
+        for layer in summary["kept_float"]:
+            by_reason.setdefault(layer["reason"] or "float", []).append(layer["name"])
+        line += "; kept float: " + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in by_reason.items())
+    return line
+
+
+def fusion_line(report: dict) -> str:
+    """One line: which ONNX Runtime fusions were applied, or why none was."""
+    if not report.get("applied"):
+        return f"ONNX Runtime fusion: not applied ({report.get('reason', 'no reason recorded')})"
+    counts = ", ".join(f"{name} ×{n}" for name, n in report.get("fused", {}).items())
+    ops = ", ".join(report.get("contrib_ops", []))
+    error = report.get("max_relative_error")
+    return (f"ONNX Runtime fusion: {counts} → {ops or 'contrib ops'}"
+            f"{f' (max relative error vs unfused {error:.2g})' if error is not None else ''}")
 
 
 def _io(values) -> list[dict]:

@@ -4,7 +4,9 @@ The reference is the original ONNX model (run on ONNX Runtime) or a PyTorch call
 (a factory spec 'file.py:name' / 'package.module:name', or an nn.Module). Inputs are
 random (seeded) unless given. Per output: max abs / max rel error, cosine similarity
 (per sample, then mean and minimum) and, for logits (outputs named *logit*, [batch,
-classes]), top-1 agreement. Thresholds turn the report into pass / fail.
+classes]), top-1 agreement. Thresholds turn the report into pass / fail. For a quantized
+build the report carries the quantization facts, so its cosines read as the quantized
+build's fidelity against the float model.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InputError, ModelLoadError
+from .errors import CalibrationError, InputError, ModelLoadError
 from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
 from .runtime.session import Session
@@ -46,6 +48,9 @@ class VerifyReport:
     #: with per_pass: the recipe applied one table more at a time, and each output's mean
     #: cosine to the reference after it (how much each feature pass adds to the drift)
     per_pass: list[dict] = field(default_factory=list)
+    #: quantized builds: weights / activations / method, layers quantized of all, and the
+    #: cosine measured on the calibration set at compile time
+    quantization: dict | None = None
 
     @property
     def passed(self) -> bool:
@@ -148,13 +153,26 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
                           min_cosine=min_cosine, min_top1=min_top1,
                           not_compared=[f"{n}: build {list(got_all[n][0].shape)} vs reference {list(ref_all[n][0].shape)}"
                                         for n in names if n not in comparable],
-                          keep_ratios=keep_ratios, per_pass=drift)
+                          keep_ratios=keep_ratios, per_pass=drift, quantization=quantization_facts(session.manifest))
     for m in metrics:
         if min_cosine is not None and m.cosine_mean < min_cosine:
             report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
         if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
             report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
     return report
+
+
+def quantization_facts(manifest: dict) -> dict | None:
+    """What a quantized build is (None when nothing was quantized)."""
+    report = next((p["report"] for p in manifest.get("passes", []) if p["pass"] == "quantization"), None)
+    if not report or not report.get("matmuls_quantized"):
+        return None
+    facts = {key: report[key] for key in ("weights", "activations", "method") if key in report}
+    facts["quantized"] = report["matmuls_quantized"]
+    facts["linear_layers"] = report["matmuls_quantized"] + report["matmuls_float"]
+    if report.get("fidelity"):
+        facts["calibration_cosine"] = report["fidelity"]["cosine"]
+    return facts
 
 
 def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -> list[dict]:
@@ -194,6 +212,8 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
 
 #: recipe tables in pipeline order (compiler/pipeline.build_passes)
 _FEATURE_TABLES = ("token_slimming", "padding", "token_pruning", "token_merging", "quantization")
+#: tables that configure a feature table rather than add a pass: they travel with it
+_COMPANIONS = {"quantization": ("calibration",)}
 
 
 def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: list[dict],
@@ -211,12 +231,20 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
     if original is None or not original.is_file():
         raise InputError("per-pass drift needs the original ONNX model: pass --reference ORIGINAL.onnx "
                          "(or use a build compiled from PyTorch, which keeps reference.onnx)")
-    recipe = manifest.get("recipe") or {}
+    recipe = dict(manifest.get("recipe") or {})
+    if "calibration" in recipe:
+        recipe["calibration"] = _absolute_calibration(recipe["calibration"])
     tables = [t for t in _FEATURE_TABLES if t in recipe]
+    # [onnxruntime] fuse is its own last step: the pipeline fuses the finished (quantized)
+    # graph after every feature pass, so the steps still end at the build's own recipe, and
+    # the last step shows what the fusion alone adds (a float rewrite: it should add ~nothing)
+    if (recipe.get("onnxruntime") or {}).get("fuse"):
+        tables.append("onnxruntime")
     steps = []
     with tempfile.TemporaryDirectory(prefix="trimrt_drift_") as tmp:
         for i in range(1, len(tables) + 1):
             partial = {t: recipe[t] for t in tables[:i]}
+            partial.update({c: recipe[c] for t in tables[:i] for c in _COMPANIONS.get(t, ()) if c in recipe})
             out = Path(tmp) / f"step{i}"
             compile_model(str(original), partial, out, progress=None)
             backend = OnnxRuntimeBackend(out / MODEL)
@@ -228,3 +256,23 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
                     cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
             steps.append({"passes": tables[:i], "cosine_mean": cosines})
     return steps
+
+
+def _absolute_calibration(calibration: dict) -> dict:
+    """The [calibration] table with its source made absolute for the rebuilds.
+
+    A relative source was read from the recipe file's folder at compile time, and the
+    manifest does not record that folder (its recipe is a dict). So it is resolved
+    against the current directory: run `verify --per-pass` from the recipe's folder."""
+    source = calibration.get("source")
+    if source is None or calibration.get("random"):
+        return calibration
+    path = Path(source).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+        if not path.exists():
+            raise CalibrationError(
+                f"per-pass drift rebuilds the quantization with the build's calibration source {source!r}, which is "
+                f"relative to the recipe file's folder (not recorded in the build) and not found in the current "
+                f"directory {Path.cwd()}: run verify from the recipe's folder")
+    return {**calibration, "source": str(path)}
