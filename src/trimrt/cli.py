@@ -126,7 +126,7 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
         console = _console()
         console.print(table)
         if q is not None:
-            at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.5f}"
+            at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.6f}"
                           if "calibration_cosine" in q else "")
             console.print(f"quantized build ({q['quantized']}/{q['linear_layers']} linear layers {format_label(q)}, "
                           f"{q['method']}): the cosines above are its fidelity against the float model{at_compile}",
@@ -234,10 +234,10 @@ def _echo_quantization(q: dict) -> None:
         click.echo(f"    calibration: {cal['samples']} samples from {source}")
     click.echo(f"    fidelity on the calibration set: {fidelity_text(q)}")
     for layer in q["kept_float"]:
-        alone = f", cosine with only it quantized {layer['cosine_alone']:.5f}" if "cosine_alone" in layer else ""
+        alone = f", cosine with only it quantized {layer['cosine_alone']:.6f}" if "cosine_alone" in layer else ""
         click.echo(f"    kept float: {layer['name']} ({layer['reason']}{alone})")
     rows = [(x["name"], "×".join(map(str, x["shape"])), x["format"], "" if x.get("alpha") is None else f"{x['alpha']:g}",
-             f"{x['cosine_alone']:.5f}" if "cosine_alone" in x else "", x.get("reason", "")) for x in q["layers"]]
+             f"{x['cosine_alone']:.6f}" if "cosine_alone" in x else "", x.get("reason", "")) for x in q["layers"]]
     header = ("layer", "shape", "format", "alpha", "cosine if only it is quantized", "reason")
     keep = [i for i, h in enumerate(header) if i < 3 or any(r[i] for r in rows)]  # drop empty columns
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]

@@ -106,15 +106,16 @@ def human_bytes(n: float) -> str:
 
 
 def fidelity_text(summary: dict) -> str:
-    """'cosine 0.99510 on 32 calibration samples (guard: min_cosine 0.99, all quantized 0.98700)'."""
+    """'cosine 0.995100 on 32 calibration samples (guard: min_cosine 0.99, all quantized 0.987000)'
+    (6 decimals, as measured: a guard of 0.99999 must not read as 1.00000)."""
     fidelity, calibration = summary.get("fidelity"), summary.get("calibration") or {}
     if not fidelity:
         return "fidelity not measured (no [calibration] data)"
     random = " random" if calibration.get("source") == "random" else ""
-    text = f"cosine {fidelity['cosine']:.5f} on {fidelity['samples']}{random} calibration samples"
+    text = f"cosine {fidelity['cosine']:.6f} on {fidelity['samples']}{random} calibration samples"
     if "min_cosine" in fidelity:
         text += (f" (guard: min_cosine {fidelity['min_cosine']}, all quantized "
-                 f"{fidelity['cosine_all_quantized']:.5f})")
+                 f"{fidelity['cosine_all_quantized']:.6f})")
     return text
 
 
@@ -134,14 +135,17 @@ def quantization_line(summary: dict) -> str:
 
 
 def fusion_line(report: dict) -> str:
-    """One line: which ONNX Runtime fusions were applied, or why none was."""
+    """One line: which ONNX Runtime fusions were applied, or why none was, and the session
+    settings the build asks of ONNX Runtime (optimizers it must skip)."""
+    disabled = (report.get("session") or {}).get("disabled_optimizers")
+    session = f"; the build disables ONNX Runtime's {', '.join(disabled)}" if disabled else ""
     if not report.get("applied"):
-        return f"ONNX Runtime fusion: not applied ({report.get('reason', 'no reason recorded')})"
+        return f"ONNX Runtime fusion: not applied ({report.get('reason', 'no reason recorded')}){session}"
     counts = ", ".join(f"{name} ×{n}" for name, n in report.get("fused", {}).items())
     ops = ", ".join(report.get("contrib_ops", []))
     error = report.get("max_relative_error")
     return (f"ONNX Runtime fusion: {counts} → {ops or 'contrib ops'}"
-            f"{f' (max relative error vs unfused {error:.2g})' if error is not None else ''}")
+            f"{f' (max relative error vs unfused {error:.2g})' if error is not None else ''}{session}")
 
 
 def _io(values) -> list[dict]:

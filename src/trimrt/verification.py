@@ -210,8 +210,10 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
             for layer, r in zip(layers, ratios)]
 
 
-#: recipe tables in pipeline order (compiler/pipeline.build_passes)
-_FEATURE_TABLES = ("token_slimming", "padding", "token_pruning", "token_merging", "quantization")
+#: recipe table -> the pass it adds, in the usual pipeline order (compiler/pipeline.build_passes);
+#: a build's own manifest lists its passes in the order they ran, which wins
+_FEATURE_TABLES = {"token_slimming": "token_slimming", "padding": "trim_padding", "token_pruning": "token_pruning",
+                   "token_merging": "token_merging", "onnxruntime": "ort_fusion", "quantization": "quantization"}
 #: tables that configure a feature table rather than add a pass: they travel with it
 _COMPANIONS = {"quantization": ("calibration",)}
 
@@ -223,7 +225,7 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
     import tempfile
 
     from .compiler.driver import compile_model
-    from .runtime.manifest import MODEL
+    from .runtime.manifest import MODEL, onnxruntime_settings
 
     original = Path(reference) if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx") else None
     if original is None and manifest.get("reference"):
@@ -234,20 +236,24 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
     recipe = dict(manifest.get("recipe") or {})
     if "calibration" in recipe:
         recipe["calibration"] = _absolute_calibration(recipe["calibration"])
-    tables = [t for t in _FEATURE_TABLES if t in recipe]
-    # [onnxruntime] fuse is its own last step: the pipeline fuses the finished (quantized)
-    # graph after every feature pass, so the steps still end at the build's own recipe, and
-    # the last step shows what the fusion alone adds (a float rewrite: it should add ~nothing)
-    if (recipe.get("onnxruntime") or {}).get("fuse"):
-        tables.append("onnxruntime")
+    if not (recipe.get("onnxruntime") or {}).get("fuse"):
+        recipe.pop("onnxruntime", None)  # adds no pass
+    # [onnxruntime] fuse is a step of its own, where its pass ran in the build: it is a float
+    # rewrite, so its step shows it adds ~nothing, and the steps after it (quantization,
+    # calibrated on the fused graph) are built as in the build, ending at its own recipe
+    ran = [p["pass"] for p in manifest.get("passes", [])]
+    order = list(_FEATURE_TABLES)
+    tables = sorted((t for t in _FEATURE_TABLES if t in recipe),
+                    key=lambda t: (ran.index(_FEATURE_TABLES[t]) if _FEATURE_TABLES[t] in ran else len(ran), order.index(t)))
     steps = []
     with tempfile.TemporaryDirectory(prefix="trimrt_drift_") as tmp:
         for i in range(1, len(tables) + 1):
             partial = {t: recipe[t] for t in tables[:i]}
             partial.update({c: recipe[c] for t in tables[:i] for c in _COMPANIONS.get(t, ()) if c in recipe})
             out = Path(tmp) / f"step{i}"
-            compile_model(str(original), partial, out, progress=None)
-            backend = OnnxRuntimeBackend(out / MODEL)
+            step_manifest = compile_model(str(original), partial, out, progress=None)
+            # run as trimrt's Session runs the build (e.g. ORT optimizers a fused build skips)
+            backend = OnnxRuntimeBackend(out / MODEL, **onnxruntime_settings(step_manifest))
             backend.activate()
             cosines = {}
             for name, refs in ref_all.items():
