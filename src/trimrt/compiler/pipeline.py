@@ -123,15 +123,15 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
         feature.append(TokenPruningPass(recipe.token_pruning))
     if recipe.token_merging is not None:
         feature.append(TokenMergingPass(recipe.token_merging))
+    if target == "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse:
+        # a float rewrite of the reduced graph, checked float against float; quantization then
+        # calibrates and quantizes the graph that will run (its projections stay MatMuls)
+        feature.append(OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8)))
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
-    # ONNX Runtime kernel fusion: last before the target, on the finished float / quantized graph
-    fusion = [OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8))] if (
-        target == "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse) else []
-    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), *fusion,
-            TargetPass(target)]
+    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
 
 
 def run_pipeline(model: ir.Model, passes: list[TrimrtPass],

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from ..plugins import DOMAIN
+from ..plugins import DOMAIN, attach_decompositions
 from .base import TrimrtPass
 
 log = logging.getLogger(__name__)
@@ -57,22 +57,34 @@ def _fusions():
 def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
     """Apply the fusions in place; return how often each one matched.
 
-    trimrt's own op functions are set aside meanwhile, so the optimiser inlines only the
-    rewriter's intermediate functions (an SDPA no MHA consumed), never trimrt ops."""
+    trimrt ops' decompositions are attached meanwhile, so shape inference sees through
+    them (the fusions need the shapes of pruned blocks), and set aside whenever the
+    optimiser runs: it inlines every function, and must inline only the rewriter's own
+    intermediates (an SDPA no MHA consumed), never trimrt ops."""
     from onnxscript import optimizer
     from onnxscript.rewriter.ort_fusions import shape_optimization
 
+    had = set(model.functions)
+    attach_decompositions(model)
     own = {k: f for k, f in model.functions.items() if f.domain == DOMAIN}
-    for key in own:
-        del model.functions[key]
+
+    def optimize() -> None:
+        for key in own:
+            del model.functions[key]
+        try:
+            optimizer.optimize(model)
+        finally:
+            model.functions.update(own)
+
     try:
         ir.passes.common.ShapeInferencePass()(model)
-        optimizer.optimize(model)
+        optimize()
         shape_optimization.rules.apply_to_model(model)
         counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
-        optimizer.optimize(model)  # inlines leftover fusion intermediates, drops dead nodes
+        optimize()  # inlines leftover fusion intermediates, drops dead nodes
     finally:
-        model.functions.update(own)
+        for key in set(own) - had:  # AttachDecompositionsPass adds them for good later
+            del model.functions[key]
     if any(n.domain == MS_DOMAIN for n in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return counts
@@ -126,12 +138,12 @@ def _relative_drift(before, after, tokens: int) -> float | None:
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
 
-    unfused = OnnxRuntimeBackend(before.SerializeToString())
+    unfused = OnnxRuntimeBackend(_runnable(before).SerializeToString())
     unfused.activate()
     feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens)
     want = unfused.infer(feeds)
     try:
-        fused = OnnxRuntimeBackend(after.SerializeToString())
+        fused = OnnxRuntimeBackend(_runnable(after).SerializeToString())
         fused.activate()
         got = fused.infer(feeds)
     except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
@@ -148,3 +160,10 @@ def _relative_drift(before, after, tokens: int) -> float | None:
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
         worst = max(worst, float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-12)))
     return worst
+
+
+def _runnable(proto):
+    """A copy with trimrt ops' decompositions attached (the pass runs before they are)."""
+    model = ir.serde.deserialize_model(proto)
+    attach_decompositions(model)
+    return ir.serde.serialize_model(model)
