@@ -78,13 +78,7 @@ def test_per_pass_rebuilds_quantization_with_its_relative_calibration(project, m
     report = next(p["report"] for p in manifest["passes"] if p["pass"] == "quantization")
     assert report["matmuls_quantized"] == 2 and report["calibration"]["samples"] == 6
 
-    # from elsewhere the relative source cannot be found: one clear line, exit 2
-    lost = _verify(folder, "--per-pass")
-    assert lost.exit_code == 2, lost.output
-    last = [line for line in lost.output.splitlines() if line.strip()][-1]
-    assert last.startswith("error: per-pass drift") and "'calib'" in last and "run verify from the recipe's folder" in last
-
-    monkeypatch.chdir(folder)
+    assert manifest["recipe_dir"] == str(folder.resolve())  # the relative source resolves there, from anywhere
     result = _verify(folder, "--per-pass", "--json")
     assert result.exit_code == 0, result.output
     verified = json.loads(result.output)
@@ -128,3 +122,15 @@ def test_unquantized_builds_have_no_quantization_facts():
     assert quantization_facts({"passes": [{"pass": "token_pruning", "report": {}}]}) is None
     float_only = {"matmuls_quantized": 0, "matmuls_float": 3, "weights": "int8", "method": "rtn"}
     assert quantization_facts({"passes": [{"pass": "quantization", "report": float_only}]}) is None
+
+
+def test_per_pass_names_a_calibration_source_that_is_gone(project, monkeypatch):
+    import shutil
+
+    folder, elsewhere = project
+    _compile(folder, RECIPE, monkeypatch, cwd=elsewhere)
+    shutil.rmtree(folder / "calib")
+    lost = _verify(folder, "--per-pass")
+    assert lost.exit_code == 2, lost.output
+    last = [line for line in lost.output.splitlines() if line.strip()][-1]
+    assert last.startswith("error: per-pass drift") and "'calib'" in last and str(folder.resolve()) in last

@@ -235,7 +235,7 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
                          "(or use a build compiled from PyTorch, which keeps reference.onnx)")
     recipe = dict(manifest.get("recipe") or {})
     if "calibration" in recipe:
-        recipe["calibration"] = _absolute_calibration(recipe["calibration"])
+        recipe["calibration"] = _absolute_calibration(recipe["calibration"], manifest.get("recipe_dir"))
     if not (recipe.get("onnxruntime") or {}).get("fuse"):
         recipe.pop("onnxruntime", None)  # adds no pass
     # [onnxruntime] fuse is a step of its own, where its pass ran in the build: it is a float
@@ -264,21 +264,21 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
     return steps
 
 
-def _absolute_calibration(calibration: dict) -> dict:
+def _absolute_calibration(calibration: dict, recipe_dir: str | None) -> dict:
     """The [calibration] table with its source made absolute for the rebuilds.
 
-    A relative source was read from the recipe file's folder at compile time, and the
-    manifest does not record that folder (its recipe is a dict). So it is resolved
-    against the current directory: run `verify --per-pass` from the recipe's folder."""
+    A relative source was read from the recipe file's folder at compile time (the
+    manifest's recipe_dir); a recipe given as a dict resolves against the current
+    directory, so run `verify --per-pass` from where it was compiled."""
     source = calibration.get("source")
     if source is None or calibration.get("random"):
         return calibration
     path = Path(source).expanduser()
     if not path.is_absolute():
-        path = Path.cwd() / path
+        base = Path(recipe_dir) if recipe_dir else Path.cwd()
+        path = base / path
         if not path.exists():
             raise CalibrationError(
-                f"per-pass drift rebuilds the quantization with the build's calibration source {source!r}, which is "
-                f"relative to the recipe file's folder (not recorded in the build) and not found in the current "
-                f"directory {Path.cwd()}: run verify from the recipe's folder")
+                f"per-pass drift rebuilds the quantization with the build's calibration source {source!r}, "
+                f"not found relative to {base}: run verify from the folder the build was compiled in")
     return {**calibration, "source": str(path)}

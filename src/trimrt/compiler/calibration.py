@@ -383,6 +383,7 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
     fetched = [n for n in names if n not in graph_inputs]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
     session = ort.InferenceSession(_with_outputs(proto, fetched).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)

@@ -56,7 +56,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
     model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
 
-    passes = build_passes(recipe, target)
+    passes = build_passes(recipe, target, progress=progress is not None)
     say("running passes: " + " → ".join(p.name for p in passes))
     reports = run_pipeline(model, passes)
     built = ir.serde.serialize_model(model)
@@ -99,6 +99,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "source": loaded.description,
             "target": target,
             "recipe": recipe.to_dict(),
+            # relative paths in the recipe (a calibration source) resolve here
+            "recipe_dir": str(recipe.directory) if recipe.directory is not None else None,
             "structure": {k: v for k, v in structure.items() if k != "attention"},
             "passes": reports,
             "inputs": [_info(i) for i in build_rt.inputs],

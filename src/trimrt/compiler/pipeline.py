@@ -112,8 +112,8 @@ def min_tokens(recipe: Recipe) -> int:
     return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
 
 
-def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass]:
-    """The ordered pass list for a recipe and target."""
+def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = False) -> list[TrimrtPass]:
+    """The ordered pass list for a recipe and target (`progress`: long passes draw bars)."""
     feature: list[TrimrtPass] = []
     if recipe.token_slimming is not None and recipe.token_slimming.fuse:
         feature.append(TokenSlimmingPass())  # first: it matches the model's own modules, as exported
@@ -128,7 +128,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime") -> list[TrimrtPass
         # calibrates and quantizes the graph that will run (its projections stay MatMuls)
         feature.append(OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8)))
     if recipe.quantization is not None:
-        feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target))  # last: quantizes the pruned / merged graph
+        feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
+                                        progress=progress))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]

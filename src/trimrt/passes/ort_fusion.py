@@ -40,8 +40,9 @@ SESSION_SETTINGS = {"disabled_optimizers": ["SkipLayerNormFusion"]}
 
 
 def _fusions():
-    """The fusion steps, in the order they build on each other (SDPA → MHA → MHA scale)."""
-    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu, mha, mha_scale, sdpa
+    """The fusion steps, in the order they build on each other (SDPA → MHA → MHA scale;
+    an SDPA left over becomes an MHA too, never a function ORT does not know)."""
+    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu, mha, mha_scale, sdpa, sdpa_via_mha
 
     return [
         ("erf_gelu", erfgelu.fuse_erfgelu, {}),
@@ -51,6 +52,7 @@ def _fusions():
         ("mha_scale", mha_scale.fuse_mha_scale, {}),
         ("gelu", gelu.fuse_gelu, {}),
         ("bias_gelu", bias_gelu.fuse_bias_gelu, {}),
+        ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha, {}),  # SDPAs no MHA pattern took (e.g. no mask)
     ]
 
 
