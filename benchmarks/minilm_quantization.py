@@ -15,7 +15,7 @@ unmodified fp32 export, measured in one run.
 - `+ fusion` = `[onnxruntime] fuse = true` (attention, GELU, skip-LayerNorm as ONNX
   Runtime contrib kernels; a float rewrite, also shown alone).
 
-    python benchmarks/minilm_quantization.py              # ≈ 15 min
+    python benchmarks/minilm_quantization.py              # ≈ 30 min
     python benchmarks/minilm_quantization.py --only int4  # rows whose name contains "int4"
 
 Prints a Markdown table and writes results.json to --out.
@@ -48,9 +48,15 @@ def recipes(tokenizer_dir: str) -> list[tuple[str, dict]]:
         ("INT4 rtn g128 + fusion", {"quantization": {"weights": "int4"}, **FUSE, **cal}),
         ("INT4 awq g128 + fusion", {"quantization": {"weights": "int4", "method": "awq"}, **FUSE, **cal}),
         ("INT4 gptq g128 + fusion", {"quantization": {"weights": "int4", "method": "gptq"}, **FUSE, **cal}),
-        ("INT4 awq g32 + fusion", {"quantization": {"weights": "int4", "method": "awq", "group_size": 32},
-                                   **FUSE, **cal}),
     ]
+    for method in ("rtn", "awq", "gptq"):
+        rows.append((f"INT4 {method} g32 + fusion", {"quantization": {"weights": "int4", "method": method, "group_size": 32},
+                                                    **FUSE, **cal}))
+    for method in ("rtn", "awq", "gptq"):
+        rows.append((f"INT4 {method} g16 + fusion", {"quantization": {"weights": "int4", "method": method, "group_size": 16},
+                                                    **FUSE, **cal}))
+    rows.append(("INT4 awq g16, guard 0.985 + fusion", {"quantization": {
+        "weights": "int4", "method": "awq", "group_size": 16, "min_cosine": 0.985}, **FUSE, **cal}))
     for label, reduction in [
         ("EViT keep 0.9 @3", {"token_pruning": {"layers": [3], "keep": 0.9}}),
         ("EViT keep 0.8 @4", {"token_pruning": {"layers": [4], "keep": 0.8}}),
