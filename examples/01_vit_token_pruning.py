@@ -3,7 +3,8 @@
     make demo          # or: python examples/01_vit_token_pruning.py
 
 1. export the in-tree ViT with DeiT-S geometry (random weights) to ONNX,
-2. compile it with recipes from examples/recipes/ (EViT keep 0.7 and 0.5, ToMe r = 13),
+2. compile it with recipes from examples/recipes/ (EViT keep 0.7 and 0.5, ToMe r = 13,
+   EViT keep 0.7 + INT8 + ONNX Runtime fusion),
 3. load the build and run it,
 4. verify it against the PyTorch model,
 5. time it against the unmodified export (alternating runs, medians),
@@ -37,7 +38,7 @@ def main() -> int:
     table = Table(title="DeiT-S geometry ViT, ONNX Runtime CPU, 2 threads (medians of alternating runs)")
     for col in ("recipe", "tokens", "batch", "baseline ms", "build ms", "speedup", "FLOPs ratio", "cosine", "top-1", "max abs"):
         table.add_column(col, justify="right")
-    for recipe in ("deit_s_keep07", "deit_s_keep05", "deit_s_tome_r13"):
+    for recipe in ("deit_s_keep07", "deit_s_keep05", "deit_s_tome_r13", "deit_s_keep07_int8"):
         build = OUT / recipe
         console.log(f"compiling with examples/recipes/{recipe}.toml")
         manifest = trimrt.compile(str(baseline), HERE / "recipes" / f"{recipe}.toml", build)
@@ -59,7 +60,8 @@ def main() -> int:
                           f"{r.flops_ratio:.2f}×", f"{fid.cosine_mean:.4f}", f"{fid.top1:.2f}", f"{fid.max_abs:.2g}")
     console.print(table)
     console.print("Weights are random, so top-1 agreement is a fidelity check, not accuracy. "
-                  "Full benchmarks: python benchmarks/vit_token_pruning.py, python benchmarks/token_reduction.py --model vit")
+                  "Full benchmarks: python benchmarks/vit_token_pruning.py, python benchmarks/token_reduction.py --model vit, "
+                  "python benchmarks/vit_prune_int8.py")
     return 0
 
 

@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from trimrt.cli import main
 
+from cli_compile import compile_with_recipe
+
 RECIPE = """
 [token_pruning]
 method = "cls_attention"
@@ -24,9 +26,7 @@ fuse_pruned = true
 def cli_build(tiny_vit_onnx, tmp_path_factory):
     _, model = tiny_vit_onnx
     tmp = tmp_path_factory.mktemp("cli")
-    (tmp / "recipe.toml").write_text(RECIPE)
-    result = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp / "build"), "--recipe", str(tmp / "recipe.toml")])
-    assert result.exit_code == 0, result.output
+    result = compile_with_recipe(model, RECIPE, tmp)
     assert "build written" in result.output and "block 1: 65→34" in result.output
     return model, tmp
 

@@ -12,6 +12,8 @@ from trimrt.cli import main
 from trimrt.inspect import (fusion_line, human_bytes, inspect_target, quantization_line,
                             quantization_summary)
 
+from cli_compile import compile_with_recipe
+
 # a guard this strict keeps some layers float on the tiny ViT (all quantized: ~0.9999)
 RECIPE = """
 [quantization]
@@ -32,11 +34,8 @@ def quantized_build(tiny_vit_onnx, tmp_path_factory):
     """(build dir, compile output, the quantization report, the fusion report)."""
     _, model = tiny_vit_onnx
     tmp = tmp_path_factory.mktemp("inspect_quant")
-    (tmp / "recipe.toml").write_text(RECIPE)
     with pytest.warns(UserWarning, match="random data"):
-        result = CliRunner().invoke(main, ["compile", str(model), "-o", str(tmp / "build"),
-                                           "--recipe", str(tmp / "recipe.toml")])
-    assert result.exit_code == 0, result.output
+        result = compile_with_recipe(model, RECIPE, tmp)
     manifest = json.loads((tmp / "build" / "manifest.json").read_text())
     reports = {p["pass"]: p["report"] for p in manifest["passes"]}
     return tmp / "build", result.output, reports["quantization"], reports["ort_fusion"]
