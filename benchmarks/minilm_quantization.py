@@ -65,6 +65,14 @@ def recipes(tokenizer_dir: str) -> list[tuple[str, dict]]:
         ("ToMe ratio 0.08", {"token_merging": {"ratio": 0.08, "proportional_attention": False}}),
     ]:
         rows.append((f"{label} + INT8 rtn + fusion", {**reduction, **int8, **FUSE, **cal}))
+    for label, reduction in [
+        ("EViT keep 0.8 @3", {"token_pruning": {"layers": [3], "keep": 0.8}}),
+        ("EViT keep 0.8 @2", {"token_pruning": {"layers": [2], "keep": 0.8}}),
+        ("EViT keep 0.7 @3", {"token_pruning": {"layers": [3], "keep": 0.7}}),
+        ("EViT keep 0.7 @4", {"token_pruning": {"layers": [4], "keep": 0.7}}),
+    ]:
+        rows.append((f"{label} + INT8 smoothquant + fusion", {**reduction, "quantization": {"method": "smoothquant"},
+                                                              **FUSE, **cal}))
     return rows
 
 
