@@ -1,13 +1,14 @@
 """Token pruning + INT8 on the DeiT-S-geometry ViT: speed and fidelity against the fp32 export.
 
 Builds: INT8 alone ([quantization], weights per output channel, dynamic activations),
-EViT keep 0.7 / 0.5 at blocks 3, 6, 9 alone and with INT8, and ONNX Runtime's own
+EViT keep 0.7 / 0.5 at blocks 3, 6, 9 alone and with INT8, both with `[onnxruntime]
+fuse` (attention and GELU as ORT contrib kernels), and ONNX Runtime's own
 `quantize_dynamic` (per-tensor and per-channel) of the same export, all timed against
 the unmodified fp32 export in one process (alternating, medians of paired ratios, ORT
 spinning off), at batch 1 and 8; fidelity = logits vs the fp32 export (cosine, top-1) on
 16 random images.
 
-    python benchmarks/vit_prune_int8.py            # ≈ 6 min
+    python benchmarks/vit_prune_int8.py            # ≈ 8 min
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ RECIPES = [
     ("EViT keep 0.7", {"token_pruning": {**EVIT, "keep": 0.7}}),
     ("EViT keep 0.7 + INT8", {"token_pruning": {**EVIT, "keep": 0.7}, "quantization": {}}),
     ("EViT keep 0.5 + INT8", {"token_pruning": {**EVIT, "keep": 0.5}, "quantization": {}}),
+    ("INT8 + fusion", {"quantization": {}, "onnxruntime": {"fuse": True}}),
+    ("EViT keep 0.7 + INT8 + fusion", {"token_pruning": {**EVIT, "keep": 0.7}, "quantization": {},
+                                       "onnxruntime": {"fuse": True}}),
 ]
 
 
@@ -41,6 +45,7 @@ def main() -> None:
     import trimrt
     from trimrt.bench import paired_speedup, time_alternating
     from trimrt.runtime.backends import OnnxRuntimeBackend
+    from trimrt.runtime.manifest import onnxruntime_settings
 
     args.out.mkdir(parents=True, exist_ok=True)
     baseline = args.out / "deit_s.onnx"
@@ -49,19 +54,19 @@ def main() -> None:
     for name, recipe in RECIPES:
         build = args.out / name.replace(" ", "_").replace("+", "plus").replace(".", "")
         manifest = trimrt.compile(str(baseline), recipe, build)
-        models.append((name, build / "model.onnx", manifest["flops"]["ratio"]))
+        models.append((name, build / "model.onnx", manifest["flops"]["ratio"], onnxruntime_settings(manifest)))
     for per_channel in (False, True):
         path = args.out / f"ort_quantize_dynamic_{'per_channel' if per_channel else 'per_tensor'}.onnx"
         quantize_dynamic(str(baseline), str(path), per_channel=per_channel, weight_type=QuantType.QInt8)
-        models.append((f"ORT quantize_dynamic ({'per-channel' if per_channel else 'per-tensor'})", path, 1.0))
+        models.append((f"ORT quantize_dynamic ({'per-channel' if per_channel else 'per-tensor'})", path, 1.0, {}))
 
     images = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
     base = OnnxRuntimeBackend(baseline, threads=2, spinning=False)
     base.activate()
     ref = np.concatenate([base.infer({"pixel_values": images[i:i + 4]})["logits"] for i in range(0, 16, 4)])
     rows = []
-    for name, path, flops in models:
-        b = OnnxRuntimeBackend(path, threads=2, spinning=False)
+    for name, path, flops, settings in models:
+        b = OnnxRuntimeBackend(path, threads=2, spinning=False, **settings)  # as trimrt.load runs the build
         b.activate()
         got = np.concatenate([b.infer({"pixel_values": images[i:i + 4]})["logits"] for i in range(0, 16, 4)])
         cos = float(np.mean(np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)))

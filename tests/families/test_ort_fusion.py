@@ -60,6 +60,7 @@ def test_fused_bert_keeps_its_outputs(bert, tmp_path):
     ops = _ops(tmp_path / "b" / "model.onnx")
     assert ops[("com.microsoft", "MultiHeadAttention")] == 3 and ops[("", "Softmax")] == 0
     assert ops[("com.microsoft", "BiasGelu")] == 3 and ops[("", "Erf")] == 0
+    assert manifest["flops"]["ratio"] == pytest.approx(1.0, abs=1e-4)  # MultiHeadAttention counts its products
     want, got = _run(path, feeds), _run(tmp_path / "b" / "model.onnx", feeds)  # the padded sample included
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)

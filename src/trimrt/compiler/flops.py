@@ -5,7 +5,8 @@ attribute), so the count runs the model once on ONNX Runtime with every MatMul /
 Conv input and output exposed, and reads the real shapes. Counts are multiply-adds × 2
 of those ops, which carry nearly all the compute of a transformer; INT8 MatMulInteger
 counts like MatMul, INT4 MatMulNBits too (the ratio is then the token saving; the
-quantization gain is measured).
+quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention counts its
+two attention products.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnx.inliner
 
-_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv")
+_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention")
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
@@ -28,7 +29,7 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
     existing = {o.name for o in graph.output}
     wanted = []
     for n in nodes:
-        for name in (n.input[0], n.output[0]):
+        for name in (n.input[0], n.output[0], *(n.input[1:2] if n.op_type == "MultiHeadAttention" else ())):
             if name not in existing and name not in wanted:
                 wanted.append(name)
     del graph.output[:]
@@ -49,6 +50,10 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
             continue
         if n.op_type in ("MatMul", "MatMulInteger"):  # integer multiply-adds count as operations too
             total += 2 * int(np.prod(out)) * int(a[-1])
+        elif n.op_type == "MultiHeadAttention":  # fused attention: Q·Kᵀ and P·V, 2·Sq·Sk·D each
+            key = shape(n.input[1])
+            if key is not None and len(a) == 3 and len(key) == 3:
+                total += 4 * int(a[0]) * int(a[1]) * int(key[1]) * int(a[2])
         elif n.op_type == "MatMulNBits":  # B is packed: K is an attribute
             k = next(at.i for at in n.attribute if at.name == "K")
             total += 2 * int(np.prod(out)) * int(k)
