@@ -106,3 +106,18 @@ def test_fusion_is_for_onnxruntime_builds_only(bert, tmp_path):
     path, _ = bert
     with pytest.raises(BuildError, match=r"\[onnxruntime\].*ONNX Runtime builds"):
         trimrt.compile(str(path), FUSE, tmp_path / "t", target="tensorrt")
+
+
+def test_attention_fuses_in_pruned_blocks_too(bert, tmp_path):
+    """After a pruning step the token count is a run-time value (shape inference loses the
+    head count) and the score op reads the attention's q / kᵀ: every block still fuses,
+    and the fused build equals the unfused pruned one."""
+    path, feeds = bert
+    pruning = {"token_pruning": {"layers": [1], "keep": 0.5}}
+    trimrt.compile(str(path), pruning, tmp_path / "p")
+    manifest = trimrt.compile(str(path), {**pruning, **FUSE}, tmp_path / "pf")
+    assert _report(manifest)["fused"]["mha_no_past"] == 3
+    assert _ops(tmp_path / "pf" / "model.onnx")[("com.microsoft", "MultiHeadAttention")] == 3
+    want, got = _run(tmp_path / "p" / "model.onnx", feeds), _run(tmp_path / "pf" / "model.onnx", feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)

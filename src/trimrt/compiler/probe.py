@@ -47,7 +47,7 @@ class TokenDims:
         return [a for a in range(1, len(shape)) if shape[a] == PROBE_TOKENS]
 
 
-def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
+def probe_shapes(model: ir.Model, *, batch: int = PROBE_BATCH, tokens: int = PROBE_TOKENS) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every non-constant value whose shape is not fully static."""
     import onnxruntime as ort
 
@@ -68,7 +68,45 @@ def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
     opts.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     infos = [TensorInfo.from_ort(a) for a in session.get_inputs()]
-    feeds = random_feeds(infos, batch=PROBE_BATCH, seed=0, tokens=PROBE_TOKENS)
+    feeds = random_feeds(infos, batch=batch, seed=0, tokens=tokens)
     names = [o.name for o in session.get_outputs()]
     values = session.run(names, feeds)
     return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+
+
+def annotate_unknown_dims(model: ir.Model) -> int:
+    """Fill in the axes shape inference left unknown, from two probe runs of different
+    batch and token counts: an axis of the same size in both is static, one that differs
+    follows the input's size (one symbol per pair of sizes, so the axes that follow the
+    same count share it). Pattern rewrites need these: after a token-reducing op the
+    exporter's [B, N, -1, d] reshapes lose their head count. The model must run on ONNX
+    Runtime (custom ops' decompositions attached). Returns the number of values changed."""
+    first = probe_shapes(model)
+    second = probe_shapes(model, batch=PROBE_BATCH + 2, tokens=PROBE_TOKENS + 16)
+    changed = 0
+    for node in model.graph:
+        for value in node.outputs:
+            a, b = first.get(value.name), second.get(value.name)
+            if a is None or b is None or len(a) != len(b):
+                continue
+            old = value.shape
+            if old is not None and len(old) != len(a):
+                continue
+            dims = []
+            for axis, (x, y) in enumerate(zip(a, b)):
+                known = None if old is None else old[axis]
+                if isinstance(known, int) or (known is not None and not _unknown(known)):
+                    dims.append(known)
+                else:
+                    dims.append(x if x == y else ("batch" if (x, y) == (PROBE_BATCH, PROBE_BATCH + 2) else f"n{x}_{y}"))
+            shape = ir.Shape(dims)
+            if old is None or list(old) != list(shape):
+                value.shape = shape
+                changed += 1
+    return changed
+
+
+def _unknown(dim) -> bool:
+    """A dimension shape inference could not relate to anything (None, or unk__N)."""
+    name = getattr(dim, "value", dim)
+    return name is None or str(name).startswith("unk__")

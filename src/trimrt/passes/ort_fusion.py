@@ -26,6 +26,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from ..compiler.analysis import is_constant
+from ..compiler.probe import annotate_unknown_dims
 from ..plugins import DOMAIN, attach_decompositions
 from .base import TrimrtPass
 
@@ -80,8 +82,11 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
 
     try:
         ir.passes.common.ShapeInferencePass()(model)
+        if any(n.domain == DOMAIN for n in model.graph):
+            annotate_unknown_dims(model)  # pruned blocks: the head count the fusions check
         optimize()
         shape_optimization.rules.apply_to_model(model)
+        _private_layouts(model)  # after the optimiser: its CSE would merge the copies back
         counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
         optimize()  # inlines leftover fusion intermediates, drops dead nodes
     finally:
@@ -90,6 +95,54 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
     if any(n.domain == MS_DOMAIN for n in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return counts
+
+
+#: ops that only re-lay out a projection's output into heads (Q, Kᵀ, V), or scale it
+_LAYOUT_OPS = ("Reshape", "Transpose")
+_SCALE_OPS = ("Mul", "Div")
+
+
+def _layout_step(value: ir.Value) -> ir.Node | None:
+    """The producer of `value` if it re-lays out or scales (by a constant) one tensor."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in _LAYOUT_OPS:
+        return node
+    if node.op_type in _SCALE_OPS and len(node.inputs) == 2 and is_constant(node.inputs[1]) \
+            and not is_constant(node.inputs[0]):
+        return node
+    return None
+
+
+def _private_layouts(model: ir.Model) -> int:
+    """Give trimrt ops their own copy of the Reshape / Transpose / constant-scale chain that
+    makes the q / kᵀ they read from a projection. A score op sharing the attention's Kᵀ is a second use of
+    a value inside the attention pattern, which then cannot fuse; the copy costs one
+    relayout of [B, N, D]. Returns the number of inputs rewired."""
+    rewired = 0
+    for node in list(model.graph):
+        if node.domain != DOMAIN:
+            continue
+        for index, value in enumerate(node.inputs):
+            chain, current = [], value
+            while current is not None and (step := _layout_step(current)) is not None:
+                chain.append(step)
+                current = step.inputs[0]
+            if not chain or len(value.uses()) < 2:
+                continue
+            source = current
+            for original in reversed(chain):  # rebuild from the projection's output outwards
+                clone = ir.node(original.op_type, [source, *original.inputs[1:]],
+                                {k: v for k, v in original.attributes.items()}, name=f"{original.name}_private")
+                clone.outputs[0].name = f"{original.outputs[0].name}_private"
+                clone.outputs[0].shape, clone.outputs[0].dtype = original.outputs[0].shape, original.outputs[0].dtype
+                clone.metadata_props["trimrt.pass"] = OrtFusionPass.name
+                model.graph.insert_before(node, clone)
+                source = clone.outputs[0]
+            node.replace_input_with(index, source)
+            rewired += 1
+    return rewired
 
 
 class OrtFusionPass(TrimrtPass):
