@@ -99,7 +99,7 @@ def test_inspect_cli_prints_the_quantization_section(quantized_build):
             f"samples (guard: min_cosine 0.99999, all quantized {report['fidelity']['cosine_all_quantized']:.6f})") in text
     for name in report["kept_float"]:
         assert f"kept float: {name} (fidelity guard, cosine with only it quantized" in text
-    rows = [line.split() for line in text.splitlines() if line.strip().startswith("node_MatMul")]
+    rows = [line.split() for line in text.splitlines() if line.strip().startswith(("node_MatMul", "node_Gemm"))]
     assert [r[0] for r in rows] == [x["name"] for x in report["layers"]]
     for row, layer in zip(rows, report["layers"]):
         assert row[1] == "×".join(map(str, layer["shape"])) and row[2] == layer["format"]

@@ -1,5 +1,5 @@
 """Quantization of the linear layers: every MatMul of an activation by a constant 2-D
-weight W [K, N], after the token passes (pruned and merged graphs quantize the same way).
+weight W [K, N] (and every Gemm that is one, plus a bias), after the token passes (pruned and merged graphs quantize the same way).
 
 The pass
 1. finds those MatMuls (MatMuls inside trimrt op functions — activation × activation —
@@ -148,17 +148,41 @@ class QuantizationPass(TrimrtPass):
 
 def find_linears(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value, np.ndarray]]:
     """(node, activation, weight [K, N] float32) of every MatMul of an activation by a
-    constant 2-D float32 weight, in graph order."""
+    constant 2-D float32 weight, and every Gemm that is one plus a bias (alpha 1, A not
+    transposed; GPT-2's Conv1D, classifier heads), in graph order."""
     sites = []
     for node in graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
-        x, w = node.inputs
+        if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "transA", 0)):
+            continue
+        x, w = node.inputs[0], node.inputs[1]
         weight = _constant_array(w)
         if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or is_constant(x):
             continue
+        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+            weight = np.ascontiguousarray(weight.T)
         sites.append((node, x, weight))
     return sites
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _gemm_bias(graph: ir.Graph, node: ir.Node, out: ir.Value, prefix: str, tag) -> list[ir.Node]:
+    """Gemm's + beta · C after its quantized product (nothing for a MatMul or no C)."""
+    if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
+        return []
+    bias, beta = node.inputs[2], float(_attr(node, "beta", 1.0))
+    nodes = []
+    if beta != 1.0:
+        scale = encodings.add_initializer(graph, f"{prefix}_beta", np.array(beta, np.float32))
+        nodes.append(tag(ir.node("Mul", [bias, scale], name=f"{prefix}_beta_bias")))
+        bias = nodes[-1].outputs[0]
+    nodes.append(tag(ir.node("Add", [out, bias], name=f"{prefix}_bias")))
+    return nodes
 
 
 def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], tag: encodings.Tag, target: str) -> None:
@@ -191,6 +215,10 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], tag: 
         for domain, version in encodings.required_opsets(encoding).items():
             fmt_opsets[domain] = max(fmt_opsets.get(domain, 0), version)
         nodes += new
+        bias = _gemm_bias(graph, node, out, prefix, tag)
+        if bias:
+            nodes += bias
+            out = bias[-1].outputs[0]
         graph.insert_before(node, nodes)
         old = node.outputs[0]
         out.name, old.name = old.name, f"{old.name}_float"
