@@ -121,3 +121,17 @@ def test_attention_fuses_in_pruned_blocks_too(bert, tmp_path):
     want, got = _run(tmp_path / "p" / "model.onnx", feeds), _run(tmp_path / "pf" / "model.onnx", feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+def test_tome_blocks_fuse_and_keep_their_outputs(bert, tmp_path):
+    """ToMe's key mean reads the attention's keys (a private copy lets the block fuse);
+    proportional attention's log(size) bias must survive the fusion."""
+    path, feeds = bert
+    merging = {"token_merging": {"r": 4}}
+    trimrt.compile(str(path), merging, tmp_path / "m")
+    manifest = trimrt.compile(str(path), {**merging, **FUSE}, tmp_path / "mf")
+    report = _report(manifest)
+    assert report["applied"] and report["fused"]["mha_no_past"] >= 1
+    want, got = _run(tmp_path / "m" / "model.onnx", feeds), _run(tmp_path / "mf" / "model.onnx", feeds)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)

@@ -29,7 +29,7 @@ import onnx_ir as ir
 from ..compiler.analysis import is_constant
 from ..compiler.probe import annotate_unknown_dims
 from ..plugins import DOMAIN, attach_decompositions
-from .base import TrimrtPass
+from .base import PASS_TAG, TrimrtPass
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,17 @@ def _layout_step(value: ir.Value) -> ir.Node | None:
 
 
 def _private_layouts(model: ir.Model) -> int:
-    """Give trimrt ops their own copy of the Reshape / Transpose / constant-scale chain that
-    makes the q / kᵀ they read from a projection. A score op sharing the attention's Kᵀ is a second use of
+    """Give trimrt ops (and the token passes' own nodes) their own copy of the Reshape /
+    Transpose / constant-scale chain that makes the q / kᵀ they read from a projection. A score op sharing the attention's Kᵀ is a second use of
     a value inside the attention pattern, which then cannot fuse; the copy costs one
     relayout of [B, N, D]. Returns the number of inputs rewired."""
     rewired = 0
     for node in list(model.graph):
-        if node.domain != DOMAIN:
-            continue
+        if node.domain != DOMAIN and node.metadata_props.get(PASS_TAG) in (None, OrtFusionPass.name):
+            continue  # only what trimrt ops and the token passes' own nodes (e.g. ToMe's key mean) read
         for index, value in enumerate(node.inputs):
+            if value is None:
+                continue
             chain, current = [], value
             while current is not None and (step := _layout_step(current)) is not None:
                 chain.append(step)
@@ -137,7 +139,7 @@ def _private_layouts(model: ir.Model) -> int:
                                 {k: v for k, v in original.attributes.items()}, name=f"{original.name}_private")
                 clone.outputs[0].name = f"{original.outputs[0].name}_private"
                 clone.outputs[0].shape, clone.outputs[0].dtype = original.outputs[0].shape, original.outputs[0].dtype
-                clone.metadata_props["trimrt.pass"] = OrtFusionPass.name
+                clone.metadata_props[PASS_TAG] = OrtFusionPass.name
                 model.graph.insert_before(node, clone)
                 source = clone.outputs[0]
             node.replace_input_with(index, source)
