@@ -47,8 +47,13 @@ class TokenDims:
         return [a for a in range(1, len(shape)) if shape[a] == PROBE_TOKENS]
 
 
-def probe_shapes(model: ir.Model, *, batch: int = PROBE_BATCH, tokens: int = PROBE_TOKENS) -> dict[str, tuple[int, ...]]:
+def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every non-constant value whose shape is not fully static."""
+    return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
+
+
+def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[str, tuple[int, ...]]]:
+    """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session."""
     import onnxruntime as ort
 
     proto = ir.serde.serialize_model(model)
@@ -68,10 +73,12 @@ def probe_shapes(model: ir.Model, *, batch: int = PROBE_BATCH, tokens: int = PRO
     opts.log_severity_level = 3
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     infos = [TensorInfo.from_ort(a) for a in session.get_inputs()]
-    feeds = random_feeds(infos, batch=batch, seed=0, tokens=tokens)
     names = [o.name for o in session.get_outputs()]
-    values = session.run(names, feeds)
-    return {n: tuple(np.shape(v)) for n, v in zip(names, values)}
+    shapes = []
+    for batch, tokens in runs:
+        values = session.run(names, random_feeds(infos, batch=batch, seed=0, tokens=tokens))
+        shapes.append({n: tuple(np.shape(v)) for n, v in zip(names, values)})
+    return shapes
 
 
 def annotate_unknown_dims(model: ir.Model) -> int:
@@ -81,8 +88,7 @@ def annotate_unknown_dims(model: ir.Model) -> int:
     same count share it). Pattern rewrites need these: after a token-reducing op the
     exporter's [B, N, -1, d] reshapes lose their head count. The model must run on ONNX
     Runtime (custom ops' decompositions attached). Returns the number of values changed."""
-    first = probe_shapes(model)
-    second = probe_shapes(model, batch=PROBE_BATCH + 2, tokens=PROBE_TOKENS + 16)
+    first, second = probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS), (PROBE_BATCH + 2, PROBE_TOKENS + 16)])
     changed = 0
     for node in model.graph:
         for value in node.outputs:

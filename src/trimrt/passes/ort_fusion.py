@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
 from ..compiler.probe import annotate_unknown_dims
-from ..plugins import DOMAIN, attach_decompositions
+from ..plugins import DOMAIN, attach_decompositions, runnable_proto
 from .base import PASS_TAG, TrimrtPass
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,12 @@ def _relative_drift(before, after, tokens: int) -> float | None:
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
 
-    unfused = OnnxRuntimeBackend(_runnable(before).SerializeToString())
+    unfused = OnnxRuntimeBackend(runnable_proto(before).SerializeToString())
     unfused.activate()
     feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens)
     want = unfused.infer(feeds)
     try:
-        fused = OnnxRuntimeBackend(_runnable(after).SerializeToString())
+        fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())
         fused.activate()
         got = fused.infer(feeds)
     except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
@@ -218,9 +218,3 @@ def _relative_drift(before, after, tokens: int) -> float | None:
         worst = max(worst, float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-12)))
     return worst
 
-
-def _runnable(proto):
-    """A copy with trimrt ops' decompositions attached (the pass runs before they are)."""
-    model = ir.serde.deserialize_model(proto)
-    attach_decompositions(model)
-    return ir.serde.serialize_model(model)

@@ -34,7 +34,7 @@ import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
 from ..errors import BuildError, RecipeError
-from ..plugins import attach_decompositions
+from ..plugins import runnable_proto
 from ..quantization import encodings
 from ..quantization.guard import choose_float_layers
 from ..quantization.methods import NEEDED_STATISTICS, Linear, QuantizedLinear, Skipped, quantize_linears
@@ -72,12 +72,12 @@ class QuantizationPass(TrimrtPass):
         if needs_data and self.calibration is None:
             raise RecipeError("TensorRT INT8 builds need static activation scales: add a [calibration] table "
                               "(source = ..., or random = true for a smoke test)")
-        feeds, stats = [], {}
+        feeds, stats, original = [], {}, None
         if needs_data and linears:
-            feeds, stats = self._calibrate(model, linears)
+            original = ir.serde.serialize_model(model)  # the float graph, for calibration and the guard
+            feeds, stats = self._calibrate(original, linears)
         plan = quantize_linears(self.options, linears, stats, static_activations=self.static_int8)
         candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
-        original = ir.serde.serialize_model(model) if feeds else None
         fidelity, kept_float = None, []
         if feeds and candidates:
             guard_feeds = feeds[:GUARD_SAMPLES]
@@ -99,10 +99,10 @@ class QuantizationPass(TrimrtPass):
         self.report = self._report(linears, plan, chosen, kept_float, fidelity, len(feeds))
         return ir.passes.PassResult(model, modified=bool(chosen))
 
-    def _calibrate(self, model: ir.Model, linears: list[Linear]):
+    def _calibrate(self, original, linears: list[Linear]):
         from ..compiler.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
 
-        runnable = _runnable(ir.serde.serialize_model(model))
+        runnable = runnable_proto(original)
         feeds = load_calibration_feeds(self.calibration, model_inputs(runnable), self.recipe_dir)
         if not feeds:
             raise BuildError("the calibration source gave no samples: check [calibration] source")
@@ -283,19 +283,12 @@ class _Evaluator:
 
     def __init__(self, original, plan, tag: encodings.Tag, target: str, feeds):
         self.original, self.plan, self.tag, self.target, self.feeds = original, plan, tag, target, feeds
-        self.reference = _run(_runnable(original), feeds)
+        self.reference = _run(runnable_proto(original), feeds)
 
     def __call__(self, quantized: frozenset[int]) -> float:
         model = ir.serde.deserialize_model(self.original)
         apply_plan(model, find_linears(model.graph), self.plan, quantized, self.tag, self.target)
-        return _cosine(self.reference, _run(_runnable(ir.serde.serialize_model(model)), self.feeds))
-
-
-def _runnable(proto):
-    """A serialized copy with trimrt ops' decompositions attached (ONNX Runtime can run it)."""
-    model = ir.serde.deserialize_model(proto)
-    attach_decompositions(model)
-    return ir.serde.serialize_model(model)
+        return _cosine(self.reference, _run(runnable_proto(model), self.feeds))
 
 
 def _run(proto, feeds) -> list[dict[str, np.ndarray]]:
@@ -327,11 +320,6 @@ def _name(node: ir.Node, index: int) -> str:
 
 
 def _constant_array(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].as_tensor().numpy()
-    return None
+    """The array of an initializer or Constant output, else None."""
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()

@@ -47,7 +47,19 @@ def attach_decompositions(model) -> list[str]:
     if used:
         model.opset_imports[DOMAIN] = OP_VERSION
     return used
+
+
+def runnable_proto(model):
+    """A ModelProto of an onnx_ir model (or of a ModelProto: a copy) with every trimrt op's
+    decomposition attached, for passes that run the graph on ONNX Runtime mid-pipeline.
+    An onnx_ir model given is changed (its functions attached)."""
+    import onnx_ir as ir
+
+    if not isinstance(model, ir.Model):
+        model = ir.serde.deserialize_model(model)
+    attach_decompositions(model)
+    return ir.serde.serialize_model(model)
 ATTENTION_ROW_SCORE = REGISTRY["AttentionRowScore"]
 TOKEN_PRUNE = REGISTRY["TokenPrune"]
 
-__all__ = ["attach_decompositions", "DOMAIN", "OP_VERSION", "OpDef", "REGISTRY", "ATTENTION_ROW_SCORE", "TOKEN_PRUNE"]
+__all__ = ["attach_decompositions", "runnable_proto", "DOMAIN", "OP_VERSION", "OpDef", "REGISTRY", "ATTENTION_ROW_SCORE", "TOKEN_PRUNE"]
