@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .runtime.backends import OnnxRuntimeBackend
-from .runtime.feeds import load_feed_files, random_feeds
+from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
 from .runtime.manifest import MODEL, onnxruntime_settings, read_manifest
 
 
@@ -65,21 +65,20 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
                 warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
                 tokens: int | None = None) -> BenchReport:
     from .errors import InputError
+    from .verification import check_counts, load_reference_onnx
 
+    check_counts(batch=batch, threads=threads, warmup=warmup, rounds=rounds, tokens=tokens)
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     if baseline is None:
         if not manifest.get("reference"):
             raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
         baseline = build_dir / manifest["reference"]
-    if not Path(baseline).is_file():
-        raise InputError(f"baseline model not found: {baseline}")
-    base = OnnxRuntimeBackend(baseline, threads=threads, spinning=False)
     build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads, spinning=False, **onnxruntime_settings(manifest))
-    base.activate()
     build.activate()
+    base = load_reference_onnx(baseline, build.inputs, "baseline", threads=threads, spinning=False)
     if inputs:
-        feeds = load_feed_files(inputs)
+        feeds = validate_feeds(build.inputs, load_feed_files(inputs))
     else:
         feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens)
         got = int(next(iter(feeds.values())).shape[0])

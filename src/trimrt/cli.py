@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import TrimrtError
+from .errors import BuildLoadError, TrimrtError
 
 
 class _Group(click.Group):
@@ -24,12 +24,42 @@ class _Group(click.Group):
         except TrimrtError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except click.UsageError as exc:  # a subcommand's bad option or argument: one line too
+            message = exc.format_message().rstrip(".")
+            command = f"{ctx.command_path} {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx is not ctx else ctx.command_path
+            click.echo(f"error: {message[:1].lower()}{message[1:]}; see '{command} --help'", err=True)
+            ctx.exit(2)
 
 
 def _console():
     from rich.console import Console
 
     return Console(stderr=False, highlight=False)
+
+
+def _build_dir(ctx, param, path: Path | None) -> Path | None:
+    """A BUILD argument that names a file (a model, say) is not a build: say so before loading."""
+    if path is not None and path.is_file():
+        hint = f"compile it first: trimrt compile {path} -o BUILD" if path.suffix == ".onnx" else \
+            "give the folder `trimrt compile` wrote"
+        raise BuildLoadError(f"{path} is a file, not a build directory; {hint}")
+    return path
+
+
+def _npz_path(ctx, param, path: Path | None) -> Path | None:
+    """--output as numpy writes it (a missing .npz suffix is added), checked before the run."""
+    if path is None:
+        return None
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise click.BadParameter(f"{path} is a folder; give a file name such as {path / 'out.npz'}")
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    if not path.parent.is_dir():
+        raise click.BadParameter(f"folder {path.parent} does not exist; create it or write elsewhere")
+    return path
+
+
+POSITIVE = click.IntRange(min=1)
 
 
 @click.group(cls=_Group)
@@ -55,16 +85,14 @@ def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporte
     with console.status("compiling") as status:
         manifest = compile_model(model, recipe, out_dir, target=target, exporter=exporter,
                                  progress=lambda msg: (status.update(msg), console.log(msg)))
-    f = manifest["flops"]
-    console.print(f"[bold green]build written[/]: {out_dir}  (FLOPs {f['before'] / 1e9:.2f} → {f['after'] / 1e9:.2f} G, "
-                  f"ideal speedup {f['ratio']:.2f}×)")
-    from .inspect import fusion_line, quantization_line, quantization_summary
+    from .inspect import flops_text, fusion_line, quantization_line, quantization_summary, token_stages
 
+    # one line each, never wrapped (paths are long); names from the model may hold brackets: no markup
+    console.print("[bold green]build written[/]: ", end="")
+    console.print(f"{out_dir}  (FLOPs {flops_text(manifest['flops'])})", markup=False, soft_wrap=True)
+    for label, steps in token_stages(manifest["passes"]):
+        console.print(f"{label}: {steps}", markup=False, soft_wrap=True)
     for p in manifest["passes"]:
-        if p["pass"] == "token_pruning":
-            steps = ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in p["report"]["layers"])
-            console.print(f"token pruning: {steps}")
-        # layer names and reasons may hold brackets: no rich markup; one line each, never wrapped
         if p["pass"] == "quantization":
             console.print(quantization_line(quantization_summary(p["report"])), markup=False, soft_wrap=True)
         if p["pass"] == "ort_fusion":
@@ -72,9 +100,10 @@ def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporte
 
 
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path))
+@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
 @click.option("--input", "inputs", multiple=True, required=True, help="NAME=FILE.npy, or FILE.npz (repeatable).")
-@click.option("--output", type=click.Path(path_type=Path), help="Write outputs to this .npz file.")
+@click.option("--output", type=click.Path(path_type=Path), callback=_npz_path,
+              help="Write outputs to this .npz file (.npz is added when missing).")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str) -> None:
     """Run BUILD on inputs from .npy/.npz files."""
@@ -84,7 +113,10 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
     session = load(build, backend=backend)
     outs = session.run(load_feed_files(list(inputs)))
     if output is not None:
-        np.savez(output, **outs)
+        try:
+            np.savez(output, **outs)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot write {output}: {exc.strerror}", param_hint="'--output'") from None
         click.echo(f"wrote {len(outs)} output(s) to {output}")
     for name, arr in outs.items():
         preview = np.array2string(arr.reshape(-1)[:6], precision=4)
@@ -92,13 +124,13 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 
 
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path))
+@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
 @click.option("--reference", help="Original .onnx file or a PyTorch factory (default: the build's reference.onnx).")
-@click.option("--samples", default=8, show_default=True, help="Random input samples (when no --input).")
+@click.option("--samples", default=8, show_default=True, type=POSITIVE, help="Random input samples (when no --input).")
 @click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
-@click.option("--tokens", type=int, help="Length of dynamic token axes of random inputs (default: the build's example).")
-@click.option("--min-cosine", type=float, help="Fail (exit 1) when an output's mean cosine is below this.")
-@click.option("--min-top1", type=float, help="Fail (exit 1) when the top-1 agreement of logits is below this.")
+@click.option("--tokens", type=POSITIVE, help="Length of dynamic token axes of random inputs (default: the build's example).")
+@click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help="Fail (exit 1) when an output's mean cosine is below this.")
+@click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="Fail (exit 1) when the top-1 agreement of logits is below this.")
 @click.option("--per-pass", is_flag=True, help="Also apply the recipe's passes one at a time: the drift each adds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, per_pass: bool,
@@ -124,7 +156,7 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
             table.add_row(m.name, str(m.shape), f"{m.max_abs:.3g}", f"{m.max_rel:.3g}", f"{m.cosine_mean:.5f}",
                           f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
         console = _console()
-        console.print(table)
+        console.print(table, soft_wrap=True)
         if q is not None:
             at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.6f}"
                           if "calibration_cosine" in q else "")
@@ -145,14 +177,14 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
 
 
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path))
+@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
 @click.option("--baseline", type=click.Path(path_type=Path), help="Unmodified .onnx (default: the build's reference.onnx).")
-@click.option("--batch", default=1, show_default=True)
-@click.option("--tokens", type=int, help="Length of dynamic token axes (default: the build's example).")
+@click.option("--batch", default=1, show_default=True, type=POSITIVE)
+@click.option("--tokens", type=POSITIVE, help="Length of dynamic token axes (default: the build's example).")
 @click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
-@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads, same for both.")
-@click.option("--rounds", default=30, show_default=True, help="Timed rounds (each runs both models once).")
-@click.option("--warmup", default=5, show_default=True)
+@click.option("--threads", default=2, show_default=True, type=POSITIVE, help="ONNX Runtime intra-op threads, same for both.")
+@click.option("--rounds", default=30, show_default=True, type=POSITIVE, help="Timed rounds (each runs both models once).")
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True)
 def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, inputs, threads: int, rounds: int,
           warmup: int, as_json: bool) -> None:
@@ -197,7 +229,13 @@ def inspect(target: str, as_json: bool) -> None:
     if info["kind"] == "build":
         click.echo(f"  target: {info['target']}")
         click.echo("  passes: " + " → ".join(p["pass"] for p in info["passes"]))
+        from .inspect import flops_text
+
         for p in info["passes"]:
+            if p["pass"] == "token_merging":
+                for x in p["report"]["layers"]:
+                    click.echo(f"    token merging at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
+                               f"(merged {x['merged']})")
             if p["pass"] == "token_pruning":
                 for x in p["report"]["layers"]:
                     click.echo(f"    token pruning at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
@@ -208,8 +246,7 @@ def inspect(target: str, as_json: bool) -> None:
                 click.echo(f"    trailing padding trimmed from {', '.join(p['report']['inputs_trimmed'])} "
                            f"(mask {p['report']['mask']})")
         click.echo(f"  custom ops: {info['custom_ops'] or 'none'}")
-        f = info["flops"]
-        click.echo(f"  FLOPs (batch 1): {f['before'] / 1e9:.3f} G → {f['after'] / 1e9:.3f} G ({f['ratio']:.2f}×)")
+        click.echo(f"  FLOPs (batch 1): {flops_text(info['flops'], digits=3)}")
         if info.get("quantization"):
             _echo_quantization(info["quantization"])
         if info.get("onnxruntime_fusion"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .runtime.manifest import MANIFEST, MODEL, read_manifest
+from .runtime.manifest import MODEL, read_manifest
 
 
 def inspect_target(target: str) -> dict:
     """A dict describing a build directory or a model (.onnx file or factory spec)."""
     path = Path(target)
-    if path.is_dir() and (path / MANIFEST).is_file():
+    if path.is_dir():  # a folder can only be a build: read_manifest says when it is not one
         return inspect_build(path)
     return inspect_model(target)
 
@@ -154,3 +154,23 @@ def _io(values) -> list[dict]:
         shape = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
         out.append({"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None, "shape": shape})
     return out
+
+
+def token_stages(passes: list[dict]) -> list[tuple[str, str]]:
+    """(pass label, 'block 1: 65→34, block 2: 34→18') for each token pass of a build: pruning and
+    merging read the same, so a user compares them at a glance."""
+    labels = {"token_pruning": "token pruning", "token_merging": "token merging"}
+    out = []
+    for p in passes or []:
+        if p["pass"] in labels and p["report"].get("layers"):
+            steps = ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in p["report"]["layers"])
+            out.append((labels[p["pass"]], steps))
+    return out
+
+
+def flops_text(flops: dict, digits: int = 2) -> str:
+    """'0.12 → 0.06 G, ideal speedup 2.00×', or why there is no ratio (no MatMul / Gemm / Conv)."""
+    before, after = f"{flops['before'] / 1e9:.{digits}f}", f"{flops['after'] / 1e9:.{digits}f}"
+    if not flops.get("ratio"):
+        return f"{before} → {after} G, no ideal speedup (the model has no MatMul, Gemm or Conv to count)"
+    return f"{before} → {after} G, ideal speedup {flops['ratio']:.2f}×"

@@ -28,6 +28,19 @@ TOKEN_PRUNING_METHODS = ("cls_attention", "last_token_attention", "zero_tprune",
 _METHOD_KEYS = {"iterations": "zero_tprune", "head_variance": "zero_tprune", "recycle_grid": "recycle",
                 "mass": "adaptive"}
 
+# Upper bounds of the numbers that cost compile time or memory (a typo of a few zeros must
+# fail in the recipe check, not hang the compile or exhaust memory)
+#: zero_tprune PageRank iterations per layer (the paper uses at most 30)
+MAX_ITERATIONS = 100
+#: recycle: the grid × grid cells become extra tokens
+MAX_RECYCLE_GRID = 64
+#: a token position or count (prunable span, protect = "first:N", ToMe r); the export's token axis allows 65536
+MAX_TOKENS = 65536
+#: [calibration] samples, each run through the model several times
+MAX_CALIBRATION_SAMPLES = 100_000
+#: [quantization] int4 group size
+MAX_GROUP_SIZE = 65536
+
 
 @dataclass(frozen=True)
 class TokenPruningOptions:
@@ -245,6 +258,9 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise RecipeError(f"recipe {path} is not valid TOML: {exc}") from None
+        except RecursionError:  # the parser recurses once per nesting level
+            raise RecipeError(f"recipe {path} nests arrays or tables too deeply to read; a recipe needs at most "
+                              "two levels") from None
         return _parse(data, str(path))
     if isinstance(recipe, Mapping):
         return _parse(recipe, "<dict>")
@@ -316,17 +332,18 @@ def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
                               f"of its tokens), got {ratio!r}")
         r = ()
     elif _is_int(r):
-        if r < 1:
-            raise RecipeError(f"{where}: r must be >= 1, got {r}")
+        if not 1 <= r <= MAX_TOKENS:
+            raise RecipeError(f"{where}: r must be an integer in [1, {MAX_TOKENS}], got {r}")
         r = (r,) * len(layers) if layers is not None else (r,)
-    elif isinstance(r, (list, tuple)) and r and all(_is_int(i) and i >= 0 for i in r):
+    elif isinstance(r, (list, tuple)) and r and all(_is_int(i) and 0 <= i <= MAX_TOKENS for i in r):
         r = tuple(r)
         if layers is None:
             layers = tuple(range(len(r)))
         elif len(layers) != len(r):
             raise RecipeError(f"{where}: r lists {len(r)} values for {len(layers)} layers")
     else:
-        raise RecipeError(f"{where}: r must be a positive integer or a list of integers >= 0 (one per block), got {r!r}")
+        raise RecipeError(f"{where}: r must be a positive integer or a list of integers in [0, {MAX_TOKENS}] "
+                          f"(one per block), got {r!r}")
     protect = tm.get("protect", "cls")
     if protect not in ("cls", "none"):
         raise RecipeError(f"{where}: protect must be \"cls\" or \"none\", got {protect!r}")
@@ -400,6 +417,8 @@ def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
                               "remove it")
         if not _is_int(group) or group < 16 or group & (group - 1):
             raise RecipeError(f"{where}: group_size must be a power of two >= 16 (e.g. 128), got {group!r}")
+        if group > MAX_GROUP_SIZE:
+            raise RecipeError(f"{where}: group_size must be at most {MAX_GROUP_SIZE}, got {group}")
         chosen["group_size"] = group
     if "alpha" in q:
         if chosen["method"] != "smoothquant":
@@ -430,11 +449,13 @@ def _parse_calibration(cal: Any, source: str) -> CalibrationOptions:
         raise RecipeError(f"{where}: give exactly one of source = \"...\" (real calibration data) or "
                           "random = true (a smoke test)")
     ints = {}
-    for key, low in (("samples", 1), ("max_length", 1), ("seed", 0)):
+    for key, low, high in (("samples", 1, MAX_CALIBRATION_SAMPLES), ("max_length", 1, MAX_TOKENS), ("seed", 0, 2**32 - 1)):
         if key in cal:
             value = cal[key]
             if not _is_int(value) or value < low:
                 raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            if value > high:
+                raise RecipeError(f"{where}: {key} must be at most {high}, got {value}")
             ints[key] = value
     tokenizer = cal.get("tokenizer")
     if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
@@ -471,8 +492,10 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
         raise RecipeError(f"{where}: keep must be a number in (0, 1], got {keep!r}")
     protect = tp.get("protect", "cls")
-    if not isinstance(protect, str) or not (protect in ("cls", "none") or re.fullmatch(r"first:[0-9]+", protect)):
-        raise RecipeError(f"{where}: protect must be \"cls\", \"none\" or \"first:N\", got {protect!r}")
+    if (not isinstance(protect, str) or not (protect in ("cls", "none") or re.fullmatch(r"first:[0-9]{1,9}", protect))
+            or protect.startswith("first:") and int(protect[6:]) > MAX_TOKENS):
+        raise RecipeError(f"{where}: protect must be \"cls\", \"none\" or \"first:N\" (N <= {MAX_TOKENS}), "
+                          f"got {protect!r}")
     fuse = _flag(tp, "fuse_pruned", False, where)
     prunable = tp.get("prunable")
     if prunable is not None:
@@ -480,8 +503,9 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
             raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
         if (not isinstance(prunable, (list, tuple)) or len(prunable) != 2
                 or not all(isinstance(i, int) and not isinstance(i, bool) for i in prunable)
-                or not 0 <= prunable[0] < prunable[1]):
-            raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end, got {prunable!r}")
+                or not 0 <= prunable[0] < prunable[1] <= MAX_TOKENS):
+            raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, "
+                              f"got {prunable!r}")
         prunable = (int(prunable[0]), int(prunable[1]))
     for key, owner in _METHOD_KEYS.items():
         if key in tp and method != owner:
@@ -491,6 +515,9 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
         its = tp["iterations"]
         if not isinstance(its, (list, tuple)) or len(its) != len(layers) or not all(_is_int(i) and i >= 1 for i in its):
             raise RecipeError(f"{where}: iterations must list one integer >= 1 per layer ({len(layers)}), got {its!r}")
+        if max(its) > MAX_ITERATIONS:
+            raise RecipeError(f"{where}: iterations must be at most {MAX_ITERATIONS} (PageRank converges in tens; "
+                              f"the paper uses up to 30), got {max(its)}")
         extra["iterations"] = tuple(i for _, i in sorted(zip(layers, its)))
     if "head_variance" in tp:
         hv = tp["head_variance"]
@@ -500,8 +527,8 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
         extra["head_variance"] = (float(hv[0]), float(hv[1]))
     if "recycle_grid" in tp:
         grid = tp["recycle_grid"]
-        if not _is_int(grid) or grid < 1:
-            raise RecipeError(f"{where}: recycle_grid must be an integer >= 1, got {grid!r}")
+        if not _is_int(grid) or not 1 <= grid <= MAX_RECYCLE_GRID:
+            raise RecipeError(f"{where}: recycle_grid must be an integer in [1, {MAX_RECYCLE_GRID}], got {grid!r}")
         extra["recycle_grid"] = grid
     if "mass" in tp:
         mass = tp["mass"]

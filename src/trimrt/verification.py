@@ -104,23 +104,55 @@ def _reference(reference: Any, session: Session):
         if is_factory_spec(spec):
             module, _ = call_factory(spec)
             return _TorchReference(module, input_names)
-        if not Path(spec).is_file():
-            raise ModelLoadError(f"reference model not found: {spec}")
-        backend = OnnxRuntimeBackend(spec)
-        try:
-            backend.activate()
-        except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(f"reference {spec} cannot be loaded by ONNX Runtime: {str(exc).splitlines()[0]}") from None
-        return backend
+        return load_reference_onnx(spec, session.inputs, "reference")
     if hasattr(reference, "forward"):
         return _TorchReference(reference, input_names)
     raise ModelLoadError(f"reference must be an .onnx path, a factory spec or a torch module, not {type(reference).__name__}")
+
+
+def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) -> OnnxRuntimeBackend:
+    """The original model (verify's reference, bench's baseline) on ONNX Runtime, refused with one
+    line when it is not an ONNX file or takes other inputs than the build."""
+    path = Path(path)
+    flag = "--reference" if what == "reference" else "--baseline"
+    if path.is_dir():
+        kind = "a trimrt build" if (path / "manifest.json").is_file() else "a folder"
+        raise ModelLoadError(f"{what} {path} is {kind}, not an .onnx file; pass {flag} ORIGINAL.onnx (the model the "
+                             "build was compiled from)")
+    if not path.is_file():
+        raise ModelLoadError(f"{what} model not found: {path}")
+    backend = OnnxRuntimeBackend(path, **backend_options)
+    try:
+        backend.activate()
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for bad files
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        reason = lines[0][:200] if lines else type(exc).__name__
+        if "protobuf" in reason.lower():  # "Protobuf parsing failed", "No graph was found in the protobuf"
+            reason = "not an ONNX model"
+        raise ModelLoadError(f"{what} {path} cannot be loaded by ONNX Runtime ({reason}); pass {flag} ORIGINAL.onnx"
+                             ) from None
+    want, got = sorted(i.name for i in inputs), sorted(i.name for i in backend.inputs)
+    if want != got:
+        raise InputError(f"{what} {path} takes inputs {got}, the build {want}: pass the model this build was "
+                         "compiled from")
+    return backend
+
+
+def check_counts(**counts: int | None) -> None:
+    """Counts of verify / bench (samples, rounds, batch, ...) given through the API: one line when
+    one is out of range, as the CLI's ranges say."""
+    lows = {"warmup": 0}
+    for name, value in counts.items():
+        low = lows.get(name, 1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
                  min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0,
                  tokens: int | None = None, per_pass: bool = False) -> VerifyReport:
     """Compare a build with its reference; see the module docstring."""
+    check_counts(samples=samples, tokens=tokens)
     session = Session(build_dir, backend="onnxruntime")
     if reference is None:
         ref_name = session.manifest.get("reference")
@@ -138,7 +170,7 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
     ref_all: dict[str, list] = {n: [] for n in names}
     for feeds in batches:
         got = session.run(feeds)
-        expected = ref.infer(feeds)
+        expected = _reference_outputs(ref, feeds)
         expected = list(expected.values()) if isinstance(expected, dict) else list(expected)
         if len(expected) < len(names):
             raise InputError(f"the reference gives {len(expected)} outputs, the build {len(names)}")
@@ -160,6 +192,19 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
             report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
     return report
+
+
+def _reference_outputs(ref, feeds):
+    """The reference's outputs; a PyTorch reference that rejects the build's inputs is named."""
+    if not isinstance(ref, _TorchReference):
+        return ref.infer(feeds)
+    try:
+        return ref.infer(feeds)
+    except Exception as exc:  # noqa: BLE001 - the user's module: name what it raised
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
+                         f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this build "
+                         "was compiled from") from None
 
 
 def quantization_facts(manifest: dict) -> dict | None:

@@ -8,6 +8,7 @@ reproduce the original outputs. Otherwise BuildError, and nothing is written.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import BackendUnavailableError, BuildError
+from ..errors import BackendUnavailableError, BuildError, ModelLoadError
 from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
@@ -26,7 +27,7 @@ from .artifacts import atomic_build_dir, write_manifest
 from .flops import count_flops
 from .pipeline import TARGETS, build_passes, run_pipeline
 from .pipeline import min_tokens as pipeline_min_tokens
-from .source import load_source
+from .source import is_factory_spec, load_source
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference.onnx"
@@ -51,42 +52,44 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         if not TensorRTBackend.available():
             raise BackendUnavailableError("--target tensorrt needs TensorRT and an NVIDIA GPU on this machine; "
                                           "compile for onnxruntime here and build the engine on the GPU machine")
-    say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
-    loaded = load_source(source, example_inputs, exporter=exporter)
-    original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
-    model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
+    # -o is checked (and its temp dir made) before any work: a bad destination fails at once
+    with atomic_build_dir(out_dir, inputs=_input_files(source, recipe)) as tmp:
+        say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
+        loaded = load_source(source, example_inputs, exporter=exporter)
+        original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
+        base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
+        model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
 
-    passes = build_passes(recipe, target, progress=progress is not None)
-    say("running passes: " + " → ".join(p.name for p in passes))
-    reports = run_pipeline(model, passes)
-    built = ir.serde.serialize_model(model)
-    try:
-        onnx.checker.check_model(built)
-    except onnx.checker.ValidationError as exc:
-        raise BuildError(f"the rewritten graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
+        passes = build_passes(recipe, target, progress=progress is not None)
+        say("running passes: " + " → ".join(p.name for p in passes))
+        reports = run_pipeline(model, passes)
+        built = ir.serde.serialize_model(model)
+        try:
+            onnx.checker.check_model(built)
+        except onnx.checker.ValidationError as exc:
+            raise BuildError(f"the rewritten graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
-    say("checking the build on ONNX Runtime")
-    base_rt, build_rt = _session(original), _session(built)
-    min_tokens = pipeline_min_tokens(recipe)
-    given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
-    hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
-    check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
-    feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens)
-    base_out = base_rt.infer(feeds)
-    try:
-        build_out = build_rt.infer(feeds)
-    except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
-        raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
-    _check_outputs(base_out, build_out, noop=_is_noop(reports))
-    # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
-    batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
-    flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
+        say("checking the build on ONNX Runtime")
+        build_rt = _session(built)
+        min_tokens = pipeline_min_tokens(recipe)
+        given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
+        hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
+        check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
+        feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens)
+        base_out = base_rt.infer(feeds)
+        try:
+            build_out = build_rt.infer(feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
+            raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
+        _check_outputs(base_out, build_out, noop=_is_noop(reports))
+        # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
+        batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
+        flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
 
-    if save_reference is None:
-        save_reference = loaded.torch_module is not None
-    structure = next((r["report"] for r in reports if r["pass"] == "analyse"), {})
-    fusion = next((r["report"] for r in reports if r["pass"] == "ort_fusion"), None)
-    with atomic_build_dir(out_dir) as tmp:
+        if save_reference is None:
+            save_reference = loaded.torch_module is not None
+        structure = next((r["report"] for r in reports if r["pass"] == "analyse"), {})
+        fusion = next((r["report"] for r in reports if r["pass"] == "ort_fusion"), None)
         _save(built, tmp / MODEL)
         if save_reference:
             _save(original, tmp / REFERENCE)
@@ -108,16 +111,60 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "example_shapes": {k: list(v.shape) for k, v in feeds.items()},
             "ops": {op: {"domain": DOMAIN, "version": OP_VERSION} for op in
                     sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})},
+            # ratio None: the model has no MatMul / Gemm / Conv, so there is no ideal speedup to state
             "flops": {"batch": 1, "before": flops_before, "after": flops_after,
-                      "ratio": round(flops_before / max(flops_after, 1), 4)},
+                      "ratio": round(flops_before / max(flops_after, 1), 4) if flops_before else None},
             "reference": REFERENCE if save_reference else None,
             "min_tokens": min_tokens,
             "compile_seconds": round(time.perf_counter() - started, 2),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
         })
-    say(f"wrote {out_dir} (FLOPs ratio {manifest['flops']['ratio']:.2f}×)")
+    ratio = manifest["flops"]["ratio"]
+    say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
     return manifest
+
+
+def _input_files(source, recipe) -> list[Path]:
+    """Files the compile reads (the model or factory file, the recipe file): the build must not replace them."""
+    files = []
+    if isinstance(source, (str, Path)):
+        spec = str(source)
+        path = Path(spec.rpartition(":")[0]) if is_factory_spec(spec) else Path(spec)
+        if path.exists():
+            files.append(path)
+    if recipe.directory is not None:
+        files.append(Path(recipe.source))
+    return files
+
+
+#: ONNX Runtime's words for an opset newer than it supports, and for an op it does not know
+_ORT_OPSET = re.compile(r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)", re.S)
+_ORT_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
+
+
+def _original_session(proto: onnx.ModelProto, description: str) -> OnnxRuntimeBackend:
+    """The input model on ONNX Runtime, with one-line errors for what ORT refuses (an opset
+    newer than it supports, an op of an unknown domain): every check compares against it."""
+    try:
+        return _session(proto)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph types
+        text = str(exc)
+        import onnxruntime
+
+        opset = _ORT_OPSET.search(text)
+        if opset:
+            raise ModelLoadError(f"{description} uses ONNX opset {opset[1]}, newer than ONNX Runtime "
+                                 f"{onnxruntime.__version__} supports (up to {opset[3]}); re-export it with "
+                                 f"opset_version between 18 and {opset[3]}") from None
+        unknown = _ORT_UNKNOWN_OP.search(text)
+        if unknown:
+            domain = unknown[1] or "ai.onnx"
+            raise ModelLoadError(f"{description} uses op {unknown[2]} of domain {domain!r}, which ONNX Runtime does "
+                                 "not know and the model defines no function for; export it with standard ONNX ops")
+        lines = [line for line in text.splitlines() if line.strip()]
+        raise ModelLoadError(f"ONNX Runtime cannot load {description}: {lines[0][:300] if lines else type(exc).__name__}"
+                             ) from None
 
 
 def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:

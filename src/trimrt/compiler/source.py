@@ -8,11 +8,13 @@ masks), falling back to the TorchScript exporter when dynamo fails.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +53,13 @@ def load_onnx(path: str | Path) -> ir.Model:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError / various on non-ONNX bytes
+        if "points outside the directory" in str(exc):  # onnx refuses external data outside the folder
+            raise ModelLoadError(f"{path}: its external data {_external_location(exc)}lies outside the model's folder "
+                                 f"{path.parent}, which trimrt does not read; keep the weights file beside the model "
+                                 "and name it by a relative path inside that folder") from None
+        if "external data" in str(exc).lower() or isinstance(exc, FileNotFoundError):
+            raise ModelLoadError(f"{path}: cannot read its external data ({_first_line(exc)}); keep the weights file "
+                                 "beside the model") from None
         raise ModelLoadError(f"{path} is not an ONNX model ({type(exc).__name__}); pass an .onnx file or a factory 'file.py:function'") from None
     if not proto.graph.node:
         raise ModelLoadError(f"{path} is not an ONNX model with a graph (no nodes found)")
@@ -59,6 +68,14 @@ def load_onnx(path: str | Path) -> ir.Model:
         return ir.serde.deserialize_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot read the ONNX graph: {exc}") from None
+
+
+def _external_location(exc: Exception) -> str:
+    """The location named in onnx's external-data refusal ("but '../w.bin' points outside"), quoted, or ''."""
+    import re
+
+    found = re.search(r"but '([^']*)' points outside", str(exc))
+    return f"{found[1]!r} " if found else ""
 
 
 #: the lowest opset trimrt works on; older models are up-converted on load
@@ -109,7 +126,11 @@ def resolve_factory(spec: str) -> Callable[[], Any]:
 
 def call_factory(spec: str):
     factory = resolve_factory(spec)
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code: name it and what it raised
+        raise ModelLoadError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc) or 'no message'}; "
+                             "fix it so it returns (torch_module, example_inputs)") from None
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ModelLoadError(f"factory {spec} must return (torch_module, example_inputs), got {type(result).__name__}")
     module, example = result
@@ -139,10 +160,56 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
     if exporter not in EXPORTERS:
         raise ModelLoadError(f"unknown exporter {exporter!r}; choose one of {list(EXPORTERS)}")
     try:
-        import torch
+        import torch  # noqa: F401 - checked here so the message names the extra; used in _export
     except ImportError:
         raise ModelLoadError("exporting a PyTorch model needs torch: pip install 'trimrt[torch]'") from None
-    module.eval()  # the TorchScript exporter restores training flags recursively: set eval on the outermost module
+    # export in eval mode (the TorchScript exporter restores training flags recursively: set eval on the
+    # outermost module); the caller's flags, module by module, are put back afterwards
+    training = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with _quiet_exporter():
+            return _export(module, example_inputs, opset, exporter)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+
+
+#: what the exporters print that is not the user's business: torch.onnx's registry announcing it
+#: skips torchvision ops, torch's own deprecations, the legacy-exporter notice when we fall back
+_QUIET_LOGGERS = {"torch.onnx._internal.exporter._registration": "torchvision is not installed"}
+_QUIET_WARNINGS = ((FutureWarning, r".*(treespec|LeafSpec)"), (DeprecationWarning, r".*TorchScript-based ONNX export"),
+                   (UserWarning, r".*TorchScript-based ONNX export"))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence the exporters' internal notices for the duration of an export."""
+    filters = [(logging.getLogger(name), _DropMessages(text)) for name, text in _QUIET_LOGGERS.items()]
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+
+
+def _export(module, example_inputs, opset: int, exporter: str) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    import torch
+
     if isinstance(example_inputs, dict):
         kwargs = dict(example_inputs)
     elif len(example_inputs) == 1 and isinstance(example_inputs[0], dict):
@@ -185,7 +252,6 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
             except Exception as exc2:  # noqa: BLE001
                 errors.append(f"torchscript: {type(exc2).__name__}: {_first_line(exc2)}")
                 raise ModelLoadError("export failed: " + " | ".join(errors)) from None
-        module.eval()
         model = load_onnx(path)
     return model, feeds
 

@@ -98,7 +98,10 @@ def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
 
 
 def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:
-    """`NAME=FILE.npy` items, or `FILE.npz` holding arrays by input name."""
+    """`NAME=FILE.npy` items, or `FILE.npz` holding arrays by input name.
+
+    The file's first bytes say what it is (numpy's magic, or a zip for .npz): anything else is
+    refused by name, rather than with numpy's advice to unpickle it."""
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
         name, sep, file = spec.partition("=")
@@ -106,13 +109,23 @@ def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:
         if not path.is_file():
             raise InputError(f"input file not found: {path}")
         try:
+            with open(path, "rb") as f:
+                magic = f.read(6)
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror}") from None
+        if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+            raise InputError(f"{path} is not a .npy or .npz file (write inputs with numpy.save or numpy.savez)")
+        try:
             data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.ndarray):
+                data = {k: data[k] for k in data.files}
         except Exception as exc:  # noqa: BLE001 - numpy raises many types for bad files
-            raise InputError(f"cannot read {path} as .npy/.npz: {exc}") from None
+            reason = "it holds Python objects, not plain arrays" if "pickle" in str(exc) else str(exc).splitlines()[0]
+            raise InputError(f"cannot read {path} as .npy/.npz: {reason}") from None
         if isinstance(data, np.ndarray):
             if not sep:
                 raise InputError(f"{path}: a .npy file needs a name: --input NAME={path}")
             feeds[name] = data
         else:
-            feeds.update({k: data[k] for k in data.files})
+            feeds.update(data)
     return feeds
