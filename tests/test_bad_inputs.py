@@ -1,0 +1,154 @@
+"""Bad inputs a user can give the CLI (and the API): each ends in one line naming the problem,
+exit code 2 (a typed TrimrtError in the API), never a traceback, never a half-written build.
+
+The models are tiny graphs made with onnx.helper (no torch), so the table runs in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from click.testing import CliRunner
+
+import trimrt
+from trimrt.bench import bench_build
+from trimrt.cli import main
+from trimrt.errors import BuildError, InputError, ModelLoadError, RecipeError
+from trimrt.recipe import load_recipe
+
+
+def _mlp(path, *, opset=18, input_name="x", custom_op=False, external=None):
+    """x[batch, 8] → MatMul(eye) → Relu (or an op of an unknown domain) → y."""
+    x = oh.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    w = onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    last = oh.make_node("Bar", ["h"], ["y"], domain="com.foo") if custom_op else oh.make_node("Relu", ["h"], ["y"])
+    opsets = [oh.make_opsetid("", opset)] + ([oh.make_opsetid("com.foo", 1)] if custom_op else [])
+    model = oh.make_model(oh.make_graph([oh.make_node("MatMul", [input_name, "w"], ["h"]), last], "mlp", [x], [y], [w]),
+                          opset_imports=opsets)
+    if external is not None:  # the weight stored in a file named by a relative location
+        from onnx.external_data_helper import set_external_data
+
+        tensor = model.graph.initializer[0]
+        (path.parent / external).write_bytes(tensor.raw_data)
+        set_external_data(tensor, location=external)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The inputs every case reads, made once: models, a build, data files, recipes, a factory."""
+    tmp = tmp_path_factory.mktemp("bad")
+    _mlp(tmp / "model.onnx")
+    _mlp(tmp / "other.onnx", input_name="z")
+    _mlp(tmp / "opset30.onnx", opset=30)
+    _mlp(tmp / "custom.onnx", custom_op=True)
+    (tmp / "sub").mkdir()
+    _mlp(tmp / "sub" / "outside.onnx", external="../weights.bin")
+    trimrt.compile(str(tmp / "model.onnx"), None, tmp / "build")
+    np.save(tmp / "x.npy", np.ones((2, 8), np.float32))
+    (tmp / "text.npy").write_text("1 2 3\n")
+    (tmp / "notes.txt").write_text("not a model\n")
+    (tmp / "folder").mkdir()
+    (tmp / "folder" / "mine.txt").write_text("mine")
+    (tmp / "factory.py").write_text("def make():\n    raise RuntimeError('weights missing')\n")
+    (tmp / "deep.toml").write_text("[token_pruning]\nlayers = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    (tmp / "iterations.toml").write_text('[token_pruning]\nmethod = "zero_tprune"\nlayers = [0]\nkeep = 0.5\n'
+                                         "iterations = [1000000000000]\n")
+    (tmp / "grid.toml").write_text('[token_pruning]\nmethod = "recycle"\nlayers = [0]\nkeep = 0.5\n'
+                                   "recycle_grid = 100000\n")
+    (tmp / "samples.toml").write_text("[quantization]\nmin_cosine = 0.9\n[calibration]\nrandom = true\n"
+                                      "samples = 1000000000\n")
+    return tmp
+
+
+# (case id, CLI arguments, words the one-line error must hold); {t} is the fixture's folder
+CASES = [
+    # inputs ONNX Runtime refuses, named before any rewrite
+    ("opset-too-new", "compile {t}/opset30.onnx -o {t}/out", ["opset 30", "newer than ONNX Runtime"]),
+    ("unknown-custom-op", "compile {t}/custom.onnx -o {t}/out", ["op Bar of domain 'com.foo'"]),
+    ("external-data-outside", "compile {t}/sub/outside.onnx -o {t}/out", ["external data", "outside the model's folder"]),
+    ("factory-raises", "compile {t}/factory.py:make -o {t}/out", ["factory", "raised RuntimeError: weights missing"]),
+    # -o: checked before the work starts (the factory would raise if it ran)
+    ("o-not-a-build-checked-first", "compile {t}/factory.py:make -o {t}/folder", ["exists and is not a trimrt build"]),
+    ("o-below-a-file", "compile {t}/model.onnx -o {t}/notes.txt/out", ["notes.txt is a file, not a folder"]),
+    ("o-read-only", "compile {t}/model.onnx -o /sys/trimrt-test-build", ["cannot write the build"]),
+    ("input-inside-o", "compile {t}/build/model.onnx -o {t}/build", ["lies inside the output", "choose another -o"]),
+    # recipes: numbers that cost time or memory are bounded; nesting cannot crash the parser
+    ("recipe-nested-100000-deep", "compile {t}/model.onnx -o {t}/out --recipe {t}/deep.toml", ["nests", "too deeply"]),
+    ("recipe-iterations-huge", "compile {t}/model.onnx -o {t}/out --recipe {t}/iterations.toml",
+     ["iterations must be at most 100"]),
+    ("recipe-recycle-grid-huge", "compile {t}/model.onnx -o {t}/out --recipe {t}/grid.toml",
+     ["recycle_grid must be an integer in [1, 64]"]),
+    ("recipe-samples-huge", "compile {t}/model.onnx -o {t}/out --recipe {t}/samples.toml",
+     ["samples must be at most 100000"]),
+    # counts: click ranges
+    ("verify-samples-0", "verify {t}/build --samples 0 --reference {t}/model.onnx", ["'--samples'", "0 is not in the range x>=1"]),
+    ("verify-tokens-negative", "verify {t}/build --tokens -3 --reference {t}/model.onnx", ["'--tokens'", "-3 is not in the range"]),
+    ("verify-min-cosine-above-1", "verify {t}/build --min-cosine 2 --reference {t}/model.onnx", ["'--min-cosine'", "2.0 is not in the range"]),
+    ("bench-tokens-negative", "bench {t}/build --tokens -3 --baseline {t}/model.onnx", ["'--tokens'", "-3 is not in the range"]),
+    ("bench-rounds-0", "bench {t}/build --rounds 0 --baseline {t}/model.onnx", ["'--rounds'", "0 is not in the range"]),
+    ("bench-batch-negative", "bench {t}/build --batch -1 --baseline {t}/model.onnx", ["'--batch'", "-1 is not in the range"]),
+    ("bench-batch-0", "bench {t}/build --batch 0 --baseline {t}/model.onnx", ["'--batch'", "0 is not in the range"]),
+    ("bench-threads-negative", "bench {t}/build --threads -1 --baseline {t}/model.onnx", ["'--threads'", "-1 is not in the range"]),
+    ("bench-warmup-negative", "bench {t}/build --warmup -1 --baseline {t}/model.onnx", ["'--warmup'", "-1 is not in the range x>=0"]),
+    # references and baselines that are not the build's original
+    ("verify-reference-other-inputs", "verify {t}/build --reference {t}/other.onnx --samples 1",
+     ["takes inputs ['z']", "the build ['x']"]),
+    ("bench-baseline-other-inputs", "bench {t}/build --baseline {t}/other.onnx --rounds 1",
+     ["takes inputs ['z']", "the build ['x']"]),
+    ("bench-baseline-not-onnx", "bench {t}/build --baseline {t}/notes.txt --rounds 1", ["not an ONNX model"]),
+    ("bench-baseline-is-a-build", "bench {t}/build --baseline {t}/build --rounds 1",
+     ["baseline", "is a trimrt build, not an .onnx file"]),
+    ("verify-reference-is-a-build", "verify {t}/build --reference {t}/build --samples 1",
+     ["reference", "is a trimrt build, not an .onnx file"]),
+    # files named for what they are
+    ("run-a-model-file", "run {t}/model.onnx --input x={t}/x.npy", ["model.onnx is a file, not a build directory"]),
+    ("bench-a-model-file", "bench {t}/model.onnx", ["model.onnx is a file, not a build directory"]),
+    ("inspect-folder-without-manifest", "inspect {t}/folder", ["is not a trimrt build (no manifest.json)"]),
+    ("text-file-as-npy", "run {t}/build --input x={t}/text.npy", ["text.npy is not a .npy or .npz file"]),
+    ("run-output-missing-folder", "run {t}/build --input x={t}/x.npy --output {t}/missing/out.npz",
+     ["'--output'", "does not exist"]),
+    ("run-output-a-folder", "run {t}/build --input x={t}/x.npy --output {t}/folder", ["'--output'", "is a folder"]),
+]
+
+
+@pytest.mark.parametrize("args,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(files, args, words):
+    before = sorted(p.name for p in files.iterdir())
+    result = CliRunner().invoke(main, args.format(t=files).split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    after = sorted(p.name for p in files.iterdir())
+    assert after == before  # no build, temp folder or output file left behind
+    assert (files / "folder" / "mine.txt").read_text() == "mine"
+
+
+# the same refusals through the Python API: typed errors
+API_CASES = [
+    ("verify-samples-0", lambda t: trimrt.verify(t / "build", t / "model.onnx", samples=0), InputError, "samples must be an integer >= 1"),
+    ("bench-rounds-0", lambda t: bench_build(t / "build", t / "model.onnx", rounds=0), InputError,
+     "rounds must be an integer >= 1"),
+    ("bench-threads-negative", lambda t: bench_build(t / "build", t / "model.onnx", threads=-1), InputError,
+     "threads must be an integer >= 1"),
+    ("factory-raises", lambda t: trimrt.compile(f"{t}/factory.py:make", None, t / "out"), ModelLoadError,
+     "raised RuntimeError"),
+    ("recipe-nested", lambda t: load_recipe(t / "deep.toml"), RecipeError, "too deeply"),
+    ("recipe-iterations", lambda t: load_recipe(t / "iterations.toml"), RecipeError, "at most 100"),
+    ("input-inside-o", lambda t: trimrt.compile(str(t / "build" / "model.onnx"), None, t / "build"), BuildError,
+     "lies inside the output"),
+]
+
+
+@pytest.mark.parametrize("call,error,words", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_bad_input_is_a_typed_error(files, call, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        call(files)
