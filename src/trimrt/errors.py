@@ -36,3 +36,11 @@ class BackendUnavailableError(TrimrtError):
 
 class CalibrationError(TrimrtError):
     """Calibration data for quantization is missing, unreadable or does not fit the model's inputs."""
+
+
+class SessionClosedError(TrimrtError):
+    """A Session was used after close() (or after its `with` block ended)."""
+
+
+class RunError(TrimrtError):
+    """ONNX Runtime failed while running a build on feeds that passed validation."""

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, SessionClosedError
 from .feeds import TensorInfo
 
 
@@ -67,13 +67,20 @@ class OnnxRuntimeBackend(Backend):
         }[self.optimization]
         self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
                                              disabled_optimizers=self.disabled_optimizers or None)
+        # a failing run is raised to the caller (as a typed error by Session); ORT's own log line
+        # of it on stderr would only repeat it
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         self.inputs = [TensorInfo.from_ort(a) for a in self._session.get_inputs()]
         self.outputs = [TensorInfo.from_ort(a) for a in self._session.get_outputs()]
 
     def infer(self, feeds, output_names=None):
         # InferenceSession.run is thread-safe: one session serves concurrent callers
+        session = self._session
+        if session is None:
+            raise SessionClosedError("this ONNX Runtime session is closed; load the build again")
         names = output_names or [o.name for o in self.outputs]
-        return dict(zip(names, self._session.run(names, dict(feeds))))
+        return dict(zip(names, session.run(names, dict(feeds), self._run_options)))
 
     def deactivate(self) -> None:
         self._session = None

@@ -45,7 +45,11 @@ def validate_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, object]) ->
         raise InputError(f"missing input(s) {missing}; expected {', '.join(i.describe() for i in inputs)}")
     out = {}
     for name, info in expected.items():
-        arr = np.asarray(feeds[name])
+        try:
+            arr = np.asarray(feeds[name])
+        except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
+            raise InputError(f"input {name!r} is not an array ({str(exc).splitlines()[0]}); "
+                             f"pass a numpy array {info.describe()}") from None
         if arr.dtype != info.dtype:
             raise InputError(f"input {name!r} must be {info.dtype.name}, got {arr.dtype.name} (cast it with .astype(np.{info.dtype.name}))")
         if arr.ndim != len(info.shape):

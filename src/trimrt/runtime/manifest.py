@@ -1,9 +1,16 @@
-"""The build manifest: format version, contents and sha256 of every file of a build."""
+"""The build manifest: format version, contents and sha256 of every file of a build.
+
+A build is sealed by its manifest: every file the runtime reads (model.onnx, its external
+data, model.engine, the reference model) must be listed with its sha256, and every listed
+path must stay inside the build directory, so a tampered manifest can neither smuggle in a
+modified model nor make `load()` read files elsewhere on the machine.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from ..errors import BuildLoadError
@@ -12,6 +19,10 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 ENGINE = "model.engine"
+#: where the compiler puts the weights of models over protobuf's 2 GB limit
+EXTERNAL_DATA = MODEL + ".data"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -22,29 +33,103 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def inside(build_dir: Path, name: str) -> Path:
+    """`build_dir / name`, refused (BuildLoadError) unless it resolves inside the build:
+    no absolute paths, no `..`, no symbolic link leading out."""
+    root = build_dir.resolve()
+    path = (build_dir / name).resolve()
+    if Path(name).is_absolute() or not path.is_relative_to(root) or path == root:
+        raise BuildLoadError(f"{build_dir}: {name!r} lies outside the build directory (an absolute path, '..' or a "
+                             "link leading out); the build is damaged or tampered with, recompile it")
+    return path
+
+
 def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
-    """Read and check a build's manifest: format version and the hash of every listed file."""
+    """Read and check a build's manifest: a JSON object of a supported format version whose
+    `files` (name → sha256) covers every file the build needs, all inside the build, each
+    matching its hash (unless check_hashes=False)."""
     build_dir = Path(build_dir)
-    path = build_dir / MANIFEST
     if not build_dir.is_dir():
         raise BuildLoadError(f"build directory not found: {build_dir}")
-    if not path.is_file():
+    if not (build_dir / MANIFEST).is_file():
         raise BuildLoadError(f"{build_dir} is not a trimrt build (no {MANIFEST}); create one with `trimrt compile`")
+    path = inside(build_dir, MANIFEST)
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BuildLoadError(f"{path} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BuildLoadError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}; recompile the build") from None
+    if not isinstance(manifest, dict):
+        raise BuildLoadError(f"{path} is not a JSON object (got a {type(manifest).__name__}); recompile the build")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise BuildLoadError(f"{build_dir}: build format version {version!r} is not supported (expected {FORMAT_VERSION}); recompile it")
+    files = _check_files(build_dir, manifest)
+    _check_runtime_entries(build_dir, manifest)
     if check_hashes:
-        for name, digest in manifest.get("files", {}).items():
-            file = build_dir / name
+        for name, digest in files.items():
+            file = inside(build_dir, name)
             if not file.is_file():
                 raise BuildLoadError(f"{build_dir}: file {name} listed in the manifest is missing; recompile the build")
             if sha256_file(file) != digest:
                 raise BuildLoadError(f"{build_dir}: {name} does not match its sha256 in the manifest (modified or corrupted); recompile the build")
     return manifest
+
+
+def _check_files(build_dir: Path, manifest: dict) -> dict[str, str]:
+    """The `files` entry: an object of sha256 hex digests, inside the build, naming every needed file."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BuildLoadError(f"{build_dir}: the manifest's 'files' must be an object {{file name: sha256}}, "
+                             f"got {type(files).__name__}; recompile the build")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise BuildLoadError(f"{build_dir}: the manifest's hash for {name!r} is not a sha256 hex digest; recompile the build")
+        inside(build_dir, name)
+    needed = [MODEL] + [n for n in (ENGINE, EXTERNAL_DATA) if (build_dir / n).exists() or (build_dir / n).is_symlink()]
+    reference = manifest.get("reference")
+    if reference is not None:
+        if not isinstance(reference, str):
+            raise BuildLoadError(f"{build_dir}: the manifest's 'reference' must be a file name, got {type(reference).__name__}")
+        inside(build_dir, reference)
+        needed.append(reference)
+    for name in needed:
+        if name not in files:
+            raise BuildLoadError(f"{build_dir}: {name} is not listed in the manifest's files, so it cannot be checked; "
+                                 "the build is damaged or tampered with, recompile it")
+    return files
+
+
+def _check_runtime_entries(build_dir: Path, manifest: dict) -> None:
+    """The entries Session acts on have the types it expects (else BuildLoadError, not a crash later)."""
+    def bad(key: str, want: str):
+        return BuildLoadError(f"{build_dir}: the manifest's {key!r} must be {want}; recompile the build")
+
+    settings = manifest.get("onnxruntime")
+    if settings is not None:
+        disabled = settings.get("disabled_optimizers", []) if isinstance(settings, dict) else None
+        if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
+            raise bad("onnxruntime", "an object whose disabled_optimizers is a list of names")
+    min_tokens = manifest.get("min_tokens")
+    if min_tokens is not None and (not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0):
+        raise bad("min_tokens", "a non-negative integer")
+    limits = manifest.get("input_limits")
+    if limits is not None and not _valid_limits(limits):
+        raise bad("input_limits", 'an object {"ids": {input: {"limit": int, "node": str}}, '
+                                  '"tokens": null | {"limit": int, "node": str, "inputs": [names]}}')
+
+
+def _valid_limits(limits) -> bool:
+    def limit(entry) -> bool:
+        return (isinstance(entry, dict) and isinstance(entry.get("limit"), int) and not isinstance(entry["limit"], bool)
+                and entry["limit"] > 0 and isinstance(entry.get("node", ""), str))
+
+    if not isinstance(limits, dict) or not isinstance(limits.get("ids", {}), dict):
+        return False
+    if not all(isinstance(k, str) and limit(v) for k, v in limits.get("ids", {}).items()):
+        return False
+    tokens = limits.get("tokens")
+    return tokens is None or (limit(tokens) and isinstance(tokens.get("inputs"), list)
+                              and all(isinstance(n, str) for n in tokens["inputs"]))
 
 
 def onnxruntime_settings(manifest: dict) -> dict:
