@@ -89,3 +89,102 @@ def test_empty_recipe_is_identity(tiny_vit_onnx, tmp_path, images):
     want = ort.InferenceSession(str(path)).run(None, {"pixel_values": images})[0]
     got = trimrt.load(tmp_path / "b").run({"pixel_values": images})["logits"]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+# ---- build-directory hygiene (tiny ONNX graphs, no export) ----
+
+def _mlp(tmp_path):
+    from test_bad_inputs import mlp_onnx
+
+    path = tmp_path / "mlp.onnx"
+    mlp_onnx(path)
+    return path
+
+
+def test_symlinked_output_replaces_what_it_points_to(tmp_path):
+    """Decision: `-o link` where link → a build writes the new build where the link points; the
+    link stays a link and no temp or backup folder is left beside either."""
+    model = _mlp(tmp_path)
+    (tmp_path / "builds").mkdir()
+    trimrt.compile(str(model), None, tmp_path / "builds" / "v1")
+    (tmp_path / "current").symlink_to(tmp_path / "builds" / "v1")
+    trimrt.compile(str(model), {"onnxruntime": {"fuse": False}}, tmp_path / "current")
+    assert (tmp_path / "current").is_symlink()
+    manifest = json.loads((tmp_path / "builds" / "v1" / "manifest.json").read_text())
+    assert manifest["recipe"] == {"onnxruntime": {"fuse": False}}  # the new build
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builds", "current", "mlp.onnx"]
+    assert sorted(p.name for p in (tmp_path / "builds").iterdir()) == ["v1"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("mine")
+    (tmp_path / "to-data").symlink_to(tmp_path / "data")
+    with pytest.raises(BuildError, match="a link to .* exists and is not a trimrt build"):
+        trimrt.compile(str(model), None, tmp_path / "to-data")
+    assert (tmp_path / "data" / "mine.txt").read_text() == "mine"
+
+
+def test_stale_leftovers_of_a_killed_compile_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = _mlp(tmp_path)
+    trimrt.compile(str(model), None, tmp_path / "b")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    for name in (f".b.tmp-{dead_pid}-0a1b2c3d", f".b.old-{dead_pid}-123", f".b.tmp-{os.getpid()}-running"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.onnx").write_text("half")
+    (tmp_path / ".other.tmp-1-x").mkdir()  # another build's: not ours to touch
+    trimrt.compile(str(model), None, tmp_path / "b")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # a live compile's temp folder (here: this process) stays
+    assert left == [".b.tmp-" + f"{os.getpid()}-running", ".other.tmp-1-x", "b", "mlp.onnx"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_build_honours_the_umask(tmp_path, umask, mode):
+    import os
+
+    model = _mlp(tmp_path)
+    previous = os.umask(umask)
+    try:
+        trimrt.compile(str(model), None, tmp_path / "b")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "b" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_model_without_matmul_has_no_flops_ratio(tmp_path):
+    import onnx
+    import onnx.helper as oh
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    onnx.save(oh.make_model(oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "relu", [x], [y]),
+                            opset_imports=[oh.make_opsetid("", 18)]), tmp_path / "relu.onnx")
+    manifest = trimrt.compile(str(tmp_path / "relu.onnx"), None, tmp_path / "b")
+    assert manifest["flops"] == {"batch": 1, "before": 0, "after": 0, "ratio": None}
+
+
+EXPORT_SCRIPT = """
+import torch, trimrt
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 4)).train()
+model[2].eval()  # a caller's mixed flags come back as they were
+trimrt.compile(model, None, {out!r}, example_inputs=(torch.randn(2, 8),))
+print("flags", [m.training for m in model.modules()])
+"""
+
+
+def test_pytorch_export_is_quiet_and_keeps_training_flags(tmp_path):
+    """In a fresh process (the exporter registry warns once per process): no torchvision notices,
+    no FutureWarning from torch internals, and the caller's train/eval flags restored."""
+    import subprocess
+    import sys
+
+    script = EXPORT_SCRIPT.format(out=str(tmp_path / "b"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "flags [True, True, True, False]" in done.stdout
+    assert "torchvision" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr[-2000:]
