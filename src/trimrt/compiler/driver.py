@@ -25,6 +25,7 @@ from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL
 from .artifacts import atomic_build_dir, write_manifest
 from .flops import count_flops
+from .input_limits import find_input_limits
 from .pipeline import TARGETS, build_passes, run_pipeline
 from .pipeline import min_tokens as pipeline_min_tokens
 from .source import is_factory_spec, load_source
@@ -116,6 +117,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
                       "ratio": round(flops_before / max(flops_after, 1), 4) if flops_before else None},
             "reference": REFERENCE if save_reference else None,
             "min_tokens": min_tokens,
+            # vocabulary and position-table sizes the runtime checks feeds against
+            "input_limits": find_input_limits(built),
             "compile_seconds": round(time.perf_counter() - started, 2),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
