@@ -153,3 +153,40 @@ def test_verify_per_pass_prints_each_step(cli_build):
                                        "--per-pass"])
     assert result.exit_code == 0, result.output
     assert "after token_pruning: mean cosine logits" in result.output
+
+
+def test_run_output_reports_the_file_it_writes(cli_build, tmp_path):
+    """numpy adds .npz to a name without it: the message names the file actually written."""
+    _, tmp = cli_build
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    result = CliRunner().invoke(main, ["run", str(tmp / "build"), "--input", f"pixel_values={tmp_path / 'x.npy'}",
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert f"to {tmp_path / 'out.npz'}\n" in result.output and (tmp_path / "out.npz").is_file()
+    assert not (tmp_path / "out").exists()
+
+
+def test_tome_build_shows_tokens_per_stage(tiny_vit_onnx, tmp_path):
+    """A ToMe build reports its tokens per block at compile and in inspect, as pruning builds do."""
+    _, model = tiny_vit_onnx
+    result = compile_with_recipe(model, "[token_merging]\nr = 8\nlayers = [0, 1]\n", tmp_path)
+    assert "token merging: block 0: 65→57, block 1: 57→49" in result.output
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "build")])
+    assert shown.exit_code == 0, shown.output
+    assert "token merging at block 0: 65 → 57 tokens (merged 8)" in shown.output
+    assert "token merging at block 1: 57 → 49 tokens" in shown.output
+
+
+def test_model_without_matmul_says_there_is_no_flops_ratio(tmp_path):
+    import onnx
+    import onnx.helper as oh
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
+    onnx.save(oh.make_model(oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "relu", [x], [y]),
+                            opset_imports=[oh.make_opsetid("", 18)]), tmp_path / "relu.onnx")
+    result = CliRunner().invoke(main, ["compile", str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "0.00×" not in result.output and "no ideal speedup (the model has no MatMul" in result.output
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert "0.00×" not in shown.output and "no ideal speedup" in shown.output
