@@ -11,6 +11,14 @@ from trimrt.compiler.source import export_torch  # noqa: E402
 from trimrt.models.vit import tiny_vit  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    """A fixed, wide console for rich and click: no test may depend on the terminal's
+    width or on the length of the temporary paths it prints."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setenv("LINES", "100")
+
+
 def _export(tmp_path_factory, fused: bool):
     import onnx_ir as ir
 
