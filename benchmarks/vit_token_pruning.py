@@ -5,7 +5,7 @@ compiles it with each recipe, verifies every build against the PyTorch model, an
 times each build against the unmodified export on ONNX Runtime CPU: same process,
 same threads, alternating rounds after warm-up, medians (see trimrt.bench).
 
-    python benchmarks/vit_token_pruning.py                 # the README table
+    python benchmarks/vit_token_pruning.py                 # the table in docs/results.md
     python benchmarks/vit_token_pruning.py --rounds 60 --batches 1 8 16
 
 Prints a Markdown table and writes results.json to --out.
