@@ -83,3 +83,32 @@ def test_onnxruntime_table():
         load_recipe({"onnxruntime": {"fuse": "yes"}})
     with pytest.raises(RecipeError, match=r"\[onnxruntime\]: unknown key\(s\) \['threads'\]"):
         load_recipe({"onnxruntime": {"threads": 2}})
+
+
+ZTP = {"method": "zero_tprune", "layers": [0], "keep": 0.5}
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"token_pruning": {**ZTP, "iterations": [1_000_000_000_000]}}, "iterations must be at most 100"),
+    ({"token_pruning": {"method": "recycle", "layers": [0], "keep": 0.5, "recycle_grid": 10_000}},
+     "recycle_grid must be an integer in [1, 64]"),
+    ({"token_pruning": {"layers": [0], "keep": 0.5, "prunable": [0, 10**12]}}, "end <= 65536"),
+    ({"token_pruning": {"layers": [0], "keep": 0.5, "protect": "first:99999999999"}}, "(N <= 65536)"),
+    ({"token_merging": {"r": 10**9}}, "r must be an integer in [1, 65536]"),
+    ({"token_merging": {"r": [1, 10**9]}}, "list of integers in [0, 65536]"),
+    ({"quantization": {"weights": "int4", "group_size": 2**40}}, "group_size must be at most 65536"),
+    ({"quantization": {"min_cosine": 0.9}, "calibration": {"random": True, "samples": 10**9}},
+     "samples must be at most 100000"),
+    ({"quantization": {"min_cosine": 0.9}, "calibration": {"random": True, "max_length": 10**9}},
+     "max_length must be at most 65536"),
+])
+def test_numbers_that_cost_time_or_memory_are_bounded(recipe, message):
+    """A few zeros too many must fail in the recipe check, not hang the compile."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert message in str(info.value)
+
+
+def test_bounds_admit_the_largest_allowed_values():
+    assert load_recipe({"token_pruning": {**ZTP, "iterations": [100]}}).token_pruning.iterations == (100,)
+    assert load_recipe({"token_merging": {"r": 65536}}).token_merging.r == (65536,)
