@@ -82,10 +82,14 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
 
     try:
         ir.passes.common.ShapeInferencePass()(model)
-        if any(n.domain == DOMAIN for n in model.graph):
-            annotate_unknown_dims(model)  # pruned blocks: the head count the fusions check
+        if any(n.domain == DOMAIN for n in model.graph) or not all(_known(v.shape) for n in model.graph
+                                                                  for v in n.outputs):
+            # pruned blocks and TorchScript exports: shape inference leaves the head count
+            # unknown and names each token axis apart (unk__N); the fusions check both
+            annotate_unknown_dims(model)
         optimize()
         shape_optimization.rules.apply_to_model(model)
+        _canonicalise(model)
         _private_layouts(model)  # after the optimiser: its CSE would merge the copies back
         counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
         optimize()  # inlines leftover fusion intermediates, drops dead nodes
@@ -95,6 +99,61 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
     if any(n.domain == MS_DOMAIN for n in model.graph):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
     return counts
+
+
+def _canonicalise_rules():
+    """trimrt's rewrites that bring other export forms of attention into the form
+    onnxscript's SDPA rule matches (built lazily: onnxscript is imported on use)."""
+    from onnxscript.rewriter import pattern
+
+    class ScalarNanGuard(pattern.RewriteRuleClassBase):
+        """Softmax's NaN guard `Where(IsNaN(p), [0.0], p)` with a one-element (not scalar)
+        zero, as the TorchScript exporter writes it: the SDPA rule wants a scalar."""
+
+        def pattern(self, op, probs, zero):
+            return op.Where(op.IsNaN(probs), zero, probs)
+
+        def check(self, context, probs, zero, **_):
+            value = zero.const_value
+            return (value is not None and value.size == 1 and len(value.shape) >= 1
+                    and float(value.numpy().reshape(())) == 0.0 and probs.shape is not None
+                    and len(probs.shape) >= len(value.shape))
+
+        def rewrite(self, op, probs, zero, **_):
+            scalar = op.Constant(value=ir.tensor(zero.const_value.numpy().reshape(())))
+            return op.Where(op.IsNaN(probs), scalar, probs)
+
+    return pattern.RewriteRuleSet([ScalarNanGuard.rule()])
+
+
+def _canonicalise(model: ir.Model) -> int:
+    """Rewrite attention written in other export forms into the one the fusions match;
+    returns the number of rewrites."""
+    return _drop_noop_reshapes(model) + int(_canonicalise_rules().apply_to_model(model))
+
+
+def _known(shape) -> bool:
+    """Every axis a number or a symbol shape inference / the probe related to others."""
+    return shape is not None and all(isinstance(d, int) or (getattr(d, "value", None) is not None
+                                                            and not str(d.value).startswith("unk__")) for d in shape)
+
+
+def _drop_noop_reshapes(model: ir.Model) -> int:
+    """Bypass Reshapes whose output has its input's shape (TorchScript reshapes the
+    attention output [B, H, S, d] to [B, H, S, d] through a computed shape): the attention
+    patterns expect the transpose right after the product with V."""
+    outputs = set(model.graph.outputs)
+    dropped = 0
+    for node in list(model.graph):
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            continue
+        source, result = node.inputs[0], node.outputs[0]
+        if result in outputs or not _known(source.shape) or not _known(result.shape) \
+                or list(source.shape) != list(result.shape):
+            continue
+        ir.convenience.replace_all_uses_with(result, source)
+        dropped += 1
+    return dropped
 
 
 #: ops that only re-lay out a projection's output into heads (Q, Kᵀ, V), or scale it
