@@ -19,7 +19,7 @@ from trimrt.errors import BuildError, InputError, ModelLoadError, RecipeError
 from trimrt.recipe import load_recipe
 
 
-def _mlp(path, *, opset=18, input_name="x", custom_op=False, external=None):
+def mlp_onnx(path, *, opset=18, input_name="x", custom_op=False, external=None):
     """x[batch, 8] → MatMul(eye) → Relu (or an op of an unknown domain) → y."""
     x = oh.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["batch", 8])
     y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
@@ -43,19 +43,20 @@ def _mlp(path, *, opset=18, input_name="x", custom_op=False, external=None):
 def files(tmp_path_factory):
     """The inputs every case reads, made once: models, a build, data files, recipes, a factory."""
     tmp = tmp_path_factory.mktemp("bad")
-    _mlp(tmp / "model.onnx")
-    _mlp(tmp / "other.onnx", input_name="z")
-    _mlp(tmp / "opset30.onnx", opset=30)
-    _mlp(tmp / "custom.onnx", custom_op=True)
+    mlp_onnx(tmp / "model.onnx")
+    mlp_onnx(tmp / "other.onnx", input_name="z")
+    mlp_onnx(tmp / "opset30.onnx", opset=30)
+    mlp_onnx(tmp / "custom.onnx", custom_op=True)
     (tmp / "sub").mkdir()
-    _mlp(tmp / "sub" / "outside.onnx", external="../weights.bin")
+    mlp_onnx(tmp / "sub" / "outside.onnx", external="../weights.bin")
     trimrt.compile(str(tmp / "model.onnx"), None, tmp / "build")
     np.save(tmp / "x.npy", np.ones((2, 8), np.float32))
     (tmp / "text.npy").write_text("1 2 3\n")
     (tmp / "notes.txt").write_text("not a model\n")
     (tmp / "folder").mkdir()
     (tmp / "folder" / "mine.txt").write_text("mine")
-    (tmp / "factory.py").write_text("def make():\n    raise RuntimeError('weights missing')\n")
+    (tmp / "factory.py").write_text("def make():\n    raise RuntimeError('weights missing')\n\n\n"
+                                    "def numbers():\n    return 1, 2\n")
     (tmp / "deep.toml").write_text("[token_pruning]\nlayers = " + "[" * 100_000 + "]" * 100_000 + "\n")
     (tmp / "iterations.toml").write_text('[token_pruning]\nmethod = "zero_tprune"\nlayers = [0]\nkeep = 0.5\n'
                                          "iterations = [1000000000000]\n")
@@ -73,6 +74,8 @@ CASES = [
     ("unknown-custom-op", "compile {t}/custom.onnx -o {t}/out", ["op Bar of domain 'com.foo'"]),
     ("external-data-outside", "compile {t}/sub/outside.onnx -o {t}/out", ["external data", "outside the model's folder"]),
     ("factory-raises", "compile {t}/factory.py:make -o {t}/out", ["factory", "raised RuntimeError: weights missing"]),
+    ("factory-returns-no-module", "compile {t}/factory.py:numbers -o {t}/out", ["its first item is 'int', not a torch.nn.Module"]),
+    ("recipe-is-a-folder", "compile {t}/model.onnx -o {t}/out --recipe {t}/folder", ["is a folder", ".toml"]),
     # -o: checked before the work starts (the factory would raise if it ran)
     ("o-not-a-build-checked-first", "compile {t}/factory.py:make -o {t}/folder", ["exists and is not a trimrt build"]),
     ("o-below-a-file", "compile {t}/model.onnx -o {t}/notes.txt/out", ["notes.txt is a file, not a folder"]),

@@ -252,6 +252,8 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
         return recipe
     if isinstance(recipe, (str, Path)):
         path = Path(recipe)
+        if path.is_dir():
+            raise RecipeError(f"recipe {path} is a folder; pass the recipe's .toml file")
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:

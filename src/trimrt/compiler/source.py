@@ -134,6 +134,9 @@ def call_factory(spec: str):
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ModelLoadError(f"factory {spec} must return (torch_module, example_inputs), got {type(result).__name__}")
     module, example = result
+    if not (hasattr(module, "forward") and hasattr(module, "modules")):
+        raise ModelLoadError(f"factory {spec} must return (torch_module, example_inputs); its first item is "
+                             f"{type(module).__name__!r}, not a torch.nn.Module")
     if not isinstance(example, (tuple, list)):
         example = (example,)
     return module, tuple(example)
