@@ -19,11 +19,11 @@ from trimrt.errors import BuildError, InputError, ModelLoadError, RecipeError
 from trimrt.recipe import load_recipe
 
 
-def mlp_onnx(path, *, opset=18, input_name="x", custom_op=False, external=None):
-    """x[batch, 8] → MatMul(eye) → Relu (or an op of an unknown domain) → y."""
-    x = oh.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["batch", 8])
-    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 8])
-    w = onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+def mlp_onnx(path, *, opset=18, input_name="x", width=8, custom_op=False, external=None):
+    """x[batch, width] → MatMul(eye) → Relu (or an op of an unknown domain) → y."""
+    x = oh.make_tensor_value_info(input_name, onnx.TensorProto.FLOAT, ["batch", width])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])
+    w = onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")
     last = oh.make_node("Bar", ["h"], ["y"], domain="com.foo") if custom_op else oh.make_node("Relu", ["h"], ["y"])
     opsets = [oh.make_opsetid("", opset)] + ([oh.make_opsetid("com.foo", 1)] if custom_op else [])
     model = oh.make_model(oh.make_graph([oh.make_node("MatMul", [input_name, "w"], ["h"]), last], "mlp", [x], [y], [w]),
@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     mlp_onnx(tmp / "model.onnx")
     mlp_onnx(tmp / "other.onnx", input_name="z")
+    mlp_onnx(tmp / "wide.onnx", width=16)
     mlp_onnx(tmp / "opset30.onnx", opset=30)
     mlp_onnx(tmp / "custom.onnx", custom_op=True)
     (tmp / "sub").mkdir()
@@ -104,6 +105,10 @@ CASES = [
      ["takes inputs ['z']", "the build ['x']"]),
     ("bench-baseline-other-inputs", "bench {t}/build --baseline {t}/other.onnx --rounds 1",
      ["takes inputs ['z']", "the build ['x']"]),
+    ("verify-reference-other-shape", "verify {t}/build --reference {t}/wide.onnx --samples 1",
+     ["takes x: float32[batch, 16], the build x: float32[batch, 8]"]),
+    ("bench-baseline-other-shape", "bench {t}/build --baseline {t}/wide.onnx --rounds 1",
+     ["takes x: float32[batch, 16], the build x: float32[batch, 8]"]),
     ("bench-baseline-not-onnx", "bench {t}/build --baseline {t}/notes.txt --rounds 1", ["not an ONNX model"]),
     ("bench-baseline-is-a-build", "bench {t}/build --baseline {t}/build --rounds 1",
      ["baseline", "is a trimrt build, not an .onnx file"]),

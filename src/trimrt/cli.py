@@ -26,7 +26,7 @@ class _Group(click.Group):
             ctx.exit(2)
         except click.UsageError as exc:  # a subcommand's bad option or argument: one line too
             message = exc.format_message().rstrip(".")
-            command = f"{ctx.command_path} {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx is not ctx else ctx.command_path
+            command = (exc.ctx or ctx).command_path
             click.echo(f"error: {message[:1].lower()}{message[1:]}; see '{command} --help'", err=True)
             ctx.exit(2)
 

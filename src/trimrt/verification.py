@@ -135,6 +135,13 @@ def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) 
     if want != got:
         raise InputError(f"{what} {path} takes inputs {got}, the build {want}: pass the model this build was "
                          "compiled from")
+    theirs = {i.name: i for i in backend.inputs}
+    for mine in inputs:
+        other = theirs[mine.name]
+        if other.dtype != mine.dtype or len(other.shape) != len(mine.shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(other.shape, mine.shape)):
+            raise InputError(f"{what} {path} takes {other.describe()}, the build {mine.describe()}: pass the model "
+                             "this build was compiled from")
     return backend
 
 
