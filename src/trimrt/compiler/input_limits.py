@@ -34,7 +34,16 @@ PROBE_TOKENS = (5, 9, 14)
 
 
 def find_input_limits(model: onnx.ModelProto) -> dict:
-    """{"ids": {input: {"limit", "node"}}, "tokens": None | {"limit", "node", "inputs"}}."""
+    """{"ids": {input: {"limit", "node"}}, "tokens": None | {"limit", "node", "inputs"}}; empty
+    where the graph does not tell (a limit is a courtesy check: it never fails a compile)."""
+    try:
+        return _find(model)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("no input limits: %s", exc)
+        return {"ids": {}, "tokens": None}
+
+
+def _find(model: onnx.ModelProto) -> dict:
     graph = model.graph
     tables = _constant_tables(graph)
     inits = {t.name for t in graph.initializer}
@@ -55,7 +64,7 @@ def find_input_limits(model: onnx.ModelProto) -> dict:
                 ids[inp.name] = {"limit": rows, "node": gather.name}
     try:
         tokens = _position_limit(model, inputs, tables, direct, ids)
-    except Exception as exc:  # noqa: BLE001 - a limit is a courtesy check; never fail a compile for it
+    except Exception as exc:  # noqa: BLE001 - keep the vocabulary limits found
         log.debug("no position limit: %s", exc)
         tokens = None
     return {"ids": ids, "tokens": tokens}

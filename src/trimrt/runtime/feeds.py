@@ -37,7 +37,7 @@ class TensorInfo:
 def validate_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Check names, dtypes, ranks and static dims; one-line InputError naming the problem."""
     expected = {i.name: i for i in inputs}
-    unknown = sorted(set(feeds) - set(expected))
+    unknown = sorted(set(feeds) - set(expected), key=str)
     if unknown:
         raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
     missing = sorted(set(expected) - set(feeds))

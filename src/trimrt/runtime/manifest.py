@@ -22,7 +22,7 @@ ENGINE = "model.engine"
 #: where the compiler puts the weights of models over protobuf's 2 GB limit
 EXTERNAL_DATA = MODEL + ".data"
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -70,7 +70,7 @@ def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
             file = inside(build_dir, name)
             if not file.is_file():
                 raise BuildLoadError(f"{build_dir}: file {name} listed in the manifest is missing; recompile the build")
-            if sha256_file(file) != digest:
+            if sha256_file(file) != digest.lower():
                 raise BuildLoadError(f"{build_dir}: {name} does not match its sha256 in the manifest (modified or corrupted); recompile the build")
     return manifest
 
