@@ -178,11 +178,10 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
             m.training = flag
 
 
-#: what the exporters print that is not the user's business: torch.onnx's registry announcing it
-#: skips torchvision ops, torch's own deprecations, the legacy-exporter notice when we fall back
+#: what the exporter prints that is not the user's business: torch.onnx's registry announcing it
+#: skips torchvision ops (one line per op), torch's own pytree deprecation inside torch.export
 _QUIET_LOGGERS = {"torch.onnx._internal.exporter._registration": "torchvision is not installed"}
-_QUIET_WARNINGS = ((FutureWarning, r".*(treespec|LeafSpec)"), (DeprecationWarning, r".*TorchScript-based ONNX export"),
-                   (UserWarning, r".*TorchScript-based ONNX export"))
+_QUIET_WARNINGS = ((FutureWarning, r".*(treespec|LeafSpec)"),)
 
 
 class _DropMessages(logging.Filter):
