@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import trimrt
-from trimrt.errors import BuildLoadError, InputError, SessionClosedError
+from trimrt.errors import BuildLoadError, InputError, RunError, SessionClosedError
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -93,6 +93,22 @@ def _corrupt_model_with_matching_hash(path: Path) -> None:
     garbage = b"this is not an ONNX model" * 10
     (path / "model.onnx").write_bytes(garbage)
     _edit_manifest(lambda m, p: {**m, "files": {**m["files"], "model.onnx": _sha(garbage)}})(path)
+
+
+def _model_failing_mid_run(path: Path) -> None:
+    """A (hash-consistent) model that takes the same inputs but fails inside ONNX Runtime on
+    feeds that pass every check: a Reshape into rows of 5 values, given 12 tokens."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "tokens"]) for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["input_ids", "attention_mask"], ["sum"]),
+         helper.make_node("Reshape", ["sum", "rows"], ["last_hidden_state"], name="into_rows_of_5")],
+        "fails", ids, [helper.make_tensor_value_info("last_hidden_state", TensorProto.INT64, [None, 5])],
+        [numpy_helper.from_array(np.array([-1, 5], np.int64), "rows")])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+    (path / "model.onnx").write_bytes(data)
+    _edit_manifest(lambda m, p: {**m, "files": {**m["files"], "model.onnx": _sha(data)}})(path)
 
 
 def _forget_input_limits(path: Path) -> None:
@@ -170,6 +186,8 @@ CASES = [
     ("batch-0-pruned", None, _run(_feeds(batch=0)), InputError, "axis 0 of input 'input_ids' is empty"),
     ("run-after-close", None, _run_after_close, SessionClosedError, "closed"),
     ("run-after-with", None, _run_after_with, SessionClosedError, "closed"),
+    ("ort-failure-is-a-run-error", _model_failing_mid_run, _run(_feeds()), RunError,
+     "Reshape node 'into_rows_of_5' failed"),
     ("ort-error-is-wrapped", _forget_input_limits, _run(_feeds([[VOCAB + 7] * N])), InputError,
      "Gather node '/module/embeddings/word_embeddings/Gather'"),
 ]
