@@ -149,29 +149,35 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
 
         q = report.quantization
         quantized = "" if q is None else f", quantized {format_label(q)} {q['method']}"
-        table = Table(title=f"verify {build} ({report.samples} samples{quantized})")
+        table = Table()
         for col in ("output", "shape", "max abs", "max rel", "cosine mean", "cosine min", "top-1"):
             table.add_column(col, justify="right")
         for m in report.outputs:
             table.add_row(m.name, str(m.shape), f"{m.max_abs:.3g}", f"{m.max_rel:.3g}", f"{m.cosine_mean:.5f}",
                           f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
         console = _console()
-        console.print(table, soft_wrap=True)
+        # lines holding paths and model names: never wrapped (paths are long), no markup (names hold brackets)
+        console.print(f"verify {build} ({report.samples} samples{quantized})", markup=False, soft_wrap=True)
+        console.print(table)
         if q is not None:
             at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.6f}"
                           if "calibration_cosine" in q else "")
             console.print(f"quantized build ({q['quantized']}/{q['linear_layers']} linear layers {format_label(q)}, "
                           f"{q['method']}): the cosines above are its fidelity against the float model{at_compile}",
-                          soft_wrap=True)
+                          markup=False, soft_wrap=True)
         for line in report.not_compared:
-            console.print(f"not compared (token-level output, tokens pruned): {line}")
+            console.print(f"not compared (token-level output, tokens pruned): {line}", markup=False, soft_wrap=True)
         for step in report.per_pass:
             cos = ", ".join(f"{name} {c:.5f}" for name, c in step["cosine_mean"].items())
-            console.print(f"after {' + '.join(step['passes'])}: mean cosine {cos}")
+            console.print(f"after {' + '.join(step['passes'])}: mean cosine {cos}", markup=False, soft_wrap=True)
         for k in report.keep_ratios:
             console.print(f"adaptive pruning at block {k['block']}: kept visible {k['mean']:.1%} of its span "
                           f"(min {k['min']:.1%}, max {k['max']:.1%})")
-        console.print("[green]PASS[/]" if report.passed else "[red]FAIL[/]: " + "; ".join(report.failures))
+        if report.passed:
+            console.print("[green]PASS[/]")
+        else:
+            console.print("[red]FAIL[/]: ", end="")
+            console.print("; ".join(report.failures), markup=False, soft_wrap=True)
     if not report.passed:
         sys.exit(1)
 
