@@ -12,8 +12,8 @@ verify import their heavier dependencies when called.
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: E402
-    BackendUnavailableError, BuildError, BuildLoadError, InputError, ModelLoadError, RecipeError,
-    StructureError, TrimrtError,
+    BackendUnavailableError, BuildError, BuildLoadError, CalibrationError, InputError, ModelLoadError, RecipeError,
+    RunError, SessionClosedError, StructureError, TrimrtError,
 )
 from .runtime import Session, load  # noqa: E402
 
@@ -53,5 +53,6 @@ def verify(build_dir, reference=None, **kwargs):
 
 __all__ = [
     "__version__", "compile", "export", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
-    "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError",
+    "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError", "CalibrationError",
+    "RunError", "SessionClosedError",
 ]
