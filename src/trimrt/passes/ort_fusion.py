@@ -22,6 +22,7 @@ the graph as it was and says why in its report.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -89,7 +90,8 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
             annotate_unknown_dims(model)
         optimize()
         shape_optimization.rules.apply_to_model(model)
-        _canonicalise(model)
+        if _canonicalise(model):
+            ir.passes.common.ShapeInferencePass()(model)  # the shapes of the values it made
         _private_layouts(model)  # after the optimiser: its CSE would merge the copies back
         counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
         optimize()  # inlines leftover fusion intermediates, drops dead nodes
@@ -123,13 +125,54 @@ def _canonicalise_rules():
             scalar = op.Constant(value=ir.tensor(zero.const_value.numpy().reshape(())))
             return op.Where(op.IsNaN(probs), scalar, probs)
 
-    return pattern.RewriteRuleSet([ScalarNanGuard.rule()])
+    class HeadsToRows(pattern.RewriteRuleClassBase):
+        """`Reshape(Transpose(o, [0, 2, 1, 3]), [-1, D])`: the attention output [B, H, S, d]
+        flattened straight to rows (GPT-2's Conv1D is a Gemm on [B·S, D]). The attention
+        rules replace the last Reshape of their pattern by a [B, S, D] output, so that
+        Reshape must be the one to [B, S, D]: go through it, then to rows."""
+
+        def pattern(self, op, heads, shape):
+            return op.Reshape(op.Transpose(heads, perm=[0, 2, 1, 3]), shape, _outputs=["rows"])
+
+        def check(self, context, heads, rows, **_):
+            dims, out = _dims(heads), _dims(rows)
+            return (dims is not None and len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int)
+                    and out is not None and len(out) == 2 and out[1] == dims[1] * dims[3])
+
+        def rewrite(self, op, heads, shape, **_):
+            merged = op.Reshape(op.Transpose(heads, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+            return op.Reshape(merged, shape)
+
+    class GroupedKeyHeads(pattern.RewriteRuleClassBase):
+        """Grouped-query keys expanded to [B, Hkv, G, S, d] and flattened straight to
+        [B·H, S, d] for the 3-D transpose (the optimiser folds the [B, H, S, d] view away
+        when shapes are static): put the 4-D view back, which the SDPA rule reads as the key."""
+
+        def pattern(self, op, key, flat, heads):
+            return op.Reshape(op.Transpose(op.Reshape(key, flat), perm=[0, 2, 1]), heads, _outputs=["key_t"])
+
+        def check(self, context, key, key_t, **_):
+            dims, out = _dims(key), _dims(key_t)
+            return (dims is not None and len(dims) != 4 and out is not None and len(out) == 4
+                    and all(isinstance(d, int) for d in (*dims, *out)) and math.prod(dims) == math.prod(out))
+
+        def rewrite(self, op, key, flat, heads, key_t, **_):
+            b, h, d, n = _dims(key_t)  # kᵀ is [B, H, d, S]
+            key4 = op.Reshape(key, op.Constant(value_ints=[b, h, n, d]))
+            return op.Reshape(op.Transpose(op.Reshape(key4, flat), perm=[0, 2, 1]), heads)
+
+    return pattern.RewriteRuleSet([ScalarNanGuard.rule(), HeadsToRows.rule(), GroupedKeyHeads.rule()])
 
 
 def _canonicalise(model: ir.Model) -> int:
     """Rewrite attention written in other export forms into the one the fusions match;
     returns the number of rewrites."""
     return _drop_noop_reshapes(model) + int(_canonicalise_rules().apply_to_model(model))
+
+
+def _dims(value: ir.Value) -> list | None:
+    """The value's dims (ints or symbols), None when its rank is unknown."""
+    return None if value is None or value.shape is None else list(value.shape)
 
 
 def _known(shape) -> bool:
