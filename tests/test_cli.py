@@ -190,3 +190,20 @@ def test_model_without_matmul_says_there_is_no_flops_ratio(tmp_path):
     assert "0.00×" not in result.output and "no ideal speedup (the model has no MatMul" in result.output
     shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
     assert "0.00×" not in shown.output and "no ideal speedup" in shown.output
+
+
+def test_lines_with_long_paths_are_never_wrapped(tmp_path):
+    """rich wraps at the console width (80 under the test runner): lines naming a path must not."""
+    from test_bad_inputs import mlp_onnx
+
+    folder = tmp_path / ("a-long-folder-name-" * 8)
+    folder.mkdir()
+    mlp_onnx(folder / "model.onnx")
+    build = folder / "build"
+    compiled = CliRunner().invoke(main, ["compile", str(folder / "model.onnx"), "-o", str(build)])
+    assert compiled.exit_code == 0, compiled.output
+    assert f"build written: {build}  (FLOPs " in compiled.output
+    verified = CliRunner().invoke(main, ["verify", str(build), "--reference", str(folder / "model.onnx"),
+                                         "--samples", "2"])
+    assert verified.exit_code == 0, verified.output
+    assert f"verify {build} (2 samples)\n" in verified.output
