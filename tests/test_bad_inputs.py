@@ -57,7 +57,9 @@ def files(tmp_path_factory):
     (tmp / "folder").mkdir()
     (tmp / "folder" / "mine.txt").write_text("mine")
     (tmp / "factory.py").write_text("def make():\n    raise RuntimeError('weights missing')\n\n\n"
-                                    "def numbers():\n    return 1, 2\n")
+                                    "def numbers():\n    return 1, 2\n\n\n"
+                                    "def linear():\n    import torch\n\n"
+                                    "    return torch.nn.Linear(8, 8), (torch.randn(1, 8),)\n")
     (tmp / "deep.toml").write_text("[token_pruning]\nlayers = " + "[" * 100_000 + "]" * 100_000 + "\n")
     (tmp / "iterations.toml").write_text('[token_pruning]\nmethod = "zero_tprune"\nlayers = [0]\nkeep = 0.5\n'
                                          "iterations = [1000000000000]\n")
@@ -105,6 +107,8 @@ CASES = [
      ["takes inputs ['z']", "the build ['x']"]),
     ("bench-baseline-other-inputs", "bench {t}/build --baseline {t}/other.onnx --rounds 1",
      ["takes inputs ['z']", "the build ['x']"]),
+    ("verify-torch-reference-other-inputs", "verify {t}/build --reference {t}/factory.py:linear --samples 1",
+     ["the PyTorch reference fails on the build's inputs ['x']", "TypeError"]),
     ("verify-reference-other-shape", "verify {t}/build --reference {t}/wide.onnx --samples 1",
      ["takes x: float32[batch, 16], the build x: float32[batch, 8]"]),
     ("bench-baseline-other-shape", "bench {t}/build --baseline {t}/wide.onnx --rounds 1",
