@@ -92,16 +92,16 @@ CASES = [
      ["recycle_grid must be an integer in [1, 64]"]),
     ("recipe-samples-huge", "compile {t}/model.onnx -o {t}/out --recipe {t}/samples.toml",
      ["samples must be at most 100000"]),
-    # counts: click ranges
-    ("verify-samples-0", "verify {t}/build --samples 0 --reference {t}/model.onnx", ["'--samples'", "0 is not in the range x>=1"]),
-    ("verify-tokens-negative", "verify {t}/build --tokens -3 --reference {t}/model.onnx", ["'--tokens'", "-3 is not in the range"]),
-    ("verify-min-cosine-above-1", "verify {t}/build --min-cosine 2 --reference {t}/model.onnx", ["'--min-cosine'", "2.0 is not in the range"]),
-    ("bench-tokens-negative", "bench {t}/build --tokens -3 --baseline {t}/model.onnx", ["'--tokens'", "-3 is not in the range"]),
-    ("bench-rounds-0", "bench {t}/build --rounds 0 --baseline {t}/model.onnx", ["'--rounds'", "0 is not in the range"]),
-    ("bench-batch-negative", "bench {t}/build --batch -1 --baseline {t}/model.onnx", ["'--batch'", "-1 is not in the range"]),
-    ("bench-batch-0", "bench {t}/build --batch 0 --baseline {t}/model.onnx", ["'--batch'", "0 is not in the range"]),
-    ("bench-threads-negative", "bench {t}/build --threads -1 --baseline {t}/model.onnx", ["'--threads'", "-1 is not in the range"]),
-    ("bench-warmup-negative", "bench {t}/build --warmup -1 --baseline {t}/model.onnx", ["'--warmup'", "-1 is not in the range x>=0"]),
+    # counts: click ranges (with the original as reference, so only the count is wrong); {v} / {b} below
+    ("verify-samples-0", "verify {t}/build --samples 0 {v}", ["'--samples'", "0 is not in the range x>=1"]),
+    ("verify-tokens-negative", "verify {t}/build --tokens -3 {v}", ["'--tokens'", "-3 is not in the range"]),
+    ("verify-min-cosine-above-1", "verify {t}/build --min-cosine 2 {v}", ["'--min-cosine'", "2.0 is not in the range"]),
+    ("bench-tokens-negative", "bench {t}/build --tokens -3 {b}", ["'--tokens'", "-3 is not in the range"]),
+    ("bench-rounds-0", "bench {t}/build --rounds 0 {b}", ["'--rounds'", "0 is not in the range"]),
+    ("bench-batch-negative", "bench {t}/build --batch -1 {b}", ["'--batch'", "-1 is not in the range"]),
+    ("bench-batch-0", "bench {t}/build --batch 0 {b}", ["'--batch'", "0 is not in the range"]),
+    ("bench-threads-negative", "bench {t}/build --threads -1 {b}", ["'--threads'", "-1 is not in the range"]),
+    ("bench-warmup-negative", "bench {t}/build --warmup -1 {b}", ["'--warmup'", "-1 is not in the range x>=0"]),
     # references and baselines that are not the build's original
     ("verify-reference-other-inputs", "verify {t}/build --reference {t}/other.onnx --samples 1",
      ["takes inputs ['z']", "the build ['x']"]),
@@ -132,7 +132,9 @@ CASES = [
 @pytest.mark.parametrize("args,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(files, args, words):
     before = sorted(p.name for p in files.iterdir())
-    result = CliRunner().invoke(main, args.format(t=files).split())
+    words_of = {"{v}": ["--reference", str(files / "model.onnx")], "{b}": ["--baseline", str(files / "model.onnx")]}
+    argv = [a for token in args.split() for a in words_of.get(token, [token.format(t=files)])]  # paths may hold spaces
+    result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
