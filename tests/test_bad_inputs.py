@@ -133,7 +133,8 @@ CASES = [
 def test_bad_input_is_one_line_exit_2(files, args, words):
     before = sorted(p.name for p in files.iterdir())
     words_of = {"{v}": ["--reference", str(files / "model.onnx")], "{b}": ["--baseline", str(files / "model.onnx")]}
-    argv = [a for token in args.split() for a in words_of.get(token, [token.format(t=files)])]  # paths may hold spaces
+    argv = [a for token in args.split()  # split before the paths go in: they may hold spaces
+            for a in (words_of[token] if token in words_of else [token.format(t=files)])]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
