@@ -77,15 +77,23 @@ def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetric
 
 
 class _TorchReference:
+    """A PyTorch module run in eval mode; a caller's own train/eval flags are put back after each call."""
+
     def __init__(self, module, input_names: list[str]):
-        self.module = module.eval()
+        self.module = module
         self.input_names = input_names
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        with torch.no_grad():
-            out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
+        training = {m: m.training for m in self.module.modules()}
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
+        finally:
+            for m, flag in training.items():
+                m.training = flag
         if isinstance(out, torch.Tensor):
             out = (out,)
         elif isinstance(out, Mapping):

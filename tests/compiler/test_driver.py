@@ -174,6 +174,8 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.1), torch.
 model[2].eval()  # a caller's mixed flags come back as they were
 trimrt.compile(model, None, {out!r}, example_inputs=(torch.randn(2, 8),))
 print("flags", [m.training for m in model.modules()])
+trimrt.verify({out!r}, model, samples=1)  # verify runs it in eval mode, then puts the flags back too
+print("after verify", [m.training for m in model.modules()])
 """
 
 
@@ -187,4 +189,5 @@ def test_pytorch_export_is_quiet_and_keeps_training_flags(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "flags [True, True, True, False]" in done.stdout
+    assert "after verify [True, True, True, False]" in done.stdout
     assert "torchvision" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr[-2000:]
