@@ -39,6 +39,13 @@ def mlp_onnx(path, *, opset=18, input_name="x", width=8, custom_op=False, extern
     onnx.save(model, path)
 
 
+def _single_node(path, node, elem_type, *initializers):
+    x = oh.make_tensor_value_info("x", elem_type, ["batch", 8])
+    y = oh.make_tensor_value_info("y", elem_type, None)
+    onnx.save(oh.make_model(oh.make_graph([node], "one", [x], [y], list(initializers)),
+                            opset_imports=[oh.make_opsetid("", 18)]), path)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """The inputs every case reads, made once: models, a build, data files, recipes, a factory."""
@@ -46,6 +53,9 @@ def files(tmp_path_factory):
     mlp_onnx(tmp / "model.onnx")
     mlp_onnx(tmp / "other.onnx", input_name="z")
     mlp_onnx(tmp / "wide.onnx", width=16)
+    _single_node(tmp / "strings.onnx", oh.make_node("Identity", ["x"], ["y"]), onnx.TensorProto.STRING)
+    shape = onnx.numpy_helper.from_array(np.array([3, 5], np.int64), "shape")
+    _single_node(tmp / "fails.onnx", oh.make_node("Reshape", ["x", "shape"], ["y"]), onnx.TensorProto.FLOAT, shape)
     mlp_onnx(tmp / "opset30.onnx", opset=30)
     mlp_onnx(tmp / "custom.onnx", custom_op=True)
     (tmp / "sub").mkdir()
@@ -59,7 +69,9 @@ def files(tmp_path_factory):
     (tmp / "factory.py").write_text("def make():\n    raise RuntimeError('weights missing')\n\n\n"
                                     "def numbers():\n    return 1, 2\n\n\n"
                                     "def linear():\n    import torch\n\n"
-                                    "    return torch.nn.Linear(8, 8), (torch.randn(1, 8),)\n")
+                                    "    return torch.nn.Linear(8, 8), (torch.randn(1, 8),)\n\n\n"
+                                    "def text_example():\n    import torch\n\n"
+                                    "    return torch.nn.Linear(8, 8), ('a sentence',)\n")
     (tmp / "deep.toml").write_text("[token_pruning]\nlayers = " + "[" * 100_000 + "]" * 100_000 + "\n")
     (tmp / "iterations.toml").write_text('[token_pruning]\nmethod = "zero_tprune"\nlayers = [0]\nkeep = 0.5\n'
                                          "iterations = [1000000000000]\n")
@@ -76,6 +88,11 @@ CASES = [
     ("opset-too-new", "compile {t}/opset30.onnx -o {t}/out", ["opset 30", "newer than ONNX Runtime"]),
     ("unknown-custom-op", "compile {t}/custom.onnx -o {t}/out", ["op Bar of domain 'com.foo'"]),
     ("external-data-outside", "compile {t}/sub/outside.onnx -o {t}/out", ["external data", "outside the model's folder"]),
+    ("string-input", "compile {t}/strings.onnx -o {t}/out", ["input 'x' is a string tensor"]),
+    ("model-fails-on-ort", "compile {t}/fails.onnx -o {t}/out",
+     ["fails.onnx does not run on ONNX Runtime with inputs x float32[2, 8]", "cannot be reshaped"]),
+    ("factory-example-not-a-tensor", "compile {t}/factory.py:text_example -o {t}/out",
+     ["example input 'input' is a str"]),
     ("factory-raises", "compile {t}/factory.py:make -o {t}/out", ["factory", "raised RuntimeError: weights missing"]),
     ("factory-returns-no-module", "compile {t}/factory.py:numbers -o {t}/out", ["its first item is 'int', not a torch.nn.Module"]),
     ("recipe-is-a-folder", "compile {t}/model.onnx -o {t}/out --recipe {t}/folder", ["is a folder", ".toml"]),

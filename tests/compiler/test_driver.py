@@ -191,3 +191,18 @@ def test_pytorch_export_is_quiet_and_keeps_training_flags(tmp_path):
     assert "flags [True, True, True, False]" in done.stdout
     assert "after verify [True, True, True, False]" in done.stdout
     assert "torchvision" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr[-2000:]
+
+
+def test_flops_count_a_matmul_that_makes_a_graph_output():
+    """The last linear layer usually writes the graph's output; it counts like any other."""
+    import onnx
+    import onnx.helper as oh
+
+    from trimrt.compiler.flops import count_flops
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
+    w = onnx.numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    for node in (oh.make_node("MatMul", ["x", "w"], ["y"]), oh.make_node("Gemm", ["x", "w"], ["y"])):
+        model = oh.make_model(oh.make_graph([node], "last", [x], [y], [w]), opset_imports=[oh.make_opsetid("", 18)])
+        assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8, node.op_type

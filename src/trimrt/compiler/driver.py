@@ -77,7 +77,12 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
         check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
         feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens)
-        base_out = base_rt.infer(feeds)
+        try:
+            base_out = base_rt.infer(feeds)
+        except Exception as exc:  # noqa: BLE001 - the input itself fails on ORT: name it, not a rewrite
+            shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in feeds.items())
+            raise ModelLoadError(f"{loaded.description} does not run on ONNX Runtime with inputs {shapes}: "
+                                 f"{_ort_reason(exc)}") from None
         try:
             build_out = build_rt.infer(feeds)
         except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
@@ -149,6 +154,13 @@ _ORT_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered funct
 def _original_session(proto: onnx.ModelProto, description: str) -> OnnxRuntimeBackend:
     """The input model on ONNX Runtime, with one-line errors for what ORT refuses (an opset
     newer than it supports, an op of an unknown domain): every check compares against it."""
+    numeric = set(onnx.helper.get_all_tensor_dtypes()) - {onnx.TensorProto.STRING}
+    for value in proto.graph.input:
+        elem = value.type.tensor_type.elem_type if value.type.HasField("tensor_type") else None
+        if elem not in numeric:
+            kind = "a string tensor" if elem == onnx.TensorProto.STRING else "not a numeric tensor"
+            raise ModelLoadError(f"{description}: input {value.name!r} is {kind}; trimrt compiles models whose "
+                                 "inputs are numeric tensors (tokenize or decode before the model)")
     try:
         return _session(proto)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph types
@@ -165,9 +177,15 @@ def _original_session(proto: onnx.ModelProto, description: str) -> OnnxRuntimeBa
             domain = unknown[1] or "ai.onnx"
             raise ModelLoadError(f"{description} uses op {unknown[2]} of domain {domain!r}, which ONNX Runtime does "
                                  "not know and the model defines no function for; export it with standard ONNX ops")
-        lines = [line for line in text.splitlines() if line.strip()]
-        raise ModelLoadError(f"ONNX Runtime cannot load {description}: {lines[0][:300] if lines else type(exc).__name__}"
-                             ) from None
+        raise ModelLoadError(f"ONNX Runtime cannot load {description}: {_ort_reason(exc)}") from None
+
+
+def _ort_reason(exc: Exception) -> str:
+    """The telling part of an ONNX Runtime error: its status message, without the C++ source location."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^)]*\) ", "", text)  # "/path/file.h:91 void f(args) "
+    return text[:300] or type(exc).__name__
 
 
 def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:

@@ -26,23 +26,24 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
     inlined = onnx.inliner.inline_local_functions(model)
     graph = inlined.graph
     nodes = [n for n in graph.node if n.op_type in _COUNTED]
-    existing = {o.name for o in graph.output}
+    # shapes known without running: the feeds (graph inputs) and the initializers
+    known = {name: tuple(np.shape(value)) for name, value in feeds.items()}
+    known.update({i.name: tuple(i.dims) for i in graph.initializer})
     wanted = []
     for n in nodes:
         for name in (n.input[0], n.output[0], *(n.input[1:2] if n.op_type == "MultiHeadAttention" else ())):
-            if name not in existing and name not in wanted:
+            if name not in known and name not in wanted:
                 wanted.append(name)
-    del graph.output[:]
-    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
-    inits = {i.name: tuple(i.dims) for i in graph.initializer}
-    if not wanted:
-        return 0
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(inlined.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
-    shape = lambda name: values[name].shape if name in values else inits.get(name)  # noqa: E731
+    values = {}
+    if wanted:
+        del graph.output[:]  # the run returns exactly the values whose shapes are wanted (graph outputs too)
+        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(inlined.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
+    shape = lambda name: values[name].shape if name in values else known.get(name)  # noqa: E731
     total = 0
     for n in nodes:
         a, out = shape(n.input[0]), shape(n.output[0])

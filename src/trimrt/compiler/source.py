@@ -218,6 +218,11 @@ def _export(module, example_inputs, opset: int, exporter: str) -> tuple[ir.Model
         kwargs = dict(example_inputs[0])
     else:
         kwargs = dict(zip(input_names_of(module, len(example_inputs)), example_inputs))
+    for n, t in kwargs.items():  # numpy examples are fine; anything else is named
+        if isinstance(t, np.ndarray):
+            kwargs[n] = torch.from_numpy(t)
+        elif not isinstance(t, torch.Tensor):
+            raise ModelLoadError(f"example input {n!r} is a {type(t).__name__}; give torch tensors (or numpy arrays)")
     names = list(kwargs)
     feeds = {n: t.detach().cpu().numpy() for n, t in kwargs.items()}
     batch = torch.export.Dim("batch", min=1, max=4096)
