@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
-from ..compiler.probe import annotate_unknown_dims
+from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
 from .base import PASS_TAG, TrimrtPass
 
@@ -78,6 +78,7 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
             del model.functions[key]
         try:
             optimizer.optimize(model)
+            _register_orphan_constants(model)
         finally:
             model.functions.update(own)
 
@@ -88,6 +89,7 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
             # pruned blocks and TorchScript exports: shape inference leaves the head count
             # unknown and names each token axis apart (unk__N); the fusions check both
             annotate_unknown_dims(model)
+            _name_probed_axes_as_inputs(model)
         optimize()
         shape_optimization.rules.apply_to_model(model)
         if _canonicalise(model):
@@ -129,37 +131,45 @@ def _canonicalise_rules():
         """`Reshape(Transpose(o, [0, 2, 1, 3]), [-1, D])`: the attention output [B, H, S, d]
         flattened straight to rows (GPT-2's Conv1D is a Gemm on [B·S, D]). The attention
         rules replace the last Reshape of their pattern by a [B, S, D] output, so that
-        Reshape must be the one to [B, S, D]: go through it, then to rows."""
+        Reshape must be the one to [B, S, D]: go through it, then to rows. (Only the
+        Reshape is matched: the replacement goes where it was, after its shape input.)"""
 
         def pattern(self, op, heads, shape):
-            return op.Reshape(op.Transpose(heads, perm=[0, 2, 1, 3]), shape, _outputs=["rows"])
+            return op.Reshape(heads, shape, _outputs=["rows"])
 
         def check(self, context, heads, rows, **_):
+            step = heads.producer()
+            if step is None or step.op_type != "Transpose" or list(step.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+                return False
             dims, out = _dims(heads), _dims(rows)
-            return (dims is not None and len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int)
-                    and out is not None and len(out) == 2 and out[1] == dims[1] * dims[3])
+            return (dims is not None and len(dims) == 4 and isinstance(dims[2], int) and isinstance(dims[3], int)
+                    and out is not None and len(out) == 2 and out[1] == dims[2] * dims[3])
 
         def rewrite(self, op, heads, shape, **_):
-            merged = op.Reshape(op.Transpose(heads, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-            return op.Reshape(merged, shape)
+            return op.Reshape(op.Reshape(heads, op.Constant(value_ints=[0, 0, -1])), shape)
 
     class GroupedKeyHeads(pattern.RewriteRuleClassBase):
         """Grouped-query keys expanded to [B, Hkv, G, S, d] and flattened straight to
-        [B·H, S, d] for the 3-D transpose (the optimiser folds the [B, H, S, d] view away
-        when shapes are static): put the 4-D view back, which the SDPA rule reads as the key."""
+        [B·H, S, d] for the 3-D transpose to kᵀ (the optimiser folds the [B, H, S, d] view
+        away when shapes are static): put the 4-D view back, the key the SDPA rule reads."""
 
-        def pattern(self, op, key, flat, heads):
-            return op.Reshape(op.Transpose(op.Reshape(key, flat), perm=[0, 2, 1]), heads, _outputs=["key_t"])
+        def pattern(self, op, key, flat):
+            return op.Reshape(key, flat, _outputs=["rows"])
 
-        def check(self, context, key, key_t, **_):
+        def check(self, context, key, rows, **_):
+            self._view = None
+            key_t = _only_use(rows, "Transpose", [0, 2, 1])
+            key_t = None if key_t is None else _only_use(key_t, "Reshape")
             dims, out = _dims(key), _dims(key_t)
-            return (dims is not None and len(dims) != 4 and out is not None and len(out) == 4
-                    and all(isinstance(d, int) for d in (*dims, *out)) and math.prod(dims) == math.prod(out))
+            if dims is None or len(dims) == 4 or out is None or len(out) != 4 \
+                    or not all(isinstance(d, int) for d in (*dims, *out)) or math.prod(dims) != math.prod(out):
+                return False
+            b, h, d, n = out  # kᵀ is [B, H, d, S]
+            self._view = [b, h, n, d]
+            return True
 
-        def rewrite(self, op, key, flat, heads, key_t, **_):
-            b, h, d, n = _dims(key_t)  # kᵀ is [B, H, d, S]
-            key4 = op.Reshape(key, op.Constant(value_ints=[b, h, n, d]))
-            return op.Reshape(op.Transpose(op.Reshape(key4, flat), perm=[0, 2, 1]), heads)
+        def rewrite(self, op, key, flat, **_):
+            return op.Reshape(op.Reshape(key, op.Constant(value_ints=self._view)), flat)
 
     return pattern.RewriteRuleSet([ScalarNanGuard.rule(), HeadsToRows.rule(), GroupedKeyHeads.rule()])
 
@@ -175,10 +185,55 @@ def _dims(value: ir.Value) -> list | None:
     return None if value is None or value.shape is None else list(value.shape)
 
 
+def _only_use(value: ir.Value, op_type: str, perm: list[int] | None = None) -> ir.Value | None:
+    """The output of `value`'s only consumer when that is an `op_type` (with `perm`)."""
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    node = uses[0][0]
+    if node.op_type != op_type or node.domain not in ("", "ai.onnx") \
+            or (perm is not None and list(node.attributes.get_ints("perm", [])) != perm):
+        return None
+    return node.outputs[0]
+
+
 def _known(shape) -> bool:
     """Every axis a number or a symbol shape inference / the probe related to others."""
     return shape is not None and all(isinstance(d, int) or (getattr(d, "value", None) is not None
                                                             and not str(d.value).startswith("unk__")) for d in shape)
+
+
+def _name_probed_axes_as_inputs(model: ir.Model) -> None:
+    """One name per axis: the probe names the batch and token axes it fills in "batch"
+    and "n<probe tokens>_<…>", while shape inference names the axes it could follow after
+    the graph inputs' symbols, and the attention rules compare query, key and value axes
+    by name. Rename the probe's names to the inputs' (when the inputs agree on one batch
+    symbol and one token symbol)."""
+    batch = {v.shape[0].value for v in model.graph.inputs if v.shape is not None and len(v.shape) >= 1
+             and isinstance(v.shape[0], ir.SymbolicDim) and v.shape[0].value}
+    tokens = {d.value for v in model.graph.inputs if v.shape is not None for d in list(v.shape)[1:]
+              if isinstance(d, ir.SymbolicDim) and d.value}
+    names = {}
+    if len(batch) == 1:
+        names["batch"] = batch.pop()
+    if len(tokens) == 1:
+        names[f"n{PROBE_TOKENS}_"] = tokens.pop()
+
+    def renamed(dim):
+        name = getattr(dim, "value", None)
+        if not isinstance(name, str):
+            return dim
+        if name == "batch" and "batch" in names:
+            return names["batch"]
+        for prefix, symbol in names.items():
+            if prefix != "batch" and name.startswith(prefix) and name[len(prefix):].isdigit():
+                return symbol
+        return dim
+
+    for node in model.graph:
+        for value in node.outputs:
+            if value.shape is not None and not all(isinstance(d, int) for d in value.shape):
+                value.shape = ir.Shape([renamed(d) for d in value.shape])
 
 
 def _drop_noop_reshapes(model: ir.Model) -> int:
@@ -197,6 +252,21 @@ def _drop_noop_reshapes(model: ir.Model) -> int:
         ir.convenience.replace_all_uses_with(result, source)
         dropped += 1
     return dropped
+
+
+def _register_orphan_constants(model: ir.Model) -> int:
+    """Make initializers of constant inputs that belong to no graph: onnxscript's
+    optimiser can leave one when it lifts two equal shape constants (GPT-2's [-1, D] row
+    reshapes in a static TorchScript export), and the model would not load."""
+    graph, orphans = model.graph, {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.producer() is None and value.graph is None \
+                    and value.const_value is not None and value.name not in graph.initializers:
+                orphans[id(value)] = value
+    for value in orphans.values():
+        graph.register_initializer(value)
+    return len(orphans)
 
 
 #: ops that only re-lay out a projection's output into heads (Q, Kᵀ, V), or scale it
