@@ -1,35 +1,90 @@
-"""Tiny random-weight Hugging Face models of the families users bring (built on the fly)."""
+"""Tiny random-weight Hugging Face models of the families users bring (built on the fly),
+and their ONNX exports in the forms users bring: either torch exporter, with a dynamic
+token axis or a static token count."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 B, N = 2, 24  # batch and sequence length of the example inputs (24: not a width or head count)
+#: families whose inputs are images: their token count follows the image size, so their
+#: "dynamic" export has a dynamic batch only
+VISION = ("vit", "clip", "deit")
 
 
-def make(family: str):
-    """(module, example keyword inputs) for a family; small configs so the suite stays fast."""
+def make(family: str, layers: int = 3, decoder_mask: bool = False):
+    """(module, example keyword inputs) for a family; small configs so the suite stays fast.
+    `decoder_mask`: decoders also take an attention_mask (all ones), as the TorchScript
+    exporter needs (without one, transformers 5 builds the causal mask with aten::diff)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    small = dict(num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
-    if family == "bert":
-        model = tf.BertModel(tf.BertConfig(hidden_size=64, vocab_size=200, **small))
-        ids = torch.randint(0, 200, (B, N))
-        mask = torch.ones(B, N, dtype=torch.long)
-        mask[1, 18:] = 0  # the second sample is padded
-        return model.eval(), {"input_ids": ids, "attention_mask": mask}
-    if family == "vit":
-        model = tf.ViTModel(tf.ViTConfig(hidden_size=64, image_size=32, patch_size=8, **small))
+    small = dict(num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128)
+    text = dict(vocab_size=200, max_position_embeddings=64)
+    ids = torch.randint(0, 200, (B, N))
+    padded = torch.ones(B, N, dtype=torch.long)
+    padded[1, 18:] = 0  # the second sample is padded
+    if family in ("bert", "roberta"):
+        cls = tf.BertModel if family == "bert" else tf.RobertaModel
+        if family == "bert":
+            config = tf.BertConfig(hidden_size=64, vocab_size=200, **small)
+        else:  # positions start after the padding index (1)
+            config = tf.RobertaConfig(hidden_size=64, **text, **small)
+        return cls(config).eval(), {"input_ids": ids, "attention_mask": padded}
+    if family == "distilbert":
+        config = tf.DistilBertConfig(dim=64, n_layers=layers, n_heads=4, hidden_dim=128, **text)
+        return tf.DistilBertModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
+    if family in ("vit", "deit"):
+        cls, cfg = (tf.ViTModel, tf.ViTConfig) if family == "vit" else (tf.DeiTModel, tf.DeiTConfig)
+        model = cls(cfg(hidden_size=64, image_size=32, patch_size=8, **small))
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
     if family == "clip":
         model = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small))
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
+    decoder_inputs = {"input_ids": ids, **({"attention_mask": torch.ones(B, N, dtype=torch.long)} if decoder_mask else {})}
     if family == "llama":
         model = tf.LlamaModel(tf.LlamaConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
                                              **small))
-        return model.eval(), {"input_ids": torch.randint(0, 200, (B, N))}
+        return model.eval(), decoder_inputs
+    if family == "qwen2":
+        model = tf.Qwen2Model(tf.Qwen2Config(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
+                                             **small))
+        return model.eval(), decoder_inputs
     if family == "gpt2":
-        model = tf.GPT2Model(tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=200, use_cache=False))
-        return model.eval(), {"input_ids": torch.randint(0, 200, (B, N))}
+        model = tf.GPT2Model(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=200, use_cache=False,
+                                           bos_token_id=0, eos_token_id=0))
+        return model.eval(), decoder_inputs
     raise ValueError(family)
+
+
+def export(module, inputs: dict, exporter: str, static: bool, path: Path) -> dict[str, np.ndarray]:
+    """Export `module` to `path` as users do; returns the feeds (numpy).
+
+    dynamic: trimrt's own export (dynamic batch, and a dynamic token axis on token ids and
+    masks). static: the token count fixed as most TensorRT-bound exports fix it — the
+    TorchScript exporter with only the batch axis dynamic, or the dynamo exporter with
+    no dynamic shapes at all (the batch fixed too)."""
+    import onnx_ir as ir
+
+    from trimrt.compiler.source import _keyword_call, _output_names, export_torch
+
+    module.eval()
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    if not static:
+        model, _ = export_torch(module, inputs, exporter=exporter)
+        ir.save(model, path)
+        return feeds
+    names, outputs = list(inputs), _output_names(module, inputs)
+    if exporter == "dynamo":
+        program = torch.onnx.export(module, (), kwargs=inputs, dynamo=True, opset_version=18, input_names=names,
+                                    output_names=outputs, verbose=False)
+        program.save(str(path))
+    else:
+        wrapper = _keyword_call(module, names, outputs)
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), dynamo=False, opset_version=18,
+                          input_names=names, output_names=outputs, dynamic_axes={n: {0: "batch"} for n in names})
+    module.eval()
+    return feeds

@@ -1,10 +1,19 @@
-"""Token pruning on the families users bring, from both exporters: structure found, a
-keep-everything recipe reproduces the original, a pruning recipe gives the right shapes.
+"""Token pruning on the families users bring, in every export form they bring:
+{BERT, ViT, CLIP vision, LLaMA (GQA), GPT-2} × {dynamo, TorchScript} × {dynamic token
+axis, static token count}. In each cell the structure is found, a keep-everything
+recipe reproduces the original, and a pruning recipe matches the same pruning written
+in PyTorch on the Hugging Face modules (hf_reference).
 
-The TorchScript exporter cannot export LlamaModel / GPT2Model of transformers 5 (their
-mask code uses aten::diff, unsupported there), so decoders run through dynamo only."""
+Static exports bake the token count into Reshape targets, Expand shapes, constant
+masks and RoPE tables; they are the form most TensorRT-bound exports take. Vision
+models' token count follows the image size, so their "dynamic" form has a dynamic
+batch only (and the static form fixes the batch too, with dynamo). Decoders take an
+attention_mask: without one, transformers 5 builds the causal mask with aten::diff,
+which the TorchScript exporter cannot export."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import onnxruntime as ort
@@ -14,26 +23,34 @@ pytest.importorskip("transformers")
 
 import trimrt  # noqa: E402
 from trimrt.compiler.analysis import analyse, infer_shapes  # noqa: E402
-from trimrt.compiler.source import export_torch  # noqa: E402
+from trimrt.compiler.source import load_onnx  # noqa: E402
 
-from hf_models import B, N, make  # noqa: E402
+from hf_models import B, N, export, make  # noqa: E402
+from hf_reference import Prune, pruned_forward  # noqa: E402
 
-CASES = [("bert", "dynamo"), ("bert", "torchscript"), ("vit", "dynamo"), ("vit", "torchscript"),
-         ("clip", "dynamo"), ("clip", "torchscript"), ("llama", "dynamo"), ("gpt2", "dynamo")]
-ENCODER_RECIPE = {"method": "cls_attention", "layers": [1, 2], "keep": 0.5, "protect": "cls", "fuse_pruned": True}
-DECODER_RECIPE = {"method": "last_token_attention", "layers": [1], "keep": 0.25, "prunable": [4, 20]}
+FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")
+CELLS = list(itertools.product(FAMILIES, ("dynamo", "torchscript"), ("dynamic", "static")))
+DECODERS = ("llama", "gpt2", "qwen2")
+LAYERS = [0, 1]  # two blocks, both pruning: the second reduction works on the first one's output
+ENCODER = {"method": "cls_attention", "layers": LAYERS, "keep": 0.5, "protect": "cls", "fuse_pruned": True}
+DECODER = {"method": "last_token_attention", "layers": LAYERS, "keep": 0.25, "prunable": [4, 20]}
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c[0]}-{c[1]}")
-def exported(request, tmp_path_factory):
-    family, exporter = request.param
-    module, inputs = make(family)
-    model, feeds = export_torch(module, inputs, exporter=exporter)
-    path = tmp_path_factory.mktemp(family) / f"{family}_{exporter}.onnx"
-    import onnx_ir as ir
+def recipe_for(family: str, protect: int = 1) -> tuple[dict, Prune]:
+    """The pruning recipe of a family and the same pruning for the PyTorch reference."""
+    if family in DECODERS:
+        return DECODER, Prune(LAYERS, 0.25, row=-1, start=4, end=20)
+    recipe = dict(ENCODER, protect="cls" if protect == 1 else f"first:{protect}")
+    return recipe, Prune(LAYERS, 0.5, row=0, start=protect, fuse=True)
 
-    ir.save(model, path)
-    return family, exporter, path, feeds, model
+
+@pytest.fixture(scope="module", params=CELLS, ids=lambda c: "-".join(c))
+def cell(request, tmp_path_factory):
+    family, exporter, shape = request.param
+    module, inputs = make(family, layers=2, decoder_mask=True)
+    path = tmp_path_factory.mktemp(family) / f"{family}_{exporter}_{shape}.onnx"
+    feeds = export(module, inputs, exporter, shape == "static", path)
+    return family, shape, path, module, inputs, feeds
 
 
 def _run(path, feeds):
@@ -41,18 +58,21 @@ def _run(path, feeds):
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
-def test_structure_is_found(exported):
-    family, _, _, _, model = exported
+def test_structure_is_found(cell):
+    family, shape, path, *_ = cell
+    model = load_onnx(path)
     infer_shapes(model)
     tmap = analyse(model)
-    assert len(tmap.blocks) == 3 and tmap.token_axis == 1 and tmap.width == 64
+    assert len(tmap.blocks) == 2 and tmap.token_axis == 1 and tmap.width == 64
     assert all(b.post_norm == (family == "bert") for b in tmap.blocks)
+    if shape == "static":
+        assert tmap.num_tokens == (N if family not in ("vit", "clip") else 17)
 
 
-def test_keep_everything_reproduces_original(exported, tmp_path):
-    family, _, path, feeds, _ = exported
-    recipe = dict(DECODER_RECIPE if family in ("llama", "gpt2") else ENCODER_RECIPE, keep=1.0)
-    trimrt.compile(str(path), {"token_pruning": recipe}, tmp_path / "b")
+def test_keep_everything_reproduces_original(cell, tmp_path):
+    family, _, path, _, _, feeds = cell
+    recipe, _ = recipe_for(family)
+    trimrt.compile(str(path), {"token_pruning": dict(recipe, keep=1.0)}, tmp_path / "b")
     want = _run(path, feeds)
     got = trimrt.load(tmp_path / "b").run(feeds)
     assert list(got) == list(want)
@@ -60,27 +80,21 @@ def test_keep_everything_reproduces_original(exported, tmp_path):
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
 
 
-def test_pruning_recipe_gives_right_shapes(exported, tmp_path):
-    family, _, path, feeds, _ = exported
-    decoder = family in ("llama", "gpt2")
-    manifest = trimrt.compile(str(path), {"token_pruning": DECODER_RECIPE if decoder else ENCODER_RECIPE}, tmp_path / "b")
+def test_pruning_matches_pytorch(cell, tmp_path):
+    family, shape, path, module, inputs, feeds = cell
+    recipe, reference = recipe_for(family)
+    manifest = trimrt.compile(str(path), {"token_pruning": recipe}, tmp_path / "b")
     report = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_pruning")
     got = trimrt.load(tmp_path / "b").run(feeds)
-    want = _run(path, feeds)
-    hidden = next(v for k, v in got.items() if v.ndim == 3)
-    if decoder:
-        # span [4, 20) of 24 tokens keeps ceil(0.25 · 16) = 4: 4 + 4 + 4 = 12 tokens
-        assert hidden.shape == (B, 12, 64)
-        assert report["layers"][0]["kept"] == 4
-        assert report["travelling_tensors"], "the causal mask / RoPE tables must travel with the tokens"
+    want = pruned_forward(family, module, inputs, reference)
+    if family in DECODERS:
+        # span [4, 20) of 24 keeps ceil(0.25 · 16) = 4, then ceil(0.25 · 4) = 1: 4 + 1 + 4 tokens
+        assert got["last_hidden_state"].shape == (B, 9, 64)
     else:
-        tokens = N if family == "bert" else 17
-        first = 1 + int(np.ceil(0.5 * (tokens - 1))) + 1
-        second = 1 + int(np.ceil(0.5 * (first - 1))) + 1
-        assert hidden.shape == (B, second, 64)
-        pooled = [k for k, v in got.items() if v.ndim == 2]
-        for name in pooled:  # pooled outputs keep their shape and stay close to the original
-            assert got[name].shape == want[name].shape
-            cos = (got[name] * want[name]).sum(-1) / np.linalg.norm(got[name], axis=-1) / np.linalg.norm(want[name], axis=-1)
-            assert cos.min() > 0.5
-    assert all(np.isfinite(v).all() for v in got.values())
+        # CLS + ceil(0.5 · 23) + fused = 14, then CLS + ceil(0.5 · 13) + fused = 9 (ViT, CLIP: 17 → 10 → 7)
+        assert got["last_hidden_state"].shape == (B, 9 if family == "bert" else 7, 64)
+    if shape == "static":
+        assert report["tokens_after"] == got["last_hidden_state"].shape[1]
+    assert set(got) == set(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)

@@ -20,13 +20,24 @@ PROBE_BATCH = 3
 
 
 class TokenDims:
-    """Token axes of values: by static size or symbol when the graph says, else by probing."""
+    """Token axes of values: by static size or symbol when the graph says, else by probing.
+
+    A static token count is matched by size on the graph's shapes; values whose shapes
+    shape inference left partly unknown (TorchScript exports with a dynamic batch and a
+    fixed length) are probed: the model runs at its own fixed length and an axis of
+    that size is a token axis."""
 
     def __init__(self, model: ir.Model, n_tokens: int | str):
         self.n_tokens = n_tokens
         self.shapes: dict[str, tuple[int, ...]] = {}
-        if not isinstance(n_tokens, int):
+        if not isinstance(n_tokens, int) or any(_partial(out.shape) for node in model.graph for out in node.outputs):
             self.shapes = probe_shapes(model)
+
+    def shape(self, value: ir.Value) -> tuple | None:
+        """The value's shape in the original graph: static from the graph, else probed."""
+        if isinstance(self.n_tokens, int) and value.shape is not None and not _partial(value.shape):
+            return tuple(value.shape)
+        return self.shapes.get(value.name)
 
     def rank(self, value: ir.Value) -> int | None:
         if value.shape is not None:
@@ -36,15 +47,16 @@ class TokenDims:
 
     def axes(self, value: ir.Value) -> list[int]:
         """Axes (beyond the batch axis) of `value` that run over the tokens."""
-        if isinstance(self.n_tokens, int):
-            shape = value.shape
-            if shape is None:
-                return []
-            return [a for a in range(1, len(shape)) if isinstance(shape[a], int) and shape[a] == self.n_tokens]
-        shape = self.shapes.get(value.name)
+        size = self.n_tokens if isinstance(self.n_tokens, int) else PROBE_TOKENS
+        shape = self.shape(value)
         if shape is None:
             return []
-        return [a for a in range(1, len(shape)) if shape[a] == PROBE_TOKENS]
+        return [a for a in range(1, len(shape)) if shape[a] == size]
+
+
+def _partial(shape) -> bool:
+    """A shape with an unknown rank or an axis that is not a number."""
+    return shape is None or not all(isinstance(d, int) for d in shape)
 
 
 def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:

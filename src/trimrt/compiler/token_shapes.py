@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import BuildError
+from ..passes.base import PASS_TAG
 from .analysis import is_constant
 
 #: op type -> indices of inputs that are shapes / sizes
@@ -34,10 +35,36 @@ def downstream_nodes(graph: ir.Graph, start: list[ir.Value]) -> list[ir.Node]:
     return [n for n in graph if n in reached]
 
 
-def free_token_count(graph: ir.Graph, pruned: list[ir.Value], n_orig: int, tag) -> int:
-    """Rewrite baked token counts downstream of `pruned`; returns the number of constants rewritten."""
+def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag, make_node=None, dims=None) -> int:
+    """Rewrite baked token counts downstream of the reductions `reduced` (their outputs,
+    [B, tokens, D], in order); returns the number of constants rewritten.
+
+    Baked entries are the count itself, or a multiple of it where a Reshape merges the
+    token axis with others (GPT-2's Conv1D flattens [B, N, D] to [B·N, D]; found by
+    matching the Reshape's input and output axes, `dims` giving the input's token axis).
+    A node takes the count of the latest reduction upstream of it. Where a local rewrite
+    is safe (Reshape 0 / -1, Expand 1) it is used; otherwise the baked entries become
+    that reduction's runtime count, Shape(output)[1], times their multiple.
+    `make_node(op, inputs, attrs, name)` builds (tagged) nodes; without it only local
+    rewrites are possible."""
+    regions = [set(downstream_nodes(graph, [out])) for out in reduced]
+    counts: dict[int, ir.Value] = {}
+
+    def count_of(node: ir.Node) -> ir.Value | None:
+        if make_node is None:
+            return None
+        i = max(j for j, region in enumerate(regions) if node in region)
+        if i not in counts:
+            out = reduced[i]
+            shape = make_node("Shape", [out], {"start": 1, "end": 2}, f"{tag}_tokens_{i}")
+            graph.insert_after(out.producer(), [shape])
+            counts[i] = shape.outputs[0]
+        return counts[i]
+
     rewritten = 0
-    for node in downstream_nodes(graph, pruned):
+    for node in [n for n in graph if n in regions[0]] if regions else []:
+        if node.metadata_props.get(PASS_TAG):
+            continue  # the passes' own shape constants are right by construction
         for idx in _SHAPE_INPUTS.get(node.op_type, ()):
             if idx >= len(node.inputs) or node.inputs[idx] is None:
                 continue
@@ -45,28 +72,81 @@ def free_token_count(graph: ir.Graph, pruned: list[ir.Value], n_orig: int, tag) 
             if tensor is None:
                 continue
             arr = tensor.numpy()
-            if arr.dtype != np.int64 or n_orig not in arr.reshape(-1):
+            if arr.dtype not in (np.int64, np.int32):
                 continue
-            new = _rewrite(node, arr, n_orig)
-            value = ir.Value(name=f"{node.name}_tokens_free", const_value=ir.tensor(new, name=f"{node.name}_tokens_free"))
-            graph.register_initializer(value)
+            scaled = _token_entries(node, arr, n_orig, dims)
+            if not scaled:
+                continue
+            new = _rewrite(node, arr, n_orig, scaled)
+            if new is not None:
+                value = ir.Value(name=f"{node.name}_tokens_free", const_value=ir.tensor(new, name=f"{node.name}_tokens_free"))
+                graph.register_initializer(value)
+            else:
+                value = _runtime_shape(graph, node, arr, scaled, count_of(node), make_node)
             node.replace_input_with(idx, value)
             node.metadata_props.setdefault("trimrt.rewritten_by", tag)
             rewritten += 1
     return rewritten
 
 
-def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int) -> np.ndarray:
-    positions = [i for i, v in enumerate(arr.reshape(-1)) if v == n_orig]
-    if arr.ndim != 1 or len(positions) != 1:
-        raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r}: its shape {arr.tolist()} "
-                         f"holds the token count {n_orig} {len(positions)} times")
-    pos = positions[0]
-    in_shape = node.inputs[0].shape
+def _static(shape) -> list[int] | None:
+    return None if shape is None or not all(isinstance(d, int) for d in shape) else [int(d) for d in shape]
+
+
+def _token_entries(node: ir.Node, arr: np.ndarray, n_orig: int, dims) -> dict[int, int]:
+    """{position in the flattened shape constant: multiple of the token count it holds}."""
+    flat = arr.reshape(-1)
+    direct = {i: 1 for i, v in enumerate(flat) if v == n_orig}
+    if direct or node.op_type != "Reshape" or dims is None or arr.ndim != 1:
+        return direct
+    source = node.inputs[0]
+    in_shape = _static(source.shape) or (list(dims.shape(source)) if dims.shape(source) is not None else None)
+    out_shape = _static(node.outputs[0].shape)
+    axes = dims.axes(source)
+    if in_shape is None or out_shape is None or len(axes) != 1 or len(out_shape) != len(flat):
+        return {}
+    if in_shape[axes[0]] != n_orig:  # probed at another batch: the static count is what counts
+        return {}
+    out_axis = _merged_axis(in_shape, out_shape, axes[0])
+    if out_axis is None or flat[out_axis] <= 0 or flat[out_axis] % n_orig:
+        return {}
+    return {out_axis: int(flat[out_axis]) // n_orig}
+
+
+def _merged_axis(in_shape: list[int], out_shape: list[int], axis: int) -> int | None:
+    """The output axis of a Reshape that holds input `axis` merged with its neighbours
+    (None when the axis is split across several output axes)."""
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        group_in, group_out = [i], [j]
+        a, b = in_shape[i], out_shape[j]
+        while a != b:
+            if a < b and i + 1 < len(in_shape):
+                i += 1
+                a *= in_shape[i]
+                group_in.append(i)
+            elif b < a and j + 1 < len(out_shape):
+                j += 1
+                b *= out_shape[j]
+                group_out.append(j)
+            else:
+                return None
+        if axis in group_in:
+            return group_out[0] if len(group_out) == 1 else None
+        i, j = i + 1, j + 1
+    return None
+
+
+def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int, scaled: dict[int, int]) -> np.ndarray | None:
+    """A constant that no longer bakes the count, or None when only the runtime count will do."""
+    if arr.ndim != 1 or len(scaled) != 1:
+        return None
+    pos, multiple = next(iter(scaled.items()))
+    in_shape = node.inputs[0].shape if node.inputs else None
     in_dim = in_shape[pos] if in_shape is not None and pos < len(in_shape) else None
     new = arr.copy()
     if node.op_type == "Reshape":
-        if in_dim == n_orig and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in arr):
+        if multiple == 1 and in_dim == n_orig and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in arr):
             # allowzero only changes the meaning of 0 entries; with none in the target it can be reset
             node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
             new[pos] = 0
@@ -74,13 +154,50 @@ def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int) -> np.ndarray:
         if -1 not in arr:
             new[pos] = -1
             return new
-    elif node.op_type == "Expand" and in_dim == n_orig:
+    elif node.op_type == "Expand" and in_dim == n_orig and len(in_shape) == len(arr):
         new[pos] = 1
         return new
-    raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r} (shape {arr.tolist()}): "
-                     "a token-reducing pass would leave it with the original count; please report this graph")
+    return None
 
 
+def _runtime_shape(graph: ir.Graph, node: ir.Node, arr: np.ndarray, scaled: dict[int, int], count: ir.Value | None,
+                   make_node) -> ir.Value:
+    """`arr` with its token entries computed from the runtime `count` ([1] int64)."""
+    if count is None or arr.ndim > 1:
+        raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r} (shape {arr.tolist()}): "
+                         "a token-reducing pass would leave it with the original count; please report this graph")
+    flat = arr.reshape(-1).astype(np.int64)
+    name = f"{node.name or node.op_type}_tokens_free"
+    parts, run, nodes = [], [], []
+
+    def const(vals, tag):
+        value = ir.Value(name=f"{name}_{tag}{len(parts)}", const_value=ir.tensor(np.array(vals, np.int64)))
+        graph.register_initializer(value)
+        return value
+
+    for i, v in enumerate(flat):
+        if i in scaled:
+            if run:
+                parts.append(const(run, "c"))
+                run = []
+            if scaled[i] == 1:
+                parts.append(count)
+            else:
+                nodes.append(make_node("Mul", [count, const([scaled[i]], "m")], {}, f"{name}_x{i}"))
+                parts.append(nodes[-1].outputs[0])
+        else:
+            run.append(int(v))
+    if run:
+        parts.append(const(run, "c"))
+    nodes.append(make_node("Concat", parts, {"axis": 0}, name))
+    if arr.ndim == 0:  # a scalar size (Range's limit)
+        nodes.append(make_node("Squeeze", [nodes[-1].outputs[0]], {}, f"{name}_scalar"))
+    out = nodes[-1].outputs[0]
+    if arr.dtype != np.int64:
+        nodes.append(make_node("Cast", [out], {"to": ir.DataType.INT32}, f"{name}_int32"))
+        out = nodes[-1].outputs[0]
+    graph.insert_before(node, nodes)
+    return out
 
 
 def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]:
@@ -96,6 +213,42 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
                 continue
             seen[value] = None
     return list(seen)
+
+
+#: element-wise ops whose constant operands broadcast against the tokens (static masks, RoPE tables)
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Less", "Greater", "LessOrEqual",
+                 "GreaterOrEqual", "Max", "Min"}
+
+
+def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[int, list[int]]]:
+    """Constants that travel with the tokens in a graph exported with a static count: the
+    causal mask, RoPE cos / sin tables and position slices constant-folded by the
+    exporter. A constant qualifies when an element-wise op in `region` broadcasts it
+    against a result whose token axes (`dims`: a probe.TokenDims) it spans, its shape
+    aligned from the right. Returns {constant: (rank of that result, token axes)}; the
+    constant is unsqueezed to that rank when gathered. Weights (MatMul, norms) never
+    qualify, whatever their sizes."""
+    n = dims.n_tokens
+    found: dict[ir.Value, tuple[int, list[int]]] = {}
+    if not isinstance(n, int):
+        return found
+    for node in region:
+        if node.op_type not in _BROADCASTING or node.domain not in ("", "ai.onnx"):
+            continue
+        out_rank, out_axes = dims.rank(node.outputs[0]), dims.axes(node.outputs[0])
+        if not out_axes or out_rank is None:
+            continue
+        for value in node.inputs:
+            if value is None or value in found or not is_constant(value):
+                continue
+            tensor = ir.convenience.get_const_tensor(value)
+            if tensor is None or tensor.numpy().ndim > out_rank:
+                continue
+            shape = (1,) * (out_rank - tensor.numpy().ndim) + tuple(tensor.numpy().shape)
+            axes = [a for a in out_axes if shape[a] == n]
+            if axes:
+                found[value] = (out_rank, axes)
+    return found
 
 
 def gather_tokens(value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value, make_node,
@@ -158,9 +311,10 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
     new_nodes: list[ir.Node] = [count]
     clones: dict[ir.Value, ir.Value] = {}
 
+    made = iter(range(1 << 30))  # unique constant names (several are made per node)
+
     def int_const(vals, tag):
-        v = ir.Value(name=f"{name}_{tag}_{len(new_nodes)}", const_value=ir.tensor(np.array(vals, dtype=np.int64)))
-        return v
+        return ir.Value(name=f"{name}_{tag}_{next(made)}", const_value=ir.tensor(np.array(vals, dtype=np.int64)))
 
     def leaf_replacement(node: ir.Node) -> ir.Value | None:
         """The pruned-count version of a token-count leaf, or None if `node` is no such leaf."""

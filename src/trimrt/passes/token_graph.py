@@ -19,7 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, Block, analyse
-from ..compiler.token_shapes import downstream_nodes, gather_tokens, rederive_shape_values, side_inputs
+from ..compiler.token_shapes import (downstream_nodes, gather_tokens, rederive_shape_values, side_inputs,
+                                     travelling_constants)
 from ..errors import RecipeError, StructureError
 from .base import TrimrtPass
 
@@ -57,6 +58,10 @@ class TokenGraphPass(TrimrtPass):
         if domain:
             return self.custom_node(op_type, inputs, attributes, num_outputs, name)
         return self.std_node(op_type, inputs, attributes, name=name)
+
+    def _make(self, op_type: str, inputs, attributes: dict, name: str) -> ir.Node:
+        """_node for the shape helpers, which take a plain (op, inputs, attributes, name) builder."""
+        return self._node(op_type, inputs, attributes, name)
 
     def _const(self, name: str, array: np.ndarray) -> ir.Value:
         return ir.Value(name=name, const_value=ir.tensor(array, name=name))
@@ -268,9 +273,10 @@ class TokenGraphPass(TrimrtPass):
         if aligned is None:  # first reduction: find what travels with the tokens
             aligned = {v: (dims.rank(v), dims.axes(v)) for v in side_inputs(region, {out})}
             aligned = {v: ra for v, ra in aligned.items() if ra[1] and ra[0] is not None}
+            aligned.update(travelling_constants(region, dims))
         self._gather_side_tensors(aligned, gathered, region, index, layer)
         rederived = rederive_shape_values(self.graph, region, dims, out,
-                                          lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm),
+                                          self._make,
                                           f"trimrt_reduce_{layer}_shape")
         return aligned, region, rederived
 
@@ -285,8 +291,16 @@ class TokenGraphPass(TrimrtPass):
             if not uses:
                 continue
             name = f"trimrt_reduce_{layer}_{_safe(value.name)}"
+            if current is value and value.shape is not None and len(value.shape) < rank:
+                # a constant of lower rank (a [N, Dh] RoPE table): leading axes of 1 first
+                axes_v = self._const(f"{name}_lead", np.arange(rank - len(value.shape), dtype=np.int64))
+                lead = [self._node("Unsqueeze", [current, axes_v], {}, f"{name}_lead")]
+                current = lead[0].outputs[0]
+            else:
+                lead = []
             nodes, out = gather_tokens(current, rank, axes, kept_index,
-                                       lambda op, ins, attrs, nm: self._node(op, ins, attrs, nm), name)
+                                       self._make, name)
+            nodes = lead + nodes
             self.graph.insert_after(kept_index.producer(), nodes)
             for user, i in uses:
                 user.replace_input_with(i, out)

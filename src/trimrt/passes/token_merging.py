@@ -82,7 +82,7 @@ class TokenMergingPass(TokenGraphPass):
             return ir.passes.PassResult(model, modified=False)
         self._bias_later_attention(tmap.blocks, biases)
         weighted = self._weight_pooling(aligned, gathered, size) if opts.weighted_pooling else []
-        rewritten = free_token_count(self.graph, merged[:1], n_orig, self.name) if isinstance(n_orig, int) else 0
+        rewritten = free_token_count(self.graph, merged, n_orig, self.name, self._make, dims) if isinstance(n_orig, int) else 0
         clear_stale_shapes(self.graph, merged[:1], n_orig, n)
         self.report = {"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                        "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,

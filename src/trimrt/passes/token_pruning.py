@@ -98,7 +98,7 @@ class TokenPruningPass(TokenGraphPass):
                 biases.append((layer, self.key_bias))
             n, span_len = tokens_out, new_span
         self._bias_later_attention(tmap.blocks, biases)
-        rewritten = free_token_count(self.graph, pruned[:1], n_orig, self.name) if isinstance(n_orig, int) else 0
+        rewritten = free_token_count(self.graph, pruned, n_orig, self.name, self._make, dims) if isinstance(n_orig, int) else 0
         clear_stale_shapes(self.graph, pruned[:1], n_orig, n)
         self.report = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                        "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
