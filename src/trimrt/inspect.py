@@ -106,13 +106,17 @@ def human_bytes(n: float) -> str:
 
 
 def fidelity_text(summary: dict) -> str:
-    """'cosine 0.995100 on 32 calibration samples (guard: min_cosine 0.99, all quantized 0.987000)'
+    """'cosine 0.995100 on 32 held-out calibration samples (0.996000 on 32 fitted ones) (guard:
+    min_cosine 0.99, all quantized 0.987000)'
     (6 decimals, as measured: a guard of 0.99999 must not read as 1.00000)."""
     fidelity, calibration = summary.get("fidelity"), summary.get("calibration") or {}
     if not fidelity:
         return "fidelity not measured (no [calibration] data)"
     random = " random" if calibration.get("source") == "random" else ""
-    text = f"cosine {fidelity['cosine']:.6f} on {fidelity['samples']}{random} calibration samples"
+    held = " held-out" if fidelity.get("measured_on") == "held-out" else ""  # samples the fit never saw
+    text = f"cosine {fidelity['cosine']:.6f} on {fidelity['samples']}{held}{random} calibration samples"
+    if held and "cosine_fit" in fidelity:
+        text += f" ({fidelity['cosine_fit']:.6f} on {fidelity['samples_fit']} fitted ones)"
     if "min_cosine" in fidelity:
         text += (f" (guard: min_cosine {fidelity['min_cosine']}, all quantized "
                  f"{fidelity['cosine_all_quantized']:.6f})")

@@ -16,6 +16,11 @@ Why this corpus:
   versions edit some docstrings, so the exact passages depend on the Python version,
   which results record.
 
+A second source, `other_source_texts()`, is NumPy's docstrings (NumPy is a core
+dependency, so it is always installed): another project's writing (numpydoc sections,
+array vocabulary, `>>>` examples), for measuring quantization on text the build's
+calibration (the standard-library docstrings) never saw.
+
 Documents are split deterministically into two disjoint pools by a CRC32 of their
 qualified name: one in five goes to the *query* pool, the rest to the *passage* pool.
 `queries()` are first lines (summary sentences) of function / method docstrings of the
@@ -55,6 +60,10 @@ MODULES = (
     "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
     "xml.etree.ElementTree", "zipfile", "zipimport",
 )
+
+#: a second, different source of real text: NumPy's public API docstrings
+NUMPY_MODULES = ("numpy", "numpy.linalg", "numpy.fft", "numpy.random", "numpy.polynomial.polynomial",
+                 "numpy.lib.recfunctions", "numpy.strings", "numpy.char")
 
 #: one document in QUERY_EVERY goes to the query pool (by CRC32 of its qualified name)
 QUERY_EVERY = 5
@@ -115,10 +124,10 @@ def _own_members(obj: object, module_name: str):
             yield name, member
 
 
-@functools.lru_cache(maxsize=1)
-def documents() -> tuple[Document, ...]:
+@functools.lru_cache(maxsize=2)
+def documents(modules: tuple[str, ...] = MODULES) -> tuple[Document, ...]:
     """Every docstring of the corpus (module, public classes, their methods, public functions),
-    in MODULES order then sorted-name order, deduplicated by text."""
+    in `modules` order then sorted-name order, deduplicated by text."""
     docs: list[Document] = []
     seen: set[str] = set()
 
@@ -129,7 +138,7 @@ def documents() -> tuple[Document, ...]:
         seen.add(text)
         docs.append(Document(name, text, kind))
 
-    for mod_name in MODULES:
+    for mod_name in modules:
         module = importlib.import_module(mod_name)
         add(mod_name, module, "module")
         for name, member in _own_members(module, mod_name):
@@ -195,6 +204,18 @@ def calibration_texts(count: int, *, min_words: int = 20) -> list[str]:
     texts = sorted((t for t in texts if len(t.split()) >= min_words), key=lambda t: (-len(t), t))
     if len(texts) < count:
         raise ValueError(f"the corpus has {len(texts)} calibration texts of >= {min_words} words, fewer than {count}")
+    return texts[:count]
+
+
+def other_source_texts(count: int, *, min_words: int = 20) -> list[str]:
+    """`count` real texts from another source than everything above: NumPy's docstrings
+    (NUMPY_MODULES), one line each, in a deterministic order spread over the modules
+    (sorted by CRC32 of the text). Evaluation data for builds calibrated on
+    `calibration_texts()`: same language, different writers, layout and vocabulary."""
+    texts = {" ".join(d.text.split()): None for d in documents(NUMPY_MODULES)}
+    texts = sorted((t for t in texts if len(t.split()) >= min_words), key=lambda t: (zlib.crc32(t.encode()), t))
+    if len(texts) < count:
+        raise ValueError(f"NumPy has {len(texts)} docstrings of >= {min_words} words, fewer than {count}")
     return texts[:count]
 
 

@@ -7,10 +7,13 @@ The pass
 2. when the recipe needs data (SmoothQuant, AWQ, GPTQ, static activation scales, the
    guard), runs the float graph on the calibration feeds and collects the statistics of
    the activations the MatMuls read;
-3. lets the method decide the numbers (quantization.methods);
+3. lets the method decide the numbers (quantization.methods), fitted on statistics
+   on the fit part of the calibration samples, and checks its choices on the held-out
+   part (quantization.holdout: one sample in four; below 8 samples, no split);
 4. with `min_cosine`, runs the fidelity guard (quantization.guard): layers whose
-   quantization costs most go back to float until the output cosine on the calibration
-   set reaches the bar;
+   quantization costs most go back to float until the output cosine on the held-out
+   calibration samples reaches the bar; the report gives that cosine (`cosine`) and
+   the one on fitted samples (`cosine_fit`);
 5. writes each quantized MatMul in the encoding its target runs fastest
    (quantization.encodings):
 
@@ -37,14 +40,17 @@ from ..errors import BuildError, RecipeError
 from ..plugins import runnable_proto
 from ..quantization import encodings
 from ..quantization.guard import choose_float_layers
-from ..quantization.methods import NEEDED_STATISTICS, Linear, QuantizedLinear, Skipped, quantize_linears
+from ..quantization.holdout import Split, split_samples
+from ..quantization.methods import (HELD_OUT_STATISTICS, NEEDED_STATISTICS, Linear, QuantizedLinear, Skipped,
+                                    quantize_linears)
 from ..quantization.numerics import quantize_int8_per_channel
 from ..recipe import CalibrationOptions, QuantizationOptions
 from .base import TrimrtPass
 
 log = logging.getLogger(__name__)
 
-#: calibration samples the guard evaluates candidate builds on (the first ones)
+#: held-out calibration samples the guard evaluates candidate builds on (the first ones),
+#: and fitted samples the final build's `cosine_fit` is measured on
 GUARD_SAMPLES = 32
 #: MatMulNBits accuracy level of ONNX Runtime INT4 builds: 4 = int8 compute (fast)
 NBITS_ACCURACY_LEVEL = 4
@@ -72,49 +78,70 @@ class QuantizationPass(TrimrtPass):
         if needs_data and self.calibration is None:
             raise RecipeError("TensorRT INT8 builds need static activation scales: add a [calibration] table "
                               "(source = ..., or random = true for a smoke test)")
-        feeds, stats, original = [], {}, None
+        split, stats, held_stats, original = Split([], []), {}, None, None
         if needs_data and linears:
             original = ir.serde.serialize_model(model)  # the float graph, for calibration and the guard
-            feeds, stats = self._calibrate(original, linears)
-        plan = quantize_linears(self.options, linears, stats, static_activations=self.static_int8)
+            split, stats, held_stats = self._calibrate(original, linears)
+        plan = quantize_linears(self.options, linears, stats, static_activations=self.static_int8,
+                                held_out=held_stats)
         candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
         fidelity, kept_float = None, []
-        if feeds and candidates:
-            guard_feeds = feeds[:GUARD_SAMPLES]
+        if (split.fit or split.held_out) and candidates:
+            guard_feeds = (split.held_out or split.fit)[:GUARD_SAMPLES]
             evaluate = _Evaluator(original, plan, self.tagged, self.target, guard_feeds)
+            fidelity = {"measured_on": split.measured_on, "samples": len(guard_feeds)}
             if self.options.min_cosine is not None:
-                total = 1 + 2 * len(candidates)
+                total = 2 + 2 * len(candidates)
                 from ..compiler.progress import steps
 
                 with steps("fidelity guard", total, enabled=self.progress) as advance:
                     result = choose_float_layers(candidates, evaluate, self.options.min_cosine, advance)
+                    cosine_fit = self._cosine_fit(original, plan, split, result.quantized, result.cosine)
+                    advance()
                 kept_float = result.kept_float
-                fidelity = {"cosine": round(result.cosine, 6), "cosine_all_quantized": round(result.cosine_all_quantized, 6),
-                            "min_cosine": self.options.min_cosine, "samples": len(guard_feeds),
-                            "sensitivity": {linears[i].name: round(c, 6) for i, c in result.sensitivity.items()}}
+                fidelity.update({"cosine": round(result.cosine, 6), "cosine_fit": cosine_fit,
+                                 "cosine_all_quantized": round(result.cosine_all_quantized, 6),
+                                 "min_cosine": self.options.min_cosine,
+                                 "sensitivity": {linears[i].name: round(c, 6) for i, c in result.sensitivity.items()}})
             else:
-                fidelity = {"cosine": round(evaluate(frozenset(candidates)), 6), "samples": len(guard_feeds)}
+                cosine = evaluate(frozenset(candidates))
+                fidelity.update({"cosine": round(cosine, 6),
+                                 "cosine_fit": self._cosine_fit(original, plan, split, frozenset(candidates), cosine)})
+            fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
         chosen = frozenset(candidates) - set(kept_float)
         apply_plan(model, sites, plan, chosen, self.tagged, self.target)
-        self.report = self._report(linears, plan, chosen, kept_float, fidelity, len(feeds))
+        self.report = self._report(linears, plan, chosen, kept_float, fidelity, split)
         return ir.passes.PassResult(model, modified=bool(chosen))
 
+    def _cosine_fit(self, original, plan, split: Split, quantized: frozenset[int], cosine: float) -> float:
+        """The output cosine of the chosen build on fitted samples (the guard's own when nothing was held out)."""
+        if not split.held_out or not quantized:
+            return round(cosine, 6)
+        return round(_Evaluator(original, plan, self.tagged, self.target, split.fit[:GUARD_SAMPLES])(quantized), 6)
+
     def _calibrate(self, original, linears: list[Linear]):
+        """(the split feeds, statistics of the fit part, statistics of the held-out part for
+        checking the method's choices or None)."""
         from ..compiler.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
 
         runnable = runnable_proto(original)
         feeds = load_calibration_feeds(self.calibration, model_inputs(runnable), self.recipe_dir)
         if not feeds:
             raise BuildError("the calibration source gave no samples: check [calibration] source")
+        split = split_samples(feeds)
         want = set(NEEDED_STATISTICS[self.options.method])
         if self.options.weights == "fp8" or self.static_int8:
             want.add("absmax")
         names = sorted({lin.activation for lin in linears})
-        stats = collect_activation_stats(runnable, feeds, names, want=want, progress=self.progress,
+        stats = collect_activation_stats(runnable, split.fit, names, want=want, progress=self.progress,
                                          seed=self.calibration.seed)
-        return feeds, stats
+        held_stats, check = None, HELD_OUT_STATISTICS[self.options.method]
+        if split.held_out and check:
+            held_stats = collect_activation_stats(runnable, split.held_out, names, want=check,
+                                                  progress=self.progress, seed=self.calibration.seed + 1)
+        return split, stats, held_stats
 
-    def _report(self, linears, plan, chosen, kept_float, fidelity, samples) -> dict:
+    def _report(self, linears, plan, chosen, kept_float, fidelity, split: Split) -> dict:
         layers, before, after = [], 0, 0
         for i, (linear, q) in enumerate(zip(linears, plan)):
             entry = {"name": linear.name, "shape": list(linear.weight.shape)}
@@ -123,6 +150,12 @@ class QuantizationPass(TrimrtPass):
                 entry["format"] = q.format
                 if q.alpha is not None:
                     entry["alpha"] = q.alpha
+                if q.method is not None and q.method != self.options.method:
+                    entry["method"] = q.method  # the held-out check rejected the recipe's method here
+                if q.held_out_vs_rtn is not None:
+                    entry["held_out_vs_rtn"] = q.held_out_vs_rtn
+                if q.damping is not None:
+                    entry["damping"] = q.damping
                 after += q.nbytes
             else:
                 entry["format"] = "float"
@@ -136,9 +169,15 @@ class QuantizationPass(TrimrtPass):
                   "weight_bytes_before": before, "weight_bytes_after": after, "layers": layers}
         if o.weights == "int4":
             report["group_size"] = o.group_size
+        samples = len(split.fit) + len(split.held_out)
         if samples:
             report["calibration"] = {"samples": samples, "source": "random" if self.calibration.random
                                      else self.calibration.source}
+            if split.held_out:
+                report["calibration"].update({"fit": len(split.fit), "held_out": len(split.held_out)})
+        fallback = sum(1 for i in chosen if plan[i].method not in (None, o.method))
+        if fallback:
+            report["matmuls_fallback_rtn"] = fallback
         if fidelity is not None:
             report["fidelity"] = fidelity
         if kept_float:
@@ -279,7 +318,7 @@ def _encoding_name(options: QuantizationOptions, target: str) -> str:
 
 class _Evaluator:
     """Output cosine of the graph with a subset of the plan applied, vs the float graph,
-    on the guard's calibration feeds (min over float outputs of the mean over samples)."""
+    on the given calibration feeds (min over float outputs of the mean over samples)."""
 
     def __init__(self, original, plan, tag: encodings.Tag, target: str, feeds):
         self.original, self.plan, self.tag, self.target, self.feeds = original, plan, tag, target, feeds

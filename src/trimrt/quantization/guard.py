@@ -1,5 +1,7 @@
 """The fidelity guard: keep the most sensitive linear layers in float until the quantized
-model's output cosine on the calibration set reaches `min_cosine`.
+model's output cosine reaches `min_cosine` on calibration samples the quantization numbers
+were not fitted to (the held-out part, quantization.holdout; a cosine on the fitted
+samples flatters fitted scales, and the pass reports it only beside this one).
 
 Sensitivity of a layer = the output cosine with only that layer quantized (lower = more
 sensitive). Starting from everything quantized, layers go back to float in order of

@@ -11,6 +11,15 @@ diag(s)·W quantized). Which ONNX ops run the numbers is the pass's business (en
 | int8 per output channel | int8 (dynamic on ORT, static on TensorRT) | ✓ | ✓ | | ✓ |
 | int4 groups of group_size | none (weight-only) | ✓ | | ✓ | ✓ |
 | fp8 E4M3 per output channel | fp8 static per tensor | ✓ | ✓ | | |
+
+A calibrated choice must also hold on data it was not fitted to: given `held_out`
+statistics (the same activations on calibration samples the fit never saw), each
+SmoothQuant / AWQ group and each GPTQ layer keeps the method's numbers only when their
+output error on the held-out part is below round-to-nearest's; GPTQ first retries with
+stronger damping (`GPTQ_DAMPING`), and what still does not beat RTN falls back to RTN
+(`QuantizedLinear.method` then says "rtn"). SmoothQuant's α and AWQ's scales / clips
+can fit the outliers of the samples they saw (a channel that was quiet there gets a
+tiny s and explodes on new text); the check catches that on the held-out samples.
 """
 
 from __future__ import annotations
@@ -23,12 +32,18 @@ import numpy as np
 from ..recipe import QuantizationOptions
 from .awq import awq_quantize
 from .gptq import gptq_quantize
-from .numerics import (INT8_MAX, dequantize_fp8, fp8_e4m3, fp8_scale, quantize_fp8_per_tensor,
-                       quantize_int4_groupwise, quantize_int8_per_channel)
-from .smoothquant import search_alpha, smoothing_scales
+from .numerics import (INT8_MAX, dequantize_fp8, fake_quant_dynamic_uint8, fp8_e4m3, fp8_scale,
+                       quantize_fp8_per_tensor, quantize_int4_groupwise, quantize_int8_per_channel)
+from .smoothquant import search_alpha, smoothed_output_error, smoothing_scales
 
 #: statistics each method needs from calibration (compiler.calibration.ActivationStats fields)
 NEEDED_STATISTICS = {"rtn": {"absmax"}, "smoothquant": {"absmax", "rows"}, "awq": {"rows"}, "gptq": {"hessian"}}
+#: statistics of the held-out samples each method's check needs (output errors: SmoothQuant
+#: quantizes the activations too, so it needs rows; weight-only errors need only XᵀX)
+HELD_OUT_STATISTICS = {"rtn": set(), "smoothquant": {"rows"}, "awq": {"hessian"}, "gptq": {"hessian"}}
+#: GPTQ's relative dampings, tried in order until the held-out error beats RTN's
+#: (more damping: less trust in the fitted Hessian, closer to RTN)
+GPTQ_DAMPING = (0.01, 0.1, 1.0)
 
 
 @dataclass
@@ -55,6 +70,12 @@ class QuantizedLinear:
     activation_scale: float | None = None
     #: SmoothQuant / AWQ: the migration strength chosen
     alpha: float | None = None
+    #: the method that made these numbers: the recipe's, or "rtn" when the held-out check rejected it
+    method: str | None = None
+    #: held-out output error of the method's numbers / RTN's (None: not checked); < 1 when kept
+    held_out_vs_rtn: float | None = None
+    #: GPTQ: the relative damping used
+    damping: float | None = None
 
     def dequantized(self) -> np.ndarray:
         """float32 [K, N]: the weight the build effectively multiplies x / input_scale by."""
@@ -77,13 +98,17 @@ class Skipped(Exception):
 
 
 def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], stats: Mapping[str, object],
-                     static_activations: bool = False) -> list[QuantizedLinear | Skipped]:
+                     static_activations: bool = False,
+                     held_out: Mapping[str, object] | None = None) -> list[QuantizedLinear | Skipped]:
     """One QuantizedLinear (or a Skipped reason) per linear, in order.
 
     `stats` maps activation names to compiler.calibration.ActivationStats (with the
     fields of NEEDED_STATISTICS[options.method]); it may be empty for rtn when
     activations are dynamic. `static_activations`: int8 activations get a calibrated
-    per-tensor scale (TensorRT); fp8 activations always do.
+    per-tensor scale (TensorRT); fp8 activations always do. `held_out`: the same kind of
+    mapping measured on calibration samples `stats` never saw (the fields of
+    HELD_OUT_STATISTICS[options.method]); with it, a choice that does not lower the
+    held-out output error below RTN's falls back to RTN (see the module docstring).
     """
     out: list[QuantizedLinear | Skipped | None] = [None] * len(linears)
     groups: dict[str, list[int]] = {}
@@ -91,34 +116,39 @@ def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], st
         groups.setdefault(linear.activation, []).append(i)
     for activation, members in groups.items():
         weights = [linears[i].weight for i in members]
-        results = _quantize_group(options, weights, stats.get(activation), static_activations)
+        check = None if held_out is None else held_out.get(activation)
+        results = _quantize_group(options, weights, stats.get(activation), static_activations, check)
         for i, result in zip(members, results):
+            if isinstance(result, QuantizedLinear) and result.method is None:
+                result.method = options.method
             out[i] = result
     return out  # type: ignore[return-value]
 
 
-def _quantize_group(options: QuantizationOptions, weights: list[np.ndarray], stat,
-                    static_activations: bool) -> list[QuantizedLinear | Skipped]:
+def _quantize_group(options: QuantizationOptions, weights: list[np.ndarray], stat, static_activations: bool,
+                    check) -> list[QuantizedLinear | Skipped]:
     fmt, method = options.weights, options.method
     if fmt == "int4":
-        k = weights[0].shape[0]
-        if k % options.group_size:
-            reason = Skipped(f"K = {k} input rows are not a multiple of group_size = {options.group_size}")
+        k, g = weights[0].shape[0], options.group_size
+        if k % g:
+            reason = Skipped(f"K = {k} input rows are not a multiple of group_size = {g}")
             return [reason] * len(weights)
         if method == "awq":
-            res = awq_quantize(_rows(stat, "awq"), weights, group_size=options.group_size)
-            return [QuantizedLinear("int4", q, s, options.group_size, input_scale=res.input_scale, alpha=res.alpha)
-                    for q, s in zip(res.q, res.scale)]
+            res = awq_quantize(_rows(stat, "awq"), weights, group_size=g)
+            awq = [QuantizedLinear("int4", q, s, g, input_scale=res.input_scale, alpha=res.alpha)
+                   for q, s in zip(res.q, res.scale)]
+            return _keep_if_better_than_rtn(awq, weights, check, lambda w: _rtn_int4(w, g))
         if method == "gptq":
-            return [QuantizedLinear("int4", *gptq_quantize(w, _hessian(stat), bits=4, group_size=options.group_size),
-                                    options.group_size) for w in weights]
-        return [QuantizedLinear("int4", *quantize_int4_groupwise(w, options.group_size), options.group_size)
-                for w in weights]
+            return [_gptq(w, stat, check, 4, g) for w in weights]
+        return [_rtn_int4(w, g) for w in weights]
 
-    input_scale, alpha = None, None
+    input_scale, alpha, ratio = None, None, None
     if method == "smoothquant":
-        input_scale, alpha = _smoothing(options, weights, stat)
-        weights = [w * input_scale[:, None] for w in weights]
+        input_scale, alpha, ratio = _smoothing(options, weights, stat, check)
+        if ratio is not None and not ratio < 1.0:
+            input_scale, alpha = None, None  # smoothing did not help on held-out rows: RTN
+        else:
+            weights = [w * input_scale[:, None] for w in weights]
     act_scale = None
     if fmt == "fp8" or static_activations:
         absmax = _absmax(stat)
@@ -133,26 +163,107 @@ def _quantize_group(options: QuantizationOptions, weights: list[np.ndarray], sta
             codes = fp8_e4m3(w / w_scale)
             results.append(QuantizedLinear("fp8", codes, w_scale, None, input_scale, act_scale, alpha))
         elif method == "gptq":
-            codes, scale = gptq_quantize(w, _hessian(stat), bits=8, group_size=None)
-            results.append(QuantizedLinear("int8", codes, scale[0], None, input_scale, act_scale, alpha))
+            q = _gptq(w, stat, check, 8, None)
+            q.activation_scale = act_scale
+            results.append(q)
         else:
             codes, scale = quantize_int8_per_channel(w)
             results.append(QuantizedLinear("int8", codes, scale, None, input_scale, act_scale, alpha))
+    if method == "smoothquant":
+        for q in results:
+            q.method = "smoothquant" if input_scale is not None else "rtn"
+            q.held_out_vs_rtn = None if ratio is None else round(float(ratio), 6)
     return results
 
 
-def _smoothing(options: QuantizationOptions, weights: list[np.ndarray], stat) -> tuple[np.ndarray, float]:
+def _rtn_int4(w: np.ndarray, group_size: int) -> QuantizedLinear:
+    return QuantizedLinear("int4", *quantize_int4_groupwise(w, group_size), group_size, method="rtn")
+
+
+def _rtn_like(w: np.ndarray, bits: int, group_size: int | None) -> QuantizedLinear:
+    if bits == 4:
+        return _rtn_int4(w, group_size)
+    return QuantizedLinear("int8", *quantize_int8_per_channel(w), method="rtn")
+
+
+def _weight_error(h: np.ndarray, w: np.ndarray, q: QuantizedLinear) -> float:
+    """||X (W - Ŵ)||² through H ∝ XᵀX, Ŵ the weight the build effectively applies to x."""
+    effective = q.dequantized().astype(np.float64)
+    if q.input_scale is not None:
+        effective = effective / q.input_scale.astype(np.float64)[:, None]
+    e = np.asarray(w, np.float64) - effective
+    return float(np.sum(e * (h @ e)))
+
+
+def _ratio(error: float, baseline: float) -> float:
+    if baseline > 0:
+        return error / baseline
+    return 1.0 if error == 0 else float("inf")
+
+
+def _keep_if_better_than_rtn(chosen: list[QuantizedLinear], weights: list[np.ndarray], check,
+                             rtn) -> list[QuantizedLinear]:
+    """The group's method numbers when their summed held-out error is below RTN's, else RTN's."""
+    if check is None or check.hessian is None:
+        return chosen
+    fallback = [rtn(w) for w in weights]
+    ratio = _ratio(sum(_weight_error(check.hessian, w, q) for w, q in zip(weights, chosen)),
+                   sum(_weight_error(check.hessian, w, q) for w, q in zip(weights, fallback)))
+    keep = chosen if ratio < 1.0 else fallback
+    for q in keep:
+        q.held_out_vs_rtn = round(ratio, 6)
+    return keep
+
+
+def _gptq(w: np.ndarray, stat, check, bits: int, group_size: int | None) -> QuantizedLinear:
+    """GPTQ on the fit Hessian; with a held-out Hessian, the first damping of GPTQ_DAMPING
+    whose held-out error beats RTN's, else RTN."""
+    h = _hessian(stat)
+
+    def gptq(damp: float) -> QuantizedLinear:
+        codes, scale = gptq_quantize(w, h, bits=bits, group_size=group_size, damp=damp)
+        if bits == 8:
+            return QuantizedLinear("int8", codes, scale[0], damping=damp)
+        return QuantizedLinear("int4", codes, scale, group_size, damping=damp)
+
+    if check is None or check.hessian is None:
+        return gptq(GPTQ_DAMPING[0])
+    rtn = _rtn_like(w, bits, group_size)
+    baseline = _weight_error(check.hessian, w, rtn)
+    best = float("inf")
+    for damp in GPTQ_DAMPING:
+        q = gptq(damp)
+        ratio = _ratio(_weight_error(check.hessian, w, q), baseline)
+        if ratio < 1.0:
+            q.held_out_vs_rtn = round(ratio, 6)
+            return q
+        best = min(best, ratio)
+    rtn.held_out_vs_rtn = round(best, 6)
+    return rtn
+
+
+def _smoothing(options: QuantizationOptions, weights: list[np.ndarray], stat,
+               check) -> tuple[np.ndarray, float, float | None]:
     """SmoothQuant's s for the weights sharing one activation: given alpha, or the alpha
-    with the least output error of the quantized layer on calibration rows."""
+    with the least output error of the quantized layer on calibration rows; and the
+    held-out output error with s over RTN's (None without held-out rows)."""
     absmax = _absmax(stat)
-    if options.alpha is not None:
-        return smoothing_scales(absmax, weights, options.alpha), options.alpha
     if options.weights == "fp8":
-        alpha, s = search_alpha(_rows(stat, "smoothquant"), weights, quantize_activation=_fake_fp8,
-                                quantize_weight=_fp8_weight, act_absmax=absmax)
+        quantize_activation, quantize_weight = _fake_fp8, _fp8_weight
     else:
-        alpha, s = search_alpha(_rows(stat, "smoothquant"), weights, act_absmax=absmax)
-    return s, alpha
+        quantize_activation, quantize_weight = fake_quant_dynamic_uint8, quantize_int8_per_channel
+    if options.alpha is not None:
+        alpha, s = options.alpha, smoothing_scales(absmax, weights, options.alpha)
+    else:
+        alpha, s = search_alpha(_rows(stat, "smoothquant"), weights, quantize_activation=quantize_activation,
+                                quantize_weight=quantize_weight, act_absmax=absmax)
+    if check is None or check.rows is None or not len(check.rows):
+        return s, alpha, None
+    x = np.asarray(check.rows, np.float32)
+    references = [x @ w for w in weights]
+    smoothed = smoothed_output_error(x, weights, references, s, quantize_activation, quantize_weight)
+    plain = smoothed_output_error(x, weights, references, np.ones_like(s), quantize_activation, quantize_weight)
+    return s, alpha, _ratio(smoothed, plain)
 
 
 def _fake_fp8(x: np.ndarray) -> np.ndarray:
@@ -183,4 +294,4 @@ def _hessian(stat) -> np.ndarray:
     return stat.hessian
 
 
-__all__ = ["INT8_MAX", "Linear", "NEEDED_STATISTICS", "QuantizedLinear", "Skipped", "quantize_linears"]
+__all__ = ["GPTQ_DAMPING", "HELD_OUT_STATISTICS", "INT8_MAX", "Linear", "NEEDED_STATISTICS", "QuantizedLinear", "Skipped", "quantize_linears"]
