@@ -8,6 +8,14 @@ Q/K/V projections as separate MatMuls (no packed-QKV `Attention`), so quantized
 projections stay quantized, and only on ONNX Runtime builds (TensorRT has its own
 fusions and does not run contrib ops).
 
+The rules match one way of writing attention. Other export forms are first brought
+into it (`_canonicalise`): TorchScript exports compute their reshape targets at run time
+(shape inference leaves the head count unknown and names each axis apart, so the
+dimensions are probed and named as the graph inputs name them), guard the softmax with
+a one-element rather than scalar zero and reshape the attention output to its own
+shape; GPT-2 flattens it straight to rows; static GQA exports lose the 4-D key view.
+The report counts the attention blocks left unfused (`attention_unfused`).
+
 Skip-LayerNorm is deliberately *not* fused, and the build asks ONNX Runtime not to fuse
 it either (SESSION_SETTINGS, applied by trimrt's runtime and bench from the manifest):
 ORT 1.32's SkipLayerNormalization CPU kernel took 3.9 ms for MiniLM's 12 residual
