@@ -110,7 +110,7 @@ CASES = [
     ("recipe-samples-huge", "compile {t}/model.onnx -o {t}/out --recipe {t}/samples.toml",
      ["samples must be at most 100000"]),
     # counts: click ranges (with the original as reference, so only the count is wrong); {v} / {b} below
-    ("verify-samples-0", "verify {t}/build --samples 0 {v}", ["'--samples'", "0 is not in the range x>=1"]),
+    ("verify-samples-0", "verify {t}/build --samples 0 {v}", ["'--samples'", "0 is not in the range 1<=x<=10000"]),
     ("verify-tokens-negative", "verify {t}/build --tokens -3 {v}", ["'--tokens'", "-3 is not in the range"]),
     ("verify-min-cosine-above-1", "verify {t}/build --min-cosine 2 {v}", ["'--min-cosine'", "2.0 is not in the range"]),
     ("bench-tokens-negative", "bench {t}/build --tokens -3 {b}", ["'--tokens'", "-3 is not in the range"]),
@@ -118,7 +118,12 @@ CASES = [
     ("bench-batch-negative", "bench {t}/build --batch -1 {b}", ["'--batch'", "-1 is not in the range"]),
     ("bench-batch-0", "bench {t}/build --batch 0 {b}", ["'--batch'", "0 is not in the range"]),
     ("bench-threads-negative", "bench {t}/build --threads -1 {b}", ["'--threads'", "-1 is not in the range"]),
-    ("bench-warmup-negative", "bench {t}/build --warmup -1 {b}", ["'--warmup'", "-1 is not in the range x>=0"]),
+    ("bench-warmup-negative", "bench {t}/build --warmup -1 {b}", ["'--warmup'", "-1 is not in the range 0<=x<=10000"]),
+    # ... and bounded above: a typo must not allocate gigabytes, start 100000 threads or run for days
+    ("verify-samples-huge", "verify {t}/build --samples 100000000 {v}", ["'--samples'", "1<=x<=10000"]),
+    ("bench-batch-huge", "bench {t}/build --batch 100000000 {b}", ["'--batch'", "1<=x<=4096"]),
+    ("bench-threads-huge", "bench {t}/build --threads 100000 {b}", ["'--threads'", "1<=x<=256"]),
+    ("bench-rounds-huge", "bench {t}/build --rounds 1000000000 {b}", ["'--rounds'", "1<=x<=100000"]),
     # references and baselines that are not the build's original
     ("verify-reference-other-inputs", "verify {t}/build --reference {t}/other.onnx --samples 1",
      ["takes inputs ['z']", "the build ['x']"]),
@@ -171,6 +176,8 @@ API_CASES = [
      "rounds must be an integer >= 1"),
     ("bench-threads-negative", lambda t: bench_build(t / "build", t / "model.onnx", threads=-1), InputError,
      "threads must be an integer >= 1"),
+    ("bench-threads-huge", lambda t: bench_build(t / "build", t / "model.onnx", threads=100_000), InputError,
+     "threads must be at most 256"),
     ("factory-raises", lambda t: trimrt.compile(f"{t}/factory.py:make", None, t / "out"), ModelLoadError,
      "raised RuntimeError"),
     ("recipe-nested", lambda t: load_recipe(t / "deep.toml"), RecipeError, "too deeply"),

@@ -59,7 +59,11 @@ def _npz_path(ctx, param, path: Path | None) -> Path | None:
     return path
 
 
-POSITIVE = click.IntRange(min=1)
+def _count(name: str) -> click.IntRange:
+    """The click range of a verify / bench count (the same bounds the API checks)."""
+    from .verification import COUNT_RANGES
+
+    return click.IntRange(*COUNT_RANGES[name])
 
 
 @click.group(cls=_Group)
@@ -126,9 +130,11 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 @main.command()
 @click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
 @click.option("--reference", help="Original .onnx file or a PyTorch factory (default: the build's reference.onnx).")
-@click.option("--samples", default=8, show_default=True, type=POSITIVE, help="Random input samples (when no --input).")
+@click.option("--samples", default=8, show_default=True, type=_count("samples"),
+              help="Random input samples (when no --input).")
 @click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
-@click.option("--tokens", type=POSITIVE, help="Length of dynamic token axes of random inputs (default: the build's example).")
+@click.option("--tokens", type=_count("tokens"),
+              help="Length of dynamic token axes of random inputs (default: the build's example).")
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help="Fail (exit 1) when an output's mean cosine is below this.")
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="Fail (exit 1) when the top-1 agreement of logits is below this.")
 @click.option("--per-pass", is_flag=True, help="Also apply the recipe's passes one at a time: the drift each adds.")
@@ -185,12 +191,14 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
 @main.command()
 @click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
 @click.option("--baseline", type=click.Path(path_type=Path), help="Unmodified .onnx (default: the build's reference.onnx).")
-@click.option("--batch", default=1, show_default=True, type=POSITIVE)
-@click.option("--tokens", type=POSITIVE, help="Length of dynamic token axes (default: the build's example).")
+@click.option("--batch", default=1, show_default=True, type=_count("batch"))
+@click.option("--tokens", type=_count("tokens"), help="Length of dynamic token axes (default: the build's example).")
 @click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
-@click.option("--threads", default=2, show_default=True, type=POSITIVE, help="ONNX Runtime intra-op threads, same for both.")
-@click.option("--rounds", default=30, show_default=True, type=POSITIVE, help="Timed rounds (each runs both models once).")
-@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", default=2, show_default=True, type=_count("threads"),
+              help="ONNX Runtime intra-op threads, same for both.")
+@click.option("--rounds", default=30, show_default=True, type=_count("rounds"),
+              help="Timed rounds (each runs both models once).")
+@click.option("--warmup", default=5, show_default=True, type=_count("warmup"))
 @click.option("--json", "as_json", is_flag=True)
 def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, inputs, threads: int, rounds: int,
           warmup: int, as_json: bool) -> None:

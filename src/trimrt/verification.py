@@ -153,14 +153,22 @@ def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) 
     return backend
 
 
+#: (lowest, highest) of the counts verify and bench take; the highs keep a typo from allocating
+#: gigabytes (batch, tokens), starting a thread per core of a big server many times over
+#: (threads) or running for days (samples, rounds, warmup)
+COUNT_RANGES = {"samples": (1, 10_000), "tokens": (1, 65_536), "batch": (1, 4096), "threads": (1, 256),
+                "rounds": (1, 100_000), "warmup": (0, 10_000)}
+
+
 def check_counts(**counts: int | None) -> None:
     """Counts of verify / bench (samples, rounds, batch, ...) given through the API: one line when
     one is out of range, as the CLI's ranges say."""
-    lows = {"warmup": 0}
     for name, value in counts.items():
-        low = lows.get(name, 1)
+        low, high = COUNT_RANGES[name]
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+        if value is not None and value > high:
+            raise InputError(f"{name} must be at most {high}, got {value}")
 
 
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
