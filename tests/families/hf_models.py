@@ -40,6 +40,12 @@ def make(family: str, layers: int = 3, decoder_mask: bool = False):
     if family in ("vit", "deit"):
         cls, cfg = (tf.ViTModel, tf.ViTConfig) if family == "vit" else (tf.DeiTModel, tf.DeiTConfig)
         model = cls(cfg(hidden_size=64, image_size=32, patch_size=8, **small))
+        if family == "deit":  # DeiT initialises its CLS / distillation tokens and positions to zeros, which
+            # makes the CLS attention row exactly uniform (ties); a trained model's are not
+            with torch.no_grad():
+                for p in (model.embeddings.cls_token, model.embeddings.distillation_token,
+                          model.embeddings.position_embeddings):
+                    p.normal_(std=0.5)
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
     if family == "clip":
         model = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small))

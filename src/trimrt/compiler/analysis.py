@@ -334,6 +334,13 @@ def analyse(model: ir.Model) -> TransformerMap:
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
     if len(candidates) != 1 and not isinstance(n_keys, int):
         candidates = _probe_token_axis(model, blocks[0])
+    windows = [d for d in list(stream_shape)[1:-1] if isinstance(d, int) and isinstance(n_keys, int)
+               and d > n_keys and d % n_keys == 0]
+    if not candidates and windows:
+        raise StructureError(
+            f"attention at {blocks[0].attention.core.name!r} runs over windows of {n_keys} tokens while the residual "
+            f"stream holds {windows[0]} (windowed attention, as in Swin): token pruning and merging need attention "
+            "over all tokens of the stream; this model is not supported")
     if len(candidates) != 1:
         raise StructureError(
             f"token axis ambiguous: residual stream shape {list(stream_shape)} has {len(candidates)} axes matching "
