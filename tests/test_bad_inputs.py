@@ -147,6 +147,10 @@ CASES = [
     ("text-file-as-npy", "run {t}/build --input x={t}/text.npy", ["text.npy is not a .npy or .npz file"]),
     ("run-output-missing-folder", "run {t}/build --input x={t}/x.npy --output {t}/missing/out.npz",
      ["'--output'", "does not exist"]),
+    ("run-output-into-a-build", "run {t}/build --input x={t}/x.npy --output {t}/build/out.npz",
+     ["'--output'", "would be written into the build"]),
+    ("run-input-without-file", "run {t}/build --input x=", ["--input x= names no file"]),
+    ("run-input-twice", "run {t}/build --input x={t}/x.npy --input x={t}/x.npy", ["input(s) ['x'] given twice"]),
     ("run-output-a-folder", "run {t}/build --input x={t}/x.npy --output {t}/folder", ["'--output'", "is a folder"]),
 ]
 

@@ -56,6 +56,8 @@ def _npz_path(ctx, param, path: Path | None) -> Path | None:
         path = path.with_name(path.name + ".npz")
     if not path.parent.is_dir():
         raise click.BadParameter(f"folder {path.parent} does not exist; create it or write elsewhere")
+    if (path.parent / "manifest.json").is_file():
+        raise click.BadParameter(f"{path} would be written into the build {path.parent}; write elsewhere")
     return path
 
 

@@ -109,6 +109,8 @@ def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:
     feeds: dict[str, np.ndarray] = {}
     for spec in specs:
         name, sep, file = spec.partition("=")
+        if sep and not file:
+            raise InputError(f"--input {spec} names no file: give NAME=FILE.npy")
         path = Path(file if sep else name)
         if not path.is_file():
             raise InputError(f"input file not found: {path}")
@@ -129,7 +131,9 @@ def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:
         if isinstance(data, np.ndarray):
             if not sep:
                 raise InputError(f"{path}: a .npy file needs a name: --input NAME={path}")
-            feeds[name] = data
-        else:
-            feeds.update(data)
+            data = {name: data}
+        twice = sorted(set(data) & set(feeds))
+        if twice:
+            raise InputError(f"input(s) {twice} given twice (again in {path}); give each input once")
+        feeds.update(data)
     return feeds
