@@ -157,7 +157,7 @@ CASES = [
 
 @pytest.mark.parametrize("args,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2(files, args, words):
-    before = sorted(p.name for p in files.iterdir())
+    before = sorted(files.rglob("*"))
     words_of = {"{v}": ["--reference", str(files / "model.onnx")], "{b}": ["--baseline", str(files / "model.onnx")]}
     argv = [a for token in args.split()  # split before the paths go in: they may hold spaces
             for a in (words_of[token] if token in words_of else [token.format(t=files)])]
@@ -168,8 +168,7 @@ def test_bad_input_is_one_line_exit_2(files, args, words):
     assert len(lines) == 1, result.output
     for word in words:
         assert word in lines[0], lines[0]
-    after = sorted(p.name for p in files.iterdir())
-    assert after == before  # no build, temp folder or output file left behind
+    assert sorted(files.rglob("*")) == before  # no build, temp folder or output file left behind, none changed
     assert (files / "folder" / "mine.txt").read_text() == "mine"
 
 
