@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_exit_2(files, args, words):
     assert len(lines) == 1, result.output
     for word in words:
         assert word in lines[0], lines[0]
-    assert sorted(files.rglob("*")) == before  # no build, temp folder or output file left behind, none changed
+    assert sorted(files.rglob("*")) == before  # no build, temp folder or output file added anywhere
     assert (files / "folder" / "mine.txt").read_text() == "mine"
 
 
