@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import trimrt
 from trimrt.bench import bench_build
 from trimrt.cli import main
-from trimrt.errors import BuildError, InputError, ModelLoadError, RecipeError
+from trimrt.errors import BuildError, BuildLoadError, InputError, ModelLoadError, RecipeError
 from trimrt.recipe import load_recipe
 
 
@@ -172,8 +172,27 @@ def test_bad_input_is_one_line_exit_2(files, args, words):
     assert (files / "folder" / "mine.txt").read_text() == "mine"
 
 
+def _corrupt_build(tmp):
+    """A copy of the build whose model.onnx is garbage with a matching hash in the manifest."""
+    import json
+    import shutil
+
+    from trimrt.runtime.manifest import sha256_file
+
+    corrupt = tmp / "corrupt_build"
+    if not corrupt.exists():
+        shutil.copytree(tmp / "build", corrupt)
+        (corrupt / "model.onnx").write_bytes(b"not a model")
+        manifest = json.loads((corrupt / "manifest.json").read_text())
+        manifest["files"]["model.onnx"] = sha256_file(corrupt / "model.onnx")
+        (corrupt / "manifest.json").write_text(json.dumps(manifest))
+    return corrupt
+
+
 # the same refusals through the Python API: typed errors
 API_CASES = [
+    ("bench-corrupt-model", lambda t: bench_build(_corrupt_build(t), t / "model.onnx"), BuildLoadError,
+     "cannot load model.onnx"),
     ("verify-samples-0", lambda t: trimrt.verify(t / "build", t / "model.onnx", samples=0), InputError, "samples must be an integer >= 1"),
     ("bench-rounds-0", lambda t: bench_build(t / "build", t / "model.onnx", rounds=0), InputError,
      "rounds must be an integer >= 1"),

@@ -16,9 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
-from .runtime.manifest import MODEL, onnxruntime_settings, read_manifest
+from .runtime.session import load
 
 
 @dataclass
@@ -69,13 +68,13 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
 
     check_counts(batch=batch, threads=threads, warmup=warmup, rounds=rounds, tokens=tokens)
     build_dir = Path(build_dir)
-    manifest = read_manifest(build_dir)
+    # through Session: the sealed-build checks and a BuildLoadError for a model ORT cannot load
+    session = load(build_dir, backend="onnxruntime", threads=threads, spinning=False)
+    manifest, build = session.manifest, session.backend
     if baseline is None:
         if not manifest.get("reference"):
             raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
         baseline = build_dir / manifest["reference"]
-    build = OnnxRuntimeBackend(build_dir / MODEL, threads=threads, spinning=False, **onnxruntime_settings(manifest))
-    build.activate()
     base = load_reference_onnx(baseline, build.inputs, "baseline", threads=threads, spinning=False)
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))

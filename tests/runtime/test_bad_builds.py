@@ -156,6 +156,8 @@ CASES = [
                                             os.symlink(p.parent / "m.json", p / "manifest.json")),
      _load, BuildLoadError, "outside the build"),
     ("model-not-listed", _unlist_and_modify_model, _load, BuildLoadError, "model.onnx is not listed"),
+    ("a-model-file-not-a-build", None, lambda p: trimrt.load(p / "model.onnx"), BuildLoadError,
+     "is a file, not a build directory"),
     ("engine-not-listed", _unlisted_engine, _load, BuildLoadError, "model.engine is not listed"),
     ("reference-outside", _set("reference", "../outside.onnx"), _load, BuildLoadError,
      "'../outside.onnx' lies outside the build"),

@@ -49,6 +49,9 @@ def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
     `files` (name → sha256) covers every file the build needs, all inside the build, each
     matching its hash (unless check_hashes=False)."""
     build_dir = Path(build_dir)
+    if build_dir.is_file():
+        raise BuildLoadError(f"{build_dir} is a file, not a build directory; compile it first: "
+                             f"trimrt compile {build_dir} -o BUILD_DIR")
     if not build_dir.is_dir():
         raise BuildLoadError(f"build directory not found: {build_dir}")
     if not (build_dir / MANIFEST).is_file():
