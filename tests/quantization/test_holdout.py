@@ -121,3 +121,25 @@ def test_gptq_keeps_only_what_beats_rtn_on_held_out_rows(weights_format):
     else:
         assert checked.method == "rtn"
         np.testing.assert_array_equal(checked.codes, rtn.codes)
+
+
+def test_awq_scales_fitted_to_quiet_channels_fall_back_to_rtn_on_held_out_spikes():
+    fit, held, weights = _layer(k=128, quiet_spikes=True)
+    fit[:, 60:64] *= 30  # the fit's salient channels: AWQ scales their weight rows up
+    options = QuantizationOptions(weights="int4", activations="none", method="awq", group_size=32)
+    linears = [Linear(f"fc{i}", "x", w) for i, w in enumerate(weights)]
+    unchecked = quantize_linears(options, linears, {"x": _stats(fit)})
+    checked = quantize_linears(options, linears, {"x": _stats(fit)}, held_out={"x": _stats(held, ("hessian",))})
+    rtn = quantize_linears(QuantizationOptions(weights="int4", activations="none", group_size=32), linears, {})
+    h = held.astype(np.float64).T @ held
+
+    def error(plan):
+        total = 0.0
+        for q, w in zip(plan, weights):
+            e = w - q.dequantized() / (1.0 if q.input_scale is None else q.input_scale[:, None])
+            total += float(np.sum(e * (h @ e)))
+        return total
+
+    assert unchecked[0].alpha > 0 and error(unchecked) > error(rtn)
+    assert all(q.method == "rtn" and q.input_scale is None for q in checked)
+    assert checked[0].held_out_vs_rtn == pytest.approx(error(unchecked) / error(rtn), rel=1e-4)

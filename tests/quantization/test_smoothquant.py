@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trimrt.quantization.smoothquant import search_alpha, smooth_weights, smoothing_scales
+from trimrt.quantization.smoothquant import floor_quiet_channels, search_alpha, smooth_weights, smoothing_scales
 
 
 def _dynamic_uint8(x):
@@ -94,3 +94,15 @@ def test_alpha_search_takes_the_calibration_maximum_and_custom_quantizers():
     np.testing.assert_array_equal(s, smoothing_scales(act_absmax, weights, 0.5))
     with pytest.raises(ValueError, match="expected \\[32, N\\]"):
         smoothing_scales(np.ones(32), [np.ones((31, 4))], 0.5)
+
+
+def test_quiet_channels_are_floored_at_the_median_and_outliers_kept():
+    absmax = np.array([0.01, 0.5, 1.0, 1.2, 2.0, 40.0])
+    floored = floor_quiet_channels(absmax)
+    median = np.median(absmax)
+    np.testing.assert_allclose(floored, np.maximum(absmax, median))
+    assert floored[-1] == 40.0 and floored[0] == median
+    # so a channel quiet on the calibration data is not amplified beyond a median one
+    weights = [np.ones((6, 4), np.float32)]
+    s = smoothing_scales(floored, weights, 0.9)
+    assert (absmax / s)[0] < (absmax / s)[2] and s[0] == s[1] == s[2]

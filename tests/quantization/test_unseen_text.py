@@ -65,6 +65,9 @@ def builds(setup, tmp_path_factory):
         got = _embed(build / "model.onnx", feeds)
         cosine = np.sum(got * reference, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
         out[method] = report, float(cosine.mean())
+        fidelity = report["fidelity"]
+        print(f"{method}: NumPy docstrings {out[method][1]:.4f}, guard held-out {fidelity['cosine']:.4f}, "
+              f"fit {fidelity['cosine_fit']:.4f}, rtn fallbacks {report.get('matmuls_fallback_rtn', 0)}")
     return out
 
 

@@ -19,7 +19,9 @@ output error on the held-out part is below round-to-nearest's; GPTQ first retrie
 stronger damping (`GPTQ_DAMPING`), and what still does not beat RTN falls back to RTN
 (`QuantizedLinear.method` then says "rtn"). SmoothQuant's α and AWQ's scales / clips
 can fit the outliers of the samples they saw (a channel that was quiet there gets a
-tiny s and explodes on new text); the check catches that on the held-out samples.
+tiny s and explodes on new text); the check catches that on the held-out samples, and
+SmoothQuant does not amplify quiet channels in the first place
+(`smoothquant.floor_quiet_channels`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .awq import awq_quantize
 from .gptq import gptq_quantize
 from .numerics import (INT8_MAX, dequantize_fp8, fake_quant_dynamic_uint8, fp8_e4m3, fp8_scale,
                        quantize_fp8_per_tensor, quantize_int4_groupwise, quantize_int8_per_channel)
-from .smoothquant import search_alpha, smoothed_output_error, smoothing_scales
+from .smoothquant import floor_quiet_channels, search_alpha, smoothed_output_error, smoothing_scales
 
 #: statistics each method needs from calibration (compiler.calibration.ActivationStats fields)
 NEEDED_STATISTICS = {"rtn": {"absmax"}, "smoothquant": {"absmax", "rows"}, "awq": {"rows"}, "gptq": {"hessian"}}
@@ -244,10 +246,11 @@ def _gptq(w: np.ndarray, stat, check, bits: int, group_size: int | None) -> Quan
 
 def _smoothing(options: QuantizationOptions, weights: list[np.ndarray], stat,
                check) -> tuple[np.ndarray, float, float | None]:
-    """SmoothQuant's s for the weights sharing one activation: given alpha, or the alpha
-    with the least output error of the quantized layer on calibration rows; and the
+    """SmoothQuant's s for the weights sharing one activation (from its channel maxima,
+    quiet channels floored): given alpha, or the alpha with the least output error of
+    the quantized layer on calibration rows; and the
     held-out output error with s over RTN's (None without held-out rows)."""
-    absmax = _absmax(stat)
+    absmax = floor_quiet_channels(_absmax(stat))
     if options.weights == "fp8":
         quantize_activation, quantize_weight = _fake_fp8, _fp8_weight
     else:

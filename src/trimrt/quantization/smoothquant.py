@@ -21,6 +21,9 @@ import numpy as np
 from .numerics import fake_quant_dynamic_uint8, quantize_int8_per_channel
 
 S_MIN, S_MAX = 1e-5, 1e5
+#: channels quieter than this quantile of the channel maxima are smoothed as if they
+#: reached it (see `floor_quiet_channels`)
+QUIET_FLOOR_QUANTILE = 0.5
 DEFAULT_ALPHAS = np.round(np.arange(0.3, 0.96, 0.05), 2)  # 0.3, 0.35, ..., 0.95
 
 #: x [M, K] -> the same values after quantization and dequantization
@@ -41,6 +44,22 @@ def smoothing_scales(act_absmax: np.ndarray, weights: Sequence[np.ndarray], alph
     s = np.ones_like(act_absmax)
     s[live] = act_absmax[live] ** alpha / weight_absmax[live] ** (1.0 - alpha)
     return np.clip(s, S_MIN, S_MAX).astype(np.float32)
+
+
+def floor_quiet_channels(act_absmax: np.ndarray, quantile: float = QUIET_FLOOR_QUANTILE) -> np.ndarray:
+    """max|X_j| raised to at least its `quantile` over channels, for computing s.
+
+    SmoothQuant exists to shrink the outlier channels. Taken literally, s also amplifies
+    every channel that happened to be quiet on the calibration samples (X_j / s_j with a
+    tiny s_j): the smoothed activation then has no headroom, and one such channel waking
+    up on other text (longer inputs, other vocabulary) sets the per-tensor range and
+    coarsens all the rest. Measured on all-MiniLM-L6-v2 calibrated on short sentences and
+    run on 128-token NumPy docstrings: cosine 0.9923 without the floor (RTN 0.9920),
+    0.9973 with it."""
+    act_absmax = np.abs(np.asarray(act_absmax, dtype=np.float64))
+    if not act_absmax.size:
+        return act_absmax
+    return np.maximum(act_absmax, np.quantile(act_absmax, quantile))
 
 
 def smooth_weights(weights: Sequence[np.ndarray], s: np.ndarray) -> list[np.ndarray]:
