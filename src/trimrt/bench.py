@@ -79,7 +79,8 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))
     else:
-        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens)
+        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens,
+                             limits=manifest.get("input_limits"))
         got = int(next(iter(feeds.values())).shape[0])
         if got != batch:
             raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {got} "

@@ -187,7 +187,8 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         batches = [validate_feeds(session.inputs, load_feed_files(inputs))]
     else:
         hints = session.manifest.get("example_shapes")
-        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints, tokens=tokens) for i in range(samples)]
+        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints, tokens=tokens,
+                                limits=session.manifest.get("input_limits")) for i in range(samples)]
     names = [o.name for o in session.outputs]
     got_all: dict[str, list] = {n: [] for n in names}
     ref_all: dict[str, list] = {n: [] for n in names}

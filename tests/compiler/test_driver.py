@@ -206,3 +206,26 @@ def test_flops_count_a_matmul_that_makes_a_graph_output():
     for node in (oh.make_node("MatMul", ["x", "w"], ["y"]), oh.make_node("Gemm", ["x", "w"], ["y"])):
         model = oh.make_model(oh.make_graph([node], "last", [x], [y], [w]), opset_imports=[oh.make_opsetid("", 18)])
         assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8, node.op_type
+
+
+def test_small_vocabulary_and_position_table_bound_the_check_feeds(tmp_path):
+    """A model with 60 token ids compiles from its ONNX file alone (the check feeds used to
+    hold ids < 100), and verify / bench feed it in range."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=60, max_position_embeddings=64)
+    module = transformers.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    trimrt.export(module, tmp_path / "bert.onnx", example_inputs=example)
+    recipe = {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}}
+    manifest = trimrt.compile(str(tmp_path / "bert.onnx"), recipe, tmp_path / "build")
+    assert manifest["input_limits"]["ids"]["input_ids"]["limit"] == 60
+    assert manifest["input_limits"]["tokens"]["limit"] == 64
+    report = trimrt.verify(tmp_path / "build", tmp_path / "bert.onnx", samples=2)
+    assert report.passed and report.outputs[0].cosine_mean > 0.9999
+    from trimrt.bench import bench_build
+
+    assert bench_build(tmp_path / "build", tmp_path / "bert.onnx", rounds=2, warmup=1).speedup > 0

@@ -75,8 +75,12 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         min_tokens = pipeline_min_tokens(recipe)
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
+        limits = find_input_limits(original)  # a small vocabulary / position table bounds the check feeds
         check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
-        feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens)
+        max_tokens = (limits.get("tokens") or {}).get("limit")
+        if check_tokens is not None and max_tokens is not None:
+            check_tokens = min(check_tokens, int(max_tokens))
+        feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens, limits=limits)
         try:
             base_out = base_rt.infer(feeds)
         except Exception as exc:  # noqa: BLE001 - the input itself fails on ORT: name it, not a rewrite

@@ -86,9 +86,12 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[
     session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     infos = [TensorInfo.from_ort(a) for a in session.get_inputs()]
     names = [o.name for o in session.get_outputs()]
+    from .input_limits import find_input_limits
+
+    limits = find_input_limits(ir.serde.serialize_model(model))  # token ids inside a small vocabulary
     shapes = []
     for batch, tokens in runs:
-        values = session.run(names, random_feeds(infos, batch=batch, seed=0, tokens=tokens))
+        values = session.run(names, random_feeds(infos, batch=batch, seed=0, tokens=tokens, limits=limits))
         shapes.append({n: tuple(np.shape(v)) for n, v in zip(names, values)})
     return shapes
 

@@ -86,8 +86,18 @@ def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[in
 
 
 def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
-                 hints: Mapping[str, Sequence[int]] | None = None, tokens: int | None = None) -> dict[str, np.ndarray]:
-    """Random inputs: standard normal floats; integers in [0, 100) (token ids), ones for masks."""
+                 hints: Mapping[str, Sequence[int]] | None = None, tokens: int | None = None,
+                 limits: Mapping | None = None) -> dict[str, np.ndarray]:
+    """Random inputs: standard normal floats; integers in [0, 100) (token ids), ones for masks.
+
+    `limits` (a manifest's `input_limits`) keeps token ids inside a smaller vocabulary and,
+    when neither `tokens` nor a hint sets the length, the default length within the
+    position table: tiny models (vocabulary 99, 16 positions) get feeds they can run."""
+    limits = limits or {}
+    id_limits = {name: int(v["limit"]) for name, v in (limits.get("ids") or {}).items()}
+    max_tokens = (limits.get("tokens") or {}).get("limit")
+    if tokens is None and max_tokens is not None:
+        tokens = min(DEFAULT_TOKENS, int(max_tokens)) if not hints else None
     rng = np.random.default_rng(seed)
     feeds = {}
     for info in inputs:
@@ -97,7 +107,8 @@ def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
         elif "mask" in info.name.lower() or info.dtype == np.bool_:
             feeds[info.name] = np.ones(shape, dtype=info.dtype)
         else:
-            feeds[info.name] = rng.integers(0, 100, size=shape).astype(info.dtype)
+            high = max(1, min(100, id_limits.get(info.name, 100)))
+            feeds[info.name] = rng.integers(0, high, size=shape).astype(info.dtype)
     return feeds
 
 
