@@ -19,6 +19,7 @@ unmodified fp32 export, measured in one run.
 
     python benchmarks/minilm_quantization.py              # ≈ 30 min
     python benchmarks/minilm_quantization.py --only int4  # rows whose name contains "int4"
+    python benchmarks/minilm_quantization.py --exact --only "INT8 rtn + fusion" "INT8 smoothquant + fusion"
 
 Prints a Markdown table and writes results.json to --out.
 """
@@ -83,6 +84,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--only", nargs="*", default=[], help="rows whose name contains one of these (case-insensitive)")
+    ap.add_argument("--exact", action="store_true", help="--only names whole rows (case-insensitive)")
     ap.add_argument("--out", type=Path, default=Path("builds/bench_minilm_quantization"))
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
@@ -108,6 +110,8 @@ def main() -> int:
               for b in args.batches}
 
     def wanted(name: str) -> bool:
+        if args.exact:
+            return any(o.lower() == name.lower() for o in args.only)
         return not args.only or any(o.lower() in name.lower() for o in args.only)
 
     models = []

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from trimrt.cli import main
-from trimrt.inspect import (fusion_line, human_bytes, inspect_target, quantization_line,
+from trimrt.inspect import (fidelity_text, fusion_line, human_bytes, inspect_target, quantization_line,
                             quantization_summary)
 
 from cli_compile import compile_with_recipe
@@ -142,6 +142,17 @@ def test_summary_lines_for_int4_weight_only_without_calibration():
     assert quantization_line(q) == ("quantization: 2/3 linear layers int4 weight-only (rtn), weights 49.2 kB → 21.5 kB "
                                     "(2.3× smaller), fidelity not measured (no [calibration] data); "
                                     "kept float: b (K not a multiple of 32)")
+
+
+def test_fidelity_text_names_the_held_out_cosine_and_the_fitted_one():
+    """min_cosine applies to the held-out cosine: it comes first, the fit's beside it."""
+    summary = {"calibration": {"samples": 48, "source": "calib.txt", "fit": 36, "held_out": 12},
+               "fidelity": {"measured_on": "held-out", "samples": 12, "cosine": 0.9913, "cosine_fit": 0.99251,
+                            "samples_fit": 32, "min_cosine": 0.99, "cosine_all_quantized": 0.9913}}
+    assert fidelity_text(summary) == ("cosine 0.991300 on 12 held-out calibration samples (0.992510 on 32 fitted "
+                                      "ones) (guard: min_cosine 0.99, all quantized 0.991300)")
+    summary["fidelity"].update(measured_on="fit", samples=6)
+    assert fidelity_text(summary).startswith("cosine 0.991300 on 6 calibration samples (guard:")
 
 
 def test_fusion_line_and_bytes():

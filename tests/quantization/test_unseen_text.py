@@ -78,6 +78,13 @@ def _embed(path, feeds) -> np.ndarray:
     return np.concatenate([session.run(["sentence_embedding"], feed)[0] for feed in feeds]).astype(np.float64)
 
 
+def test_the_other_source_is_deterministic_and_disjoint_from_the_stdlib_texts():
+    texts = corpus.other_source_texts(EVALUATION)
+    assert texts == corpus.other_source_texts(EVALUATION) and len(set(texts)) == EVALUATION
+    assert not set(texts) & (set(corpus.calibration_texts(48)) | set(corpus.queries(200)))
+    assert all(len(t.split()) >= 20 and "\n" not in t for t in texts)
+
+
 @pytest.mark.parametrize("method", INT8_METHODS[1:])
 def test_calibrated_int8_is_not_worse_than_rtn_on_another_source(builds, method):
     _, rtn = builds["rtn"]
