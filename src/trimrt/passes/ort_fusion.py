@@ -185,7 +185,10 @@ def _canonicalise_rules():
 def _canonicalise(model: ir.Model) -> int:
     """Rewrite attention written in other export forms into the one the fusions match;
     returns the number of rewrites."""
-    return _drop_noop_reshapes(model) + int(_canonicalise_rules().apply_to_model(model))
+    changed = _drop_noop_reshapes(model) + _sizes_from_inputs(model)
+    if changed:  # drop what computed the old sizes: to the rules, a use of q / k / v inside the pattern
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    return changed + int(_canonicalise_rules().apply_to_model(model))
 
 
 def _dims(value: ir.Value) -> list | None:
@@ -260,6 +263,54 @@ def _drop_noop_reshapes(model: ir.Model) -> int:
         ir.convenience.replace_all_uses_with(result, source)
         dropped += 1
     return dropped
+
+
+def _sizes_from_inputs(model: ir.Model) -> int:
+    """Read sizes `Gather(Shape(x), i)` from where they come: a constant when the axis
+    is static, else the graph input's axis of the same symbol. TorchScript exports take
+    the batch and token counts for each reshape from the tensor at hand (GPT-2's
+    `x.size()[:-1]` on the heads it merges), a second use of a value inside the attention
+    pattern that keeps it from fusing. Returns the number of sizes rerouted."""
+    sources = {}
+    for value in model.graph.inputs:
+        for axis, dim in enumerate(value.shape or []):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and not str(dim.value).startswith("unk__"):
+                sources.setdefault(dim.value, (value, axis))
+    if not sources:
+        return 0
+    inputs_shape: dict[str, ir.Value] = {}
+    first = next(iter(model.graph), None)
+    rerouted = 0
+    for node in list(model.graph):
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.attributes \
+                or node.inputs[0] in model.graph.inputs or not _known(node.inputs[0].shape):
+            continue
+        dims = list(node.inputs[0].shape)
+        for gather, _ in list(node.outputs[0].uses()):
+            index = gather.inputs[1] if gather.op_type == "Gather" and len(gather.inputs) == 2 \
+                and not gather.outputs[0].is_graph_output() else None
+            if index is None or gather.attributes.get_int("axis", 0) != 0 or index.const_value is None \
+                    or index.const_value.size != 1 or len(index.const_value.shape) != 0:
+                continue
+            dim = dims[int(index.const_value.numpy())]
+            if isinstance(dim, int):
+                size = ir.node("Constant", [], {"value": ir.tensor(np.array(dim, dtype=np.int64))})
+            elif dim.value in sources:
+                source, axis = sources[dim.value]
+                if source.name not in inputs_shape:
+                    shape = ir.node("Shape", [source], name=f"{source.name}_shape")
+                    model.graph.insert_before(first, shape)
+                    inputs_shape[source.name] = shape.outputs[0]
+                axis_value = ir.node("Constant", [], {"value": ir.tensor(np.array(axis, dtype=np.int64))})
+                model.graph.insert_before(gather, axis_value)
+                size = ir.node("Gather", [inputs_shape[source.name], axis_value.outputs[0]], {"axis": 0})
+            else:
+                continue
+            model.graph.insert_before(gather, size)
+            size.outputs[0].dtype, size.outputs[0].shape = ir.DataType.INT64, ir.Shape([])
+            ir.convenience.replace_all_uses_with(gather.outputs[0], size.outputs[0])
+            rerouted += 1
+    return rerouted
 
 
 def _register_orphan_constants(model: ir.Model) -> int:
