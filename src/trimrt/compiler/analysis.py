@@ -114,6 +114,16 @@ def is_constant(value: ir.Value | None) -> bool:
         value.producer() is not None and value.producer().op_type == "Constant"))
 
 
+def _is_parameter(value: ir.Value | None, depth: int = 4) -> bool:
+    """A constant, or one seen through Identity / Cast: the TorchScript exporter hands shared
+    weights (ALBERT's layers, tied embeddings) to their users through Identity nodes."""
+    if is_constant(value):
+        return True
+    node = value.producer() if value is not None else None
+    return (node is not None and depth > 0 and node.op_type in ("Identity", "Cast") and node.inputs
+            and _is_parameter(node.inputs[0], depth - 1))
+
+
 def _find_scores(softmax: ir.Node):
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
@@ -179,7 +189,7 @@ def _activation_ancestors(value: ir.Value, limit: int = 400) -> set[ir.Value]:
     queue = deque([value])
     while queue and len(seen) < limit:
         v = queue.popleft()
-        if v in seen or is_constant(v):
+        if v in seen or _is_parameter(v):
             continue
         seen.add(v)
         node = v.producer()
@@ -188,21 +198,26 @@ def _activation_ancestors(value: ir.Value, limit: int = 400) -> set[ir.Value]:
     return seen
 
 
-def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value] | None:
+def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value, bool] | None:
+    """(residual Add, stream entering the block, parallel): `parallel` when the attention
+    output meets another activation branch (the MLP of GPT-NeoX / GPT-J / Falcon style
+    parallel blocks) before it rejoins the stream."""
     ancestors = _activation_ancestors(attn.q)
-    queue = deque([(attn.output, 0)])
+    queue = deque([(attn.output, 0, False)])
     seen = set()
     while queue:
-        value, depth = queue.popleft()
+        value, depth, parallel = queue.popleft()
         if value in seen or depth > 16:
             continue
         seen.add(value)
         for user in value.consumers():
+            joined = False
             if user.op_type == "Add":
                 other = [v for v in user.inputs if v is not value]
                 if other and other[0] in ancestors:
-                    return user, other[0]
-            queue.extend((out, depth + 1) for out in user.outputs)
+                    return user, other[0], parallel
+                joined = bool(other) and not _is_parameter(other[0])
+            queue.extend((out, depth + 1, parallel or joined) for out in user.outputs)
     return None
 
 
@@ -282,8 +297,10 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
     return "unknown"
 
 
-def _probe_token_axis(model: ir.Model, block: Block) -> list[int]:
-    """Token axis by running the model once (symbolic dims that shape inference could not relate)."""
+def _probe_token_axis(model: ir.Model, block: Block) -> tuple[list[int], int | None]:
+    """Token axis by running the model once (symbolic dims that shape inference could not
+    relate), and the token count when it is static (the model ran at its own length, not
+    at PROBE_TOKENS)."""
     from .probe import PROBE_TOKENS, probe_shapes
 
     shapes = probe_shapes(model)
@@ -293,9 +310,12 @@ def _probe_token_axis(model: ir.Model, block: Block) -> list[int]:
     if keys is None and core.op_type != "Softmax":
         k = shapes.get(block.attention.k.name)
         keys = None if k is None else k[:-1]
-    if stream is None or keys is None or keys[-1] != PROBE_TOKENS:
-        return []
-    return [a for a in range(len(stream) - 1) if stream[a] == PROBE_TOKENS]
+    if stream is None or keys is None:
+        return [], None
+    # a dynamic count runs at PROBE_TOKENS; a static one (a TorchScript export shape
+    # inference could not follow) at its own length: the axis as long as the keys
+    static = keys[-1] if keys[-1] != PROBE_TOKENS else None
+    return [a for a in range(1, len(stream) - 1) if stream[a] == keys[-1]], static
 
 
 def analyse(model: ir.Model) -> TransformerMap:
@@ -310,15 +330,26 @@ def analyse(model: ir.Model) -> TransformerMap:
             f"no transformer blocks found: no attention (Softmax over a MatMul of Q and Kᵀ, followed by a MatMul with V) "
             f"among {len(graph)} nodes ({found}); token passes need the attention sub-graph"
         )
-    blocks = []
-    for attn in attentions:
+    blocks, notes = [], []
+    for i, attn in enumerate(attentions):
         res = _find_residual_add(attn)
+        if res is None and blocks and all(_find_residual_add(a) is None for a in attentions[i + 1:]):
+            # after the last block: an attention-pooling head (SigLIP's probe query attends over
+            # the final tokens); it reads however many tokens reach it
+            notes.append(f"attention at {attn.core.name!r} after the last block has no residual stream: "
+                         "taken as an attention-pooling head, not a block")
+            continue
         if res is None:
             raise StructureError(
                 f"attention at {attn.core.name!r} has no residual Add joining its output with the stream that feeds Q; "
                 "cannot locate the residual stream of this block"
             )
-        add, stream_in = res
+        add, stream_in, parallel = res
+        if parallel:
+            raise StructureError(
+                f"the block of attention {attn.core.name!r} runs attention and MLP in parallel on one input "
+                "(GPT-NeoX / GPT-J / Falcon style): token pruning and merging act between the attention and the MLP, "
+                "which such a block does not have; this model is not supported")
         stream_mid, post_norm = add.outputs[0], False
         users = list(add.outputs[0].consumers())
         if len(users) == 1 and users[0].op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
@@ -332,8 +363,9 @@ def analyse(model: ir.Model) -> TransformerMap:
                              "(run shape inference or export with shapes)")
     n_keys = keys[len(keys) - 1]
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
+    probed_count = None
     if len(candidates) != 1 and not isinstance(n_keys, int):
-        candidates = _probe_token_axis(model, blocks[0])
+        candidates, probed_count = _probe_token_axis(model, blocks[0])
     windows = [d for d in list(stream_shape)[1:-1] if isinstance(d, int) and isinstance(n_keys, int)
                and d > n_keys and d % n_keys == 0]
     if not candidates and windows:
@@ -348,10 +380,10 @@ def analyse(model: ir.Model) -> TransformerMap:
         )
     token_axis = candidates[0]
     width = stream_shape[len(stream_shape) - 1]
-    tokens = stream_shape[token_axis]
+    tokens = stream_shape[token_axis] if probed_count is None else probed_count
     num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
     pooling = _pooling(graph, blocks[-1].stream_mid, token_axis)
-    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling)
+    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling, notes)
 
 
 def infer_shapes(model: ir.Model) -> None:

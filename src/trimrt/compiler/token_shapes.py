@@ -15,7 +15,6 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import BuildError
-from ..passes.base import PASS_TAG
 from .analysis import is_constant
 
 #: op type -> indices of inputs that are shapes / sizes
@@ -47,6 +46,8 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
     that reduction's runtime count, Shape(output)[1], times their multiple.
     `make_node(op, inputs, attrs, name)` builds (tagged) nodes; without it only local
     rewrites are possible."""
+    from ..passes.base import PASS_TAG  # here: passes import this module
+
     regions = [set(downstream_nodes(graph, [out])) for out in reduced]
     counts: dict[int, ir.Value] = {}
 
@@ -70,6 +71,7 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
                 continue
             tensor = ir.convenience.get_const_tensor(node.inputs[idx])
             if tensor is None:
+                rewritten += _free_concat_pieces(graph, node, idx, n_orig, count_of, make_node, tag, dims)
                 continue
             arr = tensor.numpy()
             if arr.dtype not in (np.int64, np.int32):
@@ -89,6 +91,39 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
     return rewritten
 
 
+def _free_concat_pieces(graph: ir.Graph, node: ir.Node, idx: int, n_orig: int, count_of, make_node, tag, dims) -> int:
+    """A shape computed as Concat(runtime dims, constant pieces): the TorchScript exporter's
+    form with a dynamic batch (nn.MultiheadAttention's [N, B·H, Dh] views bake N in a
+    piece). Pieces holding the count become the runtime count, in a copy of the Concat
+    private to `node` (the original may serve nodes before the reduction)."""
+    concat = node.inputs[idx].producer()
+    if concat is None or concat.op_type != "Concat" or make_node is None:
+        return 0
+    axis = _reshape_token_axis(node, n_orig, dims) if node.op_type == "Reshape" else None
+    pieces, changed, offset = [], 0, 0
+    for piece in concat.inputs:
+        tensor = ir.convenience.get_const_tensor(piece) if piece is not None else None
+        arr = tensor.numpy() if tensor is not None else None
+        size = piece.shape[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
+        if arr is not None and arr.ndim == 1 and arr.dtype in (np.int64, np.int32) and n_orig in arr:
+            entries = {i: 1 for i, v in enumerate(arr) if v == n_orig}
+            if axis is not None:  # only the entry the tokens land on
+                entries = {i: 1 for i in entries if offset is not None and offset + i == axis}
+            if entries:
+                piece = _runtime_shape(graph, node, arr, entries, count_of(node), make_node)
+                changed += 1
+        pieces.append(piece)
+        if offset is not None:
+            offset = offset + (arr.size if arr is not None else size) if (arr is not None or isinstance(size, int)) else None
+    if not changed:
+        return 0
+    copy = make_node("Concat", pieces, {"axis": concat.attributes.get_int("axis", 0)}, f"{node.name or node.op_type}_tokens_shape")
+    graph.insert_before(node, [copy])
+    node.replace_input_with(idx, copy.outputs[0])
+    node.metadata_props.setdefault("trimrt.rewritten_by", tag)
+    return changed
+
+
 def _static(shape) -> list[int] | None:
     return None if shape is None or not all(isinstance(d, int) for d in shape) else [int(d) for d in shape]
 
@@ -97,20 +132,34 @@ def _token_entries(node: ir.Node, arr: np.ndarray, n_orig: int, dims) -> dict[in
     """{position in the flattened shape constant: multiple of the token count it holds}."""
     flat = arr.reshape(-1)
     direct = {i: 1 for i, v in enumerate(flat) if v == n_orig}
-    if direct or node.op_type != "Reshape" or dims is None or arr.ndim != 1:
+    if node.op_type != "Reshape" or arr.ndim != 1:
         return direct
+    axis = _reshape_token_axis(node, n_orig, dims)
+    if axis is None:
+        return direct  # shapes unknown: every entry equal to the count is taken as the count
+    if axis < 0 or axis >= len(flat) or flat[axis] <= 0 or flat[axis] % n_orig:
+        return {}  # the tokens land on a 0 / -1 entry (already free), or the entries bake something else
+    return {axis: int(flat[axis]) // n_orig}
+
+
+def _reshape_token_axis(node: ir.Node, n_orig: int, dims) -> int | None:
+    """The output axis of a Reshape holding the input's token axis (merged with neighbours
+    or alone), from the original static or probed shapes: so an entry that only happens
+    to equal the count (a head size) is left alone. -1 when the token axis is split or
+    not found; None when the shapes are unknown."""
+    if dims is None:
+        return None
     source = node.inputs[0]
     in_shape = _static(source.shape) or (list(dims.shape(source)) if dims.shape(source) is not None else None)
-    out_shape = _static(node.outputs[0].shape)
-    axes = dims.axes(source)
-    if in_shape is None or out_shape is None or len(axes) != 1 or len(out_shape) != len(flat):
-        return {}
-    if in_shape[axes[0]] != n_orig:  # probed at another batch: the static count is what counts
-        return {}
-    out_axis = _merged_axis(in_shape, out_shape, axes[0])
-    if out_axis is None or flat[out_axis] <= 0 or flat[out_axis] % n_orig:
-        return {}
-    return {out_axis: int(flat[out_axis]) // n_orig}
+    out_shape = _static(node.outputs[0].shape) or (list(dims.shape(node.outputs[0]))
+                                                   if dims.shape(node.outputs[0]) is not None else None)
+    if in_shape is None or out_shape is None:
+        return None
+    axes = [a for a in range(1, len(in_shape)) if in_shape[a] == n_orig]
+    if len(axes) != 1:
+        return None
+    found = _merged_axis(in_shape, out_shape, axes[0])
+    return -1 if found is None else found
 
 
 def _merged_axis(in_shape: list[int], out_shape: list[int], axis: int) -> int | None:
@@ -132,7 +181,8 @@ def _merged_axis(in_shape: list[int], out_shape: list[int], axis: int) -> int | 
             else:
                 return None
         if axis in group_in:
-            return group_out[0] if len(group_out) == 1 else None
+            sized = [o for o in group_out if out_shape[o] != 1]  # axes of 1 ride along ([B, N] -> [B, 1, 1, N])
+            return sized[0] if len(sized) == 1 else None
         i, j = i + 1, j + 1
     return None
 
