@@ -12,7 +12,7 @@ import torch
 B, N = 2, 24  # batch and sequence length of the example inputs (24: not a width or head count)
 #: families whose inputs are images: their token count follows the image size, so their
 #: "dynamic" export has a dynamic batch only
-VISION = ("vit", "clip", "deit")
+VISION = ("vit", "clip", "deit", "siglip")
 
 
 def make(family: str, layers: int = 3, decoder_mask: bool = False):
@@ -47,6 +47,12 @@ def make(family: str, layers: int = 3, decoder_mask: bool = False):
                           model.embeddings.position_embeddings):
                     p.normal_(std=0.5)
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
+    if family == "albert":  # one layer's weights shared by every block
+        config = tf.AlbertConfig(hidden_size=64, embedding_size=32, **text, **small)
+        return tf.AlbertModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
+    if family == "siglip":  # no CLS token; an attention-pooling head after the blocks
+        config = tf.SiglipVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small)
+        return tf.SiglipVisionModel(config).eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
     if family == "clip":
         model = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small))
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}

@@ -32,7 +32,8 @@ class Prune:
 
 def _blocks(family: str, model):
     return {"bert": lambda: model.encoder.layer, "roberta": lambda: model.encoder.layer,
-            "distilbert": lambda: model.transformer.layer, "vit": lambda: model.layers,
+            "distilbert": lambda: model.transformer.layer, "vit": lambda: model.layers, "siglip": lambda: model.encoder.layers,
+            "albert": lambda: [model.encoder.albert_layer_groups[0].albert_layers[0]] * model.config.num_hidden_layers,
             "deit": lambda: model.layers, "clip": lambda: model.encoder.layers, "gpt2": lambda: model.h,
             "llama": lambda: model.layers, "qwen2": lambda: model.layers}[family]()
 
@@ -57,10 +58,12 @@ def _attention(family: str, model, block, h, mask, pos):
     if family == "distilbert":
         ctx, probs = block.attention(h, attention_mask=mask)
         return block.sa_layer_norm(ctx + h), probs
+    if family == "albert":  # one layer shared by every block; its attention adds and norms itself
+        return block.attention(h, mask)
     if family in ("vit", "deit"):
         out, probs = block.attention(block.layernorm_before(h), mask)
         return h + out, probs
-    if family == "clip":
+    if family in ("clip", "siglip"):
         out, probs = block.self_attn(block.layer_norm1(h), attention_mask=mask)
         return h + out, probs
     if family == "gpt2":
@@ -77,9 +80,11 @@ def _mlp(family: str, block, h):
         return block.feed_forward_chunk(h)
     if family == "distilbert":
         return block.output_layer_norm(block.ffn(h) + h)
+    if family == "albert":
+        return block.full_layer_layer_norm(block.ff_chunk(h) + h)
     if family in ("vit", "deit"):
         return h + block.mlp(block.layernorm_after(h))
-    if family == "clip":
+    if family in ("clip", "siglip"):
         return h + block.mlp(block.layer_norm2(h))
     if family == "gpt2":
         return h + block.mlp(block.ln_2(h))
@@ -91,9 +96,13 @@ def _embed(family: str, model, inputs: dict):
         return model.embeddings(inputs["pixel_values"])
     if family == "clip":
         return model.pre_layrnorm(model.embeddings(inputs["pixel_values"]))
+    if family == "siglip":
+        return model.embeddings(inputs["pixel_values"])
     ids = inputs["input_ids"]
     if family in ("bert", "roberta", "distilbert"):
         return model.embeddings(input_ids=ids)
+    if family == "albert":
+        return model.encoder.embedding_hidden_mapping_in(model.embeddings(input_ids=ids))
     if family == "gpt2":
         return model.wte(ids) + model.wpe(torch.arange(ids.shape[1])[None])
     return model.embed_tokens(ids)
@@ -115,6 +124,11 @@ def _outputs(family: str, model, h) -> dict:
         return out
     if family == "clip":
         return {"last_hidden_state": h, "pooler_output": model.post_layernorm(h[:, 0])}
+    if family == "siglip":  # the attention-pooling head reads however many tokens are left
+        h = model.post_layernorm(h)
+        return {"last_hidden_state": h, "pooler_output": model.head(h)}
+    if family == "albert":
+        return {"last_hidden_state": h, "pooler_output": model.pooler_activation(model.pooler(h[:, 0]))}
     if family == "gpt2":
         return {"last_hidden_state": model.ln_f(h)}
     return {"last_hidden_state": model.norm(h)}

@@ -1,10 +1,11 @@
 """Token pruning on the families users bring, in every export form they bring:
 {BERT, ViT, CLIP vision, LLaMA (GQA), GPT-2} × {dynamo, TorchScript} × {dynamic token
 axis, static token count}, and RoBERTa, DistilBERT, DeiT (CLS + distillation token
-protected) and Qwen2 in two forms each. In each cell the structure is found, a
+protected) and Qwen2 in two forms each, ALBERT (one layer's weights shared by all blocks) and SigLIP
+(no CLS; an attention-pooling head) in one. In each cell the structure is found, a
 keep-everything recipe reproduces the original, and a pruning recipe matches the same
 pruning written in PyTorch on the Hugging Face modules (hf_reference). Swin's windowed
-attention is refused, named.
+attention and GPT-NeoX's parallel attention / MLP are refused, named.
 
 Static exports bake the token count into Reshape targets, Expand shapes, constant
 masks and RoPE tables; they are the form most TensorRT-bound exports take. Vision
@@ -35,12 +36,15 @@ FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")
 WIDER = [("roberta", "dynamo", "dynamic"), ("roberta", "torchscript", "static"),
          ("distilbert", "dynamo", "static"), ("distilbert", "torchscript", "dynamic"),
          ("deit", "dynamo", "dynamic"), ("deit", "torchscript", "static"),
-         ("qwen2", "dynamo", "static"), ("qwen2", "torchscript", "dynamic")]
+         ("qwen2", "dynamo", "static"), ("qwen2", "torchscript", "dynamic"),
+         ("albert", "torchscript", "static"), ("siglip", "torchscript", "static")]
 CELLS = list(itertools.product(FAMILIES, ("dynamo", "torchscript"), ("dynamic", "static"))) + WIDER
 DECODERS = ("llama", "gpt2", "qwen2")
-POST_NORM = ("bert", "roberta", "distilbert")
+POST_NORM = ("bert", "roberta", "distilbert", "albert")
 #: leading tokens never pruned: CLS, and DeiT's distillation token after it
 PROTECTED = {"deit": 2}
+#: tokens vision models prepend to their 16 patches (SigLIP: none; the recipe protects its first patch)
+PREPENDED = {"deit": 2, "siglip": 0}
 LAYERS = [0, 1]  # two blocks, both pruning: the second reduction works on the first one's output
 ENCODER = {"method": "cls_attention", "layers": LAYERS, "keep": 0.5, "protect": "cls", "fuse_pruned": True}
 DECODER = {"method": "last_token_attention", "layers": LAYERS, "keep": 0.25, "prunable": [4, 20]}
@@ -57,7 +61,7 @@ def recipe_for(family: str) -> tuple[dict, Prune]:
 
 def tokens_of(family: str) -> int:
     """Tokens entering the blocks: text N; images 16 patches + CLS (+ DeiT's distillation token)."""
-    return 16 + PROTECTED.get(family, 1) if family in VISION else N
+    return 16 + PREPENDED.get(family, 1) if family in VISION else N
 
 
 def pruned_tokens(family: str) -> int:
@@ -122,22 +126,66 @@ def test_pruning_matches_pytorch(cell, tmp_path):
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
 
 
-def test_windowed_attention_is_refused_naming_it(tmp_path):
-    """Swin attends within windows of the patch grid: no attention over the whole stream
-    to prune or merge by. The compile refuses in one line that says so."""
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_token_merging_on_a_static_export_equals_the_dynamic_one(family, tmp_path):
+    """ToMe on the static-count export of a model gives what it gives on the dynamic one:
+    the baked counts, the constant masks and RoPE tables all follow the merged tokens."""
+    module, inputs = make(family, layers=2, decoder_mask=True)
+    feeds = export(module, inputs, "torchscript", False, tmp_path / "dynamic.onnx")
+    export(module, inputs, "torchscript", True, tmp_path / "static.onnx")
+    outs = {}
+    for form in ("dynamic", "static"):
+        manifest = trimrt.compile(str(tmp_path / f"{form}.onnx"), {"token_merging": {"r": 4, "layers": [0, 1]}},
+                                  tmp_path / form)
+        outs[form] = trimrt.load(tmp_path / form).run(feeds)
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_merging")
+    assert report["tokens_after"] == N - 8 and report["travelling_tensors"]  # the mask (and RoPE tables)
+    assert outs["static"]["last_hidden_state"].shape == (B, N - 8, 64)
+    for name, want in outs["dynamic"].items():
+        np.testing.assert_allclose(outs["static"][name], want, atol=1e-5, err_msg=name)
+
+
+def _swin():
+    import transformers as tf
+
+    config = tf.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
+    return tf.SwinModel(config), {"pixel_values": __import__("torch").randn(B, 3, 32, 32)}
+
+
+def _gpt_neox():
     import torch
     import transformers as tf
+
+    config = tf.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                              vocab_size=200, use_cache=False)
+    return tf.GPTNeoXModel(config), {"input_ids": torch.randint(0, 200, (B, N)),
+                                     "attention_mask": torch.ones(B, N, dtype=torch.long)}
+
+
+REFUSED = [
+    # Swin attends within windows of the patch grid: no attention over the whole stream
+    (_swin, {"method": "cls_attention", "layers": [0], "keep": 0.5},
+     ["windowed attention", "windows of 16 tokens", "256"]),
+    # GPT-NeoX runs attention and MLP side by side from one input: no point between them
+    (_gpt_neox, {"method": "last_token_attention", "layers": [0], "keep": 0.5, "prunable": [4, 20]},
+     ["in parallel", "GPT-NeoX"]),
+]
+
+
+@pytest.mark.parametrize("build, recipe, words", REFUSED, ids=["swin", "gpt_neox"])
+def test_unsupported_constructs_are_refused_naming_them(build, recipe, words, tmp_path):
+    """Families whose blocks token reduction cannot act on end in one line naming the
+    construct, and no build."""
+    import torch
 
     from trimrt.errors import StructureError
 
     torch.manual_seed(0)
-    config = tf.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4)
-    module = tf.SwinModel(config).eval()
-    export(module, {"pixel_values": torch.randn(B, 3, 32, 32)}, "torchscript", True, tmp_path / "swin.onnx")
+    module, inputs = build()
+    export(module.eval(), inputs, "torchscript", True, tmp_path / "m.onnx")
     with pytest.raises(StructureError) as err:
-        trimrt.compile(str(tmp_path / "swin.onnx"), {"token_pruning": {"method": "cls_attention", "layers": [0], "keep": 0.5}},
-                       tmp_path / "b")
+        trimrt.compile(str(tmp_path / "m.onnx"), {"token_pruning": recipe}, tmp_path / "b")
     message = str(err.value)
     assert "\n" not in message
-    assert "windowed attention" in message and "windows of 16 tokens" in message and "256" in message
+    assert all(w in message for w in words), message
     assert not (tmp_path / "b").exists()

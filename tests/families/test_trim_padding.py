@@ -73,3 +73,15 @@ def test_padding_is_never_kept_while_real_tokens_are_dropped(bert, tmp_path):
         else:
             assert np.all(row < real)
     assert np.array_equal(kept[0][:8], np.arange(8))  # all 8 real tokens kept, then padding
+
+
+def test_static_export_is_refused_naming_the_fixed_length(tmp_path):
+    """An export with a static token count has no padding to trim at run time: one line
+    saying so, not a graph that slices a fixed-length model."""
+    from hf_models import export
+
+    module, inputs = make("bert", layers=2)
+    export(module, inputs, "torchscript", True, tmp_path / "bert.onnx")
+    with pytest.raises(StructureError, match=r"fixes 'attention_mask' at 24 tokens"):
+        trimrt.compile(str(tmp_path / "bert.onnx"), {"padding": {"trim_trailing": True}}, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -26,6 +26,11 @@ class TrimPaddingPass(TrimrtPass):
         graph = model.graph
         mask = next((v for v in graph.inputs if "mask" in (v.name or "").lower() and v.shape is not None
                      and len(v.shape) == 2 and not isinstance(v.shape[1], int)), None)
+        fixed = next((v for v in graph.inputs if "mask" in (v.name or "").lower() and v.shape is not None
+                      and len(v.shape) == 2 and isinstance(v.shape[1], int)), None)
+        if mask is None and fixed is not None:
+            raise StructureError(f"trim_padding needs a dynamic token axis, but this export fixes {fixed.name!r} at "
+                                 f"{fixed.shape[1]} tokens; export with a dynamic sequence axis, or leave [padding] out")
         if mask is None:
             raise StructureError("trim_padding needs a dynamic-length attention mask input [batch, tokens] (named '*mask*'); "
                                  f"the model's inputs are {[v.name for v in graph.inputs]}")
