@@ -69,6 +69,9 @@ def test_attention_fuses_in_every_export_form(family, exporter, shape, tmp_path)
     report = _fusion_report(manifest)
     assert report["applied"], report.get("reason")
     assert report["attention_unfused"] == 0
+    # on the projections themselves, as in dynamo exports; LLaMA's RoPE sits between them
+    # and the attention, so its MultiHeadAttention gets the rotated heads re-laid out
+    assert report["fused"]["sdpa_via_mha" if family == "llama" else "mha_no_past"] == LAYERS
     ops = _ops(tmp_path / "fused" / "model.onnx")
     assert ops[("com.microsoft", "MultiHeadAttention")] == LAYERS
     assert ops[("", "Softmax")] == 0
@@ -92,4 +95,20 @@ def test_minilm_fuses_all_six_attention_blocks_from_either_exporter(exporter, tm
                        "padding masks must survive fusion"], padding=True, return_tensors="np")
     feeds = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
     assert (feeds["attention_mask"] == 0).any()
+    _assert_same(_run(tmp_path / "fused" / "model.onnx", feeds), _run(path, feeds))
+
+
+def test_a_model_too_short_for_the_shape_probe_still_fuses(tmp_path):
+    """The shape probe runs the model at more tokens than a small position table holds;
+    where the probe cannot run, fusion goes on with the shapes inference found."""
+    import transformers as tf
+
+    module = tf.BertModel(tf.BertConfig(hidden_size=64, vocab_size=200, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                        intermediate_size=128, max_position_embeddings=40)).eval()
+    _, inputs = make("bert", layers=LAYERS)
+    path = tmp_path / "bert40.onnx"
+    feeds = export(module, inputs, "dynamo", False, path)
+    manifest = trimrt.compile(str(path), FUSE, tmp_path / "fused")
+    report = _fusion_report(manifest)
+    assert report["applied"] and report["attention_unfused"] == 0
     _assert_same(_run(tmp_path / "fused" / "model.onnx", feeds), _run(path, feeds))
