@@ -47,6 +47,9 @@ def make(family: str, layers: int = 3, decoder_mask: bool = False):
                           model.embeddings.position_embeddings):
                     p.normal_(std=0.5)
         return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
+    if family == "electra":  # embeddings narrower than the blocks, projected up
+        config = tf.ElectraConfig(hidden_size=64, embedding_size=32, **text, **small)
+        return tf.ElectraModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
     if family == "albert":  # one layer's weights shared by every block
         config = tf.AlbertConfig(hidden_size=64, embedding_size=32, **text, **small)
         return tf.AlbertModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
@@ -60,6 +63,10 @@ def make(family: str, layers: int = 3, decoder_mask: bool = False):
     if family == "llama":
         model = tf.LlamaModel(tf.LlamaConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
                                              **small))
+        return model.eval(), decoder_inputs
+    if family == "mistral":
+        model = tf.MistralModel(tf.MistralConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
+                                                 **small))
         return model.eval(), decoder_inputs
     if family == "qwen2":
         model = tf.Qwen2Model(tf.Qwen2Config(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,

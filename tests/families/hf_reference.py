@@ -32,6 +32,7 @@ class Prune:
 
 def _blocks(family: str, model):
     return {"bert": lambda: model.encoder.layer, "roberta": lambda: model.encoder.layer,
+            "electra": lambda: model.encoder.layer, "mistral": lambda: model.layers,
             "distilbert": lambda: model.transformer.layer, "vit": lambda: model.layers, "siglip": lambda: model.encoder.layers,
             "albert": lambda: [model.encoder.albert_layer_groups[0].albert_layers[0]] * model.config.num_hidden_layers,
             "deit": lambda: model.layers, "clip": lambda: model.encoder.layers, "gpt2": lambda: model.h,
@@ -39,7 +40,7 @@ def _blocks(family: str, model):
 
 
 def _decoder(family: str) -> bool:
-    return family in ("gpt2", "llama", "qwen2")
+    return family in ("gpt2", "llama", "qwen2", "mistral")
 
 
 def _mask(family: str, valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _mask(family: str, valid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def _attention(family: str, model, block, h, mask, pos):
     """(stream after the attention sub-layer, attention probabilities [B, H, N, N])."""
-    if family in ("bert", "roberta"):
+    if family in ("bert", "roberta", "electra"):
         ctx, probs = block.attention.self(h, attention_mask=mask)
         return block.attention.output(ctx, h), probs
     if family == "distilbert":
@@ -69,14 +70,14 @@ def _attention(family: str, model, block, h, mask, pos):
     if family == "gpt2":
         out, probs = block.attn(block.ln_1(h), attention_mask=mask)
         return h + out, probs
-    # llama, qwen2: RoPE at the original positions
+    # llama, qwen2, mistral: RoPE at the original positions
     cos_sin = model.rotary_emb(h, pos)
     out, probs = block.self_attn(block.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask)
     return h + out, probs
 
 
 def _mlp(family: str, block, h):
-    if family in ("bert", "roberta"):
+    if family in ("bert", "roberta", "electra"):
         return block.feed_forward_chunk(h)
     if family == "distilbert":
         return block.output_layer_norm(block.ffn(h) + h)
@@ -101,6 +102,8 @@ def _embed(family: str, model, inputs: dict):
     ids = inputs["input_ids"]
     if family in ("bert", "roberta", "distilbert"):
         return model.embeddings(input_ids=ids)
+    if family == "electra":  # embeddings narrower than the blocks, projected up
+        return model.embeddings_project(model.embeddings(input_ids=ids))
     if family == "albert":
         return model.encoder.embedding_hidden_mapping_in(model.embeddings(input_ids=ids))
     if family == "gpt2":
@@ -114,7 +117,7 @@ def _outputs(family: str, model, h) -> dict:
         if getattr(model, "pooler", None) is not None:
             out["pooler_output"] = model.pooler(h)
         return out
-    if family == "distilbert":
+    if family in ("distilbert", "electra"):
         return {"last_hidden_state": h}
     if family in ("vit", "deit"):
         h = model.layernorm(h)

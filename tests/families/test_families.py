@@ -1,8 +1,8 @@
 """Token pruning on the families users bring, in every export form they bring:
 {BERT, ViT, CLIP vision, LLaMA (GQA), GPT-2} × {dynamo, TorchScript} × {dynamic token
 axis, static token count}, and RoBERTa, DistilBERT, DeiT (CLS + distillation token
-protected) and Qwen2 in two forms each, ALBERT (one layer's weights shared by all blocks) and SigLIP
-(no CLS; an attention-pooling head) in one. In each cell the structure is found, a
+protected) and Qwen2 in two forms each, ALBERT (one layer's weights shared by all blocks), SigLIP
+(no CLS; an attention-pooling head), ELECTRA and Mistral in one. In each cell the structure is found, a
 keep-everything recipe reproduces the original, and a pruning recipe matches the same
 pruning written in PyTorch on the Hugging Face modules (hf_reference). Swin's windowed
 attention and GPT-NeoX's parallel attention / MLP are refused, named.
@@ -37,10 +37,11 @@ WIDER = [("roberta", "dynamo", "dynamic"), ("roberta", "torchscript", "static"),
          ("distilbert", "dynamo", "static"), ("distilbert", "torchscript", "dynamic"),
          ("deit", "dynamo", "dynamic"), ("deit", "torchscript", "static"),
          ("qwen2", "dynamo", "static"), ("qwen2", "torchscript", "dynamic"),
-         ("albert", "torchscript", "static"), ("siglip", "torchscript", "static")]
+         ("albert", "torchscript", "static"), ("siglip", "torchscript", "static"),
+         ("electra", "torchscript", "static"), ("mistral", "torchscript", "static")]
 CELLS = list(itertools.product(FAMILIES, ("dynamo", "torchscript"), ("dynamic", "static"))) + WIDER
-DECODERS = ("llama", "gpt2", "qwen2")
-POST_NORM = ("bert", "roberta", "distilbert", "albert")
+DECODERS = ("llama", "gpt2", "qwen2", "mistral")
+POST_NORM = ("bert", "roberta", "distilbert", "albert", "electra")
 #: leading tokens never pruned: CLS, and DeiT's distillation token after it
 PROTECTED = {"deit": 2}
 #: tokens vision models prepend to their 16 patches (SigLIP: none; the recipe protects its first patch)
