@@ -5,7 +5,8 @@ protected) and Qwen2 in two forms each, ALBERT (one layer's weights shared by al
 (no CLS; an attention-pooling head), ELECTRA and Mistral in one. In each cell the structure is found, a
 keep-everything recipe reproduces the original, and a pruning recipe matches the same
 pruning written in PyTorch on the Hugging Face modules (hf_reference). Swin's windowed
-attention and GPT-NeoX's parallel attention / MLP are refused, named.
+attention, GPT-NeoX's parallel attention / MLP and BLOOM's head-folded ALiBi attention are
+refused, named.
 
 Static exports bake the token count into Reshape targets, Expand shapes, constant
 masks and RoPE tables; they are the form most TensorRT-bound exports take. Vision
@@ -163,6 +164,15 @@ def _gpt_neox():
                                      "attention_mask": torch.ones(B, N, dtype=torch.long)}
 
 
+def _bloom():
+    import torch
+    import transformers as tf
+
+    config = tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=200, use_cache=False)
+    return tf.BloomModel(config), {"input_ids": torch.randint(0, 200, (B, N)),
+                                   "attention_mask": torch.ones(B, N, dtype=torch.long)}
+
+
 REFUSED = [
     # Swin attends within windows of the patch grid: no attention over the whole stream
     (_swin, {"method": "cls_attention", "layers": [0], "keep": 0.5},
@@ -170,10 +180,13 @@ REFUSED = [
     # GPT-NeoX runs attention and MLP side by side from one input: no point between them
     (_gpt_neox, {"method": "last_token_attention", "layers": [0], "keep": 0.5, "prunable": [4, 20]},
      ["in parallel", "GPT-NeoX"]),
+    # BLOOM folds the heads into the batch axis to add ALiBi: no [B, H, N, Dh] queries and keys
+    (_bloom, {"method": "last_token_attention", "layers": [0], "keep": 0.5, "prunable": [4, 20]},
+     ["[batch·heads, tokens, tokens]", "ALiBi"]),
 ]
 
 
-@pytest.mark.parametrize("build, recipe, words", REFUSED, ids=["swin", "gpt_neox"])
+@pytest.mark.parametrize("build, recipe, words", REFUSED, ids=["swin", "gpt_neox", "bloom"])
 def test_unsupported_constructs_are_refused_naming_them(build, recipe, words, tmp_path):
     """Families whose blocks token reduction cannot act on end in one line naming the
     construct, and no build."""

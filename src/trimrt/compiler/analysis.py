@@ -167,6 +167,27 @@ def _walk_scores(value: ir.Value | None, scale: float, mask: ir.Value | None, de
     return None
 
 
+def _scores_through_reshape(softmax: ir.Node) -> bool:
+    """Whether the Softmax's logits come from a Q·Kᵀ MatMul through a Reshape (heads folded
+    into the batch axis): the reason such an attention is not recognised."""
+    frontier, reshaped = [softmax.inputs[0]], False
+    for _ in range(8):
+        nxt = []
+        for value in frontier:
+            node = value.producer() if value is not None else None
+            if node is None:
+                continue
+            if node.op_type == "MatMul" and not any(is_constant(v) for v in node.inputs):
+                if reshaped:
+                    return True
+                continue
+            reshaped = reshaped or node.op_type == "Reshape"
+            if node.op_type in ("Reshape", "Add", "Mul", "Div", "Cast", "Where", "Identity"):
+                nxt += [v for v in node.inputs if v is not None and not is_constant(v)]
+        frontier = nxt
+    return False
+
+
 def _find_context(softmax: ir.Node) -> ir.Node | None:
     frontier = [softmax.outputs[0]]
     for _ in range(4):
@@ -325,6 +346,12 @@ def analyse(model: ir.Model) -> TransformerMap:
     softmax_count = sum(1 for n in graph if n.op_type == "Softmax")
     fused = sorted({n.op_type for n in graph if n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")})
     if not attentions:
+        folded = next((n for n in graph if n.op_type == "Softmax" and _scores_through_reshape(n)), None)
+        if folded is not None:
+            raise StructureError(
+                f"attention at {folded.name!r} computes its scores on [batch·heads, tokens, tokens] tensors, reshaped "
+                "before the Softmax (as BLOOM's ALiBi attention does); token passes need queries and keys as "
+                "[batch, heads, tokens, head_dim]; this model is not supported")
         found = f"{softmax_count} Softmax node(s)" + (f" and fused {fused} op(s)" if fused else "")
         raise StructureError(
             f"no transformer blocks found: no attention (Softmax over a MatMul of Q and Kᵀ, followed by a MatMul with V) "
