@@ -100,6 +100,8 @@ def test_structure_is_found(cell):
     assert all(b.post_norm == (family in POST_NORM) for b in tmap.blocks)
     if shape == "static" or family in VISION:
         assert tmap.num_tokens == tokens_of(family)
+    if family == "deit":  # CLS and distillation token: inspect tells the user to protect both
+        assert tmap.prepended == 2 and 'protect = "first:2"' in tmap.summary()["protected_tokens"]
 
 
 def test_keep_everything_reproduces_original(cell, tmp_path):
@@ -126,6 +128,17 @@ def test_pruning_matches_pytorch(cell, tmp_path):
     assert set(got) == set(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
+    assert "note" not in report  # the recipe protects every prepended token
+
+
+def test_protecting_fewer_tokens_than_the_model_prepends_is_reported(tmp_path):
+    """DeiT with protect = "cls" may prune its distillation token: the build says so."""
+    module, inputs = make("deit", layers=2)
+    export(module, inputs, "torchscript", True, tmp_path / "deit.onnx")
+    manifest = trimrt.compile(str(tmp_path / "deit.onnx"), {"token_pruning": dict(ENCODER, layers=[1])}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_pruning")
+    assert report["note"] == ('the model prepends 2 learned tokens but the recipe protects 1; '
+                              'protect = "first:2" keeps them all')
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

@@ -73,6 +73,7 @@ class TransformerMap:
     width: int | None
     pooling: str  # "cls" (outputs read token 0), "all" (outputs keep the token axis), "cls+all" or "unknown"
     notes: list[str] = field(default_factory=list)
+    prepended: int = 0  # learned tokens concatenated before the inputs' tokens (CLS, DeiT's distillation token)
 
     def summary(self) -> dict:
         return {
@@ -83,7 +84,9 @@ class TransformerMap:
             "heads": self.blocks[0].attention.num_heads if self.blocks else None,
             "norm": "post-norm" if self.blocks and self.blocks[0].post_norm else "pre-norm",
             "pooling": self.pooling,
-            "protected_tokens": "cls (index 0)" if self.pooling.startswith("cls") else "none found",
+            "protected_tokens": (f"{self.prepended} prepended tokens (indices 0..{self.prepended - 1}): "
+                                 f"protect = \"first:{self.prepended}\"" if self.prepended > 1 else
+                                 "cls (index 0)" if self.pooling.startswith("cls") else "none found"),
             "attention": [
                 {
                     "block": b.index,
@@ -318,6 +321,39 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
     return "unknown"
 
 
+def _prepended_tokens(value: ir.Value | None, token_axis: int, depth: int = 8) -> int:
+    """Learned tokens concatenated before the inputs' tokens (CLS, DeiT's distillation
+    token): the Concat on the token axis that builds the first block's input (called with
+    it), through the position-embedding Add, dropout and norms; 0 when there is none."""
+    node = value.producer() if value is not None else None
+    if node is None or depth == 0:
+        return 0
+    if node.op_type == "Concat":
+        rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else 3
+        if node.attributes.get_int("axis", 0) % rank != token_axis:
+            return 0
+        sizes = [_learned_size(piece, token_axis) for piece in node.inputs[:-1]]
+        return 0 if any(size is None for size in sizes) else sum(sizes)
+    if node.op_type not in ("Add", "Dropout", "Identity", "LayerNormalization", "Cast"):
+        return 0
+    return max((_prepended_tokens(v, token_axis, depth - 1) for v in node.inputs
+                if v is not None and not _is_parameter(v)), default=0)
+
+
+def _learned_size(value: ir.Value, axis: int, depth: int = 4) -> int | None:
+    """Tokens a learned piece holds on `axis`: a parameter, possibly broadcast over the batch
+    (Expand / Tile; the exporter may leave their shapes unknown); None for anything else."""
+    shape = value.shape
+    size = shape[axis] if shape is not None and len(shape) > axis and isinstance(shape[axis], int) else None
+    if _is_parameter(value):
+        return size
+    node = value.producer()
+    if node is None or depth == 0 or node.op_type not in ("Expand", "Tile", "Cast", "Identity"):
+        return None
+    inner = _learned_size(node.inputs[0], axis, depth - 1)
+    return size if size is not None and inner is not None else inner
+
+
 def _probe_token_axis(model: ir.Model, block: Block) -> tuple[list[int], int | None]:
     """Token axis by running the model once (symbolic dims that shape inference could not
     relate), and the token count when it is static (the model ran at its own length, not
@@ -410,7 +446,8 @@ def analyse(model: ir.Model) -> TransformerMap:
     tokens = stream_shape[token_axis] if probed_count is None else probed_count
     num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
     pooling = _pooling(graph, blocks[-1].stream_mid, token_axis)
-    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling, notes)
+    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling, notes,
+                          _prepended_tokens(blocks[0].stream_in, token_axis))
 
 
 def infer_shapes(model: ir.Model) -> None:

@@ -102,6 +102,9 @@ class TokenPruningPass(TokenGraphPass):
         clear_stale_shapes(self.graph, pruned[:1], n_orig, n)
         self.report = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                        "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
+        if tmap.prepended > start:  # DeiT's distillation token after the CLS: pruning it loses its head's input
+            self.report["note"] = (f"the model prepends {tmap.prepended} learned tokens but the recipe protects {start}; "
+                                   f"protect = \"first:{tmap.prepended}\" keeps them all")
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------ methods
