@@ -100,6 +100,11 @@ def _float(weights, x):
     return np.maximum(ln @ weights["w1"] + ln @ weights["w2"], 0) @ weights["w3"]
 
 
+def _int8_codes(inits, i):
+    """The signed INT8 codes of quantized layer i (stored as uint8 with a zero point of 128)."""
+    return inits[f"trimrt_quant_{i}_w"].astype(np.int32) - inits[f"trimrt_quant_{i}_w_zp"].astype(np.int32)
+
+
 def test_smoothquant_folds_into_the_layer_norm_and_matches_its_numerics(mlp, tmp_path):
     path, w, calib, x = mlp
     manifest, report = _compile(path, {"method": "smoothquant", "alpha": 0.5}, calib, tmp_path / "sq")
@@ -120,11 +125,11 @@ def test_smoothquant_folds_into_the_layer_norm_and_matches_its_numerics(mlp, tmp
     np.testing.assert_allclose(s, np.sqrt(floor_quiet_channels(act_max)) / np.sqrt(w_max), rtol=1e-4)
     # y = DQ(Q(ln / s)) · DQ(Q(diag(s) W)), per tensor dynamic / per channel symmetric
     ln = fake_quant_dynamic_uint8((_layer_norm(x, w["gamma"], w["beta"]) / s).astype(np.float32))
-    q1 = inits["trimrt_quant_0_w"] * inits["trimrt_quant_0_w_scale"]
-    q2 = inits["trimrt_quant_1_w"] * inits["trimrt_quant_1_w_scale"]
+    q1 = _int8_codes(inits, 0) * inits["trimrt_quant_0_w_scale"]
+    q2 = _int8_codes(inits, 1) * inits["trimrt_quant_1_w_scale"]
     np.testing.assert_allclose(q1, w["w1"] * s[:, None], atol=np.abs(w["w1"] * s[:, None]).max() / 254 + 1e-6)
     hidden = np.maximum(ln @ q1 + ln @ q2, 0) * inits["trimrt_quant_2_input_scale"]
-    want = fake_quant_dynamic_uint8(hidden) @ (inits["trimrt_quant_2_w"] * inits["trimrt_quant_2_w_scale"])
+    want = fake_quant_dynamic_uint8(hidden) @ (_int8_codes(inits, 2) * inits["trimrt_quant_2_w_scale"])
     np.testing.assert_allclose(_run(model, x), want, rtol=2e-3, atol=2e-3)
 
 

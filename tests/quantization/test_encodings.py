@@ -106,6 +106,28 @@ def test_int8_dynamic_equals_the_reference_and_shares_the_activation_quantizatio
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_dynamic_is_exact_where_u8s8_kernels_saturate():
+    """Activation codes near 255 against weight codes near ±127: pairs of products overflow
+    int16, where ONNX Runtime's U8S8 kernels on AVX2 CPUs without VNNI saturate. The
+    encoding must give the exact integer products on every CPU."""
+    rng = np.random.default_rng(1)
+    q = rng.choice(np.array([-127, 127], np.int8), size=(64, 32))
+    scale = np.full(32, 0.01, np.float32)
+    model, _ = _model("int8_dynamic", lambda g, x: _single(encodings.int8_dynamic(g, x, q, scale, "q", _tag)), k=64)
+    x = np.abs(rng.standard_normal((2, 16, 64))).astype(np.float32)
+    x[..., ::2] += 40.0  # outliers: most activation codes near the top of the uint8 range
+    x[0, 0, 0] = -1.0  # a zero point above 0
+    xq, x_scale, x_zp = _dynamic_quantize(x)
+    want = ((xq - x_zp) @ q.astype(np.float64)) * (x_scale * scale)
+    (got,) = _run(model, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _single(built):
+    nodes, out = built
+    return nodes, [out]
+
+
 def test_matmul_nbits_packs_two_codes_per_byte_low_nibble_first():
     q = np.array([[-8, 7], [7, -8], [0, 1], [-1, 2]] * 4, np.int8)  # K=16, N=2
     packed = encodings.pack_matmul_nbits(q, 16)

@@ -6,7 +6,8 @@ output [..., N]; weights and scales become graph initializers. The caller insert
 nodes, rewires the old MatMul's uses and adds `required_opsets(encoding)` to the model.
 
 - `int8_dynamic`: DynamicQuantizeLinear + MatMulInteger, what ONNX Runtime's CPU kernels
-  fuse into DynamicQuantizeMatMul (the numerics of `quantize_dynamic(per_channel=True)`).
+  fuse into DynamicQuantizeMatMul (the numerics of `quantize_dynamic(per_channel=True)`;
+  weights stored as uint8 with zero point 128, so the products are exact on every CPU).
 - `int4_matmul_nbits`: com.microsoft MatMulNBits, ONNX Runtime's INT4 weight-only kernel.
 - `int4_blocked_dq`: INT4 initializer + opset-21 blocked DequantizeLinear + MatMul, the
   TensorRT form (ONNX Runtime fuses it back into MatMulNBits).
@@ -67,8 +68,12 @@ def int8_dynamic(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarray,
         nodes.append(dql)
         shared[x] = tuple(dql.outputs)
     xq, x_scale, x_zp = shared[x]
-    q_v = add_initializer(graph, f"{prefix}_w", q)
-    zp_v = add_initializer(graph, f"{prefix}_w_zp", np.zeros(n, np.int8))
+    # uint8 codes q + 128 with zero point 128: the same integer products as int8 codes with
+    # zero point 0, but ONNX Runtime then runs its U8U8 kernels, which are exact on every x86
+    # CPU; its U8S8 kernels on AVX2 CPUs without VNNI add u8·s8 pairs in saturating int16
+    # (vpmaddubsw) and were off by up to 44% of an output on activations with outliers
+    q_v = add_initializer(graph, f"{prefix}_w", (q.astype(np.int16) + 128).astype(np.uint8))
+    zp_v = add_initializer(graph, f"{prefix}_w_zp", np.array(128, np.uint8))
     scale_v = add_initializer(graph, f"{prefix}_w_scale", scale)
     mmi = _node(tag, "MatMulInteger", [xq, q_v, x_zp, zp_v], f"{prefix}_matmul")
     cast = _node(tag, "Cast", [mmi.outputs[0]], f"{prefix}_cast", {"to": ir.DataType.FLOAT})
