@@ -132,8 +132,9 @@ class QuantizationOptions:
     group_size: int = 128
     #: smoothquant: migration strength in [0, 1]; None: searched on the calibration set
     alpha: float | None = None
-    #: fidelity guard: keep the most sensitive layers in float until the output cosine
-    #: on the calibration set is at least this (None: no guard)
+    #: fidelity guard: keep the most sensitive layers in float until the output cosine on
+    #: the held-out part of the calibration set (samples fitting never saw) is at least
+    #: this (None: no guard)
     min_cosine: float | None = None
 
     @property
