@@ -18,25 +18,37 @@ VISION = ("vit", "clip", "deit", "siglip")
 def make(family: str, layers: int = 3, decoder_mask: bool = False):
     """(module, example keyword inputs) for a family; small configs so the suite stays fast.
     `decoder_mask`: decoders also take an attention_mask (all ones), as the TorchScript
-    exporter needs (without one, transformers 5 builds the causal mask with aten::diff)."""
-    import transformers as tf
-
+    exporter needs (without one, transformers 5 builds the causal mask with aten::diff).
+    The model is built before its inputs are drawn, so its weights depend on the seed only."""
     torch.manual_seed(0)
-    small = dict(num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128)
-    text = dict(vocab_size=200, max_position_embeddings=64)
+    model, kind = _build(family, layers)
+    if kind == "image":
+        return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
     ids = torch.randint(0, 200, (B, N))
+    if kind == "decoder":
+        return model.eval(), {"input_ids": ids, **({"attention_mask": torch.ones(B, N, dtype=torch.long)}
+                                                   if decoder_mask else {})}
     padded = torch.ones(B, N, dtype=torch.long)
     padded[1, 18:] = 0  # the second sample is padded
-    if family in ("bert", "roberta"):
-        cls = tf.BertModel if family == "bert" else tf.RobertaModel
-        if family == "bert":
-            config = tf.BertConfig(hidden_size=64, vocab_size=200, **small)
-        else:  # positions start after the padding index (1)
-            config = tf.RobertaConfig(hidden_size=64, **text, **small)
-        return cls(config).eval(), {"input_ids": ids, "attention_mask": padded}
+    return model.eval(), {"input_ids": ids, "attention_mask": padded}
+
+
+def _build(family: str, layers: int):
+    """(random-weight model, input kind: "text" | "image" | "decoder")."""
+    import transformers as tf
+
+    small = dict(num_hidden_layers=layers, num_attention_heads=4, intermediate_size=128)
+    text = dict(vocab_size=200, max_position_embeddings=64)
+    if family == "bert":
+        return tf.BertModel(tf.BertConfig(hidden_size=64, vocab_size=200, **small)), "text"
+    if family == "roberta":  # positions start after the padding index (1)
+        return tf.RobertaModel(tf.RobertaConfig(hidden_size=64, **text, **small)), "text"
     if family == "distilbert":
-        config = tf.DistilBertConfig(dim=64, n_layers=layers, n_heads=4, hidden_dim=128, **text)
-        return tf.DistilBertModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
+        return tf.DistilBertModel(tf.DistilBertConfig(dim=64, n_layers=layers, n_heads=4, hidden_dim=128, **text)), "text"
+    if family == "electra":  # embeddings narrower than the blocks, projected up
+        return tf.ElectraModel(tf.ElectraConfig(hidden_size=64, embedding_size=32, **text, **small)), "text"
+    if family == "albert":  # one layer's weights shared by every block
+        return tf.AlbertModel(tf.AlbertConfig(hidden_size=64, embedding_size=32, **text, **small)), "text"
     if family in ("vit", "deit"):
         cls, cfg = (tf.ViTModel, tf.ViTConfig) if family == "vit" else (tf.DeiTModel, tf.DeiTConfig)
         model = cls(cfg(hidden_size=64, image_size=32, patch_size=8, **small))
@@ -46,36 +58,21 @@ def make(family: str, layers: int = 3, decoder_mask: bool = False):
                 for p in (model.embeddings.cls_token, model.embeddings.distillation_token,
                           model.embeddings.position_embeddings):
                     p.normal_(std=0.5)
-        return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
-    if family == "electra":  # embeddings narrower than the blocks, projected up
-        config = tf.ElectraConfig(hidden_size=64, embedding_size=32, **text, **small)
-        return tf.ElectraModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
-    if family == "albert":  # one layer's weights shared by every block
-        config = tf.AlbertConfig(hidden_size=64, embedding_size=32, **text, **small)
-        return tf.AlbertModel(config).eval(), {"input_ids": ids, "attention_mask": padded}
-    if family == "siglip":  # no CLS token; an attention-pooling head after the blocks
-        config = tf.SiglipVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small)
-        return tf.SiglipVisionModel(config).eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
+        return model, "image"
     if family == "clip":
-        model = tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small))
-        return model.eval(), {"pixel_values": torch.randn(B, 3, 32, 32)}
-    decoder_inputs = {"input_ids": ids, **({"attention_mask": torch.ones(B, N, dtype=torch.long)} if decoder_mask else {})}
+        return tf.CLIPVisionModel(tf.CLIPVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small)), "image"
+    if family == "siglip":  # no CLS token; an attention-pooling head after the blocks
+        return tf.SiglipVisionModel(tf.SiglipVisionConfig(hidden_size=64, image_size=32, patch_size=8, **small)), "image"
+    decoder = dict(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False, **small)
     if family == "llama":
-        model = tf.LlamaModel(tf.LlamaConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
-                                             **small))
-        return model.eval(), decoder_inputs
+        return tf.LlamaModel(tf.LlamaConfig(**decoder)), "decoder"
     if family == "mistral":
-        model = tf.MistralModel(tf.MistralConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
-                                                 **small))
-        return model.eval(), decoder_inputs
+        return tf.MistralModel(tf.MistralConfig(**decoder)), "decoder"
     if family == "qwen2":
-        model = tf.Qwen2Model(tf.Qwen2Config(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
-                                             **small))
-        return model.eval(), decoder_inputs
+        return tf.Qwen2Model(tf.Qwen2Config(**decoder)), "decoder"
     if family == "gpt2":
-        model = tf.GPT2Model(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=200, use_cache=False,
-                                           bos_token_id=0, eos_token_id=0))
-        return model.eval(), decoder_inputs
+        return tf.GPT2Model(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=200, use_cache=False,
+                                          bos_token_id=0, eos_token_id=0)), "decoder"
     raise ValueError(family)
 
 
