@@ -229,3 +229,23 @@ def test_small_vocabulary_and_position_table_bound_the_check_feeds(tmp_path):
     from trimrt.bench import bench_build
 
     assert bench_build(tmp_path / "build", tmp_path / "bert.onnx", rounds=2, warmup=1).speedup > 0
+
+
+def test_a_rewritten_graph_ort_cannot_load_is_a_build_error(tiny_vit_onnx, tmp_path, monkeypatch):
+    """ONNX Runtime refusing the rewritten graph at session creation (its shape inference,
+    say) is a one-line BuildError, not a traceback; nothing is written."""
+    from trimrt.compiler import driver
+
+    real_session, calls = driver._session, []
+
+    def refuse_the_build(proto):  # the first session is the original's, the second the build's
+        calls.append(proto)
+        if len(calls) == 1:
+            return real_session(proto)
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Node (n) Op (Mul) [ShapeInferenceError] Incompatible dimensions")
+
+    monkeypatch.setattr(driver, "_session", refuse_the_build)
+    _, path = tiny_vit_onnx
+    with pytest.raises(BuildError, match=r"ONNX Runtime cannot load the rewritten graph: Node \(n\) Op \(Mul\)"):
+        trimrt.compile(str(path), {"token_pruning": {"layers": [1], "keep": 0.5}}, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

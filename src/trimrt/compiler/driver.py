@@ -71,7 +71,11 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             raise BuildError(f"the rewritten graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
 
         say("checking the build on ONNX Runtime")
-        build_rt = _session(built)
+        try:
+            build_rt = _session(built)
+        except Exception as exc:  # noqa: BLE001 - ORT refuses the rewritten graph (e.g. its shape inference)
+            raise BuildError(f"ONNX Runtime cannot load the rewritten graph: {_ort_reason(exc)}; "
+                             "please report this model with the recipe") from None
         min_tokens = pipeline_min_tokens(recipe)
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
