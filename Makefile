@@ -12,4 +12,4 @@ demo: install
 	$(PYTHON) examples/01_vit_token_pruning.py
 
 test: install
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra --durations=25
