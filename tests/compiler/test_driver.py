@@ -249,3 +249,20 @@ def test_a_rewritten_graph_ort_cannot_load_is_a_build_error(tiny_vit_onnx, tmp_p
     with pytest.raises(BuildError, match=r"ONNX Runtime cannot load the rewritten graph: Node \(n\) Op \(Mul\)"):
         trimrt.compile(str(path), {"token_pruning": {"layers": [1], "keep": 0.5}}, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_fusion_on_a_small_vocabulary_checks_with_ids_in_range(tmp_path):
+    """[onnxruntime] fuse compares fused and unfused graphs on random ids: they must lie
+    inside the model's vocabulary (60 here) or the check fails and fusion is skipped."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=60, max_position_embeddings=64)
+    module = transformers.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    trimrt.export(module, tmp_path / "bert.onnx", example_inputs=example)
+    manifest = trimrt.compile(str(tmp_path / "bert.onnx"), {"onnxruntime": {"fuse": True}}, tmp_path / "build")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "ort_fusion")
+    assert report["applied"], report.get("reason")

@@ -455,9 +455,12 @@ def _relative_drift(before, after, tokens: int) -> float | None:
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
 
-    unfused = OnnxRuntimeBackend(runnable_proto(before).SerializeToString())
+    from ..compiler.input_limits import find_input_limits
+
+    proto = runnable_proto(before)
+    unfused = OnnxRuntimeBackend(proto.SerializeToString())
     unfused.activate()
-    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens)
+    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto))
     want = unfused.infer(feeds)
     try:
         fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())
