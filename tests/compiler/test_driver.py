@@ -208,9 +208,9 @@ def test_flops_count_a_matmul_that_makes_a_graph_output():
         assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8, node.op_type
 
 
-def test_small_vocabulary_and_position_table_bound_the_check_feeds(tmp_path):
-    """A model with 60 token ids compiles from its ONNX file alone (the check feeds used to
-    hold ids < 100), and verify / bench feed it in range."""
+@pytest.fixture(scope="module")
+def small_vocab_bert(tmp_path_factory):
+    """An ONNX BERT with 60 token ids and 64 positions (random check feeds used to hold ids < 100)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
@@ -219,16 +219,22 @@ def test_small_vocabulary_and_position_table_bound_the_check_feeds(tmp_path):
                                      vocab_size=60, max_position_embeddings=64)
     module = transformers.BertModel(config).eval()
     example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    trimrt.export(module, tmp_path / "bert.onnx", example_inputs=example)
+    path = tmp_path_factory.mktemp("small_vocab") / "bert.onnx"
+    trimrt.export(module, path, example_inputs=example)
+    return path
+
+
+def test_small_vocabulary_bounds_the_check_feeds(small_vocab_bert, tmp_path):
+    """A model with 60 token ids compiles from its ONNX file alone, and verify / bench feed it in range."""
     recipe = {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}}
-    manifest = trimrt.compile(str(tmp_path / "bert.onnx"), recipe, tmp_path / "build")
+    manifest = trimrt.compile(str(small_vocab_bert), recipe, tmp_path / "build")
     assert manifest["input_limits"]["ids"]["input_ids"]["limit"] == 60
     assert manifest["input_limits"]["tokens"]["limit"] == 64
-    report = trimrt.verify(tmp_path / "build", tmp_path / "bert.onnx", samples=2)
+    report = trimrt.verify(tmp_path / "build", small_vocab_bert, samples=2)
     assert report.passed and report.outputs[0].cosine_mean > 0.9999
     from trimrt.bench import bench_build
 
-    assert bench_build(tmp_path / "build", tmp_path / "bert.onnx", rounds=2, warmup=1).speedup > 0
+    assert bench_build(tmp_path / "build", small_vocab_bert, rounds=2, warmup=1).speedup > 0
 
 
 def test_a_rewritten_graph_ort_cannot_load_is_a_build_error(tiny_vit_onnx, tmp_path, monkeypatch):
@@ -251,18 +257,9 @@ def test_a_rewritten_graph_ort_cannot_load_is_a_build_error(tiny_vit_onnx, tmp_p
     assert not (tmp_path / "refused").exists()
 
 
-def test_fusion_on_a_small_vocabulary_checks_with_ids_in_range(tmp_path):
+def test_fusion_on_a_small_vocabulary_checks_with_ids_in_range(small_vocab_bert, tmp_path):
     """[onnxruntime] fuse compares fused and unfused graphs on random ids: they must lie
     inside the model's vocabulary (60 here) or the check fails and fusion is skipped."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=60, max_position_embeddings=64)
-    module = transformers.BertModel(config).eval()
-    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    trimrt.export(module, tmp_path / "bert.onnx", example_inputs=example)
-    manifest = trimrt.compile(str(tmp_path / "bert.onnx"), {"onnxruntime": {"fuse": True}}, tmp_path / "build")
+    manifest = trimrt.compile(str(small_vocab_bert), {"onnxruntime": {"fuse": True}}, tmp_path / "build")
     report = next(p["report"] for p in manifest["passes"] if p["pass"] == "ort_fusion")
     assert report["applied"], report.get("reason")
