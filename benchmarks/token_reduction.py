@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
 HERE = Path(__file__).resolve().parent
 
 VIT_LAYERS = [3, 6, 9]
@@ -95,7 +97,7 @@ def run_vit(args, log) -> list[dict]:
     from trimrt.bench import bench_build
     from trimrt.errors import TrimrtError
 
-    factory = "trimrt.models.vit:deit_small"
+    factory = "examples.models.vit:deit_small"
     baseline = args.out / "deit_s.onnx"
     log(f"exporting {factory} → {baseline}")
     trimrt.export(factory, baseline)
@@ -131,7 +133,7 @@ def sit_row(args, log) -> dict:
     import trimrt
     from trimrt.bench import bench_build
 
-    factory = "trimrt.models.sit:deit_small_sit"
+    factory = "examples.models.sit:deit_small_sit"
     baseline = args.out / "deit_s_sit.onnx"
     trimrt.export(factory, baseline)
     build = args.out / "sit_slimming"
@@ -161,7 +163,7 @@ def run_minilm(args, log) -> list[dict]:
 
     import trimrt
     from trimrt.errors import TrimrtError
-    from trimrt.models import corpus, minilm
+    from examples.models import corpus, minilm
 
     module, example = minilm.minilm_embedder()
     tokenizer = minilm.load_tokenizer()

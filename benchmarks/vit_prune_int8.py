@@ -18,8 +18,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import sys
 
-FACTORY = "trimrt.models.vit:deit_small"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
+FACTORY = "examples.models.vit:deit_small"
 EVIT = {"layers": [3, 6, 9], "fuse_pruned": True}
 RECIPES = [
     ("INT8 (trimrt)", {"quantization": {}}),

@@ -21,10 +21,13 @@ from pathlib import Path
 
 import trimrt
 from trimrt.bench import bench_build
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "examples" / "recipes"
-FACTORY = "trimrt.models.vit:deit_small"
+FACTORY = "examples.models.vit:deit_small"
 
 
 def main() -> None:

@@ -23,8 +23,10 @@ from rich.table import Table
 import trimrt
 from trimrt.bench import bench_build
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
 HERE = Path(__file__).resolve().parent
-FACTORY = "trimrt.models.vit:deit_small"  # returns (torch module, example inputs)
+FACTORY = "examples.models.vit:deit_small"  # returns (torch module, example inputs)
 OUT = Path("builds/example_vit")
 
 

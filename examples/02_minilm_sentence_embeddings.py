@@ -5,14 +5,14 @@
 
 1. build the embedder: the Hugging Face BertModel + masked mean pooling + L2
    normalisation in one forward(input_ids, attention_mask), so pooling is in the graph
-   (trimrt.models.minilm:minilm_embedder), and export it to ONNX (dynamic batch + tokens);
+   (examples.models.minilm:minilm_embedder), and export it to ONNX (dynamic batch + tokens);
 2. compile it twice: a token-pruning recipe (EViT CLS-attention scores, top-k after the
    attention of one block; the attention mask is gathered with the kept tokens, so the
    mean pooling stays a mean over real tokens), and an INT8 recipe (SmoothQuant
    calibrated on 48 other docstrings of the corpus, ONNX Runtime kernel fusion);
 3. embed real text with the build and with the original export: queries (docstring
    summary lines) and 256-token passages (Python standard-library docstrings,
-   trimrt.models.corpus), and compare: per-passage cosine, and whether each query
+   examples.models.corpus), and compare: per-passage cosine, and whether each query
    retrieves the same nearest passages;
 4. time build vs original at 128 and 256 tokens (batch 1, 2 threads, alternating, medians).
 
@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 
 import trimrt  # noqa: E402
 from trimrt.bench import paired_speedup, time_alternating  # noqa: E402
-from trimrt.models import corpus, minilm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+from examples.models import corpus, minilm  # noqa: E402
 from trimrt.runtime.backends import OnnxRuntimeBackend  # noqa: E402
 
 OUT = Path("builds/example_minilm")

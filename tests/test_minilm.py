@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trimrt.errors import ModelLoadError
-from trimrt.models import corpus, minilm
+from examples.models import corpus, minilm
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None or not minilm.is_available(),

@@ -35,7 +35,7 @@ def test_per_pass_drift_attribution(tmp_path):
     import trimrt
 
     build = tmp_path / "b"
-    trimrt.compile("trimrt.models.vit:tiny_vit", {"token_pruning": {"layers": [1], "keep": 0.5},
+    trimrt.compile("examples.models.vit:tiny_vit", {"token_pruning": {"layers": [1], "keep": 0.5},
                                                   "quantization": {}}, build)
     report = trimrt.verify(build, samples=3, per_pass=True)
     assert [s["passes"] for s in report.per_pass] == [["token_pruning"], ["token_pruning", "quantization"]]
@@ -54,7 +54,7 @@ def test_per_pass_needs_the_original_onnx(tmp_path, tiny_vit_onnx):
     build = tmp_path / "b"
     trimrt.compile(str(path), {"quantization": {}}, build)
     with pytest.raises(InputError, match="per-pass drift needs the original ONNX"):
-        trimrt.verify(build, "trimrt.models.vit:tiny_vit", samples=1, per_pass=True)
+        trimrt.verify(build, "examples.models.vit:tiny_vit", samples=1, per_pass=True)
     copy = tmp_path / "original.onnx"
     shutil.copy(path, copy)
     assert len(trimrt.verify(build, str(copy), samples=1, per_pass=True).per_pass) == 1

@@ -279,22 +279,18 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
             for layer, r in zip(layers, ratios)]
 
 
-#: recipe table -> the pass it adds, in the usual pipeline order (compiler/pipeline.build_passes);
-#: a build's own manifest lists its passes in the order they ran, which wins
-_FEATURE_TABLES = {"token_slimming": "token_slimming", "padding": "trim_padding", "token_pruning": "token_pruning",
-                   "token_merging": "token_merging", "onnxruntime": "ort_fusion", "quantization": "quantization"}
-#: tables that configure a feature table rather than add a pass: they travel with it
-_COMPANIONS = {"quantization": ("calibration",)}
-
-
 def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: list[dict],
                     ref_all: dict[str, list]) -> list[dict]:
-    """Recompile the original with the recipe's tables added one at a time, in pipeline
-    order, and measure each output's mean cosine to the reference after each step."""
-    import tempfile
+    """Run the build's pass pipeline once on the original, with an instrument after each
+    pass of a recipe table: each output's mean cosine to the reference after it (how much
+    each feature pass adds to the drift). The last step is the build's own recipe."""
+    import onnx_ir as ir
 
-    from .compiler.driver import compile_model
-    from .runtime.manifest import MODEL, onnxruntime_settings
+    from .compiler.pipeline import CleanupPass, build_passes, run_pipeline
+    from .compiler.source import load_source
+    from .plugins import runnable_proto
+    from .recipe import load_recipe
+    from .runtime.manifest import onnxruntime_settings
 
     original = Path(reference) if isinstance(reference, (str, Path)) and str(reference).endswith(".onnx") else None
     if original is None and manifest.get("reference"):
@@ -305,31 +301,30 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
     recipe = dict(manifest.get("recipe") or {})
     if "calibration" in recipe:
         recipe["calibration"] = _absolute_calibration(recipe["calibration"], manifest.get("recipe_dir"))
-    if not (recipe.get("onnxruntime") or {}).get("fuse"):
-        recipe.pop("onnxruntime", None)  # adds no pass
-    # [onnxruntime] fuse is a step of its own, where its pass ran in the build: it is a float
-    # rewrite, so its step shows it adds ~nothing, and the steps after it (quantization,
-    # calibrated on the fused graph) are built as in the build, ending at its own recipe
-    ran = [p["pass"] for p in manifest.get("passes", [])]
-    order = list(_FEATURE_TABLES)
-    tables = sorted((t for t in _FEATURE_TABLES if t in recipe),
-                    key=lambda t: (ran.index(_FEATURE_TABLES[t]) if _FEATURE_TABLES[t] in ran else len(ran), order.index(t)))
-    steps = []
-    with tempfile.TemporaryDirectory(prefix="trimrt_drift_") as tmp:
-        for i in range(1, len(tables) + 1):
-            partial = {t: recipe[t] for t in tables[:i]}
-            partial.update({c: recipe[c] for t in tables[:i] for c in _COMPANIONS.get(t, ()) if c in recipe})
-            out = Path(tmp) / f"step{i}"
-            step_manifest = compile_model(str(original), partial, out, progress=None)
-            # run as trimrt's Session runs the build (e.g. ORT optimizers a fused build skips)
-            backend = OnnxRuntimeBackend(out / MODEL, **onnxruntime_settings(step_manifest))
-            backend.activate()
-            cosines = {}
-            for name, refs in ref_all.items():
-                got = [backend.infer(feeds)[name] for feeds in batches]
-                if all(g.shape == r.shape for g, r in zip(got, refs)):
-                    cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
-            steps.append({"passes": tables[:i], "cosine_mean": cosines})
+    model = load_source(str(original)).model
+    steps: list[dict] = []
+    tables: list[str] = []
+
+    def measure(done, current: ir.Model) -> None:
+        if done.recipe_table is None:
+            return
+        tables.append(done.recipe_table)
+        snapshot = ir.serde.deserialize_model(ir.serde.serialize_model(current))  # the pipeline goes on with `current`
+        CleanupPass()(snapshot)
+        fusion = done.context.report_of("ort_fusion")
+        # run as trimrt's Session runs the build (e.g. ORT optimizers a fused build skips)
+        settings = onnxruntime_settings({"onnxruntime": fusion.details["session"]} if fusion and "session" in fusion.details
+                                        else {})
+        backend = OnnxRuntimeBackend(runnable_proto(snapshot).SerializeToString(), **settings)
+        backend.activate()
+        cosines = {}
+        for name, refs in ref_all.items():
+            got = [backend.infer(feeds)[name] for feeds in batches]
+            if all(g.shape == r.shape for g, r in zip(got, refs)):
+                cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
+        steps.append({"passes": list(tables), "cosine_mean": cosines})
+
+    run_pipeline(model, build_passes(load_recipe(recipe), manifest.get("target", "onnxruntime")), after_pass=measure)
     return steps
 
 

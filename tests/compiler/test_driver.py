@@ -42,7 +42,7 @@ def test_build_directory_and_manifest(tiny_vit_onnx, tmp_path):
 
 def test_compile_from_factory_saves_reference(tmp_path):
     factory = tmp_path / "factory.py"
-    factory.write_text("from trimrt.models.vit import tiny_vit\n\ndef make():\n    return tiny_vit(seed=3)\n")
+    factory.write_text("from examples.models.vit import tiny_vit\n\ndef make():\n    return tiny_vit(seed=3)\n")
     manifest = trimrt.compile(f"{factory}:make", RECIPE, tmp_path / "b")
     assert manifest["reference"] == "reference.onnx"
     assert (tmp_path / "b" / "reference.onnx").is_file()

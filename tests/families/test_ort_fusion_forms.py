@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
 import trimrt  # noqa: E402
-from trimrt.models import minilm  # noqa: E402
+from examples.models import minilm  # noqa: E402
 
 from hf_models import N, export, make  # noqa: E402
 
@@ -84,7 +84,7 @@ def test_minilm_fuses_all_six_attention_blocks_from_either_exporter(exporter, tm
     """The issue's case: the TorchScript MiniLM fused only its GELUs (INT8 + fusion 1.89×
     there against 2.13× on the dynamo export)."""
     path = tmp_path / "minilm.onnx"
-    trimrt.export("trimrt.models.minilm:minilm_embedder", path, exporter=exporter)
+    trimrt.export("examples.models.minilm:minilm_embedder", path, exporter=exporter)
     manifest = trimrt.compile(str(path), FUSE, tmp_path / "fused")
     report = _fusion_report(manifest)
     assert report["applied"] and report["attention_unfused"] == 0

@@ -14,7 +14,7 @@ def apply_recipe(path, table: str, **options) -> tuple[ir.Model, dict]:
     """The pipeline of the recipe {table: options} on the model at `path`: (model, reports by pass)."""
     model = ir.load(path)
     reports = run_pipeline(model, build_passes(load_recipe({table: options})))
-    return model, {r["pass"]: r["report"] for r in reports}
+    return model, {r.name: r.details for r in reports}
 
 
 def run_model(model: ir.Model, feeds: dict) -> np.ndarray:

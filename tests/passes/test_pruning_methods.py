@@ -104,9 +104,9 @@ def test_verify_reports_realised_keep_ratios(tmp_path):
     import trimrt
 
     build = tmp_path / "adaptive"
-    trimrt.compile("trimrt.models.vit:tiny_vit", {"token_pruning": {"method": "adaptive", "layers": [1, 2],
+    trimrt.compile("examples.models.vit:tiny_vit", {"token_pruning": {"method": "adaptive", "layers": [1, 2],
                                                                    "keep": 0.5, "mass": 0.5}}, build)
-    report = trimrt.verify(build, "trimrt.models.vit:tiny_vit", samples=3)
+    report = trimrt.verify(build, "examples.models.vit:tiny_vit", samples=3)
     assert [k["block"] for k in report.keep_ratios] == [1, 2]
     first = report.keep_ratios[0]
     assert 0 < first["min"] <= first["mean"] <= first["max"] <= 32 / 64  # at most the static bound of 64 patches

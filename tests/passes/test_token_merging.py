@@ -106,7 +106,7 @@ def test_masked_mean_pooling_is_weighted_by_size(tmp_path):
     import transformers as tf
 
     import trimrt
-    from trimrt.models.minilm import _sentence_embedder_class
+    from examples.models.minilm import _sentence_embedder_class
 
     torch.manual_seed(0)
     config = tf.BertConfig(hidden_size=64, vocab_size=200, num_hidden_layers=3, num_attention_heads=4,

@@ -14,8 +14,8 @@ from torch import nn
 
 from trimrt.compiler.pipeline import AttachDecompositionsPass
 from trimrt.compiler.source import export_torch
-from trimrt.models.sit import TokenSlimming, tiny_sit
-from trimrt.models.vit import tiny_vit
+from examples.models.sit import TokenSlimming, tiny_sit
+from examples.models.vit import tiny_vit
 from trimrt.passes import PASS_TAG
 from trimrt.passes.token_slimming import TokenSlimmingPass
 from trimrt.plugins import DOMAIN
@@ -165,9 +165,9 @@ def test_compile_with_token_slimming_recipe(tmp_path):
     compile check (a no-op in tokens) holds it to the original outputs."""
     import trimrt
 
-    manifest = trimrt.compile("trimrt.models.sit:tiny_sit", {"token_slimming": {"fuse": True}}, tmp_path / "b")
+    manifest = trimrt.compile("examples.models.sit:tiny_sit", {"token_slimming": {"fuse": True}}, tmp_path / "b")
     report = next(p["report"] for p in manifest["passes"] if p["pass"] == "token_slimming")
     assert report["modules_fused"] == 2
     assert "TokenSlim" in manifest["ops"]
-    result = trimrt.verify(tmp_path / "b", "trimrt.models.sit:tiny_sit", samples=4)
+    result = trimrt.verify(tmp_path / "b", "examples.models.sit:tiny_sit", samples=4)
     assert result.outputs[0].max_abs < 1e-5

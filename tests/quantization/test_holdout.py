@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from trimrt.compiler.calibration import ActivationStats
+from trimrt.quantization.calibration import ActivationStats
 from trimrt.quantization.gptq import hessian
 from trimrt.quantization.holdout import HELD_OUT_EVERY, MIN_SPLIT_SAMPLES, split_samples
 from trimrt.quantization.methods import Linear, quantize_linears

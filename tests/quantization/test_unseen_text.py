@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 
 import trimrt
-from trimrt.models import corpus, minilm
+from examples.models import corpus, minilm
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None or not minilm.is_available(),

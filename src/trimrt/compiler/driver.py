@@ -95,15 +95,15 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             build_out = build_rt.infer(feeds)
         except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
             raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
-        _check_outputs(base_out, build_out, noop=_is_noop(reports))
+        _check_outputs(base_out, build_out, noop=not any(r.changes_results for r in reports))
         # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
         batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
         flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
 
         if save_reference is None:
             save_reference = loaded.torch_module is not None
-        structure = next((r["report"] for r in reports if r["pass"] == "analyse"), {})
-        fusion = next((r["report"] for r in reports if r["pass"] == "ort_fusion"), None)
+        structure = next((r.details for r in reports if r.name == "analyse"), {})
+        fusion = next((r.details for r in reports if r.name == "ort_fusion"), None)
         _save(built, tmp / MODEL)
         if save_reference:
             _save(original, tmp / REFERENCE)
@@ -119,7 +119,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             # relative paths in the recipe (a calibration source) resolve here
             "recipe_dir": str(recipe.directory) if recipe.directory is not None else None,
             "structure": {k: v for k, v in structure.items() if k != "attention"},
-            "passes": reports,
+            "passes": [r.to_dict() for r in reports],
             "inputs": [_info(i) for i in build_rt.inputs],
             "outputs": [_info(o) for o in build_rt.outputs],
             "example_shapes": {k: list(v.shape) for k, v in feeds.items()},
@@ -207,15 +207,6 @@ def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:
     backend = OnnxRuntimeBackend(proto.SerializeToString())
     backend.activate()
     return backend
-
-
-def _is_noop(reports: list[dict]) -> bool:
-    for r in reports:
-        if r["pass"] in ("token_pruning", "token_merging") and r["report"]["tokens_after"] != r["report"]["tokens_before"]:
-            return False
-        if r["pass"] == "quantization" and r["report"]["matmuls_quantized"]:
-            return False
-    return True
 
 
 def _check_outputs(base: dict, build: dict, *, noop: bool) -> None:

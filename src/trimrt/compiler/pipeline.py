@@ -18,6 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 from ..errors import BuildError, TrimrtError
 from ..passes import (OrtFusionPass, QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
                       TrimrtPass)
+from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
 from .analysis import analyse, infer_shapes
@@ -38,7 +39,7 @@ class CanonicalizePass(TrimrtPass):
 
             raise ModelLoadError(f"the model uses ONNX opset {opset}; trimrt needs opset >= {MIN_OPSET}")
         infer_shapes(model)
-        self.report = {"opset": opset, "nodes": len(model.graph)}
+        self.record({"opset": opset, "nodes": len(model.graph)})
         return ir.passes.PassResult(model, modified=False)
 
 
@@ -48,7 +49,7 @@ class AnalysePass(TrimrtPass):
     name = "analyse"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.report = analyse(model).summary()
+        self.record(analyse(model).summary())
         return ir.passes.PassResult(model, modified=False)
 
 
@@ -59,7 +60,7 @@ class AttachDecompositionsPass(TrimrtPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         used = attach_decompositions(model)
-        self.report = {"functions": used}
+        self.record({"functions": used})
         return ir.passes.PassResult(model, modified=bool(used))
 
 
@@ -76,7 +77,7 @@ class CleanupPass(TrimrtPass):
         if any(n.domain == DOMAIN for n in model.graph):
             model.opset_imports[DOMAIN] = OP_VERSION
         infer_shapes(model)
-        self.report = {"nodes_removed": before - len(model.graph)}
+        self.record({"nodes_removed": before - len(model.graph)})
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -97,7 +98,7 @@ class TargetPass(TrimrtPass):
                     node.attributes["plugin_namespace"] = ir.AttrString("plugin_namespace", DOMAIN)
                     node.attributes["plugin_version"] = ir.AttrString("plugin_version", str(OP_VERSION))
                     marked += 1
-        self.report = {"target": self.target, "plugin_nodes": marked}
+        self.record({"target": self.target, "plugin_nodes": marked})
         return ir.passes.PassResult(model, modified=bool(marked))
 
 
@@ -112,8 +113,10 @@ def min_tokens(recipe: Recipe) -> int:
     return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
 
 
-def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = False) -> list[TrimrtPass]:
-    """The ordered pass list for a recipe and target (`progress`: long passes draw bars)."""
+def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = False,
+                 context: PipelineContext | None = None) -> list[TrimrtPass]:
+    """The ordered pass list for a recipe and target (`progress`: long passes draw bars),
+    sharing one PipelineContext (a new one unless given)."""
     feature: list[TrimrtPass] = []
     if recipe.token_slimming is not None and recipe.token_slimming.fuse:
         feature.append(TokenSlimmingPass())  # first: it matches the model's own modules, as exported
@@ -132,12 +135,17 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
                                         progress=progress))  # last: quantizes the pruned / merged graph
     token_level = recipe.token_pruning is not None or recipe.token_merging is not None
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
-    return [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
+    passes = [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
+    context = context if context is not None else PipelineContext()
+    for p in passes:
+        p.context = context
+    return passes
 
 
 def run_pipeline(model: ir.Model, passes: list[TrimrtPass],
-                 after_pass: Callable[[TrimrtPass, ir.Model], None] | None = None) -> list[dict]:
-    """Run the passes in order (in place); return [{"pass": name, "report": {...}}, ...]."""
+                 after_pass: Callable[[TrimrtPass, ir.Model], None] | None = None) -> list[PassReport]:
+    """Run the passes in order (in place); return their reports, in order. `after_pass`
+    (an instrument, e.g. verify --per-pass) sees the model after every pass."""
     try:
         if after_pass is None:
             ir.passes.PassManager(passes)(model)
@@ -152,4 +160,4 @@ def run_pipeline(model: ir.Model, passes: list[TrimrtPass],
         if isinstance(cause, TrimrtError):
             raise cause from None
         raise BuildError(f"a compiler pass failed: {cause}") from exc
-    return [{"pass": p.name, "report": p.report} for p in passes]
+    return list(passes[0].context.reports) if passes else []

@@ -96,6 +96,32 @@ def upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
                              f"({str(exc).splitlines()[0]}); re-export it with opset_version={MIN_OPSET}") from None
 
 
+def _import_file(path: Path):
+    """Import a factory file. A file inside a package (folders with __init__.py) is
+    imported as its dotted module, so its relative imports work; any file is run with
+    the folder above its package (or its own folder) on sys.path, so it may import the
+    modules beside it."""
+    root = path.parent
+    while (root / "__init__.py").is_file():
+        root = root.parent
+    dotted = ".".join(path.relative_to(root).with_suffix("").parts)
+    sys.path.insert(0, str(root))
+    try:
+        if root != path.parent and dotted.split(".")[0] not in sys.modules:
+            return importlib.import_module(dotted)
+        loaded = sys.modules.get(dotted)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            return loaded
+        mod_name = f"_trimrt_factory_{abs(hash(str(path)))}"  # a lone file, or its package name is taken
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(root))
+
+
 def resolve_factory(spec: str) -> Callable[[], Any]:
     """`path/to/file.py:name` or `package.module:name` -> the callable."""
     target, _, name = spec.rpartition(":")
@@ -105,12 +131,8 @@ def resolve_factory(spec: str) -> Callable[[], Any]:
         path = Path(target)
         if not path.is_file():
             raise ModelLoadError(f"factory file not found: {path}")
-        mod_name = f"_trimrt_factory_{abs(hash(str(path.resolve())))}"
-        module_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[mod_name] = module
         try:
-            module_spec.loader.exec_module(module)
+            module = _import_file(path.resolve())
         except Exception as exc:
             raise ModelLoadError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
     else:

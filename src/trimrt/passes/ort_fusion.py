@@ -388,6 +388,7 @@ class OrtFusionPass(TrimrtPass):
     """Fuse into ONNX Runtime contrib kernels, verified against the unfused graph."""
 
     name = "ort_fusion"
+    recipe_table = "onnxruntime"
 
     def __init__(self, tokens: int = 32):
         super().__init__()
@@ -401,8 +402,8 @@ class OrtFusionPass(TrimrtPass):
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
             return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
         if not any(counts.values()):
-            self.report = {"fused": counts, "applied": False, "reason": "no pattern matched",
-                           "attention_unfused": attention_softmaxes(model), "session": SESSION_SETTINGS}
+            self.record({"fused": counts, "applied": False, "reason": "no pattern matched",
+                         "attention_unfused": attention_softmaxes(model), "session": SESSION_SETTINGS})
             return ir.passes.PassResult(model, modified=False)
         drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens)
         if drift is None or drift > FUSION_TOLERANCE:
@@ -417,16 +418,16 @@ class OrtFusionPass(TrimrtPass):
         left = attention_softmaxes(model)
         if left:
             log.warning("ONNX Runtime fusion: %d attention block(s) kept unfused (no fusion rule matched their form)", left)
-        self.report = {"fused": {k: v for k, v in counts.items() if v}, "applied": True,
-                       "attention_unfused": left, "max_relative_error": float(f"{drift:.3g}"),
-                       "contrib_ops": sorted({n.op_type for n in model.graph if n.domain == MS_DOMAIN}),
-                       "session": SESSION_SETTINGS}
+        self.record({"fused": {k: v for k, v in counts.items() if v}, "applied": True,
+                     "attention_unfused": left, "max_relative_error": float(f"{drift:.3g}"),
+                     "contrib_ops": sorted({n.op_type for n in model.graph if n.domain == MS_DOMAIN}),
+                     "session": SESSION_SETTINGS})
         return ir.passes.PassResult(model, modified=True)
 
     def _skipped(self, model: ir.Model, reason: str) -> ir.passes.PassResult:
         log.warning("ONNX Runtime fusion skipped: %s", reason)
-        self.report = {"applied": False, "reason": reason, "attention_unfused": attention_softmaxes(model),
-                       "session": SESSION_SETTINGS}
+        self.record({"applied": False, "reason": reason, "attention_unfused": attention_softmaxes(model),
+                     "session": SESSION_SETTINGS})
         return ir.passes.PassResult(model, modified=False)
 
 

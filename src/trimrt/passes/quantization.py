@@ -60,6 +60,8 @@ quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept
 
 class QuantizationPass(TrimrtPass):
     name = "quantization"
+    recipe_table = "quantization"
+    exact = False
 
     def __init__(self, options: QuantizationOptions, calibration: CalibrationOptions | None = None,
                  recipe_dir: Path | None = None, target: str = "onnxruntime", progress: bool = True):
@@ -110,7 +112,7 @@ class QuantizationPass(TrimrtPass):
             fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
         chosen = frozenset(candidates) - set(kept_float)
         apply_plan(model, sites, plan, chosen, self.tagged, self.target)
-        self.report = self._report(linears, plan, chosen, kept_float, fidelity, split)
+        self.record(self._report(linears, plan, chosen, kept_float, fidelity, split), changes_results=bool(chosen))
         return ir.passes.PassResult(model, modified=bool(chosen))
 
     def _cosine_fit(self, original, plan, split: Split, quantized: frozenset[int], cosine: float) -> float:
@@ -122,7 +124,7 @@ class QuantizationPass(TrimrtPass):
     def _calibrate(self, original, linears: list[Linear]):
         """(the split feeds, statistics of the fit part, statistics of the held-out part for
         checking the method's choices or None)."""
-        from ..compiler.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
+        from ..quantization.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
 
         runnable = runnable_proto(original)
         feeds = load_calibration_feeds(self.calibration, model_inputs(runnable), self.recipe_dir)

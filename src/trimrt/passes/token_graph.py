@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, Block, analyse
-from ..compiler.token_shapes import (downstream_nodes, gather_tokens, rederive_shape_values, side_inputs,
+from .token_shapes import (downstream_nodes, gather_tokens, rederive_shape_values, side_inputs,
                                      travelling_constants)
 from ..errors import RecipeError, StructureError
 from .base import TrimrtPass

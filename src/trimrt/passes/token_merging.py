@@ -21,7 +21,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..compiler.probe import TokenDims
-from ..compiler.token_shapes import free_token_count
+from .token_shapes import free_token_count
 from ..plugins.token_merge import merged_count
 from ..recipe import TokenMergingOptions
 from .token_graph import TokenGraphPass, clear_stale_shapes
@@ -29,6 +29,8 @@ from .token_graph import TokenGraphPass, clear_stale_shapes
 
 class TokenMergingPass(TokenGraphPass):
     name = "token_merging"
+    recipe_table = "token_merging"
+    exact = False
 
     def __init__(self, options: TokenMergingOptions):
         super().__init__()
@@ -78,13 +80,14 @@ class TokenMergingPass(TokenGraphPass):
                            "shape_values_rederived": rederived, **({"clamped_from": asked} if asked and r != asked else {})})
             n = tokens_out
         if not merged:
-            self.report = {"layers": [], "tokens_before": n_orig, "tokens_after": n_orig}
+            self.record({"layers": [], "tokens_before": n_orig, "tokens_after": n_orig})
             return ir.passes.PassResult(model, modified=False)
         self._bias_later_attention(tmap.blocks, biases)
         weighted = self._weight_pooling(aligned, gathered, size) if opts.weighted_pooling else []
         rewritten = free_token_count(self.graph, merged, n_orig, self.name, self._make, dims) if isinstance(n_orig, int) else 0
         clear_stale_shapes(self.graph, merged[:1], n_orig, n)
-        self.report = {"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
-                       "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,
-                       "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
+        self.record({"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
+                     "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,
+                     "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten},
+                    changes_results=n != n_orig)
         return ir.passes.PassResult(model, modified=True)

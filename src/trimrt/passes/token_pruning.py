@@ -39,7 +39,7 @@ import onnx_ir as ir
 
 from ..compiler.analysis import Block
 from ..compiler.probe import TokenDims
-from ..compiler.token_shapes import free_token_count
+from .token_shapes import free_token_count
 from ..errors import RecipeError, StructureError
 from ..recipe import TokenPruningOptions
 from .token_graph import BLOCKED, TokenGraphPass, clear_stale_shapes
@@ -56,6 +56,8 @@ def page_rank_iterations(layer: int, depth: int) -> int:
 
 class TokenPruningPass(TokenGraphPass):
     name = "token_pruning"
+    recipe_table = "token_pruning"
+    exact = False
 
     def __init__(self, options: TokenPruningOptions):
         super().__init__()
@@ -100,11 +102,12 @@ class TokenPruningPass(TokenGraphPass):
         self._bias_later_attention(tmap.blocks, biases)
         rewritten = free_token_count(self.graph, pruned, n_orig, self.name, self._make, dims) if isinstance(n_orig, int) else 0
         clear_stale_shapes(self.graph, pruned[:1], n_orig, n)
-        self.report = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n,
-                       "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
+        details = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n,
+                   "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten}
         if tmap.prepended > start:  # DeiT's distillation token after the CLS: pruning it loses its head's input
-            self.report["note"] = (f"the model prepends {tmap.prepended} learned tokens but the recipe protects {start}; "
+            details["note"] = (f"the model prepends {tmap.prepended} learned tokens but the recipe protects {start}; "
                                    f"protect = \"first:{tmap.prepended}\" keeps them all")
+        self.record(details, changes_results=n != n_orig)
         return ir.passes.PassResult(model, modified=True)
 
     # ------------------------------------------------------------------ methods

@@ -175,6 +175,7 @@ class TokenSlimmingPass(TrimrtPass):
     """Replace every SiT Token Slimming Module by one trimrt::TokenSlim node."""
 
     name = "token_slimming"
+    recipe_table = "token_slimming"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = {id(n) for n in model.graph.all_nodes()}
@@ -202,7 +203,7 @@ class TokenSlimmingPass(TrimrtPass):
                             "scale": node.attributes["scale"].value})
         if fused:
             model.opset_imports[DOMAIN] = OP_VERSION
-        self.report = {"modules_fused": len(fused), "modules": modules}
+        self.record({"modules_fused": len(fused), "modules": modules})
         assert count == len(fused), (count, len(fused))
         return ir.passes.PassResult(model, modified=bool(fused))
 

@@ -14,13 +14,14 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.probe import PROBE_TOKENS, probe_shapes
-from ..compiler.token_shapes import ORIGINAL_COUNT_MARK
+from .token_shapes import ORIGINAL_COUNT_MARK
 from ..errors import StructureError
 from .base import TrimrtPass
 
 
 class TrimPaddingPass(TrimrtPass):
     name = "trim_padding"
+    recipe_table = "padding"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -81,8 +82,8 @@ class TrimPaddingPass(TrimrtPass):
             padded.outputs[0].type, padded.outputs[0].shape = out_type, out_shape
             graph.outputs[i] = padded.outputs[0]
             graph.extend([pads, padded])
-        self.report = {"mask": mask.name, "inputs_trimmed": [v.name for v in token_inputs],
-                       "outputs_padded": padded_names}
+        self.record({"mask": mask.name, "inputs_trimmed": [v.name for v in token_inputs],
+                     "outputs_padded": padded_names})
         return ir.passes.PassResult(model, modified=True)
 
     def _const(self, graph: ir.Graph, name: str, vals) -> ir.Value:

@@ -38,7 +38,7 @@ from .numerics import (INT8_MAX, dequantize_fp8, fake_quant_dynamic_uint8, fp8_e
                        quantize_fp8_per_tensor, quantize_int4_groupwise, quantize_int8_per_channel)
 from .smoothquant import floor_quiet_channels, search_alpha, smoothed_output_error, smoothing_scales
 
-#: statistics each method needs from calibration (compiler.calibration.ActivationStats fields)
+#: statistics each method needs from calibration (quantization.calibration.ActivationStats fields)
 NEEDED_STATISTICS = {"rtn": {"absmax"}, "smoothquant": {"absmax", "rows"}, "awq": {"rows"}, "gptq": {"hessian"}}
 #: statistics of the held-out samples each method's check needs (output errors: SmoothQuant
 #: quantizes the activations too, so it needs rows; weight-only errors need only XᵀX)
@@ -104,7 +104,7 @@ def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], st
                      held_out: Mapping[str, object] | None = None) -> list[QuantizedLinear | Skipped]:
     """One QuantizedLinear (or a Skipped reason) per linear, in order.
 
-    `stats` maps activation names to compiler.calibration.ActivationStats (with the
+    `stats` maps activation names to quantization.calibration.ActivationStats (with the
     fields of NEEDED_STATISTICS[options.method]); it may be empty for rtn when
     activations are dynamic. `static_activations`: int8 activations get a calibrated
     per-tensor scale (TensorRT); fp8 activations always do. `held_out`: the same kind of

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import CalibrationError, InputError
 from ..recipe import CalibrationOptions
 from ..runtime.feeds import TensorInfo, random_feeds, validate_feeds
-from .progress import steps
+from ..compiler.progress import steps
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ matrix per image, and x' = weights @ x. It is dense and static (no selection), s
 model with TSMs exports to plain ONNX; trimrt recognises the sub-graph and fuses it
 into one `trimrt::TokenSlim` op. The CLS token passes a TSM untouched, as in SiT.
 
-The blocks, patch embedding and head are those of `trimrt.models.vit`; only the
+The blocks, patch embedding and head are those of `examples.models.vit`; only the
 stage structure differs (a TSM after chosen blocks). Weights are random: the model
 is for structure and numerics, not accuracy.
 """

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import BuildError
-from .analysis import is_constant
+from ..compiler.analysis import is_constant
 
 #: op type -> indices of inputs that are shapes / sizes
 _SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (1,)}

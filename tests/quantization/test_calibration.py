@@ -10,10 +10,10 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from trimrt.compiler.calibration import (IMAGENET_MEAN, IMAGENET_STD, RowReservoir, collect_activation_stats,
+from trimrt.quantization.calibration import (IMAGENET_MEAN, IMAGENET_STD, RowReservoir, collect_activation_stats,
                                          load_calibration_feeds, model_inputs)
 from trimrt.errors import CalibrationError, TrimrtError
-from trimrt.models import minilm
+from examples.models import minilm
 from trimrt.recipe import CalibrationOptions
 from trimrt.runtime.feeds import TensorInfo
 

