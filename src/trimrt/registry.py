@@ -58,3 +58,11 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.names())
+
+
+#: [token_pruning] method = "..." -> its class (trimrt.passes.pruning_methods)
+TOKEN_PRUNING_METHODS: Registry = Registry("token pruning method", ("trimrt.passes.pruning_methods",))
+#: [quantization] method = "..." -> its class (trimrt.quantization.methods)
+QUANTIZATION_METHODS: Registry = Registry("quantization method", ("trimrt.quantization.methods",))
+#: how a quantized MatMul is written in ONNX for a target -> its builder (trimrt.quantization.encodings)
+QUANTIZED_ENCODINGS: Registry = Registry("quantized encoding", ("trimrt.quantization.encodings",))
