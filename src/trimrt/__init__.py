@@ -9,8 +9,7 @@ The runtime (`load`, `Session`) needs numpy and onnxruntime only; the compiler a
 verify import their heavier dependencies when called.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .errors import (  # noqa: E402
     BackendUnavailableError, BuildError, BuildLoadError, CalibrationError, InputError, ModelLoadError, RecipeError,
     RunError, SessionClosedError, StructureError, TrimrtError,

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-from .. import __version__
+from .._version import __version__
 from ..errors import BuildError
 from ..runtime.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 

@@ -7,6 +7,8 @@ lazily, so the runtime imports without it.
 
 from __future__ import annotations
 
+import abc
+import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,20 +18,22 @@ from ..errors import BackendUnavailableError, SessionClosedError
 from .feeds import TensorInfo
 
 
-class Backend:
+class Backend(abc.ABC):
+    """A loaded model that runs feeds: `activate` loads it, `infer` runs it (safe to call
+    from several threads), `deactivate` frees it; `inputs` / `outputs` are set once active."""
+
     name = "base"
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
 
-    def activate(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def activate(self) -> None: ...
 
-    def infer(self, feeds: Mapping[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def infer(self, feeds: Mapping[str, np.ndarray], output_names: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
     def deactivate(self) -> None:
         pass
-
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -93,6 +97,9 @@ class TensorRTBackend(Backend):
 
     def __init__(self, engine_path: str | Path):
         self.engine_path = Path(engine_path)
+        # one execution context holds the shapes and addresses of a run: runs take turns on it
+        self._lock = threading.Lock()
+        self._context = None
 
     @staticmethod
     def available() -> bool:
@@ -126,20 +133,28 @@ class TensorRTBackend(Backend):
     def infer(self, feeds, output_names=None):
         import torch
 
-        stream = torch.cuda.current_stream()
-        keep = []
-        for info in self.inputs:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[info.name])).cuda()
-            keep.append(t)
-            self._context.set_input_shape(info.name, tuple(t.shape))
-            self._context.set_tensor_address(info.name, t.data_ptr())
-        outs = {}
-        for info in self.outputs:
-            shape = tuple(self._context.get_tensor_shape(info.name))
-            t = torch.empty(shape, dtype=getattr(torch, info.dtype.name), device="cuda")
-            self._context.set_tensor_address(info.name, t.data_ptr())
-            outs[info.name] = t
-        self._context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
+        with self._lock:
+            if self._context is None:
+                raise SessionClosedError("this TensorRT session is closed; load the build again")
+            stream = torch.cuda.current_stream()
+            keep = []
+            for info in self.inputs:
+                t = torch.from_numpy(np.ascontiguousarray(feeds[info.name])).cuda()
+                keep.append(t)
+                self._context.set_input_shape(info.name, tuple(t.shape))
+                self._context.set_tensor_address(info.name, t.data_ptr())
+            outs = {}
+            for info in self.outputs:
+                shape = tuple(self._context.get_tensor_shape(info.name))
+                t = torch.empty(shape, dtype=getattr(torch, info.dtype.name), device="cuda")
+                self._context.set_tensor_address(info.name, t.data_ptr())
+                outs[info.name] = t
+            self._context.execute_async_v3(stream.cuda_stream)
+            stream.synchronize()
         names = output_names or list(outs)
         return {n: outs[n].cpu().numpy() for n in names}
+
+    def deactivate(self) -> None:
+        with self._lock:
+            self._context = None
+            self._engine = None

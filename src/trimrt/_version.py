@@ -1,0 +1,3 @@
+"""The package version (a leaf module: anything may import it without a cycle)."""
+
+__version__ = "0.1.0"
