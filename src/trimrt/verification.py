@@ -17,21 +17,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .compare import OutputMetrics, compare_outputs
 from .errors import CalibrationError, InputError, ModelLoadError
 from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
 from .runtime.session import Session
-
-
-@dataclass
-class OutputMetrics:
-    name: str
-    shape: list[int]
-    max_abs: float
-    max_rel: float
-    cosine_mean: float
-    cosine_min: float
-    top1: float | None  # fraction of samples with the same argmax (logits only)
 
 
 @dataclass
@@ -58,22 +48,6 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
-
-
-def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetrics:
-    if got.shape != ref.shape:
-        raise InputError(f"output {name!r}: build shape {list(got.shape)} differs from the reference {list(ref.shape)}")
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    diff = np.abs(g - r)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max()) if diff.size else 0.0
-    g2, r2 = g.reshape(g.shape[0], -1) if g.ndim else g.reshape(1, 1), r.reshape(r.shape[0], -1) if r.ndim else r.reshape(1, 1)
-    denom = np.linalg.norm(g2, axis=1) * np.linalg.norm(r2, axis=1)
-    cos = np.where(denom > 0, (g2 * r2).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
-    top1 = None
-    if "logit" in name.lower() and got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):
-        top1 = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
-    return OutputMetrics(name, list(got.shape), max_abs, max_rel, float(cos.mean()), float(cos.min()), top1)
 
 
 class _TorchReference:
@@ -252,8 +226,8 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
     if not layers:
         return []
     import onnx
-    import onnxruntime as ort
 
+    from .compiler.onnx_runner import OnnxRunner
     from .runtime.manifest import MODEL
 
     model = onnx.load(str(build_dir / MODEL))
@@ -263,14 +237,10 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
         node = mass[layer["visible_count"]]
         names += [node.output[1], node.input[0]]  # count [B], score [B, N] (its width: the layer's tokens)
         spans.append(next((a.i for a in node.attribute if a.name == "span_end"), 0))
-    known = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    runner = OnnxRunner(model, names)
     ratios: list[list[float]] = [[] for _ in layers]
     for feeds in batches:
-        outs = sess.run(names, dict(feeds))
+        outs = list(runner.run(feeds, names).values())
         for i, layer in enumerate(layers):
             count, score = outs[2 * i], outs[2 * i + 1]
             span = (spans[i] or score.shape[1]) - layer["protected"]

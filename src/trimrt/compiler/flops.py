@@ -21,7 +21,7 @@ _COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHead
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
-    import onnxruntime as ort
+    from .onnx_runner import OnnxRunner
 
     inlined = onnx.inliner.inline_local_functions(model)
     graph = inlined.graph
@@ -36,13 +36,8 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
                 wanted.append(name)
     values = {}
     if wanted:
-        del graph.output[:]  # the run returns exactly the values whose shapes are wanted (graph outputs too)
-        graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(inlined.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        values = dict(zip(wanted, sess.run(wanted, dict(feeds))))
+        # the run returns exactly the values whose shapes are wanted (graph outputs too)
+        values = OnnxRunner(inlined, wanted, replace=True, optimize="disable").run(feeds)
     shape = lambda name: values[name].shape if name in values else known.get(name)  # noqa: E731
     total = 0
     for n in nodes:

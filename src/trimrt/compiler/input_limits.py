@@ -126,14 +126,14 @@ def _position_limit(model: onnx.ModelProto, inputs, tables, direct: set[str], id
     probe, needed = _subgraph(model, indices)
     if not needed or any(not _dynamic_axis(i, 1) and _rank(i) >= 2 for i in inputs if i.name in needed):
         return None
-    import onnxruntime as ort
+    from .onnx_runner import OnnxRunner
 
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = OnnxRunner(probe)
     rng = np.random.default_rng(0)
     maxima = []
     for n in PROBE_TOKENS:
         feeds = {i.name: _probe_feed(i, n, ids, rng) for i in inputs if i.name in needed}
-        maxima.append(dict(zip(indices, (int(np.max(v)) if v.size else None for v in session.run(None, feeds)))))
+        maxima.append(dict(zip(indices, (int(np.max(v)) if v.size else None for v in runner.run(feeds).values()))))
     best = None
     for gather in candidates:
         got = [m[gather.input[1]] for m in maxima]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..runtime.feeds import TensorInfo, random_feeds
+from ..runtime.feeds import random_feeds
 
 PROBE_TOKENS = 37
 PROBE_BATCH = 3
@@ -66,7 +66,7 @@ def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
 
 def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[str, tuple[int, ...]]]:
     """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session."""
-    import onnxruntime as ort
+    from .onnx_runner import OnnxRunner
 
     proto = ir.serde.serialize_model(model)
     wanted = []
@@ -76,23 +76,14 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[
                 wanted.append(out.name)
     inputs = [v for v in model.graph.inputs]
     wanted += [v.name for v in inputs]
-    import onnx
-
-    existing = {o.name for o in proto.graph.output}
-    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(wanted) if n not in existing)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    infos = [TensorInfo.from_ort(a) for a in session.get_inputs()]
-    names = [o.name for o in session.get_outputs()]
+    runner = OnnxRunner(proto, wanted, optimize="disable")
     from .input_limits import find_input_limits
 
     limits = find_input_limits(ir.serde.serialize_model(model))  # token ids inside a small vocabulary
     shapes = []
     for batch, tokens in runs:
-        values = session.run(names, random_feeds(infos, batch=batch, seed=0, tokens=tokens, limits=limits))
-        shapes.append({n: tuple(np.shape(v)) for n, v in zip(names, values)})
+        values = runner.run(random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits))
+        shapes.append({n: tuple(np.shape(v)) for n, v in values.items()})
     return shapes
 
 

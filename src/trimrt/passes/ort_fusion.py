@@ -456,6 +456,7 @@ def _relative_drift(before, after, tokens: int) -> float | None:
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
 
+    from ..compare import relative_l2
     from ..compiler.input_limits import find_input_limits
 
     proto = runnable_proto(before)
@@ -469,16 +470,5 @@ def _relative_drift(before, after, tokens: int) -> float | None:
         got = fused.infer(feeds)
     except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
         return None
-    worst = 0.0
-    for name, ref in want.items():
-        out = got.get(name)
-        if out is None or out.shape != ref.shape:
-            return None
-        if not np.issubdtype(ref.dtype, np.floating):
-            if not np.array_equal(out, ref):
-                return float("inf")
-            continue
-        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-        worst = max(worst, float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-12)))
-    return worst
+    return relative_l2(want, got)
 

@@ -1,0 +1,82 @@
+"""Output comparison: the one definition of the numbers trimrt reports and guards on.
+
+`compare_outputs` gives the per-output metrics of verify (max abs / rel error, per-sample
+cosine, top-1 agreement for logits); `mean_cosine` is the quantization guard's fidelity
+(the worst output's mean per-sample cosine); `relative_l2` is the float-rewrite check of
+the ONNX Runtime fusion pass. All compute in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    cosine_mean: float
+    cosine_min: float
+    top1: float | None  # fraction of samples with the same argmax (logits only)
+
+
+def sample_cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity per sample (first axis), float64; 1 where both are zero."""
+    g = got.astype(np.float64).reshape(got.shape[0], -1) if got.ndim else got.astype(np.float64).reshape(1, 1)
+    r = ref.astype(np.float64).reshape(ref.shape[0], -1) if ref.ndim else ref.astype(np.float64).reshape(1, 1)
+    denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+    return np.where(denom > 0, (g * r).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
+
+
+def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetrics:
+    if got.shape != ref.shape:
+        raise InputError(f"output {name!r}: build shape {list(got.shape)} differs from the reference {list(ref.shape)}")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(g - r)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max()) if diff.size else 0.0
+    cos = sample_cosines(got, ref)
+    top1 = None
+    if "logit" in name.lower() and got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):
+        top1 = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
+    return OutputMetrics(name, list(got.shape), max_abs, max_rel, float(cos.mean()), float(cos.min()), top1)
+
+
+def mean_cosine(reference: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """Over runs (one dict of outputs per run): each float output's mean cosine over the
+    runs, each run's output taken as one flat vector; the worst output's value."""
+    worst = 1.0
+    for name, first in reference[0].items():
+        if not np.issubdtype(first.dtype, np.floating):
+            continue
+        values = []
+        for ref, out in zip(reference, got):
+            a, b = ref[name].astype(np.float64).ravel(), out[name].astype(np.float64).ravel()
+            denom = np.linalg.norm(a) * np.linalg.norm(b)
+            values.append(float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b)))
+        worst = min(worst, float(np.mean(values)))
+    return worst
+
+
+def relative_l2(reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> float | None:
+    """Largest ‖got − ref‖ / ‖ref‖ over the outputs; inf when an integer output differs,
+    None when an output is missing or of another shape."""
+    worst = 0.0
+    for name, ref in reference.items():
+        out = got.get(name)
+        if out is None or out.shape != ref.shape:
+            return None
+        if not np.issubdtype(ref.dtype, np.floating):
+            if not np.array_equal(out, ref):
+                return float("inf")
+            continue
+        ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(out64 - ref64) / max(np.linalg.norm(ref64), 1e-12)))
+    return worst

@@ -1,0 +1,71 @@
+"""Run an ONNX model on ONNX Runtime CPU with intermediate values exposed as outputs.
+
+The one place the compiler does it: shape probes, FLOPs counting, calibration, the
+quantization guard, and verify's per-layer facts. The model given is never modified (the
+outputs are added to a copy).
+
+Polygraphy's OnnxrtRunner was considered: its session loader does not take the
+SessionOptions these callers set (log severity for candidate graphs that keep unused
+float weights, the optimisation level that keeps exposed values intact), so this is a
+thin wrapper on onnxruntime itself.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ..runtime.feeds import TensorInfo
+
+
+def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, replace: bool = False) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs also include `names` (node outputs or graph
+    inputs); with `replace`, exactly `names`. Output types come from shape inference where
+    it knows them (ONNX Runtime needs none)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    if replace:
+        del graph.output[:]
+    present = {o.name for o in graph.output}
+    added = [n for n in dict.fromkeys(names) if n not in present]
+    produced = {out for node in graph.node for out in node.output} | {i.name for i in graph.input}
+    missing = [n for n in added if n not in produced]
+    if missing:
+        raise ValueError(f"no node of the model produces {missing}")
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in added)
+    return copy
+
+
+class OnnxRunner:
+    """An ONNX Runtime CPU session on `model` with `expose` added as outputs (`replace`:
+    only those). `optimize`: "disable" keeps every exposed value as the graph computes it;
+    "basic" / "all" are ONNX Runtime's levels. `quiet` silences ONNX Runtime's warnings."""
+
+    def __init__(self, model: onnx.ModelProto, expose: Sequence[str] = (), *, replace: bool = False,
+                 optimize: str = "all", quiet: bool = True) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimize]
+        if quiet:
+            options.log_severity_level = 3
+        proto = with_outputs(model, expose, replace=replace) if (expose or replace) else model
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.inputs = [TensorInfo.from_ort(a) for a in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The values of `names` (default: every output, exposed ones included)."""
+        names = list(names) if names is not None else self.output_names
+        return dict(zip(names, self.session.run(names, dict(feeds))))
+
+    def run_all(self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None
+                ) -> list[dict[str, np.ndarray]]:
+        return [self.run(f, names) for f in feeds]
