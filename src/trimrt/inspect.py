@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .runtime.manifest import MODEL, read_manifest
+from .runtime.manifest import MODEL, Manifest, read_manifest
 
 
 def inspect_target(target: str) -> dict:
@@ -56,7 +56,7 @@ def inspect_build(build_dir: Path) -> dict:
 
 
 def _summary(manifest: dict, pass_name: str, summarise) -> dict | None:
-    report = next((p["report"] for p in manifest.get("passes") or [] if p["pass"] == pass_name), None)
+    report = Manifest(manifest).pass_report(pass_name)
     return summarise(report) if report else None
 
 

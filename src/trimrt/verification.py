@@ -21,6 +21,7 @@ from .compare import OutputMetrics, compare_outputs
 from .errors import CalibrationError, InputError, ModelLoadError
 from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
+from .runtime.manifest import Manifest
 from .runtime.session import Session
 
 
@@ -207,7 +208,7 @@ def _reference_outputs(ref, feeds):
 
 def quantization_facts(manifest: dict) -> dict | None:
     """What a quantized build is (None when nothing was quantized)."""
-    report = next((p["report"] for p in manifest.get("passes", []) if p["pass"] == "quantization"), None)
+    report = Manifest(manifest).pass_report("quantization")
     if not report or not report.get("matmuls_quantized"):
         return None
     facts = {key: report[key] for key in ("weights", "activations", "method") if key in report}

@@ -14,7 +14,6 @@ removed by the next compile into the same parent once their process is gone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -24,9 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-from .._version import __version__
 from ..errors import BuildError
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, sha256_file
+from ..runtime.manifest import MANIFEST
 
 #: leftovers of a killed compile without a pid in their name (older trimrt) are stale after this
 STALE_SECONDS = 600
@@ -168,19 +166,3 @@ def _pid_alive(pid: int) -> bool:
 
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
-
-
-def write_manifest(build_dir: Path, content: dict) -> dict:
-    """Write manifest.json listing the sha256 of every other file in the build."""
-    files = {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = {"format_version": FORMAT_VERSION, "trimrt_version": __version__, **content, "files": files}
-    (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
-    return manifest
-
-
-def _jsonable(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)

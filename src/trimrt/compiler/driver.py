@@ -23,7 +23,9 @@ from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL
-from .artifacts import atomic_build_dir, write_manifest
+from .._version import __version__
+from ..runtime.manifest import write_manifest
+from .artifacts import atomic_build_dir
 from .flops import count_flops
 from .input_limits import find_input_limits
 from .pipeline import TARGETS, build_passes, run_pipeline
@@ -135,7 +137,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "compile_seconds": round(time.perf_counter() - started, 2),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
-        })
+        }, __version__)
     ratio = manifest["flops"]["ratio"]
     say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
     return manifest

@@ -25,6 +25,40 @@ EXTERNAL_DATA = MODEL + ".data"
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
+class Manifest(dict):
+    """A build's manifest: the JSON object as read or written, with typed accessors for
+    what several readers need (runtime, verify, inspect, bench, the CLI)."""
+
+    def pass_report(self, name: str) -> dict | None:
+        """The report of the pass called `name` (None if it did not run)."""
+        return next((p["report"] for p in self.get("passes") or [] if p.get("pass") == name), None)
+
+    @property
+    def pass_names(self) -> list[str]:
+        return [p["pass"] for p in self.get("passes") or []]
+
+    @property
+    def onnxruntime_settings(self) -> dict:
+        return onnxruntime_settings(self)
+
+
+def write_manifest(build_dir: Path, content: dict, version: str) -> Manifest:
+    """Seal a build: write manifest.json with `content`, the format and trimrt `version`,
+    and the sha256 of every other file in `build_dir`."""
+    files = {p.name: sha256_file(p) for p in sorted(build_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    manifest = Manifest({"format_version": FORMAT_VERSION, "trimrt_version": version, **content, "files": files})
+    (build_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    return manifest
+
+
+def _jsonable(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -44,7 +78,7 @@ def inside(build_dir: Path, name: str) -> Path:
     return path
 
 
-def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
+def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> Manifest:
     """Read and check a build's manifest: a JSON object of a supported format version whose
     `files` (name → sha256) covers every file the build needs, all inside the build, each
     matching its hash (unless check_hashes=False)."""
@@ -75,7 +109,7 @@ def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> dict:
                 raise BuildLoadError(f"{build_dir}: file {name} listed in the manifest is missing; recompile the build")
             if sha256_file(file) != digest.lower():
                 raise BuildLoadError(f"{build_dir}: {name} does not match its sha256 in the manifest (modified or corrupted); recompile the build")
-    return manifest
+    return Manifest(manifest)
 
 
 def _check_files(build_dir: Path, manifest: dict) -> dict[str, str]:
