@@ -16,9 +16,14 @@ import pytest
 import trimrt
 from trimrt.errors import RecipeError
 from trimrt.passes import quantization as quant_pass
+from trimrt.quantization import encodings
+from trimrt.quantization.numerics import (
+    dequantize_int4_groupwise,
+    fake_quant_dynamic_uint8,
+    fp8_e4m3,
+    quantize_fp8_per_tensor,
+)
 from trimrt.quantization.smoothquant import floor_quiet_channels
-from trimrt.quantization.numerics import (dequantize_int4_groupwise, fake_quant_dynamic_uint8, fp8_e4m3,
-                                          quantize_fp8_per_tensor)
 
 D, H, OUT, TOKENS = 64, 128, 32, 12
 
@@ -147,7 +152,7 @@ def test_smoothquant_beats_rtn_on_outlier_channels(mlp, tmp_path):
 
 @pytest.mark.parametrize("method", ["rtn", "awq", "gptq"])
 def test_int4_builds_are_matmul_nbits_with_the_method_numerics(mlp, tmp_path, monkeypatch, method):
-    monkeypatch.setattr(quant_pass, "NBITS_ACCURACY_LEVEL", 0)  # float compute: an exact comparison
+    monkeypatch.setattr(encodings, "NBITS_ACCURACY_LEVEL", 0)  # float compute: an exact comparison
     path, w, calib, x = mlp
     _, report = _compile(path, {"weights": "int4", "method": method, "group_size": 32}, calib, tmp_path / method)
     model = tmp_path / method / "model.onnx"
@@ -177,7 +182,7 @@ def test_int4_builds_are_matmul_nbits_with_the_method_numerics(mlp, tmp_path, mo
 
 
 def test_awq_and_gptq_are_more_faithful_than_rtn_at_int4(mlp, tmp_path, monkeypatch):
-    monkeypatch.setattr(quant_pass, "NBITS_ACCURACY_LEVEL", 0)
+    monkeypatch.setattr(encodings, "NBITS_ACCURACY_LEVEL", 0)
     path, w, calib, x = mlp
     ref = _float(w, x)
     errors = {}

@@ -10,10 +10,16 @@ import onnx
 import onnx.helper as oh
 import pytest
 
-from trimrt.quantization.calibration import (IMAGENET_MEAN, IMAGENET_STD, RowReservoir, collect_activation_stats,
-                                         load_calibration_feeds, model_inputs)
-from trimrt.errors import CalibrationError, TrimrtError
 from examples.models import minilm
+from trimrt.errors import CalibrationError, TrimrtError
+from trimrt.quantization.calibration import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RowReservoir,
+    collect_activation_stats,
+    load_calibration_feeds,
+    model_inputs,
+)
 from trimrt.recipe import CalibrationOptions
 from trimrt.runtime.feeds import TensorInfo
 

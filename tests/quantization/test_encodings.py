@@ -13,15 +13,26 @@ import onnxruntime as ort
 import pytest
 
 from trimrt.errors import BuildError
+from trimrt.passes.base import GraphBuilder
 from trimrt.quantization import encodings
 
 K, N = 256, 48
 TAG = "trimrt.pass"
 
 
-def _tag(node: ir.Node) -> ir.Node:
-    node.metadata_props[TAG] = "quantization"
-    return node
+def _builder(graph: ir.Graph, prefix: str = "q") -> GraphBuilder:
+    """The quantization pass's builder: nodes tagged with the pass, named after `prefix`."""
+    return GraphBuilder(graph, "quantization", prefix)
+
+
+def _one(encode, prefix: str = "q"):
+    """A `_model` build of one encoded MatMul: encode(builder, x) -> its output."""
+    def build(graph, x):
+        b = _builder(graph, prefix)
+        out = encode(b, x)
+        return list(b.nodes), [out]
+
+    return build
 
 
 def _model(encoding: str, build, k: int = K) -> tuple[ir.Model, list[ir.Node]]:
@@ -88,9 +99,9 @@ def test_int8_dynamic_equals_the_reference_and_shares_the_activation_quantizatio
     def build(graph, x):
         outs, nodes = [], []
         for i, (q, scale) in enumerate(quantized):
-            new, out = encodings.int8_dynamic(graph, x, q, scale, f"q{i}", _tag, shared=shared)
-            nodes += new
-            outs.append(out)
+            b = _builder(graph, f"q{i}")
+            outs.append(encodings.int8_dynamic(b, x, q, scale, shared=shared))
+            nodes += b.nodes
         return nodes, outs
 
     model, nodes = _model("int8_dynamic", build, k=64)
@@ -113,7 +124,7 @@ def test_int8_dynamic_is_exact_where_u8s8_kernels_saturate():
     rng = np.random.default_rng(1)
     q = rng.choice(np.array([-127, 127], np.int8), size=(64, 32))
     scale = np.full(32, 0.01, np.float32)
-    model, _ = _model("int8_dynamic", lambda g, x: _single(encodings.int8_dynamic(g, x, q, scale, "q", _tag)), k=64)
+    model, _ = _model("int8_dynamic", _one(lambda b, x: encodings.int8_dynamic(b, x, q, scale)), k=64)
     x = np.abs(rng.standard_normal((2, 16, 64))).astype(np.float32)
     x[..., ::2] += 40.0  # outliers: most activation codes near the top of the uint8 range
     x[0, 0, 0] = -1.0  # a zero point above 0
@@ -121,11 +132,6 @@ def test_int8_dynamic_is_exact_where_u8s8_kernels_saturate():
     want = ((xq - x_zp) @ q.astype(np.float64)) * (x_scale * scale)
     (got,) = _run(model, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-
-def _single(built):
-    nodes, out = built
-    return nodes, [out]
 
 
 def test_matmul_nbits_packs_two_codes_per_byte_low_nibble_first():
@@ -140,8 +146,8 @@ def test_matmul_nbits_packs_two_codes_per_byte_low_nibble_first():
 def test_matmul_nbits_at_accuracy_level_0_equals_x_times_the_dequantized_weight(group_size):
     rng = np.random.default_rng(group_size)
     q, scale = _int4_weight(rng, K, N, group_size)
-    model, nodes = _model("int4_matmul_nbits", lambda g, x: _one(encodings.int4_matmul_nbits(
-        g, x, q, scale, group_size, "q", _tag, accuracy_level=0)))
+    model, nodes = _model("int4_matmul_nbits", _one(lambda b, x: encodings.int4_matmul_nbits(
+        b, x, q, scale, group_size, accuracy_level=0)))
     (node,) = nodes
     assert (node.domain, node.op_type) == ("com.microsoft", "MatMulNBits") and _tagged_and_named(nodes)
     attrs = {name: attr.value for name, attr in node.attributes.items()}
@@ -157,7 +163,7 @@ def test_matmul_nbits_at_accuracy_level_4_quantizes_the_activation():
     rng = np.random.default_rng(7)
     q, scale = _int4_weight(rng, K, N, 32)
     model, _ = _model("int4_matmul_nbits",
-                      lambda g, x: _one(encodings.int4_matmul_nbits(g, x, q, scale, 32, "q", _tag)))
+                      _one(lambda b, x: encodings.int4_matmul_nbits(b, x, q, scale, 32)))
     x = rng.standard_normal((1, 4, K)).astype(np.float32)
     (got,) = _run(model, x)
     want = x.astype(np.float64) @ _dequant_groupwise(q, scale, 32)
@@ -169,8 +175,8 @@ def test_matmul_nbits_at_accuracy_level_4_quantizes_the_activation():
 def test_blocked_dq_stores_4_bits_and_equals_x_times_the_dequantized_weight(group_size, tmp_path):
     rng = np.random.default_rng(10 + group_size)
     q, scale = _int4_weight(rng, K, N, group_size)
-    model, nodes = _model("int4_blocked_dq", lambda g, x: _one(encodings.int4_blocked_dq(
-        g, x, q, scale, group_size, "q", _tag)))
+    model, nodes = _model("int4_blocked_dq", _one(lambda b, x: encodings.int4_blocked_dq(
+        b, x, q, scale, group_size)))
     assert [n.op_type for n in nodes] == ["DequantizeLinear", "MatMul"] and _tagged_and_named(nodes)
     assert model.opset_imports[""] == 21
     weight = model.graph.initializers["q_w"].const_value
@@ -190,7 +196,7 @@ def test_blocked_dq_stores_4_bits_and_equals_x_times_the_dequantized_weight(grou
 
 def _qdq_model(dtype: str, x_scale: float, q_w: np.ndarray, w_scale: np.ndarray):
     return _model(f"qdq_{dtype}", k=q_w.shape[0],
-                  build=lambda g, x: _one(encodings.qdq_static(g, x, x_scale, q_w, w_scale, dtype, "q", _tag)))
+                  build=_one(lambda b, x: encodings.qdq_static(b, x, x_scale, q_w, w_scale, dtype)))
 
 
 def _activations(rng, k: int, limit: float) -> np.ndarray:
@@ -245,20 +251,17 @@ def test_required_opsets_and_refusals():
     q = np.zeros((64, 8), np.int8)
     scale = np.ones((2, 8), np.float32)
     with pytest.raises(BuildError, match=r"in \[-8, 7\]"):
-        encodings.int4_matmul_nbits(graph, x, q + 9, scale, 32, "a", _tag)
+        encodings.int4_matmul_nbits(_builder(graph, "a"), x, q + 9, scale, 32)
     with pytest.raises(BuildError, match="not a multiple of group_size"):
-        encodings.int4_blocked_dq(graph, x, q, np.ones((1, 8), np.float32), 48, "b", _tag)
+        encodings.int4_blocked_dq(_builder(graph, "b"), x, q, np.ones((1, 8), np.float32), 48)
     with pytest.raises(BuildError, match="power-of-two"):
-        encodings.int4_matmul_nbits(graph, x, q, np.ones((8, 8), np.float32), 8, "c", _tag)
+        encodings.int4_matmul_nbits(_builder(graph, "c"), x, q, np.ones((8, 8), np.float32), 8)
     with pytest.raises(BuildError, match="E4M3 grid"):
-        encodings.qdq_static(graph, x, 0.1, np.full((64, 8), 0.3, np.float32), np.ones(8, np.float32), "fp8", "d", _tag)
+        encodings.qdq_static(_builder(graph, "d"), x, 0.1, np.full((64, 8), 0.3, np.float32), np.ones(8, np.float32),
+                             "fp8")
     with pytest.raises(BuildError, match="'int8' or 'fp8'"):
-        encodings.qdq_static(graph, x, 0.1, q, np.ones(8, np.float32), "int4", "e", _tag)
+        encodings.qdq_static(_builder(graph, "e"), x, 0.1, q, np.ones(8, np.float32), "int4")
     with pytest.raises(BuildError, match="has 64 features but the weight has K=32"):
-        encodings.int8_dynamic(graph, x, q[:32], np.ones(8, np.float32), "f", _tag)
+        encodings.int8_dynamic(_builder(graph, "f"), x, q[:32], np.ones(8, np.float32))
     assert not graph.initializers  # a refusal registers nothing
 
-
-def _one(result):
-    nodes, out = result
-    return nodes, [out]

@@ -13,9 +13,9 @@ from trimrt.quantization.calibration import ActivationStats
 from trimrt.quantization.gptq import hessian
 from trimrt.quantization.holdout import HELD_OUT_EVERY, MIN_SPLIT_SAMPLES, split_samples
 from trimrt.quantization.methods import Linear, quantize_linears
-from trimrt.recipe import QuantizationOptions
-from trimrt.quantization.smoothquant import smoothed_output_error
 from trimrt.quantization.numerics import fake_quant_dynamic_uint8, quantize_int8_per_channel
+from trimrt.quantization.smoothquant import smoothed_output_error
+from trimrt.recipe import QuantizationOptions
 
 
 def test_equal_lengths_interleave_and_the_parts_are_disjoint():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -38,22 +39,22 @@ import onnx_ir as ir
 from ..compiler.analysis import is_constant
 from ..errors import BuildError, RecipeError
 from ..plugins import runnable_proto
-from ..quantization import encodings
+from ..quantization.encodings import SharedQuantized, constant, encoding_for
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
-from ..quantization.methods import (HELD_OUT_STATISTICS, NEEDED_STATISTICS, Linear, QuantizedLinear, Skipped,
-                                    quantize_linears)
+from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
 from ..quantization.numerics import quantize_int8_per_channel
 from ..recipe import CalibrationOptions, QuantizationOptions
-from .base import TrimrtPass
+from ..registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
+from .base import GraphBuilder, PipelineContext, TrimrtPass
 
 log = logging.getLogger(__name__)
 
 #: held-out calibration samples the guard evaluates candidate builds on (the first ones),
 #: and fitted samples the final build's `cosine_fit` is measured on
 GUARD_SAMPLES = 32
-#: MatMulNBits accuracy level of ONNX Runtime INT4 builds: 4 = int8 compute (fast)
-NBITS_ACCURACY_LEVEL = 4
+#: (graph, prefix) -> a GraphBuilder tagging its nodes with the pass (TrimrtPass.builder)
+Builder = Callable[[ir.Graph, str], GraphBuilder]
 
 quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept for callers of the first slice)
 
@@ -64,11 +65,15 @@ class QuantizationPass(TrimrtPass):
     exact = False
 
     def __init__(self, options: QuantizationOptions, calibration: CalibrationOptions | None = None,
-                 recipe_dir: Path | None = None, target: str = "onnxruntime", progress: bool = True):
-        super().__init__()
+                 recipe_dir: Path | None = None, target: str = "onnxruntime", progress: bool = True,
+                 context: PipelineContext | None = None):
+        super().__init__(context)
         self.options, self.calibration, self.recipe_dir = options, calibration, recipe_dir
         self.target, self.progress = target, progress
-        self.static_int8 = target == "tensorrt" and options.activations == "int8"
+        self.method = QUANTIZATION_METHODS[options.method]
+        self.encoding = QUANTIZED_ENCODINGS[encoding_for(options.weights, target)]
+        #: int8 activations with a calibrated per-tensor scale (the TensorRT Q/DQ form)
+        self.static_int8 = options.activations == "int8" and self.encoding.static_activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model.graph)
@@ -90,7 +95,7 @@ class QuantizationPass(TrimrtPass):
         fidelity, kept_float = None, []
         if (split.fit or split.held_out) and candidates:
             guard_feeds = (split.held_out or split.fit)[:GUARD_SAMPLES]
-            evaluate = _Evaluator(original, plan, self.tagged, self.target, guard_feeds)
+            evaluate = _Evaluator(original, plan, self.builder, self.target, guard_feeds)
             fidelity = {"measured_on": split.measured_on, "samples": len(guard_feeds)}
             if self.options.min_cosine is not None:
                 total = 2 + 2 * len(candidates)
@@ -111,7 +116,7 @@ class QuantizationPass(TrimrtPass):
                                  "cosine_fit": self._cosine_fit(original, plan, split, frozenset(candidates), cosine)})
             fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
         chosen = frozenset(candidates) - set(kept_float)
-        apply_plan(model, sites, plan, chosen, self.tagged, self.target)
+        apply_plan(model, sites, plan, chosen, self.builder, self.target)
         self.record(self._report(linears, plan, chosen, kept_float, fidelity, split), changes_results=bool(chosen))
         return ir.passes.PassResult(model, modified=bool(chosen))
 
@@ -119,7 +124,7 @@ class QuantizationPass(TrimrtPass):
         """The output cosine of the chosen build on fitted samples (the guard's own when nothing was held out)."""
         if not split.held_out or not quantized:
             return round(cosine, 6)
-        return round(_Evaluator(original, plan, self.tagged, self.target, split.fit[:GUARD_SAMPLES])(quantized), 6)
+        return round(_Evaluator(original, plan, self.builder, self.target, split.fit[:GUARD_SAMPLES])(quantized), 6)
 
     def _calibrate(self, original, linears: list[Linear]):
         """(the split feeds, statistics of the fit part, statistics of the held-out part for
@@ -131,13 +136,13 @@ class QuantizationPass(TrimrtPass):
         if not feeds:
             raise BuildError("the calibration source gave no samples: check [calibration] source")
         split = split_samples(feeds)
-        want = set(NEEDED_STATISTICS[self.options.method])
+        want = set(self.method.statistics)
         if self.options.weights == "fp8" or self.static_int8:
             want.add("absmax")
         names = sorted({lin.activation for lin in linears})
         stats = collect_activation_stats(runnable, split.fit, names, want=want, progress=self.progress,
                                          seed=self.calibration.seed)
-        held_stats, check = None, HELD_OUT_STATISTICS[self.options.method]
+        held_stats, check = None, self.method.held_out_statistics
         if split.held_out and check:
             held_stats = collect_activation_stats(runnable, split.held_out, names, want=check,
                                                   progress=self.progress, seed=self.calibration.seed + 1)
@@ -166,7 +171,7 @@ class QuantizationPass(TrimrtPass):
             layers.append(entry)
         o = self.options
         report = {"weights": o.weights, "activations": o.activations, "method": o.method,
-                  "encoding": _encoding_name(o, self.target),
+                  "encoding": self.encoding.describe(),
                   "matmuls_quantized": len(chosen), "matmuls_float": len(linears) - len(chosen),
                   "weight_bytes_before": before, "weight_bytes_after": after, "layers": layers}
         if o.weights == "int4":
@@ -177,7 +182,7 @@ class QuantizationPass(TrimrtPass):
                                      else self.calibration.source}
             if split.held_out:
                 report["calibration"].update({"fit": len(split.fit), "held_out": len(split.held_out)})
-        fallback = sum(1 for i in chosen if plan[i].method not in (None, o.method))
+        fallback = sum(1 for i in chosen if plan[i].method is not None and plan[i].method != o.method)
         if fallback:
             report["matmuls_fallback_rtn"] = fallback
         if fidelity is not None:
@@ -212,55 +217,38 @@ def _attr(node: ir.Node, name: str, default):
     return default if attr is None else attr.value
 
 
-def _gemm_bias(graph: ir.Graph, node: ir.Node, out: ir.Value, prefix: str, tag) -> list[ir.Node]:
-    """Gemm's + beta · C after its quantized product (nothing for a MatMul or no C)."""
+def _gemm_bias(b: GraphBuilder, node: ir.Node, out: ir.Value) -> ir.Value:
+    """Gemm's + beta · C after its quantized product (`out` itself for a MatMul or no C)."""
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
-        return []
+        return out
     bias, beta = node.inputs[2], float(_attr(node, "beta", 1.0))
-    nodes = []
     if beta != 1.0:
-        scale = encodings.add_initializer(graph, f"{prefix}_beta", np.array(beta, np.float32))
-        nodes.append(tag(ir.node("Mul", [bias, scale], name=f"{prefix}_beta_bias")))
-        bias = nodes[-1].outputs[0]
-    nodes.append(tag(ir.node("Add", [out, bias], name=f"{prefix}_bias")))
-    return nodes
+        bias = b.op("Mul", [bias, constant(b, f"{b.prefix}_beta", np.array(beta, np.float32))],
+                    name=f"{b.prefix}_beta_bias")
+    return b.op("Add", [out, bias], name=f"{b.prefix}_bias")
 
 
-def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], tag: encodings.Tag, target: str) -> None:
-    """Replace the chosen MatMuls (indices into `sites`) by their encodings, in place."""
+def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], builder: Builder, target: str) -> None:
+    """Replace the chosen MatMuls (indices into `sites`) by their encodings, in place;
+    `builder(graph, prefix)` makes the pass's GraphBuilder (TrimrtPass.builder)."""
     graph = model.graph
-    shared: encodings.SharedQuantized = {}
+    shared: SharedQuantized = {}
     scaled_inputs: dict[tuple[str, int], ir.Value] = {}
     fmt_opsets: dict[str, int] = {}
     for i in sorted(chosen):
         node, x, _ = sites[i]
         q: QuantizedLinear = plan[i]
-        prefix = f"trimrt_quant_{i}"
-        nodes: list[ir.Node] = []
+        b = builder(graph, f"trimrt_quant_{i}")
         if q.input_scale is not None:
             key = (x.name, id(q.input_scale))
             if key not in scaled_inputs:
-                scaled_inputs[key], extra = _divide_input(graph, x, q.input_scale, sites, plan, chosen, prefix, tag)
-                nodes += extra
+                scaled_inputs[key] = _divide_input(b, x, q.input_scale, sites, plan, chosen)
             x = scaled_inputs[key]
-        encoding = _encoding(q, target)
-        if encoding == "int8_dynamic":
-            new, out = encodings.int8_dynamic(graph, x, q.codes, q.scale, prefix, tag, shared)
-        elif encoding == "int4_matmul_nbits":
-            new, out = encodings.int4_matmul_nbits(graph, x, q.codes, q.scale, q.group_size, prefix, tag,
-                                                   accuracy_level=NBITS_ACCURACY_LEVEL)
-        elif encoding == "int4_blocked_dq":
-            new, out = encodings.int4_blocked_dq(graph, x, q.codes, q.scale, q.group_size, prefix, tag)
-        else:
-            new, out = encodings.qdq_static(graph, x, q.activation_scale, q.codes, q.scale, q.format, prefix, tag)
-        for domain, version in encodings.required_opsets(encoding).items():
+        encoding = QUANTIZED_ENCODINGS[encoding_for(q.format, target)]
+        out = _gemm_bias(b, node, encoding.build(b, x, q, shared))
+        for domain, version in encoding.opsets.items():
             fmt_opsets[domain] = max(fmt_opsets.get(domain, 0), version)
-        nodes += new
-        bias = _gemm_bias(graph, node, out, prefix, tag)
-        if bias:
-            nodes += bias
-            out = bias[-1].outputs[0]
-        graph.insert_before(node, nodes)
+        graph.insert_before(node, b.nodes)
         old = node.outputs[0]
         out.name, old.name = old.name, f"{old.name}_float"
         out.shape = old.shape if old.shape is not None else out.shape
@@ -273,22 +261,21 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], tag: 
             model.opset_imports[domain] = version
 
 
-def _divide_input(graph: ir.Graph, x: ir.Value, s: np.ndarray, sites, plan, chosen, prefix: str, tag):
+def _divide_input(b: GraphBuilder, x: ir.Value, s: np.ndarray, sites, plan, chosen) -> ir.Value:
     """x / s for the MatMuls sharing `s`: folded into x's LayerNormalization when only
     they read x, else one Mul by 1/s."""
     readers = {id(n) for n, _ in x.uses()}
     group = {id(sites[j][0]) for j in chosen if sites[j][1] is x and plan[j].input_scale is s}
     producer = x.producer()
-    if producer is not None and readers == group and _fold_into_layer_norm(graph, producer, s, prefix):
-        return x, []
-    inverse = encodings.add_initializer(graph, f"{prefix}_input_scale", (1.0 / s).astype(np.float32))
-    mul = tag(ir.node("Mul", [x, inverse], name=f"{prefix}_smooth"))
-    mul.outputs[0].name = f"{prefix}_smoothed"
-    mul.outputs[0].shape, mul.outputs[0].dtype = x.shape, x.dtype
-    return mul.outputs[0], [mul]
+    if producer is not None and readers == group and _fold_into_layer_norm(b, producer, s):
+        return x
+    inverse = constant(b, f"{b.prefix}_input_scale", (1.0 / s).astype(np.float32))
+    smoothed = b.op("Mul", [x, inverse], name=f"{b.prefix}_smooth")
+    smoothed.name, smoothed.shape, smoothed.dtype = f"{b.prefix}_smoothed", x.shape, x.dtype
+    return smoothed
 
 
-def _fold_into_layer_norm(graph: ir.Graph, node: ir.Node, s: np.ndarray, prefix: str) -> bool:
+def _fold_into_layer_norm(b: GraphBuilder, node: ir.Node, s: np.ndarray) -> bool:
     """LayerNormalization(x, γ, β) / s == LayerNormalization(x, γ/s, β/s) (new initializers)."""
     if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
         return False
@@ -296,39 +283,23 @@ def _fold_into_layer_norm(graph: ir.Graph, node: ir.Node, s: np.ndarray, prefix:
     beta = _constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
     if gamma is None or gamma.shape != s.shape:
         return False
-    node.replace_input_with(1, encodings.add_initializer(graph, f"{prefix}_ln_scale", (gamma / s).astype(np.float32)))
+    node.replace_input_with(1, constant(b, f"{b.prefix}_ln_scale", (gamma / s).astype(np.float32)))
     if beta is not None:
-        node.replace_input_with(2, encodings.add_initializer(graph, f"{prefix}_ln_bias", (beta / s).astype(np.float32)))
+        node.replace_input_with(2, constant(b, f"{b.prefix}_ln_bias", (beta / s).astype(np.float32)))
     return True
-
-
-def _encoding(q: QuantizedLinear, target: str) -> str:
-    if q.format == "int4":
-        return "int4_blocked_dq" if target == "tensorrt" else "int4_matmul_nbits"
-    if q.format == "fp8":
-        return "qdq_fp8"
-    return "qdq_int8" if target == "tensorrt" else "int8_dynamic"
-
-
-def _encoding_name(options: QuantizationOptions, target: str) -> str:
-    return {("int8", "onnxruntime"): "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime DynamicQuantizeMatMul)",
-            ("int8", "tensorrt"): "QuantizeLinear/DequantizeLinear INT8, static activation scales",
-            ("int4", "onnxruntime"): f"com.microsoft MatMulNBits (accuracy level {NBITS_ACCURACY_LEVEL})",
-            ("int4", "tensorrt"): "INT4 initializers + blocked DequantizeLinear (opset 21)",
-            }.get((options.weights, target), "QuantizeLinear/DequantizeLinear FLOAT8E4M3FN, static activation scales")
 
 
 class _Evaluator:
     """Output cosine of the graph with a subset of the plan applied, vs the float graph,
     on the given calibration feeds (min over float outputs of the mean over samples)."""
 
-    def __init__(self, original, plan, tag: encodings.Tag, target: str, feeds):
-        self.original, self.plan, self.tag, self.target, self.feeds = original, plan, tag, target, feeds
+    def __init__(self, original, plan, builder: Builder, target: str, feeds):
+        self.original, self.plan, self.builder, self.target, self.feeds = original, plan, builder, target, feeds
         self.reference = _run(runnable_proto(original), feeds)
 
     def __call__(self, quantized: frozenset[int]) -> float:
         model = ir.serde.deserialize_model(self.original)
-        apply_plan(model, find_linears(model.graph), self.plan, quantized, self.tag, self.target)
+        apply_plan(model, find_linears(model.graph), self.plan, quantized, self.builder, self.target)
         return _cosine(self.reference, _run(runnable_proto(model), self.feeds))
 
 

@@ -27,10 +27,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..compiler.progress import steps
 from ..errors import CalibrationError, InputError
 from ..recipe import CalibrationOptions
 from ..runtime.feeds import TensorInfo, random_feeds, validate_feeds
-from ..compiler.progress import steps
 
 log = logging.getLogger(__name__)
 

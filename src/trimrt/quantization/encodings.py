@@ -1,9 +1,14 @@
 """ONNX encodings of one quantized MatMul y = x @ W, W [K, N] constant, x float32 [..., K].
 
 The quantization methods decide the numbers (integer codes and scales); these builders
-decide how a target runs them. Each returns the new nodes, in order, and the float32
-output [..., N]; weights and scales become graph initializers. The caller inserts the
-nodes, rewires the old MatMul's uses and adds `required_opsets(encoding)` to the model.
+decide how a target runs them. Each builds its nodes with the pass's `GraphBuilder`
+(named after its prefix, tagged with the pass; weights and scales become graph
+initializers) and returns the float32 output [..., N]. The caller places the builder's
+nodes, rewires the old MatMul's uses and adds the encoding's `opsets` to the model.
+
+Each encoding is registered in `QUANTIZED_ENCODINGS` with the weight format and targets
+it serves (`encoding_for(format, target)` is the lookup), its required opsets and its
+report label:
 
 - `int8_dynamic`: DynamicQuantizeLinear + MatMulInteger, what ONNX Runtime's CPU kernels
   fuse into DynamicQuantizeMatMul (the numerics of `quantize_dynamic(per_channel=True)`;
@@ -11,80 +16,158 @@ nodes, rewires the old MatMul's uses and adds `required_opsets(encoding)` to the
 - `int4_matmul_nbits`: com.microsoft MatMulNBits, ONNX Runtime's INT4 weight-only kernel.
 - `int4_blocked_dq`: INT4 initializer + opset-21 blocked DequantizeLinear + MatMul, the
   TensorRT form (ONNX Runtime fuses it back into MatMulNBits).
-- `qdq_static`: explicit QuantizeLinear/DequantizeLinear on activation and weight, zero
-  point 0, INT8 or FP8 E4M3 — the strongly typed TensorRT form.
+- `qdq_int8` / `qdq_fp8` (`qdq_static`): explicit QuantizeLinear/DequantizeLinear on
+  activation and weight, zero point 0, INT8 or FP8 E4M3 — the strongly typed TensorRT form.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from ..errors import BuildError
+from ..registry import QUANTIZED_ENCODINGS
 
-#: stamps the inserting pass on a node (TrimrtPass.tagged)
-Tag = Callable[[ir.Node], ir.Node]
+if TYPE_CHECKING:
+    from ..passes.base import GraphBuilder
+    from .methods import QuantizedLinear
+
 #: activation -> (xq, x_scale, x_zero_point) of its one DynamicQuantizeLinear
 SharedQuantized = dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]]
 
 MS_DOMAIN = "com.microsoft"
 INT4_MIN, INT4_MAX = -8, 7
 FP8_E4M3_MAX = 448.0
+#: MatMulNBits accuracy level of ONNX Runtime INT4 builds: 4 = int8 compute (fast), 0 = float (exact)
+NBITS_ACCURACY_LEVEL = 4
 
-_OPSETS = {
-    "int8_dynamic": {"": 11},  # DynamicQuantizeLinear
-    "int4_matmul_nbits": {MS_DOMAIN: 1},
-    "int4_blocked_dq": {"": 21},  # block_size and INT4 in DequantizeLinear
-    "qdq_int8": {"": 19},  # the TensorRT Q/DQ form
-    "qdq_fp8": {"": 19},  # FLOAT8E4M3FN in QuantizeLinear
-}
-ENCODINGS = tuple(_OPSETS)
+
+class Encoding:
+    """How one quantized MatMul is written for a target. Class attributes: `format` (the
+    weight format it encodes), `targets` (the build targets that use it), `opsets`
+    (minimum opset per domain the model needs), `static_activations` (activations are
+    quantized with a calibrated per-tensor scale), `label` (the report's words)."""
+
+    format: ClassVar[str]
+    targets: ClassVar[tuple[str, ...]]
+    opsets: ClassVar[dict[str, int]]
+    static_activations: ClassVar[bool] = False
+    label: ClassVar[str]
+
+    @classmethod
+    def describe(cls) -> str:
+        return cls.label
+
+    @staticmethod
+    def build(b: GraphBuilder, x: ir.Value, q: QuantizedLinear, shared: SharedQuantized) -> ir.Value:
+        """The nodes computing x @ q's weight, added to `b`; returns their float32 output."""
+        raise NotImplementedError
+
+
+@QUANTIZED_ENCODINGS.register("int8_dynamic")
+class Int8Dynamic(Encoding):
+    format, targets, opsets = "int8", ("onnxruntime",), {"": 11}  # DynamicQuantizeLinear
+    label = "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime DynamicQuantizeMatMul)"
+
+    @staticmethod
+    def build(b, x, q, shared):
+        return int8_dynamic(b, x, q.codes, q.scale, shared)
+
+
+@QUANTIZED_ENCODINGS.register("int4_matmul_nbits")
+class Int4MatMulNBits(Encoding):
+    format, targets, opsets = "int4", ("onnxruntime",), {MS_DOMAIN: 1}
+
+    @classmethod
+    def describe(cls) -> str:
+        return f"com.microsoft MatMulNBits (accuracy level {NBITS_ACCURACY_LEVEL})"
+
+    @staticmethod
+    def build(b, x, q, shared):
+        return int4_matmul_nbits(b, x, q.codes, q.scale, q.group_size, accuracy_level=NBITS_ACCURACY_LEVEL)
+
+
+@QUANTIZED_ENCODINGS.register("int4_blocked_dq")
+class Int4BlockedDq(Encoding):
+    format, targets, opsets = "int4", ("tensorrt",), {"": 21}  # block_size and INT4 in DequantizeLinear
+    label = "INT4 initializers + blocked DequantizeLinear (opset 21)"
+
+    @staticmethod
+    def build(b, x, q, shared):
+        return int4_blocked_dq(b, x, q.codes, q.scale, q.group_size)
+
+
+@QUANTIZED_ENCODINGS.register("qdq_int8")
+class QdqInt8(Encoding):
+    format, targets, opsets = "int8", ("tensorrt",), {"": 19}  # the TensorRT Q/DQ form
+    static_activations = True
+    label = "QuantizeLinear/DequantizeLinear INT8, static activation scales"
+
+    @staticmethod
+    def build(b, x, q, shared):
+        return qdq_static(b, x, q.activation_scale, q.codes, q.scale, "int8")
+
+
+@QUANTIZED_ENCODINGS.register("qdq_fp8")
+class QdqFp8(Encoding):
+    format, targets, opsets = "fp8", ("onnxruntime", "tensorrt"), {"": 19}  # FLOAT8E4M3FN in QuantizeLinear
+    static_activations = True
+    label = "QuantizeLinear/DequantizeLinear FLOAT8E4M3FN, static activation scales"
+
+    @staticmethod
+    def build(b, x, q, shared):
+        return qdq_static(b, x, q.activation_scale, q.codes, q.scale, "fp8")
+
+
+def encoding_for(fmt: str, target: str) -> str:
+    """The registered encoding of weight format `fmt` for `target`."""
+    table = {(QUANTIZED_ENCODINGS[name].format, t): name for name in QUANTIZED_ENCODINGS
+             for t in QUANTIZED_ENCODINGS[name].targets}
+    if (fmt, target) not in table:
+        raise BuildError(f"no quantized encoding writes {fmt} weights for target {target!r}")
+    return table[(fmt, target)]
 
 
 def required_opsets(encoding: str) -> dict[str, int]:
-    """Minimum opset per domain a model needs for `encoding` (one of ENCODINGS)."""
-    if encoding not in _OPSETS:
-        raise BuildError(f"unknown quantized encoding {encoding!r}: use one of {', '.join(ENCODINGS)}")
-    return dict(_OPSETS[encoding])
+    """Minimum opset per domain a model needs for `encoding` (a name in QUANTIZED_ENCODINGS)."""
+    if encoding not in QUANTIZED_ENCODINGS:
+        raise BuildError(f"unknown quantized encoding {encoding!r}: use one of {', '.join(QUANTIZED_ENCODINGS)}")
+    return dict(QUANTIZED_ENCODINGS[encoding].opsets)
 
 
-def int8_dynamic(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarray, prefix: str, tag: Tag,
-                 shared: SharedQuantized | None = None) -> tuple[list[ir.Node], ir.Value]:
+def int8_dynamic(b: GraphBuilder, x: ir.Value, q: np.ndarray, scale: np.ndarray,
+                 shared: SharedQuantized | None = None) -> ir.Value:
     """y = Cast(MatMulInteger(xq, q, x_zp, 0)) · (x_scale · scale), x quantized once per tensor.
 
     q int8 [K, N], scale float32 [N]. Pass the same `shared` dict for every MatMul of a
     model so the MatMuls reading one activation share its DynamicQuantizeLinear (the
-    first call's node is among its returned nodes; later calls reuse its outputs).
+    first call adds the node; later calls reuse its outputs).
     """
     _, n = _check_weight(q, np.int8, "int8_dynamic", x)
     scale = _check_scale(scale, (n,), "int8_dynamic")
-    nodes = []
+    prefix = b.prefix
     shared = {} if shared is None else shared
     if x not in shared:
-        dql = _node(tag, "DynamicQuantizeLinear", [x], f"{prefix}_dql", num_outputs=3)
-        nodes.append(dql)
-        shared[x] = tuple(dql.outputs)
+        shared[x] = tuple(b.op_multi_out("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{prefix}_dql"))
     xq, x_scale, x_zp = shared[x]
     # uint8 codes q + 128 with zero point 128: the same integer products as int8 codes with
     # zero point 0, but ONNX Runtime then runs its U8U8 kernels, which are exact on every x86
     # CPU; its U8S8 kernels on AVX2 CPUs without VNNI add u8·s8 pairs in saturating int16
     # (vpmaddubsw) and were off by up to 44% of an output on activations with outliers
-    q_v = add_initializer(graph, f"{prefix}_w", (q.astype(np.int16) + 128).astype(np.uint8))
-    zp_v = add_initializer(graph, f"{prefix}_w_zp", np.array(128, np.uint8))
-    scale_v = add_initializer(graph, f"{prefix}_w_scale", scale)
-    mmi = _node(tag, "MatMulInteger", [xq, q_v, x_zp, zp_v], f"{prefix}_matmul")
-    cast = _node(tag, "Cast", [mmi.outputs[0]], f"{prefix}_cast", {"to": ir.DataType.FLOAT})
-    scales = _node(tag, "Mul", [x_scale, scale_v], f"{prefix}_scales")
-    out = _node(tag, "Mul", [cast.outputs[0], scales.outputs[0]], f"{prefix}_out")
-    nodes += [mmi, cast, scales, out]
-    return nodes, _typed_output(out, x, n)
+    q_v = constant(b, f"{prefix}_w", (q.astype(np.int16) + 128).astype(np.uint8))
+    zp_v = constant(b, f"{prefix}_w_zp", np.array(128, np.uint8))
+    scale_v = constant(b, f"{prefix}_w_scale", scale)
+    product = b.op("MatMulInteger", [xq, q_v, x_zp, zp_v], name=f"{prefix}_matmul")
+    cast = b.op("Cast", [product], {"to": ir.DataType.FLOAT}, name=f"{prefix}_cast")
+    scales = b.op("Mul", [x_scale, scale_v], name=f"{prefix}_scales")
+    return _typed(b.op("Mul", [cast, scales], name=f"{prefix}_out"), x, n)
 
 
-def int4_matmul_nbits(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarray, group_size: int,
-                      prefix: str, tag: Tag, accuracy_level: int = 4) -> tuple[list[ir.Node], ir.Value]:
+def int4_matmul_nbits(b: GraphBuilder, x: ir.Value, q: np.ndarray, scale: np.ndarray, group_size: int,
+                      accuracy_level: int = 4) -> ir.Value:
     """y = MatMulNBits(x, pack(q + 8), scaleᵀ), the default zero point 8 undoing the +8.
 
     q int8 [K, N] in [-8, 7], scale float32 [K // group_size, N]: W[k, n] = q[k, n] ·
@@ -94,11 +177,11 @@ def int4_matmul_nbits(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.nda
     k, n, scale = _check_int4(q, scale, group_size, "int4_matmul_nbits", x)
     if group_size < 16 or group_size & (group_size - 1):
         raise BuildError(f"MatMulNBits needs a power-of-two group size >= 16, got {group_size}: change group_size")
-    b_v = add_initializer(graph, f"{prefix}_w", pack_matmul_nbits(q, group_size))
-    scale_v = add_initializer(graph, f"{prefix}_w_scale", np.ascontiguousarray(scale.T))
+    b_v = constant(b, f"{b.prefix}_w", pack_matmul_nbits(q, group_size))
+    scale_v = constant(b, f"{b.prefix}_w_scale", np.ascontiguousarray(scale.T))
     attributes = {"K": k, "N": n, "bits": 4, "block_size": group_size, "accuracy_level": accuracy_level}
-    node = _node(tag, "MatMulNBits", [x, b_v, scale_v], f"{prefix}_matmul", attributes, domain=MS_DOMAIN)
-    return [node], _typed_output(node, x, n)
+    out = b.op("MatMulNBits", [x, b_v, scale_v], attributes, domain=MS_DOMAIN, name=f"{b.prefix}_matmul")
+    return _typed(out, x, n)
 
 
 def pack_matmul_nbits(q: np.ndarray, group_size: int) -> np.ndarray:
@@ -108,23 +191,21 @@ def pack_matmul_nbits(q: np.ndarray, group_size: int) -> np.ndarray:
     return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4))
 
 
-def int4_blocked_dq(graph: ir.Graph, x: ir.Value, q: np.ndarray, scale: np.ndarray, group_size: int,
-                    prefix: str, tag: Tag) -> tuple[list[ir.Node], ir.Value]:
+def int4_blocked_dq(b: GraphBuilder, x: ir.Value, q: np.ndarray, scale: np.ndarray, group_size: int) -> ir.Value:
     """y = MatMul(x, DequantizeLinear(q as INT4, scale, axis=0, block_size=group_size)).
 
     q int8 [K, N] in [-8, 7] stored as a 4-bit INT4 initializer, scale float32
     [K // group_size, N]; no zero point (0). Needs default opset >= 21.
     """
     _, n, scale = _check_int4(q, scale, group_size, "int4_blocked_dq", x)
-    q_v = add_initializer(graph, f"{prefix}_w", q.astype(ml_dtypes.int4))
-    scale_v = add_initializer(graph, f"{prefix}_w_scale", scale)
-    dq = _node(tag, "DequantizeLinear", [q_v, scale_v], f"{prefix}_w_dq", {"axis": 0, "block_size": group_size})
-    matmul = _node(tag, "MatMul", [x, dq.outputs[0]], f"{prefix}_matmul")
-    return [dq, matmul], _typed_output(matmul, x, n)
+    q_v = constant(b, f"{b.prefix}_w", q.astype(ml_dtypes.int4))
+    scale_v = constant(b, f"{b.prefix}_w_scale", scale)
+    w = b.op("DequantizeLinear", [q_v, scale_v], {"axis": 0, "block_size": group_size}, name=f"{b.prefix}_w_dq")
+    return _typed(b.op("MatMul", [x, w], name=f"{b.prefix}_matmul"), x, n)
 
 
-def qdq_static(graph: ir.Graph, x: ir.Value, x_scale: float, q_w: np.ndarray, w_scale: np.ndarray, dtype: str,
-               prefix: str, tag: Tag) -> tuple[list[ir.Node], ir.Value]:
+def qdq_static(b: GraphBuilder, x: ir.Value, x_scale: float, q_w: np.ndarray, w_scale: np.ndarray,
+               dtype: str) -> ir.Value:
     """y = MatMul(DQ(Q(x, x_scale)), DQ(q_w, w_scale, axis=1)), zero points 0 (TensorRT's form).
 
     dtype "int8": q_w int8 [K, N]; x rounds to nearest and saturates to [-128, 127].
@@ -145,41 +226,31 @@ def qdq_static(graph: ir.Graph, x: ir.Value, x_scale: float, q_w: np.ndarray, w_
     if not (np.isfinite(x_scale) and x_scale > 0):
         raise BuildError(f"qdq_static activation scale must be a positive number, got {x_scale}: recalibrate")
     w_scale = _check_scale(w_scale, (n,), "qdq_static")
-    x_scale_v = add_initializer(graph, f"{prefix}_x_scale", np.array(x_scale, np.float32))
-    x_zp_v = add_initializer(graph, f"{prefix}_x_zp", np.zeros((), zero_dtype))
-    w_v = add_initializer(graph, f"{prefix}_w", stored)
-    w_scale_v = add_initializer(graph, f"{prefix}_w_scale", w_scale)
-    w_zp_v = add_initializer(graph, f"{prefix}_w_zp", np.zeros(n, zero_dtype))
-    quant = _node(tag, "QuantizeLinear", [x, x_scale_v, x_zp_v], f"{prefix}_x_q")
-    dequant = _node(tag, "DequantizeLinear", [quant.outputs[0], x_scale_v, x_zp_v], f"{prefix}_x_dq")
-    w_dq = _node(tag, "DequantizeLinear", [w_v, w_scale_v, w_zp_v], f"{prefix}_w_dq", {"axis": 1})
-    matmul = _node(tag, "MatMul", [dequant.outputs[0], w_dq.outputs[0]], f"{prefix}_matmul")
-    return [quant, dequant, w_dq, matmul], _typed_output(matmul, x, n)
+    prefix = b.prefix
+    x_scale_v = constant(b, f"{prefix}_x_scale", np.array(x_scale, np.float32))
+    x_zp_v = constant(b, f"{prefix}_x_zp", np.zeros((), zero_dtype))
+    w_v = constant(b, f"{prefix}_w", stored)
+    w_scale_v = constant(b, f"{prefix}_w_scale", w_scale)
+    w_zp_v = constant(b, f"{prefix}_w_zp", np.zeros(n, zero_dtype))
+    quantized = b.op("QuantizeLinear", [x, x_scale_v, x_zp_v], name=f"{prefix}_x_q")
+    x_dq = b.op("DequantizeLinear", [quantized, x_scale_v, x_zp_v], name=f"{prefix}_x_dq")
+    w_dq = b.op("DequantizeLinear", [w_v, w_scale_v, w_zp_v], {"axis": 1}, name=f"{prefix}_w_dq")
+    return _typed(b.op("MatMul", [x_dq, w_dq], name=f"{prefix}_matmul"), x, n)
 
 
-def _node(tag: Tag, op_type: str, inputs, name: str, attributes: dict | None = None, *, domain: str = "",
-          num_outputs: int = 1) -> ir.Node:
-    node = ir.node(op_type, inputs, attributes or {}, domain=domain, num_outputs=num_outputs, name=name)
-    for i, out in enumerate(node.outputs):
-        out.name = out.name or (f"{name}_out{i}" if num_outputs > 1 else f"{name}_out")
-    return tag(node)
+def constant(b: GraphBuilder, name: str, array: np.ndarray) -> ir.Value:
+    """`array` as the graph initializer `name` (b.const), with its type and shape on the value."""
+    value = b.const(array, name)
+    value.shape, value.type = ir.Shape(value.const_value.shape), ir.TensorType(value.const_value.dtype)
+    return value
 
 
-def _typed_output(node: ir.Node, x: ir.Value, n: int) -> ir.Value:
-    """The node's float32 output, shaped like x with the last axis N."""
-    out = node.outputs[0]
+def _typed(out: ir.Value, x: ir.Value, n: int) -> ir.Value:
+    """A float32 output, shaped like x with the last axis N."""
     out.type = ir.TensorType(ir.DataType.FLOAT)
     if x.shape is not None:
         out.shape = ir.Shape([*x.shape[:-1], n])
     return out
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register `array` as a graph initializer named `name`; return its value."""
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, const_value=tensor, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    graph.register_initializer(value)
-    return value
 
 
 def _check_weight(q: np.ndarray, dtype, encoding: str, x: ir.Value) -> tuple[int, int]:

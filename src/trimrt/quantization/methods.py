@@ -6,11 +6,10 @@ activations, and returns one `QuantizedLinear` per MatMul: codes, scales, and �
 SmoothQuant and AWQ — the per-channel input scale s (the MatMul then reads x / s, with
 diag(s)·W quantized). Which ONNX ops run the numbers is the pass's business (encodings).
 
-| weights | activations | rtn | smoothquant | awq | gptq |
-|---|---|---|---|---|---|
-| int8 per output channel | int8 (dynamic on ORT, static on TensorRT) | ✓ | ✓ | | ✓ |
-| int4 groups of group_size | none (weight-only) | ✓ | | ✓ | ✓ |
-| fp8 E4M3 per output channel | fp8 static per tensor | ✓ | ✓ | | |
+Each method is one `QuantizationMethod` registered in `QUANTIZATION_METHODS`, declaring
+the formats it builds — int8 per output channel with int8 activations (dynamic on ONNX
+Runtime, static on TensorRT), int4 in groups of group_size weight-only, fp8 E4M3 per
+output channel with static per-tensor fp8 activations — and what it needs.
 
 A calibrated choice must also hold on data it was not fitted to: given `held_out`
 statistics (the same activations on calibration samples the fit never saw), each
@@ -27,25 +26,33 @@ SmoothQuant does not amplify quiet channels in the first place
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ..recipe import QuantizationOptions
+from ..errors import RecipeError
+from ..registry import QUANTIZATION_METHODS
 from .awq import awq_quantize
 from .gptq import gptq_quantize
-from .numerics import (INT8_MAX, dequantize_fp8, fake_quant_dynamic_uint8, fp8_e4m3, fp8_scale,
-                       quantize_fp8_per_tensor, quantize_int4_groupwise, quantize_int8_per_channel)
+from .numerics import (
+    INT8_MAX,
+    dequantize_fp8,
+    fake_quant_dynamic_uint8,
+    fp8_e4m3,
+    fp8_scale,
+    quantize_fp8_per_tensor,
+    quantize_int4_groupwise,
+    quantize_int8_per_channel,
+)
 from .smoothquant import floor_quiet_channels, search_alpha, smoothed_output_error, smoothing_scales
 
-#: statistics each method needs from calibration (quantization.calibration.ActivationStats fields)
-NEEDED_STATISTICS = {"rtn": {"absmax"}, "smoothquant": {"absmax", "rows"}, "awq": {"rows"}, "gptq": {"hessian"}}
-#: statistics of the held-out samples each method's check needs (output errors: SmoothQuant
-#: quantizes the activations too, so it needs rows; weight-only errors need only XᵀX)
-HELD_OUT_STATISTICS = {"rtn": set(), "smoothquant": {"rows"}, "awq": {"hessian"}, "gptq": {"hessian"}}
+if TYPE_CHECKING:
+    from ..recipe import QuantizationOptions
+
 #: GPTQ's relative dampings, tried in order until the held-out error beats RTN's
 #: (more damping: less trust in the fitted Hessian, closer to RTN)
 GPTQ_DAMPING = (0.01, 0.1, 1.0)
+INT8_INT8, INT4_WEIGHT_ONLY, FP8_FP8 = ("int8", "int8"), ("int4", "none"), ("fp8", "fp8")
 
 
 @dataclass
@@ -99,19 +106,134 @@ class Skipped(Exception):
     """This MatMul cannot take the recipe's format (the message says why); it stays float."""
 
 
+class QuantizationMethod:
+    """A [quantization] method: what it supports and needs, declared once, and `plan`,
+    its numbers for the weights sharing one activation. Adding a method is one subclass
+    registered with `@QUANTIZATION_METHODS.register("name")`.
+
+    Class attributes (read by the recipe's validation and by the pass):
+    `formats`: the (weights, activations) pairs it builds; `recipe_keys`: the
+    [quantization] keys that belong to this method only; `needs_calibration`: it needs
+    calibration data even for dynamic activations; `statistics`: the calibration
+    statistics it fits on (quantization.calibration.ActivationStats fields);
+    `held_out_statistics`: those its check on held-out samples needs (output errors:
+    SmoothQuant quantizes the activations too, so it needs rows; weight-only errors
+    need only XᵀX)."""
+
+    formats: ClassVar[tuple[tuple[str, str], ...]] = ()
+    recipe_keys: ClassVar[tuple[str, ...]] = ()
+    needs_calibration: ClassVar[bool] = True
+    statistics: ClassVar[frozenset[str]] = frozenset()
+    held_out_statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, options: QuantizationOptions) -> None:
+        self.options = options
+
+    def plan(self, weights: list[np.ndarray], stat, static_activations: bool, check) -> list[QuantizedLinear]:
+        """One QuantizedLinear per weight [K, N] reading the activation of `stat` (its
+        calibration statistics; `check`: those of the held-out samples, or None)."""
+        raise NotImplementedError
+
+
+@QUANTIZATION_METHODS.register("rtn")
+class RoundToNearest(QuantizationMethod):
+    """Round to nearest: per output channel (int8, fp8) or per group of input rows (int4)."""
+
+    formats = (INT8_INT8, INT4_WEIGHT_ONLY, FP8_FP8)
+    needs_calibration = False
+    statistics = frozenset({"absmax"})
+
+    def plan(self, weights, stat, static_activations, check):
+        if self.options.weights == "int4":
+            return [_rtn_int4(w, self.options.group_size) for w in weights]
+        return _per_channel(self.options, weights, stat, static_activations)
+
+
+@QUANTIZATION_METHODS.register("smoothquant")
+class SmoothQuant(QuantizationMethod):
+    """SmoothQuant: x / s and diag(s)·W, s migrating activation outliers into the weights."""
+
+    formats = (INT8_INT8, FP8_FP8)
+    recipe_keys = ("alpha",)
+    statistics = frozenset({"absmax", "rows"})
+    held_out_statistics = frozenset({"rows"})
+
+    def plan(self, weights, stat, static_activations, check):
+        input_scale, alpha, ratio = _smoothing(self.options, weights, stat, check)
+        if ratio is not None and not ratio < 1.0:
+            input_scale, alpha = None, None  # smoothing did not help on held-out rows: RTN
+        else:
+            weights = [w * input_scale[:, None] for w in weights]
+        results = _per_channel(self.options, weights, stat, static_activations, input_scale, alpha)
+        for q in results:
+            q.method = "smoothquant" if input_scale is not None else "rtn"
+            q.held_out_vs_rtn = None if ratio is None else round(float(ratio), 6)
+        return results
+
+
+@QUANTIZATION_METHODS.register("awq")
+class Awq(QuantizationMethod):
+    """AWQ: INT4 weights scaled (and clipped) per input channel by the activations' salience."""
+
+    formats = (INT4_WEIGHT_ONLY,)
+    statistics = frozenset({"rows"})
+    held_out_statistics = frozenset({"hessian"})
+
+    def plan(self, weights, stat, static_activations, check):
+        g = self.options.group_size
+        res = awq_quantize(_rows(stat, "awq"), weights, group_size=g)
+        awq = [QuantizedLinear("int4", q, s, g, input_scale=res.input_scale, alpha=res.alpha)
+               for q, s in zip(res.q, res.scale)]
+        return _keep_if_better_than_rtn(awq, weights, check, lambda w: _rtn_int4(w, g))
+
+
+@QUANTIZATION_METHODS.register("gptq")
+class Gptq(QuantizationMethod):
+    """GPTQ: weights rounded column by column, the error pushed onto the columns left (Hessian XᵀX)."""
+
+    formats = (INT8_INT8, INT4_WEIGHT_ONLY)
+    statistics = frozenset({"hessian"})
+    held_out_statistics = frozenset({"hessian"})
+
+    def plan(self, weights, stat, static_activations, check):
+        if self.options.weights == "int4":
+            return [_gptq(w, stat, check, 4, self.options.group_size) for w in weights]
+        act_scale = _activation_scale(self.options.weights, stat, None, static_activations)
+        results = []
+        for w in weights:
+            q = _gptq(w, stat, check, 8, None)
+            q.activation_scale = act_scale
+            results.append(q)
+        return results
+
+
+def combinations() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(weights, activations) -> the registered methods that build them, in registration order."""
+    table: dict[tuple[str, str], tuple[str, ...]] = {}
+    for name in QUANTIZATION_METHODS:
+        for fmt in QUANTIZATION_METHODS[name].formats:
+            table[fmt] = (*table.get(fmt, ()), name)
+    return table
+
+
 def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], stats: Mapping[str, object],
                      static_activations: bool = False,
                      held_out: Mapping[str, object] | None = None) -> list[QuantizedLinear | Skipped]:
     """One QuantizedLinear (or a Skipped reason) per linear, in order.
 
     `stats` maps activation names to quantization.calibration.ActivationStats (with the
-    fields of NEEDED_STATISTICS[options.method]); it may be empty for rtn when
-    activations are dynamic. `static_activations`: int8 activations get a calibrated
-    per-tensor scale (TensorRT); fp8 activations always do. `held_out`: the same kind of
-    mapping measured on calibration samples `stats` never saw (the fields of
-    HELD_OUT_STATISTICS[options.method]); with it, a choice that does not lower the
-    held-out output error below RTN's falls back to RTN (see the module docstring).
+    fields of the method's `statistics`); it may be empty for rtn when activations are
+    dynamic. `static_activations`: int8 activations get a calibrated per-tensor scale
+    (TensorRT); fp8 activations always do. `held_out`: the same kind of mapping measured
+    on calibration samples `stats` never saw (the fields of the method's
+    `held_out_statistics`); with it, a choice that does not lower the held-out output
+    error below RTN's falls back to RTN (see the module docstring).
     """
+    method_class = QUANTIZATION_METHODS[options.method]
+    if (options.weights, options.activations) not in method_class.formats:
+        raise RecipeError(f"quantization method {options.method!r} does not build weights = {options.weights!r}, "
+                          f"activations = {options.activations!r}; it builds {list(method_class.formats)}")
+    method = method_class(options)
     out: list[QuantizedLinear | Skipped | None] = [None] * len(linears)
     groups: dict[str, list[int]] = {}
     for i, linear in enumerate(linears):
@@ -119,7 +241,11 @@ def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], st
     for activation, members in groups.items():
         weights = [linears[i].weight for i in members]
         check = None if held_out is None else held_out.get(activation)
-        results = _quantize_group(options, weights, stats.get(activation), static_activations, check)
+        k, g = weights[0].shape[0], options.group_size
+        if options.weights == "int4" and k % g:
+            results = [Skipped(f"K = {k} input rows are not a multiple of group_size = {g}")] * len(weights)
+        else:
+            results = method.plan(weights, stats.get(activation), static_activations, check)
         for i, result in zip(members, results):
             if isinstance(result, QuantizedLinear) and result.method is None:
                 result.method = options.method
@@ -127,54 +253,31 @@ def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], st
     return out  # type: ignore[return-value]
 
 
-def _quantize_group(options: QuantizationOptions, weights: list[np.ndarray], stat, static_activations: bool,
-                    check) -> list[QuantizedLinear | Skipped]:
-    fmt, method = options.weights, options.method
-    if fmt == "int4":
-        k, g = weights[0].shape[0], options.group_size
-        if k % g:
-            reason = Skipped(f"K = {k} input rows are not a multiple of group_size = {g}")
-            return [reason] * len(weights)
-        if method == "awq":
-            res = awq_quantize(_rows(stat, "awq"), weights, group_size=g)
-            awq = [QuantizedLinear("int4", q, s, g, input_scale=res.input_scale, alpha=res.alpha)
-                   for q, s in zip(res.q, res.scale)]
-            return _keep_if_better_than_rtn(awq, weights, check, lambda w: _rtn_int4(w, g))
-        if method == "gptq":
-            return [_gptq(w, stat, check, 4, g) for w in weights]
-        return [_rtn_int4(w, g) for w in weights]
+def _activation_scale(fmt: str, stat, input_scale: np.ndarray | None, static_activations: bool) -> float | None:
+    """The static per-tensor activation scale (fp8 always, int8 when static), else None."""
+    if not (fmt == "fp8" or static_activations):
+        return None
+    absmax = _absmax(stat)
+    if input_scale is not None:
+        absmax = absmax / input_scale
+    top = float(np.max(absmax)) if absmax.size else 0.0
+    return float(fp8_scale(top)) if fmt == "fp8" else (top / 127 if top > 0 else 1.0)
 
-    input_scale, alpha, ratio = None, None, None
-    if method == "smoothquant":
-        input_scale, alpha, ratio = _smoothing(options, weights, stat, check)
-        if ratio is not None and not ratio < 1.0:
-            input_scale, alpha = None, None  # smoothing did not help on held-out rows: RTN
-        else:
-            weights = [w * input_scale[:, None] for w in weights]
-    act_scale = None
-    if fmt == "fp8" or static_activations:
-        absmax = _absmax(stat)
-        if input_scale is not None:
-            absmax = absmax / input_scale
-        top = float(np.max(absmax)) if absmax.size else 0.0
-        act_scale = float(fp8_scale(top)) if fmt == "fp8" else (top / 127 if top > 0 else 1.0)
+
+def _per_channel(options: QuantizationOptions, weights: list[np.ndarray], stat, static_activations: bool,
+                 input_scale: np.ndarray | None = None, alpha: float | None = None) -> list[QuantizedLinear]:
+    """Round to nearest per output channel (int8 or fp8 E4M3), with the activation scale."""
+    fmt = options.weights
+    act_scale = _activation_scale(fmt, stat, input_scale, static_activations)
     results = []
     for w in weights:
         if fmt == "fp8":
             w_scale = fp8_scale(np.abs(w).max(axis=0))
             codes = fp8_e4m3(w / w_scale)
             results.append(QuantizedLinear("fp8", codes, w_scale, None, input_scale, act_scale, alpha))
-        elif method == "gptq":
-            q = _gptq(w, stat, check, 8, None)
-            q.activation_scale = act_scale
-            results.append(q)
         else:
             codes, scale = quantize_int8_per_channel(w)
             results.append(QuantizedLinear("int8", codes, scale, None, input_scale, act_scale, alpha))
-    if method == "smoothquant":
-        for q in results:
-            q.method = "smoothquant" if input_scale is not None else "rtn"
-            q.held_out_vs_rtn = None if ratio is None else round(float(ratio), 6)
     return results
 
 
@@ -297,4 +400,5 @@ def _hessian(stat) -> np.ndarray:
     return stat.hessian
 
 
-__all__ = ["GPTQ_DAMPING", "HELD_OUT_STATISTICS", "INT8_MAX", "Linear", "NEEDED_STATISTICS", "QuantizedLinear", "Skipped", "quantize_linears"]
+__all__ = ["GPTQ_DAMPING", "INT8_MAX", "Linear", "QuantizationMethod", "QuantizedLinear", "Skipped", "combinations",
+           "quantize_linears"]
