@@ -72,8 +72,6 @@ class QuantizationPass(TrimrtPass):
         self.target, self.progress = target, progress
         self.method = QUANTIZATION_METHODS[options.method]
         self.encoding = QUANTIZED_ENCODINGS[encoding_for(options.weights, target)]
-        #: int8 activations with a calibrated per-tensor scale (the TensorRT Q/DQ form)
-        self.static_int8 = options.activations == "int8" and self.encoding.static_activations
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model.graph)
@@ -81,7 +79,7 @@ class QuantizationPass(TrimrtPass):
             x.name = x.name or f"trimrt_quant_input_{i}"
         linears = [Linear(_name(node, i), x.name, w) for i, (node, x, w) in enumerate(sites)]
         # calibration data given is always used: at least to measure the build's fidelity
-        needs_data = self.options.needs_calibration or self.static_int8 or self.calibration is not None
+        needs_data = self.options.needs_calibration or self.encoding.static_activations or self.calibration is not None
         if needs_data and self.calibration is None:
             raise RecipeError("TensorRT INT8 builds need static activation scales: add a [calibration] table "
                               "(source = ..., or random = true for a smoke test)")
@@ -89,7 +87,7 @@ class QuantizationPass(TrimrtPass):
         if needs_data and linears:
             original = ir.serde.serialize_model(model)  # the float graph, for calibration and the guard
             split, stats, held_stats = self._calibrate(original, linears)
-        plan = quantize_linears(self.options, linears, stats, static_activations=self.static_int8,
+        plan = quantize_linears(self.options, linears, stats, static_activations=self.encoding.static_activations,
                                 held_out=held_stats)
         candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
         fidelity, kept_float = None, []
@@ -137,8 +135,8 @@ class QuantizationPass(TrimrtPass):
             raise BuildError("the calibration source gave no samples: check [calibration] source")
         split = split_samples(feeds)
         want = set(self.method.statistics)
-        if self.options.weights == "fp8" or self.static_int8:
-            want.add("absmax")
+        if self.encoding.static_activations:
+            want.add("absmax")  # the per-tensor activation scales
         names = sorted({lin.activation for lin in linears})
         stats = collect_activation_stats(runnable, split.fit, names, want=want, progress=self.progress,
                                          seed=self.calibration.seed)
