@@ -13,8 +13,18 @@ import itertools
 
 import numpy as np
 import pytest
-from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
-                        run_decomposition, run_tensorrt, to_torch, value)
+from op_testing import (
+    Dim,
+    FakeDesc,
+    aot_supported,
+    check_compiles_to_ptx,
+    fake_tensorrt,
+    one_node_model,
+    run_decomposition,
+    run_tensorrt,
+    to_torch,
+    value,
+)
 
 from trimrt.plugins import REGISTRY
 from trimrt.plugins.diversity_rank import cosine_distances, greedy_picks
@@ -242,6 +252,7 @@ def test_kernel_matches_reference(batch, n, d, keep, protect, span_end, ratio, t
     np.testing.assert_array_equal(_run_kernel(torch, x, device, **attrs), want)
 
 
+@pytest.mark.slow
 def test_kernel_large_span_and_features(torch, device):
     """N and D of a ViT-B/16 layer (197 tokens; 96 features to keep the interpreter quick)."""
     x = np.random.default_rng(9).standard_normal((2, 197, 96)).astype(np.float32)
@@ -279,16 +290,18 @@ def test_kernel_writes_into_given_buffer_and_rejects_bad_attributes(torch, devic
     out = torch.full((2, 9), 7.0, device=device)
     from trimrt.plugins.kernels.diversity_rank import run
 
-    run(xt, keep=3, protect=2, span_end=8, out=(out,))  # the TensorRT JIT impl's call
+    # the TensorRT JIT impl's call
+    run(xt, **DIVERSITY_RANK.attribute_values(dict(keep=3, protect=2, span_end=8)), out=(out,))
     np.testing.assert_array_equal(out.cpu().numpy(), DIVERSITY_RANK.run_reference(x, keep=3, protect=2, span_end=8)[0])
     with pytest.raises(ValueError, match="DiversityRank: keep=9 must be in"):
         DIVERSITY_RANK.run_triton(xt, keep=9, protect=1)
     with pytest.raises(ValueError, match="DiversityRank: span"):
         DIVERSITY_RANK.run_triton(xt, keep=1, protect=4, span_end=4)
     with pytest.raises(ValueError, match="output buffer"):
-        run(xt, keep=1, out=(torch.empty((2, 8), device=device),))
+        run(xt, **DIVERSITY_RANK.attribute_values(dict(keep=1)), out=(torch.empty((2, 8), device=device),))
 
 
+@pytest.mark.slow
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for sm_80 (what the TensorRT AOT path embeds), no GPU needed."""
     pytest.importorskip("triton")
@@ -374,8 +387,8 @@ def test_registration_with_fake_tensorrt(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
     monkeypatch.setattr(glue, "_REGISTERED", set())
-    DIVERSITY_RANK.register_tensorrt()
-    DIVERSITY_RANK.register_tensorrt()  # idempotent
+    glue.register(DIVERSITY_RANK)
+    glue.register(DIVERSITY_RANK)  # idempotent
     pid = f"{DOMAIN}::DiversityRank"
     assert calls == [("register", pid, "DiversityRank_describe"), ("impl", pid, "DiversityRank_impl"),
                      ("aot_impl", pid, "DiversityRank_aot_impl")]

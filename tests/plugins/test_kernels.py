@@ -222,8 +222,11 @@ def test_token_prune_rejects_bad_keep_or_span(keep, protect, span_end, match, rn
 
 
 def test_kept_count_is_the_reference_rule():
-    """The kernel module's exact-integer k == token_prune.span_keep (float64 ceil - 1e-9)."""
-    from trimrt.plugins.kernels.token_prune import kept_count
+    """Span's exact-integer k == token_prune.span_keep == the float64 ceil(r · span - 1e-9)
+    the ONNX decomposition computes."""
+    import math
+
+    from trimrt.plugins.span import kept_count
 
     ratios = [0.5, 0.3, 0.1, 0.001, 1.0, 0.25, 1 / 3, 2 / 3, 0.0, -0.5, 1.5, 0.9999, 1e-12]
     ratios += list(np.random.default_rng(3).random(100))
@@ -231,11 +234,14 @@ def test_kept_count_is_the_reference_rule():
     for ratio in ratios:
         got = [kept_count(span, keep=0, keep_ratio=ratio) for span in range(1, 600)]
         assert got == [span_keep(span, 0, ratio) for span in range(1, 600)], ratio
+        float64 = [max(1, min(span, math.ceil(ratio * span - 1e-9))) for span in range(1, 600)]
+        assert got == float64, ratio
     assert kept_count(10, keep=3, keep_ratio=0.01) == 3
 
 
 # ------------------------------------------------------------- real (AOT) compilation
 
+@pytest.mark.slow
 def test_kernels_compile_to_ptx():
     """The kernels compile for a real GPU target (sm_80 PTX, what the TensorRT AOT path
     embeds); the interpreter alone does not check that. Needs no GPU."""

@@ -9,9 +9,18 @@ import typing
 
 import numpy as np
 import pytest
-
-from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
-                        run_decomposition, run_tensorrt, run_triton, value)
+from op_testing import (
+    Dim,
+    FakeDesc,
+    aot_supported,
+    check_compiles_to_ptx,
+    fake_tensorrt,
+    one_node_model,
+    run_decomposition,
+    run_tensorrt,
+    run_triton,
+    value,
+)
 
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
@@ -187,12 +196,12 @@ def test_kernel_fp16_empty_batch_and_out_buffers(device):
     s = torch.from_numpy(score.astype(np.float32)).to(device)
     idx = torch.from_numpy(select(score, 9, 1, 20)).to(device)
     out = (torch.empty((2, 10), device=device), torch.empty((2,), dtype=torch.int64, device=device))
-    kernels.run(s, idx, tau=0.5, protect=1, out=out)
+    kernels.run(s, idx, **OP.attribute_values(dict(tau=0.5, protect=1)), out=out)
     want = OP.run_reference(score.astype(np.float32), idx.cpu().numpy(), tau=0.5, protect=1)
     np.testing.assert_array_equal(out[0].cpu().numpy(), want[0])
     np.testing.assert_array_equal(out[1].cpu().numpy(), want[1])
     with pytest.raises(ValueError, match="output buffers"):
-        kernels.run(s, idx, tau=0.5, protect=1, out=(out[0][:, :3], out[1]))
+        kernels.run(s, idx, **OP.attribute_values(dict(tau=0.5, protect=1)), out=(out[0][:, :3], out[1]))
 
 
 @pytest.mark.parametrize("attrs, match", [(dict(tau=0.0), "tau"), (dict(tau=1.5), "tau"),
@@ -205,6 +214,7 @@ def test_kernel_rejects_what_the_reference_rejects(attrs, match, device):
         run_triton(OP, [s, idx], device, **attrs)
 
 
+@pytest.mark.slow
 def test_kernel_compiles_to_ptx():
     """The kernel (float64 sums, tau baked in) compiles for a real GPU target (sm_80 PTX)."""
     check_compiles_to_ptx("""
@@ -261,7 +271,7 @@ def test_tensorrt_plugin(aot, tau, protect, span_end):
     pytest.importorskip("tensorrt")
     if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
-    OP.register_tensorrt()
+    glue.register(OP)
     rng = np.random.default_rng(protect)
     score = (rng.random((3, 197)) ** 3).astype(np.float32)
     score[1, 50:] = 0.0

@@ -12,9 +12,18 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-
-from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
-                        run_decomposition, run_tensorrt, run_triton, value)
+from op_testing import (
+    Dim,
+    FakeDesc,
+    aot_supported,
+    check_compiles_to_ptx,
+    fake_tensorrt,
+    one_node_model,
+    run_decomposition,
+    run_tensorrt,
+    run_triton,
+    value,
+)
 
 from trimrt.plugins import DOMAIN, REGISTRY
 from trimrt.plugins.token_merge import max_merged
@@ -279,12 +288,12 @@ def test_kernel_output_buffers_and_no_features(device):
     args = [torch.from_numpy(a).to(device) for a in (x, metric, size)]
     out = (torch.empty((2, 7, 3), device=device), torch.empty((2, 7), device=device),
            torch.empty((2, 7), dtype=torch.int64, device=device))
-    result = kernels.run(*args, r=4, protect=1, out=out)
+    result = kernels.run(*args, r=4, protect=1, ratio=0.0, out=out)
     assert all(a is b for a, b in zip(result, out))
     _check_against_reference([t.cpu().numpy() for t in out], want, 2, 11, 3, 4)
     with pytest.raises(ValueError, match="output buffers"):
-        kernels.run(*args, r=3, protect=1, out=out)
-    _, size_out, index = kernels.run(args[0][..., :0], args[1], args[2], r=4, protect=1)  # D = 0
+        kernels.run(*args, r=3, protect=1, ratio=0.0, out=out)
+    _, size_out, index = kernels.run(args[0][..., :0], args[1], args[2], r=4, protect=1, ratio=0.0)  # D = 0
     np.testing.assert_array_equal(index.cpu().numpy(), want[2])
     np.testing.assert_allclose(size_out.cpu().numpy(), want[1])
 
@@ -308,6 +317,7 @@ def test_kernel_rejects_bad_shapes(device):
         run_triton(OP, _inputs(np.random.default_rng(7), 1, 1025, 1, 1), device, r=1)
 
 
+@pytest.mark.slow
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for a real GPU target (sm_80 PTX, what the TensorRT AOT path
     embeds); the interpreter alone does not check that. Needs no GPU."""
@@ -356,11 +366,13 @@ def test_plugin_shapes_and_launch_args(n, r, protect):
     described = describe(FakeDesc(x), FakeDesc(metric, "float"), FakeDesc(size, "float"), r=r, protect=protect)
     assert [tuple(value(v) for v in shape) for shape, _ in described] == [w.shape for w in want]
     assert [dtype for _, dtype in described] == ["half", "half", "int64"]  # float outputs follow x
-    args = kernels.scalar_args(x, metric, size, r=r, protect=protect, sym=trtp)
-    assert [value(v) for v in args] == kernels.scalar_args((b, n, d), (b, n, c), (b, n), r=r, protect=protect)
+    args = kernels.scalar_args(x, metric, size, r=r, protect=protect, ratio=0.0, sym=trtp)
+    ints = kernels.scalar_args((b, n, d), (b, n, c), (b, n), r=r, protect=protect, ratio=0.0)
+    assert [value(v) for v in args] == ints
     assert [value(v) for v in kernels.grid(x, metric, size, cdiv=trtp.cdiv, block_d=2)] == [b, 3]
     # a static N: plain ints through the same functions
-    assert kernels.trt_output_shapes({"x": (b, n, d)}, {"r": r, "protect": protect}, trtp)[0] == (b, n - r, d)
+    attrs = {"r": r, "protect": protect, "ratio": 0.0}
+    assert kernels.trt_output_shapes({"x": (b, n, d)}, attrs, trtp)[0] == (b, n - r, d)
 
 
 def test_plugin_describe_rejects_bad_r():

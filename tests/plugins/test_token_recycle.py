@@ -9,9 +9,19 @@ import typing
 
 import numpy as np
 import pytest
-
-from op_testing import (Dim, FakeDesc, aot_supported, check_compiles_to_ptx, fake_tensorrt, one_node_model,
-                        run_decomposition, run_tensorrt, run_triton, to_torch, value)
+from op_testing import (
+    Dim,
+    FakeDesc,
+    aot_supported,
+    check_compiles_to_ptx,
+    fake_tensorrt,
+    one_node_model,
+    run_decomposition,
+    run_tensorrt,
+    run_triton,
+    to_torch,
+    value,
+)
 
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
@@ -280,6 +290,7 @@ def test_kernel_rejects_what_the_reference_rejects(attrs, match, device):
         run_triton(OP, [x, s, p], device, **attrs)
 
 
+@pytest.mark.slow
 def test_kernel_compiles_to_ptx():
     """The kernel compiles for a real GPU target (sm_80 PTX, what TensorRT AOT embeds)."""
     check_compiles_to_ptx("""
@@ -357,7 +368,7 @@ def test_tensorrt_plugin(aot, keep, protect, span_end, keep_ratio, grid):
     pytest.importorskip("tensorrt")
     if aot and not aot_supported():
         pytest.skip("this TensorRT has no aot_impl")
-    OP.register_tensorrt()
+    glue.register(OP)
     rng = np.random.default_rng(keep)
     b, n, d = 2, 197, 40
     feeds = {"x": rng.standard_normal((b, n, d)).astype(np.float32),

@@ -3,16 +3,21 @@ the reference == the PyTorch TSM, and the TensorRT hooks (fake tensorrt; gpu-mar
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
+from op_testing import (
+    Dim,
+    FakeDesc,
+    fake_tensorrt,
+    one_node_model,
+    run_decomposition,
+    run_tensorrt,
+    run_triton,
+)
 
 from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
-
-from op_testing import Dim, FakeDesc, fake_tensorrt, one_node_model, run_decomposition, run_tensorrt, run_triton
 
 OP = REGISTRY["TokenSlim"]
 
@@ -45,7 +50,7 @@ SIZES = [  # b, n, d, hd, m
 
 def test_reference_matches_the_pytorch_module(rng):
     torch = pytest.importorskip("torch")
-    from trimrt.models.sit import TokenSlimming
+    from examples.models.sit import TokenSlimming
 
     torch.manual_seed(0)
     module = TokenSlimming(24, 12, 6, scale=0.7).eval()
@@ -137,13 +142,13 @@ def test_kernel_writes_into_given_buffer_and_checks_shapes(rng, device):
     ins = _inputs(rng, 2, 6, 5, 4, 3)
     tensors = [torch.from_numpy(a).to(device) for a in ins]
     out = torch.full((2, 3, 5), float("nan"), device=device)
-    (y,) = kernels.run(*tensors, out=(out,))
+    (y,) = kernels.run(*tensors, **OP.attribute_values({}), out=(out,))
     assert y is out
     np.testing.assert_allclose(out.cpu().numpy(), OP.run_reference(*ins)[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="b2"):
-        kernels.run(*tensors[:6], tensors[6][:2])
+        kernels.run(*tensors[:6], tensors[6][:2], **OP.attribute_values({}))
     with pytest.raises(ValueError, match="output buffer"):
-        kernels.run(*tensors, out=(torch.empty((2, 4, 5), device=device),))
+        kernels.run(*tensors, **OP.attribute_values({}), out=(torch.empty((2, 4, 5), device=device),))
 
 
 # ---------------------------------------------------------------- TensorRT (fake)
@@ -187,13 +192,6 @@ def test_aot_is_unavailable_with_a_clear_error():
     with pytest.raises(BackendUnavailableError, match="JIT") as info:
         spec.aot(fake_tensorrt()[1], {}, {"epsilon": 1e-5, "scale": 1.0}, [])
     assert "\n" not in str(info.value)
-
-
-def test_register_without_tensorrt_raises(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    monkeypatch.setitem(sys.modules, "tensorrt.plugin", None)
-    with pytest.raises(BackendUnavailableError, match="TensorRT"):
-        OP.register_tensorrt()
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import pkgutil
 from .base import DOMAIN, OP_VERSION, OpDef
 
 #: modules of this package that are not ops
-_NOT_OPS = {"base", "tensorrt_glue", "kernels"}
+_NOT_OPS = {"base", "builder", "span", "tensorrt_glue", "kernels"}
 
 
 def _discover() -> dict[str, OpDef]:

@@ -30,10 +30,10 @@ matrix is built.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.helper as oh
+import onnx_ir as ir
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec
+from .span import Span, span_graph
 
 NAME = "AttentionPageRank"
 #: added to the importance of the important span tokens: above every unimportant score (<= 2)
@@ -43,10 +43,6 @@ NORM_EPS = 1e-12
 #: the paper's head-variance range, as the float32 values an ONNX attribute holds
 VAR_MIN = float(np.float32(0.01))
 VAR_MAX = float(np.float32(0.7))
-
-
-def span_end_of(n: int, span_end: int) -> int:
-    return span_end if span_end > 0 else n
 
 
 def important_count(span: int) -> int:
@@ -67,16 +63,15 @@ def importance(probs: np.ndarray, *, iterations: int, var_min: float, var_max: f
     return np.sqrt((s**2 * kept[:, :, None]).sum(axis=1))
 
 
-def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float = VAR_MIN,
-              var_max: float = VAR_MAX, protect: int = 0, span_end: int = 0) -> tuple[np.ndarray]:
+def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float, var_max: float,
+              protect: int, span_end: int) -> tuple[np.ndarray]:
     b, h, n, n2 = probs.shape
     if n != n2 or metric.ndim != 3 or metric.shape[:2] != (b, n):
         raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], got {probs.shape}, {metric.shape}")
     if iterations < 1:
         raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
-    end = span_end_of(n, span_end)
-    if not 0 <= protect < end <= n:
-        raise ValueError(f"{NAME}: span [{protect}, {end}) is not inside {n} tokens")
+    Span(protect, span_end).check(n, NAME, counted=False)
+    end = Span(protect, span_end).end(n)
     imp = importance(probs, iterations=iterations, var_min=var_min, var_max=var_max)
     score = imp.copy()
     span_imp = imp[:, protect:end]
@@ -92,114 +87,69 @@ def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min
     return (score.astype(probs.dtype),)
 
 
-def _power_step_body() -> onnx.GraphProto:
-    """Loop body: s <- s · A (s as a row [B, H, 1, N]: s_j <- Σ_i s_i A_ij); A is `probs_f`
-    from the enclosing scope."""
-    return oh.make_graph(
-        [oh.make_node("Identity", ["cond_in"], ["cond_out"]),
-         oh.make_node("MatMul", ["s_in", "probs_f"], ["s_out"])],
-        "power_step",
-        [oh.make_tensor_value_info("step", onnx.TensorProto.INT64, []),
-         oh.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
-         oh.make_tensor_value_info("s_in", onnx.TensorProto.FLOAT, None)],
-        [oh.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-         oh.make_tensor_value_info("s_out", onnx.TensorProto.FLOAT, None)],
-    )
+def decompose(b, probs, metric):
+    f32 = 1
+    ax1, axm1 = b.const([1]), b.const([-1])
+    one_f = b.const(1.0, np.float32)
+    probs_f = b.Cast(probs, to=f32)
+    # ---- I-stage: s⁰ = 1/N as rows [B, H, 1, N], then `iterations` steps s <- s · A
+    s = span_graph(b, probs, counted=False, axis=3)
+    n1 = s.n1
+    n_f = b.Cast(s.n_s, to=f32)
+    ones = b.ConstantOfShape(b.Concat(b.Shape(probs, start=0, end=2), ax1, n1, axis=0),
+                             value=ir.tensor(np.array([1.0], dtype=np.float32)))
+
+    def power_step(body, step, cond_in, s_in):  # s_j <- Σ_i s_i A_ij (A from the enclosing scope)
+        return body.Identity(cond_in), body.MatMul(s_in, probs_f)
+
+    scalar = ()
+    loop_body = b.subgraph("power_step", [("step", ir.DataType.INT64, scalar), ("cond_in", ir.DataType.BOOL, scalar),
+                                          ("s_in", ir.DataType.FLOAT, None)], power_step,
+                           [("cond_out", ir.DataType.BOOL, scalar), ("s_out", ir.DataType.FLOAT, None)])
+    s_rows = b.Loop(b.attr("iterations"), b.const(True, np.bool_), b.Div(ones, n_f), body=loop_body)
+    p = b.Squeeze(s_rows, b.const([2]))  # [B, H, N]
+    # head filter: population variance of N·s over the tokens
+    ns = b.Mul(p, n_f)
+    ns_dev = b.Sub(ns, b.ReduceMean(ns, axm1, keepdims=1))
+    variance = b.ReduceMean(b.Mul(ns_dev, ns_dev), axm1, keepdims=0)  # [B, H]
+    head_ok = b.Cast(b.And(b.GreaterOrEqual(variance, b.attr("var_min")), b.LessOrEqual(variance, b.attr("var_max"))),
+                     to=f32)
+    none_ok = b.Sub(one_f, b.ReduceMax(head_ok, ax1, keepdims=1))  # [B, 1]
+    head_w = b.Unsqueeze(b.Max(head_ok, none_ok), axm1)  # no head kept: all heads, [B, H, 1]
+    imp = b.Sqrt(b.ReduceSum(b.Mul(b.Mul(p, p), head_w), ax1, keepdims=0))  # [B, N]
+    # ---- S-stage on the span [protect, end)
+    m = b.Unsqueeze(b.Div(b.Add(s.span_s, s.one_s), b.const(2)), s.ax0)  # ceil(span / 2)
+    imp_span = b.Slice(imp, s.protect, s.end, ax1)  # [B, S]
+    _, important = b.TopK(imp_span, m, axis=1, largest=1, sorted=1, _outputs=2)
+    # important-token mask of the span (ScatterElements without reduction)
+    zeros_span = b.ConstantOfShape(b.Shape(imp_span), value=ir.tensor(np.array([0.0], dtype=np.float32)))
+    ones_m = b.Expand(one_f, b.Shape(important))
+    is_important = b.Cast(b.ScatterElements(zeros_span, important, ones_m, axis=1), to=9)
+    # unit metric rows of the span, and of its important tokens
+    x_span = b.Slice(b.Cast(metric, to=f32), s.protect, s.end, ax1)  # [B, S, C]
+    x_norm = b.Sqrt(b.ReduceSum(b.Mul(x_span, x_span), axm1, keepdims=1))
+    unit = b.Div(x_span, b.Max(x_norm, b.const(NORM_EPS, np.float32)))
+    unit_important = b.GatherND(unit, b.Unsqueeze(important, axm1), batch_dims=1)  # [B, m, C]
+    sim = b.MatMul(unit, b.Transpose(unit_important, perm=[0, 2, 1]))  # [B, S, m]
+    unimportant_score = b.Sub(one_f, b.ReduceMax(sim, axm1, keepdims=0))
+    important_score = b.Add(imp_span, b.const(IMPORTANT_OFFSET, np.float32))
+    span_score = b.Where(is_important, important_score, unimportant_score)
+    # outside the span: the importance itself
+    imp_prefix = b.Slice(imp, s.ax0, s.protect, ax1)
+    imp_suffix = b.Slice(imp, s.end, n1, ax1)
+    return b.CastLike(b.Concat(imp_prefix, span_score, imp_suffix, axis=1), probs)
 
 
-def build_function():
-    f32 = onnx.TensorProto.FLOAT
-    nodes = [
-        const_from_attr("iterations_s", "iterations"),
-        const_from_attr("var_min_f", "var_min", "value_float"),
-        const_from_attr("var_max_f", "var_max", "value_float"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("span_end_s", "span_end"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("ax2", np.array([2], dtype=np.int64)),
-        const("axm1", np.array([-1], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("two_s", np.array(2, dtype=np.int64)),
-        const("true", np.array(True)),
-        const("one_f", np.array(1.0, dtype=np.float32)),
-        const("offset_f", np.array(IMPORTANT_OFFSET, dtype=np.float32)),
-        const("norm_eps", np.array(NORM_EPS, dtype=np.float32)),
-        oh.make_node("Cast", ["probs"], ["probs_f"], to=f32),
-        oh.make_node("Cast", ["metric"], ["metric_f"], to=f32),
-        # ---- I-stage: s⁰ = 1/N as rows [B, H, 1, N], then `iterations` steps s <- s · A
-        oh.make_node("Shape", ["probs"], ["bh"], start=0, end=2),
-        oh.make_node("Shape", ["probs"], ["n1"], start=3, end=4),
-        oh.make_node("Concat", ["bh", "ax1", "n1"], ["s_shape"], axis=0),
-        oh.make_node("ConstantOfShape", ["s_shape"], ["ones_s"], value=onnx.numpy_helper.from_array(
-            np.array([1.0], dtype=np.float32))),
-        oh.make_node("Squeeze", ["n1"], ["n_s"]),
-        oh.make_node("Cast", ["n_s"], ["n_f"], to=f32),
-        oh.make_node("Div", ["ones_s", "n_f"], ["s0"]),
-        oh.make_node("Loop", ["iterations_s", "true", "s0"], ["s_rows"], body=_power_step_body()),
-        oh.make_node("Squeeze", ["s_rows", "ax2"], ["s"]),  # [B, H, N]
-        # head filter: population variance of N·s over the tokens
-        oh.make_node("Mul", ["s", "n_f"], ["ns"]),
-        oh.make_node("ReduceMean", ["ns", "axm1"], ["ns_mean"], keepdims=1),
-        oh.make_node("Sub", ["ns", "ns_mean"], ["ns_dev"]),
-        oh.make_node("Mul", ["ns_dev", "ns_dev"], ["ns_dev2"]),
-        oh.make_node("ReduceMean", ["ns_dev2", "axm1"], ["variance"], keepdims=0),  # [B, H]
-        oh.make_node("GreaterOrEqual", ["variance", "var_min_f"], ["above_min"]),
-        oh.make_node("LessOrEqual", ["variance", "var_max_f"], ["below_max"]),
-        oh.make_node("And", ["above_min", "below_max"], ["head_ok"]),
-        oh.make_node("Cast", ["head_ok"], ["head_ok_f"], to=f32),
-        oh.make_node("ReduceMax", ["head_ok_f", "ax1"], ["any_ok"], keepdims=1),  # [B, 1]
-        oh.make_node("Sub", ["one_f", "any_ok"], ["none_ok"]),
-        oh.make_node("Max", ["head_ok_f", "none_ok"], ["head_w"]),  # no head kept: all heads
-        oh.make_node("Unsqueeze", ["head_w", "axm1"], ["head_w3"]),  # [B, H, 1]
-        oh.make_node("Mul", ["s", "s"], ["s2"]),
-        oh.make_node("Mul", ["s2", "head_w3"], ["s2_kept"]),
-        oh.make_node("ReduceSum", ["s2_kept", "ax1"], ["imp2"], keepdims=0),
-        oh.make_node("Sqrt", ["imp2"], ["imp"]),  # [B, N]
-        # ---- S-stage on the span [protect, end)
-        oh.make_node("Greater", ["span_end_s", "zero_s"], ["has_end"]),
-        oh.make_node("Where", ["has_end", "span_end_s", "n_s"], ["end_s"]),
-        oh.make_node("Unsqueeze", ["end_s", "ax0"], ["end"]),
-        oh.make_node("Unsqueeze", ["protect_s", "ax0"], ["protect"]),
-        oh.make_node("Sub", ["end_s", "protect_s"], ["span_s"]),
-        oh.make_node("Add", ["span_s", "one_s"], ["span_p1"]),
-        oh.make_node("Div", ["span_p1", "two_s"], ["m_s"]),  # ceil(span / 2)
-        oh.make_node("Unsqueeze", ["m_s", "ax0"], ["m"]),
-        oh.make_node("Slice", ["imp", "protect", "end", "ax1"], ["imp_span"]),  # [B, S]
-        oh.make_node("TopK", ["imp_span", "m"], ["_top", "important"], axis=1, largest=1, sorted=1),
-        # important-token mask of the span (ScatterElements without reduction)
-        oh.make_node("Shape", ["important"], ["important_shape"]),
-        oh.make_node("Expand", ["one_f", "important_shape"], ["ones_m"]),
-        oh.make_node("Shape", ["imp_span"], ["span_shape"]),
-        oh.make_node("ConstantOfShape", ["span_shape"], ["zeros_span"], value=onnx.numpy_helper.from_array(
-            np.array([0.0], dtype=np.float32))),
-        oh.make_node("ScatterElements", ["zeros_span", "important", "ones_m"], ["important_f"], axis=1),
-        oh.make_node("Cast", ["important_f"], ["is_important"], to=onnx.TensorProto.BOOL),
-        # unit metric rows of the span, and of its important tokens
-        oh.make_node("Slice", ["metric_f", "protect", "end", "ax1"], ["x_span"]),  # [B, S, C]
-        oh.make_node("Mul", ["x_span", "x_span"], ["x_sq"]),
-        oh.make_node("ReduceSum", ["x_sq", "axm1"], ["x_norm2"], keepdims=1),
-        oh.make_node("Sqrt", ["x_norm2"], ["x_norm"]),
-        oh.make_node("Max", ["x_norm", "norm_eps"], ["x_norm_safe"]),
-        oh.make_node("Div", ["x_span", "x_norm_safe"], ["unit"]),
-        oh.make_node("Unsqueeze", ["important", "axm1"], ["important_idx"]),  # [B, m, 1]
-        oh.make_node("GatherND", ["unit", "important_idx"], ["unit_important"], batch_dims=1),  # [B, m, C]
-        oh.make_node("Transpose", ["unit_important"], ["unit_important_t"], perm=[0, 2, 1]),
-        oh.make_node("MatMul", ["unit", "unit_important_t"], ["sim"]),  # [B, S, m]
-        oh.make_node("ReduceMax", ["sim", "axm1"], ["best_sim"], keepdims=0),  # [B, S]
-        oh.make_node("Sub", ["one_f", "best_sim"], ["unimportant_score"]),
-        oh.make_node("Add", ["imp_span", "offset_f"], ["important_score"]),
-        oh.make_node("Where", ["is_important", "important_score", "unimportant_score"], ["span_score"]),
-        # outside the span: the importance itself
-        oh.make_node("Slice", ["imp", "ax0", "protect", "ax1"], ["imp_prefix"]),
-        oh.make_node("Slice", ["imp", "end", "n1", "ax1"], ["imp_suffix"]),
-        oh.make_node("Concat", ["imp_prefix", "span_score", "imp_suffix"], ["score_f"], axis=1),
-        oh.make_node("CastLike", ["score_f", "probs"], ["score"]),
-    ]
-    return make_function(NAME, ["probs", "metric"], ["score"],
-                         ["iterations", "var_min", "var_max", "protect", "span_end"], nodes, __doc__,
-                         defaults={"var_min": VAR_MIN, "var_max": VAR_MAX, "protect": 0, "span_end": 0})
+def examples(rng):
+    """Softmax attention of a few temperatures, with and without a span."""
+    cases = []
+    for (batch, heads, n, c), attrs in [((1, 2, 6, 3), dict(iterations=1)),
+                                        ((2, 3, 11, 4), dict(iterations=5, protect=1)),
+                                        ((2, 2, 16, 8), dict(iterations=3, protect=2, span_end=12, var_min=0.0))]:
+        logits = rng.standard_normal((batch, heads, n, n)) * rng.choice([0.3, 1.0, 4.0], size=(1, heads, 1, 1))
+        probs = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+        cases.append(([probs.astype(np.float32), rng.standard_normal((batch, n, c)).astype(np.float32)], attrs))
+    return cases
 
 
 OP = OpDef(
@@ -218,6 +168,7 @@ OP = OpDef(
         AttrSpec("span_end", int, "end of the scored span (exclusive); 0 means N", 0),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.attention_page_rank:run",
+    examples=examples,
 )

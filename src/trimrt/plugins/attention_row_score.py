@@ -12,9 +12,8 @@ broadcasts). Pass a [1, 1, 1, 1] zero when the model has no mask.
 from __future__ import annotations
 
 import numpy as np
-import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec
 
 NAME = "AttentionRowScore"
 
@@ -31,33 +30,29 @@ def reference(q: np.ndarray, k_t: np.ndarray, mask: np.ndarray, *, row: int, sca
     return (p.mean(axis=1).astype(q.dtype),)
 
 
-def build_function():
-    nodes = [
-        const_from_attr("row", "row"),
-        const_from_attr("scale", "scale", "value_float"),
-        const("axes_heads", np.array([1], dtype=np.int64)),
-        const("axes_row", np.array([2], dtype=np.int64)),
-        oh.make_node("Gather", ["q", "row"], ["q_row3"], axis=2),  # [B, H, Dh]
-        oh.make_node("Unsqueeze", ["q_row3", "axes_row"], ["q_row"]),  # [B, H, 1, Dh]
-        oh.make_node("MatMul", ["q_row", "k_t"], ["logits4"]),  # [B, H, 1, N]
-        oh.make_node("Squeeze", ["logits4", "axes_row"], ["logits3"]),  # [B, H, N]
-        oh.make_node("CastLike", ["scale", "logits3"], ["scale_t"]),
-        oh.make_node("Mul", ["logits3", "scale_t"], ["scaled"]),
-        # the mask's row (a one-row mask broadcasts over the queries: take its row 0)
-        oh.make_node("Shape", ["mask"], ["mask_rows"], start=2, end=3),
-        const("one", np.array([1], dtype=np.int64)),
-        oh.make_node("Equal", ["mask_rows", "one"], ["single_row"]),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        oh.make_node("Squeeze", ["single_row"], ["single_row_s"]),
-        oh.make_node("Where", ["single_row_s", "zero_s", "row"], ["mask_row_index"]),
-        oh.make_node("Gather", ["mask", "mask_row_index"], ["mask_row"], axis=2),  # [B|1, H|1, N]
-        oh.make_node("CastLike", ["mask_row", "scaled"], ["mask_row_t"]),
-        oh.make_node("Add", ["scaled", "mask_row_t"], ["masked"]),
-        oh.make_node("Softmax", ["masked"], ["probs"], axis=-1),
-        oh.make_node("ReduceMean", ["probs", "axes_heads"], ["score"], keepdims=0),  # [B, N]
-    ]
-    return make_function(NAME, ["q", "k_t", "mask"], ["score"], ["row", "scale"], nodes, __doc__,
-                         defaults={"row": 0, "scale": 1.0})
+def decompose(b, q, k_t, mask):
+    row = b.attr("row")
+    axes_row = b.const([2])
+    q_row = b.Unsqueeze(b.Gather(q, row, axis=2), axes_row)  # [B, H, 1, Dh]
+    logits = b.Squeeze(b.MatMul(q_row, k_t), axes_row)  # [B, H, N]
+    scaled = b.Mul(logits, b.CastLike(b.attr("scale"), logits))
+    # the mask's row (a one-row mask broadcasts over the queries: take its row 0)
+    single_row = b.Squeeze(b.Equal(b.Shape(mask, start=2, end=3), b.const([1])))
+    mask_row = b.Gather(mask, b.Where(single_row, b.const(0), row), axis=2)  # [B|1, H|1, N]
+    probs = b.Softmax(b.Add(scaled, b.CastLike(mask_row, scaled)), axis=-1)
+    return b.ReduceMean(probs, b.const([1]), keepdims=0)  # [B, N]
+
+
+def examples(rng):
+    """(inputs, attributes) for the contract suite: masks of every broadcast form."""
+    cases = []
+    for (batch, heads, n, dh), row, mask_shape in [((1, 1, 5, 4), 0, (1, 1, 1, 1)), ((3, 4, 17, 8), -1, (3, 1, 1, 17)),
+                                                   ((2, 2, 9, 16), 2, (1, 1, 9, 9))]:
+        q = rng.standard_normal((batch, heads, n, dh)).astype(np.float32)
+        k_t = rng.standard_normal((batch, heads, dh, n)).astype(np.float32)
+        mask = np.where(rng.random(mask_shape) < 0.2, np.finfo(np.float32).min, 0.0).astype(np.float32)
+        cases.append(([q, k_t, mask], {"row": row, "scale": dh**-0.5}))
+    return cases
 
 
 OP = OpDef(
@@ -74,6 +69,7 @@ OP = OpDef(
         AttrSpec("scale", float, "multiplier applied to q·kᵀ before the mask and softmax", 1.0),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.attention_row_score:run",
+    examples=examples,
 )

@@ -30,11 +30,10 @@ the pick (-inf) and write its score.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-import onnx.helper as oh
+import onnx_ir as ir
 
-from .base import OpDef, TensorSpec, const, const_from_attr, kept_count_nodes, make_function, selection_attributes, span_nodes
-from .token_prune import span_keep
+from .base import OpDef, TensorSpec
+from .span import Span, selection_attributes, span_graph
 
 NAME = "DiversityRank"
 #: lower bound on a token's norm before normalising (a zero token would divide by zero)
@@ -65,14 +64,11 @@ def greedy_picks(dist: np.ndarray, k: int) -> list[int]:
     return picks
 
 
-def reference(x: np.ndarray, *, keep: int, protect: int = 0, span_end: int = 0, keep_ratio: float = 1.0):
+def reference(x: np.ndarray, *, keep: int, protect: int, span_end: int, keep_ratio: float):
     b, n, _ = x.shape
-    end = span_end if span_end > 0 else n
-    if not 0 <= protect < end <= n:
-        raise ValueError(f"span [{protect}, {end}) is not inside {n} tokens")
-    k = span_keep(end - protect, keep, keep_ratio)
-    if not 1 <= k <= end - protect:
-        raise ValueError(f"keep={keep} must be in [1, {end - protect}] for a span of {end - protect} tokens")
+    span = Span(protect, span_end, keep, keep_ratio)
+    span.check(n, NAME)
+    end, k = span.end(n), span.kept(n)
     score = np.zeros((b, n), dtype=x.dtype)
     for i in range(b):
         for t, p in enumerate(greedy_picks(cosine_distances(x[i, protect:end]), k)):
@@ -80,100 +76,60 @@ def reference(x: np.ndarray, *, keep: int, protect: int = 0, span_end: int = 0, 
     return (score,)
 
 
-def _untyped(name: str) -> onnx.ValueInfoProto:
-    """A loop-carried value without a declared type: the function is generic over floats."""
-    info = onnx.ValueInfoProto()
-    info.name = name
-    return info
+def decompose(b, x):
+    axm1 = b.const([-1])
+    # span [protect, end) and k, as TokenPrune
+    s = span_graph(b, x)
+    # cosine distances of the span's tokens, [B, S, S]
+    x_p = b.Slice(x, s.protect, s.end, b.const([1]))
+    f = b.Div(x_p, b.Max(b.ReduceL2(x_p, axm1, keepdims=1), b.CastLike(b.const(NORM_EPS, np.float32), x_p)))
+    dist = b.Sub(b.CastLike(b.const(1.0, np.float32), x_p), b.MatMul(f, b.Transpose(f, perm=[0, 2, 1])))
+    # first pick: the largest nearest-neighbour distance (the diagonal excluded)
+    positions = b.Range(s.zero_s, s.span_s, s.one_s)  # [S]
+    inf_t = b.CastLike(b.const(np.inf, np.float32), x_p)
+    neg_inf = b.Neg(inf_t)
+    dist_off = b.Where(b.Equal(b.Unsqueeze(positions, axm1), positions), inf_t, dist)
+    nearest_neighbour = b.ReduceMin(dist_off, b.const([1]), keepdims=0)  # [B, S]
+    first = b.ArgMax(nearest_neighbour, axis=1, keepdims=1)  # [B, 1]
+    is_first = b.Equal(first, positions)
+    first_dist = b.GatherND(dist, first, batch_dims=1)  # [B, S]
+    nearest0 = b.Where(is_first, neg_inf, first_dist)
+    zeros = b.CastLike(b.ConstantOfShape(b.Shape(first_dist)), x_p)
+    score0 = b.Where(is_first, b.CastLike(s.k_s, x_p), zeros)
+    last_score = b.Sub(s.k_s, s.one_s)
 
-
-def _pick_loop_body() -> onnx.GraphProto:
-    """One pick: argmax of the running minimum, fold its distance row in, score it.
-
-    Reads `dist` [B, S, S], `positions` [S], `neg_inf` and `last_score` (k - 1) from
-    the enclosing function."""
-    nodes = [
-        oh.make_node("ArgMax", ["nearest_in"], ["pick"], axis=1, keepdims=1),  # [B, 1], first maximum
-        oh.make_node("Equal", ["pick", "positions"], ["is_pick"]),  # [B, S] one-hot
-        oh.make_node("GatherND", ["dist", "pick"], ["pick_dist"], batch_dims=1),  # [B, S]
-        oh.make_node("Min", ["nearest_in", "pick_dist"], ["nearest_min"]),
-        oh.make_node("Where", ["is_pick", "neg_inf", "nearest_min"], ["nearest_out"]),
+    def pick(body, iteration, cond_in, nearest_in, score_in):
+        """One pick: argmax of the running minimum, fold its distance row in, score it."""
+        p = body.ArgMax(nearest_in, axis=1, keepdims=1)  # [B, 1], first maximum
+        is_pick = body.Equal(p, positions)  # [B, S] one-hot
+        nearest_min = body.Min(nearest_in, body.GatherND(dist, p, batch_dims=1))
         # the (iteration + 1)-th pick after the first scores k - 1 - iteration
-        oh.make_node("Sub", ["last_score", "iteration"], ["rank_i"]),
-        oh.make_node("CastLike", ["rank_i", "nearest_in"], ["rank"]),
-        oh.make_node("Where", ["is_pick", "rank", "score_in"], ["score_out"]),
-        oh.make_node("Identity", ["cond_in"], ["cond_out"]),
-    ]
-    return oh.make_graph(
-        nodes, "diversity_pick",
-        [oh.make_tensor_value_info("iteration", onnx.TensorProto.INT64, []),
-         oh.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
-         _untyped("nearest_in"),
-         _untyped("score_in")],
-        [oh.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
-         _untyped("nearest_out"),
-         _untyped("score_out")],
-    )
+        rank = body.CastLike(body.Sub(last_score, iteration), nearest_in)
+        return (body.Identity(cond_in), body.Where(is_pick, neg_inf, nearest_min),
+                body.Where(is_pick, rank, score_in))
+
+    scalar = ()
+    loop_body = b.subgraph(
+        "diversity_pick",
+        [("iteration", ir.DataType.INT64, scalar), ("cond_in", ir.DataType.BOOL, scalar),
+         ("nearest_in", None, None), ("score_in", None, None)],
+        pick, [("cond_out", ir.DataType.BOOL, scalar), ("nearest_out", None, None), ("score_out", None, None)])
+    # the other k - 1 picks
+    _, score_span = b.Loop(last_score, b.const(True, np.bool_), nearest0, score0, body=loop_body, _outputs=2)
+    # 0 for the tokens outside the span
+    n_suffix = b.Unsqueeze(b.Sub(s.n_s, s.end_s), s.ax0)
+    zero_1 = b.const([0])
+    return b.Pad(score_span, b.Concat(zero_1, s.protect, zero_1, n_suffix, axis=0), mode="constant")
 
 
-def build_function():
-    nodes = [
-        const_from_attr("keep_s", "keep"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("span_end_s", "span_end"),
-        const_from_attr("ratio_f", "keep_ratio", "value_float"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("axm1", np.array([-1], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("one_f", np.array(1.0, dtype=np.float32)),
-        const("norm_eps", np.array(NORM_EPS, dtype=np.float32)),
-        const("inf_f", np.array(np.inf, dtype=np.float32)),
-        const("true", np.array(True)),
-        # span [protect, end) and k, as TokenPrune
-        *span_nodes("x"),
-        *kept_count_nodes(),
-        # cosine distances of the span's tokens, [B, S, S]
-        oh.make_node("Slice", ["x", "protect", "end", "ax1"], ["x_p"]),
-        oh.make_node("ReduceL2", ["x_p", "axm1"], ["norm"], keepdims=1),
-        oh.make_node("CastLike", ["norm_eps", "x_p"], ["norm_eps_t"]),
-        oh.make_node("Max", ["norm", "norm_eps_t"], ["norm_safe"]),
-        oh.make_node("Div", ["x_p", "norm_safe"], ["f"]),
-        oh.make_node("Transpose", ["f"], ["f_t"], perm=[0, 2, 1]),
-        oh.make_node("MatMul", ["f", "f_t"], ["cos"]),
-        oh.make_node("CastLike", ["one_f", "x_p"], ["one_t"]),
-        oh.make_node("Sub", ["one_t", "cos"], ["dist"]),
-        # first pick: the largest nearest-neighbour distance (the diagonal excluded)
-        oh.make_node("Range", ["zero_s", "span_s", "one_s"], ["positions"]),  # [S]
-        oh.make_node("Unsqueeze", ["positions", "axm1"], ["positions_col"]),  # [S, 1]
-        oh.make_node("Equal", ["positions_col", "positions"], ["diagonal"]),  # [S, S]
-        oh.make_node("CastLike", ["inf_f", "x_p"], ["inf_t"]),
-        oh.make_node("Neg", ["inf_t"], ["neg_inf"]),
-        oh.make_node("Where", ["diagonal", "inf_t", "dist"], ["dist_off"]),
-        oh.make_node("ReduceMin", ["dist_off", "ax1"], ["nearest_neighbour"], keepdims=0),  # [B, S]
-        oh.make_node("ArgMax", ["nearest_neighbour"], ["first"], axis=1, keepdims=1),  # [B, 1]
-        oh.make_node("Equal", ["first", "positions"], ["is_first"]),
-        oh.make_node("GatherND", ["dist", "first"], ["first_dist"], batch_dims=1),  # [B, S]
-        oh.make_node("Where", ["is_first", "neg_inf", "first_dist"], ["nearest0"]),
-        oh.make_node("CastLike", ["k_s", "x_p"], ["k_t"]),
-        oh.make_node("Shape", ["first_dist"], ["bs_shape"]),
-        oh.make_node("ConstantOfShape", ["bs_shape"], ["zeros_f"]),
-        oh.make_node("CastLike", ["zeros_f", "x_p"], ["zeros"]),
-        oh.make_node("Where", ["is_first", "k_t", "zeros"], ["score0"]),
-        # the other k - 1 picks
-        oh.make_node("Sub", ["k_s", "one_s"], ["last_score"]),
-        oh.make_node("Loop", ["last_score", "true", "nearest0", "score0"], ["_nearest", "score_span"],
-                     body=_pick_loop_body()),
-        # 0 for the tokens outside the span
-        oh.make_node("Sub", ["n_s", "end_s"], ["n_suffix_s"]),
-        oh.make_node("Unsqueeze", ["n_suffix_s", "ax0"], ["n_suffix"]),
-        const("zero_1", np.array([0], dtype=np.int64)),
-        oh.make_node("Concat", ["zero_1", "protect", "zero_1", "n_suffix"], ["pads"], axis=0),
-        oh.make_node("Pad", ["score_span", "pads"], ["score"], mode="constant"),
-    ]
-    return make_function(NAME, ["x"], ["score"], ["keep", "protect", "span_end", "keep_ratio"], nodes, __doc__,
-                         defaults={"protect": 0, "span_end": 0, "keep_ratio": 1.0})
+def examples(rng):
+    """Random tokens, duplicated and zero tokens, k from keep_ratio, a span with a suffix."""
+    dup = rng.standard_normal((2, 12, 4)).astype(np.float32)
+    dup[:, 5], dup[:, 7], dup[:, 9] = dup[:, 2], 0.0, 0.0
+    return [([rng.standard_normal((1, 7, 3)).astype(np.float32)], dict(keep=3)),
+            ([dup], dict(keep=8, protect=1)),
+            ([rng.standard_normal((2, 20, 6)).astype(np.float32)],
+             dict(keep=0, protect=2, span_end=15, keep_ratio=0.25))]
 
 
 OP = OpDef(
@@ -181,10 +137,9 @@ OP = OpDef(
     doc=__doc__,
     inputs=(TensorSpec("x", "tokens [B, N, D]"),),
     outputs=(TensorSpec("score", "[B, N]: k - t for the t-th greedy pick of the span, 0 elsewhere"),),
-    attributes=(
-        *selection_attributes("picked"),
-    ),
+    attributes=selection_attributes("picked"),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.diversity_rank:run",
+    examples=examples,
 )

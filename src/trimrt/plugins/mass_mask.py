@@ -30,9 +30,10 @@ ScatterElements without reduction and reads them back with GatherElements by kep
 from __future__ import annotations
 
 import numpy as np
-import onnx.helper as oh
+import onnx_ir as ir
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function, span_nodes
+from .base import AttrSpec, OpDef, TensorSpec
+from .span import Span, span_graph
 
 NAME = "MassMask"
 #: cum < tau - TOLERANCE: the slack of the mass comparison (a power of two: exact everywhere)
@@ -54,11 +55,10 @@ def needed_count(span_scores: np.ndarray, tau: float) -> np.ndarray:
     return np.where(total[:, 0] > 0, np.minimum(span, 1 + below), span).astype(np.int64)
 
 
-def reference(score: np.ndarray, kept_index: np.ndarray, *, tau: float, protect: int = 0, span_end: int = 0):
+def reference(score: np.ndarray, kept_index: np.ndarray, *, tau: float, protect: int, span_end: int):
     b, n = score.shape
-    end = span_end if span_end > 0 else n
-    if not 0 <= protect < end <= n:
-        raise ValueError(f"span [{protect}, {end}) is not inside {n} tokens")
+    Span(protect, span_end).check(n, NAME, counted=False)
+    end = Span(protect, span_end).end(n)
     check_tau(tau)
     if kept_index.size and not (0 <= kept_index.min() and kept_index.max() < n):
         raise ValueError(f"MassMask: kept_index must index the {n} tokens")
@@ -72,65 +72,47 @@ def reference(score: np.ndarray, kept_index: np.ndarray, *, tau: float, protect:
     return valid.astype(score.dtype), count
 
 
-def build_function():
-    big = np.iinfo(np.int64).max
-    nodes = [
-        const_from_attr("tau_f", "tau", "value_float"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("span_end_s", "span_end"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("ax1_s", np.array(1, dtype=np.int64)),
-        const("last", np.array([-1], dtype=np.int64)),
-        const("end_max", np.array([big], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("zero_d", np.array(0.0, dtype=np.float64)),
-        const("one_d", np.array(1.0, dtype=np.float64)),
-        const("tolerance", np.array(TOLERANCE, dtype=np.float64)),
-        const("one_f", np.array(1.0, dtype=np.float32)),
-        # span [protect, end)
-        *span_nodes("score"),
-        oh.make_node("Unsqueeze", ["span_s", "ax0"], ["span"]),
-        # the span's scores in stable descending order, their cumulative mass in float64
-        oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),
-        oh.make_node("Cast", ["s_p"], ["s_d"], to=11),
-        oh.make_node("TopK", ["s_d", "span"], ["ordered", "order"], axis=1, largest=1, sorted=1),
-        oh.make_node("CumSum", ["ordered", "ax1_s"], ["cum"]),
-        oh.make_node("Slice", ["cum", "last", "end_max", "ax1"], ["total"]),  # [B, 1]
-        oh.make_node("Greater", ["total", "zero_d"], ["has_mass"]),
-        oh.make_node("Where", ["has_mass", "total", "one_d"], ["den"]),
-        oh.make_node("Div", ["cum", "den"], ["fraction"]),
-        oh.make_node("Cast", ["tau_f"], ["tau_d"], to=11),
-        oh.make_node("Sub", ["tau_d", "tolerance"], ["threshold"]),
-        oh.make_node("Less", ["fraction", "threshold"], ["below"]),
-        oh.make_node("Cast", ["below"], ["below_i"], to=7),
-        oh.make_node("ReduceSum", ["below_i", "ax1"], ["n_below"], keepdims=1),
-        oh.make_node("Add", ["n_below", "one_s"], ["c_raw"]),
-        oh.make_node("Min", ["c_raw", "span"], ["c_capped"]),
-        oh.make_node("Where", ["has_mass", "c_capped", "span"], ["c"]),  # [B, 1]
-        oh.make_node("Squeeze", ["c", "ax1"], ["count"]),
-        # rank of every span token: rank[order[r]] = r (a scatter without reduction)
-        oh.make_node("Range", ["zero_s", "span_s", "one_s"], ["ranks1"]),
-        oh.make_node("Shape", ["order"], ["order_shape"]),
-        oh.make_node("Expand", ["ranks1", "order_shape"], ["ranks"]),
-        oh.make_node("ConstantOfShape", ["order_shape"], ["rank_zeros"],
-                     value=oh.make_tensor("zero", 7, [1], [0])),
-        oh.make_node("ScatterElements", ["rank_zeros", "order", "ranks"], ["rank"], axis=1),
-        oh.make_node("Less", ["rank", "c"], ["needed"]),
-        oh.make_node("CastLike", ["needed", "score"], ["needed_f"]),
-        # valid = outside the span, or a needed span token
-        oh.make_node("Sub", ["kept_index", "protect_s"], ["local"]),
-        oh.make_node("GreaterOrEqual", ["local", "zero_s"], ["after_start"]),
-        oh.make_node("Less", ["local", "span_s"], ["before_end"]),
-        oh.make_node("And", ["after_start", "before_end"], ["in_span"]),
-        oh.make_node("Where", ["in_span", "local", "zero_s"], ["local_safe"]),
-        oh.make_node("GatherElements", ["needed_f", "local_safe"], ["needed_kept"], axis=1),
-        oh.make_node("CastLike", ["one_f", "score"], ["one_t"]),
-        oh.make_node("Where", ["in_span", "needed_kept", "one_t"], ["valid"]),
-    ]
-    return make_function(NAME, ["score", "kept_index"], ["valid", "count"], ["tau", "protect", "span_end"],
-                         nodes, __doc__, defaults={"protect": 0, "span_end": 0})
+def decompose(b, score, kept_index):
+    double, ax1 = 11, b.const([1])
+    # span [protect, end)
+    s = span_graph(b, score, counted=False)
+    span = b.Unsqueeze(s.span_s, s.ax0)
+    # the span's scores in stable descending order, their cumulative mass in float64
+    s_p = b.Slice(score, s.protect, s.end, ax1)
+    ordered, order = b.TopK(b.Cast(s_p, to=double), span, axis=1, largest=1, sorted=1, _outputs=2)
+    cum = b.CumSum(ordered, b.const(1))
+    total = b.Slice(cum, b.const([-1]), b.const([np.iinfo(np.int64).max]), ax1)  # [B, 1]
+    has_mass = b.Greater(total, b.const(0.0, np.float64))
+    fraction = b.Div(cum, b.Where(has_mass, total, b.const(1.0, np.float64)))
+    threshold = b.Sub(b.Cast(b.attr("tau"), to=double), b.const(TOLERANCE, np.float64))
+    n_below = b.ReduceSum(b.Cast(b.Less(fraction, threshold), to=7), ax1, keepdims=1)
+    c = b.Where(has_mass, b.Min(b.Add(n_below, s.one_s), span), span)  # [B, 1]
+    # rank of every span token: rank[order[r]] = r (a scatter without reduction)
+    order_shape = b.Shape(order)
+    ranks = b.Expand(b.Range(s.zero_s, s.span_s, s.one_s), order_shape)
+    rank_zeros = b.ConstantOfShape(order_shape, value=ir.tensor(np.array([0], dtype=np.int64)))
+    rank = b.ScatterElements(rank_zeros, order, ranks, axis=1)
+    needed_f = b.CastLike(b.Less(rank, c), score)
+    # valid = outside the span, or a needed span token
+    local = b.Sub(kept_index, s.protect_s)
+    in_span = b.And(b.GreaterOrEqual(local, s.zero_s), b.Less(local, s.span_s))
+    needed_kept = b.GatherElements(needed_f, b.Where(in_span, local, s.zero_s), axis=1)
+    valid = b.Where(in_span, needed_kept, b.CastLike(b.const(1.0, np.float32), score))
+    return valid, b.Squeeze(c, ax1)
+
+
+def examples(rng):
+    """kept_index from a TokenPrune of the span's top k_max; ties and zero scores."""
+    from .token_prune import select
+
+    cases = []
+    for (batch, n, k_max), attrs in [((2, 10, 6), dict(tau=0.5)), ((3, 17, 9), dict(tau=0.9, protect=1)),
+                                     ((2, 20, 7), dict(tau=1.0, protect=2, span_end=16))]:
+        score = rng.random((batch, n)).astype(np.float32) ** 3
+        score[0, -3:] = 0.0
+        end = attrs.get("span_end") or n
+        cases.append(([score, select(score, k_max, attrs.get("protect", 0), end)], attrs))
+    return cases
 
 
 OP = OpDef(
@@ -150,6 +132,7 @@ OP = OpDef(
         AttrSpec("span_end", int, "end of the span (exclusive); 0 means N", 0),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.mass_mask:run",
+    examples=examples,
 )

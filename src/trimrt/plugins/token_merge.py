@@ -36,9 +36,8 @@ import math
 from fractions import Fraction
 
 import numpy as np
-import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec
 
 NAME = "TokenMerge"
 
@@ -85,7 +84,7 @@ def check_r(n: int, r: int, protect: int, ratio: float = 0.0) -> None:
         raise ValueError(f"TokenMerge: ratio={ratio} must be in [0, 1)")
 
 
-def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int = 1, ratio: float = 0.0):
+def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int, ratio: float):
     batch, n, _ = x.shape
     check_r(n, r, protect, ratio)
     r = merged_count(n, r, protect, ratio=ratio)
@@ -115,118 +114,75 @@ def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, pr
     return y.astype(x.dtype), size_out.astype(x.dtype), index.astype(np.int64)
 
 
-def build_function():
-    def every_other(src: str, start: str, out: str):
-        return oh.make_node("Slice", [src, start, "end_max", "ax1", "two"], [out])
+def decompose(b, x, metric, size):
+    ax0, ax1, axm1 = b.const([0]), b.const([1]), b.const([-1])
+    zero, one, two, end_max = b.const([0]), b.const([1]), b.const([2]), b.const([np.iinfo(np.int64).max])
+    zero_s, one_s, two_s = b.const(0), b.const(1), b.const(2)
+    protect_s = b.attr("protect")
 
-    nodes = [
-        const_from_attr("r_s", "r"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("ratio_f", "ratio", "value_float"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("axm1", np.array([-1], dtype=np.int64)),
-        const("zero", np.array([0], dtype=np.int64)),
-        const("one", np.array([1], dtype=np.int64)),
-        const("two", np.array([2], dtype=np.int64)),
-        const("end_max", np.array([np.iinfo(np.int64).max], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("two_s", np.array(2, dtype=np.int64)),
-        const("neg_inf", np.array(-np.inf, dtype=np.float32)),
-        # cosine similarities of A (even positions) to B (odd positions): [B, Na, Nb]
-        oh.make_node("ReduceL2", ["metric", "axm1"], ["norm"], keepdims=1),
-        oh.make_node("Div", ["metric", "norm"], ["m"]),
-        every_other("m", "zero", "m_a"),
-        every_other("m", "one", "m_b"),
-        oh.make_node("Transpose", ["m_b"], ["m_b_t"], perm=[0, 2, 1]),
-        oh.make_node("MatMul", ["m_a", "m_b_t"], ["raw_scores"]),
-        # protected tokens neither merge away (rows) nor receive (columns)
-        oh.make_node("Shape", ["x"], ["n1"], start=1, end=2),
-        oh.make_node("Squeeze", ["n1"], ["n_s"]),
-        oh.make_node("Range", ["zero_s", "n_s", "one_s"], ["positions"]),
-        oh.make_node("Slice", ["positions", "zero", "end_max", "ax0", "two"], ["a_pos"]),
-        oh.make_node("Slice", ["positions", "one", "end_max", "ax0", "two"], ["b_pos"]),
-        oh.make_node("Less", ["a_pos", "protect_s"], ["a_protected"]),
-        oh.make_node("Unsqueeze", ["a_protected", "axm1"], ["a_protected_col"]),
-        oh.make_node("Less", ["b_pos", "protect_s"], ["b_protected"]),
-        oh.make_node("Or", ["a_protected_col", "b_protected"], ["blocked"]),
-        oh.make_node("CastLike", ["neg_inf", "raw_scores"], ["neg_inf_t"]),
-        oh.make_node("Where", ["blocked", "neg_inf_t", "raw_scores"], ["scores"]),
-        # each A token's best B match (ArgMax: first best), A ranked by it (TopK: ties lower index first)
-        oh.make_node("ReduceMax", ["scores", "axm1"], ["node_max"], keepdims=0),
-        oh.make_node("ArgMax", ["scores"], ["node_idx"], axis=-1, keepdims=0, select_last_index=0),
-        oh.make_node("Shape", ["node_max"], ["na"], start=1, end=2),
-        oh.make_node("TopK", ["node_max", "na"], ["_ranked", "order"], axis=1, largest=1, sorted=1),
-        # r = min(r, mergeable A tokens): ToMe's clamp, so short inputs merge what they have
-        oh.make_node("Add", ["n_s", "one_s"], ["n_plus"]),
-        oh.make_node("Div", ["n_plus", "two_s"], ["na_s"]),
-        oh.make_node("Add", ["protect_s", "one_s"], ["p_plus"]),
-        oh.make_node("Div", ["p_plus", "two_s"], ["a_protected_n"]),
-        oh.make_node("Sub", ["na_s", "a_protected_n"], ["sources"]),
-        oh.make_node("Div", ["n_s", "two_s"], ["nb_all"]),
-        oh.make_node("Div", ["protect_s", "two_s"], ["b_protected_n"]),
-        oh.make_node("Sub", ["nb_all", "b_protected_n"], ["destinations"]),
-        oh.make_node("Greater", ["destinations", "zero_s"], ["can_receive"]),
-        oh.make_node("Max", ["sources", "zero_s"], ["sources_pos"]),
-        oh.make_node("Where", ["can_receive", "sources_pos", "zero_s"], ["bound"]),
-        # asked = r, or floor(ratio · N) when r == 0 (in float64: exact for a float32 ratio)
-        oh.make_node("Cast", ["n_s"], ["n_d"], to=11),
-        oh.make_node("Cast", ["ratio_f"], ["ratio_d"], to=11),
-        oh.make_node("Mul", ["n_d", "ratio_d"], ["r_real"]),
-        oh.make_node("Floor", ["r_real"], ["r_floor"]),
-        oh.make_node("Cast", ["r_floor"], ["r_from_ratio"], to=7),
-        oh.make_node("Greater", ["r_s", "zero_s"], ["static_r"]),
-        oh.make_node("Where", ["static_r", "r_s", "r_from_ratio"], ["asked"]),
-        oh.make_node("Min", ["asked", "bound"], ["r_eff"]),
-        oh.make_node("Unsqueeze", ["r_eff", "ax0"], ["r"]),
-        oh.make_node("Slice", ["order", "zero", "r", "ax1"], ["src"]),  # [B, r] merged away
-        oh.make_node("Slice", ["order", "r", "end_max", "ax1"], ["unm_ranked"]),
-        oh.make_node("Sub", ["na", "r"], ["n_unm"]),
-        oh.make_node("TopK", ["unm_ranked", "n_unm"], ["unm", "_unm_pos"], axis=1, largest=0, sorted=1),
-        oh.make_node("GatherElements", ["node_idx", "src"], ["dst"], axis=1),  # [B, r] their B targets
-        # size-weighted tokens, split like the metric
-        oh.make_node("CastLike", ["size", "x"], ["size_x"]),
-        oh.make_node("Unsqueeze", ["size_x", "axm1"], ["size_col"]),
-        oh.make_node("Mul", ["x", "size_col"], ["xs"]),
-        every_other("xs", "zero", "xs_a"),
-        every_other("xs", "one", "xs_b"),
-        every_other("size_x", "zero", "size_a"),
-        every_other("size_x", "one", "size_b"),
-        # B_sum = xs_B + onehot(dst)ᵀ · xs_A[src], sizes likewise
-        oh.make_node("Unsqueeze", ["src", "axm1"], ["src_nd"]),
-        oh.make_node("GatherND", ["xs_a", "src_nd"], ["xs_src"], batch_dims=1),  # [B, r, D]
-        oh.make_node("GatherElements", ["size_a", "src"], ["size_src"], axis=1),  # [B, r]
-        oh.make_node("Shape", ["size_b"], ["nb"], start=1, end=2),
-        oh.make_node("Squeeze", ["nb"], ["nb_s"]),
-        oh.make_node("Range", ["zero_s", "nb_s", "one_s"], ["b_slots"]),
-        oh.make_node("Unsqueeze", ["dst", "axm1"], ["dst_col"]),
-        oh.make_node("Equal", ["dst_col", "b_slots"], ["hit"]),  # [B, r, Nb]
-        oh.make_node("CastLike", ["hit", "x"], ["onehot"]),
-        oh.make_node("Transpose", ["onehot"], ["onehot_t"], perm=[0, 2, 1]),  # [B, Nb, r]
-        oh.make_node("MatMul", ["onehot_t", "xs_src"], ["xs_merged"]),
-        oh.make_node("Add", ["xs_b", "xs_merged"], ["b_sum"]),
-        oh.make_node("Unsqueeze", ["size_src", "axm1"], ["size_src_col"]),
-        oh.make_node("MatMul", ["onehot_t", "size_src_col"], ["size_merged_col"]),
-        oh.make_node("Squeeze", ["size_merged_col", "axm1"], ["size_merged"]),
-        oh.make_node("Add", ["size_b", "size_merged"], ["b_size"]),
-        # kept A tokens in order, then B; divide the sums by the sizes
-        oh.make_node("Unsqueeze", ["unm", "axm1"], ["unm_nd"]),
-        oh.make_node("GatherND", ["xs_a", "unm_nd"], ["xs_unm"], batch_dims=1),
-        oh.make_node("GatherElements", ["size_a", "unm"], ["size_unm"], axis=1),
-        oh.make_node("Concat", ["xs_unm", "b_sum"], ["total"], axis=1),
-        oh.make_node("Concat", ["size_unm", "b_size"], ["size_out"], axis=1),
-        oh.make_node("Unsqueeze", ["size_out", "axm1"], ["size_out_col"]),
-        oh.make_node("Div", ["total", "size_out_col"], ["y"]),
-        # input positions: 2·unm for kept A tokens, 2j + 1 for B token j
-        oh.make_node("Mul", ["unm", "two_s"], ["unm_pos"]),
-        oh.make_node("Shape", ["x"], ["batch"], start=0, end=1),
-        oh.make_node("Concat", ["batch", "nb"], ["b_index_shape"], axis=0),
-        oh.make_node("Expand", ["b_pos", "b_index_shape"], ["b_index"]),
-        oh.make_node("Concat", ["unm_pos", "b_index"], ["index"], axis=1),
-    ]
-    return make_function(NAME, ["x", "metric", "size"], ["y", "size_out", "index"], ["r", "protect", "ratio"],
-                         nodes, __doc__, defaults={"protect": 1, "ratio": 0.0})
+    def every_other(src, start):
+        return b.Slice(src, start, end_max, ax1, two)
+
+    # cosine similarities of A (even positions) to B (odd positions): [B, Na, Nb]
+    m = b.Div(metric, b.ReduceL2(metric, axm1, keepdims=1))
+    raw_scores = b.MatMul(every_other(m, zero), b.Transpose(every_other(m, one), perm=[0, 2, 1]))
+    # protected tokens neither merge away (rows) nor receive (columns)
+    n_s = b.Squeeze(b.Shape(x, start=1, end=2))
+    positions = b.Range(zero_s, n_s, one_s)
+    b_pos = b.Slice(positions, one, end_max, ax0, two)
+    a_protected = b.Unsqueeze(b.Less(b.Slice(positions, zero, end_max, ax0, two), protect_s), axm1)
+    blocked = b.Or(a_protected, b.Less(b_pos, protect_s))
+    scores = b.Where(blocked, b.CastLike(b.const(-np.inf, np.float32), raw_scores), raw_scores)
+    # each A token's best B match (ArgMax: first best), A ranked by it (TopK: ties lower index first)
+    node_max = b.ReduceMax(scores, axm1, keepdims=0)
+    node_idx = b.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0)
+    na = b.Shape(node_max, start=1, end=2)
+    _, order = b.TopK(node_max, na, axis=1, largest=1, sorted=1, _outputs=2)
+    # r = min(r, mergeable A tokens): ToMe's clamp, so short inputs merge what they have
+    sources = b.Sub(b.Div(b.Add(n_s, one_s), two_s), b.Div(b.Add(protect_s, one_s), two_s))
+    destinations = b.Sub(b.Div(n_s, two_s), b.Div(protect_s, two_s))
+    bound = b.Where(b.Greater(destinations, zero_s), b.Max(sources, zero_s), zero_s)
+    # asked = r, or floor(ratio · N) when r == 0 (in float64: exact for a float32 ratio)
+    r_from_ratio = b.Cast(b.Floor(b.Mul(b.Cast(n_s, to=11), b.Cast(b.attr("ratio"), to=11))), to=7)
+    r_s = b.attr("r")
+    r = b.Unsqueeze(b.Min(b.Where(b.Greater(r_s, zero_s), r_s, r_from_ratio), bound), ax0)
+    src = b.Slice(order, zero, r, ax1)  # [B, r] merged away
+    unm, _ = b.TopK(b.Slice(order, r, end_max, ax1), b.Sub(na, r), axis=1, largest=0, sorted=1, _outputs=2)
+    dst = b.GatherElements(node_idx, src, axis=1)  # [B, r] their B targets
+    # size-weighted tokens, split like the metric
+    size_x = b.CastLike(size, x)
+    xs = b.Mul(x, b.Unsqueeze(size_x, axm1))
+    xs_a, xs_b, size_a, size_b = every_other(xs, zero), every_other(xs, one), every_other(size_x, zero), \
+        every_other(size_x, one)
+    # B_sum = xs_B + onehot(dst)ᵀ · xs_A[src], sizes likewise
+    xs_src = b.GatherND(xs_a, b.Unsqueeze(src, axm1), batch_dims=1)  # [B, r, D]
+    size_src = b.GatherElements(size_a, src, axis=1)  # [B, r]
+    nb = b.Shape(size_b, start=1, end=2)
+    hit = b.Equal(b.Unsqueeze(dst, axm1), b.Range(zero_s, b.Squeeze(nb), one_s))  # [B, r, Nb]
+    onehot_t = b.Transpose(b.CastLike(hit, x), perm=[0, 2, 1])  # [B, Nb, r]
+    b_sum = b.Add(xs_b, b.MatMul(onehot_t, xs_src))
+    size_merged = b.Squeeze(b.MatMul(onehot_t, b.Unsqueeze(size_src, axm1)), axm1)
+    b_size = b.Add(size_b, size_merged)
+    # kept A tokens in order, then B; divide the sums by the sizes
+    xs_unm = b.GatherND(xs_a, b.Unsqueeze(unm, axm1), batch_dims=1)
+    total = b.Concat(xs_unm, b_sum, axis=1)
+    size_out = b.Concat(b.GatherElements(size_a, unm, axis=1), b_size, axis=1)
+    y = b.Div(total, b.Unsqueeze(size_out, axm1))
+    # input positions: 2·unm for kept A tokens, 2j + 1 for B token j
+    b_index = b.Expand(b_pos, b.Concat(b.Shape(x, start=0, end=1), nb, axis=0))
+    index = b.Concat(b.Mul(unm, two_s), b_index, axis=1)
+    return y, size_out, index
+
+
+def examples(rng):
+    """Odd and even N, CLS protected or not, r from ratio, sizes from an earlier merge."""
+    cases = []
+    for (batch, n, d, c), attrs in [((2, 9, 5, 4), dict(r=3)), ((1, 12, 4, 3), dict(r=6, protect=0)),
+                                    ((2, 17, 6, 5), dict(r=0, ratio=0.25)), ((2, 10, 3, 4), dict(r=20, protect=3))]:
+        size = rng.integers(1, 4, (batch, n)).astype(np.float32)
+        cases.append(([rng.standard_normal((batch, n, d)).astype(np.float32),
+                       rng.standard_normal((batch, n, c)).astype(np.float32), size], attrs))
+    return cases
 
 
 OP = OpDef(
@@ -248,6 +204,7 @@ OP = OpDef(
         AttrSpec("ratio", float, "when r == 0: merge floor(ratio · N) tokens (text of any length)", 0.0),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.token_merge:run",
+    examples=examples,
 )

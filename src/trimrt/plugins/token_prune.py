@@ -23,22 +23,17 @@ on fewer tokens.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import onnx.helper as oh
 
-from .base import (OpDef, TensorSpec, const, const_from_attr, drop_mask_nodes, kept_count_nodes, make_function, prefix_suffix_nodes,
-                   selection_attributes, span_nodes)
+from .base import OpDef, TensorSpec
+from .span import Span, drop_mask, prefix_suffix, selection_attributes, span_graph
 
 NAME = "TokenPrune"
 
 
 def span_keep(span: int, keep: int, keep_ratio: float) -> int:
-    """Tokens kept of a span of `span` tokens (the rule the decomposition computes)."""
-    if keep > 0:
-        return keep
-    return max(1, min(span, math.ceil(keep_ratio * span - 1e-9)))
+    """Tokens kept of a span of `span` tokens (`Span.kept`, the rule of every selection op)."""
+    return Span(keep=keep, keep_ratio=keep_ratio).kept(span)
 
 
 def select(score: np.ndarray, k: int, protect: int, end: int) -> np.ndarray:
@@ -52,15 +47,12 @@ def select(score: np.ndarray, k: int, protect: int, end: int) -> np.ndarray:
     return np.concatenate([prefix, chosen.astype(np.int64), suffix], axis=1)
 
 
-def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span_end: int = 0, keep_ratio: float = 1.0):
+def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span_end: int, keep_ratio: float):
     n = x.shape[1]
-    end = span_end if span_end > 0 else n
-    if not 0 <= protect < end <= n:
-        raise ValueError(f"span [{protect}, {end}) is not inside {n} tokens")
-    k = span_keep(end - protect, keep, keep_ratio)
-    if not 1 <= k <= end - protect:
-        raise ValueError(f"keep={keep} must be in [1, {end - protect}] for a span of {end - protect} tokens")
-    kept = select(score, k, protect, end)
+    span = Span(protect, span_end, keep, keep_ratio)
+    span.check(n, NAME)
+    protect, end = span.protect, span.end(n)
+    kept = select(score, span.kept(n), protect, end)
     y = np.take_along_axis(x, kept[:, :, None], axis=1)
     weights = np.zeros(score.shape, dtype=np.float64)
     weights[:, protect:end] = score[:, protect:end]
@@ -69,43 +61,40 @@ def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span
     return y, kept, fused
 
 
-def build_function():
-    big = np.iinfo(np.int64).max
-    nodes = [
-        const_from_attr("keep_s", "keep"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("span_end_s", "span_end"),
-        const_from_attr("ratio_f", "keep_ratio", "value_float"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("axm1", np.array([-1], dtype=np.int64)),
-        const("end_max", np.array([big], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("one_f", np.array([1.0], dtype=np.float32)),
-        *span_nodes("score"),
-        *kept_count_nodes(),
-        # rank the span's tokens; keep the top k, then restore their order
-        oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),
-        oh.make_node("TopK", ["s_p", "k"], ["_top", "order"], axis=1, largest=1, sorted=1),
-        oh.make_node("TopK", ["order", "k"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
-        oh.make_node("Add", ["order_sorted", "protect"], ["chosen"]),
-        # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
-        *prefix_suffix_nodes("score"),
-        oh.make_node("Concat", ["prefix", "chosen", "suffix"], ["kept_index"], axis=1),
-        oh.make_node("Unsqueeze", ["kept_index", "axm1"], ["gather_idx"]),
-        oh.make_node("GatherND", ["x", "gather_idx"], ["y"], batch_dims=1),
-        # fusion weights: the scores of the dropped span tokens, zero elsewhere
-        *drop_mask_nodes(),
-        oh.make_node("Mul", ["s_p", "drop_mask"], ["w"]),
-        oh.make_node("CastLike", ["w", "x"], ["w_x"]),
-        oh.make_node("Unsqueeze", ["w_x", "ax1"], ["w_row"]),  # [B, 1, span]
-        oh.make_node("Slice", ["x", "protect", "end", "ax1"], ["x_p"]),
-        oh.make_node("MatMul", ["w_row", "x_p"], ["fused"]),  # [B, 1, D]
-    ]
-    return make_function(NAME, ["x", "score"], ["y", "kept_index", "fused"],
-                         ["keep", "protect", "span_end", "keep_ratio"], nodes, __doc__,
-                         defaults={"protect": 0, "span_end": 0, "keep_ratio": 1.0})
+def top_k_in_order(b, score, s):
+    """(span scores s_p, TopK order, the kept span tokens' positions in their original order)."""
+    ax1 = b.const([1])
+    s_p = b.Slice(score, s.protect, s.end, ax1)
+    _, order = b.TopK(s_p, s.k, axis=1, largest=1, sorted=1, _outputs=2)
+    order_sorted, _ = b.TopK(order, s.k, axis=1, largest=0, sorted=1, _outputs=2)
+    return s_p, order, b.Add(order_sorted, s.protect)
+
+
+def decompose(b, x, score):
+    s = span_graph(b, score)
+    # rank the span's tokens; keep the top k, then restore their order
+    s_p, order, chosen = top_k_in_order(b, score, s)
+    # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
+    prefix, suffix = prefix_suffix(b, score, s)
+    kept_index = b.Concat(prefix, chosen, suffix, axis=1)
+    y = b.GatherND(x, b.Unsqueeze(kept_index, b.const([-1])), batch_dims=1)
+    # fusion weights: the scores of the dropped span tokens, zero elsewhere
+    w_row = b.Unsqueeze(b.CastLike(b.Mul(s_p, drop_mask(b, order, s_p)), x), b.const([1]))  # [B, 1, span]
+    fused = b.MatMul(w_row, b.Slice(x, s.protect, s.end, b.const([1])))  # [B, 1, D]
+    return y, kept_index, fused
+
+
+def examples(rng):
+    """k = 1, k = the whole span, a span with a suffix, k from keep_ratio, tied scores."""
+    cases = []
+    for (batch, n, d), attrs in [((2, 9, 4), dict(keep=1)), ((1, 12, 3), dict(keep=11, protect=1)),
+                                 ((2, 20, 5), dict(keep=4, protect=2, span_end=15)),
+                                 ((3, 23, 8), dict(keep=0, protect=1, keep_ratio=0.375))]:
+        x = rng.standard_normal((batch, n, d)).astype(np.float32)
+        cases.append(([x, rng.random((batch, n)).astype(np.float32)], attrs))
+    x = rng.standard_normal((2, 10, 3)).astype(np.float32)
+    cases.append(([x, (rng.integers(0, 3, (2, 10)) / 3).astype(np.float32)], dict(keep=4, protect=1)))
+    return cases
 
 
 OP = OpDef(
@@ -120,10 +109,9 @@ OP = OpDef(
         TensorSpec("kept_index", "original positions of the kept tokens", "int64"),
         TensorSpec("fused", "score-weighted sum of the dropped tokens [B, 1, D]"),
     ),
-    attributes=(
-        *selection_attributes("kept"),
-    ),
+    attributes=selection_attributes("kept"),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.token_prune:run",
+    examples=examples,
 )

@@ -35,11 +35,10 @@ a Range) and the merges are one MatMul, no scatter with reduction.
 from __future__ import annotations
 
 import numpy as np
-import onnx.helper as oh
 
-from .base import (AttrSpec, OpDef, TensorSpec, const, const_from_attr, drop_mask_nodes, kept_count_nodes, make_function,
-                   prefix_suffix_nodes, selection_attributes, span_nodes)
-from .token_prune import select, span_keep
+from .base import AttrSpec, OpDef, TensorSpec
+from .span import Span, drop_mask, prefix_suffix, selection_attributes, span_graph
+from .token_prune import select, top_k_in_order
 
 NAME = "TokenRecycle"
 
@@ -63,18 +62,14 @@ def cell_of(position: np.ndarray, *, grid: int, patch_rows: int, patch_cols: int
     return np.where(inside, cell, -1)
 
 
-def reference(x: np.ndarray, score: np.ndarray, position: np.ndarray, *, keep: int, protect: int = 0,
-              span_end: int = 0, keep_ratio: float = 1.0, grid: int, patch_rows: int, patch_cols: int,
-              first_patch: int = 1):
+def reference(x: np.ndarray, score: np.ndarray, position: np.ndarray, *, keep: int, protect: int, span_end: int,
+              keep_ratio: float, grid: int, patch_rows: int, patch_cols: int, first_patch: int):
     b, n, d = x.shape
-    end = span_end if span_end > 0 else n
-    if not 0 <= protect < end <= n:
-        raise ValueError(f"span [{protect}, {end}) is not inside {n} tokens")
+    rule = Span(protect, span_end, keep, keep_ratio)
+    rule.check(n, NAME, counted=False)
     check_layout(grid, patch_rows, patch_cols)
-    span = end - protect
-    k = span_keep(span, keep, keep_ratio)
-    if not 1 <= k <= span:
-        raise ValueError(f"keep={keep} must be in [1, {span}] for a span of {span} tokens")
+    rule.check(n, NAME)
+    end, span, k = rule.end(n), rule.length(n), rule.kept(n)
     kept = select(score, k, protect, end)  # prefix, chosen span tokens, suffix
     cells = grid * grid
     cell = cell_of(position[:, protect:end], grid=grid, patch_rows=patch_rows, patch_cols=patch_cols,
@@ -101,113 +96,70 @@ def reference(x: np.ndarray, score: np.ndarray, position: np.ndarray, *, keep: i
     return y, kept_index
 
 
-def build_function():
-    big = np.iinfo(np.int64).max
-    nodes = [
-        const_from_attr("keep_s", "keep"),
-        const_from_attr("protect_s", "protect"),
-        const_from_attr("span_end_s", "span_end"),
-        const_from_attr("ratio_f", "keep_ratio", "value_float"),
-        const_from_attr("grid_s", "grid"),
-        const_from_attr("rows_s", "patch_rows"),
-        const_from_attr("cols_s", "patch_cols"),
-        const_from_attr("first_s", "first_patch"),
-        const("ax0", np.array([0], dtype=np.int64)),
-        const("ax1", np.array([1], dtype=np.int64)),
-        const("axm1", np.array([-1], dtype=np.int64)),
-        const("start0", np.array([0], dtype=np.int64)),
-        const("end_max", np.array([big], dtype=np.int64)),
-        const("zero_s", np.array(0, dtype=np.int64)),
-        const("one_s", np.array(1, dtype=np.int64)),
-        const("minus_one_s", np.array(-1, dtype=np.int64)),
-        const("one_f", np.array([1.0], dtype=np.float32)),
-        const("neg_inf_f", np.array(-np.inf, dtype=np.float32)),
-        # span [protect, end) and k: TokenPrune's rule (keep, or the keep_ratio of the span)
-        *span_nodes("score"),
-        *kept_count_nodes(),
-        # the kept span tokens, in their original order
-        oh.make_node("Slice", ["score", "protect", "end", "ax1"], ["s_p"]),
-        oh.make_node("TopK", ["s_p", "k"], ["_top", "order"], axis=1, largest=1, sorted=1),
-        oh.make_node("TopK", ["order", "k"], ["order_sorted", "_pos"], axis=1, largest=0, sorted=1),
-        oh.make_node("Add", ["order_sorted", "protect"], ["chosen"]),
-        # dropped mask over the span: ones scattered (no reduction) at the kept positions
-        *drop_mask_nodes(),
-        oh.make_node("Cast", ["drop_mask"], ["dropped"], to=9),  # bool [B, span]
-        # cell of each span token from its original patch position (-1: not a patch)
-        oh.make_node("Slice", ["position", "protect", "end", "ax1"], ["pos_p"]),
-        oh.make_node("Sub", ["pos_p", "first_s"], ["p"]),
-        oh.make_node("Mul", ["rows_s", "cols_s"], ["n_patches"]),
-        oh.make_node("GreaterOrEqual", ["p", "zero_s"], ["p_ge0"]),
-        oh.make_node("Less", ["p", "n_patches"], ["p_lt"]),
-        oh.make_node("And", ["p_ge0", "p_lt"], ["inside"]),
-        oh.make_node("Where", ["inside", "p", "zero_s"], ["p_safe"]),
-        oh.make_node("Div", ["p_safe", "cols_s"], ["row"]),
-        oh.make_node("Mod", ["p_safe", "cols_s"], ["col"]),
-        oh.make_node("Mul", ["row", "grid_s"], ["row_g"]),
-        oh.make_node("Div", ["row_g", "rows_s"], ["cell_row"]),
-        oh.make_node("Mul", ["col", "grid_s"], ["col_g"]),
-        oh.make_node("Div", ["col_g", "cols_s"], ["cell_col"]),
-        oh.make_node("Mul", ["cell_row", "grid_s"], ["cell_row_base"]),
-        oh.make_node("Add", ["cell_row_base", "cell_col"], ["cell_in"]),
-        oh.make_node("Where", ["inside", "cell_in", "minus_one_s"], ["cell"]),
-        # one-hot membership [B, span, grid²]
-        oh.make_node("Mul", ["grid_s", "grid_s"], ["cells_s"]),
-        oh.make_node("Range", ["zero_s", "cells_s", "one_s"], ["cell_ids"]),
-        oh.make_node("Unsqueeze", ["cell", "axm1"], ["cell_col_vec"]),
-        oh.make_node("Equal", ["cell_col_vec", "cell_ids"], ["member_b"]),
-        # merges: [score-weighted dropped | plain members] one-hots, summed by one MatMul
-        oh.make_node("CastLike", ["member_b", "x"], ["member"]),
-        oh.make_node("Mul", ["s_p", "drop_mask"], ["w"]),
-        oh.make_node("CastLike", ["w", "x"], ["w_x"]),
-        oh.make_node("Unsqueeze", ["w_x", "axm1"], ["w_col"]),
-        oh.make_node("Mul", ["member", "w_col"], ["weighted"]),
-        oh.make_node("Concat", ["weighted", "member"], ["stacked"], axis=2),  # [B, span, 2·grid²]
-        oh.make_node("Transpose", ["stacked"], ["stacked_t"], perm=[0, 2, 1]),
-        oh.make_node("Slice", ["x", "protect", "end", "ax1"], ["x_p"]),
-        oh.make_node("MatMul", ["stacked_t", "x_p"], ["sums"]),  # [B, 2·grid², D]
-        oh.make_node("ReduceSum", ["stacked", "ax1"], ["totals"], keepdims=0),  # [B, 2·grid²]
-        oh.make_node("Split", ["sums"], ["w_sum", "m_sum"], axis=1, num_outputs=2),
-        oh.make_node("Split", ["totals"], ["w_total", "m_count"], axis=1, num_outputs=2),
-        oh.make_node("CastLike", ["one_f", "x"], ["one_x"]),
-        oh.make_node("Sub", ["one_x", "one_x"], ["zero_x"]),
-        oh.make_node("Greater", ["w_total", "zero_x"], ["has_weight"]),
-        oh.make_node("Where", ["has_weight", "w_total", "one_x"], ["w_den"]),
-        oh.make_node("Max", ["m_count", "one_x"], ["m_den"]),  # an empty cell: 0 / 1 = zeros
-        oh.make_node("Unsqueeze", ["w_den", "axm1"], ["w_den_col"]),
-        oh.make_node("Unsqueeze", ["m_den", "axm1"], ["m_den_col"]),
-        oh.make_node("Div", ["w_sum", "w_den_col"], ["w_mean"]),
-        oh.make_node("Div", ["m_sum", "m_den_col"], ["m_mean"]),
-        oh.make_node("Unsqueeze", ["has_weight", "axm1"], ["has_weight_col"]),
-        oh.make_node("Where", ["has_weight_col", "w_mean", "m_mean"], ["cell_tokens"]),
-        # representatives: the first highest score among dropped members, else among members
-        oh.make_node("CastLike", ["neg_inf_f", "s_p"], ["neg_inf"]),
-        oh.make_node("Unsqueeze", ["s_p", "axm1"], ["s_col"]),
-        oh.make_node("Unsqueeze", ["dropped", "axm1"], ["dropped_col"]),
-        oh.make_node("And", ["member_b", "dropped_col"], ["dropped_member"]),
-        oh.make_node("Where", ["dropped_member", "s_col", "neg_inf"], ["key_dropped"]),
-        oh.make_node("Where", ["member_b", "s_col", "neg_inf"], ["key_member"]),
-        oh.make_node("ArgMax", ["key_dropped"], ["best_dropped"], axis=1, keepdims=0, select_last_index=0),
-        oh.make_node("ArgMax", ["key_member"], ["best_member"], axis=1, keepdims=0, select_last_index=0),
-        oh.make_node("Cast", ["dropped_member"], ["dropped_member_i"], to=7),
-        oh.make_node("ReduceMax", ["dropped_member_i", "ax1"], ["n_dropped_any"], keepdims=0),
-        oh.make_node("Cast", ["n_dropped_any"], ["has_dropped"], to=9),
-        oh.make_node("Greater", ["m_count", "zero_x"], ["has_member"]),
-        oh.make_node("Where", ["has_member", "best_member", "zero_s"], ["best_or_first"]),
-        oh.make_node("Where", ["has_dropped", "best_dropped", "best_or_first"], ["best_local"]),
-        oh.make_node("Add", ["best_local", "protect_s"], ["cell_index"]),
-        # outputs: prefix, kept span tokens, cell tokens, suffix
-        *prefix_suffix_nodes("score"),
-        oh.make_node("Concat", ["prefix", "chosen", "cell_index", "suffix"], ["kept_index"], axis=1),
-        oh.make_node("Unsqueeze", ["chosen", "axm1"], ["gather_idx"]),
-        oh.make_node("GatherND", ["x", "gather_idx"], ["x_kept"], batch_dims=1),
-        oh.make_node("Slice", ["x", "start0", "protect", "ax1"], ["x_prefix"]),
-        oh.make_node("Slice", ["x", "end", "end_max", "ax1"], ["x_suffix"]),
-        oh.make_node("Concat", ["x_prefix", "x_kept", "cell_tokens", "x_suffix"], ["y"], axis=1),
-    ]
-    return make_function(NAME, ["x", "score", "position"], ["y", "kept_index"],
-                         ["keep", "protect", "span_end", "keep_ratio", "grid", "patch_rows", "patch_cols",
-                          "first_patch"], nodes, __doc__,
-                         defaults={"protect": 0, "span_end": 0, "keep_ratio": 1.0, "first_patch": 1})
+def decompose(b, x, score, position):
+    ax1, axm1 = b.const([1]), b.const([-1])
+    grid_s, rows_s, cols_s = b.attr("grid"), b.attr("patch_rows"), b.attr("patch_cols")
+    # span [protect, end) and k: TokenPrune's rule; the kept span tokens, in their original order
+    s = span_graph(b, score)
+    s_p, order, chosen = top_k_in_order(b, score, s)
+    # dropped mask over the span: ones scattered (no reduction) at the kept positions
+    dropped_f = drop_mask(b, order, s_p)
+    dropped = b.Cast(dropped_f, to=9)  # bool [B, span]
+    # cell of each span token from its original patch position (-1: not a patch)
+    p = b.Sub(b.Slice(position, s.protect, s.end, ax1), b.attr("first_patch"))
+    inside = b.And(b.GreaterOrEqual(p, s.zero_s), b.Less(p, b.Mul(rows_s, cols_s)))
+    p_safe = b.Where(inside, p, s.zero_s)
+    cell_row = b.Div(b.Mul(b.Div(p_safe, cols_s), grid_s), rows_s)
+    cell_col = b.Div(b.Mul(b.Mod(p_safe, cols_s), grid_s), cols_s)
+    cell = b.Where(inside, b.Add(b.Mul(cell_row, grid_s), cell_col), b.const(-1))
+    # one-hot membership [B, span, grid²]
+    cell_ids = b.Range(s.zero_s, b.Mul(grid_s, grid_s), s.one_s)
+    member_b = b.Equal(b.Unsqueeze(cell, axm1), cell_ids)
+    # merges: [score-weighted dropped | plain members] one-hots, summed by one MatMul
+    member = b.CastLike(member_b, x)
+    w_col = b.Unsqueeze(b.CastLike(b.Mul(s_p, dropped_f), x), axm1)
+    stacked = b.Concat(b.Mul(member, w_col), member, axis=2)  # [B, span, 2·grid²]
+    x_p = b.Slice(x, s.protect, s.end, ax1)
+    sums = b.MatMul(b.Transpose(stacked, perm=[0, 2, 1]), x_p)  # [B, 2·grid², D]
+    totals = b.ReduceSum(stacked, ax1, keepdims=0)  # [B, 2·grid²]
+    w_sum, m_sum = b.Split(sums, axis=1, num_outputs=2, _outputs=2)
+    w_total, m_count = b.Split(totals, axis=1, num_outputs=2, _outputs=2)
+    one_x = b.CastLike(b.const([1.0], np.float32), x)
+    has_weight = b.Greater(w_total, b.Sub(one_x, one_x))
+    w_mean = b.Div(w_sum, b.Unsqueeze(b.Where(has_weight, w_total, one_x), axm1))
+    m_mean = b.Div(m_sum, b.Unsqueeze(b.Max(m_count, one_x), axm1))  # an empty cell: 0 / 1 = zeros
+    cell_tokens = b.Where(b.Unsqueeze(has_weight, axm1), w_mean, m_mean)
+    # representatives: the first highest score among dropped members, else among members
+    neg_inf = b.CastLike(b.const(-np.inf, np.float32), s_p)
+    s_col = b.Unsqueeze(s_p, axm1)
+    dropped_member = b.And(member_b, b.Unsqueeze(dropped, axm1))
+    best_dropped = b.ArgMax(b.Where(dropped_member, s_col, neg_inf), axis=1, keepdims=0, select_last_index=0)
+    best_member = b.ArgMax(b.Where(member_b, s_col, neg_inf), axis=1, keepdims=0, select_last_index=0)
+    has_dropped = b.Cast(b.ReduceMax(b.Cast(dropped_member, to=7), ax1, keepdims=0), to=9)
+    best_or_first = b.Where(b.Greater(m_count, b.Sub(one_x, one_x)), best_member, s.zero_s)
+    cell_index = b.Add(b.Where(has_dropped, best_dropped, best_or_first), s.protect_s)
+    # outputs: prefix, kept span tokens, cell tokens, suffix
+    prefix, suffix = prefix_suffix(b, score, s)
+    kept_index = b.Concat(prefix, chosen, cell_index, suffix, axis=1)
+    x_kept = b.GatherND(x, b.Unsqueeze(chosen, axm1), batch_dims=1)
+    x_prefix = b.Slice(x, b.const([0]), s.protect, ax1)
+    x_suffix = b.Slice(x, s.end, b.const([np.iinfo(np.int64).max]), ax1)
+    return b.Concat(x_prefix, x_kept, cell_tokens, x_suffix, axis=1), kept_index
+
+
+def examples(rng):
+    """A 4x4 layout behind a CLS: grid 1 and 2, k from keep_ratio, a suffix after the span."""
+    cases = []
+    for (batch, d, suffix), attrs in [((2, 3, 0), dict(keep=5, protect=1, grid=2)),
+                                      ((1, 4, 0), dict(keep=1, protect=1, grid=1)),
+                                      ((2, 5, 3), dict(keep=0, protect=1, span_end=17, keep_ratio=0.5, grid=2))]:
+        n = 17 + suffix
+        position = np.broadcast_to(np.arange(n, dtype=np.int64), (batch, n)).copy()
+        position[:, 1:17] = rng.permuted(position[:, 1:17], axis=1)
+        score = rng.random((batch, n)).astype(np.float32)
+        cases.append(([rng.standard_normal((batch, n, d)).astype(np.float32), score, position],
+                      {**attrs, "patch_rows": 4, "patch_cols": 4}))
+    return cases
 
 
 OP = OpDef(
@@ -230,6 +182,7 @@ OP = OpDef(
         AttrSpec("first_patch", int, "original position of patch (0, 0)", 1),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.token_recycle:run",
+    examples=examples,
 )

@@ -19,17 +19,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
-import onnx.helper as oh
 
-from .base import AttrSpec, OpDef, TensorSpec, const, const_from_attr, make_function
+from .base import AttrSpec, OpDef, TensorSpec
 
 NAME = "TokenSlim"
 #: LayerNorm's default 1e-5 as an ONNX float attribute holds it (float32)
 EPSILON_DEFAULT = float(np.float32(1e-5))
 
 
-def reference(x: np.ndarray, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float = EPSILON_DEFAULT, scale: float = 1.0):
+def reference(x: np.ndarray, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, scale: float):
     if x.ndim != 3 or w1.shape[0] != x.shape[2] or w2.shape[0] != w1.shape[1]:
         raise ValueError(f"TokenSlim: x {x.shape}, w1 {w1.shape}, w2 {w2.shape} do not chain")
     if x.shape[1] == 0:
@@ -48,45 +46,27 @@ def reference(x: np.ndarray, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: floa
     return ((weights @ xd).astype(x.dtype),)
 
 
-def _ln_with_attr_epsilon() -> onnx.NodeProto:
-    """LayerNormalization whose epsilon is the function attribute `epsilon`."""
-    node = oh.make_node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["normed"], axis=-1)
-    ref = onnx.AttributeProto()
-    ref.name, ref.ref_attr_name, ref.type = "epsilon", "epsilon", onnx.AttributeProto.FLOAT
-    node.attribute.append(ref)
-    return node
+def decompose(b, x, ln_scale, ln_bias, w1, b1, w2, b2):
+    # LayerNormalization is opset 17, unchanged in 18
+    normed = b.LayerNormalization(x, ln_scale, ln_bias, axis=-1, epsilon=b.ref("epsilon"))
+    h = b.Add(b.MatMul(normed, w1), b1)
+    # exact GELU with Erf (the Gelu op is opset 20): h · 0.5 · (1 + erf(h / √2))
+    sqrt2, one, half = (b.CastLike(b.const(v, np.float32), h) for v in (math.sqrt(2.0), 1.0, 0.5))
+    gelu = b.Mul(b.Mul(h, b.Add(b.Erf(b.Div(h, sqrt2)), one)), half)
+    l_raw = b.Add(b.MatMul(gelu, w2), b2)  # [B, N, M]
+    logits = b.Mul(l_raw, b.CastLike(b.attr("scale"), l_raw))
+    # softmax over the N tokens of every output token, then mix the tokens
+    weights = b.Softmax(b.Transpose(logits, perm=[0, 2, 1]), axis=-1)  # [B, M, N]
+    return b.MatMul(weights, x)  # [B, M, D]
 
 
-def build_function():
-    nodes = [
-        # LayerNormalization is opset 17, unchanged in 18
-        _ln_with_attr_epsilon(),
-        oh.make_node("MatMul", ["normed", "w1"], ["h_mm"]),
-        oh.make_node("Add", ["h_mm", "b1"], ["h"]),
-        # exact GELU with Erf (the Gelu op is opset 20): h · 0.5 · (1 + erf(h / √2))
-        const("sqrt2_f", np.array(math.sqrt(2.0), dtype=np.float32)),
-        const("one_f", np.array(1.0, dtype=np.float32)),
-        const("half_f", np.array(0.5, dtype=np.float32)),
-        oh.make_node("CastLike", ["sqrt2_f", "h"], ["sqrt2"]),
-        oh.make_node("CastLike", ["one_f", "h"], ["one"]),
-        oh.make_node("CastLike", ["half_f", "h"], ["half"]),
-        oh.make_node("Div", ["h", "sqrt2"], ["h_scaled"]),
-        oh.make_node("Erf", ["h_scaled"], ["h_erf"]),
-        oh.make_node("Add", ["h_erf", "one"], ["h_erf1"]),
-        oh.make_node("Mul", ["h", "h_erf1"], ["h_gate"]),
-        oh.make_node("Mul", ["h_gate", "half"], ["gelu"]),
-        oh.make_node("MatMul", ["gelu", "w2"], ["l_mm"]),
-        oh.make_node("Add", ["l_mm", "b2"], ["l_raw"]),  # [B, N, M]
-        const_from_attr("scale_f", "scale", "value_float"),
-        oh.make_node("CastLike", ["scale_f", "l_raw"], ["scale_t"]),
-        oh.make_node("Mul", ["l_raw", "scale_t"], ["logits"]),
-        # softmax over the N tokens of every output token, then mix the tokens
-        oh.make_node("Transpose", ["logits"], ["logits_t"], perm=[0, 2, 1]),  # [B, M, N]
-        oh.make_node("Softmax", ["logits_t"], ["weights"], axis=-1),
-        oh.make_node("MatMul", ["weights", "x"], ["y"]),  # [B, M, D]
-    ]
-    return make_function(NAME, ["x", "ln_scale", "ln_bias", "w1", "b1", "w2", "b2"], ["y"],
-                         ["epsilon", "scale"], nodes, __doc__, defaults={"epsilon": EPSILON_DEFAULT, "scale": 1.0})
+def examples(rng):
+    """Two small modules: M < N and M > N output tokens."""
+    cases = []
+    for (batch, n, d, hd, m), attrs in [((2, 7, 5, 6, 3), {}), ((1, 4, 8, 5, 6), dict(epsilon=1e-6, scale=2.0))]:
+        shapes = [(batch, n, d), (d,), (d,), (d, hd), (hd,), (hd, m), (m,)]
+        cases.append(([rng.standard_normal(shape).astype(np.float32) * 0.5 for shape in shapes], attrs))
+    return cases
 
 
 OP = OpDef(
@@ -107,6 +87,7 @@ OP = OpDef(
         AttrSpec("scale", float, "factor on the MLP output before the softmax (1 / temperature)", 1.0),
     ),
     reference=reference,
-    build_function=build_function,
+    decompose=decompose,
     triton="trimrt.plugins.kernels.token_slim:run",
+    examples=examples,
 )

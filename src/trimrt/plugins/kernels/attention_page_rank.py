@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS, VAR_MAX, VAR_MIN, important_count, span_end_of
+from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS
+from ..span import Span
 
 #: kernel parameters in launch order: input pointers, int32 scalars, float scalars, output pointer
 POINTERS_IN = ("p_ptr", "m_ptr")
@@ -119,26 +120,17 @@ def check_attributes(n, *, iterations: int, protect: int, span_end: int, **_) ->
     only what does not depend on it is checked."""
     if iterations < 1:
         raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
-    if isinstance(n, int):
-        end = span_end_of(n, span_end)
-        if not 0 <= protect < end <= n:
-            raise ValueError(f"{NAME}: span [{protect}, {end}) is not inside {n} tokens")
-        if n > MAX_N:
-            raise ValueError(f"{NAME}: the Triton kernel handles at most {MAX_N} tokens, got {n}")
-    elif protect < 0 or (span_end > 0 and protect >= span_end):
-        raise ValueError(f"{NAME}: span [{protect}, {span_end or 'N'}) is empty or negative")
+    Span(protect, span_end).check(n, NAME, counted=False)
+    if isinstance(n, int) and n > MAX_N:
+        raise ValueError(f"{NAME}: the Triton kernel handles at most {MAX_N} tokens, got {n}")
 
 
-def scalar_args(probs_shape, metric_shape, *, iterations: int, protect: int = 0, span_end: int = 0,
-                sym=None, **_) -> list:
+def scalar_args(probs_shape, metric_shape, *, iterations: int, protect: int, span_end: int, sym=None, **_) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs):
     H, N, C, iterations, protect, end, ceil((end - protect) / 2)."""
     h, n = probs_shape[1], probs_shape[2]
-    if span_end > 0:
-        end, n_important = span_end, important_count(span_end - protect)
-    else:  # (N - protect + 1) // 2, built with the shape expression on the left
-        end, n_important = n, (n - protect + 1) // 2
-    return [h, n, metric_shape[2], iterations, protect, end, n_important]
+    span = Span(protect, span_end)
+    return [h, n, metric_shape[2], iterations, protect, span.end(n), (span.length(n) + 1) // 2]
 
 
 def grid(probs_shape, metric_shape=None, cdiv=triton.cdiv) -> tuple:
@@ -152,8 +144,8 @@ def constexprs(n: int) -> dict:
             "OFFSET": IMPORTANT_OFFSET, "EPS": NORM_EPS}
 
 
-def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: float = VAR_MIN,
-        var_max: float = VAR_MAX, protect: int = 0, span_end: int = 0, out=None):
+def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: float, var_max: float, protect: int,
+        span_end: int, out=None):
     """probs [B, H, N, N], metric [B, N, C] -> (score [B, N],) in probs' dtype, matching
     `trimrt.plugins.attention_page_rank.reference`."""
     if probs.dim() != 4 or probs.shape[2] != probs.shape[3] or metric.dim() != 3 \

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..diversity_rank import NAME, NORM_EPS
-from . import token_prune as span_rules
+from ..span import Span
 
 #: kernel parameters in launch order: input pointers, int32 scalars, output pointers
 POINTERS_IN = ("x_ptr",)
@@ -131,29 +131,15 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
         tl.store(out + o, tl.zeros([BLOCK_S], dtype=tl.float32).to(score_ptr.dtype.element_ty), mask=outside)
 
 
-# ------------------------------------------------------------ counts (ints or symbolic)
-# The span and k follow TokenPrune's rules (kernels.token_prune): the same functions
-# work on ints and on TensorRT shape expressions, so k here always equals TokenPrune's.
+# ------------------------------------------------- launch (ints or shape expressions)
+# The span and k are TokenPrune's (`Span`, on ints and on TensorRT shape expressions),
+# so k here always equals TokenPrune's.
 
 
-def check_attributes(n, *, sym=None, **attrs) -> None:
-    """TokenPrune's span/keep checks (the reference rejects the same), under this op's
-    name; with `sym`, also that k has an exact shape-expression form (keep_ratio)."""
-    try:
-        span_rules.check_attributes(n, **attrs)
-        if sym is not None:
-            span_rules.counts(n, **attrs, sym=sym)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("TokenPrune", NAME)) from None
-
-
-def scalar_args(x_shape, *, keep: int, protect: int = 0, span_end: int = 0, keep_ratio: float = 1.0,
-                sym=None) -> list:
+def scalar_args(x_shape, *, sym=None, **attrs) -> list:
     """The int32 kernel arguments (SCALARS order) from x's shape (ints or shape exprs)."""
-    n = x_shape[1]
-    end, _ = span_rules.span_bounds(n, span_end=span_end)
-    k, _ = span_rules.counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
-    return [n, x_shape[2], k, protect, end]
+    span, n = Span.of(attrs), x_shape[1]
+    return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n)]
 
 
 def grid(x_shape, cdiv=triton.cdiv) -> tuple:
@@ -170,14 +156,14 @@ def constexprs(n: int, d: int) -> dict:
             "NORM_EPS": NORM_EPS}
 
 
-def run(x: torch.Tensor, *, keep: int, protect: int = 0, span_end: int = 0, keep_ratio: float = 1.0, out=None):
+def run(x: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: float, out=None):
     """x [B, N, D] -> (score [B, N],) on x's device and dtype, matching
     `trimrt.plugins.diversity_rank.reference`."""
     if x.dim() != 3:
         raise ValueError(f"{NAME}: need x [B, N, D], got {tuple(x.shape)}")
     b, n, d = x.shape
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
-    check_attributes(n, **attrs)
+    Span.of(attrs).check(n, NAME)
     x = x.contiguous()
     if out is not None:
         (score,) = out
@@ -212,7 +198,7 @@ def trt_output_shapes(shapes, attrs, trtp):
     """score [B, N]; the attributes are checked as far as they do not depend on N, so
     that a bad keep_ratio fails the build here rather than in aot_impl."""
     b, n = shapes["x"][0], shapes["x"][1]
-    check_attributes(n, **attrs, sym=trtp)
+    Span.of(attrs).check(n, NAME, sym=trtp)
     return [(b, n)]
 
 

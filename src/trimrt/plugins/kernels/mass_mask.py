@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mass_mask import TOLERANCE, check_tau
+from ..mass_mask import NAME, TOLERANCE, check_tau
+from ..span import Span
 
 #: kernel parameters in launch order: input pointers, int32 scalars, tau, output pointers
 POINTERS_IN = ("s_ptr", "idx_ptr")
@@ -88,28 +89,17 @@ def mass_mask_kernel(s_ptr, idx_ptr, N, M, protect, end, tau, valid_ptr, count_p
 # ------------------------------------------------------------ launch (ints or symbolic)
 
 
-def span_end_of(n, span_end: int):
-    return span_end if span_end > 0 else n
-
-
 def check_attributes(n, *, tau: float, protect: int, span_end: int) -> None:
     """Raise ValueError for what the reference rejects (with a shape expression `n`: only
     what does not depend on it)."""
     check_tau(tau)
-    if isinstance(n, int):
-        end = span_end_of(n, span_end)
-        bad = not 0 <= protect < end <= n
-    else:
-        bad = protect < 0 or (span_end > 0 and protect >= span_end)
-    if bad:
-        tokens = n if isinstance(n, int) else "the N"
-        raise ValueError(f"MassMask: span [{protect}, {span_end or 'N'}) is not inside {tokens} tokens")
+    Span(protect, span_end).check(n, NAME, counted=False)
 
 
-def scalar_args(score_shape, kept_index_shape, *, tau: float, protect: int, span_end: int = 0, sym=None) -> list:
+def scalar_args(score_shape, kept_index_shape, *, tau: float, protect: int, span_end: int, sym=None) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
     n = score_shape[1]
-    return [n, kept_index_shape[1], protect, span_end_of(n, span_end)]
+    return [n, kept_index_shape[1], protect, Span(protect, span_end).end(n)]
 
 
 def grid(score_shape, kept_index_shape=None, cdiv=triton.cdiv) -> tuple:
@@ -122,8 +112,7 @@ def constexprs(n: int) -> dict:
     return {"BLOCK_I": block_n, "BLOCK_J": block_n, "TOL": TOLERANCE}
 
 
-def run(score: torch.Tensor, kept_index: torch.Tensor, *, tau: float, protect: int = 0, span_end: int = 0,
-        out=None):
+def run(score: torch.Tensor, kept_index: torch.Tensor, *, tau: float, protect: int, span_end: int, out=None):
     """score [B, N], kept_index [B, M] int64 -> (valid [B, M] of score's dtype, count [B] int64),
     matching `trimrt.plugins.mass_mask.reference` (tau taken as a float32)."""
     if score.dim() != 2 or kept_index.dim() != 2 or kept_index.shape[0] != score.shape[0]:

@@ -134,7 +134,7 @@ def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, 
 # +, -, * and // but no reflected operators: keep them on the left).
 
 
-def check_attributes(n, *, r: int, protect: int, ratio: float = 0.0) -> None:
+def check_attributes(n, *, r: int, protect: int, ratio: float) -> None:
     """Raise ValueError for what the reference rejects; with a symbolic `n`, only what
     does not depend on it."""
     if isinstance(n, int):
@@ -145,12 +145,12 @@ def check_attributes(n, *, r: int, protect: int, ratio: float = 0.0) -> None:
         raise ValueError(f"TokenMerge: r={r} and protect={protect} must be >= 0, ratio={ratio} in [0, 1)")
 
 
-def out_tokens(n, *, r: int, protect: int, ratio: float = 0.0, sym=None):
+def out_tokens(n, *, r: int, protect: int, ratio: float, sym=None):
     """N - min(r, mergeable) (an int or a shape expression)."""
     return n - merged_count(n, r, protect, sym, ratio)
 
 
-def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, ratio: float = 0.0, sym=None) -> list:
+def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, ratio: float, sym=None) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs);
     r is the clamped count."""
     return [x_shape[1], x_shape[2], metric_shape[2], merged_count(x_shape[1], r, protect, sym, ratio), protect]
@@ -169,8 +169,7 @@ def constexprs(n: int, c: int, d: int) -> dict:
             "BLOCK_C": block(c, MAX_BLOCK_C), "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
-def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int = 1, ratio: float = 0.0,
-        out=None):
+def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int, ratio: float, out=None):
     """x [B, N, D], metric [B, N, C], size [B, N] -> (y [B, N - r, D], size_out [B, N - r],
     index [B, N - r] int64), matching `trimrt.plugins.token_merge.reference`; y and
     size_out in x's dtype."""
@@ -229,7 +228,7 @@ def trt_output_shapes(shapes, attrs, trtp):
     """[B, N - r, D], [B, N - r], [B, N - r] (shape expressions or ints)."""
     b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
     check_attributes(n, **attrs)
-    m = out_tokens(n, r=attrs["r"], protect=attrs["protect"], ratio=attrs.get("ratio", 0.0), sym=trtp)
+    m = out_tokens(n, **attrs, sym=trtp)
     return [(b, m, d), (b, m), (b, m)]
 
 

@@ -1,7 +1,7 @@
 """Triton kernel of TokenPrune: select, gather and fuse in one launch.
 
 Grid (B, cdiv(D, BLOCK_D)). The prunable span is [protect, end) (end = span_end, or N);
-k of its tokens are kept (`kept_count`: the static `keep`, or the `keep_ratio` rule on
+k of its tokens are kept (`Span.kept`: the static `keep`, or the `keep_ratio` rule on
 the run-time span length, computed on the host — or as a TensorRT shape expression —
 and passed in as a scalar). Each program walks the N tokens of its batch row in chunks
 of BLOCK_I and, per chunk:
@@ -23,12 +23,11 @@ AOT path launches exactly one kernel per plugin. No sort or top-k is used.
 
 from __future__ import annotations
 
-import math
-from fractions import Fraction
-
 import torch
 import triton
 import triton.language as tl
+
+from ..span import Span
 
 #: kernel parameters in launch order: input pointers, int32 scalars, output pointers
 POINTERS_IN = ("x_ptr", "s_ptr")
@@ -36,10 +35,6 @@ SCALARS = ("N", "D", "keep", "protect", "end")  # keep: the kept span count k
 POINTERS_OUT = ("y_ptr", "idx_ptr", "fused_ptr")
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
-#: the reference's ceil(keep_ratio · span - EPS)
-EPS = 1e-9
-#: bound on the span length for which the symbolic k stays inside int64 arithmetic
-_MAX_SPAN_BITS = 31
 
 
 @triton.jit
@@ -82,91 +77,15 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, f
     tl.store(fused_ptr + b * D + d, fused.to(fused_ptr.dtype.element_ty), mask=d_mask)
 
 
-# ------------------------------------------------------------ counts (ints or symbolic)
-# These work on plain ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin`,
-# or anything with its `cdiv`, `max` and `min`): the plugin's output shapes and its AOT
-# launch arguments come from the same functions as `run`'s, so they always agree.
-# Shape expressions have +, -, * and // but no reflected operators: keep them on the left.
+# ------------------------------------------------- launch (ints or shape expressions)
+# The span and k are `Span`'s (ints, or TensorRT shape expressions with `sym`): the
+# plugin's output shapes and AOT launch arguments come from the same code as `run`'s.
 
 
-def _ratio_terms(keep_ratio: float, symbolic: bool) -> tuple[int, int, int]:
-    """(a, c, q) with ceil(keep_ratio · span - EPS) == ceil((a · span - c) / q) for every span.
-
-    keep_ratio = a / q exactly (a float is a dyadic rational) and c = floor(EPS · q): for
-    an integer t = q·j - a·span, t >= -EPS·q  <=>  t >= -floor(EPS·q). Symbolic (int64)
-    arithmetic needs small terms: float32 ratios (what TensorRT passes) down to 2^-38 fit.
-    """
-    ratio = Fraction(keep_ratio)
-    a, q = ratio.numerator, ratio.denominator
-    c = math.floor(Fraction(EPS) * q)
-    if symbolic and (abs(a).bit_length() + _MAX_SPAN_BITS > 62 or q.bit_length() > 62):
-        raise ValueError(
-            f"TokenPrune: keep_ratio={keep_ratio!r} has no exact int64 form for a TensorRT shape expression "
-            "(use a float32 value >= 2**-38, or a static keep > 0)")
-    return a, c, q
-
-
-def kept_count(span, *, keep: int, keep_ratio: float, sym=None):
-    """Tokens kept of a span of `span` tokens: `keep` if > 0, else
-    max(1, min(span, ceil(keep_ratio · span - 1e-9))) in exact integer arithmetic
-    (`trimrt.plugins.token_prune.span_keep` up to float64 rounding of the product)."""
-    if keep > 0:
-        return keep
-    a, c, q = _ratio_terms(keep_ratio, symbolic=not isinstance(span, int))
-    if isinstance(span, int):
-        return max(1, min(span, -((c - a * span) // q)))
-    # the numerator is clamped to >= 1 so that CEIL_DIV only sees positive operands: k >= 1
-    numerator = sym.max(span * a - c, 1) if a > 0 else 1
-    k = sym.cdiv(numerator, q) if not isinstance(numerator, int) else 1
-    return sym.min(k, span) if not isinstance(k, int) else k
-
-
-def span_bounds(n, *, span_end: int):
-    """(end, suffix length N - end) of the span; `n` is an int or a shape expression."""
-    if span_end > 0:
-        return span_end, n - span_end
-    return n, 0
-
-
-def counts(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, sym=None):
-    """(k, m): the kept span tokens and the output token count protect + k + (N - end)."""
-    end, suffix = span_bounds(n, span_end=span_end)
-    k = keep if keep > 0 else kept_count(end - protect, keep=keep, keep_ratio=keep_ratio, sym=sym)
-    m = _plus(_plus(k, protect), suffix)
-    return k, m
-
-
-def _plus(a, b):
-    """a + b with a shape expression (if any) on the left."""
-    return b + a if isinstance(a, int) and not isinstance(b, int) else a + b
-
-
-def check_attributes(n, *, keep: int, protect: int, span_end: int, keep_ratio: float) -> None:
-    """Raise ValueError for a span or keep the reference rejects; when `n` is a shape
-    expression, only what does not depend on it is checked."""
-    concrete = isinstance(n, int)
-    end = span_end if span_end > 0 else n
-    if concrete:
-        bad_span = not 0 <= protect < end <= n
-    else:
-        bad_span = protect < 0 or (span_end > 0 and protect >= span_end)
-    if bad_span:
-        raise ValueError(f"TokenPrune: span [{protect}, {end if concrete or span_end > 0 else 'N'}) "
-                         f"is not inside {n if concrete else 'the N'} tokens")
-    if concrete or span_end > 0:
-        span = end - protect
-        k = kept_count(span, keep=keep, keep_ratio=keep_ratio)
-        if not 1 <= k <= span:
-            raise ValueError(f"TokenPrune: keep={keep} must be in [1, {span}] for a span of {span} tokens")
-
-
-def scalar_args(x_shape, score_shape, *, keep: int, protect: int, span_end: int = 0, keep_ratio: float = 1.0,
-                sym=None) -> list:
+def scalar_args(x_shape, score_shape, *, sym=None, **attrs) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
-    n = x_shape[1]
-    end, _ = span_bounds(n, span_end=span_end)
-    k, _ = counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
-    return [n, x_shape[2], k, protect, end]
+    span, n = Span.of(attrs), x_shape[1]
+    return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n)]
 
 
 def grid(x_shape, score_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
@@ -180,17 +99,17 @@ def constexprs(n: int, d: int) -> dict:
             "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
 
 
-def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int = 0,
-        keep_ratio: float = 1.0, out=None):
+def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: float,
+        out=None):
     """x [B, N, D], score [B, N] -> (y [B, M, D], kept_index [B, M] int64, fused [B, 1, D]),
     M = protect + k + (N - end), matching `trimrt.plugins.token_prune.reference`."""
     if x.dim() != 3 or score.dim() != 2 or tuple(score.shape) != tuple(x.shape[:2]):
         raise ValueError(f"TokenPrune: need x [B, N, D] and score [B, N], got {tuple(x.shape)}, {tuple(score.shape)}")
     b, n, d = x.shape
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
-    check_attributes(n, **attrs)
+    Span.of(attrs).check(n, "TokenPrune")
     x, score = x.contiguous(), score.contiguous()
-    _, m = counts(n, **attrs)
+    m = Span.of(attrs).out_tokens(n)
     if out is not None:
         y, kept_index, fused = out
         if (tuple(y.shape), tuple(kept_index.shape), tuple(fused.shape)) != ((b, m, d), (b, m), (b, 1, d)):
@@ -240,8 +159,9 @@ def trt_output_shapes(shapes, attrs, trtp):
     max(1, min(span, ceil(keep_ratio · span - 1e-9))) of the run-time span, expressed
     exactly in integer shape arithmetic (keep_ratio = a / q, a float32 is dyadic)."""
     b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
-    check_attributes(n, **attrs)
-    _, m = counts(n, **attrs, sym=trtp)
+    span = Span.of(attrs)
+    span.check(n, "TokenPrune", sym=trtp)
+    m = span.out_tokens(n, trtp)
     return [(b, m, d), (b, m), (b, 1, d)]
 
 

@@ -28,9 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..token_recycle import check_layout
-from .token_prune import check_attributes as check_prune_attributes
-from .token_prune import counts as prune_counts
+from ..span import Span
+from ..token_recycle import NAME, check_layout
 
 #: kernel parameters in launch order: input pointers, int32 scalars, output pointers
 POINTERS_IN = ("x_ptr", "s_ptr", "pos_ptr")
@@ -158,38 +157,30 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
         tl.store(idx_ptr + b * m + slot, representative.to(tl.int64), mask=c_valid & first_block)
 
 
-# ------------------------------------------------------------ counts (ints or symbolic)
-# As in kernels/token_prune.py: these work on ints and on TensorRT shape expressions
-# (`sym` = tensorrt.plugin), so the plugin's output shapes and AOT scalars and `run`'s
-# launch come from the same functions. Shape expressions have no reflected operators.
+# ------------------------------------------------- launch (ints or shape expressions)
+# As in kernels/token_prune.py: the span and k are `Span`'s (ints, or TensorRT shape
+# expressions with `sym`), so the plugin's output shapes and AOT scalars and `run`'s
+# launch come from the same code.
 
 
-def counts(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, grid: int, sym=None, **_layout):
-    """(k, m): the kept span tokens and the output token count protect + k + grid² + (N - end).
-    The layout attributes (patch_rows, ...) are accepted and do not matter here."""
-    k, m_pruned = prune_counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, sym=sym)
-    return k, m_pruned + grid * grid  # a shape expression (if any) stays on the left
+def out_tokens(n, attrs, sym=None):
+    """protect + k + grid² + (N - end) (a shape expression, if any, stays on the left)."""
+    return Span.of(attrs).out_tokens(n, sym) + attrs["grid"] * attrs["grid"]
 
 
-def check_attributes(n, *, keep: int, protect: int, span_end: int, keep_ratio: float, grid: int, patch_rows: int,
-                     patch_cols: int, first_patch: int) -> None:
+def check_attributes(n, attrs, sym=None) -> None:
     """Raise ValueError for what the reference rejects (with a shape expression `n`: only
     what does not depend on it)."""
-    check_layout(grid, patch_rows, patch_cols)
-    try:
-        check_prune_attributes(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace("TokenPrune", "TokenRecycle")) from None
+    Span.of(attrs).check(n, NAME, counted=False)
+    check_layout(attrs["grid"], attrs["patch_rows"], attrs["patch_cols"])
+    Span.of(attrs).check(n, NAME, sym=sym)
 
 
-def scalar_args(x_shape, score_shape, position_shape, *, keep: int, protect: int, span_end: int = 0,
-                keep_ratio: float = 1.0, grid: int, patch_rows: int, patch_cols: int, first_patch: int = 1,
-                sym=None) -> list:
+def scalar_args(x_shape, score_shape, position_shape, *, sym=None, **attrs) -> list:
     """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
-    n = x_shape[1]
-    end = span_end if span_end > 0 else n
-    k, _ = counts(n, keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio, grid=grid, sym=sym)
-    return [n, x_shape[2], k, protect, end, grid, patch_rows, patch_cols, first_patch]
+    span, n = Span.of(attrs), x_shape[1]
+    return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n), attrs["grid"], attrs["patch_rows"],
+            attrs["patch_cols"], attrs["first_patch"]]
 
 
 def launch_grid(x_shape, score_shape=None, position_shape=None, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tuple:
@@ -217,9 +208,9 @@ def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=Non
         raise ValueError(f"TokenRecycle: need x [B, N, D], score and position [B, N], got "
                          f"{tuple(x.shape)}, {tuple(score.shape)}, {tuple(position.shape)}")
     b, n, d = x.shape
-    check_attributes(n, **attrs)
+    check_attributes(n, attrs)
     x, score, position = x.contiguous(), score.contiguous(), position.to(torch.int64).contiguous()
-    _, m = counts(n, **attrs)
+    m = out_tokens(n, attrs)
     if out is not None:
         y, kept_index = out
         if (tuple(y.shape), tuple(kept_index.shape)) != ((b, m, d), (b, m)):
@@ -262,8 +253,8 @@ def trt_output_shapes(shapes, attrs, trtp):
     """[B, M, D] and [B, M], M = protect + k + grid² + (N - end); with keep == 0, k is
     TokenPrune's keep_ratio rule on the run-time span, as an exact shape expression."""
     b, n, d = shapes["x"][0], shapes["x"][1], shapes["x"][2]
-    check_attributes(n, **attrs)
-    _, m = counts(n, **attrs, sym=trtp)
+    check_attributes(n, attrs, sym=trtp)
+    m = out_tokens(n, attrs, trtp)
     return [(b, m, d), (b, m)]
 
 

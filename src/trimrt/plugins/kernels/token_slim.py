@@ -104,7 +104,7 @@ def mlp_logits(x, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, scale: f
     return ((hidden @ w2.to(f) + b2.to(f)) * scale).contiguous()
 
 
-def run(x: torch.Tensor, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float = 1e-5, scale: float = 1.0, out=None):
+def run(x: torch.Tensor, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, scale: float, out=None):
     """x [B, N, D] and the TSM weights -> (y [B, M, D],), matching
     `trimrt.plugins.token_slim.reference`: logits by torch, softmax + mixing by Triton."""
     tensors = (x, ln_scale, ln_bias, w1, b1, w2, b2)
