@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import RecipeError
+from .registry import TOKEN_PRUNING_METHODS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-TOKEN_PRUNING_METHODS = ("cls_attention", "last_token_attention", "zero_tprune", "divprune", "recycle", "adaptive")
-#: recipe keys that belong to one method only
-_METHOD_KEYS = {"iterations": "zero_tprune", "head_variance": "zero_tprune", "recycle_grid": "recycle",
-                "mass": "adaptive"}
 
 # Upper bounds of the numbers that cost compile time or memory (a typo of a few zeros must
 # fail in the recipe check, not hang the compile or exhaust memory)
@@ -203,8 +199,9 @@ class Recipe:
                 del tp["prunable"]
             else:
                 tp["prunable"] = list(tp["prunable"])
+            owners = _method_keys()
             for key, value in list(tp.items()):
-                if key in _METHOD_KEYS and _METHOD_KEYS[key] != tp["method"]:
+                if key in owners and owners[key] != tp["method"]:
                     del tp[key]
                 elif isinstance(value, tuple):
                     tp[key] = list(value)
@@ -484,6 +481,11 @@ def _parse_onnxruntime(table: Any, source: str) -> OnnxRuntimeOptions:
     return OnnxRuntimeOptions(fuse=_flag(table, "fuse", False, where))
 
 
+def _method_keys() -> dict[str, str]:
+    """recipe key -> the token-pruning method it belongs to (keys of one method only)."""
+    return {key: name for name in TOKEN_PRUNING_METHODS for key in TOKEN_PRUNING_METHODS[name].keys}
+
+
 def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
     where = f"{source}: [token_pruning]"
     tp = _table(tp, where, {f.name for f in dataclasses.fields(TokenPruningOptions)})
@@ -510,36 +512,12 @@ def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
             raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, "
                               f"got {prunable!r}")
         prunable = (int(prunable[0]), int(prunable[1]))
-    for key, owner in _METHOD_KEYS.items():
+    for key, owner in _method_keys().items():
         if key in tp and method != owner:
             raise RecipeError(f"{where}: {key} applies to method = \"{owner}\" only (method is {method!r})")
-    extra: dict[str, Any] = {}
-    if "iterations" in tp:
-        its = tp["iterations"]
-        if not isinstance(its, (list, tuple)) or len(its) != len(layers) or not all(_is_int(i) and i >= 1 for i in its):
-            raise RecipeError(f"{where}: iterations must list one integer >= 1 per layer ({len(layers)}), got {its!r}")
-        if max(its) > MAX_ITERATIONS:
-            raise RecipeError(f"{where}: iterations must be at most {MAX_ITERATIONS} (PageRank converges in tens; "
-                              f"the paper uses up to 30), got {max(its)}")
-        extra["iterations"] = tuple(i for _, i in sorted(zip(layers, its)))
-    if "head_variance" in tp:
-        hv = tp["head_variance"]
-        if (not isinstance(hv, (list, tuple)) or len(hv) != 2 or not all(isinstance(v, (int, float)) for v in hv)
-                or not 0 <= hv[0] <= hv[1]):
-            raise RecipeError(f"{where}: head_variance must be [low, high] with 0 <= low <= high, got {hv!r}")
-        extra["head_variance"] = (float(hv[0]), float(hv[1]))
-    if "recycle_grid" in tp:
-        grid = tp["recycle_grid"]
-        if not _is_int(grid) or not 1 <= grid <= MAX_RECYCLE_GRID:
-            raise RecipeError(f"{where}: recycle_grid must be an integer in [1, {MAX_RECYCLE_GRID}], got {grid!r}")
-        extra["recycle_grid"] = grid
-    if "mass" in tp:
-        mass = tp["mass"]
-        if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 < mass <= 1.0:
-            raise RecipeError(f"{where}: mass must be a number in (0, 1], got {mass!r}")
-        extra["mass"] = float(mass)
-    if fuse and method in ("recycle", "adaptive"):
-        raise RecipeError(f"{where}: fuse_pruned does not apply to method {method!r} "
-                          "(recycle merges the dropped tokens itself; adaptive masks them)")
+    chosen = TOKEN_PRUNING_METHODS[method]
+    extra = chosen.parse(tp, where, layers)
+    if fuse and chosen.no_fuse is not None:
+        raise RecipeError(f"{where}: fuse_pruned does not apply to method {method!r} ({chosen.no_fuse})")
     return TokenPruningOptions(method=method, layers=tuple(sorted(layers)), keep=float(keep),
                                protect=protect, fuse_pruned=fuse, prunable=prunable, **extra)

@@ -450,6 +450,29 @@ def analyse(model: ir.Model) -> TransformerMap:
                           _prepended_tokens(blocks[0].stream_in, token_axis))
 
 
+#: key of the analysed structure in a compile's shared values (PipelineContext.shared)
+STRUCTURE = "structure"
+
+
+def _wiring(graph: ir.Graph) -> tuple:
+    """The graph as analysis sees it: its nodes, what each reads, its inputs and outputs."""
+    return tuple(graph.inputs), tuple(graph.outputs), tuple((n, tuple(n.inputs)) for n in graph)
+
+
+def structure_of(model: ir.Model, shared: dict) -> TransformerMap:
+    """analyse(model), once per graph: the map kept in `shared` (a compile's shared values)
+    is reused while the graph is wired as when it was analysed (the same nodes reading the
+    same values); a pass that rewired it since (padding trim, token slimming, a token
+    pass) gets a fresh analysis of the graph as it is now."""
+    wiring = _wiring(model.graph)
+    found = shared.get(STRUCTURE)
+    if found is not None and found[0] == wiring:
+        return found[1]
+    tmap = analyse(model)
+    shared[STRUCTURE] = (wiring, tmap)
+    return tmap
+
+
 def infer_shapes(model: ir.Model) -> None:
     """Annotate values with shapes (onnx shape inference with data propagation), in place."""
     from onnx_ir.passes.common import ShapeInferencePass

@@ -21,7 +21,7 @@ from ..passes import (OrtFusionPass, QuantizationPass, TokenMergingPass, TokenPr
 from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
-from .analysis import analyse, infer_shapes
+from .analysis import infer_shapes, structure_of
 
 TARGETS = ("onnxruntime", "tensorrt")
 MIN_OPSET = 18
@@ -44,12 +44,13 @@ class CanonicalizePass(TrimrtPass):
 
 
 class AnalysePass(TrimrtPass):
-    """Record the transformer structure (does not change the graph)."""
+    """Analyse the transformer structure once for the compile: recorded, and shared with
+    the token passes through the context (does not change the graph)."""
 
     name = "analyse"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.record(analyse(model).summary())
+        self.record(structure_of(model, self.context.shared).summary())
         return ir.passes.PassResult(model, modified=False)
 
 

@@ -79,14 +79,7 @@ class TrimrtPass(ir.passes.InPlacePass):
         found = self.context.report_of(self.name)
         return found.details if found is not None else {}
 
-    # transitional node helpers (to be replaced by GraphBuilder in every pass)
-    def custom_node(self, op_type: str, inputs, attributes: dict, num_outputs: int, name: str) -> ir.Node:
-        node = ir.node(op_type, inputs, attributes, domain=DOMAIN, num_outputs=num_outputs, name=name)
-        return self.tagged(node)
-
-    def std_node(self, op_type: str, inputs, attributes: dict | None = None, name: str = "") -> ir.Node:
-        return self.tagged(ir.node(op_type, inputs, attributes or {}, name=name))
-
+    # transitional helper (to be replaced by GraphBuilder in every pass)
     def tagged(self, node: ir.Node) -> ir.Node:
         node.metadata_props[PASS_TAG] = self.name
         for i, out in enumerate(node.outputs):
@@ -153,6 +146,15 @@ class GraphBuilder(Tape):
         value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
         self.graph.register_initializer(value)
         return value
+
+    def insert_before(self, anchor: ir.Node) -> None:
+        """Place the collected nodes right before `anchor`."""
+        self.graph.insert_before(anchor, self._nodes)
+        self._nodes = []
+
+    def discard(self) -> None:
+        """Forget the collected nodes (built, then found not needed)."""
+        self._nodes = []
 
     def insert_after(self, anchor: ir.Node | None) -> None:
         """Place the collected nodes right after `anchor` (at the start when None)."""

@@ -21,10 +21,11 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ..compiler.probe import TokenDims
-from .token_shapes import free_token_count
+from ..plugins import REGISTRY
 from ..plugins.token_merge import merged_count
 from ..recipe import TokenMergingOptions
-from .token_graph import TokenGraphPass, clear_stale_shapes
+from .token_graph import TokenGraphPass, clear_stale_shapes, head_mean_keys, ones
+from .token_shapes import free_token_count
 
 
 class TokenMergingPass(TokenGraphPass):
@@ -38,12 +39,12 @@ class TokenMergingPass(TokenGraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        tmap = self._structure(model, opts.layers, "token_merging")
-        schedule = opts.schedule(len(tmap.blocks))
-        n = tmap.num_tokens
-        dims = TokenDims(model, n)
+        rw = self._rewrite(model, opts.layers, "token_merging")
+        schedule = opts.schedule(len(rw.tmap.blocks))
+        n = rw.tmap.num_tokens
+        rw.dims = TokenDims(model, n)
         n_orig, protect = n, opts.protected_prefix
-        layers, merged, aligned, gathered, biases = [], [], None, {}, []
+        layers, merged, biases = [], [], []
         size = None
         for layer, asked in schedule:
             # as ToMe does, a block merges at most its mergeable tokens (the op clamps at
@@ -54,24 +55,20 @@ class TokenMergingPass(TokenGraphPass):
                 r = asked
             if r == 0 and (isinstance(n, int) or not opts.ratio):
                 continue
-            block = tmap.blocks[layer]
+            block = rw.tmap.blocks[layer]
             stream = block.stream_mid
-            uses = self._stream_uses(stream, layer)
+            uses = rw.stream_uses(stream, layer)
             prefix = f"trimrt_merge_{layer}"
-            nodes: list[ir.Node] = []
+            b = rw.builder(prefix)
             if size is None:
-                size = self._ones(stream, prefix, nodes)
-            metric = self._head_mean_keys(block.attention, prefix, nodes)
-            merge = self._node("TokenMerge", [stream, metric, size], {"r": r, "protect": protect, "ratio": opts.ratio},
-                               prefix, domain="trimrt", num_outputs=3)
-            nodes.append(merge)
-            out, size, index = merge.outputs
+                size = ones(b, stream, prefix)
+            metric = head_mean_keys(b, block.attention, prefix)
+            out, size, index = b.emit(REGISTRY["TokenMerge"], [stream, metric, size], name=prefix, r=r,
+                                      protect=protect, ratio=opts.ratio)
             if opts.proportional_attention:
-                log_size = self._node("Log", [size], {}, f"{prefix}_log_size")
-                nodes.append(log_size)
-                biases.append((layer, log_size.outputs[0]))
-            self._replace_stream(stream, uses, nodes, out)
-            aligned, _, rederived = self._follow_tokens(out, index, layer, dims, aligned, gathered)
+                biases.append((layer, b.op("Log", [size], name=f"{prefix}_log_size")))
+            rw.replace_stream(b, stream, uses, out)
+            rederived = rw.follow_tokens(out, index, layer)
             merged.append(out)
             tokens_out = n - r if isinstance(n, int) else "dynamic"
             merged_text = f"min({r}, mergeable)" if r else f"min(floor({opts.ratio}·tokens), mergeable)"
@@ -82,12 +79,13 @@ class TokenMergingPass(TokenGraphPass):
         if not merged:
             self.record({"layers": [], "tokens_before": n_orig, "tokens_after": n_orig})
             return ir.passes.PassResult(model, modified=False)
-        self._bias_later_attention(tmap.blocks, biases)
-        weighted = self._weight_pooling(aligned, gathered, size) if opts.weighted_pooling else []
-        rewritten = free_token_count(self.graph, merged, n_orig, self.name, self._make, dims) if isinstance(n_orig, int) else 0
-        clear_stale_shapes(self.graph, merged[:1], n_orig, n)
+        rw.bias_later_attention(biases)
+        weighted = rw.weight_pooling(size) if opts.weighted_pooling else []
+        graph = model.graph
+        rewritten = free_token_count(self.builder(graph), merged, n_orig, rw.dims) if isinstance(n_orig, int) else 0
+        clear_stale_shapes(graph, merged[:1], n_orig, n)
         self.record({"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                      "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,
-                     "travelling_tensors": sorted(v.name for v in aligned), "shape_constants_rewritten": rewritten},
+                     "travelling_tensors": sorted(v.name for v in rw.aligned), "shape_constants_rewritten": rewritten},
                     changes_results=n != n_orig)
         return ir.passes.PassResult(model, modified=True)

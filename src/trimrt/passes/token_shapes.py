@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import BuildError
 from ..compiler.analysis import is_constant
+from ..errors import BuildError
+from .base import PASS_TAG, GraphBuilder
 
 #: op type -> indices of inputs that are shapes / sizes
 _SHAPE_INPUTS = {"Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Range": (1,)}
@@ -34,7 +35,7 @@ def downstream_nodes(graph: ir.Graph, start: list[ir.Value]) -> list[ir.Node]:
     return [n for n in graph if n in reached]
 
 
-def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag, make_node=None, dims=None) -> int:
+def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims=None) -> int:
     """Rewrite baked token counts downstream of the reductions `reduced` (their outputs,
     [B, tokens, D], in order); returns the number of constants rewritten.
 
@@ -43,23 +44,18 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
     matching the Reshape's input and output axes, `dims` giving the input's token axis).
     A node takes the count of the latest reduction upstream of it. Where a local rewrite
     is safe (Reshape 0 / -1, Expand 1) it is used; otherwise the baked entries become
-    that reduction's runtime count, Shape(output)[1], times their multiple.
-    `make_node(op, inputs, attrs, name)` builds (tagged) nodes; without it only local
-    rewrites are possible."""
-    from ..passes.base import PASS_TAG  # here: passes import this module
-
+    that reduction's runtime count, Shape(output)[1], times their multiple. Nodes are
+    built with `b` (its pass tags them and names the rewrites)."""
+    graph, tag = b.graph, b.pass_name
     regions = [set(downstream_nodes(graph, [out])) for out in reduced]
     counts: dict[int, ir.Value] = {}
 
-    def count_of(node: ir.Node) -> ir.Value | None:
-        if make_node is None:
-            return None
+    def count_of(node: ir.Node) -> ir.Value:
         i = max(j for j, region in enumerate(regions) if node in region)
         if i not in counts:
             out = reduced[i]
-            shape = make_node("Shape", [out], {"start": 1, "end": 2}, f"{tag}_tokens_{i}")
-            graph.insert_after(out.producer(), [shape])
-            counts[i] = shape.outputs[0]
+            counts[i] = b.op("Shape", [out], {"start": 1, "end": 2}, name=f"{tag}_tokens_{i}")
+            b.insert_after(out.producer())
         return counts[i]
 
     rewritten = 0
@@ -71,7 +67,7 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
                 continue
             tensor = ir.convenience.get_const_tensor(node.inputs[idx])
             if tensor is None:
-                rewritten += _free_concat_pieces(graph, node, idx, n_orig, count_of, make_node, tag, dims)
+                rewritten += _free_concat_pieces(b, node, idx, n_orig, count_of, dims)
                 continue
             arr = tensor.numpy()
             if arr.dtype not in (np.int64, np.int32):
@@ -81,23 +77,22 @@ def free_token_count(graph: ir.Graph, reduced: list[ir.Value], n_orig: int, tag,
                 continue
             new = _rewrite(node, arr, n_orig, scaled)
             if new is not None:
-                value = ir.Value(name=f"{node.name}_tokens_free", const_value=ir.tensor(new, name=f"{node.name}_tokens_free"))
-                graph.register_initializer(value)
+                value = b.const(new, name=f"{node.name}_tokens_free")
             else:
-                value = _runtime_shape(graph, node, arr, scaled, count_of(node), make_node)
+                value = _runtime_shape(b, node, arr, scaled, count_of(node))
             node.replace_input_with(idx, value)
             node.metadata_props.setdefault("trimrt.rewritten_by", tag)
             rewritten += 1
     return rewritten
 
 
-def _free_concat_pieces(graph: ir.Graph, node: ir.Node, idx: int, n_orig: int, count_of, make_node, tag, dims) -> int:
+def _free_concat_pieces(b: GraphBuilder, node: ir.Node, idx: int, n_orig: int, count_of, dims) -> int:
     """A shape computed as Concat(runtime dims, constant pieces): the TorchScript exporter's
     form with a dynamic batch (nn.MultiheadAttention's [N, B·H, Dh] views bake N in a
     piece). Pieces holding the count become the runtime count, in a copy of the Concat
     private to `node` (the original may serve nodes before the reduction)."""
     concat = node.inputs[idx].producer()
-    if concat is None or concat.op_type != "Concat" or make_node is None:
+    if concat is None or concat.op_type != "Concat":
         return 0
     axis = _reshape_token_axis(node, n_orig, dims) if node.op_type == "Reshape" else None
     pieces, changed, offset = [], 0, 0
@@ -110,17 +105,18 @@ def _free_concat_pieces(graph: ir.Graph, node: ir.Node, idx: int, n_orig: int, c
             if axis is not None:  # only the entry the tokens land on
                 entries = {i: 1 for i in entries if offset is not None and offset + i == axis}
             if entries:
-                piece = _runtime_shape(graph, node, arr, entries, count_of(node), make_node)
+                piece = _runtime_shape(b, node, arr, entries, count_of(node))
                 changed += 1
         pieces.append(piece)
         if offset is not None:
             offset = offset + (arr.size if arr is not None else size) if (arr is not None or isinstance(size, int)) else None
     if not changed:
         return 0
-    copy = make_node("Concat", pieces, {"axis": concat.attributes.get_int("axis", 0)}, f"{node.name or node.op_type}_tokens_shape")
-    graph.insert_before(node, [copy])
-    node.replace_input_with(idx, copy.outputs[0])
-    node.metadata_props.setdefault("trimrt.rewritten_by", tag)
+    copy = b.op("Concat", pieces, {"axis": concat.attributes.get_int("axis", 0)},
+                name=f"{node.name or node.op_type}_tokens_shape")
+    b.insert_before(node)
+    node.replace_input_with(idx, copy)
+    node.metadata_props.setdefault("trimrt.rewritten_by", b.pass_name)
     return changed
 
 
@@ -210,20 +206,18 @@ def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int, scaled: dict[int, int]
     return None
 
 
-def _runtime_shape(graph: ir.Graph, node: ir.Node, arr: np.ndarray, scaled: dict[int, int], count: ir.Value | None,
-                   make_node) -> ir.Value:
+def _runtime_shape(b: GraphBuilder, node: ir.Node, arr: np.ndarray, scaled: dict[int, int],
+                   count: ir.Value | None) -> ir.Value:
     """`arr` with its token entries computed from the runtime `count` ([1] int64)."""
     if count is None or arr.ndim > 1:
         raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r} (shape {arr.tolist()}): "
                          "a token-reducing pass would leave it with the original count; please report this graph")
     flat = arr.reshape(-1).astype(np.int64)
     name = f"{node.name or node.op_type}_tokens_free"
-    parts, run, nodes = [], [], []
+    parts, run = [], []
 
     def const(vals, tag):
-        value = ir.Value(name=f"{name}_{tag}{len(parts)}", const_value=ir.tensor(np.array(vals, np.int64)))
-        graph.register_initializer(value)
-        return value
+        return b.const(np.array(vals, np.int64), name=f"{name}_{tag}{len(parts)}")
 
     for i, v in enumerate(flat):
         if i in scaled:
@@ -233,20 +227,17 @@ def _runtime_shape(graph: ir.Graph, node: ir.Node, arr: np.ndarray, scaled: dict
             if scaled[i] == 1:
                 parts.append(count)
             else:
-                nodes.append(make_node("Mul", [count, const([scaled[i]], "m")], {}, f"{name}_x{i}"))
-                parts.append(nodes[-1].outputs[0])
+                parts.append(b.op("Mul", [count, const([scaled[i]], "m")], name=f"{name}_x{i}"))
         else:
             run.append(int(v))
     if run:
         parts.append(const(run, "c"))
-    nodes.append(make_node("Concat", parts, {"axis": 0}, name))
+    out = b.op("Concat", parts, {"axis": 0}, name=name)
     if arr.ndim == 0:  # a scalar size (Range's limit)
-        nodes.append(make_node("Squeeze", [nodes[-1].outputs[0]], {}, f"{name}_scalar"))
-    out = nodes[-1].outputs[0]
+        out = b.op("Squeeze", [out], name=f"{name}_scalar")
     if arr.dtype != np.int64:
-        nodes.append(make_node("Cast", [out], {"to": ir.DataType.INT32}, f"{name}_int32"))
-        out = nodes[-1].outputs[0]
-    graph.insert_before(node, nodes)
+        out = b.op("Cast", [out], {"to": ir.DataType.INT32}, name=f"{name}_int32")
+    b.insert_before(node)
     return out
 
 
@@ -301,38 +292,37 @@ def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[in
     return found
 
 
-def gather_tokens(value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value, make_node,
-                  name: str) -> tuple[list[ir.Node], ir.Value]:
-    """Nodes gathering `value` (of rank `rank`) along each token axis in `axes` with
-    kept_index [B, k] (GatherElements, after broadcasting a size-1 batch axis to B)."""
-    nodes = []
-    ints = lambda vals, tag: ir.Value(name=f"{name}_{tag}", const_value=ir.tensor(np.array(vals, dtype=np.int64), name=f"{name}_{tag}"))  # noqa: E731
+def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value,
+                  name: str) -> ir.Value:
+    """Gather `value` (of rank `rank`) along each token axis in `axes` with kept_index
+    [B, k] (GatherElements, after broadcasting a size-1 batch axis to B); the nodes are
+    collected in `b`."""
+    def ints(vals, tag):
+        return b.const(np.array(vals, dtype=np.int64), name=f"{name}_{tag}")
+
     # broadcast the batch axis: Expand(value, [B, 1, ..., 1])
-    batch = make_node("Shape", [kept_index], {"start": 0, "end": 1}, f"{name}_batch")
-    ones = ints([1] * (rank - 1), "ones")
-    target = make_node("Concat", [batch.outputs[0], ones], {"axis": 0}, f"{name}_bshape")
-    current = make_node("Expand", [value, target.outputs[0]], {}, f"{name}_bexpand")
-    nodes += [batch, target, current]
-    out = current.outputs[0]
+    batch = b.op("Shape", [kept_index], {"start": 0, "end": 1}, name=f"{name}_batch")
+    target = b.op("Concat", [batch, ints([1] * (rank - 1), "ones")], {"axis": 0}, name=f"{name}_bshape")
+    out = b.op("Expand", [value, target], name=f"{name}_bexpand")
     for axis in axes:
         # indices [B, 1.., k, ..1] expanded to the data's shape with k on `axis`
         shape = [0] + [1] * (rank - 1)
         shape[axis] = -1
-        idx = make_node("Reshape", [kept_index, ints(shape, f"ishape{axis}")], {}, f"{name}_idx{axis}")
-        data_shape = make_node("Shape", [out], {}, f"{name}_dshape{axis}")
-        k_dim = make_node("Shape", [kept_index], {"start": 1, "end": 2}, f"{name}_k{axis}")
+        idx = b.op("Reshape", [kept_index, ints(shape, f"ishape{axis}")], name=f"{name}_idx{axis}")
+        data_shape = b.op("Shape", [out], name=f"{name}_dshape{axis}")
+        k_dim = b.op("Shape", [kept_index], {"start": 1, "end": 2}, name=f"{name}_k{axis}")
         parts = []
         if axis > 0:
-            parts.append(make_node("Slice", [data_shape.outputs[0], ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")], {}, f"{name}_pre{axis}"))
+            parts.append(b.op("Slice", [data_shape, ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")],
+                              name=f"{name}_pre{axis}"))
         parts.append(k_dim)
         if axis < rank - 1:
-            parts.append(make_node("Slice", [data_shape.outputs[0], ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")], {}, f"{name}_post{axis}"))
-        full = make_node("Concat", [p.outputs[0] for p in parts], {"axis": 0}, f"{name}_ishape_full{axis}")
-        idx_full = make_node("Expand", [idx.outputs[0], full.outputs[0]], {}, f"{name}_iexpand{axis}")
-        gathered = make_node("GatherElements", [out, idx_full.outputs[0]], {"axis": axis}, f"{name}_gather{axis}")
-        nodes += [idx, data_shape, k_dim, *parts, full, idx_full, gathered]
-        out = gathered.outputs[0]
-    return nodes, out
+            parts.append(b.op("Slice", [data_shape, ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")],
+                              name=f"{name}_post{axis}"))
+        full = b.op("Concat", parts, {"axis": 0}, name=f"{name}_ishape_full{axis}")
+        idx_full = b.op("Expand", [idx, full], name=f"{name}_iexpand{axis}")
+        out = b.op("GatherElements", [out, idx_full], {"axis": axis}, name=f"{name}_gather{axis}")
+    return out
 
 
 #: ops that compute with shapes (the arithmetic of dynamic Reshape / Expand targets)
@@ -345,31 +335,31 @@ TOKEN_COUNT_MARK = "trimrt.token_count"
 ORIGINAL_COUNT_MARK = "trimrt.original_token_count"
 
 
-def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: ir.Value,
-                          make_node, name: str) -> int:
+def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: ir.Value, name: str) -> int:
     """Re-derive, inside a pruned region, the shape values computed from the original token count.
 
     Dynamic exports compute Reshape / Expand targets from Shape(some input)[token axis]
     once and reuse them everywhere. Each such value entering `region` is recomputed by a
     clone of its shape arithmetic in which Shape(T) (T with one token axis, as `axes_of`
     tells: a `probe.TokenDims`) reports the pruned count taken from Shape(stream) instead (and an earlier
-    layer's marked count is replaced by this one's). Returns the number of values replaced.
+    layer's marked count is replaced by this one's). Returns the number of values replaced;
+    the new nodes are placed after the producer of `stream` when there are any.
     """
     inside = {out for node in region for out in node.outputs}
-    count = make_node("Shape", [stream], {"start": 1, "end": 2}, f"{name}_tokens")
-    count.metadata_props[TOKEN_COUNT_MARK] = "1"
-    new_nodes: list[ir.Node] = [count]
+    count = b.op("Shape", [stream], {"start": 1, "end": 2}, name=f"{name}_tokens")
+    count.producer().metadata_props[TOKEN_COUNT_MARK] = "1"
+    new_nodes: list[ir.Value] = [count]  # one entry per node made (numbers the names)
     clones: dict[ir.Value, ir.Value] = {}
 
     made = iter(range(1 << 30))  # unique constant names (several are made per node)
 
     def int_const(vals, tag):
-        return ir.Value(name=f"{name}_{tag}_{next(made)}", const_value=ir.tensor(np.array(vals, dtype=np.int64)))
+        return b.const(np.array(vals, dtype=np.int64), name=f"{name}_{tag}_{next(made)}")
 
     def leaf_replacement(node: ir.Node) -> ir.Value | None:
         """The pruned-count version of a token-count leaf, or None if `node` is no such leaf."""
         if node.metadata_props.get(TOKEN_COUNT_MARK):
-            return count.outputs[0]
+            return count
         if node.op_type != "Shape":
             return None
         source = node.inputs[0]
@@ -377,26 +367,26 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
         if len(axes) != 1:
             return None
         rank, axis = dims.rank(source), axes[0]
-        full = make_node("Shape", [source], {}, f"{name}_shape_{len(new_nodes)}")
+        full = b.op("Shape", [source], name=f"{name}_shape_{len(new_nodes)}")
         parts = []
         if axis > 0:
-            parts.append(make_node("Slice", [full.outputs[0], int_const([0], "s"), int_const([axis], "e")], {},
-                                   f"{name}_pre_{len(new_nodes)}"))
+            parts.append(b.op("Slice", [full, int_const([0], "s"), int_const([axis], "e")],
+                              name=f"{name}_pre_{len(new_nodes)}"))
         parts.append(None)
         if axis < rank - 1:
-            parts.append(make_node("Slice", [full.outputs[0], int_const([axis + 1], "s"), int_const([rank], "e")], {},
-                                   f"{name}_post_{len(new_nodes)}"))
-        concat = make_node("Concat", [count.outputs[0] if p is None else p.outputs[0] for p in parts], {"axis": 0},
-                           f"{name}_newshape_{len(new_nodes)}")
+            parts.append(b.op("Slice", [full, int_const([axis + 1], "s"), int_const([rank], "e")],
+                              name=f"{name}_post_{len(new_nodes)}"))
+        concat = b.op("Concat", [count if p is None else p for p in parts], {"axis": 0},
+                      name=f"{name}_newshape_{len(new_nodes)}")
         new_nodes.extend([full, *[p for p in parts if p is not None], concat])
         start = node.attributes.get_int("start", 0)
         end = node.attributes.get_int("end", rank)
         if start == 0 and end >= rank:
-            return concat.outputs[0]
-        sliced = make_node("Slice", [concat.outputs[0], int_const([start], "s"), int_const([end], "e")], {},
-                           f"{name}_shape_slice_{len(new_nodes)}")
+            return concat
+        sliced = b.op("Slice", [concat, int_const([start], "s"), int_const([end], "e")],
+                      name=f"{name}_shape_slice_{len(new_nodes)}")
         new_nodes.append(sliced)
-        return sliced.outputs[0]
+        return sliced
 
     def depends_on_tokens(value: ir.Value, seen: dict) -> bool:
         if value in seen:
@@ -429,12 +419,11 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
             if not depends_on_tokens(value, memo):
                 return value
             inputs = [clone(v) if v is not None else None for v in node.inputs]
-            attrs = {k: a for k, a in node.attributes.items()}
-            copy = ir.Node(node.domain, node.op_type, inputs, attrs.values(), num_outputs=len(node.outputs),
-                           name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
-            copy.metadata_props.update({k: v for k, v in count.metadata_props.items() if k != TOKEN_COUNT_MARK})
-            new_nodes.append(copy)
-            for old, new in zip(node.outputs, copy.outputs):
+            copies = b.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
+                                    num_outputs=len(node.outputs),
+                                    name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
+            new_nodes.append(copies[0])
+            for old, new in zip(node.outputs, copies):
                 clones[old] = new
             return clones[value]
         clones[value] = replacement
@@ -453,9 +442,7 @@ def rederive_shape_values(graph: ir.Graph, region: list[ir.Node], dims, stream: 
             node.replace_input_with(i, clone(value))
             replaced += 1
     if replaced:
-        for node in new_nodes:
-            for value in node.inputs:
-                if value is not None and value.const_value is not None and value.graph is None and not value.is_initializer():
-                    graph.register_initializer(value)
-        graph.insert_after(stream.producer(), new_nodes)
+        b.insert_after(stream.producer())
+    else:
+        b.discard()
     return replaced
