@@ -45,3 +45,27 @@ def test_graph_without_attention_says_what_is_missing():
     model = ir.serde.deserialize_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
     with pytest.raises(StructureError, match=r"no transformer blocks found: no attention .* \(1 Softmax node\(s\)\)"):
         analyse(model)
+
+
+def test_a_compile_analyses_once_and_again_after_rewiring(tiny_vit_onnx, monkeypatch):
+    """AnalysePass shares its structure with the token passes; a pass that rewired the
+    graph since (here: pruning itself) makes the next reader analyse again."""
+    from trimrt.compiler import analysis
+    from trimrt.compiler.pipeline import build_passes, run_pipeline
+    from trimrt.recipe import load_recipe
+
+    calls = []
+    real = analysis.analyse
+    monkeypatch.setattr(analysis, "analyse", lambda model: calls.append(1) or real(model))
+    _, path = tiny_vit_onnx
+    passes = build_passes(load_recipe({"token_pruning": {"layers": [1], "keep": 0.5}}))
+    run_pipeline(ir.load(path), passes)
+    assert len(calls) == 1
+    shared = passes[0].context.shared
+    model = ir.load(path)
+    analysis.structure_of(model, shared)  # another graph: analysed
+    analysis.structure_of(model, shared)  # the same graph, unchanged: shared
+    assert len(calls) == 2
+    model.graph.outputs[0] = model.graph.node(-1).inputs[0]  # rewired
+    analysis.structure_of(model, shared)
+    assert len(calls) == 3
