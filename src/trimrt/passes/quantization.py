@@ -246,7 +246,7 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], build
         out = _gemm_bias(b, node, encoding.build(b, x, q, shared))
         for domain, version in encoding.opsets.items():
             fmt_opsets[domain] = max(fmt_opsets.get(domain, 0), version)
-        graph.insert_before(node, b.nodes)
+        b.insert_before(node)
         old = node.outputs[0]
         out.name, old.name = old.name, f"{old.name}_float"
         out.shape = old.shape if old.shape is not None else out.shape
