@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test
+.PHONY: install demo test lint
 
 install:
 	$(PIP) -e ".[torch,dev]"
@@ -11,5 +11,9 @@ install:
 demo: install
 	$(PYTHON) examples/01_vit_token_pruning.py
 
-test: install
+test: install lint
 	$(PYTHON) -m pytest -q -ra --durations=25
+
+# pyflakes + import order (pyproject's [tool.ruff]); part of `make test`, so CI runs it
+lint:
+	$(PYTHON) -m ruff check .

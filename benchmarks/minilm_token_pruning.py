@@ -191,9 +191,9 @@ def padding_cost(args, tokenizer, baseline_path: Path, pruning: dict | None) -> 
     """A batch of short sentences padded to 256 tokens: what the padding costs the baseline,
     and what builds that trim padding (and prune) save on it. `pruning`: a recipe dict."""
     import trimrt
+    from examples.models.corpus import queries
     from trimrt.bench import paired_speedup, time_alternating
     from trimrt.errors import TrimrtError
-    from examples.models.corpus import queries
 
     sentences = queries(args.queries + args.pad_batch)[args.queries:]  # not the queries of the table
 
@@ -270,8 +270,8 @@ def main() -> int:
     import onnxruntime as ort
 
     import trimrt
-    from trimrt.errors import TrimrtError
     from examples.models import corpus, minilm
+    from trimrt.errors import TrimrtError
 
     started = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731

@@ -162,8 +162,8 @@ def run_minilm(args, log) -> list[dict]:
     import minilm_token_pruning as mtp  # the MiniLM measurement helpers
 
     import trimrt
-    from trimrt.errors import TrimrtError
     from examples.models import corpus, minilm
+    from trimrt.errors import TrimrtError
 
     module, example = minilm.minilm_embedder()
     tokenizer = minilm.load_tokenizer()

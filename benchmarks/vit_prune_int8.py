@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
 

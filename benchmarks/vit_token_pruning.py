@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import trimrt
 from trimrt.bench import bench_build
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
 

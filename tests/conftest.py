@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trimrt.compiler.source import export_torch  # noqa: E402
 from examples.models.vit import tiny_vit  # noqa: E402
+from trimrt.compiler.source import export_torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from cli_compile import compile_with_recipe
 from click.testing import CliRunner
 
 from trimrt.cli import main
-
-from cli_compile import compile_with_recipe
 
 RECIPE = """
 [token_pruning]

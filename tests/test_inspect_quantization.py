@@ -6,13 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from cli_compile import compile_with_recipe
 from click.testing import CliRunner
 
 from trimrt.cli import main
-from trimrt.inspect import (fidelity_text, fusion_line, human_bytes, inspect_target, quantization_line,
-                            quantization_summary)
-
-from cli_compile import compile_with_recipe
+from trimrt.inspect import fidelity_text, fusion_line, human_bytes, inspect_target, quantization_line, quantization_summary
 
 # a guard this strict keeps some layers float on the tiny ViT (all quantized: ~0.9999)
 RECIPE = """

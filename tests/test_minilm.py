@@ -11,8 +11,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from trimrt.errors import ModelLoadError
 from examples.models import corpus, minilm
+from trimrt.errors import ModelLoadError
 
 needs_model = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None or not minilm.is_available(),

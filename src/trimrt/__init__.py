@@ -11,8 +11,17 @@ verify import their heavier dependencies when called.
 
 from ._version import __version__  # noqa: E402
 from .errors import (  # noqa: E402
-    BackendUnavailableError, BuildError, BuildLoadError, CalibrationError, InputError, ModelLoadError, RecipeError,
-    RunError, SessionClosedError, StructureError, TrimrtError,
+    BackendUnavailableError,
+    BuildError,
+    BuildLoadError,
+    CalibrationError,
+    InputError,
+    ModelLoadError,
+    RecipeError,
+    RunError,
+    SessionClosedError,
+    StructureError,
+    TrimrtError,
 )
 from .runtime import Session, load  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import RecipeError
-from .registry import TOKEN_PRUNING_METHODS
+from .registry import QUANTIZATION_METHODS, TOKEN_PRUNING_METHODS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -421,9 +421,10 @@ def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
             raise RecipeError(f"{where}: group_size must be at most {MAX_GROUP_SIZE}, got {group}")
         chosen["group_size"] = group
     if "alpha" in q:
-        if chosen["method"] != "smoothquant":
-            raise RecipeError(f"{where}: alpha applies to method = \"smoothquant\" only (method is "
-                              f"{chosen['method']!r}); remove it")
+        if "alpha" not in QUANTIZATION_METHODS[chosen["method"]].recipe_keys:
+            owners = " or ".join(f'"{m}"' for m in QUANTIZATION_METHODS if "alpha" in QUANTIZATION_METHODS[m].recipe_keys)
+            raise RecipeError(f"{where}: alpha applies to method = {owners} only "
+                              f"(method is {chosen['method']!r}); remove it")
         alpha = _number(q, "alpha")
         if not 0.0 <= alpha <= 1.0:
             raise RecipeError(f"{where}: alpha must be a number in [0, 1] (leave it out to search it), "

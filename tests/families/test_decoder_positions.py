@@ -8,10 +8,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-import trimrt  # noqa: E402
-
 from fastv_reference import fastv_forward  # noqa: E402
 from hf_models import make  # noqa: E402
+
+import trimrt  # noqa: E402
 
 
 def test_pruned_llama_keeps_original_positions(tmp_path):

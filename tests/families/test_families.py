@@ -25,12 +25,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from hf_models import VISION, B, N, export, make  # noqa: E402
+from hf_reference import Prune, pruned_forward  # noqa: E402
+
 import trimrt  # noqa: E402
 from trimrt.compiler.analysis import analyse, infer_shapes  # noqa: E402
 from trimrt.compiler.source import load_onnx  # noqa: E402
-
-from hf_models import B, N, VISION, export, make  # noqa: E402
-from hf_reference import Prune, pruned_forward  # noqa: E402
 
 FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")
 #: more families users bring, each in two export forms (dynamo / TorchScript, dynamic / static)

@@ -14,12 +14,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
+from hf_models import make  # noqa: E402
+
 import trimrt  # noqa: E402
 from trimrt.compiler.source import export_torch  # noqa: E402
 from trimrt.errors import BuildError  # noqa: E402
 from trimrt.passes import ort_fusion  # noqa: E402
-
-from hf_models import make  # noqa: E402
 
 FUSE = {"onnxruntime": {"fuse": True}}
 

@@ -22,10 +22,10 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
+from hf_models import N, export, make  # noqa: E402
+
 import trimrt  # noqa: E402
 from examples.models import minilm  # noqa: E402
-
-from hf_models import N, export, make  # noqa: E402
 
 FUSE = {"onnxruntime": {"fuse": True}}
 FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")

@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from hf_models import make  # noqa: E402
+
 import trimrt  # noqa: E402
 from trimrt.compiler.source import export_torch  # noqa: E402
-
-from hf_models import make  # noqa: E402
 
 FAMILIES = ["bert", "vit", "llama", "gpt2"]
 

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from hf_models import make  # noqa: E402
+
 import trimrt  # noqa: E402
 from trimrt.errors import StructureError  # noqa: E402
-
-from hf_models import make  # noqa: E402
 
 
 @pytest.fixture(scope="module")

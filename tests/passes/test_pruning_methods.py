@@ -11,12 +11,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from in_memory import apply_recipe, run_model
+from pruning_reference import pruned_forward
 
 from trimrt.errors import RecipeError, StructureError
 from trimrt.recipe import load_recipe
-
-from in_memory import apply_recipe, run_model
-from pruning_reference import pruned_forward
 
 EXPORTS = ["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx", "tiny_vit_opset23_onnx"]
 

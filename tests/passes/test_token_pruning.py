@@ -10,12 +10,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from evit_reference import evit_forward
+from in_memory import apply_recipe, run_model
 
 from trimrt.errors import RecipeError
 from trimrt.passes import PASS_TAG
-
-from in_memory import apply_recipe, run_model
-from evit_reference import evit_forward
 
 
 def compile_in_memory(path, **options):

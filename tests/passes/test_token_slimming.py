@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from trimrt.compiler.pipeline import AttachDecompositionsPass
-from trimrt.compiler.source import export_torch
 from examples.models.sit import TokenSlimming, tiny_sit
 from examples.models.vit import tiny_vit
+from trimrt.compiler.pipeline import AttachDecompositionsPass
+from trimrt.compiler.source import export_torch
 from trimrt.passes import PASS_TAG
 from trimrt.passes.token_slimming import TokenSlimmingPass
 from trimrt.plugins import DOMAIN

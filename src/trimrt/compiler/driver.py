@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from .._version import __version__
 from ..errors import BackendUnavailableError, BuildError, ModelLoadError
 from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
-from ..runtime.manifest import ENGINE, MODEL
-from .._version import __version__
-from ..runtime.manifest import write_manifest
+from ..runtime.manifest import ENGINE, MODEL, write_manifest
 from .artifacts import atomic_build_dir
 from .flops import count_flops
 from .input_limits import find_input_limits

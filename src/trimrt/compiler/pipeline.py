@@ -16,8 +16,15 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
 from ..errors import BuildError, TrimrtError
-from ..passes import (OrtFusionPass, QuantizationPass, TokenMergingPass, TokenPruningPass, TokenSlimmingPass, TrimPaddingPass,
-                      TrimrtPass)
+from ..passes import (
+    OrtFusionPass,
+    QuantizationPass,
+    TokenMergingPass,
+    TokenPruningPass,
+    TokenSlimmingPass,
+    TrimPaddingPass,
+    TrimrtPass,
+)
 from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe

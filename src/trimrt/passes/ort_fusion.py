@@ -453,11 +453,10 @@ def attention_softmaxes(model: ir.Model) -> int:
 def _relative_drift(before, after, tokens: int) -> float | None:
     """Largest relative L2 difference over the outputs, on random inputs (batch 2); None
     when the fused graph fails to run."""
-    from ..runtime.backends import OnnxRuntimeBackend
-    from ..runtime.feeds import random_feeds
-
     from ..compare import relative_l2
     from ..compiler.input_limits import find_input_limits
+    from ..runtime.backends import OnnxRuntimeBackend
+    from ..runtime.feeds import random_feeds
 
     proto = runnable_proto(before)
     unfused = OnnxRuntimeBackend(proto.SerializeToString())

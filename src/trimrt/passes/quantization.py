@@ -36,7 +36,9 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
+from ..compare import mean_cosine
 from ..compiler.analysis import is_constant
+from ..compiler.onnx_runner import OnnxRunner
 from ..errors import BuildError, RecipeError
 from ..plugins import runnable_proto
 from ..quantization.encodings import SharedQuantized, constant, encoding_for
@@ -293,36 +295,12 @@ class _Evaluator:
 
     def __init__(self, original, plan, builder: Builder, target: str, feeds):
         self.original, self.plan, self.builder, self.target, self.feeds = original, plan, builder, target, feeds
-        self.reference = _run(runnable_proto(original), feeds)
+        self.reference = OnnxRunner(runnable_proto(original)).run_all(feeds)
 
     def __call__(self, quantized: frozenset[int]) -> float:
         model = ir.serde.deserialize_model(self.original)
         apply_plan(model, find_linears(model.graph), self.plan, quantized, self.builder, self.target)
-        return _cosine(self.reference, _run(runnable_proto(model), self.feeds))
-
-
-def _run(proto, feeds) -> list[dict[str, np.ndarray]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # candidate graphs keep the float weights they replaced: no warnings
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(None, dict(feed)))) for feed in feeds]
-
-
-def _cosine(reference: list[dict], got: list[dict]) -> float:
-    worst = 1.0
-    for name, first in reference[0].items():
-        if not np.issubdtype(first.dtype, np.floating):
-            continue
-        values = []
-        for ref, out in zip(reference, got):
-            a, b = ref[name].astype(np.float64).ravel(), out[name].astype(np.float64).ravel()
-            denom = np.linalg.norm(a) * np.linalg.norm(b)
-            values.append(float(a @ b / denom) if denom > 0 else float(np.array_equal(a, b)))
-        worst = min(worst, float(np.mean(values)))
-    return worst
+        return mean_cosine(self.reference, OnnxRunner(runnable_proto(model)).run_all(self.feeds))
 
 
 def _name(node: ir.Node, index: int) -> str:

@@ -341,36 +341,13 @@ def _as_proto(model: Any, *, copy: bool):
     raise TypeError(f"expected an ONNX path, ModelProto or onnx_ir.Model, got {type(model).__name__}")
 
 
-def _with_outputs(proto, names: Sequence[str]):
-    """`proto` (a private copy) with `names` added as graph outputs."""
-    import onnx
-
-    graph = proto.graph
-    produced = {out for node in graph.node for out in node.output}
-    present = {o.name for o in graph.output}
-    missing = [n for n in names if n not in produced and n not in present]
-    if missing:
-        raise ValueError(f"no node of the model produces {missing}")
-    typed = {}
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        typed = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    except Exception:  # noqa: BLE001 - inference is only for the output types; float is the fallback
-        pass
-    for name in names:
-        if name not in present:
-            graph.output.append(onnx.helper.make_tensor_value_info(
-                name, typed.get(name) or onnx.TensorProto.FLOAT, None))
-    return proto
-
-
 def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray]], value_names: Sequence[str],
                              want: Iterable[str] = STATISTICS, max_rows: int = 4096, progress: bool = True,
                              seed: int = 0) -> dict[str, ActivationStats]:
     """Run the float `model` (path, ModelProto or onnx_ir Model; never modified) on each
     feed and return, per name in `value_names` (graph inputs or node outputs), the
     statistics in `want` (a subset of absmax, hessian, rows, range)."""
-    import onnxruntime as ort
+    from ..compiler.onnx_runner import OnnxRunner
 
     want = frozenset(want)
     if want - STATISTICS:
@@ -381,17 +358,13 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
     proto = _as_proto(model, copy=True)
     graph_inputs = {v.name for v in proto.graph.input}
     fetched = [n for n in names if n not in graph_inputs]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    session = ort.InferenceSession(_with_outputs(proto, fetched).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    runner = OnnxRunner(proto, fetched, optimize="basic")
     rng = np.random.default_rng(seed)
     accumulators = {n: _Accumulator(n, want, max_rows, rng) for n in names}
     feeds = list(feeds) if not isinstance(feeds, Sequence) else feeds
     with steps("calibrating", len(feeds), enabled=progress) as advance:
         for feed in feeds:
-            values = dict(zip(fetched, session.run(fetched, dict(feed)))) if fetched else {}
+            values = runner.run(feed, fetched) if fetched else {}
             for name in names:
                 accumulators[name].add(np.asarray(values[name] if name in values else feed[name]))
             advance()
