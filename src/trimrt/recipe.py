@@ -1,9 +1,16 @@
 """Recipe: the typed, validated compile options, read from a TOML file or a dict.
 
 Each table of the TOML file maps to one frozen dataclass that the matching pass takes
-when it is constructed. Validation happens here, once, with one-line errors that name
-the key and what is allowed; structural checks that need the model (does block 14
-exist?) happen when the pass meets the model.
+when it is constructed. The dataclass is also the table's schema: each field's `Key`
+(in its metadata) says what the key takes, and one reader turns a table into the
+dataclass with one-line errors that name the key and what is allowed. Rules joining
+several keys stay short checks in the dataclass's `_combine`; method names and the keys
+of one method only come from the registries. Structural checks that need the model
+(does block 14 exist?) happen when the pass meets the model.
+
+Vocabulary: a recipe's `layers` are block indices (0-based), `keep` is the share of the
+prunable span kept (the ops' `keep` attribute is the resulting count, `kept_count`), and
+adaptive's `mass` is the MassMask op's `tau`.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import RecipeError
 from .registry import QUANTIZATION_METHODS, TOKEN_PRUNING_METHODS
@@ -38,37 +45,155 @@ MAX_CALIBRATION_SAMPLES = 100_000
 MAX_GROUP_SIZE = 65536
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
-class TokenPruningOptions:
+class Key:
+    """The schema of one recipe key: `checks` are (allowed?, error) pairs tried in order (a
+    check may assume the ones before it passed), each error a format string of `key`,
+    `value` and `choices`; `convert` makes the field's value from an allowed one."""
+
+    help: str
+    checks: tuple[tuple[Callable[[Any], Any], str], ...]
+    convert: Callable[[Any], Any] = lambda value: value
+    #: a missing key is checked as None (so it fails) instead of taking the default
+    required: bool = False
+    #: the allowed names, for the error message (a tuple or a registry, listed when it fails)
+    choices: Any = ()
+
+    def read(self, name: str, value: Any, where: str) -> Any:
+        shown = list(value) if isinstance(value, tuple) else value
+        for allowed, error in self.checks:
+            if not allowed(value):
+                raise RecipeError(f"{where}: " + error.format(key=name, value=shown, choices=list(self.choices)))
+        return self.convert(value)
+
+
+def _key(default: Any, help: str, *checks, convert=lambda value: value, required: bool = False, choices: Any = ()):
+    return field(default=default, metadata={"key": Key(help, checks, convert, required, choices)})
+
+
+def flag(default: bool, help: str):
+    return _key(default, help, (lambda v: isinstance(v, bool), "{key} must be true or false, got {value!r}"))
+
+
+def number(default: float | None, interval: str, help: str, note: str = "", required: bool = False):
+    """A number in `interval`, written as the error message shows it: "(0, 1]", "[0, 1]", "(0, 0.5)"."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+
+    def inside(v) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool) and (low <= v if interval[0] == "[" else low < v)
+                and (v <= high if interval[-1] == "]" else v < high))
+
+    return _key(default, help, (inside, f"{{key}} must be a number in {interval}{note}, got {{value!r}}"),
+                convert=float, required=required)
+
+
+def integer(default: int, low: int, high: int, help: str):
+    return _key(default, help, (lambda v: _is_int(v) and v >= low, f"{{key}} must be an integer >= {low}, got {{value!r}}"),
+                (lambda v: v <= high, f"{{key}} must be at most {high}, got {{value!r}}"))
+
+
+def choice(default: str, choices, help: str, error: str = "{key} must be one of {choices}, got {value!r}"):
+    return _key(default, help, (lambda v: isinstance(v, str) and v in choices, error), choices=choices)
+
+
+def text(what: str, help: str):
+    return _key(None, help, (lambda v: isinstance(v, str) and v.strip(), f"{{key}} must be {what}, got {{value!r}}"))
+
+
+def blocks(help: str, required: bool = False):
+    return _key((), help,
+                (lambda v: isinstance(v, (list, tuple)) and v and all(_is_int(i) for i in v),
+                 "{key} must be a non-empty list of block indices, e.g. [3, 6, 9]"),
+                (lambda v: min(v) >= 0, "{key} must be 0-based block indices >= 0, got {value}"),
+                (lambda v: len(set(v)) == len(v), "{key} contains duplicates: {value}"),
+                convert=tuple, required=required)
+
+
+class _Table:
+    """Base of the tables: the rules joining several keys, and the keys `to_dict` leaves out."""
+
+    @classmethod
+    def _combine(cls, values: dict[str, Any], table: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The checked `values` of the keys given, completed and checked together."""
+        return values
+
+    def _hidden(self) -> set[str]:
+        """Keys that do not apply to these options (left out of `to_dict`)."""
+        return set()
+
+
+def _method_only(table: Mapping[str, Any], where: str, registry, method: str, keys: str) -> None:
+    """Refuse a key that belongs to other methods (their class attribute `keys` lists it)."""
+    for key in table:
+        owners = [name for name in registry if key in getattr(registry[name], keys)]
+        if owners and method not in owners:
+            names = " or ".join(f'"{name}"' for name in owners)
+            raise RecipeError(f"{where}: {key} applies to method = {names} only (method is {method!r}); remove it")
+
+
+@dataclass(frozen=True)
+class TokenPruningOptions(_Table):
     """[token_pruning]: drop low-scoring tokens after the attention of some blocks."""
 
-    method: str = "cls_attention"
-    layers: tuple[int, ...] = ()
-    keep: float = 1.0
-    protect: str = "cls"
-    fuse_pruned: bool = False
+    method: str = choice("cls_attention", TOKEN_PRUNING_METHODS, "how tokens are scored (a registered method)",
+                         error="{key} {value!r} is not supported; choose one of {choices}")
+    layers: tuple[int, ...] = blocks("blocks (0-based) after whose attention tokens are pruned", required=True)
+    keep: float = number(1.0, "(0, 1]", "share of the prunable span kept at each listed block (see keep_ratio)",
+                         required=True)
+    protect: str = _key("cls", "leading tokens never pruned: cls, none or first:N",
+                        (lambda v: isinstance(v, str) and bool(v in ("cls", "none") or re.fullmatch(r"first:[0-9]{1,9}", v)
+                                                                and int(v[6:]) <= MAX_TOKENS),
+                         f'{{key}} must be "cls", "none" or "first:N" (N <= {MAX_TOKENS}), got {{value!r}}'))
+    fuse_pruned: bool = flag(False, "average the pruned tokens into one extra token")
     #: [start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)
-    prunable: tuple[int, int] | None = None
+    prunable: tuple[int, int] | None = _key(
+        None, "[start, end): only these tokens may be pruned",
+        (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) for i in v)
+         and 0 <= v[0] < v[1] <= MAX_TOKENS, f"{{key}} must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, got {{value!r}}"),
+        convert=tuple)
+    # the keys of one method only: checked by the method's class (TOKEN_PRUNING_METHODS[name].parse)
     #: zero_tprune: PageRank iterations per listed layer (None: the paper's schedule by depth)
     iterations: tuple[int, ...] | None = None
     #: zero_tprune: heads whose score variance falls outside [low, high] are ignored
     head_variance: tuple[float, float] = (0.01, 0.7)
     #: recycle: dropped tokens are merged into one token per cell of a grid × grid layout
     recycle_grid: int = 2
-    #: adaptive: keep the fewest tokens holding this share of the attention mass
-    #: (`keep` is then the static upper bound)
+    #: adaptive: keep the fewest tokens holding this share of the attention mass (the MassMask
+    #: op's tau; `keep` is then the static upper bound)
     mass: float = 0.9
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        if "prunable" in values and "protect" in table:
+            raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
+        name = values.get("method", cls.method)
+        _method_only(table, where, TOKEN_PRUNING_METHODS, name, "keys")
+        method = TOKEN_PRUNING_METHODS[name]
+        values.update(method.parse(table, where, values["layers"]))
+        if values.get("fuse_pruned") and method.no_fuse is not None:
+            raise RecipeError(f"{where}: fuse_pruned does not apply to method {name!r} ({method.no_fuse})")
+        return {**values, "layers": tuple(sorted(values["layers"]))}
+
+    def _hidden(self) -> set[str]:
+        other = {key for name in TOKEN_PRUNING_METHODS for key in TOKEN_PRUNING_METHODS[name].keys}
+        return other - set(TOKEN_PRUNING_METHODS[self.method].keys)
+
+    @property
+    def keep_ratio(self) -> float:
+        """The share of the prunable span kept (the recipe's `keep`; the ops' `keep` is a count)."""
+        return self.keep
 
     @property
     def protected_prefix(self) -> int:
         """Number of leading tokens never pruned (the start of the prunable span)."""
         if self.prunable is not None:
             return self.prunable[0]
-        if self.protect == "none":
-            return 0
-        if self.protect == "cls":
-            return 1
-        return int(self.protect.split(":", 1)[1])
+        named = {"none": 0, "cls": 1}
+        return named[self.protect] if self.protect in named else int(self.protect.split(":", 1)[1])
 
     @property
     def span_end(self) -> int | None:
@@ -76,25 +201,51 @@ class TokenPruningOptions:
         return self.prunable[1] if self.prunable is not None else None
 
     def kept_count(self, prunable: int) -> int:
-        """Prunable tokens kept at one layer: ceil(keep · prunable), at least 1."""
-        return max(1, min(prunable, math.ceil(self.keep * prunable - 1e-9)))
+        """Prunable tokens kept at one layer: ceil(keep_ratio · prunable), at least 1."""
+        return max(1, min(prunable, math.ceil(self.keep_ratio * prunable - 1e-9)))
 
 
 @dataclass(frozen=True)
-class TokenMergingOptions:
+class TokenMergingOptions(_Table):
     """[token_merging]: ToMe — merge r tokens per block by bipartite soft matching."""
 
     #: tokens merged away at each listed block (one value: the same at every block)
-    r: tuple[int, ...] = ()
+    r: tuple[int, ...] = _key(
+        (), "tokens merged away at each listed block (one value: the same at every block)",
+        (lambda v: not _is_int(v) or 1 <= v <= MAX_TOKENS, f"{{key}} must be an integer in [1, {MAX_TOKENS}], got {{value!r}}"),
+        (lambda v: _is_int(v) or isinstance(v, (list, tuple)) and v and all(_is_int(i) and 0 <= i <= MAX_TOKENS for i in v),
+         f"{{key}} must be a positive integer or a list of integers in [0, {MAX_TOKENS}] (one per block), got {{value!r}}"),
+        convert=lambda v: (v,) if _is_int(v) else tuple(v))
     #: or, for inputs whose length varies: merge floor(ratio · tokens) at each block
-    ratio: float = 0.0
+    ratio: float = number(0.0, "(0, 0.5)", "or: merge floor(ratio · tokens) at each block (inputs of varying length)",
+                          note=" (a block can merge at most half of its tokens)")
     #: blocks that merge; empty: every block
-    layers: tuple[int, ...] = ()
-    protect: str = "cls"
+    layers: tuple[int, ...] = blocks("blocks (0-based) that merge; left out: every block")
+    protect: str = choice("cls", ("cls", "none"), "cls: the first token is never merged",
+                          error='{key} must be "cls" or "none", got {value!r}')
     #: add log(size) to later attention logits, so a merged token weighs as the tokens it holds
-    proportional_attention: bool = True
+    proportional_attention: bool = flag(True, "add log(size) to later attention logits")
     #: weight a masked mean pooling after the blocks by size too (sentence embedders)
-    weighted_pooling: bool = True
+    weighted_pooling: bool = flag(True, "weight a masked mean pooling after the blocks by size too")
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        if ("r" in values) == ("ratio" in values):
+            raise RecipeError(f"{where}: give r (tokens merged per block) or ratio (share of the tokens merged per "
+                              "block, for inputs of varying length), not both")
+        r, layers = values.get("r", ()), values.get("layers")
+        if _is_int(table.get("r")):  # one value: the same at every listed block
+            r = r * len(layers or (None,))
+        elif layers is None:
+            layers = tuple(range(len(r)))
+        elif r and len(layers) != len(r):
+            raise RecipeError(f"{where}: r lists {len(r)} values for {len(layers)} layers")
+        if r and layers:  # one r per block: order both by block
+            layers, r = zip(*sorted(zip(layers, r)))
+        return {**values, "r": tuple(r), "layers": tuple(sorted(layers or ()))}
+
+    def _hidden(self) -> set[str]:
+        return {"ratio"} if self.r else {"r"}
 
     @property
     def protected_prefix(self) -> int:
@@ -108,81 +259,135 @@ class TokenMergingOptions:
 
 
 @dataclass(frozen=True)
-class TokenSlimmingOptions:
+class TokenSlimmingOptions(_Table):
     """[token_slimming]: fuse the model's own token slimming modules (SiT) into one op each."""
 
-    fuse: bool = True
+    fuse: bool = flag(True, "fuse each token slimming module into one op")
+
+
+def quant_combinations() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(weights, activations) -> the methods that build them, as the registered methods declare
+    (`formats`), in registration order."""
+    table: dict[tuple[str, str], tuple[str, ...]] = {}
+    for name in QUANTIZATION_METHODS:
+        for formats in QUANTIZATION_METHODS[name].formats:
+            table[formats] = (*table.get(formats, ()), name)
+    return table
+
+
+def __getattr__(name: str) -> Any:
+    if name == "QUANT_COMBINATIONS":  # derived from the registry, which loads the methods when first asked
+        return quant_combinations()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
-class QuantizationOptions:
+class QuantizationOptions(_Table):
     """[quantization]: weight / activation formats, the method that picks the weights,
     and the fidelity guard. Methods other than rtn (and FP8's static activation scales,
     and the guard) need a [calibration] table."""
 
-    weights: str = "int8"
+    weights: str = choice("int8", ("int8", "int4", "fp8"), "weight format")
     #: "none": weight-only (the float activations meet dequantized weights)
-    activations: str = "int8"
-    method: str = "rtn"
+    activations: str = choice("int8", ("int8", "fp8", "none"),
+                              "activation format (none: weight-only); left out: the one the weights go with")
+    method: str = choice("rtn", QUANTIZATION_METHODS, "how the weights are picked (a registered method)")
     #: int4 only: weights sharing one scale along the input axis (a power of two >= 16)
-    group_size: int = 128
+    group_size: int = _key(128, "int4 only: weights sharing one scale along the input axis",
+                           (lambda v: _is_int(v) and v >= 16 and not v & (v - 1),
+                            "{key} must be a power of two >= 16 (e.g. 128), got {value!r}"),
+                           (lambda v: v <= MAX_GROUP_SIZE, f"{{key}} must be at most {MAX_GROUP_SIZE}, got {{value!r}}"))
     #: smoothquant: migration strength in [0, 1]; None: searched on the calibration set
-    alpha: float | None = None
+    alpha: float | None = number(None, "[0, 1]", "smoothquant: migration strength", note=" (leave it out to search it)")
     #: fidelity guard: keep the most sensitive layers in float until the output cosine on
     #: the held-out part of the calibration set (samples fitting never saw) is at least
     #: this (None: no guard)
-    min_cosine: float | None = None
+    min_cosine: float | None = number(None, "(0, 1]", "fidelity guard: the least output cosine on held-out samples")
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        combinations = quant_combinations()
+        weights = values.setdefault("weights", cls.weights)
+        activations = values.setdefault("activations", next(a for w, a in combinations if w == weights))
+        method = values.setdefault("method", cls.method)
+        if method not in combinations.get((weights, activations), ()):
+            allowed = "; ".join(f"weights = {w!r}, activations = {a!r}: method in {list(m)}"
+                                for (w, a), m in combinations.items())
+            raise RecipeError(f"{where}: weights = {weights!r}, activations = {activations!r}, method = {method!r} is "
+                              f"not a supported combination; choose one of: {allowed}")
+        if "group_size" in values and weights != "int4":
+            raise RecipeError(f"{where}: group_size applies to int4 weights (weights is {weights!r}); remove it")
+        _method_only(table, where, QUANTIZATION_METHODS, method, "recipe_keys")
+        return values
+
+    def _hidden(self) -> set[str]:
+        return set() if self.weights == "int4" else {"group_size"}
 
     @property
     def needs_calibration(self) -> bool:
         """True when building it needs activations (statistics, scales or a fidelity check)."""
-        return self.method != "rtn" or self.weights == "fp8" or self.min_cosine is not None
+        return QUANTIZATION_METHODS[self.method].needs_calibration or self.weights == "fp8" or self.min_cosine is not None
 
 
 @dataclass(frozen=True)
-class CalibrationOptions:
+class CalibrationOptions(_Table):
     """[calibration]: the data quantization measures activations on.
 
     Exactly one of `source` (a folder of .npy/.npz feeds, a .txt file with one sample a
     line, or an image folder; relative to the recipe file) or `random` (a smoke test:
     statistics of random data say little about real inputs)."""
 
-    source: str | None = None
+    source: str | None = text("a path (a folder of .npy/.npz feeds, a .txt file, or an image folder)",
+                              "the calibration data, relative to the recipe file")
     #: samples used (the first ones of the source, in sorted order), each of batch 1
-    samples: int = 128
-    random: bool = False
+    samples: int = integer(128, 1, MAX_CALIBRATION_SAMPLES, "samples used (the first ones of the source)")
+    random: bool = flag(False, "random data instead of a source (a smoke test)")
     #: text sources: AutoTokenizer name or folder
-    tokenizer: str | None = None
+    tokenizer: str | None = text("a Hugging Face tokenizer name or folder", "text sources: AutoTokenizer name or folder")
     #: text sources: tokens per sample (default: the model's static length, else 128)
-    max_length: int | None = None
-    seed: int = 0
+    max_length: int | None = integer(None, 1, MAX_TOKENS, "text sources: tokens per sample")
+    seed: int = integer(0, 0, 2**32 - 1, "seed of the random data and of the sample order")
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        if ("source" in values) == values.get("random", False):
+            raise RecipeError(f"{where}: give exactly one of source = \"...\" (real calibration data) or "
+                              "random = true (a smoke test)")
+        return values
+
+    def _hidden(self) -> set[str]:
+        return set() if self.random else {"random"}
 
 
 @dataclass(frozen=True)
-class PaddingOptions:
+class PaddingOptions(_Table):
     """[padding]: trim trailing padding before the first block (exact; outputs padded back)."""
 
-    trim_trailing: bool = False
+    trim_trailing: bool = flag(False, "trim trailing padding before the first block")
 
 
 @dataclass(frozen=True)
-class OnnxRuntimeOptions:
+class OnnxRuntimeOptions(_Table):
     """[onnxruntime]: options of ONNX Runtime builds (the default target)."""
 
     #: fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels
     #: (checked against the unfused graph; TensorRT builds fuse on their own)
-    fuse: bool = False
+    fuse: bool = flag(False, "fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels")
+
+
+def _table(cls: type):
+    return field(default=None, metadata={"table": cls})
 
 
 @dataclass(frozen=True)
 class Recipe:
-    token_pruning: TokenPruningOptions | None = None
-    token_merging: TokenMergingOptions | None = None
-    token_slimming: TokenSlimmingOptions | None = None
-    quantization: QuantizationOptions | None = None
-    padding: PaddingOptions | None = None
-    calibration: CalibrationOptions | None = None
-    onnxruntime: OnnxRuntimeOptions | None = None
+    token_pruning: TokenPruningOptions | None = _table(TokenPruningOptions)
+    token_merging: TokenMergingOptions | None = _table(TokenMergingOptions)
+    token_slimming: TokenSlimmingOptions | None = _table(TokenSlimmingOptions)
+    quantization: QuantizationOptions | None = _table(QuantizationOptions)
+    padding: PaddingOptions | None = _table(PaddingOptions)
+    calibration: CalibrationOptions | None = _table(CalibrationOptions)
+    onnxruntime: OnnxRuntimeOptions | None = _table(OnnxRuntimeOptions)
     source: str = field(default="<dict>", compare=False)
 
     @property
@@ -191,47 +396,16 @@ class Recipe:
         return None if self.source == "<dict>" else Path(self.source).resolve().parent
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as a TOML-like dict (what build manifests record): keys that do not
+        apply and unset ones left out."""
         out: dict[str, Any] = {}
-        if self.token_pruning is not None:
-            tp = dataclasses.asdict(self.token_pruning)
-            tp["layers"] = list(tp["layers"])
-            if tp["prunable"] is None:
-                del tp["prunable"]
-            else:
-                tp["prunable"] = list(tp["prunable"])
-            owners = _method_keys()
-            for key, value in list(tp.items()):
-                if key in owners and owners[key] != tp["method"]:
-                    del tp[key]
-                elif isinstance(value, tuple):
-                    tp[key] = list(value)
-            if tp.get("iterations") is None:
-                tp.pop("iterations", None)
-            out["token_pruning"] = tp
-        if self.token_merging is not None:
-            tm = dataclasses.asdict(self.token_merging)
-            tm["r"], tm["layers"] = list(tm["r"]), list(tm["layers"])
-            if not tm["r"]:
-                del tm["r"]
-            else:
-                del tm["ratio"]
-            out["token_merging"] = tm
-        if self.token_slimming is not None:
-            out["token_slimming"] = dataclasses.asdict(self.token_slimming)
-        if self.quantization is not None:
-            q = {k: v for k, v in dataclasses.asdict(self.quantization).items() if v is not None}
-            if q["weights"] != "int4":
-                del q["group_size"]
-            out["quantization"] = q
-        if self.calibration is not None:
-            cal = {k: v for k, v in dataclasses.asdict(self.calibration).items() if v is not None}
-            if not cal["random"]:
-                del cal["random"]
-            out["calibration"] = cal
-        if self.padding is not None:
-            out["padding"] = dataclasses.asdict(self.padding)
-        if self.onnxruntime is not None:
-            out["onnxruntime"] = dataclasses.asdict(self.onnxruntime)
+        for name in _TABLES:
+            options = getattr(self, name)
+            if options is not None:
+                hidden = options._hidden()
+                out[name] = {key: list(value) if isinstance(value, tuple) else value
+                             for key, value in dataclasses.asdict(options).items()
+                             if value is not None and key not in hidden}
         return out
 
     @property
@@ -240,6 +414,10 @@ class Recipe:
                 and (self.token_slimming is None or not self.token_slimming.fuse)
                 and (self.padding is None or not self.padding.trim_trailing)
                 and (self.onnxruntime is None or not self.onnxruntime.fuse))
+
+
+#: table name -> its options class
+_TABLES = {f.name: f.metadata["table"] for f in dataclasses.fields(Recipe) if "table" in f.metadata}
 
 
 def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Recipe:
@@ -268,122 +446,20 @@ def load_recipe(recipe: "Recipe | Mapping[str, Any] | str | Path | None") -> Rec
 
 
 def _parse(data: Mapping[str, Any], source: str) -> Recipe:
-    known = {"token_pruning", "token_merging", "token_slimming", "quantization", "padding", "calibration", "onnxruntime"}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - set(_TABLES))
     if unknown:
-        raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(known)}")
-    tp = data.get("token_pruning")
-    pad = data.get("padding")
-    tm = data.get("token_merging")
-    ts = data.get("token_slimming")
-    if tp is not None and tm is not None:
+        raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(_TABLES)}")
+    given = {name: table for name, table in data.items() if table is not None}
+    if "token_pruning" in given and "token_merging" in given:
         raise RecipeError(f"{source}: [token_pruning] and [token_merging] cannot be combined yet; choose one")
-    quant, cal = _parse_quantization_and_calibration(data.get("quantization"), data.get("calibration"), source)
-    return Recipe(token_pruning=_parse_token_pruning(tp, source) if tp is not None else None,
-                  token_merging=_parse_token_merging(tm, source) if tm is not None else None,
-                  token_slimming=_parse_token_slimming(ts, source) if ts is not None else None,
-                  quantization=quant, calibration=cal,
-                  padding=_parse_padding(pad, source) if pad is not None else None,
-                  onnxruntime=_parse_onnxruntime(data["onnxruntime"], source) if "onnxruntime" in data else None,
-                  source=source)
-
-
-def _table(value: Any, where: str, allowed: set[str]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise RecipeError(f"{where} must be a table")
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    return value
-
-
-def _flag(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise RecipeError(f"{where}: {key} must be true or false, got {value!r}")
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _block_list(value: Any, where: str, key: str = "layers") -> tuple[int, ...]:
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(i) for i in value):
-        raise RecipeError(f"{where}: {key} must be a non-empty list of block indices, e.g. [3, 6, 9]")
-    if any(i < 0 for i in value):
-        raise RecipeError(f"{where}: {key} must be 0-based block indices >= 0, got {list(value)}")
-    if len(set(value)) != len(value):
-        raise RecipeError(f"{where}: {key} contains duplicates: {list(value)}")
-    return tuple(value)
-
-
-def _parse_token_merging(tm: Any, source: str) -> TokenMergingOptions:
-    where = f"{source}: [token_merging]"
-    tm = _table(tm, where, {f.name for f in dataclasses.fields(TokenMergingOptions)})
-    r, ratio = tm.get("r"), tm.get("ratio")
-    layers = _block_list(tm["layers"], where) if "layers" in tm else None
-    if (r is None) == (ratio is None):
-        raise RecipeError(f"{where}: give r (tokens merged per block) or ratio (share of the tokens merged per "
-                          "block, for inputs of varying length), not both")
-    if ratio is not None:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 0.5:
-            raise RecipeError(f"{where}: ratio must be a number in (0, 0.5) (a block can merge at most half "
-                              f"of its tokens), got {ratio!r}")
-        r = ()
-    elif _is_int(r):
-        if not 1 <= r <= MAX_TOKENS:
-            raise RecipeError(f"{where}: r must be an integer in [1, {MAX_TOKENS}], got {r}")
-        r = (r,) * len(layers) if layers is not None else (r,)
-    elif isinstance(r, (list, tuple)) and r and all(_is_int(i) and 0 <= i <= MAX_TOKENS for i in r):
-        r = tuple(r)
-        if layers is None:
-            layers = tuple(range(len(r)))
-        elif len(layers) != len(r):
-            raise RecipeError(f"{where}: r lists {len(r)} values for {len(layers)} layers")
-    else:
-        raise RecipeError(f"{where}: r must be a positive integer or a list of integers in [0, {MAX_TOKENS}] "
-                          f"(one per block), got {r!r}")
-    protect = tm.get("protect", "cls")
-    if protect not in ("cls", "none"):
-        raise RecipeError(f"{where}: protect must be \"cls\" or \"none\", got {protect!r}")
-    prop = _flag(tm, "proportional_attention", True, where)
-    weighted = _flag(tm, "weighted_pooling", True, where)
-    if layers is not None and len(r) == len(layers):
-        pairs = sorted(zip(layers, r))
-        layers, r = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-    return TokenMergingOptions(r=tuple(r), ratio=float(ratio or 0.0), layers=tuple(sorted(layers or ())),
-                               protect=protect, proportional_attention=prop, weighted_pooling=weighted)
-
-
-#: (weights, activations) -> the methods that build them
-QUANT_COMBINATIONS = {("int8", "int8"): ("rtn", "smoothquant", "gptq"),
-                      ("int4", "none"): ("rtn", "awq", "gptq"),
-                      ("fp8", "fp8"): ("rtn", "smoothquant")}
-_QUANT_VALUES = {"weights": ("int8", "int4", "fp8"), "activations": ("int8", "fp8", "none"),
-                 "method": ("rtn", "smoothquant", "awq", "gptq")}
-#: activations when the recipe names only the weights
-_DEFAULT_ACTIVATIONS = {"int8": "int8", "int4": "none", "fp8": "fp8"}
-
-
-def _number(table: Mapping[str, Any], key: str) -> float | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return math.nan  # rejected by the caller's range check
-    return float(value)
-
-
-def _parse_quantization_and_calibration(q: Any, cal: Any, source: str
-                                        ) -> tuple[QuantizationOptions | None, CalibrationOptions | None]:
-    if cal is not None and q is None:
+    if "calibration" in given and "quantization" not in given:
         raise RecipeError(f"{source}: [calibration] without [quantization]; calibration data is only used "
                           "by quantization (add a [quantization] table or remove [calibration])")
-    quant = _parse_quantization(q, source) if q is not None else None
-    calibration = _parse_calibration(cal, source) if cal is not None else None
-    if quant is not None and calibration is None and quant.needs_calibration:
-        if quant.method != "rtn":
+    recipe = Recipe(**{name: read_table(_TABLES[name], table, f"{source}: [{name}]") for name, table in given.items()},
+                    source=source)
+    quant = recipe.quantization
+    if quant is not None and recipe.calibration is None and quant.needs_calibration:
+        if QUANTIZATION_METHODS[quant.method].needs_calibration:
             what = f'method = "{quant.method}"'
         elif quant.weights == "fp8":
             what = 'weights = "fp8" (static activation scales)'
@@ -392,133 +468,18 @@ def _parse_quantization_and_calibration(q: Any, cal: Any, source: str
         raise RecipeError(f'{source}: [quantization] {what} needs calibration data: add [calibration] source = "..." '
                           "(a folder of .npy/.npz feeds, a text file, or an image folder), or random = true "
                           "for a smoke test")
-    return quant, calibration
+    return recipe
 
 
-def _parse_quantization(q: Any, source: str) -> QuantizationOptions:
-    where = f"{source}: [quantization]"
-    q = _table(q, where, {f.name for f in dataclasses.fields(QuantizationOptions)})
-    chosen = {}
-    for key, allowed in _QUANT_VALUES.items():
-        default = _DEFAULT_ACTIVATIONS.get(chosen.get("weights")) if key == "activations" else allowed[0]
-        value = q.get(key, default)
-        if value not in allowed:
-            raise RecipeError(f"{where}: {key} must be one of {list(allowed)}, got {value!r}")
-        chosen[key] = value
-    if chosen["method"] not in QUANT_COMBINATIONS.get((chosen["weights"], chosen["activations"]), ()):
-        allowed = "; ".join(f"weights = {w!r}, activations = {a!r}: method in {list(m)}"
-                            for (w, a), m in QUANT_COMBINATIONS.items())
-        raise RecipeError(f"{where}: weights = {chosen['weights']!r}, activations = {chosen['activations']!r}, "
-                          f"method = {chosen['method']!r} is not a supported combination; choose one of: {allowed}")
-    if "group_size" in q:
-        group = q["group_size"]
-        if chosen["weights"] != "int4":
-            raise RecipeError(f"{where}: group_size applies to int4 weights (weights is {chosen['weights']!r}); "
-                              "remove it")
-        if not _is_int(group) or group < 16 or group & (group - 1):
-            raise RecipeError(f"{where}: group_size must be a power of two >= 16 (e.g. 128), got {group!r}")
-        if group > MAX_GROUP_SIZE:
-            raise RecipeError(f"{where}: group_size must be at most {MAX_GROUP_SIZE}, got {group}")
-        chosen["group_size"] = group
-    if "alpha" in q:
-        if "alpha" not in QUANTIZATION_METHODS[chosen["method"]].recipe_keys:
-            owners = " or ".join(f'"{m}"' for m in QUANTIZATION_METHODS if "alpha" in QUANTIZATION_METHODS[m].recipe_keys)
-            raise RecipeError(f"{where}: alpha applies to method = {owners} only "
-                              f"(method is {chosen['method']!r}); remove it")
-        alpha = _number(q, "alpha")
-        if not 0.0 <= alpha <= 1.0:
-            raise RecipeError(f"{where}: alpha must be a number in [0, 1] (leave it out to search it), "
-                              f"got {q['alpha']!r}")
-        chosen["alpha"] = alpha
-    if "min_cosine" in q:
-        floor = _number(q, "min_cosine")
-        if not 0.0 < floor <= 1.0:
-            raise RecipeError(f"{where}: min_cosine must be a number in (0, 1], got {q['min_cosine']!r}")
-        chosen["min_cosine"] = floor
-    return QuantizationOptions(**chosen)
-
-
-def _parse_calibration(cal: Any, source: str) -> CalibrationOptions:
-    where = f"{source}: [calibration]"
-    cal = _table(cal, where, {f.name for f in dataclasses.fields(CalibrationOptions)})
-    random = _flag(cal, "random", False, where)
-    data = cal.get("source")
-    if data is not None and (not isinstance(data, str) or not data.strip()):
-        raise RecipeError(f"{where}: source must be a path (a folder of .npy/.npz feeds, a .txt file, "
-                          f"or an image folder), got {data!r}")
-    if (data is None) == (not random):
-        raise RecipeError(f"{where}: give exactly one of source = \"...\" (real calibration data) or "
-                          "random = true (a smoke test)")
-    ints = {}
-    for key, low, high in (("samples", 1, MAX_CALIBRATION_SAMPLES), ("max_length", 1, MAX_TOKENS), ("seed", 0, 2**32 - 1)):
-        if key in cal:
-            value = cal[key]
-            if not _is_int(value) or value < low:
-                raise RecipeError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
-            if value > high:
-                raise RecipeError(f"{where}: {key} must be at most {high}, got {value}")
-            ints[key] = value
-    tokenizer = cal.get("tokenizer")
-    if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
-        raise RecipeError(f"{where}: tokenizer must be a Hugging Face tokenizer name or folder, got {tokenizer!r}")
-    return CalibrationOptions(source=data, random=random, tokenizer=tokenizer, **ints)
-
-
-def _parse_token_slimming(ts: Any, source: str) -> TokenSlimmingOptions:
-    where = f"{source}: [token_slimming]"
-    ts = _table(ts, where, {"fuse"})
-    return TokenSlimmingOptions(fuse=_flag(ts, "fuse", True, where))
-
-
-def _parse_padding(pad: Any, source: str) -> PaddingOptions:
-    where = f"{source}: [padding]"
-    pad = _table(pad, where, {"trim_trailing"})
-    return PaddingOptions(trim_trailing=_flag(pad, "trim_trailing", False, where))
-
-
-def _parse_onnxruntime(table: Any, source: str) -> OnnxRuntimeOptions:
-    where = f"{source}: [onnxruntime]"
-    table = _table(table, where, {"fuse"})
-    return OnnxRuntimeOptions(fuse=_flag(table, "fuse", False, where))
-
-
-def _method_keys() -> dict[str, str]:
-    """recipe key -> the token-pruning method it belongs to (keys of one method only)."""
-    return {key: name for name in TOKEN_PRUNING_METHODS for key in TOKEN_PRUNING_METHODS[name].keys}
-
-
-def _parse_token_pruning(tp: Any, source: str) -> TokenPruningOptions:
-    where = f"{source}: [token_pruning]"
-    tp = _table(tp, where, {f.name for f in dataclasses.fields(TokenPruningOptions)})
-    method = tp.get("method", "cls_attention")
-    if method not in TOKEN_PRUNING_METHODS:
-        raise RecipeError(f"{where}: method {method!r} is not supported; choose one of {list(TOKEN_PRUNING_METHODS)}")
-    layers = _block_list(tp.get("layers"), where)
-    keep = tp.get("keep")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
-        raise RecipeError(f"{where}: keep must be a number in (0, 1], got {keep!r}")
-    protect = tp.get("protect", "cls")
-    if (not isinstance(protect, str) or not (protect in ("cls", "none") or re.fullmatch(r"first:[0-9]{1,9}", protect))
-            or protect.startswith("first:") and int(protect[6:]) > MAX_TOKENS):
-        raise RecipeError(f"{where}: protect must be \"cls\", \"none\" or \"first:N\" (N <= {MAX_TOKENS}), "
-                          f"got {protect!r}")
-    fuse = _flag(tp, "fuse_pruned", False, where)
-    prunable = tp.get("prunable")
-    if prunable is not None:
-        if "protect" in tp:
-            raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
-        if (not isinstance(prunable, (list, tuple)) or len(prunable) != 2
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in prunable)
-                or not 0 <= prunable[0] < prunable[1] <= MAX_TOKENS):
-            raise RecipeError(f"{where}: prunable must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, "
-                              f"got {prunable!r}")
-        prunable = (int(prunable[0]), int(prunable[1]))
-    for key, owner in _method_keys().items():
-        if key in tp and method != owner:
-            raise RecipeError(f"{where}: {key} applies to method = \"{owner}\" only (method is {method!r})")
-    chosen = TOKEN_PRUNING_METHODS[method]
-    extra = chosen.parse(tp, where, layers)
-    if fuse and chosen.no_fuse is not None:
-        raise RecipeError(f"{where}: fuse_pruned does not apply to method {method!r} ({chosen.no_fuse})")
-    return TokenPruningOptions(method=method, layers=tuple(sorted(layers)), keep=float(keep),
-                               protect=protect, fuse_pruned=fuse, prunable=prunable, **extra)
+def read_table(cls: type, table: Any, where: str):
+    """The options `cls` from one recipe table, checked against the `Key`s of its fields (a
+    key left out, or None in a dict, takes the field's default) and its `_combine` rules."""
+    if not isinstance(table, Mapping):
+        raise RecipeError(f"{where} must be a table")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(table) - {f.name for f in fields})
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(f.name for f in fields)}")
+    values = {f.name: f.metadata["key"].read(f.name, table.get(f.name), where) for f in fields
+              if "key" in f.metadata and (table.get(f.name) is not None or f.metadata["key"].required)}
+    return cls(**cls._combine(values, table, where))
