@@ -1,5 +1,6 @@
 """What every trimrt pass shares: its report, the compile's shared context, and the one
-way passes build graph pieces (`GraphBuilder`, on onnx-ir's `tape.Tape`).
+way passes build graph pieces (`GraphBuilder`: trimrt's one graph builder, on onnx-ir's
+`tape.Tape`, with the pass's tag, naming, initializers and placement).
 
 A pass keeps no per-call state on `self`: it takes its options at construction, reads
 what earlier passes found from the `PipelineContext` (the model's structure, analysed
@@ -9,16 +10,11 @@ once per compile) and records what it did as a `PassReport` in that context.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
-import numpy as np
 import onnx_ir as ir
-from onnx_ir.tape import Tape
 
-from ..plugins import DOMAIN
-
-#: metadata key on every inserted node, naming the pass that made it (visible in Netron)
-PASS_TAG = "trimrt.pass"
+from ..plugins.builder import PASS_TAG, Builder
 
 
 @dataclass
@@ -92,68 +88,25 @@ class TrimrtPass(ir.passes.InPlacePass):
         return GraphBuilder(graph, self.name, prefix)
 
 
-class GraphBuilder(Tape):
-    """onnx-ir's Tape for pass code: nodes are tagged with the pass (`PASS_TAG`) and
-    named `<prefix>_<op>_<n>`, constants become initializers of the graph, and custom
-    ops are emitted from their `OpDef` (never by op-name strings).
+class GraphBuilder(Builder):
+    """The graph builder (`plugins.builder.Builder`) for pass code: nodes are tagged with
+    the pass (`PASS_TAG`) and named `<prefix>_<op>_<n>`, constants become initializers of
+    the graph, and custom ops are emitted from their `OpDef` (never by op-name strings).
 
     The nodes are collected, not yet placed: the pass inserts `builder.nodes` where they
-    belong (`insert_after`), or appends them (`append_to_graph`)."""
+    belong (`insert_after`, `insert_before`), or appends them (`append_to_graph`)."""
 
     def __init__(self, graph: ir.Graph, pass_name: str, prefix: str = "") -> None:
-        super().__init__(None)
-        self.graph = graph
+        super().__init__(prefix=prefix or pass_name, tag=pass_name, graph=graph)
         self.pass_name = pass_name
-        self.prefix = prefix or pass_name
-        self._count = 0
-
-    def _fresh(self, what: str) -> str:
-        self._count += 1
-        return f"{self.prefix}_{what}_{self._count}"
-
-    def _stamp(self, node: ir.Node) -> None:
-        node.metadata_props[PASS_TAG] = self.pass_name
-        for i, out in enumerate(node.outputs):
-            if not out.name:
-                out.name = f"{node.name}_out{i}" if len(node.outputs) > 1 else node.name
-
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
-           domain: str = "", name: str | None = None, **kwargs) -> ir.Value:
-        """One node with one output; returns the output."""
-        value = super().op(op_type, inputs, attributes, domain=domain, name=name or self._fresh(op_type), **kwargs)
-        self._stamp(value.producer())
-        return value
-
-    def op_multi_out(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
-                     num_outputs: int | None = None, domain: str = "", name: str | None = None,
-                     **kwargs) -> Sequence[ir.Value]:
-        """One node with several outputs; returns them."""
-        values = super().op_multi_out(op_type, inputs, attributes, num_outputs=num_outputs, domain=domain,
-                                      name=name or self._fresh(op_type), **kwargs)
-        self._stamp(values[0].producer())
-        return values
-
-    def emit(self, op, inputs: Sequence[ir.Value], *, name: str | None = None, **attributes) -> Sequence[ir.Value]:
-        """A node of the trimrt op `op` (an OpDef): attributes are checked against its
-        schema (defaults filled, unknown ones refused); returns all its outputs."""
-        values = op.attribute_values(attributes)
-        return self.op_multi_out(op.name, inputs, values, num_outputs=len(op.outputs), domain=DOMAIN,
-                                 name=name or self._fresh(op.name))
 
     def const(self, array, name: str | None = None) -> ir.Value:
         """A constant (numpy array or scalar) as an initializer of the graph."""
-        name = name or self._fresh("const")
-        value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
-        self.graph.register_initializer(value)
-        return value
+        return super().const(array, None, name=name)
 
     def insert_before(self, anchor: ir.Node) -> None:
         """Place the collected nodes right before `anchor`."""
         self.graph.insert_before(anchor, self._nodes)
-        self._nodes = []
-
-    def discard(self) -> None:
-        """Forget the collected nodes (built, then found not needed)."""
         self._nodes = []
 
     def insert_after(self, anchor: ir.Node | None) -> None:

@@ -1,13 +1,20 @@
-"""The one way decompositions are written: a small builder on onnx-ir's `tape.Tape`.
+"""The one way trimrt builds graphs: a small builder on onnx-ir's `tape.Tape`, shared by
+the decompositions (function bodies) and the passes (`passes.base.GraphBuilder`).
 
     y = b.Slice(x, start, end, axes)              # any standard op, attributes as keywords
     values, indices = b.TopK(s, k, axis=1, _outputs=2)
-    keep = b.attr("keep")                         # scalar Constant reading the function attribute
-    eps = b.ref("epsilon")                        # a node attribute referencing it (ir.RefAttr)
-    c = b.const(1.0, np.float32)                  # a Constant tensor
+    y = b.op("Slice", [x, start, end, axes])      # the same, onnx-ir Tape style
+    (score,) = b.emit(ATTENTION_ROW_SCORE, [q, k_t, mask], row=-1)  # a trimrt op, from its OpDef
+    c = b.const(1.0, np.float32)                  # a constant tensor
+    keep = b.attr("keep")                         # in a function: scalar Constant reading its attribute
+    eps = b.ref("epsilon")                        # in a function: a node attribute referencing it (ir.RefAttr)
 
-Every value gets a unique name (shared with the builders of subgraphs, so a Loop body
-never shadows an outer value); the attribute types come from the op's schema.
+Every node is named `<prefix>_<op>_<n>` (`<op>_<n>` without a prefix) and its outputs
+after it (`<node>` for one output, `<node>_out<i>` for several); the counter is shared
+with the builders of subgraphs, so a Loop body never shadows an outer value. Options:
+`tag` stamps every node's metadata with the pass that made it, `graph` makes constants
+initializers of that graph (else they are Constant nodes). The nodes are collected on
+the tape, not placed: the caller puts `builder.nodes` where they belong.
 """
 
 from __future__ import annotations
@@ -19,29 +26,83 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
+from .base import DOMAIN
+
+#: metadata key on every node a pass inserts, naming the pass that made it (visible in Netron)
+PASS_TAG = "trimrt.pass"
+
 _ATTR_TYPES = {int: ir.AttributeType.INT, float: ir.AttributeType.FLOAT}
 _CONSTANT_FIELDS = {int: "value_int", float: "value_float"}
 
 
 class Builder(tape.Tape):
-    def __init__(self, attributes: Mapping[str, type], counter=None):
-        super().__init__()
-        self._attributes = dict(attributes)  # name -> int or float
-        self._counter = counter if counter is not None else itertools.count()
+    def __init__(self, attributes: Mapping[str, type] | None = None, counter=None, *, prefix: str = "",
+                 tag: str | None = None, graph: ir.Graph | None = None) -> None:
+        super().__init__(None)
+        self._attributes = dict(attributes or {})  # function attribute name -> int or float
+        self._counter = counter if counter is not None else itertools.count(1)
+        self.prefix, self.tag, self.graph = prefix, tag, graph
+
+    def _fresh(self, what: str) -> str:
+        n = next(self._counter)
+        return f"{self.prefix}_{what}_{n}" if self.prefix else f"{what}_{n}"
+
+    def _stamp(self, node: ir.Node) -> None:
+        if self.tag is not None:
+            node.metadata_props[PASS_TAG] = self.tag
+        for i, out in enumerate(node.outputs):
+            if not out.name:
+                out.name = f"{node.name}_out{i}" if len(node.outputs) > 1 else node.name
 
     def __getattr__(self, op_type: str) -> Callable:
         if not op_type[:1].isupper():
             raise AttributeError(op_type)
-        return lambda *inputs, _outputs=1, **attrs: self._node(op_type, inputs, attrs, _outputs)
 
-    def _node(self, op_type: str, inputs, attrs, n_outputs: int):
-        values = self.op_multi_out(op_type, list(inputs), attrs, num_outputs=n_outputs)
-        for v in values:
-            v.name = f"{op_type.lower()}_{next(self._counter)}"
-        return values[0] if n_outputs == 1 else tuple(values)
+        def node(*inputs, _outputs: int = 1, **attrs):
+            values = self.op_multi_out(op_type, list(inputs), attrs, num_outputs=_outputs)
+            return values[0] if _outputs == 1 else tuple(values)
 
-    def const(self, value, dtype=np.int64) -> ir.Value:
-        return self.Constant(value=ir.tensor(np.asarray(value, dtype=dtype)))
+        return node
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
+           domain: str = "", name: str | None = None, **kwargs) -> ir.Value:
+        """One node with one output; returns the output."""
+        value = super().op(op_type, inputs, attributes, domain=domain, name=name or self._fresh(op_type), **kwargs)
+        self._stamp(value.producer())
+        return value
+
+    def op_multi_out(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
+                     num_outputs: int | None = None, domain: str = "", name: str | None = None,
+                     **kwargs) -> Sequence[ir.Value]:
+        """One node with several outputs; returns them."""
+        values = super().op_multi_out(op_type, inputs, attributes, num_outputs=num_outputs, domain=domain,
+                                      name=name or self._fresh(op_type), **kwargs)
+        self._stamp(values[0].producer())
+        return values
+
+    def emit(self, op, inputs: Sequence[ir.Value], *, name: str | None = None, **attributes) -> Sequence[ir.Value]:
+        """A node of the trimrt op `op` (an OpDef): attributes are checked against its
+        schema (defaults filled, unknown ones refused); returns all its outputs."""
+        values = op.attribute_values(attributes)
+        return self.op_multi_out(op.name, inputs, values, num_outputs=len(op.outputs), domain=DOMAIN,
+                                 name=name or self._fresh(op.name))
+
+    def const(self, value, dtype=np.int64, *, name: str | None = None) -> ir.Value:
+        """A constant tensor (`dtype` None: the array's own): an initializer of `graph`
+        (named `name`, else a fresh name) when the builder has one, else a Constant node."""
+        array = np.asarray(value, dtype=dtype)
+        if self.graph is None:
+            return self.Constant(value=ir.tensor(array))
+        name = name or self._fresh("const")
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def discard(self) -> None:
+        """Forget the collected nodes (built, then found not needed)."""
+        self._nodes = []
+
+    # ----------------------------------------------------- inside a function body
 
     def ref(self, name: str, field: str | None = None) -> ir.Attr:
         """A node attribute `field` (default: `name`) whose value is the function attribute `name`."""
@@ -56,7 +117,7 @@ class Builder(tape.Tape):
                  body: Callable, outputs: Sequence[tuple[str, ir.DataType | None, tuple | None]]) -> ir.Graph:
         """A graph attribute (a Loop body): `body(builder, *inputs)` returns its outputs;
         each input / output is (name, dtype or None, shape or None)."""
-        sub = Builder(self._attributes, self._counter)
+        sub = Builder(self._attributes, self._counter, prefix=self.prefix, tag=self.tag)
         ins = [_value(*spec) for spec in inputs]
         outs = list(body(sub, *ins))
         for value, (out_name, dtype, shape) in zip(outs, outputs):
