@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .numerics import check_group_size, dequantize_int4_groupwise, quantize_int4_groupwise
+from .numerics import check_group_size, dequantize_int4_groupwise, output_error, quantize_int4_groupwise
 
 #: channels whose mean activation is below this fraction of the largest keep that floor,
 #: so s stays finite and positive for dead channels
@@ -75,7 +75,7 @@ def awq_quantize(x: np.ndarray, weights: Sequence[np.ndarray], group_size: int |
         s = awq_scales(mean, alpha)
         q, scale = quantize_int4_groupwise(w * s[:, None], group_size)
         deq = dequantize_int4_groupwise(q, scale, group_size).astype(np.float64)
-        error = _output_error(gram, w.astype(np.float64) - deq / s.astype(np.float64)[:, None])
+        error = output_error(gram, w.astype(np.float64) - deq / s.astype(np.float64)[:, None])
         if error < best[0]:
             best = (error, alpha, s)
     _, alpha, s = best
@@ -130,11 +130,6 @@ def _group_grams(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray
     scaled = gram * inv[:, None] * inv[None, :]
     index = np.arange(groups)
     return scaled.reshape(groups, group_size, groups, group_size)[index, :, index, :]
-
-
-def _output_error(gram: np.ndarray, e: np.ndarray) -> float:
-    """||X E||² = Σ E ⊙ (XᵀX E)."""
-    return float(np.sum(e * (gram @ e)))
 
 
 def _check_inputs(x: np.ndarray, weights: list[np.ndarray], grid: int, clip_grid: int, max_shrink: float) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .numerics import INT4_MAX, INT4_MIN, INT8_MAX, check_group_size
+from .numerics import INT4_MAX, INT4_MIN, INT8_MAX, check_group_size, group_scales
 
 _CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (-INT8_MAX, INT8_MAX)}
 
@@ -64,7 +64,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group_size:
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     scale = np.ones((k // group_size, n), np.float32)
     if act_order:
-        scale = _group_scales(w, group_size, high)
+        scale = group_scales(w, group_size, top=high)
     w = w[order]
     h = h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
@@ -80,7 +80,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group_size:
             j = start + i
             if not act_order and j % group_size == 0:
                 current = _current_rows(w, block, errors, u, start, end, j, j + group_size)
-                scale[j // group_size] = _group_scales(current, group_size, high)[0]
+                scale[j // group_size] = group_scales(current, group_size, top=high)[0]
             row_scale = scale[order[j] // group_size].astype(np.float64)
             codes = np.clip(np.rint(block[i] / row_scale), low, high)
             q[j] = codes
@@ -101,14 +101,6 @@ def _current_rows(w: np.ndarray, block: np.ndarray, errors: np.ndarray, u: np.nd
     done = first - start
     beyond = w[end:last] - u[start:first, end:last].T @ errors[:done]
     return np.vstack([inside, beyond])
-
-
-def _group_scales(w: np.ndarray, group_size: int, high: int) -> np.ndarray:
-    """float32 [rows // group_size, N]: max|group| / high, zero groups -> 1."""
-    rows, n = w.shape
-    absmax = np.abs(w).reshape(rows // group_size, group_size, n).max(axis=1)
-    scale = (absmax / high).astype(np.float32)
-    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
 
 
 def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:

@@ -26,7 +26,7 @@ SmoothQuant does not amplify quiet channels in the first place
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,12 +35,11 @@ from ..registry import QUANTIZATION_METHODS
 from .awq import awq_quantize
 from .gptq import gptq_quantize
 from .numerics import (
-    INT8_MAX,
-    dequantize_fp8,
     fake_quant_dynamic_uint8,
-    fp8_e4m3,
+    fake_quant_fp8,
     fp8_scale,
-    quantize_fp8_per_tensor,
+    output_error,
+    quantize_fp8_per_channel,
     quantize_int4_groupwise,
     quantize_int8_per_channel,
 )
@@ -53,6 +52,8 @@ if TYPE_CHECKING:
 #: (more damping: less trust in the fitted Hessian, closer to RTN)
 GPTQ_DAMPING = (0.01, 0.1, 1.0)
 INT8_INT8, INT4_WEIGHT_ONLY, FP8_FP8 = ("int8", "int8"), ("int4", "none"), ("fp8", "fp8")
+#: per-output-channel round to nearest of each per-channel format: w [K, N] -> (codes, scale [N])
+PER_CHANNEL = {"int8": quantize_int8_per_channel, "fp8": quantize_fp8_per_channel}
 
 
 @dataclass
@@ -145,7 +146,7 @@ class RoundToNearest(QuantizationMethod):
 
     def plan(self, weights, stat, static_activations, check):
         if self.options.weights == "int4":
-            return [_rtn_int4(w, self.options.group_size) for w in weights]
+            return [_rtn(w, "int4", self.options.group_size) for w in weights]
         return _per_channel(self.options, weights, stat, static_activations)
 
 
@@ -181,27 +182,31 @@ class Awq(QuantizationMethod):
 
     def plan(self, weights, stat, static_activations, check):
         g = self.options.group_size
-        res = awq_quantize(_rows(stat, "awq"), weights, group_size=g)
+        res = awq_quantize(_stat(stat, "rows", "awq"), weights, group_size=g)
         awq = [QuantizedLinear("int4", q, s, g, input_scale=res.input_scale, alpha=res.alpha)
                for q, s in zip(res.q, res.scale)]
-        return _keep_if_better_than_rtn(awq, weights, check, lambda w: _rtn_int4(w, g))
+        return _first_better_than_rtn([awq], weights, check, lambda w: _rtn(w, "int4", g))
 
 
 @QUANTIZATION_METHODS.register("gptq")
 class Gptq(QuantizationMethod):
-    """GPTQ: weights rounded column by column, the error pushed onto the columns left (Hessian XᵀX)."""
+    """GPTQ: weights rounded column by column, the error pushed onto the columns left (Hessian XᵀX);
+    with a held-out Hessian, the first damping of GPTQ_DAMPING whose held-out error beats
+    RTN's, else RTN."""
 
     formats = (INT8_INT8, INT4_WEIGHT_ONLY)
     statistics = frozenset({"hessian"})
     held_out_statistics = frozenset({"hessian"})
 
     def plan(self, weights, stat, static_activations, check):
-        if self.options.weights == "int4":
-            return [_gptq(w, stat, check, 4, self.options.group_size) for w in weights]
-        act_scale = _activation_scale(self.options.weights, stat, None, static_activations)
+        fmt = self.options.weights
+        g = self.options.group_size if fmt == "int4" else None
+        act_scale = None if fmt == "int4" else _activation_scale(fmt, stat, None, static_activations)
+        h = _stat(stat, "hessian", "gptq")
         results = []
         for w in weights:
-            q = _gptq(w, stat, check, 8, None)
+            candidates = ([_gptq(w, h, fmt, g, damp)] for damp in GPTQ_DAMPING)
+            [q] = _first_better_than_rtn(candidates, [w], check, lambda w: _rtn(w, fmt, g))
             q.activation_scale = act_scale
             results.append(q)
         return results
@@ -257,7 +262,7 @@ def _activation_scale(fmt: str, stat, input_scale: np.ndarray | None, static_act
     """The static per-tensor activation scale (fp8 always, int8 when static), else None."""
     if not (fmt == "fp8" or static_activations):
         return None
-    absmax = _absmax(stat)
+    absmax = np.asarray(_stat(stat, "absmax", "quantization"), np.float32)
     if input_scale is not None:
         absmax = absmax / input_scale
     top = float(np.max(absmax)) if absmax.size else 0.0
@@ -269,26 +274,18 @@ def _per_channel(options: QuantizationOptions, weights: list[np.ndarray], stat, 
     """Round to nearest per output channel (int8 or fp8 E4M3), with the activation scale."""
     fmt = options.weights
     act_scale = _activation_scale(fmt, stat, input_scale, static_activations)
-    results = []
-    for w in weights:
-        if fmt == "fp8":
-            w_scale = fp8_scale(np.abs(w).max(axis=0))
-            codes = fp8_e4m3(w / w_scale)
-            results.append(QuantizedLinear("fp8", codes, w_scale, None, input_scale, act_scale, alpha))
-        else:
-            codes, scale = quantize_int8_per_channel(w)
-            results.append(QuantizedLinear("int8", codes, scale, None, input_scale, act_scale, alpha))
-    return results
+    return [QuantizedLinear(fmt, *PER_CHANNEL[fmt](w), None, input_scale, act_scale, alpha) for w in weights]
 
 
-def _rtn_int4(w: np.ndarray, group_size: int) -> QuantizedLinear:
-    return QuantizedLinear("int4", *quantize_int4_groupwise(w, group_size), group_size, method="rtn")
+def _rtn(w: np.ndarray, fmt: str, group_size: int | None) -> QuantizedLinear:
+    if fmt == "int4":
+        return QuantizedLinear("int4", *quantize_int4_groupwise(w, group_size), group_size, method="rtn")
+    return QuantizedLinear(fmt, *PER_CHANNEL[fmt](w), method="rtn")
 
 
-def _rtn_like(w: np.ndarray, bits: int, group_size: int | None) -> QuantizedLinear:
-    if bits == 4:
-        return _rtn_int4(w, group_size)
-    return QuantizedLinear("int8", *quantize_int8_per_channel(w), method="rtn")
+def _gptq(w: np.ndarray, h: np.ndarray, fmt: str, group_size: int | None, damp: float) -> QuantizedLinear:
+    codes, scale = gptq_quantize(w, h, bits=4 if fmt == "int4" else 8, group_size=group_size, damp=damp)
+    return QuantizedLinear(fmt, codes, scale if fmt == "int4" else scale[0], group_size, damping=damp)
 
 
 def _weight_error(h: np.ndarray, w: np.ndarray, q: QuantizedLinear) -> float:
@@ -296,8 +293,7 @@ def _weight_error(h: np.ndarray, w: np.ndarray, q: QuantizedLinear) -> float:
     effective = q.dequantized().astype(np.float64)
     if q.input_scale is not None:
         effective = effective / q.input_scale.astype(np.float64)[:, None]
-    e = np.asarray(w, np.float64) - effective
-    return float(np.sum(e * (h @ e)))
+    return output_error(h, np.asarray(w, np.float64) - effective)
 
 
 def _ratio(error: float, baseline: float) -> float:
@@ -306,45 +302,30 @@ def _ratio(error: float, baseline: float) -> float:
     return 1.0 if error == 0 else float("inf")
 
 
-def _keep_if_better_than_rtn(chosen: list[QuantizedLinear], weights: list[np.ndarray], check,
-                             rtn) -> list[QuantizedLinear]:
-    """The group's method numbers when their summed held-out error is below RTN's, else RTN's."""
+def _first_better_than_rtn(candidates: Iterable[list[QuantizedLinear]], weights: list[np.ndarray], check,
+                           rtn: Callable[[np.ndarray], QuantizedLinear]) -> list[QuantizedLinear]:
+    """The first of `candidates` (each the numbers of `weights`) whose summed held-out error
+    is below RTN's, else RTN's (marked with the best ratio tried); without held-out
+    statistics, the first candidate."""
+    candidates = iter(candidates)
     if check is None or check.hessian is None:
-        return chosen
+        return next(candidates)
     fallback = [rtn(w) for w in weights]
-    ratio = _ratio(sum(_weight_error(check.hessian, w, q) for w, q in zip(weights, chosen)),
-                   sum(_weight_error(check.hessian, w, q) for w, q in zip(weights, fallback)))
-    keep = chosen if ratio < 1.0 else fallback
-    for q in keep:
-        q.held_out_vs_rtn = round(ratio, 6)
-    return keep
 
+    def error(qs: list[QuantizedLinear]) -> float:
+        return sum(_weight_error(check.hessian, w, q) for w, q in zip(weights, qs))
 
-def _gptq(w: np.ndarray, stat, check, bits: int, group_size: int | None) -> QuantizedLinear:
-    """GPTQ on the fit Hessian; with a held-out Hessian, the first damping of GPTQ_DAMPING
-    whose held-out error beats RTN's, else RTN."""
-    h = _hessian(stat)
-
-    def gptq(damp: float) -> QuantizedLinear:
-        codes, scale = gptq_quantize(w, h, bits=bits, group_size=group_size, damp=damp)
-        if bits == 8:
-            return QuantizedLinear("int8", codes, scale[0], damping=damp)
-        return QuantizedLinear("int4", codes, scale, group_size, damping=damp)
-
-    if check is None or check.hessian is None:
-        return gptq(GPTQ_DAMPING[0])
-    rtn = _rtn_like(w, bits, group_size)
-    baseline = _weight_error(check.hessian, w, rtn)
-    best = float("inf")
-    for damp in GPTQ_DAMPING:
-        q = gptq(damp)
-        ratio = _ratio(_weight_error(check.hessian, w, q), baseline)
-        if ratio < 1.0:
-            q.held_out_vs_rtn = round(ratio, 6)
-            return q
+    baseline, best = error(fallback), float("inf")
+    for chosen in candidates:
+        ratio = _ratio(error(chosen), baseline)
         best = min(best, ratio)
-    rtn.held_out_vs_rtn = round(best, 6)
-    return rtn
+        if ratio < 1.0:
+            break
+    else:
+        chosen = fallback
+    for q in chosen:
+        q.held_out_vs_rtn = round(best, 6)
+    return chosen
 
 
 def _smoothing(options: QuantizationOptions, weights: list[np.ndarray], stat,
@@ -353,52 +334,30 @@ def _smoothing(options: QuantizationOptions, weights: list[np.ndarray], stat,
     quiet channels floored): given alpha, or the alpha with the least output error of
     the quantized layer on calibration rows; and the
     held-out output error with s over RTN's (None without held-out rows)."""
-    absmax = floor_quiet_channels(_absmax(stat))
-    if options.weights == "fp8":
-        quantize_activation, quantize_weight = _fake_fp8, _fp8_weight
-    else:
-        quantize_activation, quantize_weight = fake_quant_dynamic_uint8, quantize_int8_per_channel
+    absmax = floor_quiet_channels(np.asarray(_stat(stat, "absmax", "smoothquant"), np.float32))
+    quantizers = (fake_quant_fp8 if options.weights == "fp8" else fake_quant_dynamic_uint8,
+                  PER_CHANNEL[options.weights])
     if options.alpha is not None:
         alpha, s = options.alpha, smoothing_scales(absmax, weights, options.alpha)
     else:
-        alpha, s = search_alpha(_rows(stat, "smoothquant"), weights, quantize_activation=quantize_activation,
-                                quantize_weight=quantize_weight, act_absmax=absmax)
+        alpha, s = search_alpha(_stat(stat, "rows", "smoothquant"), weights, *quantizers,
+                                act_absmax=absmax)
     if check is None or check.rows is None or not len(check.rows):
         return s, alpha, None
     x = np.asarray(check.rows, np.float32)
     references = [x @ w for w in weights]
-    smoothed = smoothed_output_error(x, weights, references, s, quantize_activation, quantize_weight)
-    plain = smoothed_output_error(x, weights, references, np.ones_like(s), quantize_activation, quantize_weight)
+    smoothed = smoothed_output_error(x, weights, references, s, *quantizers)
+    plain = smoothed_output_error(x, weights, references, np.ones_like(s), *quantizers)
     return s, alpha, _ratio(smoothed, plain)
 
 
-def _fake_fp8(x: np.ndarray) -> np.ndarray:
-    scale = fp8_scale(np.abs(x).max() if x.size else 0.0)
-    return dequantize_fp8(quantize_fp8_per_tensor(x, scale), scale)
+def _stat(stat, field: str, method: str) -> np.ndarray:
+    """One calibration statistic (an ActivationStats field) of an activation the method needs."""
+    value = None if stat is None else getattr(stat, field)
+    if value is None or not len(value):
+        raise ValueError(f"{method} needs the calibration statistic {field!r} of every quantized activation")
+    return value
 
 
-def _fp8_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scale = fp8_scale(np.abs(w).max(axis=0))
-    return fp8_e4m3(w / scale), scale
-
-
-def _absmax(stat) -> np.ndarray:
-    if stat is None or stat.absmax is None:
-        raise ValueError("calibration statistics (absmax) are missing for an activation")
-    return np.asarray(stat.absmax, dtype=np.float32)
-
-
-def _rows(stat, method: str) -> np.ndarray:
-    if stat is None or stat.rows is None or not len(stat.rows):
-        raise ValueError(f"{method} needs calibration rows of every quantized activation")
-    return stat.rows
-
-
-def _hessian(stat) -> np.ndarray:
-    if stat is None or stat.hessian is None:
-        raise ValueError("gptq needs the calibration Hessian of every quantized activation")
-    return stat.hessian
-
-
-__all__ = ["GPTQ_DAMPING", "INT8_MAX", "Linear", "QuantizationMethod", "QuantizedLinear", "Skipped", "combinations",
+__all__ = ["GPTQ_DAMPING", "Linear", "QuantizationMethod", "QuantizedLinear", "Skipped", "combinations",
            "quantize_linears"]

@@ -26,8 +26,7 @@ def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     An all-zero column gets scale 1 (and codes 0), so dequantization never divides by zero.
     """
     w = np.asarray(w, dtype=np.float32)
-    scale = np.abs(w).max(axis=0) / np.float32(INT8_MAX)
-    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    scale = _nonzero(np.abs(w).max(axis=0) / np.float32(INT8_MAX))
     q = np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
     return q, scale
 
@@ -47,8 +46,8 @@ def check_group_size(k: int, group_size: int | None) -> int:
     return group_size
 
 
-def int4_group_scales(w: np.ndarray, group_size: int | None, clip_ratio=None) -> np.ndarray:
-    """float32 [K // group_size, N]: clip_ratio · max|group| / 7, zero groups -> 1."""
+def group_scales(w: np.ndarray, group_size: int | None, clip_ratio=None, top: int = INT4_MAX) -> np.ndarray:
+    """float32 [K // group_size, N]: clip_ratio · max|group| / top (INT4 codes by default), zero groups -> 1."""
     w = np.asarray(w)
     k, n = w.shape
     group_size = check_group_size(k, group_size)
@@ -56,8 +55,7 @@ def int4_group_scales(w: np.ndarray, group_size: int | None, clip_ratio=None) ->
     ratio = np.float64(1.0) if clip_ratio is None else np.asarray(clip_ratio, dtype=np.float64)
     if np.any(ratio <= 0):
         raise ValueError("clip_ratio must be positive")
-    scale = np.broadcast_to(ratio * absmax / INT4_MAX, absmax.shape).astype(np.float32)
-    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    return _nonzero(np.broadcast_to(ratio * absmax / top, absmax.shape).astype(np.float32))
 
 
 def quantize_int4_groupwise(w: np.ndarray, group_size: int | None,
@@ -71,7 +69,7 @@ def quantize_int4_groupwise(w: np.ndarray, group_size: int | None,
     """
     w = np.asarray(w, dtype=np.float32)
     group_size = check_group_size(w.shape[0], group_size)
-    scale = int4_group_scales(w, group_size, clip_ratio)
+    scale = group_scales(w, group_size, clip_ratio)
     q = np.clip(np.rint(w / np.repeat(scale, group_size, axis=0)), INT4_MIN, INT4_MAX).astype(np.int8)
     return q, scale
 
@@ -128,8 +126,28 @@ def dequantize_fp8(q: np.ndarray, scale) -> np.ndarray:
 
 def fp8_scale(absmax) -> np.ndarray:
     """float32 scale mapping |x| <= absmax onto the E4M3 range: absmax / 448 (0 -> 1)."""
-    absmax = np.asarray(absmax, dtype=np.float64)
-    scale = (absmax / FP8_E4M3_MAX).astype(np.float32)
+    return _nonzero((np.asarray(absmax, dtype=np.float64) / FP8_E4M3_MAX).astype(np.float32))
+
+
+def quantize_fp8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes float32 [K, N] on the E4M3 grid, scale float32 [N]): scale = max|W[:, n]| / 448."""
+    scale = fp8_scale(np.abs(w).max(axis=0))
+    return fp8_e4m3(w / scale), scale
+
+
+def fake_quant_fp8(x: np.ndarray) -> np.ndarray:
+    """float32 x after QuantizeLinear / DequantizeLinear to E4M3 with one scale max|x| / 448."""
+    scale = fp8_scale(np.abs(x).max() if x.size else 0.0)
+    return dequantize_fp8(quantize_fp8_per_tensor(x, scale), scale)
+
+
+def output_error(gram: np.ndarray, e: np.ndarray) -> float:
+    """||X E||² = Σ E ⊙ (XᵀX E), through the Gram matrix XᵀX [K, K] of the rows X."""
+    return float(np.sum(e * (gram @ e)))
+
+
+def _nonzero(scale: np.ndarray) -> np.ndarray:
+    """float32 scales with zeros (all-zero channels or groups) replaced by 1."""
     return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
 
 
