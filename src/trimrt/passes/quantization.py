@@ -39,13 +39,13 @@ import onnx_ir as ir
 from ..compare import mean_cosine
 from ..compiler.analysis import is_constant
 from ..compiler.onnx_runner import OnnxRunner
+from ..compiler.progress import steps
 from ..errors import BuildError, RecipeError
 from ..plugins import runnable_proto
 from ..quantization.encodings import SharedQuantized, constant, encoding_for
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
 from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
-from ..quantization.numerics import quantize_int8_per_channel
 from ..recipe import CalibrationOptions, QuantizationOptions
 from ..registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
 from .base import GraphBuilder, PipelineContext, TrimrtPass
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 GUARD_SAMPLES = 32
 #: (graph, prefix) -> a GraphBuilder tagging its nodes with the pass (TrimrtPass.builder)
 Builder = Callable[[ir.Graph, str], GraphBuilder]
-
-quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept for callers of the first slice)
 
 
 class QuantizationPass(TrimrtPass):
@@ -94,37 +92,31 @@ class QuantizationPass(TrimrtPass):
         candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
         fidelity, kept_float = None, []
         if (split.fit or split.held_out) and candidates:
-            guard_feeds = (split.held_out or split.fit)[:GUARD_SAMPLES]
-            evaluate = _Evaluator(original, plan, self.builder, self.target, guard_feeds)
-            fidelity = {"measured_on": split.measured_on, "samples": len(guard_feeds)}
-            if self.options.min_cosine is not None:
-                total = 2 + 2 * len(candidates)
-                from ..compiler.progress import steps
-
-                with steps("fidelity guard", total, enabled=self.progress) as advance:
-                    result = choose_float_layers(candidates, evaluate, self.options.min_cosine, advance)
-                    cosine_fit = self._cosine_fit(original, plan, split, result.quantized, result.cosine)
-                    advance()
-                kept_float = result.kept_float
-                fidelity.update({"cosine": round(result.cosine, 6), "cosine_fit": cosine_fit,
-                                 "cosine_all_quantized": round(result.cosine_all_quantized, 6),
-                                 "min_cosine": self.options.min_cosine,
-                                 "sensitivity": {linears[i].name: round(c, 6) for i, c in result.sensitivity.items()}})
-            else:
-                cosine = evaluate(frozenset(candidates))
-                fidelity.update({"cosine": round(cosine, 6),
-                                 "cosine_fit": self._cosine_fit(original, plan, split, frozenset(candidates), cosine)})
-            fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
+            fidelity, kept_float = self._guard(original, linears, plan, candidates, split)
         chosen = frozenset(candidates) - set(kept_float)
         apply_plan(model, sites, plan, chosen, self.builder, self.target)
         self.record(self._report(linears, plan, chosen, kept_float, fidelity, split), changes_results=bool(chosen))
         return ir.passes.PassResult(model, modified=bool(chosen))
 
-    def _cosine_fit(self, original, plan, split: Split, quantized: frozenset[int], cosine: float) -> float:
-        """The output cosine of the chosen build on fitted samples (the guard's own when nothing was held out)."""
-        if not split.held_out or not quantized:
-            return round(cosine, 6)
-        return round(_Evaluator(original, plan, self.builder, self.target, split.fit[:GUARD_SAMPLES])(quantized), 6)
+    def _guard(self, original, linears: list[Linear], plan, candidates: list[int], split: Split):
+        """(the fidelity report, the layers kept float): the output cosine of the build on the
+        held-out samples (the guard's, with `min_cosine`) and on fitted ones (`cosine_fit`)."""
+        evaluate = _Evaluator(original, plan, self.builder, self.target, (split.held_out or split.fit)[:GUARD_SAMPLES])
+        fidelity = {"measured_on": split.measured_on, "samples": len(evaluate.feeds)}
+        floor = self.options.min_cosine
+        with steps("fidelity guard", 2 + 2 * len(candidates), enabled=self.progress and floor is not None) as advance:
+            result = choose_float_layers(candidates, evaluate, floor, advance)
+            cosine_fit = result.cosine
+            if split.held_out and result.quantized:
+                cosine_fit = _Evaluator(original, plan, self.builder, self.target,
+                                        split.fit[:GUARD_SAMPLES])(result.quantized)
+            advance()
+        fidelity.update({"cosine": round(result.cosine, 6), "cosine_fit": round(cosine_fit, 6)})
+        if floor is not None:
+            fidelity.update({"cosine_all_quantized": round(result.cosine_all_quantized, 6), "min_cosine": floor,
+                             "sensitivity": {linears[i].name: round(c, 6) for i, c in result.sensitivity.items()}})
+        fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
+        return fidelity, result.kept_float
 
     def _calibrate(self, original, linears: list[Linear]):
         """(the split feeds, statistics of the fit part, statistics of the held-out part for
@@ -154,15 +146,10 @@ class QuantizationPass(TrimrtPass):
             entry = {"name": linear.name, "shape": list(linear.weight.shape)}
             before += linear.weight.nbytes
             if i in chosen:
-                entry["format"] = q.format
-                if q.alpha is not None:
-                    entry["alpha"] = q.alpha
-                if q.method is not None and q.method != self.options.method:
-                    entry["method"] = q.method  # the held-out check rejected the recipe's method here
-                if q.held_out_vs_rtn is not None:
-                    entry["held_out_vs_rtn"] = q.held_out_vs_rtn
-                if q.damping is not None:
-                    entry["damping"] = q.damping
+                # "method": the held-out check rejected the recipe's method here
+                method = q.method if q.method != self.options.method else None
+                extra = {"alpha": q.alpha, "method": method, "held_out_vs_rtn": q.held_out_vs_rtn, "damping": q.damping}
+                entry.update({"format": q.format, **{k: v for k, v in extra.items() if v is not None}})
                 after += q.nbytes
             else:
                 entry["format"] = "float"
@@ -182,7 +169,7 @@ class QuantizationPass(TrimrtPass):
                                      else self.calibration.source}
             if split.held_out:
                 report["calibration"].update({"fit": len(split.fit), "held_out": len(split.held_out)})
-        fallback = sum(1 for i in chosen if plan[i].method is not None and plan[i].method != o.method)
+        fallback = sum("method" in layer for layer in layers)
         if fallback:
             report["matmuls_fallback_rtn"] = fallback
         if fidelity is not None:
@@ -200,28 +187,24 @@ def find_linears(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value, np.ndarray]]:
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
-        if node.op_type == "Gemm" and (_attr(node, "alpha", 1.0) != 1.0 or _attr(node, "transA", 0)):
+        if node.op_type == "Gemm" and (node.attributes.get_float("alpha", 1.0) != 1.0
+                                       or node.attributes.get_int("transA", 0)):
             continue
         x, w = node.inputs[0], node.inputs[1]
         weight = _constant_array(w)
         if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or is_constant(x):
             continue
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
             weight = np.ascontiguousarray(weight.T)
         sites.append((node, x, weight))
     return sites
-
-
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
 
 
 def _gemm_bias(b: GraphBuilder, node: ir.Node, out: ir.Value) -> ir.Value:
     """Gemm's + beta · C after its quantized product (`out` itself for a MatMul or no C)."""
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
         return out
-    bias, beta = node.inputs[2], float(_attr(node, "beta", 1.0))
+    bias, beta = node.inputs[2], node.attributes.get_float("beta", 1.0)
     if beta != 1.0:
         bias = b.op("Mul", [bias, constant(b, f"{b.prefix}_beta", np.array(beta, np.float32))],
                     name=f"{b.prefix}_beta_bias")

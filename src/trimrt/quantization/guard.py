@@ -28,9 +28,10 @@ class GuardResult:
     cosine_all_quantized: float = 1.0
 
 
-def choose_float_layers(candidates: Sequence[int], evaluate: Evaluate, min_cosine: float,
+def choose_float_layers(candidates: Sequence[int], evaluate: Evaluate, min_cosine: float | None,
                         advance: Callable[[], None] = lambda: None) -> GuardResult:
-    """Which of `candidates` to quantize so that the output cosine is ≥ min_cosine.
+    """Which of `candidates` to quantize so that the output cosine is ≥ min_cosine (None:
+    no bar, all of them, evaluated once).
 
     Evaluates all-quantized first; only when that misses the bar does it measure each
     layer's sensitivity (len(candidates) evaluations) and then put layers back to float,
@@ -39,7 +40,7 @@ def choose_float_layers(candidates: Sequence[int], evaluate: Evaluate, min_cosin
     cosine = evaluate(everything)
     advance()
     result = GuardResult(everything, [], {}, cosine, cosine)
-    if cosine >= min_cosine:
+    if min_cosine is None or cosine >= min_cosine:
         return result
     for index in candidates:
         result.sensitivity[index] = evaluate(frozenset({index}))
