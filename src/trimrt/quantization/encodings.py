@@ -6,7 +6,7 @@ decide how a target runs them. Each builds its nodes with the pass's `GraphBuild
 initializers) and returns the float32 output [..., N]. The caller places the builder's
 nodes, rewires the old MatMul's uses and adds the encoding's `opsets` to the model.
 
-Each encoding is registered in `QUANTIZED_ENCODINGS` with the weight format and targets
+Each encoding is an `Encoding` registered in `QUANTIZED_ENCODINGS` with the weight format and targets
 it serves (`encoding_for(format, target)` is the lookup), its required opsets and its
 report label:
 
@@ -22,7 +22,8 @@ report label:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import ml_dtypes
 import numpy as np
@@ -30,6 +31,7 @@ import onnx_ir as ir
 
 from ..errors import BuildError
 from ..registry import QUANTIZED_ENCODINGS
+from .numerics import INT4_MAX, INT4_MIN
 
 if TYPE_CHECKING:
     from ..passes.base import GraphBuilder
@@ -39,87 +41,54 @@ if TYPE_CHECKING:
 SharedQuantized = dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]]
 
 MS_DOMAIN = "com.microsoft"
-INT4_MIN, INT4_MAX = -8, 7
-FP8_E4M3_MAX = 448.0
 #: MatMulNBits accuracy level of ONNX Runtime INT4 builds: 4 = int8 compute (fast), 0 = float (exact)
 NBITS_ACCURACY_LEVEL = 4
 
 
+@dataclass(frozen=True)
 class Encoding:
-    """How one quantized MatMul is written for a target. Class attributes: `format` (the
-    weight format it encodes), `targets` (the build targets that use it), `opsets`
-    (minimum opset per domain the model needs), `static_activations` (activations are
-    quantized with a calibrated per-tensor scale), `label` (the report's words)."""
+    """How one quantized MatMul is written for a target: `format` (the weight format it
+    encodes), `targets` (the build targets that use it), `opsets` (minimum opset per
+    domain the model needs), `label` (the report's words), `build(b, x, q, shared)` (adds
+    the nodes computing x @ q's weight to `b`, returns their float32 output) and
+    `static_activations` (activations are quantized with a calibrated per-tensor scale)."""
 
-    format: ClassVar[str]
-    targets: ClassVar[tuple[str, ...]]
-    opsets: ClassVar[dict[str, int]]
-    static_activations: ClassVar[bool] = False
-    label: ClassVar[str]
+    format: str
+    targets: tuple[str, ...]
+    opsets: dict[str, int]
+    label: str
+    build: Callable[[GraphBuilder, ir.Value, QuantizedLinear, SharedQuantized], ir.Value]
+    static_activations: bool = False
 
-    @classmethod
-    def describe(cls) -> str:
-        return cls.label
-
-    @staticmethod
-    def build(b: GraphBuilder, x: ir.Value, q: QuantizedLinear, shared: SharedQuantized) -> ir.Value:
-        """The nodes computing x @ q's weight, added to `b`; returns their float32 output."""
-        raise NotImplementedError
+    def describe(self) -> str:
+        return self.label.format(accuracy_level=NBITS_ACCURACY_LEVEL)  # the level in force when building
 
 
-@QUANTIZED_ENCODINGS.register("int8_dynamic")
-class Int8Dynamic(Encoding):
-    format, targets, opsets = "int8", ("onnxruntime",), {"": 11}  # DynamicQuantizeLinear
-    label = "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime DynamicQuantizeMatMul)"
+QUANTIZED_ENCODINGS.register("int8_dynamic")(Encoding(
+    "int8", ("onnxruntime",), {"": 11},  # DynamicQuantizeLinear
+    "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime DynamicQuantizeMatMul)",
+    lambda b, x, q, shared: int8_dynamic(b, x, q.codes, q.scale, shared)))
 
-    @staticmethod
-    def build(b, x, q, shared):
-        return int8_dynamic(b, x, q.codes, q.scale, shared)
+QUANTIZED_ENCODINGS.register("int4_matmul_nbits")(Encoding(
+    "int4", ("onnxruntime",), {MS_DOMAIN: 1}, "com.microsoft MatMulNBits (accuracy level {accuracy_level})",
+    lambda b, x, q, shared: int4_matmul_nbits(b, x, q.codes, q.scale, q.group_size, NBITS_ACCURACY_LEVEL)))
 
+QUANTIZED_ENCODINGS.register("int4_blocked_dq")(Encoding(
+    "int4", ("tensorrt",), {"": 21},  # block_size and INT4 in DequantizeLinear
+    "INT4 initializers + blocked DequantizeLinear (opset 21)",
+    lambda b, x, q, shared: int4_blocked_dq(b, x, q.codes, q.scale, q.group_size)))
 
-@QUANTIZED_ENCODINGS.register("int4_matmul_nbits")
-class Int4MatMulNBits(Encoding):
-    format, targets, opsets = "int4", ("onnxruntime",), {MS_DOMAIN: 1}
+QUANTIZED_ENCODINGS.register("qdq_int8")(Encoding(
+    "int8", ("tensorrt",), {"": 19},  # the TensorRT Q/DQ form
+    "QuantizeLinear/DequantizeLinear INT8, static activation scales",
+    lambda b, x, q, shared: qdq_static(b, x, q.activation_scale, q.codes, q.scale, "int8"),
+    static_activations=True))
 
-    @classmethod
-    def describe(cls) -> str:
-        return f"com.microsoft MatMulNBits (accuracy level {NBITS_ACCURACY_LEVEL})"
-
-    @staticmethod
-    def build(b, x, q, shared):
-        return int4_matmul_nbits(b, x, q.codes, q.scale, q.group_size, accuracy_level=NBITS_ACCURACY_LEVEL)
-
-
-@QUANTIZED_ENCODINGS.register("int4_blocked_dq")
-class Int4BlockedDq(Encoding):
-    format, targets, opsets = "int4", ("tensorrt",), {"": 21}  # block_size and INT4 in DequantizeLinear
-    label = "INT4 initializers + blocked DequantizeLinear (opset 21)"
-
-    @staticmethod
-    def build(b, x, q, shared):
-        return int4_blocked_dq(b, x, q.codes, q.scale, q.group_size)
-
-
-@QUANTIZED_ENCODINGS.register("qdq_int8")
-class QdqInt8(Encoding):
-    format, targets, opsets = "int8", ("tensorrt",), {"": 19}  # the TensorRT Q/DQ form
-    static_activations = True
-    label = "QuantizeLinear/DequantizeLinear INT8, static activation scales"
-
-    @staticmethod
-    def build(b, x, q, shared):
-        return qdq_static(b, x, q.activation_scale, q.codes, q.scale, "int8")
-
-
-@QUANTIZED_ENCODINGS.register("qdq_fp8")
-class QdqFp8(Encoding):
-    format, targets, opsets = "fp8", ("onnxruntime", "tensorrt"), {"": 19}  # FLOAT8E4M3FN in QuantizeLinear
-    static_activations = True
-    label = "QuantizeLinear/DequantizeLinear FLOAT8E4M3FN, static activation scales"
-
-    @staticmethod
-    def build(b, x, q, shared):
-        return qdq_static(b, x, q.activation_scale, q.codes, q.scale, "fp8")
+QUANTIZED_ENCODINGS.register("qdq_fp8")(Encoding(
+    "fp8", ("onnxruntime", "tensorrt"), {"": 19},  # FLOAT8E4M3FN in QuantizeLinear
+    "QuantizeLinear/DequantizeLinear FLOAT8E4M3FN, static activation scales",
+    lambda b, x, q, shared: qdq_static(b, x, q.activation_scale, q.codes, q.scale, "fp8"),
+    static_activations=True))
 
 
 def encoding_for(fmt: str, target: str) -> str:
