@@ -31,12 +31,6 @@ class _Group(click.Group):
             ctx.exit(2)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False)
-
-
 def _build_dir(ctx, param, path: Path | None) -> Path | None:
     """A BUILD argument that names a file (a model, say) is not a build: say so before loading."""
     if path is not None and path.is_file():
@@ -59,13 +53,19 @@ def _npz_path(ctx, param, path: Path | None) -> Path | None:
     if (path.parent / "manifest.json").is_file():
         raise click.BadParameter(f"{path} would be written into the build {path.parent}; write elsewhere")
     return path
-
-
 def _count(name: str) -> click.IntRange:
     """The click range of a verify / bench count (the same bounds the API checks)."""
     from .verification import COUNT_RANGES
 
     return click.IntRange(*COUNT_RANGES[name])
+
+
+# options several commands share
+_build_arg = click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
+_inputs = click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
+_tokens = click.option("--tokens", type=_count("tokens"),
+                       help="Length of dynamic token axes of random inputs (default: the build's example).")
+_json = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 
 
 @click.group(cls=_Group)
@@ -85,28 +85,28 @@ def main(verbose: bool) -> None:
               help="PyTorch exporter for factory models (auto: dynamo, TorchScript if dynamo fails).")
 def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporter: str) -> None:  # noqa: A001
     """Compile MODEL (an .onnx file, or file.py:factory / package.module:factory) into a build."""
+    from rich.console import Console
+
     from .compiler.driver import compile_model
-
-    console = _console()
-    with console.status("compiling") as status:
-        manifest = compile_model(model, recipe, out_dir, target=target, exporter=exporter,
-                                 progress=lambda msg: (status.update(msg), console.log(msg)))
     from .inspect import flops_text, fusion_line, quantization_line, quantization_summary, token_stages
+    from .runtime.manifest import Manifest
 
-    # one line each, never wrapped (paths are long); names from the model may hold brackets: no markup
-    console.print("[bold green]build written[/]: ", end="")
-    console.print(f"{out_dir}  (FLOPs {flops_text(manifest['flops'])})", markup=False, soft_wrap=True)
-    for label, steps in token_stages(manifest["passes"]):
-        console.print(f"{label}: {steps}", markup=False, soft_wrap=True)
-    for p in manifest["passes"]:
-        if p["pass"] == "quantization":
-            console.print(quantization_line(quantization_summary(p["report"])), markup=False, soft_wrap=True)
-        if p["pass"] == "ort_fusion":
-            console.print(fusion_line(p["report"]), markup=False, soft_wrap=True)
+    console = Console(highlight=False)
+    with console.status("compiling") as status:
+        manifest = Manifest(compile_model(model, recipe, out_dir, target=target, exporter=exporter,
+                                          progress=lambda msg: (status.update(msg), console.log(msg))))
+    # plain lines (click.echo): never wrapped (paths are long), no markup (names from the model hold brackets)
+    click.echo(f"{click.style('build written', fg='green', bold=True)}: {out_dir}  (FLOPs {flops_text(manifest['flops'])})")
+    for label, steps in token_stages(manifest):
+        click.echo(f"{label}: {steps}")
+    summaries = {"quantization": lambda report: quantization_line(quantization_summary(report)), "ort_fusion": fusion_line}
+    for name in manifest.pass_names:
+        if name in summaries:
+            click.echo(summaries[name](manifest.pass_report(name)))
 
 
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
+@_build_arg
 @click.option("--input", "inputs", multiple=True, required=True, help="NAME=FILE.npy, or FILE.npz (repeatable).")
 @click.option("--output", type=click.Path(path_type=Path), callback=_npz_path,
               help="Write outputs to this .npz file (.npz is added when missing).")
@@ -116,8 +116,7 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
     from .runtime import load
     from .runtime.feeds import load_feed_files
 
-    session = load(build, backend=backend)
-    outs = session.run(load_feed_files(list(inputs)))
+    outs = load(build, backend=backend).run(load_feed_files(list(inputs)))
     if output is not None:
         try:
             np.savez(output, **outs)
@@ -125,22 +124,20 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
             raise click.BadParameter(f"cannot write {output}: {exc.strerror}", param_hint="'--output'") from None
         click.echo(f"wrote {len(outs)} output(s) to {output}")
     for name, arr in outs.items():
-        preview = np.array2string(arr.reshape(-1)[:6], precision=4)
-        click.echo(f"{name}: {arr.dtype}{list(arr.shape)} {preview}")
+        click.echo(f"{name}: {arr.dtype}{list(arr.shape)} {np.array2string(arr.reshape(-1)[:6], precision=4)}")
 
 
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
+@_build_arg
 @click.option("--reference", help="Original .onnx file or a PyTorch factory (default: the build's reference.onnx).")
 @click.option("--samples", default=8, show_default=True, type=_count("samples"),
               help="Random input samples (when no --input).")
-@click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
-@click.option("--tokens", type=_count("tokens"),
-              help="Length of dynamic token axes of random inputs (default: the build's example).")
+@_inputs
+@_tokens
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help="Fail (exit 1) when an output's mean cosine is below this.")
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="Fail (exit 1) when the top-1 agreement of logits is below this.")
 @click.option("--per-pass", is_flag=True, help="Also apply the recipe's passes one at a time: the drift each adds.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_json
 def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, per_pass: bool,
            as_json: bool) -> None:
     """Compare BUILD with its reference on the same inputs."""
@@ -151,57 +148,56 @@ def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        from rich.table import Table
-
-        from .inspect import format_label
-
-        q = report.quantization
-        quantized = "" if q is None else f", quantized {format_label(q)} {q['method']}"
-        table = Table()
-        for col in ("output", "shape", "max abs", "max rel", "cosine mean", "cosine min", "top-1"):
-            table.add_column(col, justify="right")
-        for m in report.outputs:
-            table.add_row(m.name, str(m.shape), f"{m.max_abs:.3g}", f"{m.max_rel:.3g}", f"{m.cosine_mean:.5f}",
-                          f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
-        console = _console()
-        # lines holding paths and model names: never wrapped (paths are long), no markup (names hold brackets)
-        console.print(f"verify {build} ({report.samples} samples{quantized})", markup=False, soft_wrap=True)
-        console.print(table)
-        if q is not None:
-            at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.6f}"
-                          if "calibration_cosine" in q else "")
-            console.print(f"quantized build ({q['quantized']}/{q['linear_layers']} linear layers {format_label(q)}, "
-                          f"{q['method']}): the cosines above are its fidelity against the float model{at_compile}",
-                          markup=False, soft_wrap=True)
-        for line in report.not_compared:
-            console.print(f"not compared (token-level output, tokens pruned): {line}", markup=False, soft_wrap=True)
-        for step in report.per_pass:
-            cos = ", ".join(f"{name} {c:.5f}" for name, c in step["cosine_mean"].items())
-            console.print(f"after {' + '.join(step['passes'])}: mean cosine {cos}", markup=False, soft_wrap=True)
-        for k in report.keep_ratios:
-            console.print(f"adaptive pruning at block {k['block']}: kept visible {k['mean']:.1%} of its span "
-                          f"(min {k['min']:.1%}, max {k['max']:.1%})")
-        if report.passed:
-            console.print("[green]PASS[/]")
-        else:
-            console.print("[red]FAIL[/]: ", end="")
-            console.print("; ".join(report.failures), markup=False, soft_wrap=True)
+        _echo_verify(build, report)
     if not report.passed:
         sys.exit(1)
 
 
+def _echo_verify(build: Path, report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .inspect import format_label
+
+    q = report.quantization
+    quantized = "" if q is None else f", quantized {format_label(q)} {q['method']}"
+    click.echo(f"verify {build} ({report.samples} samples{quantized})")
+    table = Table()
+    for col in ("output", "shape", "max abs", "max rel", "cosine mean", "cosine min", "top-1"):
+        table.add_column(col, justify="right")
+    for m in report.outputs:
+        table.add_row(m.name, str(m.shape), f"{m.max_abs:.3g}", f"{m.max_rel:.3g}", f"{m.cosine_mean:.5f}",
+                      f"{m.cosine_min:.5f}", "-" if m.top1 is None else f"{m.top1:.3f}")
+    Console(highlight=False).print(table)
+    if q is not None:
+        at_compile = (f"; at compile time, on its calibration set: cosine {q['calibration_cosine']:.6f}"
+                      if "calibration_cosine" in q else "")
+        click.echo(f"quantized build ({q['quantized']}/{q['linear_layers']} linear layers {format_label(q)}, "
+                   f"{q['method']}): the cosines above are its fidelity against the float model{at_compile}")
+    for line in report.not_compared:
+        click.echo(f"not compared (token-level output, tokens pruned): {line}")
+    for step in report.per_pass:
+        cos = ", ".join(f"{name} {c:.5f}" for name, c in step["cosine_mean"].items())
+        click.echo(f"after {' + '.join(step['passes'])}: mean cosine {cos}")
+    for k in report.keep_ratios:
+        click.echo(f"adaptive pruning at block {k['block']}: kept visible {k['mean']:.1%} of its span "
+                   f"(min {k['min']:.1%}, max {k['max']:.1%})")
+    failed = f"{click.style('FAIL', fg='red')}: {'; '.join(report.failures)}"
+    click.echo(click.style("PASS", fg="green") if report.passed else failed)
+
+
 @main.command()
-@click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
+@_build_arg
 @click.option("--baseline", type=click.Path(path_type=Path), help="Unmodified .onnx (default: the build's reference.onnx).")
 @click.option("--batch", default=1, show_default=True, type=_count("batch"))
-@click.option("--tokens", type=_count("tokens"), help="Length of dynamic token axes (default: the build's example).")
-@click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
+@_tokens
+@_inputs
 @click.option("--threads", default=2, show_default=True, type=_count("threads"),
               help="ONNX Runtime intra-op threads, same for both.")
 @click.option("--rounds", default=30, show_default=True, type=_count("rounds"),
               help="Timed rounds (each runs both models once).")
 @click.option("--warmup", default=5, show_default=True, type=_count("warmup"))
-@click.option("--json", "as_json", is_flag=True)
+@_json
 def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, inputs, threads: int, rounds: int,
           warmup: int, as_json: bool) -> None:
     """Time BUILD against its unmodified baseline (alternating runs, medians)."""
@@ -210,64 +206,44 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
     r = bench_build(build, baseline, batch=batch, threads=threads, rounds=rounds, warmup=warmup, tokens=tokens,
                     inputs=list(inputs) or None)
     if as_json:
-        click.echo(json.dumps(r.to_dict(), indent=2))
-        return
+        return click.echo(json.dumps(r.to_dict(), indent=2))
     ideal = f"{r.flops_ratio:.2f}×" if r.flops_ratio else "n/a"
     eff = f"{100 * r.efficiency:.0f}%" if r.efficiency else "n/a"
-    click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):")
-    click.echo(f"  baseline {r.baseline_ms:8.2f} ms")
-    click.echo(f"  build    {r.build_ms:8.2f} ms")
-    click.echo(f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
+    click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):\n"
+               f"  baseline {r.baseline_ms:8.2f} ms\n  build    {r.build_ms:8.2f} ms\n"
+               f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
 
 
 @main.command()
 @click.argument("target")
-@click.option("--json", "as_json", is_flag=True)
+@_json
 def inspect(target: str, as_json: bool) -> None:
     """Show the transformer structure of a MODEL, or the passes and ops of a BUILD."""
-    from .inspect import inspect_target
+    from .inspect import flops_text, fusion_line, inspect_target, pass_lines
+    from .runtime.manifest import Manifest
 
     info = inspect_target(target)
     if as_json:
-        click.echo(json.dumps(info, indent=2, default=str))
-        return
+        return click.echo(json.dumps(info, indent=2, default=str))
     s = info.get("structure") or {}
     click.echo(f"{info['kind']}: {info.get('source') or info.get('path')}")
     if s or info["kind"] == "model":
         click.echo(f"  blocks: {s.get('blocks')}  tokens: {s.get('tokens')} (axis {s.get('token_axis')})  "
-                   f"width: {s.get('width')}  heads: {s.get('heads')}  {s.get('norm')}")
-        click.echo(f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
+                   f"width: {s.get('width')}  heads: {s.get('heads')}  {s.get('norm')}\n"
+                   f"  pooling: {s.get('pooling')}  protected tokens: {s.get('protected_tokens')}")
     else:
         click.echo("  structure: not analysed (the recipe has no token-level pass)")
     for a in s.get("attention", []):
         click.echo(f"  block {a['block']:>2}: attention {a['core']} (scale {a['scale']}"
                    f"{', masked' if a['masked'] else ''}), stream {a['stream']}")
     if info["kind"] == "build":
-        click.echo(f"  target: {info['target']}")
-        click.echo("  passes: " + " → ".join(p["pass"] for p in info["passes"]))
-        from .inspect import flops_text
-
-        for p in info["passes"]:
-            if p["pass"] == "token_merging":
-                for x in p["report"]["layers"]:
-                    click.echo(f"    token merging at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
-                               f"(merged {x['merged']})")
-            if p["pass"] == "token_pruning":
-                for x in p["report"]["layers"]:
-                    click.echo(f"    token pruning at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens "
-                               f"(kept {x['kept']}, protected {x['protected']}{', +1 fused' if x['fused'] else ''})")
-                if p["report"].get("travelling_tensors"):
-                    click.echo(f"    travelling with the tokens: {', '.join(p['report']['travelling_tensors'])}")
-            if p["pass"] == "trim_padding":
-                click.echo(f"    trailing padding trimmed from {', '.join(p['report']['inputs_trimmed'])} "
-                           f"(mask {p['report']['mask']})")
-        click.echo(f"  custom ops: {info['custom_ops'] or 'none'}")
-        click.echo(f"  FLOPs (batch 1): {flops_text(info['flops'], digits=3)}")
-        if info.get("quantization"):
+        click.echo(f"  target: {info['target']}\n  passes: " + " → ".join(p["pass"] for p in info["passes"]))
+        for line in pass_lines(Manifest(passes=info["passes"])):
+            click.echo(f"    {line}")
+        click.echo(f"  custom ops: {info['custom_ops'] or 'none'}\n  FLOPs (batch 1): {flops_text(info['flops'], digits=3)}")
+        if info["quantization"]:
             _echo_quantization(info["quantization"])
-        if info.get("onnxruntime_fusion"):
-            from .inspect import fusion_line
-
+        if info["onnxruntime_fusion"]:
             click.echo(f"  {fusion_line(info['onnxruntime_fusion'])}")
 
 
@@ -276,26 +252,24 @@ def _echo_quantization(q: dict) -> None:
     from .inspect import fidelity_text, format_label, human_bytes
 
     group = f", group size {q['group_size']}" if "group_size" in q else ""
-    click.echo(f"  quantization: {format_label(q)}, method {q['method']}{group}")
-    click.echo(f"    encoding: {q['encoding']}")
-    click.echo(f"    {q['quantized']} of {q['linear_layers']} linear layers quantized")
     ratio = f" ({q['weight_ratio']:.2f}× smaller)" if q["weight_ratio"] else ""
-    click.echo(f"    weights: {human_bytes(q['weight_bytes_before'])} → {human_bytes(q['weight_bytes_after'])}{ratio}")
     cal = q.get("calibration")
-    if cal:
-        source = "random data (random = true, a smoke test)" if cal["source"] == "random" else cal["source"]
-        click.echo(f"    calibration: {cal['samples']} samples from {source}")
-    click.echo(f"    fidelity on the calibration set: {fidelity_text(q)}")
+    source = cal and ("random data (random = true, a smoke test)" if cal["source"] == "random" else cal["source"])
+    lines = [f"  quantization: {format_label(q)}, method {q['method']}{group}",
+             f"    encoding: {q['encoding']}", f"    {q['quantized']} of {q['linear_layers']} linear layers quantized",
+             f"    weights: {human_bytes(q['weight_bytes_before'])} → {human_bytes(q['weight_bytes_after'])}{ratio}",
+             *([f"    calibration: {cal['samples']} samples from {source}"] if cal else []),
+             f"    fidelity on the calibration set: {fidelity_text(q)}"]
     for layer in q["kept_float"]:
         alone = f", cosine with only it quantized {layer['cosine_alone']:.6f}" if "cosine_alone" in layer else ""
-        click.echo(f"    kept float: {layer['name']} ({layer['reason']}{alone})")
+        lines.append(f"    kept float: {layer['name']} ({layer['reason']}{alone})")
     rows = [(x["name"], "×".join(map(str, x["shape"])), x["format"], "" if x.get("alpha") is None else f"{x['alpha']:g}",
              f"{x['cosine_alone']:.6f}" if "cosine_alone" in x else "", x.get("reason", "")) for x in q["layers"]]
     header = ("layer", "shape", "format", "alpha", "cosine if only it is quantized", "reason")
     keep = [i for i, h in enumerate(header) if i < 3 or any(r[i] for r in rows)]  # drop empty columns
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    for row in (header, *rows):
-        click.echo("      " + "  ".join(row[i].ljust(widths[i]) for i in keep).rstrip())
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines += ["      " + "  ".join(row[i].ljust(widths[i]) for i in keep).rstrip() for row in (header, *rows)]
+    click.echo("\n".join(lines))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,27 +37,17 @@ def inspect_build(build_dir: Path) -> dict:
 
     manifest = read_manifest(build_dir)
     proto = onnx.load(str(build_dir / MODEL), load_external_data=False)
-    custom = Counter(n.op_type for n in proto.graph.node if n.domain == "trimrt")
+    quantization, fusion = manifest.pass_report("quantization"), manifest.pass_report("ort_fusion")
     return {
         "kind": "build",
         "path": str(build_dir),
-        "target": manifest.get("target"),
-        "recipe": manifest.get("recipe"),
-        "structure": manifest.get("structure"),
-        "passes": manifest.get("passes"),
-        "custom_ops": dict(custom),
+        **{key: manifest.get(key) for key in ("target", "recipe", "structure", "passes")},
+        "custom_ops": dict(Counter(n.op_type for n in proto.graph.node if n.domain == "trimrt")),
         "functions": [f.name for f in proto.functions],
-        "inputs": manifest.get("inputs"),
-        "outputs": manifest.get("outputs"),
-        "flops": manifest.get("flops"),
-        "quantization": _summary(manifest, "quantization", quantization_summary),
-        "onnxruntime_fusion": _summary(manifest, "ort_fusion", lambda report: report),
+        **{key: manifest.get(key) for key in ("inputs", "outputs", "flops")},
+        "quantization": quantization_summary(quantization) if quantization else None,
+        "onnxruntime_fusion": fusion or None,
     }
-
-
-def _summary(manifest: dict, pass_name: str, summarise) -> dict | None:
-    report = Manifest(manifest).pass_report(pass_name)
-    return summarise(report) if report else None
 
 
 def quantization_summary(report: dict) -> dict:
@@ -160,16 +150,34 @@ def _io(values) -> list[dict]:
     return out
 
 
-def token_stages(passes: list[dict]) -> list[tuple[str, str]]:
+#: the token passes: label, and the details of one block's row of their report
+_TOKEN_PASSES = {"token_pruning": ("token pruning", lambda x: f"kept {x['kept']}, protected {x['protected']}"
+                                                              f"{', +1 fused' if x['fused'] else ''}"),
+                 "token_merging": ("token merging", lambda x: f"merged {x['merged']}")}
+
+
+def token_stages(manifest: Manifest) -> list[tuple[str, str]]:
     """(pass label, 'block 1: 65→34, block 2: 34→18') for each token pass of a build: pruning and
     merging read the same, so a user compares them at a glance."""
-    labels = {"token_pruning": "token pruning", "token_merging": "token merging"}
-    out = []
-    for p in passes or []:
-        if p["pass"] in labels and p["report"].get("layers"):
-            steps = ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in p["report"]["layers"])
-            out.append((labels[p["pass"]], steps))
-    return out
+    return [(label, ", ".join(f"block {x['block']}: {x['tokens_in']}→{x['tokens_out']}" for x in report["layers"]))
+            for name, (label, _) in _TOKEN_PASSES.items() if (report := manifest.pass_report(name) or {}).get("layers")]
+
+
+def pass_lines(manifest: Manifest) -> list[str]:
+    """What `inspect` says of the passes that change tokens: one line per block, the tensors
+    travelling with the tokens, the trimmed padding."""
+    lines = []
+    for name in manifest.pass_names:
+        report = manifest.pass_report(name)
+        if name in _TOKEN_PASSES:
+            label, details = _TOKEN_PASSES[name]
+            lines += [f"{label} at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens ({details(x)})"
+                      for x in report["layers"]]
+        if report.get("travelling_tensors"):
+            lines.append(f"travelling with the tokens: {', '.join(report['travelling_tensors'])}")
+        if name == "trim_padding":
+            lines.append(f"trailing padding trimmed from {', '.join(report['inputs_trimmed'])} (mask {report['mask']})")
+    return lines
 
 
 def flops_text(flops: dict, digits: int = 2) -> str:

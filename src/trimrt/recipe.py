@@ -149,9 +149,8 @@ class TokenPruningOptions(_Table):
                                                                 and int(v[6:]) <= MAX_TOKENS),
                          f'{{key}} must be "cls", "none" or "first:N" (N <= {MAX_TOKENS}), got {{value!r}}'))
     fuse_pruned: bool = flag(False, "average the pruned tokens into one extra token")
-    #: [start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)
     prunable: tuple[int, int] | None = _key(
-        None, "[start, end): only these tokens may be pruned",
+        None, "[start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)",
         (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) for i in v)
          and 0 <= v[0] < v[1] <= MAX_TOKENS, f"{{key}} must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, got {{value!r}}"),
         convert=tuple)
@@ -209,24 +208,20 @@ class TokenPruningOptions(_Table):
 class TokenMergingOptions(_Table):
     """[token_merging]: ToMe — merge r tokens per block by bipartite soft matching."""
 
-    #: tokens merged away at each listed block (one value: the same at every block)
     r: tuple[int, ...] = _key(
         (), "tokens merged away at each listed block (one value: the same at every block)",
         (lambda v: not _is_int(v) or 1 <= v <= MAX_TOKENS, f"{{key}} must be an integer in [1, {MAX_TOKENS}], got {{value!r}}"),
         (lambda v: _is_int(v) or isinstance(v, (list, tuple)) and v and all(_is_int(i) and 0 <= i <= MAX_TOKENS for i in v),
          f"{{key}} must be a positive integer or a list of integers in [0, {MAX_TOKENS}] (one per block), got {{value!r}}"),
         convert=lambda v: (v,) if _is_int(v) else tuple(v))
-    #: or, for inputs whose length varies: merge floor(ratio · tokens) at each block
     ratio: float = number(0.0, "(0, 0.5)", "or: merge floor(ratio · tokens) at each block (inputs of varying length)",
                           note=" (a block can merge at most half of its tokens)")
-    #: blocks that merge; empty: every block
     layers: tuple[int, ...] = blocks("blocks (0-based) that merge; left out: every block")
     protect: str = choice("cls", ("cls", "none"), "cls: the first token is never merged",
                           error='{key} must be "cls" or "none", got {value!r}')
-    #: add log(size) to later attention logits, so a merged token weighs as the tokens it holds
-    proportional_attention: bool = flag(True, "add log(size) to later attention logits")
-    #: weight a masked mean pooling after the blocks by size too (sentence embedders)
-    weighted_pooling: bool = flag(True, "weight a masked mean pooling after the blocks by size too")
+    proportional_attention: bool = flag(True, "add log(size) to later attention logits, so a merged token weighs "
+                                              "as the tokens it holds")
+    weighted_pooling: bool = flag(True, "weight a masked mean pooling after the blocks by size too (sentence embedders)")
 
     @classmethod
     def _combine(cls, values, table, where):
@@ -288,21 +283,17 @@ class QuantizationOptions(_Table):
     and the guard) need a [calibration] table."""
 
     weights: str = choice("int8", ("int8", "int4", "fp8"), "weight format")
-    #: "none": weight-only (the float activations meet dequantized weights)
-    activations: str = choice("int8", ("int8", "fp8", "none"),
-                              "activation format (none: weight-only); left out: the one the weights go with")
+    activations: str = choice("int8", ("int8", "fp8", "none"), "activation format (none: weight-only, the float "
+                              "activations meet dequantized weights); left out: the one the weights go with")
     method: str = choice("rtn", QUANTIZATION_METHODS, "how the weights are picked (a registered method)")
-    #: int4 only: weights sharing one scale along the input axis (a power of two >= 16)
     group_size: int = _key(128, "int4 only: weights sharing one scale along the input axis",
                            (lambda v: _is_int(v) and v >= 16 and not v & (v - 1),
                             "{key} must be a power of two >= 16 (e.g. 128), got {value!r}"),
                            (lambda v: v <= MAX_GROUP_SIZE, f"{{key}} must be at most {MAX_GROUP_SIZE}, got {{value!r}}"))
-    #: smoothquant: migration strength in [0, 1]; None: searched on the calibration set
-    alpha: float | None = number(None, "[0, 1]", "smoothquant: migration strength", note=" (leave it out to search it)")
-    #: fidelity guard: keep the most sensitive layers in float until the output cosine on
-    #: the held-out part of the calibration set (samples fitting never saw) is at least
-    #: this (None: no guard)
-    min_cosine: float | None = number(None, "(0, 1]", "fidelity guard: the least output cosine on held-out samples")
+    alpha: float | None = number(None, "[0, 1]", "smoothquant: migration strength (None: searched on the calibration "
+                                 "set)", note=" (leave it out to search it)")
+    min_cosine: float | None = number(None, "(0, 1]", "fidelity guard: keep the most sensitive layers in float until "
+                                      "the output cosine on held-out calibration samples is at least this")
 
     @classmethod
     def _combine(cls, values, table, where):
@@ -339,13 +330,12 @@ class CalibrationOptions(_Table):
 
     source: str | None = text("a path (a folder of .npy/.npz feeds, a .txt file, or an image folder)",
                               "the calibration data, relative to the recipe file")
-    #: samples used (the first ones of the source, in sorted order), each of batch 1
-    samples: int = integer(128, 1, MAX_CALIBRATION_SAMPLES, "samples used (the first ones of the source)")
+    samples: int = integer(128, 1, MAX_CALIBRATION_SAMPLES, "samples used (the first ones of the source, in sorted "
+                           "order), each of batch 1")
     random: bool = flag(False, "random data instead of a source (a smoke test)")
-    #: text sources: AutoTokenizer name or folder
     tokenizer: str | None = text("a Hugging Face tokenizer name or folder", "text sources: AutoTokenizer name or folder")
-    #: text sources: tokens per sample (default: the model's static length, else 128)
-    max_length: int | None = integer(None, 1, MAX_TOKENS, "text sources: tokens per sample")
+    max_length: int | None = integer(None, 1, MAX_TOKENS, "text sources: tokens per sample (None: the model's static "
+                                     "length, else 128)")
     seed: int = integer(0, 0, 2**32 - 1, "seed of the random data and of the sample order")
 
     @classmethod
@@ -370,9 +360,8 @@ class PaddingOptions(_Table):
 class OnnxRuntimeOptions(_Table):
     """[onnxruntime]: options of ONNX Runtime builds (the default target)."""
 
-    #: fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels
-    #: (checked against the unfused graph; TensorRT builds fuse on their own)
-    fuse: bool = flag(False, "fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels")
+    fuse: bool = flag(False, "fuse attention, GELU and skip-LayerNorm into ONNX Runtime's contrib kernels (checked "
+                             "against the unfused graph; TensorRT builds fuse on their own)")
 
 
 def _table(cls: type):
