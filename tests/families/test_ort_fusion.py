@@ -83,8 +83,8 @@ def test_a_fusion_that_changes_the_outputs_is_not_applied(bert, tmp_path, monkey
     path, feeds = bert
     real = ort_fusion.fuse_for_onnxruntime
 
-    def wrong(model):  # fuse, then break one weight: what a faulty rule would do
-        counts = real(model)
+    def wrong(model, **kwargs):  # fuse, then break one weight: what a faulty rule would do
+        counts = real(model, **kwargs)
         init = next(v for v in model.graph.initializers.values() if v.const_value is not None
                     and v.const_value.numpy().dtype == np.float32 and v.const_value.numpy().size > 100)
         import onnx_ir as ir

@@ -127,17 +127,13 @@ def _is_parameter(value: ir.Value | None, depth: int = 4) -> bool:
             and _is_parameter(node.inputs[0], depth - 1))
 
 
-def _find_scores(softmax: ir.Node):
+def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | None = None, depth: int = 8):
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
     Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
     mask if any: an additive tensor (Add of a non-constant value) or the Where node that
     selects between the logits and a fill value.
     """
-    return _walk_scores(softmax.inputs[0], 1.0, None, depth=8)
-
-
-def _walk_scores(value: ir.Value | None, scale: float, mask: ir.Value | None, depth: int):
     node = value.producer() if value is not None else None
     if node is None or depth == 0:
         return None
@@ -253,7 +249,7 @@ def _find_attentions(graph: ir.Graph) -> list[Attention]:
             continue
         if node.op_type != "Softmax":
             continue
-        scores = _find_scores(node)
+        scores = _walk_scores(node.inputs[0])
         if scores is None:
             continue
         context = _find_context(node)
@@ -312,13 +308,8 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
                     kinds.add("cls")
                     continue
             queue.extend(user.outputs)
-    if kinds == {"cls"}:
-        return "cls"
-    if kinds == {"cls", "all"}:
-        return "cls+all"  # e.g. BERT: a pooler on token 0 and the full hidden states
-    if "all" in kinds:
-        return "all"
-    return "unknown"
+    # "cls+all", e.g. BERT: a pooler on token 0 and the full hidden states
+    return "+".join(kind for kind in ("cls", "all") if kind in kinds) or "unknown"
 
 
 def _prepended_tokens(value: ir.Value | None, token_axis: int, depth: int = 8) -> int:
@@ -354,13 +345,13 @@ def _learned_size(value: ir.Value, axis: int, depth: int = 4) -> int | None:
     return size if size is not None and inner is not None else inner
 
 
-def _probe_token_axis(model: ir.Model, block: Block) -> tuple[list[int], int | None]:
+def _probe_token_axis(model: ir.Model, block: Block, shared: dict | None) -> tuple[list[int], int | None]:
     """Token axis by running the model once (symbolic dims that shape inference could not
     relate), and the token count when it is static (the model ran at its own length, not
     at PROBE_TOKENS)."""
     from .probe import PROBE_TOKENS, probe_shapes
 
-    shapes = probe_shapes(model)
+    shapes = probe_shapes(model, shared)
     stream = shapes.get(block.stream_mid.name)
     core = block.attention.core
     keys = shapes.get(core.inputs[0].name) if core.op_type == "Softmax" else None
@@ -375,8 +366,10 @@ def _probe_token_axis(model: ir.Model, block: Block) -> tuple[list[int], int | N
     return [a for a in range(1, len(stream) - 1) if stream[a] == keys[-1]], static
 
 
-def analyse(model: ir.Model) -> TransformerMap:
-    """Find blocks, residual stream, attention and token axis; StructureError when missing."""
+def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
+    """Find blocks, residual stream, attention and token axis; StructureError when missing.
+    `shared` (a compile's shared values) lends its input limits to a shape probe, and
+    keeps the probe for the passes that read the same graph."""
     graph = model.graph
     attentions = _find_attentions(graph)
     softmax_count = sum(1 for n in graph if n.op_type == "Softmax")
@@ -428,7 +421,7 @@ def analyse(model: ir.Model) -> TransformerMap:
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
     probed_count = None
     if len(candidates) != 1 and not isinstance(n_keys, int):
-        candidates, probed_count = _probe_token_axis(model, blocks[0])
+        candidates, probed_count = _probe_token_axis(model, blocks[0], shared)
     windows = [d for d in list(stream_shape)[1:-1] if isinstance(d, int) and isinstance(n_keys, int)
                and d > n_keys and d % n_keys == 0]
     if not candidates and windows:
@@ -454,9 +447,18 @@ def analyse(model: ir.Model) -> TransformerMap:
 STRUCTURE = "structure"
 
 
-def _wiring(graph: ir.Graph) -> tuple:
+def wiring(graph: ir.Graph) -> tuple:
     """The graph as analysis sees it: its nodes, what each reads, its inputs and outputs."""
     return tuple(graph.inputs), tuple(graph.outputs), tuple((n, tuple(n.inputs)) for n in graph)
+
+
+def once(shared: dict, name: str, key, compute):
+    """compute(), kept in `shared` (a compile's shared values) under `name` and reused
+    while `key` (e.g. the graph's wiring) is the one it was computed for."""
+    found = shared.get(name)
+    if found is None or found[0] != key:
+        found = shared[name] = (key, compute())
+    return found[1]
 
 
 def structure_of(model: ir.Model, shared: dict) -> TransformerMap:
@@ -464,13 +466,7 @@ def structure_of(model: ir.Model, shared: dict) -> TransformerMap:
     is reused while the graph is wired as when it was analysed (the same nodes reading the
     same values); a pass that rewired it since (padding trim, token slimming, a token
     pass) gets a fresh analysis of the graph as it is now."""
-    wiring = _wiring(model.graph)
-    found = shared.get(STRUCTURE)
-    if found is not None and found[0] == wiring:
-        return found[1]
-    tmap = analyse(model)
-    shared[STRUCTURE] = (wiring, tmap)
-    return tmap
+    return once(shared, STRUCTURE, wiring(model.graph), lambda: analyse(model, shared))
 
 
 def infer_shapes(model: ir.Model) -> None:

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from .._version import __version__
 from ..errors import BackendUnavailableError, BuildError, ModelLoadError
+from ..passes.base import PipelineContext
 from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
@@ -26,7 +27,7 @@ from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL, write_manifest
 from .artifacts import atomic_build_dir
 from .flops import count_flops
-from .input_limits import find_input_limits
+from .input_limits import INPUT_LIMITS, find_input_limits
 from .pipeline import TARGETS, build_passes, run_pipeline
 from .pipeline import min_tokens as pipeline_min_tokens
 from .source import is_factory_spec, load_source
@@ -61,8 +62,10 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
         model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
+        limits = find_input_limits(original)  # bounds the probes' and the checks' feeds (a small vocabulary / position table)
 
-        passes = build_passes(recipe, target, progress=progress is not None)
+        passes = build_passes(recipe, target, progress=progress is not None,
+                              context=PipelineContext(shared={INPUT_LIMITS: limits}))
         say("running passes: " + " → ".join(p.name for p in passes))
         reports = run_pipeline(model, passes)
         built = ir.serde.serialize_model(model)
@@ -80,7 +83,6 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         min_tokens = pipeline_min_tokens(recipe)
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
-        limits = find_input_limits(original)  # a small vocabulary / position table bounds the check feeds
         check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
         max_tokens = (limits.get("tokens") or {}).get("limit")
         if check_tokens is not None and max_tokens is not None:

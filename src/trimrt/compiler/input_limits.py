@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 _SAME_VALUES = {"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
 #: token counts the index subgraph is probed at (batch 1)
 PROBE_TOKENS = (5, 9, 14)
+#: key of the original model's input limits in a compile's shared values (PipelineContext.shared)
+INPUT_LIMITS = "input_limits"
 
 
 def find_input_limits(model: onnx.ModelProto) -> dict:

@@ -15,7 +15,7 @@ from typing import Callable
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass, TopologicalSortPass
 
-from ..errors import BuildError, TrimrtError
+from ..errors import BuildError, ModelLoadError, TrimrtError
 from ..passes import (
     OrtFusionPass,
     QuantizationPass,
@@ -29,23 +29,26 @@ from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
 from .analysis import infer_shapes, structure_of
+from .input_limits import INPUT_LIMITS, find_input_limits
 
 TARGETS = ("onnxruntime", "tensorrt")
 MIN_OPSET = 18
 
 
 class CanonicalizePass(TrimrtPass):
-    """Bring the graph to the form passes expect: opset ≥ 18 and shapes annotated."""
+    """Bring the graph to the form passes expect: opset ≥ 18 and shapes annotated. The
+    input limits of the model as given are shared with the passes that run it (shape
+    probes, the fusion check), unless the caller found them already."""
 
     name = "canonicalize"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", 0)
         if opset < MIN_OPSET:  # load_source up-converts older models; this guards other entry points
-            from ..errors import ModelLoadError
-
             raise ModelLoadError(f"the model uses ONNX opset {opset}; trimrt needs opset >= {MIN_OPSET}")
         infer_shapes(model)
+        if INPUT_LIMITS not in self.context.shared:
+            self.context.shared[INPUT_LIMITS] = find_input_limits(ir.serde.serialize_model(model))
         self.record({"opset": opset, "nodes": len(model.graph)})
         return ir.passes.PassResult(model, modified=False)
 

@@ -25,13 +25,13 @@ class TokenDims:
     A static token count is matched by size on the graph's shapes; values whose shapes
     shape inference left partly unknown (TorchScript exports with a dynamic batch and a
     fixed length) are probed: the model runs at its own fixed length and an axis of
-    that size is a token axis."""
+    that size is a token axis. `shared` (a compile's shared values): see probe_shapes."""
 
-    def __init__(self, model: ir.Model, n_tokens: int | str):
+    def __init__(self, model: ir.Model, n_tokens: int | str, shared: dict | None = None):
         self.n_tokens = n_tokens
         self.shapes: dict[str, tuple[int, ...]] = {}
         if not isinstance(n_tokens, int) or any(_partial(out.shape) for node in model.graph for out in node.outputs):
-            self.shapes = probe_shapes(model)
+            self.shapes = probe_shapes(model, shared)
 
     def shape(self, value: ir.Value) -> tuple | None:
         """The value's shape in the original graph: static from the graph, else probed."""
@@ -40,9 +40,7 @@ class TokenDims:
         return self.shapes.get(value.name)
 
     def rank(self, value: ir.Value) -> int | None:
-        if value.shape is not None:
-            return len(value.shape)
-        shape = self.shapes.get(value.name)
+        shape = value.shape if value.shape is not None else self.shapes.get(value.name)
         return None if shape is None else len(shape)
 
     def axes(self, value: ir.Value) -> list[int]:
@@ -59,27 +57,42 @@ def _partial(shape) -> bool:
     return shape is None or not all(isinstance(d, int) for d in shape)
 
 
-def probe_shapes(model: ir.Model) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of every non-constant value whose shape is not fully static."""
-    return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
+#: key of the last shape probe in a compile's shared values (PipelineContext.shared)
+PROBED = "probed_shapes"
 
 
-def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[str, tuple[int, ...]]]:
-    """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session."""
+def _probed_names(model: ir.Model) -> list[str]:
+    """The values a probe exposes: outputs whose shape is not fully static, and the inputs."""
+    outputs = [out.name for node in model.graph for out in node.outputs if out.name and _partial(out.shape)]
+    return outputs + [v.name for v in model.graph.inputs]
+
+
+def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every non-constant value whose shape is not fully static. With
+    `shared` (a compile's shared values) the feeds keep to the original model's input
+    limits, and the probe is run once per graph: reused while the graph is wired (and
+    its shapes known) as when it was probed, by analysis and the passes after it."""
+    if shared is None:
+        return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
+    from .analysis import once, wiring
+    from .input_limits import INPUT_LIMITS
+
+    key = (wiring(model.graph), tuple(_probed_names(model)))
+    return once(shared, PROBED, key, lambda: probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)],
+                                                              shared.get(INPUT_LIMITS))[0])
+
+
+def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]],
+                     limits: dict | None = None) -> list[dict[str, tuple[int, ...]]]:
+    """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session;
+    random ids kept inside `limits` (the model's input limits; found on `model` if None)."""
+    from .input_limits import find_input_limits
     from .onnx_runner import OnnxRunner
 
     proto = ir.serde.serialize_model(model)
-    wanted = []
-    for node in model.graph:
-        for out in node.outputs:
-            if out.name and (out.shape is None or not all(isinstance(d, int) for d in out.shape)):
-                wanted.append(out.name)
-    inputs = [v for v in model.graph.inputs]
-    wanted += [v.name for v in inputs]
-    runner = OnnxRunner(proto, wanted, optimize="disable")
-    from .input_limits import find_input_limits
-
-    limits = find_input_limits(ir.serde.serialize_model(model))  # token ids inside a small vocabulary
+    runner = OnnxRunner(proto, _probed_names(model), optimize="disable")
+    if limits is None:
+        limits = find_input_limits(proto)  # token ids inside a small vocabulary
     shapes = []
     for batch, tokens in runs:
         values = runner.run(random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits))
@@ -87,14 +100,16 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]]) -> list[dict[
     return shapes
 
 
-def annotate_unknown_dims(model: ir.Model) -> int:
+def annotate_unknown_dims(model: ir.Model, limits: dict | None = None) -> int:
     """Fill in the axes shape inference left unknown, from two probe runs of different
     batch and token counts: an axis of the same size in both is static, one that differs
     follows the input's size (one symbol per pair of sizes, so the axes that follow the
     same count share it). Pattern rewrites need these: after a token-reducing op the
     exporter's [B, N, -1, d] reshapes lose their head count. The model must run on ONNX
-    Runtime (custom ops' decompositions attached). Returns the number of values changed."""
-    first, second = probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS), (PROBE_BATCH + 2, PROBE_TOKENS + 16)])
+    Runtime (custom ops' decompositions attached); `limits`: see probe_shape_runs. Returns
+    the number of values changed."""
+    first, second = probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS), (PROBE_BATCH + 2, PROBE_TOKENS + 16)],
+                                     limits)
     changed = 0
     for node in model.graph:
         for value in node.outputs:

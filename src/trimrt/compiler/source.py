@@ -206,19 +206,11 @@ _QUIET_LOGGERS = {"torch.onnx._internal.exporter._registration": "torchvision is
 _QUIET_WARNINGS = ((FutureWarning, r".*(treespec|LeafSpec)"),)
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 @contextlib.contextmanager
 def _quiet_exporter():
     """Silence the exporters' internal notices for the duration of an export."""
-    filters = [(logging.getLogger(name), _DropMessages(text)) for name, text in _QUIET_LOGGERS.items()]
+    filters = [(logging.getLogger(name), lambda record, text=text: text not in record.getMessage())
+               for name, text in _QUIET_LOGGERS.items()]
     for logger, f in filters:
         logger.addFilter(f)
     try:
@@ -285,7 +277,8 @@ def _export(module, example_inputs, opset: int, exporter: str) -> tuple[ir.Model
     return model, feeds
 
 
-def _keyword_call_class():
+def _keyword_call(module, input_names: list[str], output_names: list[str]):
+    """`module` wrapped to take positional tensors and call it by keyword (built lazily: torch import)."""
     import torch
 
     class KeywordCall(torch.nn.Module):
@@ -303,12 +296,7 @@ def _keyword_call_class():
                 return tuple(out[k] for k in self.output_names)
             return tuple(out)
 
-    return KeywordCall
-
-
-def _keyword_call(module, input_names: list[str], output_names: list[str]):
-    """`module` wrapped to take positional tensors and call it by keyword (built lazily: torch import)."""
-    return _keyword_call_class()(module, input_names, output_names).eval()
+    return KeywordCall(module, input_names, output_names).eval()
 
 
 def _first_line(exc: Exception) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
+from ..compiler.input_limits import INPUT_LIMITS, find_input_limits
 from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
 from .base import PASS_TAG, TrimrtPass
@@ -67,8 +68,9 @@ def _fusions():
     ]
 
 
-def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
-    """Apply the fusions in place; return how often each one matched.
+def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None) -> dict[str, int]:
+    """Apply the fusions in place; return how often each one matched (`limits`: the
+    model's input limits, for its shape probe).
 
     trimrt ops' decompositions are attached meanwhile, so shape inference sees through
     them (the fusions need the shapes of pruned blocks), and set aside whenever the
@@ -97,7 +99,7 @@ def fuse_for_onnxruntime(model: ir.Model) -> dict[str, int]:
             # pruned blocks and TorchScript exports: shape inference leaves the head count
             # unknown and names each token axis apart (unk__N); the fusions check both
             try:
-                annotate_unknown_dims(model)
+                annotate_unknown_dims(model, limits)
             except Exception as exc:  # noqa: BLE001 - e.g. a position limit below the probe's length
                 if any(n.domain == DOMAIN for n in model.graph):
                     raise
@@ -395,23 +397,24 @@ class OrtFusionPass(TrimrtPass):
         self.tokens = tokens  # token count of the check inputs (at least what the build accepts)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        limits = self.context.shared.get(INPUT_LIMITS)  # the original model's, shared by the pipeline
         before = ir.serde.serialize_model(model)
         trial = ir.serde.deserialize_model(before)
         try:
-            counts = fuse_for_onnxruntime(trial)
+            counts = fuse_for_onnxruntime(trial, limits=limits)
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
             return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
         if not any(counts.values()):
             self.record({"fused": counts, "applied": False, "reason": "no pattern matched",
                          "attention_unfused": attention_softmaxes(model), "session": SESSION_SETTINGS})
             return ir.passes.PassResult(model, modified=False)
-        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens)
+        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits)
         if drift is None or drift > FUSION_TOLERANCE:
             why = ("the fused graph does not run on ONNX Runtime" if drift is None
                    else f"the fused graph differs from the unfused one (relative error {drift:.2g})")
             return self._skipped(model, why)
         existing = {id(n) for n in model.graph}
-        fuse_for_onnxruntime(model)  # deterministic: the same rewrite as the checked trial
+        fuse_for_onnxruntime(model, limits=limits)  # deterministic: the same rewrite as the checked trial
         for node in model.graph:
             if id(node) not in existing:
                 self.tagged(node)
@@ -450,18 +453,17 @@ def attention_softmaxes(model: ir.Model) -> int:
     return count
 
 
-def _relative_drift(before, after, tokens: int) -> float | None:
-    """Largest relative L2 difference over the outputs, on random inputs (batch 2); None
-    when the fused graph fails to run."""
+def _relative_drift(before, after, tokens: int, limits: dict | None) -> float | None:
+    """Largest relative L2 difference over the outputs, on random inputs (batch 2, ids
+    inside `limits`, found on `before` if None); None when the fused graph fails to run."""
     from ..compare import relative_l2
-    from ..compiler.input_limits import find_input_limits
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
 
     proto = runnable_proto(before)
     unfused = OnnxRuntimeBackend(proto.SerializeToString())
     unfused.activate()
-    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto))
+    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto) if limits is None else limits)
     want = unfused.infer(feeds)
     try:
         fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())

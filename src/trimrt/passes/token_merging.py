@@ -42,7 +42,7 @@ class TokenMergingPass(TokenGraphPass):
         rw = self._rewrite(model, opts.layers, "token_merging")
         schedule = opts.schedule(len(rw.tmap.blocks))
         n = rw.tmap.num_tokens
-        rw.dims = TokenDims(model, n)
+        rw.dims = TokenDims(model, n, self.context.shared)
         n_orig, protect = n, opts.protected_prefix
         layers, merged, biases = [], [], []
         size = None

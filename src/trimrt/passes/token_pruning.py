@@ -60,7 +60,7 @@ class TokenPruningPass(TokenGraphPass):
         start, end = opts.protected_prefix, opts.span_end
         if isinstance(n, int) and (start >= n or (end is not None and end > n)):
             raise RecipeError(f"[token_pruning] the prunable span [{start}, {end or n}) does not fit the model's {n} tokens")
-        rw.dims = TokenDims(model, n)  # token axes of the original graph's values (probed when dynamic)
+        rw.dims = TokenDims(model, n, self.context.shared)  # token axes of the original graph's values (probed when dynamic)
         n_orig = n
         layers, pruned = [], []
         span_len = (end - start) if end is not None else (n - start if isinstance(n, int) else None)

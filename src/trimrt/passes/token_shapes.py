@@ -248,11 +248,8 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
     seen: dict[ir.Value, None] = {}
     for node in region:
         for value in node.inputs:
-            if value is None or value in inside or value in exclude or value in seen:
-                continue
-            if is_constant(value):
-                continue
-            seen[value] = None
+            if not (value is None or value in inside or value in exclude or value in seen or is_constant(value)):
+                seen[value] = None
     return list(seen)
 
 
@@ -311,15 +308,11 @@ def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], 
         idx = b.op("Reshape", [kept_index, ints(shape, f"ishape{axis}")], name=f"{name}_idx{axis}")
         data_shape = b.op("Shape", [out], name=f"{name}_dshape{axis}")
         k_dim = b.op("Shape", [kept_index], {"start": 1, "end": 2}, name=f"{name}_k{axis}")
-        parts = []
-        if axis > 0:
-            parts.append(b.op("Slice", [data_shape, ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")],
-                              name=f"{name}_pre{axis}"))
-        parts.append(k_dim)
-        if axis < rank - 1:
-            parts.append(b.op("Slice", [data_shape, ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")],
-                              name=f"{name}_post{axis}"))
-        full = b.op("Concat", parts, {"axis": 0}, name=f"{name}_ishape_full{axis}")
+        pre = [b.op("Slice", [data_shape, ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")],
+                    name=f"{name}_pre{axis}")] if axis > 0 else []
+        post = [b.op("Slice", [data_shape, ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")],
+                     name=f"{name}_post{axis}")] if axis < rank - 1 else []
+        full = b.op("Concat", [*pre, k_dim, *post], {"axis": 0}, name=f"{name}_ishape_full{axis}")
         idx_full = b.op("Expand", [idx, full], name=f"{name}_iexpand{axis}")
         out = b.op("GatherElements", [out, idx_full], {"axis": axis}, name=f"{name}_gather{axis}")
     return out
@@ -356,29 +349,25 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
     def int_const(vals, tag):
         return b.const(np.array(vals, dtype=np.int64), name=f"{name}_{tag}_{next(made)}")
 
-    def leaf_replacement(node: ir.Node) -> ir.Value | None:
-        """The pruned-count version of a token-count leaf, or None if `node` is no such leaf."""
+    def is_leaf(node: ir.Node) -> bool:
+        """A token-count leaf: a marked count, or Shape(T) of a T with one token axis."""
+        if node.metadata_props.get(TOKEN_COUNT_MARK):
+            return True
+        return node.op_type == "Shape" and node.inputs[0] is not stream and len(dims.axes(node.inputs[0])) == 1
+
+    def leaf_replacement(node: ir.Node) -> ir.Value:
+        """The pruned-count version of a token-count leaf."""
         if node.metadata_props.get(TOKEN_COUNT_MARK):
             return count
-        if node.op_type != "Shape":
-            return None
         source = node.inputs[0]
-        axes = dims.axes(source) if source is not stream else []
-        if len(axes) != 1:
-            return None
-        rank, axis = dims.rank(source), axes[0]
+        rank, axis = dims.rank(source), dims.axes(source)[0]
         full = b.op("Shape", [source], name=f"{name}_shape_{len(new_nodes)}")
-        parts = []
-        if axis > 0:
-            parts.append(b.op("Slice", [full, int_const([0], "s"), int_const([axis], "e")],
-                              name=f"{name}_pre_{len(new_nodes)}"))
-        parts.append(None)
-        if axis < rank - 1:
-            parts.append(b.op("Slice", [full, int_const([axis + 1], "s"), int_const([rank], "e")],
-                              name=f"{name}_post_{len(new_nodes)}"))
-        concat = b.op("Concat", [count if p is None else p for p in parts], {"axis": 0},
-                      name=f"{name}_newshape_{len(new_nodes)}")
-        new_nodes.extend([full, *[p for p in parts if p is not None], concat])
+        pre = [b.op("Slice", [full, int_const([0], "s"), int_const([axis], "e")],
+                    name=f"{name}_pre_{len(new_nodes)}")] if axis > 0 else []
+        post = [b.op("Slice", [full, int_const([axis + 1], "s"), int_const([rank], "e")],
+                     name=f"{name}_post_{len(new_nodes)}")] if axis < rank - 1 else []
+        concat = b.op("Concat", [*pre, count, *post], {"axis": 0}, name=f"{name}_newshape_{len(new_nodes)}")
+        new_nodes.extend([full, *pre, *post, concat])
         start = node.attributes.get_int("start", 0)
         end = node.attributes.get_int("end", rank)
         if start == 0 and end >= rank:
@@ -394,19 +383,12 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
         node = value.producer()
         result = False
         if node is not None and value not in inside and not node.metadata_props.get(ORIGINAL_COUNT_MARK):
-            if leaf_replacement_check(node):
+            if is_leaf(node):
                 result = True
             elif node.op_type in _SHAPE_ARITHMETIC and node.op_type != "Shape":
                 result = any(depends_on_tokens(v, seen) for v in node.inputs if v is not None)
         seen[value] = result
         return result
-
-    def leaf_replacement_check(node: ir.Node) -> bool:
-        if node.metadata_props.get(TOKEN_COUNT_MARK):
-            return True
-        if node.op_type != "Shape" or node.inputs[0] is stream:
-            return False
-        return len(dims.axes(node.inputs[0])) == 1
 
     def clone(value: ir.Value) -> ir.Value:
         if value in clones:
@@ -414,20 +396,19 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
         node = value.producer()
         if node is None:
             return value
-        replacement = leaf_replacement(node) if leaf_replacement_check(node) else None
-        if replacement is None:
-            if not depends_on_tokens(value, memo):
-                return value
-            inputs = [clone(v) if v is not None else None for v in node.inputs]
-            copies = b.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
-                                    num_outputs=len(node.outputs),
-                                    name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
-            new_nodes.append(copies[0])
-            for old, new in zip(node.outputs, copies):
-                clones[old] = new
+        if is_leaf(node):
+            clones[value] = leaf_replacement(node)
             return clones[value]
-        clones[value] = replacement
-        return replacement
+        if not depends_on_tokens(value, memo):
+            return value
+        inputs = [clone(v) if v is not None else None for v in node.inputs]
+        copies = b.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
+                                num_outputs=len(node.outputs),
+                                name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
+        new_nodes.append(copies[0])
+        for old, new in zip(node.outputs, copies):
+            clones[old] = new
+        return clones[value]
 
     memo: dict = {}
     replaced = 0

@@ -35,7 +35,7 @@ class TrimPaddingPass(TrimrtPass):
         if mask is None:
             raise StructureError("trim_padding needs a dynamic-length attention mask input [batch, tokens] (named '*mask*'); "
                                  f"the model's inputs are {[v.name for v in graph.inputs]}")
-        shapes = probe_shapes(model)
+        shapes = probe_shapes(model, self.context.shared)
         token_inputs = [v for v in graph.inputs if len(shapes.get(v.name, ())) >= 2 and shapes[v.name][1] == PROBE_TOKENS]
         token_outputs = [v for v in graph.outputs if len(shapes.get(v.name, ())) >= 2 and shapes[v.name][1] == PROBE_TOKENS]
         b = self.builder(graph, "trimrt_trim")
