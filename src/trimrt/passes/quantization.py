@@ -46,6 +46,7 @@ from ..quantization.encodings import SharedQuantized, constant, encoding_for
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
 from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
+from ..quantization.numerics import quantize_int8_per_channel
 from ..recipe import CalibrationOptions, QuantizationOptions
 from ..registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
 from .base import GraphBuilder, PipelineContext, TrimrtPass
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 GUARD_SAMPLES = 32
 #: (graph, prefix) -> a GraphBuilder tagging its nodes with the pass (TrimrtPass.builder)
 Builder = Callable[[ir.Graph, str], GraphBuilder]
+
+quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept for callers of the first slice)
 
 
 class QuantizationPass(TrimrtPass):
@@ -77,7 +80,7 @@ class QuantizationPass(TrimrtPass):
         sites = find_linears(model.graph)
         for i, (_, x, _) in enumerate(sites):
             x.name = x.name or f"trimrt_quant_input_{i}"
-        linears = [Linear(_name(node, i), x.name, w) for i, (node, x, w) in enumerate(sites)]
+        linears = [Linear(node.name or f"MatMul_{i}", x.name, w) for i, (node, x, w) in enumerate(sites)]
         # calibration data given is always used: at least to measure the build's fidelity
         needs_data = self.options.needs_calibration or self.encoding.static_activations or self.calibration is not None
         if needs_data and self.calibration is None:
@@ -217,7 +220,6 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], build
     graph = model.graph
     shared: SharedQuantized = {}
     scaled_inputs: dict[tuple[str, int], ir.Value] = {}
-    fmt_opsets: dict[str, int] = {}
     for i in sorted(chosen):
         node, x, _ = sites[i]
         q: QuantizedLinear = plan[i]
@@ -230,7 +232,9 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], build
         encoding = QUANTIZED_ENCODINGS[encoding_for(q.format, target)]
         out = _gemm_bias(b, node, encoding.build(b, x, q, shared))
         for domain, version in encoding.opsets.items():
-            fmt_opsets[domain] = max(fmt_opsets.get(domain, 0), version)
+            # raising the default opset only adds types to the ops exporters emit (18 → 19 / 21)
+            if model.opset_imports.get(domain, 0) < version:
+                model.opset_imports[domain] = version
         b.insert_before(node)
         old = node.outputs[0]
         out.name, old.name = old.name, f"{old.name}_float"
@@ -238,10 +242,6 @@ def apply_plan(model: ir.Model, sites, plan: list, chosen: frozenset[int], build
         out.dtype = old.dtype if old.dtype is not None else out.dtype
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         graph.remove(node, safe=True)
-    for domain, version in fmt_opsets.items():
-        # raising the default opset only adds types to the ops exporters emit (18 → 19 / 21)
-        if model.opset_imports.get(domain, 0) < version:
-            model.opset_imports[domain] = version
 
 
 def _divide_input(b: GraphBuilder, x: ir.Value, s: np.ndarray, sites, plan, chosen) -> ir.Value:
@@ -284,10 +284,6 @@ class _Evaluator:
         model = ir.serde.deserialize_model(self.original)
         apply_plan(model, find_linears(model.graph), self.plan, quantized, self.builder, self.target)
         return mean_cosine(self.reference, OnnxRunner(runnable_proto(model)).run_all(self.feeds))
-
-
-def _name(node: ir.Node, index: int) -> str:
-    return node.name or f"MatMul_{index}"
 
 
 def _constant_array(value: ir.Value | None) -> np.ndarray | None:

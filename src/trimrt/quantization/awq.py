@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .numerics import check_group_size, dequantize_int4_groupwise, output_error, quantize_int4_groupwise
+from .numerics import check_group_size, check_weights, dequantize_int4_groupwise, output_error, quantize_int4_groupwise
 
 #: channels whose mean activation is below this fraction of the largest keep that floor,
 #: so s stays finite and positive for dead channels
@@ -66,7 +66,7 @@ def awq_quantize(x: np.ndarray, weights: Sequence[np.ndarray], group_size: int |
     _check_inputs(x, weights, grid, clip_grid, max_shrink)
     group_size = check_group_size(k, group_size)
     w = np.concatenate(weights, axis=1)
-    gram = _gram(x)
+    gram = (x.T @ x).astype(np.float64)  # float32 products: the search compares errors, it needs no more
     mean = np.abs(x.astype(np.float64)).mean(axis=0)
 
     best = (np.inf, 0.0, np.ones(k, np.float32))
@@ -117,11 +117,6 @@ def _search_clip(scaled: np.ndarray, group_grams: np.ndarray, group_size: int, c
     return best_ratio
 
 
-def _gram(x: np.ndarray) -> np.ndarray:
-    """float64 XᵀX [K, K] (float32 products: the search compares errors, it needs no more)."""
-    return (x.T @ x).astype(np.float64)
-
-
 def _group_grams(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
     """[K // g, g, g]: the diagonal blocks of (X / s)ᵀ (X / s)."""
     k = gram.shape[0]
@@ -135,12 +130,7 @@ def _group_grams(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray
 def _check_inputs(x: np.ndarray, weights: list[np.ndarray], grid: int, clip_grid: int, max_shrink: float) -> None:
     if x.ndim != 2:
         raise ValueError(f"activations must be [M, K] rows of tokens, got shape {x.shape}")
-    if not weights:
-        raise ValueError("AWQ needs at least one weight reading the activation")
-    for w in weights:
-        if w.ndim != 2 or w.shape[0] != x.shape[1]:
-            raise ValueError(f"weight of shape {w.shape} does not read {x.shape[1]} input channels "
-                             f"(expected [{x.shape[1]}, N])")
+    check_weights(weights, x.shape[1])
     if grid < 1 or clip_grid < 1:
         raise ValueError(f"grid = {grid} and clip_grid = {clip_grid} must be at least 1")
     if not 0.0 <= max_shrink < 1.0:

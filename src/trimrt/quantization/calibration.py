@@ -52,7 +52,7 @@ def model_inputs(model: Any) -> list[TensorInfo]:
     a path, a ModelProto or an onnx_ir Model."""
     import onnx
 
-    proto = _as_proto(model, copy=False)
+    proto = _as_proto(model)
     weights = {t.name for t in proto.graph.initializer}
     out = []
     for value in proto.graph.input:
@@ -323,17 +323,13 @@ class _Accumulator:
         return stats
 
 
-def _as_proto(model: Any, *, copy: bool):
+def _as_proto(model: Any):
     import onnx
 
     if isinstance(model, (str, Path)):
         return onnx.load(str(model))
     if isinstance(model, onnx.ModelProto):
-        if not copy:
-            return model
-        clone = onnx.ModelProto()
-        clone.CopyFrom(model)
-        return clone
+        return model  # read only: OnnxRunner runs a copy with the exposed outputs
     import onnx_ir as ir
 
     if isinstance(model, ir.Model):
@@ -355,7 +351,7 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     names = list(dict.fromkeys(value_names))
-    proto = _as_proto(model, copy=True)
+    proto = _as_proto(model)
     graph_inputs = {v.name for v in proto.graph.input}
     fetched = [n for n in names if n not in graph_inputs]
     runner = OnnxRunner(proto, fetched, optimize="basic")

@@ -358,6 +358,3 @@ def _stat(stat, field: str, method: str) -> np.ndarray:
         raise ValueError(f"{method} needs the calibration statistic {field!r} of every quantized activation")
     return value
 
-
-__all__ = ["GPTQ_DAMPING", "Linear", "QuantizationMethod", "QuantizedLinear", "Skipped", "combinations",
-           "quantize_linears"]

@@ -36,6 +36,15 @@ def dequantize_int8_per_channel(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)
 
 
+def check_weights(weights, k: int) -> None:
+    """Refuse an empty list of weights, or one that is not [K, N] for K input channels."""
+    if not len(weights):
+        raise ValueError("at least one weight must read the activation")
+    for w in weights:
+        if np.ndim(w) != 2 or np.shape(w)[0] != k:
+            raise ValueError(f"weight of shape {np.shape(w)} does not read {k} input channels (expected [{k}, N])")
+
+
 def check_group_size(k: int, group_size: int | None) -> int:
     """The group size to use for K input rows (None means one group of all K rows)."""
     if group_size is None:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .numerics import fake_quant_dynamic_uint8, quantize_int8_per_channel
+from .numerics import check_weights, fake_quant_dynamic_uint8, quantize_int8_per_channel
 
 S_MIN, S_MAX = 1e-5, 1e5
 #: channels quieter than this quantile of the channel maxima are smoothed as if they
@@ -112,12 +112,5 @@ def smoothed_output_error(x: np.ndarray, weights: Sequence[np.ndarray], referenc
 
 
 def _weight_absmax(weights: Sequence[np.ndarray], k: int) -> np.ndarray:
-    if not weights:
-        raise ValueError("smoothing needs at least one weight reading the activation")
-    maxima = []
-    for w in weights:
-        w = np.asarray(w)
-        if w.ndim != 2 or w.shape[0] != k:
-            raise ValueError(f"weight of shape {w.shape} does not read {k} input channels (expected [{k}, N])")
-        maxima.append(np.abs(w.astype(np.float64)).max(axis=1))
-    return np.max(maxima, axis=0)
+    check_weights(weights, k)
+    return np.max([np.abs(np.asarray(w, np.float64)).max(axis=1) for w in weights], axis=0)
