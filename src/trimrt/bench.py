@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import InputError
 from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
 from .runtime.session import load
 
@@ -63,7 +64,6 @@ def paired_speedup(times_a: list[float], times_b: list[float]) -> float:
 def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
                 warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
                 tokens: int | None = None) -> BenchReport:
-    from .errors import InputError
     from .verification import check_counts, load_reference_onnx
 
     check_counts(batch=batch, threads=threads, warmup=warmup, rounds=rounds, tokens=tokens)
@@ -71,22 +71,20 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     # through Session: the sealed-build checks and a BuildLoadError for a model ORT cannot load
     session = load(build_dir, backend="onnxruntime", threads=threads, spinning=False)
     manifest, build = session.manifest, session.backend
-    if baseline is None:
-        if not manifest.get("reference"):
-            raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
-        baseline = build_dir / manifest["reference"]
+    if baseline is None and not manifest.get("reference"):
+        raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
+    baseline = build_dir / manifest["reference"] if baseline is None else baseline
     base = load_reference_onnx(baseline, build.inputs, "baseline", threads=threads, spinning=False)
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))
     else:
         feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens,
                              limits=manifest.get("input_limits"))
-        got = int(next(iter(feeds.values())).shape[0])
-        if got != batch:
-            raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {got} "
-                             "(export it with a dynamic batch)")
+    fed = int(next(iter(feeds.values())).shape[0])
+    if not inputs and fed != batch:
+        raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {fed} "
+                         "(export it with a dynamic batch)")
     t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
-    med_base, med_build = statistics.median(t_base), statistics.median(t_build)
-    return BenchReport(batch=int(next(iter(feeds.values())).shape[0]), threads=threads, rounds=rounds,
-                       baseline_ms=med_base * 1e3, build_ms=med_build * 1e3, speedup=paired_speedup(t_base, t_build),
+    return BenchReport(batch=fed, threads=threads, rounds=rounds, baseline_ms=statistics.median(t_base) * 1e3,
+                       build_ms=statistics.median(t_build) * 1e3, speedup=paired_speedup(t_base, t_build),
                        flops_ratio=manifest.get("flops", {}).get("ratio"))

@@ -55,12 +55,9 @@ def quantization_summary(report: dict) -> dict:
     float layers and why) and each layer's guard sensitivity next to its row."""
     fidelity = report.get("fidelity") or {}
     sensitivity = fidelity.get("sensitivity") or {}
-    layers = []
-    for layer in report.get("layers", []):
-        row = dict(layer)
-        if layer["name"] in sensitivity:
-            row["cosine_alone"] = sensitivity[layer["name"]]  # output cosine with only this layer quantized
-        layers.append(row)
+    # cosine_alone: the output cosine with only this layer quantized
+    layers = [{**x, "cosine_alone": sensitivity[x["name"]]} if x["name"] in sensitivity else dict(x)
+              for x in report.get("layers", [])]
     guard_order = {name: i for i, name in enumerate(report.get("kept_float", []))}  # most sensitive first
     kept = sorted((x for x in layers if x["format"] == "float"), key=lambda x: guard_order.get(x["name"], len(guard_order)))
     before, after = report["weight_bytes_before"], report["weight_bytes_after"]
