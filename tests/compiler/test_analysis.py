@@ -69,3 +69,30 @@ def test_a_compile_analyses_once_and_again_after_rewiring(tiny_vit_onnx, monkeyp
     model.graph.outputs[0] = model.graph.node(-1).inputs[0]  # rewired
     analysis.structure_of(model, shared)
     assert len(calls) == 3
+
+
+def test_a_compile_finds_input_limits_once_and_probes_each_graph_once(tiny_vit_torchscript_onnx, tmp_path,
+                                                                      monkeypatch):
+    """The original model's input limits are found once (and the build's once, for its
+    manifest) and shared with the shape probes; a probe of a graph is shared by the readers
+    of that graph (analysis, the token passes) and run again once the graph was rewired."""
+    import trimrt
+    from trimrt.compiler import input_limits, probe
+
+    found, probed = [], []
+    real_find, real_probe = input_limits._find, probe.probe_shape_runs
+    monkeypatch.setattr(input_limits, "_find", lambda proto: found.append(1) or real_find(proto))
+    monkeypatch.setattr(probe, "probe_shape_runs", lambda *args: probed.append(args[2]) or real_probe(*args))
+    _, path = tiny_vit_torchscript_onnx
+    trimrt.compile(str(path), {"token_pruning": {"layers": [1, 2], "keep": 0.5}}, tmp_path / "b")
+    assert len(found) == 2
+    assert probed and None not in probed  # every probe ran on the shared limits
+    probed.clear()
+    shared = {input_limits.INPUT_LIMITS: {"ids": {}, "tokens": None}}
+    model = load(path)
+    probe.probe_shapes(model, shared)
+    probe.TokenDims(model, "n", shared)  # the same graph: its probe is shared
+    assert len(probed) == 1
+    model.graph.outputs[0] = model.graph.node(-1).inputs[0]  # rewired
+    probe.probe_shapes(model, shared)
+    assert len(probed) == 2

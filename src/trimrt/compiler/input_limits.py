@@ -20,10 +20,10 @@ own error. A static token count needs no limit (the feed check fixes the count).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 
@@ -45,88 +45,77 @@ def find_input_limits(model: onnx.ModelProto) -> dict:
         return {"ids": {}, "tokens": None}
 
 
-def _find(model: onnx.ModelProto) -> dict:
-    graph = model.graph
-    tables = _constant_tables(graph)
-    inits = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in inits]
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-
+def _find(proto: onnx.ModelProto) -> dict:
+    model = ir.serde.deserialize_model(proto)  # a view: the weights stay in the proto
+    inputs = [i for i in model.graph.inputs if i.const_value is None]  # not an initializer
     ids: dict[str, dict] = {}
-    direct: set[str] = set()  # Gathers whose indices are an input's values
+    direct: set[ir.Node] = set()  # Gathers whose indices are an input's values
     for inp in inputs:
-        if inp.type.tensor_type.elem_type not in _INTEGER:
+        if inp.dtype is None or not inp.dtype.is_integer():
             continue
-        for gather, rows in _gathers_of(inp.name, consumers, tables):
-            direct.add(gather.name)
+        for gather, rows in _gathers_of(inp):
+            direct.add(gather)
             if inp.name not in ids or rows < ids[inp.name]["limit"]:
                 ids[inp.name] = {"limit": rows, "node": gather.name}
     try:
-        tokens = _position_limit(model, inputs, tables, direct, ids)
+        tokens = _position_limit(proto, model, inputs, direct, ids)
     except Exception as exc:  # noqa: BLE001 - keep the vocabulary limits found
         log.debug("no position limit: %s", exc)
         tokens = None
     return {"ids": ids, "tokens": tokens}
 
 
-_INTEGER = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
-            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+def _table_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of a constant table: an initializer or Constant output, or a dequantized /
+    cast copy of one (a quantized embedding); None for anything else."""
+    while value is not None and value.producer() is not None \
+            and value.producer().op_type in ("DequantizeLinear", "Cast", "Identity"):
+        value = value.producer().inputs[0]
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        attr = value.producer().attributes.get("value")
+        tensor = None if attr is None else attr.value
+    return None if tensor is None else tuple(tensor.shape)
 
 
-def _constant_tables(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
-    """Shapes of the values that are constant tables: initializers, Constant outputs, and
-    dequantized / cast copies of them (a quantized embedding)."""
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    for node in graph.node:  # topological order: a copy's source is seen first
-        if node.op_type == "Constant":
-            value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                shapes[node.output[0]] = tuple(value.t.dims)
-        elif node.op_type in ("DequantizeLinear", "Cast", "Identity") and node.input and node.input[0] in shapes:
-            shapes[node.output[0]] = shapes[node.input[0]]
-    return shapes
-
-
-def _rows(gather: onnx.NodeProto, tables: dict[str, tuple[int, ...]]) -> int | None:
-    shape = tables.get(gather.input[0])
+def _rows(gather: ir.Node) -> int | None:
+    shape = _table_shape(gather.inputs[0])
     if not shape:
         return None
-    axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
-    return int(shape[axis % len(shape)]) if shape[axis % len(shape)] > 0 else None
+    axis = gather.attributes.get_int("axis", 0) % len(shape)
+    return int(shape[axis]) if shape[axis] > 0 else None
 
 
-def _gathers_of(name: str, consumers, tables):
-    """(Gather, table rows) for each constant-table Gather indexed by `name`'s values."""
-    seen, stack = set(), [name]
+def _gathers_of(value: ir.Value):
+    """(Gather, table rows) for each constant-table Gather indexed by `value`'s values."""
+    seen, stack = set(), [value]
     while stack:
         value = stack.pop()
         if value in seen:
             continue
         seen.add(value)
-        for node in consumers.get(value, []):
-            if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == value:
-                rows = _rows(node, tables)
+        for node, index in value.uses():
+            if node.op_type == "Gather" and index == 1:
+                rows = _rows(node)
                 if rows is not None:
                     yield node, rows
-            elif node.op_type in _SAME_VALUES and node.input[0] == value:
-                stack.extend(node.output)
+            elif node.op_type in _SAME_VALUES and index == 0:
+                stack.extend(node.outputs)
 
 
-def _position_limit(model: onnx.ModelProto, inputs, tables, direct: set[str], ids: dict) -> dict | None:
-    graph = model.graph
-    token_inputs = [i.name for i in inputs if _dynamic_axis(i, 1)]
+def _position_limit(proto: onnx.ModelProto, model: ir.Model, inputs: list[ir.Value], direct: set[ir.Node], ids: dict) -> dict | None:
+    token_inputs = [i.name for i in inputs if _dynamic_tokens(i)]
     if not token_inputs:
         return None  # a static token count: the feed check already fixes it
-    candidates = [n for n in graph.node if n.op_type == "Gather" and n.name not in direct
-                  and len(n.input) > 1 and n.input[1] not in tables and _rows(n, tables) is not None]
+    candidates = [n for n in model.graph if n.op_type == "Gather" and n not in direct and len(n.inputs) > 1
+                  and _table_shape(n.inputs[1]) is None and _rows(n) is not None]
     if not candidates:
         return None
-    indices = list(dict.fromkeys(n.input[1] for n in candidates))
-    probe, needed = _subgraph(model, indices)
-    if not needed or any(not _dynamic_axis(i, 1) and _rank(i) >= 2 for i in inputs if i.name in needed):
+    indices = list(dict.fromkeys(n.inputs[1].name for n in candidates))
+    probe, needed = _subgraph(proto, indices)
+    if not needed or any(not _dynamic_tokens(i) and len(i.shape or ()) >= 2 for i in inputs if i.name in needed):
         return None
     from .onnx_runner import OnnxRunner
 
@@ -138,11 +127,11 @@ def _position_limit(model: onnx.ModelProto, inputs, tables, direct: set[str], id
         maxima.append(dict(zip(indices, (int(np.max(v)) if v.size else None for v in runner.run(feeds).values()))))
     best = None
     for gather in candidates:
-        got = [m[gather.input[1]] for m in maxima]
+        got = [m[gather.inputs[1].name] for m in maxima]
         offsets = {g - n if g is not None else None for g, n in zip(got, PROBE_TOKENS)}
         if len(offsets) != 1 or None in offsets:
             continue  # does not grow one for one with the token count: not positions
-        limit = _rows(gather, tables) - 1 - offsets.pop()  # largest n with n + offset <= rows - 1
+        limit = _rows(gather) - 1 - offsets.pop()  # largest n with n + offset <= rows - 1
         if limit > 0 and (best is None or limit < best["limit"]):
             best = {"limit": limit, "node": gather.name}
     if best is not None:
@@ -150,25 +139,16 @@ def _position_limit(model: onnx.ModelProto, inputs, tables, direct: set[str], id
     return best
 
 
-def _dims(inp: onnx.ValueInfoProto):
-    return list(inp.type.tensor_type.shape.dim) if inp.type.tensor_type.HasField("shape") else None
+def _dynamic_tokens(inp: ir.Value) -> bool:
+    """The input has a token axis (1) of no fixed size."""
+    return inp.shape is not None and len(inp.shape) > 1 and not isinstance(inp.shape[1], int)
 
 
-def _rank(inp: onnx.ValueInfoProto) -> int:
-    dims = _dims(inp)
-    return -1 if dims is None else len(dims)
-
-
-def _dynamic_axis(inp: onnx.ValueInfoProto, axis: int) -> bool:
-    dims = _dims(inp)
-    return dims is not None and len(dims) > axis and not dims[axis].HasField("dim_value")
-
-
-def _probe_feed(inp: onnx.ValueInfoProto, n: int, ids: dict, rng) -> np.ndarray:
+def _probe_feed(inp: ir.Value, n: int, ids: dict, rng) -> np.ndarray:
     """Batch 1, every dynamic non-batch axis n tokens. Integer inputs get ids above the usual
     special ids (0..2: padding, begin, end), so position ids count every token; masks get ones."""
-    shape = [d.dim_value if d.HasField("dim_value") else (1 if a == 0 else n) for a, d in enumerate(_dims(inp))]
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    shape = [d if isinstance(d, int) else (1 if a == 0 else n) for a, d in enumerate(inp.shape)]
+    dtype = inp.dtype.numpy()
     if "mask" in inp.name.lower() or dtype == np.bool_:
         return np.ones(shape, dtype)
     if np.issubdtype(dtype, np.integer):
@@ -177,32 +157,18 @@ def _probe_feed(inp: onnx.ValueInfoProto, n: int, ids: dict, rng) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
 
 
-def _subgraph(model: onnx.ModelProto, outputs: list[str]) -> tuple[onnx.ModelProto, set[str]]:
+def _subgraph(proto: onnx.ModelProto, outputs: list[str]) -> tuple[onnx.ModelProto, set[str]]:
     """A model computing `outputs` from the graph inputs with only the nodes they need
     (the embedding stage, not the blocks); and the names of the graph inputs it takes."""
-    graph = model.graph
-    producer = {o: k for k, node in enumerate(graph.node) for o in node.output}
-    inits = {t.name: t for t in graph.initializer}
-    graph_inputs = {i.name: i for i in graph.input if i.name not in inits}
-    keep, used_inits, used_inputs = set(), set(), set()
-    stack = list(outputs)
-    while stack:
-        name = stack.pop()
-        if name in inits:
-            used_inits.add(name)
-        elif name in graph_inputs:
-            used_inputs.add(name)
-        elif name in producer and producer[name] not in keep:
-            node = graph.node[producer[name]]
-            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-                raise ValueError(f"control flow ({node.op_type}) in the index subgraph")
-            keep.add(producer[name])
-            stack.extend(i for i in node.input if i)
-    nodes = [n for k, n in enumerate(graph.node) if k in keep]
-    sub = onnx.helper.make_graph(
-        nodes, "input_limits_probe", [graph_inputs[n] for n in graph_inputs if n in used_inputs],
-        [onnx.ValueInfoProto(name=o) for o in outputs], [inits[n] for n in inits if n in used_inits])
-    probe = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    probe.functions.extend(model.functions)
-    return probe, used_inputs
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    sub = ir.serde.deserialize_model(proto)  # a copy to cut down
+    graph = sub.graph
+    values = {v.name: v for v in graph.inputs} | {v.name: v for n in graph for v in n.outputs}
+    graph.outputs[:] = [values[name] for name in outputs]
+    graph.inputs[:] = [v for v in graph.inputs if v.const_value is None]
+    RemoveUnusedNodesPass()(sub)  # and the initializers they do not read
+    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in graph for a in n.attributes.values()):
+        raise ValueError("control flow in the index subgraph")
+    graph.inputs[:] = [v for v in graph.inputs if v.uses() or v in graph.outputs]
+    return ir.serde.serialize_model(sub), {v.name for v in graph.inputs}

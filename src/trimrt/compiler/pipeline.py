@@ -30,9 +30,9 @@ from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
 from .analysis import infer_shapes, structure_of
 from .input_limits import INPUT_LIMITS, find_input_limits
+from .source import MIN_OPSET
 
 TARGETS = ("onnxruntime", "tensorrt")
-MIN_OPSET = 18
 
 
 class CanonicalizePass(TrimrtPass):
