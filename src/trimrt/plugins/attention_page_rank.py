@@ -63,14 +63,24 @@ def importance(probs: np.ndarray, *, iterations: int, var_min: float, var_max: f
     return np.sqrt((s**2 * kept[:, :, None]).sum(axis=1))
 
 
-def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float, var_max: float,
-              protect: int, span_end: int) -> tuple[np.ndarray]:
-    b, h, n, n2 = probs.shape
-    if n != n2 or metric.ndim != 3 or metric.shape[:2] != (b, n):
-        raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], got {probs.shape}, {metric.shape}")
+def check_call(probs_shape, metric_shape, *, iterations: int, protect: int, span_end: int, **_) -> None:
+    """Raise ValueError unless probs is [B, H, N, N], metric [B, N, C], iterations >= 1 and
+    the span inside the N tokens (`metric_shape` None: only the attributes, on an N that
+    may be a shape expression)."""
+    if metric_shape is not None and (len(probs_shape) != 4 or probs_shape[2] != probs_shape[3]
+                                     or len(metric_shape) != 3 or tuple(metric_shape[:2]) != (probs_shape[0], probs_shape[2])):
+        raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], got {tuple(probs_shape)}, "
+                         f"{tuple(metric_shape)}")
+    n = probs_shape[2]
     if iterations < 1:
         raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
     Span(protect, span_end).check(n, NAME, counted=False)
+
+
+def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float, var_max: float,
+              protect: int, span_end: int) -> tuple[np.ndarray]:
+    check_call(probs.shape, metric.shape, iterations=iterations, protect=protect, span_end=span_end)
+    b, _, n, _ = probs.shape
     end = Span(protect, span_end).end(n)
     imp = importance(probs, iterations=iterations, var_min=var_min, var_max=var_max)
     score = imp.copy()

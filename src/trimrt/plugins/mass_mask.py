@@ -40,9 +40,12 @@ NAME = "MassMask"
 TOLERANCE = 2.0**-20
 
 
-def check_tau(tau: float) -> None:
+def check_attributes(n, *, tau: float, protect: int, span_end: int) -> None:
+    """Raise ValueError for a tau outside (0, 1] or a span outside the n tokens (with a
+    shape expression `n`: only what does not depend on it)."""
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"MassMask: tau={tau} must be in (0, 1]")
+    Span(protect, span_end).check(n, NAME, counted=False)
 
 
 def needed_count(span_scores: np.ndarray, tau: float) -> np.ndarray:
@@ -57,9 +60,8 @@ def needed_count(span_scores: np.ndarray, tau: float) -> np.ndarray:
 
 def reference(score: np.ndarray, kept_index: np.ndarray, *, tau: float, protect: int, span_end: int):
     b, n = score.shape
-    Span(protect, span_end).check(n, NAME, counted=False)
+    check_attributes(n, tau=tau, protect=protect, span_end=span_end)
     end = Span(protect, span_end).end(n)
-    check_tau(tau)
     if kept_index.size and not (0 <= kept_index.min() and kept_index.max() < n):
         raise ValueError(f"MassMask: kept_index must index the {n} tokens")
     s = score[:, protect:end]

@@ -46,7 +46,7 @@ class _PluginSpec:
     #: (input shapes by name, attributes, tensorrt.plugin) -> one shape tuple per output;
     #: works on ShapeExprs (the module supplies cdiv/max/min) and on plain ints
     output_shapes: Callable[[dict[str, Any], dict[str, Any], Any], list[tuple]]
-    #: (trtp, input descs by name, attributes, output descs) -> aot_impl result
+    #: (trtp, input descs by name, attributes, output descs by name) -> aot_impl result
     aot: Callable[..., tuple]
 
 
@@ -181,35 +181,6 @@ def _aot_impl(spec: _PluginSpec, trtp):
 
     def aot_impl(*args, **kwargs):
         inputs, attrs, bound = _bind(signature, op, args, kwargs)
-        return spec.aot(trtp, inputs, attrs, bound["outputs"])
+        return spec.aot(trtp, inputs, attrs, dict(zip((t.name for t in op.outputs), bound["outputs"])))
 
     return _generated(aot_impl, f"{op.name}_aot_impl", signature)
-
-
-def triton_type(dtype) -> str:
-    """Triton's name of a TensorRT dtype (for compiling a kernel ahead of time)."""
-    import tensorrt as trt
-
-    types = {trt.float32: "fp32", trt.float16: "fp16", trt.bfloat16: "bf16", trt.int64: "i64"}
-    if dtype not in types:
-        raise BackendUnavailableError(f"the trimrt Triton kernels do not support TensorRT dtype {dtype}")
-    return types[dtype]
-
-
-def largest(desc, axis: int) -> int:
-    """Largest value dimension `axis` takes in this build (the profile max if dynamic)."""
-    shape = desc.shape
-    return int(shape.max[axis] if shape.is_dynamic else shape[axis])
-
-
-def launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
-    if getattr(kernel.metadata, "global_scratch_size", 0):
-        raise BackendUnavailableError(f"{kernel.metadata.name} needs Triton global scratch, unsupported by AOT plugins")
-    params = trtp.KernelLaunchParams()
-    params.grid_x = grid[0]
-    if len(grid) > 1:
-        params.grid_y = grid[1]
-    params.block_x = kernel.metadata.num_warps * 32
-    params.shared_mem = kernel.metadata.shared
-    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])
-    return kernel.metadata.name, kernel.asm["ptx"], params, extra

@@ -43,13 +43,18 @@ from .token_prune import select, top_k_in_order
 NAME = "TokenRecycle"
 
 
-def check_layout(grid: int, patch_rows: int, patch_cols: int) -> None:
-    """Raise ValueError unless the grid fits the patch layout (every cell holds patches)."""
+def check_attributes(n, attrs, sym=None) -> None:
+    """Raise ValueError for a span outside the n tokens, a k outside it or a grid that does
+    not fit the patch layout (every cell must hold patches); with a shape expression `n`,
+    only what does not depend on it (and, given `sym`, that k has a shape-expression form)."""
+    Span.of(attrs).check(n, NAME, counted=False)
+    grid, patch_rows, patch_cols = attrs["grid"], attrs["patch_rows"], attrs["patch_cols"]
     if patch_rows < 1 or patch_cols < 1:
         raise ValueError(f"TokenRecycle: patch layout {patch_rows}x{patch_cols} must be at least 1x1")
     if not 1 <= grid <= min(patch_rows, patch_cols):
         raise ValueError(f"TokenRecycle: grid={grid} must be in [1, {min(patch_rows, patch_cols)}] "
                          f"for a {patch_rows}x{patch_cols} patch layout")
+    Span.of(attrs).check(n, NAME, sym=sym)
 
 
 def cell_of(position: np.ndarray, *, grid: int, patch_rows: int, patch_cols: int, first_patch: int) -> np.ndarray:
@@ -65,10 +70,9 @@ def cell_of(position: np.ndarray, *, grid: int, patch_rows: int, patch_cols: int
 def reference(x: np.ndarray, score: np.ndarray, position: np.ndarray, *, keep: int, protect: int, span_end: int,
               keep_ratio: float, grid: int, patch_rows: int, patch_cols: int, first_patch: int):
     b, n, d = x.shape
+    check_attributes(n, dict(protect=protect, span_end=span_end, keep=keep, keep_ratio=keep_ratio, grid=grid,
+                             patch_rows=patch_rows, patch_cols=patch_cols))
     rule = Span(protect, span_end, keep, keep_ratio)
-    rule.check(n, NAME, counted=False)
-    check_layout(grid, patch_rows, patch_cols)
-    rule.check(n, NAME)
     end, span, k = rule.end(n), rule.length(n), rule.kept(n)
     kept = select(score, k, protect, end)  # prefix, chosen span tokens, suffix
     cells = grid * grid

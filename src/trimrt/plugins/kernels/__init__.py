@@ -11,7 +11,11 @@ TensorRT plugin glue. Every module exposes
   input shapes, written so that they work on plain ints (here) and on TensorRT symbolic
   shape expressions (the plugin's `aot_impl`), so both paths launch the same kernel the
   same way;
-- `compile_kernel(...)`: ahead-of-time compilation of that kernel (PTX for `aot_impl`).
+- `compile_kernel(...)`: ahead-of-time compilation of that kernel (PTX for `aot_impl`);
+- the TensorRT hooks `trt_output_shapes` and `trt_aot`.
+
+What they share (block sizes, output buffers, the AOT compile and launch) is in
+`_launch.py`.
 
 On a machine without a GPU the kernels run under the Triton interpreter: set
 `TRITON_INTERPRET=1` before importing a module here (the kernels are defined at import).

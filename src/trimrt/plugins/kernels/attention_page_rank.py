@@ -28,13 +28,10 @@ import triton
 import triton.language as tl
 
 from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS
+from ..attention_page_rank import check_call as reference_checks
 from ..span import Span
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
 
-#: kernel parameters in launch order: input pointers, int32 scalars, float scalars, output pointer
-POINTERS_IN = ("p_ptr", "m_ptr")
-SCALARS = ("H", "N", "C", "iterations", "protect", "end", "n_important")
-FLOAT_SCALARS = ("var_min", "var_max")  # constexpr (baked in) in the AOT build
-POINTERS_OUT = ("out_ptr",)
 #: elements of one [BLOCK_I, BLOCK_N] tile
 TILE = 4096
 MAX_N = 4096
@@ -115,18 +112,17 @@ def attention_page_rank_kernel(p_ptr, m_ptr, H, N, C, iterations, protect, end, 
 # have +, -, * and // but no reflected operators: keep them on the left.
 
 
-def check_attributes(n, *, iterations: int, protect: int, span_end: int, **_) -> None:
-    """Raise ValueError for what the reference rejects; when `n` is a shape expression,
-    only what does not depend on it is checked."""
-    if iterations < 1:
-        raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
-    Span(protect, span_end).check(n, NAME, counted=False)
+def check_call(probs_shape, metric_shape=None, **attrs) -> None:
+    """Raise ValueError for what the reference rejects (`attention_page_rank.check_call`:
+    with a shape expression N, only what does not depend on it) and for an N above MAX_N."""
+    reference_checks(probs_shape, metric_shape, **attrs)
+    n = probs_shape[2]
     if isinstance(n, int) and n > MAX_N:
         raise ValueError(f"{NAME}: the Triton kernel handles at most {MAX_N} tokens, got {n}")
 
 
 def scalar_args(probs_shape, metric_shape, *, iterations: int, protect: int, span_end: int, sym=None, **_) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs):
+    """The int32 kernel arguments (in the kernel's order) from the input shapes (ints or shape exprs):
     H, N, C, iterations, protect, end, ceil((end - protect) / 2)."""
     h, n = probs_shape[1], probs_shape[2]
     span = Span(protect, span_end)
@@ -139,7 +135,7 @@ def grid(probs_shape, metric_shape=None, cdiv=triton.cdiv) -> tuple:
 
 def constexprs(n: int) -> dict:
     """Block sizes for at most `n` tokens (a concrete int), and the op's constants."""
-    block_n = triton.next_power_of_2(max(int(n), 1))
+    block_n = block(n)
     return {"BLOCK_N": block_n, "BLOCK_I": max(1, min(16, TILE // block_n)),
             "OFFSET": IMPORTANT_OFFSET, "EPS": NORM_EPS}
 
@@ -148,17 +144,11 @@ def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: 
         span_end: int, out=None):
     """probs [B, H, N, N], metric [B, N, C] -> (score [B, N],) in probs' dtype, matching
     `trimrt.plugins.attention_page_rank.reference`."""
-    if probs.dim() != 4 or probs.shape[2] != probs.shape[3] or metric.dim() != 3 \
-            or tuple(metric.shape[:2]) != (probs.shape[0], probs.shape[2]):
-        raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], "
-                         f"got {tuple(probs.shape)}, {tuple(metric.shape)}")
-    b, _, n, _ = probs.shape
     attrs = dict(iterations=iterations, protect=protect, span_end=span_end)
-    check_attributes(n, **attrs)
+    check_call(tuple(probs.shape), tuple(metric.shape), **attrs)
+    b, _, n, _ = probs.shape
     probs, metric = probs.contiguous(), metric.contiguous()
-    score = out[0] if out is not None else torch.empty((b, n), dtype=probs.dtype, device=probs.device)
-    if tuple(score.shape) != (b, n):
-        raise ValueError(f"{NAME}: output buffer {tuple(score.shape)} is not {(b, n)}")
+    (score,) = output_buffers(NAME, out, probs.device, ((b, n), probs.dtype))
     if b == 0:
         return (score,)
     attention_page_rank_kernel[grid(probs.shape)](
@@ -174,14 +164,9 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, var_min: float, var_max: f
     "bf16"); `n` is the largest token count. Returns the `triton.compiler.CompiledKernel`;
     its launch passes the pointers and `scalar_args` in order.
     """
-    signature = {"p_ptr": f"*{dtypes['probs']}", "m_ptr": f"*{dtypes['metric']}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature.update({name: "constexpr" for name in FLOAT_SCALARS})
-    signature["out_ptr"] = f"*{dtypes['score']}"
-    consts = {"var_min": float(var_min), "var_max": float(var_max), **constexprs(n)}
-    signature.update({name: "constexpr" for name in constexprs(n)})
-    src = triton.compiler.ASTSource(fn=attention_page_rank_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(attention_page_rank_kernel, {"p_ptr": dtypes["probs"], "m_ptr": dtypes["metric"],
+                                                    "out_ptr": dtypes["score"]},
+                       {"var_min": float(var_min), "var_max": float(var_max), **constexprs(n)}, target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -190,19 +175,14 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, var_min: float, var_max: f
 def trt_output_shapes(shapes, attrs, trtp):
     """score [B, N] (shape expressions or ints)."""
     probs = shapes["probs"]
-    check_attributes(probs[2], **attrs)
+    check_call(probs, None, **attrs)
     return [(probs[0], probs[2])]
 
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     probs, metric = inputs["probs"], inputs["metric"]
-    kernel = compile_kernel(
-        {"probs": triton_type(probs.dtype), "metric": triton_type(metric.dtype),
-         "score": triton_type(outputs[0].dtype)},
-        n=largest(probs, 2), var_min=attrs["var_min"], var_max=attrs["var_max"],
-    )
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(probs, 2), var_min=attrs["var_min"],
+                            var_max=attrs["var_max"])
     shapes = (probs.shape_expr, metric.shape_expr)
     return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, **attrs, sym=trtp))

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-#: kernel parameters in launch order: input pointers, int32 scalars, float scalar, output pointer
-POINTERS_IN = ("q_ptr", "kt_ptr", "mask_ptr")
-SCALARS = ("H", "Nq", "Dh", "N", "row", "mask_sb", "mask_sh", "mask_sn", "mask_row_offset")
-POINTERS_OUT = ("out_ptr",)
+from ..span import times
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+
 MAX_BLOCK_DH = 32
 
 
@@ -66,7 +65,7 @@ def _not_one(dim, sym):
 
 
 def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes.
+    """The int32 kernel arguments (in the kernel's order) from the input shapes.
 
     Works on ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin` then).
     The mask is taken as contiguous: its element strides, zeroed along broadcast
@@ -74,16 +73,11 @@ def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
     _, h, nq, dh = q_shape
     mb, mh, mq, mn = mask_shape
     row_index = _row_index(row, nq)
-    s_h = _times(mq, mn)  # a head of the mask (a row is mn elements)
-    s_b = _times(mh, s_h)
-    row_offset = _times(_times(row_index, _not_one(mq, sym)), mn)  # row 0 of a one-row mask
+    s_h = times(mq, mn)  # a head of the mask (a row is mn elements)
+    s_b = times(mh, s_h)
+    row_offset = times(times(row_index, _not_one(mq, sym)), mn)  # row 0 of a one-row mask
     return [h, nq, dh, k_t_shape[3], row_index,
-            _times(s_b, _not_one(mb, sym)), _times(s_h, _not_one(mh, sym)), _not_one(mn, sym), row_offset]
-
-
-def _times(a, b):
-    """a * b with a shape expression (if any) on the left: ShapeExpr has no reflected ops."""
-    return b * a if isinstance(a, int) and not isinstance(b, int) else a * b
+            times(s_b, _not_one(mb, sym)), times(s_h, _not_one(mh, sym)), _not_one(mn, sym), row_offset]
 
 
 def grid(q_shape, k_t_shape, mask_shape=None, cdiv=triton.cdiv) -> tuple:
@@ -92,8 +86,7 @@ def grid(q_shape, k_t_shape, mask_shape=None, cdiv=triton.cdiv) -> tuple:
 
 def constexprs(n: int, dh: int) -> dict:
     """Block sizes for at most `n` keys of `dh` features (concrete ints)."""
-    return {"BLOCK_N": triton.next_power_of_2(max(int(n), 1)),
-            "BLOCK_DH": min(triton.next_power_of_2(max(int(dh), 1)), MAX_BLOCK_DH)}
+    return {"BLOCK_N": block(n), "BLOCK_DH": block(dh, MAX_BLOCK_DH)}
 
 
 def check_shapes(q_shape, k_t_shape, mask_shape, row: int) -> None:
@@ -118,7 +111,7 @@ def run(q: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, *, row: int, sca
     b, h, nq, dh = q.shape
     n = k_t.shape[3]
     q, k_t, mask = q.contiguous(), k_t.contiguous(), mask.contiguous()
-    score = out[0] if out is not None else torch.empty((b, n), dtype=q.dtype, device=q.device)
+    (score,) = output_buffers("AttentionRowScore", out, q.device, ((b, n), q.dtype))
     if b == 0 or n == 0:
         return (score,)
     attention_row_score_kernel[grid(q.shape, k_t.shape, mask.shape)](
@@ -135,15 +128,9 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, dh: int, scale: float, tar
     `.asm["ptx"]`, metadata). The launch then passes the pointers and `scalar_args` in
     order, without `scale`.
     """
-    signature = {"q_ptr": f"*{dtypes['q']}", "kt_ptr": f"*{dtypes['k_t']}",
-                 "mask_ptr": f"*{dtypes.get('mask', dtypes['q'])}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature["scale"] = "constexpr"
-    signature["out_ptr"] = f"*{dtypes['score']}"
-    consts = {"scale": float(scale), **constexprs(n, dh)}
-    signature.update({name: "constexpr" for name in constexprs(n, dh)})
-    src = triton.compiler.ASTSource(fn=attention_row_score_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(attention_row_score_kernel, {"q_ptr": dtypes["q"], "kt_ptr": dtypes["k_t"],
+                       "mask_ptr": dtypes.get("mask", dtypes["q"]), "out_ptr": dtypes["score"]},
+                       {"scale": float(scale), **constexprs(n, dh)}, target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -156,13 +143,7 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     q, k_t, mask = inputs["q"], inputs["k_t"], inputs["mask"]
-    kernel = compile_kernel(
-        {"q": triton_type(q.dtype), "k_t": triton_type(k_t.dtype), "mask": triton_type(mask.dtype),
-         "score": triton_type(outputs[0].dtype)},
-        n=largest(k_t, 3), dh=largest(q, 3), scale=attrs["scale"],
-    )
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(k_t, 3), dh=largest(q, 3), scale=attrs["scale"])
     shapes = (q.shape_expr, k_t.shape_expr, mask.shape_expr)
     return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, row=attrs["row"], sym=trtp))

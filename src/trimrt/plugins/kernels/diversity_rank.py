@@ -31,11 +31,8 @@ import triton.language as tl
 
 from ..diversity_rank import NAME, NORM_EPS
 from ..span import Span
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
 
-#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
-POINTERS_IN = ("x_ptr",)
-SCALARS = ("N", "D", "keep", "protect", "end")  # keep: the picked span count k
-POINTERS_OUT = ("score_ptr",)
 #: tiles of the first pick's Gram matrix (tl.dot needs every dimension >= 16)
 BLOCK_TILE = 16
 MAX_BLOCK_D = 32
@@ -137,7 +134,7 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
 
 
 def scalar_args(x_shape, *, sym=None, **attrs) -> list:
-    """The int32 kernel arguments (SCALARS order) from x's shape (ints or shape exprs)."""
+    """The int32 kernel arguments (in the kernel's order; keep: the picked span count k) from x's shape (ints or shape exprs)."""
     span, n = Span.of(attrs), x_shape[1]
     return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n)]
 
@@ -148,11 +145,9 @@ def grid(x_shape, cdiv=triton.cdiv) -> tuple:
 
 def constexprs(n: int, d: int) -> dict:
     """Block sizes for a span of at most `n` tokens of `d` features (concrete ints)."""
-    block_s = triton.next_power_of_2(max(int(n), 1))
-    block_d = triton.next_power_of_2(max(int(d), 1))
+    block_s = block(n)
     return {"BLOCK_S": block_s, "BLOCK_I": BLOCK_TILE, "BLOCK_J": BLOCK_TILE,
-            "BLOCK_D": max(BLOCK_TILE, min(block_d, MAX_BLOCK_D)),
-            "BLOCK_DR": max(1, min(block_d, PICK_CHUNK // block_s)),
+            "BLOCK_D": block(d, MAX_BLOCK_D, BLOCK_TILE), "BLOCK_DR": block(d, max(1, PICK_CHUNK // block_s)),
             "NORM_EPS": NORM_EPS}
 
 
@@ -165,12 +160,7 @@ def run(x: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: 
     attrs = dict(keep=keep, protect=protect, span_end=span_end, keep_ratio=keep_ratio)
     Span.of(attrs).check(n, NAME)
     x = x.contiguous()
-    if out is not None:
-        (score,) = out
-        if tuple(score.shape) != (b, n):
-            raise ValueError(f"{NAME}: output buffer {tuple(score.shape)} is not {(b, n)}")
-    else:
-        score = torch.empty((b, n), dtype=x.dtype, device=x.device)
+    (score,) = output_buffers(NAME, out, x.device, ((b, n), x.dtype))
     if b == 0:
         return (score,)
     diversity_rank_kernel[grid(x.shape)](x, *scalar_args(tuple(x.shape), **attrs), score, **constexprs(n, d))
@@ -182,13 +172,8 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
 
     `dtypes` maps "x" and "score" to Triton type names ("fp32", "fp16", "bf16").
     Returns the `triton.compiler.CompiledKernel`."""
-    signature = {"x_ptr": f"*{dtypes['x']}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature["score_ptr"] = f"*{dtypes['score']}"
-    consts = constexprs(n, d)
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=diversity_rank_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(diversity_rank_kernel, {"x_ptr": dtypes["x"], "score_ptr": dtypes["score"]}, constexprs(n, d),
+                       target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -205,9 +190,6 @@ def trt_output_shapes(shapes, attrs, trtp):
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX (block sizes for the profile's largest
     N and D), with its grid and int32 scalars as shape expressions."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     x = inputs["x"]
-    kernel = compile_kernel({"x": triton_type(x.dtype), "score": triton_type(outputs[0].dtype)},
-                            n=largest(x, 1), d=largest(x, 2))
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(x, 1), d=largest(x, 2))
     return launch(trtp, kernel, grid(x.shape_expr, cdiv=trtp.cdiv), scalar_args(x.shape_expr, **attrs, sym=trtp))

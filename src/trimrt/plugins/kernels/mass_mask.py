@@ -22,13 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mass_mask import NAME, TOLERANCE, check_tau
+from ..mass_mask import NAME, TOLERANCE, check_attributes
 from ..span import Span
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
 
-#: kernel parameters in launch order: input pointers, int32 scalars, tau, output pointers
-POINTERS_IN = ("s_ptr", "idx_ptr")
-SCALARS = ("N", "M", "protect", "end")
-POINTERS_OUT = ("valid_ptr", "count_ptr")
 MAX_BLOCK_N = 64
 
 
@@ -89,15 +86,8 @@ def mass_mask_kernel(s_ptr, idx_ptr, N, M, protect, end, tau, valid_ptr, count_p
 # ------------------------------------------------------------ launch (ints or symbolic)
 
 
-def check_attributes(n, *, tau: float, protect: int, span_end: int) -> None:
-    """Raise ValueError for what the reference rejects (with a shape expression `n`: only
-    what does not depend on it)."""
-    check_tau(tau)
-    Span(protect, span_end).check(n, NAME, counted=False)
-
-
 def scalar_args(score_shape, kept_index_shape, *, tau: float, protect: int, span_end: int, sym=None) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    """The int32 kernel arguments (in the kernel's order) from the input shapes (ints or shape exprs)."""
     n = score_shape[1]
     return [n, kept_index_shape[1], protect, Span(protect, span_end).end(n)]
 
@@ -108,7 +98,7 @@ def grid(score_shape, kept_index_shape=None, cdiv=triton.cdiv) -> tuple:
 
 def constexprs(n: int) -> dict:
     """Block sizes for at most `n` tokens (concrete ints)."""
-    block_n = min(triton.next_power_of_2(max(int(n), 1)), MAX_BLOCK_N)
+    block_n = block(n, MAX_BLOCK_N)
     return {"BLOCK_I": block_n, "BLOCK_J": block_n, "TOL": TOLERANCE}
 
 
@@ -122,13 +112,7 @@ def run(score: torch.Tensor, kept_index: torch.Tensor, *, tau: float, protect: i
     m = kept_index.shape[1]
     check_attributes(n, tau=tau, protect=protect, span_end=span_end)
     score, kept_index = score.contiguous(), kept_index.to(torch.int64).contiguous()
-    if out is not None:
-        valid, count = out
-        if (tuple(valid.shape), tuple(count.shape)) != ((b, m), (b,)):
-            raise ValueError(f"MassMask: output buffers {[tuple(t.shape) for t in out]} are not [{b}, {m}], [{b}]")
-    else:
-        valid = torch.empty((b, m), dtype=score.dtype, device=score.device)
-        count = torch.empty((b,), dtype=torch.int64, device=score.device)
+    valid, count = output_buffers(NAME, out, score.device, ((b, m), score.dtype), ((b,), torch.int64))
     if b == 0:
         return valid, count
     mass_mask_kernel[grid(score.shape)](
@@ -144,14 +128,8 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, tau: float, target=None):
     `dtypes` maps "score" and "valid" to Triton type names ("fp32", "fp16", "bf16");
     kept_index and count are int64. The launch passes the pointers and `scalar_args`,
     without tau. Returns the `triton.compiler.CompiledKernel`."""
-    signature = {"s_ptr": f"*{dtypes['score']}", "idx_ptr": "*i64"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature["tau"] = "constexpr"
-    signature.update({"valid_ptr": f"*{dtypes['valid']}", "count_ptr": "*i64"})
-    consts = {"tau": float(tau), **constexprs(n)}
-    signature.update({name: "constexpr" for name in constexprs(n)})
-    src = triton.compiler.ASTSource(fn=mass_mask_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(mass_mask_kernel, {"s_ptr": dtypes["score"], "idx_ptr": "i64", "valid_ptr": dtypes["valid"],
+                                          "count_ptr": "i64"}, {"tau": float(tau), **constexprs(n)}, target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -166,11 +144,8 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX with tau baked in, its grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     score, kept_index = inputs["score"], inputs["kept_index"]
-    kernel = compile_kernel({"score": triton_type(score.dtype), "valid": triton_type(outputs[0].dtype)},
-                            n=largest(score, 1), tau=attrs["tau"])
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(score, 1), tau=attrs["tau"])
     shapes = (score.shape_expr, kept_index.shape_expr)
     return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv),
                   scalar_args(*shapes, tau=attrs["tau"], protect=attrs["protect"], span_end=attrs["span_end"],

@@ -27,11 +27,8 @@ import triton
 import triton.language as tl
 
 from ..token_merge import check_r, merged_count
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
 
-#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
-POINTERS_IN = ("x_ptr", "metric_ptr", "size_ptr")
-SCALARS = ("N", "D", "C", "r", "protect")
-POINTERS_OUT = ("y_ptr", "size_out_ptr", "idx_ptr")
 #: tl.dot needs every block dimension >= 16
 MIN_BLOCK = 16
 MAX_BLOCK_B = 32
@@ -151,7 +148,7 @@ def out_tokens(n, *, r: int, protect: int, ratio: float, sym=None):
 
 
 def scalar_args(x_shape, metric_shape, size_shape, *, r: int, protect: int, ratio: float, sym=None) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs);
+    """The int32 kernel arguments (in the kernel's order) from the input shapes (ints or shape exprs);
     r is the clamped count."""
     return [x_shape[1], x_shape[2], metric_shape[2], merged_count(x_shape[1], r, protect, sym, ratio), protect]
 
@@ -162,11 +159,8 @@ def grid(x_shape, metric_shape, size_shape, cdiv=triton.cdiv, block_d: int = MAX
 
 def constexprs(n: int, c: int, d: int) -> dict:
     """Block sizes for at most `n` tokens, `c` metric and `d` token features (concrete ints)."""
-    def block(size: int, largest: int) -> int:
-        return max(MIN_BLOCK, min(triton.next_power_of_2(max(int(size), 1)), largest))
-
-    return {"BLOCK_A": block((n + 1) // 2, MAX_TOKENS), "BLOCK_B": block(n // 2, MAX_BLOCK_B),
-            "BLOCK_C": block(c, MAX_BLOCK_C), "BLOCK_D": block(d, MAX_BLOCK_D)}
+    return {"BLOCK_A": block((n + 1) // 2, MAX_TOKENS, MIN_BLOCK), "BLOCK_B": block(n // 2, MAX_BLOCK_B, MIN_BLOCK),
+            "BLOCK_C": block(c, MAX_BLOCK_C, MIN_BLOCK), "BLOCK_D": block(d, MAX_BLOCK_D, MIN_BLOCK)}
 
 
 def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, protect: int, ratio: float, out=None):
@@ -180,23 +174,12 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
     b, n, d = x.shape
     check_attributes(n, r=r, protect=protect, ratio=ratio)
     m = out_tokens(n, r=r, protect=protect, ratio=ratio)
-    if out is not None:
-        y, size_out, index = out
-        if (tuple(y.shape), tuple(size_out.shape), tuple(index.shape)) != ((b, m, d), (b, m), (b, m)):
-            raise ValueError(f"TokenMerge: output buffers {[tuple(t.shape) for t in out]} do not hold "
-                             f"{m} tokens of {d} features")
-    else:
-        y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
-        size_out = torch.empty((b, m), dtype=x.dtype, device=x.device)
-        index = torch.empty((b, m), dtype=torch.int64, device=x.device)
+    y, size_out, index = output_buffers("TokenMerge", out, x.device, ((b, m, d), x.dtype), ((b, m), x.dtype),
+                                        ((b, m), torch.int64))
     if b == 0:
         return y, size_out, index
-    if d == 0:  # no feature block would write size_out and index
-        _, size_only, index_only = run(torch.zeros((b, n, 1), dtype=x.dtype, device=x.device), metric, size,
-                                       r=r, protect=protect, ratio=ratio)
-        size_out.copy_(size_only)
-        index.copy_(index_only)
-        return y, size_out, index
+    if d == 0:
+        return without_features(run, x, metric, size, outs=(y, size_out, index), r=r, protect=protect, ratio=ratio)
     x, metric, size = x.contiguous(), metric.contiguous(), size.contiguous()
     blocks = constexprs(n, metric.shape[2], d)
     token_merge_kernel[grid(x.shape, metric.shape, size.shape, block_d=blocks["BLOCK_D"])](
@@ -212,13 +195,10 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, c: int, d: int, target=Non
     `dtypes` maps "x", "metric", "size", "y", "size_out" to Triton type names ("fp32",
     "fp16", "bf16"); index is always int64. Returns the `triton.compiler.CompiledKernel`.
     """
-    signature = {"x_ptr": f"*{dtypes['x']}", "metric_ptr": f"*{dtypes['metric']}", "size_ptr": f"*{dtypes['size']}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature.update({"y_ptr": f"*{dtypes['y']}", "size_out_ptr": f"*{dtypes['size_out']}", "idx_ptr": "*i64"})
-    consts = constexprs(n, c, d)
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=token_merge_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(token_merge_kernel, {"x_ptr": dtypes["x"], "metric_ptr": dtypes["metric"],
+                                            "size_ptr": dtypes["size"], "y_ptr": dtypes["y"],
+                                            "size_out_ptr": dtypes["size_out"], "idx_ptr": "i64"},
+                       constexprs(n, c, d), target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -235,16 +215,10 @@ def trt_output_shapes(shapes, attrs, trtp):
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX for the profile's largest N, with its
     grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     x, metric, size = inputs["x"], inputs["metric"], inputs["size"]
     n, c, d = largest(x, 1), largest(metric, 2), largest(x, 2)
     check_attributes(n, **attrs)
-    kernel = compile_kernel(
-        {"x": triton_type(x.dtype), "metric": triton_type(metric.dtype), "size": triton_type(size.dtype),
-         "y": triton_type(outputs[0].dtype), "size_out": triton_type(outputs[1].dtype)},
-        n=n, c=c, d=d,
-    )
+    kernel = compile_kernel(triton_types(inputs, outputs), n=n, c=c, d=d)
     shapes = (x.shape_expr, metric.shape_expr, size.shape_expr)
     block_d = constexprs(n, c, d)["BLOCK_D"]
     return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),

@@ -28,13 +28,23 @@ import triton
 import triton.language as tl
 
 from ..span import Span
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
 
-#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
-POINTERS_IN = ("x_ptr", "s_ptr")
-SCALARS = ("N", "D", "keep", "protect", "end")  # keep: the kept span count k
-POINTERS_OUT = ("y_ptr", "idx_ptr", "fused_ptr")
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
+
+
+@triton.jit
+def span_rank(s_row_ptr, s_i, i, protect, end, BLOCK_J: tl.constexpr):
+    """#{span j : s_j > s_i, or s_j == s_i and j < i}: the stable descending rank of i."""
+    rank = tl.zeros(s_i.shape, dtype=tl.int32)
+    for j0 in range(protect, end, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_valid = j < end
+        s_j = tl.load(s_row_ptr + j, mask=j_valid, other=0.0)
+        beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((beats & j_valid[None, :]).to(tl.int32), axis=1)
+    return rank
 
 
 @triton.jit
@@ -52,13 +62,7 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, f
         i_valid = i < N
         s_i = tl.load(s_ptr + b * N + i, mask=i_valid, other=0.0)
         # 1. rank among the span's tokens
-        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(protect, end, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            j_valid = j < end
-            s_j = tl.load(s_ptr + b * N + j, mask=j_valid, other=0.0)
-            beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((beats & j_valid[None, :]).to(tl.int32), axis=1)
+        rank = span_rank(s_ptr + b * N, s_i, i, protect, end, BLOCK_J)
         in_span = i_valid & (i >= protect) & (i < end)
         kept = (i_valid & ((i < protect) | (i >= end))) | (in_span & (rank < keep))
         # 2. output slots in original order
@@ -83,7 +87,7 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, f
 
 
 def scalar_args(x_shape, score_shape, *, sym=None, **attrs) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    """The int32 kernel arguments (in the kernel's order; keep: the kept span count k) from the input shapes (ints or shape exprs)."""
     span, n = Span.of(attrs), x_shape[1]
     return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n)]
 
@@ -94,9 +98,8 @@ def grid(x_shape, score_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> 
 
 def constexprs(n: int, d: int) -> dict:
     """Block sizes for at most `n` tokens of `d` features (concrete ints)."""
-    block_n = min(triton.next_power_of_2(max(int(n), 1)), MAX_BLOCK_N)
-    return {"BLOCK_I": block_n, "BLOCK_J": block_n,
-            "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
+    block_n = block(n, MAX_BLOCK_N)
+    return {"BLOCK_I": block_n, "BLOCK_J": block_n, "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
 def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: float,
@@ -110,30 +113,17 @@ def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_e
     Span.of(attrs).check(n, "TokenPrune")
     x, score = x.contiguous(), score.contiguous()
     m = Span.of(attrs).out_tokens(n)
-    if out is not None:
-        y, kept_index, fused = out
-        if (tuple(y.shape), tuple(kept_index.shape), tuple(fused.shape)) != ((b, m, d), (b, m), (b, 1, d)):
-            raise ValueError(f"TokenPrune: output buffers {[tuple(t.shape) for t in out]} do not hold "
-                             f"{m} tokens of {d} features")
-    else:
-        y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
-        kept_index = torch.empty((b, m), dtype=torch.int64, device=x.device)
-        fused = torch.empty((b, 1, d), dtype=x.dtype, device=x.device)
+    y, kept_index, fused = output_buffers("TokenPrune", out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64),
+                                          ((b, 1, d), x.dtype))
     if b == 0:
         return y, kept_index, fused
-    if d == 0:  # no feature block would write kept_index
-        kept_index.copy_(_select_without_features(score, **attrs))
-        return y, kept_index, fused
+    if d == 0:
+        return without_features(run, x, score, outs=(y, kept_index, fused), **attrs)
     blocks = constexprs(n, d)
     token_prune_kernel[grid(x.shape, score.shape, block_d=blocks["BLOCK_D"])](
         x, score, *scalar_args(tuple(x.shape), tuple(score.shape), **attrs),
         y, kept_index, fused, **blocks)
     return y, kept_index, fused
-
-
-def _select_without_features(score, **attrs):
-    x = torch.zeros((*score.shape, 1), dtype=score.dtype, device=score.device)
-    return run(x, score, **attrs)[1]
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
@@ -142,13 +132,8 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
     `dtypes` maps "x", "score", "y", "fused" to Triton type names ("fp32", "fp16",
     "bf16"); kept_index is always int64. Returns the `triton.compiler.CompiledKernel`.
     """
-    signature = {"x_ptr": f"*{dtypes['x']}", "s_ptr": f"*{dtypes['score']}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature.update({"y_ptr": f"*{dtypes['y']}", "idx_ptr": "*i64", "fused_ptr": f"*{dtypes['fused']}"})
-    consts = constexprs(n, d)
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=token_prune_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(token_prune_kernel, {"x_ptr": dtypes["x"], "s_ptr": dtypes["score"], "y_ptr": dtypes["y"],
+                                            "idx_ptr": "i64", "fused_ptr": dtypes["fused"]}, constexprs(n, d), target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -167,15 +152,9 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     x, score = inputs["x"], inputs["score"]
     n, d = largest(x, 1), largest(x, 2)
-    kernel = compile_kernel(
-        {"x": triton_type(x.dtype), "score": triton_type(score.dtype),
-         "y": triton_type(outputs[0].dtype), "fused": triton_type(outputs[2].dtype)},
-        n=n, d=d,
-    )
+    kernel = compile_kernel(triton_types(inputs, outputs), n=n, d=d)
     shapes = (x.shape_expr, score.shape_expr)
     block_d = constexprs(n, d)["BLOCK_D"]
     return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),

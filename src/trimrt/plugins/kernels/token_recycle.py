@@ -29,29 +29,14 @@ import triton
 import triton.language as tl
 
 from ..span import Span
-from ..token_recycle import NAME, check_layout
+from ..token_recycle import NAME, check_attributes
+from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
+from .token_prune import span_rank
 
-#: kernel parameters in launch order: input pointers, int32 scalars, output pointers
-POINTERS_IN = ("x_ptr", "s_ptr", "pos_ptr")
-SCALARS = ("N", "D", "keep", "protect", "end", "grid_size", "patch_rows", "patch_cols", "first_patch")
-POINTERS_OUT = ("y_ptr", "idx_ptr")
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 32
 MAX_BLOCK_C = 16
 BLOCK_T = 16  # span tokens per step of the cell phase (its broadcast is BLOCK_T x BLOCK_C x BLOCK_D)
-
-
-@triton.jit
-def _span_rank(s_row_ptr, s_i, i, protect, end, BLOCK_J: tl.constexpr):
-    """#{span j : s_j > s_i, or s_j == s_i and j < i}: the stable descending rank of i."""
-    rank = tl.zeros(s_i.shape, dtype=tl.int32)
-    for j0 in range(protect, end, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_valid = j < end
-        s_j = tl.load(s_row_ptr + j, mask=j_valid, other=0.0)
-        beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum((beats & j_valid[None, :]).to(tl.int32), axis=1)
-    return rank
 
 
 @triton.jit
@@ -84,7 +69,7 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
         i = i0 + tl.arange(0, BLOCK_I)
         i_valid = i < N
         s_i = tl.load(s_row + i, mask=i_valid, other=0.0)
-        rank = _span_rank(s_row, s_i, i, protect, end, BLOCK_J)
+        rank = span_rank(s_row, s_i, i, protect, end, BLOCK_J)
         in_span = i_valid & (i >= protect) & (i < end)
         kept = (i_valid & ((i < protect) | (i >= end))) | (in_span & (rank < keep))
         kept_i32 = kept.to(tl.int32)
@@ -114,7 +99,7 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
             t = t0 + tl.arange(0, BLOCK_T)
             t_valid = t < end
             s_t = tl.load(s_row + t, mask=t_valid, other=0.0)
-            dropped = t_valid & (_span_rank(s_row, s_t, t, protect, end, BLOCK_J) >= keep)
+            dropped = t_valid & (span_rank(s_row, s_t, t, protect, end, BLOCK_J) >= keep)
             pos = tl.load(pos_ptr + b * N + t, mask=t_valid, other=0)
             cell = tl.where(t_valid, _cell_of(pos, first_patch, grid_size, patch_rows, patch_cols), -1)
             member = (cell[:, None] == c[None, :]) & t_valid[:, None]  # [BLOCK_T, BLOCK_C]
@@ -168,16 +153,8 @@ def out_tokens(n, attrs, sym=None):
     return Span.of(attrs).out_tokens(n, sym) + attrs["grid"] * attrs["grid"]
 
 
-def check_attributes(n, attrs, sym=None) -> None:
-    """Raise ValueError for what the reference rejects (with a shape expression `n`: only
-    what does not depend on it)."""
-    Span.of(attrs).check(n, NAME, counted=False)
-    check_layout(attrs["grid"], attrs["patch_rows"], attrs["patch_cols"])
-    Span.of(attrs).check(n, NAME, sym=sym)
-
-
 def scalar_args(x_shape, score_shape, position_shape, *, sym=None, **attrs) -> list:
-    """The int32 kernel arguments (SCALARS order) from the input shapes (ints or shape exprs)."""
+    """The int32 kernel arguments (in the kernel's order) from the input shapes (ints or shape exprs)."""
     span, n = Span.of(attrs), x_shape[1]
     return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n), attrs["grid"], attrs["patch_rows"],
             attrs["patch_cols"], attrs["first_patch"]]
@@ -192,11 +169,9 @@ grid = launch_grid  # the name the kernel modules share (`grid` is also this op'
 
 def constexprs(n: int, d: int, cells: int) -> dict:
     """Block sizes for at most `n` tokens of `d` features and `cells` cells (concrete ints)."""
-    block_n = min(triton.next_power_of_2(max(int(n), 1)), MAX_BLOCK_N)
-    return {"BLOCK_I": block_n, "BLOCK_J": block_n,
-            "BLOCK_C": min(triton.next_power_of_2(max(int(cells), 1)), MAX_BLOCK_C),
-            "BLOCK_T": min(block_n, BLOCK_T),
-            "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
+    block_n = block(n, MAX_BLOCK_N)
+    return {"BLOCK_I": block_n, "BLOCK_J": block_n, "BLOCK_C": block(cells, MAX_BLOCK_C),
+            "BLOCK_T": min(block_n, BLOCK_T), "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
 def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=None, **attrs):
@@ -211,20 +186,11 @@ def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=Non
     check_attributes(n, attrs)
     x, score, position = x.contiguous(), score.contiguous(), position.to(torch.int64).contiguous()
     m = out_tokens(n, attrs)
-    if out is not None:
-        y, kept_index = out
-        if (tuple(y.shape), tuple(kept_index.shape)) != ((b, m, d), (b, m)):
-            raise ValueError(f"TokenRecycle: output buffers {[tuple(t.shape) for t in out]} do not hold "
-                             f"{m} tokens of {d} features")
-    else:
-        y = torch.empty((b, m, d), dtype=x.dtype, device=x.device)
-        kept_index = torch.empty((b, m), dtype=torch.int64, device=x.device)
+    y, kept_index = output_buffers(NAME, out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64))
     if b == 0:
         return y, kept_index
-    if d == 0:  # no feature block would write kept_index
-        ones = torch.zeros((b, n, 1), dtype=x.dtype, device=x.device)
-        kept_index.copy_(run(ones, score, position, **attrs)[1])
-        return y, kept_index
+    if d == 0:
+        return without_features(run, x, score, position, outs=(y, kept_index), **attrs)
     blocks = constexprs(n, d, attrs["grid"] ** 2)
     token_recycle_kernel[launch_grid(x.shape, block_d=blocks["BLOCK_D"])](
         x, score, position, *scalar_args(tuple(x.shape), tuple(score.shape), tuple(position.shape), **attrs),
@@ -237,13 +203,8 @@ def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, cells: int, target
 
     `dtypes` maps "x", "score" and "y" to Triton type names ("fp32", "fp16", "bf16");
     position and kept_index are int64. Returns the `triton.compiler.CompiledKernel`."""
-    signature = {"x_ptr": f"*{dtypes['x']}", "s_ptr": f"*{dtypes['score']}", "pos_ptr": "*i64"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature.update({"y_ptr": f"*{dtypes['y']}", "idx_ptr": "*i64"})
-    consts = constexprs(n, d, cells)
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=token_recycle_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(token_recycle_kernel, {"x_ptr": dtypes["x"], "s_ptr": dtypes["score"], "pos_ptr": "i64",
+                                              "y_ptr": dtypes["y"], "idx_ptr": "i64"}, constexprs(n, d, cells), target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
@@ -260,15 +221,10 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    from ..tensorrt_glue import largest, launch, triton_type
-
     x, score, position = inputs["x"], inputs["score"], inputs["position"]
     n, d = largest(x, 1), largest(x, 2)
     cells = attrs["grid"] ** 2
-    kernel = compile_kernel(
-        {"x": triton_type(x.dtype), "score": triton_type(score.dtype), "y": triton_type(outputs[0].dtype)},
-        n=n, d=d, cells=cells,
-    )
+    kernel = compile_kernel(triton_types(inputs, outputs), n=n, d=d, cells=cells)
     shapes = (x.shape_expr, score.shape_expr, position.shape_expr)
     block_d = constexprs(n, d, cells)["BLOCK_D"]
     return launch(trtp, kernel, launch_grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),

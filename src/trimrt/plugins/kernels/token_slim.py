@@ -23,11 +23,8 @@ import triton
 import triton.language as tl
 
 from ...errors import BackendUnavailableError
+from ._launch import aot_compile, block, output_buffers
 
-#: kernel parameters in launch order: input pointers, int32 scalars, output pointer
-POINTERS_IN = ("logits_ptr", "x_ptr")
-SCALARS = ("N", "M", "D")
-POINTERS_OUT = ("y_ptr",)
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
 
@@ -63,7 +60,7 @@ def token_slim_mix_kernel(logits_ptr, x_ptr, N, M, D, y_ptr, BLOCK_N: tl.constex
 
 
 def scalar_args(x_shape, w2_shape) -> list:
-    """The int32 kernel arguments (SCALARS order): ints or TensorRT shape expressions."""
+    """The int32 kernel arguments (in the kernel's order): ints or TensorRT shape expressions."""
     return [x_shape[1], w2_shape[1], x_shape[2]]
 
 
@@ -73,8 +70,7 @@ def grid(x_shape, w2_shape, cdiv=triton.cdiv, block_d: int = MAX_BLOCK_D) -> tup
 
 def constexprs(n: int, d: int) -> dict:
     """Block sizes for at most `n` tokens of `d` features (concrete ints)."""
-    return {"BLOCK_N": min(triton.next_power_of_2(max(int(n), 1)), MAX_BLOCK_N),
-            "BLOCK_D": min(triton.next_power_of_2(max(int(d), 1)), MAX_BLOCK_D)}
+    return {"BLOCK_N": block(n, MAX_BLOCK_N), "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
 def check_shapes(x_shape, ln_scale_shape, ln_bias_shape, w1_shape, b1_shape, w2_shape, b2_shape) -> None:
@@ -111,9 +107,7 @@ def run(x: torch.Tensor, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, s
     check_shapes(*(tuple(t.shape) for t in tensors))
     b, n, d = x.shape
     m = w2.shape[1]
-    y = out[0] if out is not None else torch.empty((b, m, d), dtype=x.dtype, device=x.device)
-    if tuple(y.shape) != (b, m, d):
-        raise ValueError(f"TokenSlim: output buffer {tuple(y.shape)} does not hold {(b, m, d)}")
+    (y,) = output_buffers("TokenSlim", out, x.device, ((b, m, d), x.dtype))
     if b == 0 or m == 0 or d == 0:
         return (y,)
     x = x.contiguous()
@@ -127,13 +121,8 @@ def run(x: torch.Tensor, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, s
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
     """Compile the mixing kernel for `target` (default: the current GPU). `dtypes` maps
     "x" and "y" to Triton type names; the logits are float32."""
-    signature = {"logits_ptr": "*fp32", "x_ptr": f"*{dtypes['x']}"}
-    signature.update({name: "i32" for name in SCALARS})
-    signature["y_ptr"] = f"*{dtypes['y']}"
-    consts = constexprs(n, d)
-    signature.update({name: "constexpr" for name in consts})
-    src = triton.compiler.ASTSource(fn=token_slim_mix_kernel, signature=signature, constexprs=consts)
-    return triton.compile(src, target=target)
+    return aot_compile(token_slim_mix_kernel, {"logits_ptr": "fp32", "x_ptr": dtypes["x"], "y_ptr": dtypes["y"]},
+                       constexprs(n, d), target)
 
 
 # ------------------------------------------------------------- TensorRT plugin hooks
