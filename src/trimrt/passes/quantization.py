@@ -144,21 +144,21 @@ class QuantizationPass(TrimrtPass):
         return split, stats, held_stats
 
     def _report(self, linears, plan, chosen, kept_float, fidelity, split: Split) -> dict:
-        layers, before, after = [], 0, 0
+        layers = []
         for i, (linear, q) in enumerate(zip(linears, plan)):
             entry = {"name": linear.name, "shape": list(linear.weight.shape)}
-            before += linear.weight.nbytes
             if i in chosen:
                 # "method": the held-out check rejected the recipe's method here
                 method = q.method if q.method != self.options.method else None
                 extra = {"alpha": q.alpha, "method": method, "held_out_vs_rtn": q.held_out_vs_rtn, "damping": q.damping}
                 entry.update({"format": q.format, **{k: v for k, v in extra.items() if v is not None}})
-                after += q.nbytes
             else:
                 entry["format"] = "float"
                 entry["reason"] = str(q) if isinstance(q, Skipped) else "fidelity guard"
-                after += linear.weight.nbytes
             layers.append(entry)
+        before = sum(linear.weight.nbytes for linear in linears)
+        after = sum(q.nbytes if i in chosen else linear.weight.nbytes
+                    for i, (linear, q) in enumerate(zip(linears, plan)))
         o = self.options
         report = {"weights": o.weights, "activations": o.activations, "method": o.method,
                   "encoding": self.encoding.describe(),
