@@ -52,6 +52,19 @@ def _cell_of(pos, first_patch, grid_size, patch_rows, patch_cols):
 
 
 @triton.jit
+def _first_best(chosen, s32, t, best_s, best_i, found_before):
+    """Each cell's first highest-scoring token among `chosen` [BLOCK_T, BLOCK_C] after this
+    chunk of tokens t (scores s32): (score, index, found). Chunks come in index order, so a
+    later one only wins with a strictly higher score: ties go to the lower index."""
+    key = tl.where(chosen, s32[:, None], float("-inf"))
+    top = tl.max(key, axis=0)
+    arg = tl.min(tl.where(chosen & (key == top[None, :]), t[:, None], 2147483647), axis=0)
+    found = tl.max(chosen.to(tl.int32), axis=0) > 0
+    take = found & (~found_before | (top > best_s))
+    return tl.where(take, top, best_s), tl.where(take, arg, best_i), found_before | found
+
+
+@triton.jit
 def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_size, patch_rows, patch_cols,
                          first_patch, y_ptr, idx_ptr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -113,23 +126,8 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
             sum_m += tl.sum(one[:, :, None] * rows[:, None, :], axis=0)
             total_w += tl.sum(w, axis=0)
             count += tl.sum(one, axis=0)
-            # the chunk's first highest-scoring dropped member / member of each cell
-            key = tl.where(dropped_member, s32[:, None], float("-inf"))
-            top = tl.max(key, axis=0)
-            arg = tl.min(tl.where(dropped_member & (key == top[None, :]), t[:, None], 2147483647), axis=0)
-            found = tl.max(dropped_member.to(tl.int32), axis=0) > 0
-            take = found & (~has_drop | (top > best_drop_s))
-            best_drop_s = tl.where(take, top, best_drop_s)
-            best_drop_i = tl.where(take, arg, best_drop_i)
-            has_drop = has_drop | found
-            key = tl.where(member, s32[:, None], float("-inf"))
-            top = tl.max(key, axis=0)
-            arg = tl.min(tl.where(member & (key == top[None, :]), t[:, None], 2147483647), axis=0)
-            found = tl.max(member.to(tl.int32), axis=0) > 0
-            take = found & (~has_mem | (top > best_mem_s))
-            best_mem_s = tl.where(take, top, best_mem_s)
-            best_mem_i = tl.where(take, arg, best_mem_i)
-            has_mem = has_mem | found
+            best_drop_s, best_drop_i, has_drop = _first_best(dropped_member, s32, t, best_drop_s, best_drop_i, has_drop)
+            best_mem_s, best_mem_i, has_mem = _first_best(member, s32, t, best_mem_s, best_mem_i, has_mem)
         weighted = total_w > 0
         mean_w = sum_w / tl.where(weighted, total_w, 1.0)[:, None]
         mean_m = sum_m / tl.maximum(count, 1.0)[:, None]
