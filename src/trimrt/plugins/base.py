@@ -30,10 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-DOMAIN = "trimrt"
-OP_VERSION = 1
-#: opset of the standard ops used inside the decompositions
-FUNCTION_OPSET = 18
+from .builder import DOMAIN, FUNCTION_OPSET, OP_VERSION, build_function  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -95,8 +92,6 @@ class OpDef:
         """The decomposition as a model-local function; attributes with a default in the
         schema are declared with it, the others are required."""
         import onnx_ir as ir
-
-        from .builder import build_function
 
         fn = build_function(DOMAIN, self.name, FUNCTION_OPSET, [t.name for t in self.inputs],
                             [t.name for t in self.outputs],

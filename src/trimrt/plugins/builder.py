@@ -26,7 +26,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from .base import DOMAIN
+#: the domain of trimrt's custom ops, and its version (the ONNX node encoding and TensorRT plugin ids use them)
+DOMAIN = "trimrt"
+OP_VERSION = 1
+#: opset of the standard ops used inside the decompositions
+FUNCTION_OPSET = 18
 
 #: metadata key on every node a pass inserts, naming the pass that made it (visible in Netron)
 PASS_TAG = "trimrt.pass"
