@@ -99,11 +99,6 @@ def _scalar(value) -> float | None:
     return float(array.reshape(())) if array is not None and array.size == 1 else None
 
 
-def _attr(node: ir.Node, name: str, default):
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
 def _near(a: float | None, b: float) -> bool:
     return a is not None and math.isclose(a, b, rel_tol=1e-4)
 
@@ -128,10 +123,10 @@ def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softm
     if bad:
         return f"weight shapes {bad} do not chain as {want}", {}
     ln = normed.producer()
-    if _attr(ln, "axis", -1) not in (-1, 2):
+    if ln.attributes.get_int("axis", -1) not in (-1, 2):
         return "the LayerNorm does not normalise the last axis", {}
     if gelu_form == "op":
-        if _attr(gelu_op.producer(), "approximate", "none") != "none":
+        if gelu_op.producer().attributes.get_string("approximate", "none") != "none":
             return "the GELU is the tanh approximation", {}
     else:
         sqrt2 = math.sqrt(2.0) if erf_form == "div" else 1 / math.sqrt(2.0)
@@ -144,13 +139,13 @@ def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softm
         if s is None or (scale_form == "div" and s == 0.0):
             return "the logit scale is not a constant scalar", {}
         scale = s if scale_form == "mul" else 1.0 / s
-    if tuple(_attr(transposed.producer(), "perm", ())) != (0, 2, 1):
+    if tuple(transposed.producer().attributes.get_ints("perm", ())) != (0, 2, 1):
         return "the transpose is not (0, 2, 1)", {}
-    axis = _attr(softmax.producer(), "axis", -1)
+    axis = softmax.producer().attributes.get_int("axis", -1)
     token_axes = (-1, 2) if softmax_form == "transpose_first" else (1, -2)
     if axis not in token_axes:
         return f"the softmax runs over axis {axis}, not the token axis", {}
-    return None, {"epsilon": float(_attr(ln, "epsilon", 1e-5)), "scale": float(scale)}
+    return None, {"epsilon": ln.attributes.get_float("epsilon", 1e-5), "scale": float(scale)}
 
 
 def _check(context, **bindings):
