@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from ..errors import StructureError
+from .probe import once, wiring
 
 _SCALE_OPS = {"Mul", "Div"}
 _PASS_THROUGH = {"Cast", "Identity", "Dropout"}
@@ -445,20 +446,6 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
 
 #: key of the analysed structure in a compile's shared values (PipelineContext.shared)
 STRUCTURE = "structure"
-
-
-def wiring(graph: ir.Graph) -> tuple:
-    """The graph as analysis sees it: its nodes, what each reads, its inputs and outputs."""
-    return tuple(graph.inputs), tuple(graph.outputs), tuple((n, tuple(n.inputs)) for n in graph)
-
-
-def once(shared: dict, name: str, key, compute):
-    """compute(), kept in `shared` (a compile's shared values) under `name` and reused
-    while `key` (e.g. the graph's wiring) is the one it was computed for."""
-    found = shared.get(name)
-    if found is None or found[0] != key:
-        found = shared[name] = (key, compute())
-    return found[1]
 
 
 def structure_of(model: ir.Model, shared: dict) -> TransformerMap:

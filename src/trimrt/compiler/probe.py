@@ -67,6 +67,20 @@ def _probed_names(model: ir.Model) -> list[str]:
     return outputs + [v.name for v in model.graph.inputs]
 
 
+def wiring(graph: ir.Graph) -> tuple:
+    """The graph as analysis sees it: its nodes, what each reads, its inputs and outputs."""
+    return tuple(graph.inputs), tuple(graph.outputs), tuple((n, tuple(n.inputs)) for n in graph)
+
+
+def once(shared: dict, name: str, key, compute):
+    """compute(), kept in `shared` (a compile's shared values) under `name` and reused
+    while `key` (e.g. the graph's wiring) is the one it was computed for."""
+    found = shared.get(name)
+    if found is None or found[0] != key:
+        found = shared[name] = (key, compute())
+    return found[1]
+
+
 def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of every non-constant value whose shape is not fully static. With
     `shared` (a compile's shared values) the feeds keep to the original model's input
@@ -74,7 +88,6 @@ def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple
     its shapes known) as when it was probed, by analysis and the passes after it."""
     if shared is None:
         return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
-    from .analysis import once, wiring
     from .input_limits import INPUT_LIMITS
 
     key = (wiring(model.graph), tuple(_probed_names(model)))

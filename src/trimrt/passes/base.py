@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
-from ..plugins.builder import PASS_TAG, Builder
+from ..plugins.builder import PASS_TAG, Builder  # noqa: F401 - PASS_TAG re-exported
 
 
 @dataclass
@@ -74,14 +74,6 @@ class TrimrtPass(ir.passes.InPlacePass):
         """The details of this pass's last report in its context ({} before it ran)."""
         found = self.context.report_of(self.name)
         return found.details if found is not None else {}
-
-    # transitional helper (to be replaced by GraphBuilder in every pass)
-    def tagged(self, node: ir.Node) -> ir.Node:
-        node.metadata_props[PASS_TAG] = self.name
-        for i, out in enumerate(node.outputs):
-            if not out.name:
-                out.name = f"{node.name}_out{i}" if node.name else None
-        return node
 
     def builder(self, graph: ir.Graph, prefix: str = "") -> GraphBuilder:
         """A GraphBuilder whose nodes are tagged with this pass."""

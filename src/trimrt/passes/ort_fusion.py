@@ -415,9 +415,10 @@ class OrtFusionPass(TrimrtPass):
             return self._skipped(model, why)
         existing = {id(n) for n in model.graph}
         fuse_for_onnxruntime(model, limits=limits)  # deterministic: the same rewrite as the checked trial
+        b = self.builder(model.graph)
         for node in model.graph:
             if id(node) not in existing:
-                self.tagged(node)
+                b.stamp(node)
         left = attention_softmaxes(model)
         if left:
             log.warning("ONNX Runtime fusion: %d attention block(s) kept unfused (no fusion rule matched their form)", left)

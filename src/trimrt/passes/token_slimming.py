@@ -189,9 +189,10 @@ class TokenSlimmingPass(TrimrtPass):
         fused = [n for n in model.graph.all_nodes()
                  if n.domain == DOMAIN and n.op_type == OP_NAME and id(n) not in before]
         modules = []
+        b = self.builder(model.graph)
         for i, node in enumerate(fused):
             node.name = node.name or f"trimrt_token_slim_{i}"
-            self.tagged(node)
+            b.stamp(node)
             w1, w2 = (ir.convenience.get_const_tensor(node.inputs[k]) for k in (3, 5))
             modules.append({"node": node.name, "input": node.inputs[0].name, "hidden": int(w1.shape[1]),
                             "tokens_out": int(w2.shape[1]), "epsilon": node.attributes["epsilon"].value,

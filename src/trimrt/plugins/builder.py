@@ -51,7 +51,9 @@ class Builder(tape.Tape):
         n = next(self._counter)
         return f"{self.prefix}_{what}_{n}" if self.prefix else f"{what}_{n}"
 
-    def _stamp(self, node: ir.Node) -> None:
+    def stamp(self, node: ir.Node) -> None:
+        """Tag `node` with this builder's pass and name its unnamed outputs after it (also
+        for nodes another tool made, e.g. an onnxscript rewrite rule)."""
         if self.tag is not None:
             node.metadata_props[PASS_TAG] = self.tag
         for i, out in enumerate(node.outputs):
@@ -72,7 +74,7 @@ class Builder(tape.Tape):
            domain: str = "", name: str | None = None, **kwargs) -> ir.Value:
         """One node with one output; returns the output."""
         value = super().op(op_type, inputs, attributes, domain=domain, name=name or self._fresh(op_type), **kwargs)
-        self._stamp(value.producer())
+        self.stamp(value.producer())
         return value
 
     def op_multi_out(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None, *,
@@ -81,7 +83,7 @@ class Builder(tape.Tape):
         """One node with several outputs; returns them."""
         values = super().op_multi_out(op_type, inputs, attributes, num_outputs=num_outputs, domain=domain,
                                       name=name or self._fresh(op_type), **kwargs)
-        self._stamp(values[0].producer())
+        self.stamp(values[0].producer())
         return values
 
     def emit(self, op, inputs: Sequence[ir.Value], *, name: str | None = None, **attributes) -> Sequence[ir.Value]:
