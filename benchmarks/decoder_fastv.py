@@ -24,8 +24,8 @@ import trimrt
 from trimrt.bench import bench_build
 from trimrt.compiler.flops import count_flops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "families"))
-from fastv_reference import fastv_forward  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.families
+from tests.families.fastv_reference import fastv_forward  # noqa: E402
 
 PREFIX, IMAGE, TEXT = 35, 576, 60
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from cli_compile import compile_with_recipe
 from click.testing import CliRunner
 
+from tests.cli_compile import compile_with_recipe
 from trimrt.cli import main
 
 RECIPE = """
@@ -193,7 +193,7 @@ def test_model_without_matmul_says_there_is_no_flops_ratio(tmp_path):
 
 def test_lines_with_long_paths_are_never_wrapped(tmp_path):
     """rich wraps at the console width (80 under the test runner): lines naming a path must not."""
-    from test_bad_inputs import mlp_onnx
+    from tests.test_bad_inputs import mlp_onnx
 
     folder = tmp_path / ("a-long-folder-name-" * 8)
     folder.mkdir()

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from cli_compile import compile_with_recipe
 from click.testing import CliRunner
 
+from tests.cli_compile import compile_with_recipe
 from trimrt.cli import main
 from trimrt.inspect import fidelity_text, fusion_line, human_bytes, inspect_target, quantization_line, quantization_summary
 

@@ -94,7 +94,7 @@ def test_empty_recipe_is_identity(tiny_vit_onnx, tmp_path, images):
 # ---- build-directory hygiene (tiny ONNX graphs, no export) ----
 
 def _mlp(tmp_path):
-    from test_bad_inputs import mlp_onnx
+    from tests.test_bad_inputs import mlp_onnx
 
     path = tmp_path / "mlp.onnx"
     mlp_onnx(path)

@@ -4,9 +4,14 @@ token axis or a static token count."""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 B, N = 2, 24  # batch and sequence length of the example inputs (24: not a width or head count)
@@ -104,3 +109,28 @@ def export(module, inputs: dict, exporter: str, static: bool, path: Path) -> dic
                           input_names=names, output_names=outputs, dynamic_axes={n: {0: "batch"} for n in names})
     module.eval()
     return feeds
+
+
+@functools.lru_cache(maxsize=None)
+def _exported(family: str, exporter: str, static: bool, layers: int, decoder_mask: bool):
+    module, inputs = make(family, layers=layers, decoder_mask=decoder_mask)
+    folder = Path(tempfile.mkdtemp(prefix=f"trimrt_hf_{family}_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / f"{family}_{exporter}_{'static' if static else 'dynamic'}.onnx"
+    feeds = export(module, inputs, exporter, static, path)
+    return path, module, inputs, feeds
+
+
+def exported(family: str, exporter: str = "dynamo", static: bool = False, layers: int = 3,
+             decoder_mask: bool = False):
+    """(path, module, example inputs, feeds): `make(family, ...)` exported by `export`, once
+    per test run — every test module asking for the same model and form shares the file
+    (read it, never write it). Inputs and feeds are fresh copies for each caller."""
+    path, module, inputs, feeds = _exported(family, exporter, static, layers, decoder_mask)
+    return path, module, {k: v.clone() for k, v in inputs.items()}, {k: v.copy() for k, v in feeds.items()}
+
+
+def run_onnx(path, feeds) -> dict[str, np.ndarray]:
+    """The outputs of the ONNX file at `path` on `feeds`, by name (ONNX Runtime CPU)."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))

@@ -8,17 +8,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from fastv_reference import fastv_forward  # noqa: E402
-from hf_models import make  # noqa: E402
-
 import trimrt  # noqa: E402
+from tests.families.fastv_reference import fastv_forward  # noqa: E402
+from tests.families.hf_models import exported  # noqa: E402
 
 
 def test_pruned_llama_keeps_original_positions(tmp_path):
-    module, inputs = make("llama")
-    trimrt.export(module, tmp_path / "llama.onnx", example_inputs=inputs, exporter="dynamo")
+    path, module, inputs, _ = exported("llama")
     recipe = {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.25, "prunable": [4, 20]}}
-    trimrt.compile(str(tmp_path / "llama.onnx"), recipe, tmp_path / "b")
+    trimrt.compile(str(path), recipe, tmp_path / "b")
     ids = inputs["input_ids"]
     got = trimrt.load(tmp_path / "b").run({"input_ids": ids.numpy()})["last_hidden_state"]
     with torch.no_grad():
@@ -35,10 +33,9 @@ def test_divprune_on_a_decoder_image_span_before_layer_0(tmp_path):
     equals the LLaMA run on the selected tokens with their original position ids."""
     from trimrt.plugins import REGISTRY
 
-    module, inputs = make("llama")
-    trimrt.export(module, tmp_path / "llama.onnx", example_inputs=inputs, exporter="dynamo")
+    path, module, inputs, _ = exported("llama")
     recipe = {"token_pruning": {"method": "divprune", "layers": [0], "keep": 0.25, "prunable": [4, 20]}}
-    trimrt.compile(str(tmp_path / "llama.onnx"), recipe, tmp_path / "b")
+    trimrt.compile(str(path), recipe, tmp_path / "b")
     ids = inputs["input_ids"]
     got = trimrt.load(tmp_path / "b").run({"input_ids": ids.numpy()})["last_hidden_state"]
     with torch.no_grad():

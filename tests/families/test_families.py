@@ -25,10 +25,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hf_models import VISION, B, N, export, make  # noqa: E402
-from hf_reference import Prune, pruned_forward  # noqa: E402
-
 import trimrt  # noqa: E402
+from tests.families.hf_models import VISION, B, N, export, exported, make  # noqa: E402
+from tests.families.hf_reference import Prune, pruned_forward  # noqa: E402
 from trimrt.compiler.analysis import analyse, infer_shapes  # noqa: E402
 from trimrt.compiler.source import load_onnx  # noqa: E402
 
@@ -80,9 +79,7 @@ def pruned_tokens(family: str) -> int:
 @pytest.fixture(scope="module", params=CELLS, ids=lambda c: "-".join(c))
 def cell(request, tmp_path_factory):
     family, exporter, shape = request.param
-    module, inputs = make(family, layers=2, decoder_mask=True)
-    path = tmp_path_factory.mktemp(family) / f"{family}_{exporter}_{shape}.onnx"
-    feeds = export(module, inputs, exporter, shape == "static", path)
+    path, module, inputs, feeds = exported(family, exporter, shape == "static", layers=2, decoder_mask=True)
     return family, shape, path, module, inputs, feeds
 
 

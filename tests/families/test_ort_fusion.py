@@ -14,10 +14,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
-from hf_models import make  # noqa: E402
-
 import trimrt  # noqa: E402
-from trimrt.compiler.source import export_torch  # noqa: E402
+from tests.families.hf_models import exported  # noqa: E402
 from trimrt.errors import BuildError  # noqa: E402
 from trimrt.passes import ort_fusion  # noqa: E402
 
@@ -26,12 +24,7 @@ FUSE = {"onnxruntime": {"fuse": True}}
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    module, inputs = make("bert")
-    model, feeds = export_torch(module, inputs, exporter="dynamo")
-    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
-    import onnx_ir as ir
-
-    ir.save(model, path)
+    path, _, _, feeds = exported("bert")
     return path, feeds
 
 

@@ -22,10 +22,9 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
-from hf_models import N, export, make  # noqa: E402
-
 import trimrt  # noqa: E402
 from examples.models import minilm  # noqa: E402
+from tests.families.hf_models import N, export, exported, make  # noqa: E402
 
 FUSE = {"onnxruntime": {"fuse": True}}
 FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")
@@ -59,9 +58,7 @@ def _assert_same(got: dict, want: dict) -> None:
 
 @pytest.mark.parametrize("family,exporter,shape", CELLS, ids=lambda c: c)
 def test_attention_fuses_in_every_export_form(family, exporter, shape, tmp_path):
-    module, inputs = make(family, layers=LAYERS, decoder_mask=True)
-    path = tmp_path / f"{family}_{exporter}_{shape}.onnx"
-    feeds = export(module, inputs, exporter, shape == "static", path)
+    path, _, _, feeds = exported(family, exporter, shape == "static", layers=LAYERS, decoder_mask=True)
     if "attention_mask" in feeds:  # BERT's example is padded already; pad the decoders' too
         feeds["attention_mask"][1, PADDED_FROM:] = 0
         assert feeds["attention_mask"].shape[1] == N

@@ -11,22 +11,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hf_models import make  # noqa: E402
-
 import trimrt  # noqa: E402
-from trimrt.compiler.source import export_torch  # noqa: E402
+from tests.families.hf_models import exported as export_once  # noqa: E402
 
 FAMILIES = ["bert", "vit", "llama", "gpt2"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def exported(request, tmp_path_factory):
-    import onnx_ir as ir
-
-    module, inputs = make(request.param)
-    model, feeds = export_torch(module, inputs, exporter="dynamo")
-    path = tmp_path_factory.mktemp(request.param) / f"{request.param}.onnx"
-    ir.save(model, path)
+    path, _, _, feeds = export_once(request.param)
     return request.param, path, feeds
 
 

@@ -8,18 +8,14 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from hf_models import make  # noqa: E402
-
 import trimrt  # noqa: E402
+from tests.families.hf_models import exported, make  # noqa: E402
 from trimrt.errors import StructureError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-    module, inputs = make("bert")
-    path = tmp_path_factory.mktemp("bert") / "bert.onnx"
-    trimrt.export(module, path, example_inputs=inputs)
-    return path
+    return exported("bert")[0]
 
 
 @pytest.mark.parametrize("pruning", [None, {"layers": [1], "keep": 1.0, "fuse_pruned": True}])
@@ -78,7 +74,7 @@ def test_padding_is_never_kept_while_real_tokens_are_dropped(bert, tmp_path):
 def test_static_export_is_refused_naming_the_fixed_length(tmp_path):
     """An export with a static token count has no padding to trim at run time: one line
     saying so, not a graph that slices a fixed-length model."""
-    from hf_models import export
+    from tests.families.hf_models import export
 
     module, inputs = make("bert", layers=2)
     export(module, inputs, "torchscript", True, tmp_path / "bert.onnx")

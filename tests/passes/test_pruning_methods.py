@@ -11,9 +11,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from in_memory import apply_recipe, run_model
-from pruning_reference import pruned_forward
 
+from tests.passes.in_memory import apply_recipe, run_model
+from tests.passes.pruning_reference import pruned_forward
 from trimrt.errors import RecipeError, StructureError
 from trimrt.recipe import load_recipe
 

@@ -10,9 +10,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from in_memory import apply_recipe, run_model
-from tome_reference import tome_forward
 
+from tests.passes.in_memory import apply_recipe, run_model
+from tests.passes.tome_reference import tome_forward
 from trimrt.errors import RecipeError
 from trimrt.passes import PASS_TAG
 from trimrt.recipe import load_recipe

@@ -10,9 +10,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from evit_reference import evit_forward
-from in_memory import apply_recipe, run_model
 
+from tests.passes.evit_reference import evit_forward
+from tests.passes.in_memory import apply_recipe, run_model
 from trimrt.errors import RecipeError
 from trimrt.passes import PASS_TAG
 

@@ -2,7 +2,7 @@
 runner, a fake `tensorrt` / `tensorrt.plugin` with evaluated shape expressions, the
 sm_80 PTX compile check and a one-node TensorRT runner (for the `gpu` tests).
 
-Not a test module: the test files import from it (tests/plugins is on sys.path).
+Not a test module: the test files import it as tests.plugins.op_testing.
 """
 
 from __future__ import annotations

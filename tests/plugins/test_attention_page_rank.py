@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     aot_supported,
@@ -17,7 +18,6 @@ from op_testing import (
     to_torch,
     value,
 )
-
 from trimrt.plugins import REGISTRY
 from trimrt.plugins.attention_page_rank import (
     IMPORTANT_OFFSET,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from op_testing import run_decomposition
 
+from tests.plugins.op_testing import run_decomposition
 from trimrt.plugins import REGISTRY
 
 

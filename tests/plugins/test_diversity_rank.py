@@ -13,7 +13,8 @@ import itertools
 
 import numpy as np
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     aot_supported,
@@ -25,7 +26,6 @@ from op_testing import (
     to_torch,
     value,
 )
-
 from trimrt.plugins import REGISTRY
 from trimrt.plugins.diversity_rank import cosine_distances, greedy_picks
 from trimrt.plugins.token_prune import span_keep

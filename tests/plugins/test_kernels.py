@@ -12,8 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from op_testing import check_compiles_to_ptx, to_torch  # noqa: E402
-
+from tests.plugins.op_testing import check_compiles_to_ptx, to_torch  # noqa: E402
 from trimrt.plugins import ATTENTION_ROW_SCORE, TOKEN_PRUNE  # noqa: E402
 from trimrt.plugins.token_prune import span_keep  # noqa: E402
 

@@ -14,8 +14,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from op_testing import Dim, FakeDesc, check_plugin_signatures, fake_tensorrt, run_decomposition, run_triton, value
 
+from tests.plugins.op_testing import Dim, FakeDesc, check_plugin_signatures, fake_tensorrt, run_decomposition, run_triton, value
 from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import DOMAIN, REGISTRY
 from trimrt.plugins import tensorrt_glue as glue

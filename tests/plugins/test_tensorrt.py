@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     aot_supported,
@@ -21,7 +22,6 @@ from op_testing import (
     run_tensorrt,
     value,
 )
-
 from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import ATTENTION_ROW_SCORE, DOMAIN, REGISTRY, TOKEN_PRUNE
 from trimrt.plugins import tensorrt_glue as glue

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     aot_supported,
@@ -24,7 +25,6 @@ from op_testing import (
     run_triton,
     value,
 )
-
 from trimrt.plugins import DOMAIN, REGISTRY
 from trimrt.plugins.token_merge import max_merged
 

@@ -9,7 +9,8 @@ import typing
 
 import numpy as np
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     aot_supported,
@@ -22,7 +23,6 @@ from op_testing import (
     to_torch,
     value,
 )
-
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
 from trimrt.plugins.token_prune import select, span_keep

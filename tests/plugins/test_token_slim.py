@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from op_testing import (
+
+from tests.plugins.op_testing import (
     Dim,
     FakeDesc,
     fake_tensorrt,
@@ -14,7 +15,6 @@ from op_testing import (
     run_tensorrt,
     run_triton,
 )
-
 from trimrt.errors import BackendUnavailableError
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
