@@ -237,6 +237,14 @@ def test_small_vocabulary_bounds_the_check_feeds(small_vocab_bert, tmp_path):
     assert bench_build(tmp_path / "build", small_vocab_bert, rounds=2, warmup=1).speedup > 0
 
 
+def test_a_padding_trim_build_keeps_the_input_limits(small_vocab_bert, tmp_path):
+    """Trimming padding puts a Slice between input_ids and the embedding: the build's
+    manifest still bounds the ids and the tokens (the limits are the original inputs')."""
+    manifest = trimrt.compile(str(small_vocab_bert), {"padding": {"trim_trailing": True}}, tmp_path / "build")
+    assert manifest["input_limits"]["ids"]["input_ids"]["limit"] == 60
+    assert manifest["input_limits"]["tokens"]["limit"] == 64
+
+
 def test_a_rewritten_graph_ort_cannot_load_is_a_build_error(tiny_vit_onnx, tmp_path, monkeypatch):
     """ONNX Runtime refusing the rewritten graph at session creation (its shape inference,
     say) is a one-line BuildError, not a traceback; nothing is written."""

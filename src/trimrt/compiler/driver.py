@@ -134,7 +134,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             "reference": REFERENCE if save_reference else None,
             "min_tokens": min_tokens,
             # vocabulary and position-table sizes the runtime checks feeds against
-            "input_limits": find_input_limits(built),
+            # the original's: passes keep the inputs' meaning (a padding trim's Slice before the
+            # embedding hides the vocabulary from a search on the built graph)
+            "input_limits": _limits_for(limits, {i.name for i in build_rt.inputs}),
             "compile_seconds": round(time.perf_counter() - started, 2),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
@@ -142,6 +144,14 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     ratio = manifest["flops"]["ratio"]
     say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
     return manifest
+
+
+def _limits_for(limits: dict, inputs: set[str]) -> dict:
+    """`limits` (find_input_limits) restricted to the graph inputs in `inputs`."""
+    tokens = limits.get("tokens")
+    if tokens is not None and not set(tokens.get("inputs") or ()) <= inputs:
+        tokens = None
+    return {"ids": {k: v for k, v in (limits.get("ids") or {}).items() if k in inputs}, "tokens": tokens}
 
 
 def _input_files(source, recipe) -> list[Path]:
