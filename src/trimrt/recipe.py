@@ -16,7 +16,6 @@ adaptive's `mass` is the MassMask op's `tau`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -200,8 +199,11 @@ class TokenPruningOptions(_Table):
         return self.prunable[1] if self.prunable is not None else None
 
     def kept_count(self, prunable: int) -> int:
-        """Prunable tokens kept at one layer: ceil(keep_ratio · prunable), at least 1."""
-        return max(1, min(prunable, math.ceil(self.keep_ratio * prunable - 1e-9)))
+        """Prunable tokens kept at one layer: ceil(keep_ratio · prunable), at least 1 (the
+        ops' rule, `plugins.span.kept_count`)."""
+        from .plugins.span import kept_count
+
+        return kept_count(prunable, keep=0, keep_ratio=self.keep_ratio)
 
 
 @dataclass(frozen=True)
