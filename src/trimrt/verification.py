@@ -52,7 +52,8 @@ class VerifyReport:
 
 
 class _TorchReference:
-    """A PyTorch module run in eval mode; a caller's own train/eval flags are put back after each call."""
+    """A PyTorch module run in eval mode; a caller's own train/eval flags are put back after each call.
+    A module that rejects the build's inputs is named (InputError)."""
 
     def __init__(self, module, input_names: list[str]):
         self.module = module
@@ -66,16 +67,21 @@ class _TorchReference:
         try:
             with torch.no_grad():
                 out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
+            if isinstance(out, torch.Tensor):
+                out = (out,)
+            elif isinstance(out, Mapping):
+                out = tuple(out.values())
+            elif hasattr(out, "to_tuple"):
+                out = out.to_tuple()
+            return [o.detach().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
+        except Exception as exc:  # noqa: BLE001 - the user's module: name what it raised
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
+                             f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this build "
+                             "was compiled from") from None
         finally:
             for m, flag in training.items():
                 m.training = flag
-        if isinstance(out, torch.Tensor):
-            out = (out,)
-        elif isinstance(out, Mapping):
-            out = tuple(out.values())
-        elif hasattr(out, "to_tuple"):
-            out = out.to_tuple()
-        return [o.detach().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
 
 
 def _reference(reference: Any, session: Session):
@@ -112,12 +118,10 @@ def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) 
         reason = lines[0][:200] if lines else type(exc).__name__
         if "protobuf" in reason.lower():  # "Protobuf parsing failed", "No graph was found in the protobuf"
             reason = "not an ONNX model"
-        raise ModelLoadError(f"{what} {path} cannot be loaded by ONNX Runtime ({reason}); pass {flag} ORIGINAL.onnx"
-                             ) from None
+        raise ModelLoadError(f"{what} {path} cannot be loaded by ONNX Runtime ({reason}); pass {flag} ORIGINAL.onnx") from None
     want, got = sorted(i.name for i in inputs), sorted(i.name for i in backend.inputs)
     if want != got:
-        raise InputError(f"{what} {path} takes inputs {got}, the build {want}: pass the model this build was "
-                         "compiled from")
+        raise InputError(f"{what} {path} takes inputs {got}, the build {want}: pass the model this build was compiled from")
     theirs = {i.name: i for i in backend.inputs}
     for mine in inputs:
         other = theirs[mine.name]
@@ -169,7 +173,7 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
     ref_all: dict[str, list] = {n: [] for n in names}
     for feeds in batches:
         got = session.run(feeds)
-        expected = _reference_outputs(ref, feeds)
+        expected = ref.infer(feeds)
         expected = list(expected.values()) if isinstance(expected, dict) else list(expected)
         if len(expected) < len(names):
             raise InputError(f"the reference gives {len(expected)} outputs, the build {len(names)}")
@@ -191,19 +195,6 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
             report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
     return report
-
-
-def _reference_outputs(ref, feeds):
-    """The reference's outputs; a PyTorch reference that rejects the build's inputs is named."""
-    if not isinstance(ref, _TorchReference):
-        return ref.infer(feeds)
-    try:
-        return ref.infer(feeds)
-    except Exception as exc:  # noqa: BLE001 - the user's module: name what it raised
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
-                         f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this build "
-                         "was compiled from") from None
 
 
 def quantization_facts(manifest: dict) -> dict | None:
@@ -233,25 +224,20 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
 
     model = onnx.load(str(build_dir / MODEL))
     mass = {n.output[1]: n for n in model.graph.node if n.op_type == "MassMask"}
-    names, spans = [], []
-    for layer in layers:
-        node = mass[layer["visible_count"]]
-        names += [node.output[1], node.input[0]]  # count [B], score [B, N] (its width: the layer's tokens)
-        spans.append(next((a.i for a in node.attribute if a.name == "span_end"), 0))
+    nodes = [mass[layer["visible_count"]] for layer in layers]
+    names = [name for node in nodes for name in (node.output[1], node.input[0])]  # count [B], score [B, N] per layer
     runner = OnnxRunner(model, names)
-    ratios: list[list[float]] = [[] for _ in layers]
-    for feeds in batches:
-        outs = list(runner.run(feeds, names).values())
-        for i, layer in enumerate(layers):
-            count, score = outs[2 * i], outs[2 * i + 1]
-            span = (spans[i] or score.shape[1]) - layer["protected"]
-            ratios[i] += list(count / max(span, 1))
-    return [{"block": layer["block"], "mean": float(np.mean(r)), "min": float(np.min(r)), "max": float(np.max(r))}
-            for layer, r in zip(layers, ratios)]
+    runs = [runner.run(feeds, names) for feeds in batches]
+    report = []
+    for layer, node in zip(layers, nodes):
+        span_end = next((a.i for a in node.attribute if a.name == "span_end"), 0)  # 0: the score's width, the layer's tokens
+        r = [ratio for run in runs for ratio in
+             run[node.output[1]] / max((span_end or run[node.input[0]].shape[1]) - layer["protected"], 1)]
+        report.append({"block": layer["block"], "mean": float(np.mean(r)), "min": float(np.min(r)), "max": float(np.max(r))})
+    return report
 
 
-def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: list[dict],
-                    ref_all: dict[str, list]) -> list[dict]:
+def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: list[dict], ref_all: dict[str, list]) -> list[dict]:
     """Run the build's pass pipeline once on the original, with an instrument after each
     pass of a recipe table: each output's mean cosine to the reference after it (how much
     each feature pass adds to the drift). The last step is the build's own recipe."""

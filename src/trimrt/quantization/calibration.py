@@ -75,8 +75,7 @@ def load_calibration_feeds(options: CalibrationOptions, inputs: Sequence[TensorI
     if not path.is_absolute():
         path = (recipe_dir or Path.cwd()) / path
     if not path.exists():
-        raise CalibrationError(f"calibration source not found: {path} (a relative source is read from the "
-                               "recipe file's folder)")
+        raise CalibrationError(f"calibration source not found: {path} (a relative source is read from the recipe file's folder)")
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise CalibrationError(f"calibration source {path} is a file but not a .txt text file; give a folder "
@@ -140,11 +139,9 @@ def _feed_files(files: list[Path], samples: int, inputs: Sequence[TensorInfo]) -
         if len(sizes) > 1:
             raise CalibrationError(f"{path}: arrays disagree on the batch size (axis 0): "
                                    f"{ {name: arrays[name].shape[0] for name in batched} }")
-        for b in range(sizes.pop() if sizes else 1):
+        for b in range(min(sizes.pop() if sizes else 1, samples - len(feeds))):
             sample = {k: (v[b:b + 1] if k in batched else v) for k, v in arrays.items()}
             feeds.append(_checked(sample, inputs, str(path)))
-            if len(feeds) >= samples:
-                break
     return feeds
 
 
@@ -163,8 +160,7 @@ def _load_tokenizer(name: str, recipe_dir: Path | None):
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
-def _text(path: Path, options: CalibrationOptions, inputs: Sequence[TensorInfo],
-          recipe_dir: Path | None) -> list[Feed]:
+def _text(path: Path, options: CalibrationOptions, inputs: Sequence[TensorInfo], recipe_dir: Path | None) -> list[Feed]:
     """One sample per non-empty line, tokenized, truncated (padded only to a static length)."""
     if options.tokenizer is None:
         raise CalibrationError(f"text calibration data {path.name} needs a tokenizer: add [calibration] "
@@ -206,8 +202,7 @@ def _pixel_input(inputs: Sequence[TensorInfo]) -> tuple[TensorInfo, int, int]:
                                f"{[i.name for i in inputs]}; give a folder of .npz feeds instead")
     info = inputs[0]
     if not np.issubdtype(info.dtype, np.floating) or len(info.shape) != 4:
-        raise CalibrationError(f"image calibration data needs a float NCHW image input, but the model takes "
-                               f"{info.describe()}")
+        raise CalibrationError(f"image calibration data needs a float NCHW image input, but the model takes {info.describe()}")
     channels, height, width = info.shape[1:]
     if isinstance(channels, int) and channels != 3:
         raise CalibrationError(f"image calibration data is RGB, but the model's input has {channels} channels "
@@ -247,13 +242,11 @@ class RowReservoir:
 
     def add(self, block: np.ndarray) -> None:
         fill = min(self.capacity - min(self.seen, self.capacity), len(block))
-        start = self.seen
-        if fill:
-            self.rows[start:start + fill] = block[:fill]
+        self.rows[self.seen:self.seen + fill] = block[:fill]
         rest = block[fill:]
         if len(rest):
             # row t (0-based in the stream) replaces slot j ~ U{0..t} when j < capacity
-            positions = np.arange(start + fill, start + len(block)) + 1
+            positions = np.arange(self.seen + fill, self.seen + len(block)) + 1
             slots = (self.rng.random(len(rest)) * positions).astype(np.int64)
             hit = slots < self.capacity
             slots, chosen = slots[hit], rest[hit]
@@ -290,13 +283,10 @@ class _Accumulator:
     def add(self, x: np.ndarray) -> None:
         rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
         if self.width is None:
-            self.width = rows.shape[1]
-            if "absmax" in self.want:
-                self.absmax = np.zeros(self.width, dtype=np.float32)
-            if "hessian" in self.want:
-                self.xtx = np.zeros((self.width, self.width), dtype=np.float64)
-            if "rows" in self.want:
-                self.reservoir = RowReservoir(self.max_rows, self.width, self.rng)
+            self.width = width = rows.shape[1]
+            self.absmax = np.zeros(width, dtype=np.float32) if "absmax" in self.want else None
+            self.xtx = np.zeros((width, width), dtype=np.float64) if "hessian" in self.want else None
+            self.reservoir = RowReservoir(self.max_rows, width, self.rng) if "rows" in self.want else None
         elif rows.shape[1] != self.width:
             raise ValueError(f"{self.name}: last axis changed from {self.width} to {rows.shape[1]} between samples")
         if not len(rows):
@@ -313,14 +303,10 @@ class _Accumulator:
             self.low, self.high = min(self.low, float(rows.min())), max(self.high, float(rows.max()))
 
     def result(self) -> ActivationStats:
-        stats = ActivationStats(self.name, self.rows_seen, absmax=self.absmax)
-        if self.xtx is not None:
-            stats.hessian = 2.0 * self.xtx / max(self.rows_seen, 1)
-        if self.reservoir is not None:
-            stats.rows = self.reservoir.sample()
-        if "range" in self.want and self.rows_seen:
-            stats.range = (self.low, self.high)
-        return stats
+        return ActivationStats(self.name, self.rows_seen, absmax=self.absmax,
+                               hessian=None if self.xtx is None else 2.0 * self.xtx / max(self.rows_seen, 1),
+                               rows=None if self.reservoir is None else self.reservoir.sample(),
+                               range=(self.low, self.high) if "range" in self.want and self.rows_seen else None)
 
 
 def _as_proto(model: Any):

@@ -137,18 +137,13 @@ class TensorRTBackend(Backend):
             if self._context is None:
                 raise SessionClosedError("this TensorRT session is closed; load the build again")
             stream = torch.cuda.current_stream()
-            keep = []
-            for info in self.inputs:
-                t = torch.from_numpy(np.ascontiguousarray(feeds[info.name])).cuda()
-                keep.append(t)
-                self._context.set_input_shape(info.name, tuple(t.shape))
-                self._context.set_tensor_address(info.name, t.data_ptr())
-            outs = {}
-            for info in self.outputs:
-                shape = tuple(self._context.get_tensor_shape(info.name))
-                t = torch.empty(shape, dtype=getattr(torch, info.dtype.name), device="cuda")
-                self._context.set_tensor_address(info.name, t.data_ptr())
-                outs[info.name] = t
+            ins = {i.name: torch.from_numpy(np.ascontiguousarray(feeds[i.name])).cuda() for i in self.inputs}
+            for name, t in ins.items():
+                self._context.set_input_shape(name, tuple(t.shape))
+            outs = {i.name: torch.empty(tuple(self._context.get_tensor_shape(i.name)), dtype=getattr(torch, i.dtype.name),
+                                        device="cuda") for i in self.outputs}
+            for name, t in {**ins, **outs}.items():
+                self._context.set_tensor_address(name, t.data_ptr())
             self._context.execute_async_v3(stream.cuda_stream)
             stream.synchronize()
         names = output_names or list(outs)

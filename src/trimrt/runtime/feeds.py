@@ -70,19 +70,17 @@ def concrete_shape(info: TensorInfo, batch: int, hints: Mapping[str, Sequence[in
     """A concrete shape for `info`: symbolic axis 0 -> batch; other symbolic axes -> `tokens`,
     else the size in `hints` (e.g. the example shapes of the manifest), else DEFAULT_TOKENS."""
     hint = (hints or {}).get(info.name)
-    dims = []
-    for axis, d in enumerate(info.shape):
+
+    def size(axis: int, d) -> int:
         if isinstance(d, int):
-            dims.append(d)
-        elif axis == 0:
-            dims.append(batch)
-        elif tokens is not None:
-            dims.append(int(tokens))
-        elif hint is not None and axis < len(hint):
-            dims.append(int(hint[axis]))
-        else:
-            dims.append(DEFAULT_TOKENS)
-    return tuple(dims)
+            return d
+        if axis == 0:
+            return batch
+        if tokens is not None:
+            return int(tokens)
+        return int(hint[axis]) if hint is not None and axis < len(hint) else DEFAULT_TOKENS
+
+    return tuple(size(axis, d) for axis, d in enumerate(info.shape))
 
 
 def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,

@@ -37,10 +37,6 @@ class Manifest(dict):
     def pass_names(self) -> list[str]:
         return [p["pass"] for p in self.get("passes") or []]
 
-    @property
-    def onnxruntime_settings(self) -> dict:
-        return onnxruntime_settings(self)
-
 
 def write_manifest(build_dir: Path, content: dict, version: str) -> Manifest:
     """Seal a build: write manifest.json with `content`, the format and trimrt `version`,
@@ -138,21 +134,13 @@ def _check_files(build_dir: Path, manifest: dict) -> dict[str, str]:
 
 def _check_runtime_entries(build_dir: Path, manifest: dict) -> None:
     """The entries Session acts on have the types it expects (else BuildLoadError, not a crash later)."""
-    def bad(key: str, want: str):
-        return BuildLoadError(f"{build_dir}: the manifest's {key!r} must be {want}; recompile the build")
+    for key, (valid, want) in _RUNTIME_ENTRIES.items():
+        if manifest.get(key) is not None and not valid(manifest[key]):
+            raise BuildLoadError(f"{build_dir}: the manifest's {key!r} must be {want}; recompile the build")
 
-    settings = manifest.get("onnxruntime")
-    if settings is not None:
-        disabled = settings.get("disabled_optimizers", []) if isinstance(settings, dict) else None
-        if not isinstance(disabled, list) or not all(isinstance(d, str) for d in disabled):
-            raise bad("onnxruntime", "an object whose disabled_optimizers is a list of names")
-    min_tokens = manifest.get("min_tokens")
-    if min_tokens is not None and (not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0):
-        raise bad("min_tokens", "a non-negative integer")
-    limits = manifest.get("input_limits")
-    if limits is not None and not _valid_limits(limits):
-        raise bad("input_limits", 'an object {"ids": {input: {"limit": int, "node": str}}, '
-                                  '"tokens": null | {"limit": int, "node": str, "inputs": [names]}}')
+
+def _names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
 
 
 def _valid_limits(limits) -> bool:
@@ -165,8 +153,17 @@ def _valid_limits(limits) -> bool:
     if not all(isinstance(k, str) and limit(v) for k, v in limits.get("ids", {}).items()):
         return False
     tokens = limits.get("tokens")
-    return tokens is None or (limit(tokens) and isinstance(tokens.get("inputs"), list)
-                              and all(isinstance(n, str) for n in tokens["inputs"]))
+    return tokens is None or (limit(tokens) and _names(tokens.get("inputs")))
+
+
+#: entry -> (its check, what it must be)
+_RUNTIME_ENTRIES = {
+    "onnxruntime": (lambda s: isinstance(s, dict) and _names(s.get("disabled_optimizers", [])),
+                    "an object whose disabled_optimizers is a list of names"),
+    "min_tokens": (lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 0, "a non-negative integer"),
+    "input_limits": (_valid_limits, 'an object {"ids": {input: {"limit": int, "node": str}}, '
+                                    '"tokens": null | {"limit": int, "node": str, "inputs": [names]}}'),
+}
 
 
 def onnxruntime_settings(manifest: dict) -> dict:

@@ -120,8 +120,7 @@ class Session:
         for info in self.inputs:
             arr = feeds[info.name]
             if arr.ndim and not isinstance(info.shape[0], int) and arr.shape[0] == 0:
-                raise InputError(f"axis 0 of input {info.name!r} is empty (shape {list(arr.shape)}); "
-                                 "give at least one sample")
+                raise InputError(f"axis 0 of input {info.name!r} is empty (shape {list(arr.shape)}); give at least one sample")
             if min_tokens and arr.ndim >= 2 and not isinstance(info.shape[1], int) and arr.shape[1] < min_tokens:
                 raise InputError(f"input {info.name!r} has {arr.shape[1]} tokens; this build needs at least {min_tokens} "
                                  "(its recipe prunes a span ending there)")
