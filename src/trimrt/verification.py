@@ -87,15 +87,12 @@ class _TorchReference:
 def _reference(reference: Any, session: Session):
     from .compiler.source import call_factory, is_factory_spec
 
-    input_names = [i.name for i in session.inputs]
     if isinstance(reference, (str, Path)):
-        spec = str(reference)
-        if is_factory_spec(spec):
-            module, _ = call_factory(spec)
-            return _TorchReference(module, input_names)
-        return load_reference_onnx(spec, session.inputs, "reference")
+        if not is_factory_spec(str(reference)):
+            return load_reference_onnx(str(reference), session.inputs, "reference")
+        reference, _ = call_factory(str(reference))  # a torch module (call_factory checks)
     if hasattr(reference, "forward"):
-        return _TorchReference(reference, input_names)
+        return _TorchReference(reference, [i.name for i in session.inputs])
     raise ModelLoadError(f"reference must be an .onnx path, a factory spec or a torch module, not {type(reference).__name__}")
 
 

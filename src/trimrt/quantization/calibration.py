@@ -54,15 +54,13 @@ def model_inputs(model: Any) -> list[TensorInfo]:
 
     proto = _as_proto(model)
     weights = {t.name for t in proto.graph.initializer}
-    out = []
-    for value in proto.graph.input:
-        if value.name in weights:
-            continue
+
+    def info(value) -> TensorInfo:
         tensor = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
-        out.append(TensorInfo(value.name, np.dtype(dtype), shape))
-    return out
+        return TensorInfo(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), shape)
+
+    return [info(value) for value in proto.graph.input if value.name not in weights]
 
 
 def load_calibration_feeds(options: CalibrationOptions, inputs: Sequence[TensorInfo],

@@ -17,6 +17,10 @@ import numpy as np
 from ..errors import BackendUnavailableError, SessionClosedError
 from .feeds import TensorInfo
 
+#: OnnxRuntimeBackend's optimization -> ONNX Runtime's GraphOptimizationLevel
+_ORT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
 
 class Backend(abc.ABC):
     """A loaded model that runs feeds: `activate` loads it, `infer` runs it (safe to call
@@ -63,12 +67,7 @@ class OnnxRuntimeBackend(Backend):
             opts.inter_op_num_threads = 1
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.optimization]
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[self.optimization])
         self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
                                              disabled_optimizers=self.disabled_optimizers or None)
         # a failing run is raised to the caller (as a typed error by Session); ORT's own log line

@@ -124,14 +124,13 @@ class Session:
             if min_tokens and arr.ndim >= 2 and not isinstance(info.shape[1], int) and arr.shape[1] < min_tokens:
                 raise InputError(f"input {info.name!r} has {arr.shape[1]} tokens; this build needs at least {min_tokens} "
                                  "(its recipe prunes a span ending there)")
-        tokens = self._limits.get("tokens")
-        if tokens:
-            for name in tokens["inputs"]:
-                arr = feeds.get(name)
-                if arr is not None and arr.ndim >= 2 and arr.shape[1] > tokens["limit"]:
-                    raise InputError(f"input {name!r} has {arr.shape[1]} tokens; this model has {tokens['limit']} positions "
-                                     f"(position table of node {tokens.get('node')!r}): truncate it to at most "
-                                     f"{tokens['limit']} tokens")
+        tokens = self._limits.get("tokens") or {}
+        for name in tokens.get("inputs", []):
+            arr = feeds.get(name)
+            if arr is not None and arr.ndim >= 2 and arr.shape[1] > tokens["limit"]:
+                raise InputError(f"input {name!r} has {arr.shape[1]} tokens; this model has {tokens['limit']} positions "
+                                 f"(position table of node {tokens.get('node')!r}): truncate it to at most "
+                                 f"{tokens['limit']} tokens")
         for name, entry in (self._limits.get("ids") or {}).items():
             arr = feeds.get(name)
             if arr is None or not arr.size or not np.issubdtype(arr.dtype, np.integer):
