@@ -19,9 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from ..errors import StructureError
-from .probe import once, wiring
+from .probe import PROBE_TOKENS, once, probe_shapes, wiring
 
 _SCALE_OPS = {"Mul", "Div"}
 _PASS_THROUGH = {"Cast", "Identity", "Dropout"}
@@ -51,9 +52,7 @@ class Attention:
     @property
     def num_heads(self) -> int | None:
         shape = self.q.shape
-        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
-            return shape[1]
-        return None
+        return shape[1] if shape is not None and len(shape) == 4 and isinstance(shape[1], int) else None
 
 
 @dataclass
@@ -88,29 +87,20 @@ class TransformerMap:
             "protected_tokens": (f"{self.prepended} prepended tokens (indices 0..{self.prepended - 1}): "
                                  f"protect = \"first:{self.prepended}\"" if self.prepended > 1 else
                                  "cls (index 0)" if self.pooling.startswith("cls") else "none found"),
-            "attention": [
-                {
-                    "block": b.index,
-                    "core": f"{b.attention.core.op_type} {b.attention.core.name}",
-                    "scale": round(b.attention.scale, 6),
-                    "masked": b.attention.mask is not None or b.attention.mask_select is not None,
-                    "stream": b.stream_mid.name,
-                }
-                for b in self.blocks
-            ],
+            "attention": [{"block": b.index,
+                           "core": f"{b.attention.core.op_type} {b.attention.core.name}",
+                           "scale": round(b.attention.scale, 6),
+                           "masked": b.attention.mask is not None or b.attention.mask_select is not None,
+                           "stream": b.stream_mid.name} for b in self.blocks],
             "notes": self.notes,
         }
 
 
 def scalar_constant(value: ir.Value | None) -> float | None:
     """The value of a constant with a single element, else None."""
-    if value is None:
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None
-    arr = tensor.numpy()
-    return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    arr = None if tensor is None else tensor.numpy()
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
 def is_constant(value: ir.Value | None) -> bool:
@@ -152,9 +142,7 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
     if op == "Add":
         # scores + mask: whichever input leads to the Q·Kᵀ MatMul is the scores, the other the mask
         for i, candidate in enumerate(node.inputs):
-            if candidate is None or is_constant(candidate):
-                continue
-            found = _walk_scores(candidate, scale, mask, depth - 1)
+            found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1)
             if found is not None:
                 other = node.inputs[1 - i]
                 return found[0], found[1], found[2] if is_constant(other) else other
@@ -206,8 +194,7 @@ def _find_context(softmax: ir.Node) -> ir.Node | None:
 
 def _activation_ancestors(value: ir.Value, limit: int = 400) -> set[ir.Value]:
     """Non-constant values from which `value` is computed (bounded backward search)."""
-    seen: set[ir.Value] = set()
-    queue = deque([value])
+    seen, queue = set(), deque([value])
     while queue and len(seen) < limit:
         v = queue.popleft()
         if v in seen or _is_parameter(v):
@@ -224,8 +211,7 @@ def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value, bool] | None
     output meets another activation branch (the MLP of GPT-NeoX / GPT-J / Falcon style
     parallel blocks) before it rejoins the stream."""
     ancestors = _activation_ancestors(attn.q)
-    queue = deque([(attn.output, 0, False)])
-    seen = set()
+    queue, seen = deque([(attn.output, 0, False)]), set()
     while queue:
         value, depth, parallel = queue.popleft()
         if value in seen or depth > 16:
@@ -248,12 +234,8 @@ def _find_attentions(graph: ir.Graph) -> list[Attention]:
         if node.op_type == "Attention" and node.domain in ("", "ai.onnx"):
             found.append(_fused_attention(node))
             continue
-        if node.op_type != "Softmax":
-            continue
-        scores = _walk_scores(node.inputs[0])
-        if scores is None:
-            continue
-        context = _find_context(node)
+        scores = _walk_scores(node.inputs[0]) if node.op_type == "Softmax" else None
+        context = _find_context(node) if scores is not None else None
         if context is None:
             continue
         matmul, scale, mask = scores
@@ -287,8 +269,7 @@ def _dim_matches(a, b) -> bool:
 
 def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
     """'cls' when the outputs read token 0 of the final stream, 'all' when they keep every token."""
-    queue, seen = deque([last_stream]), set()
-    kinds = set()
+    queue, seen, kinds = deque([last_stream]), set(), set()
     while queue:
         v = queue.popleft()
         if v in seen:
@@ -297,18 +278,14 @@ def _pooling(graph: ir.Graph, last_stream: ir.Value, token_axis: int) -> str:
         if v.is_graph_output():
             kinds.add("all")
         for user in v.consumers():
-            if user.op_type == "Gather" and user.inputs[0] is v:
-                axis = user.attributes.get_int("axis", 0)
-                idx = scalar_constant(user.inputs[1])
-                if axis == token_axis and idx == 0:
-                    kinds.add("cls")
-                    continue
-            if user.op_type == "Slice" and user.inputs[0] is v:
-                starts, ends = scalar_constant(user.inputs[1]), scalar_constant(user.inputs[2])
-                if starts == 0 and ends == 1:
-                    kinds.add("cls")
-                    continue
-            queue.extend(user.outputs)
+            reads_first_token = user.inputs[0] is v and (
+                user.op_type == "Gather" and user.attributes.get_int("axis", 0) == token_axis
+                and scalar_constant(user.inputs[1]) == 0
+                or user.op_type == "Slice" and (scalar_constant(user.inputs[1]), scalar_constant(user.inputs[2])) == (0, 1))
+            if reads_first_token:
+                kinds.add("cls")
+            else:
+                queue.extend(user.outputs)
     # "cls+all", e.g. BERT: a pooler on token 0 and the full hidden states
     return "+".join(kind for kind in ("cls", "all") if kind in kinds) or "unknown"
 
@@ -322,10 +299,8 @@ def _prepended_tokens(value: ir.Value | None, token_axis: int, depth: int = 8) -
         return 0
     if node.op_type == "Concat":
         rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else 3
-        if node.attributes.get_int("axis", 0) % rank != token_axis:
-            return 0
         sizes = [_learned_size(piece, token_axis) for piece in node.inputs[:-1]]
-        return 0 if any(size is None for size in sizes) else sum(sizes)
+        return 0 if node.attributes.get_int("axis", 0) % rank != token_axis or None in sizes else sum(sizes)
     if node.op_type not in ("Add", "Dropout", "Identity", "LayerNormalization", "Cast"):
         return 0
     return max((_prepended_tokens(v, token_axis, depth - 1) for v in node.inputs
@@ -350,8 +325,6 @@ def _probe_token_axis(model: ir.Model, block: Block, shared: dict | None) -> tup
     """Token axis by running the model once (symbolic dims that shape inference could not
     relate), and the token count when it is static (the model ran at its own length, not
     at PROBE_TOKENS)."""
-    from .probe import PROBE_TOKENS, probe_shapes
-
     shapes = probe_shapes(model, shared)
     stream = shapes.get(block.stream_mid.name)
     core = block.attention.core
@@ -373,8 +346,6 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     keeps the probe for the passes that read the same graph."""
     graph = model.graph
     attentions = _find_attentions(graph)
-    softmax_count = sum(1 for n in graph if n.op_type == "Softmax")
-    fused = sorted({n.op_type for n in graph if n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")})
     if not attentions:
         folded = next((n for n in graph if n.op_type == "Softmax" and _scores_through_reshape(n)), None)
         if folded is not None:
@@ -382,11 +353,11 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
                 f"attention at {folded.name!r} computes its scores on [batch·heads, tokens, tokens] tensors, reshaped "
                 "before the Softmax (as BLOOM's ALiBi attention does); token passes need queries and keys as "
                 "[batch, heads, tokens, head_dim]; this model is not supported")
-        found = f"{softmax_count} Softmax node(s)" + (f" and fused {fused} op(s)" if fused else "")
+        fused = sorted({n.op_type for n in graph if n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention")})
+        found = f"{sum(n.op_type == 'Softmax' for n in graph)} Softmax node(s)" + (f" and fused {fused} op(s)" if fused else "")
         raise StructureError(
             f"no transformer blocks found: no attention (Softmax over a MatMul of Q and Kᵀ, followed by a MatMul with V) "
-            f"among {len(graph)} nodes ({found}); token passes need the attention sub-graph"
-        )
+            f"among {len(graph)} nodes ({found}); token passes need the attention sub-graph")
     blocks, notes = [], []
     for i, attn in enumerate(attentions):
         res = _find_residual_add(attn)
@@ -399,18 +370,16 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
         if res is None:
             raise StructureError(
                 f"attention at {attn.core.name!r} has no residual Add joining its output with the stream that feeds Q; "
-                "cannot locate the residual stream of this block"
-            )
+                "cannot locate the residual stream of this block")
         add, stream_in, parallel = res
         if parallel:
             raise StructureError(
                 f"the block of attention {attn.core.name!r} runs attention and MLP in parallel on one input "
                 "(GPT-NeoX / GPT-J / Falcon style): token pruning and merging act between the attention and the MLP, "
                 "which such a block does not have; this model is not supported")
-        stream_mid, post_norm = add.outputs[0], False
         users = list(add.outputs[0].consumers())
-        if len(users) == 1 and users[0].op_type in ("LayerNormalization", "SimplifiedLayerNormalization"):
-            stream_mid, post_norm = users[0].outputs[0], True
+        post_norm = len(users) == 1 and users[0].op_type in ("LayerNormalization", "SimplifiedLayerNormalization")
+        stream_mid = users[0].outputs[0] if post_norm else add.outputs[0]
         blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
 
     keys = blocks[0].attention.keys_shape
@@ -433,8 +402,7 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     if len(candidates) != 1:
         raise StructureError(
             f"token axis ambiguous: residual stream shape {list(stream_shape)} has {len(candidates)} axes matching "
-            f"the {n_keys} attention keys"
-        )
+            f"the {n_keys} attention keys")
     token_axis = candidates[0]
     width = stream_shape[len(stream_shape) - 1]
     tokens = stream_shape[token_axis] if probed_count is None else probed_count
@@ -458,6 +426,4 @@ def structure_of(model: ir.Model, shared: dict) -> TransformerMap:
 
 def infer_shapes(model: ir.Model) -> None:
     """Annotate values with shapes (onnx shape inference with data propagation), in place."""
-    from onnx_ir.passes.common import ShapeInferencePass
-
     ShapeInferencePass(strict_mode=False)(model)

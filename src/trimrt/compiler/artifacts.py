@@ -19,7 +19,7 @@ import re
 import secrets
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterable
 
@@ -56,13 +56,11 @@ def atomic_build_dir(out_dir: str | Path, inputs: Iterable[str | Path] = ()):
     try:
         yield tmp
         _check_destination(requested, out_dir)  # it may have appeared while compiling
-        old = None
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}"
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{time.time_ns()}"
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # nothing there when there was no previous build
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created(created)
@@ -70,18 +68,15 @@ def atomic_build_dir(out_dir: str | Path, inputs: Iterable[str | Path] = ()):
 
 
 def _check_destination(requested: Path, out_dir: Path) -> None:
-    if out_dir.exists() and not (out_dir.is_dir() and (out_dir / MANIFEST).is_file() or _is_empty_dir(out_dir)):
+    if out_dir.exists() and not (out_dir.is_dir() and ((out_dir / MANIFEST).is_file() or not any(out_dir.iterdir()))):
         where = f"{requested} (a link to {out_dir})" if requested.is_symlink() else str(requested)
         raise BuildError(f"output {where} exists and is not a trimrt build; choose another -o path")
 
 
 def _make_parents(requested: Path, parent: Path) -> list[Path]:
     """Create the missing folders above the build; the ones created, deepest first."""
-    missing = []
-    folder = parent
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
+    missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]
+    folder = missing[-1].parent if missing else parent  # the deepest one that exists
     if not folder.is_dir():
         raise BuildError(f"cannot write the build {requested}: {folder} is a file, not a folder; "
                          "choose another -o path")
@@ -112,11 +107,9 @@ def _make_temp_dir(out_dir: Path) -> Path:
     umask (tempfile.mkdtemp makes 0700 folders, which would become a private build)."""
     while True:
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
+        with suppress(FileExistsError):
             tmp.mkdir()
             return tmp
-        except FileExistsError:
-            continue
 
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<rest>.*)")
@@ -153,16 +146,10 @@ def remove_stale_leftovers(out_dir: Path) -> list[Path]:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        return True  # another user's process (or not a pid we can ask about): leave it
+        pass  # another user's process (or not a pid we can ask about): leave it
     return True
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())

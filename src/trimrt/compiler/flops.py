@@ -17,47 +17,39 @@ import numpy as np
 import onnx
 import onnx.inliner
 
+from .onnx_runner import OnnxRunner
+
 _COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention")
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
-    from .onnx_runner import OnnxRunner
-
     inlined = onnx.inliner.inline_local_functions(model)
-    graph = inlined.graph
-    nodes = [n for n in graph.node if n.op_type in _COUNTED]
+    nodes = [n for n in inlined.graph.node if n.op_type in _COUNTED]
     # shapes known without running: the feeds (graph inputs) and the initializers
     known = {name: tuple(np.shape(value)) for name, value in feeds.items()}
-    known.update({i.name: tuple(i.dims) for i in graph.initializer})
-    wanted = []
-    for n in nodes:
-        for name in (n.input[0], n.output[0], *(n.input[1:2] if n.op_type == "MultiHeadAttention" else ())):
-            if name not in known and name not in wanted:
-                wanted.append(name)
-    values = {}
-    if wanted:
-        # the run returns exactly the values whose shapes are wanted (graph outputs too)
-        values = OnnxRunner(inlined, wanted, replace=True, optimize="disable").run(feeds)
+    known.update({i.name: tuple(i.dims) for i in inlined.graph.initializer})
+    wanted = list(dict.fromkeys(  # in order, each once
+        name for n in nodes for name in (n.input[0], n.output[0], *(n.input[1:2] if n.op_type == "MultiHeadAttention" else ()))
+        if name not in known))
+    # the run returns exactly the values whose shapes are wanted (graph outputs too)
+    values = OnnxRunner(inlined, wanted, replace=True, optimize="disable").run(feeds) if wanted else {}
     shape = lambda name: values[name].shape if name in values else known.get(name)  # noqa: E731
     total = 0
     for n in nodes:
         a, out = shape(n.input[0]), shape(n.output[0])
         if a is None or out is None:
             continue
-        if n.op_type in ("MatMul", "MatMulInteger"):  # integer multiply-adds count as operations too
-            total += 2 * int(np.prod(out)) * int(a[-1])
-        elif n.op_type == "MultiHeadAttention":  # fused attention: Q·Kᵀ and P·V, 2·Sq·Sk·D each
+        ints = {at.name: at.i for at in n.attribute}
+        if n.op_type == "MultiHeadAttention":  # fused attention: Q·Kᵀ and P·V, 2·Sq·Sk·D each
             key = shape(n.input[1])
             if key is not None and len(a) == 3 and len(key) == 3:
                 total += 4 * int(a[0]) * int(a[1]) * int(key[1]) * int(a[2])
-        elif n.op_type == "MatMulNBits":  # B is packed: K is an attribute
-            k = next(at.i for at in n.attribute if at.name == "K")
-            total += 2 * int(np.prod(out)) * int(k)
-        elif n.op_type == "Gemm":
-            trans_a = next((at.i for at in n.attribute if at.name == "transA"), 0)
-            total += 2 * int(np.prod(out)) * int(a[0] if trans_a else a[-1])
         elif n.op_type == "Conv":
             w = shape(n.input[1])
             if w is not None:
                 total += 2 * int(np.prod(out)) * int(np.prod(w[1:]))
+        elif n.op_type == "MatMulNBits":  # B is packed: K is an attribute
+            total += 2 * int(np.prod(out)) * int(ints["K"])
+        else:  # MatMul, MatMulInteger (integer multiply-adds count as operations too), Gemm
+            total += 2 * int(np.prod(out)) * int(a[0] if ints.get("transA") else a[-1])
     return total

@@ -14,6 +14,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ..runtime.feeds import random_feeds
+from .input_limits import INPUT_LIMITS, find_input_limits
+from .onnx_runner import OnnxRunner
 
 PROBE_TOKENS = 37
 PROBE_BATCH = 3
@@ -29,9 +31,8 @@ class TokenDims:
 
     def __init__(self, model: ir.Model, n_tokens: int | str, shared: dict | None = None):
         self.n_tokens = n_tokens
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        if not isinstance(n_tokens, int) or any(_partial(out.shape) for node in model.graph for out in node.outputs):
-            self.shapes = probe_shapes(model, shared)
+        probe = not isinstance(n_tokens, int) or any(_partial(out.shape) for node in model.graph for out in node.outputs)
+        self.shapes: dict[str, tuple[int, ...]] = probe_shapes(model, shared) if probe else {}
 
     def shape(self, value: ir.Value) -> tuple | None:
         """The value's shape in the original graph: static from the graph, else probed."""
@@ -46,9 +47,7 @@ class TokenDims:
     def axes(self, value: ir.Value) -> list[int]:
         """Axes (beyond the batch axis) of `value` that run over the tokens."""
         size = self.n_tokens if isinstance(self.n_tokens, int) else PROBE_TOKENS
-        shape = self.shape(value)
-        if shape is None:
-            return []
+        shape = self.shape(value) or ()
         return [a for a in range(1, len(shape)) if shape[a] == size]
 
 
@@ -88,8 +87,6 @@ def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple
     its shapes known) as when it was probed, by analysis and the passes after it."""
     if shared is None:
         return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
-    from .input_limits import INPUT_LIMITS
-
     key = (wiring(model.graph), tuple(_probed_names(model)))
     return once(shared, PROBED, key, lambda: probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)],
                                                               shared.get(INPUT_LIMITS))[0])
@@ -99,9 +96,6 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]],
                      limits: dict | None = None) -> list[dict[str, tuple[int, ...]]]:
     """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session;
     random ids kept inside `limits` (the model's input limits; found on `model` if None)."""
-    from .input_limits import find_input_limits
-    from .onnx_runner import OnnxRunner
-
     proto = ir.serde.serialize_model(model)
     runner = OnnxRunner(proto, _probed_names(model), optimize="disable")
     if limits is None:
@@ -126,19 +120,13 @@ def annotate_unknown_dims(model: ir.Model, limits: dict | None = None) -> int:
     changed = 0
     for node in model.graph:
         for value in node.outputs:
-            a, b = first.get(value.name), second.get(value.name)
-            if a is None or b is None or len(a) != len(b):
+            a, b, old = first.get(value.name), second.get(value.name), value.shape
+            if a is None or b is None or len(a) != len(b) or (old is not None and len(old) != len(a)):
                 continue
-            old = value.shape
-            if old is not None and len(old) != len(a):
-                continue
-            dims = []
+            dims = list(old) if old is not None else [None] * len(a)
             for axis, (x, y) in enumerate(zip(a, b)):
-                known = None if old is None else old[axis]
-                if isinstance(known, int) or (known is not None and not _unknown(known)):
-                    dims.append(known)
-                else:
-                    dims.append(x if x == y else ("batch" if (x, y) == (PROBE_BATCH, PROBE_BATCH + 2) else f"n{x}_{y}"))
+                if _unknown(dims[axis]):
+                    dims[axis] = x if x == y else ("batch" if (x, y) == (PROBE_BATCH, PROBE_BATCH + 2) else f"n{x}_{y}")
             shape = ir.Shape(dims)
             if old is None or list(old) != list(shape):
                 value.shape = shape

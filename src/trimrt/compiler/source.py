@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 
 from ..errors import ModelLoadError
@@ -54,7 +57,9 @@ def load_onnx(path: str | Path) -> ir.Model:
         proto = onnx.load(str(path))
     except Exception as exc:  # onnx raises DecodeError / various on non-ONNX bytes
         if "points outside the directory" in str(exc):  # onnx refuses external data outside the folder
-            raise ModelLoadError(f"{path}: its external data {_external_location(exc)}lies outside the model's folder "
+            found = re.search(r"but '([^']*)' points outside", str(exc))  # the location it names, quoted
+            location = f"{found[1]!r} " if found else ""
+            raise ModelLoadError(f"{path}: its external data {location}lies outside the model's folder "
                                  f"{path.parent}, which trimrt does not read; keep the weights file beside the model "
                                  "and name it by a relative path inside that folder") from None
         if "external data" in str(exc).lower() or isinstance(exc, FileNotFoundError):
@@ -70,14 +75,6 @@ def load_onnx(path: str | Path) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot read the ONNX graph: {exc}") from None
 
 
-def _external_location(exc: Exception) -> str:
-    """The location named in onnx's external-data refusal ("but '../w.bin' points outside"), quoted, or ''."""
-    import re
-
-    found = re.search(r"but '([^']*)' points outside", str(exc))
-    return f"{found[1]!r} " if found else ""
-
-
 #: the lowest opset trimrt works on; older models are up-converted on load
 MIN_OPSET = 18
 
@@ -87,8 +84,6 @@ def upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)
     if opset >= MIN_OPSET:
         return proto
-    import onnx.version_converter
-
     try:
         return onnx.version_converter.convert_version(proto, MIN_OPSET)
     except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
@@ -159,17 +154,12 @@ def call_factory(spec: str):
     if not (hasattr(module, "forward") and hasattr(module, "modules")):
         raise ModelLoadError(f"factory {spec} must return (torch_module, example_inputs); its first item is "
                              f"{type(module).__name__!r}, not a torch.nn.Module")
-    if not isinstance(example, (tuple, list)):
-        example = (example,)
-    return module, tuple(example)
+    return module, tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
 def input_names_of(module, count: int) -> list[str]:
-    import inspect
-
-    params = [p for p in inspect.signature(module.forward).parameters.values()
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    names = [p.name for p in params][:count]
+    names = [p.name for p in inspect.signature(module.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:count]
     return names + [f"input_{i}" for i in range(len(names), count)]
 
 
@@ -200,38 +190,29 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
             m.training = flag
 
 
-#: what the exporter prints that is not the user's business: torch.onnx's registry announcing it
-#: skips torchvision ops (one line per op), torch's own pytree deprecation inside torch.export
-_QUIET_LOGGERS = {"torch.onnx._internal.exporter._registration": "torchvision is not installed"}
-_QUIET_WARNINGS = ((FutureWarning, r".*(treespec|LeafSpec)"),)
-
-
 @contextlib.contextmanager
 def _quiet_exporter():
-    """Silence the exporters' internal notices for the duration of an export."""
-    filters = [(logging.getLogger(name), lambda record, text=text: text not in record.getMessage())
-               for name, text in _QUIET_LOGGERS.items()]
-    for logger, f in filters:
-        logger.addFilter(f)
+    """Silence, for the duration of an export, what the exporter prints that is not the user's
+    business: torch.onnx's registry announcing it skips torchvision ops (one line per op), and
+    torch's own pytree deprecation inside torch.export."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    quiet = lambda record: "torchvision is not installed" not in record.getMessage()  # noqa: E731
+    registry.addFilter(quiet)
     try:
         with warnings.catch_warnings():
-            for category, message in _QUIET_WARNINGS:
-                warnings.filterwarnings("ignore", message=message, category=category)
+            warnings.filterwarnings("ignore", message=r".*(treespec|LeafSpec)", category=FutureWarning)
             yield
     finally:
-        for logger, f in filters:
-            logger.removeFilter(f)
+        registry.removeFilter(quiet)
 
 
 def _export(module, example_inputs, opset: int, exporter: str) -> tuple[ir.Model, dict[str, np.ndarray]]:
     import torch
 
-    if isinstance(example_inputs, dict):
-        kwargs = dict(example_inputs)
-    elif len(example_inputs) == 1 and isinstance(example_inputs[0], dict):
-        kwargs = dict(example_inputs[0])
-    else:
-        kwargs = dict(zip(input_names_of(module, len(example_inputs)), example_inputs))
+    if not isinstance(example_inputs, dict):  # positional tensors, or one dict of keyword arguments
+        single = len(example_inputs) == 1 and isinstance(example_inputs[0], dict)
+        example_inputs = example_inputs[0] if single else zip(input_names_of(module, len(example_inputs)), example_inputs)
+    kwargs = dict(example_inputs)
     for n, t in kwargs.items():  # numpy examples are fine; anything else is named
         if isinstance(t, np.ndarray):
             kwargs[n] = torch.from_numpy(t)
@@ -273,8 +254,7 @@ def _export(module, example_inputs, opset: int, exporter: str) -> tuple[ir.Model
             except Exception as exc2:  # noqa: BLE001
                 errors.append(f"torchscript: {type(exc2).__name__}: {_first_line(exc2)}")
                 raise ModelLoadError("export failed: " + " | ".join(errors)) from None
-        model = load_onnx(path)
-    return model, feeds
+        return load_onnx(path), feeds
 
 
 def _keyword_call(module, input_names: list[str], output_names: list[str]):
@@ -282,8 +262,6 @@ def _keyword_call(module, input_names: list[str], output_names: list[str]):
     import torch
 
     class KeywordCall(torch.nn.Module):
-        """Calls the wrapped module with keyword inputs and returns its outputs as a tuple."""
-
         def __init__(self, module, input_names: list[str], output_names: list[str]):
             super().__init__()
             self.module, self.input_names, self.output_names = module, input_names, output_names
@@ -340,9 +318,8 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
         if example_inputs is None:
             raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")
-        if not isinstance(example_inputs, (tuple, list, dict)):
-            example_inputs = (example_inputs,)
-        model, feeds = export_torch(source, example_inputs if isinstance(example_inputs, dict) else tuple(example_inputs),
-                                    exporter=exporter, opset=opset)
+        if not isinstance(example_inputs, dict):
+            example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        model, feeds = export_torch(source, example_inputs, exporter=exporter, opset=opset)
         return LoadedModel(model, feeds, source, description=type(source).__name__)
     raise ModelLoadError(f"cannot compile a {type(source).__name__}: pass an .onnx path, a factory spec or a torch.nn.Module")
