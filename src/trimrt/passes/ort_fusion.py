@@ -94,14 +94,14 @@ def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None) -> dict[st
 
     try:
         ir.passes.common.ShapeInferencePass()(model)
-        if any(n.domain == DOMAIN for n in model.graph) or not all(_known(v.shape) for n in model.graph
-                                                                  for v in n.outputs):
+        pruned = any(n.domain == DOMAIN for n in model.graph)
+        if pruned or not all(_known(v.shape) for n in model.graph for v in n.outputs):
             # pruned blocks and TorchScript exports: shape inference leaves the head count
             # unknown and names each token axis apart (unk__N); the fusions check both
             try:
                 annotate_unknown_dims(model, limits)
             except Exception as exc:  # noqa: BLE001 - e.g. a position limit below the probe's length
-                if any(n.domain == DOMAIN for n in model.graph):
+                if pruned:
                     raise
                 log.info("shape probe failed (%s); fusing on inferred shapes only", str(exc).splitlines()[0][:200])
             else:
@@ -173,15 +173,11 @@ def _canonicalise_rules():
             return op.Reshape(key, flat, _outputs=["rows"])
 
         def check(self, context, key, rows, **_):
-            self._view = None
-            key_t = _only_use(rows, "Transpose", [0, 2, 1])
-            key_t = None if key_t is None else _only_use(key_t, "Reshape")
-            dims, out = _dims(key), _dims(key_t)
+            dims, out = _dims(key), _dims(_only_use(_only_use(rows, "Transpose", [0, 2, 1]), "Reshape"))
             if dims is None or len(dims) == 4 or out is None or len(out) != 4 \
                     or not all(isinstance(d, int) for d in (*dims, *out)) or math.prod(dims) != math.prod(out):
                 return False
-            b, h, d, n = out  # kᵀ is [B, H, d, S]
-            self._view = [b, h, n, d]
+            self._view = [out[0], out[1], out[3], out[2]]  # kᵀ is [B, H, d, S]
             return True
 
         def rewrite(self, op, key, flat, **_):
@@ -204,16 +200,19 @@ def _dims(value: ir.Value) -> list | None:
     return None if value is None or value.shape is None else list(value.shape)
 
 
-def _only_use(value: ir.Value, op_type: str, perm: list[int] | None = None) -> ir.Value | None:
+def _only_use(value: ir.Value | None, op_type: str, perm: list[int] | None = None) -> ir.Value | None:
     """The output of `value`'s only consumer when that is an `op_type` (with `perm`)."""
-    uses = list(value.uses())
+    uses = [] if value is None else list(value.uses())
     if len(uses) != 1:
         return None
     node = uses[0][0]
-    if node.op_type != op_type or node.domain not in ("", "ai.onnx") \
-            or (perm is not None and list(node.attributes.get_ints("perm", [])) != perm):
+    if not _is_op(node, op_type) or (perm is not None and list(node.attributes.get_ints("perm", [])) != perm):
         return None
     return node.outputs[0]
+
+
+def _is_op(node: ir.Node | None, *op_types: str) -> bool:
+    return node is not None and node.op_type in op_types and node.domain in ("", "ai.onnx")
 
 
 def _known(shape) -> bool:
@@ -232,21 +231,14 @@ def _name_probed_axes_as_inputs(model: ir.Model) -> None:
              and isinstance(v.shape[0], ir.SymbolicDim) and v.shape[0].value}
     tokens = {d.value for v in model.graph.inputs if v.shape is not None for d in list(v.shape)[1:]
               if isinstance(d, ir.SymbolicDim) and d.value}
-    names = {}
-    if len(batch) == 1:
-        names["batch"] = batch.pop()
-    if len(tokens) == 1:
-        names[f"n{PROBE_TOKENS}_"] = tokens.pop()
+    prefix = f"n{PROBE_TOKENS}_"
 
     def renamed(dim):
         name = getattr(dim, "value", None)
-        if not isinstance(name, str):
-            return dim
-        if name == "batch" and "batch" in names:
-            return names["batch"]
-        for prefix, symbol in names.items():
-            if prefix != "batch" and name.startswith(prefix) and name[len(prefix):].isdigit():
-                return symbol
+        if name == "batch" and len(batch) == 1:
+            return next(iter(batch))
+        if isinstance(name, str) and len(tokens) == 1 and name.startswith(prefix) and name[len(prefix):].isdigit():
+            return next(iter(tokens))
         return dim
 
     for node in model.graph:
@@ -260,17 +252,12 @@ def _drop_noop_reshapes(model: ir.Model) -> int:
     attention output [B, H, S, d] to [B, H, S, d] through a computed shape): the attention
     patterns expect the transpose right after the product with V."""
     outputs = set(model.graph.outputs)
-    dropped = 0
-    for node in list(model.graph):
-        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
-            continue
-        source, result = node.inputs[0], node.outputs[0]
-        if result in outputs or not _known(source.shape) or not _known(result.shape) \
-                or list(source.shape) != list(result.shape):
-            continue
-        ir.convenience.replace_all_uses_with(result, source)
-        dropped += 1
-    return dropped
+    noops = [node for node in model.graph if _is_op(node, "Reshape") and node.outputs[0] not in outputs
+             and _known(node.inputs[0].shape) and _known(node.outputs[0].shape)
+             and list(node.inputs[0].shape) == list(node.outputs[0].shape)]
+    for node in noops:
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+    return len(noops)
 
 
 def _sizes_from_inputs(model: ir.Model) -> int:
@@ -290,66 +277,59 @@ def _sizes_from_inputs(model: ir.Model) -> int:
     first = next(iter(model.graph), None)
     rerouted = 0
     for node in list(model.graph):
-        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.attributes \
-                or node.inputs[0] in model.graph.inputs or not _known(node.inputs[0].shape):
+        if not _is_op(node, "Shape") or node.attributes or node.inputs[0] in model.graph.inputs \
+                or not _known(node.inputs[0].shape):
             continue
         dims = list(node.inputs[0].shape)
         for gather, _ in list(node.outputs[0].uses()):
-            index = gather.inputs[1] if gather.op_type == "Gather" and len(gather.inputs) == 2 \
-                and not gather.outputs[0].is_graph_output() else None
-            if index is None or gather.attributes.get_int("axis", 0) != 0 or index.const_value is None \
-                    or index.const_value.size != 1 or len(index.const_value.shape) != 0:
+            index = gather.inputs[1].const_value if gather.op_type == "Gather" and len(gather.inputs) == 2 else None
+            if index is None or len(index.shape) != 0 or gather.attributes.get_int("axis", 0) != 0 \
+                    or gather.outputs[0].is_graph_output():
                 continue
-            dim = dims[int(index.const_value.numpy())]
+            dim = dims[int(index.numpy())]
             if isinstance(dim, int):
-                size = ir.node("Constant", [], {"value": ir.tensor(np.array(dim, dtype=np.int64))})
+                new = [_int64_constant(dim)]
             elif dim.value in sources:
                 source, axis = sources[dim.value]
                 if source.name not in inputs_shape:
                     shape = ir.node("Shape", [source], name=f"{source.name}_shape")
                     model.graph.insert_before(first, shape)
                     inputs_shape[source.name] = shape.outputs[0]
-                axis_value = ir.node("Constant", [], {"value": ir.tensor(np.array(axis, dtype=np.int64))})
-                model.graph.insert_before(gather, axis_value)
-                size = ir.node("Gather", [inputs_shape[source.name], axis_value.outputs[0]], {"axis": 0})
+                axis_value = _int64_constant(axis)
+                new = [axis_value, ir.node("Gather", [inputs_shape[source.name], axis_value.outputs[0]], {"axis": 0})]
             else:
                 continue
-            model.graph.insert_before(gather, size)
-            size.outputs[0].dtype, size.outputs[0].shape = ir.DataType.INT64, ir.Shape([])
-            ir.convenience.replace_all_uses_with(gather.outputs[0], size.outputs[0])
+            model.graph.insert_before(gather, new)
+            size = new[-1].outputs[0]
+            size.dtype, size.shape = ir.DataType.INT64, ir.Shape([])
+            ir.convenience.replace_all_uses_with(gather.outputs[0], size)
             rerouted += 1
     return rerouted
+
+
+def _int64_constant(number: int) -> ir.Node:
+    return ir.node("Constant", [], {"value": ir.tensor(np.array(number, dtype=np.int64))})
 
 
 def _register_orphan_constants(model: ir.Model) -> int:
     """Make initializers of constant inputs that belong to no graph: onnxscript's
     optimiser can leave one when it lifts two equal shape constants (GPT-2's [-1, D] row
     reshapes in a static TorchScript export), and the model would not load."""
-    graph, orphans = model.graph, {}
-    for node in graph:
-        for value in node.inputs:
-            if value is not None and value.producer() is None and value.graph is None \
-                    and value.const_value is not None and value.name not in graph.initializers:
-                orphans[id(value)] = value
+    graph = model.graph
+    orphans = {id(value): value for node in graph for value in node.inputs
+               if value is not None and value.producer() is None and value.graph is None
+               and value.const_value is not None and value.name not in graph.initializers}
     for value in orphans.values():
         graph.register_initializer(value)
     return len(orphans)
 
 
-#: ops that only re-lay out a projection's output into heads (Q, Kᵀ, V), or scale it
-_LAYOUT_OPS = ("Reshape", "Transpose")
-_SCALE_OPS = ("Mul", "Div")
-
-
 def _layout_step(value: ir.Value) -> ir.Node | None:
-    """The producer of `value` if it re-lays out or scales (by a constant) one tensor."""
+    """The producer of `value` if it re-lays out one tensor into heads (Q, Kᵀ, V) or
+    scales it by a constant."""
     node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in _LAYOUT_OPS:
-        return node
-    if node.op_type in _SCALE_OPS and len(node.inputs) == 2 and is_constant(node.inputs[1]) \
-            and not is_constant(node.inputs[0]):
+    if _is_op(node, "Reshape", "Transpose") or (_is_op(node, "Mul", "Div") and len(node.inputs) == 2
+                                               and is_constant(node.inputs[1]) and not is_constant(node.inputs[0])):
         return node
     return None
 
@@ -364,23 +344,19 @@ def _private_layouts(model: ir.Model) -> int:
         if node.domain != DOMAIN and node.metadata_props.get(PASS_TAG) in (None, OrtFusionPass.name):
             continue  # only what trimrt ops and the token passes' own nodes (e.g. ToMe's key mean) read
         for index, value in enumerate(node.inputs):
-            if value is None:
-                continue
-            chain, current = [], value
-            while current is not None and (step := _layout_step(current)) is not None:
+            chain, source = [], value
+            while source is not None and (step := _layout_step(source)) is not None:
                 chain.append(step)
-                current = step.inputs[0]
+                source = step.inputs[0]
             if not chain or len(value.uses()) < 2:
                 continue
-            source = current
             for original in reversed(chain):  # rebuild from the projection's output outwards
-                clone = ir.node(original.op_type, [source, *original.inputs[1:]],
-                                {k: v for k, v in original.attributes.items()}, name=f"{original.name}_private")
-                clone.outputs[0].name = f"{original.outputs[0].name}_private"
-                clone.outputs[0].shape, clone.outputs[0].dtype = original.outputs[0].shape, original.outputs[0].dtype
+                clone = ir.node(original.op_type, [source, *original.inputs[1:]], dict(original.attributes),
+                                name=f"{original.name}_private")
+                source, was = clone.outputs[0], original.outputs[0]
+                source.name, source.shape, source.dtype = f"{was.name}_private", was.shape, was.dtype
                 clone.metadata_props[PASS_TAG] = OrtFusionPass.name
                 model.graph.insert_before(node, clone)
-                source = clone.outputs[0]
             node.replace_input_with(index, source)
             rewired += 1
     return rewired
@@ -405,9 +381,7 @@ class OrtFusionPass(TrimrtPass):
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
             return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
         if not any(counts.values()):
-            self.record({"fused": counts, "applied": False, "reason": "no pattern matched",
-                         "attention_unfused": attention_softmaxes(model), "session": SESSION_SETTINGS})
-            return ir.passes.PassResult(model, modified=False)
+            return self._skipped(model, "no pattern matched", fused=counts)
         drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits)
         if drift is None or drift > FUSION_TOLERANCE:
             why = ("the fused graph does not run on ONNX Runtime" if drift is None
@@ -428,9 +402,11 @@ class OrtFusionPass(TrimrtPass):
                      "session": SESSION_SETTINGS})
         return ir.passes.PassResult(model, modified=True)
 
-    def _skipped(self, model: ir.Model, reason: str) -> ir.passes.PassResult:
-        log.warning("ONNX Runtime fusion skipped: %s", reason)
-        self.record({"applied": False, "reason": reason, "attention_unfused": attention_softmaxes(model),
+    def _skipped(self, model: ir.Model, reason: str, **fused) -> ir.passes.PassResult:
+        """Leave `model` as it was; warn unless the fusions ran and merely matched nothing (`fused`)."""
+        if not fused:
+            log.warning("ONNX Runtime fusion skipped: %s", reason)
+        self.record({**fused, "applied": False, "reason": reason, "attention_unfused": attention_softmaxes(model),
                      "session": SESSION_SETTINGS})
         return ir.passes.PassResult(model, modified=False)
 
@@ -440,7 +416,7 @@ def attention_softmaxes(model: ir.Model) -> int:
     scores (through a scale, a mask Add or Where)."""
     count = 0
     for node in model.graph:
-        if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+        if not _is_op(node, "Softmax"):
             continue
         value = node.inputs[0]
         for _ in range(4):

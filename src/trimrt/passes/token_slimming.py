@@ -40,9 +40,8 @@ from ..plugins import DOMAIN, OP_VERSION
 from .base import TrimrtPass
 
 OP_NAME = "TokenSlim"
-
-
-# ------------------------------------------------------------------------ the pattern
+#: TokenSlim's weight inputs after x, as the pattern binds them
+_WEIGHTS = ("ln_scale", "ln_bias", "w1", "b1", "w2", "b2")
 
 
 def _add(op, a, b):
@@ -79,9 +78,6 @@ def _target(op, x, ln_scale, ln_bias, w1, b1, w2, b2, c_sqrt2, c_one, c_half, c_
     return op.MatMul(weights, x)
 
 
-# ------------------------------------------------------------------------- the check
-
-
 def _constant(value: ir.Value | None) -> np.ndarray | None:
     """The value's array if it is a constant of the graph: an initializer or Constant node,
     possibly behind Identity nodes (the TorchScript exporter shares equal initializers,
@@ -103,12 +99,10 @@ def _near(a: float | None, b: float) -> bool:
     return a is not None and math.isclose(a, b, rel_tol=1e-4)
 
 
-def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softmax_form,
-             ln_scale, ln_bias, w1, b1, w2, b2, c_sqrt2=None, c_one=None, c_half=None, c_scale=None,
-             gelu_op=None, **_) -> tuple[str | None, dict]:
+def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softmax_form, c_sqrt2=None,
+             c_one=None, c_half=None, c_scale=None, gelu_op=None, **weights) -> tuple[str | None, dict]:
     """(why this is no TSM, or None; the TokenSlim attributes)."""
-    arrays = {name: _constant(v) for name, v in
-              [("ln_scale", ln_scale), ("ln_bias", ln_bias), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)]}
+    arrays = {name: _constant(weights[name]) for name in _WEIGHTS}
     missing = [k for k, a in arrays.items() if a is None]
     if missing:
         return f"{missing} are not constants", {}
@@ -150,20 +144,15 @@ def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softm
 
 def _check(context, **bindings):
     reason, _ = _explain(**bindings)
-    if reason is None:
-        return True
-    return pattern.MatchResult().fail(f"not a token slimming module: {reason}")
+    return reason is None or pattern.MatchResult().fail(f"not a token slimming module: {reason}")
 
 
-def _rewrite(op, x, ln_scale, ln_bias, w1, b1, w2, b2, **bindings):
-    _, attrs = _explain(ln_scale=ln_scale, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2, **bindings)
-    return op.TokenSlim(x, ln_scale, ln_bias, w1, b1, w2, b2, **attrs, _domain=DOMAIN, _version=OP_VERSION)
+def _rewrite(op, x, **bindings):
+    _, attrs = _explain(**bindings)
+    return op.TokenSlim(x, *(bindings[name] for name in _WEIGHTS), **attrs, _domain=DOMAIN, _version=OP_VERSION)
 
 
 RULE = pattern.RewriteRule(_target, _rewrite, _check, name="token_slimming")
-
-
-# --------------------------------------------------------------------------- the pass
 
 
 class TokenSlimmingPass(TrimrtPass):
@@ -183,9 +172,7 @@ class TokenSlimmingPass(TrimrtPass):
         count = pattern.RewriteRuleSet([RULE]).apply_to_model(model)
         for value, type_, shape in unmarked:
             value.const_value, value.type, value.shape = None, type_, shape
-        orphans = [n for n in used_constants if not _used(n)]  # GELU / scale constants of fused modules
-        if orphans:
-            model.graph.remove(orphans, safe=True)
+        model.graph.remove([n for n in used_constants if not _used(n)], safe=True)  # fused modules' GELU / scale constants
         fused = [n for n in model.graph.all_nodes()
                  if n.domain == DOMAIN and n.op_type == OP_NAME and id(n) not in before]
         modules = []

@@ -25,10 +25,9 @@ class TrimPaddingPass(TrimrtPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        mask = next((v for v in graph.inputs if "mask" in (v.name or "").lower() and v.shape is not None
-                     and len(v.shape) == 2 and not isinstance(v.shape[1], int)), None)
-        fixed = next((v for v in graph.inputs if "mask" in (v.name or "").lower() and v.shape is not None
-                      and len(v.shape) == 2 and isinstance(v.shape[1], int)), None)
+        masks = [v for v in graph.inputs if "mask" in (v.name or "").lower() and v.shape is not None and len(v.shape) == 2]
+        mask = next((v for v in masks if not isinstance(v.shape[1], int)), None)
+        fixed = next((v for v in masks if isinstance(v.shape[1], int)), None)
         if mask is None and fixed is not None:
             raise StructureError(f"trim_padding needs a dynamic token axis, but this export fixes {fixed.name!r} at "
                                  f"{fixed.shape[1]} tokens; export with a dynamic sequence axis, or leave [padding] out")
@@ -48,8 +47,7 @@ class TrimPaddingPass(TrimrtPass):
         # L = max over the batch of the number of real tokens, as a 1-element int64 tensor
         real = b.op("Cast", [mask], {"to": ir.DataType.INT64}, name="trimrt_trim_real")
         lengths = b.op("ReduceSum", [real, const("trimrt_trim_ax1", [1])], {"keepdims": 0}, name="trimrt_trim_lengths")
-        longest = b.op("ReduceMax", [lengths, const("trimrt_trim_ax0", [0])], {"keepdims": 1},
-                       name="trimrt_trim_longest")
+        longest = b.op("ReduceMax", [lengths, const("trimrt_trim_ax0", [0])], {"keepdims": 1}, name="trimrt_trim_longest")
         length = b.op("Max", [longest, const("trimrt_trim_one", [1])], name="trimrt_trim_len")
         for value in token_inputs:
             sliced = b.op("Slice", [value, const(f"trimrt_trim_start_{value.name}", [0]), length,
@@ -70,13 +68,10 @@ class TrimPaddingPass(TrimrtPass):
             before = const(f"trimrt_trim_pad_pre_{i}", [0] * (rank + 1))
             after = const(f"trimrt_trim_pad_post_{i}", [0] * (rank - 2))
             pads = b.op("Concat", [before, missing, after], {"axis": 0}, name=f"trimrt_trim_pads_{i}")
-            name, out_type, out_shape = out.name, out.type, out.shape
-            out.name = f"{name}_trimmed"  # stays the producer's output; the graph output becomes the padded copy
-            out.shape = None
-            padded = b.op("Pad", [out, pads], {"mode": "constant"}, output=ir.Value(name=name, type=out_type,
-                                                                                   shape=out_shape),
-                          name=f"trimrt_trim_pad_{i}")
-            graph.outputs[i] = padded
+            padded = ir.Value(name=out.name, type=out.type, shape=out.shape)
+            # `out` stays the producer's output; the graph output becomes the padded copy
+            out.name, out.shape = f"{out.name}_trimmed", None
+            graph.outputs[i] = b.op("Pad", [out, pads], {"mode": "constant"}, output=padded, name=f"trimrt_trim_pad_{i}")
         b.append_to_graph()
         self.record({"mask": mask.name, "inputs_trimmed": [v.name for v in token_inputs],
                      "outputs_padded": padded_names})
