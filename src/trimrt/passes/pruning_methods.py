@@ -57,6 +57,8 @@ class PruningMethod:
     before_attention: ClassVar[bool] = False
     #: the ops always get the span's end (not 0 for "to the last token")
     explicit_span_end: ClassVar[bool] = False
+    #: tokens a site adds beyond the kept ones (and the fused one)
+    added_tokens = 0
 
     @classmethod
     def parse(cls, table: Mapping[str, Any], where: str, layers: tuple[int, ...]) -> dict[str, Any]:
@@ -72,23 +74,15 @@ class PruningMethod:
     def prepare(self, n, protect: int, span_len) -> None:
         """Check the model's token layout before any site (raise StructureError / RecipeError)."""
 
-    def added_tokens(self) -> int:
-        """Tokens a site adds beyond the kept ones (and the fused one)."""
-        return 0
-
     def score(self, site: Site) -> ir.Value:
         raise NotImplementedError
 
     def select(self, site: Site, score: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(new stream, kept indices into the previous tokens)."""
-        out, kept_index, fused = site.b.emit(REGISTRY["TokenPrune"], [site.stream, score], name=site.prefix,
-                                             **site.select)
+        out, kept_index, fused = site.b.emit(REGISTRY["TokenPrune"], [site.stream, score], name=site.prefix, **site.select)
         if site.fuse:
             out, kept_index = _insert_fused(site, out, kept_index, fused)
         return out, kept_index
-
-    def prune(self, site: Site) -> tuple[ir.Value, ir.Value]:
-        return self.select(site, self.score(site))
 
 
 def _insert_fused(site: Site, y, kept_index, fused) -> tuple[ir.Value, ir.Value]:
@@ -125,9 +119,7 @@ class RowScoreMethod(PruningMethod):
 
     def score(self, site: Site) -> ir.Value:
         b, attn, prefix = site.b, site.block.attention, site.prefix
-        row = self.row
-        if row is None:
-            row = 0 if self.options.prunable is None and site.select["protect"] > 0 else -1
+        row = self.row if self.row is not None else (0 if self.options.prunable is None and site.select["protect"] > 0 else -1)
         mask = additive_mask(b, attn, prefix, self.rewrite.gathered, self.key_bias)
         k_t = transposed_keys(b, attn, prefix)
         (score,) = b.emit(REGISTRY["AttentionRowScore"], [attn.q, k_t, mask], name=f"{prefix}_score", row=row,
@@ -151,13 +143,7 @@ class LastTokenAttention(RowScoreMethod):
 
 def page_rank_iterations(layer: int, depth: int) -> int:
     """Zero-TPrune's default schedule: many iterations early, one in the last layers."""
-    if layer >= depth - 3:
-        return 1
-    return 30 if layer < 3 else 5
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return 1 if layer >= depth - 3 else (30 if layer < 3 else 5)
 
 
 @TOKEN_PRUNING_METHODS.register("zero_tprune")
@@ -169,7 +155,7 @@ class ZeroTPrune(PruningMethod):
 
     @classmethod
     def parse(cls, table, where, layers):
-        from ..recipe import MAX_ITERATIONS
+        from ..recipe import MAX_ITERATIONS, _is_int
 
         extra: dict[str, Any] = {}
         if "iterations" in table:
@@ -196,8 +182,7 @@ class ZeroTPrune(PruningMethod):
                else page_rank_iterations(site.layer, len(self.rewrite.tmap.blocks)))
         low, high = opts.head_variance
         (score,) = b.emit(REGISTRY["AttentionPageRank"], [probs, metric], name=f"{prefix}_score", iterations=its,
-                          var_min=low, var_max=high, protect=site.select["protect"],
-                          span_end=site.select["span_end"])
+                          var_min=low, var_max=high, protect=site.select["protect"], span_end=site.select["span_end"])
         site.extra["iterations"] = its
         return score
 
@@ -224,7 +209,7 @@ class Recycle(RowScoreMethod):
 
     @classmethod
     def parse(cls, table, where, layers):
-        from ..recipe import MAX_RECYCLE_GRID
+        from ..recipe import MAX_RECYCLE_GRID, _is_int
 
         if "recycle_grid" not in table:
             return {}
@@ -233,11 +218,9 @@ class Recycle(RowScoreMethod):
             raise RecipeError(f"{where}: recycle_grid must be an integer in [1, {MAX_RECYCLE_GRID}], got {grid!r}")
         return {"recycle_grid": grid}
 
-    def __init__(self, options, rewrite: TokenRewrite) -> None:
-        super().__init__(options, rewrite)
-        self.position: ir.Value | None = None  # original patch index of each token, [B, N]
-        self.patch_side = 0
-        self.first_patch = 0
+    #: original patch index of each token, [B, N] (made at the first site); the layout (set by prepare)
+    position: ir.Value | None = None
+    patch_side = first_patch = 0
 
     def prepare(self, n, protect: int, span_len) -> None:
         if not isinstance(span_len, int):
@@ -250,9 +233,7 @@ class Recycle(RowScoreMethod):
             raise RecipeError(f"[token_pruning] recycle_grid = {self.options.recycle_grid} is larger than the "
                               f"{side}×{side} patch layout")
         self.patch_side, self.first_patch = side, protect
-
-    def added_tokens(self) -> int:
-        return self.options.recycle_grid ** 2
+        self.added_tokens = self.options.recycle_grid ** 2
 
     def select(self, site: Site, score: ir.Value) -> tuple[ir.Value, ir.Value]:
         b, prefix, stream = site.b, site.prefix, site.stream
@@ -261,8 +242,7 @@ class Recycle(RowScoreMethod):
             count = b.op("Shape", [stream], {"start": 1, "end": 2}, name=f"{prefix}_pos_n")
             zero = b.const(np.array(0, np.int64), name=f"{prefix}_pos_zero")
             one = b.const(np.array(1, np.int64), name=f"{prefix}_pos_one")
-            n_s = b.op("Squeeze", [count], name=f"{prefix}_pos_ns")
-            rng = b.op("Range", [zero, n_s, one], name=f"{prefix}_pos_range")
+            rng = b.op("Range", [zero, b.op("Squeeze", [count], name=f"{prefix}_pos_ns"), one], name=f"{prefix}_pos_range")
             self.position = b.op("Expand", [rng, shape], name=f"{prefix}_pos")
         grid = self.options.recycle_grid
         out, kept_index = b.emit(REGISTRY["TokenRecycle"], [stream, score, self.position], name=prefix,
@@ -297,8 +277,7 @@ class Adaptive(RowScoreMethod):
         out, kept_index = super().select(site, score)
         b, prefix = site.b, site.prefix
         valid, count = b.emit(REGISTRY["MassMask"], [score, kept_index], name=f"{prefix}_mass",
-                              tau=float(self.options.mass), protect=site.select["protect"],
-                              span_end=site.select["span_end"])
+                              tau=float(self.options.mass), protect=site.select["protect"], span_end=site.select["span_end"])
         count.name = f"{prefix}_visible_count"
         zero = b.const(np.array(0.0, np.float32), name=f"{prefix}_bias_zero")
         blocked = b.const(np.array(BLOCKED, np.float32), name=f"{prefix}_bias_blocked")

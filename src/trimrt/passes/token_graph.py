@@ -23,6 +23,7 @@ import onnx_ir as ir
 from ..compiler.analysis import Attention, TransformerMap, structure_of
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
+from . import token_shapes
 from .base import GraphBuilder, TrimrtPass
 from .token_shapes import downstream_nodes, gather_tokens, rederive_shape_values, side_inputs, travelling_constants
 
@@ -34,11 +35,14 @@ class TokenGraphPass(TrimrtPass):
     """Base of the token-reducing passes: the model's structure, read from the pipeline's
     context, and a per-call `TokenRewrite` holding the shared graph surgery."""
 
+    def __init__(self, options):
+        super().__init__()
+        self.options = options
+
     def _rewrite(self, model: ir.Model, layers, table: str) -> TokenRewrite:
-        """The structure (analysed once per compile: shared through the context while the
-        graph is the one analysed, else analysed now), checked for a token-level rewrite
-        of `layers` (recipe table `table`): the blocks exist, the stream is [batch, tokens,
-        width], the count is known."""
+        """The structure (analysed once per compile, see structure_of), checked for a token-level
+        rewrite of `layers` (recipe table `table`): the blocks exist, the stream is [batch,
+        tokens, width], the count is known."""
         tmap = structure_of(model, self.context.shared)
         depth = len(tmap.blocks)
         bad = [i for i in layers if i >= depth]
@@ -77,12 +81,18 @@ class TokenRewrite:
         return list(stream.uses())
 
     def replace_stream(self, b: GraphBuilder, stream: ir.Value, uses: list, out: ir.Value) -> None:
-        """Insert the nodes of `b` after the producer of `stream` and route its earlier `uses` to `out`."""
+        """Insert the nodes of `b` after the producer of `stream` and route the earlier `uses` to `out`."""
         b.insert_after(stream.producer())
         for user, idx in uses:
             user.replace_input_with(idx, out)
 
-    # ------------------------------------------------------------------ later attention
+    def finish(self, reduced: list[ir.Value], n_orig, n_final) -> dict:
+        """After the last of the reductions `reduced`: free the counts baked downstream, drop
+        the stale shapes; returns the report entries every token pass gives."""
+        rewritten = (token_shapes.free_token_count(self.owner.builder(self.graph), reduced, n_orig, self.dims)
+                     if isinstance(n_orig, int) else 0)
+        clear_stale_shapes(self.graph, reduced[:1], n_orig, n_final)
+        return {"travelling_tensors": sorted(v.name for v in self.aligned), "shape_constants_rewritten": rewritten}
 
     def bias_later_attention(self, biases: list) -> None:
         """biases: (layer, key bias [B, N] valid after that layer's reduction). Each applies to
@@ -95,8 +105,6 @@ class TokenRewrite:
                 prefix = f"trimrt_{self.owner.name}_{layer}_bias_block{b}"
                 add_key_bias(self.builder(prefix), blocks[b].attention, bias, prefix)
 
-    # ------------------------------------------------------------------ token sizes
-
     def weight_pooling(self, size: ir.Value) -> list[str]:
         """Per-token weights that travel with the tokens into a weighted sum — the mask
         of a masked mean pooling, [B, N, 1] — are multiplied by the final size, so the
@@ -106,10 +114,8 @@ class TokenRewrite:
         weighted = []
         for value, (rank, axes) in (self.aligned or {}).items():
             current = self.gathered.get(value)
-            if current is None or axes != [1] or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
-                continue
-            shape = value.shape
-            if shape is None or any(d != 1 for d in list(shape)[2:]):
+            if (current is None or axes != [1] or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+                    or value.shape is None or any(d != 1 for d in list(value.shape)[2:])):
                 continue
             uses = list(current.uses())
             if not uses or any(user.op_type not in ("Mul", "ReduceSum") for user, _ in uses):
@@ -122,13 +128,9 @@ class TokenRewrite:
                          name=f"{prefix}_size")
             like = b.op("CastLike", [s, current], name=f"{prefix}_size_cast")
             mul = b.op("Mul", [current, like], name=f"{prefix}_weighted")
-            b.insert_after(current.producer())  # `current` is a gather the pass made
-            for user, i in uses:
-                user.replace_input_with(i, mul)
+            self.replace_stream(b, current, uses, mul)  # `current` is a gather the pass made
             weighted.append(value.name)
         return weighted
-
-    # ------------------------------------------------------------------ travelling tensors
 
     def follow_tokens(self, out: ir.Value, index: ir.Value, layer: int) -> int:
         """After a reduction at `out` (index: positions kept, into the previous tokens):
@@ -159,14 +161,8 @@ class TokenRewrite:
                 # a constant of lower rank (a [N, Dh] RoPE table): leading axes of 1 first
                 axes_v = b.const(np.arange(rank - len(value.shape), dtype=np.int64), name=f"{name}_lead_axes")
                 current = b.op("Unsqueeze", [current, axes_v], name=f"{name}_lead")
-            out = gather_tokens(b, current, rank, axes, kept_index, name)
-            b.insert_after(kept_index.producer())
-            for user, i in uses:
-                user.replace_input_with(i, out)
-            self.gathered[value] = out
-
-
-# ---------------------------------------------------------------------- attention pieces
+            self.gathered[value] = gather_tokens(b, current, rank, axes, kept_index, name)
+            self.replace_stream(b, kept_index, uses, self.gathered[value])
 
 
 def transposed_keys(b: GraphBuilder, attn: Attention, prefix: str) -> ir.Value:
@@ -175,14 +171,12 @@ def transposed_keys(b: GraphBuilder, attn: Attention, prefix: str) -> ir.Value:
     if attn.k_transposed:
         return attn.k
     k_t = b.op("Transpose", [attn.k], {"perm": [0, 1, 3, 2]}, name=f"{prefix}_kt")
-    hq = attn.q.shape[1] if attn.q.shape is not None else None
-    hk = attn.k.shape[1] if attn.k.shape is not None else None
+    hq, hk = (v.shape[1] if v.shape is not None else None for v in (attn.q, attn.k))
     if not (isinstance(hq, int) and isinstance(hk, int) and hq != hk):
         return k_t
-    group = hq // hk
     unsq = b.op("Unsqueeze", [k_t, b.const(np.array([2]), name=f"{prefix}_ax2")], name=f"{prefix}_kt_u")
     shape = b.op("Shape", [unsq], name=f"{prefix}_kt_s")
-    target = b.op("Mul", [shape, b.const(np.array([1, 1, group, 1, 1]), name=f"{prefix}_rep")], name=f"{prefix}_kt_t")
+    target = b.op("Mul", [shape, b.const(np.array([1, 1, hq // hk, 1, 1]), name=f"{prefix}_rep")], name=f"{prefix}_kt_t")
     rep = b.op("Expand", [unsq, target], name=f"{prefix}_kt_rep")
     dh = attn.k.shape[3]
     if not isinstance(dh, int):
@@ -207,8 +201,7 @@ def attention_probs(b: GraphBuilder, attn: Attention, prefix: str, gathered: dic
     k_t = transposed_keys(b, attn, prefix)
     mask = additive_mask(b, attn, prefix, gathered)
     logits = b.op("MatMul", [attn.q, k_t], name=f"{prefix}_logits")
-    scaled = b.op("Mul", [logits, b.const(np.array(attn.scale, np.float32), name=f"{prefix}_scale")],
-                  name=f"{prefix}_scaled")
+    scaled = b.op("Mul", [logits, b.const(np.array(attn.scale, np.float32), name=f"{prefix}_scale")], name=f"{prefix}_scaled")
     masked = b.op("Add", [scaled, mask], name=f"{prefix}_masked")
     return b.op("Softmax", [masked], {"axis": -1}, name=f"{prefix}_probs")
 
@@ -220,8 +213,7 @@ def _bool_to_additive(b: GraphBuilder, cond: ir.Value, prefix: str, name: str) -
     return b.op("Where", [cond, zero, fill], name=f"{prefix}_mask")
 
 
-def additive_mask(b: GraphBuilder, attn: Attention, prefix: str, gathered: dict,
-                  key_bias: ir.Value | None = None) -> ir.Value:
+def additive_mask(b: GraphBuilder, attn: Attention, prefix: str, gathered: dict, key_bias: ir.Value | None = None) -> ir.Value:
     """The block's attention mask as an additive rank-4 tensor, as the block sees it now
     (`gathered`: travelling tensors already gathered by earlier reductions), plus
     `key_bias` [B, N] when given."""
@@ -234,8 +226,7 @@ def additive_mask(b: GraphBuilder, attn: Attention, prefix: str, gathered: dict,
         cond = gathered.get(cond, cond)
         zero = b.const(np.array(0.0, dtype=np.float32), name=f"{prefix}_mask_zero")
         fill_is_false = when_true.const_value is None  # Where(cond, logits, fill)
-        fill = when_false if fill_is_false else when_true
-        fill_f = b.op("Cast", [fill], {"to": ir.DataType.FLOAT}, name=f"{prefix}_mask_fill")
+        fill_f = b.op("Cast", [when_false if fill_is_false else when_true], {"to": ir.DataType.FLOAT}, name=f"{prefix}_mask_fill")
         mask = b.op("Where", [cond, zero, fill_f] if fill_is_false else [cond, fill_f, zero], name=f"{prefix}_mask")
     else:
         mask = b.const(np.zeros((1, 1, 1, 1), dtype=np.float32), name=f"{prefix}_no_mask")
@@ -265,12 +256,9 @@ def add_key_bias(b: GraphBuilder, attn: Attention, key_bias: ir.Value, prefix: s
     target = b.op("Concat", [ones, rows, one], {"axis": 0}, name=f"{prefix}_target")
     bias4 = b.op("Expand", [bias4, target], name=f"{prefix}_rows_bias")
     mask = core.inputs[3] if len(core.inputs) > 3 else None
-    if mask is None:
-        new_mask = bias4
-    else:
-        if mask.dtype == ir.DataType.BOOL:
-            mask = _bool_to_additive(b, mask, prefix, "")
-        new_mask = b.op("Add", [mask, bias4], name=f"{prefix}_add")
+    if mask is not None and mask.dtype == ir.DataType.BOOL:
+        mask = _bool_to_additive(b, mask, prefix, "")
+    new_mask = bias4 if mask is None else b.op("Add", [mask, bias4], name=f"{prefix}_add")
     b.insert_before(core)
     if len(core.inputs) <= 3:
         core.resize_inputs(4)
@@ -296,6 +284,5 @@ def clear_stale_shapes(graph: ir.Graph, start: list[ir.Value], n_orig, n_final) 
             if not out.is_graph_output():
                 out.shape = None
             elif out.shape is not None and len(out.shape) >= 3 and out.shape[1] == n_orig:
-                dims = list(out.shape)
-                dims[1] = n_final if isinstance(n_final, int) else ir.SymbolicDim("reduced_tokens")
-                out.shape = ir.Shape(dims)
+                tokens = n_final if isinstance(n_final, int) else ir.SymbolicDim("reduced_tokens")
+                out.shape = ir.Shape([out.shape[0], tokens, *out.shape[2:]])

@@ -1,7 +1,6 @@
 """Token merging (ToMe): at chosen blocks, merge r tokens into their most similar ones.
 
-At each listed block, between the attention and the MLP (where ToMe merges), the pass
-inserts
+At each listed block, between the attention and the MLP (where ToMe merges), the pass inserts
 
     metric          = head-mean of the block's keys                      [B, N, Dh]
     y, size', index = trimrt::TokenMerge(stream, metric, size, r)       bipartite soft matching
@@ -24,35 +23,27 @@ from ..compiler.probe import TokenDims
 from ..plugins import REGISTRY
 from ..plugins.token_merge import merged_count
 from ..recipe import TokenMergingOptions
-from .token_graph import TokenGraphPass, clear_stale_shapes, head_mean_keys, ones
-from .token_shapes import free_token_count
+from .token_graph import TokenGraphPass, head_mean_keys, ones
 
 
 class TokenMergingPass(TokenGraphPass):
     name = "token_merging"
     recipe_table = "token_merging"
     exact = False
-
-    def __init__(self, options: TokenMergingOptions):
-        super().__init__()
-        self.options = options
+    options: TokenMergingOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
         rw = self._rewrite(model, opts.layers, "token_merging")
         schedule = opts.schedule(len(rw.tmap.blocks))
-        n = rw.tmap.num_tokens
+        n = n_orig = rw.tmap.num_tokens
         rw.dims = TokenDims(model, n, self.context.shared)
-        n_orig, protect = n, opts.protected_prefix
+        protect, size = opts.protected_prefix, None  # size: how many original tokens each token stands for
         layers, merged, biases = [], [], []
-        size = None
         for layer, asked in schedule:
             # as ToMe does, a block merges at most its mergeable tokens (the op clamps at
             # run time too, so dynamic lengths work; a static count is reported exactly)
-            if isinstance(n, int):
-                r = merged_count(n, asked, protect, ratio=opts.ratio)  # static: the op gets the exact count
-            else:
-                r = asked
+            r = merged_count(n, asked, protect, ratio=opts.ratio) if isinstance(n, int) else asked
             if r == 0 and (isinstance(n, int) or not opts.ratio):
                 continue
             block = rw.tmap.blocks[layer]
@@ -81,11 +72,7 @@ class TokenMergingPass(TokenGraphPass):
             return ir.passes.PassResult(model, modified=False)
         rw.bias_later_attention(biases)
         weighted = rw.weight_pooling(size) if opts.weighted_pooling else []
-        graph = model.graph
-        rewritten = free_token_count(self.builder(graph), merged, n_orig, rw.dims) if isinstance(n_orig, int) else 0
-        clear_stale_shapes(graph, merged[:1], n_orig, n)
         self.record({"method": "tome", "layers": layers, "tokens_before": n_orig, "tokens_after": n,
                      "proportional_attention": opts.proportional_attention, "weighted_pooling": weighted,
-                     "travelling_tensors": sorted(v.name for v in rw.aligned), "shape_constants_rewritten": rewritten},
-                    changes_results=n != n_orig)
+                     **rw.finish(merged, n_orig, n)}, changes_results=n != n_orig)
         return ir.passes.PassResult(model, modified=True)

@@ -11,6 +11,9 @@ node named, rather than emit a graph that silently computes the wrong thing.
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -35,7 +38,7 @@ def downstream_nodes(graph: ir.Graph, start: list[ir.Value]) -> list[ir.Node]:
     return [n for n in graph if n in reached]
 
 
-def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims=None) -> int:
+def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims) -> int:
     """Rewrite baked token counts downstream of the reductions `reduced` (their outputs,
     [B, tokens, D], in order); returns the number of constants rewritten.
 
@@ -53,9 +56,8 @@ def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims
     def count_of(node: ir.Node) -> ir.Value:
         i = max(j for j, region in enumerate(regions) if node in region)
         if i not in counts:
-            out = reduced[i]
-            counts[i] = b.op("Shape", [out], {"start": 1, "end": 2}, name=f"{tag}_tokens_{i}")
-            b.insert_after(out.producer())
+            counts[i] = b.op("Shape", [reduced[i]], {"start": 1, "end": 2}, name=f"{tag}_tokens_{i}")
+            b.insert_after(reduced[i].producer())
         return counts[i]
 
     rewritten = 0
@@ -70,16 +72,12 @@ def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims
                 rewritten += _free_concat_pieces(b, node, idx, n_orig, count_of, dims)
                 continue
             arr = tensor.numpy()
-            if arr.dtype not in (np.int64, np.int32):
-                continue
-            scaled = _token_entries(node, arr, n_orig, dims)
+            scaled = _token_entries(node, arr, n_orig, dims) if arr.dtype in (np.int64, np.int32) else {}
             if not scaled:
                 continue
             new = _rewrite(node, arr, n_orig, scaled)
-            if new is not None:
-                value = b.const(new, name=f"{node.name}_tokens_free")
-            else:
-                value = _runtime_shape(b, node, arr, scaled, count_of(node))
+            value = (b.const(new, name=f"{node.name}_tokens_free") if new is not None
+                     else _runtime_shape(b, node, arr, scaled, count_of(node)))
             node.replace_input_with(idx, value)
             node.metadata_props.setdefault("trimrt.rewritten_by", tag)
             rewritten += 1
@@ -120,19 +118,12 @@ def _free_concat_pieces(b: GraphBuilder, node: ir.Node, idx: int, n_orig: int, c
     return changed
 
 
-def _static(shape) -> list[int] | None:
-    return None if shape is None or not all(isinstance(d, int) for d in shape) else [int(d) for d in shape]
-
-
 def _token_entries(node: ir.Node, arr: np.ndarray, n_orig: int, dims) -> dict[int, int]:
     """{position in the flattened shape constant: multiple of the token count it holds}."""
     flat = arr.reshape(-1)
-    direct = {i: 1 for i, v in enumerate(flat) if v == n_orig}
-    if node.op_type != "Reshape" or arr.ndim != 1:
-        return direct
-    axis = _reshape_token_axis(node, n_orig, dims)
-    if axis is None:
-        return direct  # shapes unknown: every entry equal to the count is taken as the count
+    axis = _reshape_token_axis(node, n_orig, dims) if node.op_type == "Reshape" and arr.ndim == 1 else None
+    if axis is None:  # not a Reshape target, or shapes unknown: every entry equal to the count is taken as the count
+        return {i: 1 for i, v in enumerate(flat) if v == n_orig}
     if axis < 0 or axis >= len(flat) or flat[axis] <= 0 or flat[axis] % n_orig:
         return {}  # the tokens land on a 0 / -1 entry (already free), or the entries bake something else
     return {axis: int(flat[axis]) // n_orig}
@@ -143,12 +134,7 @@ def _reshape_token_axis(node: ir.Node, n_orig: int, dims) -> int | None:
     or alone), from the original static or probed shapes: so an entry that only happens
     to equal the count (a head size) is left alone. -1 when the token axis is split or
     not found; None when the shapes are unknown."""
-    if dims is None:
-        return None
-    source = node.inputs[0]
-    in_shape = _static(source.shape) or (list(dims.shape(source)) if dims.shape(source) is not None else None)
-    out_shape = _static(node.outputs[0].shape) or (list(dims.shape(node.outputs[0]))
-                                                   if dims.shape(node.outputs[0]) is not None else None)
+    in_shape, out_shape = dims.shape(node.inputs[0]), dims.shape(node.outputs[0])  # static, else probed
     if in_shape is None or out_shape is None:
         return None
     axes = [a for a in range(1, len(in_shape)) if in_shape[a] == n_orig]
@@ -158,26 +144,24 @@ def _reshape_token_axis(node: ir.Node, n_orig: int, dims) -> int | None:
     return -1 if found is None else found
 
 
-def _merged_axis(in_shape: list[int], out_shape: list[int], axis: int) -> int | None:
+def _merged_axis(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int) -> int | None:
     """The output axis of a Reshape that holds input `axis` merged with its neighbours
     (None when the axis is split across several output axes)."""
     i = j = 0
     while i < len(in_shape) and j < len(out_shape):
-        group_in, group_out = [i], [j]
+        first_in, first_out = i, j  # the group: input axes first_in..i, output axes first_out..j
         a, b = in_shape[i], out_shape[j]
         while a != b:
             if a < b and i + 1 < len(in_shape):
                 i += 1
                 a *= in_shape[i]
-                group_in.append(i)
             elif b < a and j + 1 < len(out_shape):
                 j += 1
                 b *= out_shape[j]
-                group_out.append(j)
             else:
                 return None
-        if axis in group_in:
-            sized = [o for o in group_out if out_shape[o] != 1]  # axes of 1 ride along ([B, N] -> [B, 1, 1, N])
+        if first_in <= axis <= i:
+            sized = [o for o in range(first_out, j + 1) if out_shape[o] != 1]  # axes of 1 ride along ([B, N] -> [B, 1, 1, N])
             return sized[0] if len(sized) == 1 else None
         i, j = i + 1, j + 1
     return None
@@ -190,48 +174,39 @@ def _rewrite(node: ir.Node, arr: np.ndarray, n_orig: int, scaled: dict[int, int]
     pos, multiple = next(iter(scaled.items()))
     in_shape = node.inputs[0].shape if node.inputs else None
     in_dim = in_shape[pos] if in_shape is not None and pos < len(in_shape) else None
-    new = arr.copy()
-    if node.op_type == "Reshape":
-        if multiple == 1 and in_dim == n_orig and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in arr):
-            # allowzero only changes the meaning of 0 entries; with none in the target it can be reset
-            node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
-            new[pos] = 0
-            return new
-        if -1 not in arr:
-            new[pos] = -1
-            return new
+    reshape = node.op_type == "Reshape"
+    if reshape and multiple == 1 and in_dim == n_orig and (node.attributes.get_int("allowzero", 0) == 0 or 0 not in arr):
+        # allowzero only changes the meaning of 0 entries; with none in the target it can be reset
+        node.attributes["allowzero"] = ir.AttrInt64("allowzero", 0)
+        entry = 0
+    elif reshape and -1 not in arr:
+        entry = -1
     elif node.op_type == "Expand" and in_dim == n_orig and len(in_shape) == len(arr):
-        new[pos] = 1
-        return new
-    return None
+        entry = 1
+    else:
+        return None
+    new = arr.copy()
+    new[pos] = entry
+    return new
 
 
-def _runtime_shape(b: GraphBuilder, node: ir.Node, arr: np.ndarray, scaled: dict[int, int],
-                   count: ir.Value | None) -> ir.Value:
+def _runtime_shape(b: GraphBuilder, node: ir.Node, arr: np.ndarray, scaled: dict[int, int], count: ir.Value | None) -> ir.Value:
     """`arr` with its token entries computed from the runtime `count` ([1] int64)."""
     if count is None or arr.ndim > 1:
         raise BuildError(f"cannot free the token count in {node.op_type} node {node.name!r} (shape {arr.tolist()}): "
                          "a token-reducing pass would leave it with the original count; please report this graph")
-    flat = arr.reshape(-1).astype(np.int64)
     name = f"{node.name or node.op_type}_tokens_free"
-    parts, run = [], []
+    parts = []
 
     def const(vals, tag):
         return b.const(np.array(vals, np.int64), name=f"{name}_{tag}{len(parts)}")
 
-    for i, v in enumerate(flat):
-        if i in scaled:
-            if run:
-                parts.append(const(run, "c"))
-                run = []
-            if scaled[i] == 1:
-                parts.append(count)
-            else:
-                parts.append(b.op("Mul", [count, const([scaled[i]], "m")], name=f"{name}_x{i}"))
-        else:
-            run.append(int(v))
-    if run:
-        parts.append(const(run, "c"))
+    for is_count, run in itertools.groupby(enumerate(arr.reshape(-1)), key=lambda entry: entry[0] in scaled):
+        if not is_count:  # a run of kept entries: one constant
+            parts.append(const([int(v) for _, v in run], "c"))
+            continue
+        for i, _ in run:
+            parts.append(count if scaled[i] == 1 else b.op("Mul", [count, const([scaled[i]], "m")], name=f"{name}_x{i}"))
     out = b.op("Concat", parts, {"axis": 0}, name=name)
     if arr.ndim == 0:  # a scalar size (Range's limit)
         out = b.op("Squeeze", [out], name=f"{name}_scalar")
@@ -245,12 +220,8 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
     """Non-constant values consumed inside `region` but produced outside it (masks, position
     tables, ...), in first-use order."""
     inside = {out for node in region for out in node.outputs}
-    seen: dict[ir.Value, None] = {}
-    for node in region:
-        for value in node.inputs:
-            if not (value is None or value in inside or value in exclude or value in seen or is_constant(value)):
-                seen[value] = None
-    return list(seen)
+    return list(dict.fromkeys(value for node in region for value in node.inputs
+                              if not (value is None or value in inside or value in exclude or is_constant(value))))
 
 
 #: element-wise ops whose constant operands broadcast against the tokens (static masks, RoPE tables)
@@ -259,13 +230,12 @@ _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Les
 
 
 def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[int, list[int]]]:
-    """Constants that travel with the tokens in a graph exported with a static count: the
-    causal mask, RoPE cos / sin tables and position slices constant-folded by the
-    exporter. A constant qualifies when an element-wise op in `region` broadcasts it
-    against a result whose token axes (`dims`: a probe.TokenDims) it spans, its shape
-    aligned from the right. Returns {constant: (rank of that result, token axes)}; the
-    constant is unsqueezed to that rank when gathered. Weights (MatMul, norms) never
-    qualify, whatever their sizes."""
+    """Constants that travel with the tokens in a graph exported with a static count: the causal
+    mask, RoPE cos / sin tables and position slices constant-folded by the exporter. A constant
+    qualifies when an element-wise op in `region` broadcasts it against a result whose token axes
+    (`dims`: a probe.TokenDims) it spans, its shape aligned from the right. Returns {constant:
+    (rank of that result, token axes)}; the constant is unsqueezed to that rank when gathered.
+    Weights (MatMul, norms) never qualify, whatever their sizes."""
     n = dims.n_tokens
     found: dict[ir.Value, tuple[int, list[int]]] = {}
     if not isinstance(n, int):
@@ -280,17 +250,16 @@ def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[in
             if value is None or value in found or not is_constant(value):
                 continue
             tensor = ir.convenience.get_const_tensor(value)
-            if tensor is None or tensor.numpy().ndim > out_rank:
+            if tensor is None or len(tensor.shape) > out_rank:
                 continue
-            shape = (1,) * (out_rank - tensor.numpy().ndim) + tuple(tensor.numpy().shape)
+            shape = (1,) * (out_rank - len(tensor.shape)) + tuple(tensor.shape)
             axes = [a for a in out_axes if shape[a] == n]
             if axes:
                 found[value] = (out_rank, axes)
     return found
 
 
-def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value,
-                  name: str) -> ir.Value:
+def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value, name: str) -> ir.Value:
     """Gather `value` (of rank `rank`) along each token axis in `axes` with kept_index
     [B, k] (GatherElements, after broadcasting a size-1 batch axis to B); the nodes are
     collected in `b`."""
@@ -333,27 +302,24 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
 
     Dynamic exports compute Reshape / Expand targets from Shape(some input)[token axis]
     once and reuse them everywhere. Each such value entering `region` is recomputed by a
-    clone of its shape arithmetic in which Shape(T) (T with one token axis, as `axes_of`
-    tells: a `probe.TokenDims`) reports the pruned count taken from Shape(stream) instead (and an earlier
+    clone of its shape arithmetic in which Shape(T) (T with one token axis, as `dims`, a
+    probe.TokenDims, tells) reports the pruned count, Shape(stream), instead (and an earlier
     layer's marked count is replaced by this one's). Returns the number of values replaced;
-    the new nodes are placed after the producer of `stream` when there are any.
-    """
+    the new nodes are placed after the producer of `stream` when there are any."""
     inside = {out for node in region for out in node.outputs}
     count = b.op("Shape", [stream], {"start": 1, "end": 2}, name=f"{name}_tokens")
     count.producer().metadata_props[TOKEN_COUNT_MARK] = "1"
     new_nodes: list[ir.Value] = [count]  # one entry per node made (numbers the names)
     clones: dict[ir.Value, ir.Value] = {}
-
-    made = iter(range(1 << 30))  # unique constant names (several are made per node)
+    made = itertools.count()  # unique constant names (several are made per node)
 
     def int_const(vals, tag):
         return b.const(np.array(vals, dtype=np.int64), name=f"{name}_{tag}_{next(made)}")
 
     def is_leaf(node: ir.Node) -> bool:
         """A token-count leaf: a marked count, or Shape(T) of a T with one token axis."""
-        if node.metadata_props.get(TOKEN_COUNT_MARK):
-            return True
-        return node.op_type == "Shape" and node.inputs[0] is not stream and len(dims.axes(node.inputs[0])) == 1
+        return bool(node.metadata_props.get(TOKEN_COUNT_MARK)) or (
+            node.op_type == "Shape" and node.inputs[0] is not stream and len(dims.axes(node.inputs[0])) == 1)
 
     def leaf_replacement(node: ir.Node) -> ir.Value:
         """The pruned-count version of a token-count leaf."""
@@ -368,8 +334,7 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
                      name=f"{name}_post_{len(new_nodes)}")] if axis < rank - 1 else []
         concat = b.op("Concat", [*pre, count, *post], {"axis": 0}, name=f"{name}_newshape_{len(new_nodes)}")
         new_nodes.extend([full, *pre, *post, concat])
-        start = node.attributes.get_int("start", 0)
-        end = node.attributes.get_int("end", rank)
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", rank)
         if start == 0 and end >= rank:
             return concat
         sliced = b.op("Slice", [concat, int_const([start], "s"), int_const([end], "e")],
@@ -377,48 +342,38 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
         new_nodes.append(sliced)
         return sliced
 
-    def depends_on_tokens(value: ir.Value, seen: dict) -> bool:
-        if value in seen:
-            return seen[value]
+    @functools.cache
+    def depends_on_tokens(value: ir.Value) -> bool:
         node = value.producer()
-        result = False
-        if node is not None and value not in inside and not node.metadata_props.get(ORIGINAL_COUNT_MARK):
-            if is_leaf(node):
-                result = True
-            elif node.op_type in _SHAPE_ARITHMETIC and node.op_type != "Shape":
-                result = any(depends_on_tokens(v, seen) for v in node.inputs if v is not None)
-        seen[value] = result
-        return result
+        if node is None or value in inside or node.metadata_props.get(ORIGINAL_COUNT_MARK):
+            return False
+        if is_leaf(node):
+            return True
+        return (node.op_type in _SHAPE_ARITHMETIC and node.op_type != "Shape"
+                and any(depends_on_tokens(v) for v in node.inputs if v is not None))
 
     def clone(value: ir.Value) -> ir.Value:
         if value in clones:
             return clones[value]
         node = value.producer()
-        if node is None:
-            return value
-        if is_leaf(node):
+        if node is not None and is_leaf(node):
             clones[value] = leaf_replacement(node)
             return clones[value]
-        if not depends_on_tokens(value, memo):
+        if not depends_on_tokens(value):  # (nor when it has no producer)
             return value
         inputs = [clone(v) if v is not None else None for v in node.inputs]
         copies = b.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
                                 num_outputs=len(node.outputs),
                                 name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
         new_nodes.append(copies[0])
-        for old, new in zip(node.outputs, copies):
-            clones[old] = new
+        clones.update(zip(node.outputs, copies))
         return clones[value]
 
-    memo: dict = {}
     replaced = 0
     for node in region:
         for i, value in enumerate(node.inputs):
-            if value is None or value in inside or value.dtype not in (ir.DataType.INT64, ir.DataType.INT32, None):
-                continue
-            if value.shape is not None and len(value.shape) > 1:
-                continue
-            if not depends_on_tokens(value, memo):
+            if (value is None or value in inside or value.dtype not in (ir.DataType.INT64, ir.DataType.INT32, None)
+                    or (value.shape is not None and len(value.shape) > 1) or not depends_on_tokens(value)):
                 continue
             node.replace_input_with(i, clone(value))
             replaced += 1
