@@ -24,7 +24,6 @@ from onnx_ir.passes.common import ShapeInferencePass
 from ..errors import StructureError
 from .probe import PROBE_TOKENS, once, probe_shapes, wiring
 
-_SCALE_OPS = {"Mul", "Div"}
 _PASS_THROUGH = {"Cast", "Identity", "Dropout"}
 
 
@@ -41,12 +40,11 @@ class Attention:
     mask: ir.Value | None  # additive mask added to the logits, if any
     mask_select: ir.Node | None = None  # or a Where(condition, logits, fill) masking them
 
-    @property
-    def keys_shape(self):
-        """Shape whose last entry is the number of keys."""
+    def keys_shape(self, shape_of=lambda value: value.shape):
+        """Shape whose last entry is the number of keys; `shape_of(value)`: the graph's shape, or a probed one."""
         if self.core.op_type == "Softmax":
-            return self.core.inputs[0].shape
-        shape = self.k.shape
+            return shape_of(self.core.inputs[0])
+        shape = shape_of(self.k)
         return None if shape is None else list(shape)[:-1]
 
     @property
@@ -131,7 +129,7 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
     op = node.op_type
     if op == "MatMul":
         return None if any(is_constant(v) for v in node.inputs) else (node, scale, mask)
-    if op in _SCALE_OPS:
+    if op in ("Mul", "Div"):
         a, b = node.inputs
         c = scalar_constant(b)
         if c is None and op == "Mul":  # constant first: Mul(c, scores)
@@ -184,10 +182,9 @@ def _find_context(softmax: ir.Node) -> ir.Node | None:
             for user in value.consumers():
                 if user.op_type == "MatMul" and user.inputs[0] is value:
                     return user
-                if user.op_type in _PASS_THROUGH:
+                # a Where reading the probabilities: the NaN guard after the softmax (safe softmax)
+                if user.op_type in _PASS_THROUGH or user.op_type == "Where" and value in (user.inputs[1], user.inputs[2]):
                     nxt.append(user.outputs[0])
-                elif user.op_type == "Where" and value in (user.inputs[1], user.inputs[2]):
-                    nxt.append(user.outputs[0])  # NaN guard after the softmax (safe softmax)
         frontier = nxt
     return None
 
@@ -327,11 +324,7 @@ def _probe_token_axis(model: ir.Model, block: Block, shared: dict | None) -> tup
     at PROBE_TOKENS)."""
     shapes = probe_shapes(model, shared)
     stream = shapes.get(block.stream_mid.name)
-    core = block.attention.core
-    keys = shapes.get(core.inputs[0].name) if core.op_type == "Softmax" else None
-    if keys is None and core.op_type != "Softmax":
-        k = shapes.get(block.attention.k.name)
-        keys = None if k is None else k[:-1]
+    keys = block.attention.keys_shape(lambda value: shapes.get(value.name))
     if stream is None or keys is None:
         return [], None
     # a dynamic count runs at PROBE_TOKENS; a static one (a TorchScript export shape
@@ -382,7 +375,7 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
         stream_mid = users[0].outputs[0] if post_norm else add.outputs[0]
         blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
 
-    keys = blocks[0].attention.keys_shape
+    keys = blocks[0].attention.keys_shape()
     stream_shape = blocks[0].stream_mid.shape
     if keys is None or stream_shape is None:
         raise StructureError("token axis unknown: the graph carries no shapes for the attention and the residual stream "
@@ -407,9 +400,8 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     width = stream_shape[len(stream_shape) - 1]
     tokens = stream_shape[token_axis] if probed_count is None else probed_count
     num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
-    pooling = _pooling(graph, blocks[-1].stream_mid, token_axis)
-    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None, pooling, notes,
-                          _prepended_tokens(blocks[0].stream_in, token_axis))
+    return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None,
+                          _pooling(graph, blocks[-1].stream_mid, token_axis), notes, _prepended_tokens(blocks[0].stream_in, token_axis))
 
 
 #: key of the analysed structure in a compile's shared values (PipelineContext.shared)

@@ -100,11 +100,8 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]],
     runner = OnnxRunner(proto, _probed_names(model), optimize="disable")
     if limits is None:
         limits = find_input_limits(proto)  # token ids inside a small vocabulary
-    shapes = []
-    for batch, tokens in runs:
-        values = runner.run(random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits))
-        shapes.append({n: tuple(np.shape(v)) for n, v in values.items()})
-    return shapes
+    outputs = (runner.run(random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits)) for batch, tokens in runs)
+    return [{n: tuple(np.shape(v)) for n, v in values.items()} for values in outputs]
 
 
 def annotate_unknown_dims(model: ir.Model, limits: dict | None = None) -> int:

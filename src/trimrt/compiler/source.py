@@ -262,19 +262,17 @@ def _keyword_call(module, input_names: list[str], output_names: list[str]):
     import torch
 
     class KeywordCall(torch.nn.Module):
-        def __init__(self, module, input_names: list[str], output_names: list[str]):
-            super().__init__()
-            self.module, self.input_names, self.output_names = module, input_names, output_names
-
         def forward(self, *tensors):
-            out = self.module(**dict(zip(self.input_names, tensors)))
+            out = self.module(**dict(zip(input_names, tensors)))
             if isinstance(out, torch.Tensor):
                 return out
             if hasattr(out, "keys"):
-                return tuple(out[k] for k in self.output_names)
+                return tuple(out[k] for k in output_names)
             return tuple(out)
 
-    return KeywordCall(module, input_names, output_names).eval()
+    wrapper = KeywordCall()
+    wrapper.module = module  # a submodule: its parameters keep their names in the export
+    return wrapper.eval()
 
 
 def _first_line(exc: Exception) -> str:
