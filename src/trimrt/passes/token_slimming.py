@@ -119,20 +119,17 @@ def _explain(normed, transposed, softmax, erf_form, gelu_form, scale_form, softm
     ln = normed.producer()
     if ln.attributes.get_int("axis", -1) not in (-1, 2):
         return "the LayerNorm does not normalise the last axis", {}
-    if gelu_form == "op":
-        if gelu_op.producer().attributes.get_string("approximate", "none") != "none":
-            return "the GELU is the tanh approximation", {}
-    else:
-        sqrt2 = math.sqrt(2.0) if erf_form == "div" else 1 / math.sqrt(2.0)
-        if not (_near(_scalar(c_sqrt2), sqrt2) and _near(_scalar(c_one), 1.0) and _near(_scalar(c_half), 0.5)):
-            return "the GELU constants are not √2 (or 1/√2), 1 and 0.5", {}
-    if scale_form == "none":
-        scale = 1.0
-    else:
-        s = _scalar(c_scale)
-        if s is None or (scale_form == "div" and s == 0.0):
-            return "the logit scale is not a constant scalar", {}
-        scale = s if scale_form == "mul" else 1.0 / s
+    if gelu_form == "op" and gelu_op.producer().attributes.get_string("approximate", "none") != "none":
+        return "the GELU is the tanh approximation", {}
+    sqrt2 = math.sqrt(2.0) if erf_form == "div" else 1 / math.sqrt(2.0)
+    if gelu_form != "op" and not (_near(_scalar(c_sqrt2), sqrt2) and _near(_scalar(c_one), 1.0)
+                                  and _near(_scalar(c_half), 0.5)):
+        return "the GELU constants are not √2 (or 1/√2), 1 and 0.5", {}
+    scale = 1.0 if scale_form == "none" else _scalar(c_scale)
+    if scale is None or (scale_form == "div" and scale == 0.0):
+        return "the logit scale is not a constant scalar", {}
+    if scale_form == "div":
+        scale = 1.0 / scale
     if tuple(transposed.producer().attributes.get_ints("perm", ())) != (0, 2, 1):
         return "the transpose is not (0, 2, 1)", {}
     axis = softmax.producer().attributes.get_int("axis", -1)
