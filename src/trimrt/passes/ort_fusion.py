@@ -335,10 +335,10 @@ def _layout_step(value: ir.Value) -> ir.Node | None:
 
 
 def _private_layouts(model: ir.Model) -> int:
-    """Give trimrt ops (and the token passes' own nodes) their own copy of the Reshape /
-    Transpose / constant-scale chain that makes the q / kᵀ they read from a projection. A score op sharing the attention's Kᵀ is a second use of
-    a value inside the attention pattern, which then cannot fuse; the copy costs one
-    relayout of [B, N, D]. Returns the number of inputs rewired."""
+    """Give trimrt ops (and the token passes' own nodes) their own copy of the Reshape / Transpose /
+    constant-scale chain that makes the q / kᵀ they read from a projection. A score op sharing the
+    attention's Kᵀ is a second use of a value inside the attention pattern, which then cannot fuse;
+    the copy costs one relayout of [B, N, D]. Returns the number of inputs rewired."""
     rewired = 0
     for node in list(model.graph):
         if node.domain != DOMAIN and node.metadata_props.get(PASS_TAG) in (None, OrtFusionPass.name):
