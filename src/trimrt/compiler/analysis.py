@@ -129,7 +129,7 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
     op = node.op_type
     if op == "MatMul":
         return None if any(is_constant(v) for v in node.inputs) else (node, scale, mask)
-    if op in ("Mul", "Div"):
+    elif op in ("Mul", "Div"):
         a, b = node.inputs
         c = scalar_constant(b)
         if c is None and op == "Mul":  # constant first: Mul(c, scores)
@@ -137,18 +137,17 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
         if c is None or c == 0:
             return None
         return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1)
-    if op == "Add":
+    elif op == "Add":
         # scores + mask: whichever input leads to the Q·Kᵀ MatMul is the scores, the other the mask
         for i, candidate in enumerate(node.inputs):
             found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1)
             if found is not None:
                 other = node.inputs[1 - i]
                 return found[0], found[1], found[2] if is_constant(other) else other
-        return None
-    if op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
+    elif op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
         branch = node.inputs[2] if is_constant(node.inputs[1]) else node.inputs[1]
         return _walk_scores(branch, scale, node, depth - 1)
-    if op in _PASS_THROUGH:
+    elif op in _PASS_THROUGH:
         return _walk_scores(node.inputs[0], scale, mask, depth - 1)
     return None
 
