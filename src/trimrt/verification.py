@@ -272,8 +272,9 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
         backend = OnnxRuntimeBackend(runnable_proto(snapshot).SerializeToString(), **settings)
         backend.activate()
         cosines = {}
+        runs = [backend.infer(feeds) for feeds in batches]
         for name, refs in ref_all.items():
-            got = [backend.infer(feeds)[name] for feeds in batches]
+            got = [run[name] for run in runs]
             if all(g.shape == r.shape for g, r in zip(got, refs)):
                 cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
         steps.append({"passes": list(tables), "cosine_mean": cosines})

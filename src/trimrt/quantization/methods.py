@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequenc
 import numpy as np
 
 from ..errors import RecipeError
+from ..recipe import quant_combinations as combinations  # noqa: F401 - the one table, re-exported
 from ..registry import QUANTIZATION_METHODS
 from .awq import awq_quantize
 from .gptq import gptq_quantize
@@ -210,15 +211,6 @@ class Gptq(QuantizationMethod):
             q.activation_scale = act_scale
             results.append(q)
         return results
-
-
-def combinations() -> dict[tuple[str, str], tuple[str, ...]]:
-    """(weights, activations) -> the registered methods that build them, in registration order."""
-    table: dict[tuple[str, str], tuple[str, ...]] = {}
-    for name in QUANTIZATION_METHODS:
-        for fmt in QUANTIZATION_METHODS[name].formats:
-            table[fmt] = (*table.get(fmt, ()), name)
-    return table
 
 
 def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], stats: Mapping[str, object],
