@@ -24,7 +24,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from ..errors import StructureError
 from .probe import PROBE_TOKENS, once, probe_shapes, wiring
 
-_PASS_THROUGH = {"Cast", "Identity", "Dropout"}
+_PASS_THROUGH = frozenset({"Cast", "Identity", "Dropout"})
 
 
 @dataclass
@@ -116,12 +116,14 @@ def _is_parameter(value: ir.Value | None, depth: int = 4) -> bool:
             and _is_parameter(node.inputs[0], depth - 1))
 
 
-def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | None = None, depth: int = 8):
+def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | None = None, depth: int = 8,
+                 through: frozenset[str] = _PASS_THROUGH):
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
     Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
     mask if any: an additive tensor (Add of a non-constant value) or the Where node that
-    selects between the logits and a fill value.
+    selects between the logits and a fill value. `through`: the ops passed through
+    unchanged (with a Reshape, the walk finds the heads-folded attention analysis refuses).
     """
     node = value.producer() if value is not None else None
     if node is None or depth == 0:
@@ -136,41 +138,20 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
             a, c = b, scalar_constant(a)
         if c is None or c == 0:
             return None
-        return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1)
+        return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1, through)
     elif op == "Add":
         # scores + mask: whichever input leads to the Q·Kᵀ MatMul is the scores, the other the mask
         for i, candidate in enumerate(node.inputs):
-            found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1)
+            found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1, through)
             if found is not None:
                 other = node.inputs[1 - i]
                 return found[0], found[1], found[2] if is_constant(other) else other
     elif op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
         branch = node.inputs[2] if is_constant(node.inputs[1]) else node.inputs[1]
-        return _walk_scores(branch, scale, node, depth - 1)
-    elif op in _PASS_THROUGH:
-        return _walk_scores(node.inputs[0], scale, mask, depth - 1)
+        return _walk_scores(branch, scale, node, depth - 1, through)
+    elif op in through:
+        return _walk_scores(node.inputs[0], scale, mask, depth - 1, through)
     return None
-
-
-def _scores_through_reshape(softmax: ir.Node) -> bool:
-    """Whether the Softmax's logits come from a Q·Kᵀ MatMul through a Reshape (heads folded
-    into the batch axis): the reason such an attention is not recognised."""
-    frontier, reshaped = [softmax.inputs[0]], False
-    for _ in range(8):
-        nxt = []
-        for value in frontier:
-            node = value.producer() if value is not None else None
-            if node is None:
-                continue
-            if node.op_type == "MatMul" and not any(is_constant(v) for v in node.inputs):
-                if reshaped:
-                    return True
-                continue
-            reshaped = reshaped or node.op_type == "Reshape"
-            if node.op_type in ("Reshape", "Add", "Mul", "Div", "Cast", "Where", "Identity"):
-                nxt += [v for v in node.inputs if v is not None and not is_constant(v)]
-        frontier = nxt
-    return False
 
 
 def _find_context(softmax: ir.Node) -> ir.Node | None:
@@ -339,7 +320,9 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     graph = model.graph
     attentions = _find_attentions(graph)
     if not attentions:
-        folded = next((n for n in graph if n.op_type == "Softmax" and _scores_through_reshape(n)), None)
+        # logits from Q·Kᵀ through a Reshape: heads folded into the batch axis
+        folded = next((n for n in graph if n.op_type == "Softmax" and _walk_scores(n.inputs[0]) is None
+                       and _walk_scores(n.inputs[0], through=_PASS_THROUGH | {"Reshape"}) is not None), None)
         if folded is not None:
             raise StructureError(
                 f"attention at {folded.name!r} computes its scores on [batch·heads, tokens, tokens] tensors, reshaped "
