@@ -140,11 +140,9 @@ def fusion_line(report: dict) -> str:
 
 
 def _io(values) -> list[dict]:
-    out = []
-    for v in values:
-        shape = [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None
-        out.append({"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None, "shape": shape})
-    return out
+    return [{"name": v.name, "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+             "shape": [d if isinstance(d, int) else str(d) for d in v.shape] if v.shape is not None else None}
+            for v in values]
 
 
 #: the token passes: label, and the details of one block's row of their report

@@ -62,10 +62,10 @@ class _TorchReference:
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
 
-        training = {m: m.training for m in self.module.modules()}
-        self.module.eval()
+        from .compiler.source import eval_mode
+
         try:
-            with torch.no_grad():
+            with eval_mode(self.module), torch.no_grad():
                 out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
             if isinstance(out, torch.Tensor):
                 out = (out,)
@@ -79,9 +79,6 @@ class _TorchReference:
             raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
                              f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this build "
                              "was compiled from") from None
-        finally:
-            for m, flag in training.items():
-                m.training = flag
 
 
 def _reference(reference: Any, session: Session):
@@ -179,19 +176,24 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
             ref_all[n].append(e)
     keep_ratios = realised_keep_ratios(Path(build_dir), session.manifest, batches)
     drift = attribute_drift(Path(build_dir), session.manifest, reference, batches, ref_all) if per_pass else []
-    comparable = [n for n in names if all(g.shape == r.shape for g, r in zip(got_all[n], ref_all[n]))]
-    metrics = [compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(ref_all[n])) for n in comparable]
-    report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=metrics,
+    compared = _compared(got_all, ref_all)
+    report = VerifyReport(samples=sum(next(iter(b.values())).shape[0] for b in batches), outputs=list(compared.values()),
                           min_cosine=min_cosine, min_top1=min_top1,
                           not_compared=[f"{n}: build {list(got_all[n][0].shape)} vs reference {list(ref_all[n][0].shape)}"
-                                        for n in names if n not in comparable],
+                                        for n in names if n not in compared],
                           keep_ratios=keep_ratios, per_pass=drift, quantization=quantization_facts(session.manifest))
-    for m in metrics:
+    for m in report.outputs:
         if min_cosine is not None and m.cosine_mean < min_cosine:
             report.failures.append(f"{m.name}: mean cosine {m.cosine_mean:.4f} < {min_cosine}")
         if min_top1 is not None and m.top1 is not None and m.top1 < min_top1:
             report.failures.append(f"{m.name}: top-1 agreement {m.top1:.3f} < {min_top1}")
     return report
+
+
+def _compared(got_all: dict[str, list], ref_all: dict[str, list]) -> dict[str, OutputMetrics]:
+    """Each output's metrics over all batches, if every batch has the reference's shape."""
+    return {n: compare_outputs(n, np.concatenate(got_all[n]), np.concatenate(refs)) for n, refs in ref_all.items()
+            if all(g.shape == r.shape for g, r in zip(got_all[n], refs))}
 
 
 def quantization_facts(manifest: dict) -> dict | None:
@@ -271,12 +273,9 @@ def attribute_drift(build_dir: Path, manifest: dict, reference: Any, batches: li
                                         else {})
         backend = OnnxRuntimeBackend(runnable_proto(snapshot).SerializeToString(), **settings)
         backend.activate()
-        cosines = {}
         runs = [backend.infer(feeds) for feeds in batches]
-        for name, refs in ref_all.items():
-            got = [run[name] for run in runs]
-            if all(g.shape == r.shape for g, r in zip(got, refs)):
-                cosines[name] = compare_outputs(name, np.concatenate(got), np.concatenate(refs)).cosine_mean
+        got_all = {name: [run[name] for run in runs] for name in ref_all}
+        cosines = {name: m.cosine_mean for name, m in _compared(got_all, ref_all).items()}
         steps.append({"passes": list(tables), "cosine_mean": cosines})
 
     run_pipeline(model, build_passes(load_recipe(recipe), manifest.get("target", "onnxruntime")), after_pass=measure)

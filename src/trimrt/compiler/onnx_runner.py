@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from ..runtime.backends import _ORT_LEVELS as ORT_LEVELS  # the one table of ONNX Runtime levels
 from ..runtime.feeds import TensorInfo
 
 
@@ -42,20 +43,15 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, replace: bool 
 class OnnxRunner:
     """An ONNX Runtime CPU session on `model` with `expose` added as outputs (`replace`:
     only those). `optimize`: "disable" keeps every exposed value as the graph computes it;
-    "basic" / "all" are ONNX Runtime's levels. `quiet` silences ONNX Runtime's warnings."""
+    "basic" / "all" are ONNX Runtime's levels. ONNX Runtime's warnings are silenced."""
 
     def __init__(self, model: onnx.ModelProto, expose: Sequence[str] = (), *, replace: bool = False,
-                 optimize: str = "all", quiet: bool = True) -> None:
+                 optimize: str = "all") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimize]
-        if quiet:
-            options.log_severity_level = 3
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimize])
+        options.log_severity_level = 3
         proto = with_outputs(model, expose, replace=replace) if (expose or replace) else model
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.inputs = [TensorInfo.from_ort(a) for a in self.session.get_inputs()]

@@ -179,12 +179,18 @@ def export_torch(module, example_inputs, *, opset: int = EXPORT_OPSET, exporter:
     except ImportError:
         raise ModelLoadError("exporting a PyTorch model needs torch: pip install 'trimrt[torch]'") from None
     # export in eval mode (the TorchScript exporter restores training flags recursively: set eval on the
-    # outermost module); the caller's flags, module by module, are put back afterwards
+    # outermost module)
+    with eval_mode(module), _quiet_exporter():
+        return _export(module, example_inputs, opset, exporter)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """`module` in eval mode; the caller's train/eval flags, module by module, are put back afterwards."""
     training = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        with _quiet_exporter():
-            return _export(module, example_inputs, opset, exporter)
+        yield module
     finally:
         for m, flag in training.items():
             m.training = flag

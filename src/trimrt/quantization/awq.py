@@ -119,8 +119,7 @@ def _search_clip(scaled: np.ndarray, group_grams: np.ndarray, group_size: int, c
 
 def _group_grams(gram: np.ndarray, s: np.ndarray, group_size: int) -> np.ndarray:
     """[K // g, g, g]: the diagonal blocks of (X / s)ᵀ (X / s)."""
-    k = gram.shape[0]
-    groups = k // group_size
+    groups = gram.shape[0] // group_size
     inv = 1.0 / s.astype(np.float64)
     scaled = gram * inv[:, None] * inv[None, :]
     index = np.arange(groups)

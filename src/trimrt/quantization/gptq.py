@@ -62,9 +62,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group_size:
     h[dead, dead] = 1.0
     w[dead] = 0.0
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    scale = np.ones((k // group_size, n), np.float32)
-    if act_order:
-        scale = group_scales(w, group_size, top=high)
+    scale = group_scales(w, group_size, top=high) if act_order else np.ones((k // group_size, n), np.float32)
     w = w[order]
     h = h[np.ix_(order, order)]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))

@@ -39,7 +39,8 @@ def smoothing_scales(act_absmax: np.ndarray, weights: Sequence[np.ndarray], alph
     balance); s is clamped to [1e-5, 1e5] so neither side overflows or vanishes.
     """
     act_absmax = np.abs(np.asarray(act_absmax, dtype=np.float64))
-    weight_absmax = _weight_absmax(weights, act_absmax.shape[0])
+    check_weights(weights, act_absmax.shape[0])
+    weight_absmax = np.max([np.abs(np.asarray(w, np.float64)).max(axis=1) for w in weights], axis=0)
     live = (act_absmax > 0) & (weight_absmax > 0)
     s = np.ones_like(act_absmax)
     s[live] = act_absmax[live] ** alpha / weight_absmax[live] ** (1.0 - alpha)
@@ -109,8 +110,3 @@ def smoothed_output_error(x: np.ndarray, weights: Sequence[np.ndarray], referenc
         diff = (xq @ wq - reference).astype(np.float64)
         error += float(np.sum(diff * diff))
     return error
-
-
-def _weight_absmax(weights: Sequence[np.ndarray], k: int) -> np.ndarray:
-    check_weights(weights, k)
-    return np.max([np.abs(np.asarray(w, np.float64)).max(axis=1) for w in weights], axis=0)
