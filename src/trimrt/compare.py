@@ -29,8 +29,7 @@ class OutputMetrics:
 
 def sample_cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
     """Cosine similarity per sample (first axis), float64; 1 where both are zero."""
-    g = got.astype(np.float64).reshape(got.shape[0], -1) if got.ndim else got.astype(np.float64).reshape(1, 1)
-    r = ref.astype(np.float64).reshape(ref.shape[0], -1) if ref.ndim else ref.astype(np.float64).reshape(1, 1)
+    g, r = (a.astype(np.float64).reshape(a.shape[0] if a.ndim else 1, -1) for a in (got, ref))
     denom = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
     return np.where(denom > 0, (g * r).sum(axis=1) / np.maximum(denom, 1e-30), 1.0)
 
