@@ -11,14 +11,11 @@ import pkgutil
 
 from .base import DOMAIN, OP_VERSION, OpDef
 
-#: modules of this package that are not ops
-_NOT_OPS = {"base", "builder", "span", "tensorrt_glue", "kernels"}
-
 
 def _discover() -> dict[str, OpDef]:
     ops = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name in _NOT_OPS or info.name.startswith("_"):
+        if info.ispkg or info.name.startswith("_"):
             continue
         op = getattr(importlib.import_module(f"{__name__}.{info.name}"), "OP", None)
         if isinstance(op, OpDef):

@@ -45,11 +45,6 @@ VAR_MIN = float(np.float32(0.01))
 VAR_MAX = float(np.float32(0.7))
 
 
-def important_count(span: int) -> int:
-    """Important tokens of a span: ceil(span / 2)."""
-    return (span + 1) // 2
-
-
 def importance(probs: np.ndarray, *, iterations: int, var_min: float, var_max: float) -> np.ndarray:
     """I-stage: [B, H, N, N] probabilities -> importance [B, N] (float64)."""
     p = probs.astype(np.float64)
@@ -85,7 +80,7 @@ def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min
     imp = importance(probs, iterations=iterations, var_min=var_min, var_max=var_max)
     score = imp.copy()
     span_imp = imp[:, protect:end]
-    m = important_count(end - protect)
+    m = (end - protect + 1) // 2  # important tokens: ceil(span / 2)
     order = np.argsort(-span_imp, axis=1, kind="stable")  # ties: lower index first
     x = metric[:, protect:end].astype(np.float64)
     c = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), NORM_EPS)
@@ -162,9 +157,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("probs", "attention probabilities [B, H, N, N] (rows sum to 1)"),
         TensorSpec("metric", "similarity features [B, N, C] (head-mean keys)"),
@@ -177,8 +171,4 @@ OP = OpDef(
         AttrSpec("protect", int, "start of the scored span: tokens before it get their importance", 0),
         AttrSpec("span_end", int, "end of the scored span (exclusive); 0 means N", 0),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.attention_page_rank:run",
-    examples=examples,
 )

@@ -55,9 +55,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("q", "queries [B, H, Nq, Dh] (possibly pre-scaled)"),
         TensorSpec("k_t", "transposed keys [B, H, Dh, N] (possibly pre-scaled)"),
@@ -68,8 +67,4 @@ OP = OpDef(
         AttrSpec("row", int, "query row: 0 for CLS (EViT), -1 for the last token (FastV)", 0),
         AttrSpec("scale", float, "multiplier applied to q·kᵀ before the mask and softmax", 1.0),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.attention_row_score:run",
-    examples=examples,
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -105,6 +106,17 @@ class OpDef:
         """Run the Triton kernel (torch tensors in and out); needs torch and triton."""
         values = self.check_call(inputs, attrs)
         return _resolve(self.triton)(*inputs, **values)
+
+    @classmethod
+    def of_module(cls, module: str, **fields: Any) -> OpDef:
+        """The OpDef of the op module named `module` (its `__name__`), by convention: the
+        module's `NAME`, docstring, `reference`, `decompose` and `examples`, and the kernel
+        `<package>.kernels.<module>:run`; `fields` give the schema and override any of these."""
+        found = sys.modules[module]
+        package, _, short = module.rpartition(".")
+        conventional = dict(name=found.NAME, doc=found.__doc__, reference=found.reference, decompose=found.decompose,
+                            examples=found.examples, triton=f"{package}.kernels.{short}:run")
+        return cls(**{**conventional, **fields})
 
 
 def _resolve(target: str) -> Callable:

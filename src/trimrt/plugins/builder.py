@@ -90,8 +90,7 @@ class Builder(tape.Tape):
         """A node of the trimrt op `op` (an OpDef): attributes are checked against its
         schema (defaults filled, unknown ones refused); returns all its outputs."""
         values = op.attribute_values(attributes)
-        return self.op_multi_out(op.name, inputs, values, num_outputs=len(op.outputs), domain=DOMAIN,
-                                 name=name or self._fresh(op.name))
+        return self.op_multi_out(op.name, inputs, values, num_outputs=len(op.outputs), domain=DOMAIN, name=name)
 
     def const(self, value, dtype=np.int64, *, name: str | None = None) -> ir.Value:
         """A constant tensor (`dtype` None: the array's own): an initializer of `graph`
@@ -124,19 +123,19 @@ class Builder(tape.Tape):
         """A graph attribute (a Loop body): `body(builder, *inputs)` returns its outputs;
         each input / output is (name, dtype or None, shape or None)."""
         sub = Builder(self._attributes, self._counter, prefix=self.prefix, tag=self.tag)
-        ins = [_value(*spec) for spec in inputs]
+        ins = [_typed(ir.Value(), *spec) for spec in inputs]
         outs = list(body(sub, *ins))
-        for value, (out_name, dtype, shape) in zip(outs, outputs):
-            value.name = out_name
-            if dtype is not None:
-                value.type, value.shape = ir.TensorType(dtype), ir.Shape(shape) if shape is not None else None
+        for value, spec in zip(outs, outputs):
+            _typed(value, *spec)
         return ir.Graph(ins, outs, nodes=sub.nodes, name=name)
 
 
-def _value(name: str, dtype: ir.DataType | None, shape: tuple | None) -> ir.Value:
-    if dtype is None:
-        return ir.Value(name=name)
-    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape) if shape is not None else None)
+def _typed(value: ir.Value, name: str, dtype: ir.DataType | None, shape: tuple | None) -> ir.Value:
+    """`value` named `name`, with the type and shape given (dtype None: left as they are)."""
+    value.name = name
+    if dtype is not None:
+        value.type, value.shape = ir.TensorType(dtype), ir.Shape(shape) if shape is not None else None
+    return value
 
 
 def build_function(domain: str, name: str, opset: int, inputs: Sequence[str], outputs: Sequence[str],

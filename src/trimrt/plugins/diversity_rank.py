@@ -132,14 +132,9 @@ def examples(rng):
              dict(keep=0, protect=2, span_end=15, keep_ratio=0.25))]
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(TensorSpec("x", "tokens [B, N, D]"),),
     outputs=(TensorSpec("score", "[B, N]: k - t for the t-th greedy pick of the span, 0 elsewhere"),),
     attributes=selection_attributes("picked"),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.diversity_rank:run",
-    examples=examples,
 )

@@ -117,9 +117,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("score", "token scores [B, N], >= 0"),
         TensorSpec("kept_index", "input tokens kept by a TokenPrune with the upper bound k_max [B, M]", "int64"),
@@ -133,8 +132,4 @@ OP = OpDef(
         AttrSpec("protect", int, "start of the span: tokens before it are always valid", 0),
         AttrSpec("span_end", int, "end of the span (exclusive); 0 means N", 0),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.mass_mask:run",
-    examples=examples,
 )

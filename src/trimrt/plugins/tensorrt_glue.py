@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import BackendUnavailableError
-from .base import DOMAIN, OP_VERSION, OpDef
+from .base import DOMAIN, OP_VERSION, OpDef, _resolve
 
 _LOCK = threading.Lock()
 _REGISTERED: set[str] = set()
@@ -56,14 +56,24 @@ def plugin_id(op: OpDef) -> str:
 
 def spec_for(op: OpDef) -> _PluginSpec:
     """The op's TensorRT hooks: `trt_output_shapes` and `trt_aot` of its kernel module."""
-    kernels = _kernel_module(op)
+    kernels = importlib.import_module(op.triton.partition(":")[0])
     return _PluginSpec(op, kernels.trt_output_shapes, kernels.trt_aot)
 
 
 def register(op: OpDef) -> None:
     """Register "trimrt::<op>" with TensorRT (idempotent)."""
-    _tensorrt()  # the clear error first, before importing the kernels
-    _register(spec_for(op))
+    trt, trtp = _tensorrt()  # the clear error first, before importing the kernels
+    spec, pid = spec_for(op), plugin_id(op)
+    assert OP_VERSION == 1, "tensorrt.plugin registers every plugin as version 1"
+    with _LOCK:
+        if pid in _REGISTERED or _already_defined(trtp, op.name):
+            _REGISTERED.add(pid)
+            return
+        trtp.register(pid)(_descriptor(spec, trt, trtp))
+        trtp.impl(pid)(_jit_impl(spec, trtp))
+        if hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams"):
+            trtp.aot_impl(pid)(_aot_impl(spec, trtp))
+        _REGISTERED.add(pid)
 
 
 def register_all() -> None:
@@ -91,21 +101,6 @@ def _tensorrt():
 def _already_defined(trtp, name: str) -> bool:
     namespace = getattr(getattr(trtp, "op", None), DOMAIN, None)
     return namespace is not None and hasattr(namespace, name)
-
-
-def _register(spec: _PluginSpec) -> None:
-    trt, trtp = _tensorrt()
-    op, pid = spec.op, plugin_id(spec.op)
-    assert OP_VERSION == 1, "tensorrt.plugin registers every plugin as version 1"
-    with _LOCK:
-        if pid in _REGISTERED or _already_defined(trtp, op.name):
-            _REGISTERED.add(pid)
-            return
-        trtp.register(pid)(_descriptor(spec, trt, trtp))
-        trtp.impl(pid)(_jit_impl(spec, trtp))
-        if hasattr(trtp, "aot_impl") and hasattr(trtp, "KernelLaunchParams"):
-            trtp.aot_impl(pid)(_aot_impl(spec, trtp))
-        _REGISTERED.add(pid)
 
 
 def _params(op: OpDef, tensor_type=inspect.Parameter.empty, attr_types: bool = False, extra=()):
@@ -152,10 +147,6 @@ def _descriptor(spec: _PluginSpec, trt, trtp):
     return _generated(describe, f"{op.name}_describe", signature)
 
 
-def _kernel_module(op: OpDef):
-    return importlib.import_module(op.triton.partition(":")[0])
-
-
 def _jit_impl(spec: _PluginSpec, trtp):
     op = spec.op
     signature = inspect.Signature(_params(op, extra=("outputs", "stream")), return_annotation=None)
@@ -164,7 +155,7 @@ def _jit_impl(spec: _PluginSpec, trtp):
         import torch
 
         inputs, attrs, bound = _bind(signature, op, args, kwargs)
-        run = getattr(_kernel_module(op), op.triton.partition(":")[2])
+        run = _resolve(op.triton)
         with torch.cuda.stream(torch.cuda.ExternalStream(int(bound["stream"]))):
             tensors = [torch.as_tensor(inputs[t.name], device="cuda") for t in op.inputs]
             outputs = tuple(torch.as_tensor(o, device="cuda") for o in bound["outputs"])

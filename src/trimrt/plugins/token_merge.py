@@ -185,9 +185,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("x", "tokens [B, N, D]"),
         TensorSpec("metric", "matching features [B, N, C] (ToMe: head-mean keys)"),
@@ -203,8 +202,4 @@ OP = OpDef(
         AttrSpec("protect", int, "leading tokens never merged away nor merged into (CLS)", 1),
         AttrSpec("ratio", float, "when r == 0: merge floor(ratio · N) tokens (text of any length)", 0.0),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.token_merge:run",
-    examples=examples,
 )

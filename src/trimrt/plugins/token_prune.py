@@ -97,9 +97,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("x", "tokens [B, N, D]"),
         TensorSpec("score", "token scores [B, N], higher = more important"),
@@ -110,8 +109,4 @@ OP = OpDef(
         TensorSpec("fused", "score-weighted sum of the dropped tokens [B, 1, D]"),
     ),
     attributes=selection_attributes("kept"),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.token_prune:run",
-    examples=examples,
 )

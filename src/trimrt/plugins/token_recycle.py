@@ -166,9 +166,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("x", "tokens [B, N, D]"),
         TensorSpec("score", "token scores [B, N], >= 0, higher = more important"),
@@ -185,8 +184,4 @@ OP = OpDef(
         AttrSpec("patch_cols", int, "columns of the original patch layout"),
         AttrSpec("first_patch", int, "original position of patch (0, 0)", 1),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.token_recycle:run",
-    examples=examples,
 )

@@ -69,9 +69,8 @@ def examples(rng):
     return cases
 
 
-OP = OpDef(
-    name=NAME,
-    doc=__doc__,
+OP = OpDef.of_module(
+    __name__,
     inputs=(
         TensorSpec("x", "tokens [B, N, D]"),
         TensorSpec("ln_scale", "LayerNorm scale [D]"),
@@ -86,8 +85,4 @@ OP = OpDef(
         AttrSpec("epsilon", float, "LayerNorm epsilon", EPSILON_DEFAULT),
         AttrSpec("scale", float, "factor on the MLP output before the softmax (1 / temperature)", 1.0),
     ),
-    reference=reference,
-    decompose=decompose,
-    triton="trimrt.plugins.kernels.token_slim:run",
-    examples=examples,
 )

@@ -9,8 +9,10 @@ TensorRT plugin glue. Every module exposes
   supply the output buffers;
 - `scalar_args`, `grid`, `constexprs`: the kernel's launch arguments computed from the
   input shapes, written so that they work on plain ints (here) and on TensorRT symbolic
-  shape expressions (the plugin's `aot_impl`), so both paths launch the same kernel the
-  same way;
+  shape expressions (the plugin's `aot_impl`, `sym` = `tensorrt.plugin`), so both paths
+  launch the same kernel the same way (shape expressions have +, -, * and // but no
+  reflected operators: keep them on the left); a selection op's span and k are
+  `span.Span`'s, on both, so they always equal TokenPrune's;
 - `compile_kernel(...)`: ahead-of-time compilation of that kernel (PTX for `aot_impl`);
 - the TensorRT hooks `trt_output_shapes` and `trt_aot`.
 

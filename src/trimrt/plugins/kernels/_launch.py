@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 from ...errors import BackendUnavailableError
 
@@ -27,6 +28,20 @@ def output_buffers(op: str, out, device, *wanted: tuple[tuple, torch.dtype]) -> 
     if got != shapes:
         raise ValueError(f"{op}: output buffers {got} are not {shapes}")
     return tuple(out)
+
+
+@triton.jit
+def load_tile(ptr, rows, row_mask, cols, col_mask, row_stride):
+    """ptr[rows, cols] of a row-major matrix of `row_stride` columns, 0 where a mask is off."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, rows, row_mask, cols, col_mask, row_stride, value):
+    """ptr[rows, cols] = value (in ptr's element type) where both masks are on."""
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], value.to(ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 def without_features(run, x, *inputs, outs: tuple, **attrs) -> tuple:

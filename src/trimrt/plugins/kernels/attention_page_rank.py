@@ -30,7 +30,7 @@ import triton.language as tl
 from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS
 from ..attention_page_rank import check_call as reference_checks
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
 
 #: elements of one [BLOCK_I, BLOCK_N] tile
 TILE = 4096
@@ -58,8 +58,7 @@ def attention_page_rank_kernel(p_ptr, m_ptr, H, N, C, iterations, protect, end, 
             for i0 in range(0, N, BLOCK_I):
                 i = i0 + tl.arange(0, BLOCK_I)
                 s_i = tl.sum(tl.where(i[:, None] == j[None, :], s[None, :], 0.0), axis=1)
-                a = tl.load(p_head + i[:, None] * N + j[None, :],
-                            mask=(i < N)[:, None] & j_valid[None, :], other=0.0).to(tl.float32)
+                a = load_tile(p_head, i, i < N, j, j_valid, N).to(tl.float32)
                 s_next += tl.sum(a * s_i[:, None], axis=0)
             s = s_next
         ns = s * n_f
@@ -107,9 +106,6 @@ def attention_page_rank_kernel(p_ptr, m_ptr, H, N, C, iterations, protect, end, 
 
 
 # ------------------------------------------------------ launch geometry (ints or symbolic)
-# These work on plain ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin`):
-# the AOT launch arguments come from the same functions as `run`'s. Shape expressions
-# have +, -, * and // but no reflected operators: keep them on the left.
 
 
 def check_call(probs_shape, metric_shape=None, **attrs) -> None:

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..span import times
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
 
 MAX_BLOCK_DH = 32
 
@@ -41,19 +41,13 @@ def attention_row_score_kernel(q_ptr, kt_ptr, mask_ptr, H, Nq, Dh, N, row,
             d = d0 + tl.arange(0, BLOCK_DH)
             d_mask = d < Dh
             qv = tl.load(q_row + d, mask=d_mask, other=0.0).to(tl.float32)
-            kv = tl.load(k_base + d[:, None] * N + n[None, :],
-                         mask=d_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+            kv = load_tile(k_base, d, d_mask, n, n_mask, N).to(tl.float32)
             logits += tl.sum(qv[:, None] * kv, axis=0)
         m = tl.load(mask_b + h * mask_sh + n * mask_sn, mask=n_mask, other=0.0).to(tl.float32)
         logits = tl.where(n_mask, logits * scale + m, float("-inf"))
         p = tl.exp(logits - tl.max(logits, axis=0))
         acc += p / tl.sum(p, axis=0)
     tl.store(out_ptr + b * N + n, (acc / H).to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-def _row_index(row: int, nq):
-    """Non-negative query row; `nq` may be an int or a symbolic shape expression."""
-    return row if row >= 0 else nq + row
 
 
 def _not_one(dim, sym):
@@ -72,7 +66,7 @@ def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
     (size-1) dimensions, and the offset of the row the op reads."""
     _, h, nq, dh = q_shape
     mb, mh, mq, mn = mask_shape
-    row_index = _row_index(row, nq)
+    row_index = row if row >= 0 else nq + row  # nq: an int or a shape expression
     s_h = times(mq, mn)  # a head of the mask (a row is mn elements)
     s_b = times(mh, s_h)
     row_offset = times(times(row_index, _not_one(mq, sym)), mn)  # row 0 of a one-row mask

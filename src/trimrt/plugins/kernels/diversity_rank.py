@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..diversity_rank import NAME, NORM_EPS
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
 
 #: tiles of the first pick's Gram matrix (tl.dot needs every dimension >= 16)
 BLOCK_TILE = 16
@@ -49,8 +49,7 @@ def _distance_row(row_base, x_span, s, s_valid, inv_norm, inv_norm_p, D,
         d = d0 + tl.arange(0, BLOCK_DR)
         d_mask = d < D
         xp = tl.load(row_base + d, mask=d_mask, other=0.0).to(tl.float32)
-        xs = tl.load(x_span + s[:, None] * D + d[None, :], mask=s_valid[:, None] & d_mask[None, :],
-                     other=0.0).to(tl.float32)
+        xs = load_tile(x_span, s, s_valid, d, d_mask, D).to(tl.float32)
         dots += tl.sum(xs * xp[None, :], axis=1)
     return 1.0 - dots * inv_norm * inv_norm_p
 
@@ -79,10 +78,8 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_mask = d < D
-                xi = tl.load(x_span + i[:, None] * D + d[None, :], mask=i_valid[:, None] & d_mask[None, :],
-                             other=0.0).to(tl.float32)
-                xj = tl.load(x_span + j[:, None] * D + d[None, :], mask=j_valid[:, None] & d_mask[None, :],
-                             other=0.0).to(tl.float32)
+                xi = load_tile(x_span, i, i_valid, d, d_mask, D).to(tl.float32)
+                xj = load_tile(x_span, j, j_valid, d, d_mask, D).to(tl.float32)
                 gram += tl.dot(xi, tl.trans(xj), input_precision="ieee")
                 sq_i += tl.sum(xi * xi, axis=1)
                 sq_j += tl.sum(xj * xj, axis=1)
@@ -104,8 +101,7 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
     sq = tl.zeros([BLOCK_S], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_DR):
         d = d0 + tl.arange(0, BLOCK_DR)
-        xs = tl.load(x_span + s[:, None] * D + d[None, :], mask=s_valid[:, None] & (d < D)[None, :],
-                     other=0.0).to(tl.float32)
+        xs = load_tile(x_span, s, s_valid, d, d < D, D).to(tl.float32)
         sq += tl.sum(xs * xs, axis=1)
     inv_norm = 1.0 / tl.maximum(tl.sqrt(sq), NORM_EPS)
     inv_first = tl.sum(tl.where(s == first, inv_norm, 0.0), axis=0)
@@ -129,8 +125,6 @@ def diversity_rank_kernel(x_ptr, N, D, keep, protect, end, score_ptr,
 
 
 # ------------------------------------------------- launch (ints or shape expressions)
-# The span and k are TokenPrune's (`Span`, on ints and on TensorRT shape expressions),
-# so k here always equals TokenPrune's.
 
 
 def scalar_args(x_shape, *, sym=None, **attrs) -> list:

@@ -25,24 +25,22 @@ import triton.language as tl
 from ..mass_mask import NAME, TOLERANCE, check_attributes
 from ..span import Span
 from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+from .token_prune import span_rank
 
 MAX_BLOCK_N = 64
 
 
 @triton.jit
-def _rank_and_mass(s_row_ptr, s_i, i, protect, end, BLOCK_J: tl.constexpr):
-    """(#{span j beating i}, Σ s_j over them in float64) for a chunk of tokens i."""
-    rank = tl.zeros(s_i.shape, dtype=tl.int32)
+def _mass_above(s_row_ptr, s_i, i, protect, end, BLOCK_J: tl.constexpr):
+    """Σ s_j in float64 over the span tokens j beating i (`span_rank`'s) for a chunk of tokens i."""
     mass = tl.zeros(s_i.shape, dtype=tl.float64)
     for j0 in range(protect, end, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         j_valid = j < end
         s_j = tl.load(s_row_ptr + j, mask=j_valid, other=0.0)
         beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (j[None, :] < i[:, None]))
-        beats = beats & j_valid[None, :]
-        rank += tl.sum(beats.to(tl.int32), axis=1)
-        mass += tl.sum(tl.where(beats, s_j.to(tl.float64)[None, :], 0.0), axis=1)
-    return rank, mass
+        mass += tl.sum(tl.where(beats & j_valid[None, :], s_j.to(tl.float64)[None, :], 0.0), axis=1)
+    return mass
 
 
 @triton.jit
@@ -65,8 +63,7 @@ def mass_mask_kernel(s_ptr, idx_ptr, N, M, protect, end, tau, valid_ptr, count_p
         i = i0 + tl.arange(0, BLOCK_I)
         i_valid = i < end
         s_i = tl.load(s_row + i, mask=i_valid, other=0.0)
-        _, mass = _rank_and_mass(s_row, s_i, i, protect, end, BLOCK_J)
-        cum = mass + s_i.to(tl.float64)
+        cum = _mass_above(s_row, s_i, i, protect, end, BLOCK_J) + s_i.to(tl.float64)
         below += tl.sum((i_valid & (cum / den < threshold)).to(tl.int32), axis=0)
     count = tl.where(has_mass, tl.minimum(below + 1, span), span)
     tl.store(count_ptr + b, count.to(tl.int64))
@@ -78,8 +75,7 @@ def mass_mask_kernel(s_ptr, idx_ptr, N, M, protect, end, tau, valid_ptr, count_p
         in_span = t_valid & (idx >= protect) & (idx < end)
         idx_safe = tl.where(in_span, idx, protect)
         s_t = tl.load(s_row + idx_safe, mask=in_span, other=0.0)
-        rank, _ = _rank_and_mass(s_row, s_t, idx_safe, protect, end, BLOCK_J)
-        valid = (~in_span) | (rank < count)
+        valid = (~in_span) | (span_rank(s_row, s_t, idx_safe, protect, end, BLOCK_J) < count)
         tl.store(valid_ptr + b * M + t, valid.to(valid_ptr.dtype.element_ty), mask=t_valid)
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..token_merge import check_r, merged_count
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, store_tile, triton_types, without_features
 
 #: tl.dot needs every block dimension >= 16
 MIN_BLOCK = 16
@@ -55,8 +55,7 @@ def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, 
     sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        ma = tl.load(metric_row + (2 * i)[:, None] * C + c[None, :],
-                     mask=a_valid[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
+        ma = load_tile(metric_row, 2 * i, a_valid, c, c < C, C).to(tl.float32)
         sq_a += tl.sum(ma * ma, axis=1)
     norm_a = tl.where(a_valid, tl.sqrt(sq_a), 1.0)
     a_blocked = (2 * i) < protect
@@ -68,18 +67,15 @@ def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, 
         sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            mb = tl.load(metric_row + (2 * j + 1)[:, None] * C + c[None, :],
-                         mask=b_valid[:, None] & (c < C)[None, :], other=0.0).to(tl.float32)
+            mb = load_tile(metric_row, 2 * j + 1, b_valid, c, c < C, C).to(tl.float32)
             sq_b += tl.sum(mb * mb, axis=1)
         norm_b = tl.where(b_valid, tl.sqrt(sq_b), 1.0)
         scores = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_valid = c < C
-            ma = tl.load(metric_row + (2 * i)[:, None] * C + c[None, :],
-                         mask=a_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32) / norm_a[:, None]
-            mb = tl.load(metric_row + (2 * j + 1)[:, None] * C + c[None, :],
-                         mask=b_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32) / norm_b[:, None]
+            ma = load_tile(metric_row, 2 * i, a_valid, c, c_valid, C).to(tl.float32) / norm_a[:, None]
+            mb = load_tile(metric_row, 2 * j + 1, b_valid, c, c_valid, C).to(tl.float32) / norm_b[:, None]
             scores += tl.dot(ma, tl.trans(mb), input_precision="ieee")
         blocked = a_blocked[:, None] | ((2 * j + 1) < protect)[None, :] | (j >= nb)[None, :]
         scores = tl.where(blocked, float("-inf"), scores)
@@ -104,31 +100,25 @@ def token_merge_kernel(x_ptr, metric_ptr, size_ptr, N, D, C, r, protect, y_ptr, 
     # 3. merge this block of features: kept A rows, then every B row with what merged into it
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_valid = d < D
-    xa = tl.load(x_ptr + (b * N + 2 * i)[:, None] * D + d[None, :],
-                 mask=a_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+    xa = load_tile(x_ptr, b * N + 2 * i, a_valid, d, d_valid, D).to(tl.float32)
     xs_a = xa * size_a[:, None]
-    tl.store(y_ptr + (b * m_out + slot)[:, None] * D + d[None, :],
-             (xs_a / size_a[:, None]).to(y_ptr.dtype.element_ty), mask=kept[:, None] & d_valid[None, :])
+    store_tile(y_ptr, b * m_out + slot, kept, d, d_valid, D, xs_a / size_a[:, None])
     for j0 in range(0, nb, BLOCK_B):
         j = j0 + tl.arange(0, BLOCK_B)
         b_valid = j < nb
         hit = (merged[:, None] & (best_j[:, None] == j[None, :])).to(tl.float32)  # [BLOCK_A, BLOCK_B]
         size_b = tl.load(size_ptr + b * N + 2 * j + 1, mask=b_valid, other=1.0).to(tl.float32)
-        xb = tl.load(x_ptr + (b * N + 2 * j + 1)[:, None] * D + d[None, :],
-                     mask=b_valid[:, None] & d_valid[None, :], other=0.0).to(tl.float32)
+        xb = load_tile(x_ptr, b * N + 2 * j + 1, b_valid, d, d_valid, D).to(tl.float32)
         total = xb * size_b[:, None] + tl.dot(tl.trans(hit), xs_a, input_precision="ieee")
         size_total = size_b + tl.sum(hit * size_a[:, None], axis=0)
         out_slot = na - r + j
-        tl.store(y_ptr + (b * m_out + out_slot)[:, None] * D + d[None, :],
-                 (total / size_total[:, None]).to(y_ptr.dtype.element_ty), mask=b_valid[:, None] & d_valid[None, :])
+        store_tile(y_ptr, b * m_out + out_slot, b_valid, d, d_valid, D, total / size_total[:, None])
         b_first = b_valid & ((j * 0 + pid_d) == 0)
         tl.store(idx_ptr + b * m_out + out_slot, (2 * j + 1).to(tl.int64), mask=b_first)
         tl.store(size_out_ptr + b * m_out + out_slot, size_total.to(size_out_ptr.dtype.element_ty), mask=b_first)
 
 
 # ------------------------------------------------------------ counts (ints or symbolic)
-# Shape arithmetic on plain ints and on TensorRT shape expressions alike (those have
-# +, -, * and // but no reflected operators: keep them on the left).
 
 
 def check_attributes(n, *, r: int, protect: int, ratio: float) -> None:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, store_tile, triton_types, without_features
 
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
@@ -72,9 +72,8 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, f
         first_block = (tl.zeros([BLOCK_I], dtype=tl.int32) + pid_d) == 0
         tl.store(idx_ptr + b * m + slot, i.to(tl.int64), mask=kept & first_block)
         # 3. gather the kept rows
-        rows = tl.load(x_ptr + (b * N + i)[:, None] * D + d[None, :],
-                       mask=i_valid[:, None] & d_mask[None, :], other=0.0)
-        tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], rows, mask=kept[:, None] & d_mask[None, :])
+        rows = load_tile(x_ptr, b * N + i, i_valid, d, d_mask, D)
+        store_tile(y_ptr, b * m + slot, kept, d, d_mask, D, rows)
         # 4. fuse the dropped span rows
         w = tl.where(in_span & (rank >= keep), s_i.to(tl.float32), 0.0)
         fused += tl.sum(w[:, None] * rows.to(tl.float32), axis=0)
@@ -82,8 +81,6 @@ def token_prune_kernel(x_ptr, s_ptr, N, D, keep, protect, end, y_ptr, idx_ptr, f
 
 
 # ------------------------------------------------- launch (ints or shape expressions)
-# The span and k are `Span`'s (ints, or TensorRT shape expressions with `sym`): the
-# plugin's output shapes and AOT launch arguments come from the same code as `run`'s.
 
 
 def scalar_args(x_shape, score_shape, *, sym=None, **attrs) -> list:

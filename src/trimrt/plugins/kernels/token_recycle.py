@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..span import Span
 from ..token_recycle import NAME, check_attributes
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types, without_features
+from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, store_tile, triton_types, without_features
 from .token_prune import span_rank
 
 MAX_BLOCK_N = 64
@@ -91,9 +91,8 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
         slot = tl.where(i >= end, slot + cells, slot)
         first_block = (tl.zeros([BLOCK_I], dtype=tl.int32) + pid_d) == 0
         tl.store(idx_ptr + b * m + slot, i.to(tl.int64), mask=kept & first_block)
-        rows = tl.load(x_ptr + (b * N + i)[:, None] * D + d[None, :],
-                       mask=kept[:, None] & d_mask[None, :], other=0.0)
-        tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], rows, mask=kept[:, None] & d_mask[None, :])
+        rows = load_tile(x_ptr, b * N + i, kept, d, d_mask, D)
+        store_tile(y_ptr, b * m + slot, kept, d, d_mask, D, rows)
     # 2. the cell tokens, BLOCK_C cells at a time
     for c0 in range(0, cells, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
@@ -120,8 +119,7 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
             s32 = s_t.to(tl.float32)
             w = tl.where(dropped_member, s32[:, None], 0.0)
             one = member.to(tl.float32)
-            rows = tl.load(x_ptr + (b * N + t)[:, None] * D + d[None, :],
-                           mask=t_valid[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            rows = load_tile(x_ptr, b * N + t, t_valid, d, d_mask, D).to(tl.float32)
             sum_w += tl.sum(w[:, :, None] * rows[:, None, :], axis=0)
             sum_m += tl.sum(one[:, :, None] * rows[:, None, :], axis=0)
             total_w += tl.sum(w, axis=0)
@@ -133,17 +131,13 @@ def token_recycle_kernel(x_ptr, s_ptr, pos_ptr, N, D, keep, protect, end, grid_s
         mean_m = sum_m / tl.maximum(count, 1.0)[:, None]
         value = tl.where(weighted[:, None], mean_w, mean_m)
         slot = protect + keep + c
-        tl.store(y_ptr + (b * m + slot)[:, None] * D + d[None, :], value.to(y_ptr.dtype.element_ty),
-                 mask=c_valid[:, None] & d_mask[None, :])
+        store_tile(y_ptr, b * m + slot, c_valid, d, d_mask, D, value)
         representative = tl.where(has_drop, best_drop_i, tl.where(has_mem, best_mem_i, protect))
         first_block = (tl.zeros([BLOCK_C], dtype=tl.int32) + pid_d) == 0
         tl.store(idx_ptr + b * m + slot, representative.to(tl.int64), mask=c_valid & first_block)
 
 
 # ------------------------------------------------- launch (ints or shape expressions)
-# As in kernels/token_prune.py: the span and k are `Span`'s (ints, or TensorRT shape
-# expressions with `sym`), so the plugin's output shapes and AOT scalars and `run`'s
-# launch come from the same code.
 
 
 def out_tokens(n, attrs, sym=None):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ...errors import BackendUnavailableError
-from ._launch import aot_compile, block, output_buffers
+from ._launch import aot_compile, block, load_tile, output_buffers
 
 MAX_BLOCK_N = 64
 MAX_BLOCK_D = 64
@@ -53,8 +53,7 @@ def token_slim_mix_kernel(logits_ptr, x_ptr, N, M, D, y_ptr, BLOCK_N: tl.constex
         n_mask = n < N
         l = tl.load(column + n * M, mask=n_mask, other=float("-inf")).to(tl.float32)
         p = tl.exp(l - run_max) / run_sum
-        rows = tl.load(x_ptr + (b * N + n)[:, None] * D + d[None, :],
-                       mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        rows = load_tile(x_ptr, b * N + n, n_mask, d, d_mask, D).to(tl.float32)
         acc += tl.sum(p[:, None] * rows, axis=0)
     tl.store(y_ptr + (b * M + m) * D + d, acc.to(y_ptr.dtype.element_ty), mask=d_mask)
 
@@ -82,8 +81,7 @@ def check_shapes(x_shape, ln_scale_shape, ln_bias_shape, w1_shape, b1_shape, w2_
         raise ValueError(f"TokenSlim: w1 and w2 must be matrices, got {tuple(w1_shape)}, {tuple(w2_shape)}")
     hd, m = w1_shape[1], w2_shape[1]
     want = {"ln_scale": (d,), "ln_bias": (d,), "w1": (d, hd), "b1": (hd,), "w2": (hd, m), "b2": (m,)}
-    got = {"ln_scale": ln_scale_shape, "ln_bias": ln_bias_shape, "w1": w1_shape, "b1": b1_shape,
-           "w2": w2_shape, "b2": b2_shape}
+    got = dict(zip(want, (ln_scale_shape, ln_bias_shape, w1_shape, b1_shape, w2_shape, b2_shape)))
     bad = {k: tuple(v) for k, v in got.items() if tuple(v) != want[k]}
     if bad:
         raise ValueError(f"TokenSlim: for x {tuple(x_shape)} and {m} output tokens, {bad} should be "
