@@ -225,8 +225,7 @@ def realised_keep_ratios(build_dir: Path, manifest: dict, batches: list[dict]) -
     mass = {n.output[1]: n for n in model.graph.node if n.op_type == "MassMask"}
     nodes = [mass[layer["visible_count"]] for layer in layers]
     names = [name for node in nodes for name in (node.output[1], node.input[0])]  # count [B], score [B, N] per layer
-    runner = OnnxRunner(model, names)
-    runs = [runner.run(feeds, names) for feeds in batches]
+    runs = OnnxRunner(model, names).run_all(batches, names)
     report = []
     for layer, node in zip(layers, nodes):
         span_end = next((a.i for a in node.attribute if a.name == "span_end"), 0)  # 0: the score's width, the layer's tokens
