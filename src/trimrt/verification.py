@@ -64,21 +64,21 @@ class _TorchReference:
 
         from .compiler.source import eval_mode
 
-        try:
-            with eval_mode(self.module), torch.no_grad():
+        with eval_mode(self.module), torch.no_grad():
+            try:
                 out = self.module(**{n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names})
-            if isinstance(out, torch.Tensor):
-                out = (out,)
-            elif isinstance(out, Mapping):
-                out = tuple(out.values())
-            elif hasattr(out, "to_tuple"):
-                out = out.to_tuple()
-            return [o.detach().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
-        except Exception as exc:  # noqa: BLE001 - the user's module: name what it raised
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
-                             f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this build "
-                             "was compiled from") from None
+                if isinstance(out, torch.Tensor):
+                    out = (out,)
+                elif isinstance(out, Mapping):
+                    out = tuple(out.values())
+                elif hasattr(out, "to_tuple"):
+                    out = out.to_tuple()
+                return [o.detach().cpu().numpy() for o in out if isinstance(o, torch.Tensor)]
+            except Exception as exc:  # noqa: BLE001 - the user's module: name what it raised
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                raise InputError(f"the PyTorch reference fails on the build's inputs {sorted(feeds)} "
+                                 f"({type(exc).__name__}: {lines[-1][:200] if lines else ''}); pass the model this "
+                                 "build was compiled from") from None
 
 
 def _reference(reference: Any, session: Session):
