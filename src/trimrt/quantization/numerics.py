@@ -36,6 +36,10 @@ def dequantize_int8_per_channel(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)
 
 
+#: float32 q · scale, as ONNX DequantizeLinear of FLOAT8E4M3FN codes with zero point 0 (the same product)
+dequantize_fp8 = dequantize_int8_per_channel
+
+
 def check_weights(weights, k: int) -> None:
     """Refuse an empty list of weights, or one that is not [K, N] for K input channels."""
     if not len(weights):
@@ -126,11 +130,6 @@ def quantize_fp8_per_tensor(x: np.ndarray, scale) -> np.ndarray:
     Returns an ml_dtypes.float8_e4m3fn array (the initializer / output type).
     """
     return _to_fp8(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
-
-
-def dequantize_fp8(q: np.ndarray, scale) -> np.ndarray:
-    """float32 q · scale, as ONNX DequantizeLinear of FLOAT8E4M3FN codes with zero point 0."""
-    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)
 
 
 def fp8_scale(absmax) -> np.ndarray:
