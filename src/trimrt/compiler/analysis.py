@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
@@ -94,10 +95,15 @@ class TransformerMap:
         }
 
 
+def constant_array(value: ir.Value | None) -> np.ndarray | None:
+    """The array of an initializer or Constant output, else None."""
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
 def scalar_constant(value: ir.Value | None) -> float | None:
     """The value of a constant with a single element, else None."""
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
-    arr = None if tensor is None else tensor.numpy()
+    arr = constant_array(value)
     return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 

@@ -122,7 +122,7 @@ def annotate_unknown_dims(model: ir.Model, limits: dict | None = None) -> int:
                 continue
             dims = list(old) if old is not None else [None] * len(a)
             for axis, (x, y) in enumerate(zip(a, b)):
-                if _unknown(dims[axis]):
+                if unknown_dim(dims[axis]):
                     dims[axis] = x if x == y else ("batch" if (x, y) == (PROBE_BATCH, PROBE_BATCH + 2) else f"n{x}_{y}")
             shape = ir.Shape(dims)
             if old is None or list(old) != list(shape):
@@ -131,7 +131,7 @@ def annotate_unknown_dims(model: ir.Model, limits: dict | None = None) -> int:
     return changed
 
 
-def _unknown(dim) -> bool:
+def unknown_dim(dim) -> bool:
     """A dimension shape inference could not relate to anything (None, or unk__N)."""
     name = getattr(dim, "value", dim)
     return name is None or str(name).startswith("unk__")

@@ -1,30 +1,24 @@
 """ONNX Runtime kernel fusion: attention and GELU become ORT's contrib ops.
 
-ONNX Runtime's own graph optimiser does not recognise the attention of dynamo exports,
-so each block runs ~15 small nodes around its two attention MatMuls. onnxscript's
-`ort_fusions` rules (maintained with ONNX Runtime) match those patterns and rewrite them
-into `com.microsoft` MultiHeadAttention and BiasGelu. We apply the fusions that keep the
-Q/K/V projections as separate MatMuls (no packed-QKV `Attention`), so quantized
-projections stay quantized, and only on ONNX Runtime builds (TensorRT has its own
-fusions and does not run contrib ops).
+ONNX Runtime's own optimiser does not recognise the attention of dynamo exports, so each
+block runs ~15 small nodes around its two attention MatMuls. onnxscript's `ort_fusions`
+rules (maintained with ONNX Runtime) rewrite them into `com.microsoft` MultiHeadAttention
+and BiasGelu. Only the fusions that keep the Q/K/V projections as separate MatMuls (no
+packed-QKV `Attention`) apply, so quantized projections stay quantized, and only on ONNX
+Runtime builds (TensorRT has its own fusions and does not run contrib ops).
 
-The rules match one way of writing attention. Other export forms are first brought
-into it (`_canonicalise`): TorchScript exports compute their reshape targets at run time
-(shape inference leaves the head count unknown and names each axis apart, so the
-dimensions are probed and named as the graph inputs name them), guard the softmax with
-a one-element rather than scalar zero and reshape the attention output to its own
-shape; GPT-2 flattens it straight to rows; static GQA exports lose the 4-D key view.
-The report counts the attention blocks left unfused (`attention_unfused`).
+The rules match one way of writing attention; `_canonicalise` first brings the other
+export forms (TorchScript's run-time reshape targets and one-element NaN guard, GPT-2's
+rows, static GQA) into it. The report counts the blocks left unfused (`attention_unfused`).
 
 Skip-LayerNorm is deliberately *not* fused, and the build asks ONNX Runtime not to fuse
-it either (SESSION_SETTINGS, applied by trimrt's runtime and bench from the manifest):
-ORT 1.32's SkipLayerNormalization CPU kernel took 3.9 ms for MiniLM's 12 residual
-LayerNorms at 256 tokens where the plain Add + LayerNormalization take 1.5 ms.
+it either (SESSION_SETTINGS): ORT 1.32's SkipLayerNormalization CPU kernel took 3.9 ms
+for MiniLM's 12 residual LayerNorms at 256 tokens where the plain Add + LayerNormalization
+take 1.5 ms.
 
-Fusion is a float rewrite; it must not change results. The pass checks that: it fuses
-a copy, runs the graph before and after on random inputs, and applies the fusion only
-when every output agrees (relative L2 error ≤ FUSION_TOLERANCE); otherwise it leaves
-the graph as it was and says why in its report.
+Fusion must not change results: the pass fuses a copy, runs both graphs on random inputs
+and applies the fusion only when every output agrees (relative L2 error ≤
+FUSION_TOLERANCE); otherwise it leaves the graph as it was and says why in its report.
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
 from ..compiler.input_limits import INPUT_LIMITS, find_input_limits
-from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims
+from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims, unknown_dim
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
 from ..quantization.encodings import MS_DOMAIN
 from .base import PASS_TAG, TrimrtPass
@@ -46,7 +40,6 @@ log = logging.getLogger(__name__)
 
 #: largest relative L2 difference of any output between the fused and unfused graph
 FUSION_TOLERANCE = 1e-3
-#: contrib-op domain of ONNX Runtime
 #: what fused builds ask of the ONNX Runtime session (manifest "onnxruntime" entry)
 SESSION_SETTINGS = {"disabled_optimizers": ["SkipLayerNormFusion"]}
 
@@ -217,8 +210,7 @@ def _is_op(node: ir.Node | None, *op_types: str) -> bool:
 
 def _known(shape) -> bool:
     """Every axis a number or a symbol shape inference / the probe related to others."""
-    return shape is not None and all(isinstance(d, int) or (getattr(d, "value", None) is not None
-                                                            and not str(d.value).startswith("unk__")) for d in shape)
+    return shape is not None and not any(unknown_dim(d) for d in shape)
 
 
 def _name_probed_axes_as_inputs(model: ir.Model) -> None:
@@ -269,7 +261,7 @@ def _sizes_from_inputs(model: ir.Model) -> int:
     sources = {}
     for value in model.graph.inputs:
         for axis, dim in enumerate(value.shape or []):
-            if isinstance(dim, ir.SymbolicDim) and dim.value and not str(dim.value).startswith("unk__"):
+            if isinstance(dim, ir.SymbolicDim) and not unknown_dim(dim):
                 sources.setdefault(dim.value, (value, axis))
     if not sources:
         return 0

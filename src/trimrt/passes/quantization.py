@@ -1,20 +1,17 @@
 """Quantization of the linear layers: every MatMul of an activation by a constant 2-D
-weight W [K, N] (and every Gemm that is one, plus a bias), after the token passes (pruned and merged graphs quantize the same way).
-
-The pass
-1. finds those MatMuls (MatMuls inside trimrt op functions — activation × activation —
-   stay float);
-2. when the recipe needs data (SmoothQuant, AWQ, GPTQ, static activation scales, the
-   guard), runs the float graph on the calibration feeds and collects the statistics of
-   the activations the MatMuls read;
-3. lets the method decide the numbers (quantization.methods), fitted on statistics
-   on the fit part of the calibration samples, and checks its choices on the held-out
-   part (quantization.holdout: one sample in four; below 8 samples, no split);
-4. with `min_cosine`, runs the fidelity guard (quantization.guard): layers whose
+weight W [K, N] (and every Gemm that is one, plus a bias), after the token passes (pruned
+and merged graphs quantize the same way). MatMuls inside trimrt op functions (activation ×
+activation) stay float. The pass
+1. when the recipe needs data (SmoothQuant, AWQ, GPTQ, static activation scales, the
+   guard), collects the statistics of the activations the MatMuls read on the float graph;
+2. lets the method (quantization.methods) fit the numbers on the fit part of the
+   calibration samples and check its choices on the held-out part (quantization.holdout:
+   one sample in four; below 8 samples, no split);
+3. with `min_cosine`, runs the fidelity guard (quantization.guard): layers whose
    quantization costs most go back to float until the output cosine on the held-out
    calibration samples reaches the bar; the report gives that cosine (`cosine`) and
    the one on fitted samples (`cosine_fit`);
-5. writes each quantized MatMul in the encoding its target runs fastest
+4. writes each quantized MatMul in the encoding its target runs fastest
    (quantization.encodings):
 
    | format | ONNX Runtime | TensorRT |
@@ -37,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compare import mean_cosine
-from ..compiler.analysis import is_constant
+from ..compiler.analysis import constant_array, is_constant
 from ..compiler.onnx_runner import OnnxRunner
 from ..compiler.progress import steps
 from ..errors import BuildError, RecipeError
@@ -172,14 +169,9 @@ class QuantizationPass(TrimrtPass):
                                      else self.calibration.source}
             if split.held_out:
                 report["calibration"].update({"fit": len(split.fit), "held_out": len(split.held_out)})
-        fallback = sum("method" in layer for layer in layers)
-        if fallback:
-            report["matmuls_fallback_rtn"] = fallback
-        if fidelity is not None:
-            report["fidelity"] = fidelity
-        if kept_float:
-            report["kept_float"] = [linears[i].name for i in kept_float]
-        return report
+        optional = {"matmuls_fallback_rtn": sum("method" in layer for layer in layers), "fidelity": fidelity,
+                    "kept_float": [linears[i].name for i in kept_float]}
+        return {**report, **{key: value for key, value in optional.items() if value}}
 
 
 def find_linears(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value, np.ndarray]]:
@@ -194,7 +186,7 @@ def find_linears(graph: ir.Graph) -> list[tuple[ir.Node, ir.Value, np.ndarray]]:
                                        or node.attributes.get_int("transA", 0)):
             continue
         x, w = node.inputs[0], node.inputs[1]
-        weight = _constant_array(w)
+        weight = constant_array(w)
         if weight is None or weight.ndim != 2 or weight.dtype != np.float32 or is_constant(x):
             continue
         if node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
@@ -262,8 +254,8 @@ def _fold_into_layer_norm(b: GraphBuilder, node: ir.Node, s: np.ndarray) -> bool
     """LayerNormalization(x, γ, β) / s == LayerNormalization(x, γ/s, β/s) (new initializers)."""
     if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
         return False
-    gamma = _constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    beta = _constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    gamma = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    beta = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
     if gamma is None or gamma.shape != s.shape:
         return False
     node.replace_input_with(1, constant(b, f"{b.prefix}_ln_scale", (gamma / s).astype(np.float32)))
@@ -284,9 +276,3 @@ class _Evaluator:
         model = ir.serde.deserialize_model(self.original)
         apply_plan(model, find_linears(model.graph), self.plan, quantized, self.builder, self.target)
         return mean_cosine(self.reference, OnnxRunner(runnable_proto(model)).run_all(self.feeds))
-
-
-def _constant_array(value: ir.Value | None) -> np.ndarray | None:
-    """The array of an initializer or Constant output, else None."""
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()

@@ -35,14 +35,17 @@ class TokenGraphPass(TrimrtPass):
     """Base of the token-reducing passes: the model's structure, read from the pipeline's
     context, and a per-call `TokenRewrite` holding the shared graph surgery."""
 
+    exact = False
+
     def __init__(self, options):
         super().__init__()
         self.options = options
 
-    def _rewrite(self, model: ir.Model, layers, table: str) -> TokenRewrite:
+    def _rewrite(self, model: ir.Model, layers) -> TokenRewrite:
         """The structure (analysed once per compile, see structure_of), checked for a token-level
-        rewrite of `layers` (recipe table `table`): the blocks exist, the stream is [batch,
-        tokens, width], the count is known."""
+        rewrite of `layers`: the blocks exist, the stream is [batch, tokens, width], the count
+        is known."""
+        table = self.recipe_table
         tmap = structure_of(model, self.context.shared)
         depth = len(tmap.blocks)
         bad = [i for i in layers if i >= depth]

@@ -29,12 +29,11 @@ from .token_graph import TokenGraphPass, head_mean_keys, ones
 class TokenMergingPass(TokenGraphPass):
     name = "token_merging"
     recipe_table = "token_merging"
-    exact = False
     options: TokenMergingOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        rw = self._rewrite(model, opts.layers, "token_merging")
+        rw = self._rewrite(model, opts.layers)
         schedule = opts.schedule(len(rw.tmap.blocks))
         n = n_orig = rw.tmap.num_tokens
         rw.dims = TokenDims(model, n, self.context.shared)

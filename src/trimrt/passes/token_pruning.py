@@ -1,17 +1,15 @@
 """Token pruning: after (or before) the attention of chosen blocks, keep the top tokens.
 
 Each method (`[token_pruning] method`, a class of `pruning_methods`) is a score op feeding
-a selection op: TokenPrune (top-k of the span, optionally fusing the pruned tokens into
-one), TokenRecycle (recycle), or TokenPrune then MassMask (adaptive). The reduced stream
-replaces the old one for every later use, so the MLP of that block (for divprune, which
-scores the tokens entering the block, the whole block: `layers = [0]` prunes before
-layer 0) and all later blocks run on fewer tokens. Tensors that travel with the tokens
-(masks, RoPE tables: see token_graph) are gathered with the kept indices, so masks follow
-the kept tokens and positions stay the originals.
+a selection op. The reduced stream replaces the old one for every later use, so the MLP
+of that block (for divprune, which scores the tokens entering the block, the whole block:
+`layers = [0]` prunes before layer 0) and all later blocks run on fewer tokens. Tensors
+that travel with the tokens (masks, RoPE tables: see token_graph) are gathered with the
+kept indices, so masks follow the kept tokens and positions stay the originals.
 
-k is a build-time constant when the token count (or the prunable span) is static,
-so TensorRT gets static shapes; for text models whose length is only known at run
-time the ops compute k = ceil(keep · span) themselves.
+k is a build-time constant when the token count (or the prunable span) is static, so
+TensorRT gets static shapes; for text models whose length is only known at run time the
+ops compute k = ceil(keep · span) themselves.
 """
 
 from __future__ import annotations
@@ -29,12 +27,11 @@ from .token_graph import TokenGraphPass
 class TokenPruningPass(TokenGraphPass):
     name = "token_pruning"
     recipe_table = "token_pruning"
-    exact = False
     options: TokenPruningOptions
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        rw = self._rewrite(model, opts.layers, "token_pruning")
+        rw = self._rewrite(model, opts.layers)
         tmap = rw.tmap
         n = n_orig = tmap.num_tokens
         start, end = opts.protected_prefix, opts.span_end

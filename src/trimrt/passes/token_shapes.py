@@ -17,7 +17,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import is_constant
+from ..compiler.analysis import constant_array, is_constant
 from ..errors import BuildError
 from .base import PASS_TAG, GraphBuilder
 
@@ -67,11 +67,10 @@ def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims
         for idx in _SHAPE_INPUTS.get(node.op_type, ()):
             if idx >= len(node.inputs) or node.inputs[idx] is None:
                 continue
-            tensor = ir.convenience.get_const_tensor(node.inputs[idx])
-            if tensor is None:
+            arr = constant_array(node.inputs[idx])
+            if arr is None:
                 rewritten += _free_concat_pieces(b, node, idx, n_orig, count_of, dims)
                 continue
-            arr = tensor.numpy()
             scaled = _token_entries(node, arr, n_orig, dims) if arr.dtype in (np.int64, np.int32) else {}
             if not scaled:
                 continue
@@ -95,9 +94,9 @@ def _free_concat_pieces(b: GraphBuilder, node: ir.Node, idx: int, n_orig: int, c
     axis = _reshape_token_axis(node, n_orig, dims) if node.op_type == "Reshape" else None
     pieces, changed, offset = [], 0, 0
     for piece in concat.inputs:
-        tensor = ir.convenience.get_const_tensor(piece) if piece is not None else None
-        arr = tensor.numpy() if tensor is not None else None
-        size = piece.shape[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
+        arr = constant_array(piece)
+        length = piece.shape[0] if piece is not None and piece.shape is not None and len(piece.shape) == 1 else None
+        size = arr.size if arr is not None else length
         if arr is not None and arr.ndim == 1 and arr.dtype in (np.int64, np.int32) and n_orig in arr:
             entries = {i: 1 for i, v in enumerate(arr) if v == n_orig}
             if axis is not None:  # only the entry the tokens land on
@@ -106,8 +105,7 @@ def _free_concat_pieces(b: GraphBuilder, node: ir.Node, idx: int, n_orig: int, c
                 piece = _runtime_shape(b, node, arr, entries, count_of(node))
                 changed += 1
         pieces.append(piece)
-        if offset is not None:
-            offset = offset + (arr.size if arr is not None else size) if (arr is not None or isinstance(size, int)) else None
+        offset = offset + size if offset is not None and isinstance(size, int) else None
     if not changed:
         return 0
     copy = b.op("Concat", pieces, {"axis": concat.attributes.get_int("axis", 0)},
@@ -277,14 +275,20 @@ def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], 
         idx = b.op("Reshape", [kept_index, ints(shape, f"ishape{axis}")], name=f"{name}_idx{axis}")
         data_shape = b.op("Shape", [out], name=f"{name}_dshape{axis}")
         k_dim = b.op("Shape", [kept_index], {"start": 1, "end": 2}, name=f"{name}_k{axis}")
-        pre = [b.op("Slice", [data_shape, ints([0], f"s0{axis}"), ints([axis], f"e0{axis}")],
-                    name=f"{name}_pre{axis}")] if axis > 0 else []
-        post = [b.op("Slice", [data_shape, ints([axis + 1], f"s1{axis}"), ints([rank], f"e1{axis}")],
-                     name=f"{name}_post{axis}")] if axis < rank - 1 else []
-        full = b.op("Concat", [*pre, k_dim, *post], {"axis": 0}, name=f"{name}_ishape_full{axis}")
+        full = _with_size(b, data_shape, k_dim, axis, rank, lambda vals, tag: ints(vals, f"{tag}{axis}"),
+                          [f"{name}_{part}{axis}" for part in ("pre", "post", "ishape_full")])
         idx_full = b.op("Expand", [idx, full], name=f"{name}_iexpand{axis}")
         out = b.op("GatherElements", [out, idx_full], {"axis": axis}, name=f"{name}_gather{axis}")
     return out
+
+
+def _with_size(b: GraphBuilder, shape: ir.Value, size: ir.Value, axis: int, rank: int, bound, names) -> ir.Value:
+    """Concat(shape[:axis], size, shape[axis + 1:]): the shape of a rank-`rank` tensor with
+    `size` on `axis`. `bound(values, tag)` makes the Slice bounds (tagged s0, e0, s1, e1);
+    `names`: of the Slice before the axis, the Slice after it and the Concat."""
+    pre = [b.op("Slice", [shape, bound([0], "s0"), bound([axis], "e0")], name=names[0])] if axis > 0 else []
+    post = [b.op("Slice", [shape, bound([axis + 1], "s1"), bound([rank], "e1")], name=names[1])] if axis < rank - 1 else []
+    return b.op("Concat", [*pre, size, *post], {"axis": 0}, name=names[2])
 
 
 #: ops that compute with shapes (the arithmetic of dynamic Reshape / Expand targets)
@@ -305,11 +309,11 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
     clone of its shape arithmetic in which Shape(T) (T with one token axis, as `dims`, a
     probe.TokenDims, tells) reports the pruned count, Shape(stream), instead (and an earlier
     layer's marked count is replaced by this one's). Returns the number of values replaced;
-    the new nodes are placed after the producer of `stream` when there are any."""
+    the new nodes are placed after the producer of `stream` when there are any (their
+    names are numbered by the nodes made before them)."""
     inside = {out for node in region for out in node.outputs}
     count = b.op("Shape", [stream], {"start": 1, "end": 2}, name=f"{name}_tokens")
     count.producer().metadata_props[TOKEN_COUNT_MARK] = "1"
-    new_nodes: list[ir.Value] = [count]  # one entry per node made (numbers the names)
     clones: dict[ir.Value, ir.Value] = {}
     made = itertools.count()  # unique constant names (several are made per node)
 
@@ -325,22 +329,16 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
         """The pruned-count version of a token-count leaf."""
         if node.metadata_props.get(TOKEN_COUNT_MARK):
             return count
-        source = node.inputs[0]
+        source, n = node.inputs[0], len(b.nodes)
         rank, axis = dims.rank(source), dims.axes(source)[0]
-        full = b.op("Shape", [source], name=f"{name}_shape_{len(new_nodes)}")
-        pre = [b.op("Slice", [full, int_const([0], "s"), int_const([axis], "e")],
-                    name=f"{name}_pre_{len(new_nodes)}")] if axis > 0 else []
-        post = [b.op("Slice", [full, int_const([axis + 1], "s"), int_const([rank], "e")],
-                     name=f"{name}_post_{len(new_nodes)}")] if axis < rank - 1 else []
-        concat = b.op("Concat", [*pre, count, *post], {"axis": 0}, name=f"{name}_newshape_{len(new_nodes)}")
-        new_nodes.extend([full, *pre, *post, concat])
+        full = b.op("Shape", [source], name=f"{name}_shape_{n}")
+        concat = _with_size(b, full, count, axis, rank, lambda vals, tag: int_const(vals, tag[0]),
+                            [f"{name}_{part}_{n}" for part in ("pre", "post", "newshape")])
         start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", rank)
         if start == 0 and end >= rank:
             return concat
-        sliced = b.op("Slice", [concat, int_const([start], "s"), int_const([end], "e")],
-                      name=f"{name}_shape_slice_{len(new_nodes)}")
-        new_nodes.append(sliced)
-        return sliced
+        return b.op("Slice", [concat, int_const([start], "s"), int_const([end], "e")],
+                    name=f"{name}_shape_slice_{len(b.nodes)}")
 
     @functools.cache
     def depends_on_tokens(value: ir.Value) -> bool:
@@ -364,8 +362,7 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
         inputs = [clone(v) if v is not None else None for v in node.inputs]
         copies = b.op_multi_out(node.op_type, inputs, dict(node.attributes), domain=node.domain,
                                 num_outputs=len(node.outputs),
-                                name=f"{name}_{node.name or node.op_type}_{len(new_nodes)}")
-        new_nodes.append(copies[0])
+                                name=f"{name}_{node.name or node.op_type}_{len(b.nodes)}")
         clones.update(zip(node.outputs, copies))
         return clones[value]
 

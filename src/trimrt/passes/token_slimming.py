@@ -5,27 +5,18 @@ A TSM (Sense-X/SiT) exports as
     LayerNormalization(x) -> MatMul(w1) -> Add(b1) -> GELU (Erf form) -> MatMul(w2) -> Add(b2)
     -> [Mul / Div by a scalar] -> Transpose(0, 2, 1) -> Softmax(last axis) -> MatMul(·, x)
 
-(or Softmax over axis 1 before the Transpose), with the same x at both ends. The pass
-matches this with an onnxscript rewrite rule and replaces it by
+(or Softmax over axis 1 before the Transpose), with the same x at both ends. An onnxscript
+rewrite rule replaces it by y = trimrt::TokenSlim(x, ln_scale, ln_bias, w1, b1, w2, b2,
+epsilon, scale), whose decomposition is the same computation: exact on ONNX Runtime, and
+one kernel for the softmax and token mixing on a GPU.
 
-    y = trimrt::TokenSlim(x, ln_scale, ln_bias, w1, b1, w2, b2, epsilon, scale)
-
-whose decomposition is the same computation, so the rewrite is exact on ONNX Runtime
-and lets a GPU build run the softmax and token mixing as one kernel.
-
-The pattern covers what both torch exporters emit at opset >= 18: the dynamo exporter
-writes GELU as x · (0.5 · (1 + erf(x / √2))) and the bias Add as Add(matmul, bias); the
-TorchScript exporter as (x · (1 + erf(x / √2))) · 0.5 and Add(bias, matmul). Operand
-orders of Add / Mul are alternatives (OrValue), as are the GELU groupings, x · (1/√2)
-for x / √2, a Gelu op (opset >= 20) and the optional logit scale. Linear layers on a
-rank-3 tensor always export as MatMul + Add (Gemm only appears for rank 2), and both
-exporters emit LayerNormalization at opset >= 17, so neither needs a variant.
-
-The check accepts a match only if the weights are constants (initializers or Constant
-nodes, not graph inputs) of chaining shapes ln [D], w1 [D, Hd], b1 [Hd], w2 [Hd, M],
-b2 [M]; LayerNorm normalises the last axis; the GELU constants are √2 (or 1/√2), 1 and
-0.5; the scale is a scalar; and the softmax runs over the token axis (the last axis
-after the (0, 2, 1) transpose, or axis 1 before it).
+The pattern covers both torch exporters at opset >= 18 — dynamo writes GELU as
+x · (0.5 · (1 + erf(x / √2))) and Add(matmul, bias), TorchScript (x · (1 + erf(x / √2))) · 0.5
+and Add(bias, matmul) — as alternatives (OrValue), with x · (1/√2), a Gelu op (opset >= 20)
+and the optional logit scale. Linear layers on a rank-3 tensor always export as MatMul + Add
+and LayerNormalization is one op at opset >= 17, so neither needs a variant. `_explain`
+accepts a match only with constant weights of chaining shapes, the exact GELU constants and
+the softmax over the token axis.
 """
 
 from __future__ import annotations
@@ -36,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from ..compiler.analysis import constant_array
 from ..plugins import DOMAIN, OP_VERSION
 from .base import TrimrtPass
 
@@ -86,8 +78,7 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
         value = value.producer().inputs[0]
     if value is None or value.is_graph_input():
         return None
-    tensor = ir.convenience.get_const_tensor(value)
-    return None if tensor is None else tensor.numpy()
+    return constant_array(value)
 
 
 def _scalar(value) -> float | None:
