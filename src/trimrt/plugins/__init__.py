@@ -1,7 +1,7 @@
 """Custom ops of the `trimrt` domain: one module per op (see base.py for the contract).
 
-Every module here that defines `OP = OpDef(...)` is an op; REGISTRY maps op names to
-them, so adding an op is adding its module.
+Every module here that defines an OpDef `OP` is an op; REGISTRY maps op names to them,
+so adding an op is adding its module.
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ A custom op module creates one `OpDef` holding
 5. `examples(rng)`: small (inputs, attributes) cases the contract suite
    (tests/plugins/test_op_contract.py) runs through all of the above.
 
-Every module of `trimrt.plugins` that defines `OP = OpDef(...)` is registered in
-`trimrt.plugins.REGISTRY` (found by listing the package). See docs/adding_an_op.md.
+Every module of `trimrt.plugins` that defines an OpDef `OP` is registered in
+`trimrt.plugins.REGISTRY` (found by listing the package); `OpDef.of_module(__name__,
+<schema>)` takes 2-5 from the module's conventional names. See docs/adding_an_op.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
-"""TensorRT plugin glue (item 5 of the op contract), generated from the OpDef schemas.
+"""TensorRT plugin glue (item 4 of the op contract), generated from the OpDef schemas.
 
-`register_<op>()` registers the op as a TensorRT quickly deployable plugin
+`register(op)` registers the op as a TensorRT quickly deployable plugin
 (`tensorrt.plugin`, TensorRT >= 10.7) under the id "trimrt::<Name>", version "1" — the
 name, namespace and version the ONNX node encoding uses, so the ONNX parser picks it
 up. From the schema come: the input/attribute signature of every callback, the output
 count and dtypes (TensorSpec "int64" -> int64, "float" -> the first float input's type)
-and the attribute defaults. Per op, only the output shapes and the AOT launch
-geometry are written out (`_SPECS`), and the launch geometry itself comes from the
-kernel module, shared with its `run`. Counts that depend on a run-time dimension
-(TokenPrune with keep == 0: k from keep_ratio and N) are TensorRT shape expressions,
-built by the same kernel-module functions `run` uses on ints, so the output shapes,
-the AOT scalars and the JIT launch always agree.
+and the attribute defaults. Per op, only the output shapes and the AOT launch are
+written out, in its kernel module (`trt_output_shapes`, `trt_aot`: `spec_for`), by the
+functions its `run` uses on ints, on TensorRT shape expressions: counts that depend on
+a run-time dimension (TokenPrune with keep == 0: k from keep_ratio and N) too, so the
+output shapes, the AOT scalars and the JIT launch always agree.
 
 - `register`: output shapes/dtypes from the input descriptors and attributes;
 - `impl` (JIT): wraps TensorRT's tensors as torch tensors (zero copy) and runs the
@@ -50,10 +49,6 @@ class _PluginSpec:
     aot: Callable[..., tuple]
 
 
-def plugin_id(op: OpDef) -> str:
-    return f"{DOMAIN}::{op.name}"
-
-
 def spec_for(op: OpDef) -> _PluginSpec:
     """The op's TensorRT hooks: `trt_output_shapes` and `trt_aot` of its kernel module."""
     kernels = importlib.import_module(op.triton.partition(":")[0])
@@ -63,7 +58,7 @@ def spec_for(op: OpDef) -> _PluginSpec:
 def register(op: OpDef) -> None:
     """Register "trimrt::<op>" with TensorRT (idempotent)."""
     trt, trtp = _tensorrt()  # the clear error first, before importing the kernels
-    spec, pid = spec_for(op), plugin_id(op)
+    spec, pid = spec_for(op), f"{DOMAIN}::{op.name}"
     assert OP_VERSION == 1, "tensorrt.plugin registers every plugin as version 1"
     with _LOCK:
         if pid in _REGISTERED or _already_defined(trtp, op.name):

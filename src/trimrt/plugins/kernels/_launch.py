@@ -30,6 +30,11 @@ def output_buffers(op: str, out, device, *wanted: tuple[tuple, torch.dtype]) -> 
     return tuple(out)
 
 
+def one_program_per_sample(first_shape, *shapes, cdiv=triton.cdiv) -> tuple:
+    """The launch grid (B,) of a kernel with one program per sample (B: the first input's dim 0)."""
+    return (first_shape[0],)
+
+
 @triton.jit
 def load_tile(ptr, rows, row_mask, cols, col_mask, row_stride):
     """ptr[rows, cols] of a row-major matrix of `row_stride` columns, 0 where a mask is off."""
@@ -88,13 +93,18 @@ def largest(desc, axis: int) -> int:
     return int(shape.max[axis] if shape.is_dynamic else shape[axis])
 
 
-def launch(trtp, kernel, grid: tuple, scalars: list) -> tuple:
+def launch(trtp, kernel, inputs: dict, grid, scalar_args, attrs: dict, **grid_options) -> tuple:
+    """aot_impl's result: `kernel` launched on the kernel module's `grid` with its int32
+    `scalar_args`, both of the inputs' shape expressions (in the op's input order)."""
+    shapes = [desc.shape_expr for desc in inputs.values()]
+    blocks = grid(*shapes, cdiv=trtp.cdiv, **grid_options)
+    scalars = scalar_args(*shapes, **attrs, sym=trtp)
     if getattr(kernel.metadata, "global_scratch_size", 0):
         raise BackendUnavailableError(f"{kernel.metadata.name} needs Triton global scratch, unsupported by AOT plugins")
     params = trtp.KernelLaunchParams()
-    params.grid_x = grid[0]
-    if len(grid) > 1:
-        params.grid_y = grid[1]
+    params.grid_x = blocks[0]
+    if len(blocks) > 1:
+        params.grid_y = blocks[1]
     params.block_x = kernel.metadata.num_warps * 32
     params.shared_mem = kernel.metadata.shared
     extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in scalars])

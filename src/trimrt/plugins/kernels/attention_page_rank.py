@@ -30,7 +30,7 @@ import triton.language as tl
 from ..attention_page_rank import IMPORTANT_OFFSET, NAME, NORM_EPS
 from ..attention_page_rank import check_call as reference_checks
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, one_program_per_sample, output_buffers, triton_types
 
 #: elements of one [BLOCK_I, BLOCK_N] tile
 TILE = 4096
@@ -125,8 +125,7 @@ def scalar_args(probs_shape, metric_shape, *, iterations: int, protect: int, spa
     return [h, n, metric_shape[2], iterations, protect, span.end(n), (span.length(n) + 1) // 2]
 
 
-def grid(probs_shape, metric_shape=None, cdiv=triton.cdiv) -> tuple:
-    return (probs_shape[0],)
+grid = one_program_per_sample
 
 
 def constexprs(n: int) -> dict:
@@ -154,12 +153,7 @@ def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: 
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, var_min: float, var_max: float, target=None):
-    """Compile for `target` (default: the current GPU) with var_min/var_max baked in.
-
-    `dtypes` maps "probs", "metric" and "score" to Triton type names ("fp32", "fp16",
-    "bf16"); `n` is the largest token count. Returns the `triton.compiler.CompiledKernel`;
-    its launch passes the pointers and `scalar_args` in order.
-    """
+    """Compile for at most `n` tokens, var_min and var_max baked in; `dtypes`: "probs", "metric", "score"."""
     return aot_compile(attention_page_rank_kernel, {"p_ptr": dtypes["probs"], "m_ptr": dtypes["metric"],
                                                     "out_ptr": dtypes["score"]},
                        {"var_min": float(var_min), "var_max": float(var_max), **constexprs(n)}, target)
@@ -177,8 +171,6 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    probs, metric = inputs["probs"], inputs["metric"]
-    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(probs, 2), var_min=attrs["var_min"],
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(inputs["probs"], 2), var_min=attrs["var_min"],
                             var_max=attrs["var_max"])
-    shapes = (probs.shape_expr, metric.shape_expr)
-    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, **attrs, sym=trtp))
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs)

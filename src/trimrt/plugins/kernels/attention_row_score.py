@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..span import times
-from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, one_program_per_sample, output_buffers, triton_types
 
 MAX_BLOCK_DH = 32
 
@@ -58,7 +58,7 @@ def _not_one(dim, sym):
     return sym.min(dim - 1, 1)
 
 
-def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
+def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None, **_) -> list:
     """The int32 kernel arguments (in the kernel's order) from the input shapes.
 
     Works on ints and on TensorRT shape expressions (`sym` = `tensorrt.plugin` then).
@@ -74,8 +74,7 @@ def scalar_args(q_shape, k_t_shape, mask_shape, *, row: int, sym=None) -> list:
             times(s_b, _not_one(mb, sym)), times(s_h, _not_one(mh, sym)), _not_one(mn, sym), row_offset]
 
 
-def grid(q_shape, k_t_shape, mask_shape=None, cdiv=triton.cdiv) -> tuple:
-    return (q_shape[0],)
+grid = one_program_per_sample
 
 
 def constexprs(n: int, dh: int) -> dict:
@@ -115,13 +114,7 @@ def run(q: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, *, row: int, sca
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, dh: int, scale: float, target=None):
-    """Compile for `target` (default: the current GPU) with `scale` baked in as a constant.
-
-    `dtypes` maps "q", "k_t", "mask" (default: q's) and "score" to Triton type names
-    ("fp32", "fp16", "bf16"). Returns the `triton.compiler.CompiledKernel` (name, PTX in
-    `.asm["ptx"]`, metadata). The launch then passes the pointers and `scalar_args` in
-    order, without `scale`.
-    """
+    """Compile for at most `n` keys of `dh` features, `scale` baked in; `dtypes`: "q", "k_t", "mask" (default: q's), "score"."""
     return aot_compile(attention_row_score_kernel, {"q_ptr": dtypes["q"], "kt_ptr": dtypes["k_t"],
                        "mask_ptr": dtypes.get("mask", dtypes["q"]), "out_ptr": dtypes["score"]},
                        {"scale": float(scale), **constexprs(n, dh)}, target)
@@ -137,7 +130,6 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    q, k_t, mask = inputs["q"], inputs["k_t"], inputs["mask"]
-    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(k_t, 3), dh=largest(q, 3), scale=attrs["scale"])
-    shapes = (q.shape_expr, k_t.shape_expr, mask.shape_expr)
-    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv), scalar_args(*shapes, row=attrs["row"], sym=trtp))
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(inputs["k_t"], 3), dh=largest(inputs["q"], 3),
+                            scale=attrs["scale"])
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs)

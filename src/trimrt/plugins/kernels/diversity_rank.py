@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..diversity_rank import NAME, NORM_EPS
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, load_tile, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, load_tile, one_program_per_sample, output_buffers, triton_types
 
 #: tiles of the first pick's Gram matrix (tl.dot needs every dimension >= 16)
 BLOCK_TILE = 16
@@ -133,8 +133,7 @@ def scalar_args(x_shape, *, sym=None, **attrs) -> list:
     return [n, x_shape[2], span.kept(n, sym), span.protect, span.end(n)]
 
 
-def grid(x_shape, cdiv=triton.cdiv) -> tuple:
-    return (x_shape[0],)
+grid = one_program_per_sample
 
 
 def constexprs(n: int, d: int) -> dict:
@@ -162,10 +161,7 @@ def run(x: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: 
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
-    """Compile for `target` (default: the current GPU) for at most `n` tokens of `d` features.
-
-    `dtypes` maps "x" and "score" to Triton type names ("fp32", "fp16", "bf16").
-    Returns the `triton.compiler.CompiledKernel`."""
+    """Compile for at most `n` tokens of `d` features; `dtypes`: "x", "score"."""
     return aot_compile(diversity_rank_kernel, {"x_ptr": dtypes["x"], "score_ptr": dtypes["score"]}, constexprs(n, d),
                        target)
 
@@ -186,4 +182,4 @@ def trt_aot(trtp, inputs, attrs, outputs):
     N and D), with its grid and int32 scalars as shape expressions."""
     x = inputs["x"]
     kernel = compile_kernel(triton_types(inputs, outputs), n=largest(x, 1), d=largest(x, 2))
-    return launch(trtp, kernel, grid(x.shape_expr, cdiv=trtp.cdiv), scalar_args(x.shape_expr, **attrs, sym=trtp))
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs)

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..mass_mask import NAME, TOLERANCE, check_attributes
 from ..span import Span
-from ._launch import aot_compile, block, largest, launch, output_buffers, triton_types
+from ._launch import aot_compile, block, largest, launch, one_program_per_sample, output_buffers, triton_types
 from .token_prune import span_rank
 
 MAX_BLOCK_N = 64
@@ -88,8 +88,7 @@ def scalar_args(score_shape, kept_index_shape, *, tau: float, protect: int, span
     return [n, kept_index_shape[1], protect, Span(protect, span_end).end(n)]
 
 
-def grid(score_shape, kept_index_shape=None, cdiv=triton.cdiv) -> tuple:
-    return (score_shape[0],)
+grid = one_program_per_sample
 
 
 def constexprs(n: int) -> dict:
@@ -106,24 +105,20 @@ def run(score: torch.Tensor, kept_index: torch.Tensor, *, tau: float, protect: i
                          f"{tuple(kept_index.shape)}")
     b, n = score.shape
     m = kept_index.shape[1]
-    check_attributes(n, tau=tau, protect=protect, span_end=span_end)
+    attrs = dict(tau=tau, protect=protect, span_end=span_end)
+    check_attributes(n, **attrs)
     score, kept_index = score.contiguous(), kept_index.to(torch.int64).contiguous()
-    valid, count = output_buffers(NAME, out, score.device, ((b, m), score.dtype), ((b,), torch.int64))
+    outs = output_buffers(NAME, out, score.device, ((b, m), score.dtype), ((b,), torch.int64))
     if b == 0:
-        return valid, count
+        return outs
     mass_mask_kernel[grid(score.shape)](
-        score, kept_index, *scalar_args(tuple(score.shape), tuple(kept_index.shape), tau=tau, protect=protect,
-                                        span_end=span_end),
-        float(tau), valid, count, **constexprs(n))
-    return valid, count
+        score, kept_index, *scalar_args(tuple(score.shape), tuple(kept_index.shape), **attrs), float(tau), *outs,
+        **constexprs(n))
+    return outs
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, tau: float, target=None):
-    """Compile for `target` (default: the current GPU) with `tau` baked in as a constant.
-
-    `dtypes` maps "score" and "valid" to Triton type names ("fp32", "fp16", "bf16");
-    kept_index and count are int64. The launch passes the pointers and `scalar_args`,
-    without tau. Returns the `triton.compiler.CompiledKernel`."""
+    """Compile for at most `n` tokens, `tau` baked in; `dtypes`: "score", "valid" (kept_index, count: int64)."""
     return aot_compile(mass_mask_kernel, {"s_ptr": dtypes["score"], "idx_ptr": "i64", "valid_ptr": dtypes["valid"],
                                           "count_ptr": "i64"}, {"tau": float(tau), **constexprs(n)}, target)
 
@@ -140,9 +135,5 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX with tau baked in, its grid and int32 scalars."""
-    score, kept_index = inputs["score"], inputs["kept_index"]
-    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(score, 1), tau=attrs["tau"])
-    shapes = (score.shape_expr, kept_index.shape_expr)
-    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv),
-                  scalar_args(*shapes, tau=attrs["tau"], protect=attrs["protect"], span_end=attrs["span_end"],
-                              sym=trtp))
+    kernel = compile_kernel(triton_types(inputs, outputs), n=largest(inputs["score"], 1), tau=attrs["tau"])
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs)

@@ -162,29 +162,23 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
         raise ValueError(f"TokenMerge: need x [B, N, D], metric [B, N, C], size [B, N], got "
                          f"{tuple(x.shape)}, {tuple(metric.shape)}, {tuple(size.shape)}")
     b, n, d = x.shape
-    check_attributes(n, r=r, protect=protect, ratio=ratio)
-    m = out_tokens(n, r=r, protect=protect, ratio=ratio)
-    y, size_out, index = output_buffers("TokenMerge", out, x.device, ((b, m, d), x.dtype), ((b, m), x.dtype),
-                                        ((b, m), torch.int64))
+    attrs = dict(r=r, protect=protect, ratio=ratio)
+    check_attributes(n, **attrs)
+    m = out_tokens(n, **attrs)
+    outs = output_buffers("TokenMerge", out, x.device, ((b, m, d), x.dtype), ((b, m), x.dtype), ((b, m), torch.int64))
     if b == 0:
-        return y, size_out, index
+        return outs
     if d == 0:
-        return without_features(run, x, metric, size, outs=(y, size_out, index), r=r, protect=protect, ratio=ratio)
+        return without_features(run, x, metric, size, outs=outs, **attrs)
     x, metric, size = x.contiguous(), metric.contiguous(), size.contiguous()
     blocks = constexprs(n, metric.shape[2], d)
     token_merge_kernel[grid(x.shape, metric.shape, size.shape, block_d=blocks["BLOCK_D"])](
-        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), r=r, protect=protect,
-                                                ratio=ratio),
-        y, size_out, index, **blocks)
-    return y, size_out, index
+        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), **attrs), *outs, **blocks)
+    return outs
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, c: int, d: int, target=None):
-    """Compile for `target` (default: the current GPU), for at most `n` tokens.
-
-    `dtypes` maps "x", "metric", "size", "y", "size_out" to Triton type names ("fp32",
-    "fp16", "bf16"); index is always int64. Returns the `triton.compiler.CompiledKernel`.
-    """
+    """Compile for at most `n` tokens; `dtypes`: "x", "metric", "size", "y", "size_out" (index: int64)."""
     return aot_compile(token_merge_kernel, {"x_ptr": dtypes["x"], "metric_ptr": dtypes["metric"],
                                             "size_ptr": dtypes["size"], "y_ptr": dtypes["y"],
                                             "size_out_ptr": dtypes["size_out"], "idx_ptr": "i64"},
@@ -205,11 +199,7 @@ def trt_output_shapes(shapes, attrs, trtp):
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX for the profile's largest N, with its
     grid and int32 scalars."""
-    x, metric, size = inputs["x"], inputs["metric"], inputs["size"]
-    n, c, d = largest(x, 1), largest(metric, 2), largest(x, 2)
+    n, c, d = largest(inputs["x"], 1), largest(inputs["metric"], 2), largest(inputs["x"], 2)
     check_attributes(n, **attrs)
     kernel = compile_kernel(triton_types(inputs, outputs), n=n, c=c, d=d)
-    shapes = (x.shape_expr, metric.shape_expr, size.shape_expr)
-    block_d = constexprs(n, c, d)["BLOCK_D"]
-    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
-                  scalar_args(*shapes, **attrs, sym=trtp))
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs, block_d=constexprs(n, c, d)["BLOCK_D"])

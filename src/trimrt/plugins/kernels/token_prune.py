@@ -110,25 +110,19 @@ def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_e
     Span.of(attrs).check(n, "TokenPrune")
     x, score = x.contiguous(), score.contiguous()
     m = Span.of(attrs).out_tokens(n)
-    y, kept_index, fused = output_buffers("TokenPrune", out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64),
-                                          ((b, 1, d), x.dtype))
+    outs = output_buffers("TokenPrune", out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64), ((b, 1, d), x.dtype))
     if b == 0:
-        return y, kept_index, fused
+        return outs
     if d == 0:
-        return without_features(run, x, score, outs=(y, kept_index, fused), **attrs)
+        return without_features(run, x, score, outs=outs, **attrs)
     blocks = constexprs(n, d)
     token_prune_kernel[grid(x.shape, score.shape, block_d=blocks["BLOCK_D"])](
-        x, score, *scalar_args(tuple(x.shape), tuple(score.shape), **attrs),
-        y, kept_index, fused, **blocks)
-    return y, kept_index, fused
+        x, score, *scalar_args(tuple(x.shape), tuple(score.shape), **attrs), *outs, **blocks)
+    return outs
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, target=None):
-    """Compile for `target` (default: the current GPU).
-
-    `dtypes` maps "x", "score", "y", "fused" to Triton type names ("fp32", "fp16",
-    "bf16"); kept_index is always int64. Returns the `triton.compiler.CompiledKernel`.
-    """
+    """Compile for at most `n` tokens of `d` features; `dtypes`: "x", "score", "y", "fused" (kept_index: int64)."""
     return aot_compile(token_prune_kernel, {"x_ptr": dtypes["x"], "s_ptr": dtypes["score"], "y_ptr": dtypes["y"],
                                             "idx_ptr": "i64", "fused_ptr": dtypes["fused"]}, constexprs(n, d), target)
 
@@ -149,10 +143,6 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    x, score = inputs["x"], inputs["score"]
-    n, d = largest(x, 1), largest(x, 2)
+    n, d = largest(inputs["x"], 1), largest(inputs["x"], 2)
     kernel = compile_kernel(triton_types(inputs, outputs), n=n, d=d)
-    shapes = (x.shape_expr, score.shape_expr)
-    block_d = constexprs(n, d)["BLOCK_D"]
-    return launch(trtp, kernel, grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
-                  scalar_args(*shapes, **attrs, sym=trtp))
+    return launch(trtp, kernel, inputs, grid, scalar_args, attrs, block_d=constexprs(n, d)["BLOCK_D"])

@@ -178,23 +178,20 @@ def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=Non
     check_attributes(n, attrs)
     x, score, position = x.contiguous(), score.contiguous(), position.to(torch.int64).contiguous()
     m = out_tokens(n, attrs)
-    y, kept_index = output_buffers(NAME, out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64))
+    outs = output_buffers(NAME, out, x.device, ((b, m, d), x.dtype), ((b, m), torch.int64))
     if b == 0:
-        return y, kept_index
+        return outs
     if d == 0:
-        return without_features(run, x, score, position, outs=(y, kept_index), **attrs)
+        return without_features(run, x, score, position, outs=outs, **attrs)
     blocks = constexprs(n, d, attrs["grid"] ** 2)
     token_recycle_kernel[launch_grid(x.shape, block_d=blocks["BLOCK_D"])](
-        x, score, position, *scalar_args(tuple(x.shape), tuple(score.shape), tuple(position.shape), **attrs),
-        y, kept_index, **blocks)
-    return y, kept_index
+        x, score, position, *scalar_args(tuple(x.shape), tuple(score.shape), tuple(position.shape), **attrs), *outs,
+        **blocks)
+    return outs
 
 
 def compile_kernel(dtypes: dict[str, str], *, n: int, d: int, cells: int, target=None):
-    """Compile for `target` (default: the current GPU).
-
-    `dtypes` maps "x", "score" and "y" to Triton type names ("fp32", "fp16", "bf16");
-    position and kept_index are int64. Returns the `triton.compiler.CompiledKernel`."""
+    """Compile for at most `n` tokens of `d` features, `cells` cells; `dtypes`: "x", "score", "y" (the rest int64)."""
     return aot_compile(token_recycle_kernel, {"x_ptr": dtypes["x"], "s_ptr": dtypes["score"], "pos_ptr": "i64",
                                               "y_ptr": dtypes["y"], "idx_ptr": "i64"}, constexprs(n, d, cells), target)
 
@@ -213,11 +210,6 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 def trt_aot(trtp, inputs, attrs, outputs):
     """aot_impl: the same kernel compiled to PTX, with its grid and int32 scalars."""
-    x, score, position = inputs["x"], inputs["score"], inputs["position"]
-    n, d = largest(x, 1), largest(x, 2)
-    cells = attrs["grid"] ** 2
+    n, d, cells = largest(inputs["x"], 1), largest(inputs["x"], 2), attrs["grid"] ** 2
     kernel = compile_kernel(triton_types(inputs, outputs), n=n, d=d, cells=cells)
-    shapes = (x.shape_expr, score.shape_expr, position.shape_expr)
-    block_d = constexprs(n, d, cells)["BLOCK_D"]
-    return launch(trtp, kernel, launch_grid(*shapes, cdiv=trtp.cdiv, block_d=block_d),
-                  scalar_args(*shapes, **attrs, sym=trtp))
+    return launch(trtp, kernel, inputs, launch_grid, scalar_args, attrs, block_d=constexprs(n, d, cells)["BLOCK_D"])
