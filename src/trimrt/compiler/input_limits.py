@@ -71,7 +71,12 @@ def _table_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     while value is not None and value.producer() is not None \
             and value.producer().op_type in ("DequantizeLinear", "Cast", "Identity"):
         value = value.producer().inputs[0]
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    if value is None:
+        return None
+    tensor = value.const_value  # not get_const_tensor: it renames a Constant's tensor in the caller's proto
+    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
+        attr = value.producer().attributes.get("value")
+        tensor = None if attr is None else attr.value
     return None if tensor is None else tuple(tensor.shape)
 
 

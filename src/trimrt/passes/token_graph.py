@@ -15,6 +15,7 @@ output. Around that, the same work is always needed, and lives here:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -158,7 +159,7 @@ class TokenRewrite:
             uses = [(user, i) for user, i in current.uses() if user in in_region]
             if not uses:
                 continue
-            name = f"trimrt_reduce_{layer}_{_safe(value.name)}"
+            name = f"trimrt_reduce_{layer}_" + re.sub(r"\W", "_", value.name or "value")
             b = self.builder(name)
             if current is value and value.shape is not None and len(value.shape) < rank:
                 # a constant of lower rank (a [N, Dh] RoPE table): leading axes of 1 first
@@ -273,10 +274,6 @@ def ones(b: GraphBuilder, stream: ir.Value, prefix: str) -> ir.Value:
     shape = b.op("Shape", [stream], {"start": 0, "end": 2}, name=f"{prefix}_size_shape")
     one = ir.tensor(np.array([1.0], np.float32), name=f"{prefix}_one")
     return b.op("ConstantOfShape", [shape], {"value": one}, name=f"{prefix}_size")
-
-
-def _safe(name: str | None) -> str:
-    return "".join(c if c.isalnum() else "_" for c in (name or "value"))
 
 
 def clear_stale_shapes(graph: ir.Graph, start: list[ir.Value], n_orig, n_final) -> None:
