@@ -103,10 +103,6 @@ class Span:
     def end(self, n):
         return self.span_end if self.span_end > 0 else n
 
-    def suffix(self, n):
-        """Tokens after the span, N - end."""
-        return n - self.span_end if self.span_end > 0 else 0
-
     def length(self, n):
         return self.end(n) - self.protect
 
@@ -118,7 +114,8 @@ class Span:
 
     def out_tokens(self, n, sym=None):
         """protect + k + (N - end): the tokens a selection keeps."""
-        return plus(plus(self.kept(n, sym), self.protect), self.suffix(n))
+        suffix = n - self.span_end if self.span_end > 0 else 0
+        return plus(plus(self.kept(n, sym), self.protect), suffix)
 
     def check(self, n, op: str, counted: bool = True, sym=None) -> None:
         """Raise a one-line ValueError (prefixed by `op`) for a span outside the N tokens or

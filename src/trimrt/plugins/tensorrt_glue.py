@@ -61,7 +61,9 @@ def register(op: OpDef) -> None:
     spec, pid = spec_for(op), f"{DOMAIN}::{op.name}"
     assert OP_VERSION == 1, "tensorrt.plugin registers every plugin as version 1"
     with _LOCK:
-        if pid in _REGISTERED or _already_defined(trtp, op.name):
+        # registered here, or under that id before (tensorrt.plugin keeps it, e.g. across a reload)
+        namespace = getattr(getattr(trtp, "op", None), DOMAIN, None)
+        if pid in _REGISTERED or hasattr(namespace, op.name):
             _REGISTERED.add(pid)
             return
         trtp.register(pid)(_descriptor(spec, trt, trtp))
@@ -93,18 +95,14 @@ def _tensorrt():
     return trt, trtp
 
 
-def _already_defined(trtp, name: str) -> bool:
-    namespace = getattr(getattr(trtp, "op", None), DOMAIN, None)
-    return namespace is not None and hasattr(namespace, name)
-
-
-def _params(op: OpDef, tensor_type=inspect.Parameter.empty, attr_types: bool = False, extra=()):
+def _signature(op: OpDef, returns, tensor_type=inspect.Parameter.empty, attr_types: bool = False, extra=()):
+    """A callback's signature for tensorrt.plugin: the op's inputs, its attributes, then `extra`."""
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     params = [inspect.Parameter(t.name, kind, annotation=tensor_type) for t in op.inputs]
     params += [inspect.Parameter(a.name, kind, annotation=a.kind if attr_types else inspect.Parameter.empty)
                for a in op.attributes]
     params += [inspect.Parameter(name, kind) for name in extra]
-    return params
+    return inspect.Signature(params, return_annotation=returns)
 
 
 def _generated(fn, name: str, signature: inspect.Signature):
@@ -124,10 +122,7 @@ def _bind(signature: inspect.Signature, op: OpDef, args, kwargs):
 
 def _descriptor(spec: _PluginSpec, trt, trtp):
     op = spec.op
-    signature = inspect.Signature(
-        _params(op, trtp.TensorDesc, attr_types=True),
-        return_annotation=typing.Tuple[tuple([trtp.TensorDesc] * len(op.outputs))],
-    )
+    signature = _signature(op, typing.Tuple[tuple([trtp.TensorDesc] * len(op.outputs))], trtp.TensorDesc, attr_types=True)
     float_input = next(t.name for t in op.inputs if t.dtype == "float")
 
     def describe(*args, **kwargs):
@@ -144,7 +139,7 @@ def _descriptor(spec: _PluginSpec, trt, trtp):
 
 def _jit_impl(spec: _PluginSpec, trtp):
     op = spec.op
-    signature = inspect.Signature(_params(op, extra=("outputs", "stream")), return_annotation=None)
+    signature = _signature(op, None, extra=("outputs", "stream"))
 
     def impl(*args, **kwargs):
         import torch
@@ -163,7 +158,7 @@ def _aot_impl(spec: _PluginSpec, trtp):
     op = spec.op
     result = typing.Tuple[typing.Union[str, bytes], typing.Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
     # all attributes: TensorRT passes every attribute positionally to aot_impl
-    signature = inspect.Signature(_params(op, extra=("outputs", "tactic")), return_annotation=result)
+    signature = _signature(op, result, extra=("outputs", "tactic"))
 
     def aot_impl(*args, **kwargs):
         inputs, attrs, bound = _bind(signature, op, args, kwargs)

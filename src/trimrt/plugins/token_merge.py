@@ -50,19 +50,15 @@ def max_merged(n: int, protect: int) -> int:
     return max(sources, 0) if destinations > 0 else 0
 
 
-def asked_count(n, r: int, ratio: float):
-    """r when > 0, else floor(ratio · n) (exact: ratio = a / q, a float is dyadic)."""
-    if r > 0 or ratio <= 0:
-        return r
-    frac = Fraction(float(ratio))
-    return (n * frac.numerator) // frac.denominator
-
-
 def merged_count(n, r: int, protect: int, sym=None, ratio: float = 0.0):
-    """Tokens actually merged: min(asked, max_merged(n, protect)), as ToMe clamps r to what
-    a block has, so one build serves every input length. Works on ints and on TensorRT
-    shape expressions (`sym`: tensorrt.plugin, for its min/max; keep them on the left)."""
-    asked = asked_count(n, r, ratio)
+    """Tokens actually merged: min(asked, max_merged(n, protect)) with asked = r (or
+    floor(ratio · n) when r == 0), as ToMe clamps r to what a block has, so one build
+    serves every input length. Works on ints and on TensorRT shape expressions (`sym`:
+    tensorrt.plugin, for its min/max; keep them on the left)."""
+    asked = r
+    if r <= 0 and ratio > 0:  # exact: ratio = a / q (a float is dyadic)
+        frac = Fraction(float(ratio))
+        asked = (n * frac.numerator) // frac.denominator
     if isinstance(n, int):
         return min(asked, max_merged(n, protect))
     sources = (n + 1) // 2 - (protect + 1) // 2
@@ -74,14 +70,11 @@ def merged_count(n, r: int, protect: int, sym=None, ratio: float = 0.0):
 
 def check_r(n: int, r: int, protect: int, ratio: float = 0.0) -> None:
     """Raise ValueError for what no implementation handles (ONNX ArgMax fails on an empty B set)."""
-    if n < 2:
-        raise ValueError(f"TokenMerge: needs at least 2 tokens, got {n}")
-    if protect < 0:
-        raise ValueError(f"TokenMerge: protect={protect} must be >= 0")
-    if r < 0:
-        raise ValueError(f"TokenMerge: r={r} must be >= 0")
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"TokenMerge: ratio={ratio} must be in [0, 1)")
+    problems = [(n < 2, f"needs at least 2 tokens, got {n}"), (protect < 0, f"protect={protect} must be >= 0"),
+                (r < 0, f"r={r} must be >= 0"), (not 0.0 <= ratio < 1.0, f"ratio={ratio} must be in [0, 1)")]
+    for bad, problem in problems:
+        if bad:
+            raise ValueError(f"TokenMerge: {problem}")
 
 
 def reference(x: np.ndarray, metric: np.ndarray, size: np.ndarray, *, r: int, protect: int, ratio: float):

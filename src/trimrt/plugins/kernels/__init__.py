@@ -13,16 +13,14 @@ TensorRT plugin glue. Every module exposes
   launch the same kernel the same way (shape expressions have +, -, * and // but no
   reflected operators: keep them on the left); a selection op's span and k are
   `span.Span`'s, on both, so they always equal TokenPrune's;
-- `compile_kernel(dtypes, *, <sizes>, target=None)`: ahead-of-time compilation of that
-  kernel (PTX for `aot_impl`) for `target` (default: the current GPU), for inputs of at
-  most the sizes given; `dtypes` maps the op's float inputs and outputs by name to
-  Triton type names ("fp32", "fp16", "bf16"; int64 tensors are always "i64"). It returns
-  the `triton.compiler.CompiledKernel` (name, PTX in `.asm["ptx"]`, metadata), whose
-  launch passes the pointers and `scalar_args` in order, without the attributes it
-  bakes in as constants;
+- `compile_kernel(dtypes, *, <sizes>, target=None)`: the kernel compiled ahead of time
+  (`_launch.aot_compile`: PTX for `aot_impl`) for `target` (default: the current GPU)
+  and inputs of at most those sizes, `dtypes` naming the Triton types ("fp32", "fp16",
+  "bf16") of the float inputs and outputs by name; its launch passes the pointers and
+  `scalar_args` in order, without the attributes it bakes in as constants;
 - the TensorRT hooks `trt_output_shapes` and `trt_aot`.
 
-What they share (block sizes, output buffers, the AOT compile and launch) is in
+What they share (block sizes, tiles, output buffers, the AOT compile and launch) is in
 `_launch.py`.
 
 On a machine without a GPU the kernels run under the Triton interpreter: set

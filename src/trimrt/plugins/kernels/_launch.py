@@ -1,5 +1,5 @@
-"""What every kernel module shares: block sizes, output buffers, the ahead-of-time
-compile and the TensorRT `aot_impl` launch.
+"""What every kernel module shares: block sizes, grids, tile loads and stores, output
+buffers, the ahead-of-time compile and the TensorRT `aot_impl` launch.
 
 Imports torch and triton at its top, like the kernel modules (only ever imported lazily).
 """

@@ -178,8 +178,7 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 
 def trt_aot(trtp, inputs, attrs, outputs):
-    """aot_impl: the same kernel compiled to PTX (block sizes for the profile's largest
-    N and D), with its grid and int32 scalars as shape expressions."""
+    """aot_impl: the same kernel compiled to PTX for the profile's largest N and D, with its grid and int32 scalars."""
     x = inputs["x"]
     kernel = compile_kernel(triton_types(inputs, outputs), n=largest(x, 1), d=largest(x, 2))
     return launch(trtp, kernel, inputs, grid, scalar_args, attrs)

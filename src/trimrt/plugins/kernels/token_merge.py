@@ -197,8 +197,7 @@ def trt_output_shapes(shapes, attrs, trtp):
 
 
 def trt_aot(trtp, inputs, attrs, outputs):
-    """aot_impl: the same kernel compiled to PTX for the profile's largest N, with its
-    grid and int32 scalars."""
+    """aot_impl: the same kernel compiled to PTX for the profile's largest N, with its grid and int32 scalars."""
     n, c, d = largest(inputs["x"], 1), largest(inputs["metric"], 2), largest(inputs["x"], 2)
     check_attributes(n, **attrs)
     kernel = compile_kernel(triton_types(inputs, outputs), n=n, c=c, d=d)
