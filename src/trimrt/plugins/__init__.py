@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+import onnx_ir as ir
+
 from .base import DOMAIN, OP_VERSION, OpDef
 
 
@@ -29,8 +31,6 @@ REGISTRY: dict[str, OpDef] = _discover()
 def attach_decompositions(model) -> list[str]:
     """Attach to an onnx_ir model, for every trimrt op it uses, its decomposition as a
     model-local function (so ONNX Runtime can run it); return the ops' names."""
-    import onnx_ir as ir
-
     used = sorted({n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN})
     opset = model.opset_imports.get("", 18)
     for op_type in used:
@@ -50,8 +50,6 @@ def runnable_proto(model):
     """A ModelProto of an onnx_ir model (or of a ModelProto: a copy) with every trimrt op's
     decomposition attached, for passes that run the graph on ONNX Runtime mid-pipeline.
     An onnx_ir model given is changed (its functions attached)."""
-    import onnx_ir as ir
-
     if not isinstance(model, ir.Model):
         model = ir.serde.deserialize_model(model)
     attach_decompositions(model)

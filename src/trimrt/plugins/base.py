@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from .builder import DOMAIN, FUNCTION_OPSET, OP_VERSION, build_function  # noqa: F401 - re-exported
 
@@ -93,8 +94,6 @@ class OpDef:
     def function(self) -> onnx.FunctionProto:
         """The decomposition as a model-local function; attributes with a default in the
         schema are declared with it, the others are required."""
-        import onnx_ir as ir
-
         fn = build_function(DOMAIN, self.name, FUNCTION_OPSET, [t.name for t in self.inputs],
                             [t.name for t in self.outputs],
                             [(a.name, a.kind, a.default) for a in self.attributes], self.decompose, self.doc)
