@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import InputError
-from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
+from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
 from .runtime.session import load
 
 
@@ -78,8 +78,7 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))
     else:
-        feeds = random_feeds(build.inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens,
-                             limits=manifest.get("input_limits"))
+        feeds = build_feeds(manifest, build.inputs, batch=batch, seed=seed, tokens=tokens)
     fed = int(next(iter(feeds.values())).shape[0])
     if not inputs and fed != batch:
         raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {fed} "

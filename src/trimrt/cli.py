@@ -1,4 +1,4 @@
-"""The `trimrt` command line: compile / run / verify / bench / inspect.
+"""The `trimrt` command line: compile / run / verify / bench / generate / inspect.
 
 Every error a user can cause prints one line, `error: …`, and exits with code 2;
 `verify` exits with 1 when a threshold is missed.
@@ -212,6 +212,56 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
     click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):\n"
                f"  baseline {r.baseline_ms:8.2f} ms\n  build    {r.build_ms:8.2f} ms\n"
                f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
+
+
+@main.command()
+@_build_arg
+@click.option("--prompt", "prompts", multiple=True, required=True,
+              help="Prompt text (needs --tokenizer), or token ids as '1,2,3'; repeat for a batch.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json, or a folder holding it.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), help="Sample at this temperature (default: greedy).")
+@click.option("--top-k", type=click.IntRange(1), help="Sample among the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), help="Sample among the most likely tokens of this mass.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--seed", type=int, help="Random seed of sampling.")
+@click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (needs --tokenizer); repeatable.")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: its own choice).")
+def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, threads: int | None, **options) -> None:
+    """Generate text with a decoder build: streams one prompt's continuation (a batch prints each
+    result), then the time to first token, decode tokens/s and the KV-cache size."""
+    from .runtime import load
+
+    options = {k: v for k, v in options.items() if v is not None}
+    options["stop_strings"] = tuple(options.get("stop_strings") or ())
+    parsed = [_prompt(p, tokenizer) for p in prompts]
+    with load(build, threads=threads) as session:
+        gen = session.generator(tokenizer)
+        if len(parsed) == 1:
+            for piece in gen.stream(parsed[0], **options):
+                click.echo(piece if isinstance(piece, str) else f"{piece} ", nl=False)
+            click.echo()
+            stats = gen.last_stats
+        else:
+            results = gen.generate(parsed, **options)
+            for i, result in enumerate(results):
+                shown = result.text if result.text is not None else " ".join(map(str, result.tokens))
+                click.echo(f"[{i}] {shown}")
+            stats = results[0].stats
+    click.echo(f"prompt {stats.prompt_tokens} tokens × {stats.batch}, time to first token "
+               f"{stats.time_to_first_token_s * 1e3:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
+               f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB", err=True)
+
+
+def _prompt(text: str, tokenizer: Path | None):
+    """--prompt: text when a tokenizer is given, else comma-separated token ids."""
+    if tokenizer is not None:
+        return text
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of token ids such as '1,2,3'; give --tokenizer to pass "
+                                 "text", param_hint="--prompt") from None
 
 
 @main.command()

@@ -20,7 +20,7 @@ import numpy as np
 from .compare import OutputMetrics, compare_outputs
 from .errors import CalibrationError, InputError, ModelLoadError
 from .runtime.backends import OnnxRuntimeBackend
-from .runtime.feeds import load_feed_files, random_feeds, validate_feeds
+from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
 from .runtime.manifest import Manifest
 from .runtime.session import Session
 
@@ -159,9 +159,8 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
     if inputs:
         batches = [validate_feeds(session.inputs, load_feed_files(inputs))]
     else:
-        hints = session.manifest.get("example_shapes")
-        batches = [random_feeds(session.inputs, batch=1, seed=seed + i, hints=hints, tokens=tokens,
-                                limits=session.manifest.get("input_limits")) for i in range(samples)]
+        batches = [build_feeds(session.manifest, session.inputs, batch=1, seed=seed + i, tokens=tokens)
+                   for i in range(samples)]
     names = [o.name for o in session.outputs]
     got_all: dict[str, list] = {n: [] for n in names}
     ref_all: dict[str, list] = {n: [] for n in names}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
-from ..runtime.manifest import ENGINE, MODEL, write_manifest
+from ..runtime.manifest import ENGINE, MODEL, TOKENIZER, write_manifest
 from .artifacts import atomic_build_dir
 from .flops import count_flops
 from .input_limits import INPUT_LIMITS, find_input_limits
@@ -87,6 +88,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         max_tokens = (limits.get("tokens") or {}).get("limit")
         if check_tokens is not None and max_tokens is not None:
             check_tokens = min(check_tokens, int(max_tokens))
+        if given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree
+            given = loaded.example_feeds or loaded.decoder.random_feeds(2)
         feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens, limits=limits)
         try:
             base_out = base_rt.infer(feeds)
@@ -103,11 +106,13 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
         flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
 
-        if save_reference is None:
-            save_reference = loaded.torch_module is not None
+        if save_reference is None:  # the source was PyTorch: keep the export trimrt made
+            save_reference = loaded.example_feeds is not None
         structure = next((r.details for r in reports if r.name == "analyse"), {})
         fusion = next((r.details for r in reports if r.name == "ort_fusion"), None)
         _save(built, tmp / MODEL)
+        if loaded.tokenizer_file is not None:  # the checkpoint's tokenizer: generation needs no other folder
+            shutil.copyfile(loaded.tokenizer_file, tmp / TOKENIZER)
         if save_reference:
             _save(original, tmp / REFERENCE)
         if target == "tensorrt":
@@ -138,6 +143,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             # embedding hides the vocabulary from a search on the built graph)
             "input_limits": _limits_for(limits, {i.name for i in build_rt.inputs}),
             "compile_seconds": round(time.perf_counter() - started, 2),
+            **({"decoder": loaded.decoder.to_dict()} if loaded.decoder is not None else {}),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
         }, __version__)

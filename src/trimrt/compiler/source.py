@@ -27,6 +27,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from ..errors import ModelLoadError
+from . import decoder
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class LoadedModel:
     #: a PyTorch callable reproducing the model, when the source was PyTorch
     torch_module: Any = None
     description: str = ""
+    #: a decoder with a KV cache (runtime.kv_cache.DecoderSpec), else None
+    decoder: Any = None
+    #: a tokenizer.json that came with the source (a checkpoint folder's): copied into the build
+    tokenizer_file: Path | None = None
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -314,11 +319,20 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
         return LoadedModel(ir.serde.deserialize_model(upgrade_opset(source, "the model")), None, description="ModelProto")
     if isinstance(source, (str, Path)):
         spec = str(source)
+        if decoder.is_checkpoint_folder(spec):
+            tokenizer = Path(spec) / "tokenizer.json"
+            return _causal_lm(decoder.load_checkpoint(spec), spec, opset, tokenizer if tokenizer.is_file() else None,
+                              exporter=exporter)
         if is_factory_spec(spec):
             module, example = call_factory(spec)
+            if decoder.is_causal_lm(module):
+                return _causal_lm(module, spec, opset, exporter=exporter)
             model, feeds = export_torch(module, example, exporter=exporter, opset=opset)
             return LoadedModel(model, feeds, module, description=spec)
-        return LoadedModel(load_onnx(spec), None, description=spec)  # example_inputs, if any, serve as check feeds
+        model = load_onnx(spec)  # example_inputs, if any, serve as check feeds
+        return LoadedModel(model, None, description=spec, decoder=decoder.spec_from_graph(model))
+    if decoder.is_causal_lm(source):  # exported with a KV cache: no example inputs needed
+        return _causal_lm(source, type(source).__name__, opset, exporter=exporter)
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
         if example_inputs is None:
             raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")
@@ -327,3 +341,15 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
         model, feeds = export_torch(source, example_inputs, exporter=exporter, opset=opset)
         return LoadedModel(model, feeds, source, description=type(source).__name__)
     raise ModelLoadError(f"cannot compile a {type(source).__name__}: pass an .onnx path, a factory spec or a torch.nn.Module")
+
+
+def _causal_lm(module, description: str, opset: int, tokenizer_file: Path | None = None, *,
+               exporter: str) -> LoadedModel:
+    """A causal LM exported with its KV cache (compiler.decoder). Its reference is the
+    exported graph: a PyTorch call does not take the flat cache tensors."""
+    if exporter == "torchscript":
+        raise ModelLoadError("causal LMs export with the dynamo exporter (the TorchScript exporter cannot trace "
+                             "transformers' cache): use --exporter auto or dynamo")
+    with eval_mode(module), _quiet_exporter():
+        model, feeds, spec = decoder.export_causal_lm(module, opset=opset)
+    return LoadedModel(model, feeds, None, description=description, decoder=spec, tokenizer_file=tokenizer_file)

@@ -68,13 +68,15 @@ class OnnxRuntimeBackend(Backend):
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[self.optimization])
+        opts.log_severity_level = 3  # errors reach the caller as exceptions; warnings (an input with a default) are noise
         self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
                                              disabled_optimizers=self.disabled_optimizers or None)
         # a failing run is raised to the caller (as a typed error by Session); ORT's own log line
         # of it on stderr would only repeat it
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
-        self.inputs = [TensorInfo.from_ort(a) for a in self._session.get_inputs()]
+        self.inputs = [TensorInfo.from_ort(a) for a in self._session.get_inputs()] + \
+            [TensorInfo.from_ort(a, optional=True) for a in self._session.get_overridable_initializers()]
         self.outputs = [TensorInfo.from_ort(a) for a in self._session.get_outputs()]
 
     def infer(self, feeds, output_names=None):

@@ -21,11 +21,13 @@ class TensorInfo:
     name: str
     dtype: np.dtype
     shape: tuple
+    #: an input with a default value in the model (an overridable initializer): feed it or not
+    optional: bool = False
 
     @classmethod
-    def from_ort(cls, arg) -> "TensorInfo":
+    def from_ort(cls, arg, optional: bool = False) -> "TensorInfo":
         dtype = np.dtype(_ORT_TYPES.get(arg.type, np.float32))
-        return cls(arg.name, dtype, tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape))
+        return cls(arg.name, dtype, tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape), optional)
 
     def describe(self) -> str:
         return f"{self.name}: {self.dtype.name}[{', '.join(str(d) for d in self.shape)}]"
@@ -37,11 +39,13 @@ def validate_feeds(inputs: Sequence[TensorInfo], feeds: Mapping[str, object]) ->
     unknown = sorted(set(feeds) - set(expected), key=str)
     if unknown:
         raise InputError(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
-    missing = sorted(set(expected) - set(feeds))
+    missing = sorted(n for n, i in expected.items() if n not in feeds and not i.optional)
     if missing:
         raise InputError(f"missing input(s) {missing}; expected {', '.join(i.describe() for i in inputs)}")
     out = {}
     for name, info in expected.items():
+        if name not in feeds:  # an optional input left at its default
+            continue
         try:
             arr = np.asarray(feeds[name])
         except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
@@ -96,6 +100,8 @@ def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
     rng = np.random.default_rng(seed)
     feeds = {}
     for info in inputs:
+        if info.optional:  # its default is the meaningful value
+            continue
         shape = concrete_shape(info, batch, hints, tokens)
         if np.issubdtype(info.dtype, np.floating):
             feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
@@ -105,6 +111,19 @@ def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
             high = max(1, min(100, id_limits.get(info.name, 100)))
             feeds[info.name] = rng.integers(0, high, size=shape).astype(info.dtype)
     return feeds
+
+
+def build_feeds(manifest: Mapping, inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
+                tokens: int | None = None) -> dict[str, np.ndarray]:
+    """Random feeds for a build (verify, bench): a decoder's consistent decode step (`tokens`
+    new tokens on a random past), else `random_feeds` within the build's example shapes and
+    input limits."""
+    if manifest.get("decoder"):
+        from .kv_cache import DecoderSpec
+
+        return DecoderSpec.from_manifest(manifest, "the build").random_feeds(batch, new=tokens or 5, seed=seed)
+    return random_feeds(inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens,
+                        limits=manifest.get("input_limits"))
 
 
 def load_feed_files(specs: Sequence[str]) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL = "model.onnx"
 ENGINE = "model.engine"
+#: a decoder build's tokenizer, when its source came with one
+TOKENIZER = "tokenizer.json"
 #: where the compiler puts the weights of models over protobuf's 2 GB limit
 EXTERNAL_DATA = MODEL + ".data"
 

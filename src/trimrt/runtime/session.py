@@ -86,6 +86,14 @@ class Session:
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         return self.run(feeds)
 
+    def generator(self, tokenizer=None):
+        """A Generator over this decoder build (BuildLoadError if the build has no KV cache);
+        `tokenizer`: a tokenizer object, a tokenizer.json file or a folder holding one."""
+        from .generation import Generator
+
+        self._check_open()
+        return Generator(self, tokenizer)
+
     def close(self) -> None:
         """Release the backend; later runs raise SessionClosedError. Closing twice is fine."""
         self._closed = True
@@ -118,7 +126,9 @@ class Session:
         """What the graph would fail on (or silently get wrong) but the manifest tells in advance."""
         min_tokens = self.manifest.get("min_tokens") or 0
         for info in self.inputs:
-            arr = feeds[info.name]
+            arr = feeds.get(info.name)
+            if arr is None:  # an optional input left at its default
+                continue
             if arr.ndim and not isinstance(info.shape[0], int) and arr.shape[0] == 0:
                 raise InputError(f"axis 0 of input {info.name!r} is empty (shape {list(arr.shape)}); give at least one sample")
             if min_tokens and arr.ndim >= 2 and not isinstance(info.shape[1], int) and arr.shape[1] < min_tokens:

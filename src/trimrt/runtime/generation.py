@@ -1,0 +1,300 @@
+"""Text generation with a decoder build: the loop around the KV-cache graph.
+
+    gen = trimrt.load("llm/").generator(tokenizer="path/")
+    for piece in gen.stream("Once upon a time", max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0):
+        print(piece, end="")
+    results = gen.generate(["a prompt", "another, longer prompt"], max_new_tokens=32)
+
+Greedy by default; sampling when `do_sample=True` or any of temperature / top_k / top_p is
+given (Hugging Face's order: repetition penalty, temperature, top-k, top-p). Prompts of
+different lengths are left-padded into one batch (positions count real tokens only, as in
+Hugging Face). The cache is the graph's own present tensors, fed back as the next past:
+it is exactly as long as the text so far, never preallocated to the model's context.
+numpy + onnxruntime only; a tokenizer (`tokenizers` / `transformers`) only when given.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from .kv_cache import ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, past_name, present_name
+from .manifest import TOKENIZER
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How the next token is chosen and when generation stops (ONNX Runtime GenAI's and
+    Hugging Face's option names)."""
+
+    max_new_tokens: int = 64
+    #: None: sample when temperature, top_k or top_p is given, else greedy
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    #: ids that end a sequence besides the model's end-of-sequence ids (kept in `tokens`)
+    stop_token_ids: tuple[int, ...] = ()
+    #: texts that end a sequence (need a tokenizer); the text is cut before the stop string
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be an int >= 1"),
+            (self.temperature is None or self.temperature > 0, "temperature must be > 0 (use greedy for 0)"),
+            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1), "top_k must be an int >= 1"),
+            (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
+        object.__setattr__(self, "stop_strings", strings)
+
+    @property
+    def sampling(self) -> bool:
+        if self.do_sample is not None:
+            return self.do_sample
+        return any(v is not None for v in (self.temperature, self.top_k, self.top_p))
+
+    @classmethod
+    def of(cls, options: dict) -> "SearchOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"unknown generation option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+@dataclass
+class GenerationStats:
+    """Measured while generating one batch."""
+
+    batch: int = 0
+    prompt_tokens: int = 0  # the longest prompt (the prefill length)
+    new_tokens: int = 0  # generated tokens, all rows
+    time_to_first_token_s: float = 0.0  # prefill and the first token's selection
+    decode_s: float = 0.0  # the steps after the first token
+    decode_steps: int = 0
+    kv_cache_bytes: int = 0  # the cache at the end, all layers, keys and values
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode steps per second (per sequence of the batch)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's continuation."""
+
+    tokens: list[int]  # generated ids, the stop token included
+    finish_reason: str  # "stop" (end of sequence / stop id / stop string) or "length"
+    text: str | None = None  # decoded (special tokens skipped, cut before a stop string) when a tokenizer is set
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Generator:
+    """Generates with a decoder build's Session (see the module docstring)."""
+
+    def __init__(self, session, tokenizer=None):
+        self.session = session
+        self.spec = DecoderSpec.from_manifest(session.manifest, str(session.build_dir))
+        if tokenizer is None and TOKENIZER in (session.manifest.get("files") or {}):
+            tokenizer = session.build_dir / TOKENIZER  # the build's own (hash-checked at load)
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        self.last_stats: GenerationStats | None = None
+
+    def generate(self, prompts, **options) -> GenerationResult | list[GenerationResult]:
+        """Generate for one prompt (a string, or a list of token ids) or a batch of them (a list);
+        returns one GenerationResult, or a list in the prompts' order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0]))
+        batch = [prompts] if single else list(prompts)
+        search = SearchOptions.of(options)
+        results = None
+        for results in self._steps(batch, search):
+            pass
+        return results[0] if single else results
+
+    def stream(self, prompt, **options) -> Iterator[str | int]:
+        """Yield the continuation of one prompt as it is generated: text pieces with a tokenizer,
+        token ids without one."""
+        search = SearchOptions.of(options)
+        emitted = 0
+        for (result,) in self._steps([prompt], search):
+            if self.tokenizer is None:
+                yield from result.tokens[emitted:]
+                emitted = len(result.tokens)
+                continue
+            text = result.text or ""
+            # hold back a piece ending in half a UTF-8 character until the next token completes it
+            if len(text) > emitted and (result.finish_reason or not text.endswith("\ufffd")):
+                yield text[emitted:]
+                emitted = len(text)
+        self.last_stats = result.stats
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _steps(self, prompts: list, search: SearchOptions) -> Iterator[list[GenerationResult]]:
+        """Run prefill and decode steps; after each step yield the results so far (finish_reason
+        is "" until a row is done)."""
+        if search.stop_strings and self.tokenizer is None:
+            raise InputError("stop_strings need a tokenizer: pass tokenizer= to generator() (or use stop_token_ids)")
+        if not prompts:
+            raise InputError("no prompt given: pass a string, a list of token ids, or a list of those")
+        ids = [self._encode(p) for p in prompts]
+        spec = self.spec
+        longest = max(len(i) for i in ids)
+        max_new = search.max_new_tokens
+        if spec.max_positions is not None:
+            if longest >= spec.max_positions:
+                raise InputError(f"the prompt has {longest} tokens; this model has {spec.max_positions} positions, "
+                                 f"so a prompt can have at most {spec.max_positions - 1}: shorten it")
+            max_new = min(max_new, spec.max_positions - longest)
+        stop_ids = set(spec.eos_token_ids) | set(search.stop_token_ids)
+        pad = spec.pad_token_id if spec.pad_token_id is not None else (min(stop_ids) if stop_ids else 0)
+        batch = len(ids)
+        tokens = np.full((batch, longest), pad, np.int64)
+        mask = np.zeros((batch, longest), np.int64)
+        for row, seq in enumerate(ids):
+            tokens[row, longest - len(seq):] = seq
+            mask[row, longest - len(seq):] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, POSITION_IDS: positions, **spec.empty_cache(batch)}
+        history = [list(seq) for seq in ids]  # for the repetition penalty
+        rng = np.random.default_rng(search.seed)
+        stats = GenerationStats(batch=batch, prompt_tokens=longest)
+        results = [GenerationResult([], "", stats=stats) for _ in ids]
+        started = time.perf_counter()
+        for step in range(max_new):
+            out = self.session.run(feeds)
+            chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
+            for row, result in enumerate(results):
+                if not result.finish_reason:
+                    self._append(result, history[row], int(chosen[row]), stop_ids, search, last=step == max_new - 1)
+                else:
+                    chosen[row] = pad
+            now = time.perf_counter()
+            if step == 0:
+                stats.time_to_first_token_s = now - started
+            else:
+                stats.decode_s, stats.decode_steps = now - started - stats.time_to_first_token_s, step
+            stats.new_tokens = sum(len(r.tokens) for r in results)
+            stats.kv_cache_bytes = sum(out[present_name(i, k)].nbytes for i in range(spec.layers) for k in KINDS)
+            yield results
+            if all(r.finish_reason for r in results):
+                return
+            positions = positions[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask, POSITION_IDS: positions,
+                     **{past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS}}
+
+    def _append(self, result: GenerationResult, history: list[int], token: int, stop_ids: set, search: SearchOptions,
+                *, last: bool) -> None:
+        result.tokens.append(token)
+        history.append(token)
+        if self.tokenizer is not None:
+            result.text = self.tokenizer.decode(result.tokens)
+            for stop in search.stop_strings:
+                cut = result.text.find(stop)
+                if cut >= 0:
+                    result.text, result.finish_reason = result.text[:cut], "stop"
+        if token in stop_ids:
+            result.finish_reason = "stop"
+        elif last and not result.finish_reason:
+            result.finish_reason = "length"
+
+    def _choose(self, logits: np.ndarray, history: list[list[int]], search: SearchOptions,
+                rng: np.random.Generator) -> np.ndarray:
+        logits = logits.astype(np.float64)
+        if search.repetition_penalty != 1.0:
+            for row, seen in enumerate(history):
+                seen = np.unique(seen)
+                values = logits[row, seen]
+                logits[row, seen] = np.where(values > 0, values / search.repetition_penalty,
+                                             values * search.repetition_penalty)
+        if not search.sampling:
+            return logits.argmax(axis=-1)
+        return np.array([_sample(row, search, rng) for row in logits])
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs a tokenizer: pass tokenizer= to generator() (a folder with "
+                                 "tokenizer.json, the file, or a tokenizer object), or give token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt) if isinstance(prompt, Sequence) or isinstance(prompt, np.ndarray) else None
+            if ids is None or not all(_is_int(t) for t in ids):
+                raise InputError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InputError("a prompt is empty: give at least one token")
+        bad = [int(t) for t in ids if not 0 <= int(t) < self.spec.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary of {self.spec.vocab_size}; "
+                             "check that the tokenizer matches the model")
+        return [int(t) for t in ids]
+
+
+def _sample(logits: np.ndarray, search: SearchOptions, rng: np.random.Generator) -> int:
+    if search.temperature is not None:
+        logits = logits / search.temperature
+    if search.top_k is not None and search.top_k < logits.size:
+        kth = np.partition(logits, -search.top_k)[-search.top_k]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    if search.top_p is not None and search.top_p < 1:
+        order = np.argsort(-probs, kind="stable")
+        # the smallest set of most likely tokens whose mass reaches top_p (at least one)
+        keep = np.cumsum(probs[order]) - probs[order] < search.top_p
+        filtered = np.zeros_like(probs)
+        filtered[order[keep]] = probs[order[keep]]
+        probs = filtered / filtered.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class _Tokenizer:
+    """encode(text) -> ids and decode(ids) -> text over a `tokenizers` or `transformers` tokenizer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def encode(self, text: str) -> list[int]:
+        encoded = self.inner.encode(text)
+        return list(getattr(encoded, "ids", encoded))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(tokenizer) -> _Tokenizer:
+    """A tokenizer object (with encode / decode), a tokenizer.json file, or a folder holding one."""
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "decode"):
+        return _Tokenizer(tokenizer)
+    path = Path(tokenizer)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"tokenizer {str(tokenizer)!r}: no tokenizer.json there; give the file, a folder holding it, "
+                         "or a tokenizer object")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InputError("loading a tokenizer file needs the tokenizers package: pip install tokenizers") from None
+    try:
+        return _Tokenizer(Tokenizer.from_file(str(file)))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
+        raise InputError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0] if str(exc) else exc}") from None

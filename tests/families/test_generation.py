@@ -1,0 +1,103 @@
+"""Decoder builds generate exactly what Hugging Face generate() does on PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import trimrt  # noqa: E402
+from tests.families.causal_lms import FAMILIES, build, hf_greedy, word_tokenizer  # noqa: E402
+from trimrt.runtime.kv_cache import past_name  # noqa: E402
+
+PROMPTS = [[1, 17, 99, 5, 42, 7, 150, 3, 88, 61, 12], [1, 5], [1, 23, 9, 180, 44, 2]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_equals_hugging_face(family):
+    path, model = build(family)
+    gen = trimrt.load(path).generator()
+    single = gen.generate(PROMPTS[0], max_new_tokens=64)
+    assert single.tokens == hf_greedy(model, PROMPTS[:1], 64)[0]
+    assert len(single.tokens) == 64 and single.finish_reason == "length"
+    batch = gen.generate(PROMPTS, max_new_tokens=64)
+    assert [r.tokens for r in batch] == hf_greedy(model, PROMPTS, 64)
+    assert batch[0].tokens == single.tokens  # left padding changes nothing for the longest prompt
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_logits_match_pytorch(family):
+    """Prefill of 11 tokens, then a 3-token step on the cache (what speculation verifies)."""
+    path, model = build(family)
+    session = trimrt.load(path)
+    spec = session.generator().spec
+    ids = torch.tensor([PROMPTS[0] + [4, 8, 15]])
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    first = session.run({"input_ids": ids[:, :11].numpy(), "attention_mask": np.ones((1, 11), np.int64),
+                         "position_ids": np.arange(11)[None], **spec.empty_cache(1)})
+    np.testing.assert_allclose(first["logits"], want[:, :11], atol=1e-4)
+    past = {past_name(i, k): first[f"present.{i}.{k}"] for i in range(spec.layers) for k in ("key", "value")}
+    step = session.run({"input_ids": ids[:, 11:].numpy(), "attention_mask": np.ones((1, 14), np.int64),
+                        "position_ids": np.arange(11, 14)[None], **past})
+    np.testing.assert_allclose(step["logits"], want[:, 11:], atol=1e-4)
+    assert step["present.0.key"].shape == (1, spec.kv_heads, 14, spec.head_dim)
+
+
+def test_attention_bias_masks_like_a_4d_mask():
+    """A tree-shaped bias over 3 new tokens (the third sees the prefix and itself only) equals
+    Hugging Face run with that 4-D mask."""
+    path, model = build("llama")
+    session = trimrt.load(path)
+    spec = session.generator().spec
+    ids = torch.tensor([PROMPTS[0] + [4, 8, 15]])
+    allowed = torch.tril(torch.ones(14, 14, dtype=torch.bool))
+    allowed[13, 11:13] = False
+    bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+    with torch.no_grad():
+        want = model(ids, attention_mask=bias).logits.numpy()
+    out = session.run({"input_ids": ids.numpy(), "attention_mask": np.ones((1, 14), np.int64),
+                       "position_ids": np.arange(14)[None], "attention_bias": bias.numpy(), **spec.empty_cache(1)})
+    np.testing.assert_allclose(out["logits"], want, atol=1e-4)
+    plain = session.run({"input_ids": ids.numpy(), "attention_mask": np.ones((1, 14), np.int64),
+                         "position_ids": np.arange(14)[None], **spec.empty_cache(1)})
+    assert np.abs(plain["logits"][0, 13] - out["logits"][0, 13]).max() > 1e-3
+    np.testing.assert_allclose(plain["logits"][0, :13], out["logits"][0, :13], atol=1e-5)
+
+
+def test_repetition_penalty_equals_hugging_face():
+    path, model = build("llama")
+    got = trimrt.load(path).generator().generate(PROMPTS[0], max_new_tokens=24, repetition_penalty=1.5)
+    assert got.tokens == hf_greedy(model, PROMPTS[:1], 24, repetition_penalty=1.5)[0]
+
+
+def test_checkpoint_folder_and_onnx_decoder_sources(tmp_path):
+    """A local checkpoint folder compiles with its tokenizer inside the build; the build's
+    model.onnx (an ONNX decoder with past inputs) compiles again into the same generator."""
+    _, model = build("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    word_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
+    manifest = trimrt.compile(str(tmp_path / "ckpt"), None, tmp_path / "b1")
+    assert manifest["decoder"]["layers"] == 2 and "tokenizer.json" in manifest["files"]
+    text = trimrt.load(tmp_path / "b1").generator().generate("w1 w17 w99", max_new_tokens=8)
+    assert text.text.split() == [f"w{t}" for t in text.tokens]
+    assert text.tokens == hf_greedy(model, [[1, 17, 99]], 8)[0]
+    again = trimrt.compile(str(tmp_path / "b1" / "model.onnx"), None, tmp_path / "b2")
+    assert {k: again["decoder"][k] for k in ("layers", "kv_heads", "head_dim", "vocab_size")} == \
+        {k: manifest["decoder"][k] for k in ("layers", "kv_heads", "head_dim", "vocab_size")}
+    assert trimrt.load(tmp_path / "b2").generator().generate([1, 17, 99], max_new_tokens=8).tokens == text.tokens
+
+
+def test_verify_and_quantized_decoder_builds(tmp_path):
+    """INT8 applies to every linear layer of a decoder build, lm_head included; verify compares
+    decode steps (a past and new tokens) with the unmodified export."""
+    _, model = build("llama")
+    manifest = trimrt.compile(model, {"quantization": {"weights": "int8"}}, tmp_path / "q")
+    layers = manifest.pass_report("quantization")["layers"]
+    assert len(layers) == 15 and layers[-1]["shape"] == [64, 200]  # 7 per block, then lm_head
+    report = trimrt.verify(tmp_path / "q", samples=2)
+    assert report.outputs[0].name == "logits" and report.outputs[0].cosine_mean > 0.99
+    out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS, max_new_tokens=8)
+    assert [len(r.tokens) for r in out] == [8, 8, 8]
