@@ -66,10 +66,9 @@ def check_call(probs_shape, metric_shape, *, iterations: int, protect: int, span
                                      or len(metric_shape) != 3 or tuple(metric_shape[:2]) != (probs_shape[0], probs_shape[2])):
         raise ValueError(f"{NAME}: need probs [B, H, N, N] and metric [B, N, C], got {tuple(probs_shape)}, "
                          f"{tuple(metric_shape)}")
-    n = probs_shape[2]
     if iterations < 1:
         raise ValueError(f"{NAME}: iterations={iterations} must be >= 1")
-    Span(protect, span_end).check(n, NAME, counted=False)
+    Span(protect, span_end).check(probs_shape[2], NAME, counted=False)
 
 
 def reference(probs: np.ndarray, metric: np.ndarray, *, iterations: int, var_min: float, var_max: float,

@@ -94,8 +94,7 @@ class OpDef:
     def function(self) -> onnx.FunctionProto:
         """The decomposition as a model-local function; attributes with a default in the
         schema are declared with it, the others are required."""
-        fn = build_function(DOMAIN, self.name, FUNCTION_OPSET, [t.name for t in self.inputs],
-                            [t.name for t in self.outputs],
+        fn = build_function(DOMAIN, self.name, FUNCTION_OPSET, [t.name for t in self.inputs], [t.name for t in self.outputs],
                             [(a.name, a.kind, a.default) for a in self.attributes], self.decompose, self.doc)
         return ir.serde.serialize_function(fn)
 

@@ -34,6 +34,7 @@ import onnx_ir as ir
 
 from .base import AttrSpec, OpDef, TensorSpec
 from .span import Span, span_graph
+from .token_prune import select
 
 NAME = "MassMask"
 #: cum < tau - TOLERANCE: the slack of the mass comparison (a power of two: exact everywhere)
@@ -105,15 +106,12 @@ def decompose(b, score, kept_index):
 
 def examples(rng):
     """kept_index from a TokenPrune of the span's top k_max; ties and zero scores."""
-    from .token_prune import select
-
     cases = []
     for (batch, n, k_max), attrs in [((2, 10, 6), dict(tau=0.5)), ((3, 17, 9), dict(tau=0.9, protect=1)),
                                      ((2, 20, 7), dict(tau=1.0, protect=2, span_end=16))]:
         score = rng.random((batch, n)).astype(np.float32) ** 3
         score[0, -3:] = 0.0
-        end = attrs.get("span_end") or n
-        cases.append(([score, select(score, k_max, attrs.get("protect", 0), end)], attrs))
+        cases.append(([score, select(score, k_max, attrs.get("protect", 0), attrs.get("span_end") or n)], attrs))
     return cases
 
 

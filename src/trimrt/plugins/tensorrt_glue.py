@@ -145,11 +145,10 @@ def _jit_impl(spec: _PluginSpec, trtp):
         import torch
 
         inputs, attrs, bound = _bind(signature, op, args, kwargs)
-        run = _resolve(op.triton)
         with torch.cuda.stream(torch.cuda.ExternalStream(int(bound["stream"]))):
             tensors = [torch.as_tensor(inputs[t.name], device="cuda") for t in op.inputs]
             outputs = tuple(torch.as_tensor(o, device="cuda") for o in bound["outputs"])
-            run(*tensors, **attrs, out=outputs)
+            _resolve(op.triton)(*tensors, **attrs, out=outputs)
 
     return _generated(impl, f"{op.name}_impl", signature)
 

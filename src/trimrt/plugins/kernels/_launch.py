@@ -89,8 +89,7 @@ def triton_types(*descs: dict) -> dict[str, str]:
 
 def largest(desc, axis: int) -> int:
     """Largest value dimension `axis` takes in this build (the profile max if dynamic)."""
-    shape = desc.shape
-    return int(shape.max[axis] if shape.is_dynamic else shape[axis])
+    return int(desc.shape.max[axis] if desc.shape.is_dynamic else desc.shape[axis])
 
 
 def launch(trtp, kernel, inputs: dict, grid, scalar_args, attrs: dict, **grid_options) -> tuple:

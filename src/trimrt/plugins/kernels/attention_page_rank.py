@@ -147,8 +147,7 @@ def run(probs: torch.Tensor, metric: torch.Tensor, *, iterations: int, var_min: 
     if b == 0:
         return (score,)
     attention_page_rank_kernel[grid(probs.shape)](
-        probs, metric, *scalar_args(tuple(probs.shape), tuple(metric.shape), **attrs),
-        float(var_min), float(var_max), score, **constexprs(n))
+        probs, metric, *scalar_args(probs.shape, metric.shape, **attrs), float(var_min), float(var_max), score, **constexprs(n))
     return (score,)
 
 

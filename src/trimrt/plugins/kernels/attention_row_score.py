@@ -101,15 +101,13 @@ def run(q: torch.Tensor, k_t: torch.Tensor, mask: torch.Tensor, *, row: int, sca
     """q [B, H, Nq, Dh], k_t [B, H, Dh, N], mask broadcastable to [B, H, Nq, N]
     -> (score [B, N],) on q's device and dtype."""
     check_shapes(tuple(q.shape), tuple(k_t.shape), tuple(mask.shape), row)
-    b, h, nq, dh = q.shape
-    n = k_t.shape[3]
+    b, dh, n = q.shape[0], q.shape[3], k_t.shape[3]
     q, k_t, mask = q.contiguous(), k_t.contiguous(), mask.contiguous()
     (score,) = output_buffers("AttentionRowScore", out, q.device, ((b, n), q.dtype))
     if b == 0 or n == 0:
         return (score,)
     attention_row_score_kernel[grid(q.shape, k_t.shape, mask.shape)](
-        q, k_t, mask, *scalar_args(tuple(q.shape), tuple(k_t.shape), tuple(mask.shape), row=row),
-        float(scale), score, **constexprs(n, dh))
+        q, k_t, mask, *scalar_args(q.shape, k_t.shape, mask.shape, row=row), float(scale), score, **constexprs(n, dh))
     return (score,)
 
 

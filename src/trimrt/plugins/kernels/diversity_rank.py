@@ -156,7 +156,7 @@ def run(x: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: 
     (score,) = output_buffers(NAME, out, x.device, ((b, n), x.dtype))
     if b == 0:
         return (score,)
-    diversity_rank_kernel[grid(x.shape)](x, *scalar_args(tuple(x.shape), **attrs), score, **constexprs(n, d))
+    diversity_rank_kernel[grid(x.shape)](x, *scalar_args(x.shape, **attrs), score, **constexprs(n, d))
     return (score,)
 
 

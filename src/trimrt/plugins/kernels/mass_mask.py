@@ -112,8 +112,7 @@ def run(score: torch.Tensor, kept_index: torch.Tensor, *, tau: float, protect: i
     if b == 0:
         return outs
     mass_mask_kernel[grid(score.shape)](
-        score, kept_index, *scalar_args(tuple(score.shape), tuple(kept_index.shape), **attrs), float(tau), *outs,
-        **constexprs(n))
+        score, kept_index, *scalar_args(score.shape, kept_index.shape, **attrs), float(tau), *outs, **constexprs(n))
     return outs
 
 

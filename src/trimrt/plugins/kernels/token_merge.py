@@ -157,8 +157,7 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
     """x [B, N, D], metric [B, N, C], size [B, N] -> (y [B, N - r, D], size_out [B, N - r],
     index [B, N - r] int64), matching `trimrt.plugins.token_merge.reference`; y and
     size_out in x's dtype."""
-    if x.dim() != 3 or metric.dim() != 3 or size.dim() != 2 or tuple(metric.shape[:2]) != tuple(x.shape[:2]) \
-            or tuple(size.shape) != tuple(x.shape[:2]):
+    if x.dim() != 3 or metric.dim() != 3 or not x.shape[:2] == metric.shape[:2] == size.shape:
         raise ValueError(f"TokenMerge: need x [B, N, D], metric [B, N, C], size [B, N], got "
                          f"{tuple(x.shape)}, {tuple(metric.shape)}, {tuple(size.shape)}")
     b, n, d = x.shape
@@ -173,7 +172,7 @@ def run(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, *, r: int, pr
     x, metric, size = x.contiguous(), metric.contiguous(), size.contiguous()
     blocks = constexprs(n, metric.shape[2], d)
     token_merge_kernel[grid(x.shape, metric.shape, size.shape, block_d=blocks["BLOCK_D"])](
-        x, metric, size, *scalar_args(tuple(x.shape), tuple(metric.shape), tuple(size.shape), **attrs), *outs, **blocks)
+        x, metric, size, *scalar_args(x.shape, metric.shape, size.shape, **attrs), *outs, **blocks)
     return outs
 
 

@@ -99,8 +99,7 @@ def constexprs(n: int, d: int) -> dict:
     return {"BLOCK_I": block_n, "BLOCK_J": block_n, "BLOCK_D": block(d, MAX_BLOCK_D)}
 
 
-def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: float,
-        out=None):
+def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_end: int, keep_ratio: float, out=None):
     """x [B, N, D], score [B, N] -> (y [B, M, D], kept_index [B, M] int64, fused [B, 1, D]),
     M = protect + k + (N - end), matching `trimrt.plugins.token_prune.reference`."""
     if x.dim() != 3 or score.dim() != 2 or tuple(score.shape) != tuple(x.shape[:2]):
@@ -117,7 +116,7 @@ def run(x: torch.Tensor, score: torch.Tensor, *, keep: int, protect: int, span_e
         return without_features(run, x, score, outs=outs, **attrs)
     blocks = constexprs(n, d)
     token_prune_kernel[grid(x.shape, score.shape, block_d=blocks["BLOCK_D"])](
-        x, score, *scalar_args(tuple(x.shape), tuple(score.shape), **attrs), *outs, **blocks)
+        x, score, *scalar_args(x.shape, score.shape, **attrs), *outs, **blocks)
     return outs
 
 

@@ -170,8 +170,7 @@ def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=Non
     """x [B, N, D], score [B, N], position [B, N] int64 -> (y [B, M, D], kept_index [B, M]
     int64), M = protect + k + grid² + (N - end), matching `trimrt.plugins.token_recycle.reference`.
     `attrs`: keep, protect, span_end, keep_ratio, grid, patch_rows, patch_cols, first_patch."""
-    if x.dim() != 3 or score.dim() != 2 or tuple(score.shape) != tuple(x.shape[:2]) \
-            or tuple(position.shape) != tuple(x.shape[:2]):
+    if x.dim() != 3 or not x.shape[:2] == score.shape == position.shape:
         raise ValueError(f"TokenRecycle: need x [B, N, D], score and position [B, N], got "
                          f"{tuple(x.shape)}, {tuple(score.shape)}, {tuple(position.shape)}")
     b, n, d = x.shape
@@ -185,8 +184,7 @@ def run(x: torch.Tensor, score: torch.Tensor, position: torch.Tensor, *, out=Non
         return without_features(run, x, score, position, outs=outs, **attrs)
     blocks = constexprs(n, d, attrs["grid"] ** 2)
     token_recycle_kernel[launch_grid(x.shape, block_d=blocks["BLOCK_D"])](
-        x, score, position, *scalar_args(tuple(x.shape), tuple(score.shape), tuple(position.shape), **attrs), *outs,
-        **blocks)
+        x, score, position, *scalar_args(x.shape, score.shape, position.shape, **attrs), *outs, **blocks)
     return outs
 
 

@@ -112,7 +112,7 @@ def run(x: torch.Tensor, ln_scale, ln_bias, w1, b1, w2, b2, *, epsilon: float, s
     logits = mlp_logits(*tensors, epsilon=epsilon, scale=scale)
     blocks = constexprs(n, d)
     token_slim_mix_kernel[grid(x.shape, w2.shape, block_d=blocks["BLOCK_D"])](
-        logits, x, *scalar_args(tuple(x.shape), tuple(w2.shape)), y, **blocks)
+        logits, x, *scalar_args(x.shape, w2.shape), y, **blocks)
     return (y,)
 
 
