@@ -101,3 +101,26 @@ def test_verify_and_quantized_decoder_builds(tmp_path):
     assert report.outputs[0].name == "logits" and report.outputs[0].cosine_mean > 0.99
     out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS, max_new_tokens=8)
     assert [len(r.tokens) for r in out] == [8, 8, 8]
+
+
+def test_an_onnxruntime_genai_export_generates_like_hugging_face(tmp_path):
+    """ONNX Runtime GenAI's model builder (GroupQueryAttention, no position_ids input, its
+    genai_config.json beside the model) compiles into a decoder build that trimrt generates with."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime_genai")
+    _, model = build("llama")
+    model.save_pretrained(tmp_path / "ckpt")
+    word_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
+    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "w1", "eos_token": "w0", "unk_token": "w2"}))
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "ckpt"),
+                    "-o", str(tmp_path / "og"), "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
+    manifest = trimrt.compile(str(tmp_path / "og" / "model.onnx"), None, tmp_path / "b")
+    assert manifest["decoder"]["position_input"] is False and manifest["decoder"]["head_dim"] == 16
+    gen = trimrt.load(tmp_path / "b").generator()
+    assert gen.generate(PROMPTS[0], max_new_tokens=24).tokens == hf_greedy(model, PROMPTS[:1], 24)[0]
+    with pytest.raises(trimrt.InputError, match="give prompts of one length per batch"):
+        gen.generate(PROMPTS, max_new_tokens=4)

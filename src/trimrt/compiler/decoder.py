@@ -12,6 +12,7 @@ the TorchScript exporter cannot trace transformers' cache and mask code.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -204,24 +205,47 @@ def _make_bias_optional(model: ir.Model) -> None:
     graph.register_initializer(bias)
 
 
-def spec_from_graph(model: ir.Model) -> DecoderSpec | None:
+def spec_from_graph(model: ir.Model, folder: Path | None = None) -> DecoderSpec | None:
     """The decoder spec of an ONNX decoder that already has past key/value inputs (None if it
-    has none): geometry from the past inputs' static dims, vocabulary from the logits."""
+    has none): geometry from the past inputs' static dims and the logits' vocabulary axis, or,
+    where those are symbolic, from an ONNX Runtime GenAI `genai_config.json` beside the model
+    (which also gives the special tokens and the context length)."""
     from ..runtime.kv_cache import past_layers
 
     inputs = {v.name: v for v in model.graph.inputs}
     layers = past_layers(inputs)
     if not layers:
         return None
-    shape = inputs[past_name(0, "key")].shape
-    logits = next((v for v in model.graph.outputs if v.name == LOGITS), None)
-    dims = [shape[1] if shape else None, shape[3] if shape else None,
-            logits.shape[-1] if logits is not None and logits.shape else None]
-    if not all(isinstance(d, int) for d in dims):
-        raise ModelLoadError("the decoder's past_key_values inputs need static head counts and head sizes, and a "
-                             "'logits' output with a static vocabulary axis; re-export it with those axes fixed")
     missing = [n for n in (INPUT_IDS, ATTENTION_MASK) if n not in inputs]
     if missing:
         raise ModelLoadError(f"the decoder has past_key_values inputs but no {missing}; trimrt generates with "
                              "ONNX Runtime GenAI's input names (input_ids, attention_mask, position_ids)")
-    return DecoderSpec(layers=layers, kv_heads=dims[0], head_dim=dims[1], vocab_size=dims[2])
+    shape = inputs[past_name(0, "key")].shape
+    logits = next((v for v in model.graph.outputs if v.name == LOGITS), None)
+    dims = [shape[1] if shape else None, shape[3] if shape else None,
+            logits.shape[-1] if logits is not None and logits.shape else None]
+    config = _genai_config(folder)
+    fill = [config.get("decoder", {}).get("num_key_value_heads"), config.get("decoder", {}).get("head_size"),
+            config.get("vocab_size")]
+    dims = [d if isinstance(d, int) else f for d, f in zip(dims, fill)]
+    if not all(isinstance(d, int) for d in dims):
+        raise ModelLoadError("the decoder's past_key_values inputs need static head counts and head sizes, and a "
+                             "'logits' output with a static vocabulary axis (or a genai_config.json beside the model "
+                             "that gives them); re-export it with those axes fixed")
+    eos = config.get("eos_token_id")
+    return DecoderSpec(layers=layers, kv_heads=dims[0], head_dim=dims[1], vocab_size=dims[2],
+                       max_positions=config.get("context_length"),
+                       eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+                       pad_token_id=config.get("pad_token_id"), bos_token_id=config.get("bos_token_id"),
+                       position_input=POSITION_IDS in inputs)
+
+
+def _genai_config(folder: Path | None) -> dict:
+    """The "model" section of an ONNX Runtime GenAI genai_config.json in `folder` ({} if none)."""
+    path = folder / "genai_config.json" if folder is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("model") or {}
+    except (ValueError, AttributeError):
+        raise ModelLoadError(f"{path} is not a valid genai_config.json; fix or remove it") from None

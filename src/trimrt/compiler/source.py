@@ -212,6 +212,8 @@ def _quiet_exporter():
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*(treespec|LeafSpec)", category=FutureWarning)
+            # dynamic axes that torch.export proves equal to another (a decoder's batch and lengths)
+            warnings.filterwarnings("ignore", message=r".*The axis name: .* will not be used", category=UserWarning)
             yield
     finally:
         registry.removeFilter(quiet)
@@ -330,7 +332,7 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
             model, feeds = export_torch(module, example, exporter=exporter, opset=opset)
             return LoadedModel(model, feeds, module, description=spec)
         model = load_onnx(spec)  # example_inputs, if any, serve as check feeds
-        return LoadedModel(model, None, description=spec, decoder=decoder.spec_from_graph(model))
+        return LoadedModel(model, None, description=spec, decoder=decoder.spec_from_graph(model, Path(spec).parent))
     if decoder.is_causal_lm(source):  # exported with a KV cache: no example inputs needed
         return _causal_lm(source, type(source).__name__, opset, exporter=exporter)
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module

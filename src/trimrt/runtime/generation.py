@@ -160,6 +160,9 @@ class Generator:
                 raise InputError(f"the prompt has {longest} tokens; this model has {spec.max_positions} positions, "
                                  f"so a prompt can have at most {spec.max_positions - 1}: shorten it")
             max_new = min(max_new, spec.max_positions - longest)
+        if not spec.position_input and len({len(i) for i in ids}) > 1:
+            raise InputError("this build takes no position_ids (an ONNX Runtime GenAI export derives them itself), so "
+                             "left-padded prompts would get wrong positions: give prompts of one length per batch")
         stop_ids = set(spec.eos_token_ids) | set(search.stop_token_ids)
         pad = spec.pad_token_id if spec.pad_token_id is not None else (min(stop_ids) if stop_ids else 0)
         batch = len(ids)
@@ -169,13 +172,15 @@ class Generator:
             tokens[row, longest - len(seq):] = seq
             mask[row, longest - len(seq):] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, POSITION_IDS: positions, **spec.empty_cache(batch)}
+        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, **spec.empty_cache(batch)}
         history = [list(seq) for seq in ids]  # for the repetition penalty
         rng = np.random.default_rng(search.seed)
         stats = GenerationStats(batch=batch, prompt_tokens=longest)
         results = [GenerationResult([], "", stats=stats) for _ in ids]
         started = time.perf_counter()
         for step in range(max_new):
+            if spec.position_input:
+                feeds[POSITION_IDS] = positions
             out = self.session.run(feeds)
             chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
             for row, result in enumerate(results):
@@ -195,7 +200,7 @@ class Generator:
                 return
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask, POSITION_IDS: positions,
+            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask,
                      **{past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS}}
 
     def _append(self, result: GenerationResult, history: list[int], token: int, stop_ids: set, search: SearchOptions,

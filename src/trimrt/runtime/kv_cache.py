@@ -61,6 +61,8 @@ class DecoderSpec:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     kv_dtype: str = "float32"
+    #: the graph takes position_ids (ONNX Runtime GenAI's own exports derive them from the mask)
+    position_input: bool = True
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -95,8 +97,9 @@ class DecoderSpec:
         feeds = {
             self.token_input: rng.integers(0, min(self.vocab_size, 100), (batch, new)),
             ATTENTION_MASK: mask,
-            POSITION_IDS: np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:],
         }
+        if self.position_input:
+            feeds[POSITION_IDS] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:]
         shape = (batch, self.kv_heads, past, self.head_dim)
         for i in range(self.layers):
             for kind in KINDS:
