@@ -5,10 +5,12 @@ about 150 M parameters: width 768, 12 layers, GQA 12/4 heads, SwiGLU 3072, vocab
 32000), compiled by trimrt with a KV cache in fp32, INT8 (weights and activations,
 round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), and run by trimrt's
 generation loop on ONNX Runtime CPU; Hugging Face `generate()` on PyTorch CPU runs the
-same model in the same process. Every variant generates the same greedy continuation
-length from the same prompt; variants take turns round by round (ONNX Runtime spinning
-off) and the table shows medians. Fidelity: share of the first 32 greedy tokens equal to
-trimrt fp32's (random weights: a speed check, not a quality one).
+same model in the same process, and so does ONNX Runtime GenAI (when installed) on the
+exports of its own model builder (fp32, and INT4 with its CPU default: MatMulNBits at
+accuracy level 4, which also quantizes activations to int8) read from the same weights
+saved as a local checkpoint. Every engine generates the same number of tokens greedily
+from the same prompt; engines take turns round by round (ONNX Runtime spinning off)
+and the table shows medians. Random weights: a speed check; quality is measured apart.
 
     python benchmarks/decoder_generation.py [--prompt 128] [--new 64] [--rounds 5] [--threads 2]
 """
@@ -59,6 +61,65 @@ def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, f
     return first, (new - 1) / max(whole - first, 1e-9), out[0, len(prompt):].tolist()
 
 
+def genai_engines(model, out: Path, threads: int) -> dict:
+    """ONNX Runtime GenAI models built by its own builder from `model` saved as a checkpoint
+    (with a word-level tokenizer, which the builder needs): {name: og.Model}, or {} with the
+    reason printed when it is not installed or fails."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        print("ONNX Runtime GenAI: not installed (pip install onnxruntime-genai); its rows are skipped")
+        return {}
+    import json
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ckpt = out / "hf"
+    if not (ckpt / "config.json").is_file():
+        model.save_pretrained(ckpt)
+        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(model.config.vocab_size)}, unk_token="w2"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.save(str(ckpt / "tokenizer.json"))
+        (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                 "eos_token": "w0", "unk_token": "w2"}))
+    engines = {}
+    for precision in ("fp32", "int4"):
+        folder = out / f"genai_{precision}"
+        if not (folder / "genai_config.json").is_file():
+            print(f"building ONNX Runtime GenAI {precision} ...", flush=True)
+            done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
+                                   str(folder), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+            if done.returncode:
+                print(f"ONNX Runtime GenAI {precision}: its builder failed: {done.stderr.strip().splitlines()[-1]}")
+                continue
+        config = json.loads((folder / "genai_config.json").read_text())
+        config["model"]["decoder"]["session_options"].update(intra_op_num_threads=threads, inter_op_num_threads=1)
+        (folder / "genai_config.json").write_text(json.dumps(config, indent=2))
+        engines[f"onnxruntime-genai {precision}"] = og.Model(str(folder))
+    return engines
+
+
+def genai_times(og_model, prompt: list[int], new: int) -> tuple[float, float, list[int]]:
+    """(time to first token s, decode tokens/s, tokens) of one ONNX Runtime GenAI generation."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    started = time.perf_counter()
+    gen = og.Generator(og_model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    gen.generate_next_token()
+    first = time.perf_counter() - started
+    tokens = [int(gen.get_next_tokens()[0])]
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    whole = time.perf_counter() - started
+    return first, (len(tokens) - 1) / max(whole - first, 1e-9), tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens")
@@ -74,6 +135,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"LLaMA {args.layers} layers, width {args.width}: {params / 1e6:.0f} M parameters; prompt {args.prompt} "
           f"tokens, {args.new} new tokens, {args.threads} threads", flush=True)
+    print(f"KV cache at the end: {2 * args.layers * 4 * (args.width // 12) * (args.prompt + args.new) * 4 / 2**20:.1f} MiB "
+          "(fp32, every engine)")
     generators = {}
     for name, recipe in RECIPES.items():
         build = args.out / name
@@ -82,27 +145,29 @@ def main() -> None:
             trimrt.compile(model, recipe, build)
         session = trimrt.load(build, threads=args.threads, spinning=False)
         generators[name] = session.generator()
+    peers = genai_engines(model, args.out, args.threads)
     prompt = np.random.default_rng(0).integers(2, 32000, args.prompt).tolist()
-    results = {name: [] for name in [*generators, "pytorch"]}
+    results = {name: [] for name in [*generators, *peers, "pytorch"]}
     tokens = {}
     for _ in range(args.rounds + 1):  # the first round warms up
         for name, gen in generators.items():
             out = gen.generate(prompt, max_new_tokens=args.new)
             tokens[name] = out.tokens
             results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
+        for name, og_model in peers.items():
+            first, rate, tokens[name] = genai_times(og_model, prompt, args.new)
+            results[name].append((first, rate))
         first, rate, tokens["pytorch"] = hf_times(model, prompt, args.new, args.threads)
         results["pytorch"].append((first, rate))
     base_rate = statistics.median(r for _, r in results["fp32"][1:])
-    print("\n| engine | time to first token | decode tokens/s | × trimrt fp32 decode | KV cache | greedy agreement |")
-    print("|---|---|---|---|---|---|")
+    print("\n| engine | time to first token | decode tokens/s | × trimrt fp32 decode | same tokens as trimrt fp32 |")
+    print("|---|---|---|---|---|")
     for name, rows in results.items():
         first = statistics.median(f for f, _ in rows[1:])
         rate = statistics.median(r for _, r in rows[1:])
-        agree = np.mean([a == b for a, b in zip(tokens[name][:32], tokens["fp32"][:32])])
-        label = "Hugging Face generate (PyTorch)" if name == "pytorch" else f"trimrt {name}"
-        kv = 2 * args.layers * 4 * (args.width // 12) * (args.prompt + args.new - 1) * 4
-        print(f"| {label} | {first * 1e3:.0f} ms | {rate:.1f} | {rate / base_rate:.2f}× | {kv / 2**20:.1f} MiB | "
-              f"{agree:.2f} |")
+        same = "yes" if tokens[name] == tokens["fp32"] else "no"
+        label = {"pytorch": "Hugging Face generate (PyTorch)"}.get(name, name if "genai" in name else f"trimrt {name}")
+        print(f"| {label} | {first * 1e3:.0f} ms | {rate:.1f} | {rate / base_rate:.2f}× | {same} |")
 
 
 if __name__ == "__main__":

@@ -124,3 +124,18 @@ def test_an_onnxruntime_genai_export_generates_like_hugging_face(tmp_path):
     assert gen.generate(PROMPTS[0], max_new_tokens=24).tokens == hf_greedy(model, PROMPTS[:1], 24)[0]
     with pytest.raises(trimrt.InputError, match="give prompts of one length per batch"):
         gen.generate(PROMPTS, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_onnxruntime_fusion_of_a_decoder_generates_the_same(tmp_path, family):
+    """[onnxruntime] fuse on a decoder build: RMSNorm, RoPE and attention become ORT kernels
+    (checked against the unfused graph on decode steps) and greedy generation is unchanged."""
+    path, model = build(family)
+    manifest = trimrt.compile(model, {"onnxruntime": {"fuse": True}}, tmp_path / "fused")
+    report = manifest.pass_report("ort_fusion")
+    assert report["applied"] and report["attention_unfused"] == 0, report
+    if family == "llama":
+        assert {"rms_normalization", "rotary_embedding"} <= set(report["fused"])
+    fused = trimrt.load(tmp_path / "fused").generator().generate(PROMPTS, max_new_tokens=16)
+    plain = trimrt.load(path).generator().generate(PROMPTS, max_new_tokens=16)
+    assert [r.tokens for r in fused] == [r.tokens for r in plain]

@@ -35,6 +35,8 @@ from ..runtime.kv_cache import (
 
 log = logging.getLogger(__name__)
 
+#: PipelineContext.shared key of the DecoderSpec when the compiled model is a decoder
+DECODER_SPEC = "decoder_spec"
 #: example sizes of the export: distinct, and none 0 or 1 (torch.export specialises those)
 _BATCH, _NEW, _PAST = 2, 5, 7
 _BIAS_DIMS = ("attention_bias_batch", 1, "sequence_length", "total_sequence_length")
@@ -197,6 +199,9 @@ def _make_bias_optional(model: ir.Model) -> None:
               ir.node("Shape", [mask], attributes={"start": 1})]
     full = ir.node("Concat", [p.outputs[0] for p in pieces], attributes={"axis": 0})
     expand = ir.node("Expand", [bias, full.outputs[0]], name="attention_bias_expand")
+    for i, node in enumerate([*pieces, full, expand]):  # named: later passes name unnamed values val_N too
+        node.name = node.name or f"attention_bias_{i}"
+        node.outputs[0].name = f"{node.name}_out"
     graph.insert_before(graph[0], [*pieces, full, expand])
     for use in uses:
         use.node.replace_input_with(use.idx, expand.outputs[0])

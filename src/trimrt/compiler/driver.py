@@ -27,6 +27,7 @@ from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL, TOKENIZER, write_manifest
 from .artifacts import atomic_build_dir
+from .decoder import DECODER_SPEC
 from .flops import count_flops
 from .input_limits import INPUT_LIMITS, find_input_limits
 from .pipeline import TARGETS, build_passes, run_pipeline
@@ -62,11 +63,15 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         loaded = load_source(source, example_inputs, exporter=exporter)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
-        model = ir.serde.deserialize_model(original)  # passes work on a copy; the input is never modified
+        # passes work on a copy; the input is never modified (onnx-ir tensors wrap the proto's own
+        # tensors, and an optimiser renaming a deduplicated initializer would rename it in `original`)
+        copy = onnx.ModelProto()
+        copy.CopyFrom(original)
+        model = ir.serde.deserialize_model(copy)
         limits = find_input_limits(original)  # bounds the probes' and the checks' feeds (a small vocabulary / position table)
 
         passes = build_passes(recipe, target, progress=progress is not None,
-                              context=PipelineContext(shared={INPUT_LIMITS: limits}))
+                              context=PipelineContext(shared={INPUT_LIMITS: limits, DECODER_SPEC: loaded.decoder}))
         say("running passes: " + " → ".join(p.name for p in passes))
         reports = run_pipeline(model, passes)
         built = ir.serde.serialize_model(model)
@@ -152,7 +157,18 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
 
 def _checker_problem(proto: onnx.ModelProto) -> str | None:
-    """onnx.checker's first line about `proto`, or None when it is valid."""
+    """onnx.checker's first line about `proto`, or None when it is valid (ONNX Runtime's own
+    kernels in the standard domain, from its fusion, are checked as Identity)."""
+    from ..passes.ort_fusion import ORT_STANDARD_DOMAIN_OPS
+
+    if any(n.op_type in ORT_STANDARD_DOMAIN_OPS and not n.domain for n in proto.graph.node):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        for node in copy.graph.node:
+            if node.op_type in ORT_STANDARD_DOMAIN_OPS and not node.domain:
+                node.op_type = "Identity"
+                del node.input[1:], node.output[1:], node.attribute[:]
+        proto = copy
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:

@@ -56,11 +56,13 @@ class OnnxRunner:
         self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.inputs = [TensorInfo.from_ort(a) for a in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._quiet = ort.RunOptions()
+        self._quiet.log_severity_level = 4  # a failing run raises; ORT's own log line would repeat it
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The values of `names` (default: every output, exposed ones included)."""
         names = list(names) if names is not None else self.output_names
-        return dict(zip(names, self.session.run(names, dict(feeds))))
+        return dict(zip(names, self.session.run(names, dict(feeds), self._quiet)))
 
     def run_all(self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None
                 ) -> list[dict[str, np.ndarray]]:

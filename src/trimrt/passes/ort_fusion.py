@@ -27,9 +27,11 @@ import logging
 import math
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
+from ..compiler.decoder import DECODER_SPEC
 from ..compiler.input_limits import INPUT_LIMITS, find_input_limits
 from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims, unknown_dim
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 
 #: largest relative L2 difference of any output between the fused and unfused graph
 FUSION_TOLERANCE = 1e-3
+#: ONNX Runtime kernels the fusions emit in the standard domain, which onnx.checker does not know
+ORT_STANDARD_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 #: what fused builds ask of the ONNX Runtime session (manifest "onnxruntime" entry)
 SESSION_SETTINGS = {"disabled_optimizers": ["SkipLayerNormFusion"]}
 
@@ -47,10 +51,28 @@ SESSION_SETTINGS = {"disabled_optimizers": ["SkipLayerNormFusion"]}
 def _fusions():
     """The fusion steps, in the order they build on each other (SDPA → MHA → MHA scale;
     an SDPA left over becomes an MHA too, never a function ORT does not know)."""
-    from onnxscript.rewriter.ort_fusions import bias_gelu, erfgelu, gelu, mha, mha_scale, sdpa, sdpa_via_mha
+    from onnxscript.rewriter.ort_fusions import (
+        bias_gelu,
+        cos_sin_cache,
+        erfgelu,
+        gelu,
+        mha,
+        mha_scale,
+        rms_normalization,
+        rotary_embedding,
+        sdpa,
+        sdpa_via_mha,
+        skip_normalization,
+    )
 
     return [
         ("erf_gelu", erfgelu.fuse_erfgelu, {}),
+        # decoders (LLaMA-like): RMSNorm (with the residual Add before it) and RoPE
+        ("rms_normalization", rms_normalization.fuse_rms_normalization, {}),
+        ("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization, {}),
+        ("rotary_embedding", rotary_embedding.fuse_rotary_embedding, {}),
+        ("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache, {}),
+        ("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding, {}),
         ("sdpa", sdpa.fuse_sdpa, {"apply_shape_inference": True}),
         ("mha", mha.fuse_mha1, {}),
         ("mha_no_past", mha.fuse_mha2, {}),
@@ -61,9 +83,9 @@ def _fusions():
     ]
 
 
-def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None) -> dict[str, int]:
+def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None, decoder: bool = False) -> dict[str, int]:
     """Apply the fusions in place; return how often each one matched (`limits`: the
-    model's input limits, for its shape probe).
+    model's input limits, for its shape probe; `decoder`: a KV-cache graph, not probed).
 
     trimrt ops' decompositions are attached meanwhile, so shape inference sees through
     them (the fusions need the shapes of pruned blocks), and set aside whenever the
@@ -88,7 +110,9 @@ def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None) -> dict[st
     try:
         ir.passes.common.ShapeInferencePass()(model)
         pruned = any(n.domain == DOMAIN for n in model.graph)
-        if pruned or not all(_known(v.shape) for n in model.graph for v in n.outputs):
+        # a decoder's lengths are tied (past + new = total) in ways the probe's random feeds do not
+        # honour; its dynamo export carries the shapes the fusions need
+        if not decoder and (pruned or not all(_known(v.shape) for n in model.graph for v in n.outputs)):
             # pruned blocks and TorchScript exports: shape inference leaves the head count
             # unknown and names each token axis apart (unk__N); the fusions check both
             try:
@@ -366,21 +390,26 @@ class OrtFusionPass(TrimrtPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         limits = self.context.shared.get(INPUT_LIMITS)  # the original model's, shared by the pipeline
+        decoder = self.context.shared.get(DECODER_SPEC)
         before = ir.serde.serialize_model(model)
-        trial = ir.serde.deserialize_model(before)
+        # the trial gets its own copy of the proto: onnx-ir tensors wrap the proto's tensors, and
+        # the optimiser renames deduplicated initializers in place
+        copy = onnx.ModelProto()
+        copy.CopyFrom(before)
+        trial = ir.serde.deserialize_model(copy)
         try:
-            counts = fuse_for_onnxruntime(trial, limits=limits)
+            counts = fuse_for_onnxruntime(trial, limits=limits, decoder=decoder is not None)
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
             return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
         if not any(counts.values()):
             return self._skipped(model, "no pattern matched", fused=counts)
-        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits)
+        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits, decoder)
         if drift is None or drift > FUSION_TOLERANCE:
             why = ("the fused graph does not run on ONNX Runtime" if drift is None
                    else f"the fused graph differs from the unfused one (relative error {drift:.2g})")
             return self._skipped(model, why)
         existing = {id(n) for n in model.graph}
-        fuse_for_onnxruntime(model, limits=limits)  # deterministic: the same rewrite as the checked trial
+        fuse_for_onnxruntime(model, limits=limits, decoder=decoder is not None)  # the same rewrite as the checked trial
         b = self.builder(model.graph)
         for node in model.graph:
             if id(node) not in existing:
@@ -422,9 +451,10 @@ def attention_softmaxes(model: ir.Model) -> int:
     return count
 
 
-def _relative_drift(before, after, tokens: int, limits: dict | None) -> float | None:
+def _relative_drift(before, after, tokens: int, limits: dict | None, decoder=None) -> float | None:
     """Largest relative L2 difference over the outputs, on random inputs (batch 2, ids
-    inside `limits`, found on `before` if None); None when the fused graph fails to run."""
+    inside `limits`, found on `before` if None; a decode step on a past for a `decoder`);
+    None when the fused graph fails to run."""
     from ..compare import relative_l2
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
@@ -432,7 +462,8 @@ def _relative_drift(before, after, tokens: int, limits: dict | None) -> float | 
     proto = runnable_proto(before)
     unfused = OnnxRuntimeBackend(proto.SerializeToString())
     unfused.activate()
-    feeds = random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto) if limits is None else limits)
+    feeds = decoder.random_feeds(2) if decoder is not None else \
+        random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto) if limits is None else limits)
     want = unfused.infer(feeds)
     try:
         fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())
