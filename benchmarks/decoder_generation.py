@@ -3,7 +3,8 @@
 A LLaMA-architecture model large enough to be memory-bound at decode (random weights,
 about 150 M parameters: width 768, 12 layers, GQA 12/4 heads, SwiGLU 3072, vocabulary
 32000), compiled by trimrt with a KV cache in fp32, INT8 (weights and activations,
-round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), and run by trimrt's
+round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), each also with
+`[onnxruntime] fuse` (RMSNorm, RoPE and attention as ONNX Runtime kernels), and run by trimrt's
 generation loop on ONNX Runtime CPU; Hugging Face `generate()` on PyTorch CPU runs the
 same model in the same process, and so does ONNX Runtime GenAI (when installed) on the
 exports of its own model builder (fp32, and INT4 with its CPU default: MatMulNBits at
@@ -27,10 +28,14 @@ import torch
 
 import trimrt
 
+FUSE = {"onnxruntime": {"fuse": True}}
 RECIPES = {
     "fp32": None,
+    "fp32 + fusion": FUSE,
     "int8": {"quantization": {"weights": "int8", "activations": "int8"}},
+    "int8 + fusion": {"quantization": {"weights": "int8", "activations": "int8"}, **FUSE},
     "int4": {"quantization": {"weights": "int4", "group_size": 128}},
+    "int4 + fusion": {"quantization": {"weights": "int4", "group_size": 128}, **FUSE},
 }
 
 
@@ -139,7 +144,7 @@ def main() -> None:
           "(fp32, every engine)")
     generators = {}
     for name, recipe in RECIPES.items():
-        build = args.out / name
+        build = args.out / name.replace(" + ", "_")
         if not (build / "manifest.json").is_file():
             print(f"compiling {name} ...", flush=True)
             trimrt.compile(model, recipe, build)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,12 +70,15 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, **options) -
 
 
 def word_tokenizer(path: Path) -> Path:
-    """Write a word-level tokenizer.json over the tiny vocabulary to `path`: id i is the word
-    'w<i>', and decoding joins words with spaces."""
+    """Write a word-level tokenizer.json over the tiny vocabulary to `path` (and its
+    tokenizer_config.json beside it): id i is the word 'w<i>'; decoding joins words with spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.save(str(path))
+    # what transformers' AutoTokenizer (and ONNX Runtime GenAI's builder) read beside it
+    (path.parent / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "w1", "eos_token": "w0", "unk_token": "w2"}))
     return path

@@ -106,7 +106,6 @@ def test_verify_and_quantized_decoder_builds(tmp_path):
 def test_an_onnxruntime_genai_export_generates_like_hugging_face(tmp_path):
     """ONNX Runtime GenAI's model builder (GroupQueryAttention, no position_ids input, its
     genai_config.json beside the model) compiles into a decoder build that trimrt generates with."""
-    import json
     import subprocess
     import sys
 
@@ -114,8 +113,6 @@ def test_an_onnxruntime_genai_export_generates_like_hugging_face(tmp_path):
     _, model = build("llama")
     model.save_pretrained(tmp_path / "ckpt")
     word_tokenizer(tmp_path / "ckpt" / "tokenizer.json")
-    (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "w1", "eos_token": "w0", "unk_token": "w2"}))
     subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "ckpt"),
                     "-o", str(tmp_path / "og"), "-p", "fp32", "-e", "cpu"], check=True, capture_output=True)
     manifest = trimrt.compile(str(tmp_path / "og" / "model.onnx"), None, tmp_path / "b")
@@ -139,3 +136,22 @@ def test_onnxruntime_fusion_of_a_decoder_generates_the_same(tmp_path, family):
     fused = trimrt.load(tmp_path / "fused").generator().generate(PROMPTS, max_new_tokens=16)
     plain = trimrt.load(path).generator().generate(PROMPTS, max_new_tokens=16)
     assert [r.tokens for r in fused] == [r.tokens for r in plain]
+
+
+@pytest.mark.parametrize("method, weights", [("awq", "int4"), ("gptq", "int8")])
+def test_calibrated_quantization_of_a_decoder(tmp_path, method, weights):
+    """AWQ / GPTQ calibrate a decoder build on prefill steps (empty past, positions filled in)
+    from text; the build generates, and its first greedy token matches the float build's."""
+    path, model = build("llama")
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text("\n".join(" ".join(f"w{(7 * i + j) % 200}" for j in range(24)) for i in range(8)))
+    word_tokenizer(tmp_path / "tokenizer.json")
+    recipe = {"quantization": {"weights": weights, "method": method, "group_size": 32},
+              "calibration": {"source": str(corpus), "tokenizer": str(tmp_path), "samples": 8}}
+    if weights == "int8":
+        del recipe["quantization"]["group_size"]
+    manifest = trimrt.compile(model, recipe, tmp_path / "q")
+    assert manifest.pass_report("quantization")["layers"], manifest.pass_report("quantization")
+    out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS[0], max_new_tokens=4)
+    want = trimrt.load(path).generator().generate(PROMPTS[0], max_new_tokens=4)
+    assert len(out.tokens) == 4 and out.tokens[0] == want.tokens[0]

@@ -101,11 +101,17 @@ def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None, decoder: b
     def optimize() -> None:
         for key in own:
             del model.functions[key]
+        # a decoder's attention_bias is an initializer that is also an input: the deduplication
+        # says it skips it, once per run, which is no news to the user
+        dedup = logging.getLogger("onnx_ir.passes.common.initializer_deduplication")
+        level = dedup.level
+        dedup.setLevel(logging.ERROR)
         try:
             optimizer.optimize(model)
             _register_orphan_constants(model)
         finally:
             model.functions.update(own)
+            dedup.setLevel(level)
 
     try:
         ir.passes.common.ShapeInferencePass()(model)

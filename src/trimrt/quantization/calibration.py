@@ -66,7 +66,14 @@ def model_inputs(model: Any) -> list[TensorInfo]:
 def load_calibration_feeds(options: CalibrationOptions, inputs: Sequence[TensorInfo],
                            recipe_dir: Path | None = None) -> list[Feed]:
     """One feed (input name -> array of batch 1) per calibration sample, at most
-    `options.samples`, validated against the model's `inputs`."""
+    `options.samples`, validated against the model's `inputs`. A decoder with a KV cache is
+    calibrated on prefill steps: the samples give its tokens, and the past (empty) and the
+    positions are filled in."""
+    state = _decoder_state(inputs)
+    if state:
+        prompts = [i for i in inputs if i.name not in state]
+        return [_checked({**feed, **_prefill(feed, state)}, inputs, "calibration sample")
+                for feed in load_calibration_feeds(options, prompts, recipe_dir)]
     if options.random:
         return _random(options, inputs)
     path = Path(options.source).expanduser()
@@ -96,6 +103,29 @@ def load_calibration_feeds(options: CalibrationOptions, inputs: Sequence[TensorI
         log.warning("calibration: %s holds %d samples (samples = %d asked)", path, len(feeds), options.samples)
     log.info("calibration: %d samples from %s", len(feeds), path)
     return feeds
+
+
+def _decoder_state(inputs: Sequence[TensorInfo]) -> dict[str, TensorInfo]:
+    """A KV-cache decoder's past and position inputs ({} for other models)."""
+    from ..runtime.kv_cache import POSITION_IDS, past_layers
+
+    if not past_layers([i.name for i in inputs]):
+        return {}
+    return {i.name: i for i in inputs if i.name.startswith("past_key_values.") or i.name == POSITION_IDS}
+
+
+def _prefill(feed: Feed, state: dict[str, TensorInfo]) -> Feed:
+    """The past (length 0) and positions of a prefill step on `feed`'s tokens."""
+    tokens = next(v for v in feed.values() if v.ndim >= 2)
+    batch, length = tokens.shape[:2]
+    mask = feed.get("attention_mask", np.ones((batch, length), np.int64))
+    out = {}
+    for name, info in state.items():
+        if name.startswith("past_key_values."):
+            out[name] = np.zeros((batch, info.shape[1], 0, info.shape[3]), info.dtype)
+        else:
+            out[name] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(info.dtype)
+    return out
 
 
 def _checked(feed: Mapping[str, np.ndarray], inputs: Sequence[TensorInfo], where: str) -> Feed:
