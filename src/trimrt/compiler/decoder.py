@@ -58,6 +58,7 @@ def load_checkpoint(folder: str | Path):
         import transformers
     except ImportError:
         raise ModelLoadError("loading a Hugging Face checkpoint needs transformers: pip install 'trimrt[torch]'") from None
+    transformers.utils.logging.disable_progress_bar()  # a progress bar per load is noise in a compile
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype="float32")
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad folder
