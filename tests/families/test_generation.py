@@ -155,3 +155,28 @@ def test_calibrated_quantization_of_a_decoder(tmp_path, method, weights):
     out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS[0], max_new_tokens=4)
     want = trimrt.load(path).generator().generate(PROMPTS[0], max_new_tokens=4)
     assert len(out.tokens) == 4 and out.tokens[0] == want.tokens[0]
+
+
+def test_decoder_graph_stays_portable():
+    """What TensorRT's ONNX parser needs of the KV-cache graph: standard-domain ops only (no
+    ONNX Runtime contrib op unless [onnxruntime] fuse asks for one) and a static rank on every
+    input and output."""
+    import onnx
+
+    path, _ = build("llama")
+    proto = onnx.load(str(path / "model.onnx"))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.HasField("shape"), value.name
+
+
+def test_a_past_of_the_wrong_shape_is_one_line():
+    path, _ = build("llama")
+    session = trimrt.load(path)
+    spec = session.generator().spec
+    feeds = spec.random_feeds(1, new=2, past=3)
+    feeds["past_key_values.1.value"] = np.zeros((1, spec.kv_heads + 1, 3, spec.head_dim), np.float32)
+    with pytest.raises(trimrt.InputError) as err:
+        session.run(feeds)
+    assert "past_key_values.1.value" in str(err.value) and "axis 1 must be 2" in str(err.value)
+    assert "\n" not in str(err.value)
