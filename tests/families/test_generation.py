@@ -99,6 +99,10 @@ def test_verify_and_quantized_decoder_builds(tmp_path):
     assert len(layers) == 15 and layers[-1]["shape"] == [64, 200]  # 7 per block, then lm_head
     report = trimrt.verify(tmp_path / "q", samples=2)
     assert report.outputs[0].name == "logits" and report.outputs[0].cosine_mean > 0.99
+    from trimrt.bench import bench_build
+
+    timed = bench_build(tmp_path / "q", batch=2, tokens=3, warmup=1, rounds=2)  # decode steps of 3 tokens
+    assert timed.batch == 2 and timed.build_ms > 0 and timed.baseline_ms > 0
     out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS, max_new_tokens=8)
     assert [len(r.tokens) for r in out] == [8, 8, 8]
 
