@@ -61,6 +61,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     with atomic_build_dir(out_dir, inputs=_input_files(source, recipe)) as tmp:
         say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
         loaded = load_source(source, example_inputs, exporter=exporter)
+        if loaded.decoder is not None:
+            _check_decoder_recipe(recipe)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
         # passes work on a copy; the input is never modified (onnx-ir tensors wrap the proto's own
@@ -154,6 +156,19 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     ratio = manifest["flops"]["ratio"]
     say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
     return manifest
+
+
+#: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)
+_NOT_FOR_DECODERS = ("token_pruning", "token_merging", "token_slimming", "padding")
+
+
+def _check_decoder_recipe(recipe) -> None:
+    tables = [t for t in _NOT_FOR_DECODERS if getattr(recipe, t) is not None]
+    if tables:
+        verb = "does" if len(tables) == 1 else "do"
+        raise BuildError(f"the recipe's [{'], ['.join(tables)}] {verb} not apply to a decoder with a KV cache yet; "
+                         "prune a prefill-only export instead (e.g. LlamaModel, or an ONNX decoder without past inputs), "
+                         "or keep [quantization] / [onnxruntime] for generation builds")
 
 
 def _checker_problem(proto: onnx.ModelProto) -> str | None:
