@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -69,6 +70,13 @@ def test_text_in_text_out_streaming_and_stop_strings(tokenizer_file):
     cut = gen.generate(prompt, max_new_tokens=10, stop_strings=[stop])
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert out.text.startswith(cut.text)
+
+
+def test_numpy_prompts(gen):
+    one = gen.generate(np.array(PROMPT), max_new_tokens=4)
+    assert one.tokens == gen.generate(PROMPT, max_new_tokens=4).tokens
+    two = gen.generate(np.array([PROMPT, PROMPT]), max_new_tokens=4)
+    assert [r.tokens for r in two] == [one.tokens, one.tokens]
 
 
 def test_token_ids_stream_without_a_tokenizer(gen):

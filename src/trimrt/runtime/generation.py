@@ -117,6 +117,8 @@ class Generator:
     def generate(self, prompts, **options) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string, or a list of token ids) or a batch of them (a list);
         returns one GenerationResult, or a list in the prompts' order."""
+        if isinstance(prompts, np.ndarray):  # token ids: one prompt [n], or a batch [b, n]
+            prompts = prompts.tolist()
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0]))
         batch = [prompts] if single else list(prompts)
         search = SearchOptions.of(options)
