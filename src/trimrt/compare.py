@@ -39,8 +39,8 @@ def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetric
         raise InputError(f"output {name!r}: build shape {list(got.shape)} differs from the reference {list(ref.shape)}")
     g, r = got.astype(np.float64), ref.astype(np.float64)
     diff = np.abs(g - r)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max()) if diff.size else 0.0
+    max_abs = float(diff.max(initial=0.0))
+    max_rel = float((diff / np.maximum(np.abs(r), 1e-6)).max(initial=0.0))
     cos = sample_cosines(got, ref)
     top1 = None
     if "logit" in name.lower() and got.ndim == 2 and got.shape[1] > 1 and np.issubdtype(got.dtype, np.floating):

@@ -21,7 +21,6 @@ class Registry(Generic[T]):
         self.what = what
         self._providers = providers
         self._entries: dict[str, T] = {}
-        self._loaded = False
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(entry: T) -> T:
@@ -33,10 +32,8 @@ class Registry(Generic[T]):
         return add
 
     def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True
-            for module in self._providers:
-                importlib.import_module(module)
+        for module in self._providers:  # imported once; later calls find it in sys.modules
+            importlib.import_module(module)
 
     def names(self) -> tuple[str, ...]:
         self._load()

@@ -51,13 +51,13 @@ class VerifyReport:
         return {**asdict(self), "passed": self.passed}
 
 
+@dataclass
 class _TorchReference:
     """A PyTorch module run in eval mode; a caller's own train/eval flags are put back after each call.
     A module that rejects the build's inputs is named (InputError)."""
 
-    def __init__(self, module, input_names: list[str]):
-        self.module = module
-        self.input_names = input_names
+    module: Any
+    input_names: list[str]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         import torch
@@ -97,7 +97,7 @@ def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) 
     """The original model (verify's reference, bench's baseline) on ONNX Runtime, refused with one
     line when it is not an ONNX file or takes other inputs than the build."""
     path = Path(path)
-    flag = "--reference" if what == "reference" else "--baseline"
+    flag = f"--{what}"
     if path.is_dir():
         kind = "a trimrt build" if (path / "manifest.json").is_file() else "a folder"
         raise ModelLoadError(f"{what} {path} is {kind}, not an .onnx file; pass {flag} ORIGINAL.onnx (the model the "
@@ -150,11 +150,9 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
     """Compare a build with its reference; see the module docstring."""
     check_counts(samples=samples, tokens=tokens)
     session = Session(build_dir, backend="onnxruntime")
-    if reference is None:
-        ref_name = session.manifest.get("reference")
-        if not ref_name:
-            raise InputError(f"{build_dir} holds no reference model: pass --reference ORIGINAL.onnx or a factory")
-        reference = Path(build_dir) / ref_name
+    if reference is None and not session.manifest.get("reference"):
+        raise InputError(f"{build_dir} holds no reference model: pass --reference ORIGINAL.onnx or a factory")
+    reference = Path(build_dir) / session.manifest["reference"] if reference is None else reference
     ref = _reference(reference, session)
     if inputs:
         batches = [validate_feeds(session.inputs, load_feed_files(inputs))]
