@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import InputError
 from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
 from .runtime.session import load
+from .verification import check_counts, load_reference_onnx
 
 
 @dataclass
@@ -64,8 +65,6 @@ def paired_speedup(times_a: list[float], times_b: list[float]) -> float:
 def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
                 warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
                 tokens: int | None = None) -> BenchReport:
-    from .verification import check_counts, load_reference_onnx
-
     check_counts(batch=batch, threads=threads, warmup=warmup, rounds=rounds, tokens=tokens)
     build_dir = Path(build_dir)
     # through Session: the sealed-build checks and a BuildLoadError for a model ORT cannot load
