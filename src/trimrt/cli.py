@@ -218,7 +218,8 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
 @_build_arg
 @click.option("--prompt", "prompts", multiple=True, required=True,
               help="Prompt text (needs --tokenizer), or token ids as '1,2,3'; repeat for a batch.")
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json, or a folder holding it.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="tokenizer.json, or a folder holding it (default: the build's own, when compiled from a checkpoint).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), help="Sample at this temperature (default: greedy).")
 @click.option("--top-k", type=click.IntRange(1), help="Sample among the k most likely tokens.")
@@ -234,9 +235,9 @@ def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, thre
 
     options = {k: v for k, v in options.items() if v is not None}
     options["stop_strings"] = tuple(options.get("stop_strings") or ())
-    parsed = [_prompt(p, tokenizer) for p in prompts]
     with load(build, threads=threads) as session:
-        gen = session.generator(tokenizer)
+        gen = session.generator(tokenizer)  # a build compiled from a checkpoint folder has its own
+        parsed = [_prompt(p, text_ok=gen.tokenizer is not None) for p in prompts]
         if len(parsed) == 1:
             for piece in gen.stream(parsed[0], **options):
                 click.echo(piece if isinstance(piece, str) else f"{piece} ", nl=False)
@@ -253,9 +254,9 @@ def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, thre
                f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB", err=True)
 
 
-def _prompt(text: str, tokenizer: Path | None):
-    """--prompt: text when a tokenizer is given, else comma-separated token ids."""
-    if tokenizer is not None:
+def _prompt(text: str, *, text_ok: bool):
+    """--prompt: text when there is a tokenizer, else comma-separated token ids."""
+    if text_ok:
         return text
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
