@@ -296,6 +296,11 @@ def inspect(target: str, as_json: bool) -> None:
             _echo_quantization(info["quantization"])
         if info["onnxruntime_fusion"]:
             click.echo(f"  {fusion_line(info['onnxruntime_fusion'])}")
+        if info["decoder"]:
+            d = info["decoder"]
+            click.echo(f"  decoder: {d['layers']} layers, KV cache {d['kv_heads']} heads × {d['head_dim']} "
+                       f"({d['kv_dtype']}): {d['kv_bytes_per_token'] / 1024:.1f} KiB per token of context; "
+                       f"positions: {d['max_positions'] or 'unbounded'}; end of sequence: {d['eos_token_ids'] or 'none'}")
 
 
 def _echo_quantization(q: dict) -> None:

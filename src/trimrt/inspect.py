@@ -47,7 +47,18 @@ def inspect_build(build_dir: Path) -> dict:
         **{key: manifest.get(key) for key in ("inputs", "outputs", "flops")},
         "quantization": quantization_summary(quantization) if quantization else None,
         "onnxruntime_fusion": fusion or None,
+        "decoder": decoder_summary(manifest.get("decoder")),
     }
+
+
+def decoder_summary(decoder: dict | None) -> dict | None:
+    """A decoder build's cache geometry and what one token of context costs in cache."""
+    if not decoder:
+        return None
+    import numpy as np
+
+    per_token = 2 * decoder["layers"] * decoder["kv_heads"] * decoder["head_dim"] * np.dtype(decoder["kv_dtype"]).itemsize
+    return {**decoder, "kv_bytes_per_token": per_token}
 
 
 def quantization_summary(report: dict) -> dict:

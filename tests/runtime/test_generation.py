@@ -131,3 +131,15 @@ def test_cli_generate_streams_ids_and_prints_stats(tmp_path):
     assert "time to first token" in result.stderr and "tokens/s" in result.stderr
     bad = CliRunner().invoke(main, ["generate", str(path), "--prompt", "hello"])
     assert bad.exit_code == 2 and "is not a list of token ids" in bad.output
+
+
+def test_inspect_reports_the_cache_per_token():
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    path, _ = build("llama")
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    # 2 (key, value) × 2 layers × 2 KV heads × 16 × 4 bytes = 512 bytes
+    assert "decoder: 2 layers, KV cache 2 heads × 16 (float32): 0.5 KiB per token of context" in result.output
