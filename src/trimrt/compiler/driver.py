@@ -32,7 +32,7 @@ from .flops import count_flops
 from .input_limits import INPUT_LIMITS, find_input_limits
 from .pipeline import TARGETS, build_passes, run_pipeline
 from .pipeline import min_tokens as pipeline_min_tokens
-from .source import is_factory_spec, load_source
+from .source import is_factory_spec, load_source, owned_model
 
 log = logging.getLogger(__name__)
 REFERENCE = "reference.onnx"
@@ -65,11 +65,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             _check_decoder_recipe(recipe)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
-        # passes work on a copy; the input is never modified (onnx-ir tensors wrap the proto's own
-        # tensors, and an optimiser renaming a deduplicated initializer would rename it in `original`)
-        copy = onnx.ModelProto()
-        copy.CopyFrom(original)
-        model = ir.serde.deserialize_model(copy)
+        model = owned_model(original)  # passes work on a copy; the input is never modified
         limits = find_input_limits(original)  # bounds the probes' and the checks' feeds (a small vocabulary / position table)
 
         passes = build_passes(recipe, target, progress=progress is not None,

@@ -84,6 +84,15 @@ def load_onnx(path: str | Path) -> ir.Model:
 MIN_OPSET = 18
 
 
+def owned_model(proto: onnx.ModelProto) -> ir.Model:
+    """`proto` as an onnx_ir model that shares nothing with it. deserialize_model alone wraps
+    the proto's own tensors, so a pass that renames a deduplicated initializer in the model
+    (onnxscript's optimiser does) would rename it in `proto` too."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return ir.serde.deserialize_model(copy)
+
+
 def upgrade_opset(proto: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """Models below MIN_OPSET (e.g. opset-17 exports) are converted with onnx's version converter."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), MIN_OPSET)

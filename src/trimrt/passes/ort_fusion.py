@@ -27,13 +27,13 @@ import logging
 import math
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
 from ..compiler.analysis import is_constant
 from ..compiler.decoder import DECODER_SPEC
 from ..compiler.input_limits import INPUT_LIMITS, find_input_limits
 from ..compiler.probe import PROBE_TOKENS, annotate_unknown_dims, unknown_dim
+from ..compiler.source import owned_model
 from ..plugins import DOMAIN, attach_decompositions, runnable_proto
 from ..quantization.encodings import MS_DOMAIN
 from .base import PASS_TAG, TrimrtPass
@@ -398,11 +398,7 @@ class OrtFusionPass(TrimrtPass):
         limits = self.context.shared.get(INPUT_LIMITS)  # the original model's, shared by the pipeline
         decoder = self.context.shared.get(DECODER_SPEC)
         before = ir.serde.serialize_model(model)
-        # the trial gets its own copy of the proto: onnx-ir tensors wrap the proto's tensors, and
-        # the optimiser renames deduplicated initializers in place
-        copy = onnx.ModelProto()
-        copy.CopyFrom(before)
-        trial = ir.serde.deserialize_model(copy)
+        trial = owned_model(before)  # the optimiser must not rename initializers inside `before`
         try:
             counts = fuse_for_onnxruntime(trial, limits=limits, decoder=decoder is not None)
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
