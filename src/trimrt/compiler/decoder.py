@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import logging
 import tempfile
 from pathlib import Path
 
@@ -32,8 +31,6 @@ from ..runtime.kv_cache import (
     past_name,
     present_name,
 )
-
-log = logging.getLogger(__name__)
 
 #: PipelineContext.shared key of the DecoderSpec when the compiled model is a decoder
 DECODER_SPEC = "decoder_spec"
