@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import trimrt
-from trimrt.passes.quantization import quantize_weight
+from trimrt.quantization.numerics import quantize_int8_per_channel as quantize_weight
 
 
 def test_weights_are_rounded_per_output_channel():

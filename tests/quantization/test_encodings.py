@@ -15,6 +15,7 @@ import pytest
 from trimrt.errors import BuildError
 from trimrt.passes.base import GraphBuilder
 from trimrt.quantization import encodings
+from trimrt.registry import QUANTIZED_ENCODINGS
 
 K, N = 256, 48
 TAG = "trimrt.pass"
@@ -35,11 +36,18 @@ def _one(encode, prefix: str = "q"):
     return build
 
 
+def required_opsets(encoding: str) -> dict[str, int]:
+    """Minimum opset per domain a model needs for `encoding` (a name in QUANTIZED_ENCODINGS)."""
+    if encoding not in QUANTIZED_ENCODINGS:
+        raise BuildError(f"unknown quantized encoding {encoding!r}: use one of {', '.join(QUANTIZED_ENCODINGS)}")
+    return dict(QUANTIZED_ENCODINGS[encoding].opsets)
+
+
 def _model(encoding: str, build, k: int = K) -> tuple[ir.Model, list[ir.Node]]:
     """A model of x [b, s, k] -> the encoder's output(s), with the opsets it asks for."""
     x = ir.Value(name="x", shape=ir.Shape(["b", "s", k]), type=ir.TensorType(ir.DataType.FLOAT))
     opsets = {"": 18}
-    for domain, version in encodings.required_opsets(encoding).items():
+    for domain, version in required_opsets(encoding).items():
         opsets[domain] = max(opsets.get(domain, 0), version)
     graph = ir.Graph([x], [], nodes=[], opset_imports=opsets, name="mm")
     nodes, outputs = build(graph, x)
@@ -241,11 +249,11 @@ def test_qdq_fp8_equals_the_reference_with_saturation():
 
 
 def test_required_opsets_and_refusals():
-    assert encodings.required_opsets("int4_matmul_nbits") == {"com.microsoft": 1}
-    assert encodings.required_opsets("int4_blocked_dq") == {"": 21}
-    assert encodings.required_opsets("qdq_fp8") == {"": 19}
+    assert required_opsets("int4_matmul_nbits") == {"com.microsoft": 1}
+    assert required_opsets("int4_blocked_dq") == {"": 21}
+    assert required_opsets("qdq_fp8") == {"": 19}
     with pytest.raises(BuildError, match="unknown quantized encoding"):
-        encodings.required_opsets("int3")
+        required_opsets("int3")
     graph = ir.Graph([], [], nodes=[])
     x = ir.Value(name="x", shape=ir.Shape([1, 64]), type=ir.TensorType(ir.DataType.FLOAT))
     q = np.zeros((64, 8), np.int8)

@@ -10,7 +10,6 @@ import onnx.helper as oh
 import onnxruntime as ort
 import pytest
 
-from trimrt.passes.quantization import quantize_weight
 from trimrt.quantization.numerics import (
     FP8_E4M3,
     dequantize_fp8,
@@ -23,6 +22,7 @@ from trimrt.quantization.numerics import (
     quantize_int4_groupwise,
     quantize_int8_per_channel,
 )
+from trimrt.quantization.numerics import quantize_int8_per_channel as quantize_weight
 
 
 def _run(nodes, inputs, outputs, initializers, x, opset):

@@ -9,8 +9,9 @@ import pytest
 
 from trimrt.errors import BuildError, RecipeError
 from trimrt.quantization.encodings import encoding_for
-from trimrt.quantization.methods import Linear, QuantizationMethod, combinations, quantize_linears
+from trimrt.quantization.methods import Linear, QuantizationMethod, quantize_linears
 from trimrt.recipe import QUANT_COMBINATIONS, QuantizationOptions
+from trimrt.recipe import quant_combinations as combinations
 from trimrt.registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
 
 

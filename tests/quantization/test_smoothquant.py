@@ -7,7 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trimrt.quantization.smoothquant import floor_quiet_channels, search_alpha, smooth_weights, smoothing_scales
+from trimrt.quantization.smoothquant import floor_quiet_channels, search_alpha, smoothing_scales
+
+
+def smooth_weights(weights, s):
+    """float32 diag(s) W for each weight (the activation side is X / s)."""
+    s = np.asarray(s, dtype=np.float32)
+    return [np.asarray(w, dtype=np.float32) * s[:, None] for w in weights]
 
 
 def _dynamic_uint8(x):

@@ -1,27 +1,12 @@
 """Quantization of the linear layers: every MatMul of an activation by a constant 2-D
-weight W [K, N] (and every Gemm that is one, plus a bias), after the token passes (pruned
-and merged graphs quantize the same way). MatMuls inside trimrt op functions (activation ×
-activation) stay float. The pass
-1. when the recipe needs data (SmoothQuant, AWQ, GPTQ, static activation scales, the
-   guard), collects the statistics of the activations the MatMuls read on the float graph;
-2. lets the method (quantization.methods) fit the numbers on the fit part of the
-   calibration samples and check its choices on the held-out part (quantization.holdout:
-   one sample in four; below 8 samples, no split);
-3. with `min_cosine`, runs the fidelity guard (quantization.guard): layers whose
-   quantization costs most go back to float until the output cosine on the held-out
-   calibration samples reaches the bar; the report gives that cosine (`cosine`) and
-   the one on fitted samples (`cosine_fit`);
-4. writes each quantized MatMul in the encoding its target runs fastest
-   (quantization.encodings):
-
-   | format | ONNX Runtime | TensorRT |
-   |---|---|---|
-   | int8 | DynamicQuantizeLinear + MatMulInteger (fused by ORT) | Q/DQ, static scales |
-   | int4 weight-only | com.microsoft MatMulNBits | INT4 + blocked DequantizeLinear (opset 21) |
-   | fp8 | Q/DQ FLOAT8E4M3FN (opset 19) | the same |
-
-   SmoothQuant's and AWQ's input scale s becomes a Mul by 1/s shared by the MatMuls
-   reading x, folded into the LayerNormalization that makes x when nothing else reads it.
+weight W [K, N] (and every Gemm that is one, plus a bias), after the token passes; MatMuls
+inside trimrt op functions (activation × activation) stay float. The pass calibrates on
+the float graph when the recipe needs data, lets the method (quantization.methods) fit on
+the fit part of the samples and check on the held-out part (quantization.holdout), runs
+the fidelity guard with `min_cosine` (quantization.guard), and writes each MatMul in its
+target's encoding (quantization.encodings; README's "What runs where"). SmoothQuant's and
+AWQ's input scale s becomes one Mul by 1/s, folded into the LayerNormalization that makes
+x when nothing else reads it.
 """
 
 from __future__ import annotations
@@ -43,7 +28,6 @@ from ..quantization.encodings import SharedQuantized, constant, encoding_for
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
 from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
-from ..quantization.numerics import quantize_int8_per_channel
 from ..recipe import CalibrationOptions, QuantizationOptions
 from ..registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
 from .base import GraphBuilder, PipelineContext, TrimrtPass
@@ -55,9 +39,6 @@ log = logging.getLogger(__name__)
 GUARD_SAMPLES = 32
 #: (graph, prefix) -> a GraphBuilder tagging its nodes with the pass (TrimrtPass.builder)
 Builder = Callable[[ir.Graph, str], GraphBuilder]
-
-quantize_weight = quantize_int8_per_channel  # the RTN INT8 weight formula (kept for callers of the first slice)
-
 
 class QuantizationPass(TrimrtPass):
     name = "quantization"

@@ -1,23 +1,10 @@
 """ONNX encodings of one quantized MatMul y = x @ W, W [K, N] constant, x float32 [..., K].
 
-The quantization methods decide the numbers (integer codes and scales); these builders
-decide how a target runs them. Each builds its nodes with the pass's `GraphBuilder`
-(named after its prefix, tagged with the pass; weights and scales become graph
-initializers) and returns the float32 output [..., N]. The caller places the builder's
-nodes, rewires the old MatMul's uses and adds the encoding's `opsets` to the model.
-
-Each encoding is an `Encoding` registered in `QUANTIZED_ENCODINGS` with the weight format and targets
-it serves (`encoding_for(format, target)` is the lookup), its required opsets and its
-report label:
-
-- `int8_dynamic`: DynamicQuantizeLinear + MatMulInteger, what ONNX Runtime's CPU kernels
-  fuse into DynamicQuantizeMatMul (the numerics of `quantize_dynamic(per_channel=True)`;
-  weights stored as uint8 with zero point 128, so the products are exact on every CPU).
-- `int4_matmul_nbits`: com.microsoft MatMulNBits, ONNX Runtime's INT4 weight-only kernel.
-- `int4_blocked_dq`: INT4 initializer + opset-21 blocked DequantizeLinear + MatMul, the
-  TensorRT form (ONNX Runtime fuses it back into MatMulNBits).
-- `qdq_int8` / `qdq_fp8` (`qdq_static`): explicit QuantizeLinear/DequantizeLinear on
-  activation and weight, zero point 0, INT8 or FP8 E4M3 — the strongly typed TensorRT form.
+The methods decide the numbers (codes and scales); an `Encoding`, registered in
+`QUANTIZED_ENCODINGS` for a weight format and its targets (`encoding_for(format, target)`),
+decides how a target runs them: it builds its nodes with the pass's `GraphBuilder` and
+returns the float32 output [..., N]; the caller places the nodes, rewires the MatMul's
+uses and raises the model's opsets to the encoding's `opsets`.
 """
 
 from __future__ import annotations
@@ -47,11 +34,9 @@ NBITS_ACCURACY_LEVEL = 4
 
 @dataclass(frozen=True)
 class Encoding:
-    """How one quantized MatMul is written for a target: `format` (the weight format it
-    encodes), `targets` (the build targets that use it), `opsets` (minimum opset per
-    domain the model needs), `label` (the report's words), `build(b, x, q, shared)` (adds
-    the nodes computing x @ q's weight to `b`, returns their float32 output) and
-    `static_activations` (activations are quantized with a calibrated per-tensor scale)."""
+    """How one quantized MatMul is written for a target; `build(b, x, q, shared)` adds the nodes
+    computing x @ q's weight and returns their output; `static_activations`: activations use a
+    calibrated per-tensor scale."""
 
     format: str
     targets: tuple[str, ...]
@@ -98,13 +83,6 @@ def encoding_for(fmt: str, target: str) -> str:
     if (fmt, target) not in table:
         raise BuildError(f"no quantized encoding writes {fmt} weights for target {target!r}")
     return table[(fmt, target)]
-
-
-def required_opsets(encoding: str) -> dict[str, int]:
-    """Minimum opset per domain a model needs for `encoding` (a name in QUANTIZED_ENCODINGS)."""
-    if encoding not in QUANTIZED_ENCODINGS:
-        raise BuildError(f"unknown quantized encoding {encoding!r}: use one of {', '.join(QUANTIZED_ENCODINGS)}")
-    return dict(QUANTIZED_ENCODINGS[encoding].opsets)
 
 
 def int8_dynamic(b: GraphBuilder, x: ir.Value, q: np.ndarray, scale: np.ndarray,

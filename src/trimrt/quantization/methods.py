@@ -1,26 +1,12 @@
-"""The recipe's quantization method applied to a model's linear layers: the numbers only.
+"""The recipe's quantization method applied to a model's linear layers: the numbers only
+(codes, scales, and SmoothQuant / AWQ's per-channel input scale s: the MatMul reads x / s,
+diag(s)·W is quantized); which ONNX ops run them is the encodings' business.
 
-`quantize_linears` takes the constant weights of the MatMuls to quantize, grouped by the
-activation they read (q, k and v share one), plus what calibration measured on those
-activations, and returns one `QuantizedLinear` per MatMul: codes, scales, and — for
-SmoothQuant and AWQ — the per-channel input scale s (the MatMul then reads x / s, with
-diag(s)·W quantized). Which ONNX ops run the numbers is the pass's business (encodings).
-
-Each method is one `QuantizationMethod` registered in `QUANTIZATION_METHODS`, declaring
-the formats it builds — int8 per output channel with int8 activations (dynamic on ONNX
-Runtime, static on TensorRT), int4 in groups of group_size weight-only, fp8 E4M3 per
-output channel with static per-tensor fp8 activations — and what it needs.
-
-A calibrated choice must also hold on data it was not fitted to: given `held_out`
-statistics (the same activations on calibration samples the fit never saw), each
-SmoothQuant / AWQ group and each GPTQ layer keeps the method's numbers only when their
-output error on the held-out part is below round-to-nearest's; GPTQ first retries with
-stronger damping (`GPTQ_DAMPING`), and what still does not beat RTN falls back to RTN
-(`QuantizedLinear.method` then says "rtn"). SmoothQuant's α and AWQ's scales / clips
-can fit the outliers of the samples they saw (a channel that was quiet there gets a
-tiny s and explodes on new text); the check catches that on the held-out samples, and
-SmoothQuant does not amplify quiet channels in the first place
-(`smoothquant.floor_quiet_channels`).
+A calibrated choice must hold on data it was not fitted to (SmoothQuant's α and AWQ's
+scales can fit the outliers of the samples they saw): given `held_out` statistics, each
+SmoothQuant / AWQ group and each GPTQ layer (after retrying with `GPTQ_DAMPING`) keeps the
+method's numbers only when their held-out output error is below round-to-nearest's, else
+falls back to RTN (`QuantizedLinear.method` then says "rtn").
 """
 
 from __future__ import annotations
@@ -31,7 +17,6 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, Sequenc
 import numpy as np
 
 from ..errors import RecipeError
-from ..recipe import quant_combinations as combinations  # noqa: F401 - the one table, re-exported
 from ..registry import QUANTIZATION_METHODS
 from .awq import awq_quantize
 from .gptq import gptq_quantize
@@ -109,18 +94,10 @@ class Skipped(Exception):
 
 
 class QuantizationMethod:
-    """A [quantization] method: what it supports and needs, declared once, and `plan`,
-    its numbers for the weights sharing one activation. Adding a method is one subclass
-    registered with `@QUANTIZATION_METHODS.register("name")`.
-
-    Class attributes (read by the recipe's validation and by the pass):
-    `formats`: the (weights, activations) pairs it builds; `recipe_keys`: the
-    [quantization] keys that belong to this method only; `needs_calibration`: it needs
-    calibration data even for dynamic activations; `statistics`: the calibration
-    statistics it fits on (quantization.calibration.ActivationStats fields);
-    `held_out_statistics`: those its check on held-out samples needs (output errors:
-    SmoothQuant quantizes the activations too, so it needs rows; weight-only errors
-    need only XᵀX)."""
+    """A [quantization] method, registered with `@QUANTIZATION_METHODS.register("name")`:
+    `formats` (the (weights, activations) pairs it builds), `recipe_keys` (its own keys),
+    `needs_calibration` (even for dynamic activations), `statistics` / `held_out_statistics`
+    (the ActivationStats fields its fit / its held-out check read) and `plan`, its numbers."""
 
     formats: ClassVar[tuple[tuple[str, str], ...]] = ()
     recipe_keys: ClassVar[tuple[str, ...]] = ()
@@ -216,16 +193,10 @@ class Gptq(QuantizationMethod):
 def quantize_linears(options: QuantizationOptions, linears: Sequence[Linear], stats: Mapping[str, object],
                      static_activations: bool = False,
                      held_out: Mapping[str, object] | None = None) -> list[QuantizedLinear | Skipped]:
-    """One QuantizedLinear (or a Skipped reason) per linear, in order.
-
-    `stats` maps activation names to quantization.calibration.ActivationStats (with the
-    fields of the method's `statistics`); it may be empty for rtn when activations are
-    dynamic. `static_activations`: int8 activations get a calibrated per-tensor scale
-    (TensorRT); fp8 activations always do. `held_out`: the same kind of mapping measured
-    on calibration samples `stats` never saw (the fields of the method's
-    `held_out_statistics`); with it, a choice that does not lower the held-out output
-    error below RTN's falls back to RTN (see the module docstring).
-    """
+    """One QuantizedLinear (or a Skipped reason) per linear, in order. `stats` / `held_out`:
+    activation name -> ActivationStats of the fit / held-out samples (the method's
+    `statistics` / `held_out_statistics`); `static_activations`: calibrated int8 activation
+    scales (TensorRT; fp8 always has them)."""
     method_class = QUANTIZATION_METHODS[options.method]
     if (options.weights, options.activations) not in method_class.formats:
         raise RecipeError(f"quantization method {options.method!r} does not build weights = {options.weights!r}, "

@@ -63,12 +63,6 @@ def floor_quiet_channels(act_absmax: np.ndarray, quantile: float = QUIET_FLOOR_Q
     return np.maximum(act_absmax, np.quantile(act_absmax, quantile))
 
 
-def smooth_weights(weights: Sequence[np.ndarray], s: np.ndarray) -> list[np.ndarray]:
-    """float32 diag(s) W for each weight (the activation side is X / s)."""
-    s = np.asarray(s, dtype=np.float32)
-    return [np.asarray(w, dtype=np.float32) * s[:, None] for w in weights]
-
-
 def search_alpha(x: np.ndarray, weights: Sequence[np.ndarray],
                  quantize_activation: ActivationQuantizer = fake_quant_dynamic_uint8,
                  quantize_weight: WeightQuantizer = quantize_int8_per_channel,
