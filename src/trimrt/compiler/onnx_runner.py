@@ -17,8 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..runtime.backends import _ORT_LEVELS as ORT_LEVELS  # the one table of ONNX Runtime levels
-from ..runtime.feeds import TensorInfo
+from ..runtime.backends import OnnxRuntimeBackend
 
 
 def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, replace: bool = False) -> onnx.ModelProto:
@@ -40,29 +39,20 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, replace: bool 
     return copy
 
 
-class OnnxRunner:
-    """An ONNX Runtime CPU session on `model` with `expose` added as outputs (`replace`:
-    only those). `optimize`: "disable" keeps every exposed value as the graph computes it;
-    "basic" / "all" are ONNX Runtime's levels. ONNX Runtime's warnings are silenced."""
+class OnnxRunner(OnnxRuntimeBackend):
+    """An active OnnxRuntimeBackend (CPU, warnings silenced) on `model` with `expose` added
+    as outputs (`replace`: only those). `optimize`: "disable" keeps every exposed value as
+    the graph computes it; "basic" / "all" are ONNX Runtime's levels."""
 
     def __init__(self, model: onnx.ModelProto, expose: Sequence[str] = (), *, replace: bool = False,
                  optimize: str = "all") -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimize])
-        options.log_severity_level = 3
         proto = with_outputs(model, expose, replace=replace) if (expose or replace) else model
-        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.inputs = [TensorInfo.from_ort(a) for a in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._quiet = ort.RunOptions()
-        self._quiet.log_severity_level = 4  # a failing run raises; ORT's own log line would repeat it
+        super().__init__(proto.SerializeToString(), optimization=optimize)
+        self.activate()
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """The values of `names` (default: every output, exposed ones included)."""
-        names = list(names) if names is not None else self.output_names
-        return dict(zip(names, self.session.run(names, dict(feeds), self._quiet)))
+        return self.infer(feeds, list(names) if names is not None else None)
 
     def run_all(self, feeds: Iterable[Mapping[str, np.ndarray]], names: Sequence[str] | None = None
                 ) -> list[dict[str, np.ndarray]]:

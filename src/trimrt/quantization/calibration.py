@@ -1,20 +1,9 @@
 """Calibration: the feeds quantization measures activations on, and the statistics it needs.
 
-`load_calibration_feeds` turns a [calibration] table into a list of feeds (one per
-sample, batch 1) from a folder of .npy/.npz files, a text file (tokenized), an image
-folder, or random data. `collect_activation_stats` runs the float model on them with
-chosen intermediate tensors exposed as outputs and accumulates, per tensor and over
-its last axis K (the input channels of the linear layer that reads it):
-
-- absmax [K] float32: max |x| per channel (SmoothQuant's s, AWQ's saliency);
-- hessian [K, K] float64: 2 · Σ xᵀx / rows (GPTQ's H, averaged so it does not grow
-  with the number of samples);
-- rows [≤ max_rows, K] float32: rows drawn uniformly across all samples (AWQ's and the
-  α search's output-error estimates) without holding every activation;
-- range (min, max): static activation scales (FP8).
-
-Activations are folded in one feed at a time; nothing keeps the whole calibration set's
-activations in memory.
+`load_calibration_feeds` turns a [calibration] table into feeds of batch 1 (from .npy/.npz
+files, a tokenized text file, an image folder or random data); `collect_activation_stats`
+runs the float model with the chosen tensors exposed and folds them, one feed at a time
+(never the whole set's activations in memory), into `ActivationStats` over their last axis.
 """
 
 from __future__ import annotations
@@ -294,10 +283,10 @@ class ActivationStats:
     name: str
     #: rows seen (all axes but the last, flattened, summed over samples)
     rows_seen: int = 0
-    absmax: np.ndarray | None = None   # [K] float32
-    hessian: np.ndarray | None = None  # [K, K] float64, 2 · Σ xᵀx / rows_seen
-    rows: np.ndarray | None = None     # [min(rows_seen, max_rows), K] float32
-    range: tuple[float, float] | None = None  # (min, max) over every element
+    absmax: np.ndarray | None = None   # [K] float32 max |x| per channel (SmoothQuant's s, AWQ's saliency)
+    hessian: np.ndarray | None = None  # [K, K] float64 GPTQ's H = 2 · Σ xᵀx / rows_seen
+    rows: np.ndarray | None = None     # [min(rows_seen, max_rows), K] float32, uniform over all samples
+    range: tuple[float, float] | None = None  # (min, max) over every element (static fp8 scales)
 
 
 class _Accumulator:
