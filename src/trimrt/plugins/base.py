@@ -1,24 +1,7 @@
-"""The op contract: what every custom op module defines, in one place.
-
-A custom op module creates one `OpDef` holding
-
-1. its schema (inputs, outputs, attributes with their defaults; domain `trimrt`): the
-   only place attributes and defaults are written;
-2. a NumPy reference implementation (the ground truth for tests), called with every
-   attribute filled in (`run_reference` checks the call against the schema);
-3. its decomposition into standard ONNX ops, `decompose(builder, *inputs)` on the
-   `builder.Builder`; `function()` wraps it into the model-local `FunctionProto` (inputs,
-   outputs, attributes and defaults from the schema) that ONNX Runtime inlines, so every
-   build runs anywhere without a custom-op library;
-4. the name of a function running its Triton kernel (imported lazily: GPU path); its
-   kernel module also holds the TensorRT hooks `trt_output_shapes` and `trt_aot`, from
-   which `tensorrt_glue` generates the plugin (imported lazily, never from here);
-5. `examples(rng)`: small (inputs, attributes) cases the contract suite
-   (tests/plugins/test_op_contract.py) runs through all of the above.
-
-Every module of `trimrt.plugins` that defines an OpDef `OP` is registered in
-`trimrt.plugins.REGISTRY` (found by listing the package); `OpDef.of_module(__name__,
-<schema>)` takes 2-5 from the module's conventional names. See docs/adding_an_op.md.
+"""The op contract: every custom op module defines one `OpDef`, the only place its schema
+(inputs, outputs, attributes and defaults) is written, with its NumPy reference, its
+decomposition into standard ops (the model-local function ONNX Runtime inlines), its Triton
+kernel and its contract-suite examples. See docs/adding_an_op.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,14 @@
-"""TensorRT plugin glue (item 4 of the op contract), generated from the OpDef schemas.
+"""TensorRT plugin glue, generated from the OpDef schemas (docs/adding_an_op.md, section 2).
 
-`register(op)` registers the op as a TensorRT quickly deployable plugin
-(`tensorrt.plugin`, TensorRT >= 10.7) under the id "trimrt::<Name>", version "1" — the
-name, namespace and version the ONNX node encoding uses, so the ONNX parser picks it
-up. From the schema come: the input/attribute signature of every callback, the output
-count and dtypes (TensorSpec "int64" -> int64, "float" -> the first float input's type)
-and the attribute defaults. Per op, only the output shapes and the AOT launch are
-written out, in its kernel module (`trt_output_shapes`, `trt_aot`: `spec_for`), by the
-functions its `run` uses on ints, on TensorRT shape expressions: counts that depend on
-a run-time dimension (TokenPrune with keep == 0: k from keep_ratio and N) too, so the
-output shapes, the AOT scalars and the JIT launch always agree.
-
-- `register`: output shapes/dtypes from the input descriptors and attributes;
-- `impl` (JIT): wraps TensorRT's tensors as torch tensors (zero copy) and runs the
-  kernel module's `run` on the plugin's stream, writing into TensorRT's outputs;
-- `aot_impl` (when this TensorRT has it): compiles the same Triton kernel to PTX, with
-  the attributes baked in, and returns its launch grid and int32 scalar arguments as
-  symbolic expressions, so the engine runs without Python. A node selects it with the
-  ONNX attribute `aot=1` (TensorRT's convention); otherwise the JIT `impl` runs.
-
-Nothing here imports tensorrt, torch or triton at module level. Registration is
+`register(op)` registers the op as a TensorRT quickly deployable plugin (`tensorrt.plugin`,
+TensorRT >= 10.7) under the id "trimrt::<Name>", version "1", the ONNX node encoding's
+name, so the ONNX parser picks it up. The schema gives every callback's signature, the
+output dtypes ("int64", or the first float input's type) and the attribute defaults; the
+kernel module gives the output shapes and the AOT launch (`trt_output_shapes`, `trt_aot`),
+computed by the same functions its `run` uses, so shapes, AOT scalars and the JIT launch
+agree. The JIT `impl` runs the kernel module's `run` on the plugin's stream; `aot_impl`
+(a node with the ONNX attribute `aot=1`) runs PTX with the attributes baked in, without
+Python. Nothing here imports tensorrt, torch or triton at module level; registration is
 idempotent and thread-safe.
 """
 
