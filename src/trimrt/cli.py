@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import BuildLoadError, TrimrtError
+from .errors import TrimrtError
 
 
 class _Group(click.Group):
@@ -29,15 +29,6 @@ class _Group(click.Group):
             command = (exc.ctx or ctx).command_path
             click.echo(f"error: {message[:1].lower()}{message[1:]}; see '{command} --help'", err=True)
             ctx.exit(2)
-
-
-def _build_dir(ctx, param, path: Path | None) -> Path | None:
-    """A BUILD argument that names a file (a model, say) is not a build: say so before loading."""
-    if path is not None and path.is_file():
-        hint = f"compile it first: trimrt compile {path} -o BUILD" if path.suffix == ".onnx" else \
-            "give the folder `trimrt compile` wrote"
-        raise BuildLoadError(f"{path} is a file, not a build directory; {hint}")
-    return path
 
 
 def _npz_path(ctx, param, path: Path | None) -> Path | None:
@@ -61,7 +52,7 @@ def _count(name: str) -> click.IntRange:
 
 
 # options several commands share
-_build_arg = click.argument("build", type=click.Path(path_type=Path), callback=_build_dir)
+_build_arg = click.argument("build", type=click.Path(path_type=Path))
 _inputs = click.option("--input", "inputs", multiple=True, help="NAME=FILE.npy or FILE.npz instead of random inputs.")
 _tokens = click.option("--tokens", type=_count("tokens"),
                        help="Length of dynamic token axes of random inputs (default: the build's example).")

@@ -82,8 +82,9 @@ def read_manifest(build_dir: str | Path, *, check_hashes: bool = True) -> Manife
     matching its hash (unless check_hashes=False)."""
     build_dir = Path(build_dir)
     if build_dir.is_file():
-        raise BuildLoadError(f"{build_dir} is a file, not a build directory; compile it first: "
-                             f"trimrt compile {build_dir} -o BUILD_DIR")
+        hint = f"compile it first: trimrt compile {build_dir} -o BUILD_DIR" if build_dir.suffix == ".onnx" else \
+            "give the folder `trimrt compile` wrote"
+        raise BuildLoadError(f"{build_dir} is a file, not a build directory; {hint}")
     if not build_dir.is_dir():
         raise BuildLoadError(f"build directory not found: {build_dir}")
     if not (build_dir / MANIFEST).is_file():
