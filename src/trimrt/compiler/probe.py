@@ -87,20 +87,29 @@ def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple
     its shapes known) as when it was probed, by analysis and the passes after it."""
     if shared is None:
         return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
+    from .decoder import DECODER_SPEC
+
     key = (wiring(model.graph), tuple(_probed_names(model)))
     return once(shared, PROBED, key, lambda: probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)],
-                                                              shared.get(INPUT_LIMITS))[0])
+                                                              shared.get(INPUT_LIMITS), shared.get(DECODER_SPEC))[0])
 
 
-def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]],
-                     limits: dict | None = None) -> list[dict[str, tuple[int, ...]]]:
+def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]], limits: dict | None = None,
+                     decoder=None) -> list[dict[str, tuple[int, ...]]]:
     """probe_shapes for each (batch, tokens) of `runs`, from one ONNX Runtime session;
-    random ids kept inside `limits` (the model's input limits; found on `model` if None)."""
+    random ids kept inside `limits` (the model's input limits; found on `model` if None).
+    A KV-cache `decoder` (its DecoderSpec) runs a prefill: `tokens` new ones on an empty past."""
     proto = ir.serde.serialize_model(model)
     runner = OnnxRunner(proto, _probed_names(model), optimize="disable")
     if limits is None:
         limits = find_input_limits(proto)  # token ids inside a small vocabulary
-    outputs = (runner.run(random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits)) for batch, tokens in runs)
+
+    def feeds(batch: int, tokens: int) -> dict[str, np.ndarray]:
+        if decoder is not None:
+            return decoder.random_feeds(batch, new=tokens, past=0)
+        return random_feeds(runner.inputs, batch=batch, seed=0, tokens=tokens, limits=limits)
+
+    outputs = (runner.run(feeds(batch, tokens)) for batch, tokens in runs)
     return [{n: tuple(np.shape(v)) for n, v in values.items()} for values in outputs]
 
 
