@@ -1,24 +1,15 @@
 """ONNX Runtime kernel fusion: attention and GELU become ORT's contrib ops.
 
-ONNX Runtime's own optimiser does not recognise the attention of dynamo exports, so each
-block runs ~15 small nodes around its two attention MatMuls. onnxscript's `ort_fusions`
-rules (maintained with ONNX Runtime) rewrite them into `com.microsoft` MultiHeadAttention
-and BiasGelu. Only the fusions that keep the Q/K/V projections as separate MatMuls (no
-packed-QKV `Attention`) apply, so quantized projections stay quantized, and only on ONNX
-Runtime builds (TensorRT has its own fusions and does not run contrib ops).
-
-The rules match one way of writing attention; `_canonicalise` first brings the other
-export forms (TorchScript's run-time reshape targets and one-element NaN guard, GPT-2's
-rows, static GQA) into it. The report counts the blocks left unfused (`attention_unfused`).
-
-Skip-LayerNorm is deliberately *not* fused, and the build asks ONNX Runtime not to fuse
-it either (SESSION_SETTINGS): ORT 1.32's SkipLayerNormalization CPU kernel took 3.9 ms
-for MiniLM's 12 residual LayerNorms at 256 tokens where the plain Add + LayerNormalization
-take 1.5 ms.
-
-Fusion must not change results: the pass fuses a copy, runs both graphs on random inputs
-and applies the fusion only when every output agrees (relative L2 error ≤
-FUSION_TOLERANCE); otherwise it leaves the graph as it was and says why in its report.
+ONNX Runtime's own optimiser does not recognise the attention of dynamo exports; onnxscript's
+`ort_fusions` rules (maintained with ONNX Runtime) rewrite it into `com.microsoft`
+MultiHeadAttention, keeping the Q/K/V projections separate (no packed QKV), so quantized
+projections stay quantized. `_canonicalise` first brings the other export forms
+(TorchScript's run-time reshape targets and one-element NaN guard, GPT-2's rows, static GQA)
+into the form the rules match; the report counts the blocks left unfused. Skip-LayerNorm is
+deliberately not fused, and the build asks ORT not to either (SESSION_SETTINGS): its CPU
+kernel took 3.9 ms for MiniLM's 12 residual LayerNorms at 256 tokens, the plain ops 1.5 ms.
+Fusion must not change results: it is applied only when the fused copy's outputs agree
+with the unfused graph's on random inputs (relative L2 ≤ FUSION_TOLERANCE).
 """
 
 from __future__ import annotations

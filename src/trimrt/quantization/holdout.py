@@ -1,26 +1,15 @@
 """Which calibration samples fit the quantization numbers and which check them.
 
-Fidelity is measured on data the build never saw (DESIGN.md, Measuring). SmoothQuant's
-α, AWQ's scales and clips and GPTQ's rounding are fitted to calibration activations; a
-cosine measured on those same samples flatters them (an α that fitted the outliers of
-48 docstrings certified 0.998 and gave 0.98 on other text). So the samples are split:
-
-- a quarter of the samples (1 in HELD_OUT_EVERY) is held out, the rest fit the numbers:
-  the longest ones (by real tokens, the attention mask's count, or by size), and among
-  samples of equal length every HELD_OUT_EVERY-th (the 4th, 8th, …). The longest because
-  that is where fitted scales break: inputs longer than the fit's reach positions, and
-  activation outliers, the fit never saw (a SmoothQuant α fitted on short sentences
-  certified 0.998 and gave 0.98 on 256-token passages). Equal lengths (images, padded or
-  truncated text) interleave, which keeps both parts alike when a source is ordered (by
-  topic). Deterministic, so a build is reproducible;
-- the held-out part checks each fitted choice against round-to-nearest
-  (quantization.methods) and is where the fidelity guard measures its cosine and
-  applies `min_cosine`; the cosine on the fitted samples is reported beside it.
-
-Too few to split: with fewer than MIN_SPLIT_SAMPLES samples nothing is held out (a
-quarter of them would be one or two samples: a noisy check that also weakens the fit).
-Everything fits, no choice is checked, a warning says so, and the guard measures and
-applies `min_cosine` on the fitted samples; the report says `"measured_on": "fit"`.
+Fidelity is measured on data the build never saw (DESIGN.md, Measuring): a cosine on the
+samples SmoothQuant's α, AWQ's scales or GPTQ's rounding were fitted to flatters them (an α
+fitted on short sentences certified 0.998 and gave 0.98 on 256-token passages). So one
+sample in HELD_OUT_EVERY is held out: the longest ones, where fitted scales break (positions
+and outliers the fit never saw), and among equal lengths every HELD_OUT_EVERY-th, so an
+ordered source splits alike; deterministic, so a build is reproducible. The held-out part
+checks each fitted choice against round-to-nearest and is where the guard applies
+`min_cosine`. Below MIN_SPLIT_SAMPLES samples (a quarter would be a noisy check that also
+weakens the fit) nothing is held out, a warning says so, and the report says
+`"measured_on": "fit"`.
 """
 
 from __future__ import annotations
