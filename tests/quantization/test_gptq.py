@@ -8,8 +8,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trimrt.quantization.gptq import gptq_quantize, hessian
+from trimrt.quantization.gptq import gptq_quantize
 from trimrt.quantization.numerics import dequantize_int4_groupwise
+
+
+def hessian(x: np.ndarray) -> np.ndarray:
+    """float64 [K, K] = 2 XᵀX of activations x [M, K].
+
+    Sum it over calibration batches (or average: GPTQ is invariant to a positive factor
+    on H, the damping being relative to its diagonal).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    return 2.0 * (x.T @ x)
 
 
 def _obs_reference(w, h, group_size, high, low, damp=0.01):

@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import pytest
 
+from tests.quantization.test_gptq import hessian
 from trimrt.quantization.calibration import ActivationStats
-from trimrt.quantization.gptq import hessian
 from trimrt.quantization.holdout import HELD_OUT_EVERY, MIN_SPLIT_SAMPLES, split_samples
 from trimrt.quantization.methods import Linear, quantize_linears
 from trimrt.quantization.numerics import fake_quant_dynamic_uint8, quantize_int8_per_channel

@@ -324,7 +324,7 @@ def _int64_constant(number: int) -> ir.Node:
     return ir.node("Constant", [], {"value": ir.tensor(np.array(number, dtype=np.int64))})
 
 
-def _register_orphan_constants(model: ir.Model) -> int:
+def _register_orphan_constants(model: ir.Model) -> None:
     """Make initializers of constant inputs that belong to no graph: onnxscript's
     optimiser can leave one when it lifts two equal shape constants (GPT-2's [-1, D] row
     reshapes in a static TorchScript export), and the model would not load."""
@@ -334,7 +334,6 @@ def _register_orphan_constants(model: ir.Model) -> int:
                and value.const_value is not None and value.name not in graph.initializers}
     for value in orphans.values():
         graph.register_initializer(value)
-    return len(orphans)
 
 
 def _layout_step(value: ir.Value) -> ir.Node | None:
@@ -347,12 +346,11 @@ def _layout_step(value: ir.Value) -> ir.Node | None:
     return None
 
 
-def _private_layouts(model: ir.Model) -> int:
+def _private_layouts(model: ir.Model) -> None:
     """Give trimrt ops (and the token passes' own nodes) their own copy of the Reshape / Transpose /
     constant-scale chain that makes the q / kᵀ they read from a projection. A score op sharing the
     attention's Kᵀ is a second use of a value inside the attention pattern, which then cannot fuse;
-    the copy costs one relayout of [B, N, D]. Returns the number of inputs rewired."""
-    rewired = 0
+    the copy costs one relayout of [B, N, D]."""
     for node in list(model.graph):
         if node.domain != DOMAIN and node.metadata_props.get(PASS_TAG) in (None, OrtFusionPass.name):
             continue  # only what trimrt ops and the token passes' own nodes (e.g. ToMe's key mean) read
@@ -371,8 +369,6 @@ def _private_layouts(model: ir.Model) -> int:
                 clone.metadata_props[PASS_TAG] = OrtFusionPass.name
                 model.graph.insert_before(node, clone)
             node.replace_input_with(index, source)
-            rewired += 1
-    return rewired
 
 
 class OrtFusionPass(TrimrtPass):

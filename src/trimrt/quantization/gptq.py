@@ -25,17 +25,6 @@ from .numerics import INT4_MAX, INT4_MIN, INT8_MAX, check_group_size, group_scal
 _CODE_RANGE = {4: (INT4_MIN, INT4_MAX), 8: (-INT8_MAX, INT8_MAX)}
 
 
-def hessian(x: np.ndarray) -> np.ndarray:
-    """float64 [K, K] = 2 XᵀX of activations x [M, K].
-
-    Sum it over calibration batches (or average: GPTQ is invariant to a positive factor
-    on H, the damping being relative to its diagonal).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    x = x.reshape(-1, x.shape[-1])
-    return 2.0 * (x.T @ x)
-
-
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray, bits: int = 4, group_size: int | None = 128,
                   block_size: int = 128, damp: float = 0.01,
                   act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
