@@ -1,18 +1,9 @@
-"""Token merging (ToMe): at chosen blocks, merge r tokens into their most similar ones.
-
-At each listed block, between the attention and the MLP (where ToMe merges), the pass inserts
-
-    metric          = head-mean of the block's keys                      [B, N, Dh]
-    y, size', index = trimrt::TokenMerge(stream, metric, size, r)       bipartite soft matching
-
-and routes every later use of the stream to y. `size` (how many original tokens each
-token stands for) starts at ones and travels from merge to merge. With proportional
-attention, log(size) is added to the attention logits of every later block, so a
-merged token draws the attention its tokens would have drawn together.
-
-Tensors that travel with the tokens (padding masks) are gathered with `index` (a merged
-token takes its destination's row). The merge itself is a one-hot matmul — exact and
-TensorRT-safe, unlike scatter-with-reduction.
+"""Token merging (ToMe): at chosen blocks, between the attention and the MLP, merge r tokens
+into their most similar ones with trimrt::TokenMerge (bipartite soft matching on the
+head-mean keys; the merge is a one-hot matmul, exact and TensorRT-safe, unlike
+scatter-with-reduction). The size vector (how many original tokens each token stands for)
+travels from merge to merge; with proportional attention log(size) biases every later
+block's logits. Tensors travelling with the tokens (padding masks) follow `index`.
 """
 
 from __future__ import annotations

@@ -3,18 +3,14 @@ the decompositions (function bodies) and the passes (`passes.base.GraphBuilder`)
 
     y = b.Slice(x, start, end, axes)              # any standard op, attributes as keywords
     values, indices = b.TopK(s, k, axis=1, _outputs=2)
-    y = b.op("Slice", [x, start, end, axes])      # the same, onnx-ir Tape style
     (score,) = b.emit(ATTENTION_ROW_SCORE, [q, k_t, mask], row=-1)  # a trimrt op, from its OpDef
     c = b.const(1.0, np.float32)                  # a constant tensor
     keep = b.attr("keep")                         # in a function: scalar Constant reading its attribute
-    eps = b.ref("epsilon")                        # in a function: a node attribute referencing it (ir.RefAttr)
 
-Every node is named `<prefix>_<op>_<n>` (`<op>_<n>` without a prefix) and its outputs
-after it (`<node>` for one output, `<node>_out<i>` for several); the counter is shared
-with the builders of subgraphs, so a Loop body never shadows an outer value. Options:
-`tag` stamps every node's metadata with the pass that made it, `graph` makes constants
-initializers of that graph (else they are Constant nodes). The nodes are collected on
-the tape, not placed: the caller puts `builder.nodes` where they belong.
+Nodes are named `<prefix>_<op>_<n>`, with a counter shared with the builders of subgraphs
+(a Loop body never shadows an outer value); `tag` stamps each node with the pass that made
+it, and with a `graph` constants become its initializers (else Constant nodes). The nodes
+are collected, not placed: the caller puts `builder.nodes` where they belong.
 """
 
 from __future__ import annotations
