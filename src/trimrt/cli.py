@@ -224,8 +224,7 @@ def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, thre
     result), then the time to first token, decode tokens/s and the KV-cache size."""
     from .runtime import load
 
-    options = {k: v for k, v in options.items() if v is not None}
-    options["stop_strings"] = tuple(options.get("stop_strings") or ())
+    options = {k: v for k, v in options.items() if v is not None}  # --stop (multiple) is always a tuple
     with load(build, threads=threads) as session:
         gen = session.generator(tokenizer)  # a build compiled from a checkpoint folder has its own
         parsed = [_prompt(p, text_ok=gen.tokenizer is not None) for p in prompts]

@@ -38,9 +38,8 @@ def build_engine(onnx_path: Path, engine_path: Path, *, hints: Mapping[str, Sequ
         shape = list(tensor.shape)
         example = list((hints or {}).get(tensor.name, []))
         opt = [d if d >= 0 else (example[a] if a < len(example) else 1) for a, d in enumerate(shape)]
-        lo = [1 if (shape[a] < 0 and a == 0) else opt[a] for a in range(len(shape))]
-        hi = [max_batch if (shape[a] < 0 and a == 0) else opt[a] for a in range(len(shape))]
-        profile.set_shape(tensor.name, lo, opt, hi)
+        batch = bool(shape) and shape[0] < 0  # a dynamic batch axis spans 1..max_batch, the others opt
+        profile.set_shape(tensor.name, [1, *opt[1:]] if batch else opt, opt, [max_batch, *opt[1:]] if batch else opt)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
