@@ -1,9 +1,5 @@
-"""Output comparison: the one definition of the numbers trimrt reports and guards on.
-
-`compare_outputs` gives the per-output metrics of verify (max abs / rel error, per-sample
-cosine, top-1 agreement for logits); `mean_cosine` is the quantization guard's fidelity
-(the worst output's mean per-sample cosine); `relative_l2` is the float-rewrite check of
-the ONNX Runtime fusion pass. All compute in float64.
+"""Output comparison: the one definition of the numbers trimrt reports and guards on
+(verify's metrics, the quantization guard's cosine, the fusion check's relative L2), in float64.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""Run an ONNX model on ONNX Runtime CPU with intermediate values exposed as outputs.
-
-The one place the compiler does it: shape probes, FLOPs counting, calibration, the
-quantization guard, and verify's per-layer facts. The model given is never modified (the
-outputs are added to a copy).
+"""Run an ONNX model on ONNX Runtime CPU with intermediate values exposed as outputs, on a
+copy (the model given is never modified); docs/architecture.md lists its users.
 
 Polygraphy's OnnxrtRunner was considered: its session loader does not take the
 SessionOptions these callers set (log severity for candidate graphs that keep unused
 float weights, the optimisation level that keeps exposed values intact), so this is a
-thin wrapper on onnxruntime itself.
+thin subclass of the runtime's OnnxRuntimeBackend.
 """
 
 from __future__ import annotations
