@@ -34,3 +34,47 @@ def fastv_forward(model, input_ids: torch.Tensor, layer: int, keep: float, span:
             pos = torch.gather(pos, 1, kept)
         h = h + block.mlp(block.post_attention_layernorm(h))
     return model.norm(h)
+
+
+def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int],
+                   max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy generation with FastV on the prompt: the prefill prunes the span after the
+    attention of each of `layers` (as fastv_forward; the span is then the kept tokens),
+    every later layer caches the kept tokens only, and each decode step attends over what
+    each layer cached. Returns (new tokens per row, the prefill's last-token logits)."""
+    from transformers import DynamicCache
+
+    model = lm.model
+    model.config._attn_implementation = "eager"
+    cache = DynamicCache()
+    b, n = input_ids.shape
+    h = model.embed_tokens(input_ids)
+    pos = torch.arange(n).expand(b, n)
+    start, end = span
+    for i, block in enumerate(model.layers):
+        cos, sin = model.rotary_emb(h, pos)
+        mask = torch.where(pos[:, None, :] > pos[:, :, None], torch.finfo(h.dtype).min, 0.0)[:, None]
+        attn, weights = block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=mask,
+                                        cache=cache)
+        h = h + attn
+        if i in layers:
+            score = weights[:, :, -1, start:end].mean(dim=1)
+            k = max(1, math.ceil(keep * (end - start) - 1e-9))
+            chosen = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start
+            kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
+            h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
+            pos = torch.gather(pos, 1, kept)
+            end = start + k
+        h = h + block.mlp(block.post_attention_layernorm(h))
+    logits = first = lm.lm_head(model.norm(h))[:, -1]
+    tokens = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        h = model.embed_tokens(token[:, None])
+        cos, sin = model.rotary_emb(h, torch.full((b, 1), n + step))
+        for block in model.layers:  # one new token sees every cached key: no mask
+            h = h + block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), cache=cache)[0]
+            h = h + block.mlp(block.post_attention_layernorm(h))
+        logits = lm.lm_head(model.norm(h))[:, -1]
+    return torch.stack(tokens, 1).tolist(), first

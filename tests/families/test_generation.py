@@ -184,11 +184,3 @@ def test_a_past_of_the_wrong_shape_is_one_line():
         session.run(feeds)
     assert "past_key_values.1.value" in str(err.value) and "axis 1 must be 2" in str(err.value)
     assert "\n" not in str(err.value)
-
-
-def test_token_pruning_of_a_kv_cache_decoder_is_refused_clearly(tmp_path):
-    _, model = build("llama")
-    recipe = {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.25, "prunable": [4, 20]}}
-    with pytest.raises(trimrt.BuildError, match=r"\[token_pruning\] does not apply to a decoder with a KV cache"):
-        trimrt.compile(model, recipe, tmp_path / "b")
-    assert not (tmp_path / "b").exists()

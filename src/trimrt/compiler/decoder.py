@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,9 @@ def export_causal_lm(module, *, opset: int) -> tuple[ir.Model, dict[str, np.ndar
     import torch
 
     with torch.no_grad():
-        spec = _decoder_spec(module)
-        wrapper = _kv_cache_module(module, spec.layers, _layer_windows(module.config))
+        windows = _layer_windows(module.config)
+        spec = replace(_decoder_spec(module), sliding_window=min((w for w in windows if w), default=None))
+        wrapper = _kv_cache_module(module, spec.layers, windows)
         example = spec.random_feeds(_BATCH, _NEW, _PAST)
         bias = np.zeros((_BATCH, 1, _NEW, _PAST + _NEW), np.float32)
         names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, ATTENTION_BIAS] + [n for n in example if n.startswith("past")]

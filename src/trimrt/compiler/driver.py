@@ -19,10 +19,11 @@ import onnx
 import onnx_ir as ir
 
 from .._version import __version__
-from ..errors import BackendUnavailableError, BuildError, ModelLoadError
+from ..errors import BackendUnavailableError, BuildError, ModelLoadError, RecipeError
 from ..passes.base import PipelineContext
 from ..plugins import DOMAIN, OP_VERSION
 from ..recipe import load_recipe
+from ..registry import TOKEN_PRUNING_METHODS
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.manifest import ENGINE, MODEL, TOKENIZER, write_manifest
@@ -62,7 +63,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
         loaded = load_source(source, example_inputs, exporter=exporter)
         if loaded.decoder is not None:
-            _check_decoder_recipe(recipe)
+            _check_decoder_recipe(recipe, loaded.decoder)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
         model = owned_model(original)  # passes work on a copy; the input is never modified
@@ -90,7 +91,10 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         max_tokens = (limits.get("tokens") or {}).get("limit")
         if check_tokens is not None and max_tokens is not None:
             check_tokens = min(check_tokens, int(max_tokens))
-        if given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree
+        prunes_prompt = loaded.decoder is not None and recipe.token_pruning is not None
+        if prunes_prompt:  # the pruning runs at prefill: check (and count FLOPs on) a prompt
+            given = loaded.decoder.random_feeds(1, new=check_tokens or DEFAULT_TOKENS, past=0)
+        elif given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree
             given = loaded.example_feeds or loaded.decoder.random_feeds(1)  # batch 1: what every LLM runtime takes
         feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens, limits=limits)
         try:
@@ -145,7 +149,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             # embedding hides the vocabulary from a search on the built graph)
             "input_limits": _limits_for(limits, {i.name for i in build_rt.inputs}),
             "compile_seconds": round(time.perf_counter() - started, 2),
-            **({"decoder": loaded.decoder.to_dict()} if loaded.decoder is not None else {}),
+            **({"decoder": {**loaded.decoder.to_dict(), "prunes_prompt": prunes_prompt}}
+               if loaded.decoder is not None else {}),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
         }, __version__)
@@ -155,16 +160,29 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 
 
 #: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)
-_NOT_FOR_DECODERS = ("token_pruning", "token_merging", "token_slimming", "padding")
+_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
 
 
-def _check_decoder_recipe(recipe) -> None:
+def _check_decoder_recipe(recipe, spec) -> None:
     tables = [t for t in _NOT_FOR_DECODERS if getattr(recipe, t) is not None]
     if tables:
         verb = "does" if len(tables) == 1 else "do"
         raise BuildError(f"the recipe's [{'], ['.join(tables)}] {verb} not apply to a decoder with a KV cache yet; "
                          "prune a prefill-only export instead (e.g. LlamaModel, or an ONNX decoder without past inputs), "
-                         "or keep [quantization] / [onnxruntime] for generation builds")
+                         "or keep [token_pruning] / [quantization] / [onnxruntime] for generation builds")
+    pruning = recipe.token_pruning
+    if pruning is None:
+        return
+    if pruning.prunable is None:
+        raise RecipeError("[token_pruning] a decoder prunes a span of its prompt: give prunable = [start, end) (e.g. "
+                          "the image tokens); the tokens from end on, the last one included, are always kept")
+    if spec.sliding_window is not None:
+        raise RecipeError(f"[token_pruning] this decoder's layers attend over a sliding window of {spec.sliding_window} "
+                          "tokens, which pruned layers would not keep; pruning such decoders is not supported yet")
+    why = TOKEN_PRUNING_METHODS[pruning.method].no_kv_cache
+    if why is not None:
+        raise RecipeError(f"[token_pruning] method {pruning.method!r} does not apply to a decoder with a KV cache yet "
+                          f"({why}); use last_token_attention (FastV) or divprune")
 
 
 def _checker_problem(proto: onnx.ModelProto) -> str | None:

@@ -170,5 +170,6 @@ def run_pipeline(model: ir.Model, passes: list[TrimrtPass],
             cause = cause.__cause__
         if isinstance(cause, TrimrtError):
             raise cause from None
-        raise BuildError(f"a compiler pass failed: {cause}") from exc
+        raise BuildError(f"a compiler pass failed: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}"
+                         "; please report this model with the recipe") from exc
     return list(passes[0].context.reports) if passes else []

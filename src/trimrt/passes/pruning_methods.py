@@ -59,6 +59,9 @@ class PruningMethod:
     explicit_span_end: ClassVar[bool] = False
     #: tokens a site adds beyond the kept ones (and the fused one)
     added_tokens = 0
+    #: why the method cannot prune the prompt of a KV-cache decoder (None: it can; each
+    #: site's ops then run in an If branch taken at prefill only, so no state may cross sites)
+    no_kv_cache: ClassVar[str | None] = None
 
     @classmethod
     def parse(cls, table: Mapping[str, Any], where: str, layers: tuple[int, ...]) -> dict[str, Any]:
@@ -205,6 +208,7 @@ class Recycle(RowScoreMethod):
 
     keys = ("recycle_grid",)
     no_fuse = "recycle merges the dropped tokens itself"
+    no_kv_cache = "its patch positions carry from one pruned layer to the next"
     explicit_span_end = True
 
     @classmethod
@@ -261,6 +265,7 @@ class Adaptive(RowScoreMethod):
 
     keys = ("mass",)
     no_fuse = "adaptive masks the dropped tokens"
+    no_kv_cache = "its validity mask would have to travel with the cache"
 
     @classmethod
     def parse(cls, table, where, layers):

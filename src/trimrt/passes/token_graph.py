@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, TransformerMap, structure_of
+from ..compiler.decoder import DECODER_SPEC
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
+from ..runtime.kv_cache import KINDS, past_name, present_name
 from . import token_shapes
 from .base import GraphBuilder, TrimrtPass
 from .token_shapes import downstream_nodes, gather_tokens, rederive_shape_values, side_inputs, travelling_constants
@@ -57,7 +60,7 @@ class TokenGraphPass(TrimrtPass):
                                  f"found token axis {tmap.token_axis}")
         if tmap.num_tokens is None:
             raise StructureError("token count unknown: the residual stream has no shape on its token axis")
-        return TokenRewrite(self, model.graph, tmap)
+        return TokenRewrite(self, model.graph, tmap, decoder=self.context.shared.get(DECODER_SPEC))
 
 
 @dataclass
@@ -74,6 +77,8 @@ class TokenRewrite:
     aligned: dict | None = None
     #: each travelling tensor's latest version (gathered by the reductions so far)
     gathered: dict = field(default_factory=dict)
+    #: the DecoderSpec of a KV-cache graph (its reductions prune the prompt: see prompt_only)
+    decoder: Any = None
 
     def builder(self, prefix: str) -> GraphBuilder:
         return self.owner.builder(self.graph, prefix)
@@ -89,6 +94,75 @@ class TokenRewrite:
         b.insert_after(stream.producer())
         for user, idx in uses:
             user.replace_input_with(idx, out)
+
+    def prompt_only(self, b: GraphBuilder, stream: ir.Value, out: ir.Value, index: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """A KV-cache decoder reduces its prompt only: the nodes `b` collected (the score and
+        selection ops) become the then-branch of an If on an empty past; a step with a past
+        keeps its new tokens (the stream as it is, positions 0..N-1). Returns the If's
+        (stream, kept index)."""
+        then = ir.Graph([], [out, index], nodes=b.nodes, name=f"{b.prefix}_prompt")
+        b.discard()
+
+        def keep_all(sub, *_):
+            positions = sub.Range(sub.Constant(value_int=0), sub.Squeeze(sub.Shape(stream, start=1, end=2)),
+                                  sub.Constant(value_int=1))
+            return sub.Identity(stream), sub.Expand(positions, sub.Shape(stream, start=0, end=2))
+
+        keep = b.subgraph(f"{b.prefix}_step", [], keep_all, [(f"{b.prefix}_step_tokens", stream.dtype, None),
+                                                               (f"{b.prefix}_step_index", ir.DataType.INT64, None)])
+        past = self._graph_input(past_name(0, KINDS[0]))
+        empty = b.op("Equal", [b.op("Shape", [past], {"start": 2, "end": 3}, name=f"{b.prefix}_past"),
+                               b.const(np.array([0]), name=f"{b.prefix}_zero_past")], name=f"{b.prefix}_is_prompt")
+        y, kept = b.op_multi_out("If", [empty], {"then_branch": then, "else_branch": keep}, num_outputs=2,
+                                 name=f"{b.prefix}_prompt_only")
+        y.dtype, kept.dtype = stream.dtype, ir.DataType.INT64
+        return y, kept
+
+    def own_lengths(self, first: int) -> None:
+        """A KV-cache decoder's blocks from `first` on run on the reduced prompt: they attend
+        with a causal mask of their own lengths (query i sees the reduced past and the new
+        tokens up to itself: the graph's mask over the full past does not travel with the
+        tokens, so padding is not supported; the runtime refuses padded prompts for such
+        builds), and their past / present caches get their own length symbols."""
+        blocks = self.tmap.blocks
+        if first >= len(blocks):
+            return
+        attn = blocks[first].attention
+        current = self.gathered.get(attn.mask, attn.mask)
+        if attn.core.op_type != "Softmax" or attn.mask is None:
+            raise StructureError("token pruning in a KV-cache decoder needs attention written as "
+                                 "Softmax(q·kᵀ·scale + mask); this export fuses it")
+        prefix = f"trimrt_{self.owner.name}_causal{first}"
+        b = self.builder(prefix)
+        axis = 3 if attn.k_transposed else 2
+        queries = b.op("Shape", [attn.q], {"start": 2, "end": 3}, name=f"{prefix}_queries")
+        keys = b.op("Shape", [attn.k], {"start": axis, "end": axis + 1}, name=f"{prefix}_keys")
+        zero, one = (b.const(np.array(i), name=f"{prefix}_{i}") for i in (0, 1))
+        rows = b.op("Range", [zero, b.op("Squeeze", [queries], name=f"{prefix}_nq"), one], name=f"{prefix}_rows")
+        cols = b.op("Range", [zero, b.op("Squeeze", [keys], name=f"{prefix}_nk"), one], name=f"{prefix}_cols")
+        past = b.op("Sub", [keys, queries], name=f"{prefix}_past")
+        last_key = b.op("Add", [b.op("Unsqueeze", [rows, b.const(np.array([1]), name=f"{prefix}_ax1")],
+                                     name=f"{prefix}_rows_col"), past], name=f"{prefix}_last_key")
+        allowed = b.op("LessOrEqual", [cols, last_key], name=f"{prefix}_allowed")  # [Nq, Nk]
+        mask = _bool_to_additive(b, allowed, prefix, "")
+        mask = b.op("Unsqueeze", [mask, b.const(np.array([0, 1]), name=f"{prefix}_ax01")], name=f"{prefix}_mask4")
+        b.insert_before(_mask_consumer(attn, current))
+        for j in range(first, len(blocks)):
+            consumer = _mask_consumer(blocks[j].attention, current)
+            consumer.replace_input_with(list(consumer.inputs).index(current), mask)
+            for kind in KINDS:
+                for value, what in ((self._graph_input(past_name(j, kind)), "past"),
+                                    (self._graph_output(present_name(j, kind)), "total")):
+                    dims = list(value.shape)
+                    dims[2] = ir.SymbolicDim(f"{what}_sequence_length_from_layer{first}")
+                    value.shape = ir.Shape(dims)
+        self.gathered[attn.mask] = mask  # what the score ops of later reductions read
+
+    def _graph_input(self, name: str) -> ir.Value:
+        return next(v for v in self.graph.inputs if v.name == name)
+
+    def _graph_output(self, name: str) -> ir.Value:
+        return next(v for v in self.graph.outputs if v.name == name)
 
     def finish(self, reduced: list[ir.Value], n_orig, n_final) -> dict:
         """After the last of the reductions `reduced`: free the counts baked downstream, drop
@@ -136,10 +210,12 @@ class TokenRewrite:
             weighted.append(value.name)
         return weighted
 
-    def follow_tokens(self, out: ir.Value, index: ir.Value, layer: int) -> int:
+    def follow_tokens(self, out: ir.Value, index: ir.Value, layer: int, first_reduced: int | None = None) -> int:
         """After a reduction at `out` (index: positions kept, into the previous tokens):
         gather the tensors that travel with the tokens for the nodes downstream, and
-        re-derive shape arithmetic. Returns the number of values re-derived."""
+        re-derive shape arithmetic (in a KV-cache decoder, lengths read from the past of
+        blocks before `first_reduced` become those of its own past). Returns the number
+        of values re-derived."""
         region = downstream_nodes(self.graph, [out])
         dims = self.dims
         if self.aligned is None:  # first reduction: find what travels with the tokens
@@ -148,7 +224,10 @@ class TokenRewrite:
             self.aligned.update(travelling_constants(region, dims))
         self._gather_side_tensors(region, index, layer)
         name = f"trimrt_reduce_{layer}_shape"
-        return rederive_shape_values(self.builder(name), region, dims, out, name)
+        swap = {} if self.decoder is None or first_reduced >= len(self.tmap.blocks) else {
+            self._graph_input(past_name(i, kind)): self._graph_input(past_name(first_reduced, kind))
+            for i in range(first_reduced) for kind in KINDS}
+        return rederive_shape_values(self.builder(name), region, dims, out, name, swap)
 
     def _gather_side_tensors(self, region: list[ir.Node], kept_index: ir.Value, layer: int) -> None:
         """Gather each travelling tensor (its latest version) with this layer's kept indices,
@@ -167,6 +246,19 @@ class TokenRewrite:
                 current = b.op("Unsqueeze", [current, axes_v], name=f"{name}_lead")
             self.gathered[value] = gather_tokens(b, current, rank, axes, kept_index, name)
             self.replace_stream(b, kept_index, uses, self.gathered[value])
+
+
+def _mask_consumer(attn: Attention, mask: ir.Value) -> ir.Node:
+    """The node adding `mask` to the logits of `attn` (on the Softmax's input path)."""
+    value = attn.core.inputs[0]
+    for _ in range(3):
+        node = value.producer()
+        if node is None:
+            break
+        if mask in node.inputs:
+            return node
+        value = node.inputs[0]
+    raise StructureError(f"attention {attn.core.name!r}: the node adding its mask was not found")
 
 
 def transposed_keys(b: GraphBuilder, attn: Attention, prefix: str) -> ir.Value:

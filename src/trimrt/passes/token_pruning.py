@@ -55,8 +55,13 @@ class TokenPruningPass(TokenGraphPass):
                         {"keep": keep, "protect": start, "span_end": span_end_attr, "keep_ratio": float(opts.keep)},
                         fuse)
             out, kept_index = method.select(site, method.score(site))
+            if rw.decoder is not None:  # prune the prompt; decode steps keep their tokens
+                out, kept_index = rw.prompt_only(site.b, stream, out, kept_index)
             rw.replace_stream(site.b, stream, uses, out)
-            rederived = rw.follow_tokens(out, kept_index, layer)
+            first_reduced = layer if method.before_attention else layer + 1
+            if rw.decoder is not None:
+                rw.own_lengths(first_reduced)
+            rederived = rw.follow_tokens(out, kept_index, layer, first_reduced)
             pruned.append(out)
             new_span = (keep + (1 if fuse else 0)) if keep else None
             tokens_out = (n - span_len + new_span + method.added_tokens) if isinstance(n, int) and new_span is not None else "dynamic"

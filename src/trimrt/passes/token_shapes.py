@@ -301,20 +301,24 @@ TOKEN_COUNT_MARK = "trimrt.token_count"
 ORIGINAL_COUNT_MARK = "trimrt.original_token_count"
 
 
-def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: ir.Value, name: str) -> int:
+def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: ir.Value, name: str,
+                          swap: dict[ir.Value, ir.Value] | None = None) -> int:
     """Re-derive, inside a pruned region, the shape values computed from the original token count.
 
     Dynamic exports compute Reshape / Expand targets from Shape(some input)[token axis]
     once and reuse them everywhere. Each such value entering `region` is recomputed by a
     clone of its shape arithmetic in which Shape(T) (T with one token axis, as `dims`, a
     probe.TokenDims, tells) reports the pruned count, Shape(stream), instead (and an earlier
-    layer's marked count is replaced by this one's). Returns the number of values replaced;
+    layer's marked count is replaced by this one's; and Shape(S) of a tensor S in `swap`
+    reads its stand-in instead: a KV-cache decoder's past length, which the exporter reads
+    from any layer's past, is the reduced layers' own). Returns the number of values replaced;
     the new nodes are placed after the producer of `stream` when there are any (their
     names are numbered by the nodes made before them)."""
     inside = {out for node in region for out in node.outputs}
     count = b.op("Shape", [stream], {"start": 1, "end": 2}, name=f"{name}_tokens")
     count.producer().metadata_props[TOKEN_COUNT_MARK] = "1"
     clones: dict[ir.Value, ir.Value] = {}
+    swap = swap or {}
     made = itertools.count()  # unique constant names (several are made per node)
 
     def int_const(vals, tag):
@@ -322,13 +326,15 @@ def rederive_shape_values(b: GraphBuilder, region: list[ir.Node], dims, stream: 
 
     def is_leaf(node: ir.Node) -> bool:
         """A token-count leaf: a marked count, or Shape(T) of a T with one token axis."""
-        return bool(node.metadata_props.get(TOKEN_COUNT_MARK)) or (
-            node.op_type == "Shape" and node.inputs[0] is not stream and len(dims.axes(node.inputs[0])) == 1)
+        return bool(node.metadata_props.get(TOKEN_COUNT_MARK)) or (node.op_type == "Shape" and (
+            node.inputs[0] in swap or (node.inputs[0] is not stream and len(dims.axes(node.inputs[0])) == 1)))
 
     def leaf_replacement(node: ir.Node) -> ir.Value:
         """The pruned-count version of a token-count leaf."""
         if node.metadata_props.get(TOKEN_COUNT_MARK):
             return count
+        if node.inputs[0] in swap:
+            return b.op("Shape", [swap[node.inputs[0]]], dict(node.attributes), name=f"{name}_own_shape_{len(b.nodes)}")
         source, n = node.inputs[0], len(b.nodes)
         rank, axis = dims.rank(source), dims.axes(source)[0]
         full = b.op("Shape", [source], name=f"{name}_shape_{n}")

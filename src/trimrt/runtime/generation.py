@@ -162,9 +162,11 @@ class Generator:
                 raise InputError(f"the prompt has {longest} tokens; this model has {spec.max_positions} positions, "
                                  f"so a prompt can have at most {spec.max_positions - 1}: shorten it")
             max_new = min(max_new, spec.max_positions - longest)
-        if not spec.position_input and len({len(i) for i in ids}) > 1:
-            raise InputError("this build takes no position_ids (an ONNX Runtime GenAI export derives them itself), so "
-                             "left-padded prompts would get wrong positions: give prompts of one length per batch")
+        if len({len(i) for i in ids}) > 1 and (spec.prunes_prompt or not spec.position_input):
+            why = ("prunes its prompts, and the pruned layers attend without a padding mask" if spec.prunes_prompt else
+                   "takes no position_ids (an ONNX Runtime GenAI export derives them itself), so left-padded "
+                   "prompts would get wrong positions")
+            raise InputError(f"this build {why}: give prompts of one length per batch (or generate them one by one)")
         stop_ids = set(spec.eos_token_ids) | set(search.stop_token_ids)
         pad = spec.pad_token_id if spec.pad_token_id is not None else (min(stop_ids) if stop_ids else 0)
         batch = len(ids)

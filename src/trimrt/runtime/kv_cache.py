@@ -63,6 +63,11 @@ class DecoderSpec:
     kv_dtype: str = "float32"
     #: the graph takes position_ids (ONNX Runtime GenAI's own exports derive them from the mask)
     position_input: bool = True
+    #: the smallest attention window of any layer (None: every layer sees its whole past)
+    sliding_window: int | None = None
+    #: the build prunes prompt tokens at prefill (FastV, DivPrune): the reduced layers cache fewer
+    #: tokens and attend without a padding mask, so a batch's prompts must have one length
+    prunes_prompt: bool = False
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, BuildLoadError, InputError, RunError, SessionClosedError, TrimrtError
 from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend
 from .feeds import TensorInfo, validate_feeds
+from .kv_cache import KINDS, past_name
 from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -125,6 +126,9 @@ class Session:
     def _check_values(self, feeds: dict[str, np.ndarray]) -> None:
         """What the graph would fail on (or silently get wrong) but the manifest tells in advance."""
         min_tokens = self.manifest.get("min_tokens") or 0
+        past = feeds.get(past_name(0, KINDS[0]))
+        if past is not None and past.ndim == 4 and past.shape[2] > 0:  # a decoder's decode step: its prompt is past
+            min_tokens = 0
         for info in self.inputs:
             arr = feeds.get(info.name)
             if arr is None:  # an optional input left at its default

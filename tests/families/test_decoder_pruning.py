@@ -1,0 +1,112 @@
+"""Pruned prompts that stay pruned in the cache: FastV in a KV-cache decoder build prunes
+the prompt at prefill, the layers after it cache the kept tokens only, and generation
+equals FastV written in PyTorch (tests/families/fastv_reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import trimrt  # noqa: E402
+from tests.families.causal_lms import VOCAB, make  # noqa: E402
+from tests.families.fastv_reference import fastv_generate  # noqa: E402
+from trimrt.errors import InputError, RecipeError  # noqa: E402
+from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
+
+LAYERS, KEEP, SPAN, PROMPT = 4, 0.5, (2, 18), 24
+
+
+def _recipe(layers=(1,), **extra):
+    return {"token_pruning": {"method": "last_token_attention", "layers": list(layers), "keep": KEEP,
+                              "prunable": list(SPAN), **extra}}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """{pruned layers: build path}: one site (the paper's), and two (each prunes the kept span again)."""
+    folder = tmp_path_factory.mktemp("fastv_kv")
+    out = {}
+    for layers in ((1,), (1, 2)):
+        out[layers] = folder / "-".join(map(str, layers))
+        trimrt.compile(make("llama", LAYERS), _recipe(layers), out[layers])
+    return out
+
+
+def _prompts(batch=2, length=PROMPT, seed=0):
+    return np.random.default_rng(seed).integers(3, VOCAB, (batch, length))
+
+
+def _prefill(session, ids):
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    return session.run({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                        "position_ids": np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)),
+                        **spec.empty_cache(ids.shape[0])})
+
+
+@pytest.mark.parametrize("layers", [(1,), (1, 2)])
+def test_generation_equals_fastv_in_pytorch(builds, layers):
+    ids = _prompts()
+    with torch.no_grad():
+        want, first = fastv_generate(make("llama", LAYERS), torch.from_numpy(ids), layers, KEEP, SPAN, 8)
+    session = trimrt.load(builds[layers])
+    results = session.generator().generate([list(row) for row in ids], max_new_tokens=8)
+    assert [r.tokens for r in results] == want
+    out = _prefill(session, ids)
+    np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
+    # the span of 16 keeps 8 (then 4): the layers after each pruning cache fewer tokens
+    lengths = [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)]
+    assert lengths == ([24, 24, 16, 16] if layers == (1,) else [24, 24, 16, 12])
+    # the last step's cache: every layer holds its prompt plus 7 generated tokens
+    kv = results[0].stats.kv_cache_bytes
+    assert kv == 2 * 2 * sum(n + 7 for n in lengths) * 2 * 16 * 4
+    assert session.manifest["decoder"]["prunes_prompt"] is True
+
+
+def test_a_decode_step_keeps_its_tokens(builds):
+    """With a past, the pruning branch is not taken: several new tokens (a draft) all stay."""
+    session = trimrt.load(builds[(1,)])
+    ids = _prompts(batch=1)
+    out = _prefill(session, ids)
+    new = np.array([[5, 6, 7]])
+    feeds = {"input_ids": new, "attention_mask": np.ones((1, PROMPT + 3), np.int64),
+             "position_ids": np.arange(PROMPT, PROMPT + 3)[None],
+             **{f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(LAYERS) for k in ("key", "value")}}
+    step = session.run(feeds)
+    assert step["logits"].shape == (1, 3, VOCAB)
+    assert [step[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [27, 27, 19, 19]
+
+
+def test_prompts_the_pruned_build_cannot_take(builds):
+    gen = trimrt.load(builds[(1,)]).generator()
+    with pytest.raises(InputError, match="one length per batch"):
+        gen.generate([list(range(3, 27)), list(range(3, 30))], max_new_tokens=2)
+    with pytest.raises(InputError, match="needs at least 18"):
+        gen.generate(list(range(3, 13)), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("recipe, family, message", [
+    ({"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.5}}, "llama",
+     "give prunable = \\[start, end\\)"),
+    (_recipe(method="adaptive"), "llama", "'adaptive' does not apply to a decoder with a KV cache"),
+    (_recipe(), "mistral", "sliding window of 16 tokens"),
+])
+def test_recipes_refused_for_kv_cache_decoders(tmp_path, recipe, family, message):
+    with pytest.raises(RecipeError, match=message):
+        trimrt.compile(make(family, 2), recipe, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+def test_pruning_after_the_last_attention_caches_every_token(tmp_path):
+    """Pruned after the last block's attention, only its MLP and the head see fewer tokens:
+    every layer caches the whole prompt, and generation still equals FastV in PyTorch."""
+    recipe = {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.25, "prunable": [4, 20]}}
+    trimrt.compile(make("llama", 2), recipe, tmp_path / "b")
+    ids = _prompts()
+    with torch.no_grad():
+        want, _ = fastv_generate(make("llama", 2), torch.from_numpy(ids), (1,), 0.25, (4, 20), 6)
+    session = trimrt.load(tmp_path / "b")
+    assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=6)] == want
+    assert [_prefill(session, ids)[f"present.{i}.key"].shape[2] for i in range(2)] == [PROMPT, PROMPT]
