@@ -241,7 +241,15 @@ def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, thre
             stats = results[0].stats
     click.echo(f"prompt {stats.prompt_tokens} tokens × {stats.batch}, time to first token "
                f"{stats.time_to_first_token_s * 1e3:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
-               f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB", err=True)
+               f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB" + _kv_saved(stats), err=True)
+
+
+def _kv_saved(stats) -> str:
+    """What prompt pruning saved of the KV cache ("" when nothing)."""
+    saved = stats.kv_cache_bytes_unpruned - stats.kv_cache_bytes
+    if saved <= 0:
+        return ""
+    return f" ({stats.kv_cache_bytes_unpruned / 2**20:.2f} MiB unpruned: {saved / stats.kv_cache_bytes_unpruned:.0%} saved)"
 
 
 def _prompt(text: str, *, text_ok: bool):
@@ -291,6 +299,16 @@ def inspect(target: str, as_json: bool) -> None:
             click.echo(f"  decoder: {d['layers']} layers, KV cache {d['kv_heads']} heads × {d['head_dim']} "
                        f"({d['kv_dtype']}): {d['kv_bytes_per_token'] / 1024:.1f} KiB per token of context; "
                        f"positions: {d['max_positions'] or 'unbounded'}; end of sequence: {d['eos_token_ids'] or 'none'}")
+            if d.get("prompt_pruning"):
+                p = d["prompt_pruning"]
+                groups = "; ".join(_layer_group(*g["layers"]) + f" {g['span_tokens_cached']}" for g in p["groups"])
+                groups = groups or "every layer caches the whole span"
+                click.echo(f"  prompt pruning: span [{p['span'][0]}, {p['span'][1]}) of {p['span'][1] - p['span'][0]} "
+                           f"tokens; {groups}: {p['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
+
+
+def _layer_group(first: int, last: int) -> str:
+    return f"layer {first} caches" if first == last else f"layers {first}–{last} cache"
 
 
 def _echo_quantization(q: dict) -> None:

@@ -47,18 +47,33 @@ def inspect_build(build_dir: Path) -> dict:
         **{key: manifest.get(key) for key in ("inputs", "outputs", "flops")},
         "quantization": quantization_summary(quantization) if quantization else None,
         "onnxruntime_fusion": fusion or None,
-        "decoder": decoder_summary(manifest.get("decoder")),
+        "decoder": decoder_summary(manifest.get("decoder"), manifest.pass_report("token_pruning")),
     }
 
 
-def decoder_summary(decoder: dict | None) -> dict | None:
-    """A decoder build's cache geometry and what one token of context costs in cache."""
+def decoder_summary(decoder: dict | None, pruning: dict | None = None) -> dict | None:
+    """A decoder build's cache geometry, what one token of context costs in cache, and, when
+    it prunes its prompts, how many span tokens each group of layers caches and the cache
+    bytes that saves on every prompt."""
     if not decoder:
         return None
-    import numpy as np
+    from .runtime.kv_cache import DecoderSpec
 
-    per_token = 2 * decoder["layers"] * decoder["kv_heads"] * decoder["head_dim"] * np.dtype(decoder["kv_dtype"]).itemsize
-    return {**decoder, "kv_bytes_per_token": per_token}
+    spec = DecoderSpec.from_manifest({"decoder": decoder}, "the build")
+    out = {**decoder, "kv_bytes_per_token": spec.kv_bytes_per_token}
+    if pruning and decoder.get("prunes_prompt"):
+        sites = pruning["layers"]
+        span = [sites[0]["protected"], sites[0]["protected"] + sites[0]["span_tokens"]]
+        groups, saved = [], 0
+        per_layer = spec.kv_bytes_per_token // spec.layers
+        for i, site in enumerate(sites):
+            first = site["block"] + (site["at"] != "block input")
+            last = (sites[i + 1]["block"] + (sites[i + 1]["at"] != "block input") if i + 1 < len(sites) else spec.layers) - 1
+            if first <= last:
+                groups.append({"layers": [first, last], "span_tokens_cached": site["kept"]})
+                saved += (last - first + 1) * (sites[0]["span_tokens"] - site["kept"]) * per_layer
+        out["prompt_pruning"] = {"span": span, "groups": groups, "kv_bytes_saved_per_prompt": saved}
+    return out
 
 
 def quantization_summary(report: dict) -> dict:

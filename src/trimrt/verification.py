@@ -21,6 +21,7 @@ from .compare import OutputMetrics, compare_outputs
 from .errors import CalibrationError, InputError, ModelLoadError
 from .runtime.backends import OnnxRuntimeBackend
 from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
+from .runtime.kv_cache import LOGITS
 from .runtime.manifest import Manifest
 from .runtime.session import Session
 
@@ -144,6 +145,10 @@ def check_counts(**counts: int | None) -> None:
             raise InputError(f"{name} must be at most {high}, got {value}")
 
 
+#: the output verify adds for decoders that prune their prompt: the last position's logits
+NEXT_TOKEN = "logits (last token)"
+
+
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
                  min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0,
                  tokens: int | None = None, per_pass: bool = False) -> VerifyReport:
@@ -160,15 +165,19 @@ def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int =
         batches = [build_feeds(session.manifest, session.inputs, batch=1, seed=seed + i, tokens=tokens)
                    for i in range(samples)]
     names = [o.name for o in session.outputs]
-    got_all: dict[str, list] = {n: [] for n in names}
-    ref_all: dict[str, list] = {n: [] for n in names}
+    # a decoder that prunes its prompt: its next-token logits, what generation reads, are compared
+    next_token = (session.manifest.get("decoder") or {}).get("prunes_prompt") and LOGITS in names
+    got_all: dict[str, list] = {n: [] for n in [*names, *[NEXT_TOKEN] * bool(next_token)]}
+    ref_all: dict[str, list] = {n: [] for n in got_all}
     for feeds in batches:
         got = session.run(feeds)
         expected = ref.infer(feeds)
         expected = list(expected.values()) if isinstance(expected, dict) else list(expected)
         if len(expected) < len(names):
             raise InputError(f"the reference gives {len(expected)} outputs, the build {len(names)}")
-        for n, e in zip(names, expected):
+        if next_token:
+            got[NEXT_TOKEN], expected = got[LOGITS][:, -1], [*expected, expected[names.index(LOGITS)][:, -1]]
+        for n, e in zip(got_all, expected):
             got_all[n].append(got[n])
             ref_all[n].append(e)
     keep_ratios = realised_keep_ratios(Path(build_dir), session.manifest, batches)

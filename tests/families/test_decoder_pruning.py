@@ -79,11 +79,34 @@ def test_a_decode_step_keeps_its_tokens(builds):
     assert [step[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [27, 27, 19, 19]
 
 
+def test_cli_reports_the_cache_pruning_saves(builds):
+    """inspect: which layers cache how much of the span; generate: the cache against its
+    unpruned size; verify: the next-token logits (the pruned token axis is not comparable)."""
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    path = str(builds[(1, 2)])
+    shown = CliRunner().invoke(main, ["inspect", path])
+    assert shown.exit_code == 0, shown.output
+    # 2 (key, value) × 2 KV heads × 16 × 4 bytes = 256 bytes per layer and token: (16 - 8) + (16 - 4) tokens fewer
+    assert ("prompt pruning: span [2, 18) of 16 tokens; layer 2 caches 8; layer 3 caches 4: 5.0 KiB less cache "
+            "per prompt") in shown.output
+    ran = CliRunner().invoke(main, ["generate", path, "--prompt", ",".join(map(str, range(3, 27))),
+                                    "--max-new-tokens", "3"])
+    assert ran.exit_code == 0, ran.output
+    # the end: 26 tokens in layers 0-1, 26 - 8 and 26 - 12 in layers 2 and 3, 1 KiB per token unpruned
+    assert "KV cache 0.02 MiB (0.03 MiB unpruned: 19% saved)" in ran.stderr
+    report = trimrt.verify(path, samples=2)
+    assert [m.name for m in report.outputs][-1] == "logits (last token)"
+    assert any(line.startswith("logits:") for line in report.not_compared)
+
+
 def test_prompts_the_pruned_build_cannot_take(builds):
     gen = trimrt.load(builds[(1,)]).generator()
     with pytest.raises(InputError, match="one length per batch"):
         gen.generate([list(range(3, 27)), list(range(3, 30))], max_new_tokens=2)
-    with pytest.raises(InputError, match="needs at least 18"):
+    with pytest.raises(InputError, match="needs at least 19"):  # the span and the last token after it
         gen.generate(list(range(3, 13)), max_new_tokens=2)
 
 
@@ -110,3 +133,23 @@ def test_pruning_after_the_last_attention_caches_every_token(tmp_path):
     session = trimrt.load(tmp_path / "b")
     assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=6)] == want
     assert [_prefill(session, ids)[f"present.{i}.key"].shape[2] for i in range(2)] == [PROMPT, PROMPT]
+
+
+def test_fastv_with_int4_and_fusion(tmp_path, builds):
+    """The issue's fastv_int4 recipe: FastV, INT4 weights (lm_head included) and ONNX Runtime's
+    kernels together; the fusion is checked on a prompt (the pruning branch) and a decode step."""
+    recipe = {**_recipe(), "quantization": {"weights": "int4", "group_size": 16}, "onnxruntime": {"fuse": True}}
+    trimrt.compile(make("llama", LAYERS), recipe, tmp_path / "b")
+    session = trimrt.load(tmp_path / "b")
+    reports = {p["pass"]: p["report"] for p in session.manifest["passes"]}
+    assert reports["ort_fusion"]["applied"] and reports["quantization"]["matmuls_quantized"] == 4 * 7 + 1
+    ids = _prompts()
+    out = _prefill(session, ids)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [24, 24, 16, 16]
+    fp32 = _prefill(trimrt.load(builds[(1,)]), ids)["logits"][:, -1]
+    got = out["logits"][:, -1]
+    cosine = (got * fp32).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(fp32, axis=-1)
+    assert cosine.min() > 0.95, cosine  # INT4 in groups of 16 on random weights: 0.975 and 0.987
+    results = session.generator().generate([list(row) for row in ids], max_new_tokens=8)
+    assert [len(r.tokens) for r in results] == [8, 8]
+    assert results[0].stats.kv_cache_bytes < results[0].stats.kv_cache_bytes_unpruned

@@ -84,14 +84,15 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         except Exception as exc:  # noqa: BLE001 - ORT refuses the rewritten graph (e.g. its shape inference)
             raise BuildError(f"ONNX Runtime cannot load the rewritten graph: {_ort_reason(exc)}; "
                              "please report this model with the recipe") from None
-        min_tokens = pipeline_min_tokens(recipe)
+        prunes_prompt = loaded.decoder is not None and recipe.token_pruning is not None
+        # a pruned decoder's last prompt token (it predicts the next) must come after the span
+        min_tokens = pipeline_min_tokens(recipe) + prunes_prompt
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
         check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
         max_tokens = (limits.get("tokens") or {}).get("limit")
         if check_tokens is not None and max_tokens is not None:
             check_tokens = min(check_tokens, int(max_tokens))
-        prunes_prompt = loaded.decoder is not None and recipe.token_pruning is not None
         if prunes_prompt:  # the pruning runs at prefill: check (and count FLOPs on) a prompt
             given = loaded.decoder.random_feeds(1, new=check_tokens or DEFAULT_TOKENS, past=0)
         elif given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree

@@ -442,8 +442,9 @@ def attention_softmaxes(model: ir.Model) -> int:
 
 def _relative_drift(before, after, tokens: int, limits: dict | None, decoder=None) -> float | None:
     """Largest relative L2 difference over the outputs, on random inputs (batch 2, ids
-    inside `limits`, found on `before` if None; a decode step on a past for a `decoder`);
-    None when the fused graph fails to run."""
+    inside `limits`, found on `before` if None; for a `decoder`, a decode step on a past and
+    a prompt of `tokens`, which a pruned prompt's branch runs on); None when the fused graph
+    fails to run."""
     from ..compare import relative_l2
     from ..runtime.backends import OnnxRuntimeBackend
     from ..runtime.feeds import random_feeds
@@ -451,14 +452,17 @@ def _relative_drift(before, after, tokens: int, limits: dict | None, decoder=Non
     proto = runnable_proto(before)
     unfused = OnnxRuntimeBackend(proto.SerializeToString())
     unfused.activate()
-    feeds = decoder.random_feeds(2) if decoder is not None else \
-        random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens, limits=find_input_limits(proto) if limits is None else limits)
-    want = unfused.infer(feeds)
+    prompt = min(tokens, decoder.max_positions or tokens) if decoder is not None else tokens
+    runs = [decoder.random_feeds(2), decoder.random_feeds(2, new=prompt, past=0)] if decoder is not None else \
+        [random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens,
+                      limits=find_input_limits(proto) if limits is None else limits)]
+    want = [unfused.infer(feeds) for feeds in runs]
     try:
         fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())
         fused.activate()
-        got = fused.infer(feeds)
+        got = [fused.infer(feeds) for feeds in runs]
     except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
         return None
-    return relative_l2(want, got)
+    drifts = [relative_l2(w, g) for w, g in zip(want, got)]
+    return None if None in drifts else max(drifts)
 

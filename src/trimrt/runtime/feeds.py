@@ -116,12 +116,16 @@ def random_feeds(inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
 def build_feeds(manifest: Mapping, inputs: Sequence[TensorInfo], *, batch: int = 1, seed: int = 0,
                 tokens: int | None = None) -> dict[str, np.ndarray]:
     """Random feeds for a build (verify, bench): a decoder's consistent decode step (`tokens`
-    new tokens on a random past), else `random_feeds` within the build's example shapes and
-    input limits."""
+    new tokens on a random past; a prompt of the example's length on an empty past when the
+    build prunes prompts), else `random_feeds` within the build's example shapes and input limits."""
     if manifest.get("decoder"):
         from .kv_cache import DecoderSpec
 
-        return DecoderSpec.from_manifest(manifest, "the build").random_feeds(batch, new=tokens or 5, seed=seed)
+        spec = DecoderSpec.from_manifest(manifest, "the build")
+        if spec.prunes_prompt:
+            prompt = tokens or manifest["example_shapes"][spec.token_input][1]
+            return spec.random_feeds(batch, new=max(prompt, manifest.get("min_tokens") or 0), past=0, seed=seed)
+        return spec.random_feeds(batch, new=tokens or 5, seed=seed)
     return random_feeds(inputs, batch=batch, seed=seed, hints=manifest.get("example_shapes"), tokens=tokens,
                         limits=manifest.get("input_limits"))
 

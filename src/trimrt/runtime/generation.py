@@ -86,6 +86,7 @@ class GenerationStats:
     decode_s: float = 0.0  # the steps after the first token
     decode_steps: int = 0
     kv_cache_bytes: int = 0  # the cache at the end, all layers, keys and values
+    kv_cache_bytes_unpruned: int = 0  # the same cache had no prompt tokens been pruned
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -199,6 +200,7 @@ class Generator:
                 stats.decode_s, stats.decode_steps = now - started - stats.time_to_first_token_s, step
             stats.new_tokens = sum(len(r.tokens) for r in results)
             stats.kv_cache_bytes = sum(out[present_name(i, k)].nbytes for i in range(spec.layers) for k in KINDS)
+            stats.kv_cache_bytes_unpruned = batch * feeds[ATTENTION_MASK].shape[1] * spec.kv_bytes_per_token
             yield results
             if all(r.finish_reason for r in results):
                 return

@@ -85,6 +85,11 @@ class DecoderSpec:
         except TypeError as exc:
             raise BuildLoadError(f"{where}: the manifest's 'decoder' entry is malformed ({exc}); recompile the build") from None
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token of context costs, all layers, keys and values (without pruning)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """Past key/values of length 0: the feeds of a prefill step."""
         shape = (batch, self.kv_heads, 0, self.head_dim)

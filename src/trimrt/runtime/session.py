@@ -137,7 +137,7 @@ class Session:
                 raise InputError(f"axis 0 of input {info.name!r} is empty (shape {list(arr.shape)}); give at least one sample")
             if min_tokens and arr.ndim >= 2 and not isinstance(info.shape[1], int) and arr.shape[1] < min_tokens:
                 raise InputError(f"input {info.name!r} has {arr.shape[1]} tokens; this build needs at least {min_tokens} "
-                                 "(its recipe prunes a span ending there)")
+                                 "(its recipe prunes a span that must fit in them)")
         tokens = self._limits.get("tokens") or {}
         for name in tokens.get("inputs", []):
             arr = feeds.get(name)
