@@ -1,82 +1,106 @@
-"""FastV-style pruning of a 576-token image span in a LLaMA-like decoder prefill.
+"""FastV in generation: a LLaVA-like prompt whose 576 image tokens are pruned at prefill.
 
-A LLaVA-like prompt: 35 system/prefix tokens, 576 image tokens, 60 text tokens (671 in
-all). The recipe keeps 25% of the image span at layer 2, scored by the last token's
-attention row (FastV); everything outside the span is kept; position ids stay the
-originals (checked here against a PyTorch FastV reference). Random weights, LLaMA
-architecture (RoPE, RMSNorm, SwiGLU, grouped-query attention), 16 layers of width 512.
-Timed against the unmodified export on ONNX Runtime CPU: alternating rounds, medians.
+The prompt: 35 system/prefix tokens, 576 image tokens, 60 text tokens (671 in all). The
+FastV recipe keeps 25% of the image span after the attention of layer 2, scored by the
+last token's attention row; everything outside the span is kept, positions stay the
+originals, and the layers after layer 2 cache only the kept tokens, so every decode step
+attends over the smaller cache. The model is the one of decoder_generation.py (a random
+LLaMA of about 150 M parameters: width 768, 12 layers, GQA 12/4, vocabulary 32000),
+compiled with a KV cache in fp32 and INT4 (MatMulNBits, groups of 128), each with and
+without FastV, and run by trimrt's generation loop on ONNX Runtime CPU (what `trimrt
+generate` prints: time to first token, decode tokens/s, KV-cache bytes); Hugging Face
+`generate()` on PyTorch runs the unpruned model in the same process. Engines take turns
+round by round, after a warm-up round; the table shows medians. The FastV build's tokens
+are checked against FastV generation written in PyTorch (tests/families/fastv_reference.py).
 
-    python benchmarks/decoder_fastv.py [--rounds 10] [--layers 16]
+    python benchmarks/decoder_fastv.py [--new 64] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from decoder_generation import hf_times, make_model
 
 import trimrt
-from trimrt.bench import bench_build
 from trimrt.compiler.flops import count_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.families
-from tests.families.fastv_reference import fastv_forward  # noqa: E402
+from tests.families.fastv_reference import fastv_generate  # noqa: E402
 
 PREFIX, IMAGE, TEXT = 35, 576, 60
+INT4 = {"quantization": {"weights": "int4", "group_size": 128}}
+
+
+def recipes(layer: int, keep: float) -> dict:
+    fastv = {"token_pruning": {"method": "last_token_attention", "layers": [layer], "keep": keep,
+                               "prunable": [PREFIX, PREFIX + IMAGE]}}
+    return {"fp32": None, "fp32 + FastV": fastv, "int4": INT4, "int4 + FastV": {**fastv, **INT4}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--new", type=int, default=64, help="new tokens per generation")
     ap.add_argument("--keep", type=float, default=0.25)
     ap.add_argument("--prune-layer", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("builds/bench_decoder"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--out", type=Path, default=Path("builds/bench_fastv"))
     args = ap.parse_args()
 
-    import onnx
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=args.width, intermediate_size=args.width * 11 // 4, num_hidden_layers=args.layers,
-                            num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, use_cache=False)
-    model = tf.LlamaModel(config).eval()
-    n = PREFIX + IMAGE + TEXT
-    ids = torch.randint(0, 1000, (1, n))
-    args.out.mkdir(parents=True, exist_ok=True)
-    baseline = args.out / "llama.onnx"
-    print(f"exporting a {args.layers}-layer LLaMA (width {args.width}, GQA 8/2) for a {n}-token prompt", flush=True)
-    trimrt.export(model, baseline, example_inputs={"input_ids": ids}, exporter="dynamo")
-    recipe = {"token_pruning": {"method": "last_token_attention", "layers": [args.prune_layer], "keep": args.keep,
-                                "prunable": [PREFIX, PREFIX + IMAGE]}}
-    build = args.out / "fastv"
-    manifest = trimrt.compile(str(baseline), recipe, build)
-    feeds = {"input_ids": ids.numpy()}
-    np.save(args.out / "input_ids.npy", feeds["input_ids"])
-    got = trimrt.load(build).run(feeds)["last_hidden_state"]
+    model = make_model(args)
+    prompt = np.random.default_rng(0).integers(2, 32000, PREFIX + IMAGE + TEXT).tolist()
+    print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
+          f"parameters; prompt {len(prompt)} tokens ({IMAGE} image tokens), {args.new} new tokens, "
+          f"{args.threads} threads", flush=True)
+    generators = {}
+    for name, recipe in recipes(args.prune_layer, args.keep).items():
+        build = args.out / name.replace(" + ", "_")
+        if not (build / "manifest.json").is_file():
+            print(f"compiling {name} ...", flush=True)
+            trimrt.compile(model, recipe, build)
+        session = trimrt.load(build, threads=args.threads, spinning=False)
+        generators[name] = session.generator()
+    prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
+               "position_ids": np.arange(len(prompt))[None], **generators["fp32"].spec.empty_cache(1)}
+    flops = {name: count_flops(onnx.load(str(args.out / unpruned / "model.onnx")), prefill)
+             / count_flops(onnx.load(str(args.out / name.replace(" + ", "_") / "model.onnx")), prefill)
+             for name, unpruned in (("fp32 + FastV", "fp32"), ("int4 + FastV", "int4"))}
     with torch.no_grad():
-        want = fastv_forward(model, ids, args.prune_layer, args.keep, (PREFIX, PREFIX + IMAGE)).numpy()
-    err = float(np.abs(got - want).max())
-    flops = count_flops(onnx.load(str(baseline)), feeds) / count_flops(onnx.load(str(build / "model.onnx")), feeds)
-    r = bench_build(build, baseline, batch=1, threads=args.threads, rounds=args.rounds, warmup=2,
-                    inputs=[f"input_ids={args.out / 'input_ids.npy'}"])
-    kept = manifest["passes"][2]["report"]["layers"][0]["kept"]
-    row = {"tokens": n, "span": IMAGE, "kept": kept, "tokens_after": n - IMAGE + kept, "flops_ratio": flops,
-           "baseline_ms": r.baseline_ms, "build_ms": r.build_ms, "speedup": r.speedup,
-           "max_abs_vs_fastv_reference": err, "layers": args.layers, "width": args.width}
-    (args.out / "results.json").write_text(json.dumps(row, indent=2))
-    print()
-    print("| prompt tokens | image span → kept | tokens after layer 2 | FLOPs ratio (ideal) | prefill baseline → build ms | speedup | measured/ideal | max abs vs PyTorch FastV (original positions) |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {n} | {IMAGE} → {kept} | {row['tokens_after']} | {flops:.2f}× | {r.baseline_ms:.0f} → {r.build_ms:.0f} | "
-          f"**{r.speedup:.2f}×** | {100 * r.speedup / flops:.0f}% | {err:.1e} |")
+        reference, _ = fastv_generate(model, torch.tensor([prompt]), (args.prune_layer,), args.keep,
+                                      (PREFIX, PREFIX + IMAGE), args.new)
+    results = {name: [] for name in [*generators, "pytorch"]}
+    tokens, cache = {}, {}
+    for _ in range(args.rounds + 1):  # the first round warms up
+        for name, gen in generators.items():
+            out = gen.generate(prompt, max_new_tokens=args.new)
+            tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
+            results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
+        first, rate, tokens["pytorch"] = hf_times(model, prompt, args.new, args.threads)
+        results["pytorch"].append((first, rate))
+    cache["pytorch"] = cache["fp32"]  # the same cache: every layer holds every token
+    print(f"\nFastV build's tokens equal FastV generation in PyTorch: {tokens['fp32 + FastV'] == reference[0]}")
+    base = {key: [statistics.median(row[key] for row in results[name][1:]) for name in ("fp32", "int4")]
+            for key in (0, 1)}
+    print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
+          "decode speedup | KV cache at the end |")
+    print("|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        first = statistics.median(f for f, _ in rows[1:])
+        rate = statistics.median(r for _, r in rows[1:])
+        ideal = flops.get(name)
+        against = 1 if name.startswith("int4") else 0  # each FastV build against its own unpruned build
+        label = "Hugging Face generate (PyTorch)" if name == "pytorch" else f"trimrt {name}"
+        print(f"| {label} | {f'{ideal:.2f}×' if ideal else '-'} | {first * 1e3:.0f} ms | {base[0][against] / first:.2f}× "
+              f"| {rate:.1f} | {rate / base[1][against]:.2f}× | {cache[name] / 2**20:.1f} MiB |")
 
 
 if __name__ == "__main__":

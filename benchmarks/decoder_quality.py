@@ -1,4 +1,4 @@
-"""Quality of quantized decoder builds on a real (small, trained here) language model.
+"""Quality of quantized and FastV-pruned decoder builds on a real (small, trained here) language model.
 
 No pretrained decoder with its weights installs offline, so this script trains one: a
 LLaMA-architecture model (4 layers, width 256, GQA 4/2 heads) with a byte-level BPE
@@ -7,8 +7,12 @@ Python installation carries. Files are split by a hash of their path: about 90% 
 (and calibrate), 10% are held out; every number below is on held-out files only.
 
 For each build: perplexity on held-out 128-token windows (from the build's prefill
-logits) against fp32, and greedy-continuation agreement: the share of the first 32
-generated tokens equal to the fp32 build's, from 24 held-out prompts of 64 tokens.
+logits) against fp32; the perplexity of 64-token continuations after a 128-token prompt
+(the prompt through the build's prefill, which FastV prunes, the continuation through one
+decode step on that cache, teacher-forced); and greedy-continuation agreement: the share
+of the first 32 generated tokens equal to the fp32 build's, from 24 held-out 128-token
+prompts. FastV keeps 50% or 25% of the prompt's tokens 8-119 after the attention of layer
+1 (of 4); its prefill has no logits for pruned positions, so only the last two apply.
 
     python benchmarks/decoder_quality.py [--steps 600] [--out builds/bench_quality]
 """
@@ -29,6 +33,10 @@ import torch
 import trimrt
 
 VOCAB, WINDOW = 4096, 128
+#: continuation perplexity: a prompt of PROMPT tokens, then CONTINUATION teacher-forced ones
+PROMPT, CONTINUATION = 128, 64
+#: the prompt tokens FastV may prune
+SPAN = [8, 120]
 
 
 def corpus() -> tuple[str, str]:
@@ -92,13 +100,37 @@ def train_model(out: Path, steps: int, threads: int) -> Path:
     return ckpt
 
 
-def held_out_windows(ckpt: Path, count: int) -> list[list[int]]:
+def held_out_windows(ckpt: Path, count: int, length: int = WINDOW) -> list[list[int]]:
     from tokenizers import Tokenizer
 
     _, held = corpus()
     ids = Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(held[:400_000]).ids
-    step = max((len(ids) - WINDOW) // count, WINDOW)
-    return [ids[s:s + WINDOW] for s in range(0, len(ids) - WINDOW, step)][:count]
+    step = max((len(ids) - length) // count, length)
+    return [ids[s:s + length] for s in range(0, len(ids) - length, step)][:count]
+
+
+def _log_probs(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def continuation_perplexity(session, windows: list[list[int]]) -> float:
+    """Perplexity of each window's last CONTINUATION tokens given its first PROMPT ones: the
+    prompt's prefill (pruned by FastV builds) predicts the first, one decode step of the rest
+    on the prefill's cache predicts the others."""
+    spec = session.generator().spec
+    nll, count = 0.0, 0
+    for w in windows:
+        prompt, rest = np.array([w[:PROMPT]]), np.array([w[PROMPT:]])
+        first = session.run({"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+                             "position_ids": np.arange(PROMPT)[None], **spec.empty_cache(1)})
+        step = session.run({"input_ids": rest[:, :-1], "attention_mask": np.ones((1, len(w) - 1), np.int64),
+                            "position_ids": np.arange(PROMPT, len(w) - 1)[None],
+                            **{k.replace("present", "past_key_values"): v for k, v in first.items() if k != "logits"}})
+        logp = _log_probs(np.concatenate([first["logits"][0, -1:], step["logits"][0]]))
+        nll -= float(logp[np.arange(len(rest[0])), rest[0]].sum())
+        count += len(rest[0])
+    return math.exp(nll / count)
 
 
 def perplexity(session, windows: list[list[int]]) -> float:
@@ -108,8 +140,7 @@ def perplexity(session, windows: list[list[int]]) -> float:
         ids = np.array([w], np.int64)
         logits = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids),
                               "position_ids": np.arange(len(w))[None], **spec.empty_cache(1)})["logits"][0, :-1]
-        logits = logits - logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        logp = _log_probs(logits)
         nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
         count += len(w) - 1
     return math.exp(nll / count)
@@ -136,9 +167,12 @@ def main() -> None:
         "int4 rtn g32": {"quantization": {"weights": "int4", "group_size": 32}},
         "int4 awq g32": {"quantization": {"weights": "int4", "method": "awq", "group_size": 32}, "calibration": calibration},
         "int4 gptq g32": {"quantization": {"weights": "int4", "method": "gptq", "group_size": 32}, "calibration": calibration},
+        **{f"fastv keep {keep:.0%}": {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": keep,
+                                                        "prunable": SPAN}} for keep in (0.5, 0.25)},
     }
     windows = held_out_windows(ckpt, 48)
-    prompts = [w[:64] for w in held_out_windows(ckpt, 24)]
+    continued = held_out_windows(ckpt, 48, PROMPT + CONTINUATION)
+    prompts = [w[:PROMPT] for w in held_out_windows(ckpt, 24, PROMPT)]
     rows, reference = [], None
     for name, recipe in recipes.items():
         build = args.out / name.replace(" ", "_")
@@ -146,17 +180,21 @@ def main() -> None:
             print(f"compiling {name} ...", flush=True)
             trimrt.compile(str(ckpt), recipe, build)
         session = trimrt.load(build, threads=args.threads)
-        ppl = perplexity(session, windows)
-        tokens = [r.tokens for r in session.generator().generate(prompts, max_new_tokens=32)]
+        ppl = None if recipe and "token_pruning" in recipe else perplexity(session, windows)
+        after = continuation_perplexity(session, continued)
+        # one prompt at a time: a build that prunes its prompts takes batches of one length only
+        tokens = [session.generator().generate(p, max_new_tokens=32).tokens for p in prompts]
         reference = reference or tokens
         agree = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(tokens, reference)]))
-        rows.append((name, ppl, agree))
-        print(f"{name}: perplexity {ppl:.3f}, greedy agreement {agree:.3f}", flush=True)
-    base = rows[0][1]
-    print("\n| build | held-out perplexity | vs fp32 | greedy agreement (first 32 tokens) |")
-    print("|---|---|---|---|")
-    for name, ppl, agree in rows:
-        print(f"| {name} | {ppl:.3f} | {ppl / base - 1:+.2%} | {agree:.3f} |")
+        rows.append((name, ppl, after, agree))
+        print(f"{name}: perplexity {ppl}, continuation perplexity {after:.3f}, greedy agreement {agree:.3f}", flush=True)
+    base, base_after = rows[0][1], rows[0][2]
+    print(f"\n| build | held-out perplexity | vs fp32 | perplexity of {CONTINUATION} tokens after a {PROMPT}-token "
+          "prompt | vs fp32 | greedy agreement (first 32 tokens) |")
+    print("|---|---|---|---|---|---|")
+    for name, ppl, after, agree in rows:
+        full = "- | -" if ppl is None else f"{ppl:.3f} | {ppl / base - 1:+.2%}"
+        print(f"| {name} | {full} | {after:.3f} | {after / base_after - 1:+.2%} | {agree:.3f} |")
 
 
 if __name__ == "__main__":

@@ -37,11 +37,13 @@ def fastv_forward(model, input_ids: torch.Tensor, layer: int, keep: float, span:
 
 
 def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int],
-                   max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+                   max_new_tokens: int, choose_before=None) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy generation with FastV on the prompt: the prefill prunes the span after the
     attention of each of `layers` (as fastv_forward; the span is then the kept tokens),
     every later layer caches the kept tokens only, and each decode step attends over what
-    each layer cached. Returns (new tokens per row, the prefill's last-token logits)."""
+    each layer cached. `choose_before(embeddings, start, end, k)`: instead, pick the span's
+    tokens (ascending positions) on the embeddings, before layer 0 (DivPrune). Returns (new
+    tokens per row, the prefill's last-token logits)."""
     from transformers import DynamicCache
 
     model = lm.model
@@ -51,6 +53,12 @@ def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: f
     h = model.embed_tokens(input_ids)
     pos = torch.arange(n).expand(b, n)
     start, end = span
+    if choose_before is not None:
+        k = max(1, math.ceil(keep * (end - start) - 1e-9))
+        chosen = choose_before(h, start, end, k)
+        kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, n).expand(b, -1)], 1)
+        h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
+        pos = torch.gather(pos, 1, kept)
     for i, block in enumerate(model.layers):
         cos, sin = model.rotary_emb(h, pos)
         mask = torch.where(pos[:, None, :] > pos[:, :, None], torch.finfo(h.dtype).min, 0.0)[:, None]

@@ -153,3 +153,28 @@ def test_fastv_with_int4_and_fusion(tmp_path, builds):
     results = session.generator().generate([list(row) for row in ids], max_new_tokens=8)
     assert [len(r.tokens) for r in results] == [8, 8]
     assert results[0].stats.kv_cache_bytes < results[0].stats.kv_cache_bytes_unpruned
+
+
+def test_divprune_before_layer_0_with_a_long_span(tmp_path):
+    """DivPrune picks the span's tokens on the embeddings: every layer caches the kept
+    tokens; the span ends beyond the compiler's default check length (its check prompt
+    grows to fit). The reference picks with the ops' NumPy references (DiversityRank, then
+    TokenPrune's top-k) and runs the PyTorch layers on the picked tokens."""
+    from trimrt.plugins import REGISTRY
+
+    def choose(embeddings, start, end, k):
+        (score,) = REGISTRY["DiversityRank"].run_reference(embeddings.numpy(), keep=k, protect=start, span_end=end)
+        _, kept, _ = REGISTRY["TokenPrune"].run_reference(embeddings.numpy(), score, keep=k, protect=start,
+                                                          span_end=end)
+        return torch.from_numpy(kept[:, start:start + k])
+
+    recipe = {"token_pruning": {"method": "divprune", "layers": [0], "keep": 0.25, "prunable": [30, 70]}}
+    trimrt.compile(make("llama", 2), recipe, tmp_path / "b")
+    ids = _prompts(length=80)
+    with torch.no_grad():
+        want, first = fastv_generate(make("llama", 2), torch.from_numpy(ids), (), 0.25, (30, 70), 6, choose_before=choose)
+    session = trimrt.load(tmp_path / "b")
+    assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=6)] == want
+    out = _prefill(session, ids)
+    np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(2)] == [50, 50]  # 30 + 10 of 40 + 10

@@ -94,7 +94,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         if check_tokens is not None and max_tokens is not None:
             check_tokens = min(check_tokens, int(max_tokens))
         if prunes_prompt:  # the pruning runs at prefill: check (and count FLOPs on) a prompt
-            given = loaded.decoder.random_feeds(1, new=check_tokens or DEFAULT_TOKENS, past=0)
+            prompt = min(max(DEFAULT_TOKENS, min_tokens + 8), loaded.decoder.max_positions or min_tokens + 8)
+            given = loaded.decoder.random_feeds(1, new=prompt, past=0)
         elif given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree
             given = loaded.example_feeds or loaded.decoder.random_feeds(1)  # batch 1: what every LLM runtime takes
         feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens, limits=limits)
@@ -177,6 +178,9 @@ def _check_decoder_recipe(recipe, spec) -> None:
     if pruning.prunable is None:
         raise RecipeError("[token_pruning] a decoder prunes a span of its prompt: give prunable = [start, end) (e.g. "
                           "the image tokens); the tokens from end on, the last one included, are always kept")
+    if spec.max_positions is not None and pruning.span_end >= spec.max_positions:
+        raise RecipeError(f"[token_pruning] prunable ends at {pruning.span_end}, but this decoder has "
+                          f"{spec.max_positions} positions and a prompt must keep a token after the span")
     if spec.sliding_window is not None:
         raise RecipeError(f"[token_pruning] this decoder's layers attend over a sliding window of {spec.sliding_window} "
                           "tokens, which pruned layers would not keep; pruning such decoders is not supported yet")
