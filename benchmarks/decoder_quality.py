@@ -7,12 +7,13 @@ Python installation carries. Files are split by a hash of their path: about 90% 
 (and calibrate), 10% are held out; every number below is on held-out files only.
 
 For each build: perplexity on held-out 128-token windows (from the build's prefill
-logits) against fp32; the perplexity of 64-token continuations after a 128-token prompt
+logits) against fp32; the perplexity of 32-token continuations after a 96-token prompt
 (the prompt through the build's prefill, which FastV prunes, the continuation through one
-decode step on that cache, teacher-forced); and greedy-continuation agreement: the share
-of the first 32 generated tokens equal to the fp32 build's, from 24 held-out 128-token
-prompts. FastV keeps 50% or 25% of the prompt's tokens 8-119 after the attention of layer
-1 (of 4); its prefill has no logits for pruned positions, so only the last two apply.
+decode step on that cache, teacher-forced; 128 tokens in all, the training length); and
+greedy-continuation agreement: the share of the first 32 generated tokens equal to the
+fp32 build's, from 24 held-out 96-token prompts. FastV keeps 50% or 25% of the prompt's
+tokens 8-87 after the attention of layer 1 (of 4); its prefill has no logits for pruned
+positions, so only the last two apply.
 
     python benchmarks/decoder_quality.py [--steps 600] [--out builds/bench_quality]
 """
@@ -34,9 +35,9 @@ import trimrt
 
 VOCAB, WINDOW = 4096, 128
 #: continuation perplexity: a prompt of PROMPT tokens, then CONTINUATION teacher-forced ones
-PROMPT, CONTINUATION = 128, 64
+PROMPT, CONTINUATION = 96, 32  # 128 in all: the length the model was trained on
 #: the prompt tokens FastV may prune
-SPAN = [8, 120]
+SPAN = [8, 88]
 
 
 def corpus() -> tuple[str, str]:
