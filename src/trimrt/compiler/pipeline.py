@@ -17,6 +17,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 
 from ..errors import BuildError, ModelLoadError, TrimrtError
 from ..passes import (
+    GroupedAttentionPass,
     OrtFusionPass,
     QuantizationPass,
     TokenMergingPass,
@@ -29,6 +30,7 @@ from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
 from ..recipe import Recipe
 from .analysis import infer_shapes, structure_of
+from .decoder import DECODER_SPEC
 from .input_limits import INPUT_LIMITS, find_input_limits
 from .source import MIN_OPSET
 
@@ -141,6 +143,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
         # a float rewrite of the reduced graph, checked float against float; quantization then
         # calibrates and quantizes the graph that will run (its projections stay MatMuls)
         feature.append(OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8)))
+    if target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None:
+        feature.append(GroupedAttentionPass())  # exact; before quantization, which calibrates on the graph that runs
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
                                         progress=progress))  # last: quantizes the pruned / merged graph

@@ -2,6 +2,7 @@
 (a frozen dataclass from the Recipe) at construction and recording what it did in `report`."""
 
 from .base import PASS_TAG, TrimrtPass
+from .grouped_attention import GroupedAttentionPass
 from .ort_fusion import OrtFusionPass
 from .quantization import QuantizationPass
 from .token_merging import TokenMergingPass
@@ -9,4 +10,4 @@ from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "OrtFusionPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "GroupedAttentionPass", "OrtFusionPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
