@@ -63,6 +63,9 @@ def test_generation_equals_fastv_in_pytorch(builds, layers):
     kv = results[0].stats.kv_cache_bytes
     assert kv == 2 * 2 * sum(n + 7 for n in lengths) * 2 * 16 * 4
     assert session.manifest["decoder"]["prunes_prompt"] is True
+    # the blocks after the pruning, whose shapes the token pass dropped, attend on grouped heads too
+    grouped = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "grouped_attention")
+    assert grouped == {"attention_blocks": LAYERS}
 
 
 def test_a_decode_step_keeps_its_tokens(builds):

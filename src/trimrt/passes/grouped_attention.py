@@ -35,6 +35,7 @@ class _Site:
     values: ir.Value
     key_scales: list[ir.Value]  # constant factors on the keys' way to kᵀ
     after_scores: list[ir.Node]  # Mul / Div by a constant between the product and the mask
+    steps: tuple  # the keys' way from the repetition to kᵀ (ops, permutations, factors)
     heads: int
     group: int
     head_dim: int
@@ -46,7 +47,11 @@ class GroupedAttentionPass(TrimrtPass):
     name = "grouped_attention"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        sites = [s for s in map(_match, [n for n in model.graph if n.op_type == "Softmax"]) if s is not None]
+        softmaxes = [n for n in model.graph if n.op_type == "Softmax"]
+        sites = [s for s in map(_match, softmaxes) if s is not None]
+        if sites:  # blocks a token pass reduced have lost their shapes: matched like a shaped one
+            found = {id(s.softmax) for s in sites}
+            sites += [s for n in softmaxes if id(n) not in found and (s := _match(n, sites[0])) is not None]
         for i, site in enumerate(sites):
             _rewrite(self.builder(model.graph, f"trimrt_gqa_{i}"), site)
         self.record({"attention_blocks": len(sites)})
@@ -68,14 +73,17 @@ def _scalar(value: ir.Value) -> bool:
     return const is not None and const.size == 1 and np.issubdtype(const.numpy().dtype, np.floating)
 
 
-def _repeated(value: ir.Value) -> tuple[ir.Value, int] | None:
-    """(the [B, Hkv, T, d] tensor, G) when `value` is Reshape(Expand(Unsqueeze(x, [2])))."""
+def _repeated(value: ir.Value, shaped: bool = True) -> tuple[ir.Value, int | None] | None:
+    """(the [B, Hkv, T, d] tensor, G) when `value` is Reshape(Expand(Unsqueeze(x, [2]))); G is
+    read from the shapes (None when not `shaped`: the caller knows it from a shaped site)."""
     reshape = _op(value, "Reshape")
     expand = _op(reshape.inputs[0], "Expand") if reshape else None
     unsqueeze = _op(expand.inputs[0], "Unsqueeze") if expand else None
     if unsqueeze is None or _ints(unsqueeze.inputs[1]) != [2]:
         return None
     source, out = unsqueeze.inputs[0], expand.outputs[0]
+    if not shaped:
+        return source, None
     if source.shape is None or out.shape is None or len(source.shape) != 4 or len(out.shape) != 5:
         return None
     group = out.shape[2]
@@ -86,10 +94,11 @@ def _same(a, b) -> bool:
     return a == b if isinstance(a, int) or isinstance(b, int) else str(a) == str(b)
 
 
-def _transposed_keys(value: ir.Value) -> tuple[ir.Value, list[ir.Value]] | None:
-    """(the repeated keys, constant factors) when `value` is them with the last two axes
-    swapped: Reshapes keeping the last two axes, one Transpose swapping them, scalings."""
-    scales, swapped = [], False
+def _transposed_keys(value: ir.Value, shaped: bool) -> tuple[ir.Value, list[ir.Value], tuple] | None:
+    """(the repeated keys, constant factors, the steps) when `value` is them with the last
+    two axes swapped: Reshapes keeping the last two axes (checked on the shapes when
+    `shaped`), one Transpose swapping them, constant scalings."""
+    scales, steps, swapped = [], [], False
     for _ in range(8):
         node = _op(value, "Reshape", "Transpose", "Mul")
         if node is None:
@@ -99,23 +108,37 @@ def _transposed_keys(value: ir.Value) -> tuple[ir.Value, list[ir.Value]] | None:
             if not _scalar(node.inputs[1]):
                 return None
             scales.append(node.inputs[1])
+            steps.append(("Mul", float(node.inputs[1].const_value.numpy().reshape(-1)[0])))
         elif node.op_type == "Transpose":
             perm = list(node.attributes.get_ints("perm", []))
             rank = len(perm)
             if swapped or rank < 2 or perm != [*range(rank - 2), rank - 1, rank - 2]:
                 return None
             swapped = True
+            steps.append(("Transpose", tuple(perm)))
         else:
-            if _repeated(value) is not None:
-                return (value, scales) if swapped else None
-            if src.shape is None or value.shape is None or len(src.shape) < 2 or len(value.shape) < 2 \
-                    or not all(_same(a, b) for a, b in zip(list(src.shape)[-2:], list(value.shape)[-2:])):
+            if _repeated(value, shaped=False) is not None:
+                return (value, scales, tuple(steps)) if swapped else None
+            if shaped and (src.shape is None or value.shape is None or len(src.shape) < 2 or len(value.shape) < 2
+                           or not all(_same(a, b) for a, b in zip(list(src.shape)[-2:], list(value.shape)[-2:]))):
                 return None
+            steps.append(("Reshape",))
         value = src
     return None
 
 
-def _match(softmax: ir.Node) -> _Site | None:
+def _broadcast_heads(mask: ir.Value) -> bool:
+    """The mask has one head (axis 1 of size 1), by its shape or by an Unsqueeze that made the axis."""
+    if mask.shape is not None:
+        return len(mask.shape) == 4 and mask.shape[1] == 1
+    made = _op(mask, "Unsqueeze")
+    return made is not None and 1 in (_ints(made.inputs[1]) or [])
+
+
+def _match(softmax: ir.Node, template: _Site | None = None) -> _Site | None:
+    """The attention around `softmax`, its geometry read from the shapes; or, with a
+    `template` (a site of the same graph matched on its shapes), one built like it: the
+    blocks after a token reduction, whose shapes were dropped, take its geometry."""
     if softmax.attributes.get_int("axis", -1) not in (-1, 3) or len(softmax.outputs[0].uses()) != 1:
         return None
     add = _op(softmax.inputs[0], "Add")
@@ -132,20 +155,27 @@ def _match(softmax: ir.Node) -> _Site | None:
     else:
         return None
     (context, _), = softmax.outputs[0].uses()
-    if context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0]:
+    if context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0] or not _broadcast_heads(mask) \
+            or not all(len(v.uses()) == 1 for v in (*add.outputs, *scores.outputs)):
         return None
-    keys = _transposed_keys(scores.inputs[1])
-    values = _repeated(context.inputs[1])
+    shaped = template is None
+    keys, values = _transposed_keys(scores.inputs[1], shaped), _repeated(context.inputs[1], shaped)
+    if keys is None or values is None:
+        return None
+    (key_source, group), (_, key_scales, steps) = _repeated(keys[0], shaped), keys
+    common = (scores, add, mask, softmax, context, key_source, values[0], key_scales, after[::-1], steps)
+    if template is not None:  # built like the template: its geometry
+        if steps != template.steps or [n.op_type for n in after] != [n.op_type for n in template.after_scores]:
+            return None
+        return _Site(*common, template.heads, template.group, template.head_dim)
     q = scores.inputs[0]
-    if keys is None or values is None or q.shape is None or len(q.shape) != 4 or mask.shape is None \
-            or len(mask.shape) != 4 or mask.shape[1] != 1 or not all(len(v.uses()) == 1 for v in (*add.outputs, *scores.outputs)):
+    if q.shape is None or len(q.shape) != 4:
         return None
-    (key_source, group), key_scales = _repeated(keys[0]), keys[1]
     heads, head_dim = q.shape[1], q.shape[3]
     if not (isinstance(heads, int) and isinstance(head_dim, int) and values[1] == group
             and key_source.shape[1] == values[0].shape[1] and heads == key_source.shape[1] * group):
         return None
-    return _Site(scores, add, mask, softmax, context, key_source, values[0], key_scales, after[::-1], heads, group, head_dim)
+    return _Site(*common, heads, group, head_dim)
 
 
 def _rewrite(b, site: _Site) -> None:
