@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from decoder_generation import hf_times, make_model
+from decoder_generation import compiled_generators, hf_times, make_model
 
-import trimrt
 from trimrt.compiler.flops import count_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.families
@@ -61,14 +60,7 @@ def main() -> None:
     print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {len(prompt)} tokens ({IMAGE} image tokens), {args.new} new tokens, "
           f"{args.threads} threads", flush=True)
-    generators = {}
-    for name, recipe in recipes(args.prune_layer, args.keep).items():
-        build = args.out / name.replace(" + ", "_")
-        if not (build / "manifest.json").is_file():
-            print(f"compiling {name} ...", flush=True)
-            trimrt.compile(model, recipe, build)
-        session = trimrt.load(build, threads=args.threads, spinning=False)
-        generators[name] = session.generator()
+    generators = compiled_generators(model, recipes(args.prune_layer, args.keep), args.out, args.threads)
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **generators["fp32"].spec.empty_cache(1)}
     flops = {name: count_flops(onnx.load(str(args.out / unpruned / "model.onnx")), prefill)

@@ -52,6 +52,18 @@ def make_model(args):
     return model
 
 
+def compiled_generators(model, recipes: dict, out: Path, threads: int) -> dict:
+    """{name: trimrt Generator} of `model` compiled with each recipe (a build found in `out` is reused)."""
+    generators = {}
+    for name, recipe in recipes.items():
+        build = out / name.replace(" + ", "_")
+        if not (build / "manifest.json").is_file():
+            print(f"compiling {name} ...", flush=True)
+            trimrt.compile(model, recipe, build)
+        generators[name] = trimrt.load(build, threads=threads, spinning=False).generator()
+    return generators
+
+
 def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
     """(time to first token s, decode tokens/s, tokens) of Hugging Face generate() on PyTorch."""
     torch.set_num_threads(threads)
@@ -142,14 +154,7 @@ def main() -> None:
           f"tokens, {args.new} new tokens, {args.threads} threads", flush=True)
     print(f"KV cache at the end: {2 * args.layers * 4 * (args.width // 12) * (args.prompt + args.new) * 4 / 2**20:.1f} MiB "
           "(fp32, every engine)")
-    generators = {}
-    for name, recipe in RECIPES.items():
-        build = args.out / name.replace(" + ", "_")
-        if not (build / "manifest.json").is_file():
-            print(f"compiling {name} ...", flush=True)
-            trimrt.compile(model, recipe, build)
-        session = trimrt.load(build, threads=args.threads, spinning=False)
-        generators[name] = session.generator()
+    generators = compiled_generators(model, RECIPES, args.out, args.threads)
     peers = genai_engines(model, args.out, args.threads)
     prompt = np.random.default_rng(0).integers(2, 32000, args.prompt).tolist()
     results = {name: [] for name in [*generators, *peers, "pytorch"]}

@@ -14,26 +14,40 @@ import torch
 
 def fastv_forward(model, input_ids: torch.Tensor, layer: int, keep: float, span: tuple[int, int],
                   renumber_positions: bool = False) -> torch.Tensor:
+    return model.norm(_prefill(model, input_ids, (layer,), keep, span, renumber_positions=renumber_positions))
+
+
+def _prefill(model, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int], *,
+             cache=None, renumber_positions: bool = False, choose_before=None) -> torch.Tensor:
+    """The hidden states after the last layer, the span pruned after the attention of each of
+    `layers` (the span is then the kept tokens) or, by `choose_before(embeddings, start, end,
+    k)` (ascending positions), before layer 0; `cache`: a transformers cache the layers fill."""
     model.config._attn_implementation = "eager"  # so the attention returns its weights
     b, n = input_ids.shape
     h = model.embed_tokens(input_ids)
     pos = torch.arange(n).expand(b, n)
+    start, end = span
+
+    def prune(h, pos, chosen):
+        kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
+        return torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1])), torch.gather(pos, 1, kept)
+
+    if choose_before is not None:
+        h, pos = prune(h, pos, choose_before(h, start, end, max(1, math.ceil(keep * (end - start) - 1e-9))))
     for i, block in enumerate(model.layers):
         cos, sin = model.rotary_emb(h, torch.arange(h.shape[1]).expand(b, -1) if renumber_positions else pos)
         future = pos[:, None, :] > pos[:, :, None]  # key after query: masked
         mask = torch.where(future, torch.finfo(h.dtype).min, 0.0)[:, None]
-        attn, weights = block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=mask)
+        attn, weights = block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=mask,
+                                        cache=cache)
         h = h + attn
-        if i == layer:
-            start, end = span
+        if i in layers:
             score = weights[:, :, -1, start:end].mean(dim=1)
             k = max(1, math.ceil(keep * (end - start) - 1e-9))
-            chosen = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start
-            kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
-            h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
-            pos = torch.gather(pos, 1, kept)
+            h, pos = prune(h, pos, torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start)
+            end = start + k
         h = h + block.mlp(block.post_attention_layernorm(h))
-    return model.norm(h)
+    return h
 
 
 def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int],
@@ -46,34 +60,9 @@ def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: f
     tokens per row, the prefill's last-token logits)."""
     from transformers import DynamicCache
 
-    model = lm.model
-    model.config._attn_implementation = "eager"
-    cache = DynamicCache()
+    model, cache = lm.model, DynamicCache()
     b, n = input_ids.shape
-    h = model.embed_tokens(input_ids)
-    pos = torch.arange(n).expand(b, n)
-    start, end = span
-    if choose_before is not None:
-        k = max(1, math.ceil(keep * (end - start) - 1e-9))
-        chosen = choose_before(h, start, end, k)
-        kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, n).expand(b, -1)], 1)
-        h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
-        pos = torch.gather(pos, 1, kept)
-    for i, block in enumerate(model.layers):
-        cos, sin = model.rotary_emb(h, pos)
-        mask = torch.where(pos[:, None, :] > pos[:, :, None], torch.finfo(h.dtype).min, 0.0)[:, None]
-        attn, weights = block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=mask,
-                                        cache=cache)
-        h = h + attn
-        if i in layers:
-            score = weights[:, :, -1, start:end].mean(dim=1)
-            k = max(1, math.ceil(keep * (end - start) - 1e-9))
-            chosen = torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start
-            kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
-            h = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1]))
-            pos = torch.gather(pos, 1, kept)
-            end = start + k
-        h = h + block.mlp(block.post_attention_layernorm(h))
+    h = _prefill(model, input_ids, layers, keep, span, cache=cache, choose_before=choose_before)
     logits = first = lm.lm_head(model.norm(h))[:, -1]
     tokens = []
     for step in range(max_new_tokens):

@@ -85,13 +85,38 @@ class CleanupPass(TrimrtPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(model.graph)
         RemoveUnusedNodesPass()(model)
+        sunk = _sink_into_branches(model.graph)  # once the dead nodes, which count as users, are gone
         TopologicalSortPass()(model)
         RemoveUnusedOpsetsPass()(model)
         if any(n.domain == DOMAIN for n in model.graph):
             model.opset_imports[DOMAIN] = OP_VERSION
         infer_shapes(model)
-        self.record({"nodes_removed": before - len(model.graph)})
+        self.record({"nodes_removed": before - len(model.graph) - sunk, "nodes_moved_into_branches": sunk})
         return ir.passes.PassResult(model, modified=True)
+
+
+def _sink_into_branches(graph: ir.Graph) -> int:
+    """Move the nodes whose every output is read only inside one If branch into that branch:
+    ONNX Runtime computes outer values before the If runs, whichever branch it takes (a
+    pruned decoder's scoring inputs at every decode step, say). Returns the nodes moved."""
+    branches = {id(a.value) for n in graph if n.op_type == "If" for a in n.attributes.values()
+                if a.type == ir.AttributeType.GRAPH}
+    moved = 0
+    for node in reversed(list(graph)):
+        users = {id(user.graph): user.graph for out in node.outputs for user, _ in out.uses()}
+        if (len(users) != 1 or node.op_type == "If" or any(out.is_graph_output() for out in node.outputs)
+                or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values())):
+            continue
+        (branch,) = users.values()
+        if id(branch) not in branches:
+            continue
+        graph.remove(node)
+        if len(branch):
+            branch.insert_before(branch[0], node)
+        else:
+            branch.append(node)
+        moved += 1
+    return moved
 
 
 class TargetPass(TrimrtPass):

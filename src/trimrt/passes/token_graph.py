@@ -134,15 +134,17 @@ class TokenRewrite:
                                  "Softmax(q·kᵀ·scale + mask); this export fuses it")
         prefix = f"trimrt_{self.owner.name}_causal{first}"
         b = self.builder(prefix)
-        axis = 3 if attn.k_transposed else 2
         queries = b.op("Shape", [attn.q], {"start": 2, "end": 3}, name=f"{prefix}_queries")
-        keys = b.op("Shape", [attn.k], {"start": axis, "end": axis + 1}, name=f"{prefix}_keys")
+        # keys = the block's own past + the new tokens (read from the past input, not from the
+        # keys: their repeated GQA heads would stay alive for it)
+        own_past = b.op("Shape", [self._graph_input(past_name(first, KINDS[0]))], {"start": 2, "end": 3},
+                        name=f"{prefix}_own_past")
+        keys = b.op("Add", [own_past, queries], name=f"{prefix}_keys")
         zero, one = (b.const(np.array(i), name=f"{prefix}_{i}") for i in (0, 1))
         rows = b.op("Range", [zero, b.op("Squeeze", [queries], name=f"{prefix}_nq"), one], name=f"{prefix}_rows")
         cols = b.op("Range", [zero, b.op("Squeeze", [keys], name=f"{prefix}_nk"), one], name=f"{prefix}_cols")
-        past = b.op("Sub", [keys, queries], name=f"{prefix}_past")
         last_key = b.op("Add", [b.op("Unsqueeze", [rows, b.const(np.array([1]), name=f"{prefix}_ax1")],
-                                     name=f"{prefix}_rows_col"), past], name=f"{prefix}_last_key")
+                                     name=f"{prefix}_rows_col"), own_past], name=f"{prefix}_last_key")
         allowed = b.op("LessOrEqual", [cols, last_key], name=f"{prefix}_allowed")  # [Nq, Nk]
         mask = _bool_to_additive(b, allowed, prefix, "")
         mask = b.op("Unsqueeze", [mask, b.const(np.array([0, 1]), name=f"{prefix}_ax01")], name=f"{prefix}_mask4")
