@@ -125,6 +125,17 @@ def test_recipes_refused_for_kv_cache_decoders(tmp_path, recipe, family, message
     assert not (tmp_path / "b").exists()
 
 
+def test_pruned_decoders_are_refused_for_tensorrt(tmp_path, monkeypatch):
+    """onnx-tensorrt parses an If only when its branches' outputs broadcast: the pruned
+    prompt's branch gives fewer tokens than the decode step's (checked as on a GPU machine)."""
+    from trimrt.runtime.backends import TensorRTBackend
+
+    monkeypatch.setattr(TensorRTBackend, "available", staticmethod(lambda: True))
+    with pytest.raises(RecipeError, match="builds for ONNX Runtime only for now.*--target onnxruntime"):
+        trimrt.compile(make("llama", 2), _recipe(), tmp_path / "b", target="tensorrt")
+    assert not (tmp_path / "b").exists()
+
+
 def test_pruning_after_the_last_attention_caches_every_token(tmp_path):
     """Pruned after the last block's attention, only its MLP and the head see fewer tokens:
     every layer caches the whole prompt, and generation still equals FastV in PyTorch."""

@@ -63,7 +63,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
         loaded = load_source(source, example_inputs, exporter=exporter)
         if loaded.decoder is not None:
-            _check_decoder_recipe(recipe, loaded.decoder)
+            _check_decoder_recipe(recipe, loaded.decoder, target)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
         base_rt = _original_session(original, loaded.description)  # ORT must run the input before we rewrite it
         model = owned_model(original)  # passes work on a copy; the input is never modified
@@ -165,7 +165,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
 _NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
 
 
-def _check_decoder_recipe(recipe, spec) -> None:
+def _check_decoder_recipe(recipe, spec, target: str) -> None:
     tables = [t for t in _NOT_FOR_DECODERS if getattr(recipe, t) is not None]
     if tables:
         verb = "does" if len(tables) == 1 else "do"
@@ -178,6 +178,10 @@ def _check_decoder_recipe(recipe, spec) -> None:
     if pruning.prunable is None:
         raise RecipeError("[token_pruning] a decoder prunes a span of its prompt: give prunable = [start, end) (e.g. "
                           "the image tokens); the tokens from end on, the last one included, are always kept")
+    if target == "tensorrt":  # onnx-tensorrt's If wants branch outputs of broadcastable shapes
+        raise RecipeError("[token_pruning] on a decoder with a KV cache builds for ONNX Runtime only for now: the "
+                          "prompt is pruned in an If whose branches give different token counts, which TensorRT "
+                          "does not parse; use --target onnxruntime")
     if spec.max_positions is not None and pruning.span_end >= spec.max_positions:
         raise RecipeError(f"[token_pruning] prunable ends at {pruning.span_end}, but this decoder has "
                           f"{spec.max_positions} positions and a prompt must keep a token after the span")
