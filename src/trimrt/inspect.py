@@ -67,8 +67,8 @@ def decoder_summary(decoder: dict | None, pruning: dict | None = None) -> dict |
         groups, saved = [], 0
         per_layer = spec.kv_bytes_per_token // spec.layers
         for i, site in enumerate(sites):
-            first = site["block"] + (site["at"] != "block input")
-            last = (sites[i + 1]["block"] + (sites[i + 1]["at"] != "block input") if i + 1 < len(sites) else spec.layers) - 1
+            first = site["first_block_reduced"]
+            last = (sites[i + 1]["first_block_reduced"] if i + 1 < len(sites) else spec.layers) - 1
             if first <= last:
                 groups.append({"layers": [first, last], "span_tokens_cached": site["kept"]})
                 saved += (last - first + 1) * (sites[0]["span_tokens"] - site["kept"]) * per_layer

@@ -89,13 +89,13 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         min_tokens = pipeline_min_tokens(recipe) + prunes_prompt
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
         hints = {k: v.shape for k, v in (loaded.example_feeds or given or {}).items()}
-        check_tokens = None if hints else max(DEFAULT_TOKENS, min_tokens + 8)
+        wanted = max(DEFAULT_TOKENS, min_tokens + 8)  # the check's token count, past what a span needs
+        check_tokens = None if hints else wanted
         max_tokens = (limits.get("tokens") or {}).get("limit")
         if check_tokens is not None and max_tokens is not None:
             check_tokens = min(check_tokens, int(max_tokens))
         if prunes_prompt:  # the pruning runs at prefill: check (and count FLOPs on) a prompt
-            prompt = min(max(DEFAULT_TOKENS, min_tokens + 8), loaded.decoder.max_positions or min_tokens + 8)
-            given = loaded.decoder.random_feeds(1, new=prompt, past=0)
+            given = loaded.decoder.random_feeds(1, new=min(wanted, loaded.decoder.max_positions or wanted), past=0)
         elif given is None and loaded.decoder is not None:  # a decoder: the past and the mask must agree
             given = loaded.example_feeds or loaded.decoder.random_feeds(1)  # batch 1: what every LLM runtime takes
         feeds = given or random_feeds(base_rt.inputs, batch=2, seed=0, hints=hints, tokens=check_tokens, limits=limits)

@@ -67,7 +67,8 @@ class TokenPruningPass(TokenGraphPass):
             tokens_out = (n - span_len + new_span + method.added_tokens) if isinstance(n, int) and new_span is not None else "dynamic"
             layers.append({"block": layer, "at": "block input" if method.before_attention else "after attention",
                            "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)", "keep_ratio": opts.keep,
-                           "protected": start, "span_tokens": span_len, "fused": bool(fuse), "tokens_out": tokens_out,
+                           "protected": start, "span_tokens": span_len, "first_block_reduced": first_reduced,
+                           "fused": bool(fuse), "tokens_out": tokens_out,
                            "shape_values_rederived": rederived, **site.extra})
             if method.key_bias is not None:
                 biases.append((layer, method.key_bias))
