@@ -63,9 +63,9 @@ def test_generation_equals_fastv_in_pytorch(builds, layers):
     kv = results[0].stats.kv_cache_bytes
     assert kv == 2 * 2 * sum(n + 7 for n in lengths) * 2 * 16 * 4
     assert session.manifest["decoder"]["prunes_prompt"] is True
-    # the blocks after the pruning, whose shapes the token pass dropped, attend on grouped heads too
-    grouped = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "grouped_attention")
-    assert grouped == {"attention_blocks": LAYERS}
+    # the blocks after the pruning, whose shapes the token pass dropped, are Attention ops too
+    report = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "kv_attention")
+    assert report["attention_ops"] == LAYERS and report["grouped"] == 0
 
 
 def test_a_decode_step_keeps_its_tokens(builds):
@@ -151,12 +151,16 @@ def test_pruning_after_the_last_attention_caches_every_token(tmp_path):
 
 def test_fastv_with_int4_and_fusion(tmp_path, builds):
     """The issue's fastv_int4 recipe: FastV, INT4 weights (lm_head included) and ONNX Runtime's
-    kernels together; the fusion is checked on a prompt (the pruning branch) and a decode step."""
+    kernels together; the Attention rewrite is checked on a prompt (the pruning branch) and a
+    decode step, and leaves the ORT fusion nothing to do."""
     recipe = {**_recipe(), "quantization": {"weights": "int4", "group_size": 16}, "onnxruntime": {"fuse": True}}
     trimrt.compile(make("llama", LAYERS), recipe, tmp_path / "b")
     session = trimrt.load(tmp_path / "b")
     reports = {p["pass"]: p["report"] for p in session.manifest["passes"]}
-    assert reports["ort_fusion"]["applied"] and reports["quantization"]["matmuls_quantized"] == 4 * 7 + 1
+    assert reports["kv_attention"]["attention_ops"] == LAYERS and not reports["ort_fusion"]["applied"]
+    # per layer: Q/K/V packed, output, gate/up packed, down; and lm_head
+    assert reports["packed_projections"]["packed_groups"] == 2 * LAYERS
+    assert reports["quantization"]["matmuls_quantized"] == 4 * LAYERS + 1
     ids = _prompts()
     out = _prefill(session, ids)
     assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [24, 24, 16, 16]

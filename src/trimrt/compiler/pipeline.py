@@ -17,8 +17,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 
 from ..errors import BuildError, ModelLoadError, TrimrtError
 from ..passes import (
-    GroupedAttentionPass,
+    KVAttentionPass,
     OrtFusionPass,
+    PackedProjectionsPass,
     QuantizationPass,
     TokenMergingPass,
     TokenPruningPass,
@@ -164,14 +165,16 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
         feature.append(TokenPruningPass(recipe.token_pruning))
     if recipe.token_merging is not None:
         feature.append(TokenMergingPass(recipe.token_merging))
-    if target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None:
-        # exact; before the fusion (its attention kernel would need the repeated heads back) and
-        # before quantization, which calibrates on the graph that runs
-        feature.append(GroupedAttentionPass())
+    decoder = target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None
+    if decoder:
+        # exact (checked); before quantization, which calibrates on the graph that runs
+        feature.append(KVAttentionPass(tokens=max(32, min_tokens(recipe) + 8)))
     if target == "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse:
         # a float rewrite of the reduced graph, checked float against float; quantization then
         # calibrates and quantizes the graph that will run (its projections stay MatMuls)
         feature.append(OrtFusionPass(tokens=max(32, min_tokens(recipe) + 8)))
+    if decoder:
+        feature.append(PackedProjectionsPass())  # after the fusion (its rules match Q, K, V apart), before quantization
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
                                         progress=progress))  # last: quantizes the pruned / merged graph

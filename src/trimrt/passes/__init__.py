@@ -2,12 +2,13 @@
 (a frozen dataclass from the Recipe) at construction and recording what it did in `report`."""
 
 from .base import PASS_TAG, TrimrtPass
-from .grouped_attention import GroupedAttentionPass
+from .kv_attention import KVAttentionPass
 from .ort_fusion import OrtFusionPass
+from .packed_projections import PackedProjectionsPass
 from .quantization import QuantizationPass
 from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "GroupedAttentionPass", "OrtFusionPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]

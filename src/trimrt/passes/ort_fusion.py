@@ -392,7 +392,7 @@ class OrtFusionPass(TrimrtPass):
             return self._skipped(model, f"the fusion rules failed: {str(exc).splitlines()[0]}")
         if not any(counts.values()):
             return self._skipped(model, "no pattern matched", fused=counts)
-        drift = _relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits, decoder)
+        drift = relative_drift(before, ir.serde.serialize_model(trial), self.tokens, limits, decoder)
         if drift is None or drift > FUSION_TOLERANCE:
             why = ("the fused graph does not run on ONNX Runtime" if drift is None
                    else f"the fused graph differs from the unfused one (relative error {drift:.2g})")
@@ -404,7 +404,7 @@ class OrtFusionPass(TrimrtPass):
             if id(node) not in existing:
                 b.stamp(node)
         left = attention_softmaxes(model)
-        if left and decoder is None:  # a decoder's attention is on grouped heads already (grouped_attention)
+        if left and decoder is None:  # a decoder's attention is an Attention op or on grouped heads already (kv_attention)
             log.warning("ONNX Runtime fusion: %d attention block(s) kept unfused (no fusion rule matched their form)", left)
         self.record({"fused": {k: v for k, v in counts.items() if v}, "applied": True,
                      "attention_unfused": left, "max_relative_error": float(f"{drift:.3g}"),
@@ -440,7 +440,7 @@ def attention_softmaxes(model: ir.Model) -> int:
     return count
 
 
-def _relative_drift(before, after, tokens: int, limits: dict | None, decoder=None) -> float | None:
+def relative_drift(before, after, tokens: int, limits: dict | None, decoder=None) -> float | None:
     """Largest relative L2 difference over the outputs, on random inputs (batch 2, ids
     inside `limits`, found on `before` if None; for a `decoder`, a decode step on a past and
     a prompt of `tokens`, which a pruned prompt's branch runs on); None when the fused graph

@@ -1,0 +1,302 @@
+"""Decoder attention as ONNX `Attention` on the KV cache (decoder builds on ONNX Runtime).
+
+An exported decoder layer runs its attention as ~15 small ops (the past/new Concats,
+transformers' `repeat_kv` copying every key / value head for its group of query heads,
+a Transpose, two MatMuls, the scale, the mask Add, the Softmax), each RMSNorm as 7 and
+each RoPE as 7: at a decode step every one of them is a kernel call on a one-token
+tensor, together about as costly as the layer's arithmetic. Opset 23 has all three as
+ops, which ONNX Runtime (>= 1.23) runs as CPU kernels. So the model is brought to opset
+23 (onnxscript's version converter), each layer's attention becomes one
+`Attention(q, k_new, v_new, mask, past_key, past_value)` (grouped heads natively: the cache
+is never repeated; it returns the present key / value), and onnxscript's opset-23 rules
+fuse RMSNormalization and RotaryEmbedding. Exact up to float rounding, and checked: the
+rewritten graph must agree with the exported one on a decode step and on a prompt (as
+ort_fusion checks), else only the grouping below is applied.
+
+Where the keys do not come from a Concat of past and new (a layer whose attention
+probabilities a token pruning op also reads), the query heads are grouped instead of the
+cache repeated: q [B, H, S, d] viewed as [B, Hkv, G, S, d] is multiplied with the cache
+[B, Hkv, 1, T, d] as it is (MatMul broadcasts the group axis without a copy).
+
+Matched: Softmax(MatMul(q, kᵀ) [· c] + mask) · v, where kᵀ is the (repeated) keys with
+their last two axes swapped (through Reshapes that keep those two axes, a Transpose that
+swaps them, and constant scalings) and v is the (repeated) values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from .base import GraphBuilder, TrimrtPass
+
+#: the first opset with Attention, RotaryEmbedding and RMSNormalization ops (ONNX Runtime >= 1.23)
+ATTENTION_OPSET = 23
+
+
+@dataclass
+class _Site:
+    scores: ir.Node  # MatMul(q, kᵀ)
+    add: ir.Node  # + mask
+    mask: ir.Value  # [B | 1, 1 | H, S, T]
+    softmax: ir.Node
+    context: ir.Node  # MatMul(p, v)
+    keys: ir.Value  # [B, Hkv, T, d]: what the repetition read
+    values: ir.Value
+    key_scales: list[ir.Value]  # constant factors on the keys' way to kᵀ
+    after_scores: list[ir.Node]  # Mul / Div by a constant between the product and the mask
+    steps: tuple  # the keys' way from the repetition to kᵀ (ops, permutations, factors)
+    heads: int
+    group: int
+    head_dim: int
+
+
+class KVAttentionPass(TrimrtPass):
+    """Each decoder layer's attention as one ONNX Attention on its cache (RMSNorm and RoPE
+    fused too), checked against the graph as exported; grouped query heads where not."""
+
+    name = "kv_attention"
+
+    def __init__(self, tokens: int = 32):
+        super().__init__()
+        self.tokens = tokens  # prompt length of the check (at least what the build accepts)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from ..compiler.decoder import DECODER_SPEC
+        from ..compiler.source import owned_model
+        from .ort_fusion import FUSION_TOLERANCE, relative_drift
+
+        before = ir.serde.serialize_model(model)
+        trial = owned_model(before)
+        fused = _rewrite_all(trial, fuse=True)
+        drift = relative_drift(before, ir.serde.serialize_model(trial), self.tokens, None,
+                               decoder=self.context.shared.get(DECODER_SPEC)) if fused["attention_ops"] else None
+        use_ops = drift is not None and drift <= FUSION_TOLERANCE
+        counts = _rewrite_all(model, fuse=use_ops)  # the checked rewrite again, in place (or the grouping only)
+        for node in model.graph:
+            if node.domain in ("", "ai.onnx") and node.op_type in ("RMSNormalization", "RotaryEmbedding"):
+                self.builder(model.graph).stamp(node)
+        details = {**counts, "max_relative_error": None if drift is None else float(f"{drift:.3g}")}
+        if fused["attention_ops"] and not use_ops:
+            details["reason"] = ("the rewritten graph does not run on ONNX Runtime" if drift is None else
+                                 f"the rewritten graph differs from the exported one (relative error {drift:.2g})")
+        self.record(details)
+        return ir.passes.PassResult(model, modified=any(v for k, v in counts.items() if k != "opset"))
+
+
+def _rewrite_all(model: ir.Model, fuse: bool) -> dict:
+    """Rewrite the attention sites of `model` in place: as Attention ops on the cache (with
+    the model at opset 23, RMSNorm and RoPE fused) when `fuse`, else by grouping query heads."""
+    softmaxes = [n for n in model.graph if n.op_type == "Softmax"]
+    sites = [s for s in map(_match, softmaxes) if s is not None]
+    if sites:  # blocks a token pass reduced have lost their shapes: matched like a shaped one
+        found = {id(s.softmax) for s in sites}
+        sites += [s for n in softmaxes if id(n) not in found and (s := _match(n, sites[0])) is not None]
+    cached = [s for s in sites if fuse and _cache_concat(s.keys) and _cache_concat(s.values)]
+    counts = {"opset": model.opset_imports.get("", 0), "attention_ops": len(cached), "grouped": 0}
+    if cached:
+        from onnxscript import version_converter
+        from onnxscript.rewriter.rules.fusion import _rms_normalization, _rotary_embedding
+
+        version_converter.convert_version(model, ATTENTION_OPSET)
+        counts["opset"] = ATTENTION_OPSET
+    for i, site in enumerate(sites):
+        b = GraphBuilder(model.graph, KVAttentionPass.name, f"trimrt_attention_{i}")
+        if any(site is c for c in cached):
+            _attention(b, site)
+        elif site.group > 1:
+            _grouped(b, site)
+            counts["grouped"] += 1
+    if cached:
+        counts["rms_normalization"] = _rms_normalization.fuse_rms_normalization(model)
+        counts["rotary_embedding"] = _rotary_embedding.fuse_rotary_embedding(model)
+        # each fused RoPE computes its own Cos / Sin of the same angles: one pair is enough
+        ir.passes.common.CommonSubexpressionEliminationPass()(model)
+    return counts
+
+
+def _op(value: ir.Value | None, *types: str) -> ir.Node | None:
+    node = None if value is None else value.producer()
+    return node if node is not None and node.op_type in types and node.domain in ("", "ai.onnx") else None
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    const = None if value is None else value.const_value
+    return None if const is None else [int(x) for x in np.asarray(const.numpy()).reshape(-1)]
+
+
+def _scalar(value: ir.Value) -> bool:
+    const = value.const_value
+    return const is not None and const.size == 1 and np.issubdtype(const.numpy().dtype, np.floating)
+
+
+def _repeated(value: ir.Value, shaped: bool = True) -> tuple[ir.Value, int | None] | None:
+    """(the [B, Hkv, T, d] tensor, G) when `value` is Reshape(Expand(Unsqueeze(x, [2]))); G is
+    read from the shapes (None when not `shaped`: the caller knows it from a shaped site)."""
+    reshape = _op(value, "Reshape")
+    expand = _op(reshape.inputs[0], "Expand") if reshape else None
+    unsqueeze = _op(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsqueeze is None or _ints(unsqueeze.inputs[1]) != [2]:
+        return None
+    source, out = unsqueeze.inputs[0], expand.outputs[0]
+    if not shaped:
+        return source, None
+    if source.shape is None or out.shape is None or len(source.shape) != 4 or len(out.shape) != 5:
+        return None
+    group = out.shape[2]
+    return (source, group) if isinstance(group, int) and group > 1 else None
+
+
+def _same(a, b) -> bool:
+    return a == b if isinstance(a, int) or isinstance(b, int) else str(a) == str(b)
+
+
+def _transposed_keys(value: ir.Value, shaped: bool) -> tuple[ir.Value, list[ir.Value], tuple] | None:
+    """(the keys, constant factors, the steps) when `value` is the keys with the last two
+    axes swapped: Reshapes keeping the last two axes (checked on the shapes when `shaped`),
+    one Transpose swapping them, constant scalings. The keys are where the chain ends: a
+    repetition of KV heads, or any other value once the axes were swapped."""
+    scales, steps, swapped = [], [], False
+    for _ in range(8):
+        node = _op(value, "Reshape", "Transpose", "Mul")
+        if node is None or (node.op_type == "Reshape" and _repeated(value, shaped=False) is not None):
+            break
+        src = node.inputs[0]
+        if node.op_type == "Mul":
+            if not _scalar(node.inputs[1]):
+                return None
+            scales.append(node.inputs[1])
+            steps.append(("Mul", float(node.inputs[1].const_value.numpy().reshape(-1)[0])))
+        elif node.op_type == "Transpose":
+            perm = list(node.attributes.get_ints("perm", []))
+            rank = len(perm)
+            if swapped or rank < 2 or perm != [*range(rank - 2), rank - 1, rank - 2]:
+                return None
+            swapped = True
+            steps.append(("Transpose", tuple(perm)))
+        else:
+            if shaped and (src.shape is None or value.shape is None or len(src.shape) < 2 or len(value.shape) < 2
+                           or not all(_same(a, b) for a, b in zip(list(src.shape)[-2:], list(value.shape)[-2:]))):
+                return None
+            steps.append(("Reshape",))
+        value = src
+    return (value, scales, tuple(steps)) if swapped else None
+
+
+def _broadcast_heads(mask: ir.Value) -> bool:
+    """The mask has one head (axis 1 of size 1), by its shape or by an Unsqueeze that made the axis."""
+    if mask.shape is not None:
+        return len(mask.shape) == 4 and mask.shape[1] == 1
+    made = _op(mask, "Unsqueeze")
+    return made is not None and 1 in (_ints(made.inputs[1]) or [])
+
+
+def _heads(value: ir.Value, shaped: bool) -> tuple[ir.Value, int | None]:
+    """(the [B, Hkv, T, d] tensor, G) of keys or values: what a KV-head repetition read
+    (G read from its shape, None when not `shaped`), else `value` itself (G = 1)."""
+    return _repeated(value, shaped) or _repeated(value, False) or (value, 1)
+
+
+def _match(softmax: ir.Node, template: _Site | None = None) -> _Site | None:
+    """The attention around `softmax`, its geometry read from the shapes; or, with a
+    `template` (a site of the same graph matched on its shapes), one built like it: the
+    blocks after a token reduction, whose shapes were dropped, take its geometry."""
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3) or len(softmax.outputs[0].uses()) != 1:
+        return None
+    add = _op(softmax.inputs[0], "Add")
+    if add is None:
+        return None
+    for scores_in, mask in (add.inputs, tuple(reversed(add.inputs))):
+        after, value = [], scores_in
+        while (node := _op(value, "Mul", "Div")) is not None and _scalar(node.inputs[1]):
+            after.append(node)
+            value = node.inputs[0]
+        scores = _op(value, "MatMul")
+        if scores is not None:
+            break
+    else:
+        return None
+    (context, _), = softmax.outputs[0].uses()
+    if context.op_type != "MatMul" or context.inputs[0] is not softmax.outputs[0] or not _broadcast_heads(mask) \
+            or not all(len(v.uses()) == 1 for v in (*add.outputs, *scores.outputs)):
+        return None
+    shaped = template is None
+    keys = _transposed_keys(scores.inputs[1], shaped)
+    if keys is None:
+        return None
+    (key_source, group), (_, key_scales, steps) = _heads(keys[0], shaped), keys
+    value_source, value_group = _heads(context.inputs[1], shaped)
+    common = (scores, add, mask, softmax, context, key_source, value_source, key_scales, after[::-1], steps)
+    if template is not None:  # built like the template: its geometry
+        if steps != template.steps or [n.op_type for n in after] != [n.op_type for n in template.after_scores] \
+                or (group is None) != (template.group > 1):
+            return None
+        return _Site(*common, template.heads, template.group, template.head_dim)
+    q = scores.inputs[0]
+    if q.shape is None or len(q.shape) != 4 or key_source.shape is None or value_source.shape is None \
+            or len(key_source.shape) != 4 or len(value_source.shape) != 4:
+        return None
+    heads, head_dim = q.shape[1], q.shape[3]
+    if not (isinstance(heads, int) and isinstance(head_dim, int) and value_group == group
+            and key_source.shape[1] == value_source.shape[1] and heads == key_source.shape[1] * group):
+        return None
+    return _Site(*common, heads, group, head_dim)
+
+
+def _cache_concat(value: ir.Value) -> tuple[ir.Value, ir.Value] | None:
+    """(past, new) when `value` is the present cache: Concat(past, new) on the token axis."""
+    node = _op(value, "Concat")
+    if node is None or len(node.inputs) != 2 or node.attributes.get_int("axis", 0) not in (2, -2):
+        return None
+    return node.inputs[0], node.inputs[1]
+
+
+def _scale(site: _Site) -> float:
+    """The product of the constant factors on the keys' way and on the scores."""
+    scale = 1.0
+    for value in site.key_scales:
+        scale *= float(value.const_value.numpy().reshape(-1)[0])
+    for node in site.after_scores:
+        factor = float(node.inputs[1].const_value.numpy().reshape(-1)[0])
+        scale = scale * factor if node.op_type == "Mul" else scale / factor
+    return scale
+
+
+def _attention(b, site: _Site) -> None:
+    """One Attention on the cache in place of the site; its present key / value replace the
+    Concats' (graph outputs keep their names)."""
+    (past_key, new_key), (past_value, new_value) = _cache_concat(site.keys), _cache_concat(site.values)
+    out, present_key, present_value = b.op_multi_out(
+        "Attention", [site.scores.inputs[0], new_key, new_value, site.mask, past_key, past_value],
+        {"scale": _scale(site)}, num_outputs=3)
+    was = site.context.outputs[0]
+    out.shape, out.dtype = was.shape, was.dtype
+    b.insert_before(site.context)
+    ir.convenience.replace_all_uses_with(was, out)
+    for old, new in ((site.keys, present_key), (site.values, present_value)):
+        new.shape, new.dtype = old.shape, old.dtype
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_unfused", name
+
+
+def _grouped(b, site: _Site) -> None:
+    """Insert the grouped attention before the context product and reroute its uses."""
+    kv = site.heads // site.group
+    grouped = b.op("Reshape", [site.scores.inputs[0], b.const(np.array([0, kv, site.group, -1, site.head_dim]))])
+    axis = b.const(np.array([2]))
+    keys = b.op("Transpose", [b.op("Unsqueeze", [site.keys, axis])], {"perm": [0, 1, 2, 4, 3]})
+    for scale in site.key_scales:
+        keys = b.op("Mul", [keys, scale])
+    scores = b.op("MatMul", [grouped, keys])  # [B, Hkv, G, S, T]
+    for node in site.after_scores:
+        scores = b.op(node.op_type, [scores, node.inputs[1]])
+    probs = b.op("Softmax", [b.op("Add", [scores, b.op("Unsqueeze", [site.mask, axis])])], {"axis": -1})
+    out = b.op("MatMul", [probs, b.op("Unsqueeze", [site.values, axis])])  # [B, Hkv, G, S, d]
+    out = b.op("Reshape", [out, b.const(np.array([0, site.heads, -1, site.head_dim]))])
+    was = site.context.outputs[0]
+    out.shape, out.dtype = was.shape, was.dtype
+    b.insert_before(site.context)
+    ir.convenience.replace_all_uses_with(was, out)
