@@ -24,11 +24,14 @@ def test_attention_ops_equal_the_exported_attention(family):
     report = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "kv_attention")
     rms, rope = FUSED[family]
     assert report["attention_ops"] == 2 and report["grouped"] == 0 and report["opset"] == 23
-    assert report["rms_normalization"] == rms and report["rotary_embedding"] == rope
+    assert report["rms_normalization"] == rms and report["rotary_embedding"] == rope and report["token_major"] == 2
     assert report["max_relative_error"] < 1e-4
     graph = ir.load(str(path / "model.onnx")).graph
     ops = [n.op_type for n in graph]
     assert ops.count("Attention") == 2 and "Softmax" not in ops
+    # the attention runs on the projections as they come ([B, S, heads·d]): no head views around it
+    assert all(len(n.inputs[0].shape) == 3 for n in graph if n.op_type in ("Attention", "RotaryEmbedding"))
+    assert not [n for n in graph if n.op_type == "Transpose" and list(n.attributes.get_ints("perm", [])) == [0, 2, 1, 3]]
     # no Expand copies the cache (a 5-D Expand: [B, Hkv, G, T, d])
     assert not [n for n in graph if n.op_type == "Expand" and n.outputs[0].shape is not None
                 and len(n.outputs[0].shape) == 5]

@@ -114,6 +114,10 @@ def _rewrite_all(model: ir.Model, fuse: bool) -> dict:
         counts["rotary_embedding"] = _rotary_embedding.fuse_rotary_embedding(model)
         # each fused RoPE computes its own Cos / Sin of the same angles: one pair is enough
         ir.passes.common.CommonSubexpressionEliminationPass()(model)
+        attentions = [n for n in model.graph if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
+        counts["token_major"] = sum(_token_major(GraphBuilder(model.graph, KVAttentionPass.name, f"{n.name}_bsd"), n)
+                                    for n in attentions)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
     return counts
 
 
@@ -280,6 +284,67 @@ def _attention(b, site: _Site) -> None:
         name = old.name
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         old.name, new.name = f"{name}_unfused", name
+
+
+def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
+    """(x [B, S, heads·d], heads) when `value` is x viewed as heads: Transpose(Reshape(x, [B, S,
+    heads, d]), [0, 2, 1, 3]), each step used once."""
+    transpose = _op(value, "Transpose")
+    reshape = _op(transpose.inputs[0], "Reshape") if transpose is not None else None
+    if reshape is None or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3] \
+            or any(len(v.uses()) != 1 for v in (value, reshape.outputs[0])):
+        return None
+    source, shape = reshape.inputs[0], reshape.outputs[0].shape
+    if source.shape is None or len(source.shape) != 3 or shape is None or len(shape) != 4 \
+            or not isinstance(shape[2], int) or not isinstance(shape[3], int):
+        return None
+    width = source.shape[2]
+    return (source, shape[2]) if not isinstance(width, int) or width == shape[2] * shape[3] else None
+
+
+def _token_major(b, attention: ir.Node) -> bool:
+    """Run an Attention (and the RoPEs before it) on the projections as they come, [B, S, heads·d],
+    instead of viewed as [B, heads, S, d]: the Reshapes and Transposes around every layer's
+    attention go (opset-23 Attention and RotaryEmbedding take 3-D inputs given their head
+    counts). False, graph unchanged, when the layer is not in that form."""
+    q, k, v, mask, past_key, past_value = attention.inputs
+    scale = attention.attributes.get_float("scale", 1.0)
+    if (mul := _op(q, "Mul")) is not None and _scalar(mul.inputs[1]) and len(q.uses()) == 1:
+        scale *= float(mul.inputs[1].const_value.numpy().reshape(-1)[0])
+        q = mul.inputs[0]
+    uses = list(attention.outputs[0].uses())
+    after = uses[0].node if len(uses) == 1 else None  # the view back: Transpose, then Reshape to [B, S, H·d]
+    if after is None or after.op_type != "Transpose" or list(after.attributes.get_ints("perm", [])) != [0, 2, 1, 3] \
+            or len(after.outputs[0].uses()) != 1:
+        return False
+    merge = list(after.outputs[0].uses())[0].node  # [B, S, H, d] -> [B, S, H·d] (or [B·S, H·d]: GPT-2's Conv1D)
+    if merge.op_type != "Reshape" or merge.inputs[0] is not after.outputs[0]:
+        return False
+    inputs = []
+    for value in (q, k, v):
+        rope = _op(value, "RotaryEmbedding")
+        if rope is not None and (len(value.uses()) != 1 or len(rope.inputs) != 3
+                                 or rope.attributes.get_int("interleaved", 0) or rope.attributes.get_int("rotary_embedding_dim", 0)):
+            return False
+        view = _heads_view(rope.inputs[0] if rope is not None else value)
+        if view is None:
+            return False
+        inputs.append((view, rope))
+    (q3, heads), (k3, kv_heads), (v3, _) = (view for view, _ in inputs)
+    rotated = [b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
+               for (x, n), (_, rope) in zip(((q3, heads), (k3, kv_heads), (v3, kv_heads)), inputs)]
+    y, present_key, present_value = b.op_multi_out(
+        "Attention", [*rotated, mask, past_key, past_value],
+        {"scale": scale, "q_num_heads": heads, "kv_num_heads": kv_heads}, num_outputs=3)
+    y.shape, y.dtype = ir.Shape([*list(q3.shape)[:2], q3.shape[2]]), q3.dtype
+    b.insert_before(attention)
+    merge.replace_input_with(0, y)  # the same data in the same order: [B, S, H, d] is [B, S, H·d]
+    for old, new in zip(attention.outputs[1:], (present_key, present_value)):
+        new.shape, new.dtype = old.shape, old.dtype
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_heads_major", name
+    return True
 
 
 def _grouped(b, site: _Site) -> None:
