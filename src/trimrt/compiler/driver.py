@@ -125,9 +125,10 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             _save(original, tmp / REFERENCE)
         if target == "tensorrt":
             say("building the TensorRT engine")
-            from .tensorrt_target import build_engine
+            from .tensorrt_target import build_engine, decoder_profile
 
-            build_engine(tmp / MODEL, tmp / ENGINE, hints=hints)
+            build_engine(tmp / MODEL, tmp / ENGINE, hints=hints,
+                         ranges=decoder_profile(loaded.decoder) if loaded.decoder is not None else None)
         manifest = write_manifest(tmp, {
             "source": loaded.description,
             "target": target,

@@ -13,9 +13,36 @@ from typing import Mapping, Sequence
 
 from ..errors import BackendUnavailableError, BuildError
 
+#: a shape range: (min, opt, max) shapes of one input
+ShapeRange = tuple[list[int], list[int], list[int]]
+#: longest sequence a decoder engine's profile spans when the model gives no (or a larger) context
+DECODER_MAX_TOKENS = 4096
+
+
+def decoder_profile(spec, max_batch: int = 8, max_tokens: int | None = None) -> dict[str, ShapeRange]:
+    """The shape ranges of a KV-cache decoder's inputs (runtime.kv_cache names), so one engine
+    serves prefill and decode: batch 1..max_batch, new tokens 1..the context, a past of
+    0..context - 1 (prefill has none), a mask over past + new. Optimised for what runs
+    most: one new token on a mid-length cache."""
+    from ..runtime.kv_cache import ATTENTION_BIAS, ATTENTION_MASK, INPUT_IDS, KINDS, POSITION_IDS, past_name
+
+    context = min(spec.max_positions or DECODER_MAX_TOKENS, max_tokens or DECODER_MAX_TOKENS)
+    opt_past = context // 2
+    tokens = ([1, 1], [1, 1], [max_batch, context])
+    ranges = {INPUT_IDS: tokens, ATTENTION_MASK: ([1, 1], [1, opt_past + 1], [max_batch, context]),
+              ATTENTION_BIAS: ([1, 1, 1, 1], [1, 1, 1, opt_past + 1], [max_batch, 1, context, context])}
+    if spec.position_input:
+        ranges[POSITION_IDS] = tokens
+    past = ([1, spec.kv_heads, 0, spec.head_dim], [1, spec.kv_heads, opt_past, spec.head_dim],
+            [max_batch, spec.kv_heads, context - 1, spec.head_dim])
+    ranges.update({past_name(i, kind): past for i in range(spec.layers) for kind in KINDS})
+    return ranges
+
 
 def build_engine(onnx_path: Path, engine_path: Path, *, hints: Mapping[str, Sequence[int]] | None = None,
-                 max_batch: int = 32, workspace_gib: int = 4) -> None:
+                 ranges: Mapping[str, ShapeRange] | None = None, max_batch: int = 32, workspace_gib: int = 4) -> None:
+    """`ranges` (a decoder's, `decoder_profile`) sets the profile of the inputs it names; the
+    others span batch 1..max_batch at their example shapes (`hints`)."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -35,6 +62,9 @@ def build_engine(onnx_path: Path, engine_path: Path, *, hints: Mapping[str, Sequ
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
+        if ranges and tensor.name in ranges:
+            profile.set_shape(tensor.name, *ranges[tensor.name])
+            continue
         shape = list(tensor.shape)
         example = list((hints or {}).get(tensor.name, []))
         opt = [d if d >= 0 else (example[a] if a < len(example) else 1) for a, d in enumerate(shape)]
