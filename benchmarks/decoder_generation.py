@@ -3,15 +3,19 @@
 A LLaMA-architecture model large enough to be memory-bound at decode (random weights,
 about 150 M parameters: width 768, 12 layers, GQA 12/4 heads, SwiGLU 3072, vocabulary
 32000), compiled by trimrt with a KV cache in fp32, INT8 (weights and activations,
-round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), each also with
-`[onnxruntime] fuse` (RMSNorm, RoPE and attention as ONNX Runtime kernels), and run by trimrt's
+round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), and run by trimrt's
 generation loop on ONNX Runtime CPU; Hugging Face `generate()` on PyTorch CPU runs the
-same model in the same process, and so does ONNX Runtime GenAI (when installed) on the
-exports of its own model builder (fp32, and INT4 with its CPU default: MatMulNBits at
-accuracy level 4, which also quantizes activations to int8) read from the same weights
-saved as a local checkpoint. Every engine generates the same number of tokens greedily
-from the same prompt; engines take turns round by round (ONNX Runtime spinning off)
-and the table shows medians. Random weights: a speed check; quality is measured apart.
+same model in the same process, and so do the peers, when installed, from the same
+weights saved as a local checkpoint: ONNX Runtime GenAI on the exports of its own model
+builder (fp32, and INT4 with its CPU default: MatMulNBits at accuracy level 4, which also
+quantizes activations to int8) and OpenVINO GenAI (benchmarks/openvino_peer.py: fp32, and
+NNCF's data-free INT4). Every engine generates the same number of tokens greedily from
+the same prompt; engines take turns round by round (each round starting one engine
+later, each turn after a pause that lets the previous engine's threads go idle) and the
+table shows medians. trimrt
+runs with ONNX Runtime's spinning off (the project's rule for timing), and its fp32 and
+INT4 builds once more with spinning on: ONNX Runtime GenAI spins and offers no setting
+to stop it, so those are the rows to compare with it. Random weights: a speed check; quality is measured apart.
 
     python benchmarks/decoder_generation.py [--prompt 128] [--new 64] [--rounds 5] [--threads 2]
 """
@@ -25,17 +29,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from openvino_peer import openvino_genai_engines, openvino_genai_times, save_checkpoint
 
 import trimrt
 
-FUSE = {"onnxruntime": {"fuse": True}}
+#: builds timed a second time with ONNX Runtime's intra-op spinning on, as ONNX Runtime GenAI runs
+#: (its session options cannot turn spinning off): the like-for-like rows against it
+SPINNING = ("fp32", "int4")
+#: pause before each engine's turn: the spinning threads of the one before it (ONNX Runtime
+#: GenAI's, PyTorch's OpenMP pool) go idle instead of taking the cores from it
+IDLE_S = 0.5
 RECIPES = {
     "fp32": None,
-    "fp32 + fusion": FUSE,
     "int8": {"quantization": {"weights": "int8", "activations": "int8"}},
-    "int8 + fusion": {"quantization": {"weights": "int8", "activations": "int8"}, **FUSE},
     "int4": {"quantization": {"weights": "int4", "group_size": 128}},
-    "int4 + fusion": {"quantization": {"weights": "int4", "group_size": 128}, **FUSE},
 }
 
 
@@ -52,8 +59,9 @@ def make_model(args):
     return model
 
 
-def compiled_generators(model, recipes: dict, out: Path, threads: int) -> dict:
-    """{name: trimrt Generator} of `model` compiled with each recipe (a build found in `out` is reused)."""
+def compiled_generators(model, recipes: dict, out: Path, threads: int, spinning: tuple[str, ...] = ()) -> dict:
+    """{name: trimrt Generator} of `model` compiled with each recipe (a build found in `out` is
+    reused), ONNX Runtime spinning off; the builds named in `spinning` once more with it on."""
     generators = {}
     for name, recipe in recipes.items():
         build = out / name.replace(" + ", "_")
@@ -61,6 +69,8 @@ def compiled_generators(model, recipes: dict, out: Path, threads: int) -> dict:
             print(f"compiling {name} ...", flush=True)
             trimrt.compile(model, recipe, build)
         generators[name] = trimrt.load(build, threads=threads, spinning=False).generator()
+        if name in spinning:
+            generators[f"{name}, spinning"] = trimrt.load(build, threads=threads, spinning=True).generator()
     return generators
 
 
@@ -91,16 +101,9 @@ def genai_engines(model, out: Path, threads: int) -> dict:
     import subprocess
     import sys
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     ckpt = out / "hf"
     if not (ckpt / "config.json").is_file():
-        model.save_pretrained(ckpt)
-        tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(model.config.vocab_size)}, unk_token="w2"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.save(str(ckpt / "tokenizer.json"))
-        (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                                 "eos_token": "w0", "unk_token": "w2"}))
+        save_checkpoint(model, ckpt)
     engines = {}
     for precision in ("fp32", "int4"):
         folder = out / f"genai_{precision}"
@@ -154,21 +157,29 @@ def main() -> None:
           f"tokens, {args.new} new tokens, {args.threads} threads", flush=True)
     print(f"KV cache at the end: {2 * args.layers * 4 * (args.width // 12) * (args.prompt + args.new) * 4 / 2**20:.1f} MiB "
           "(fp32, every engine)")
-    generators = compiled_generators(model, RECIPES, args.out, args.threads)
+    generators = compiled_generators(model, RECIPES, args.out, args.threads, spinning=SPINNING)
     peers = genai_engines(model, args.out, args.threads)
+    if not (args.out / "hf" / "config.json").is_file():
+        save_checkpoint(model, args.out / "hf")
+    peers.update(openvino_genai_engines(args.out / "hf", args.out, args.threads))
     prompt = np.random.default_rng(0).integers(2, 32000, args.prompt).tolist()
     results = {name: [] for name in [*generators, *peers, "pytorch"]}
     tokens = {}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for name, gen in generators.items():
-            out = gen.generate(prompt, max_new_tokens=args.new)
-            tokens[name] = out.tokens
-            results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
-        for name, og_model in peers.items():
-            first, rate, tokens[name] = genai_times(og_model, prompt, args.new)
+    def run(name: str) -> tuple[float, float, list[int]]:
+        if name in generators:
+            out = generators[name].generate(prompt, max_new_tokens=args.new)
+            return out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s, out.tokens
+        if name in peers:
+            timed = openvino_genai_times if name.startswith("openvino") else genai_times
+            return timed(peers[name], prompt, args.new)
+        return hf_times(model, prompt, args.new, args.threads)
+
+    order = list(results)
+    for round_ in range(args.rounds + 1):  # the first round warms up
+        for name in order[round_ % len(order):] + order[:round_ % len(order)]:  # each round starts one engine later
+            time.sleep(IDLE_S)
+            first, rate, tokens[name] = run(name)
             results[name].append((first, rate))
-        first, rate, tokens["pytorch"] = hf_times(model, prompt, args.new, args.threads)
-        results["pytorch"].append((first, rate))
     base_rate = statistics.median(r for _, r in results["fp32"][1:])
     print("\n| engine | time to first token | decode tokens/s | × trimrt fp32 decode | same tokens as trimrt fp32 |")
     print("|---|---|---|---|---|")
