@@ -26,6 +26,7 @@ def test_attention_ops_equal_the_exported_attention(family):
     assert report["attention_ops"] == 2 and report["grouped"] == 0 and report["opset"] == 23
     assert report["rms_normalization"] == rms and report["rotary_embedding"] == rope and report["token_major"] == 2
     assert report["max_relative_error"] < 1e-4
+    assert session.manifest["flops"]["ratio"] == pytest.approx(1.0, abs=1e-4)  # the Attention counts its products
     graph = ir.load(str(path / "model.onnx")).graph
     ops = [n.op_type for n in graph]
     assert ops.count("Attention") == 2 and "Softmax" not in ops

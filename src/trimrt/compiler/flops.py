@@ -5,8 +5,8 @@ attribute), so the count runs the model once on ONNX Runtime with every MatMul /
 Conv input and output exposed, and reads the real shapes. Counts are multiply-adds × 2
 of those ops, which carry nearly all the compute of a transformer; INT8 MatMulInteger
 counts like MatMul, INT4 MatMulNBits too (the ratio is then the token saving; the
-quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention counts its
-two attention products.
+quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention and the
+opset-23 Attention (decoder builds) count their two attention products.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import onnx.inliner
 
 from .onnx_runner import OnnxRunner
 
-_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention")
+_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention", "Attention")
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
@@ -29,8 +29,7 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
     known = {name: tuple(np.shape(value)) for name, value in feeds.items()}
     known.update({i.name: tuple(i.dims) for i in inlined.graph.initializer})
     wanted = list(dict.fromkeys(  # in order, each once
-        name for n in nodes for name in (n.input[0], n.output[0], *(n.input[1:2] if n.op_type == "MultiHeadAttention" else ()))
-        if name not in known))
+        name for n in nodes for name in (n.input[0], n.output[0], *_keys(n)) if name not in known))
     # the run returns exactly the values whose shapes are wanted (graph outputs too)
     values = OnnxRunner(inlined, wanted, replace=True, optimize="disable").run(feeds) if wanted else {}
     shape = lambda name: values[name].shape if name in values else known.get(name)  # noqa: E731
@@ -44,6 +43,10 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
             key = shape(n.input[1])
             if key is not None and len(a) == 3 and len(key) == 3:
                 total += 4 * int(a[0]) * int(a[1]) * int(key[1]) * int(a[2])
+        elif n.op_type == "Attention":  # Q·Kᵀ and P·V over all T keys (the present key has them, past included)
+            keys = shape(_keys(n)[0])
+            if keys is not None:
+                total += 4 * int(np.prod(out)) * int(keys[2] if len(keys) == 4 else keys[1])
         elif n.op_type == "Conv":
             w = shape(n.input[1])
             if w is not None:
@@ -53,3 +56,13 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
         else:  # MatMul, MatMulInteger (integer multiply-adds count as operations too), Gemm
             total += 2 * int(np.prod(out)) * int(a[0] if ints.get("transA") else a[-1])
     return total
+
+
+def _keys(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The value giving an attention node's key count: MultiHeadAttention's key input; the
+    Attention op's present key (past and new keys) when it returns one, else its key input."""
+    if node.op_type == "MultiHeadAttention":
+        return tuple(node.input[1:2])
+    if node.op_type == "Attention":
+        return (node.output[1],) if len(node.output) > 1 and node.output[1] else (node.input[1],)
+    return ()
