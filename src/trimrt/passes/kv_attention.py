@@ -75,9 +75,10 @@ class KVAttentionPass(TrimrtPass):
                                decoder=self.context.shared.get(DECODER_SPEC)) if fused["attention_ops"] else None
         use_ops = drift is not None and drift <= FUSION_TOLERANCE
         counts = _rewrite_all(model, fuse=use_ops)  # the checked rewrite again, in place (or the grouping only)
-        for node in model.graph:
+        builder = self.builder(model.graph)
+        for node in model.graph:  # the fused norms and RoPEs (onnxscript's rules made them) carry the pass tag too
             if node.domain in ("", "ai.onnx") and node.op_type in ("RMSNormalization", "RotaryEmbedding"):
-                self.builder(model.graph).stamp(node)
+                builder.stamp(node)
         details = {**counts, "max_relative_error": None if drift is None else float(f"{drift:.3g}")}
         if fused["attention_ops"] and not use_ops:
             details["reason"] = ("the rewritten graph does not run on ONNX Runtime" if drift is None else
@@ -136,6 +137,11 @@ def _scalar(value: ir.Value) -> bool:
     return const is not None and const.size == 1 and np.issubdtype(const.numpy().dtype, np.floating)
 
 
+def _scalar_value(value: ir.Value) -> float:
+    """The number a `_scalar` constant holds."""
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
 def _repeated(value: ir.Value, shaped: bool = True) -> tuple[ir.Value, int | None] | None:
     """(the [B, Hkv, T, d] tensor, G) when `value` is Reshape(Expand(Unsqueeze(x, [2]))); G is
     read from the shapes (None when not `shaped`: the caller knows it from a shaped site)."""
@@ -172,7 +178,7 @@ def _transposed_keys(value: ir.Value, shaped: bool) -> tuple[ir.Value, list[ir.V
             if not _scalar(node.inputs[1]):
                 return None
             scales.append(node.inputs[1])
-            steps.append(("Mul", float(node.inputs[1].const_value.numpy().reshape(-1)[0])))
+            steps.append(("Mul", _scalar_value(node.inputs[1])))
         elif node.op_type == "Transpose":
             perm = list(node.attributes.get_ints("perm", []))
             rank = len(perm)
@@ -261,9 +267,9 @@ def _scale(site: _Site) -> float:
     """The product of the constant factors on the keys' way and on the scores."""
     scale = 1.0
     for value in site.key_scales:
-        scale *= float(value.const_value.numpy().reshape(-1)[0])
+        scale *= _scalar_value(value)
     for node in site.after_scores:
-        factor = float(node.inputs[1].const_value.numpy().reshape(-1)[0])
+        factor = _scalar_value(node.inputs[1])
         scale = scale * factor if node.op_type == "Mul" else scale / factor
     return scale
 
@@ -310,7 +316,7 @@ def _token_major(b, attention: ir.Node) -> bool:
     q, k, v, mask, past_key, past_value = attention.inputs
     scale = attention.attributes.get_float("scale", 1.0)
     if (mul := _op(q, "Mul")) is not None and _scalar(mul.inputs[1]) and len(q.uses()) == 1:
-        scale *= float(mul.inputs[1].const_value.numpy().reshape(-1)[0])
+        scale *= _scalar_value(mul.inputs[1])
         q = mul.inputs[0]
     uses = list(attention.outputs[0].uses())
     after = uses[0].node if len(uses) == 1 else None  # the view back: Transpose, then Reshape to [B, S, H·d]

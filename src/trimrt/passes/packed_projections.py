@@ -47,8 +47,7 @@ def _packable(node: ir.Node) -> bool:
             or node.outputs[0].is_graph_output():
         return False
     weight = node.inputs[1]
-    if weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1 \
-            or weight.name in {v.name for v in node.graph.inputs}:
+    if weight.const_value is None or not weight.is_initializer() or len(weight.uses()) != 1 or weight.is_graph_input():
         return False
     array = weight.const_value
     return len(array.shape) == 2 and array.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
