@@ -1,5 +1,6 @@
-"""KVAttentionPass: each decoder layer's attention is one ONNX Attention on its cache (RMSNorm
-and RoPE fused), never a repeated cache, with the exported graph's results."""
+"""KVAttentionPass: each decoder layer's attention is one attention op on its cache (ONNX
+Runtime's GroupQueryAttention; RMSNorm and RoPE fused), never a repeated cache, with the
+exported graph's results, and a cache buffer shared by past and present written in place."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def test_attention_ops_equal_the_exported_attention(family):
     rms, rope = FUSED[family]
     assert report["attention_ops"] == 2 and report["grouped"] == 0 and report["opset"] == 23
     assert report["rms_normalization"] == rms and report["rotary_embedding"] == rope and report["token_major"] == 2
+    assert report["kv_op"] == "GroupQueryAttention" and "reason" not in report
     assert report["max_relative_error"] < 1e-4
     assert session.manifest["flops"]["ratio"] == pytest.approx(1.0, abs=1e-4)  # the Attention counts its products
     graph = ir.load(str(path / "model.onnx")).graph
     ops = [n.op_type for n in graph]
-    assert ops.count("Attention") == 2 and "Softmax" not in ops
+    assert ops.count("GroupQueryAttention") == 2 and "Attention" not in ops and "Softmax" not in ops
     # the attention runs on the projections as they come ([B, S, heads·d]): no head views around it
-    assert all(len(n.inputs[0].shape) == 3 for n in graph if n.op_type in ("Attention", "RotaryEmbedding"))
+    assert all(len(n.inputs[0].shape) == 3 for n in graph if n.op_type in ("GroupQueryAttention", "RotaryEmbedding"))
     assert not [n for n in graph if n.op_type == "Transpose" and list(n.attributes.get_ints("perm", [])) == [0, 2, 1, 3]]
     # no Expand copies the cache (a 5-D Expand: [B, Hkv, G, T, d])
     assert not [n for n in graph if n.op_type == "Expand" and n.outputs[0].shape is not None
@@ -39,8 +41,38 @@ def test_attention_ops_equal_the_exported_attention(family):
     reference = OnnxRuntimeBackend(str(path / session.manifest["reference"]))
     reference.activate()
     spec = session.generator().spec
+    # a batch of several new tokens on a past runs too (GroupQueryAttention takes it row by row)
     for feeds in (spec.random_feeds(2, new=3, past=9), spec.random_feeds(2, new=7, past=0)):
         want, got = reference.infer(feeds), session.run(feeds)
         assert set(got) == set(want)  # the present key / value keep their names
         for name, value in want.items():
             np.testing.assert_allclose(got[name], value, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_shared_cache_buffer_is_written_in_place(family):
+    """The build takes a past buffer longer than its past (ONNX Runtime GenAI's shared buffer):
+    a prompt and then decode steps written into one buffer, growing by chunks, give the
+    logits and caches of the exported graph fed its past each step."""
+    from trimrt.runtime.kv_cache import ATTENTION_MASK, LOGITS, KVCache, present_name
+
+    path, _ = build(family)
+    session = trimrt.load(path)
+    spec = session.generator().spec
+    assert spec.shared_buffer and session.manifest["decoder"]["shared_buffer"] is True
+    reference = OnnxRuntimeBackend(str(path / session.manifest["reference"]))
+    reference.activate()
+    cache = KVCache(spec, batch=2, chunk=8)
+    past = spec.empty_cache(2)
+    for step, new in enumerate((5, 1, 1, 2, 1)):  # 6 tokens fill the first chunk; the 4th step outgrows it
+        feeds = spec.random_feeds(2, new=new, past=cache.length, seed=step)
+        feeds = {**feeds, **past}
+        want = reference.infer(feeds)
+        got = session.run_with_cache({k: v for k, v in feeds.items() if k not in past}, cache)
+        assert set(got) == {LOGITS} and cache.length == feeds[ATTENTION_MASK].shape[1]
+        assert cache.capacity == 8 * -(-cache.length // 8)
+        np.testing.assert_allclose(got[LOGITS], want[LOGITS], atol=1e-5)
+        past = {name: want[present_name(*name.split(".")[1:])] for name in past}
+        for name, view in cache.views().items():
+            np.testing.assert_allclose(view, past[name], atol=1e-5, err_msg=name)
+    assert cache.nbytes == 2 * cache.length * spec.kv_bytes_per_token

@@ -26,6 +26,7 @@ from ..recipe import load_recipe
 from ..registry import TOKEN_PRUNING_METHODS
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
+from ..runtime.kv_cache import updates_in_place
 from ..runtime.manifest import ENGINE, MODEL, TOKENIZER, write_manifest
 from .artifacts import atomic_build_dir
 from .decoder import DECODER_SPEC
@@ -152,7 +153,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             # embedding hides the vocabulary from a search on the built graph)
             "input_limits": _limits_for(limits, {i.name for i in build_rt.inputs}),
             "compile_seconds": round(time.perf_counter() - started, 2),
-            **({"decoder": {**loaded.decoder.to_dict(), "prunes_prompt": prunes_prompt}}
+            **({"decoder": {**loaded.decoder.to_dict(), "prunes_prompt": prunes_prompt,
+                            "shared_buffer": target == "onnxruntime" and not prunes_prompt
+                            and updates_in_place(build_rt, loaded.decoder)}}
                if loaded.decoder is not None else {}),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),

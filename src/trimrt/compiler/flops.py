@@ -5,8 +5,9 @@ attribute), so the count runs the model once on ONNX Runtime with every MatMul /
 Conv input and output exposed, and reads the real shapes. Counts are multiply-adds × 2
 of those ops, which carry nearly all the compute of a transformer; INT8 MatMulInteger
 counts like MatMul, INT4 MatMulNBits too (the ratio is then the token saving; the
-quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention and the
-opset-23 Attention (decoder builds) count their two attention products.
+quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention, the
+opset-23 Attention and ONNX Runtime's GroupQueryAttention (decoder builds) count their two
+attention products.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import onnx.inliner
 
 from .onnx_runner import OnnxRunner
 
-_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention", "Attention")
+#: attention ops whose second output is the present key (past and new keys)
+_CACHED_ATTENTION = ("Attention", "GroupQueryAttention")
+_COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHeadAttention", *_CACHED_ATTENTION)
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
@@ -43,7 +46,7 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
             key = shape(n.input[1])
             if key is not None and len(a) == 3 and len(key) == 3:
                 total += 4 * int(a[0]) * int(a[1]) * int(key[1]) * int(a[2])
-        elif n.op_type == "Attention":  # Q·Kᵀ and P·V over all T keys (the present key has them, past included)
+        elif n.op_type in _CACHED_ATTENTION:  # Q·Kᵀ and P·V over all T keys (the present key has them, past included)
             keys = shape(_keys(n)[0])
             if keys is not None:
                 total += 4 * int(np.prod(out)) * int(keys[2] if len(keys) == 4 else keys[1])
@@ -63,6 +66,6 @@ def _keys(node: onnx.NodeProto) -> tuple[str, ...]:
     Attention op's present key (past and new keys) when it returns one, else its key input."""
     if node.op_type == "MultiHeadAttention":
         return tuple(node.input[1:2])
-    if node.op_type == "Attention":
+    if node.op_type in _CACHED_ATTENTION:
         return (node.output[1],) if len(node.output) > 1 and node.output[1] else (node.input[1],)
     return ()

@@ -29,6 +29,8 @@ class Backend(abc.ABC):
     name = "base"
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
+    #: runs with buffers that are an input and an output at once (infer_in_place)
+    in_place = False
 
     @abc.abstractmethod
     def activate(self) -> None: ...
@@ -42,6 +44,7 @@ class Backend(abc.ABC):
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    in_place = True
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
                  optimization: str = "all", providers: list[str] | None = None, spinning: bool = True,
@@ -85,10 +88,51 @@ class OnnxRuntimeBackend(Backend):
         if session is None:
             raise SessionClosedError("this ONNX Runtime session is closed; load the build again")
         names = output_names or [o.name for o in self.outputs]
-        return dict(zip(names, session.run(names, dict(feeds), self._run_options)))
+        try:
+            return dict(zip(names, session.run(names, dict(feeds), self._run_options)))
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            if not one_row_at_a_time(exc):
+                raise
+        rows = [session.run(names, row_feeds(feeds, r), self._run_options) for r in range(_batch(feeds))]
+        return {name: np.concatenate([row[i] for row in rows]) for i, name in enumerate(names)}
+
+    def infer_in_place(self, feeds: Mapping[str, np.ndarray], buffers: Mapping[str, tuple[str, object]],
+                       output_names: list[str]) -> dict[str, np.ndarray]:
+        """Run with `buffers` {input name: (output name, OrtValue)}: each buffer is fed as the input
+        and receives the output, which the graph writes in place (a decoder's KV cache: ONNX
+        Runtime GenAI's past_present_share_buffer); returns `output_names` (not buffers)."""
+        session = self._session
+        if session is None:
+            raise SessionClosedError("this ONNX Runtime session is closed; load the build again")
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in output_names:  # bound first: get_outputs() lists them in this order
+            binding.bind_output(name)
+        for name, (output, value) in buffers.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(output, value)
+        session.run_with_iobinding(binding, self._run_options)
+        return {name: value.numpy() for name, value in zip(output_names, binding.get_outputs())}
 
     def deactivate(self) -> None:
         self._session = None
+
+
+def one_row_at_a_time(exc: Exception) -> bool:
+    """Whether ONNX Runtime refused a batch that it runs one row at a time: GroupQueryAttention
+    takes several new tokens on a past for one sequence only (a draft, a chunk of prompt)."""
+    return "batch_size must be 1 when sequence_length > 1 and past context is given" in str(exc)
+
+
+def _batch(feeds: Mapping[str, np.ndarray]) -> int:
+    return max(int(np.shape(v)[0]) for v in feeds.values() if np.ndim(v))
+
+
+def row_feeds(feeds: Mapping[str, np.ndarray], r: int) -> dict[str, np.ndarray]:
+    """Row `r` of a batch of feeds (inputs broadcast over the batch, axis 0 of size 1, as they are)."""
+    batch = _batch(feeds)
+    return {k: v[r:r + 1] if np.ndim(v) and np.shape(v)[0] == batch else v for k, v in feeds.items()}
 
 
 class TensorRTBackend(Backend):

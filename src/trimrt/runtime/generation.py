@@ -8,8 +8,9 @@
 Greedy by default; sampling when `do_sample=True` or any of temperature / top_k / top_p is
 given (Hugging Face's order: repetition penalty, temperature, top-k, top-p). Prompts of
 different lengths are left-padded into one batch (positions count real tokens only, as in
-Hugging Face). The cache is the graph's own present tensors, fed back as the next past:
-it is exactly as long as the text so far, never preallocated to the model's context.
+Hugging Face). The cache is never preallocated to the model's context: a shared-buffer
+build (most ONNX Runtime builds) writes each step into buffers that grow by chunks of
+tokens (KVCache), others return present tensors, fed back as the next past.
 numpy + onnxruntime only; a tokenizer (`tokenizers` / `transformers`) only when given.
 """
 
@@ -23,7 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .kv_cache import ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, past_name, present_name
+from .kv_cache import (ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, KVCache, past_name,
+                       present_name)
 from .manifest import TOKENIZER
 
 
@@ -107,8 +109,10 @@ class GenerationResult:
 class Generator:
     """Generates with a decoder build's Session (see the module docstring)."""
 
-    def __init__(self, session, tokenizer=None):
+    def __init__(self, session, tokenizer=None, *, kv_chunk: int = 256):
         self.session = session
+        #: tokens a shared cache buffer grows by (spec `shared_buffer`)
+        self.kv_chunk = kv_chunk
         self.spec = DecoderSpec.from_manifest(session.manifest, str(session.build_dir))
         if tokenizer is None and TOKENIZER in (session.manifest.get("files") or {}):
             tokenizer = session.build_dir / TOKENIZER  # the build's own (hash-checked at load)
@@ -177,7 +181,9 @@ class Generator:
             tokens[row, longest - len(seq):] = seq
             mask[row, longest - len(seq):] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, **spec.empty_cache(batch)}
+        # the cache in buffers the graph writes in place, when the build can (else fed back each step)
+        cache = KVCache(spec, batch, self.kv_chunk) if spec.shared_buffer and self.session.backend.in_place else None
+        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, **({} if cache else spec.empty_cache(batch))}
         history = [list(seq) for seq in ids]  # for the repetition penalty
         rng = np.random.default_rng(search.seed)
         stats = GenerationStats(batch=batch, prompt_tokens=longest)
@@ -186,7 +192,7 @@ class Generator:
         for step in range(max_new):
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
-            out = self.session.run(feeds)
+            out = self.session.run_with_cache(feeds, cache) if cache else self.session.run(feeds)
             chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
             for row, result in enumerate(results):
                 if not result.finish_reason:
@@ -199,15 +205,17 @@ class Generator:
             else:
                 stats.decode_s, stats.decode_steps = now - started - stats.time_to_first_token_s, step
             stats.new_tokens = sum(len(r.tokens) for r in results)
-            stats.kv_cache_bytes = sum(out[present_name(i, k)].nbytes for i in range(spec.layers) for k in KINDS)
+            stats.kv_cache_bytes = cache.nbytes if cache else \
+                sum(out[present_name(i, k)].nbytes for i in range(spec.layers) for k in KINDS)
             stats.kv_cache_bytes_unpruned = batch * feeds[ATTENTION_MASK].shape[1] * spec.kv_bytes_per_token
             yield results
             if all(r.finish_reason for r in results):
                 return
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask,
-                     **{past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS}}
+            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask}
+            if cache is None:
+                feeds.update({past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS})
 
     def _append(self, result: GenerationResult, history: list[int], token: int, stop_ids: set, search: SearchOptions,
                 *, last: bool) -> None:

@@ -7,13 +7,19 @@ the facts the generation loop needs, recorded in the manifest as "decoder".
     attention_bias [B|1, 1, q, past + q] (optional: additive, e.g. a tree mask)
     -> logits [B, q, vocab], present.N.key|value [B, kv_heads, past + q, head_dim]
 
-One graph serves prefill (past length 0) and decode (any past length, any q).
+One graph serves prefill (past length 0) and decode (any past length, any q). A build whose
+spec says `shared_buffer` also takes, as ONNX Runtime GenAI's past_present_share_buffer
+does, a past buffer longer than the past (attention_mask still as wide as past + q) and
+writes the new keys / values into it: bound as both past and present (KVCache), the cache
+is never copied by a decode step.
 """
 
 from __future__ import annotations
 
 import re
+import math
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -34,8 +40,12 @@ def past_name(layer: int, kind: str) -> str:
     return f"past_key_values.{layer}.{kind}"
 
 
+#: how the names of the present key / value outputs begin
+PRESENT_PREFIX = "present."
+
+
 def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
+    return f"{PRESENT_PREFIX}{layer}.{kind}"
 
 
 def past_layers(input_names) -> int:
@@ -68,6 +78,9 @@ class DecoderSpec:
     #: the build prunes prompt tokens at prefill (FastV, DivPrune): the reduced layers cache fewer
     #: tokens and attend without a padding mask, so a batch's prompts must have one length
     prunes_prompt: bool = False
+    #: the graph writes a step's keys / values into a past buffer bound as its present too
+    #: (checked when compiled: `updates_in_place`)
+    shared_buffer: bool = False
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -115,3 +128,89 @@ class DecoderSpec:
             for kind in KINDS:
                 feeds[past_name(i, kind)] = rng.standard_normal(shape).astype(self.kv_dtype)
         return feeds
+
+
+class KVCache:
+    """The past keys / values of a generation in buffers that a shared-buffer build (spec
+    `shared_buffer`) reads as its past and writes as its present: a step adds its tokens in
+    place. The buffers hold `chunk` tokens more than needed and grow by whole chunks (the
+    kept tokens copied once per chunk), never to the model's whole context up front."""
+
+    def __init__(self, spec: DecoderSpec, batch: int, chunk: int = 256):
+        self.spec, self.batch, self.chunk = spec, batch, chunk
+        self.length = 0  # tokens held (the attention mask's width)
+        self._arrays: dict[str, np.ndarray] = {}  # the buffers' memory (the OrtValues view it)
+        self._values: dict[str, object] = {}
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self._arrays.values())).shape[2] if self._arrays else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tokens held (the buffers reserve up to a chunk more)."""
+        return self.batch * self.length * self.spec.kv_bytes_per_token
+
+    def reserve(self, total: int) -> None:
+        """Make room for `total` tokens (the held ones kept)."""
+        if total <= self.capacity:
+            return
+        import onnxruntime as ort
+
+        spec, capacity = self.spec, math.ceil(total / self.chunk) * self.chunk
+        for layer in range(spec.layers):
+            for kind in KINDS:
+                name = past_name(layer, kind)
+                array = np.zeros((self.batch, spec.kv_heads, capacity, spec.head_dim), spec.kv_dtype)
+                if self.length:
+                    array[:, :, :self.length] = self._arrays[name][:, :, :self.length]
+                self._arrays[name], self._values[name] = array, ort.OrtValue.ortvalue_from_numpy(array)
+
+    def bindings(self, row: int | None = None) -> dict[str, tuple[str, object]]:
+        """{past name: (present name, buffer)}: what Backend.infer_in_place binds; of one row of
+        the batch when `row` is given (a view of the same memory)."""
+        if row is not None:
+            import onnxruntime as ort
+
+            values = {name: ort.OrtValue.ortvalue_from_numpy(array[row:row + 1]) for name, array in self._arrays.items()}
+        else:
+            values = self._values
+        return {name: (present_name(*_PAST.match(name).groups()), value) for name, value in values.items()}
+
+    def views(self) -> dict[str, np.ndarray]:
+        """{past name: the held tokens [B, kv_heads, length, head_dim]} (views, no copy)."""
+        return {name: array[:, :, :self.length] for name, array in self._arrays.items()}
+
+    def load(self, past: Mapping[str, np.ndarray]) -> None:
+        """Start from a given past {past name: [B, kv_heads, length, head_dim]} (copied in)."""
+        length = next(iter(past.values())).shape[2]
+        self.length = 0
+        self.reserve(length)
+        for name, array in self._arrays.items():
+            array[:, :, :length] = past[name]
+        self.length = length
+
+
+def updates_in_place(backend, spec: DecoderSpec) -> bool:
+    """Whether the decoder graph behind `backend` works on a shared past / present buffer:
+    a prompt, then a step of two tokens that outgrows the buffer, each run both ways (the
+    past fed and the present returned; one buffer bound as both) must give the same logits
+    and caches."""
+    if not backend.in_place:
+        return False
+    cache = KVCache(spec, batch=1, chunk=4)
+    past = spec.empty_cache(1)
+    for new in (3, 2):
+        feeds = {**spec.random_feeds(1, new=new, past=cache.length, seed=new), **past}
+        want = backend.infer(feeds)
+        cache.reserve(cache.length + new)
+        try:
+            got = backend.infer_in_place({k: v for k, v in feeds.items() if k not in past}, cache.bindings(), [LOGITS])
+        except Exception:  # noqa: BLE001 - the graph refuses a buffer longer than its past
+            return False
+        cache.length += new
+        past = {name: want[present_name(*_PAST.match(name).groups())] for name in past}
+        if not np.allclose(got[LOGITS], want[LOGITS], rtol=1e-4, atol=1e-5) or \
+                not all(np.array_equal(view, past[name]) for name, view in cache.views().items()):
+            return False
+    return True

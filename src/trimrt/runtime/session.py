@@ -15,9 +15,9 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendUnavailableError, BuildLoadError, InputError, RunError, SessionClosedError, TrimrtError
-from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend
+from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend, one_row_at_a_time, row_feeds
 from .feeds import TensorInfo, validate_feeds
-from .kv_cache import KINDS, past_name
+from .kv_cache import ATTENTION_MASK, KINDS, PRESENT_PREFIX, KVCache, past_name
 from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -83,6 +83,35 @@ class Session:
             raise
         except Exception as exc:  # noqa: BLE001 - backends raise their own types; the caller gets ours
             raise _run_error(exc, self.backend) from None
+
+    def run_with_cache(self, feeds: Mapping[str, object], cache: KVCache) -> dict[str, np.ndarray]:
+        """A step of a shared-buffer decoder build (spec `shared_buffer`): `feeds` without the
+        past, which `cache` holds and takes this step's keys / values into, in place (made room
+        for here). Returns the outputs but the present key / values."""
+        self._check_open()
+        if not self.backend.in_place:
+            raise InputError(f"the {self.backend.name} backend cannot share cache buffers; use run() with the past")
+        names = [o.name for o in self.outputs if not o.name.startswith(PRESENT_PREFIX)]
+        new = np.shape(feeds.get(ATTENTION_MASK))[-1] - cache.length if ATTENTION_MASK in feeds else 0
+        cache.reserve(cache.length + max(new, 0))
+        checked = validate_feeds(self.inputs, {**feeds, **cache.views()})
+        self._check_values(checked)
+        feeds = {k: checked[k] for k in feeds}
+        try:
+            try:
+                out = self.backend.infer_in_place(feeds, cache.bindings(), names)
+            except Exception as exc:  # noqa: BLE001 - ORT's own types
+                if not one_row_at_a_time(exc):
+                    raise
+                rows = [self.backend.infer_in_place(row_feeds(feeds, r), cache.bindings(r), names)
+                        for r in range(cache.batch)]
+                out = {name: np.concatenate([row[name] for row in rows]) for name in names}
+        except TrimrtError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - backends raise their own types; the caller gets ours
+            raise _run_error(exc, self.backend) from None
+        cache.length += new
+        return out
 
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         return self.run(feeds)
