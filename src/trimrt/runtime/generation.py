@@ -24,8 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .kv_cache import (ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, KVCache, past_name,
-                       present_name)
+from .kv_cache import ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, KVCache, past_name, present_name
 from .manifest import TOKENIZER
 
 

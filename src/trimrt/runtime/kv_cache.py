@@ -16,8 +16,8 @@ is never copied by a decode step.
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
