@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ..runtime.kv_cache import ATTENTION_MASK
 from .base import GraphBuilder, TrimrtPass
 
 #: the first opset with Attention, RotaryEmbedding and RMSNormalization ops (ONNX Runtime >= 1.23)
@@ -130,8 +131,9 @@ def _rewrite_all(model: ir.Model, mode: str) -> dict:
         # each fused RoPE computes its own Cos / Sin of the same angles: one pair is enough
         ir.passes.common.CommonSubexpressionEliminationPass()(model)
         attentions = [n for n in model.graph if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
+        lengths = {} if mode == "group_query" else None  # GroupQueryAttention's sequence lengths, once per mask
         counts["token_major"] = sum(_token_major(GraphBuilder(model.graph, KVAttentionPass.name, f"{n.name}_bsd"), n,
-                                                 group_query=mode == "group_query") for n in attentions)
+                                                 lengths) for n in attentions)
         counts["kv_op"] = "GroupQueryAttention" if mode == "group_query" and counts["token_major"] else "Attention"
         if counts["kv_op"] == "GroupQueryAttention":
             model.opset_imports.setdefault(ORT_DOMAIN, 1)
@@ -325,14 +327,14 @@ def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
     return (source, shape[2]) if not isinstance(width, int) or width == shape[2] * shape[3] else None
 
 
-def _token_major(b, attention: ir.Node, group_query: bool) -> bool:
+def _token_major(b, attention: ir.Node, lengths: dict | None) -> bool:
     """Run an Attention (and the RoPEs before it) on the projections as they come, [B, S, heads·d],
     instead of viewed as [B, heads, S, d]: the Reshapes and Transposes around every layer's
     attention go (opset-23 Attention and RotaryEmbedding take 3-D inputs given their head
-    counts). With `group_query`, the attention becomes ONNX Runtime's GroupQueryAttention,
-    which takes the same inputs and, given a cache buffer shared by past and present, writes
-    the new keys / values into it instead of copying the cache. False, graph unchanged, when
-    the layer is not in that form."""
+    counts). Given `lengths` (sequence-length values made so far, by mask), the attention
+    becomes ONNX Runtime's GroupQueryAttention, which takes the same inputs and, given a cache
+    buffer shared by past and present, writes the new keys / values into it instead of
+    copying the cache. False, graph unchanged, when the layer is not in that form."""
     q, k, v, mask, past_key, past_value = attention.inputs
     scale = attention.attributes.get_float("scale", 1.0)
     if (mul := _op(q, "Mul")) is not None and _scalar(mul.inputs[1]) and len(q.uses()) == 1:
@@ -359,8 +361,8 @@ def _token_major(b, attention: ir.Node, group_query: bool) -> bool:
     (q3, heads), (k3, kv_heads), (v3, _) = (view for view, _ in inputs)
     rotated = [b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
                for (x, n), (_, rope) in zip(((q3, heads), (k3, kv_heads), (v3, kv_heads)), inputs)]
-    if group_query:
-        total, seqlens = _sequence_lengths(b, mask, q3, past_key)
+    if lengths is not None:
+        total, seqlens = _sequence_lengths(b, mask, q3, past_key, lengths)
         y, present_key, present_value = b.op_multi_out(
             "GroupQueryAttention", [*rotated, past_key, past_value, seqlens, total, None, None, None, mask],
             {"scale": scale, "num_heads": heads, "kv_num_heads": kv_heads}, num_outputs=3, domain=ORT_DOMAIN)
@@ -371,6 +373,8 @@ def _token_major(b, attention: ir.Node, group_query: bool) -> bool:
     y.shape, y.dtype = ir.Shape([*list(q3.shape)[:2], q3.shape[2]]), q3.dtype
     b.insert_before(attention)
     merge.replace_input_with(0, y)  # the same data in the same order: [B, S, H, d] is [B, S, H·d]
+    if _same_shape(merge.outputs[0].shape, y.shape) and not merge.outputs[0].is_graph_output():
+        ir.convenience.replace_all_uses_with(merge.outputs[0], y)  # a view of y as itself: no kernel for it
     for old, new in zip(attention.outputs[1:], (present_key, present_value)):
         new.shape, new.dtype = old.shape, old.dtype
         name = old.name
@@ -379,20 +383,34 @@ def _token_major(b, attention: ir.Node, group_query: bool) -> bool:
     return True
 
 
-def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
+    """Statically equal shapes (same rank, each dimension the same number or symbol)."""
+    return a is not None and b is not None and len(a) == len(b) and all(
+        _same(x, y) and x is not None for x, y in zip(a, b))
+
+
+def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, made: dict) -> tuple[ir.Value, ir.Value]:
     """GroupQueryAttention's total_sequence_length (int32 scalar) and seqlens_k (int32 [B], total
     - 1 in every row: the cache keeps the positional layout of the mask, whose additive bias
     masks the padding). The total is the mask's width (past + new tokens, whatever the past
     buffer's length: the cache may be a shared buffer with room to spare); a mask broadcast
-    over the keys gives none, and then the past's length plus the new tokens' count does."""
-    if mask.shape is not None and len(mask.shape) == 4 and mask.shape[3] != 1:
+    over the keys gives none, and then the past's length plus the new tokens' count does.
+    Made once per mask (`made`), for every layer that shares it."""
+    from_mask = mask.shape is not None and len(mask.shape) == 4 and mask.shape[3] != 1
+    key = id(mask) if from_mask else (id(mask), id(past_key))
+    if key in made:
+        return made[key]
+    if from_mask:
         width = b.op("Shape", [mask], {"start": 3, "end": 4})
     else:
         width = b.op("Add", [b.op("Shape", [past_key], {"start": 2, "end": 3}), b.op("Shape", [q], {"start": 1, "end": 2})])
     width = b.op("Cast", [width], {"to": ir.DataType.INT32})
     total = b.op("Squeeze", [width, b.const(np.array([0]))])
+    # the batch from the graph's attention_mask when it has one (else from this layer's queries)
+    batch_of = next((v for v in b.graph.inputs if v.name == ATTENTION_MASK), q)
     seqlens = b.op("Expand", [b.op("Sub", [width, b.const(np.array([1], np.int32))]),
-                              b.op("Shape", [q], {"start": 0, "end": 1})])
+                              b.op("Shape", [batch_of], {"start": 0, "end": 1})])
+    made[key] = total, seqlens
     return total, seqlens
 
 
