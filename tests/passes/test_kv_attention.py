@@ -54,7 +54,7 @@ def test_a_shared_cache_buffer_is_written_in_place(family):
     """The build takes a past buffer longer than its past (ONNX Runtime GenAI's shared buffer):
     a prompt and then decode steps written into one buffer, growing by chunks, give the
     logits and caches of the exported graph fed its past each step."""
-    from trimrt.runtime.kv_cache import ATTENTION_MASK, LOGITS, KVCache, present_name
+    from trimrt.runtime.kv_cache import ATTENTION_BIAS, ATTENTION_MASK, LOGITS, KVCache, present_name
 
     path, _ = build(family)
     session = trimrt.load(path)
@@ -67,6 +67,10 @@ def test_a_shared_cache_buffer_is_written_in_place(family):
     for step, new in enumerate((5, 1, 1, 2, 1)):  # 6 tokens fill the first chunk; the 4th step outgrows it
         feeds = spec.random_feeds(2, new=new, past=cache.length, seed=step)
         feeds = {**feeds, **past}
+        if step == 2:  # an extra mask on one step only: the next step must not keep it
+            bias = np.zeros((2, 1, new, cache.length + new), np.float32)
+            bias[:, :, :, 3] = -1e4
+            feeds[ATTENTION_BIAS] = bias
         want = reference.infer(feeds)
         got = session.run_with_cache({k: v for k, v in feeds.items() if k not in past}, cache)
         assert set(got) == {LOGITS} and cache.length == feeds[ATTENTION_MASK].shape[1]

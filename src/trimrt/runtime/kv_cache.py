@@ -48,6 +48,15 @@ def present_name(layer: int, kind: str) -> str:
     return f"{PRESENT_PREFIX}{layer}.{kind}"
 
 
+def is_past_name(name: str) -> bool:
+    return _PAST.match(name) is not None
+
+
+def _present_of(past: str) -> str:
+    """The present output that continues a past input."""
+    return present_name(*_PAST.match(past).groups())
+
+
 def past_layers(input_names) -> int:
     """How many layers' past key/value inputs `input_names` holds (0: not a KV-cache graph)."""
     found = {m.groups() for m in map(_PAST.match, input_names) if m}
@@ -141,6 +150,8 @@ class KVCache:
         self.length = 0  # tokens held (the attention mask's width)
         self._arrays: dict[str, np.ndarray] = {}  # the buffers' memory (the OrtValues view it)
         self._values: dict[str, object] = {}
+        #: what a backend keeps between steps while the buffers stay (Backend.infer_in_place)
+        self.backend_state: dict = {}
 
     @property
     def capacity(self) -> int:
@@ -165,17 +176,19 @@ class KVCache:
                 if self.length:
                     array[:, :, :self.length] = self._arrays[name][:, :, :self.length]
                 self._arrays[name], self._values[name] = array, ort.OrtValue.ortvalue_from_numpy(array)
+        self.backend_state = {}  # new buffers: bound anew
 
     def bindings(self, row: int | None = None) -> dict[str, tuple[str, object]]:
         """{past name: (present name, buffer)}: what Backend.infer_in_place binds; of one row of
         the batch when `row` is given (a view of the same memory)."""
-        if row is not None:
-            import onnxruntime as ort
+        if row is None:
+            if "bindings" not in self.backend_state:
+                self.backend_state["bindings"] = {name: (_present_of(name), v) for name, v in self._values.items()}
+            return self.backend_state["bindings"]
+        import onnxruntime as ort
 
-            values = {name: ort.OrtValue.ortvalue_from_numpy(array[row:row + 1]) for name, array in self._arrays.items()}
-        else:
-            values = self._values
-        return {name: (present_name(*_PAST.match(name).groups()), value) for name, value in values.items()}
+        return {name: (_present_of(name), ort.OrtValue.ortvalue_from_numpy(array[row:row + 1]))
+                for name, array in self._arrays.items()}
 
     def views(self) -> dict[str, np.ndarray]:
         """{past name: the held tokens [B, kv_heads, length, head_dim]} (views, no copy)."""
@@ -209,7 +222,7 @@ def updates_in_place(backend, spec: DecoderSpec) -> bool:
         except Exception:  # noqa: BLE001 - the graph refuses a buffer longer than its past
             return False
         cache.length += new
-        past = {name: want[present_name(*_PAST.match(name).groups())] for name in past}
+        past = {name: want[_present_of(name)] for name in past}
         if not np.allclose(got[LOGITS], want[LOGITS], rtol=1e-4, atol=1e-5) or \
                 not all(np.array_equal(view, past[name]) for name, view in cache.views().items()):
             return False

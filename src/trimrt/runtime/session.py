@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, BuildLoadError, InputError, RunError, SessionClosedError, TrimrtError
 from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend, one_row_at_a_time, row_feeds
 from .feeds import TensorInfo, validate_feeds
-from .kv_cache import ATTENTION_MASK, KINDS, PRESENT_PREFIX, KVCache, past_name
+from .kv_cache import ATTENTION_MASK, KINDS, PRESENT_PREFIX, KVCache, is_past_name, past_name
 from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -53,6 +53,7 @@ class Session:
             raise BuildLoadError(f"{self.build_dir}: {_engine_name(self.backend)} cannot load {file}: "
                                  f"{_backend_message(exc)}; recompile the build") from None
         self._limits = self.manifest.get("input_limits") or {}
+        self._step_inputs: list[TensorInfo] | None = None  # the inputs but the past (run_with_cache)
         self._closed = False
 
     @property
@@ -94,12 +95,14 @@ class Session:
         names = [o.name for o in self.outputs if not o.name.startswith(PRESENT_PREFIX)]
         new = np.shape(feeds.get(ATTENTION_MASK))[-1] - cache.length if ATTENTION_MASK in feeds else 0
         cache.reserve(cache.length + max(new, 0))
-        checked = validate_feeds(self.inputs, {**feeds, **cache.views()})
-        self._check_values(checked)
-        feeds = {k: checked[k] for k in feeds}
+        # the past is the cache's own (its geometry is the spec's): the step's feeds are checked
+        if self._step_inputs is None:
+            self._step_inputs = [i for i in self.inputs if not is_past_name(i.name)]
+        feeds = validate_feeds(self._step_inputs, feeds)
+        self._check_values(feeds, decoding=cache.length > 0)
         try:
             try:
-                out = self.backend.infer_in_place(feeds, cache.bindings(), names)
+                out = self.backend.infer_in_place(feeds, cache.bindings(), names, cache.backend_state)
             except Exception as exc:  # noqa: BLE001 - ORT's own types
                 if not one_row_at_a_time(exc):
                     raise
@@ -152,11 +155,12 @@ class Session:
             raise InputError(f"unknown output(s) {unknown}; the model gives {known}")
         return list(output_names) or None
 
-    def _check_values(self, feeds: dict[str, np.ndarray]) -> None:
-        """What the graph would fail on (or silently get wrong) but the manifest tells in advance."""
+    def _check_values(self, feeds: dict[str, np.ndarray], decoding: bool = False) -> None:
+        """What the graph would fail on (or silently get wrong) but the manifest tells in advance;
+        `decoding`: a decoder's step on a past (its prompt is past), also told by a past fed."""
         min_tokens = self.manifest.get("min_tokens") or 0
         past = feeds.get(past_name(0, KINDS[0]))
-        if past is not None and past.ndim == 4 and past.shape[2] > 0:  # a decoder's decode step: its prompt is past
+        if decoding or (past is not None and past.ndim == 4 and past.shape[2] > 0):
             min_tokens = 0
         for info in self.inputs:
             arr = feeds.get(info.name)
