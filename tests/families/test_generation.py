@@ -27,6 +27,29 @@ def test_greedy_generation_equals_hugging_face(family):
     assert batch[0].tokens == single.tokens  # left padding changes nothing for the longest prompt
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_cache_growing_by_small_chunks_generates_the_same(family):
+    """The build's shared cache buffer (decoder.shared_buffer) grown by chunks of 8 tokens, nine
+    times over 74 tokens, generates what Hugging Face does, and what the same build does with
+    its cache fed back as tensors every step."""
+    from dataclasses import replace
+
+    from trimrt.runtime.generation import Generator
+
+    path, model = build(family)
+    session = trimrt.load(path)
+    grown = Generator(session, kv_chunk=8)
+    assert grown.spec.shared_buffer
+    out = grown.generate(PROMPTS, max_new_tokens=64)
+    assert [r.tokens for r in out] == hf_greedy(model, PROMPTS, 64)
+    assert out[0].stats.kv_cache_bytes == 3 * (11 + 63) * grown.spec.kv_bytes_per_token
+    fed_back = Generator(session)
+    fed_back.spec = replace(fed_back.spec, shared_buffer=False)
+    again = fed_back.generate(PROMPTS, max_new_tokens=64)
+    assert [r.tokens for r in again] == [r.tokens for r in out]
+    assert again[0].stats.kv_cache_bytes == out[0].stats.kv_cache_bytes
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefill_and_decode_logits_match_pytorch(family):
     """Prefill of 11 tokens, then a 3-token step on the cache (what speculation verifies)."""

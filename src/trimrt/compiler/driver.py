@@ -153,9 +153,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             # embedding hides the vocabulary from a search on the built graph)
             "input_limits": _limits_for(limits, {i.name for i in build_rt.inputs}),
             "compile_seconds": round(time.perf_counter() - started, 2),
-            **({"decoder": {**loaded.decoder.to_dict(), "prunes_prompt": prunes_prompt,
-                            "shared_buffer": target == "onnxruntime" and not prunes_prompt
-                            and updates_in_place(build_rt, loaded.decoder)}}
+            **({"decoder": decoder_entry(loaded.decoder, reports, build_rt, target, min_tokens)}
                if loaded.decoder is not None else {}),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
@@ -163,6 +161,20 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     ratio = manifest["flops"]["ratio"]
     say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
     return manifest
+
+
+def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_tokens: int) -> dict:
+    """The manifest's "decoder" entry: the spec, what the token pruning left in each layer's
+    cache, and whether the build works on a shared cache buffer (run both ways, on ONNX Runtime)."""
+    from dataclasses import replace
+
+    pruning = next((r.details for r in reports if r.name == "token_pruning"), None)
+    prunes_prompt = pruning is not None
+    removed = tuple(pruning.get("cache_tokens_removed") or ()) if pruning else ()
+    spec = replace(spec, prunes_prompt=prunes_prompt, cache_tokens_removed=removed)
+    shared = target == "onnxruntime" and (removed or not prunes_prompt) and \
+        updates_in_place(build_rt, spec, prompt=max(3, min_tokens))
+    return replace(spec, shared_buffer=bool(shared)).to_dict()
 
 
 #: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)

@@ -111,6 +111,7 @@ def _rewrite_all(model: ir.Model, mode: str) -> dict:
         found = {id(s.softmax) for s in sites}
         sites += [s for n in softmaxes if id(n) not in found and (s := _match(n, sites[0])) is not None]
     cached = [s for s in sites if fuse and _cache_concat(s.keys) and _cache_concat(s.values)]
+    geometry = {}  # Attention node name -> (heads, KV heads, head size)
     counts = {"opset": model.opset_imports.get("", 0), "attention_ops": len(cached), "grouped": 0}
     if cached:
         from onnxscript import version_converter
@@ -121,7 +122,7 @@ def _rewrite_all(model: ir.Model, mode: str) -> dict:
     for i, site in enumerate(sites):
         b = GraphBuilder(model.graph, KVAttentionPass.name, f"trimrt_attention_{i}")
         if any(site is c for c in cached):
-            _attention(b, site)
+            geometry[_attention(b, site).name] = (site.heads, site.heads // site.group, site.head_dim)
         elif site.group > 1:
             _grouped(b, site)
             counts["grouped"] += 1
@@ -132,9 +133,14 @@ def _rewrite_all(model: ir.Model, mode: str) -> dict:
         ir.passes.common.CommonSubexpressionEliminationPass()(model)
         attentions = [n for n in model.graph if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
         lengths = {} if mode == "group_query" else None  # GroupQueryAttention's sequence lengths, once per mask
-        counts["token_major"] = sum(_token_major(GraphBuilder(model.graph, KVAttentionPass.name, f"{n.name}_bsd"), n,
-                                                 lengths) for n in attentions)
-        counts["kv_op"] = "GroupQueryAttention" if mode == "group_query" and counts["token_major"] else "Attention"
+        counts["token_major"] = 0
+        for n in attentions:
+            b = GraphBuilder(model.graph, KVAttentionPass.name, f"{n.name}_bsd")
+            if _token_major(b, n, lengths):
+                counts["token_major"] += 1
+            elif lengths is not None:  # heads-major (a pruned block's views lost their shapes): viewed for it
+                _group_query_on_heads(b, n, geometry[n.name], lengths)
+        counts["kv_op"] = "GroupQueryAttention" if mode == "group_query" else "Attention"
         if counts["kv_op"] == "GroupQueryAttention":
             model.opset_imports.setdefault(ORT_DOMAIN, 1)
         ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -293,9 +299,9 @@ def _scale(site: _Site) -> float:
     return scale
 
 
-def _attention(b, site: _Site) -> None:
+def _attention(b, site: _Site) -> ir.Node:
     """One Attention on the cache in place of the site; its present key / value replace the
-    Concats' (graph outputs keep their names)."""
+    Concats' (graph outputs keep their names). Returns the node."""
     (past_key, new_key), (past_value, new_value) = _cache_concat(site.keys), _cache_concat(site.values)
     out, present_key, present_value = b.op_multi_out(
         "Attention", [site.scores.inputs[0], new_key, new_value, site.mask, past_key, past_value],
@@ -309,6 +315,7 @@ def _attention(b, site: _Site) -> None:
         name = old.name
         ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
         old.name, new.name = f"{name}_unfused", name
+    return out.producer()
 
 
 def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
@@ -383,6 +390,30 @@ def _token_major(b, attention: ir.Node, lengths: dict | None) -> bool:
     return True
 
 
+def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int], lengths: dict) -> None:
+    """A heads-major Attention ([B, heads, S, d]) as GroupQueryAttention on views of its inputs
+    as [B, S, heads·d] (and of its output back): a few view kernels more than the token-major
+    form, but the cache written in place like every other layer's."""
+    q, k, v, mask, past_key, past_value = attention.inputs
+    heads, kv_heads, head_dim = geometry
+    flat = b.const(np.array([0, 0, -1]))
+    q3, k3, v3 = (b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), flat]) for x in (q, k, v))
+    total, seqlens = _sequence_lengths(b, mask, q3, past_key, lengths)
+    y, present_key, present_value = b.op_multi_out(
+        "GroupQueryAttention", [q3, k3, v3, past_key, past_value, seqlens, total, None, None, None, mask],
+        {"scale": attention.attributes.get_float("scale", head_dim ** -0.5), "num_heads": heads,
+         "kv_num_heads": kv_heads}, num_outputs=3, domain=ORT_DOMAIN)
+    out = b.op("Transpose", [b.op("Reshape", [y, b.const(np.array([0, 0, heads, head_dim]))])], {"perm": [0, 2, 1, 3]})
+    out.shape, out.dtype = attention.outputs[0].shape, attention.outputs[0].dtype
+    b.insert_before(attention)
+    ir.convenience.replace_all_uses_with(attention.outputs[0], out)
+    for old, new in zip(attention.outputs[1:], (present_key, present_value)):
+        new.shape, new.dtype = old.shape, old.dtype
+        name = old.name
+        ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+        old.name, new.name = f"{name}_heads_major", name
+
+
 def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
     """Statically equal shapes (same rank, each dimension the same number or symbol)."""
     return a is not None and b is not None and len(a) == len(b) and all(
@@ -393,10 +424,11 @@ def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, made: 
     """GroupQueryAttention's total_sequence_length (int32 scalar) and seqlens_k (int32 [B], total
     - 1 in every row: the cache keeps the positional layout of the mask, whose additive bias
     masks the padding). The total is the mask's width (past + new tokens, whatever the past
-    buffer's length: the cache may be a shared buffer with room to spare); a mask broadcast
-    over the keys gives none, and then the past's length plus the new tokens' count does.
+    buffer's length: the cache may be a shared buffer with room to spare); a mask known to be
+    broadcast over the keys gives none, and then the past's length plus the new tokens' count
+    does (the compile check rejects the form if a mask of unknown shape was broadcast).
     Made once per mask (`made`), for every layer that shares it."""
-    from_mask = mask.shape is not None and len(mask.shape) == 4 and mask.shape[3] != 1
+    from_mask = mask.shape is None or (len(mask.shape) == 4 and mask.shape[3] != 1)
     key = id(mask) if from_mask else (id(mask), id(past_key))
     if key in made:
         return made[key]

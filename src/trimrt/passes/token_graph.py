@@ -26,10 +26,17 @@ from ..compiler.analysis import Attention, TransformerMap, structure_of
 from ..compiler.decoder import DECODER_SPEC
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
-from ..runtime.kv_cache import KINDS, past_name, present_name
+from ..runtime.kv_cache import ATTENTION_MASK, KINDS, past_name, present_name
 from . import token_shapes
 from .base import GraphBuilder, TrimrtPass
-from .token_shapes import downstream_nodes, gather_tokens, rederive_shape_values, side_inputs, travelling_constants
+from .token_shapes import (
+    ORIGINAL_COUNT_MARK,
+    downstream_nodes,
+    gather_tokens,
+    rederive_shape_values,
+    side_inputs,
+    travelling_constants,
+)
 
 #: additive bias of a key no query may attend (finite, so sums with other masks stay finite)
 BLOCKED = -1e9
@@ -110,20 +117,27 @@ class TokenRewrite:
 
         keep = b.subgraph(f"{b.prefix}_step", [], keep_all, [(f"{b.prefix}_step_tokens", stream.dtype, None),
                                                                (f"{b.prefix}_step_index", ir.DataType.INT64, None)])
-        past = self._graph_input(past_name(0, KINDS[0]))
-        empty = b.op("Equal", [b.op("Shape", [past], {"start": 2, "end": 3}, name=f"{b.prefix}_past"),
-                               b.const(np.array([0]), name=f"{b.prefix}_zero_past")], name=f"{b.prefix}_is_prompt")
+        # no past: the mask is as wide as the step's tokens (the past's length would not tell: a
+        # shared cache buffer is longer than the past it holds); both full counts, never re-derived
+        width = b.op("Shape", [self._graph_input(ATTENTION_MASK)], {"start": 1, "end": 2}, name=f"{b.prefix}_width")
+        tokens = b.op("Shape", [self._graph_input(self.decoder.token_input)], {"start": 1, "end": 2},
+                      name=f"{b.prefix}_tokens")
+        for value in (width, tokens):
+            value.producer().metadata_props[ORIGINAL_COUNT_MARK] = "1"
+        empty = b.op("Equal", [width, tokens], name=f"{b.prefix}_is_prompt")
         y, kept = b.op_multi_out("If", [empty], {"then_branch": then, "else_branch": keep}, num_outputs=2,
                                  name=f"{b.prefix}_prompt_only")
         y.dtype, kept.dtype = stream.dtype, ir.DataType.INT64
         return y, kept
 
-    def own_lengths(self, first: int) -> None:
+    def own_lengths(self, first: int, removed: int | None) -> None:
         """A KV-cache decoder's blocks from `first` on run on the reduced prompt: they attend
         with a causal mask of their own lengths (query i sees the reduced past and the new
         tokens up to itself: the graph's mask over the full past does not travel with the
         tokens, so padding is not supported; the runtime refuses padded prompts for such
-        builds), and their past / present caches get their own length symbols."""
+        builds), and their past / present caches get their own length symbols. Their past
+        holds `removed` tokens fewer than the mask's past (None: not known when compiled);
+        fed a shared cache buffer, longer than any past, they count their past so."""
         blocks = self.tmap.blocks
         if first >= len(blocks):
             return
@@ -139,6 +153,14 @@ class TokenRewrite:
         # keys: their repeated GQA heads would stay alive for it)
         own_past = b.op("Shape", [self._graph_input(past_name(first, KINDS[0]))], {"start": 2, "end": 3},
                         name=f"{prefix}_own_past")
+        if removed is not None:  # a buffer longer than the mask's past is a shared one: its held tokens count
+            width = b.op("Shape", [self._graph_input(ATTENTION_MASK)], {"start": 1, "end": 2}, name=f"{prefix}_width")
+            width.producer().metadata_props[ORIGINAL_COUNT_MARK] = "1"  # the full count: never re-derived
+            mask_past = b.op("Sub", [width, queries], name=f"{prefix}_mask_past")
+            held = b.op("Sub", [mask_past, b.const(np.array([removed]), name=f"{prefix}_removed")],
+                        name=f"{prefix}_held")
+            own_past = b.op("Where", [b.op("Greater", [own_past, mask_past], name=f"{prefix}_shared"), held, own_past],
+                            name=f"{prefix}_own_past_held")
         keys = b.op("Add", [own_past, queries], name=f"{prefix}_keys")
         zero, one = (b.const(np.array(i), name=f"{prefix}_{i}") for i in (0, 1))
         rows = b.op("Range", [zero, b.op("Squeeze", [queries], name=f"{prefix}_nq"), one], name=f"{prefix}_rows")

@@ -43,6 +43,8 @@ class TokenPruningPass(TokenGraphPass):
         method = TOKEN_PRUNING_METHODS[opts.method](opts, rw)
         method.prepare(n, start, span_len)
         biases = []  # (layer, key bias valid after it)
+        removed = 0  # a decoder's prompt tokens pruned so far (None: not known when compiled)
+        cache_removed = [0] * len(tmap.blocks)  # per layer: tokens its cache holds fewer than the mask
         for i, layer in enumerate(opts.layers):
             block = tmap.blocks[layer]
             keep = opts.kept_count(span_len) if span_len is not None else 0  # 0: the op computes k at run time
@@ -59,11 +61,15 @@ class TokenPruningPass(TokenGraphPass):
                 out, kept_index = rw.prompt_only(site.b, stream, out, kept_index)
             rw.replace_stream(site.b, stream, uses, out)
             first_reduced = layer if method.before_attention else layer + 1
+            new_span = (keep + (1 if fuse else 0)) if keep else None
             if rw.decoder is not None:
-                rw.own_lengths(first_reduced)
+                removed = removed + span_len - new_span - method.added_tokens \
+                    if None not in (removed, span_len, new_span) else None
+                rw.own_lengths(first_reduced, removed)
+                for j in range(first_reduced, len(cache_removed)):
+                    cache_removed[j] = removed
             rederived = rw.follow_tokens(out, kept_index, layer, first_reduced)
             pruned.append(out)
-            new_span = (keep + (1 if fuse else 0)) if keep else None
             tokens_out = (n - span_len + new_span + method.added_tokens) if isinstance(n, int) and new_span is not None else "dynamic"
             layers.append({"block": layer, "at": "block input" if method.before_attention else "after attention",
                            "tokens_in": n, "kept": keep if keep else f"ceil({opts.keep}·span)", "keep_ratio": opts.keep,
@@ -75,6 +81,8 @@ class TokenPruningPass(TokenGraphPass):
             n, span_len = tokens_out, new_span
         rw.bias_later_attention(biases)
         details = {"method": opts.method, "layers": layers, "tokens_before": n_orig, "tokens_after": n, **rw.finish(pruned, n_orig, n)}
+        if rw.decoder is not None and removed is not None:
+            details["cache_tokens_removed"] = cache_removed
         if tmap.prepended > start:  # DeiT's distillation token after the CLS: pruning it loses its head's input
             details["note"] = (f"the model prepends {tmap.prepended} learned tokens but the recipe protects {start}; "
                                f"protect = \"first:{tmap.prepended}\" keeps them all")

@@ -191,7 +191,13 @@ class Generator:
         for step in range(max_new):
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
-            out = self.session.run_with_cache(feeds, cache) if cache else self.session.run(feeds)
+            if cache and (cache.length or not spec.prunes_prompt):
+                out = self.session.run_with_cache(feeds, cache)
+            elif cache:  # a pruned prompt's prefill runs with its (empty) past fed; the cache holds what it returns
+                out = self.session.run({**feeds, **spec.empty_cache(batch)})
+                cache.load(out, mask.shape[1])
+            else:
+                out = self.session.run(feeds)
             chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
             for row, result in enumerate(results):
                 if not result.finish_reason:

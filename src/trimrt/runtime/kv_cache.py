@@ -90,10 +90,14 @@ class DecoderSpec:
     #: the graph writes a step's keys / values into a past buffer bound as its present too
     #: (checked when compiled: `updates_in_place`)
     shared_buffer: bool = False
+    #: per layer, the tokens its cache holds fewer than the mask once a prompt was pruned
+    #: (empty: every layer holds them all)
+    cache_tokens_removed: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["eos_token_ids"] = list(self.eos_token_ids)
+        out["cache_tokens_removed"] = list(self.cache_tokens_removed)
         return out
 
     @classmethod
@@ -103,7 +107,8 @@ class DecoderSpec:
             raise BuildLoadError(f"{where} is not a decoder build (its manifest has no 'decoder' entry); "
                                  "compile a causal LM (e.g. a *ForCausalLM) to generate text")
         try:
-            return cls(**{**entry, "eos_token_ids": tuple(entry.get("eos_token_ids") or ())})
+            return cls(**{**entry, "eos_token_ids": tuple(entry.get("eos_token_ids") or ()),
+                          "cache_tokens_removed": tuple(entry.get("cache_tokens_removed") or ())})
         except TypeError as exc:
             raise BuildLoadError(f"{where}: the manifest's 'decoder' entry is malformed ({exc}); recompile the build") from None
 
@@ -157,10 +162,16 @@ class KVCache:
     def capacity(self) -> int:
         return next(iter(self._arrays.values())).shape[2] if self._arrays else 0
 
+    def held(self, layer: int) -> int:
+        """Tokens layer `layer` holds (fewer than the mask's when the prompt was pruned)."""
+        removed = self.spec.cache_tokens_removed
+        return max(self.length - (removed[layer] if removed else 0), 0)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the tokens held (the buffers reserve up to a chunk more)."""
-        return self.batch * self.length * self.spec.kv_bytes_per_token
+        per_layer = self.spec.kv_bytes_per_token // self.spec.layers
+        return self.batch * per_layer * sum(self.held(i) for i in range(self.spec.layers))
 
     def reserve(self, total: int) -> None:
         """Make room for `total` tokens (the held ones kept)."""
@@ -174,7 +185,7 @@ class KVCache:
                 name = past_name(layer, kind)
                 array = np.zeros((self.batch, spec.kv_heads, capacity, spec.head_dim), spec.kv_dtype)
                 if self.length:
-                    array[:, :, :self.length] = self._arrays[name][:, :, :self.length]
+                    array[:, :, :self.held(layer)] = self._arrays[name][:, :, :self.held(layer)]
                 self._arrays[name], self._values[name] = array, ort.OrtValue.ortvalue_from_numpy(array)
         self.backend_state = {}  # new buffers: bound anew
 
@@ -191,31 +202,38 @@ class KVCache:
                 for name, array in self._arrays.items()}
 
     def views(self) -> dict[str, np.ndarray]:
-        """{past name: the held tokens [B, kv_heads, length, head_dim]} (views, no copy)."""
-        return {name: array[:, :, :self.length] for name, array in self._arrays.items()}
+        """{past name: the held tokens [B, kv_heads, held, head_dim]} (views, no copy)."""
+        return {name: array[:, :, :self.held(int(_PAST.match(name).group(1)))] for name, array in self._arrays.items()}
 
-    def load(self, past: Mapping[str, np.ndarray]) -> None:
-        """Start from a given past {past name: [B, kv_heads, length, head_dim]} (copied in)."""
-        length = next(iter(past.values())).shape[2]
+
+
+    def load(self, presents: Mapping[str, np.ndarray], length: int) -> None:
+        """Hold the presents a step returned ({present name: [B, kv_heads, held, head_dim]}),
+        the mask `length` tokens wide: what a pruned prompt's prefill gives (it runs with its
+        past fed, as its scoring reads the past's length)."""
         self.length = 0
         self.reserve(length)
-        for name, array in self._arrays.items():
-            array[:, :, :length] = past[name]
         self.length = length
+        for name, array in self._arrays.items():
+            array[:, :, :self.held(int(_PAST.match(name).group(1)))] = presents[_present_of(name)]
 
 
-def updates_in_place(backend, spec: DecoderSpec) -> bool:
+def updates_in_place(backend, spec: DecoderSpec, prompt: int = 3) -> bool:
     """Whether the decoder graph behind `backend` works on a shared past / present buffer:
-    a prompt, then a step of two tokens that outgrows the buffer, each run both ways (the
-    past fed and the present returned; one buffer bound as both) must give the same logits
-    and caches."""
+    a prompt of `prompt` tokens, then a step of two tokens that outgrows the buffer, each run
+    both ways (the past fed and the present returned; one buffer bound as both) must give
+    the same logits and caches."""
     if not backend.in_place:
         return False
-    cache = KVCache(spec, batch=1, chunk=4)
+    cache = KVCache(spec, batch=1, chunk=prompt + 1)
     past = spec.empty_cache(1)
-    for new in (3, 2):
+    for new in (prompt, 2):
         feeds = {**spec.random_feeds(1, new=new, past=cache.length, seed=new), **past}
         want = backend.infer(feeds)
+        if spec.prunes_prompt and not cache.length:  # its prompt runs with the past fed (KVCache.load)
+            cache.load(want, new)
+            past = {name: want[_present_of(name)] for name in past}
+            continue
         cache.reserve(cache.length + new)
         try:
             got = backend.infer_in_place({k: v for k, v in feeds.items() if k not in past}, cache.bindings(), [LOGITS])
