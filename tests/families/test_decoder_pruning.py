@@ -63,9 +63,12 @@ def test_generation_equals_fastv_in_pytorch(builds, layers):
     kv = results[0].stats.kv_cache_bytes
     assert kv == 2 * 2 * sum(n + 7 for n in lengths) * 2 * 16 * 4
     assert session.manifest["decoder"]["prunes_prompt"] is True
-    # the blocks after the pruning, whose shapes the token pass dropped, are Attention ops too
+    # the cache is a shared buffer written in place; each layer knows how many prompt tokens it lacks
+    assert session.manifest["decoder"]["shared_buffer"] is True
+    assert session.manifest["decoder"]["cache_tokens_removed"] == [PROMPT - n for n in lengths]
+    # the blocks after the pruning, whose shapes the token pass dropped, are attention ops too
     report = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "kv_attention")
-    assert report["attention_ops"] == LAYERS and report["grouped"] == 0
+    assert report["attention_ops"] == LAYERS and report["grouped"] == 0 and report["kv_op"] == "GroupQueryAttention"
 
 
 def test_a_decode_step_keeps_its_tokens(builds):
