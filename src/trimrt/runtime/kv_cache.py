@@ -57,6 +57,10 @@ def _present_of(past: str) -> str:
     return present_name(*_PAST.match(past).groups())
 
 
+def _layer_of(past: str) -> int:
+    return int(_PAST.match(past).group(1))
+
+
 def past_layers(input_names) -> int:
     """How many layers' past key/value inputs `input_names` holds (0: not a KV-cache graph)."""
     found = {m.groups() for m in map(_PAST.match, input_names) if m}
@@ -147,8 +151,8 @@ class DecoderSpec:
 class KVCache:
     """The past keys / values of a generation in buffers that a shared-buffer build (spec
     `shared_buffer`) reads as its past and writes as its present: a step adds its tokens in
-    place. The buffers hold `chunk` tokens more than needed and grow by whole chunks (the
-    kept tokens copied once per chunk), never to the model's whole context up front."""
+    place. The buffers are a whole number of `chunk`s of tokens long and grow by chunks (the
+    held tokens copied once per chunk), never to the model's whole context up front."""
 
     def __init__(self, spec: DecoderSpec, batch: int, chunk: int = 256):
         self.spec, self.batch, self.chunk = spec, batch, chunk
@@ -203,9 +207,7 @@ class KVCache:
 
     def views(self) -> dict[str, np.ndarray]:
         """{past name: the held tokens [B, kv_heads, held, head_dim]} (views, no copy)."""
-        return {name: array[:, :, :self.held(int(_PAST.match(name).group(1)))] for name, array in self._arrays.items()}
-
-
+        return {name: array[:, :, :self.held(_layer_of(name))] for name, array in self._arrays.items()}
 
     def load(self, presents: Mapping[str, np.ndarray], length: int) -> None:
         """Hold the presents a step returned ({present name: [B, kv_heads, held, head_dim]}),
@@ -215,7 +217,7 @@ class KVCache:
         self.reserve(length)
         self.length = length
         for name, array in self._arrays.items():
-            array[:, :, :self.held(int(_PAST.match(name).group(1)))] = presents[_present_of(name)]
+            array[:, :, :self.held(_layer_of(name))] = presents[_present_of(name)]
 
 
 def updates_in_place(backend, spec: DecoderSpec, prompt: int = 3) -> bool:
