@@ -40,7 +40,8 @@ def test_projections_of_one_input_are_packed_with_the_same_outputs():
     want = _run(model, feeds)
     pass_ = PackedProjectionsPass()
     assert pass_(model).modified
-    assert pass_.report == {"packed_groups": 1, "matmuls_packed": 3}  # q, k, v; not the tied, lone or output ones
+    assert pass_.report == {"packed_groups": 1, "matmuls_packed": 3,  # q, k, v; not the tied, lone or output ones
+                            "attention_fed_packed": 0}
     matmuls = [n for n in model.graph if n.op_type == "MatMul"]
     assert len(matmuls) == 5 and sum(n.op_type == "Split" for n in model.graph) == 1  # the packed ones are gone
     assert not {"wq", "wk", "wv"} & set(model.graph.initializers)

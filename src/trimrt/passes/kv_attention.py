@@ -13,6 +13,13 @@ fuse RMSNormalization and RotaryEmbedding. Exact up to float rounding, and check
 rewritten graph must agree with the exported one on a decode step and on a prompt (as
 ort_fusion checks), else only the grouping below is applied.
 
+On ONNX Runtime the attention is then its GroupQueryAttention (the form tried first, checked
+the same way): given a cache buffer bound as both past and present it writes a step's keys /
+values into it in place; it applies the RoPE itself, from cos / sin tables over the model's
+positions (its angle computation run once on 0 … max_positions − 1), reading every row's
+position ids (`query_seqlens`, ONNX Runtime >= 1.32, which also lets a batch take several new
+tokens on a past); and the packed-projections pass later feeds it Q/K/V as one tensor.
+
 Where the keys do not come from a Concat of past and new (a layer whose attention
 probabilities a token pruning op also reads), the query heads are grouped instead of the
 cache repeated: q [B, H, S, d] viewed as [B, Hkv, G, S, d] is multiplied with the cache
@@ -77,10 +84,11 @@ class KVAttentionPass(TrimrtPass):
 
         before = ir.serde.serialize_model(model)
         decoder = self.context.shared.get(DECODER_SPEC)
+        positions = decoder.max_positions if decoder is not None else None  # RoPE tables' length
         drift, mode, failures = None, "grouped", []
         for candidate in FUSED_FORMS:  # the first form that runs and agrees with the export
             trial = owned_model(before)
-            if not _rewrite_all(trial, candidate)["attention_ops"]:
+            if not _rewrite_all(trial, candidate, positions)["attention_ops"]:
                 break
             drift = relative_drift(before, ir.serde.serialize_model(trial), self.tokens, None, decoder=decoder)
             if drift is not None and drift <= FUSION_TOLERANCE:
@@ -88,7 +96,7 @@ class KVAttentionPass(TrimrtPass):
                 break
             failures.append("the rewritten graph does not run on ONNX Runtime" if drift is None else
                             f"the rewritten graph differs from the exported one (relative error {drift:.2g})")
-        counts = _rewrite_all(model, mode)  # the checked rewrite again, in place (or the grouping only)
+        counts = _rewrite_all(model, mode, positions)  # the checked rewrite again, in place (or the grouping only)
         builder = self.builder(model.graph)
         for node in model.graph:  # the fused norms and RoPEs (onnxscript's rules made them) carry the pass tag too
             if node.domain in ("", "ai.onnx") and node.op_type in ("RMSNormalization", "RotaryEmbedding"):
@@ -100,7 +108,7 @@ class KVAttentionPass(TrimrtPass):
         return ir.passes.PassResult(model, modified=any(v for k, v in counts.items() if k != "opset"))
 
 
-def _rewrite_all(model: ir.Model, mode: str) -> dict:
+def _rewrite_all(model: ir.Model, mode: str, max_positions: int | None = None) -> dict:
     """Rewrite the attention sites of `model` in place (mode: one of FUSED_FORMS, or "grouped"):
     as attention ops on the cache, the model at opset 23 with RMSNorm and RoPE fused, else
     by grouping query heads."""
@@ -132,14 +140,16 @@ def _rewrite_all(model: ir.Model, mode: str) -> dict:
         # each fused RoPE computes its own Cos / Sin of the same angles: one pair is enough
         ir.passes.common.CommonSubexpressionEliminationPass()(model)
         attentions = [n for n in model.graph if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
-        lengths = {} if mode == "group_query" else None  # GroupQueryAttention's sequence lengths, once per mask
+        group_query = _GroupQuery(max_positions) if mode == "group_query" else None
         counts["token_major"] = 0
         for n in attentions:
             b = GraphBuilder(model.graph, KVAttentionPass.name, f"{n.name}_bsd")
-            if _token_major(b, n, lengths):
+            if _token_major(b, n, group_query):
                 counts["token_major"] += 1
-            elif lengths is not None:  # heads-major (a pruned block's views lost their shapes): viewed for it
-                _group_query_on_heads(b, n, geometry[n.name], lengths)
+            elif group_query is not None:  # heads-major (a pruned block's views lost their shapes): viewed for it
+                _group_query_on_heads(b, n, geometry[n.name], group_query)
+        if group_query is not None:
+            counts["rotary_in_attention"] = group_query.rotary
         counts["kv_op"] = "GroupQueryAttention" if mode == "group_query" else "Attention"
         if counts["kv_op"] == "GroupQueryAttention":
             model.opset_imports.setdefault(ORT_DOMAIN, 1)
@@ -334,14 +344,33 @@ def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
     return (source, shape[2]) if not isinstance(width, int) or width == shape[2] * shape[3] else None
 
 
-def _token_major(b, attention: ir.Node, lengths: dict | None) -> bool:
+class _GroupQuery:
+    """What the GroupQueryAttention rewrites of one graph share: the sequence-length inputs
+    (made once per mask), the RoPE tables (once per angle computation), and counts."""
+
+    def __init__(self, max_positions: int | None):
+        self.max_positions = max_positions  # RoPE tables' length (None: no table, RoPE stays apart)
+        self.lengths: dict = {}
+        self.tables: dict = {}
+        self.rotary = 0  # layers whose RoPE the attention applies
+
+    def tables_of(self, rope: ir.Node) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+        key = (id(rope.inputs[1]), id(rope.inputs[2]))
+        if key not in self.tables:
+            self.tables[key] = None if self.max_positions is None else _rotary_tables(
+                rope, self.max_positions, f"trimrt_rope_table_{len(self.tables)}")
+        return self.tables[key]
+
+
+def _token_major(b, attention: ir.Node, group_query: _GroupQuery | None) -> bool:
     """Run an Attention (and the RoPEs before it) on the projections as they come, [B, S, heads·d],
     instead of viewed as [B, heads, S, d]: the Reshapes and Transposes around every layer's
     attention go (opset-23 Attention and RotaryEmbedding take 3-D inputs given their head
-    counts). Given `lengths` (sequence-length values made so far, by mask), the attention
-    becomes ONNX Runtime's GroupQueryAttention, which takes the same inputs and, given a cache
-    buffer shared by past and present, writes the new keys / values into it instead of
-    copying the cache. False, graph unchanged, when the layer is not in that form."""
+    counts). Given `group_query`, the attention becomes ONNX Runtime's GroupQueryAttention,
+    which takes the same inputs and, given a cache buffer shared by past and present, writes
+    the new keys / values into it instead of copying the cache, and applies the RoPE itself
+    (from tables over the model's positions): no RoPE kernels of their own.
+    False, graph unchanged, when the layer is not in that form."""
     q, k, v, mask, past_key, past_value = attention.inputs
     scale = attention.attributes.get_float("scale", 1.0)
     if (mul := _op(q, "Mul")) is not None and _scalar(mul.inputs[1]) and len(q.uses()) == 1:
@@ -366,14 +395,13 @@ def _token_major(b, attention: ir.Node, lengths: dict | None) -> bool:
             return False
         inputs.append((view, rope))
     (q3, heads), (k3, kv_heads), (v3, _) = (view for view, _ in inputs)
-    rotated = [b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
-               for (x, n), (_, rope) in zip(((q3, heads), (k3, kv_heads), (v3, kv_heads)), inputs)]
-    if lengths is not None:
-        total, seqlens = _sequence_lengths(b, mask, q3, past_key, lengths)
-        y, present_key, present_value = b.op_multi_out(
-            "GroupQueryAttention", [*rotated, past_key, past_value, seqlens, total, None, None, None, mask],
-            {"scale": scale, "num_heads": heads, "kv_num_heads": kv_heads}, num_outputs=3, domain=ORT_DOMAIN)
+    ropes = [rope for _, rope in inputs]
+    if group_query is not None:
+        y, present_key, present_value = _group_query(b, (q3, k3, v3), ropes, heads, kv_heads, scale,
+                                                     mask, past_key, past_value, group_query)
     else:
+        rotated = [b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
+                   for (x, n), rope in zip(((q3, heads), (k3, kv_heads), (v3, kv_heads)), ropes)]
         y, present_key, present_value = b.op_multi_out(
             "Attention", [*rotated, mask, past_key, past_value],
             {"scale": scale, "q_num_heads": heads, "kv_num_heads": kv_heads}, num_outputs=3)
@@ -390,7 +418,99 @@ def _token_major(b, attention: ir.Node, lengths: dict | None) -> bool:
     return True
 
 
-def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int], lengths: dict) -> None:
+def _group_query(b, qkv: tuple, ropes: list, heads: int, kv_heads: int, scale: float, mask: ir.Value,
+                 past_key: ir.Value, past_value: ir.Value, group_query: _GroupQuery) -> list[ir.Value]:
+    """GroupQueryAttention on q, k, v [B, S, heads·d] (each RoPE'd where `ropes` says), with the
+    RoPE applied by the op where q and k share one whose tables could be made. Returns its
+    three outputs."""
+    rotary = None
+    q_rope, k_rope, v_rope = ropes
+    if q_rope is not None and k_rope is not None and v_rope is None \
+            and all(a is c for a, c in zip(q_rope.inputs[1:], k_rope.inputs[1:])):
+        rotary = group_query.tables_of(q_rope)
+    if rotary is None:  # the RoPEs stay ops of their own
+        qkv = tuple(b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
+                    for x, n, rope in zip(qkv, (heads, kv_heads, kv_heads), ropes))
+    else:
+        group_query.rotary += 1
+    total, seqlens, new_tokens = _sequence_lengths(b, mask, qkv[0], past_key, group_query.lengths)
+    cos, sin, positions = rotary if rotary is not None else (None, None, None)
+    return b.op_multi_out(
+        "GroupQueryAttention",
+        [*qkv, past_key, past_value, seqlens, total, cos, sin,
+         positions, mask, None, None, None, None, None, new_tokens],
+        {"scale": scale, "num_heads": heads, "kv_num_heads": kv_heads, "do_rotary": int(rotary is not None)},
+        num_outputs=3, domain=ORT_DOMAIN)
+
+
+def _rotary_tables(rope: ir.Node, positions: int, prefix: str) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(cos table, sin table [positions, d/2], the position ids) for a RoPE whose cos / sin are
+    computed from one position-id input alone by standard ops: that computation run once on
+    0 … positions − 1 (GroupQueryAttention reads its tables by position id). None when the
+    angles read anything else (dynamic RoPE scaling reads the sequence length), or do not
+    come out one row per position (checked on a few positions out of order)."""
+    from ..compiler.onnx_runner import OnnxRunner
+
+    cos, sin = rope.inputs[1], rope.inputs[2]
+    nodes, leaves, seen, stack = {}, {}, set(), [cos, sin]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None:
+            if value.const_value is None:
+                leaves[id(value)] = value
+        elif node.domain not in ("", "ai.onnx") or any(
+                a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return None
+        else:
+            nodes[id(node)] = node
+            stack.extend(v for v in node.inputs if v is not None)
+    if len(leaves) != 1:
+        return None
+    (ids,) = leaves.values()
+    if not ids.is_graph_input() or ids.dtype != ir.DataType.INT64 or ids.shape is None or len(ids.shape) != 2:
+        return None
+    graph = rope.graph
+    order = [n for n in graph if id(n) in nodes]
+    copies = {}
+
+    def copy(value):
+        if value is not None and id(value) not in copies:
+            copies[id(value)] = ir.Value(name=value.name, type=value.type, shape=value.shape,
+                                         const_value=value.const_value if value is not ids else None)
+        return None if value is None else copies[id(value)]
+
+    made = []
+    for node in order:
+        new = ir.Node(node.domain, node.op_type, [copy(v) for v in node.inputs],
+                      attributes=[ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
+                      num_outputs=len(node.outputs))
+        for old, out in zip(node.outputs, new.outputs):
+            out.name = old.name
+            copies[id(old)] = out
+        made.append(new)
+    constants = [copies[i] for i in list(copies) if copies[i].const_value is not None and copies[i].producer() is None]
+    sub = ir.Model(ir.Graph([copy(ids)], [copies[id(cos)], copies[id(sin)]], nodes=made, initializers=constants,
+                            opset_imports=dict(graph.opset_imports)), ir_version=10)
+    try:
+        runner = OnnxRunner(ir.serde.serialize_model(sub), [cos.name, sin.name], replace=True)
+        full = runner.run({ids.name: np.arange(positions, dtype=np.int64)[None]})
+        probe = np.array([[positions - 1, 3 % positions, 0, positions // 2]], np.int64)
+        some = runner.run({ids.name: probe})
+    except Exception:  # noqa: BLE001 - any failure: the RoPE stays apart
+        return None
+    tables = [full[cos.name], full[sin.name]]
+    if any(t.shape[:2] != (1, positions) or t.ndim != 3 for t in tables) \
+            or not all(np.allclose(some[v.name][0], t[0][probe[0]], atol=1e-6) for v, t in zip((cos, sin), tables)):
+        return None
+    b = GraphBuilder(graph, KVAttentionPass.name, prefix)
+    return b.const(tables[0][0]), b.const(tables[1][0]), ids
+
+
+def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int], group_query: _GroupQuery) -> None:
     """A heads-major Attention ([B, heads, S, d]) as GroupQueryAttention on views of its inputs
     as [B, S, heads·d] (and of its output back): a few view kernels more than the token-major
     form, but the cache written in place like every other layer's."""
@@ -398,11 +518,9 @@ def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int],
     heads, kv_heads, head_dim = geometry
     flat = b.const(np.array([0, 0, -1]))
     q3, k3, v3 = (b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), flat]) for x in (q, k, v))
-    total, seqlens = _sequence_lengths(b, mask, q3, past_key, lengths)
-    y, present_key, present_value = b.op_multi_out(
-        "GroupQueryAttention", [q3, k3, v3, past_key, past_value, seqlens, total, None, None, None, mask],
-        {"scale": attention.attributes.get_float("scale", head_dim ** -0.5), "num_heads": heads,
-         "kv_num_heads": kv_heads}, num_outputs=3, domain=ORT_DOMAIN)
+    y, present_key, present_value = _group_query(b, (q3, k3, v3), [None] * 3, heads, kv_heads,
+                                                 attention.attributes.get_float("scale", head_dim ** -0.5),
+                                                 mask, past_key, past_value, group_query)
     out = b.op("Transpose", [b.op("Reshape", [y, b.const(np.array([0, 0, heads, head_dim]))])], {"perm": [0, 2, 1, 3]})
     out.shape, out.dtype = attention.outputs[0].shape, attention.outputs[0].dtype
     b.insert_before(attention)
@@ -420,30 +538,34 @@ def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
         _same(x, y) and x is not None for x, y in zip(a, b))
 
 
-def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, made: dict) -> tuple[ir.Value, ir.Value]:
-    """GroupQueryAttention's total_sequence_length (int32 scalar) and seqlens_k (int32 [B], total
-    - 1 in every row: the cache keeps the positional layout of the mask, whose additive bias
-    masks the padding). The total is the mask's width (past + new tokens, whatever the past
-    buffer's length: the cache may be a shared buffer with room to spare); a mask known to be
-    broadcast over the keys gives none, and then the past's length plus the new tokens' count
-    does (the compile check rejects the form if a mask of unknown shape was broadcast).
+def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, made: dict) -> tuple[ir.Value, ...]:
+    """GroupQueryAttention's total_sequence_length (int32 scalar), seqlens_k (int32 [B], total - 1
+    in every row: the cache keeps the positional layout of the mask, whose additive bias
+    masks the padding) and query_seqlens (int32 [B], the step's token count in every row: with
+    it the op takes several new tokens on a past for a whole batch, and reads every row's
+    position ids in a prompt). The total is the mask's width (past + new tokens, whatever the
+    past buffer's length: the cache may be a shared buffer with room to spare); a mask known
+    to be broadcast over the keys gives none, and then the past's length plus the new tokens'
+    count does (the compile check rejects the form if a mask of unknown shape was broadcast).
     Made once per mask (`made`), for every layer that shares it."""
     from_mask = mask.shape is None or (len(mask.shape) == 4 and mask.shape[3] != 1)
     key = id(mask) if from_mask else (id(mask), id(past_key))
     if key in made:
         return made[key]
+    int32 = {"to": ir.DataType.INT32}
+    tokens = b.op("Shape", [q], {"start": 1, "end": 2})
     if from_mask:
         width = b.op("Shape", [mask], {"start": 3, "end": 4})
     else:
-        width = b.op("Add", [b.op("Shape", [past_key], {"start": 2, "end": 3}), b.op("Shape", [q], {"start": 1, "end": 2})])
-    width = b.op("Cast", [width], {"to": ir.DataType.INT32})
+        width = b.op("Add", [b.op("Shape", [past_key], {"start": 2, "end": 3}), tokens])
+    width = b.op("Cast", [width], int32)
     total = b.op("Squeeze", [width, b.const(np.array([0]))])
     # the batch from the graph's attention_mask when it has one (else from this layer's queries)
-    batch_of = next((v for v in b.graph.inputs if v.name == ATTENTION_MASK), q)
-    seqlens = b.op("Expand", [b.op("Sub", [width, b.const(np.array([1], np.int32))]),
-                              b.op("Shape", [batch_of], {"start": 0, "end": 1})])
-    made[key] = total, seqlens
-    return total, seqlens
+    batch = b.op("Shape", [next((v for v in b.graph.inputs if v.name == ATTENTION_MASK), q)], {"start": 0, "end": 1})
+    seqlens = b.op("Expand", [b.op("Sub", [width, b.const(np.array([1], np.int32))]), batch])
+    new_tokens = b.op("Expand", [b.op("Cast", [tokens], int32), batch])
+    made[key] = total, seqlens, new_tokens
+    return made[key]
 
 
 def _grouped(b, site: _Site) -> None:

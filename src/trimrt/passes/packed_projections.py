@@ -8,6 +8,9 @@ side by side ([K, Nq + Nk + Nv]) and splits the result: the same products, fewer
 one activation quantization (ONNX Runtime GenAI's builder packs Q/K/V the same way).
 Runs before quantization, which then quantizes the packed weights (per output column,
 as before; AWQ / GPTQ see one layer with the inputs the three shared).
+
+Where the packed Q/K/V feed ONNX Runtime's GroupQueryAttention (kv_attention made it), the
+op takes the packed tensor as it is ([B, S, (heads + 2·kv_heads)·d]): no Split kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .base import TrimrtPass
+from .kv_attention import ORT_DOMAIN
 
 
 class PackedProjectionsPass(TrimrtPass):
@@ -33,7 +37,9 @@ class PackedProjectionsPass(TrimrtPass):
         packed = [g for g in groups.values() if len(g) > 1 and len({_weight(n).dtype for n in g}) == 1]
         for i, group in enumerate(packed):
             _pack(self.builder(model.graph, f"trimrt_packed_{i}"), group)
-        self.record({"packed_groups": len(packed), "matmuls_packed": sum(map(len, packed))})
+        attentions = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == ORT_DOMAIN]
+        fed = sum(_feed_packed(self.builder(model.graph, f"trimrt_packed_qkv_{i}"), n) for i, n in enumerate(attentions))
+        self.record({"packed_groups": len(packed), "matmuls_packed": sum(map(len, packed)), "attention_fed_packed": fed})
         return ir.passes.PassResult(model, modified=bool(packed))
 
 
@@ -69,3 +75,54 @@ def _pack(b, group: list[ir.Node]) -> None:
         weight = node.inputs[1]
         b.graph.remove(node, safe=True)  # now, not at cleanup: quantization must not see the old MatMuls
         b.graph.initializers.pop(weight.name)
+
+
+def _feed_packed(b, attention: ir.Node) -> bool:
+    """Give a GroupQueryAttention the one tensor its query, key and value were split from (on the
+    last axis, in that order, each part used only by it; a constant bias added to each part is
+    added to the whole instead) as its packed query. False, graph unchanged, where they were not."""
+    parts, biases, adds = [], [], []
+    for value in attention.inputs[:3]:
+        add = value.producer() if value is not None else None
+        bias = add.inputs[1] if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
+        if bias is not None and bias.const_value is not None and len(bias.const_value.shape) == 1 \
+                and len(_data_uses(value)) == 1:
+            parts.append(add.inputs[0])
+            biases.append(bias.const_value.numpy())
+            adds.append(add)
+        else:
+            parts.append(value)
+            biases.append(None)
+    split = parts[0].producer() if parts[0] is not None else None
+    if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") \
+            or list(split.outputs) != parts or any(len(_data_uses(v)) != 1 for v in parts):
+        return False
+    whole = split.inputs[0]
+    sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
+    heads, kv_heads = (attention.attributes.get_int(a, 0) for a in ("num_heads", "kv_num_heads"))
+    widths = [v.shape[-1] if v.shape is not None and len(v.shape) == 3 else None for v in parts]
+    sizes = [int(x) for x in sizes.numpy()] if sizes is not None else widths if all(
+        isinstance(w, int) for w in widths) else None  # an even Split: the parts' widths
+    if parts[0].shape is None or len(parts[0].shape) != 3 or split.attributes.get_int("axis", 0) not in (-1, 2) \
+            or sizes is None or not heads or sizes[0] % heads \
+            or sizes != [sizes[0], sizes[0] // heads * kv_heads, sizes[0] // heads * kv_heads]:
+        return False
+    if any(bias is not None for bias in biases):
+        dtype = next(bias for bias in biases if bias is not None).dtype
+        whole = b.op("Add", [whole, b.const(np.concatenate(
+            [bias if bias is not None else np.zeros(size, dtype) for bias, size in zip(biases, sizes)]))])
+        b.insert_before(attention)
+    for i, value in enumerate((whole, None, None)):
+        attention.replace_input_with(i, value)
+    for value in [*parts, *(add.outputs[0] for add in adds)]:  # a read of [B, S] reads the packed tensor's
+        for use in list(value.uses()):
+            use.node.replace_input_with(use.idx, whole)
+    b.graph.remove([*adds, split], safe=True)  # nothing reads them now
+    return True
+
+
+def _data_uses(value: ir.Value) -> list:
+    """The uses of `value` other than reads of its batch and token axes (Shape with end <= 2),
+    which the packed tensor answers the same."""
+    return [u for u in value.uses() if not (u.node.op_type == "Shape" and u.node.domain in ("", "ai.onnx")
+                                            and 0 < u.node.attributes.get_int("end", 99) <= 2)]
