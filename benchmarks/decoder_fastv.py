@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--out", type=Path, default=Path("builds/bench_fastv"))
+    ap.add_argument("--reuse-builds", action="store_true",
+                    help="time the trimrt builds already in --out instead of compiling them again")
     args = ap.parse_args()
 
     model = make_model(args)
@@ -60,7 +62,8 @@ def main() -> None:
     print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {len(prompt)} tokens ({IMAGE} image tokens), {args.new} new tokens, "
           f"{args.threads} threads", flush=True)
-    generators = compiled_generators(model, recipes(args.prune_layer, args.keep), args.out, args.threads)
+    generators = compiled_generators(model, recipes(args.prune_layer, args.keep), args.out, args.threads,
+                                     reuse=args.reuse_builds)
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **generators["fp32"].spec.empty_cache(1)}
     flops = {name: count_flops(onnx.load(str(args.out / unpruned / "model.onnx")), prefill)

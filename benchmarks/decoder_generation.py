@@ -23,6 +23,7 @@ to stop it, so those are the rows to compare with it. Random weights: a speed ch
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -59,12 +60,16 @@ def make_model(args):
     return model
 
 
-def compiled_generators(model, recipes: dict, out: Path, threads: int, spinning: tuple[str, ...] = ()) -> dict:
+def compiled_generators(model, recipes: dict, out: Path, threads: int, spinning: tuple[str, ...] = (),
+                        reuse: bool = False) -> dict:
     """{name: trimrt Generator} of `model` compiled with each recipe (a build found in `out` is
-    reused), ONNX Runtime spinning off; the builds named in `spinning` once more with it on."""
+    reused only with `reuse`: a build of older code would time older code), ONNX Runtime
+    spinning off; the builds named in `spinning` once more with it on."""
     generators = {}
     for name, recipe in recipes.items():
         build = out / name.replace(" + ", "_")
+        if not reuse and build.exists():
+            shutil.rmtree(build)
         if not (build / "manifest.json").is_file():
             print(f"compiling {name} ...", flush=True)
             trimrt.compile(model, recipe, build)
@@ -149,6 +154,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--out", type=Path, default=Path("builds/bench_generation"))
+    ap.add_argument("--reuse-builds", action="store_true",
+                    help="time the trimrt builds already in --out instead of compiling them again")
     args = ap.parse_args()
 
     model = make_model(args)
@@ -157,7 +164,8 @@ def main() -> None:
           f"tokens, {args.new} new tokens, {args.threads} threads", flush=True)
     print(f"KV cache at the end: {2 * args.layers * 4 * (args.width // 12) * (args.prompt + args.new) * 4 / 2**20:.1f} MiB "
           "(fp32, every engine)")
-    generators = compiled_generators(model, RECIPES, args.out, args.threads, spinning=SPINNING)
+    generators = compiled_generators(model, RECIPES, args.out, args.threads, spinning=SPINNING,
+                                     reuse=args.reuse_builds)
     peers = genai_engines(model, args.out, args.threads)
     if not (args.out / "hf" / "config.json").is_file():
         save_checkpoint(model, args.out / "hf")
@@ -189,6 +197,21 @@ def main() -> None:
         same = "yes" if tokens[name] == tokens["fp32"] else "no"
         label = {"pytorch": "Hugging Face generate (PyTorch)"}.get(name, name if "genai" in name else f"trimrt {name}")
         print(f"| {label} | {first * 1e3:.0f} ms | {rate:.1f} | {rate / base_rate:.2f}× | {same} |")
+    paired_against_peers(results)
+
+
+def paired_against_peers(results: dict) -> None:
+    """trimrt's decode rate over ONNX Runtime GenAI's, round by round (the two ran seconds apart in
+    each round, so the machine's drift over the run cancels in each ratio): median and range."""
+    pairs = [(f"{ours}{spin}", f"onnxruntime-genai {ours}") for ours in ("fp32", "int4") for spin in ("", ", spinning")]
+    pairs = [(a, b) for a, b in pairs if a in results and b in results]
+    if not pairs:
+        return
+    print("\n| trimrt / ONNX Runtime GenAI, decode tokens/s, per round | median | range |")
+    print("|---|---|---|")
+    for ours, theirs in pairs:
+        ratios = [a[1] / b[1] for a, b in zip(results[ours][1:], results[theirs][1:])]
+        print(f"| {ours} | {statistics.median(ratios):.2f}× | {min(ratios):.2f}–{max(ratios):.2f}× |")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,27 @@ from examples.models.vit import tiny_vit  # noqa: E402
 from trimrt.compiler.source import export_torch  # noqa: E402
 
 
+def _tensorrt_missing() -> str | None:
+    """Why `gpu` tests (a TensorRT engine on an NVIDIA GPU) cannot run here, or None if they can."""
+    import importlib
+
+    try:
+        importlib.import_module("tensorrt.plugin")
+    except Exception as exc:  # ImportError, or a broken TensorRT install
+        return f"TensorRT >= 10.7 with tensorrt.plugin not importable ({type(exc).__name__})"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    reason = _tensorrt_missing() if gpu else None
+    if reason:
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=f"gpu test: {reason}"))
+
+
 @pytest.fixture(autouse=True)
 def _wide_console(monkeypatch):
     """A fixed, wide console for rich and click: no test may depend on the terminal's

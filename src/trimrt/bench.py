@@ -6,7 +6,9 @@ so drift of the machine (frequency, other load) hits both alike; the report give
 the median times, the speedup as the median of the per-round ratios, and the FLOPs
 ratio from the build manifest (the ideal speedup). Both sessions run with intra-op
 spinning off: spinning threads of the idle session would otherwise steal the cores of
-the running one (measured: ±30% swings of an identity build on 2 cores).
+the running one (measured: ±30% swings of an identity build on 2 cores). A decoder build
+whose graph writes its KV cache in place is timed on a decode step as generation runs it
+(BenchReport.cache_in_place).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import InputError
 from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
+from .runtime.kv_cache import KINDS, DecoderSpec, KVCache, is_past_name, past_name, present_name
 from .runtime.session import load
 from .verification import check_counts, load_reference_onnx
 
@@ -31,6 +35,9 @@ class BenchReport:
     build_ms: float
     speedup: float  # median of per-round baseline/build ratios
     flops_ratio: float | None
+    #: a decoder build timed as generation runs its decode steps: the past in a cache buffer the
+    #: step writes into (decoder.shared_buffer); the baseline, a plain ONNX decoder, is fed its past
+    cache_in_place: bool = False
 
     @property
     def efficiency(self) -> float | None:
@@ -82,7 +89,29 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if not inputs and fed != batch:
         raise InputError(f"cannot bench at batch {batch}: the model's batch axis is fixed at {fed} "
                          "(export it with a dynamic batch)")
-    t_base, t_build = time_alternating(lambda: base.infer(feeds), lambda: build.infer(feeds), warmup=warmup, rounds=rounds)
+    run_build, in_place = _build_step(session, feeds)
+    t_base, t_build = time_alternating(lambda: base.infer(feeds), run_build, warmup=warmup, rounds=rounds)
     return BenchReport(batch=fed, threads=threads, rounds=rounds, baseline_ms=statistics.median(t_base) * 1e3,
                        build_ms=statistics.median(t_build) * 1e3, speedup=paired_speedup(t_base, t_build),
-                       flops_ratio=manifest.get("flops", {}).get("ratio"))
+                       flops_ratio=manifest.get("flops", {}).get("ratio"), cache_in_place=in_place)
+
+
+def _build_step(session, feeds: dict) -> tuple[Callable[[], object], bool]:
+    """(one timed run of the build, whether it writes a cache in place). A decoder build that
+    shares its past / present buffer runs a decode step as the generator does: the fed past
+    held in a KVCache, the step's keys / values written into it and dropped after the run, so
+    every round steps on the same past. Any other build: the backend on the feeds."""
+    spec = DecoderSpec.from_manifest(session.manifest, "") if session.manifest.get("decoder") else None
+    past = feeds.get(past_name(0, KINDS[0]))
+    if spec is None or not spec.shared_buffer or spec.prunes_prompt or past is None or not past.shape[2] \
+            or not session.backend.in_place:
+        return (lambda: session.backend.infer(feeds)), False
+    cache = KVCache(spec, batch=past.shape[0])
+    cache.load({present_name(i, k): feeds[past_name(i, k)] for i in range(spec.layers) for k in KINDS}, past.shape[2])
+    step = {name: value for name, value in feeds.items() if not is_past_name(name)}
+
+    def run():
+        session.run_with_cache(step, cache)
+        cache.length = past.shape[2]
+
+    return run, True

@@ -203,12 +203,18 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
     click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):\n"
                f"  baseline {r.baseline_ms:8.2f} ms\n  build    {r.build_ms:8.2f} ms\n"
                f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
+    if r.cache_in_place:
+        click.echo("  (the build: a decode step writing its KV cache in place, as generation runs it; the "
+                   "baseline fed its past)")
 
 
 @main.command()
 @_build_arg
-@click.option("--prompt", "prompts", multiple=True, required=True,
+@click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (needs --tokenizer), or token ids as '1,2,3'; repeat for a batch.")
+@click.option("--inputs-embeds", "embeds_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Instead of --prompt, for an inputs_embeds build: a .npy of one prompt's embeddings "
+                   "[tokens, hidden] (e.g. image features spliced into text), or a batch [b, tokens, hidden].")
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="tokenizer.json, or a folder holding it (default: the build's own, when compiled from a checkpoint).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
@@ -219,22 +225,29 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
 @click.option("--seed", type=int, help="Random seed of sampling.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (needs --tokenizer); repeatable.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: its own choice).")
-def generate(build: Path, prompts: tuple[str, ...], tokenizer: Path | None, threads: int | None, **options) -> None:
+def generate(build: Path, prompts: tuple[str, ...], embeds_file: Path | None, tokenizer: Path | None,
+             threads: int | None, **options) -> None:
     """Generate text with a decoder build: streams one prompt's continuation (a batch prints each
     result), then the time to first token, decode tokens/s and the KV-cache size."""
     from .runtime import load
 
+    if bool(prompts) == (embeds_file is not None):
+        raise click.UsageError("give --prompt (repeatable) or --inputs-embeds, one of the two")
     options = {k: v for k, v in options.items() if v is not None}  # --stop (multiple) is always a tuple
     with load(build, threads=threads) as session:
         gen = session.generator(tokenizer)  # a build compiled from a checkpoint folder has its own
-        parsed = [_prompt(p, text_ok=gen.tokenizer is not None) for p in prompts]
+        if embeds_file is not None:
+            embeds = _embeds(embeds_file)
+            parsed, options = [None] * (1 if embeds.ndim == 2 else len(embeds)), {**options, "inputs_embeds": embeds}
+        else:
+            parsed = [_prompt(p, text_ok=gen.tokenizer is not None) for p in prompts]
         if len(parsed) == 1:
             for piece in gen.stream(parsed[0], **options):
                 click.echo(piece if isinstance(piece, str) else f"{piece} ", nl=False)
             click.echo()
             stats = gen.last_stats
         else:
-            results = gen.generate(parsed, **options)
+            results = gen.generate(None if embeds_file else parsed, **options)
             for i, result in enumerate(results):
                 shown = result.text if result.text is not None else " ".join(map(str, result.tokens))
                 click.echo(f"[{i}] {shown}")
@@ -250,6 +263,18 @@ def _kv_saved(stats) -> str:
     if saved <= 0:
         return ""
     return f" ({stats.kv_cache_bytes_unpruned / 2**20:.2f} MiB unpruned: {saved / stats.kv_cache_bytes_unpruned:.0%} saved)"
+
+
+def _embeds(path: Path) -> np.ndarray:
+    """--inputs-embeds: a float .npy of rank 2 or 3."""
+    try:
+        embeds = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"{path} is not a .npy array: {exc}", param_hint="--inputs-embeds") from None
+    if embeds.ndim not in (2, 3) or embeds.dtype.kind != "f":
+        raise click.BadParameter(f"{path} holds {embeds.dtype}{list(embeds.shape)}; give float embeddings "
+                                 "[tokens, hidden] or [batch, tokens, hidden]", param_hint="--inputs-embeds")
+    return embeds
 
 
 def _prompt(text: str, *, text_ok: bool):

@@ -366,6 +366,16 @@ class OnnxRuntimeOptions(_Table):
                              "against the unfused graph; TensorRT builds fuse on their own)")
 
 
+@dataclass(frozen=True)
+class DecoderOptions(_Table):
+    """[decoder]: how a causal LM is exported with its KV cache."""
+
+    token_input: str = choice("input_ids", ("input_ids", "inputs_embeds"),
+                              "the graph's token input: input_ids, or inputs_embeds for multimodal front ends that "
+                              "splice image features into the prompt (the build then carries an embedding model "
+                              "for text and generated tokens)")
+
+
 def _table(cls: type):
     return field(default=None, metadata={"table": cls})
 
@@ -379,6 +389,7 @@ class Recipe:
     padding: PaddingOptions | None = _table(PaddingOptions)
     calibration: CalibrationOptions | None = _table(CalibrationOptions)
     onnxruntime: OnnxRuntimeOptions | None = _table(OnnxRuntimeOptions)
+    decoder: DecoderOptions | None = _table(DecoderOptions)
     source: str = field(default="<dict>", compare=False)
 
     @property

@@ -36,7 +36,7 @@ TENSORRT_OPS = {
 @pytest.fixture(scope="module", params=FAMILIES)
 def tensorrt_graph(request):
     """(family, the tensorrt target's graph of its KV-cache export, pass reports, decoder spec)."""
-    model, _, spec = export_causal_lm(make(request.param), opset=18)
+    model, _, spec, _ = export_causal_lm(make(request.param), opset=18)
     limits = find_input_limits(ir.serde.serialize_model(model))
     passes = build_passes(load_recipe(None), "tensorrt",
                           context=PipelineContext(shared={DECODER_SPEC: spec, INPUT_LIMITS: limits}))
@@ -77,3 +77,22 @@ def test_the_engine_profile_spans_prefill_and_decode(tensorrt_graph):
     for feeds in (spec.random_feeds(1, new=1, past=0), spec.random_feeds(1, new=1, past=past[1][2])):
         out = backend.infer({k: v for k, v in feeds.items() if k != ATTENTION_BIAS})
         assert out["logits"].shape == (1, 1, spec.vocab_size) and np.isfinite(out["logits"]).all()
+
+
+# ---------------------------------------------------------------------- with TensorRT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_decoder_engine_generates_like_hugging_face(tmp_path, family):
+    """On a machine with TensorRT and a GPU: the engine built from the KV-cache graph (one
+    profile for prefill and decode) generates what Hugging Face does, for prompts of different
+    lengths (left-padded) with the cache fed back each step."""
+    import trimrt
+    from tests.families.causal_lms import hf_greedy
+
+    prompts = [[1, 17, 99, 5, 42, 7, 150, 3, 88, 61, 12], [1, 5], [1, 23, 9, 180, 44, 2]]
+    trimrt.compile(make(family), None, tmp_path / "engine", target="tensorrt")
+    session = trimrt.load(tmp_path / "engine", backend="tensorrt")
+    got = session.generator().generate(prompts, max_new_tokens=16)
+    assert [r.tokens for r in got] == hf_greedy(make(family), prompts, 16)

@@ -127,6 +127,7 @@ def test_verify_and_quantized_decoder_builds(tmp_path):
 
     timed = bench_build(tmp_path / "q", batch=2, tokens=3, warmup=1, rounds=2)  # decode steps of 3 tokens
     assert timed.batch == 2 and timed.build_ms > 0 and timed.baseline_ms > 0
+    assert timed.cache_in_place  # timed as generation steps: the past in a buffer the step writes into
     out = trimrt.load(tmp_path / "q").generator().generate(PROMPTS, max_new_tokens=8)
     assert [len(r.tokens) for r in out] == [8, 8, 8]
 

@@ -25,6 +25,7 @@ from ..runtime.kv_cache import (
     ATTENTION_BIAS,
     ATTENTION_MASK,
     INPUT_IDS,
+    INPUTS_EMBEDS,
     KINDS,
     LOGITS,
     POSITION_IDS,
@@ -65,18 +66,25 @@ def load_checkpoint(folder: str | Path):
     return model.eval()
 
 
-def export_causal_lm(module, *, opset: int) -> tuple[ir.Model, dict[str, np.ndarray], DecoderSpec]:
-    """(graph with a KV cache, example feeds with a non-empty past, decoder spec). The caller
+def export_causal_lm(module, *, opset: int, token_input: str = INPUT_IDS
+                     ) -> tuple[ir.Model, dict[str, np.ndarray], DecoderSpec, ir.Model | None]:
+    """(graph with a KV cache, example feeds with a non-empty past, decoder spec, the embedding
+    model input_ids -> inputs_embeds when `token_input` is inputs_embeds, else None). The caller
     puts `module` in eval mode."""
     import torch
 
     with torch.no_grad():
         windows = _layer_windows(module.config)
         spec = replace(_decoder_spec(module), sliding_window=min((w for w in windows if w), default=None))
-        wrapper = _kv_cache_module(module, spec.layers, windows)
+        embedding = None
+        if token_input == INPUTS_EMBEDS:
+            embedding = _export_embedding(module, opset)
+            width = embedding.graph.outputs[0].shape[-1]
+            spec = replace(spec, token_input=INPUTS_EMBEDS, hidden_size=int(width))
+        wrapper = _kv_cache_module(module, spec.layers, windows, token_input)
         example = spec.random_feeds(_BATCH, _NEW, _PAST)
         bias = np.zeros((_BATCH, 1, _NEW, _PAST + _NEW), np.float32)
-        names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, ATTENTION_BIAS] + [n for n in example if n.startswith("past")]
+        names = [token_input, ATTENTION_MASK, POSITION_IDS, ATTENTION_BIAS] + [n for n in example if n.startswith("past")]
         example = {n: bias if n == ATTENTION_BIAS else example[n] for n in names}
         outputs = [LOGITS] + [present_name(i, k) for i in range(spec.layers) for k in KINDS]
         dim = torch.export.Dim
@@ -95,12 +103,37 @@ def export_causal_lm(module, *, opset: int) -> tuple[ir.Model, dict[str, np.ndar
                 raise ModelLoadError(f"exporting {type(module).__name__} with a KV cache failed: "
                                      f"{type(exc).__name__}: {first}") from None
             model = ir.load(str(Path(tmp) / "model.onnx"))
-    _make_bias_optional(model)
+    _make_bias_optional(model, token_input)
     example.pop(ATTENTION_BIAS)  # the checks run the default (no extra mask)
-    return model, example, spec
+    return model, example, spec, embedding
 
 
-def _kv_cache_module(model, layers: int, windows: list[int | None]):
+def _export_embedding(module, opset: int) -> ir.Model:
+    """The model's input embedding as its own graph, input_ids [batch, sequence_length] ->
+    inputs_embeds [batch, sequence_length, hidden]: what a runtime embeds a prompt's text and
+    each generated token with (ONNX Runtime GenAI's multimodal exports have the same split)."""
+    import torch
+
+    embed = getattr(module, "get_input_embeddings", lambda: None)()
+    if embed is None:
+        raise ModelLoadError(f"{type(module).__name__} has no input embedding (get_input_embeddings()); "
+                             "an inputs_embeds build needs one to embed generated tokens")
+    ids = torch.zeros((_BATCH, _NEW), dtype=torch.long)
+    dim = torch.export.Dim
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            program = torch.onnx.export(embed, (ids,), dynamo=True, opset_version=opset, input_names=[INPUT_IDS],
+                                        output_names=[INPUTS_EMBEDS], verbose=False,
+                                        dynamic_shapes=({0: dim("batch"), 1: dim("sequence_length")},))
+            program.save(str(Path(tmp) / "embedding.onnx"))
+        except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"exporting the input embedding of {type(module).__name__} failed: "
+                                 f"{type(exc).__name__}: {first}") from None
+        return ir.load(str(Path(tmp) / "embedding.onnx"))
+
+
+def _kv_cache_module(model, layers: int, windows: list[int | None], token_input: str = INPUT_IDS):
     """The model wrapped for export (a class made on first use: torch is an optional dependency)."""
     import torch
 
@@ -113,17 +146,18 @@ def _kv_cache_module(model, layers: int, windows: list[int | None]):
             params = inspect.signature(model.forward).parameters
             self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
-        def forward(self, input_ids, attention_mask, position_ids, attention_bias, past):
+        def forward(self, tokens, attention_mask, position_ids, attention_bias, past):
+            """`tokens`: input_ids [B, q], or inputs_embeds [B, q, hidden] (`token_input`)."""
             from transformers import DynamicCache
 
             # no config: every layer keeps its whole past (a sliding window is applied by the mask)
             cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
-            masks = {w: _additive_mask(attention_mask, input_ids.shape[1], w) + attention_bias for w in set(self.windows)}
+            masks = {w: _additive_mask(attention_mask, tokens.shape[1], w) + attention_bias for w in set(self.windows)}
             if len(masks) == 1:
                 mask = masks[self.windows[0]]
             else:  # layers of two kinds (full / sliding): transformers takes one mask per kind
                 mask = {"full_attention": masks[None], "sliding_attention": masks[next(w for w in self.windows if w)]}
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+            out = self.model(**{token_input: tokens}, attention_mask=mask, position_ids=position_ids,
                              use_cache=True, **{self.cache_arg: cache})
             presents = []
             for layer in cache.layers:
@@ -185,7 +219,7 @@ def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
-def _make_bias_optional(model: ir.Model) -> None:
+def _make_bias_optional(model: ir.Model, token_input: str = INPUT_IDS) -> None:
     """attention_bias gets a default, zeros broadcast over everything, so a runtime that does
     not know the input (ONNX Runtime GenAI, trimrt's plain generation) need not feed it. The
     exporter reads sizes off the bias (Shape nodes), so its uses get it expanded to the full
@@ -193,10 +227,10 @@ def _make_bias_optional(model: ir.Model) -> None:
     graph = model.graph
     bias = next(v for v in graph.inputs if v.name == ATTENTION_BIAS)
     uses = list(bias.uses())
-    ids, mask = (next(v for v in graph.inputs if v.name == n) for n in (INPUT_IDS, ATTENTION_MASK))
+    tokens, mask = (next(v for v in graph.inputs if v.name == n) for n in (token_input, ATTENTION_MASK))
     one = ir.node("Constant", [], attributes={"value": ir.tensor(np.array([1], np.int64))}, num_outputs=1)
-    pieces = [ir.node("Shape", [ids], attributes={"end": 1}), one, ir.node("Shape", [ids], attributes={"start": 1}),
-              ir.node("Shape", [mask], attributes={"start": 1})]
+    pieces = [ir.node("Shape", [tokens], attributes={"end": 1}), one,
+              ir.node("Shape", [tokens], attributes={"start": 1, "end": 2}), ir.node("Shape", [mask], attributes={"start": 1})]
     full = ir.node("Concat", [p.outputs[0] for p in pieces], attributes={"axis": 0})
     expand = ir.node("Expand", [bias, full.outputs[0]], name="attention_bias_expand")
     for i, node in enumerate([*pieces, full, expand]):  # named: later passes name unnamed values val_N too
@@ -221,6 +255,10 @@ def spec_from_graph(model: ir.Model, folder: Path | None = None) -> DecoderSpec 
     layers = past_layers(inputs)
     if not layers:
         return None
+    if INPUTS_EMBEDS in inputs and INPUT_IDS not in inputs:
+        raise ModelLoadError("the decoder takes inputs_embeds: generating needs its embedding model too, which an ONNX "
+                             "file does not carry; compile the PyTorch model (a checkpoint folder or a factory) with "
+                             '[decoder] token_input = "inputs_embeds", or export the decoder with input_ids')
     missing = [n for n in (INPUT_IDS, ATTENTION_MASK) if n not in inputs]
     if missing:
         raise ModelLoadError(f"the decoder has past_key_values inputs but no {missing}; trimrt generates with "

@@ -27,7 +27,7 @@ from ..registry import TOKEN_PRUNING_METHODS
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.kv_cache import updates_in_place
-from ..runtime.manifest import ENGINE, MODEL, TOKENIZER, write_manifest
+from ..runtime.manifest import EMBEDDING, ENGINE, MODEL, TOKENIZER, write_manifest
 from .artifacts import atomic_build_dir
 from .decoder import DECODER_SPEC
 from .flops import count_flops
@@ -62,7 +62,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     # -o is checked (and its temp dir made) before any work: a bad destination fails at once
     with atomic_build_dir(out_dir, inputs=_input_files(source, recipe)) as tmp:
         say(f"loading {source if isinstance(source, (str, Path)) else type(source).__name__}")
-        loaded = load_source(source, example_inputs, exporter=exporter)
+        loaded = load_source(source, example_inputs, exporter=exporter,
+                             token_input=recipe.decoder.token_input if recipe.decoder else None)
         if loaded.decoder is not None:
             _check_decoder_recipe(recipe, loaded.decoder, target)
         original = ir.serde.serialize_model(loaded.model)  # untouched copy: the baseline of every check
@@ -122,6 +123,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         _save(built, tmp / MODEL)
         if loaded.tokenizer_file is not None:  # the checkpoint's tokenizer: generation needs no other folder
             shutil.copyfile(loaded.tokenizer_file, tmp / TOKENIZER)
+        if loaded.embedding is not None:  # embeds text and generated tokens for an inputs_embeds graph
+            _save(ir.serde.serialize_model(loaded.embedding), tmp / EMBEDDING)
         if save_reference:
             _save(original, tmp / REFERENCE)
         if target == "tensorrt":

@@ -27,6 +27,7 @@ import onnx.version_converter
 import onnx_ir as ir
 
 from ..errors import ModelLoadError
+from ..runtime.kv_cache import INPUT_IDS
 from . import decoder
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class LoadedModel:
     decoder: Any = None
     #: a tokenizer.json that came with the source (a checkpoint folder's): copied into the build
     tokenizer_file: Path | None = None
+    #: an inputs_embeds decoder's embedding model (input_ids -> inputs_embeds): saved in the build
+    embedding: ir.Model | None = None
 
 
 def is_factory_spec(spec: str) -> bool:
@@ -322,8 +325,18 @@ def _output_names(module, kwargs: dict) -> list[str]:
 
 
 def load_source(source: Any, example_inputs: tuple | dict | None = None, *, exporter: str = "auto",
-                opset: int = EXPORT_OPSET) -> LoadedModel:
-    """Anything `trimrt.compile` accepts as a model -> LoadedModel."""
+                opset: int = EXPORT_OPSET, token_input: str | None = None) -> LoadedModel:
+    """Anything `trimrt.compile` accepts as a model -> LoadedModel. `token_input` (a recipe's
+    [decoder] token_input) exports a causal LM with that token input."""
+    loaded = _load_source(source, example_inputs, exporter, opset, token_input or INPUT_IDS)
+    if token_input is not None and (loaded.decoder is None or loaded.decoder.token_input != token_input):
+        raise ModelLoadError(f"the recipe's [decoder] token_input = {token_input!r} applies to causal LMs trimrt exports "
+                             "(a Hugging Face checkpoint folder, a *ForCausalLM module or a factory returning one); "
+                             f"{loaded.description} is not one: remove the [decoder] table")
+    return loaded
+
+
+def _load_source(source: Any, example_inputs, exporter: str, opset: int, token_input: str) -> LoadedModel:
     if isinstance(source, ir.Model):
         return LoadedModel(source, None, description="onnx_ir model")
     if isinstance(source, onnx.ModelProto):
@@ -333,17 +346,17 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
         if decoder.is_checkpoint_folder(spec):
             tokenizer = Path(spec) / "tokenizer.json"
             return _causal_lm(decoder.load_checkpoint(spec), spec, opset, tokenizer if tokenizer.is_file() else None,
-                              exporter=exporter)
+                              exporter=exporter, token_input=token_input)
         if is_factory_spec(spec):
             module, example = call_factory(spec)
             if decoder.is_causal_lm(module):
-                return _causal_lm(module, spec, opset, exporter=exporter)
+                return _causal_lm(module, spec, opset, exporter=exporter, token_input=token_input)
             model, feeds = export_torch(module, example, exporter=exporter, opset=opset)
             return LoadedModel(model, feeds, module, description=spec)
         model = load_onnx(spec)  # example_inputs, if any, serve as check feeds
         return LoadedModel(model, None, description=spec, decoder=decoder.spec_from_graph(model, Path(spec).parent))
     if decoder.is_causal_lm(source):  # exported with a KV cache: no example inputs needed
-        return _causal_lm(source, type(source).__name__, opset, exporter=exporter)
+        return _causal_lm(source, type(source).__name__, opset, exporter=exporter, token_input=token_input)
     if hasattr(source, "forward") and hasattr(source, "eval"):  # a torch.nn.Module
         if example_inputs is None:
             raise ModelLoadError("compiling a PyTorch module needs example_inputs (a tuple of tensors)")
@@ -355,12 +368,13 @@ def load_source(source: Any, example_inputs: tuple | dict | None = None, *, expo
 
 
 def _causal_lm(module, description: str, opset: int, tokenizer_file: Path | None = None, *,
-               exporter: str) -> LoadedModel:
+               exporter: str, token_input: str) -> LoadedModel:
     """A causal LM exported with its KV cache (compiler.decoder). Its reference is the
     exported graph: a PyTorch call does not take the flat cache tensors."""
     if exporter == "torchscript":
         raise ModelLoadError("causal LMs export with the dynamo exporter (the TorchScript exporter cannot trace "
                              "transformers' cache): use --exporter auto or dynamo")
     with eval_mode(module), _quiet_exporter():
-        model, feeds, spec = decoder.export_causal_lm(module, opset=opset)
-    return LoadedModel(model, feeds, None, description=description, decoder=spec, tokenizer_file=tokenizer_file)
+        model, feeds, spec, embedding = decoder.export_causal_lm(module, opset=opset, token_input=token_input)
+    return LoadedModel(model, feeds, None, description=description, decoder=spec, tokenizer_file=tokenizer_file,
+                       embedding=embedding)

@@ -24,12 +24,13 @@ def decoder_profile(spec, max_batch: int = 8, max_tokens: int | None = None) -> 
     serves prefill and decode: batch 1..max_batch, new tokens 1..the context, a past of
     0..context - 1 (prefill has none), a mask over past + new. Optimised for what runs
     most: one new token on a mid-length cache."""
-    from ..runtime.kv_cache import ATTENTION_BIAS, ATTENTION_MASK, INPUT_IDS, KINDS, POSITION_IDS, past_name
+    from ..runtime.kv_cache import ATTENTION_BIAS, ATTENTION_MASK, INPUTS_EMBEDS, KINDS, POSITION_IDS, past_name
 
     context = min(spec.max_positions or DECODER_MAX_TOKENS, max_tokens or DECODER_MAX_TOKENS)
     opt_past = context // 2
     tokens = ([1, 1], [1, 1], [max_batch, context])
-    ranges = {INPUT_IDS: tokens, ATTENTION_MASK: ([1, 1], [1, opt_past + 1], [max_batch, context]),
+    width = [spec.hidden_size] if spec.token_input == INPUTS_EMBEDS else []
+    ranges = {spec.token_input: tuple(shape + width for shape in tokens), ATTENTION_MASK: ([1, 1], [1, opt_past + 1], [max_batch, context]),
               ATTENTION_BIAS: ([1, 1, 1, 1], [1, 1, 1, opt_past + 1], [max_batch, 1, context, context])}
     if spec.position_input:
         ranges[POSITION_IDS] = tokens

@@ -4,6 +4,7 @@
     for piece in gen.stream("Once upon a time", max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0):
         print(piece, end="")
     results = gen.generate(["a prompt", "another, longer prompt"], max_new_tokens=32)
+    gen.generate(inputs_embeds=embeds)  # an inputs_embeds build: [n, hidden] (image features spliced in)
 
 Greedy by default; sampling when `do_sample=True` or any of temperature / top_k / top_p is
 given (Hugging Face's order: repetition penalty, temperature, top-k, top-p). Prompts of
@@ -23,9 +24,20 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from .kv_cache import ATTENTION_MASK, INPUT_IDS, KINDS, LOGITS, POSITION_IDS, DecoderSpec, KVCache, past_name, present_name
-from .manifest import TOKENIZER
+from ..errors import BuildLoadError, InputError
+from .kv_cache import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    KINDS,
+    LOGITS,
+    POSITION_IDS,
+    DecoderSpec,
+    KVCache,
+    past_name,
+    present_name,
+)
+from .manifest import EMBEDDING, TOKENIZER
 
 
 @dataclass(frozen=True)
@@ -116,26 +128,37 @@ class Generator:
         if tokenizer is None and TOKENIZER in (session.manifest.get("files") or {}):
             tokenizer = session.build_dir / TOKENIZER  # the build's own (hash-checked at load)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
+        self.embedding = _Embedding(session) if self.spec.token_input == INPUTS_EMBEDS else None
         self.last_stats: GenerationStats | None = None
 
-    def generate(self, prompts, **options) -> GenerationResult | list[GenerationResult]:
+    def generate(self, prompts=None, *, inputs_embeds=None, **options) -> GenerationResult | list[GenerationResult]:
         """Generate for one prompt (a string, or a list of token ids) or a batch of them (a list);
-        returns one GenerationResult, or a list in the prompts' order."""
-        if isinstance(prompts, np.ndarray):  # token ids: one prompt [n], or a batch [b, n]
-            prompts = prompts.tolist()
-        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0]))
-        batch = [prompts] if single else list(prompts)
+        returns one GenerationResult, or a list in the prompts' order. An inputs_embeds build also
+        takes `inputs_embeds` instead: one prompt's embeddings [n, hidden], or a batch ([b, n,
+        hidden], or a list of [n_i, hidden])."""
+        if inputs_embeds is not None:
+            single = isinstance(inputs_embeds, np.ndarray) and inputs_embeds.ndim == 2
+            batch = self._embedded_prompts(prompts, inputs_embeds)
+        else:
+            if isinstance(prompts, np.ndarray):  # token ids: one prompt [n], or a batch [b, n]
+                prompts = prompts.tolist()
+            single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and _is_int(prompts[0]))
+            batch = [prompts] if single else list(prompts or [])
         search = SearchOptions.of(options)
         results = None
         for results in self._steps(batch, search):
             pass
         return results[0] if single else results
 
-    def stream(self, prompt, **options) -> Iterator[str | int]:
-        """Yield the continuation of one prompt as it is generated: text pieces with a tokenizer,
-        token ids without one."""
+    def stream(self, prompt=None, *, inputs_embeds=None, **options) -> Iterator[str | int]:
+        """Yield the continuation of one prompt (or of one prompt's `inputs_embeds` [n, hidden])
+        as it is generated: text pieces with a tokenizer, token ids without one."""
         search = SearchOptions.of(options)
         emitted = 0
+        if inputs_embeds is not None:
+            if not (isinstance(inputs_embeds, np.ndarray) and inputs_embeds.ndim == 2):
+                raise InputError("stream() takes one prompt: inputs_embeds of shape [tokens, hidden]")
+            prompt = self._embedded_prompts(prompt, inputs_embeds)[0]
         for (result,) in self._steps([prompt], search):
             if self.tokenizer is None:
                 yield from result.tokens[emitted:]
@@ -157,7 +180,8 @@ class Generator:
             raise InputError("stop_strings need a tokenizer: pass tokenizer= to generator() (or use stop_token_ids)")
         if not prompts:
             raise InputError("no prompt given: pass a string, a list of token ids, or a list of those")
-        ids = [self._encode(p) for p in prompts]
+        # a prompt is its token ids, or (an inputs_embeds build) its embeddings [n, hidden]
+        ids = [p if _is_embedded(p) else self._encode(p) for p in prompts]
         spec = self.spec
         longest = max(len(i) for i in ids)
         max_new = search.max_new_tokens
@@ -174,16 +198,13 @@ class Generator:
         stop_ids = set(spec.eos_token_ids) | set(search.stop_token_ids)
         pad = spec.pad_token_id if spec.pad_token_id is not None else (min(stop_ids) if stop_ids else 0)
         batch = len(ids)
-        tokens = np.full((batch, longest), pad, np.int64)
-        mask = np.zeros((batch, longest), np.int64)
-        for row, seq in enumerate(ids):
-            tokens[row, longest - len(seq):] = seq
-            mask[row, longest - len(seq):] = 1
+        tokens, mask = self._prompt_tokens(ids, pad)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         # the cache in buffers the graph writes in place, when the build can (else fed back each step)
         cache = KVCache(spec, batch, self.kv_chunk) if spec.shared_buffer and self.session.backend.in_place else None
-        feeds = {INPUT_IDS: tokens, ATTENTION_MASK: mask, **({} if cache else spec.empty_cache(batch))}
-        history = [list(seq) for seq in ids]  # for the repetition penalty
+        feeds = {spec.token_input: tokens, ATTENTION_MASK: mask, **({} if cache else spec.empty_cache(batch))}
+        # for the repetition penalty (a prompt given as embeddings has no ids: HF counts none either)
+        history = [[] if _is_embedded(seq) else list(seq) for seq in ids]
         rng = np.random.default_rng(search.seed)
         stats = GenerationStats(batch=batch, prompt_tokens=longest)
         results = [GenerationResult([], "", stats=stats) for _ in ids]
@@ -192,7 +213,7 @@ class Generator:
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
             if cache and (cache.length or not spec.prunes_prompt):
-                out = self.session.run_with_cache(feeds, cache)
+                out = self.session.run_with_cache(feeds, cache, check=step == 0)  # later steps' feeds are ours
             elif cache:  # a pruned prompt's prefill runs with its (empty) past fed; the cache holds what it returns
                 out = self.session.run({**feeds, **spec.empty_cache(batch)})
                 cache.load(out, mask.shape[1])
@@ -218,9 +239,49 @@ class Generator:
                 return
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            feeds = {INPUT_IDS: chosen[:, None].astype(np.int64), ATTENTION_MASK: mask}
+            step_ids = chosen[:, None].astype(np.int64)
+            feeds = {spec.token_input: self.embedding(step_ids) if self.embedding else step_ids, ATTENTION_MASK: mask}
             if cache is None:
                 feeds.update({past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS})
+
+    def _prompt_tokens(self, prompts: list, pad: int) -> tuple[np.ndarray, np.ndarray]:
+        """The left-padded batch of prompts, as the build's token input, and its attention mask."""
+        longest = max(len(p) for p in prompts)
+        mask = np.zeros((len(prompts), longest), np.int64)
+        ids = np.full((len(prompts), longest), pad, np.int64)
+        for row, prompt in enumerate(prompts):
+            mask[row, longest - len(prompt):] = 1
+            if not _is_embedded(prompt):
+                ids[row, longest - len(prompt):] = prompt
+        if self.embedding is None:
+            return ids, mask
+        tokens = self.embedding(ids)  # pad ids embedded too (masked); given embeddings replace their rows
+        for row, prompt in enumerate(prompts):
+            if _is_embedded(prompt):
+                tokens[row, :longest - len(prompt)] = 0
+                tokens[row, longest - len(prompt):] = prompt
+        return tokens, mask
+
+    def _embedded_prompts(self, prompts, inputs_embeds) -> list[np.ndarray]:
+        """inputs_embeds ([n, hidden], [b, n, hidden] or a list of [n_i, hidden]) -> one array a prompt."""
+        if self.embedding is None:
+            raise InputError("this build takes input_ids: give token ids or text; inputs_embeds need a build compiled "
+                             'with [decoder] token_input = "inputs_embeds"')
+        if prompts is not None:
+            raise InputError("give prompts or inputs_embeds, not both")
+        arrays = [inputs_embeds] if isinstance(inputs_embeds, np.ndarray) and inputs_embeds.ndim == 2 else \
+            list(inputs_embeds)
+        hidden = self.spec.hidden_size
+        out = []
+        for array in arrays:
+            array = np.asarray(array)
+            if array.ndim != 2 or array.shape[1] != hidden or not np.issubdtype(array.dtype, np.floating):
+                raise InputError(f"inputs_embeds: each prompt must be a float array [tokens, {hidden}], got "
+                                 f"{array.dtype}{list(array.shape)}")
+            if not len(array):
+                raise InputError("a prompt is empty: give at least one token")
+            out.append(array.astype(np.float32, copy=False))
+        return out
 
     def _append(self, result: GenerationResult, history: list[int], token: int, stop_ids: set, search: SearchOptions,
                 *, last: bool) -> None:
@@ -239,6 +300,8 @@ class Generator:
 
     def _choose(self, logits: np.ndarray, history: list[list[int]], search: SearchOptions,
                 rng: np.random.Generator) -> np.ndarray:
+        if search.repetition_penalty == 1.0 and not search.sampling:
+            return logits.argmax(axis=-1)
         logits = logits.astype(np.float64)
         if search.repetition_penalty != 1.0:
             for row, seen in enumerate(history):
@@ -287,8 +350,28 @@ def _sample(logits: np.ndarray, search: SearchOptions, rng: np.random.Generator)
     return int(rng.choice(probs.size, p=probs))
 
 
+def _is_embedded(prompt) -> bool:
+    """A prompt given as its embeddings [n, hidden] (not token ids)."""
+    return isinstance(prompt, np.ndarray) and prompt.ndim == 2 and prompt.dtype.kind == "f"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+class _Embedding:
+    """An inputs_embeds build's embedding model (EMBEDDING): token ids [B, n] -> [B, n, hidden]."""
+
+    def __init__(self, session):
+        if EMBEDDING not in (session.manifest.get("files") or {}):
+            raise BuildLoadError(f"{session.build_dir}: the build takes inputs_embeds but has no {EMBEDDING}; recompile it")
+        from .backends import OnnxRuntimeBackend
+
+        self.backend = OnnxRuntimeBackend(session.build_dir / EMBEDDING, threads=1)
+        self.backend.activate()
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        return self.backend.infer({INPUT_IDS: ids}, [INPUTS_EMBEDS])[INPUTS_EMBEDS]
 
 
 class _Tokenizer:

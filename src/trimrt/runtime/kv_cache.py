@@ -76,8 +76,11 @@ class DecoderSpec:
     kv_heads: int
     head_dim: int
     vocab_size: int
-    #: the graph's token input: input_ids, or inputs_embeds (multimodal front ends)
+    #: the graph's token input: input_ids, or inputs_embeds (multimodal front ends: the build's
+    #: embedding model, EMBEDDING, embeds the prompt's text and each generated token)
     token_input: str = INPUT_IDS
+    #: the width of inputs_embeds (None for input_ids builds)
+    hidden_size: int | None = None
     #: position table size; None when positions are not bounded by a table (RoPE)
     max_positions: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -135,10 +138,11 @@ class DecoderSpec:
         mask = np.ones((batch, past + new), np.int64)
         if batch > 1 and past >= 2:
             mask[-1, :2] = 0
-        feeds = {
-            self.token_input: rng.integers(0, min(self.vocab_size, 100), (batch, new)),
-            ATTENTION_MASK: mask,
-        }
+        if self.token_input == INPUTS_EMBEDS:  # of the scale of trained embeddings
+            tokens = (0.02 * rng.standard_normal((batch, new, self.hidden_size))).astype(np.float32)
+        else:
+            tokens = rng.integers(0, min(self.vocab_size, 100), (batch, new))
+        feeds = {self.token_input: tokens, ATTENTION_MASK: mask}
         if self.position_input:
             feeds[POSITION_IDS] = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, past:]
         shape = (batch, self.kv_heads, past, self.head_dim)

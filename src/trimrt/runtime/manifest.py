@@ -21,6 +21,8 @@ MODEL = "model.onnx"
 ENGINE = "model.engine"
 #: a decoder build's tokenizer, when its source came with one
 TOKENIZER = "tokenizer.json"
+#: an inputs_embeds decoder build's embedding model: input_ids -> inputs_embeds
+EMBEDDING = "embedding.onnx"
 #: where the compiler puts the weights of models over protobuf's 2 GB limit
 EXTERNAL_DATA = MODEL + ".data"
 

@@ -54,6 +54,7 @@ class Session:
                                  f"{_backend_message(exc)}; recompile the build") from None
         self._limits = self.manifest.get("input_limits") or {}
         self._step_inputs: list[TensorInfo] | None = None  # the inputs but the past (run_with_cache)
+        self._step_outputs: list[str] = []  # the outputs but the presents (run_with_cache)
         self._closed = False
 
     @property
@@ -85,21 +86,24 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - backends raise their own types; the caller gets ours
             raise _run_error(exc, self.backend) from None
 
-    def run_with_cache(self, feeds: Mapping[str, object], cache: KVCache) -> dict[str, np.ndarray]:
+    def run_with_cache(self, feeds: Mapping[str, object], cache: KVCache, *, check: bool = True) -> dict[str, np.ndarray]:
         """A step of a shared-buffer decoder build (spec `shared_buffer`): `feeds` without the
         past, which `cache` holds and takes this step's keys / values into, in place (made room
-        for here). Returns the outputs but the present key / values."""
+        for here). Returns the outputs but the present key / values. `check=False` skips the
+        feeds' validation: for the generator's decode steps, whose feeds it makes itself from a
+        checked prompt (about 0.05 ms of a 5 ms INT4 step)."""
         self._check_open()
         if not self.backend.in_place:
             raise InputError(f"the {self.backend.name} backend cannot share cache buffers; use run() with the past")
-        names = [o.name for o in self.outputs if not o.name.startswith(PRESENT_PREFIX)]
-        new = np.shape(feeds.get(ATTENTION_MASK))[-1] - cache.length if ATTENTION_MASK in feeds else 0
-        cache.reserve(cache.length + max(new, 0))
-        # the past is the cache's own (its geometry is the spec's): the step's feeds are checked
         if self._step_inputs is None:
             self._step_inputs = [i for i in self.inputs if not is_past_name(i.name)]
-        feeds = validate_feeds(self._step_inputs, feeds)
-        self._check_values(feeds, decoding=cache.length > 0)
+            self._step_outputs = [o.name for o in self.outputs if not o.name.startswith(PRESENT_PREFIX)]
+        names = self._step_outputs
+        new = np.shape(feeds.get(ATTENTION_MASK))[-1] - cache.length if ATTENTION_MASK in feeds else 0
+        cache.reserve(cache.length + max(new, 0))
+        if check:  # the past is the cache's own (its geometry is the spec's): the step's feeds are checked
+            feeds = validate_feeds(self._step_inputs, feeds)
+            self._check_values(feeds, decoding=cache.length > 0)
         try:
             try:
                 out = self.backend.infer_in_place(feeds, cache.bindings(), names, cache.backend_state)
