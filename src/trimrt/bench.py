@@ -22,8 +22,12 @@ from typing import Callable
 from .errors import InputError
 from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
 from .runtime.kv_cache import KINDS, DecoderSpec, KVCache, is_past_name, past_name, present_name
+from .runtime.manifest import read_manifest
 from .runtime.session import load
 from .verification import check_counts, load_reference_onnx
+
+#: the engines bench times a build and its baseline on (both on the same one)
+ENGINES = ("onnxruntime", "openvino")
 
 
 @dataclass
@@ -38,6 +42,8 @@ class BenchReport:
     #: a decoder build timed as generation runs its decode steps: the past in a cache buffer the
     #: step writes into (decoder.shared_buffer); the baseline, a plain ONNX decoder, is fed its past
     cache_in_place: bool = False
+    #: the engine both ran on
+    engine: str = "onnxruntime"
 
     @property
     def efficiency(self) -> float | None:
@@ -71,16 +77,24 @@ def paired_speedup(times_a: list[float], times_b: list[float]) -> float:
 
 def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, batch: int = 1, threads: int = 2,
                 warmup: int = 5, rounds: int = 30, inputs: list[str] | None = None, seed: int = 0,
-                tokens: int | None = None) -> BenchReport:
+                tokens: int | None = None, backend: str | None = None) -> BenchReport:
+    """Time the build and its baseline, both on `backend` (onnxruntime or openvino; None: the
+    build's target where it is one of them, else onnxruntime)."""
     check_counts(batch=batch, threads=threads, warmup=warmup, rounds=rounds, tokens=tokens)
     build_dir = Path(build_dir)
-    # through Session: the sealed-build checks and a BuildLoadError for a model ORT cannot load
-    session = load(build_dir, backend="onnxruntime", threads=threads, spinning=False)
+    if backend is None:
+        target = read_manifest(build_dir, check_hashes=False).get("target")
+        backend = target if target in ENGINES else "onnxruntime"
+    if backend not in ENGINES:
+        raise InputError(f"bench runs on {list(ENGINES)}, not {backend!r}")
+    # through Session: the sealed-build checks and a BuildLoadError for a model the engine cannot load
+    session = load(build_dir, backend=backend, threads=threads, spinning=False)
     manifest, build = session.manifest, session.backend
     if baseline is None and not manifest.get("reference"):
         raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
     baseline = build_dir / manifest["reference"] if baseline is None else baseline
-    base = load_reference_onnx(baseline, build.inputs, "baseline", threads=threads, spinning=False)
+    options = {"threads": threads} if backend == "openvino" else {"threads": threads, "spinning": False}
+    base = load_reference_onnx(baseline, build.inputs, "baseline", engine=backend, **options)
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))
     else:
@@ -93,7 +107,7 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     t_base, t_build = time_alternating(lambda: base.infer(feeds), run_build, warmup=warmup, rounds=rounds)
     return BenchReport(batch=fed, threads=threads, rounds=rounds, baseline_ms=statistics.median(t_base) * 1e3,
                        build_ms=statistics.median(t_build) * 1e3, speedup=paired_speedup(t_base, t_build),
-                       flops_ratio=manifest.get("flops", {}).get("ratio"), cache_in_place=in_place)
+                       flops_ratio=manifest.get("flops", {}).get("ratio"), cache_in_place=in_place, engine=backend)
 
 
 def _build_step(session, feeds: dict) -> tuple[Callable[[], object], bool]:

@@ -71,7 +71,8 @@ def main(verbose: bool) -> None:
 @click.argument("model")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="Build directory to write.")
 @click.option("--recipe", type=click.Path(path_type=Path), help="Recipe TOML file (none: no rewrites).")
-@click.option("--target", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--target", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+              show_default=True)
 @click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto", show_default=True,
               help="PyTorch exporter for factory models (auto: dynamo, TorchScript if dynamo fails).")
 def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporter: str) -> None:  # noqa: A001
@@ -101,7 +102,8 @@ def compile(model: str, out_dir: Path, recipe: Path | None, target: str, exporte
 @click.option("--input", "inputs", multiple=True, required=True, help="NAME=FILE.npy, or FILE.npz (repeatable).")
 @click.option("--output", type=click.Path(path_type=Path), callback=_npz_path,
               help="Write outputs to this .npz file (.npz is added when missing).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True)
 def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str) -> None:
     """Run BUILD on inputs from .npy/.npz files."""
     from .runtime import load
@@ -128,14 +130,16 @@ def run(build: Path, inputs: tuple[str, ...], output: Path | None, backend: str)
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help="Fail (exit 1) when an output's mean cosine is below this.")
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="Fail (exit 1) when the top-1 agreement of logits is below this.")
 @click.option("--per-pass", is_flag=True, help="Also apply the recipe's passes one at a time: the drift each adds.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino"]), default="auto", show_default=True,
+              help="Engine the build runs on (auto: the one its target names; the reference runs on ONNX Runtime).")
 @_json
 def verify(build: Path, reference: str | None, samples: int, inputs, tokens, min_cosine, min_top1, per_pass: bool,
-           as_json: bool) -> None:
+           backend: str, as_json: bool) -> None:
     """Compare BUILD with its reference on the same inputs."""
     from .verification import verify_build
 
     report = verify_build(build, reference, samples=samples, inputs=list(inputs) or None, tokens=tokens,
-                          min_cosine=min_cosine, min_top1=min_top1, per_pass=per_pass)
+                          min_cosine=min_cosine, min_top1=min_top1, per_pass=per_pass, backend=backend)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -188,19 +192,21 @@ def _echo_verify(build: Path, report) -> None:
 @click.option("--rounds", default=30, show_default=True, type=_count("rounds"),
               help="Timed rounds (each runs both models once).")
 @click.option("--warmup", default=5, show_default=True, type=_count("warmup"))
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]),
+              help="Engine both models run on (default: the build's target where it is one of these, else onnxruntime).")
 @_json
 def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, inputs, threads: int, rounds: int,
-          warmup: int, as_json: bool) -> None:
+          warmup: int, backend: str, as_json: bool) -> None:
     """Time BUILD against its unmodified baseline (alternating runs, medians)."""
     from .bench import bench_build
 
     r = bench_build(build, baseline, batch=batch, threads=threads, rounds=rounds, warmup=warmup, tokens=tokens,
-                    inputs=list(inputs) or None)
+                    inputs=list(inputs) or None, backend=backend)
     if as_json:
         return click.echo(json.dumps(r.to_dict(), indent=2))
     ideal = f"{r.flops_ratio:.2f}×" if r.flops_ratio else "n/a"
     eff = f"{100 * r.efficiency:.0f}%" if r.efficiency else "n/a"
-    click.echo(f"batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):\n"
+    click.echo(f"{r.engine}, batch {r.batch}, {r.threads} threads, {r.rounds} alternating rounds (medians):\n"
                f"  baseline {r.baseline_ms:8.2f} ms\n  build    {r.build_ms:8.2f} ms\n"
                f"  speedup  {r.speedup:.2f}×   FLOPs ratio (ideal) {ideal}   measured/ideal {eff}")
     if r.cache_in_place:

@@ -19,7 +19,7 @@ import numpy as np
 
 from .compare import OutputMetrics, compare_outputs
 from .errors import CalibrationError, InputError, ModelLoadError
-from .runtime.backends import OnnxRuntimeBackend
+from .runtime.backends import Backend, OnnxRuntimeBackend, OpenVINOBackend
 from .runtime.feeds import build_feeds, load_feed_files, validate_feeds
 from .runtime.kv_cache import LOGITS
 from .runtime.manifest import Manifest
@@ -94,9 +94,9 @@ def _reference(reference: Any, session: Session):
     raise ModelLoadError(f"reference must be an .onnx path, a factory spec or a torch module, not {type(reference).__name__}")
 
 
-def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) -> OnnxRuntimeBackend:
-    """The original model (verify's reference, bench's baseline) on ONNX Runtime, refused with one
-    line when it is not an ONNX file or takes other inputs than the build."""
+def load_reference_onnx(path: str | Path, inputs, what: str, engine: str = "onnxruntime", **backend_options) -> Backend:
+    """The original model (verify's reference, bench's baseline) on ONNX Runtime (or OpenVINO:
+    `engine`), refused with one line when it is not an ONNX file or takes other inputs than the build."""
     path = Path(path)
     flag = f"--{what}"
     if path.is_dir():
@@ -105,15 +105,19 @@ def load_reference_onnx(path: str | Path, inputs, what: str, **backend_options) 
                              "build was compiled from)")
     if not path.is_file():
         raise ModelLoadError(f"{what} model not found: {path}")
-    backend = OnnxRuntimeBackend(path, **backend_options)
+    if engine == "openvino":
+        backend: Backend = OpenVINOBackend(path, threads=backend_options.get("threads"))
+    else:
+        backend = OnnxRuntimeBackend(path, **backend_options)
     try:
         backend.activate()
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own types for bad files
+    except Exception as exc:  # noqa: BLE001 - the engines raise their own types for bad files
         lines = [line for line in str(exc).splitlines() if line.strip()]
         reason = lines[0][:200] if lines else type(exc).__name__
         if "protobuf" in reason.lower():  # "Protobuf parsing failed", "No graph was found in the protobuf"
             reason = "not an ONNX model"
-        raise ModelLoadError(f"{what} {path} cannot be loaded by ONNX Runtime ({reason}); pass {flag} ORIGINAL.onnx") from None
+        name = "OpenVINO" if engine == "openvino" else "ONNX Runtime"
+        raise ModelLoadError(f"{what} {path} cannot be loaded by {name} ({reason}); pass {flag} ORIGINAL.onnx") from None
     want, got = sorted(i.name for i in inputs), sorted(i.name for i in backend.inputs)
     if want != got:
         raise InputError(f"{what} {path} takes inputs {got}, the build {want}: pass the model this build was compiled from")
@@ -151,10 +155,11 @@ NEXT_TOKEN = "logits (last token)"
 
 def verify_build(build_dir: str | Path, reference: Any = None, *, samples: int = 8, inputs: list[str] | None = None,
                  min_cosine: float | None = None, min_top1: float | None = None, seed: int = 0,
-                 tokens: int | None = None, per_pass: bool = False) -> VerifyReport:
-    """Compare a build with its reference; see the module docstring."""
+                 tokens: int | None = None, per_pass: bool = False, backend: str = "auto") -> VerifyReport:
+    """Compare a build, run on `backend` (auto: the engine its target runs on), with its reference (on
+    ONNX Runtime); see the module docstring."""
     check_counts(samples=samples, tokens=tokens)
-    session = Session(build_dir, backend="onnxruntime")
+    session = Session(build_dir, backend=backend)
     if reference is None and not session.manifest.get("reference"):
         raise InputError(f"{build_dir} holds no reference model: pass --reference ORIGINAL.onnx or a factory")
     reference = Path(build_dir) / session.manifest["reference"] if reference is None else reference

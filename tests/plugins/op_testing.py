@@ -35,23 +35,34 @@ def _op(op):
 # ------------------------------------------------------------------ ONNX decomposition
 
 
-def run_decomposition(op, inputs: list[np.ndarray], **attrs) -> list[np.ndarray]:
+def run_decomposition(op, inputs: list[np.ndarray], engine: str = "onnxruntime", **attrs) -> list[np.ndarray]:
     """One `op` node (an OpDef or its name) with its ONNX function, run on ONNX Runtime's CPU
-    provider. Float outputs get the dtype of the first input (float32 or float16)."""
-    import onnxruntime as ort
-
+    provider, or on OpenVINO's CPU plugin (`engine="openvino"`: the function inlined, every
+    input dim symbolic as in a build with dynamic shapes). Float outputs get the dtype of the
+    first input (float32 or float16)."""
     op = _op(op)
     names = [t.name for t in op.inputs]
     floats = ONNX_TYPES[inputs[0].dtype] if inputs[0].dtype.kind == "f" else onnx.TensorProto.FLOAT
     node = oh.make_node(op.name, names, [t.name for t in op.outputs], domain=DOMAIN, **attrs)
+    dims = (lambda n, a: list(a.shape)) if engine == "onnxruntime" else \
+        (lambda n, a: [f"{n}_{axis}" for axis in range(a.ndim)])
     graph = oh.make_graph(
         [node], "one_op",
-        [oh.make_tensor_value_info(n, ONNX_TYPES[a.dtype], list(a.shape)) for n, a in zip(names, inputs)],
+        [oh.make_tensor_value_info(n, ONNX_TYPES[a.dtype], dims(n, a)) for n, a in zip(names, inputs)],
         [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else floats, None)
          for t in op.outputs],
     )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
                           functions=[op.function()])
+    if engine == "openvino":
+        from trimrt.runtime.backends import OpenVINOBackend
+
+        backend = OpenVINOBackend(model.SerializeToString(), threads=1)
+        backend.activate()
+        out = backend.infer(dict(zip(names, inputs)))
+        return [out[t.name] for t in op.outputs]
+    import onnxruntime as ort
+
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, dict(zip(names, inputs)))
 

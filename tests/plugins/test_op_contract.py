@@ -1,7 +1,8 @@
 """The op contract (DESIGN.md, plugins/base.py), checked for every op of the registry.
 
 A new op module is picked up here with no edit: its `OP.examples(rng)` cases run through
-the NumPy reference, the ONNX decomposition on ONNX Runtime, the Triton kernel under the
+the NumPy reference, the ONNX decomposition on ONNX Runtime (and on OpenVINO where it is
+installed), the Triton kernel under the
 interpreter and the generated TensorRT descriptor (a fake tensorrt, no GPU). The per-op
 test files hold the op-specific value tests.
 """
@@ -69,6 +70,17 @@ def test_decomposition_matches_reference(name):
     op = REGISTRY[name]
     for inputs, attrs in _cases(op):
         got = run_decomposition(op, inputs, **attrs)
+        _assert_outputs_match(op, got, op.run_reference(*inputs, **attrs))
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_decomposition_on_openvino_matches_reference(name):
+    """The OpenVINO column: the same decomposition, inlined, on OpenVINO's CPU plugin with
+    dynamic input dims (as builds have them); skipped where OpenVINO is not installed."""
+    pytest.importorskip("openvino")
+    op = REGISTRY[name]
+    for inputs, attrs in _cases(op):
+        got = run_decomposition(op, inputs, engine="openvino", **attrs)
         _assert_outputs_match(op, got, op.run_reference(*inputs, **attrs))
 
 

@@ -53,6 +53,11 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     if target != "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse:
         raise BuildError("the recipe's [onnxruntime] fuse applies to ONNX Runtime builds only; "
                          f"remove it to build for {target}")
+    if target == "openvino":
+        from ..runtime.backends import OpenVINOBackend
+
+        if not OpenVINOBackend.available():
+            raise BackendUnavailableError("--target openvino needs OpenVINO: pip install 'trimrt[openvino]'")
     if target == "tensorrt":
         from ..runtime.backends import TensorRTBackend
 
@@ -112,6 +117,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
             raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
         _check_outputs(base_out, build_out, noop=not any(r.changes_results for r in reports))
+        if target == "openvino":
+            say("checking the build on OpenVINO")
+            _check_openvino(built, feeds, build_out, quantized=recipe.quantization is not None)
         # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
         batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
         flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
@@ -301,6 +309,38 @@ def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:
     if isinstance(example_inputs, dict):
         return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in example_inputs.items()}
     return None
+
+
+#: a quantized build on OpenVINO against the same build on ONNX Runtime: the two engines round
+#: activations at their own points, and a value on a rounding boundary moves by one step
+OPENVINO_MIN_COSINE = 0.999
+
+
+def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, *, quantized: bool) -> None:
+    """An OpenVINO build must load on OpenVINO and give what ONNX Runtime gives on the check feeds
+    (a quantized one: a cosine of at least OPENVINO_MIN_COSINE)."""
+    from ..runtime.backends import OpenVINOBackend
+    from ..runtime.session import _backend_message
+
+    backend = OpenVINOBackend(built.SerializeToString())
+    try:
+        backend.activate()
+        got = backend.infer(feeds)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+        raise BuildError(f"OpenVINO cannot run this build: {_backend_message(exc)}; build for --target onnxruntime") \
+            from None
+    for name, expected in want.items():
+        value = got[name]
+        if value.shape == expected.shape and np.allclose(value, expected, rtol=1e-3, atol=1e-3):
+            continue
+        if value.shape == expected.shape and quantized and value.dtype.kind == "f":
+            a, b = value.reshape(len(value), -1).astype(np.float64), expected.reshape(len(value), -1).astype(np.float64)
+            cosine = float(np.min((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)))
+            if cosine >= OPENVINO_MIN_COSINE:
+                continue
+        worst = float(np.abs(value - expected).max()) if value.shape == expected.shape else float("nan")
+        raise BuildError(f"the build's output {name!r} on OpenVINO differs from ONNX Runtime's (max abs {worst:.3g}); "
+                         "please report this model with the recipe, and build for --target onnxruntime")
 
 
 def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:

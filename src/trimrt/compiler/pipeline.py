@@ -35,7 +35,7 @@ from .decoder import DECODER_SPEC
 from .input_limits import INPUT_LIMITS, find_input_limits
 from .source import MIN_OPSET
 
-TARGETS = ("onnxruntime", "tensorrt")
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
 
 
 class CanonicalizePass(TrimrtPass):

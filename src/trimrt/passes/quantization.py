@@ -62,8 +62,8 @@ class QuantizationPass(TrimrtPass):
         # calibration data given is always used: at least to measure the build's fidelity
         needs_data = self.options.needs_calibration or self.encoding.static_activations or self.calibration is not None
         if needs_data and self.calibration is None:
-            raise RecipeError("TensorRT INT8 builds need static activation scales: add a [calibration] table "
-                              "(source = ..., or random = true for a smoke test)")
+            raise RecipeError(f"INT8 builds for {self.target} need static activation scales: add a [calibration] "
+                              "table (source = ..., or random = true for a smoke test)")
         split, stats, held_stats, original = Split([], []), {}, None, None
         if needs_data and linears:
             original = ir.serde.serialize_model(model)  # the float graph, for calibration and the guard

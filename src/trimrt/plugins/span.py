@@ -173,10 +173,11 @@ def span_graph(b, tokens, counted: bool = True, axis: int = 1) -> SimpleNamespac
 def prefix_suffix(b, tokens, s: SimpleNamespace):
     """The always-kept positions outside the span, broadcast over the batch of `tokens`:
     prefix = 0..protect-1 and suffix = end..N-1, int64 [B, ·]."""
-    batch = b.Shape(tokens, start=0, end=1)
-    prefix = b.Expand(b.Range(s.zero_s, s.protect_s, s.one_s), b.Concat(batch, s.protect, axis=0))
-    n_suffix = b.Unsqueeze(b.Sub(s.n_s, s.end_s), s.ax0)
-    suffix = b.Expand(b.Range(s.end_s, s.n_s, s.one_s), b.Concat(batch, n_suffix, axis=0))
+    # Expand to [B, 1] broadcasts a [n] range to [B, n]: no length computed (a computed N - end
+    # has no lower bound of 0 for OpenVINO's shape inference, which then refuses the Expand)
+    rows = b.Concat(b.Shape(tokens, start=0, end=1), b.const([1]), axis=0)
+    prefix = b.Expand(b.Range(s.zero_s, s.protect_s, s.one_s), rows)
+    suffix = b.Expand(b.Range(s.end_s, s.n_s, s.one_s), rows)
     return prefix, suffix
 
 

@@ -64,7 +64,7 @@ QUANTIZED_ENCODINGS.register("int4_blocked_dq")(Encoding(
     lambda b, x, q, shared: int4_blocked_dq(b, x, q.codes, q.scale, q.group_size)))
 
 QUANTIZED_ENCODINGS.register("qdq_int8")(Encoding(
-    "int8", ("tensorrt",), {"": 19},  # the TensorRT Q/DQ form
+    "int8", ("tensorrt", "openvino"), {"": 19},  # the TensorRT Q/DQ form; OpenVINO runs it as INT8 kernels
     "QuantizeLinear/DequantizeLinear INT8, static activation scales",
     lambda b, x, q, shared: qdq_static(b, x, q.activation_scale, q.codes, q.scale, "int8"),
     static_activations=True))

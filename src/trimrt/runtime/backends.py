@@ -1,8 +1,9 @@
 """Backends: one small interface (activate / infer / deactivate), like polygraphy's runners.
 
 ONNX Runtime runs every build on CPU (custom ops are inlined from their functions).
-TensorRT runs `model.engine` when TensorRT and a GPU are present; it is imported
-lazily, so the runtime imports without it.
+OpenVINO runs the same model.onnx on its CPU plugin (trimrt[openvino]), the functions
+inlined before it reads the graph. TensorRT runs `model.engine` when TensorRT and a GPU
+are present. OpenVINO and TensorRT are imported lazily, so the runtime imports without them.
 """
 
 from __future__ import annotations
@@ -140,6 +141,103 @@ class OnnxRuntimeBackend(Backend):
 
     def deactivate(self) -> None:
         self._session = None
+
+
+class OpenVINOBackend(Backend):
+    """Runs a build's ONNX graph on OpenVINO's CPU plugin. trimrt's custom ops are inlined into
+    their decompositions first (OpenVINO's ONNX front end does not expand model-local functions
+    of a custom domain). A compiled model serves every thread; an infer request does not, so
+    each calling thread gets its own."""
+
+    name = "openvino"
+    #: OpenVINOBackend's precision -> OpenVINO's INFERENCE_PRECISION_HINT
+    PRECISIONS = {"f32": "f32", "bf16": "bf16"}
+
+    def __init__(self, model: str | Path | bytes, *, threads: int | None = None, precision: str = "f32",
+                 hint: str = "LATENCY"):
+        self.model = model if isinstance(model, bytes) else str(model)
+        self.threads, self.precision, self.hint = threads, precision, hint
+        self._compiled = None
+        self._local = threading.local()
+
+    @staticmethod
+    def available() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("openvino") is not None
+
+    def activate(self) -> None:
+        if not self.available():
+            raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install 'trimrt[openvino]'")
+        if self.precision not in self.PRECISIONS:
+            raise BackendUnavailableError(f"unknown OpenVINO precision {self.precision!r}; choose one of "
+                                          f"{list(self.PRECISIONS)}")
+        import onnx
+        import onnx.inliner
+        import openvino as ov
+
+        proto = onnx.load_from_string(self.model) if isinstance(self.model, bytes) else onnx.load(self.model)
+        if proto.functions:
+            _spell_out_default_attributes(proto)
+            proto = onnx.inliner.inline_local_functions(proto)
+        core = ov.Core()
+        if self.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise BackendUnavailableError("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES lacks "
+                                          "BF16); use precision f32")
+        config = {"INFERENCE_PRECISION_HINT": self.PRECISIONS[self.precision], "PERFORMANCE_HINT": self.hint}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        model = core.read_model(proto.SerializeToString())
+        for op in model.get_ops():  # ONNX's TopK breaks ties by the lower index; OpenVINO's only when stable
+            if op.get_type_name() == "TopK":
+                op.set_attribute("stable", True)
+        self._compiled = core.compile_model(model, "CPU", config)
+        # a port may carry several tensor names: the graph's own name is the one that counts
+        onnx_names = {v.name for v in [*proto.graph.input, *proto.graph.output]}
+        self.inputs = [_ov_info(port, onnx_names) for port in self._compiled.inputs]
+        self.outputs = [_ov_info(port, onnx_names) for port in self._compiled.outputs]
+
+    def infer(self, feeds, output_names=None):
+        compiled = self._compiled
+        if compiled is None:
+            raise SessionClosedError("this OpenVINO session is closed; load the build again")
+        request = getattr(self._local, "request", None)
+        if request is None or self._local.compiled is not compiled:
+            request = self._local.request = compiled.create_infer_request()
+            self._local.compiled = compiled
+        results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+        by_name = {info.name: results[i] for i, info in enumerate(self.outputs)}  # OVDict: by output index
+        names = output_names or [o.name for o in self.outputs]
+        # copies: the request reuses its output memory on its next run
+        return {name: np.array(by_name[name]) for name in names}
+
+    def deactivate(self) -> None:
+        self._compiled = None
+
+
+def _spell_out_default_attributes(proto) -> None:
+    """Give each call of a model-local function the attributes it leaves at their defaults:
+    onnx's inliner leaves a Constant that refers to such an attribute with no value, which
+    OpenVINO refuses."""
+    defaults = {(f.domain, f.name): f.attribute_proto for f in proto.functions}
+
+    def visit(graph):
+        for node in graph.node:
+            given = {a.name for a in node.attribute}
+            for default in defaults.get((node.domain, node.op_type), ()):
+                if default.name not in given:
+                    node.attribute.append(default)
+            for attr in node.attribute:
+                for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else ():  # GRAPH, GRAPHS
+                    visit(sub)
+
+    visit(proto.graph)
+
+
+def _ov_info(port, onnx_names: set[str]) -> TensorInfo:
+    shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+    name = next(iter(sorted(port.get_names() & onnx_names)), port.get_any_name())
+    return TensorInfo(name, np.dtype(port.get_element_type().to_dtype()), shape)
 
 
 def one_row_at_a_time(exc: Exception) -> bool:

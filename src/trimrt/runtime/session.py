@@ -15,12 +15,12 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendUnavailableError, BuildLoadError, InputError, RunError, SessionClosedError, TrimrtError
-from .backends import Backend, OnnxRuntimeBackend, TensorRTBackend, one_row_at_a_time, row_feeds
+from .backends import Backend, OnnxRuntimeBackend, OpenVINOBackend, TensorRTBackend, one_row_at_a_time, row_feeds
 from .feeds import TensorInfo, validate_feeds
 from .kv_cache import ATTENTION_MASK, KINDS, PRESENT_PREFIX, KVCache, is_past_name, past_name
 from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 
 
 class Session:
@@ -41,6 +41,10 @@ class Session:
                 raise BackendUnavailableError(f"{self.build_dir} has no {ENGINE}; compile with --target tensorrt on a GPU machine")
             self.backend: Backend = TensorRTBackend(engine)
             file = ENGINE
+        elif backend == "openvino" or (backend == "auto" and self.manifest.get("target") == "openvino"
+                                        and OpenVINOBackend.available()):
+            self.backend = OpenVINOBackend(self.build_dir / MODEL, threads=threads)
+            file = MODEL
         else:
             self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning,
                                               **onnxruntime_settings(self.manifest))
@@ -50,8 +54,9 @@ class Session:
         except TrimrtError:
             raise
         except Exception as exc:  # noqa: BLE001 - a listed, hash-consistent file the backend cannot load
+            what = ("run it with backend='onnxruntime'" if self.backend.name == "openvino" else "recompile the build")
             raise BuildLoadError(f"{self.build_dir}: {_engine_name(self.backend)} cannot load {file}: "
-                                 f"{_backend_message(exc)}; recompile the build") from None
+                                 f"{_backend_message(exc)}; {what}") from None
         self._limits = self.manifest.get("input_limits") or {}
         self._step_inputs: list[TensorInfo] | None = None  # the inputs but the past (run_with_cache)
         self._step_outputs: list[str] = []  # the outputs but the presents (run_with_cache)
@@ -209,12 +214,14 @@ def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = 
 #  Name:'node_embedding' Status Message: indices element out of data bounds, ..."
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
 _ORT_NODE = re.compile(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
+# OpenVINO: "... Failed operations detailed log: -- com.microsoft.GroupQueryAttention with a message: ..."
+_OV_UNCONVERTED = re.compile(r"-- (\S+) with a message:")
 # ORT's C++ check failures start "/onnxruntime_src/...h:84 onnxruntime::F(...) cond was false. "
 _ORT_CHECK = re.compile(r"^\S+:\d+ .*? was false\. ")
 
 
 def _engine_name(backend: Backend) -> str:
-    return "ONNX Runtime" if backend.name == "onnxruntime" else "TensorRT"
+    return {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(backend.name, "TensorRT")
 
 
 def _one_line(text: str) -> str:
@@ -224,6 +231,9 @@ def _one_line(text: str) -> str:
 def _backend_message(exc: Exception) -> str:
     """The useful part of a backend exception's message, on one line."""
     text = str(exc).strip() or type(exc).__name__
+    unconverted = list(dict.fromkeys(_OV_UNCONVERTED.findall(text)))  # OpenVINO's front end, op by op
+    if unconverted:
+        return f"its ONNX front end does not convert {', '.join(unconverted)}"
     return _one_line(_ORT_PREFIX.sub("", text))
 
 

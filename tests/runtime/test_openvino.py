@@ -1,0 +1,136 @@
+"""The OpenVINO backend: every build trimrt makes for CPU (token pruning of every method,
+merging, INT8) runs on OpenVINO's CPU plugin, its custom ops inlined into their
+decompositions, and gives what ONNX Runtime gives."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+import trimrt  # noqa: E402
+from examples.models.vit import tiny_vit  # noqa: E402
+from trimrt.errors import BuildLoadError  # noqa: E402
+
+RECIPES = {
+    "cls_attention": {"token_pruning": {"method": "cls_attention", "layers": [1, 2], "keep": 0.5}},
+    "zero_tprune": {"token_pruning": {"method": "zero_tprune", "layers": [1, 2], "keep": 0.5}},
+    "divprune": {"token_pruning": {"method": "divprune", "layers": [1], "keep": 0.5}},
+    "adaptive": {"token_pruning": {"method": "adaptive", "layers": [1, 2], "keep": 0.5}},
+    "recycle": {"token_pruning": {"method": "recycle", "layers": [1], "keep": 0.5}},
+    "tome": {"token_merging": {"r": 4}},
+    "int8": {"quantization": {"weights": "int8"}},
+    "keep_all": {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model, (example,) = tiny_vit()
+    return model, example
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_build_runs_on_openvino_as_on_onnx_runtime(vit, tmp_path, name):
+    model, example = vit
+    trimrt.compile(model, RECIPES[name], tmp_path / "b", example_inputs=(example,))
+    feeds = {"pixel_values": np.concatenate([example.numpy(), -example.numpy()])}
+    want = trimrt.load(tmp_path / "b", backend="onnxruntime").run(feeds)
+    session = trimrt.load(tmp_path / "b", backend="openvino", threads=2)
+    assert session.backend.name == "openvino"
+    got = session.run(feeds)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_threads_share_one_compiled_model(vit, tmp_path):
+    model, example = vit
+    trimrt.compile(model, RECIPES["cls_attention"], tmp_path / "b", example_inputs=(example,))
+    session = trimrt.load(tmp_path / "b", backend="openvino")
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal(example.shape).astype(np.float32) for _ in range(8)]
+    want = [session.run({"pixel_values": x})["logits"] for x in batches]
+    got = [None] * len(batches)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = session.run({"pixel_values": batches[i]})["logits"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_what_openvino_cannot_load_is_one_line(tmp_path):
+    """A decoder build uses ONNX Runtime's GroupQueryAttention, which OpenVINO does not convert."""
+    from tests.families.causal_lms import build
+
+    path, _ = build("llama")
+    with pytest.raises(BuildLoadError, match=r"OpenVINO cannot load model.onnx: its ONNX front end does not convert "
+                       r"com.microsoft.GroupQueryAttention; run it with backend='onnxruntime'") as err:
+        trimrt.load(path, backend="openvino")
+    assert "\n" not in str(err.value)
+
+
+def test_verify_and_bench_on_openvino(vit, tmp_path):
+    """verify runs the build on OpenVINO against the reference on ONNX Runtime; bench times the
+    build and its baseline both on OpenVINO; the CLI takes --backend openvino."""
+    from click.testing import CliRunner
+
+    from trimrt.bench import bench_build
+    from trimrt.cli import main
+
+    model, example = vit
+    trimrt.compile(model, RECIPES["keep_all"], tmp_path / "same", example_inputs=(example,))
+    report = trimrt.verify(tmp_path / "same", samples=2, backend="openvino")
+    assert report.outputs[0].max_abs < 1e-4 and report.passed  # keep = 1.0 reproduces the original on OpenVINO
+    trimrt.compile(model, RECIPES["cls_attention"], tmp_path / "pruned", example_inputs=(example,))
+    timed = bench_build(tmp_path / "pruned", batch=2, warmup=1, rounds=3, backend="openvino")
+    assert timed.batch == 2 and timed.build_ms > 0 and timed.baseline_ms > 0 and not timed.cache_in_place
+    ran = CliRunner().invoke(main, ["bench", str(tmp_path / "pruned"), "--backend", "openvino", "--rounds", "2",
+                                    "--warmup", "1"])
+    assert ran.exit_code == 0, ran.output
+    assert ran.output.startswith("openvino, batch 1, 2 threads, 2 alternating rounds")
+    checked = CliRunner().invoke(main, ["verify", str(tmp_path / "pruned"), "--backend", "openvino", "--samples", "2"])
+    assert checked.exit_code == 0, checked.output
+
+
+def test_the_openvino_target(vit, tmp_path):
+    """--target openvino: INT8 in the static Q/DQ form (OpenVINO runs it on its INT8 kernels) with
+    token pruning; checked on OpenVINO at compile time; load, verify and bench pick OpenVINO."""
+    from trimrt.bench import bench_build
+    from trimrt.errors import BuildError
+
+    model, example = vit
+    recipe = {**RECIPES["cls_attention"], "quantization": {"weights": "int8"},
+              "calibration": {"random": True, "samples": 4}}
+    with pytest.warns(UserWarning, match="calibrating on random data"):
+        manifest = trimrt.compile(model, recipe, tmp_path / "b", example_inputs=(example,), target="openvino")
+    assert manifest["target"] == "openvino"
+    quant = manifest.pass_report("quantization")
+    assert "QuantizeLinear/DequantizeLinear INT8" in quant["encoding"]
+    session = trimrt.load(tmp_path / "b")
+    assert session.backend.name == "openvino"
+    feeds = {"pixel_values": example.numpy()}
+    got, want = session.run(feeds)["logits"], trimrt.load(tmp_path / "b", backend="onnxruntime").run(feeds)["logits"]
+    assert float(np.dot(got[0], want[0]) / np.linalg.norm(got[0]) / np.linalg.norm(want[0])) > 0.999
+    # the fidelity verify reports (4 random calibration samples: low) is the build's, whichever engine runs it
+    on_openvino = trimrt.verify(tmp_path / "b", samples=2).outputs[0]
+    on_onnxruntime = trimrt.verify(tmp_path / "b", samples=2, backend="onnxruntime").outputs[0]
+    assert abs(on_openvino.cosine_mean - on_onnxruntime.cosine_mean) < 0.005 and on_openvino.top1 == 1.0
+    assert bench_build(tmp_path / "b", warmup=1, rounds=2).engine == "openvino"
+    with pytest.raises(BuildError, match="no quantized encoding writes int4 weights for target 'openvino'"):
+        trimrt.compile(model, {"quantization": {"weights": "int4"}}, tmp_path / "c", example_inputs=(example,),
+                       target="openvino")
+    with pytest.raises(trimrt.errors.RecipeError, match="INT8 builds for openvino need static activation scales"):
+        trimrt.compile(model, {"quantization": {"weights": "int8"}}, tmp_path / "d", example_inputs=(example,),
+                       target="openvino")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
