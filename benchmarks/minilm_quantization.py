@@ -94,22 +94,9 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import trimrt
-    from examples.models import corpus, minilm
+    from examples.models import minilm
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = minilm.load_tokenizer()
-    baseline = args.out / "minilm.onnx"
-    if not baseline.is_file():
-        module, example = minilm.minilm_embedder()
-        trimrt.export(module, baseline, example_inputs=example)
-        del module
-    (args.out / "calibration.txt").write_text("\n".join(corpus.calibration_texts(48)) + "\n")
-    passages = corpus.passages(tokenizer, 256, 200)
-    query_ids = [np.asarray(tokenizer(q)["input_ids"], dtype=np.int64) for q in corpus.queries(50)]
-    # batch 1: 8 passages spread over the corpus; batch b: 2 batches of b consecutive passages
-    timing = {b: [corpus.feeds(p.input_ids) for p in passages[::25][:8]] if b == 1 else
-              [corpus.feeds([p.input_ids for p in passages[i * b:(i + 1) * b]]) for i in range(2)]
-              for b in args.batches}
+    tokenizer, baseline, passages, query_ids, timing = setup(args.out, args.batches)
 
     def wanted(name: str) -> bool:
         if args.exact:
@@ -162,6 +149,30 @@ def main() -> int:
     (args.out / "results.json").write_text(json.dumps({"fp32_weight_mb": weight_bytes / 1e6, "rows": rows}, indent=2))
     print(markdown(rows, args.batches, weight_bytes / 1e6))
     return 0
+
+
+def setup(out: Path, batches: list[int]):
+    """What the MiniLM benchmarks share, in `out`: (tokenizer, the fp32 export, 200 passages of
+    256 tokens, 50 query id arrays, {batch: timing feeds}); writes calibration.txt (48 corpus
+    texts that are never a passage or a query)."""
+    import trimrt
+    from examples.models import corpus, minilm
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = minilm.load_tokenizer()
+    baseline = out / "minilm.onnx"
+    if not baseline.is_file():
+        module, example = minilm.minilm_embedder()
+        trimrt.export(module, baseline, example_inputs=example)
+        del module
+    (out / "calibration.txt").write_text("\n".join(corpus.calibration_texts(48)) + "\n")
+    passages = corpus.passages(tokenizer, 256, 200)
+    query_ids = [np.asarray(tokenizer(q)["input_ids"], dtype=np.int64) for q in corpus.queries(50)]
+    # batch 1: 8 passages spread over the corpus; batch b: 2 batches of b consecutive passages
+    timing = {b: [corpus.feeds(p.input_ids) for p in passages[::25][:8]] if b == 1 else
+              [corpus.feeds([p.input_ids for p in passages[i * b:(i + 1) * b]]) for i in range(2)]
+              for b in batches}
+    return tokenizer, baseline, passages, query_ids, timing
 
 
 def markdown(rows: list[dict], batches: list[int], fp32_mb: float) -> str:

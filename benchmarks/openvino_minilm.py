@@ -1,0 +1,126 @@
+"""trimrt builds on OpenVINO beside OpenVINO's own fp32 and NNCF INT8, on the real all-MiniLM-L6-v2.
+
+Every row runs the same fp32 export (or a trimrt build of it) and is timed against ONNX Runtime
+fp32 on that export in the same process (alternating, after warm-up, median of paired ratios,
+ONNX Runtime spinning off), on 256-token passages of real text, 2 threads:
+
+- OpenVINO fp32: the export read by OpenVINO, inference precision f32;
+- OpenVINO + NNCF INT8: `nncf.quantize(..., model_type=TRANSFORMER)` on the calibration texts;
+- trimrt INT8 (`--target openvino`: static Q/DQ, per-channel weights, calibrated per-tensor
+  activations) with round-to-nearest or SmoothQuant weights, on OpenVINO;
+- trimrt EViT pruning + INT8 on OpenVINO.
+
+Calibration (NNCF and trimrt alike): 48 docstrings of the corpus that are never a passage or a
+query (`corpus.calibration_texts`). Fidelity: sentence-embedding cosine on 200 passages and
+retrieval agreement of 50 queries against the fp32 model (benchmarks/minilm_token_pruning.py).
+
+    python benchmarks/openvino_minilm.py --batches 1 8     # ≈ 15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
+HERE = Path(__file__).resolve().parent
+CAL = {"source": "calibration.txt", "max_length": 256, "samples": 48}
+
+
+def recipes(tokenizer_dir: str) -> list[tuple[str, dict]]:
+    cal = {"calibration": {**CAL, "tokenizer": tokenizer_dir}}
+    return [
+        ("trimrt INT8 rtn", {"quantization": {}, **cal}),
+        ("trimrt INT8 smoothquant", {"quantization": {"method": "smoothquant"}, **cal}),
+        ("trimrt EViT keep 0.8 @3 + INT8 rtn", {"token_pruning": {"layers": [3], "keep": 0.8}, "quantization": {}, **cal}),
+        ("trimrt EViT keep 0.7 @3 + INT8 rtn", {"token_pruning": {"layers": [3], "keep": 0.7}, "quantization": {}, **cal}),
+    ]
+
+
+class _OpenVINOModel:
+    """An OpenVINO model (an ov.Model, e.g. NNCF's) with the Backend interface the helpers call."""
+
+    def __init__(self, model, threads: int):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                                "INFERENCE_PRECISION_HINT": "f32",
+                                                                "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+        self.names = [port.get_any_name() for port in self.compiled.outputs]
+
+    def infer(self, feeds, output_names=None):
+        results = self.request.infer(feeds)
+        return {name: np.array(results[i]) for i, name in enumerate(self.names)}
+
+
+def nncf_int8(baseline: Path, calibration: list[dict], threads: int):
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(baseline))
+    quantized = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calibration))
+    return _OpenVINOModel(quantized, threads)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("builds/bench_openvino_minilm"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
+    import minilm_token_pruning as mtp
+    from minilm_quantization import _toml, setup
+
+    import trimrt
+    from examples.models import corpus, minilm
+    from trimrt.runtime.backends import OpenVINOBackend
+
+    tokenizer, baseline, passages, query_ids, timing = setup(args.out, args.batches)
+    texts = corpus.calibration_texts(48)  # what setup() wrote to calibration.txt, for NNCF
+    calibration = [corpus.feeds(np.asarray(tokenizer(t, truncation=True, max_length=256)["input_ids"])) for t in texts]
+
+    engines = []
+    fp32 = OpenVINOBackend(baseline, threads=args.threads)
+    fp32.activate()
+    engines.append(("OpenVINO fp32", fp32))
+    print("NNCF INT8 ...", flush=True)
+    engines.append(("OpenVINO + NNCF INT8", nncf_int8(baseline, calibration, args.threads)))
+    for name, recipe in recipes(str(minilm.model_dir())):
+        build = args.out / "".join(c if c.isalnum() else "_" for c in name)
+        recipe_path = args.out / f"{build.name}.toml"
+        recipe_path.write_text(_toml(recipe))
+        print(f"compiling {name}", flush=True)
+        trimrt.compile(str(baseline), str(recipe_path), build, target="openvino")
+        engines.append((f"{name} (OpenVINO)", trimrt.load(build, threads=args.threads).backend))
+
+    base = mtp.backend(baseline, args.threads)
+    base_emb = {"passages": {256: mtp.embed_passages(base, passages)}, "queries": mtp.embed_queries(base, query_ids)}
+    rows = []
+    for name, engine in engines:
+        emb = {"passages": {256: mtp.embed_passages(engine, passages)}, "queries": mtp.embed_queries(engine, query_ids)}
+        fid = mtp.fidelity(base_emb, emb, 256)
+        speed = {b: mtp.speed(base, engine, timing[b], warmup=5, rounds=args.rounds) for b in args.batches}
+        rows.append((name, fid, speed))
+        print(f"{name}: " + ", ".join(f"b{b} {s['speedup']:.2f}×" for b, s in speed.items())
+              + f", cosine {fid['cosine_mean']:.4f}", flush=True)
+    head = ["engine"] + [f"b{b} speedup over ORT fp32 (ms)" for b in args.batches] + ["cosine mean / p5",
+                                                                                     "retrieval top-1 / top-5"]
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, fid, speed in rows:
+        cells = [name] + [f"**{s['speedup']:.2f}×** ({s['baseline_ms']:.1f} → {s['build_ms']:.1f})"
+                          for s in speed.values()]
+        cells += [f"{fid['cosine_mean']:.4f} / {fid['cosine_p5']:.4f}", f"{fid['top1']:.0%} / {fid['top5']:.0%}"]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
