@@ -279,7 +279,7 @@ def test_tensorrt_int8_needs_calibration(mlp):
 
     path, *_ = mlp
     recipe = load_recipe({"quantization": {}})
-    with pytest.raises(RecipeError, match=r"TensorRT INT8 builds need static activation scales: add a \[calibration\]"):
+    with pytest.raises(RecipeError, match=r"INT8 builds for tensorrt need static activation scales: add a \[calibration\]"):
         quant_pass.QuantizationPass(recipe.quantization, None, target="tensorrt").call(ir.load(path))
 
 
