@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from .._version import __version__
+from ..compare import sample_cosines
 from ..errors import BackendUnavailableError, BuildError, ModelLoadError, RecipeError
 from ..passes.base import PipelineContext
 from ..plugins import DOMAIN, OP_VERSION
@@ -336,7 +337,8 @@ def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: d
         if value.shape == expected.shape and np.allclose(value, expected, rtol=1e-3, atol=1e-3):
             continue
         if value.shape == expected.shape and original is not None and value.dtype.kind == "f":
-            on_openvino, on_onnxruntime = _min_cosine(value, original[name]), _min_cosine(expected, original[name])
+            on_openvino = float(sample_cosines(value, original[name]).min())
+            on_onnxruntime = float(sample_cosines(expected, original[name]).min())
             if on_openvino >= on_onnxruntime - OPENVINO_COSINE_SLACK:
                 continue
             raise BuildError(f"the build's output {name!r} on OpenVINO is further from the float model (cosine "
@@ -345,13 +347,6 @@ def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: d
         worst = float(np.abs(value - expected).max()) if value.shape == expected.shape else float("nan")
         raise BuildError(f"the build's output {name!r} on OpenVINO differs from ONNX Runtime's (max abs {worst:.3g}); "
                          "please report this model with the recipe, and build for --target onnxruntime")
-
-
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest per-sample cosine between two outputs of one shape [batch, ...]."""
-    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return float(np.min((a * b).sum(1) / norms))
 
 
 def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:
