@@ -299,7 +299,7 @@ def _prompt(text: str, *, text_ok: bool):
 @_json
 def inspect(target: str, as_json: bool) -> None:
     """Show the transformer structure of a MODEL, or the passes and ops of a BUILD."""
-    from .inspect import flops_text, fusion_line, inspect_target, pass_lines
+    from .inspect import flops_text, fusion_line, inspect_target, openvino_line, pass_lines
     from .runtime.manifest import Manifest
 
     info = inspect_target(target)
@@ -325,6 +325,8 @@ def inspect(target: str, as_json: bool) -> None:
             _echo_quantization(info["quantization"])
         if info["onnxruntime_fusion"]:
             click.echo(f"  {fusion_line(info['onnxruntime_fusion'])}")
+        if info["openvino"]:
+            click.echo(f"  {openvino_line(info['openvino'])}")
         if info["decoder"]:
             d = info["decoder"]
             click.echo(f"  decoder: {d['layers']} layers, KV cache {d['kv_heads']} heads × {d['head_dim']} "

@@ -47,8 +47,20 @@ def inspect_build(build_dir: Path) -> dict:
         **{key: manifest.get(key) for key in ("inputs", "outputs", "flops")},
         "quantization": quantization_summary(quantization) if quantization else None,
         "onnxruntime_fusion": fusion or None,
+        "openvino": manifest.get("openvino"),
         "decoder": decoder_summary(manifest.get("decoder"), manifest.pass_report("token_pruning")),
     }
+
+
+def openvino_line(entry: dict) -> str:
+    """'OpenVINO: inference precision bf16 (cosine 0.999512 to f32 at compile), latency hint,
+    OpenVINO's threads, IR stored'."""
+    precision = entry.get("inference_precision", "f32")
+    measured = f" (cosine {entry['precision_cosine']:.6f} to f32 at compile)" if "precision_cosine" in entry else ""
+    threads = entry.get("threads") or "OpenVINO's"
+    ir = "IR stored" if entry.get("ir") else "converted from model.onnx at load"
+    return (f"OpenVINO: inference precision {precision}{measured}, {entry.get('performance_hint', 'latency')} hint, "
+            f"{threads} threads, {ir}")
 
 
 def decoder_summary(decoder: dict | None, pruning: dict | None = None) -> dict | None:

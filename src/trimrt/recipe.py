@@ -366,6 +366,32 @@ class OnnxRuntimeOptions(_Table):
                              "against the unfused graph; TensorRT builds fuse on their own)")
 
 
+#: [openvino] inference_precision -> the CPU capability OpenVINO needs for it (OPTIMIZATION_CAPABILITIES)
+OPENVINO_PRECISIONS = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(_Table):
+    """[openvino]: how OpenVINO builds (--target openvino) are compiled and run. A reduced
+    inference precision is measured at compile time, on the compiling CPU, and recorded."""
+
+    inference_precision: str = choice("f32", tuple(OPENVINO_PRECISIONS),
+                                      "OpenVINO's INFERENCE_PRECISION_HINT: f32 (exact), or bf16 / f16 where the CPU "
+                                      "has them (AMX, AVX512-BF16 / AVX512-FP16): faster, with its cosine to f32 "
+                                      "measured at compile and recorded in the manifest")
+    min_cosine: float = number(0.99, "(0, 1]", "a reduced inference_precision must keep this cosine (per sample, "
+                               "against f32 on OpenVINO) on the compile check, else the compile is refused")
+    performance_hint: str = choice("latency", ("latency", "throughput"),
+                                   "OpenVINO's PERFORMANCE_HINT: latency (one request uses every core) or "
+                                   "throughput (several streams for concurrent callers)")
+    threads: int = integer(0, 0, 4096, "inference threads (0: OpenVINO's choice); load(threads=...) overrides it")
+    save_ir: bool = flag(False, "store the converted model as OpenVINO IR in the build (openvino_model.xml / .bin), "
+                                "so loading skips the ONNX conversion (the weights are stored twice)")
+
+    def _hidden(self) -> set[str]:
+        return {"min_cosine"} if self.inference_precision == "f32" else set()
+
+
 @dataclass(frozen=True)
 class DecoderOptions(_Table):
     """[decoder]: how a causal LM is exported with its KV cache."""
@@ -389,6 +415,7 @@ class Recipe:
     padding: PaddingOptions | None = _table(PaddingOptions)
     calibration: CalibrationOptions | None = _table(CalibrationOptions)
     onnxruntime: OnnxRuntimeOptions | None = _table(OnnxRuntimeOptions)
+    openvino: OpenVINOOptions | None = _table(OpenVINOOptions)
     decoder: DecoderOptions | None = _table(DecoderOptions)
     source: str = field(default="<dict>", compare=False)
 

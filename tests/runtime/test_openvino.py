@@ -127,10 +127,101 @@ def test_the_openvino_target(vit, tmp_path):
     on_onnxruntime = trimrt.verify(tmp_path / "b", samples=2, backend="onnxruntime").outputs[0]
     assert abs(on_openvino.cosine_mean - on_onnxruntime.cosine_mean) < 0.005 and on_openvino.top1 == 1.0
     assert bench_build(tmp_path / "b", warmup=1, rounds=2).engine == "openvino"
-    with pytest.raises(BuildError, match="no quantized encoding writes int4 weights for target 'openvino'"):
-        trimrt.compile(model, {"quantization": {"weights": "int4"}}, tmp_path / "c", example_inputs=(example,),
-                       target="openvino")
+    with pytest.raises(BuildError, match="no quantized encoding writes fp8 weights for target 'openvino'"):
+        trimrt.compile(model, {"quantization": {"weights": "fp8"}, "calibration": {"random": True, "samples": 2}},
+                       tmp_path / "c", example_inputs=(example,), target="openvino")
     with pytest.raises(trimrt.errors.RecipeError, match="INT8 builds for openvino need static activation scales"):
         trimrt.compile(model, {"quantization": {"weights": "int8"}}, tmp_path / "d", example_inputs=(example,),
                        target="openvino")
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_the_openvino_recipe_table(vit, tmp_path):
+    """[openvino]: the stored IR is what loads (a pruning build: its TopKs stay stable through
+    the IR), with the recorded threads and hint; inspect names them; the table is refused for
+    other targets, and a reduced precision this CPU lacks is refused before any work."""
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+    from trimrt.errors import BuildError
+
+    model, example = vit
+    recipe = {**RECIPES["zero_tprune"], "openvino": {"save_ir": True, "threads": 2, "performance_hint": "throughput"}}
+    manifest = trimrt.compile(model, recipe, tmp_path / "b", example_inputs=(example,), target="openvino")
+    entry = manifest["openvino"]
+    assert entry["ir"] == "openvino_model.xml" and entry["threads"] == 2 and entry["inference_precision"] == "f32"
+    assert entry["max_abs_to_onnxruntime"] < 1e-4 and "precision_cosine" not in entry
+    assert {"openvino_model.xml", "openvino_model.bin"} <= set(manifest["files"])
+    session = trimrt.load(tmp_path / "b")
+    assert session.backend.model.endswith("openvino_model.xml") and session.backend.hint == "throughput"
+    assert session.backend.threads == 2 and trimrt.load(tmp_path / "b", threads=1).backend.threads == 1
+    feeds = {"pixel_values": np.concatenate([example.numpy(), -example.numpy()])}
+    want = trimrt.load(tmp_path / "b", backend="onnxruntime").run(feeds)["logits"]
+    np.testing.assert_allclose(session.run(feeds)["logits"], want, rtol=1e-4, atol=1e-4)
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert "OpenVINO: inference precision f32, throughput hint, 2 threads, IR stored" in shown.output
+    # the IR is sealed like the model: a changed byte is refused
+    (tmp_path / "b" / "openvino_model.bin").write_bytes(b"0" + (tmp_path / "b" / "openvino_model.bin").read_bytes()[1:])
+    with pytest.raises(BuildLoadError, match="openvino_model.bin does not match its sha256"):
+        trimrt.load(tmp_path / "b")
+
+    with pytest.raises(BuildError, match=r"the recipe's \[openvino\] table applies to OpenVINO builds only"):
+        trimrt.compile(model, {"openvino": {}}, tmp_path / "c", example_inputs=(example,))
+    with pytest.raises(trimrt.errors.RecipeError, match="performance_hint must be one of"):
+        trimrt.compile(model, {"openvino": {"performance_hint": "fast"}}, tmp_path / "c", example_inputs=(example,),
+                       target="openvino")
+    import openvino as ov
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        with pytest.raises(BuildError, match="inference_precision = 'bf16' is measured when compiling, on this CPU: "
+                                             "this CPU has no bf16 support in OpenVINO"):
+            trimrt.compile(model, {"openvino": {"inference_precision": "bf16"}}, tmp_path / "c",
+                           example_inputs=(example,), target="openvino")
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_reduced_precision_is_measured_and_recorded(vit, tmp_path, monkeypatch):
+    """inference_precision = "bf16": the compile runs the build at bf16 and records its cosine to
+    f32 (on a CPU without bf16, OpenVINO runs f32 instead, so this checks the recording and the
+    guard's plumbing: cosine 1; a CPU with bf16 measures the real loss)."""
+    import openvino as ov
+
+    from trimrt.runtime import backends
+
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        monkeypatch.setattr(backends, "missing_precision", lambda core, precision: None)
+    model, example = vit
+    manifest = trimrt.compile(model, {"openvino": {"inference_precision": "bf16", "min_cosine": 0.98}},
+                              tmp_path / "b", example_inputs=(example,), target="openvino")
+    entry = manifest["openvino"]
+    assert entry["inference_precision"] == "bf16" and 0.98 <= entry["precision_cosine"] <= 1.0
+    assert manifest["recipe"]["openvino"]["min_cosine"] == 0.98
+    session = trimrt.load(tmp_path / "b")
+    assert session.backend.precision == "bf16"
+    want = trimrt.load(tmp_path / "b", backend="onnxruntime").run({"pixel_values": example.numpy()})["logits"]
+    got = session.run({"pixel_values": example.numpy()})["logits"]
+    assert float(np.dot(got[0], want[0]) / np.linalg.norm(got[0]) / np.linalg.norm(want[0])) > 0.98
+
+
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_a_decoder_generates_on_openvino(tmp_path, weights):
+    """A decoder built for OpenVINO keeps standard attention (OpenVINO does not convert
+    GroupQueryAttention) and generates on OpenVINO, with past key / values fed each step; INT4
+    weight-only in the blocked DequantizeLinear form, which OpenVINO runs as compressed weights.
+    Same tokens as the build on ONNX Runtime (and, in float, as Hugging Face)."""
+    from tests.families.causal_lms import hf_greedy, make
+
+    model = make("llama")
+    recipe = {"quantization": {"weights": "int4", "group_size": 32}} if weights else None
+    manifest = trimrt.compile(model, recipe, tmp_path / "b", target="openvino")
+    assert "GroupQueryAttention" not in str(manifest["passes"]) and not manifest["decoder"]["shared_buffer"]
+    if weights:
+        assert manifest.pass_report("quantization")["encoding"] == "INT4 initializers + blocked DequantizeLinear (opset 21)"
+    session = trimrt.load(tmp_path / "b")
+    assert session.backend.name == "openvino"
+    prompts = [[1, 5, 7, 9, 11, 13], [1, 3, 4]]
+    got = [r.tokens for r in session.generator().generate(prompts, max_new_tokens=10)]
+    on_onnxruntime = trimrt.load(tmp_path / "b", backend="onnxruntime").generator().generate(prompts, max_new_tokens=10)
+    assert got == [r.tokens for r in on_onnxruntime]
+    if not weights:
+        assert got == hf_greedy(model, prompts, 10)

@@ -23,12 +23,12 @@ from ..compare import sample_cosines
 from ..errors import BackendUnavailableError, BuildError, ModelLoadError, RecipeError
 from ..passes.base import PipelineContext
 from ..plugins import DOMAIN, OP_VERSION
-from ..recipe import load_recipe
+from ..recipe import OpenVINOOptions, load_recipe
 from ..registry import TOKEN_PRUNING_METHODS
 from ..runtime.backends import OnnxRuntimeBackend
 from ..runtime.feeds import DEFAULT_TOKENS, TensorInfo, random_feeds
 from ..runtime.kv_cache import updates_in_place
-from ..runtime.manifest import EMBEDDING, ENGINE, MODEL, TOKENIZER, write_manifest
+from ..runtime.manifest import EMBEDDING, ENGINE, MODEL, OPENVINO_IR, TOKENIZER, write_manifest
 from .artifacts import atomic_build_dir
 from .decoder import DECODER_SPEC
 from .flops import count_flops
@@ -54,11 +54,11 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
     if target != "onnxruntime" and recipe.onnxruntime is not None and recipe.onnxruntime.fuse:
         raise BuildError("the recipe's [onnxruntime] fuse applies to ONNX Runtime builds only; "
                          f"remove it to build for {target}")
+    if target != "openvino" and recipe.openvino is not None:
+        raise BuildError(f"the recipe's [openvino] table applies to OpenVINO builds only; remove it to build for "
+                         f"{target}, or build with --target openvino")
     if target == "openvino":
-        from ..runtime.backends import OpenVINOBackend
-
-        if not OpenVINOBackend.available():
-            raise BackendUnavailableError("--target openvino needs OpenVINO: pip install 'trimrt[openvino]'")
+        _openvino_ready(recipe)
     if target == "tensorrt":
         from ..runtime.backends import TensorRTBackend
 
@@ -118,9 +118,14 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         except Exception as exc:  # noqa: BLE001 - ORT errors are opaque; name the stage
             raise BuildError(f"the build does not run on ONNX Runtime: {str(exc).splitlines()[0]}") from None
         _check_outputs(base_out, build_out, noop=not any(r.changes_results for r in reports))
+        openvino = None
         if target == "openvino":
             say("checking the build on OpenVINO")
-            _check_openvino(built, feeds, build_out, base_out if recipe.quantization is not None else None)
+            openvino = _check_openvino(built, feeds, build_out, base_out if recipe.quantization is not None else None,
+                                       recipe.openvino or OpenVINOOptions())
+            if openvino["inference_precision"] != "f32":
+                say(f"OpenVINO at {openvino['inference_precision']}: cosine {openvino['precision_cosine']:.5f} "
+                    "to f32 on the check inputs (recorded in the manifest)")
         # FLOPs per sample, counted on the check batch (a model may fix its batch axis)
         batch = max(int(next(iter(feeds.values())).shape[0]), 1) if feeds else 1
         flops_before, flops_after = count_flops(original, feeds) // batch, count_flops(built, feeds) // batch
@@ -136,6 +141,9 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
             _save(ir.serde.serialize_model(loaded.embedding), tmp / EMBEDDING)
         if save_reference:
             _save(original, tmp / REFERENCE)
+        if openvino is not None and openvino["ir"]:
+            say("storing the OpenVINO IR")
+            _save_openvino_ir(built, tmp)
         if target == "tensorrt":
             say("building the TensorRT engine")
             from .tensorrt_target import build_engine, decoder_profile
@@ -169,6 +177,8 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
                if loaded.decoder is not None else {}),
             # ONNX Runtime session settings the build asks for (trimrt's runtime applies them)
             **({"onnxruntime": fusion["session"]} if fusion else {}),
+            # how OpenVINO compiles the build, and what its compile check measured
+            **({"openvino": openvino} if openvino is not None else {}),
         }, __version__)
     ratio = manifest["flops"]["ratio"]
     say(f"wrote {out_dir} (FLOPs ratio {'n/a' if ratio is None else f'{ratio:.2f}×'})")
@@ -318,20 +328,72 @@ def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:
 OPENVINO_COSINE_SLACK = 0.002
 
 
-def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: dict | None) -> None:
-    """An OpenVINO build must load on OpenVINO and give what ONNX Runtime gives on the check feeds;
-    a quantized one (`original`: the float model's outputs) must be as close to the float model
-    as on ONNX Runtime, within OPENVINO_COSINE_SLACK."""
+def _openvino_ready(recipe) -> None:
+    """OpenVINO is installed, and the CPU has the inference precision the recipe asks for (a
+    reduced precision is measured at compile time, so it is checked before any work)."""
+    from ..runtime.backends import OpenVINOBackend, missing_precision
+
+    if not OpenVINOBackend.available():
+        raise BackendUnavailableError("--target openvino needs OpenVINO: pip install 'trimrt[openvino]'")
+    precision = (recipe.openvino or OpenVINOOptions()).inference_precision
+    if precision != "f32":
+        import openvino as ov
+
+        missing = missing_precision(ov.Core(), precision)
+        if missing:
+            raise BuildError(f"[openvino] inference_precision = {precision!r} is measured when compiling, on this "
+                             f"CPU: {missing}, or compile on the CPU you deploy on")
+
+
+def _run_openvino(built: onnx.ModelProto, feeds: dict, precision: str) -> dict:
     from ..runtime.backends import OpenVINOBackend
     from ..runtime.session import _backend_message
 
-    backend = OpenVINOBackend(built.SerializeToString())
+    backend = OpenVINOBackend(built.SerializeToString(), precision=precision)
     try:
         backend.activate()
-        got = backend.infer(feeds)
+        return backend.infer(feeds)
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
         raise BuildError(f"OpenVINO cannot run this build: {_backend_message(exc)}; build for --target onnxruntime") \
             from None
+    finally:
+        backend.deactivate()
+
+
+def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: dict | None,
+                    options: OpenVINOOptions) -> dict:
+    """An OpenVINO build must load on OpenVINO and give (at f32) what ONNX Runtime gives on the
+    check feeds; a quantized one (`original`: the float model's outputs) must be as close to the
+    float model as on ONNX Runtime, within OPENVINO_COSINE_SLACK. A reduced inference precision
+    must keep `options.min_cosine` to f32. Returns the manifest's "openvino" entry: the options
+    and what was measured."""
+    got = _run_openvino(built, feeds, "f32")
+    _check_openvino_outputs(got, want, original)
+    floats = [name for name, value in want.items() if value.dtype.kind == "f" and value.size]
+    entry = {"inference_precision": options.inference_precision, "performance_hint": options.performance_hint,
+             "threads": options.threads, "ir": OPENVINO_IR if options.save_ir else None,
+             "max_abs_to_onnxruntime": max((float(np.abs(got[n] - want[n]).max()) for n in floats), default=0.0)}
+    if options.inference_precision != "f32":
+        reduced = _run_openvino(built, feeds, options.inference_precision)
+        cosine = min((float(sample_cosines(reduced[n], got[n]).min()) for n in floats), default=1.0)
+        if not cosine >= options.min_cosine:  # NaN fails too
+            raise BuildError(f"OpenVINO at inference precision {options.inference_precision} keeps cosine "
+                             f"{cosine:.5f} to f32 on the check inputs, under [openvino] min_cosine = "
+                             f"{options.min_cosine}; use inference_precision = \"f32\" or lower min_cosine")
+        entry["precision_cosine"] = round(cosine, 6)
+    return entry
+
+
+def _save_openvino_ir(built: onnx.ModelProto, folder: Path) -> None:
+    """Store the build as OpenVINO IR (weights as they are: no compression to f16)."""
+    import openvino as ov
+
+    from ..runtime.backends import openvino_model
+
+    ov.save_model(openvino_model(built.SerializeToString()), str(folder / OPENVINO_IR), compress_to_fp16=False)
+
+
+def _check_openvino_outputs(got: dict, want: dict, original: dict | None) -> None:
     for name, expected in want.items():
         value = got[name]
         if value.shape == expected.shape and np.allclose(value, expected, rtol=1e-3, atol=1e-3):

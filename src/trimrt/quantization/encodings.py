@@ -59,7 +59,7 @@ QUANTIZED_ENCODINGS.register("int4_matmul_nbits")(Encoding(
     lambda b, x, q, shared: int4_matmul_nbits(b, x, q.codes, q.scale, q.group_size, NBITS_ACCURACY_LEVEL)))
 
 QUANTIZED_ENCODINGS.register("int4_blocked_dq")(Encoding(
-    "int4", ("tensorrt",), {"": 21},  # block_size and INT4 in DequantizeLinear
+    "int4", ("tensorrt", "openvino"), {"": 21},  # block_size and INT4 in DequantizeLinear; OpenVINO: compressed weights
     "INT4 initializers + blocked DequantizeLinear (opset 21)",
     lambda b, x, q, shared: int4_blocked_dq(b, x, q.codes, q.scale, q.group_size)))
 

@@ -144,17 +144,16 @@ class OnnxRuntimeBackend(Backend):
 
 
 class OpenVINOBackend(Backend):
-    """Runs a build's ONNX graph on OpenVINO's CPU plugin. trimrt's custom ops are inlined into
-    their decompositions first (OpenVINO's ONNX front end does not expand model-local functions
-    of a custom domain). A compiled model serves every thread; an infer request does not, so
-    each calling thread gets its own."""
+    """Runs a build on OpenVINO's CPU plugin: its ONNX graph, converted here (see
+    `openvino_model`), or the OpenVINO IR the build stores (an .xml path). A compiled model
+    serves every thread; an infer request does not, so each calling thread gets its own."""
 
     name = "openvino"
-    #: OpenVINOBackend's precision -> OpenVINO's INFERENCE_PRECISION_HINT
-    PRECISIONS = {"f32": "f32", "bf16": "bf16"}
+    #: performance hint (a recipe's [openvino] performance_hint) -> OpenVINO's PERFORMANCE_HINT
+    HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None, precision: str = "f32",
-                 hint: str = "LATENCY"):
+                 hint: str = "latency"):
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads, self.precision, self.hint = threads, precision, hint
         self._compiled = None
@@ -169,33 +168,25 @@ class OpenVINOBackend(Backend):
     def activate(self) -> None:
         if not self.available():
             raise BackendUnavailableError("the openvino backend needs OpenVINO: pip install 'trimrt[openvino]'")
-        if self.precision not in self.PRECISIONS:
-            raise BackendUnavailableError(f"unknown OpenVINO precision {self.precision!r}; choose one of "
-                                          f"{list(self.PRECISIONS)}")
-        import onnx
-        import onnx.inliner
+        if self.hint not in self.HINTS:
+            raise BackendUnavailableError(f"unknown OpenVINO performance hint {self.hint!r}; choose one of "
+                                          f"{list(self.HINTS)}")
         import openvino as ov
 
-        proto = onnx.load_from_string(self.model) if isinstance(self.model, bytes) else onnx.load(self.model)
-        if proto.functions:
-            _spell_out_default_attributes(proto)
-            proto = onnx.inliner.inline_local_functions(proto)
         core = ov.Core()
-        if self.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise BackendUnavailableError("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES lacks "
-                                          "BF16); use precision f32")
-        config = {"INFERENCE_PRECISION_HINT": self.PRECISIONS[self.precision], "PERFORMANCE_HINT": self.hint}
+        missing = missing_precision(core, self.precision)
+        if missing:
+            raise BackendUnavailableError(missing)
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": self.HINTS[self.hint]}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        model = core.read_model(proto.SerializeToString())
-        for op in model.get_ops():  # ONNX's TopK breaks ties by the lower index; OpenVINO's only when stable
-            if op.get_type_name() == "TopK":
-                op.set_attribute("stable", True)
+        is_ir = isinstance(self.model, str) and self.model.endswith(".xml")
+        model = core.read_model(self.model) if is_ir else openvino_model(self.model, core)
+        # compiling may give a port more names (of values merged into it): the model's own are the ONNX names
+        names = {name for port in [*model.inputs, *model.outputs] for name in port.get_names()}
         self._compiled = core.compile_model(model, "CPU", config)
-        # a port may carry several tensor names: the graph's own name is the one that counts
-        onnx_names = {v.name for v in [*proto.graph.input, *proto.graph.output]}
-        self.inputs = [_ov_info(port, onnx_names) for port in self._compiled.inputs]
-        self.outputs = [_ov_info(port, onnx_names) for port in self._compiled.outputs]
+        self.inputs = [_ov_info(port, names) for port in self._compiled.inputs]
+        self.outputs = [_ov_info(port, names) for port in self._compiled.outputs]
 
     def infer(self, feeds, output_names=None):
         compiled = self._compiled
@@ -213,6 +204,45 @@ class OpenVINOBackend(Backend):
 
     def deactivate(self) -> None:
         self._compiled = None
+
+
+def missing_precision(core, precision: str) -> str | None:
+    """Why this CPU cannot run OpenVINO at inference `precision` (None: it can)."""
+    from ..recipe import OPENVINO_PRECISIONS
+
+    if precision not in OPENVINO_PRECISIONS:
+        return f"unknown OpenVINO inference precision {precision!r}; choose one of {list(OPENVINO_PRECISIONS)}"
+    capability = OPENVINO_PRECISIONS[precision]
+    if capability not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return (f"this CPU has no {precision} support in OpenVINO (its OPTIMIZATION_CAPABILITIES lack {capability}); "
+                'build with [openvino] inference_precision = "f32"')
+    return None
+
+
+def openvino_model(model: str | Path | bytes, core=None):
+    """A build's ONNX graph (a path or its bytes) as an OpenVINO model: trimrt's custom ops
+    inlined into their decompositions (OpenVINO's ONNX front end does not expand model-local
+    functions of a custom domain), every TopK stable (ONNX breaks ties by the lower index,
+    OpenVINO only when stable), and each input and output named by its ONNX name alone."""
+    import onnx
+    import onnx.inliner
+    import openvino as ov
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    if proto.functions:
+        _spell_out_default_attributes(proto)
+        proto = onnx.inliner.inline_local_functions(proto)
+    converted = (core or ov.Core()).read_model(proto.SerializeToString())
+    for op in converted.get_ops():
+        if op.get_type_name() == "TopK":
+            op.set_attribute("stable", True)
+    # a port may carry several tensor names (a graph output that is also an inner value)
+    onnx_names = {v.name for v in [*proto.graph.input, *proto.graph.output]}
+    for port in [*converted.inputs, *converted.outputs]:
+        names = sorted(port.get_names() & onnx_names)
+        if names:
+            port.get_tensor().set_names({names[0]})
+    return converted
 
 
 def _spell_out_default_attributes(proto) -> None:
@@ -234,9 +264,9 @@ def _spell_out_default_attributes(proto) -> None:
     visit(proto.graph)
 
 
-def _ov_info(port, onnx_names: set[str]) -> TensorInfo:
+def _ov_info(port, names: set[str]) -> TensorInfo:
     shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
-    name = next(iter(sorted(port.get_names() & onnx_names)), port.get_any_name())
+    name = next(iter(sorted(port.get_names() & names)), port.get_any_name())
     return TensorInfo(name, np.dtype(port.get_element_type().to_dtype()), shape)
 
 

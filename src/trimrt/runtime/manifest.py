@@ -23,6 +23,9 @@ ENGINE = "model.engine"
 TOKENIZER = "tokenizer.json"
 #: an inputs_embeds decoder build's embedding model: input_ids -> inputs_embeds
 EMBEDDING = "embedding.onnx"
+#: an OpenVINO build's converted model, when its recipe asks to store it ([openvino] save_ir)
+OPENVINO_IR = "openvino_model.xml"
+OPENVINO_WEIGHTS = "openvino_model.bin"
 #: where the compiler puts the weights of models over protobuf's 2 GB limit
 EXTERNAL_DATA = MODEL + ".data"
 
@@ -124,6 +127,8 @@ def _check_files(build_dir: Path, manifest: dict) -> dict[str, str]:
             raise BuildLoadError(f"{build_dir}: the manifest's hash for {name!r} is not a sha256 hex digest; recompile the build")
         inside(build_dir, name)
     needed = [MODEL] + [n for n in (ENGINE, EXTERNAL_DATA) if (build_dir / n).exists() or (build_dir / n).is_symlink()]
+    if isinstance(manifest.get("openvino"), dict) and manifest["openvino"].get("ir"):
+        needed += [OPENVINO_IR, OPENVINO_WEIGHTS]
     reference = manifest.get("reference")
     if reference is not None:
         if not isinstance(reference, str):
@@ -165,6 +170,11 @@ def _valid_limits(limits) -> bool:
 _RUNTIME_ENTRIES = {
     "onnxruntime": (lambda s: isinstance(s, dict) and _names(s.get("disabled_optimizers", [])),
                     "an object whose disabled_optimizers is a list of names"),
+    "openvino": (lambda s: isinstance(s, dict) and s.get("inference_precision", "f32") in ("f32", "bf16", "f16")
+                 and s.get("performance_hint", "latency") in ("latency", "throughput")
+                 and isinstance(s.get("threads", 0), int) and s.get("ir") in (None, OPENVINO_IR),
+                 'an object of inference_precision (f32, bf16, f16), performance_hint (latency, throughput), threads '
+                 f'(an integer) and ir (null or "{OPENVINO_IR}")'),
     "min_tokens": (lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 0, "a non-negative integer"),
     "input_limits": (_valid_limits, 'an object {"ids": {input: {"limit": int, "node": str}}, '
                                     '"tokens": null | {"limit": int, "node": str, "inputs": [names]}}'),
@@ -176,3 +186,12 @@ def onnxruntime_settings(manifest: dict) -> dict:
     optimizers to skip, recorded by the [onnxruntime] fuse pass)."""
     settings = manifest.get("onnxruntime") or {}
     return {"disabled_optimizers": list(settings.get("disabled_optimizers", []))}
+
+
+def openvino_settings(manifest: dict, build_dir: Path) -> dict:
+    """Keyword arguments for OpenVINOBackend that a build records (its [openvino] table): the
+    model to read (the stored IR when there is one) and how to compile it."""
+    settings = manifest.get("openvino") or {}
+    model = build_dir / (OPENVINO_IR if settings.get("ir") else MODEL)
+    return {"model": model, "precision": settings.get("inference_precision", "f32"),
+            "hint": settings.get("performance_hint", "latency"), "threads": settings.get("threads") or None}

@@ -18,7 +18,7 @@ from ..errors import BackendUnavailableError, BuildLoadError, InputError, RunErr
 from .backends import Backend, OnnxRuntimeBackend, OpenVINOBackend, TensorRTBackend, one_row_at_a_time, row_feeds
 from .feeds import TensorInfo, validate_feeds
 from .kv_cache import ATTENTION_MASK, KINDS, PRESENT_PREFIX, KVCache, is_past_name, past_name
-from .manifest import ENGINE, MODEL, onnxruntime_settings, read_manifest
+from .manifest import ENGINE, MODEL, onnxruntime_settings, openvino_settings, read_manifest
 
 BACKENDS = ("auto", "onnxruntime", "openvino", "tensorrt")
 
@@ -43,8 +43,10 @@ class Session:
             file = ENGINE
         elif backend == "openvino" or (backend == "auto" and self.manifest.get("target") == "openvino"
                                         and OpenVINOBackend.available()):
-            self.backend = OpenVINOBackend(self.build_dir / MODEL, threads=threads)
-            file = MODEL
+            settings = openvino_settings(self.manifest, self.build_dir)
+            settings["threads"] = threads or settings["threads"]
+            self.backend = OpenVINOBackend(**settings)
+            file = settings["model"].name
         else:
             self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning,
                                               **onnxruntime_settings(self.manifest))
