@@ -4,7 +4,8 @@ A LLaMA-architecture model large enough to be memory-bound at decode (random wei
 about 150 M parameters: width 768, 12 layers, GQA 12/4 heads, SwiGLU 3072, vocabulary
 32000), compiled by trimrt with a KV cache in fp32, INT8 (weights and activations,
 round to nearest) and INT4 (weight-only MatMulNBits, groups of 128), and run by trimrt's
-generation loop on ONNX Runtime CPU; Hugging Face `generate()` on PyTorch CPU runs the
+generation loop on ONNX Runtime CPU (fp32 and INT4 also built `--target openvino` and run on
+OpenVINO, unless --no-openvino); Hugging Face `generate()` on PyTorch CPU runs the
 same model in the same process, and so do the peers, when installed, from the same
 weights saved as a local checkpoint: ONNX Runtime GenAI on the exports of its own model
 builder (fp32, and INT4 with its CPU default: MatMulNBits at accuracy level 4, which also
@@ -45,6 +46,9 @@ RECIPES = {
     "int8": {"quantization": {"weights": "int8", "activations": "int8"}},
     "int4": {"quantization": {"weights": "int4", "group_size": 128}},
 }
+#: the same recipes built --target openvino (standard attention, the past fed each step; INT4 as
+#: blocked DequantizeLinear, which OpenVINO runs as compressed weights), run on OpenVINO
+OPENVINO_RECIPES = {"fp32 on openvino": RECIPES["fp32"], "int4 on openvino": RECIPES["int4"]}
 
 
 def make_model(args):
@@ -61,18 +65,18 @@ def make_model(args):
 
 
 def compiled_generators(model, recipes: dict, out: Path, threads: int, spinning: tuple[str, ...] = (),
-                        reuse: bool = False) -> dict:
-    """{name: trimrt Generator} of `model` compiled with each recipe (a build found in `out` is
-    reused only with `reuse`: a build of older code would time older code), ONNX Runtime
+                        reuse: bool = False, target: str = "onnxruntime") -> dict:
+    """{name: trimrt Generator} of `model` compiled with each recipe for `target` (a build found in
+    `out` is reused only with `reuse`: a build of older code would time older code), ONNX Runtime
     spinning off; the builds named in `spinning` once more with it on."""
     generators = {}
     for name, recipe in recipes.items():
-        build = out / name.replace(" + ", "_")
+        build = out / name.replace(" + ", "_").replace(" ", "_")
         if not reuse and build.exists():
             shutil.rmtree(build)
         if not (build / "manifest.json").is_file():
             print(f"compiling {name} ...", flush=True)
-            trimrt.compile(model, recipe, build)
+            trimrt.compile(model, recipe, build, target=target)
         generators[name] = trimrt.load(build, threads=threads, spinning=False).generator()
         if name in spinning:
             generators[f"{name}, spinning"] = trimrt.load(build, threads=threads, spinning=True).generator()
@@ -154,6 +158,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--out", type=Path, default=Path("builds/bench_generation"))
+    ap.add_argument("--no-openvino", action="store_true", help="leave out trimrt's --target openvino builds")
     ap.add_argument("--reuse-builds", action="store_true",
                     help="time the trimrt builds already in --out instead of compiling them again")
     args = ap.parse_args()
@@ -166,6 +171,9 @@ def main() -> None:
           "(fp32, every engine)")
     generators = compiled_generators(model, RECIPES, args.out, args.threads, spinning=SPINNING,
                                      reuse=args.reuse_builds)
+    if not args.no_openvino:
+        generators.update(compiled_generators(model, OPENVINO_RECIPES, args.out, args.threads, reuse=args.reuse_builds,
+                                              target="openvino"))
     peers = genai_engines(model, args.out, args.threads)
     if not (args.out / "hf" / "config.json").is_file():
         save_checkpoint(model, args.out / "hf")
