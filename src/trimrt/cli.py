@@ -231,17 +231,28 @@ def bench(build: Path, baseline: Path | None, batch: int, tokens: int | None, in
 @click.option("--seed", type=int, help="Random seed of sampling.")
 @click.option("--stop", "stop_strings", multiple=True, help="Stop at this text (needs --tokenizer); repeatable.")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads (default: its own choice).")
+@click.option("--speculation", type=click.Choice(["prompt_lookup", "token_recycling"]),
+              help="Draft tokens and verify them in one step each (greedy, one prompt): the same tokens, fewer "
+                   "steps; plain decoding then runs once more to report the speedup.")
+@click.option("--recycling-table", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --speculation token_recycling: a .npy table to start from (when it exists) and to save "
+                   "after generating (hot start across runs).")
 def generate(build: Path, prompts: tuple[str, ...], embeds_file: Path | None, tokenizer: Path | None,
-             threads: int | None, **options) -> None:
+             threads: int | None, speculation: str | None, recycling_table: Path | None, **options) -> None:
     """Generate text with a decoder build: streams one prompt's continuation (a batch prints each
     result), then the time to first token, decode tokens/s and the KV-cache size."""
     from .runtime import load
 
     if bool(prompts) == (embeds_file is not None):
         raise click.UsageError("give --prompt (repeatable) or --inputs-embeds, one of the two")
+    if recycling_table is not None and speculation != "token_recycling":
+        raise click.UsageError("--recycling-table goes with --speculation token_recycling")
     options = {k: v for k, v in options.items() if v is not None}  # --stop (multiple) is always a tuple
     with load(build, threads=threads) as session:
-        gen = session.generator(tokenizer)  # a build compiled from a checkpoint folder has its own
+        # a build compiled from a checkpoint folder has its own tokenizer
+        gen = session.generator(tokenizer, speculation=speculation)
+        if recycling_table is not None and recycling_table.is_file():
+            gen.speculation.load(recycling_table)
         if embeds_file is not None:
             embeds = _embeds(embeds_file)
             parsed, options = [None] * (1 if embeds.ndim == 2 else len(embeds)), {**options, "inputs_embeds": embeds}
@@ -258,9 +269,19 @@ def generate(build: Path, prompts: tuple[str, ...], embeds_file: Path | None, to
                 shown = result.text if result.text is not None else " ".join(map(str, result.tokens))
                 click.echo(f"[{i}] {shown}")
             stats = results[0].stats
+        if speculation is not None:
+            plain = session.generator(tokenizer).generate(parsed[0], **options)
+            if recycling_table is not None:
+                gen.speculation.save(recycling_table)
     click.echo(f"prompt {stats.prompt_tokens} tokens × {stats.batch}, time to first token "
                f"{stats.time_to_first_token_s * 1e3:.1f} ms, decode {stats.decode_tokens_per_s:.1f} tokens/s, "
                f"KV cache {stats.kv_cache_bytes / 2**20:.2f} MiB" + _kv_saved(stats), err=True)
+    if speculation is not None:
+        rate = plain.stats.decode_tokens_per_s
+        speedup = f"{stats.decode_tokens_per_s / rate:.2f}×" if rate > 0 and stats.decode_s > 0 else "n/a"
+        click.echo(f"{speculation}: {stats.tokens_per_step:.2f} tokens per decode step "
+                   f"({stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens accepted), decode speedup "
+                   f"over plain decoding {speedup} ({rate:.1f} tokens/s)", err=True)
 
 
 def _kv_saved(stats) -> str:

@@ -225,3 +225,9 @@ def test_a_decoder_generates_on_openvino(tmp_path, weights):
     assert got == [r.tokens for r in on_onnxruntime]
     if not weights:
         assert got == hf_greedy(model, prompts, 10)
+    # speculation on presents fed back: chains (OpenVINO reads attention_bias's default as a constant)
+    fast = session.generator(speculation="token_recycling")
+    for prompt in prompts + [[1, 5, 7, 9, 5, 7, 9, 5, 7]]:
+        want = session.generator().generate(prompt, max_new_tokens=16).tokens
+        for _ in range(2):  # the second time with the table the first filled
+            assert fast.generate(prompt, max_new_tokens=16).tokens == want

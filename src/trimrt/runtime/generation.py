@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import BuildLoadError, InputError
 from .kv_cache import (
+    ATTENTION_BIAS,
     ATTENTION_MASK,
     INPUT_IDS,
     INPUTS_EMBEDS,
@@ -38,6 +39,7 @@ from .kv_cache import (
     present_name,
 )
 from .manifest import EMBEDDING, TOKENIZER
+from .speculation import EMPTY, DraftTree, Drafter, make_drafter
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,24 @@ class GenerationStats:
     decode_steps: int = 0
     kv_cache_bytes: int = 0  # the cache at the end, all layers, keys and values
     kv_cache_bytes_unpruned: int = 0  # the same cache had no prompt tokens been pruned
+    #: speculative decoding: draft tokens fed for verification, and those accepted
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Decode steps per second (per sequence of the batch)."""
-        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+        """Tokens generated per second after the first (per sequence of the batch)."""
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens after the first, per sequence: one per decode step, more when drafts are accepted."""
+        return self.decode_steps + self.accepted_draft_tokens
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each decode step added (1 without speculation)."""
+        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
 
 
 @dataclass
@@ -120,7 +135,7 @@ class GenerationResult:
 class Generator:
     """Generates with a decoder build's Session (see the module docstring)."""
 
-    def __init__(self, session, tokenizer=None, *, kv_chunk: int = 256):
+    def __init__(self, session, tokenizer=None, *, kv_chunk: int = 256, speculation: str | Drafter | None = None):
         self.session = session
         #: tokens a shared cache buffer grows by (spec `shared_buffer`)
         self.kv_chunk = kv_chunk
@@ -129,6 +144,10 @@ class Generator:
             tokenizer = session.build_dir / TOKENIZER  # the build's own (hash-checked at load)
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         self.embedding = _Embedding(session) if self.spec.token_input == INPUTS_EMBEDS else None
+        #: the drafter of speculative decoding (None: one token per step); its state (a token
+        #: recycling table) is kept from one generation to the next
+        self.speculation = make_drafter(speculation, self.spec.vocab_size)
+        self._takes_bias = any(i.name == ATTENTION_BIAS for i in session.inputs)
         self.last_stats: GenerationStats | None = None
 
     def generate(self, prompts=None, *, inputs_embeds=None, **options) -> GenerationResult | list[GenerationResult]:
@@ -208,23 +227,57 @@ class Generator:
         rng = np.random.default_rng(search.seed)
         stats = GenerationStats(batch=batch, prompt_tokens=longest)
         results = [GenerationResult([], "", stats=stats) for _ in ids]
+        drafter = self.speculation
+        if drafter is not None:
+            self._check_speculation(batch, search)
         started = time.perf_counter()
-        for step in range(max_new):
+        step, tree = 0, EMPTY
+        while True:
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
             if cache and (cache.length or not spec.prunes_prompt):
+                held = cache.length
                 out = self.session.run_with_cache(feeds, cache, check=step == 0)  # later steps' feeds are ours
             elif cache:  # a pruned prompt's prefill runs with its (empty) past fed; the cache holds what it returns
                 out = self.session.run({**feeds, **spec.empty_cache(batch)})
                 cache.load(out, mask.shape[1])
             else:
                 out = self.session.run(feeds)
-            chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
-            for row, result in enumerate(results):
-                if not result.finish_reason:
-                    self._append(result, history[row], int(chosen[row]), stop_ids, search, last=step == max_new - 1)
+            if len(tree.tokens):  # a verified draft: keep the accepted path, as greedy decoding would have made it
+                logits = out[LOGITS][0]
+                predicted = logits.argmax(-1)
+                path = tree.accepted_path(predicted)
+                rows = np.array([0] + [i + 1 for i in path])  # the root and the accepted drafts, as fed
+                new_tokens = [int(tree.tokens[i]) for i in path] + [int(predicted[rows[-1]])]
+                drafter.update(feeds_ids[0], logits)
+                stats.draft_tokens += len(tree.tokens)
+                if cache:
+                    cache.keep(held, rows)
                 else:
-                    chosen[row] = pad
+                    out = _keep_rows(out, spec, len(feeds_ids[0]), rows)
+                mask = mask[:, :mask.shape[1] - len(tree.tokens) + len(path)]
+                positions = positions[:, :1] + len(path)
+            else:
+                chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
+                new_tokens = chosen.tolist()
+                if drafter is not None:  # what the model predicts after each token fed (a prompt: all of them)
+                    fed = feeds_ids[0] if step else _prompt_rows(history[0], out[LOGITS].shape[1])
+                    drafter.update(fed, out[LOGITS][0, -len(fed):] if len(fed) else out[LOGITS][0, :0])
+            if drafter is not None:  # batch 1: its tokens in order, until it stops
+                result, before = results[0], len(results[0].tokens)
+                for token in new_tokens:
+                    if result.finish_reason:
+                        break
+                    self._append(result, history[0], token, stop_ids, search, last=len(result.tokens) + 1 >= max_new)
+                if step:  # one token a step is plain decoding; the rest came from accepted drafts
+                    stats.accepted_draft_tokens += len(result.tokens) - before - 1
+                chosen = np.array([result.tokens[-1]])
+            else:
+                for row, result in enumerate(results):
+                    if not result.finish_reason:
+                        self._append(result, history[row], int(chosen[row]), stop_ids, search, last=step == max_new - 1)
+                    else:
+                        chosen[row] = pad
             now = time.perf_counter()
             if step == 0:
                 stats.time_to_first_token_s = now - started
@@ -233,16 +286,49 @@ class Generator:
             stats.new_tokens = sum(len(r.tokens) for r in results)
             stats.kv_cache_bytes = cache.nbytes if cache else \
                 sum(out[present_name(i, k)].nbytes for i in range(spec.layers) for k in KINDS)
-            stats.kv_cache_bytes_unpruned = batch * feeds[ATTENTION_MASK].shape[1] * spec.kv_bytes_per_token
+            stats.kv_cache_bytes_unpruned = batch * mask.shape[1] * spec.kv_bytes_per_token
             yield results
             if all(r.finish_reason for r in results):
                 return
-            positions = positions[:, -1:] + 1
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            step_ids = chosen[:, None].astype(np.int64)
-            feeds = {spec.token_input: self.embedding(step_ids) if self.embedding else step_ids, ATTENTION_MASK: mask}
+            step += 1
+            tree = drafter.draft(history[0]) if drafter is not None else EMPTY
+            if spec.sliding_window is not None or spec.prunes_prompt or not self._takes_bias:
+                # a chain needs no bias (the causal mask is its mask): windows count cache slots (a
+                # chain's slots are its positions), the layers after a prompt pruning attend with a
+                # causal mask of their own, and OpenVINO reads the bias's default as a constant
+                tree = tree.spine()
+            if len(tree.tokens):  # no drafts past the last token wanted, or past the position table
+                room = max_new - len(results[0].tokens)
+                tree = _trimmed(tree, room - 1, None if spec.max_positions is None else
+                                spec.max_positions - 2 - int(positions[0, -1]))
+            feeds_ids = chosen[:, None].astype(np.int64)  # the last token, then the drafts below it
+            if len(tree.tokens):
+                feeds_ids = np.concatenate([feeds_ids, tree.tokens[None]], axis=1)
+            q = feeds_ids.shape[1]
+            positions = positions[:, -1:] + 1 + np.concatenate([[0], tree.depths])[None]
+            mask = np.concatenate([mask, np.ones((batch, q), np.int64)], axis=1)
+            feeds = {spec.token_input: self.embedding(feeds_ids) if self.embedding else feeds_ids, ATTENTION_MASK: mask}
+            if not tree.is_chain:
+                feeds[ATTENTION_BIAS] = self._tree_bias(tree, mask.shape[1])
             if cache is None:
                 feeds.update({past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS})
+
+    def _check_speculation(self, batch: int, search: SearchOptions) -> None:
+        if batch != 1:
+            raise InputError(f"speculative decoding runs one prompt at a time; got {batch} prompts: generate them one "
+                             "by one, or use a generator without speculation for batches")
+        if search.sampling or search.repetition_penalty != 1.0:
+            raise InputError("speculative decoding here reproduces greedy decoding exactly, so it takes no sampling "
+                             "options and no repetition_penalty; drop them, or use a generator without speculation")
+
+    def _tree_bias(self, tree: DraftTree, width: int) -> np.ndarray:
+        """The additive attention bias of a tree step [1, 1, 1 + n, width]: each fed token sees the
+        past, itself and its ancestors (the root included), nothing else of the tree."""
+        dtype = next((np.dtype(i.dtype) for i in self.session.inputs if i.name == ATTENTION_BIAS), np.dtype(np.float32))
+        q = len(tree.tokens) + 1
+        bias = np.zeros((1, 1, q, width), dtype)
+        bias[0, 0, :, width - q:] = np.where(tree.visible(), 0, np.finfo(dtype).min)
+        return bias
 
     def _prompt_tokens(self, prompts: list, pad: int) -> tuple[np.ndarray, np.ndarray]:
         """The left-padded batch of prompts, as the build's token input, and its attention mask."""
@@ -405,3 +491,31 @@ def load_tokenizer(tokenizer) -> _Tokenizer:
         return _Tokenizer(Tokenizer.from_file(str(file)))
     except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
         raise InputError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+def _keep_rows(out: dict, spec: DecoderSpec, fed: int, rows: np.ndarray) -> dict:
+    """The step's outputs with each present cut to its past and the fed `rows` kept (an
+    accepted draft path, moved next to the past)."""
+    out = dict(out)
+    for i in range(spec.layers):
+        for kind in KINDS:
+            present = out[present_name(i, kind)]
+            past = present.shape[2] - fed
+            out[present_name(i, kind)] = np.concatenate([present[:, :, :past], present[:, :, past + rows]], axis=2)
+    return out
+
+
+def _prompt_rows(prompt: list[int], rows: int) -> np.ndarray:
+    """The prompt ids the prefill's `rows` logits belong to: all of them when there is one row a
+    token, else the last (a pruned prompt's logits), none for a prompt given as embeddings."""
+    ids = np.asarray(prompt, np.int64)
+    return ids if len(ids) == rows else ids[-1:]
+
+
+def _trimmed(tree: DraftTree, depth: int | None, positions: int | None) -> DraftTree:
+    """`tree` without the nodes deeper than `depth` or than the `positions` left."""
+    limit = min(d for d in (depth, positions) if d is not None)
+    keep = np.flatnonzero(tree.depths <= max(limit, 0))  # breadth-first: a kept node's parent is kept
+    index = {int(old): new for new, old in enumerate(keep)}
+    parents = np.array([index.get(int(p), -1) if p >= 0 else -1 for p in tree.parents[keep]], np.int64)
+    return DraftTree(tree.tokens[keep], parents)

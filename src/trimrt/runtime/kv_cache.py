@@ -213,6 +213,15 @@ class KVCache:
         """{past name: the held tokens [B, kv_heads, held, head_dim]} (views, no copy)."""
         return {name: array[:, :, :self.held(_layer_of(name))] for name, array in self._arrays.items()}
 
+    def keep(self, start: int, rows: np.ndarray) -> None:
+        """After a step that added tokens at mask position `start` on, hold only the added `rows`
+        (an accepted draft path, in order), moved into the slots right after the past."""
+        self.length = start
+        for name, array in self._arrays.items():
+            base = self.held(_layer_of(name))
+            array[:, :, base:base + len(rows)] = array[:, :, base + rows]  # the rows are copied out first
+        self.length = start + len(rows)
+
     def load(self, presents: Mapping[str, np.ndarray], length: int) -> None:
         """Hold the presents a step returned ({present name: [B, kv_heads, held, head_dim]}),
         the mask `length` tokens wide: what a pruned prompt's prefill gives (it runs with its

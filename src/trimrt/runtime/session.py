@@ -130,13 +130,15 @@ class Session:
     def __call__(self, **feeds) -> dict[str, np.ndarray]:
         return self.run(feeds)
 
-    def generator(self, tokenizer=None):
+    def generator(self, tokenizer=None, speculation=None):
         """A Generator over this decoder build (BuildLoadError if the build has no KV cache);
-        `tokenizer`: a tokenizer object, a tokenizer.json file or a folder holding one."""
+        `tokenizer`: a tokenizer object, a tokenizer.json file or a folder holding one;
+        `speculation`: "prompt_lookup", "token_recycling" (or a speculation.Drafter): drafts
+        verified in one step each, the same tokens as greedy decoding (batch 1, greedy only)."""
         from .generation import Generator
 
         self._check_open()
-        return Generator(self, tokenizer)
+        return Generator(self, tokenizer, speculation=speculation)
 
     def close(self) -> None:
         """Release the backend; later runs raise SessionClosedError. Closing twice is fine."""

@@ -1,0 +1,206 @@
+"""Speculative decoding without a draft model: drafters that propose a tree of next tokens,
+which the generator verifies in one forward pass of the decoder build (a tree attention
+mask through its `attention_bias`, tree position ids) and accepts exactly as greedy
+decoding would (see Generator).
+
+- `PromptLookup`: the tokens that followed the last n-gram where it occurred before in the
+  context (Hugging Face's `prompt_lookup_num_tokens`): a chain.
+- `TokenRecycling` (Luo et al., 2025): a `vocab × k` table of the top-k successors last seen
+  after each token; a static tree template is filled from it level by level, and every
+  verified tree token's row is replaced by the top-k at its position.
+
+A drafter's tree: `tokens[n]`, `parents[n]` (-1: the root, the last generated token, which
+is fed first), nodes in breadth-first order (a parent before its children).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+#: the names `generator(speculation=...)` takes
+SPECULATIONS = ("prompt_lookup", "token_recycling")
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """Draft tokens below a root: `parents[i]` is the index of node i's parent (-1: the root)."""
+
+    tokens: np.ndarray  # int64 [n]
+    parents: np.ndarray  # int64 [n]
+
+    @property
+    def depths(self) -> np.ndarray:
+        """Each node's depth (the root's children: 1)."""
+        depths = np.zeros(len(self.parents), np.int64)
+        for i, parent in enumerate(self.parents):
+            depths[i] = 1 if parent < 0 else depths[parent] + 1
+        return depths
+
+    def visible(self) -> np.ndarray:
+        """[1 + n, 1 + n] bool over (root, nodes): row r sees column c when c is r or an ancestor of r."""
+        n = len(self.tokens)
+        seen = np.eye(n + 1, dtype=bool)
+        seen[:, 0] = True
+        for i, parent in enumerate(self.parents):
+            seen[i + 1] |= seen[parent + 1]  # a parent comes before its children
+        return seen
+
+    @property
+    def is_chain(self) -> bool:
+        """Each node below the one before it: the causal mask is its mask."""
+        return bool(np.array_equal(self.parents, np.arange(-1, len(self.parents) - 1)))
+
+    def spine(self) -> "DraftTree":
+        """The chain of first children from the root (a tree's most likely path, for graphs that
+        can only verify a chain)."""
+        keep, parent = [], -1
+        for i, p in enumerate(self.parents):
+            if p == parent:
+                keep.append(i)
+                parent = i
+        return DraftTree(self.tokens[keep], np.arange(-1, len(keep) - 1, dtype=np.int64))
+
+    def accepted_path(self, predicted: np.ndarray) -> list[int]:
+        """The longest root-to-node path on which every draft equals the model's greedy choice at
+        its parent (`predicted[r]`: the argmax at row r of (root, nodes)); node indices, root excluded."""
+        ok = np.zeros(len(self.tokens), bool)
+        depth = self.depths
+        best = -1
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
+            ok[i] = token == predicted[parent + 1] and (parent < 0 or ok[parent])
+            if ok[i] and (best < 0 or depth[i] > depth[best]):
+                best = i
+        path = []
+        while best >= 0:
+            path.append(best)
+            best = int(self.parents[best])
+        return path[::-1]
+
+
+EMPTY = DraftTree(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+class Drafter:
+    """Proposes a DraftTree from the context; told what the model computed on it."""
+
+    name = "base"
+
+    def draft(self, context: list[int]) -> DraftTree:
+        raise NotImplementedError
+
+    def update(self, tokens: np.ndarray, logits: np.ndarray) -> None:
+        """`tokens` [1 + n]: the root and the tree's nodes as fed; `logits` [1 + n, vocab] at them."""
+
+
+class PromptLookup(Drafter):
+    """Prompt-lookup decoding: find the last `n`-gram of the context (n from `max_ngram` down
+    to 1) earlier in it, most recent occurrence first, and propose the `num_tokens` that
+    followed it, as a chain."""
+
+    name = "prompt_lookup"
+
+    def __init__(self, num_tokens: int = 10, max_ngram: int = 3):
+        if num_tokens < 1 or max_ngram < 1:
+            raise InputError("prompt lookup needs num_tokens >= 1 and max_ngram >= 1")
+        self.num_tokens, self.max_ngram = num_tokens, max_ngram
+
+    def draft(self, context: list[int]) -> DraftTree:
+        ids = np.asarray(context, np.int64)
+        for n in range(min(self.max_ngram, len(ids) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # occurrences ending before the last token
+            hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+            if len(hits):
+                start = int(hits[-1]) + n
+                follow = ids[start:start + self.num_tokens]
+                return DraftTree(follow.copy(), np.arange(-1, len(follow) - 1, dtype=np.int64))
+        return EMPTY
+
+
+def tree_template(size: int, k: int = 8, decay: float = 0.5, first: float = 0.6) -> list[tuple[int, ...]]:
+    """A static draft tree of `size` nodes, each a path of child ranks (ranks < `k`) from the root,
+    breadth-first: the `size` paths most likely to be accepted when the rank-r successor is
+    right with probability `first · decay^r`, independently per level (best-first expansion).
+    Wide at the top, one long spine of rank-0 successors: the shape of the paper's templates."""
+    if size < 0:
+        raise InputError(f"the draft tree size must be >= 0, got {size}")
+    prob = [first * decay ** r for r in range(k)]
+    heap = [(-prob[r], (r,)) for r in range(k)]
+    chosen: list[tuple[float, tuple[int, ...]]] = []
+    while heap and len(chosen) < size:
+        value, path = heapq.heappop(heap)
+        chosen.append((value, path))
+        for r in range(k):
+            heapq.heappush(heap, (value * prob[r], path + (r,)))
+    return sorted((path for _, path in chosen), key=lambda p: (len(p), p))
+
+
+class TokenRecycling(Drafter):
+    """Token Recycling: `table[token]` holds the top-`k` successors the model last predicted
+    after `token` (int32, zeros at first, kept across prompts: "hot start"). A draft fills the
+    static `template` level by level (one gather per depth); every fed token's row is then
+    replaced by the top-k of the logits at its position, accepted or not."""
+
+    name = "token_recycling"
+
+    def __init__(self, vocab_size: int, k: int = 8, tree_size: int = 24, template: list[tuple[int, ...]] | None = None):
+        self.k = k
+        self.template = template if template is not None else tree_template(tree_size, k)
+        if any(not path or max(path) >= k or min(path) < 0 for path in self.template):
+            raise InputError(f"a draft tree template is a list of paths of child ranks in [0, {k})")
+        index = {path: i for i, path in enumerate(self.template)}
+        if any(len(path) > 1 and path[:-1] not in index for path in self.template):
+            raise InputError("a draft tree template must hold every path's parent path before it")
+        self.parents = np.array([index[path[:-1]] if len(path) > 1 else -1 for path in self.template], np.int64)
+        self.ranks = np.array([path[-1] for path in self.template], np.int64)
+        self.levels = [np.flatnonzero([len(p) == d for p in self.template]) for d in
+                       range(1, max(map(len, self.template), default=0) + 1)]
+        self.table = np.zeros((vocab_size, k), np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes
+
+    def draft(self, context: list[int]) -> DraftTree:
+        tokens = np.zeros(len(self.template), np.int64)
+        flat = self.table.reshape(-1)
+        root = np.array([context[-1]], np.int64)
+        for level in self.levels:  # one gather per depth
+            parents = self.parents[level]
+            above = np.where(parents < 0, root[0], tokens[np.maximum(parents, 0)])
+            tokens[level] = flat[above * self.k + self.ranks[level]]
+        return DraftTree(tokens, self.parents)
+
+    def update(self, tokens: np.ndarray, logits: np.ndarray) -> None:
+        top = np.argpartition(-logits, self.k - 1, axis=-1)[:, :self.k]
+        order = np.argsort(-np.take_along_axis(logits, top, axis=-1), axis=-1, kind="stable")  # best first
+        self.table[tokens] = np.take_along_axis(top, order, axis=-1).astype(np.int32)
+
+    def save(self, path: str | Path) -> None:
+        """Write the table (a .npy file): `load` it next time to start hot."""
+        np.save(path, self.table)
+
+    def load(self, path: str | Path) -> None:
+        table = np.load(path)
+        if table.shape != self.table.shape or table.dtype.kind not in "iu":
+            raise InputError(f"{path}: a token recycling table of this build is an integer array "
+                             f"{list(self.table.shape)}, got {table.dtype}{list(table.shape)}")
+        if table.size and (table.min() < 0 or table.max() >= len(self.table)):
+            raise InputError(f"{path}: the table holds token ids outside this build's vocabulary of {len(self.table)}")
+        self.table = table.astype(np.int32)
+
+
+def make_drafter(speculation, vocab_size: int) -> Drafter | None:
+    """The drafter `generator(speculation=...)` names (a name, a Drafter, or None)."""
+    if speculation is None or isinstance(speculation, Drafter):
+        return speculation
+    if speculation == "prompt_lookup":
+        return PromptLookup()
+    if speculation == "token_recycling":
+        return TokenRecycling(vocab_size)
+    raise InputError(f"unknown speculation {speculation!r}; choose one of {list(SPECULATIONS)} or None")
