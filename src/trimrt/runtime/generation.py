@@ -39,7 +39,7 @@ from .kv_cache import (
     present_name,
 )
 from .manifest import EMBEDDING, TOKENIZER
-from .speculation import EMPTY, DraftTree, Drafter, make_drafter
+from .speculation import EMPTY, Drafter, DraftTree, make_drafter
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,7 @@ class Generator:
             self._check_speculation(batch, search)
         started = time.perf_counter()
         step, tree = 0, EMPTY
+        feeds_ids = np.zeros((batch, 0), np.int64)  # a decode step's token ids: the last token (and drafts)
         while True:
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
