@@ -281,7 +281,9 @@ def generate(build: Path, prompts: tuple[str, ...], embeds_file: Path | None, to
         speedup = f"{stats.decode_tokens_per_s / rate:.2f}×" if rate > 0 and stats.decode_s > 0 else "n/a"
         click.echo(f"{speculation}: {stats.tokens_per_step:.2f} tokens per decode step "
                    f"({stats.accepted_draft_tokens} of {stats.draft_tokens} draft tokens accepted), decode speedup "
-                   f"over plain decoding {speedup} ({rate:.1f} tokens/s)", err=True)
+                   f"over plain decoding {speedup} ({rate:.1f} tokens/s)"
+                   + (f"; table {gen.speculation.nbytes / 2**10:.0f} KiB" if hasattr(gen.speculation, "nbytes") else ""),
+                   err=True)
 
 
 def _kv_saved(stats) -> str:

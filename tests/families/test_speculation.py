@@ -159,3 +159,39 @@ def test_token_recycling_fills_the_template_from_its_table():
     logits[1, [0, 1]] = [5.0, 4.0]
     drafter.update(np.array([4, 7]), logits)
     assert drafter.table[4].tolist() == [9, 3] and drafter.table[7].tolist() == [0, 1]
+
+
+def test_generate_cli_reports_the_speculation(tmp_path):
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    path, _ = build("llama")
+    prompt = ",".join(map(str, _prompts(2, seed=5)[1]))
+    table = tmp_path / "table.npy"
+    args = ["generate", str(path), "--prompt", prompt, "--max-new-tokens", "12"]
+    plain = CliRunner().invoke(main, args)
+    ran = CliRunner().invoke(main, [*args, "--speculation", "token_recycling", "--recycling-table", str(table)])
+    assert plain.exit_code == 0 and ran.exit_code == 0, ran.output
+    assert ran.stdout.splitlines()[0] == plain.stdout.splitlines()[0]  # the same tokens
+    assert "token_recycling: " in ran.stderr and " tokens per decode step (" in ran.stderr
+    assert "decode speedup over plain decoding" in ran.stderr and "; table 6 KiB" in ran.stderr  # 200 × 8 int32
+    assert np.load(table).shape == (VOCAB, 8)  # saved, and read back by the next run
+    again = CliRunner().invoke(main, [*args, "--speculation", "token_recycling", "--recycling-table", str(table)])
+    assert again.exit_code == 0 and again.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+    wrong = CliRunner().invoke(main, [*args, "--recycling-table", str(table)])
+    assert wrong.exit_code == 2 and "--recycling-table goes with --speculation token_recycling" in wrong.output
+
+
+def test_bad_templates_are_one_line():
+    with pytest.raises(InputError, match=r"must hold each path's parent: \[0, 1, 1\] has no \[0, 1\]"):
+        TokenRecycling(10, k=2, template=[(0,), (0, 1, 1)])
+    with pytest.raises(InputError, match="child ranks in \\[0, 2\\)"):
+        TokenRecycling(10, k=2, template=[(0,), (2,)])
+    with pytest.raises(InputError, match="lists a path twice"):
+        TokenRecycling(10, k=2, template=[(0,), (0,)])
+    with pytest.raises(InputError, match="at most 512 nodes and depth 32, got 33 nodes of depth 33"):
+        TokenRecycling(10, k=2, template=[(0,) * d for d in range(1, 34)])
+    # given in any order, a template is used breadth-first
+    drafter = TokenRecycling(10, k=2, template=[(0, 0), (1,), (0,)])
+    assert drafter.template == [(0,), (1,), (0, 0)] and drafter.parents.tolist() == [-1, -1, 0]

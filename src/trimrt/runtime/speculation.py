@@ -15,6 +15,7 @@ is fed first), nodes in breadth-first order (a parent before its children).
 
 from __future__ import annotations
 
+import functools
 import heapq
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,22 +35,18 @@ class DraftTree:
     tokens: np.ndarray  # int64 [n]
     parents: np.ndarray  # int64 [n]
 
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", np.asarray(self.tokens, np.int64))
+        object.__setattr__(self, "parents", np.asarray(self.parents, np.int64))
+
     @property
     def depths(self) -> np.ndarray:
         """Each node's depth (the root's children: 1)."""
-        depths = np.zeros(len(self.parents), np.int64)
-        for i, parent in enumerate(self.parents):
-            depths[i] = 1 if parent < 0 else depths[parent] + 1
-        return depths
+        return _shape_of(self.parents.tobytes())[0]
 
     def visible(self) -> np.ndarray:
         """[1 + n, 1 + n] bool over (root, nodes): row r sees column c when c is r or an ancestor of r."""
-        n = len(self.tokens)
-        seen = np.eye(n + 1, dtype=bool)
-        seen[:, 0] = True
-        for i, parent in enumerate(self.parents):
-            seen[i + 1] |= seen[parent + 1]  # a parent comes before its children
-        return seen
+        return _shape_of(self.parents.tobytes())[1]
 
     @property
     def is_chain(self) -> bool:
@@ -81,6 +78,20 @@ class DraftTree:
             path.append(best)
             best = int(self.parents[best])
         return path[::-1]
+
+
+@functools.lru_cache(maxsize=64)  # a drafter's trees share a few shapes (its template, chains)
+def _shape_of(parents: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """(depths, visible) of a tree given as its parents array's bytes (read-only arrays)."""
+    parents = np.frombuffer(parents, np.int64)
+    depths = np.zeros(len(parents), np.int64)
+    seen = np.eye(len(parents) + 1, dtype=bool)
+    seen[:, 0] = True
+    for i, parent in enumerate(parents):
+        depths[i] = 1 if parent < 0 else depths[parent] + 1
+        seen[i + 1] |= seen[parent + 1]  # a parent comes before its children
+    depths.flags.writeable = seen.flags.writeable = False
+    return depths, seen
 
 
 EMPTY = DraftTree(np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -122,13 +133,33 @@ class PromptLookup(Drafter):
         return EMPTY
 
 
+#: limits of a draft tree: every node is fed to each verification step, every level is a gather
+MAX_TREE_NODES, MAX_TREE_DEPTH = 512, 32
+
+
+def _checked_template(template, k: int) -> list[tuple[int, ...]]:
+    """A user's template (paths of child ranks from the root), checked and put breadth-first."""
+    paths = [tuple(int(r) for r in path) for path in template]
+    if any(not path or min(path) < 0 or max(path) >= k for path in paths):
+        raise InputError(f"a draft tree template is a list of paths of child ranks in [0, {k}), e.g. [(0,), (1,), (0, 0)]")
+    if len(set(paths)) != len(paths):
+        raise InputError("a draft tree template lists a path twice; each path is one node")
+    if len(paths) > MAX_TREE_NODES or max(map(len, paths), default=0) > MAX_TREE_DEPTH:
+        raise InputError(f"a draft tree template may have at most {MAX_TREE_NODES} nodes and depth {MAX_TREE_DEPTH}, "
+                         f"got {len(paths)} nodes of depth {max(map(len, paths), default=0)}")
+    missing = next((path for path in paths if len(path) > 1 and path[:-1] not in set(paths)), None)
+    if missing is not None:
+        raise InputError(f"a draft tree template must hold each path's parent: {list(missing)} has no {list(missing[:-1])}")
+    return sorted(paths, key=lambda path: (len(path), path))
+
+
 def tree_template(size: int, k: int = 8, decay: float = 0.5, first: float = 0.6) -> list[tuple[int, ...]]:
     """A static draft tree of `size` nodes, each a path of child ranks (ranks < `k`) from the root,
     breadth-first: the `size` paths most likely to be accepted when the rank-r successor is
     right with probability `first · decay^r`, independently per level (best-first expansion).
     Wide at the top, one long spine of rank-0 successors: the shape of the paper's templates."""
-    if size < 0:
-        raise InputError(f"the draft tree size must be >= 0, got {size}")
+    if not 0 <= size <= MAX_TREE_NODES:
+        raise InputError(f"the draft tree size must be in [0, {MAX_TREE_NODES}], got {size}")
     prob = [first * decay ** r for r in range(k)]
     heap = [(-prob[r], (r,)) for r in range(k)]
     chosen: list[tuple[float, tuple[int, ...]]] = []
@@ -144,18 +175,17 @@ class TokenRecycling(Drafter):
     """Token Recycling: `table[token]` holds the top-`k` successors the model last predicted
     after `token` (int32, zeros at first, kept across prompts: "hot start"). A draft fills the
     static `template` level by level (one gather per depth); every fed token's row is then
-    replaced by the top-k of the logits at its position, accepted or not."""
+    replaced by the top-k of the logits at its position, accepted or not. `tree_size` 4 by
+    default: on a 2-core CPU a step's cost grows quickly with the tokens fed, and 4 was the
+    fastest of 2 to 80 (benchmarks/decoder_speculation.py); GPUs verify far wider trees at
+    the cost of one token (the paper's template has 80 nodes)."""
 
     name = "token_recycling"
 
-    def __init__(self, vocab_size: int, k: int = 8, tree_size: int = 24, template: list[tuple[int, ...]] | None = None):
+    def __init__(self, vocab_size: int, k: int = 8, tree_size: int = 4, template: list[tuple[int, ...]] | None = None):
         self.k = k
-        self.template = template if template is not None else tree_template(tree_size, k)
-        if any(not path or max(path) >= k or min(path) < 0 for path in self.template):
-            raise InputError(f"a draft tree template is a list of paths of child ranks in [0, {k})")
+        self.template = _checked_template(template, k) if template is not None else tree_template(tree_size, k)
         index = {path: i for i, path in enumerate(self.template)}
-        if any(len(path) > 1 and path[:-1] not in index for path in self.template):
-            raise InputError("a draft tree template must hold every path's parent path before it")
         self.parents = np.array([index[path[:-1]] if len(path) > 1 else -1 for path in self.template], np.int64)
         self.ranks = np.array([path[-1] for path in self.template], np.int64)
         self.levels = [np.flatnonzero([len(p) == d for p in self.template]) for d in
@@ -177,7 +207,7 @@ class TokenRecycling(Drafter):
         return DraftTree(tokens, self.parents)
 
     def update(self, tokens: np.ndarray, logits: np.ndarray) -> None:
-        top = np.argpartition(-logits, self.k - 1, axis=-1)[:, :self.k]
+        top = np.argpartition(logits, -self.k, axis=-1)[:, -self.k:]
         order = np.argsort(-np.take_along_axis(logits, top, axis=-1), axis=-1, kind="stable")  # best first
         self.table[tokens] = np.take_along_axis(top, order, axis=-1).astype(np.int32)
 
