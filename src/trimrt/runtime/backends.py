@@ -157,6 +157,7 @@ class OpenVINOBackend(Backend):
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads, self.precision, self.hint = threads, precision, hint
         self._compiled = None
+        self._defaults: dict[str, np.ndarray] = {}  # inputs OpenVINO would freeze: fed when not given
         self._local = threading.local()
 
     @staticmethod
@@ -184,8 +185,9 @@ class OpenVINOBackend(Backend):
         model = core.read_model(self.model) if is_ir else openvino_model(self.model, core)
         # compiling may give a port more names (of values merged into it): the model's own are the ONNX names
         names = {name for port in [*model.inputs, *model.outputs] for name in port.get_names()}
+        self._defaults = _input_defaults(model)
         self._compiled = core.compile_model(model, "CPU", config)
-        self.inputs = [_ov_info(port, names) for port in self._compiled.inputs]
+        self.inputs = [_ov_info(port, names, self._defaults) for port in self._compiled.inputs]
         self.outputs = [_ov_info(port, names) for port in self._compiled.outputs]
 
     def infer(self, feeds, output_names=None):
@@ -197,7 +199,8 @@ class OpenVINOBackend(Backend):
             request = self._local.request = compiled.create_infer_request()
             self._local.compiled = compiled
         # share_inputs: OpenVINO reads the arrays in place (the run is synchronous), no copy of a long past
-        results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()}, share_inputs=True)
+        fed = {**{k: v for k, v in self._defaults.items() if k not in feeds}, **feeds}
+        results = request.infer({name: np.ascontiguousarray(value) for name, value in fed.items()}, share_inputs=True)
         by_name = {info.name: results[i] for i, info in enumerate(self.outputs)}  # OVDict: by output index
         names = output_names or [o.name for o in self.outputs]
         # copies: the request reuses its output memory on its next run
@@ -233,7 +236,11 @@ def openvino_model(model: str | Path | bytes, core=None):
     if proto.functions:
         _spell_out_default_attributes(proto)
         proto = onnx.inliner.inline_local_functions(proto)
+    defaults = _free_defaulted_inputs(proto)
     converted = (core or ov.Core()).read_model(proto.SerializeToString())
+    for name, array in defaults.items():  # kept in the model (and its IR): the backend feeds them when not given
+        text = f"{array.dtype.name};{','.join(map(str, array.shape))};{','.join(map(repr, array.ravel().tolist()))}"
+        converted.set_rt_info(text, [_DEFAULTS, name])
     for op in converted.get_ops():
         if op.get_type_name() == "TopK":
             op.set_attribute("stable", True)
@@ -244,6 +251,39 @@ def openvino_model(model: str | Path | bytes, core=None):
         if names:
             port.get_tensor().set_names({names[0]})
     return converted
+
+
+#: rt_info key of the inputs with a default (an ONNX input that is also an initializer)
+_DEFAULTS = "trimrt_input_defaults"
+#: larger defaults stay constants (OpenVINO freezes an initializer-backed input)
+_MAX_DEFAULT_SIZE = 4096
+
+
+def _free_defaulted_inputs(proto) -> dict[str, np.ndarray]:
+    """Make the graph inputs that have a default (an initializer of the same name, such as a
+    decoder's attention_bias) plain inputs, which OpenVINO's front end would otherwise freeze
+    as constants; returns {name: default} of those made so."""
+    from onnx import numpy_helper
+
+    inputs = {v.name for v in proto.graph.input}
+    freed = {}
+    for init in list(proto.graph.initializer):
+        if init.name in inputs and np.prod(init.dims, dtype=np.int64) <= _MAX_DEFAULT_SIZE:
+            freed[init.name] = numpy_helper.to_array(init)
+            proto.graph.initializer.remove(init)
+    return freed
+
+
+def _input_defaults(model) -> dict[str, np.ndarray]:
+    """{input name: default} recorded by openvino_model in `model`'s rt_info."""
+    if not model.has_rt_info([_DEFAULTS]):
+        return {}
+    out = {}
+    for name in model.get_rt_info([_DEFAULTS]).astype(dict):
+        dtype, shape, values = str(model.get_rt_info([_DEFAULTS, name]).astype(str)).split(";")
+        dims = tuple(int(d) for d in shape.split(",") if d)
+        out[name] = np.array([float(v) for v in values.split(",") if v], dtype=dtype).reshape(dims)
+    return out
 
 
 def _spell_out_default_attributes(proto) -> None:
@@ -265,10 +305,10 @@ def _spell_out_default_attributes(proto) -> None:
     visit(proto.graph)
 
 
-def _ov_info(port, names: set[str]) -> TensorInfo:
+def _ov_info(port, names: set[str], defaults: Mapping[str, np.ndarray] = {}) -> TensorInfo:  # noqa: B006 - read only
     shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
     name = next(iter(sorted(port.get_names() & names)), port.get_any_name())
-    return TensorInfo(name, np.dtype(port.get_element_type().to_dtype()), shape)
+    return TensorInfo(name, np.dtype(port.get_element_type().to_dtype()), shape, optional=name in defaults)
 
 
 def one_row_at_a_time(exc: Exception) -> bool:

@@ -296,7 +296,7 @@ class Generator:
             if spec.sliding_window is not None or spec.prunes_prompt or not self._takes_bias:
                 # a chain needs no bias (the causal mask is its mask): windows count cache slots (a
                 # chain's slots are its positions), the layers after a prompt pruning attend with a
-                # causal mask of their own, and OpenVINO reads the bias's default as a constant
+                # causal mask of their own, and a graph may lack the input
                 tree = tree.spine()
             if len(tree.tokens):  # no drafts past the last token wanted, or past the position table
                 room = max_new - len(results[0].tokens)
