@@ -153,9 +153,7 @@ def step_costs(args) -> dict[str, dict[int, float]]:
             feeds = {"input_ids": rng.integers(2, 32000, (1, q)), "attention_mask": np.ones((1, past + q), np.int64),
                      "position_ids": past + np.concatenate([[0], tree.depths if tree else []]).astype(np.int64)[None]}
             if tree is not None:
-                bias = np.zeros((1, 1, q, past + q), np.float32)
-                bias[0, 0, :, past:] = np.where(tree.visible(), 0, np.finfo(np.float32).min)
-                feeds[ATTENTION_BIAS] = bias
+                feeds[ATTENTION_BIAS] = tree.bias(past + q)
             steps[q] = feeds
         times = {q: [] for q in steps}
         for round_ in range(23):  # the sizes take turns, so the machine's drift spreads over all of them

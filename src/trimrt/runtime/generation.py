@@ -147,7 +147,8 @@ class Generator:
         #: the drafter of speculative decoding (None: one token per step); its state (a token
         #: recycling table) is kept from one generation to the next
         self.speculation = make_drafter(speculation, self.spec.vocab_size)
-        self._takes_bias = any(i.name == ATTENTION_BIAS for i in session.inputs)
+        #: the dtype of the graph's attention_bias (None: the graph has none, drafts verify as chains)
+        self._bias_dtype = next((i.dtype for i in session.inputs if i.name == ATTENTION_BIAS), None)
         self.last_stats: GenerationStats | None = None
 
     def generate(self, prompts=None, *, inputs_embeds=None, **options) -> GenerationResult | list[GenerationResult]:
@@ -293,7 +294,7 @@ class Generator:
                 return
             step += 1
             tree = drafter.draft(history[0]) if drafter is not None else EMPTY
-            if spec.sliding_window is not None or spec.prunes_prompt or not self._takes_bias:
+            if spec.sliding_window is not None or spec.prunes_prompt or self._bias_dtype is None:
                 # a chain needs no bias (the causal mask is its mask): windows count cache slots (a
                 # chain's slots are its positions), the layers after a prompt pruning attend with a
                 # causal mask of their own, and a graph may lack the input
@@ -310,7 +311,7 @@ class Generator:
             mask = np.concatenate([mask, np.ones((batch, q), np.int64)], axis=1)
             feeds = {spec.token_input: self.embedding(feeds_ids) if self.embedding else feeds_ids, ATTENTION_MASK: mask}
             if not tree.is_chain:
-                feeds[ATTENTION_BIAS] = self._tree_bias(tree, mask.shape[1])
+                feeds[ATTENTION_BIAS] = tree.bias(mask.shape[1], self._bias_dtype)
             if cache is None:
                 feeds.update({past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS})
 
@@ -321,15 +322,6 @@ class Generator:
         if search.sampling or search.repetition_penalty != 1.0:
             raise InputError("speculative decoding here reproduces greedy decoding exactly, so it takes no sampling "
                              "options and no repetition_penalty; drop them, or use a generator without speculation")
-
-    def _tree_bias(self, tree: DraftTree, width: int) -> np.ndarray:
-        """The additive attention bias of a tree step [1, 1, 1 + n, width]: each fed token sees the
-        past, itself and its ancestors (the root included), nothing else of the tree."""
-        dtype = next((np.dtype(i.dtype) for i in self.session.inputs if i.name == ATTENTION_BIAS), np.dtype(np.float32))
-        q = len(tree.tokens) + 1
-        bias = np.zeros((1, 1, q, width), dtype)
-        bias[0, 0, :, width - q:] = np.where(tree.visible(), 0, np.finfo(dtype).min)
-        return bias
 
     def _prompt_tokens(self, prompts: list, pad: int) -> tuple[np.ndarray, np.ndarray]:
         """The left-padded batch of prompts, as the build's token input, and its attention mask."""

@@ -48,6 +48,15 @@ class DraftTree:
         """[1 + n, 1 + n] bool over (root, nodes): row r sees column c when c is r or an ancestor of r."""
         return _shape_of(self.parents.tobytes())[1]
 
+    def bias(self, width: int, dtype=np.float32) -> np.ndarray:
+        """The additive attention bias of a step feeding the root and the tree last of `width`
+        tokens [1, 1, 1 + n, width]: each sees the past, itself and its ancestors, nothing else."""
+        dtype = np.dtype(dtype)
+        q = len(self.tokens) + 1
+        out = np.zeros((1, 1, q, width), dtype)
+        out[0, 0, :, width - q:] = np.where(self.visible(), 0, np.finfo(dtype).min)
+        return out
+
     @property
     def is_chain(self) -> bool:
         """Each node below the one before it: the causal mask is its mask."""
