@@ -127,6 +127,9 @@ def test_a_draft_tree_masks_and_accepts_like_greedy_decoding():
     assert tree.accepted_path(predicted) == [1, 3]
     assert tree.accepted_path(np.array([4, 0, 0, 0, 0, 0])) == []
     assert tree.accepted_path(np.array([5, 7, 0, 0, 0, 0])) == [0, 2]
+    # a cold table drafts the same token twice: of equally long paths the first in breadth-first order
+    twins = DraftTree(np.array([0, 0, 0, 0]), np.array([-1, -1, 0, 1]))
+    assert twins.accepted_path(np.zeros(5, np.int64)) == [0, 2]
 
 
 def test_the_default_template_is_wide_at_the_top_with_a_spine():
@@ -159,6 +162,8 @@ def test_token_recycling_fills_the_template_from_its_table():
     logits[1, [0, 1]] = [5.0, 4.0]
     drafter.update(np.array([4, 7]), logits)
     assert drafter.table[4].tolist() == [9, 3] and drafter.table[7].tolist() == [0, 1]
+    drafter.update(np.array([2]), np.zeros((1, 10), np.float16))  # ties: the lower ids; any float type
+    assert drafter.table[2].tolist() == [0, 1] and drafter.table.dtype == np.int32
 
 
 def test_generate_cli_reports_the_speculation(tmp_path):

@@ -267,10 +267,13 @@ class Generator:
                     drafter.update(fed, out[LOGITS][0, -len(fed):] if len(fed) else out[LOGITS][0, :0])
             if drafter is not None:  # batch 1: its tokens in order, until it stops
                 result, before = results[0], len(results[0].tokens)
-                for token in new_tokens:
+                for token in new_tokens:  # the text decoded once a step, unless a stop string may cut it
                     if result.finish_reason:
                         break
-                    self._append(result, history[0], token, stop_ids, search, last=len(result.tokens) + 1 >= max_new)
+                    self._append(result, history[0], token, stop_ids, search, last=len(result.tokens) + 1 >= max_new,
+                                 decode=bool(search.stop_strings))
+                if self.tokenizer is not None and not search.stop_strings:
+                    result.text = self.tokenizer.decode(result.tokens)
                 if step:  # one token a step is plain decoding; the rest came from accepted drafts
                     stats.accepted_draft_tokens += len(result.tokens) - before - 1
                 chosen = np.array([result.tokens[-1]])
@@ -363,10 +366,10 @@ class Generator:
         return out
 
     def _append(self, result: GenerationResult, history: list[int], token: int, stop_ids: set, search: SearchOptions,
-                *, last: bool) -> None:
+                *, last: bool, decode: bool = True) -> None:
         result.tokens.append(token)
         history.append(token)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and decode:
             result.text = self.tokenizer.decode(result.tokens)
             for stop in search.stop_strings:
                 cut = result.text.find(stop)
@@ -508,6 +511,8 @@ def _prompt_rows(prompt: list[int], rows: int) -> np.ndarray:
 def _trimmed(tree: DraftTree, depth: int | None, positions: int | None) -> DraftTree:
     """`tree` without the nodes deeper than `depth` or than the `positions` left."""
     limit = min(d for d in (depth, positions) if d is not None)
+    if not len(tree.tokens) or tree.depths[-1] <= limit:  # breadth-first: the last node is the deepest
+        return tree
     keep = np.flatnonzero(tree.depths <= max(limit, 0))  # breadth-first: a kept node's parent is kept
     index = {int(old): new for new, old in enumerate(keep)}
     parents = np.array([index.get(int(p), -1) if p >= 0 else -1 for p in tree.parents[keep]], np.int64)

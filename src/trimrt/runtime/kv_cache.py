@@ -179,6 +179,8 @@ class KVCache:
     def nbytes(self) -> int:
         """Bytes of the tokens held (the buffers reserve up to a chunk more)."""
         per_layer = self.spec.kv_bytes_per_token // self.spec.layers
+        if not self.spec.cache_tokens_removed:
+            return self.batch * per_layer * self.spec.layers * self.length
         return self.batch * per_layer * sum(self.held(i) for i in range(self.spec.layers))
 
     def reserve(self, total: int) -> None:
@@ -216,10 +218,13 @@ class KVCache:
     def keep(self, start: int, rows: np.ndarray) -> None:
         """After a step that added tokens at mask position `start` on, hold only the added `rows`
         (an accepted draft path, in order), moved into the slots right after the past."""
+        rows = np.asarray(rows)
+        moved = int(np.argmin(rows == np.arange(len(rows)))) if (rows != np.arange(len(rows))).any() else len(rows)
         self.length = start
-        for name, array in self._arrays.items():
-            base = self.held(_layer_of(name))
-            array[:, :, base:base + len(rows)] = array[:, :, base + rows]  # the rows are copied out first
+        if moved < len(rows):  # the rows before `moved` are in their slots already
+            for name, array in self._arrays.items():
+                base = self.held(_layer_of(name))
+                array[:, :, base + moved:base + len(rows)] = array[:, :, base + rows[moved:]]  # copied out first
         self.length = start + len(rows)
 
     def load(self, presents: Mapping[str, np.ndarray], length: int) -> None:
