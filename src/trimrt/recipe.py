@@ -16,6 +16,7 @@ adaptive's `mass` is the MassMask op's `tau`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -134,8 +135,50 @@ def _method_only(table: Mapping[str, Any], where: str, registry, method: str, ke
             raise RecipeError(f"{where}: {key} applies to method = {names} only (method is {method!r}); remove it")
 
 
+def protect_key(verb: str):
+    """`protect`: the leading tokens a span op never touches."""
+    return _key("cls", f"leading tokens never {verb}: cls, none or first:N",
+                (lambda v: isinstance(v, str) and bool(v in ("cls", "none") or re.fullmatch(r"first:[0-9]{1,9}", v)
+                                                        and int(v[6:]) <= MAX_TOKENS),
+                 f'{{key}} must be "cls", "none" or "first:N" (N <= {MAX_TOKENS}), got {{value!r}}'))
+
+
+def span_key(verb: str, example: str):
+    """`prunable`: [start, end), the only tokens a span op may touch."""
+    return _key(None, f"[start, end): only these tokens may be {verb} ({example})",
+                (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) for i in v)
+                 and 0 <= v[0] < v[1] <= MAX_TOKENS,
+                 f"{{key}} must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, got {{value!r}}"),
+                convert=tuple)
+
+
+class _Span:
+    """The span of a table with `protect` and `prunable` (the tokens outside it are never touched)."""
+
+    protect: str
+    prunable: tuple[int, int] | None
+
+    @staticmethod
+    def _check_span(values, table, where) -> None:
+        if "prunable" in values and "protect" in table:
+            raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
+
+    @property
+    def protected_prefix(self) -> int:
+        """Number of leading tokens never touched (the start of the span)."""
+        if self.prunable is not None:
+            return self.prunable[0]
+        named = {"none": 0, "cls": 1}
+        return named[self.protect] if self.protect in named else int(self.protect.split(":", 1)[1])
+
+    @property
+    def span_end(self) -> int | None:
+        """End (exclusive) of the span; None: up to the last token."""
+        return self.prunable[1] if self.prunable is not None else None
+
+
 @dataclass(frozen=True)
-class TokenPruningOptions(_Table):
+class TokenPruningOptions(_Span, _Table):
     """[token_pruning]: drop low-scoring tokens after the attention of some blocks."""
 
     method: str = choice("cls_attention", TOKEN_PRUNING_METHODS, "how tokens are scored (a registered method)",
@@ -143,16 +186,9 @@ class TokenPruningOptions(_Table):
     layers: tuple[int, ...] = blocks("blocks (0-based) after whose attention tokens are pruned", required=True)
     keep: float = number(1.0, "(0, 1]", "share of the prunable span kept at each listed block (see keep_ratio)",
                          required=True)
-    protect: str = _key("cls", "leading tokens never pruned: cls, none or first:N",
-                        (lambda v: isinstance(v, str) and bool(v in ("cls", "none") or re.fullmatch(r"first:[0-9]{1,9}", v)
-                                                                and int(v[6:]) <= MAX_TOKENS),
-                         f'{{key}} must be "cls", "none" or "first:N" (N <= {MAX_TOKENS}), got {{value!r}}'))
+    protect: str = protect_key("pruned")
     fuse_pruned: bool = flag(False, "average the pruned tokens into one extra token")
-    prunable: tuple[int, int] | None = _key(
-        None, "[start, end): only these tokens may be pruned (e.g. the image tokens of a prompt)",
-        (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(i) for i in v)
-         and 0 <= v[0] < v[1] <= MAX_TOKENS, f"{{key}} must be [start, end) with 0 <= start < end <= {MAX_TOKENS}, got {{value!r}}"),
-        convert=tuple)
+    prunable: tuple[int, int] | None = span_key("pruned", "e.g. the image tokens of a prompt")
     # the keys of one method only: checked by the method's class (TOKEN_PRUNING_METHODS[name].parse)
     #: zero_tprune: PageRank iterations per listed layer (None: the paper's schedule by depth)
     iterations: tuple[int, ...] | None = None
@@ -166,8 +202,7 @@ class TokenPruningOptions(_Table):
 
     @classmethod
     def _combine(cls, values, table, where):
-        if "prunable" in values and "protect" in table:
-            raise RecipeError(f"{where}: give either protect or prunable (tokens outside prunable are protected)")
+        cls._check_span(values, table, where)
         name = values.get("method", cls.method)
         _method_only(table, where, TOKEN_PRUNING_METHODS, name, "keys")
         method = TOKEN_PRUNING_METHODS[name]
@@ -184,19 +219,6 @@ class TokenPruningOptions(_Table):
     def keep_ratio(self) -> float:
         """The share of the prunable span kept (the recipe's `keep`; the ops' `keep` is a count)."""
         return self.keep
-
-    @property
-    def protected_prefix(self) -> int:
-        """Number of leading tokens never pruned (the start of the prunable span)."""
-        if self.prunable is not None:
-            return self.prunable[0]
-        named = {"none": 0, "cls": 1}
-        return named[self.protect] if self.protect in named else int(self.protect.split(":", 1)[1])
-
-    @property
-    def span_end(self) -> int | None:
-        """End (exclusive) of the prunable span; None: up to the last token."""
-        return self.prunable[1] if self.prunable is not None else None
 
     def kept_count(self, prunable: int) -> int:
         """Prunable tokens kept at one layer: ceil(keep_ratio · prunable), at least 1 (the
@@ -260,6 +282,75 @@ class TokenSlimmingOptions(_Table):
     """[token_slimming]: fuse the model's own token slimming modules (SiT) into one op each."""
 
     fuse: bool = flag(True, "fuse each token slimming module into one op")
+
+
+#: Mixture-of-Depths routers ("model": a router trained with the model, not yet recognised)
+MOD_ROUTERS = ("attention",)
+
+
+@dataclass(frozen=True)
+class MixtureOfDepthsOptions(_Span, _Table):
+    """[mixture_of_depths]: p-MoD routing. In a routed block only the top tokens of the span
+    (by the router's score) run the block; the others skip it, keeping their state, and
+    re-enter the routing of the next block. Which blocks route how many: p-MoD's progressive
+    ratio decay (a shifted cosine over the depth: dense while above max_ratio, floored at
+    min_ratio), or one explicit ratio per block."""
+
+    router: str = choice("attention", MOD_ROUTERS, "attention: training-free, a block's tokens are scored by the "
+                         "attention row of the CLS (encoders) or the last token, in the block before it")
+    ratios: tuple[float, ...] | None = _key(
+        None, "one routed share per block (1.0: dense); left out: the shifted cosine schedule",
+        (lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                                                and 0 < r <= 1 for r in v),
+         "{key} must be a non-empty list of numbers in (0, 1], one per block, got {value!r}"),
+        convert=lambda v: tuple(float(r) for r in v))
+    max_ratio: float = number(0.85, "(0, 1]", "schedule: blocks whose cosine ratio is above this stay dense")
+    min_ratio: float = number(0.15, "(0, 1]", "schedule: the floor of the routed share")
+    mean_ratio: float | None = number(None, "(0, 1]", "schedule: shift the cosine so the blocks' mean share is this "
+                                      "(left out: p-MoD's unshifted curve, mean 0.54 at 32 blocks)")
+    protect: str = protect_key("routed away")
+    prunable: tuple[int, int] | None = span_key("routed away", "e.g. the image tokens of a prompt")
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        cls._check_span(values, table, where)
+        if "ratios" in values and any(key in table for key in ("max_ratio", "min_ratio", "mean_ratio")):
+            raise RecipeError(f"{where}: give ratios (one per block) or the schedule's max_ratio / min_ratio / "
+                              "mean_ratio, not both")
+        low, high = values.get("min_ratio", cls.min_ratio), values.get("max_ratio", cls.max_ratio)
+        if low > high:
+            raise RecipeError(f"{where}: min_ratio {low} is above max_ratio {high}")
+        mean = values.get("mean_ratio")
+        if mean is not None and not low <= mean <= 1:
+            raise RecipeError(f"{where}: mean_ratio {mean} is below min_ratio {low}: no schedule has that mean")
+        return values
+
+    def _hidden(self) -> set[str]:
+        return {"max_ratio", "min_ratio", "mean_ratio"} if self.ratios is not None else set()
+
+    def block_ratios(self, depth: int) -> list[float]:
+        """The routed share of each of `depth` blocks (1.0: dense)."""
+        if self.ratios is not None:
+            if len(self.ratios) != depth:
+                raise RecipeError(f"[mixture_of_depths] ratios lists {len(self.ratios)} values; the model has {depth} "
+                                  "blocks: give one per block (1.0 for a dense block)")
+            return list(self.ratios)
+        curve = [math.cos(i * math.pi / (depth - 1)) / 2 + 0.5 if depth > 1 else 1.0 for i in range(depth)]
+
+        def shifted(shift: float) -> list[float]:
+            return [1.0 if c + shift > self.max_ratio else max(c + shift, self.min_ratio) for c in curve]
+
+        if self.mean_ratio is None:
+            return shifted(0.0)
+        low, high = -1.0, 1.0  # the mean grows with the shift: bisect
+        for _ in range(60):
+            mid = (low + high) / 2
+            low, high = (mid, high) if sum(shifted(mid)) / depth < self.mean_ratio else (low, mid)
+        ratios = shifted(high)
+        if abs(sum(ratios) / depth - self.mean_ratio) > 0.5 / depth:
+            raise RecipeError(f"[mixture_of_depths] no shifted cosine over {depth} blocks has mean_ratio "
+                              f"{self.mean_ratio} (the nearest: {sum(ratios) / depth:.3f}); give ratios per block")
+        return ratios
 
 
 def quant_combinations() -> dict[tuple[str, str], tuple[str, ...]]:
@@ -410,6 +501,7 @@ def _table(cls: type):
 class Recipe:
     token_pruning: TokenPruningOptions | None = _table(TokenPruningOptions)
     token_merging: TokenMergingOptions | None = _table(TokenMergingOptions)
+    mixture_of_depths: MixtureOfDepthsOptions | None = _table(MixtureOfDepthsOptions)
     token_slimming: TokenSlimmingOptions | None = _table(TokenSlimmingOptions)
     quantization: QuantizationOptions | None = _table(QuantizationOptions)
     padding: PaddingOptions | None = _table(PaddingOptions)
@@ -440,6 +532,7 @@ class Recipe:
     @property
     def is_empty(self) -> bool:
         return (self.token_pruning is None and self.token_merging is None and self.quantization is None
+                and self.mixture_of_depths is None
                 and (self.token_slimming is None or not self.token_slimming.fuse)
                 and (self.padding is None or not self.padding.trim_trailing)
                 and (self.onnxruntime is None or not self.onnxruntime.fuse))
@@ -479,8 +572,9 @@ def _parse(data: Mapping[str, Any], source: str) -> Recipe:
     if unknown:
         raise RecipeError(f"{source}: unknown recipe table(s) {unknown}; known: {sorted(_TABLES)}")
     given = {name: table for name, table in data.items() if table is not None}
-    if "token_pruning" in given and "token_merging" in given:
-        raise RecipeError(f"{source}: [token_pruning] and [token_merging] cannot be combined yet; choose one")
+    token_tables = [name for name in ("token_pruning", "token_merging", "mixture_of_depths") if name in given]
+    if len(token_tables) > 1:
+        raise RecipeError(f"{source}: [{'] and ['.join(token_tables)}] cannot be combined yet; choose one")
     if "calibration" in given and "quantization" not in given:
         raise RecipeError(f"{source}: [calibration] without [quantization]; calibration data is only used "
                           "by quantization (add a [quantization] table or remove [calibration])")

@@ -18,6 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 from ..errors import BuildError, ModelLoadError, TrimrtError
 from ..passes import (
     KVAttentionPass,
+    MixtureOfDepthsPass,
     OrtFusionPass,
     PackedProjectionsPass,
     QuantizationPass,
@@ -146,7 +147,7 @@ def min_tokens(recipe: Recipe) -> int:
     two tokens to match)."""
     if recipe.token_merging is not None:
         return 2
-    tp = recipe.token_pruning
+    tp = recipe.token_pruning or recipe.mixture_of_depths
     if tp is None:
         return 0
     return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1
@@ -165,6 +166,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
         feature.append(TokenPruningPass(recipe.token_pruning))
     if recipe.token_merging is not None:
         feature.append(TokenMergingPass(recipe.token_merging))
+    if recipe.mixture_of_depths is not None:
+        feature.append(MixtureOfDepthsPass(recipe.mixture_of_depths))
     decoder = target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None
     if decoder:
         # exact (checked); before quantization, which calibrates on the graph that runs
@@ -178,7 +181,7 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
                                         progress=progress))  # last: quantizes the pruned / merged graph
-    token_level = recipe.token_pruning is not None or recipe.token_merging is not None
+    token_level = any(t is not None for t in (recipe.token_pruning, recipe.token_merging, recipe.mixture_of_depths))
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     passes = [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
     context = context if context is not None else PipelineContext()

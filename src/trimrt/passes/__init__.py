@@ -3,6 +3,7 @@
 
 from .base import PASS_TAG, TrimrtPass
 from .kv_attention import KVAttentionPass
+from .mixture_of_depths import MixtureOfDepthsPass
 from .ort_fusion import OrtFusionPass
 from .packed_projections import PackedProjectionsPass
 from .quantization import QuantizationPass
@@ -11,4 +12,4 @@ from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "MixtureOfDepthsPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]

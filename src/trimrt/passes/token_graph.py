@@ -188,10 +188,11 @@ class TokenRewrite:
     def _graph_output(self, name: str) -> ir.Value:
         return next(v for v in self.graph.outputs if v.name == name)
 
-    def finish(self, reduced: list[ir.Value], n_orig, n_final) -> dict:
-        """After the last of the reductions `reduced`: free the counts baked downstream, drop
-        the stale shapes; returns the report entries every token pass gives."""
-        rewritten = (token_shapes.free_token_count(self.owner.builder(self.graph), reduced, n_orig, self.dims)
+    def finish(self, reduced: list[ir.Value], n_orig, n_final, regions: list[set] | None = None) -> dict:
+        """After the last of the reductions `reduced`: free the counts baked downstream (in
+        `regions`, one per reduction, where the reduced tokens end before the graph does),
+        drop the stale shapes; returns the report entries every token pass gives."""
+        rewritten = (token_shapes.free_token_count(self.owner.builder(self.graph), reduced, n_orig, self.dims, regions)
                      if isinstance(n_orig, int) else 0)
         clear_stale_shapes(self.graph, reduced[:1], n_orig, n_final)
         return {"travelling_tensors": sorted(v.name for v in self.aligned), "shape_constants_rewritten": rewritten}
@@ -234,13 +235,14 @@ class TokenRewrite:
             weighted.append(value.name)
         return weighted
 
-    def follow_tokens(self, out: ir.Value, index: ir.Value, layer: int, first_reduced: int | None = None) -> int:
+    def follow_tokens(self, out: ir.Value, index: ir.Value, layer: int, first_reduced: int | None = None,
+                      region: list[ir.Node] | None = None) -> int:
         """After a reduction at `out` (index: positions kept, into the previous tokens):
-        gather the tensors that travel with the tokens for the nodes downstream, and
-        re-derive shape arithmetic (in a KV-cache decoder, lengths read from the past of
-        blocks before `first_reduced` become those of its own past). Returns the number
-        of values re-derived."""
-        region = downstream_nodes(self.graph, [out])
+        gather the tensors that travel with the tokens for the nodes downstream (or in
+        `region`, where the reduced tokens end: a routed block), and re-derive shape
+        arithmetic (in a KV-cache decoder, lengths read from the past of blocks before
+        `first_reduced` become those of its own past). Returns the number of values re-derived."""
+        region = downstream_nodes(self.graph, [out]) if region is None else region
         dims = self.dims
         if self.aligned is None:  # first reduction: find what travels with the tokens
             aligned = {v: (dims.rank(v), dims.axes(v)) for v in side_inputs(region, {out})}

@@ -38,9 +38,11 @@ def downstream_nodes(graph: ir.Graph, start: list[ir.Value]) -> list[ir.Node]:
     return [n for n in graph if n in reached]
 
 
-def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims) -> int:
+def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims,
+                     regions: list[set] | None = None) -> int:
     """Rewrite baked token counts downstream of the reductions `reduced` (their outputs,
-    [B, tokens, D], in order); returns the number of constants rewritten.
+    [B, tokens, D], in order; or only inside `regions`, one node set per reduction, where
+    the tokens come back after it: a routed block); returns the number of constants rewritten.
 
     Baked entries are the count itself, or a multiple of it where a Reshape merges the
     token axis with others (GPT-2's Conv1D flattens [B, N, D] to [B·N, D]; found by
@@ -50,7 +52,7 @@ def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims
     that reduction's runtime count, Shape(output)[1], times their multiple. Nodes are
     built with `b` (its pass tags them and names the rewrites)."""
     graph, tag = b.graph, b.pass_name
-    regions = [set(downstream_nodes(graph, [out])) for out in reduced]
+    regions = regions if regions is not None else [set(downstream_nodes(graph, [out])) for out in reduced]
     counts: dict[int, ir.Value] = {}
 
     def count_of(node: ir.Node) -> ir.Value:
@@ -61,7 +63,7 @@ def free_token_count(b: GraphBuilder, reduced: list[ir.Value], n_orig: int, dims
         return counts[i]
 
     rewritten = 0
-    for node in [n for n in graph if n in regions[0]] if regions else []:
+    for node in [n for n in graph if any(n in region for region in regions)]:
         if node.metadata_props.get(PASS_TAG):
             continue  # the passes' own shape constants are right by construction
         for idx in _SHAPE_INPUTS.get(node.op_type, ()):

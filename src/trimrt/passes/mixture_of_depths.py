@@ -1,0 +1,170 @@
+"""Mixture-of-Depths routing (p-MoD): in a routed block only the top-k tokens of the span
+run the block; the others skip it with their state unchanged and re-enter the routing
+of the next block. Unlike pruning, no token is lost: every token reaches the output.
+
+Per routed block L:
+
+1. router score [B, N]: `router = "attention"` (training-free) scores the tokens by the
+   attention row of the CLS (an encoder protecting it) or of the last token, in block
+   L-1, as a side branch (AttentionRowScore); where block L-1 was routed itself, the
+   tokens it skipped keep the score they had (TokenRejoin on the scores);
+2. TokenPrune (k = the block's ratio of the span, the selection ops' rule; the tokens
+   outside the span always run) gathers the routed tokens entering the block;
+3. the block runs on them: its every use of the stream reads the gathered tokens, the
+   tensors that travel with the tokens (masks, RoPE tables) are gathered for the
+   block's nodes only, shape arithmetic is re-derived inside the block;
+4. TokenRejoin writes the block's outputs back at their positions in the stream that
+   entered the block; everything after the block sees all N tokens again.
+
+Which blocks route what share: `MixtureOfDepthsOptions.block_ratios` (p-MoD's shifted
+cosine, or explicit ratios); a block at 1.0 is left as it is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..compiler.probe import TokenDims
+from ..errors import RecipeError, StructureError
+from ..plugins import REGISTRY
+from ..plugins.span import Span
+from ..recipe import MixtureOfDepthsOptions
+from .token_graph import TokenGraphPass, additive_mask, clear_stale_shapes, transposed_keys
+from .token_shapes import downstream_nodes
+
+
+class MixtureOfDepthsPass(TokenGraphPass):
+    name = "mixture_of_depths"
+    recipe_table = "mixture_of_depths"
+    options: MixtureOfDepthsOptions
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        opts = self.options
+        from ..compiler.analysis import structure_of
+
+        tmap = structure_of(model, self.context.shared)
+        depth = len(tmap.blocks)
+        ratios = opts.block_ratios(depth)
+        routed = [i for i, r in enumerate(ratios) if r < 1.0]
+        rw = self._rewrite(model, routed)
+        if rw.decoder is not None:
+            raise RecipeError("[mixture_of_depths] does not route a decoder with a KV cache yet: compile a "
+                              "prefill-only export (e.g. LlamaModel, or an ONNX decoder without past inputs)")
+        if routed and routed[0] == 0:
+            raise RecipeError('[mixture_of_depths] router = "attention" scores a block\'s tokens with the attention of '
+                              "the block before it, so block 0 cannot be routed: give it ratio 1.0")
+        n = tmap.num_tokens
+        start, end = opts.protected_prefix, opts.span_end
+        if isinstance(n, int) and (start >= n or (end is not None and end > n)):
+            raise RecipeError(f"[mixture_of_depths] the routed span [{start}, {end or n}) does not fit the model's "
+                              f"{n} tokens")
+        rw.dims = TokenDims(model, n, self.context.shared)
+        span_len = (end - start) if end is not None else (n - start if isinstance(n, int) else None)
+        # the scoring row: the CLS when an encoder protects it and routes to the end, else the last token
+        row = 0 if opts.prunable is None and start > 0 else -1
+        layers, reduced, regions = [], [], []
+        rejoined: dict[ir.Value, ir.Value] = {}  # a routed block's output -> the stream with every token
+        score = index = None  # the full score the last routed block was routed by, and its routed positions
+        for layer in routed:
+            after_routed = bool(layers) and layers[-1]["block"] == layer - 1
+            block = tmap.blocks[layer]
+            prefix = f"trimrt_mod_{layer}"
+            b = rw.builder(prefix)
+            score = self._score(rw, b, layer, row, score, index if after_routed else None, prefix)
+            ratio = ratios[layer]
+            keep = Span(keep=0, keep_ratio=ratio).kept(span_len) if span_len is not None else 0
+            select = {"keep": keep, "protect": start, "span_end": (start + span_len) if end is not None else 0,
+                      "keep_ratio": float(ratio)}
+            stream = rejoined.get(block.stream_in, block.stream_in)  # after a routed block: all tokens again
+            uses = rw.stream_uses(stream, layer)
+            routed_in, index, _ = b.emit(REGISTRY["TokenPrune"], [stream, score], name=f"{prefix}_route", **select)
+            rw.replace_stream(b, stream, uses, routed_in)
+            out = self._block_output(tmap, layer)
+            region = _between(rw.graph, routed_in, out)
+            rw.aligned, rw.gathered = None, {}  # what travels is gathered for this block's nodes only
+            rederived = rw.follow_tokens(routed_in, index, layer, region=region)
+            rejoined[out] = self._rejoin(rw, stream, out, index, set(region), f"{prefix}_rejoin")
+            reduced.append(routed_in)
+            regions.append(set(region))
+            tokens = (n - span_len + keep) if isinstance(n, int) and keep else "dynamic"
+            layers.append({"block": layer, "ratio": round(ratio, 4), "span_tokens": span_len,
+                           "routed": keep if keep else f"ceil({ratio:.4g}·span)", "tokens_run": tokens,
+                           "shape_values_rederived": rederived})
+        details = {"router": opts.router, "scoring_row": "cls" if row == 0 else "last", "blocks": depth,
+                   "ratios": [round(r, 4) for r in ratios], "mean_ratio": round(sum(ratios) / depth, 4),
+                   "layers": layers, "tokens": n}
+        if reduced:
+            details.update(rw.finish(reduced, n, n, regions))
+        else:
+            clear_stale_shapes(rw.graph, [], n, n)
+        self.record(details, changes_results=bool(reduced))
+        return ir.passes.PassResult(model, modified=bool(reduced))
+
+    @staticmethod
+    def _score(rw, b, layer: int, row: int, previous, previous_index, prefix: str) -> ir.Value:
+        """The router score [B, N] of block `layer`: the attention row of block layer-1 (as
+        it ran: on its routed tokens when it was routed, whose skipped tokens then keep
+        their `previous` score)."""
+        attn = rw.tmap.blocks[layer - 1].attention
+        mask = additive_mask(b, attn, prefix, rw.gathered if previous_index is not None else {})
+        (scores,) = b.emit(REGISTRY["AttentionRowScore"], [attn.q, transposed_keys(b, attn, prefix), mask],
+                           name=f"{prefix}_score", row=row, scale=float(attn.scale))
+        if previous_index is None:
+            return scores
+        last = b.const(np.array([-1]), name=f"{prefix}_last_axis")
+        (full,) = b.emit(REGISTRY["TokenRejoin"], [b.op("Unsqueeze", [previous, last], name=f"{prefix}_prev3"),
+                                                   b.op("Unsqueeze", [scores, last], name=f"{prefix}_routed3"),
+                                                   previous_index], name=f"{prefix}_score_rejoin")
+        return b.op("Squeeze", [full, last], name=f"{prefix}_score_full")
+
+    @staticmethod
+    def _block_output(tmap, layer: int) -> ir.Value:
+        """The stream leaving block `layer`: the next block's input; after the last block, the
+        MLP's residual sum (and its norm in a post-norm model)."""
+        if layer + 1 < len(tmap.blocks):
+            return tmap.blocks[layer + 1].stream_in
+        block = tmap.blocks[layer]
+        for user, _ in block.stream_mid.uses():
+            if user.op_type == "Add" and user.inputs[0] is not None and user.inputs[1] is not None and \
+                    block.stream_mid in user.inputs and user is not block.residual_add:
+                out = user.outputs[0]
+                if block.post_norm:
+                    norms = [u for u, _ in out.uses() if u.op_type in ("LayerNormalization", "SimplifiedLayerNormalization")]
+                    if len(norms) != 1:
+                        break
+                    out = norms[0].outputs[0]
+                return out
+        raise StructureError(f"[mixture_of_depths] the output of the last block ({layer}) was not found (the MLP's "
+                             "residual Add); route the blocks before it only (ratio 1.0 for the last)")
+
+    @staticmethod
+    def _rejoin(rw, stream: ir.Value, out: ir.Value, index: ir.Value, region: set, name: str) -> ir.Value:
+        """Put the routed tokens' block outputs back among the skipped ones: every use of `out`
+        after the block (and the graph output it may be) reads the rejoined stream."""
+        b = rw.builder(name)
+        (full,) = b.emit(REGISTRY["TokenRejoin"], [stream, out, index], name=name)
+        later = [(user, i) for user, i in out.uses() if user not in region and user is not full.producer()]
+        b.insert_after(out.producer())
+        for user, i in later:
+            user.replace_input_with(i, full)
+        graph = rw.graph
+        if out.is_graph_output():
+            position = list(graph.outputs).index(out)
+            full.name, out.name = out.name, f"{out.name}_routed"
+            full.shape, full.dtype = out.shape, out.dtype
+            graph.outputs[position] = full
+        return full
+
+
+def _between(graph: ir.Graph, start: ir.Value, end: ir.Value) -> list[ir.Node]:
+    """Nodes downstream of `start` that `end` depends on (a routed block's nodes), in graph order."""
+    ancestors: set[ir.Node] = set()
+    stack = [end.producer()]
+    while stack:
+        node = stack.pop()
+        if node is None or node in ancestors:
+            continue
+        ancestors.add(node)
+        stack.extend(v.producer() for v in node.inputs if v is not None)
+    return [node for node in downstream_nodes(graph, [start]) if node in ancestors]
