@@ -92,7 +92,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         except Exception as exc:  # noqa: BLE001 - ORT refuses the rewritten graph (e.g. its shape inference)
             raise BuildError(f"ONNX Runtime cannot load the rewritten graph: {_ort_reason(exc)}; "
                              "please report this model with the recipe") from None
-        prunes_prompt = loaded.decoder is not None and recipe.token_pruning is not None
+        prunes_prompt = loaded.decoder is not None and _prompt_table(recipe) is not None
         # a pruned decoder's last prompt token (it predicts the next) must come after the span
         min_tokens = pipeline_min_tokens(recipe) + prunes_prompt
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
@@ -190,7 +190,7 @@ def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_
     cache, and whether the build works on a shared cache buffer (run both ways, on ONNX Runtime)."""
     from dataclasses import replace
 
-    pruning = next((r.details for r in reports if r.name == "token_pruning"), None)
+    pruning = next((r.details for r in reports if r.name in ("token_pruning", "mixture_of_depths")), None)
     prunes_prompt = pruning is not None
     removed = tuple(pruning.get("cache_tokens_removed") or ()) if pruning else ()
     spec = replace(spec, prunes_prompt=prunes_prompt, cache_tokens_removed=removed)
@@ -200,7 +200,13 @@ def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_
 
 
 #: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)
-_NOT_FOR_DECODERS = ("token_merging", "mixture_of_depths", "token_slimming", "padding")
+_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
+
+
+def _prompt_table(recipe):
+    """The recipe table that reduces a decoder's prompt at prefill ([token_pruning] or
+    [mixture_of_depths]; they are not combined), or None."""
+    return recipe.token_pruning or recipe.mixture_of_depths
 
 
 def _check_decoder_recipe(recipe, spec, target: str) -> None:
@@ -210,22 +216,25 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
         raise BuildError(f"the recipe's [{'], ['.join(tables)}] {verb} not apply to a decoder with a KV cache yet; "
                          "prune a prefill-only export instead (e.g. LlamaModel, or an ONNX decoder without past inputs), "
                          "or keep [token_pruning] / [quantization] / [onnxruntime] for generation builds")
-    pruning = recipe.token_pruning
+    pruning = _prompt_table(recipe)
     if pruning is None:
         return
+    table = "token_pruning" if pruning is recipe.token_pruning else "mixture_of_depths"
     if pruning.prunable is None:
-        raise RecipeError("[token_pruning] a decoder prunes a span of its prompt: give prunable = [start, end) (e.g. "
+        raise RecipeError(f"[{table}] a decoder reduces a span of its prompt: give prunable = [start, end) (e.g. "
                           "the image tokens); the tokens from end on, the last one included, are always kept")
     if target == "tensorrt":  # onnx-tensorrt's If wants branch outputs of broadcastable shapes
-        raise RecipeError("[token_pruning] on a decoder with a KV cache builds for ONNX Runtime only for now: the "
-                          "prompt is pruned in an If whose branches give different token counts, which TensorRT "
+        raise RecipeError(f"[{table}] on a decoder with a KV cache builds for ONNX Runtime only for now: the "
+                          "prompt is reduced in an If whose branches give different token counts, which TensorRT "
                           "does not parse; use --target onnxruntime")
     if spec.max_positions is not None and pruning.span_end >= spec.max_positions:
-        raise RecipeError(f"[token_pruning] prunable ends at {pruning.span_end}, but this decoder has "
+        raise RecipeError(f"[{table}] prunable ends at {pruning.span_end}, but this decoder has "
                           f"{spec.max_positions} positions and a prompt must keep a token after the span")
     if spec.sliding_window is not None:
-        raise RecipeError(f"[token_pruning] this decoder's layers attend over a sliding window of {spec.sliding_window} "
-                          "tokens, which pruned layers would not keep; pruning such decoders is not supported yet")
+        raise RecipeError(f"[{table}] this decoder's layers attend over a sliding window of {spec.sliding_window} "
+                          "tokens, which reduced layers would not keep; reducing such decoders is not supported yet")
+    if table == "mixture_of_depths":
+        return
     why = TOKEN_PRUNING_METHODS[pruning.method].no_kv_cache
     if why is not None:
         raise RecipeError(f"[token_pruning] method {pruning.method!r} does not apply to a decoder with a KV cache yet "

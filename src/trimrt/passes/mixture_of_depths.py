@@ -16,6 +16,12 @@ Per routed block L:
 4. TokenRejoin writes the block's outputs back at their positions in the stream that
    entered the block; everything after the block sees all N tokens again.
 
+In a KV-cache decoder the routing runs at prefill only (the score and the selection in
+an If on an empty past, as token pruning's); a routed block caches its routed tokens
+only (p-MoD: skipped tokens write no K/V there) and attends with a causal mask of its own
+lengths; decode steps run every block on their new tokens, over what each block cached.
+The manifest records each block's missing tokens (`cache_tokens_removed`).
+
 Which blocks route what share: `MixtureOfDepthsOptions.block_ratios` (p-MoD's shifted
 cosine, or explicit ratios); a block at 1.0 is left as it is.
 """
@@ -48,9 +54,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
         ratios = opts.block_ratios(depth)
         routed = [i for i, r in enumerate(ratios) if r < 1.0]
         rw = self._rewrite(model, routed)
-        if rw.decoder is not None:
-            raise RecipeError("[mixture_of_depths] does not route a decoder with a KV cache yet: compile a "
-                              "prefill-only export (e.g. LlamaModel, or an ONNX decoder without past inputs)")
+        decoder = rw.decoder is not None
         if routed and routed[0] == 0:
             raise RecipeError('[mixture_of_depths] router = "attention" scores a block\'s tokens with the attention of '
                               "the block before it, so block 0 cannot be routed: give it ratio 1.0")
@@ -64,6 +68,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
         # the scoring row: the CLS when an encoder protects it and routes to the end, else the last token
         row = 0 if opts.prunable is None and start > 0 else -1
         layers, reduced, regions = [], [], []
+        cache_removed = [0] * depth  # per block: the prompt tokens its cache holds fewer than the mask
         rejoined: dict[ir.Value, ir.Value] = {}  # a routed block's output -> the stream with every token
         score = index = None  # the full score the last routed block was routed by, and its routed positions
         for layer in routed:
@@ -79,11 +84,16 @@ class MixtureOfDepthsPass(TokenGraphPass):
             stream = rejoined.get(block.stream_in, block.stream_in)  # after a routed block: all tokens again
             uses = rw.stream_uses(stream, layer)
             routed_in, index, _ = b.emit(REGISTRY["TokenPrune"], [stream, score], name=f"{prefix}_route", **select)
+            if decoder:  # the prompt is routed; a decode step's new tokens (text) all run every block
+                routed_in, index, score = rw.prompt_only(b, stream, routed_in, index, per_token=score)
             rw.replace_stream(b, stream, uses, routed_in)
             out = self._block_output(tmap, layer)
             region = _between(rw.graph, routed_in, out)
             rw.aligned, rw.gathered = None, {}  # what travels is gathered for this block's nodes only
-            rederived = rw.follow_tokens(routed_in, index, layer, region=region)
+            if decoder:  # this block caches its routed tokens only, and attends with their causal mask
+                cache_removed[layer] = span_len - keep
+                rw.own_lengths(layer, cache_removed[layer], last=layer)
+            rederived = rw.follow_tokens(routed_in, index, layer, first_reduced=layer, region=region)
             rejoined[out] = self._rejoin(rw, stream, out, index, set(region), f"{prefix}_rejoin")
             reduced.append(routed_in)
             regions.append(set(region))
@@ -94,6 +104,8 @@ class MixtureOfDepthsPass(TokenGraphPass):
         details = {"router": opts.router, "scoring_row": "cls" if row == 0 else "last", "blocks": depth,
                    "ratios": [round(r, 4) for r in ratios], "mean_ratio": round(sum(ratios) / depth, 4),
                    "layers": layers, "tokens": n}
+        if decoder:
+            details["cache_tokens_removed"] = cache_removed
         if reduced:
             details.update(rw.finish(reduced, n, n, regions))
         else:

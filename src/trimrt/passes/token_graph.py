@@ -102,21 +102,28 @@ class TokenRewrite:
         for user, idx in uses:
             user.replace_input_with(idx, out)
 
-    def prompt_only(self, b: GraphBuilder, stream: ir.Value, out: ir.Value, index: ir.Value) -> tuple[ir.Value, ir.Value]:
+    def prompt_only(self, b: GraphBuilder, stream: ir.Value, out: ir.Value, index: ir.Value,
+                    per_token: ir.Value | None = None) -> tuple[ir.Value, ...]:
         """A KV-cache decoder reduces its prompt only: the nodes `b` collected (the score and
         selection ops) become the then-branch of an If on an empty past; a step with a past
         keeps its new tokens (the stream as it is, positions 0..N-1). Returns the If's
-        (stream, kept index)."""
-        then = ir.Graph([], [out, index], nodes=b.nodes, name=f"{b.prefix}_prompt")
+        (stream, kept index), and `per_token` too when given (a [B, N] float of the prompt,
+        zeros at a step: what a later site's branch reads, e.g. a router's scores)."""
+        then = ir.Graph([], [out, index] + ([per_token] if per_token is not None else []), nodes=b.nodes,
+                        name=f"{b.prefix}_prompt")
         b.discard()
 
         def keep_all(sub, *_):
             positions = sub.Range(sub.Constant(value_int=0), sub.Squeeze(sub.Shape(stream, start=1, end=2)),
                                   sub.Constant(value_int=1))
-            return sub.Identity(stream), sub.Expand(positions, sub.Shape(stream, start=0, end=2))
+            rows = sub.Shape(stream, start=0, end=2)
+            kept = [sub.Identity(stream), sub.Expand(positions, rows)]
+            return kept + ([sub.CastLike(sub.ConstantOfShape(rows), stream)] if per_token is not None else [])
 
-        keep = b.subgraph(f"{b.prefix}_step", [], keep_all, [(f"{b.prefix}_step_tokens", stream.dtype, None),
-                                                               (f"{b.prefix}_step_index", ir.DataType.INT64, None)])
+        outputs = [(f"{b.prefix}_step_tokens", stream.dtype, None), (f"{b.prefix}_step_index", ir.DataType.INT64, None)]
+        if per_token is not None:
+            outputs.append((f"{b.prefix}_step_per_token", stream.dtype, None))
+        keep = b.subgraph(f"{b.prefix}_step", [], keep_all, outputs)
         # no past: the mask is as wide as the step's tokens (the past's length would not tell: a
         # shared cache buffer is longer than the past it holds); both full counts, never re-derived
         width = b.op("Shape", [self._graph_input(ATTENTION_MASK)], {"start": 1, "end": 2}, name=f"{b.prefix}_width")
@@ -125,13 +132,15 @@ class TokenRewrite:
         for value in (width, tokens):
             value.producer().metadata_props[ORIGINAL_COUNT_MARK] = "1"
         empty = b.op("Equal", [width, tokens], name=f"{b.prefix}_is_prompt")
-        y, kept = b.op_multi_out("If", [empty], {"then_branch": then, "else_branch": keep}, num_outputs=2,
+        results = b.op_multi_out("If", [empty], {"then_branch": then, "else_branch": keep}, num_outputs=len(outputs),
                                  name=f"{b.prefix}_prompt_only")
-        y.dtype, kept.dtype = stream.dtype, ir.DataType.INT64
-        return y, kept
+        for value, (_, dtype, _) in zip(results, outputs):
+            value.dtype = dtype
+        return tuple(results)
 
-    def own_lengths(self, first: int, removed: int | None) -> None:
-        """A KV-cache decoder's blocks from `first` on run on the reduced prompt: they attend
+    def own_lengths(self, first: int, removed: int | None, last: int | None = None) -> None:
+        """A KV-cache decoder's blocks from `first` on (to `last`, inclusive, when given: a
+        routed block alone) run on the reduced prompt: they attend
         with a causal mask of their own lengths (query i sees the reduced past and the new
         tokens up to itself: the graph's mask over the full past does not travel with the
         tokens, so padding is not supported; the runtime refuses padded prompts for such
@@ -171,7 +180,7 @@ class TokenRewrite:
         mask = _bool_to_additive(b, allowed, prefix, "")
         mask = b.op("Unsqueeze", [mask, b.const(np.array([0, 1]), name=f"{prefix}_ax01")], name=f"{prefix}_mask4")
         b.insert_before(_mask_consumer(attn, current))
-        for j in range(first, len(blocks)):
+        for j in range(first, len(blocks) if last is None else last + 1):
             consumer = _mask_consumer(blocks[j].attention, current)
             consumer.replace_input_with(list(consumer.inputs).index(current), mask)
             for kind in KINDS:
