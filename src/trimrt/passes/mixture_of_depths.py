@@ -108,6 +108,11 @@ class MixtureOfDepthsPass(TokenGraphPass):
             details["cache_tokens_removed"] = cache_removed
         if reduced:
             details.update(rw.finish(reduced, n, n, regions))
+            for region in regions:  # a routed block's shapes (a decoder's If hides it from "downstream")
+                for node in region:
+                    for value in node.outputs:
+                        if not value.is_graph_output():
+                            value.shape = None
         else:
             clear_stale_shapes(rw.graph, [], n, n)
         self.record(details, changes_results=bool(reduced))
@@ -156,6 +161,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
         after the block (and the graph output it may be) reads the rejoined stream."""
         b = rw.builder(name)
         (full,) = b.emit(REGISTRY["TokenRejoin"], [stream, out, index], name=name)
+        full.dtype = stream.dtype if stream.dtype is not None else out.dtype
         later = [(user, i) for user, i in out.uses() if user not in region and user is not full.producer()]
         b.insert_after(out.producer())
         for user, i in later:
@@ -164,7 +170,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
         if out.is_graph_output():
             position = list(graph.outputs).index(out)
             full.name, out.name = out.name, f"{out.name}_routed"
-            full.shape, full.dtype = out.shape, out.dtype
+            full.shape = out.shape
             graph.outputs[position] = full
         return full
 

@@ -1,0 +1,61 @@
+"""Mixture-of-Depths routing in a Hugging Face LlamaForCausalLM with a KV cache, written in
+PyTorch from p-MoD's description (not from trimrt's code): the independent reference for
+routed decoder builds.
+
+At prefill a routed layer runs on the top-k tokens of the span [start, end) (ranked by the
+head-mean attention row of the last token in the layer before; tokens that layer skipped
+keep the score they had) and on every token outside the span, with their original
+positions and a causal mask among them; the other tokens skip the layer unchanged and
+write no K/V there. Decode steps run every layer on the new token over what it cached."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[int, int],
+                 max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor, list[int]]:
+    """(new tokens per row, the prefill's last-token logits, tokens each layer cached)."""
+    from transformers import DynamicCache
+
+    model, cache = lm.model, DynamicCache()
+    model.config._attn_implementation = "eager"  # so the attention returns its weights
+    b, n = input_ids.shape
+    start, end = span
+    h = model.embed_tokens(input_ids)
+    positions = torch.arange(n).expand(b, n)
+    score = None
+    cached = []
+    for block, ratio in zip(model.layers, ratios):
+        if ratio < 1.0:
+            k = max(1, math.ceil(ratio * (end - start) - 1e-9))
+            chosen = torch.sort(torch.topk(score[:, start:end], k, dim=1).indices, dim=1).values + start
+            index = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, n).expand(b, -1)], 1)
+        else:
+            index = positions
+        x = torch.gather(h, 1, index[..., None].expand(-1, -1, h.shape[-1]))
+        pos = torch.gather(positions, 1, index)
+        cos, sin = model.rotary_emb(x, pos)
+        mask = torch.where(pos[:, None, :] > pos[:, :, None], torch.finfo(x.dtype).min, 0.0)[:, None]
+        attn, weights = block.self_attn(block.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=mask,
+                                        cache=cache)
+        x = x + attn
+        x = x + block.mlp(block.post_attention_layernorm(x))
+        row = weights[:, :, -1, :].mean(dim=1)  # the last token's row over the tokens this layer ran
+        score = row if ratio == 1.0 else score.scatter(1, index, row)
+        h = h.scatter(1, index[..., None].expand(-1, -1, h.shape[-1]), x)
+        cached.append(index.shape[1])
+    logits = first = lm.lm_head(model.norm(h))[:, -1]
+    tokens = []
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        tokens.append(token)
+        x = model.embed_tokens(token[:, None])
+        cos, sin = model.rotary_emb(x, torch.full((b, 1), n + step))
+        for block in model.layers:  # one new token sees every cached key: no mask
+            x = x + block.self_attn(block.input_layernorm(x), position_embeddings=(cos, sin), cache=cache)[0]
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        logits = lm.lm_head(model.norm(x))[:, -1]
+    return torch.stack(tokens, 1).tolist(), first, cached

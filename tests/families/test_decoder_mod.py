@@ -1,0 +1,51 @@
+"""Mixture-of-Depths routing in KV-cache decoder builds: the prompt is routed at prefill,
+a routed layer caches its routed tokens only, and generation equals p-MoD's routing
+written in PyTorch (tests/families/mod_reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import trimrt  # noqa: E402
+from tests.families.causal_lms import VOCAB, make  # noqa: E402
+from tests.families.mod_reference import mod_generate  # noqa: E402
+from trimrt.errors import RecipeError  # noqa: E402
+from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
+
+LAYERS, SPAN, PROMPT = 4, (2, 18), 24
+
+
+@pytest.fixture(scope="module", params=[(1.0, 0.5, 0.5, 1.0), (1.0, 1.0, 0.3, 0.6)], ids=["middle", "last"])
+def routed(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mod_kv") / "build"
+    trimrt.compile(make("llama", LAYERS), {"mixture_of_depths": {"ratios": list(request.param),
+                                                                  "prunable": list(SPAN)}}, path)
+    return list(request.param), path
+
+
+def test_generation_equals_p_mod_routing_in_pytorch(routed):
+    ratios, path = routed
+    ids = np.random.default_rng(0).integers(3, VOCAB, (2, PROMPT))
+    with torch.no_grad():
+        want, first, cached = mod_generate(make("llama", LAYERS), torch.from_numpy(ids), ratios, SPAN, 8)
+    session = trimrt.load(path)
+    results = session.generator().generate([list(row) for row in ids], max_new_tokens=8)
+    assert [r.tokens for r in results] == want
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    out = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                       "position_ids": np.tile(np.arange(PROMPT), (2, 1)), **spec.empty_cache(2)})
+    np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == cached
+    assert list(spec.cache_tokens_removed) == [PROMPT - c for c in cached]
+    assert results[0].stats.kv_cache_bytes < results[0].stats.kv_cache_bytes_unpruned
+
+
+def test_a_decoder_routes_a_span_of_its_prompt(tmp_path):
+    with pytest.raises(RecipeError, match=r"\[mixture_of_depths\] a decoder reduces a span of its prompt: give "
+                                          r"prunable = \[start, end\)"):
+        trimrt.compile(make("llama", 2), {"mixture_of_depths": {"ratios": [1.0, 0.5]}}, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
