@@ -13,7 +13,9 @@ decode step on that cache, teacher-forced; 128 tokens in all, the training lengt
 greedy-continuation agreement: the share of the first 32 generated tokens equal to the
 fp32 build's, from 24 held-out 96-token prompts. FastV keeps 50% or 25% of the prompt's
 tokens 8-87 after the attention of layer 1 (of 4); its prefill has no logits for pruned
-positions, so only the last two apply.
+positions, so only the last two apply. Mixture-of-Depths routes the same span with the
+training-free attention router (p-MoD's schedule, and ratios of FastV 50%'s FLOPs); the
+prefill FLOPs ratio of the token-reducing rows compares them at equal cost.
 
     python benchmarks/decoder_quality.py [--steps 600] [--out builds/bench_quality]
 """
@@ -170,6 +172,9 @@ def main() -> None:
         "int4 gptq g32": {"quantization": {"weights": "int4", "method": "gptq", "group_size": 32}, "calibration": calibration},
         **{f"fastv keep {keep:.0%}": {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": keep,
                                                         "prunable": SPAN}} for keep in (0.5, 0.25)},
+        # Mixture-of-Depths, training-free router: p-MoD's schedule (1, .75, .25, .15) and one of FastV 50%'s FLOPs
+        "mod p-MoD schedule": {"mixture_of_depths": {"prunable": SPAN}},
+        "mod ratios 1, .5, .5, .5": {"mixture_of_depths": {"ratios": [1, .5, .5, .5], "prunable": SPAN}},
     }
     windows = held_out_windows(ckpt, 48)
     continued = held_out_windows(ckpt, 48, PROMPT + CONTINUATION)
@@ -181,21 +186,37 @@ def main() -> None:
             print(f"compiling {name} ...", flush=True)
             trimrt.compile(str(ckpt), recipe, build)
         session = trimrt.load(build, threads=args.threads)
-        ppl = None if recipe and "token_pruning" in recipe else perplexity(session, windows)
+        reduces = bool(recipe) and ("token_pruning" in recipe or "mixture_of_depths" in recipe)
+        ppl = None if reduces else perplexity(session, windows)
         after = continuation_perplexity(session, continued)
         # one prompt at a time: a build that prunes its prompts takes batches of one length only
         tokens = [session.generator().generate(p, max_new_tokens=32).tokens for p in prompts]
         reference = reference or tokens
         agree = float(np.mean([np.mean(np.array(a) == np.array(b)) for a, b in zip(tokens, reference)]))
-        rows.append((name, ppl, after, agree))
+        flops = prefill_flops(build, session, prompts[0]) if reduces or recipe is None else None
+        rows.append((name, ppl, after, agree, flops))
         print(f"{name}: perplexity {ppl}, continuation perplexity {after:.3f}, greedy agreement {agree:.3f}", flush=True)
-    base, base_after = rows[0][1], rows[0][2]
-    print(f"\n| build | held-out perplexity | vs fp32 | perplexity of {CONTINUATION} tokens after a {PROMPT}-token "
-          "prompt | vs fp32 | greedy agreement (first 32 tokens) |")
-    print("|---|---|---|---|---|---|")
-    for name, ppl, after, agree in rows:
+    base, base_after, base_flops = rows[0][1], rows[0][2], rows[0][4]
+    print(f"\n| build | prefill FLOPs ratio ({PROMPT}-token prompt) | held-out perplexity | vs fp32 | perplexity of "
+          f"{CONTINUATION} tokens after a {PROMPT}-token prompt | vs fp32 | greedy agreement (first 32 tokens) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ppl, after, agree, flops in rows:
         full = "- | -" if ppl is None else f"{ppl:.3f} | {ppl / base - 1:+.2%}"
-        print(f"| {name} | {full} | {after:.3f} | {after / base_after - 1:+.2%} | {agree:.3f} |")
+        ratio = "-" if flops is None else f"{base_flops / flops:.2f}×"
+        print(f"| {name} | {ratio} | {full} | {after:.3f} | {after / base_after - 1:+.2%} | {agree:.3f} |")
+
+
+def prefill_flops(build: Path, session, prompt: list[int]) -> int:
+    """FLOPs of the build's prefill of `prompt` (trimrt.compiler.flops, on its model.onnx)."""
+    import onnx
+
+    from trimrt.compiler.flops import count_flops
+    from trimrt.runtime.kv_cache import DecoderSpec
+
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    feeds = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
+             "position_ids": np.arange(len(prompt))[None], **spec.empty_cache(1)}
+    return count_flops(onnx.load(str(build / "model.onnx")), feeds)
 
 
 if __name__ == "__main__":
