@@ -26,7 +26,9 @@ def _pixels(seed=0, batch=2):
 def test_routing_every_token_reproduces_the_original(vit):
     _, path = vit
     x = _pixels()
-    want = run_model(apply_recipe(path, "mixture_of_depths", ratios=[1.0] * 4)[0], {"pixel_values": x})
+    import onnx_ir as ir
+
+    want = run_model(ir.load(path), {"pixel_values": x})
     model, reports = apply_recipe(path, "mixture_of_depths", ratios=[1.0, 0.999, 0.999, 0.999])
     ops = Counter(n.op_type for n in model.graph if n.domain == "trimrt")
     assert ops == {"AttentionRowScore": 3, "TokenPrune": 3, "TokenRejoin": 3 + 2}  # + the scores of routed blocks
@@ -79,6 +81,7 @@ def test_bad_tables_are_one_line(table, message):
 def test_what_the_pass_refuses(tiny_vit_onnx):
     _, path = tiny_vit_onnx
     for table, message in [({"ratios": [0.5, 1, 1, 1]}, "block 0 cannot be routed: give it ratio 1.0"),
+                           ({"ratios": [1, 1, 1, 1]}, r"routes no block: every block's ratio is 1.0 at 4 blocks"),
                            ({"ratios": [1, 0.5, 1]}, "ratios lists 3 values; the model has 4 blocks"),
                            ({"ratios": [1, 0.5, 1, 1], "prunable": [1, 80]}, r"span \[1, 80\) does not fit the "
                                                                               "model's 65 tokens")]:

@@ -1,5 +1,5 @@
 """The OpenVINO backend: every build trimrt makes for CPU (token pruning of every method,
-merging, INT8) runs on OpenVINO's CPU plugin, its custom ops inlined into their
+merging, Mixture-of-Depths routing, INT8) runs on OpenVINO's CPU plugin, its custom ops inlined into their
 decompositions, and gives what ONNX Runtime gives."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ RECIPES = {
     "adaptive": {"token_pruning": {"method": "adaptive", "layers": [1, 2], "keep": 0.5}},
     "recycle": {"token_pruning": {"method": "recycle", "layers": [1], "keep": 0.5}},
     "tome": {"token_merging": {"r": 4}},
+    "mixture_of_depths": {"mixture_of_depths": {"ratios": [1.0, 0.5, 0.5, 0.3]}},
     "int8": {"quantization": {"weights": "int8"}},
     "keep_all": {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}},
 }

@@ -36,7 +36,7 @@ from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
 from ..plugins.span import Span
 from ..recipe import MixtureOfDepthsOptions
-from .token_graph import TokenGraphPass, additive_mask, clear_stale_shapes, transposed_keys
+from .token_graph import TokenGraphPass, additive_mask, transposed_keys
 from .token_shapes import downstream_nodes
 
 
@@ -53,6 +53,9 @@ class MixtureOfDepthsPass(TokenGraphPass):
         depth = len(tmap.blocks)
         ratios = opts.block_ratios(depth)
         routed = [i for i, r in enumerate(ratios) if r < 1.0]
+        if not routed:
+            raise RecipeError(f"[mixture_of_depths] routes no block: every block's ratio is 1.0 at {depth} blocks "
+                              "(dense); lower max_ratio, give ratios below 1.0, or remove the table")
         rw = self._rewrite(model, routed)
         decoder = rw.decoder is not None
         if routed and routed[0] == 0:
@@ -106,17 +109,14 @@ class MixtureOfDepthsPass(TokenGraphPass):
                    "layers": layers, "tokens": n}
         if decoder:
             details["cache_tokens_removed"] = cache_removed
-        if reduced:
-            details.update(rw.finish(reduced, n, n, regions))
-            for region in regions:  # a routed block's shapes (a decoder's If hides it from "downstream")
-                for node in region:
-                    for value in node.outputs:
-                        if not value.is_graph_output():
-                            value.shape = None
-        else:
-            clear_stale_shapes(rw.graph, [], n, n)
-        self.record(details, changes_results=bool(reduced))
-        return ir.passes.PassResult(model, modified=bool(reduced))
+        details.update(rw.finish(reduced, n, n, regions))
+        for region in regions:  # a routed block's shapes (a decoder's If hides it from "downstream")
+            for node in region:
+                for value in node.outputs:
+                    if not value.is_graph_output():
+                        value.shape = None
+        self.record(details, changes_results=True)
+        return ir.passes.PassResult(model, modified=True)
 
     @staticmethod
     def _score(rw, b, layer: int, row: int, previous, previous_index, prefix: str) -> ir.Value:
