@@ -361,6 +361,11 @@ def inspect(target: str, as_json: bool) -> None:
                 groups = groups or "every layer caches the whole span"
                 click.echo(f"  prompt pruning: span [{p['span'][0]}, {p['span'][1]}) of {p['span'][1] - p['span'][0]} "
                            f"tokens; {groups}: {p['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
+            if d.get("prompt_routing"):
+                r = d["prompt_routing"]
+                layers = "; ".join(_layer_group(x["layer"], x["layer"]) + f" {x['span_tokens_cached']}" for x in r["layers"])
+                click.echo(f"  prompt routing (MoD): {layers} span tokens: "
+                           f"{r['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
 
 
 def _layer_group(first: int, last: int) -> str:

@@ -48,7 +48,8 @@ def inspect_build(build_dir: Path) -> dict:
         "quantization": quantization_summary(quantization) if quantization else None,
         "onnxruntime_fusion": fusion or None,
         "openvino": manifest.get("openvino"),
-        "decoder": decoder_summary(manifest.get("decoder"), manifest.pass_report("token_pruning")),
+        "decoder": decoder_summary(manifest.get("decoder"), manifest.pass_report("token_pruning"),
+                                   manifest.pass_report("mixture_of_depths")),
     }
 
 
@@ -63,10 +64,10 @@ def openvino_line(entry: dict) -> str:
             f"{threads} threads, {ir}")
 
 
-def decoder_summary(decoder: dict | None, pruning: dict | None = None) -> dict | None:
+def decoder_summary(decoder: dict | None, pruning: dict | None = None, routing: dict | None = None) -> dict | None:
     """A decoder build's cache geometry, what one token of context costs in cache, and, when
-    it prunes its prompts, how many span tokens each group of layers caches and the cache
-    bytes that saves on every prompt."""
+    it prunes (or routes) its prompts, how many span tokens each group of layers (each routed
+    layer) caches and the cache bytes that saves on every prompt."""
     if not decoder:
         return None
     from .runtime.kv_cache import DecoderSpec
@@ -85,6 +86,11 @@ def decoder_summary(decoder: dict | None, pruning: dict | None = None) -> dict |
                 groups.append({"layers": [first, last], "span_tokens_cached": site["kept"]})
                 saved += (last - first + 1) * (sites[0]["span_tokens"] - site["kept"]) * per_layer
         out["prompt_pruning"] = {"span": span, "groups": groups, "kv_bytes_saved_per_prompt": saved}
+    if routing and decoder.get("prunes_prompt"):
+        per_layer = spec.kv_bytes_per_token // spec.layers
+        out["prompt_routing"] = {
+            "layers": [{"layer": x["block"], "span_tokens_cached": x["routed"]} for x in routing["layers"]],
+            "kv_bytes_saved_per_prompt": per_layer * sum(routing.get("cache_tokens_removed") or ())}
     return out
 
 
@@ -205,6 +211,11 @@ def pass_lines(manifest: Manifest) -> list[str]:
         if name in _TOKEN_PASSES:
             label, details = _TOKEN_PASSES[name]
             lines += [f"{label} at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens ({details(x)})"
+                      for x in report["layers"]]
+        if name == "mixture_of_depths":
+            lines += [f"MoD routing at block {x['block']}: ratio {x['ratio']}, {x['routed']} of the span's "
+                      f"{x['span_tokens']} tokens run it"
+                      + (f" ({x['tokens_run']} tokens in all)" if isinstance(x["tokens_run"], int) else "")
                       for x in report["layers"]]
         if report.get("travelling_tensors"):
             lines.append(f"travelling with the tokens: {', '.join(report['travelling_tensors'])}")

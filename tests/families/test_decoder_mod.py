@@ -49,3 +49,20 @@ def test_a_decoder_routes_a_span_of_its_prompt(tmp_path):
                                           r"prunable = \[start, end\)"):
         trimrt.compile(make("llama", 2), {"mixture_of_depths": {"ratios": [1.0, 0.5]}}, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_inspect_tells_what_each_routed_layer_caches(routed):
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    ratios, path = routed
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    span = SPAN[1] - SPAN[0]
+    for layer, ratio in enumerate(ratios):
+        if ratio < 1.0:
+            kept = int(np.ceil(ratio * span - 1e-9))
+            assert f"MoD routing at block {layer}: ratio {ratio}, {kept} of the span's {span} tokens run it" in result.output
+            assert f"layer {layer} caches {kept}" in result.output
+    assert "prompt routing (MoD)" in result.output and "KiB less cache per prompt" in result.output
