@@ -53,20 +53,15 @@ def main() -> int:
     args = ap.parse_args()
 
     import trimrt
-    from examples.models import corpus, minilm
+    from examples.models import corpus
     from trimrt.errors import TrimrtError
 
     started = time.perf_counter()
     try:
-        module, example = minilm.minilm_embedder()
-        tokenizer = minilm.load_tokenizer()
+        baseline_path, tokenizer = mt.export_minilm(args.out)
     except TrimrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    baseline_path = args.out / "minilm.onnx"
-    trimrt.export(module, baseline_path, example_inputs=example)
-    del module
     passages = corpus.passages(tokenizer, 256, args.passages)
     query_ids = [np.asarray(tokenizer(q)["input_ids"], dtype=np.int64) for q in corpus.queries(args.queries)]
     timing = [corpus.feeds(p.input_ids) for p in passages[:: max(1, len(passages) // 4)][:4]]

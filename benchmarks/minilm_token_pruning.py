@@ -56,6 +56,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,19 @@ def parse_layers(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------- measurement helpers
+
+def export_minilm(out: Path) -> tuple[Path, Any]:
+    """(all-MiniLM-L6-v2 with mean pooling and L2 norm exported to out/minilm.onnx, its
+    tokenizer); raises TrimrtError when the model package is missing."""
+    import trimrt
+    from examples.models import minilm
+
+    module, example = minilm.minilm_embedder()
+    tokenizer = minilm.load_tokenizer()
+    out.mkdir(parents=True, exist_ok=True)
+    trimrt.export(module, out / "minilm.onnx", example_inputs=example)
+    return out / "minilm.onnx", tokenizer
+
 
 def backend(path: Path, threads: int):
     """An ONNX Runtime session of a model file; a build's model gets the session settings
@@ -270,22 +284,17 @@ def main() -> int:
     import onnxruntime as ort
 
     import trimrt
-    from examples.models import corpus, minilm
+    from examples.models import corpus
     from trimrt.errors import TrimrtError
 
     started = time.perf_counter()
     log = lambda msg: print(f"[{time.perf_counter() - started:6.0f}s] {msg}", flush=True)  # noqa: E731
+    log(f"exporting all-MiniLM-L6-v2 (+ mean pooling, L2 norm) → {args.out / 'minilm.onnx'}")
     try:
-        module, example = minilm.minilm_embedder()
-        tokenizer = minilm.load_tokenizer()
+        baseline_path, tokenizer = export_minilm(args.out)
     except TrimrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    baseline_path = args.out / "minilm.onnx"
-    log(f"exporting all-MiniLM-L6-v2 (+ mean pooling, L2 norm) → {baseline_path}")
-    trimrt.export(module, baseline_path, example_inputs=example)
-    del module
 
     passages = {n: corpus.passages(tokenizer, n, args.passages) for n in args.lengths}
     query_texts = corpus.queries(args.queries)

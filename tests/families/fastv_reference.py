@@ -60,16 +60,25 @@ def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: f
     tokens per row, the prefill's last-token logits)."""
     from transformers import DynamicCache
 
-    model, cache = lm.model, DynamicCache()
-    b, n = input_ids.shape
-    h = _prefill(model, input_ids, layers, keep, span, cache=cache, choose_before=choose_before)
+    cache = DynamicCache()
+    h = _prefill(lm.model, input_ids, layers, keep, span, cache=cache, choose_before=choose_before)
+    return decode_greedily(lm, h, cache, input_ids.shape[1], max_new_tokens)
+
+
+def decode_greedily(lm, h: torch.Tensor, cache, prompt_length: int, max_new_tokens: int
+                    ) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy decoding after a prefill that left the hidden states `h` and filled `cache` (each
+    layer what it cached): every step runs each layer on the new token over its own cache,
+    at positions continuing from `prompt_length`. Returns (new tokens per row, the prefill's
+    last-token logits)."""
+    model, b = lm.model, h.shape[0]
     logits = first = lm.lm_head(model.norm(h))[:, -1]
     tokens = []
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
         tokens.append(token)
         h = model.embed_tokens(token[:, None])
-        cos, sin = model.rotary_emb(h, torch.full((b, 1), n + step))
+        cos, sin = model.rotary_emb(h, torch.full((b, 1), prompt_length + step))
         for block in model.layers:  # one new token sees every cached key: no mask
             h = h + block.self_attn(block.input_layernorm(h), position_embeddings=(cos, sin), cache=cache)[0]
             h = h + block.mlp(block.post_attention_layernorm(h))

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from tests.families.fastv_reference import decode_greedily
+
 
 def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[int, int],
                  max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor, list[int]]:
@@ -47,15 +49,5 @@ def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[i
         score = row if ratio == 1.0 else score.scatter(1, index, row)
         h = h.scatter(1, index[..., None].expand(-1, -1, h.shape[-1]), x)
         cached.append(index.shape[1])
-    logits = first = lm.lm_head(model.norm(h))[:, -1]
-    tokens = []
-    for step in range(max_new_tokens):
-        token = logits.argmax(-1)
-        tokens.append(token)
-        x = model.embed_tokens(token[:, None])
-        cos, sin = model.rotary_emb(x, torch.full((b, 1), n + step))
-        for block in model.layers:  # one new token sees every cached key: no mask
-            x = x + block.self_attn(block.input_layernorm(x), position_embeddings=(cos, sin), cache=cache)[0]
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        logits = lm.lm_head(model.norm(x))[:, -1]
-    return torch.stack(tokens, 1).tolist(), first, cached
+    tokens, first = decode_greedily(lm, h, cache, n, max_new_tokens)
+    return tokens, first, cached
