@@ -19,12 +19,13 @@ from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
 LAYERS, SPAN, PROMPT = 4, (2, 18), 24
 
 
-@pytest.fixture(scope="module", params=[(1.0, 0.5, 0.5, 1.0), (1.0, 1.0, 0.3, 0.6)], ids=["middle", "last"])
-def routed(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory):
+    """Consecutive routed blocks (the second scored on what the first ran), the last one too."""
+    ratios = [1.0, 0.5, 0.3, 0.6]
     path = tmp_path_factory.mktemp("mod_kv") / "build"
-    trimrt.compile(make("llama", LAYERS), {"mixture_of_depths": {"ratios": list(request.param),
-                                                                  "prunable": list(SPAN)}}, path)
-    return list(request.param), path
+    trimrt.compile(make("llama", LAYERS), {"mixture_of_depths": {"ratios": ratios, "prunable": list(SPAN)}}, path)
+    return ratios, path
 
 
 def test_generation_equals_p_mod_routing_in_pytorch(routed):
@@ -42,6 +43,19 @@ def test_generation_equals_p_mod_routing_in_pytorch(routed):
     assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == cached
     assert list(spec.cache_tokens_removed) == [PROMPT - c for c in cached]
     assert results[0].stats.kv_cache_bytes < results[0].stats.kv_cache_bytes_unpruned
+
+
+@pytest.mark.parametrize("speculation", ["prompt_lookup", "token_recycling"])
+def test_speculative_decoding_keeps_the_tokens_of_greedy_decoding(routed, speculation):
+    """Routed layers cache fewer tokens; a verification step keeps each layer's accepted rows
+    after its own past (draft chains: the routed layers attend with their own causal mask)."""
+    session = trimrt.load(routed[1])
+    rng = np.random.default_rng(1)
+    for prompt in [rng.integers(3, VOCAB, PROMPT).tolist() + [5, 6, 7] * 3 for _ in range(3)]:
+        want = session.generator().generate(prompt, max_new_tokens=16)
+        got = session.generator(speculation=speculation).generate(prompt, max_new_tokens=16)
+        assert got.tokens == want.tokens
+        assert got.stats.decode_steps + got.stats.accepted_draft_tokens == len(got.tokens) - 1
 
 
 def test_a_decoder_routes_a_span_of_its_prompt(tmp_path):

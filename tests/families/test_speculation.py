@@ -59,14 +59,11 @@ def test_speculation_gives_the_tokens_of_greedy_decoding(family, speculation):
         assert len(prompt) + len(long.tokens) == 160
 
 
-@pytest.mark.parametrize("recipe", [
-    {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.5, "prunable": [2, 10]}},
-    {"mixture_of_depths": {"ratios": [1.0, 0.5, 1.0], "prunable": [2, 10]}},
-], ids=["fastv", "mixture_of_depths"])
-def test_speculation_with_presents_fed_back_and_a_pruned_prompt(tmp_path, recipe):
-    """A build whose layers after a FastV pruning (or a routed layer) cache fewer tokens (the
-    cache keeps each layer's accepted rows after its own past) gives the tokens of its own
-    greedy decoding."""
+def test_speculation_with_presents_fed_back_and_a_pruned_prompt(tmp_path):
+    """A build whose layers after a FastV pruning cache fewer tokens (the cache keeps each layer's
+    accepted rows after its own past) gives the tokens of its own greedy decoding (a routed
+    build: tests/families/test_decoder_mod.py)."""
+    recipe = {"token_pruning": {"method": "last_token_attention", "layers": [1], "keep": 0.5, "prunable": [2, 10]}}
     trimrt.compile(make("llama", 3), recipe, tmp_path / "fastv")
     session = trimrt.load(tmp_path / "fastv")
     assert session.generator().spec.cache_tokens_removed

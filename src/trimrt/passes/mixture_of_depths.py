@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..compiler.analysis import structure_of
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
@@ -47,8 +48,6 @@ class MixtureOfDepthsPass(TokenGraphPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
-        from ..compiler.analysis import structure_of
-
         tmap = structure_of(model, self.context.shared)
         depth = len(tmap.blocks)
         ratios = opts.block_ratios(depth)
@@ -58,7 +57,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
                               "(dense); lower max_ratio, give ratios below 1.0, or remove the table")
         rw = self._rewrite(model, routed)
         decoder = rw.decoder is not None
-        if routed and routed[0] == 0:
+        if routed[0] == 0:
             raise RecipeError('[mixture_of_depths] router = "attention" scores a block\'s tokens with the attention of '
                               "the block before it, so block 0 cannot be routed: give it ratio 1.0")
         n = tmap.num_tokens
