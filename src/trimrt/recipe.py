@@ -530,6 +530,13 @@ class Recipe:
         return out
 
     @property
+    def span_table(self) -> TokenPruningOptions | MixtureOfDepthsOptions | None:
+        """The table that reduces a span of the tokens ([token_pruning] or [mixture_of_depths];
+        they are not combined): what a decoder's prompt reduction and the fewest tokens a build
+        takes are read from."""
+        return self.token_pruning or self.mixture_of_depths
+
+    @property
     def is_empty(self) -> bool:
         return (self.token_pruning is None and self.token_merging is None and self.quantization is None
                 and self.mixture_of_depths is None

@@ -92,7 +92,7 @@ def compile_model(source, recipe=None, out_dir: str | Path = "build", *, example
         except Exception as exc:  # noqa: BLE001 - ORT refuses the rewritten graph (e.g. its shape inference)
             raise BuildError(f"ONNX Runtime cannot load the rewritten graph: {_ort_reason(exc)}; "
                              "please report this model with the recipe") from None
-        prunes_prompt = loaded.decoder is not None and _prompt_table(recipe) is not None
+        prunes_prompt = loaded.decoder is not None and recipe.span_table is not None
         # a pruned decoder's last prompt token (it predicts the next) must come after the span
         min_tokens = pipeline_min_tokens(recipe) + prunes_prompt
         given = _given_feeds(example_inputs) if loaded.example_feeds is None else None
@@ -203,12 +203,6 @@ def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_
 _NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
 
 
-def _prompt_table(recipe):
-    """The recipe table that reduces a decoder's prompt at prefill ([token_pruning] or
-    [mixture_of_depths]; they are not combined), or None."""
-    return recipe.token_pruning or recipe.mixture_of_depths
-
-
 def _check_decoder_recipe(recipe, spec, target: str) -> None:
     tables = [t for t in _NOT_FOR_DECODERS if getattr(recipe, t) is not None]
     if tables:
@@ -216,7 +210,7 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
         raise BuildError(f"the recipe's [{'], ['.join(tables)}] {verb} not apply to a decoder with a KV cache yet; "
                          "prune a prefill-only export instead (e.g. LlamaModel, or an ONNX decoder without past inputs), "
                          "or keep [token_pruning] / [quantization] / [onnxruntime] for generation builds")
-    pruning = _prompt_table(recipe)
+    pruning = recipe.span_table
     if pruning is None:
         return
     table = "token_pruning" if pruning is recipe.token_pruning else "mixture_of_depths"

@@ -147,7 +147,7 @@ def min_tokens(recipe: Recipe) -> int:
     two tokens to match)."""
     if recipe.token_merging is not None:
         return 2
-    tp = recipe.token_pruning or recipe.mixture_of_depths
+    tp = recipe.span_table
     if tp is None:
         return 0
     return tp.span_end if tp.span_end is not None else tp.protected_prefix + 1

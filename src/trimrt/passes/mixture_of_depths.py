@@ -142,8 +142,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
             return tmap.blocks[layer + 1].stream_in
         block = tmap.blocks[layer]
         for user, _ in block.stream_mid.uses():
-            if user.op_type == "Add" and user.inputs[0] is not None and user.inputs[1] is not None and \
-                    block.stream_mid in user.inputs and user is not block.residual_add:
+            if user.op_type == "Add" and user is not block.residual_add:  # the MLP's residual sum
                 out = user.outputs[0]
                 if block.post_norm:
                     norms = [u for u, _ in out.uses() if u.op_type in ("LayerNormalization", "SimplifiedLayerNormalization")]
@@ -176,12 +175,13 @@ class MixtureOfDepthsPass(TokenGraphPass):
 
 def _between(graph: ir.Graph, start: ir.Value, end: ir.Value) -> list[ir.Node]:
     """Nodes downstream of `start` that `end` depends on (a routed block's nodes), in graph order."""
-    ancestors: set[ir.Node] = set()
+    downstream = downstream_nodes(graph, [start])
+    inside, between = set(downstream), set()
     stack = [end.producer()]
-    while stack:
+    while stack:  # back from `end`, never past the nodes downstream of `start`
         node = stack.pop()
-        if node is None or node in ancestors:
+        if node not in inside or node in between:
             continue
-        ancestors.add(node)
+        between.add(node)
         stack.extend(v.producer() for v in node.inputs if v is not None)
-    return [node for node in downstream_nodes(graph, [start]) if node in ancestors]
+    return [node for node in downstream if node in between]

@@ -7,10 +7,9 @@ after it:
 
     out = x;  out[b, index[b, m]] = y[b, m]
 
-x [B, N, D] is the stream entering the layer (the skipped tokens' output: p-MoD's STRing
-multiplies it by the router weight before, for the whole row, so the pass applies that
-to x), y [B, M, D] the routed tokens after the layer, index [B, M] their positions (each
-once per row). Nothing is reduced: a plain scatter, exact and TensorRT-safe.
+x [B, N, D] is the stream entering the layer (the skipped tokens' output; a trained
+router's STRing weighting would be a multiply on x before the op), y [B, M, D] the routed
+tokens after the layer, index [B, M] their positions (each once per row). Nothing is reduced: a plain scatter, exact and TensorRT-safe.
 
 The decomposition is one ScatterElements over the token axis: a copy of x and M rows
 written, so the routed layer's saving is kept.

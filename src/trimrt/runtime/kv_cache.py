@@ -219,7 +219,8 @@ class KVCache:
         """After a step that added tokens at mask position `start` on, hold only the added `rows`
         (an accepted draft path, in order), moved into the slots right after the past."""
         rows = np.asarray(rows)
-        moved = int(np.argmin(rows == np.arange(len(rows)))) if (rows != np.arange(len(rows))).any() else len(rows)
+        misplaced = np.flatnonzero(rows != np.arange(len(rows)))
+        moved = int(misplaced[0]) if len(misplaced) else len(rows)
         self.length = start
         if moved < len(rows):  # the rows before `moved` are in their slots already
             for name, array in self._arrays.items():
