@@ -213,6 +213,10 @@ def pass_lines(manifest: Manifest) -> list[str]:
             lines += [f"{label} at block {x['block']}: {x['tokens_in']} → {x['tokens_out']} tokens ({details(x)})"
                       for x in report["layers"]]
         if name == "mixture_of_depths":
+            lines.append("MoD router: the model's own (trained with it; blocks with one: "
+                         f"{report['model_routers']})" if report["router"] == "model" else
+                         f"MoD router: training-free, the {report['scoring_row']} token's attention row in the "
+                         "block before")
             lines += [f"MoD routing at block {x['block']}: ratio {x['ratio']}, {x['routed']} of the span's "
                       f"{x['span_tokens']} tokens run it"
                       + (f" ({x['tokens_run']} tokens in all)" if isinstance(x["tokens_run"], int) else "")

@@ -284,8 +284,8 @@ class TokenSlimmingOptions(_Table):
     fuse: bool = flag(True, "fuse each token slimming module into one op")
 
 
-#: Mixture-of-Depths routers ("model": a router trained with the model, not yet recognised)
-MOD_ROUTERS = ("attention",)
+#: Mixture-of-Depths routers: training-free from attention, or the model's own trained routers
+MOD_ROUTERS = ("attention", "model")
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,8 @@ class MixtureOfDepthsOptions(_Span, _Table):
     min_ratio), or one explicit ratio per block."""
 
     router: str = choice("attention", MOD_ROUTERS, "attention: training-free, a block's tokens are scored by the "
-                         "attention row of the CLS (encoders) or the last token, in the block before it")
+                         "attention row of the CLS (encoders) or the last token, in the block before it; model: "
+                         "the routers a p-MoD model was trained with (its layers exported dense, h + g·MLP(h))")
     ratios: tuple[float, ...] | None = _key(
         None, "one routed share per block (1.0: dense); left out: the shifted cosine schedule",
         (lambda v: isinstance(v, (list, tuple)) and v and all(isinstance(r, (int, float)) and not isinstance(r, bool)

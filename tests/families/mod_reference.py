@@ -6,7 +6,12 @@ At prefill a routed layer runs on the top-k tokens of the span [start, end) (ran
 head-mean attention row of the last token in the layer before; tokens that layer skipped
 keep the score they had) and on every token outside the span, with their original
 positions and a causal mask among them; the other tokens skip the layer unchanged and
-write no K/V there. Decode steps run every layer on the new token over what it cached."""
+write no K/V there. Decode steps run every layer on the new token over what it cached.
+
+With `router="model"` (p-MoD's trained routers, examples/models/pmod.py) a layer's tokens
+are ranked by its own TanhNorm weight w = 0.2·tanh(x·W_r + b_r) + 1 of its input; its
+output is h_attn + w·MLP for a routed span token, h_attn + MLP outside the span, and w·x
+for a skipped one (STRing); decode steps (past the span) run the plain layer."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from tests.families.fastv_reference import decode_greedily
 
 
 def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[int, int],
-                 max_new_tokens: int) -> tuple[list[list[int]], torch.Tensor, list[int]]:
+                 max_new_tokens: int, router: str = "attention") -> tuple[list[list[int]], torch.Tensor, list[int]]:
     """(new tokens per row, the prefill's last-token logits, tokens each layer cached)."""
     from transformers import DynamicCache
 
@@ -30,7 +35,13 @@ def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[i
     positions = torch.arange(n).expand(b, n)
     score = None
     cached = []
+    in_span = ((positions >= start) & (positions < end))[..., None]
     for block, ratio in zip(model.layers, ratios):
+        gate = None
+        if router == "model" and hasattr(block, "router"):  # p-MoD's TanhNorm, 1 outside the span
+            w = 0.2 * torch.tanh(h @ block.router.weight.T + block.router.bias) + 1.0
+            gate = torch.where(in_span, w, torch.ones_like(w))
+            score = gate[..., 0]
         if ratio < 1.0:
             k = max(1, math.ceil(ratio * (end - start) - 1e-9))
             chosen = torch.sort(torch.topk(score[:, start:end], k, dim=1).indices, dim=1).values + start
@@ -44,10 +55,13 @@ def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[i
         attn, weights = block.self_attn(block.input_layernorm(x), position_embeddings=(cos, sin), attention_mask=mask,
                                         cache=cache)
         x = x + attn
-        x = x + block.mlp(block.post_attention_layernorm(x))
-        row = weights[:, :, -1, :].mean(dim=1)  # the last token's row over the tokens this layer ran
-        score = row if ratio == 1.0 else score.scatter(1, index, row)
-        h = h.scatter(1, index[..., None].expand(-1, -1, h.shape[-1]), x)
+        g = 1.0 if gate is None else torch.gather(gate, 1, index[..., None])
+        x = x + g * block.mlp(block.post_attention_layernorm(x))
+        if router == "attention":
+            row = weights[:, :, -1, :].mean(dim=1)  # the last token's row over the tokens this layer ran
+            score = row if ratio == 1.0 else score.scatter(1, index, row)
+        skipped = h if gate is None else gate * h
+        h = skipped.scatter(1, index[..., None].expand(-1, -1, h.shape[-1]), x)
         cached.append(index.shape[1])
     tokens, first = decode_greedily(lm, h, cache, n, max_new_tokens)
     return tokens, first, cached

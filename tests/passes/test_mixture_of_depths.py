@@ -69,7 +69,7 @@ def test_the_schedule_is_p_mods_shifted_cosine():
     ({"ratios": [1, 0.5], "min_ratio": 0.2}, "give ratios .* or the schedule's max_ratio"),
     ({"min_ratio": 0.9, "max_ratio": 0.5}, "min_ratio 0.9 is above max_ratio 0.5"),
     ({"mean_ratio": 0.1}, "mean_ratio 0.1 is below min_ratio 0.15"),
-    ({"router": "model"}, r"router must be one of \['attention'\]"),
+    ({"router": "learned"}, r"router must be one of \['attention', 'model'\]"),
     ({"protect": "cls", "prunable": [1, 5]}, "give either protect or prunable"),
 ])
 def test_bad_tables_are_one_line(table, message):
@@ -84,7 +84,9 @@ def test_what_the_pass_refuses(tiny_vit_onnx):
                            ({"ratios": [1, 1, 1, 1]}, r"routes no block: every block's ratio is 1.0 at 4 blocks"),
                            ({"ratios": [1, 0.5, 1]}, "ratios lists 3 values; the model has 4 blocks"),
                            ({"ratios": [1, 0.5, 1, 1], "prunable": [1, 80]}, r"span \[1, 80\) does not fit the "
-                                                                              "model's 65 tokens")]:
+                                                                              "model's 65 tokens"),
+                           ({"router": "model", "ratios": [1, 0.5, 1, 1]}, r'router = "model" found no MoD router '
+                            r"in the export \(a layer exported as h \+ g·MLP\(h\), .*use router = \"attention\"")]:
         with pytest.raises(RecipeError, match=message):
             apply_recipe(path, "mixture_of_depths", **table)
     with pytest.raises(RecipeError, match=r"\[token_pruning\] and \[mixture_of_depths\] cannot be combined yet"):

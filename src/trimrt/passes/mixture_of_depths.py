@@ -7,14 +7,21 @@ Per routed block L:
 1. router score [B, N]: `router = "attention"` (training-free) scores the tokens by the
    attention row of the CLS (an encoder protecting it) or of the last token, in block
    L-1, as a side branch (AttentionRowScore); where block L-1 was routed itself, the
-   tokens it skipped keep the score they had (TokenRejoin on the scores);
+   tokens it skipped keep the score they had (TokenRejoin on the scores).
+   `router = "model"` takes the routers a p-MoD model was trained with. Top-k routing
+   does not export, so such a layer exports dense, h + g·MLP(h), its gate g [B, N, 1]
+   computed from the layer's input x by a Linear(d, 1) and the TanhNorm (g = 0.2·tanh(r)
+   + 1 on the span, 1 elsewhere). The gate's nodes keep reading every token: g is the
+   score, travels with the routed tokens into the block (their STRing weight), and the
+   skipped tokens leave the block as g·x;
 2. TokenPrune (k = the block's ratio of the span, the selection ops' rule; the tokens
    outside the span always run) gathers the routed tokens entering the block;
 3. the block runs on them: its every use of the stream reads the gathered tokens, the
    tensors that travel with the tokens (masks, RoPE tables) are gathered for the
    block's nodes only, shape arithmetic is re-derived inside the block;
 4. TokenRejoin writes the block's outputs back at their positions in the stream that
-   entered the block; everything after the block sees all N tokens again.
+   entered the block (times g with a model's router); everything after the block sees all
+   N tokens again.
 
 In a KV-cache decoder the routing runs at prefill only (the score and the selection in
 an If on an empty past, as token pruning's); a routed block caches its routed tokens
@@ -31,14 +38,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import structure_of
+from ..compiler.analysis import constant_array, structure_of
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
 from ..plugins.span import Span
 from ..recipe import MixtureOfDepthsOptions
 from .token_graph import TokenGraphPass, additive_mask, transposed_keys
-from .token_shapes import downstream_nodes
+from .token_shapes import downstream_nodes, rederive_shape_values
 
 
 class MixtureOfDepthsPass(TokenGraphPass):
@@ -57,7 +64,8 @@ class MixtureOfDepthsPass(TokenGraphPass):
                               "(dense); lower max_ratio, give ratios below 1.0, or remove the table")
         rw = self._rewrite(model, routed)
         decoder = rw.decoder is not None
-        if routed[0] == 0:
+        gates = _model_gates(tmap, routed) if opts.router == "model" else {}
+        if opts.router == "attention" and routed[0] == 0:
             raise RecipeError('[mixture_of_depths] router = "attention" scores a block\'s tokens with the attention of '
                               "the block before it, so block 0 cannot be routed: give it ratio 1.0")
         n = tmap.num_tokens
@@ -78,15 +86,22 @@ class MixtureOfDepthsPass(TokenGraphPass):
             block = tmap.blocks[layer]
             prefix = f"trimrt_mod_{layer}"
             b = rw.builder(prefix)
-            score = self._score(rw, b, layer, row, score, index if after_routed else None, prefix)
+            stream = rejoined.get(block.stream_in, block.stream_in)  # after a routed block: all tokens again
+            gate, gate_nodes = gates.get(layer, (None, set()))
+            if gate is not None:  # the model's router: its gate, over every token, is the score
+                score = b.op("Squeeze", [gate, b.const(np.array([-1]), name=f"{prefix}_gate_axis")],
+                             name=f"{prefix}_gate_score")
+            else:
+                score = self._score(rw, b, layer, row, score, index if after_routed else None, prefix)
             ratio = ratios[layer]
             keep = Span(keep=0, keep_ratio=ratio).kept(span_len) if span_len is not None else 0
             select = {"keep": keep, "protect": start, "span_end": (start + span_len) if end is not None else 0,
                       "keep_ratio": float(ratio)}
-            stream = rejoined.get(block.stream_in, block.stream_in)  # after a routed block: all tokens again
-            uses = rw.stream_uses(stream, layer)
+            uses = [(user, i) for user, i in rw.stream_uses(stream, layer) if user not in gate_nodes]
             routed_in, index, _ = b.emit(REGISTRY["TokenPrune"], [stream, score], name=f"{prefix}_route", **select)
-            if decoder:  # the prompt is routed; a decode step's new tokens (text) all run every block
+            if decoder and gate is not None:  # the prompt is routed; a decode step's new tokens run every block
+                routed_in, index = rw.prompt_only(b, stream, routed_in, index)
+            elif decoder:  # ... and the next routed block reads the prompt's attention scores
                 routed_in, index, score = rw.prompt_only(b, stream, routed_in, index, per_token=score)
             rw.replace_stream(b, stream, uses, routed_in)
             out = self._block_output(tmap, layer)
@@ -96,16 +111,26 @@ class MixtureOfDepthsPass(TokenGraphPass):
                 cache_removed[layer] = span_len - keep
                 rw.own_lengths(layer, cache_removed[layer], last=layer)
             rederived = rw.follow_tokens(routed_in, index, layer, first_reduced=layer, region=region)
-            rejoined[out] = self._rejoin(rw, stream, out, index, set(region), f"{prefix}_rejoin")
+            rejoined[out] = self._rejoin(rw, stream, out, index, set(region), f"{prefix}_rejoin", gate)
             reduced.append(routed_in)
             regions.append(set(region))
             tokens = (n - span_len + keep) if isinstance(n, int) and keep else "dynamic"
             layers.append({"block": layer, "ratio": round(ratio, 4), "span_tokens": span_len,
                            "routed": keep if keep else f"ceil({ratio:.4g}·span)", "tokens_run": tokens,
                            "shape_values_rederived": rederived})
-        details = {"router": opts.router, "scoring_row": "cls" if row == 0 else "last", "blocks": depth,
+        if decoder:  # a dense block reads its own past length, not a routed block's
+            for layer in (i for i in range(depth) if i not in routed):
+                stream = rejoined.get(tmap.blocks[layer].stream_in, tmap.blocks[layer].stream_in)
+                name = f"trimrt_mod_{layer}_own_past"
+                rederive_shape_values(rw.builder(name), _between(rw.graph, stream, self._block_output(tmap, layer)),
+                                      rw.dims, stream, name, rw.own_past(layer, [i for i in routed if i != layer]))
+        details = {"router": opts.router, "blocks": depth,
                    "ratios": [round(r, 4) for r in ratios], "mean_ratio": round(sum(ratios) / depth, 4),
                    "layers": layers, "tokens": n}
+        if opts.router == "attention":
+            details["scoring_row"] = "cls" if row == 0 else "last"
+        else:
+            details["model_routers"] = sorted(gates)
         if decoder:
             details["cache_tokens_removed"] = cache_removed
         details.update(rw.finish(reduced, n, n, regions))
@@ -154,11 +179,14 @@ class MixtureOfDepthsPass(TokenGraphPass):
                              "residual Add); route the blocks before it only (ratio 1.0 for the last)")
 
     @staticmethod
-    def _rejoin(rw, stream: ir.Value, out: ir.Value, index: ir.Value, region: set, name: str) -> ir.Value:
-        """Put the routed tokens' block outputs back among the skipped ones: every use of `out`
-        after the block (and the graph output it may be) reads the rejoined stream."""
+    def _rejoin(rw, stream: ir.Value, out: ir.Value, index: ir.Value, region: set, name: str,
+                gate: ir.Value | None) -> ir.Value:
+        """Put the routed tokens' block outputs back among the skipped ones (weighted by the
+        model router's `gate`: p-MoD's STRing): every use of `out` after the block (and the
+        graph output it may be) reads the rejoined stream."""
         b = rw.builder(name)
-        (full,) = b.emit(REGISTRY["TokenRejoin"], [stream, out, index], name=name)
+        skipped = stream if gate is None else b.op("Mul", [stream, gate], name=f"{name}_string")
+        (full,) = b.emit(REGISTRY["TokenRejoin"], [skipped, out, index], name=name)
         full.dtype = stream.dtype if stream.dtype is not None else out.dtype
         later = [(user, i) for user, i in out.uses() if user not in region and user is not full.producer()]
         b.insert_after(out.producer())
@@ -185,3 +213,64 @@ def _between(graph: ir.Graph, start: ir.Value, end: ir.Value) -> list[ir.Node]:
         between.add(node)
         stack.extend(v.producer() for v in node.inputs if v is not None)
     return [node for node in downstream if node in between]
+
+
+def _model_gates(tmap, routed: list[int]) -> dict[int, tuple[ir.Value, set[ir.Node]]]:
+    """{block: (its router's gate g, the nodes computing g)} of the blocks with a p-MoD router;
+    refuses routed blocks without one (a router is trained with the model: none can be made up)."""
+    gates = {}
+    for block in tmap.blocks:
+        found = _router_gate(block)
+        if found is not None:
+            gates[block.index] = found
+    if not gates:
+        raise RecipeError('[mixture_of_depths] router = "model" found no MoD router in the export (a layer exported '
+                          "as h + g·MLP(h), its gate g computed from the layer's input by a Linear(d, 1), as p-MoD's "
+                          'TanhNorm router); for a model not trained with MoD use router = "attention"')
+    bad = [i for i in routed if i not in gates]
+    if bad:
+        raise RecipeError(f'[mixture_of_depths] router = "model": blocks {bad} have no MoD router in the export (the '
+                          f"blocks with one are {sorted(gates)}); give the others ratio 1.0")
+    return gates
+
+
+def _router_gate(block) -> tuple[ir.Value, set[ir.Node]] | None:
+    """(g, its nodes) when the block's MLP residual is h + g·MLP(h) with g [B, N, 1] computed
+    from the block's input through a Linear(d, 1) (a constant [d, 1] MatMul weight) and not
+    from h; else None."""
+    mid, width = block.stream_mid, None
+    for user, _ in mid.uses():
+        if user.op_type != "Add" or user is block.residual_add or len(user.inputs) != 2:
+            continue
+        branch = user.inputs[1] if user.inputs[0] is mid else user.inputs[0]
+        mul = branch.producer() if branch is not None else None
+        if mul is None or mul.op_type != "Mul":
+            return None
+        for gate, other in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+            nodes, reads = _ancestors(gate, stop={block.stream_in, mid})
+            if block.stream_in not in reads or mid in reads or mid not in _ancestors(other, stop={mid, block.stream_in})[1]:
+                continue
+            weights = [constant_array(v) for node in nodes if node.op_type in ("MatMul", "Gemm") for v in node.inputs]
+            width = block.stream_in.shape[-1] if block.stream_in.shape is not None else None
+            if any(w is not None and w.ndim == 2 and 1 in w.shape and (width is None or width in w.shape)
+                   for w in weights) and gate.shape is not None and len(gate.shape) == 3 and gate.shape[-1] == 1:
+                return gate, nodes
+        return None
+    return None
+
+
+def _ancestors(value: ir.Value, stop: set[ir.Value]) -> tuple[set[ir.Node], set[ir.Value]]:
+    """(the nodes `value` is computed by, not walking past the values of `stop`; the values of
+    `stop` they read)."""
+    nodes, reads, stack = set(), set(), [value]
+    while stack:
+        current = stack.pop()
+        if current in stop:
+            reads.add(current)
+            continue
+        node = current.producer()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    return nodes, reads

@@ -250,7 +250,9 @@ class TokenRewrite:
         gather the tensors that travel with the tokens for the nodes downstream (or in
         `region`, where the reduced tokens end: a routed block), and re-derive shape
         arithmetic (in a KV-cache decoder, lengths read from the past of blocks before
-        `first_reduced` become those of its own past). Returns the number of values re-derived."""
+        `first_reduced` become those of its own past; of every other block, in a `region`,
+        which alone has its length). Returns the number of values re-derived."""
+        alone = region is not None  # a routed block: the only one at its length
         region = downstream_nodes(self.graph, [out]) if region is None else region
         dims = self.dims
         if self.aligned is None:  # first reduction: find what travels with the tokens
@@ -259,10 +261,19 @@ class TokenRewrite:
             self.aligned.update(travelling_constants(region, dims))
         self._gather_side_tensors(region, index, layer)
         name = f"trimrt_reduce_{layer}_shape"
-        swap = {} if self.decoder is None or first_reduced >= len(self.tmap.blocks) else {
-            self._graph_input(past_name(i, kind)): self._graph_input(past_name(first_reduced, kind))
-            for i in range(first_reduced) for kind in KINDS}
+        depth = len(self.tmap.blocks)
+        others = [i for i in range(depth) if i != first_reduced] if alone else range(first_reduced)
+        swap = {} if first_reduced >= depth else self.own_past(first_reduced, others)
         return rederive_shape_values(self.builder(name), region, dims, out, name, swap)
+
+    def own_past(self, layer: int, others) -> dict[ir.Value, ir.Value]:
+        """{each past input of the blocks `others`: block `layer`'s own} in a KV-cache decoder:
+        the exporter reads every block's past length from any block's past, and a block
+        that caches fewer tokens (or runs after one that does) must read its own."""
+        if self.decoder is None:
+            return {}
+        return {self._graph_input(past_name(i, kind)): self._graph_input(past_name(layer, kind))
+                for i in others for kind in KINDS}
 
     def _gather_side_tensors(self, region: list[ir.Node], kept_index: ir.Value, layer: int) -> None:
         """Gather each travelling tensor (its latest version) with this layer's kept indices,
