@@ -42,18 +42,7 @@ def run_decomposition(op, inputs: list[np.ndarray], engine: str = "onnxruntime",
     first input (float32 or float16)."""
     op = _op(op)
     names = [t.name for t in op.inputs]
-    floats = ONNX_TYPES[inputs[0].dtype] if inputs[0].dtype.kind == "f" else onnx.TensorProto.FLOAT
-    node = oh.make_node(op.name, names, [t.name for t in op.outputs], domain=DOMAIN, **attrs)
-    dims = (lambda n, a: list(a.shape)) if engine == "onnxruntime" else \
-        (lambda n, a: [f"{n}_{axis}" for axis in range(a.ndim)])
-    graph = oh.make_graph(
-        [node], "one_op",
-        [oh.make_tensor_value_info(n, ONNX_TYPES[a.dtype], dims(n, a)) for n, a in zip(names, inputs)],
-        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else floats, None)
-         for t in op.outputs],
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
-                          functions=[op.function()])
+    model = decomposition_model(op, inputs, symbolic=engine != "onnxruntime", **attrs)
     if engine == "openvino":
         from trimrt.runtime.backends import OpenVINOBackend
 
@@ -65,6 +54,24 @@ def run_decomposition(op, inputs: list[np.ndarray], engine: str = "onnxruntime",
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, dict(zip(names, inputs)))
+
+
+def decomposition_model(op, inputs: list[np.ndarray], symbolic: bool = False, **attrs) -> onnx.ModelProto:
+    """A model of one `op` node with its ONNX function; inputs typed and shaped as `inputs`
+    (`symbolic`: every dim a name)."""
+    op = _op(op)
+    names = [t.name for t in op.inputs]
+    floats = ONNX_TYPES[inputs[0].dtype] if inputs[0].dtype.kind == "f" else onnx.TensorProto.FLOAT
+    node = oh.make_node(op.name, names, [t.name for t in op.outputs], domain=DOMAIN, **attrs)
+    dims = (lambda n, a: [f"{n}_{axis}" for axis in range(a.ndim)]) if symbolic else (lambda n, a: list(a.shape))
+    graph = oh.make_graph(
+        [node], "one_op",
+        [oh.make_tensor_value_info(n, ONNX_TYPES[a.dtype], dims(n, a)) for n, a in zip(names, inputs)],
+        [oh.make_tensor_value_info(t.name, onnx.TensorProto.INT64 if t.dtype == "int64" else floats, None)
+         for t in op.outputs],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
+                         functions=[op.function()])
 
 
 # ------------------------------------------------------------------------ Triton kernel

@@ -1,0 +1,148 @@
+"""Triton kernel of BlockSparseAttention: attention over the selected key blocks, online softmax.
+
+The block selection and the rectification terms are O(nb²·Dh) and run in PyTorch
+(`select_blocks`, `rectification`, the semantics of `plugins/block_sparse_attention.py`);
+the kernel does the O(N·K·block·Dh) part. Grid (nb, B·H): each program owns one query
+block of one head, loops over its K selected key blocks (their ids in `chosen`, 0 in
+`chosen_ok` for a slot that is no block: a causal query block sees fewer than K) and keeps
+the running max, denominator and accumulator in float32 (flash attention's recurrence).
+A block of `bs` tokens is a power-of-two tile BLOCK ≥ bs, masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import block, output_buffers
+
+MAX_BLOCK_D = 128
+
+
+@triton.jit
+def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, chosen_ptr, ok_ptr, N, NB, K, D, BS, scale, out_ptr,
+                                  CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, BLOCK)
+    rows = qb * BS + t
+    row_ok = (t < BS) & (rows < N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    base = bh * N * D
+    q = tl.load(q_ptr + base + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0).to(tl.float32)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], tl.float32)
+    slots = (bh * NB + qb) * K
+    for s in range(0, K):
+        kb = tl.load(chosen_ptr + slots + s)
+        limit = tl.where(tl.load(ok_ptr + slots + s) != 0, N, 0)  # a slot that is no block: no key
+        cols = kb * BS + t
+        col_ok = (t < BS) & (cols < limit)
+        kt = tl.load(k_ptr + base + cols[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None],
+                     other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK]
+        logits = tl.sum(q[:, :, None] * kt[None, :, :], axis=1) * scale  # [BLOCK, BLOCK]
+        visible = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        logits = tl.where(visible, logits, float("-inf"))
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = tl.exp(logits - shift[:, None])
+        alpha = tl.exp(m - shift)
+        vv = tl.load(v_ptr + base + cols[:, None] * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)  # [BLOCK, BLOCK_D]
+        den = den * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vv[None, :, :], axis=1)
+        m = m_new
+    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+    tl.store(out_ptr + base + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _block_means(x: torch.Tensor, bs: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x in blocks [B, H, nb, bs, Dh] zero-padded, block means [B, H, nb, Dh], real-token mask [nb, bs])."""
+    b, h, n, d = x.shape
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * bs - n)).reshape(b, h, nb, bs, d)
+    real = (torch.arange(nb * bs, device=x.device) < n).reshape(nb, bs)
+    return padded, padded.sum(dim=3) / real.sum(dim=1)[:, None], real
+
+
+def select_blocks(qm, km, *, nb: int, top_k: int, sink: int, local: int, causal: int, scale: float):
+    """(pooled probabilities P [B, H, nb, nb], chosen [B, H, nb, K] int64, chosen_ok [B, H, nb, K],
+    allowed [nb, nb]): the op's selection rule, ties to the lower block."""
+    i = torch.arange(nb, device=qm.device)[:, None]
+    j = torch.arange(nb, device=qm.device)[None, :]
+    allowed = (j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)
+    p = torch.softmax(torch.where(allowed, qm @ km.transpose(-1, -2) * scale, float("-inf")), dim=-1)
+    forced = ((j < sink) | ((i - j).abs() < local)) & allowed
+    rank = torch.where(allowed, p + 2.0 * forced, -1.0)
+    count = min(top_k, nb) if top_k > 0 else nb
+    order = torch.sort(-rank, dim=-1, stable=True).indices[..., :count]
+    return p, order, torch.gather(rank, -1, order) > -0.5, allowed
+
+
+def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal: int):
+    """(R [B, H, nb], pooled term [B, H, nb, Dh]): IPAR's kept mass and GAPR's pooled values."""
+    nb = p.shape[-1]
+    selected = torch.zeros_like(p, dtype=torch.bool).scatter(-1, chosen, chosen_ok)
+    counts = real.sum(dim=1)[:, None]
+    dq = ((qb - qm[:, :, :, None]).abs() * real[..., None]).sum(dim=3) / counts
+    dk = ((kb - km[:, :, :, None]).abs() * real[..., None]).sum(dim=3) / counts
+    gain = (qm @ km.transpose(-1, -2)).abs()
+    error = (dq @ km.transpose(-1, -2)).abs() + (qm @ dk.transpose(-1, -2)).abs()
+    i = torch.arange(nb, device=p.device)[:, None]
+    j = torch.arange(nb, device=p.device)[None, :]
+    past = (j < i) if causal else torch.ones_like(allowed)
+    pooled = allowed & past & ~selected & (gain > error)
+    pooled_p = p * pooled
+    return (p * ~pooled).sum(dim=-1), pooled_p @ vm
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int, sink: int, local: int,
+        causal: int, rectify: int, scale: float, out=None):
+    """q, k, v [B, H, N, Dh] -> (out [B, H, N, Dh],), matching the op's reference."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if block_size < 1:
+        raise ValueError(f"BlockSparseAttention: block_size must be >= 1, got {block_size}")
+    b, h, n, d = q.shape
+    (result,) = output_buffers("BlockSparseAttention", out, q.device, ((b, h, n, d), q.dtype))
+    if result.numel() == 0:
+        return (result,)
+    nb = -(-n // block_size)
+    qb, qm, real = _block_means(q, block_size, nb)
+    kb, km, _ = _block_means(k, block_size, nb)
+    _, vm, _ = _block_means(v, block_size, nb)
+    p, chosen, chosen_ok, allowed = select_blocks(qm, km, nb=nb, top_k=top_k, sink=sink, local=local, causal=causal,
+                                                  scale=scale)
+    sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
+    block_sparse_attention_kernel[(nb, b * h)](
+        q.contiguous(), k.contiguous(), v.contiguous(), chosen.contiguous(), chosen_ok.to(torch.int8).contiguous(),
+        n, nb, chosen.shape[-1], d, block_size, float(scale), sparse,
+        CAUSAL=bool(causal), BLOCK=block(block_size), BLOCK_D=block(d, MAX_BLOCK_D))
+    if rectify:
+        kept, pooled = rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal)
+        padded = torch.nn.functional.pad(sparse, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d)
+        sparse = (padded * kept[..., None, None] + pooled[:, :, :, None, :]).reshape(b, h, -1, d)[:, :, :n]
+    result.copy_(sparse.to(q.dtype))
+    return (result,)
+
+
+# ------------------------------------------------------------- TensorRT plugin hooks
+
+
+def trt_output_shapes(shapes, attrs, trtp):
+    """out has the shape of q."""
+    return [tuple(shapes["q"])]
+
+
+def trt_aot(trtp, inputs, attrs, outputs):
+    """No ahead-of-time plugin yet: the selection and rectification run in PyTorch (the JIT
+    plugin, `impl`, runs `run`)."""
+    raise NotImplementedError("BlockSparseAttention has no ahead-of-time TensorRT plugin yet: its block selection "
+                              "runs in PyTorch; build with the JIT plugin")

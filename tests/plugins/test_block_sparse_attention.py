@@ -1,0 +1,126 @@
+"""BlockSparseAttention: every block selected is dense attention; the selection rule by hand;
+decomposition on ORT == reference == Triton kernel (interpreter) on ragged blocks, causal
+masks and batch > 1; the decomposition's FLOPs follow the density; rectification lowers
+the error on inputs with locality."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.plugins.op_testing import FakeDesc, decomposition_model, fake_tensorrt, run_decomposition, run_triton
+from trimrt.plugins import REGISTRY
+from trimrt.plugins import tensorrt_glue as glue
+
+OP = REGISTRY["BlockSparseAttention"]
+
+
+def _qkv(rng, b, h, n, d, dtype=np.float32):
+    return [rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(3)]
+
+
+def _dense(q, k, v, causal: bool, scale: float) -> np.ndarray:
+    logits = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) * scale
+    if causal:
+        n = q.shape[2]
+        logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (p / p.sum(axis=-1, keepdims=True)) @ v.astype(np.float64)
+
+
+def _local_qkv(rng, b, h, n, d):
+    """Queries and keys that vary smoothly along the sequence (nearby tokens attend each
+    other, as in images and video), values with the same locality."""
+    t = np.arange(n)[:, None] / n
+    basis = np.concatenate([np.sin(2 * np.pi * f * t + rng.random()) for f in rng.uniform(0.5, 4, d)], axis=1)
+    make = lambda: (basis + 0.3 * rng.standard_normal((b, h, n, d))).astype(np.float32)  # noqa: E731
+    return [make(), make(), make()]
+
+
+@pytest.mark.parametrize("n, block_size", [(37, 8), (32, 8), (5, 8)])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_every_block_selected_is_dense_attention(n, block_size, causal, rng):
+    q, k, v = _qkv(rng, 2, 3, n, 8)
+    want = _dense(q, k, v, causal, 8**-0.5)
+    for top_k in (0, -(-n // block_size)):
+        attrs = {"block_size": block_size, "top_k": top_k, "causal": causal, "rectify": 1, "scale": 8**-0.5}
+        np.testing.assert_allclose(OP.run_reference(q, k, v, **attrs)[0], want, atol=1e-5)
+        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v], **attrs)[0], want, atol=1e-5)
+
+
+def test_one_block_each_is_block_diagonal_attention(rng):
+    """top_k = 1 with the diagonal always kept: each query block attends its own block."""
+    q, k, v = _qkv(rng, 1, 2, 12, 4)
+    (got,) = OP.run_reference(q, k, v, block_size=4, top_k=1, sink=0, local=1, causal=0, rectify=0, scale=0.5)
+    for blk in range(3):
+        part = slice(4 * blk, 4 * blk + 4)
+        np.testing.assert_allclose(got[:, :, part], _dense(q[:, :, part], k[:, :, part], v[:, :, part], False, 0.5),
+                                   atol=1e-6)
+
+
+def test_the_sink_and_the_highest_pooled_blocks_are_selected():
+    """Four blocks of one token: query block 3 keeps the sink (0), its diagonal (3) and the
+    block its pooled score ranks first (2, whose key is the query's direction)."""
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    q[0, 0, 3, 0] = 1
+    k = np.array([[[[0, 1, 0, 0], [0, -1, 0, 0], [4, 0, 0, 0], [0, 0, 0, 0]]]], np.float32)
+    v = np.eye(4, dtype=np.float32)[None, None]
+    (got,) = OP.run_reference(q, k, v, block_size=1, top_k=3, sink=1, local=1, causal=0, rectify=0, scale=1.0)
+    row = got[0, 0, 3]
+    assert row[1] == 0 and row[0] > 0 and row[2] > 0 and row[3] > 0  # block 1 skipped
+    logits = np.array([0.0, 4.0, 0.0])  # keys 0, 2, 3
+    np.testing.assert_allclose(row[[0, 2, 3]], np.exp(logits) / np.exp(logits).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 1},
+    {"block_size": 16, "top_k": 3, "causal": 0, "rectify": 1, "sink": 0, "local": 2},
+    {"block_size": 5, "top_k": 2, "causal": 0, "rectify": 0},
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decomposition_and_kernel_match_the_reference(attrs, dtype, rng, device):
+    ins = _qkv(rng, 2, 2, 45, 16, dtype)
+    attrs = {**attrs, "scale": 0.25}
+    want = OP.run_reference(*ins, **attrs)[0]
+    tol = 1e-5 if dtype == np.float32 else 2e-2
+    got = run_decomposition("BlockSparseAttention", ins, **attrs)[0]
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=tol)
+    (kernel,) = run_triton(OP, ins, device, **attrs)
+    np.testing.assert_allclose(kernel.astype(np.float32), want.astype(np.float32), atol=tol)
+
+
+def test_the_decomposition_computes_only_the_selected_blocks(rng):
+    """Matmul FLOPs of the decomposition at 2 of 16 blocks: about an eighth of dense."""
+    from trimrt.compiler.flops import count_flops
+
+    ins = _qkv(rng, 1, 2, 256, 16)
+    feeds = dict(zip("qkv", ins))
+    attrs = OP.attribute_values({"block_size": 16, "scale": 0.25})  # every attribute on the node, as passes emit
+    flops = {top_k: count_flops(decomposition_model(OP, ins, **{**attrs, "top_k": top_k}), feeds) for top_k in (0, 2)}
+    assert flops[2] / flops[0] < 2 / 16 + 0.03
+
+
+def test_rectification_lowers_the_error_on_inputs_with_locality(rng):
+    q, k, v = _local_qkv(rng, 1, 2, 256, 16)
+    want = _dense(q, k, v, False, 0.5)
+    for top_k in (2, 4, 8):  # 12.5%, 25% and 50% of the blocks
+        errors = [np.linalg.norm(OP.run_reference(q, k, v, block_size=16, top_k=top_k, rectify=r, scale=0.5)[0] - want)
+                  / np.linalg.norm(want) for r in (0, 1)]
+        assert errors[1] < 0.9 * errors[0], (top_k, errors)
+
+
+def test_reference_refuses_bad_shapes():
+    q = np.zeros((1, 1, 4, 2), np.float32)
+    with pytest.raises(ValueError, match=r"need q, k, v of one shape \[B, H, N, Dh\]"):
+        OP.run_reference(q, q[:, :, :3], q)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        OP.run_reference(q, q, q, block_size=0)
+
+
+def test_describe_gives_the_shape_of_q():
+    trt, trtp = fake_tensorrt()
+    describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
+    descs = [FakeDesc(("B", "H", "N", "D"), "half")] * 3
+    assert describe(*descs) == ((("B", "H", "N", "D"), "half"),)
+
