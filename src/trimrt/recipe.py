@@ -284,6 +284,22 @@ class TokenSlimmingOptions(_Table):
     fuse: bool = flag(True, "fuse each token slimming module into one op")
 
 
+@dataclass(frozen=True)
+class SparseAttentionOptions(_Table):
+    """[sparse_attention]: block-sparse attention (Rectified SpaAttn) in some blocks: each query
+    block attends the tokens of its top_k key blocks only (by pooled attention, the sink and
+    local blocks always among them), with the rectification of what the other blocks held."""
+
+    layers: tuple[int, ...] = blocks("blocks whose attention becomes block-sparse (default: every block)")
+    top_k: int = _key(None, "key blocks each query block attends (sink and local blocks included)",
+                      (lambda v: _is_int(v) and v >= 1, "{key} must be an integer >= 1, got {value!r}"),
+                      required=True)
+    block_size: int = integer(128, 1, MAX_TOKENS, "tokens per block (the last one may be shorter)")
+    sink: int = integer(1, 0, MAX_TOKENS, "the first blocks every query block keeps")
+    local: int = integer(1, 0, MAX_TOKENS, "blocks this close to the diagonal are always kept (1: the diagonal)")
+    rectify: bool = flag(True, "reallocate the skipped blocks' mass and add their pooled values (IPAR + GAPR)")
+
+
 #: Mixture-of-Depths routers: training-free from attention, or the model's own trained routers
 MOD_ROUTERS = ("attention", "model")
 
@@ -504,6 +520,7 @@ class Recipe:
     token_merging: TokenMergingOptions | None = _table(TokenMergingOptions)
     mixture_of_depths: MixtureOfDepthsOptions | None = _table(MixtureOfDepthsOptions)
     token_slimming: TokenSlimmingOptions | None = _table(TokenSlimmingOptions)
+    sparse_attention: SparseAttentionOptions | None = _table(SparseAttentionOptions)
     quantization: QuantizationOptions | None = _table(QuantizationOptions)
     padding: PaddingOptions | None = _table(PaddingOptions)
     calibration: CalibrationOptions | None = _table(CalibrationOptions)
@@ -540,7 +557,7 @@ class Recipe:
     @property
     def is_empty(self) -> bool:
         return (self.token_pruning is None and self.token_merging is None and self.quantization is None
-                and self.mixture_of_depths is None
+                and self.mixture_of_depths is None and self.sparse_attention is None
                 and (self.token_slimming is None or not self.token_slimming.fuse)
                 and (self.padding is None or not self.padding.trim_trailing)
                 and (self.onnxruntime is None or not self.onnxruntime.fuse))

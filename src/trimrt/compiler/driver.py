@@ -200,7 +200,7 @@ def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_
 
 
 #: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)
-_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
+_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding", "sparse_attention")
 
 
 def _check_decoder_recipe(recipe, spec, target: str) -> None:

@@ -22,6 +22,7 @@ from ..passes import (
     OrtFusionPass,
     PackedProjectionsPass,
     QuantizationPass,
+    SparseAttentionPass,
     TokenMergingPass,
     TokenPruningPass,
     TokenSlimmingPass,
@@ -168,6 +169,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
         feature.append(TokenMergingPass(recipe.token_merging))
     if recipe.mixture_of_depths is not None:
         feature.append(MixtureOfDepthsPass(recipe.mixture_of_depths))
+    if recipe.sparse_attention is not None:  # after the token passes: the attention of the tokens they leave
+        feature.append(SparseAttentionPass(recipe.sparse_attention))
     decoder = target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None
     if decoder:
         # exact (checked); before quantization, which calibrates on the graph that runs
@@ -181,7 +184,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
                                         progress=progress))  # last: quantizes the pruned / merged graph
-    token_level = any(t is not None for t in (recipe.token_pruning, recipe.token_merging, recipe.mixture_of_depths))
+    token_level = any(t is not None for t in (recipe.token_pruning, recipe.token_merging, recipe.mixture_of_depths,
+                                              recipe.sparse_attention))
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
     passes = [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
     context = context if context is not None else PipelineContext()

@@ -7,9 +7,10 @@ from .mixture_of_depths import MixtureOfDepthsPass
 from .ort_fusion import OrtFusionPass
 from .packed_projections import PackedProjectionsPass
 from .quantization import QuantizationPass
+from .sparse_attention import SparseAttentionPass
 from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "MixtureOfDepthsPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "MixtureOfDepthsPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "SparseAttentionPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
