@@ -221,6 +221,11 @@ def pass_lines(manifest: Manifest) -> list[str]:
                       f"{x['span_tokens']} tokens run it"
                       + (f" ({x['tokens_run']} tokens in all)" if isinstance(x["tokens_run"], int) else "")
                       for x in report["layers"]]
+        if name == "sparse_attention":
+            lines += [f"block-sparse attention at block {x['block']}: {x['key_blocks']} key blocks of "
+                      f"{report['blocks'] or 'ceil(N / ' + str(report['block_size']) + ')'} per query block "
+                      f"(blocks of {report['block_size']} tokens{', causal' if x['causal'] else ''}"
+                      f"{', rectified' if report['rectify'] else ''})" for x in report["layers"]]
         if report.get("travelling_tensors"):
             lines.append(f"travelling with the tokens: {', '.join(report['travelling_tensors'])}")
         if name == "trim_padding":

@@ -111,3 +111,22 @@ def test_what_the_pass_refuses(tiny_vit_onnx, masked_bert):
         load_recipe({"sparse_attention": {"top_k": 0}})
     with pytest.raises(RecipeError, match="top_k"):
         load_recipe({"sparse_attention": {}})
+
+
+def test_a_compiled_build_runs_and_inspect_tells_its_blocks(tiny_vit_onnx, tmp_path):
+    from click.testing import CliRunner
+
+    import trimrt
+    from trimrt.cli import main
+
+    _, path = tiny_vit_onnx
+    manifest = trimrt.compile(str(path), {"sparse_attention": {"top_k": 2, "block_size": 16}}, tmp_path / "build")
+    assert list(manifest["ops"]) == ["BlockSparseAttention"]
+    assert manifest["flops"]["ratio"] > 1.0  # the attention products of 2 of 5 key blocks
+    out = trimrt.load(tmp_path / "build").run({"pixel_values": _pixels()})
+    assert np.isfinite(next(iter(out.values()))).all()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "build")])
+    assert result.exit_code == 0, result.output
+    for block in range(4):  # 65 tokens: 5 blocks of 16
+        assert (f"block-sparse attention at block {block}: 2 key blocks of 5 per query block (blocks of 16 tokens, "
+                "rectified)") in result.output
