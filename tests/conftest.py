@@ -88,3 +88,22 @@ def tiny_vit_opset23_onnx(tmp_path_factory):
 @pytest.fixture
 def images():
     return np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def small_vocab_bert(tmp_path_factory):
+    """An ONNX BERT with 60 token ids and 64 positions (random check feeds used to hold ids < 100); its
+    attention adds the padding mask."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=60, max_position_embeddings=64)
+    module = transformers.BertModel(config).eval()
+    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    path = tmp_path_factory.mktemp("small_vocab") / "bert.onnx"
+    import trimrt
+
+    trimrt.export(module, path, example_inputs=example)
+    return path

@@ -208,22 +208,6 @@ def test_flops_count_a_matmul_that_makes_a_graph_output():
         assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8, node.op_type
 
 
-@pytest.fixture(scope="module")
-def small_vocab_bert(tmp_path_factory):
-    """An ONNX BERT with 60 token ids and 64 positions (random check feeds used to hold ids < 100)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=60, max_position_embeddings=64)
-    module = transformers.BertModel(config).eval()
-    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    path = tmp_path_factory.mktemp("small_vocab") / "bert.onnx"
-    trimrt.export(module, path, example_inputs=example)
-    return path
-
-
 def test_small_vocabulary_bounds_the_check_feeds(small_vocab_bert, tmp_path):
     """A model with 60 token ids compiles from its ONNX file alone, and verify / bench feed it in range."""
     recipe = {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}}

@@ -21,3 +21,8 @@ def run_model(model: ir.Model, feeds: dict) -> np.ndarray:
     """The first output of `model` on `feeds`."""
     proto = ir.serde.serialize_model(model)
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def pixels(seed: int = 0, batch: int = 2) -> np.ndarray:
+    """Random images for the tiny ViT, [batch, 3, 32, 32]."""
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)

@@ -9,23 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tests.passes.in_memory import apply_recipe, run_model
+from tests.passes.in_memory import apply_recipe, pixels, run_model
 from trimrt.errors import RecipeError
 from trimrt.recipe import load_recipe
 
 
-@pytest.fixture(params=["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx", "tiny_vit_opset23_onnx"])
-def vit(request):
-    return request.getfixturevalue(request.param)
-
-
-def _pixels(seed=0, batch=2):
-    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-
-
 def test_routing_every_token_reproduces_the_original(vit):
     _, path = vit
-    x = _pixels()
+    x = pixels()
     import onnx_ir as ir
 
     want = run_model(ir.load(path), {"pixel_values": x})
@@ -43,7 +34,7 @@ def test_routed_build_equals_a_pytorch_routing(tiny_vit_onnx, ratios):
     from tests.passes.mod_reference import mod_forward
 
     module, path = tiny_vit_onnx
-    x = _pixels(seed=3, batch=3)
+    x = pixels(seed=3, batch=3)
     model, reports = apply_recipe(path, "mixture_of_depths", ratios=ratios)
     with torch.no_grad():
         want = mod_forward(module.eval(), torch.from_numpy(x), ratios).numpy()

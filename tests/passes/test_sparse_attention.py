@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from tests.passes.in_memory import apply_recipe, run_model
+from tests.passes.in_memory import apply_recipe, pixels, run_model
 from trimrt.errors import RecipeError, StructureError
 from trimrt.plugins import REGISTRY
 from trimrt.recipe import load_recipe
@@ -19,18 +19,9 @@ from trimrt.recipe import load_recipe
 OP = REGISTRY["BlockSparseAttention"]
 
 
-@pytest.fixture(params=["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx", "tiny_vit_opset23_onnx"])
-def vit(request):
-    return request.getfixturevalue(request.param)
-
-
-def _pixels(seed=0, batch=2):
-    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-
-
 def test_every_block_selected_reproduces_the_original(vit):
     _, path = vit
-    x = _pixels()
+    x = pixels()
     want = run_model(ir.load(path), {"pixel_values": x})
     model, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)  # 65 tokens: 9 blocks
     assert Counter(n.op_type for n in model.graph if n.domain == "trimrt") == {"BlockSparseAttention": 4}
@@ -60,7 +51,7 @@ def test_a_sparse_build_equals_the_reference_attention_in_pytorch(tiny_vit_onnx,
     import torch
 
     module, path = tiny_vit_onnx
-    x = _pixels(seed=2, batch=3)
+    x = pixels(seed=2, batch=3)
     model, reports = apply_recipe(path, "sparse_attention", **options)
     layers = options.get("layers", range(4))
     attrs = {key: int(options.get(key, default)) for key, default in
@@ -81,32 +72,16 @@ def test_it_composes_with_token_pruning(tiny_vit_onnx):
                           "sparse_attention": {"layers": [0, 3], "top_k": 2, "block_size": 8}})
     reports = {r.name: r.details for r in run_pipeline(model, build_passes(recipe))}
     assert set(reports) >= {"token_pruning", "sparse_attention"}
-    out = run_model(model, {"pixel_values": _pixels()})
+    out = run_model(model, {"pixel_values": pixels()})
     assert out.shape == (2, 10) and np.isfinite(out).all()
 
 
-@pytest.fixture(scope="module")
-def masked_bert(tmp_path_factory):
-    """A small BERT: its attention adds the padding mask."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    import trimrt
-
-    torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                     vocab_size=60, max_position_embeddings=64)
-    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    path = tmp_path_factory.mktemp("masked") / "bert.onnx"
-    trimrt.export(transformers.BertModel(config).eval(), path, example_inputs=example)
-    return path
-
-
-def test_what_the_pass_refuses(tiny_vit_onnx, masked_bert):
+def test_what_the_pass_refuses(tiny_vit_onnx, small_vocab_bert):
     with pytest.raises(RecipeError, match=r"\[sparse_attention\] layers \[7\] do not exist: the model has 4 blocks"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", layers=[7], top_k=2)
     with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask \(padding or "
                                              r"causal, written into the graph\)"):
-        apply_recipe(masked_bert, "sparse_attention", top_k=2)
+        apply_recipe(small_vocab_bert, "sparse_attention", top_k=2)
     with pytest.raises(RecipeError, match="top_k must be an integer >= 1, got 0"):
         load_recipe({"sparse_attention": {"top_k": 0}})
     with pytest.raises(RecipeError, match="top_k"):
@@ -123,7 +98,7 @@ def test_a_compiled_build_runs_and_inspect_tells_its_blocks(tiny_vit_onnx, tmp_p
     manifest = trimrt.compile(str(path), {"sparse_attention": {"top_k": 2, "block_size": 16}}, tmp_path / "build")
     assert list(manifest["ops"]) == ["BlockSparseAttention"]
     assert manifest["flops"]["ratio"] > 1.0  # the attention products of 2 of 5 key blocks
-    out = trimrt.load(tmp_path / "build").run({"pixel_values": _pixels()})
+    out = trimrt.load(tmp_path / "build").run({"pixel_values": pixels()})
     assert np.isfinite(next(iter(out.values()))).all()
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "build")])
     assert result.exit_code == 0, result.output

@@ -25,13 +25,6 @@ def run(model: ir.Model, x: np.ndarray) -> np.ndarray:
     return run_model(model, {"pixel_values": x})
 
 
-@pytest.fixture(params=["tiny_vit_onnx", "tiny_vit_sdpa_onnx", "tiny_vit_torchscript_onnx", "tiny_vit_opset23_onnx"])
-def vit(request):
-    """Explicit attention and SDPA through the dynamo exporter; the TorchScript exporter;
-    the fused opset-23 Attention op."""
-    return request.getfixturevalue(request.param)
-
-
 def test_inserts_scoring_and_pruning_ops_tagged(vit):
     _, path = vit
     model, reports = compile_in_memory(path, layers=[1, 2], keep=0.5, fuse_pruned=True)
