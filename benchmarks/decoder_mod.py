@@ -10,13 +10,16 @@ a warm-up round (medians):
   0.85, floor 0.15; at 12 layers: blocks 0-2 dense, then 0.83 down to 0.15, mean 0.54) and
   the training-free attention router, routing the image span at prefill; a routed block
   caches its routed tokens only;
-- FastV (keep 25% of the image span after layer 2) for comparison.
+- FastV (keep 25% of the image span after layer 2) for comparison;
+- the same model with p-MoD routers in the schedule's routed layers (examples/models/pmod.py,
+  random router weights), exported dense and routed by its own routers (`router =
+  "model"`), timed against its own dense build.
 
 Reported: the prefill FLOPs ratio (trimrt.compiler.flops on the prompt: the ideal, next
 to p-MoD's published 55.6% of the dense TFLOPs, i.e. 1.80×), the measured time-to-first-
 token speedup and its share of the ideal, the decode speed, and the KV cache at the end
 (p-MoD: 53.8% of the dense cache). The MoD build's tokens are checked against p-MoD
-routing written in PyTorch (tests/families/mod_reference.py). Random weights: speed and
+routing written in PyTorch (tests/families/mod_reference.py), with either router. Random weights: speed and
 memory only (fidelity is measured on trained models elsewhere).
 
     python benchmarks/decoder_mod.py [--new 32] [--rounds 5] [--threads 2]
@@ -38,6 +41,7 @@ from decoder_generation import compiled_generators, make_model
 from trimrt.compiler.flops import count_flops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.families
+from examples.models.pmod import with_mod_routers  # noqa: E402
 from tests.families.mod_reference import mod_generate  # noqa: E402
 
 SPAN = [PREFIX, PREFIX + IMAGE]
@@ -61,7 +65,15 @@ def main() -> None:
     print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {len(prompt)} tokens ({IMAGE} image tokens), {args.new} new tokens, "
           f"{args.threads} threads", flush=True)
-    generators = compiled_generators(model, recipes, args.out, args.threads)
+    from trimrt.recipe import load_recipe
+
+    ratios = load_recipe(recipes["p-MoD schedule"]).mixture_of_depths.block_ratios(args.layers)
+    pmod_model = with_mod_routers(make_model(args), [i for i, r in enumerate(ratios) if r < 1.0], tuple(SPAN))
+    pmod_recipes = {"p-MoD model, dense": None,
+                    "p-MoD model, its routers": {"mixture_of_depths": {"router": "model", "prunable": SPAN}}}
+    baseline = {**{name: "dense" for name in recipes}, **{name: "p-MoD model, dense" for name in pmod_recipes}}
+    generators = {**compiled_generators(model, recipes, args.out, args.threads),
+                  **compiled_generators(pmod_model, pmod_recipes, args.out, args.threads)}
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **generators["dense"].spec.empty_cache(1)}
 
@@ -69,14 +81,12 @@ def main() -> None:
         return count_flops(onnx.load(str(args.out / name.replace(" + ", "_").replace(" ", "_") / "model.onnx")),
                            prefill)
 
-    dense_flops = model_flops("dense")
-    flops = {name: dense_flops / model_flops(name) for name in recipes}
-    from trimrt.recipe import load_recipe
-
-    ratios = load_recipe(recipes["p-MoD schedule"]).mixture_of_depths.block_ratios(args.layers)
+    flops = {name: model_flops(baseline[name]) / model_flops(name) for name in generators}
     print("p-MoD ratios per layer: " + ", ".join(f"{r:.2f}" for r in ratios) + f" (mean {np.mean(ratios):.3f})")
     with torch.no_grad():
         reference, _, _ = mod_generate(model, torch.tensor([prompt]), ratios, tuple(SPAN), args.new)
+        by_routers, _, _ = mod_generate(pmod_model, torch.tensor([prompt]), ratios, tuple(SPAN), args.new,
+                                        router="model")
     results = {name: [] for name in generators}
     tokens, cache = {}, {}
     for _ in range(args.rounds + 1):  # the first round warms up
@@ -84,19 +94,22 @@ def main() -> None:
             out = gen.generate(prompt, max_new_tokens=args.new)
             tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
             results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
-    print(f"\nMoD build's tokens equal p-MoD routing in PyTorch: {tokens['p-MoD schedule'] == reference[0]}")
-    first_dense = statistics.median(f for f, _ in results["dense"][1:])
-    rate_dense = statistics.median(r for _, r in results["dense"][1:])
+    print(f"\nMoD builds' tokens equal p-MoD routing in PyTorch: attention router "
+          f"{tokens['p-MoD schedule'] == reference[0]}, the model's routers "
+          f"{tokens['p-MoD model, its routers'] == by_routers[0]}")
+
+    def median(name: str, column: int) -> float:
+        return statistics.median(row[column] for row in results[name][1:])
+
     print("\n| build | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup (share of ideal) | "
           "decode tokens/s | decode speedup | KV cache at the end (share of dense) |")
     print("|---|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        first = statistics.median(f for f, _ in rows[1:])
-        rate = statistics.median(r for _, r in rows[1:])
-        speedup = first_dense / first
+    for name in results:
+        first, rate, base = median(name, 0), median(name, 1), baseline[name]
+        speedup = median(base, 0) / first
         print(f"| {name} | {flops[name]:.2f}× ({100 / flops[name]:.1f}% of the FLOPs) | {first * 1e3:.0f} ms | "
-              f"{speedup:.2f}× ({100 * speedup / flops[name]:.0f}%) | {rate:.1f} | {rate / rate_dense:.2f}× | "
-              f"{cache[name] / 2**20:.1f} MiB ({100 * cache[name] / cache['dense']:.1f}%) |")
+              f"{speedup:.2f}× ({100 * speedup / flops[name]:.0f}%) | {rate:.1f} | {rate / median(base, 1):.2f}× | "
+              f"{cache[name] / 2**20:.1f} MiB ({100 * cache[name] / cache[base]:.1f}%) |")
 
 
 if __name__ == "__main__":

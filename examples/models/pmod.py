@@ -50,14 +50,30 @@ class MoDDecoderLayer(nn.Module):
 
 
 def with_mod_routers(lm, layers: list[int], span: tuple[int, int], seed: int = 0):
-    """`lm` (a *ForCausalLM of the LLaMA family) with p-MoD routers in `layers` (random
-    weights, spread so the TanhNorm weights cover most of [0.8, 1.2])."""
+    """`lm` (a *ForCausalLM of the LLaMA family) with p-MoD routers in `layers`: random
+    weights scaled to each layer's input (measured on random token ids), so r is about
+    unit-sized and the TanhNorm weights spread over [0.8, 1.2] without saturating
+    (saturated weights tie, and a top-k among ties is decided by rounding)."""
     config = lm.config
     generator = torch.Generator().manual_seed(seed)
+    routed = {}
     for i in layers:
         layer = MoDDecoderLayer(lm.model.layers[i], config.hidden_size, span)
         with torch.no_grad():
-            layer.router.weight.copy_(torch.randn(1, config.hidden_size, generator=generator) * 20.0)
+            layer.router.weight.copy_(torch.randn(1, config.hidden_size, generator=generator))
             layer.router.bias.zero_()
-        lm.model.layers[i] = layer
-    return lm.eval()
+        lm.model.layers[i] = routed[i] = layer
+    ids = torch.randint(0, config.vocab_size, (1, span[1] + 8), generator=generator)
+    scale = {}
+
+    def measure(module, args, kwargs):  # the spread of r on the layer's input
+        scale[module] = float(module.router(args[0] if args else kwargs["hidden_states"]).std())
+
+    hooks = [layer.register_forward_pre_hook(measure, with_kwargs=True) for layer in routed.values()]
+    with torch.no_grad():
+        lm.eval()(ids)
+        for layer in routed.values():
+            layer.router.weight.div_(scale[layer])
+    for hook in hooks:
+        hook.remove()
+    return lm

@@ -7,8 +7,8 @@ after it:
 
     out = x;  out[b, index[b, m]] = y[b, m]
 
-x [B, N, D] is the stream entering the layer (the skipped tokens' output; a trained
-router's STRing weighting would be a multiply on x before the op), y [B, M, D] the routed
+x [B, N, D] is the stream entering the layer (the skipped tokens' output; with a trained
+router, p-MoD's STRing weight times that stream), y [B, M, D] the routed
 tokens after the layer, index [B, M] their positions (each once per row). Nothing is reduced: a plain scatter, exact and TensorRT-safe.
 
 The decomposition is one ScatterElements over the token axis: a copy of x and M rows
