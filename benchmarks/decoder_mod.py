@@ -4,7 +4,8 @@ The prompt and model are those of benchmarks/decoder_fastv.py (35 prefix tokens,
 tokens, 60 text tokens; a random LLaMA of about 150 M parameters: width 768, 12 layers,
 GQA 12/4), compiled with a KV cache in fp32. Builds, each timed against the dense build
 by trimrt's generation loop on ONNX Runtime CPU, engines taking turns round by round after
-a warm-up round (medians):
+a warm-up round, each round starting one build later (speedups: medians of each round's
+ratio to its baseline's run):
 
 - `[mixture_of_depths]` with p-MoD's progressive ratio decay (shifted cosine, dense above
   0.85, floor 0.15; at 12 layers: blocks 0-2 dense, then 0.83 down to 0.15, mean 0.54) and
@@ -22,7 +23,7 @@ token speedup and its share of the ideal, the decode speed, and the KV cache at 
 routing written in PyTorch (tests/families/mod_reference.py), with either router. Random weights: speed and
 memory only (fidelity is measured on trained models elsewhere).
 
-    python benchmarks/decoder_mod.py [--new 32] [--rounds 5] [--threads 2]
+    python benchmarks/decoder_mod.py [--new 32] [--rounds 5] [--threads 2] [--reuse-builds]
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--out", type=Path, default=Path("builds/bench_mod_decoder"))
+    ap.add_argument("--reuse-builds", action="store_true",
+                    help="time the builds already in --out (made by this code) instead of compiling them again")
     args = ap.parse_args()
 
     model = make_model(args)
@@ -72,8 +75,8 @@ def main() -> None:
     pmod_recipes = {"p-MoD model, dense": None,
                     "p-MoD model, its routers": {"mixture_of_depths": {"router": "model", "prunable": SPAN}}}
     baseline = {**{name: "dense" for name in recipes}, **{name: "p-MoD model, dense" for name in pmod_recipes}}
-    generators = {**compiled_generators(model, recipes, args.out, args.threads),
-                  **compiled_generators(pmod_model, pmod_recipes, args.out, args.threads)}
+    generators = {**compiled_generators(model, recipes, args.out, args.threads, reuse=args.reuse_builds),
+                  **compiled_generators(pmod_model, pmod_recipes, args.out, args.threads, reuse=args.reuse_builds)}
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **generators["dense"].spec.empty_cache(1)}
 
@@ -89,9 +92,10 @@ def main() -> None:
                                         router="model")
     results = {name: [] for name in generators}
     tokens, cache = {}, {}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for name, gen in generators.items():
-            out = gen.generate(prompt, max_new_tokens=args.new)
+    names = list(generators)
+    for turn in range(args.rounds + 1):  # the first round warms up; each round starts one build later
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            out = generators[name].generate(prompt, max_new_tokens=args.new)
             tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
             results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
     print(f"\nMoD builds' tokens equal p-MoD routing in PyTorch: attention router "
@@ -101,14 +105,18 @@ def main() -> None:
     def median(name: str, column: int) -> float:
         return statistics.median(row[column] for row in results[name][1:])
 
+    def paired(name: str, base: str, column: int) -> float:
+        """Median over rounds of the ratio to the baseline's run of the same round."""
+        return statistics.median(b[column] / r[column] for r, b in zip(results[name][1:], results[base][1:]))
+
     print("\n| build | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup (share of ideal) | "
           "decode tokens/s | decode speedup | KV cache at the end (share of dense) |")
     print("|---|---|---|---|---|---|---|")
     for name in results:
         first, rate, base = median(name, 0), median(name, 1), baseline[name]
-        speedup = median(base, 0) / first
+        speedup = paired(name, base, 0)
         print(f"| {name} | {flops[name]:.2f}× ({100 / flops[name]:.1f}% of the FLOPs) | {first * 1e3:.0f} ms | "
-              f"{speedup:.2f}× ({100 * speedup / flops[name]:.0f}%) | {rate:.1f} | {rate / median(base, 1):.2f}× | "
+              f"{speedup:.2f}× ({100 * speedup / flops[name]:.0f}%) | {rate:.1f} | {1 / paired(name, base, 1):.2f}× | "
               f"{cache[name] / 2**20:.1f} MiB ({100 * cache[name] / cache[base]:.1f}%) |")
 
 

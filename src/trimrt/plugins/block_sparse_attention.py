@@ -84,9 +84,14 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
 
 
 def decompose(b, q, k, v):
-    bs, top_k, scale = b.attr("block_size"), b.attr("top_k"), b.attr("scale")
+    """The [block × selected keys] products and their softmax are the only work of the logits'
+    size: q carries the scale; a ragged last block's padding gets its -inf through the
+    product (a bias column); the causal rule and the rectification run in If branches."""
+    bs, top_k = b.attr("block_size"), b.attr("top_k")
+    scale = b.CastLike(b.attr("scale"), q)
     causal = b.Cast(b.attr("causal"), to=9)  # BOOL
     zero, one, ax = b.const(0), b.const(1), lambda *a: b.const(list(a))
+    minus_inf = b.CastLike(b.const(-np.inf, np.float32), q)
     n = b.Gather(b.Shape(q), b.const(2))
     nb = b.Div(b.Sub(b.Add(n, bs), one), bs)  # ceil(N / bs)
     padded = b.Mul(nb, bs)
@@ -102,9 +107,7 @@ def decompose(b, q, k, v):
     blocks = b.Range(zero, nb, one)
     i, j = b.Unsqueeze(blocks, ax(1)), b.Unsqueeze(blocks, ax(0))
     allowed = b.Or(b.Not(causal), b.LessOrEqual(j, i))  # [nb, nb]
-    minus_inf = b.CastLike(b.const(-np.inf, np.float32), q)
-    pooled_logits = b.Mul(b.MatMul(qm, km_t), b.CastLike(scale, q))
-    p = b.Softmax(b.Where(allowed, pooled_logits, minus_inf), axis=-1)  # [B, H, nb, nb]
+    p = b.Softmax(b.Where(allowed, b.Mul(b.MatMul(qm, km_t), scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
     forced = b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed)
     rank = b.Where(allowed, b.Add(p, b.Mul(b.CastLike(forced, q), b.CastLike(b.const(2.0, np.float32), q))),
@@ -113,39 +116,75 @@ def decompose(b, q, k, v):
     _, chosen = b.TopK(rank, b.Reshape(count, ax(1)), axis=-1, largest=1, sorted=1, _outputs=2)  # [B, H, nb, K]
     chosen_ok = b.Greater(b.GatherElements(rank, chosen, axis=-1), b.CastLike(b.const(-0.5, np.float32), q))
 
-    # the selected blocks' keys and values, [B, H, nb, K·bs, Dh], and which of them a query may see
-    width = b.Slice(b.Shape(q), ax(3), ax(4))
-    flat = b.Concat(ax(0, 0, 0, -1), width, axis=0)
+    # the selected blocks' keys and values, [B, H, nb, K·bs, Dh], and their products with the query blocks
     where = b.Unsqueeze(chosen, ax(-1))
-    k_sel, v_sel = (b.Reshape(b.GatherND(x, where, batch_dims=2), flat) for x in (kb, vb))
-    key_pos = b.Add(b.Mul(where, bs), b.Range(zero, bs, one))  # [B, H, nb, K, bs]
-    key_ok = b.And(b.Less(key_pos, n), b.Unsqueeze(chosen_ok, ax(-1)))
-    key_pos, key_ok = (b.Reshape(x, ax(0, 0, 0, -1)) for x in (key_pos, key_ok))  # [B, H, nb, K·bs]
-    key_pos, key_ok = (b.Unsqueeze(x, ax(3)) for x in (key_pos, key_ok))  # [B, H, nb, 1, K·bs]
-    query_pos = b.Unsqueeze(pos, ax(-1))  # [nb, bs, 1]
-    visible = b.And(key_ok, b.Or(b.Not(causal), b.LessOrEqual(key_pos, query_pos)))
-    logits = b.Mul(b.MatMul(qb, b.Transpose(k_sel, perm=[0, 1, 2, 4, 3])), b.CastLike(scale, q))
-    probs = b.Softmax(b.Where(visible, logits, minus_inf), axis=-1)
-    sparse = b.MatMul(probs, v_sel)  # [B, H, nb, bs, Dh]
 
-    # rectification (computed always, O(nb²·Dh); chosen by the attribute)
-    selected = b.ReduceMax(b.Mul(b.OneHot(chosen, b.Reshape(nb, ax(1)), b.CastLike(b.const([0.0, 1.0], np.float32), q),
-                                          axis=-1),
-                                 b.Unsqueeze(b.CastLike(chosen_ok, q), ax(-1))), ax(3), keepdims=0)  # [B, H, nb, nb]
-    real_5 = b.Unsqueeze(real_f, ax(-1))  # [nb, bs, 1]
-    dq, dk = (b.Div(b.ReduceSum(b.Mul(b.Abs(b.Sub(x, b.Unsqueeze(m, ax(3)))), real_5), ax(3), keepdims=0), counts)
-              for x, m in ((qb, qm), (kb, km)))
-    gain = b.Abs(b.MatMul(qm, km_t))
-    error = b.Add(b.Abs(b.MatMul(dq, km_t)), b.Abs(b.MatMul(qm, b.Transpose(dk, perm=[0, 1, 3, 2]))))
-    past = b.Or(b.Not(causal), b.Less(j, i))
-    pooled = b.And(b.And(b.And(allowed, past), b.Greater(gain, error)),
-                   b.Less(selected, b.CastLike(b.const(0.5, np.float32), q)))
-    pooled_p = b.Mul(p, b.CastLike(pooled, q))
-    kept_mass = b.Sub(b.ReduceSum(p, ax(-1), keepdims=1), b.ReduceSum(pooled_p, ax(-1), keepdims=1))  # [B, H, nb, 1]
-    rectified = b.Add(b.Mul(sparse, b.Unsqueeze(kept_mass, ax(-1))), b.Unsqueeze(b.MatMul(pooled_p, vm), ax(3)))
-    out = b.Where(b.Cast(b.attr("rectify"), to=9), rectified, sparse)
-    out = b.Reshape(out, b.Concat(ax(0, 0, -1), width, axis=0))
+    def per_query_block(g, blocks):  # [B, H, nb, K, bs, D] -> [B, H, nb, K·bs, D]
+        return g.Reshape(blocks, g.Concat(ax(0, 0, 0, -1), g.Shape(blocks, start=-1), axis=0))
+
+    v_sel = per_query_block(b, b.GatherND(vb, where, batch_dims=2))
+    lead = b.Slice(b.Shape(qb), ax(0), ax(4))
+
+    k_sel = per_query_block(b, b.GatherND(kb, where, batch_dims=2))
+
+    def exact_blocks(sub):
+        """N a multiple of the block size: q·scale against the selected keys."""
+        return [sub.MatMul(sub.Mul(qb, scale), sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
+
+    def ragged_block(sub):
+        """A shorter last block: q' = [q·scale, 1] against k' = [k, bias] (bias 0, or -inf for
+        the padding): the padding's logits are -inf without a pass over the logits."""
+        ones = sub.Expand(sub.CastLike(b.const([1.0], np.float32), q), sub.Concat(lead, ax(1), axis=0))
+        q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
+        bias = sub.Where(real, sub.CastLike(b.const(0.0, np.float32), q), minus_inf)  # [nb, bs]
+        bias_sel = sub.Reshape(sub.Gather(bias, chosen, axis=0), sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1),
+                                                                           axis=0))  # [B, H, nb, K·bs, 1]
+        k_aug = sub.Concat(k_sel, bias_sel, axis=-1)
+        return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
+
+    logits = _branch(b, b.Greater(padded, n), ragged_block, exact_blocks, "ragged")  # [B, H, nb, bs, K·bs]
+
+    def causal_rule(sub):
+        """Keys after the query, and slots that are no block (fewer than K allowed), masked."""
+        key_pos = sub.Reshape(sub.Add(sub.Mul(where, bs), sub.Range(zero, bs, one)), ax(0, 0, 0, -1))  # [B, H, nb, K·bs]
+        slot_ok = sub.Reshape(sub.Expand(sub.Unsqueeze(chosen_ok, ax(-1)),
+                                         sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)), ax(0, 0, 0, -1))
+        visible = sub.And(sub.Unsqueeze(slot_ok, ax(3)),
+                          sub.LessOrEqual(sub.Unsqueeze(key_pos, ax(3)), sub.Unsqueeze(pos, ax(-1))))
+        return [sub.Where(visible, logits, minus_inf)]
+
+    logits = _branch(b, causal, causal_rule, lambda sub: [sub.Identity(logits)], "causal_rule")
+    sparse = b.MatMul(b.Softmax(logits, axis=-1), v_sel)  # [B, H, nb, bs, Dh]
+
+    def rectified(sub):
+        """IPAR: the sparse output times the mass not pooled; GAPR: the reliable skipped blocks' P·v̄."""
+        one_hot = sub.OneHot(chosen, sub.Reshape(nb, ax(1)), sub.CastLike(b.const([0.0, 1.0], np.float32), q), axis=-1)
+        selected = sub.ReduceMax(sub.Mul(one_hot, sub.Unsqueeze(sub.CastLike(chosen_ok, q), ax(-1))), ax(3),
+                                 keepdims=0)  # [B, H, nb, nb]
+        real_5 = sub.Unsqueeze(real_f, ax(-1))  # [nb, bs, 1]
+        dq, dk = (sub.Div(sub.ReduceSum(sub.Mul(sub.Abs(sub.Sub(x, sub.Unsqueeze(m, ax(3)))), real_5), ax(3),
+                                        keepdims=0), counts) for x, m in ((qb, qm), (kb, km)))
+        gain = sub.Abs(sub.MatMul(qm, km_t))
+        error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
+        past = sub.Or(sub.Not(causal), sub.Less(j, i))
+        pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)),
+                         sub.Less(selected, sub.CastLike(b.const(0.5, np.float32), q)))
+        pooled_p = sub.Mul(p, sub.CastLike(pooled, q))
+        kept = sub.Sub(sub.ReduceSum(p, ax(-1), keepdims=1), sub.ReduceSum(pooled_p, ax(-1), keepdims=1))
+        return [sub.Add(sub.Mul(sparse, sub.Unsqueeze(kept, ax(-1))), sub.Unsqueeze(sub.MatMul(pooled_p, vm), ax(3)))]
+
+    out = _branch(b, b.Cast(b.attr("rectify"), to=9), rectified, lambda sub: [sub.Identity(sparse)], "rectify")
+    out = b.Reshape(out, b.Concat(ax(0, 0, -1), b.Slice(b.Shape(v), ax(3), ax(4)), axis=0))
     return b.Slice(out, ax(0), b.Reshape(n, ax(1)), ax(2))
+
+
+def _branch(b, condition, then, otherwise, name: str):
+    """If(condition) with branches built by `then(sub)` / `otherwise(sub)` (their nodes may read
+    any value built before)."""
+    outputs = [(f"{name}_out", None, None)]
+    results = b.If(condition, then_branch=b.subgraph(f"{name}_then", [], then, outputs),
+                   else_branch=b.subgraph(f"{name}_else", [], otherwise, outputs))
+    return results
 
 
 def examples(rng):
