@@ -262,8 +262,10 @@ class TokenRewrite:
         self._gather_side_tensors(region, index, layer)
         name = f"trimrt_reduce_{layer}_shape"
         depth = len(self.tmap.blocks)
-        others = [i for i in range(depth) if i != first_reduced] if alone else range(first_reduced)
-        swap = {} if first_reduced >= depth else self.own_past(first_reduced, others)
+        swap = {}
+        if self.decoder is not None and first_reduced < depth:
+            others = [i for i in range(depth) if i != first_reduced] if alone else range(first_reduced)
+            swap = self.own_past(first_reduced, others)
         return rederive_shape_values(self.builder(name), region, dims, out, name, swap)
 
     def own_past(self, layer: int, others) -> dict[ir.Value, ir.Value]:

@@ -123,8 +123,6 @@ def decompose(b, q, k, v):
         return g.Reshape(blocks, g.Concat(ax(0, 0, 0, -1), g.Shape(blocks, start=-1), axis=0))
 
     v_sel = per_query_block(b, b.GatherND(vb, where, batch_dims=2))
-    lead = b.Slice(b.Shape(qb), ax(0), ax(4))
-
     k_sel = per_query_block(b, b.GatherND(kb, where, batch_dims=2))
 
     def exact_blocks(sub):
@@ -134,7 +132,8 @@ def decompose(b, q, k, v):
     def ragged_block(sub):
         """A shorter last block: q' = [q·scale, 1] against k' = [k, bias] (bias 0, or -inf for
         the padding): the padding's logits are -inf without a pass over the logits."""
-        ones = sub.Expand(sub.CastLike(b.const([1.0], np.float32), q), sub.Concat(lead, ax(1), axis=0))
+        ones = sub.Expand(sub.CastLike(b.const([1.0], np.float32), q),
+                          sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
         q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
         bias = sub.Where(real, sub.CastLike(b.const(0.0, np.float32), q), minus_inf)  # [nb, bs]
         bias_sel = sub.Reshape(sub.Gather(bias, chosen, axis=0), sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1),
