@@ -238,7 +238,8 @@ def _router_gate(block) -> tuple[ir.Value, set[ir.Node]] | None:
     """(g, its nodes) when the block's MLP residual is h + g·MLP(h) with g [B, N, 1] computed
     from the block's input through a Linear(d, 1) (a constant [d, 1] MatMul weight) and not
     from h; else None."""
-    mid, width = block.stream_mid, None
+    mid = block.stream_mid
+    width = block.stream_in.shape[-1] if block.stream_in.shape is not None else None
     for user, _ in mid.uses():
         if user.op_type != "Add" or user is block.residual_add or len(user.inputs) != 2:
             continue
@@ -251,7 +252,6 @@ def _router_gate(block) -> tuple[ir.Value, set[ir.Node]] | None:
             if block.stream_in not in reads or mid in reads or mid not in _ancestors(other, stop={mid, block.stream_in})[1]:
                 continue
             weights = [constant_array(v) for node in nodes if node.op_type in ("MatMul", "Gemm") for v in node.inputs]
-            width = block.stream_in.shape[-1] if block.stream_in.shape is not None else None
             if any(w is not None and w.ndim == 2 and 1 in w.shape and (width is None or width in w.shape)
                    for w in weights) and gate.shape is not None and len(gate.shape) == 3 and gate.shape[-1] == 1:
                 return gate, nodes

@@ -107,7 +107,8 @@ def decompose(b, q, k, v):
     blocks = b.Range(zero, nb, one)
     i, j = b.Unsqueeze(blocks, ax(1)), b.Unsqueeze(blocks, ax(0))
     allowed = b.Or(b.Not(causal), b.LessOrEqual(j, i))  # [nb, nb]
-    p = b.Softmax(b.Where(allowed, b.Mul(b.MatMul(qm, km_t), scale), minus_inf), axis=-1)  # [B, H, nb, nb]
+    pooled_dot = b.MatMul(qm, km_t)  # q̄·k̄ [B, H, nb, nb]: the pooled logits, and GAPR's gain
+    p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
     forced = b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed)
     rank = b.Where(allowed, b.Add(p, b.Mul(b.CastLike(forced, q), b.CastLike(b.const(2.0, np.float32), q))),
@@ -163,7 +164,7 @@ def decompose(b, q, k, v):
         real_5 = sub.Unsqueeze(real_f, ax(-1))  # [nb, bs, 1]
         dq, dk = (sub.Div(sub.ReduceSum(sub.Mul(sub.Abs(sub.Sub(x, sub.Unsqueeze(m, ax(3)))), real_5), ax(3),
                                         keepdims=0), counts) for x, m in ((qb, qm), (kb, km)))
-        gain = sub.Abs(sub.MatMul(qm, km_t))
+        gain = sub.Abs(pooled_dot)
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
         past = sub.Or(sub.Not(causal), sub.Less(j, i))
         pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)),
