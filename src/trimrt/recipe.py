@@ -284,20 +284,57 @@ class TokenSlimmingOptions(_Table):
     fuse: bool = flag(True, "fuse each token slimming module into one op")
 
 
+#: token orders of [sparse_attention]: as the model has them, a grid's patches tile by tile, or along a
+#: Hilbert curve
+TOKEN_ORDERS = ("sequence", "tiled", "hilbert")
+
+
 @dataclass(frozen=True)
 class SparseAttentionOptions(_Table):
     """[sparse_attention]: block-sparse attention (Rectified SpaAttn) in some blocks: each query
     block attends the tokens of its top_k key blocks only (by pooled attention, the sink and
-    local blocks always among them), with the rectification of what the other blocks held."""
+    local blocks always among them; with tau, only as many of them as cover that share of
+    its pooled mass), with the rectification of what the other blocks held. Images and
+    video: `order` puts a grid's patches in tiles first, so a block is a compact patch."""
 
     layers: tuple[int, ...] = blocks("blocks whose attention becomes block-sparse (default: every block)")
-    top_k: int = _key(None, "key blocks each query block attends (sink and local blocks included)",
-                      (lambda v: _is_int(v) and v >= 1, "{key} must be an integer >= 1, got {value!r}"),
-                      required=True)
+    top_k: int | None = _key(None, "key blocks each query block attends (sink and local blocks included); the "
+                             "compute bound (left out: every block, with tau selecting)",
+                             (lambda v: _is_int(v) and v >= 1, "{key} must be an integer >= 1, got {value!r}"))
+    tau: float = number(1.0, "(0, 1]", "of those, keep the blocks (largest pooled mass first) that cover this share "
+                        "of the query block's pooled mass; 1: all top_k")
     block_size: int = integer(128, 1, MAX_TOKENS, "tokens per block (the last one may be shorter)")
     sink: int = integer(1, 0, MAX_TOKENS, "the first blocks every query block keeps")
     local: int = integer(1, 0, MAX_TOKENS, "blocks this close to the diagonal are always kept (1: the diagonal)")
     rectify: bool = flag(True, "reallocate the skipped blocks' mass and add their pooled values (IPAR + GAPR)")
+    order: str = choice("sequence", TOKEN_ORDERS, "the token order the blocks cut: sequence (as the model has "
+                        "them), tiled (a grid's patches tile by tile) or hilbert (along a Hilbert curve, 2-D)")
+    grid: tuple[int, ...] | None = _key(
+        None, "the patch grid [rows, columns] or [frames, rows, columns]: the last tokens of the sequence (those "
+        "before it, e.g. a CLS token, stay first)",
+        (lambda v: isinstance(v, (list, tuple)) and len(v) in (2, 3) and all(_is_int(x) and x >= 1 for x in v),
+         "{key} must be [rows, columns] or [frames, rows, columns] of integers >= 1, got {value!r}"),
+        convert=tuple)
+
+    @classmethod
+    def _combine(cls, values, table, where):
+        if values.get("top_k") is None and values.get("tau", cls.tau) >= 1.0:
+            raise RecipeError(f"{where}: give top_k (key blocks per query block) and/or tau (the pooled mass they "
+                              "cover, below 1)")
+        order, grid = values.get("order", cls.order), values.get("grid")
+        if order != "sequence" and grid is None:
+            raise RecipeError(f"{where}: order = {order!r} needs grid, the patch grid [rows, columns] (or [frames, "
+                              "rows, columns])")
+        if order == "sequence" and grid is not None:
+            raise RecipeError(f"{where}: grid is the patch layout of order = 'tiled' or 'hilbert'; give one of those "
+                              "orders (or leave grid out)")
+        if order == "hilbert" and len(grid) != 2:
+            raise RecipeError(f"{where}: order = 'hilbert' takes a 2-D grid [rows, columns], got {list(grid)}; use "
+                              "order = 'tiled' for video")
+        return values
+
+    def _hidden(self) -> set[str]:
+        return {"grid"} if self.order == "sequence" else set()
 
 
 #: Mixture-of-Depths routers: training-free from attention, or the model's own trained routers

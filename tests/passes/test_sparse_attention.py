@@ -1,6 +1,7 @@
 """[sparse_attention]: every block selected reproduces the original on every ViT export form;
-a sparse build equals the PyTorch ViT with the op's reference as its attention; composes
-with token pruning; what the pass refuses."""
+a sparse build equals the PyTorch ViT with the op's reference as its attention (also with
+tau and with tiled / Hilbert token orders); composes with token pruning; what the pass
+refuses; the orders are compact tiles of the grid."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.passes.in_memory import apply_recipe, pixels, run_model
 from trimrt.errors import RecipeError, StructureError
+from trimrt.passes.sparse_attention import patch_order
 from trimrt.plugins import REGISTRY
 from trimrt.recipe import load_recipe
 
@@ -29,14 +31,17 @@ def test_every_block_selected_reproduces_the_original(vit):
     np.testing.assert_allclose(run_model(model, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
 
 
-def _with_reference_attention(module, layers, **attrs):
-    """The PyTorch ViT whose attention in `layers` is the op's NumPy reference."""
+def _with_reference_attention(module, layers, order=None, **attrs):
+    """The PyTorch ViT whose attention in `layers` is the op's NumPy reference (on the tokens
+    in `order`, the output put back)."""
     import torch
 
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        (out,) = OP.run_reference(q.numpy(), k.numpy(), v.numpy(), scale=self.scale, **attrs)
+        perm = np.arange(n) if order is None else order
+        (out,) = OP.run_reference(*(t.numpy()[:, :, perm] for t in (q, k, v)), scale=self.scale, **attrs)
+        out = out[:, :, np.argsort(perm)]
         return self.proj(torch.from_numpy(out).transpose(1, 2).reshape(b, n, c))
 
     for i in layers:
@@ -45,19 +50,47 @@ def _with_reference_attention(module, layers, **attrs):
     return module
 
 
-@pytest.mark.parametrize("options", [{"layers": [0, 2], "top_k": 2, "block_size": 8},
-                                     {"top_k": 3, "block_size": 16, "sink": 0, "local": 2, "rectify": False}])
-def test_a_sparse_build_equals_the_reference_attention_in_pytorch(tiny_vit_onnx, options):
+@pytest.fixture(scope="module")
+def peaked_vit(tmp_path_factory):
+    """(module, export path) of the tiny ViT with its query and key projections scaled up: its
+    random weights give near-uniform attention, whose block ranking the last bit of rounding
+    (PyTorch against ONNX Runtime) would decide; a trained model's attention is peaked."""
     import torch
 
-    module, path = tiny_vit_onnx
+    from examples.models.vit import tiny_vit
+    from trimrt.compiler.source import export_torch
+
+    module, example = tiny_vit()
+    with torch.no_grad():
+        for block in module.blocks:
+            width = block.attn.qkv.weight.shape[0] // 3
+            block.attn.qkv.weight[:2 * width] *= 4.0
+    model, _ = export_torch(module, example)
+    path = tmp_path_factory.mktemp("models") / "peaked_vit.onnx"
+    ir.save(model, path)
+    return module, path
+
+
+@pytest.mark.parametrize("options", [{"layers": [0, 2], "top_k": 2, "block_size": 8},
+                                     {"top_k": 3, "block_size": 16, "sink": 0, "local": 2, "rectify": False},
+                                     {"top_k": 4, "tau": 0.6, "block_size": 8, "order": "tiled", "grid": [8, 8]},
+                                     {"top_k": 2, "block_size": 16, "order": "hilbert", "grid": [8, 8]}])
+def test_a_sparse_build_equals_the_reference_attention_in_pytorch(peaked_vit, options):
+    """Also with tau's mask and with the grid's patches (after the CLS token) tiled or along a
+    Hilbert curve: the tiny ViT's 8 × 8 grid in tiles of 2 × 4 (blocks of 8) or 4 × 4 (16)."""
+    import torch
+
+    module, path = peaked_vit
     x = pixels(seed=2, batch=3)
     model, reports = apply_recipe(path, "sparse_attention", **options)
     layers = options.get("layers", range(4))
     attrs = {key: int(options.get(key, default)) for key, default in
              (("block_size", 128), ("top_k", 0), ("sink", 1), ("local", 1), ("rectify", True))}
+    order = {"tiled": [0, *(1 + np.arange(64).reshape(4, 2, 2, 4).transpose(0, 2, 1, 3).reshape(-1))],
+             "hilbert": [0, *(1 + patch_order((8, 8), "hilbert", 16))]}.get(options.get("order"))
     with torch.no_grad():
-        want = _with_reference_attention(module.eval(), layers, causal=0, **attrs)(torch.from_numpy(x)).numpy()
+        want = _with_reference_attention(module.eval(), layers, order, causal=0, tau=options.get("tau", 1.0),
+                                         **attrs)(torch.from_numpy(x)).numpy()
     got = run_model(model, {"pixel_values": x})
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert [entry["block"] for entry in reports["sparse_attention"]["layers"]] == list(layers)
@@ -82,6 +115,8 @@ def test_what_the_pass_refuses(tiny_vit_onnx, small_vocab_bert):
     with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask \(padding or "
                                              r"causal, written into the graph\)"):
         apply_recipe(small_vocab_bert, "sparse_attention", top_k=2)
+    with pytest.raises(StructureError, match=r"the grid \[16, 16\] has 256 patches but the blocks see 65 tokens"):
+        apply_recipe(tiny_vit_onnx[1], "sparse_attention", top_k=2, order="tiled", grid=[16, 16])
     with pytest.raises(RecipeError, match="top_k must be an integer >= 1, got 0"):
         load_recipe({"sparse_attention": {"top_k": 0}})
     with pytest.raises(RecipeError, match="top_k"):
@@ -105,3 +140,22 @@ def test_a_compiled_build_runs_and_inspect_tells_its_blocks(tiny_vit_onnx, tmp_p
     for block in range(4):  # 65 tokens: 5 blocks of 16
         assert (f"block-sparse attention at block {block}: 2 key blocks of 5 per query block (blocks of 16 tokens, "
                 "rectified)") in result.output
+
+
+@pytest.mark.parametrize("grid, block_size, tile", [((8, 8), 16, (4, 4)), ((8, 8), 8, (2, 4)), ((6, 10), 4, (2, 2)),
+                                                    ((4, 8, 8), 32, (2, 4, 4)), ((3, 14, 14), 196, (2, 7, 14))])
+def test_tiled_order_cuts_the_grid_into_tiles_of_a_block(grid, block_size, tile):
+    order = patch_order(grid, "tiled", block_size)
+    assert sorted(order) == list(range(int(np.prod(grid))))
+    coords = np.stack(np.unravel_index(order, grid), axis=1)
+    first = coords[:block_size]  # the first block: one whole tile at the origin
+    assert tuple(first.max(axis=0) + 1) == tile and (first.min(axis=0) == 0).all()
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (5, 12), (1, 7)])
+def test_the_hilbert_order_steps_to_a_neighbour(grid):
+    order = patch_order(grid, "hilbert", 16)
+    assert sorted(order) == list(range(int(np.prod(grid))))
+    coords = np.stack(np.unravel_index(order, grid), axis=1)
+    if grid[0] & (grid[0] - 1) == 0 and grid[0] == grid[1]:  # a whole square: every step is to a neighbour
+        assert (np.abs(np.diff(coords, axis=0)).sum(axis=1) == 1).all()

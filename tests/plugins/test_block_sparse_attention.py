@@ -76,6 +76,8 @@ def test_the_sink_and_the_highest_pooled_blocks_are_selected():
     {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 1},
     {"block_size": 16, "top_k": 3, "causal": 0, "rectify": 1, "sink": 0, "local": 2},
     {"block_size": 5, "top_k": 2, "causal": 0, "rectify": 0},
+    {"block_size": 8, "top_k": 5, "tau": 0.6, "causal": 0, "rectify": 1},
+    {"block_size": 8, "top_k": 4, "tau": 0.5, "causal": 1, "rectify": 1, "local": 0},
 ])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_decomposition_and_kernel_match_the_reference(attrs, dtype, rng, device):
@@ -88,6 +90,26 @@ def test_decomposition_and_kernel_match_the_reference(attrs, dtype, rng, device)
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=tol)
     (kernel,) = run_triton(OP, ins, device, **attrs)
     np.testing.assert_allclose(kernel.astype(np.float32), want.astype(np.float32), atol=tol)
+
+
+def test_tau_keeps_the_blocks_that_cover_its_mass():
+    """Pooled probabilities 0.5, 0.3, 0.15, 0.05 (one token per block; the query block 0 has
+    no forced block): tau 0.7 keeps the first two (0.5 < 0.7, 0.8 >= 0.7 stops), tau 0.85 three,
+    tau 1.0 all of top_k; the kept keys' softmax is renormalised among them."""
+    weights = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    q = np.zeros((1, 1, 4, 4), np.float32)
+    q[0, 0, 0, 0] = 1.0
+    k = np.zeros((1, 1, 4, 4), np.float32)
+    k[0, 0, :, 0] = weights
+    v = np.eye(4, dtype=np.float32)[None, None]
+    for tau, kept in ((0.7, 2), (0.85, 3), (1.0, 4)):
+        attrs = {"block_size": 1, "top_k": 4, "tau": tau, "sink": 0, "local": 0, "rectify": 0, "scale": 1.0}
+        row = OP.run_reference(q, k, v, **attrs)[0][0, 0, 0]
+        want = np.zeros(4)
+        want[:kept] = np.exp(weights[:kept]) / np.exp(weights[:kept]).sum()
+        np.testing.assert_allclose(row, want, atol=1e-6)
+        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v], **attrs)[0][0, 0, 0], want,
+                                   atol=1e-6)
 
 
 def test_the_decomposition_computes_only_the_selected_blocks(rng):
@@ -116,6 +138,8 @@ def test_reference_refuses_bad_shapes():
         OP.run_reference(q, q[:, :, :3], q)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         OP.run_reference(q, q, q, block_size=0)
+    with pytest.raises(ValueError, match=r"tau \(the pooled mass to cover\) must be in \(0, 1\], got 1.5"):
+        OP.run_reference(q, q, q, tau=1.5)
 
 
 def test_describe_gives_the_shape_of_q():

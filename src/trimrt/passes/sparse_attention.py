@@ -9,10 +9,17 @@ decomposition computes the selected blocks' products only, so the saving reaches
 Runtime. Attention with a mask (padding, causal masks written into the graph) is refused
 for now: the op knows the causal rule (`causal`, from an Attention op's is_causal) but
 not an arbitrary mask.
+
+Images and video: blocks of consecutive tokens are rows of patches, whose attention is
+spread over the rows above and below. `order` = tiled / hilbert gathers q, k and v into
+an order where a block is a compact tile of the grid (the tokens before the grid, e.g. a
+CLS token, stay first: they join the sink block), and the output back (4 gathers of the
+[B, H, N, Dh] tensors, against the N²·Dh of the products).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, structure_of
@@ -42,25 +49,96 @@ class SparseAttentionPass(TrimrtPass):
                               f"(0..{depth - 1})")
         n = tmap.num_tokens
         blocks = -(-n // opts.block_size) if isinstance(n, int) else None
+        grid_tokens = int(np.prod(opts.grid)) if opts.grid else 0
+        if opts.grid and isinstance(n, int) and n < grid_tokens:
+            raise StructureError(f"[sparse_attention] the grid {list(opts.grid)} has {grid_tokens} patches but the "
+                                 f"blocks see {n} tokens: give the model's patch grid")
+        top_k = opts.top_k or 0
         done = []
         for layer in layers:
             attn = tmap.blocks[layer].attention
             q, k, v, causal = _operands(attn, layer)
+            if opts.order != "sequence" and causal:
+                raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
+                                     "order (order = 'sequence')")
             b = self.builder(model.graph, f"trimrt_sparse_{layer}")
             if attn.k_transposed:
                 k = b.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, name=f"trimrt_sparse_{layer}_keys")
+            if opts.order != "sequence":
+                order, inverse = _orders(b, q, patch_order(opts.grid, opts.order, opts.block_size))
+                q, k, v = (b.Gather(x, order, axis=2) for x in (q, k, v))
             (out,) = b.emit(REGISTRY["BlockSparseAttention"], [q, k, v], name=f"trimrt_sparse_{layer}",
-                            block_size=opts.block_size, top_k=opts.top_k, sink=opts.sink, local=opts.local,
-                            causal=causal, rectify=int(opts.rectify), scale=float(attn.scale))
+                            block_size=opts.block_size, top_k=top_k, tau=float(opts.tau), sink=opts.sink,
+                            local=opts.local, causal=causal, rectify=int(opts.rectify), scale=float(attn.scale))
+            if opts.order != "sequence":
+                out = b.Gather(out, inverse, axis=2)
             out.dtype, out.shape = attn.output.dtype, attn.output.shape
             b.insert_after(attn.output.producer())
             ir.convenience.replace_all_uses_with(attn.output, out)
             done.append({"block": layer, "causal": bool(causal),
-                         "key_blocks": min(opts.top_k, blocks) if blocks else opts.top_k})
-        self.record({"tokens": n, "block_size": opts.block_size, "blocks": blocks, "top_k": opts.top_k,
-                     "density": round(min(opts.top_k, blocks) / blocks, 4) if blocks else None,
-                     "rectify": opts.rectify, "layers": done}, changes_results=True)
+                         "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
+        density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
+        self.record({"tokens": n, "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau,
+                     "density": density, "rectify": opts.rectify, "order": opts.order,
+                     "grid": list(opts.grid) if opts.grid else None, "layers": done}, changes_results=True)
         return ir.passes.PassResult(model, modified=True)
+
+
+def patch_order(grid: tuple[int, ...], order: str, block_size: int) -> np.ndarray:
+    """The row-major indices of a grid's patches in `order`: tiled (tiles of about
+    block_size patches, as square / cubic as the grid allows, tile by tile in row-major
+    order) or hilbert (a 2-D Hilbert curve over the grid)."""
+    if order == "hilbert":
+        rows, cols = grid
+        side = 1 << max(rows - 1, cols - 1, 0).bit_length()
+        points = [_hilbert_point(side, d) for d in range(side * side)]
+        return np.array([r * cols + c for r, c in points if r < rows and c < cols], np.int64)
+    tile = [1] * len(grid)
+    for factor in _prime_factors(block_size)[::-1]:  # largest first, to the axis with the smallest tile that fits
+        fits = [a for a in range(len(grid)) if tile[a] * factor <= grid[a]]
+        if not fits:
+            break
+        axis = min(fits, key=lambda a: (tile[a], -a))
+        tile[axis] *= factor
+    index = np.arange(int(np.prod(grid))).reshape(grid)
+    coords = np.indices(grid).reshape(len(grid), -1)  # each patch's coordinates, row-major
+    keys = [c // t for c, t in zip(coords, tile)] + [c % t for c, t in zip(coords, tile)]
+    return index.reshape(-1)[np.lexsort(keys[::-1])].astype(np.int64)
+
+
+def _hilbert_point(side: int, d: int) -> tuple[int, int]:
+    """(row, column) of the d-th point of the Hilbert curve over a side × side square (side a power of 2)."""
+    r = c = 0
+    s = 1
+    while s < side:
+        rx, ry = 1 & (d // 2), 1 & (d ^ (d // 2))
+        if ry == 0:
+            if rx == 1:
+                r, c = s - 1 - r, s - 1 - c
+            r, c = c, r
+        r, c = r + s * ry, c + s * rx
+        d //= 4
+        s *= 2
+    return r, c
+
+
+def _prime_factors(x: int) -> list[int]:
+    factors, p = [], 2
+    while p * p <= x:
+        while x % p == 0:
+            factors.append(p)
+            x //= p
+        p += 1
+    return factors + ([x] if x > 1 else [])
+
+
+def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
+    """(order, inverse) over the N tokens of q [B, H, N, Dh]: the tokens before the grid first,
+    then the grid's patches in `patches`' order; N may be symbolic."""
+    prefix = b.Sub(b.Gather(b.Shape(q), b.const(2)), b.const(len(patches)))
+    order = b.Concat(b.Range(b.const(0), prefix, b.const(1)), b.Add(b.const(patches), prefix), axis=0)
+    inverse = b.Concat(b.Range(b.const(0), prefix, b.const(1)), b.Add(b.const(np.argsort(patches)), prefix), axis=0)
+    return order, inverse
 
 
 def _operands(attn: Attention, layer: int) -> tuple[ir.Value, ir.Value, ir.Value, int]:

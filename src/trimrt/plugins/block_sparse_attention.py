@@ -8,7 +8,9 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
    P = softmax(q̄·k̄ᵀ·scale) over the key blocks a query block may see (causal: j ≤ i);
 2. selection: the `sink` first blocks and the `local` nearest ones (|i − j| < local; the
    diagonal when local = 1) always, then the highest P, `top_k` blocks in all (0: every
-   block); a static count, so the shape never depends on the data;
+   block); a static count, so the shape never depends on the data. With `tau` < 1 a
+   query block keeps, of those, only the ones (largest P first) until their mass reaches
+   tau: the rest of its slots are masked (a static upper bound plus a mask);
 3. exact attention of each query block over the tokens of its selected blocks only
    ([block × top_k·block] products, never N × N), causal inside the diagonal block;
 4. `rectify`: the sparse output over-weights the selected blocks and loses the rest.
@@ -35,8 +37,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, top_k: int, sink: int, local: int,
-              causal: int, rectify: int, scale: float) -> tuple[np.ndarray]:
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, top_k: int, tau: float, sink: int,
+              local: int, causal: int, rectify: int, scale: float) -> tuple[np.ndarray]:
     """q, k, v [B, H, N, Dh] -> (out [B, H, N, Dh],)."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {q.shape}, {k.shape}, "
@@ -44,6 +46,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
     if block_size < 1 or top_k < 0 or sink < 0 or local < 0:
         raise ValueError(f"BlockSparseAttention: block_size must be >= 1 and top_k, sink, local >= 0, got "
                          f"{block_size}, {top_k}, {sink}, {local}")
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"BlockSparseAttention: tau (the pooled mass to cover) must be in (0, 1], got {tau}")
     b, h, n, d = q.shape
     nb = -(-n // block_size)
     pad = ((0, 0), (0, 0), (0, nb * block_size - n), (0, 0))
@@ -57,8 +61,10 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
     forced = ((j < sink) | (np.abs(i - j) < local)) & allowed
     chosen = np.argsort(-np.where(allowed, p + 2.0 * forced, -1.0), axis=-1, kind="stable")
     chosen = chosen[..., :min(top_k, nb) if top_k > 0 else nb]  # [B, H, nb, K]
+    mass = np.take_along_axis(p, chosen, axis=-1)
+    kept = np.take_along_axis(np.broadcast_to(forced, p.shape), chosen, axis=-1) | (np.cumsum(mass, axis=-1) - mass < tau)
     selected = np.zeros((b, h, nb, nb), bool)
-    np.put_along_axis(selected, chosen, True, axis=-1)
+    np.put_along_axis(selected, chosen, kept | (tau >= 1.0), axis=-1)
     selected &= allowed
 
     # exact attention over the selected blocks' tokens
@@ -85,23 +91,31 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
 
 def decompose(b, q, k, v):
     """The [block × selected keys] products and their softmax are the only work of the logits'
-    size: q carries the scale; a ragged last block's padding gets its -inf through the
-    product (a bias column); the causal rule and the rectification run in If branches."""
-    bs, top_k = b.attr("block_size"), b.attr("top_k")
+    size: q carries the scale; keys that must not count (a ragged last block's padding,
+    slots beyond `tau`'s mass) get their -inf through the product (a bias column); padding,
+    the key mask, the causal rule and the rectification run in If branches, so a call that
+    needs none of them pays nothing for them."""
+    bs, top_k, tau = b.attr("block_size"), b.attr("top_k"), b.CastLike(b.attr("tau"), q)
     scale = b.CastLike(b.attr("scale"), q)
     causal = b.Cast(b.attr("causal"), to=9)  # BOOL
     zero, one, ax = b.const(0), b.const(1), lambda *a: b.const(list(a))
-    minus_inf = b.CastLike(b.const(-np.inf, np.float32), q)
+    fconst = lambda x: b.CastLike(b.const(x, np.float32), q)  # noqa: E731
+    minus_inf = fconst(-np.inf)
     n = b.Gather(b.Shape(q), b.const(2))
     nb = b.Div(b.Sub(b.Add(n, bs), one), bs)  # ceil(N / bs)
     padded = b.Mul(nb, bs)
-    pads = b.Concat(b.const([0, 0, 0, 0, 0, 0]), b.Reshape(b.Sub(padded, n), ax(1)), b.const([0]), axis=0)
+    ragged = b.Greater(padded, n)
     as5 = b.Concat(ax(0, 0), b.Reshape(nb, ax(1)), b.Reshape(bs, ax(1)), ax(-1), axis=0)
-    qb, kb, vb = (b.Reshape(b.Pad(x, pads), as5) for x in (q, k, v))  # [B, H, nb, bs, Dh]
+
+    def pad(sub):
+        pads = sub.Concat(b.const([0, 0, 0, 0, 0, 0]), sub.Reshape(sub.Sub(padded, n), ax(1)), b.const([0]), axis=0)
+        return [sub.Reshape(sub.Pad(x, pads), as5) for x in (q, k, v)]
+
+    qb, kb, vb = _branch(b, ragged, pad, lambda sub: [sub.Reshape(x, as5) for x in (q, k, v)], "pad",
+                         3)  # [B, H, nb, bs, Dh]
     pos = b.Reshape(b.Range(zero, padded, one), b.Concat(b.Reshape(nb, ax(1)), b.Reshape(bs, ax(1)), axis=0))
     real = b.Less(pos, n)  # [nb, bs]
-    real_f = b.CastLike(real, q)
-    counts = b.ReduceSum(real_f, ax(1), keepdims=1)  # [nb, 1]
+    counts = b.ReduceSum(b.CastLike(real, q), ax(1), keepdims=1)  # [nb, 1]
     qm, km, vm = (b.Div(b.ReduceSum(x, ax(3), keepdims=0), counts) for x in (qb, kb, vb))  # [B, H, nb, Dh]
     km_t = b.Transpose(km, perm=[0, 1, 3, 2])
     blocks = b.Range(zero, nb, one)
@@ -111,11 +125,13 @@ def decompose(b, q, k, v):
     p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
     forced = b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed)
-    rank = b.Where(allowed, b.Add(p, b.Mul(b.CastLike(forced, q), b.CastLike(b.const(2.0, np.float32), q))),
-                   b.CastLike(b.const(-1.0, np.float32), q))
+    rank = b.Where(allowed, b.Add(p, b.Mul(b.CastLike(forced, q), fconst(2.0))), fconst(-1.0))
     count = b.Where(b.Greater(top_k, zero), b.Min(top_k, nb), nb)
-    _, chosen = b.TopK(rank, b.Reshape(count, ax(1)), axis=-1, largest=1, sorted=1, _outputs=2)  # [B, H, nb, K]
-    chosen_ok = b.Greater(b.GatherElements(rank, chosen, axis=-1), b.CastLike(b.const(-0.5, np.float32), q))
+    ranked, chosen = b.TopK(rank, b.Reshape(count, ax(1)), axis=-1, largest=1, sorted=1, _outputs=2)  # [B, H, nb, K]
+    # a slot counts if its block may be seen and is forced or comes before tau's mass is reached
+    mass_before = b.CumSum(b.GatherElements(p, chosen, axis=-1), b.const(-1), exclusive=1)
+    within_tau = b.Or(b.Less(mass_before, tau), b.GreaterOrEqual(tau, fconst(1.0)))
+    chosen_ok = b.And(b.Greater(ranked, fconst(-0.5)), b.Or(b.Greater(ranked, fconst(1.5)), within_tau))
 
     # the selected blocks' keys and values, [B, H, nb, K·bs, Dh], and their products with the query blocks
     where = b.Unsqueeze(chosen, ax(-1))
@@ -126,26 +142,27 @@ def decompose(b, q, k, v):
     v_sel = per_query_block(b, b.GatherND(vb, where, batch_dims=2))
     k_sel = per_query_block(b, b.GatherND(kb, where, batch_dims=2))
 
-    def exact_blocks(sub):
-        """N a multiple of the block size: q·scale against the selected keys."""
+    def all_keys(sub):
+        """Every selected key counts: q·scale against the selected keys."""
         return [sub.MatMul(sub.Mul(qb, scale), sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
-    def ragged_block(sub):
-        """A shorter last block: q' = [q·scale, 1] against k' = [k, bias] (bias 0, or -inf for
-        the padding): the padding's logits are -inf without a pass over the logits."""
-        ones = sub.Expand(sub.CastLike(b.const([1.0], np.float32), q),
-                          sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
+    def masked_keys(sub):
+        """q' = [q·scale, 1] against k' = [k, bias] (bias 0, or -inf for padding and for
+        slots past tau): the masked logits are -inf without a pass over the logits."""
+        ones = sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
         q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
-        bias = sub.Where(real, sub.CastLike(b.const(0.0, np.float32), q), minus_inf)  # [nb, bs]
-        bias_sel = sub.Reshape(sub.Gather(bias, chosen, axis=0), sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1),
-                                                                           axis=0))  # [B, H, nb, K·bs, 1]
-        k_aug = sub.Concat(k_sel, bias_sel, axis=-1)
+        bias = sub.Where(real, fconst(0.0), minus_inf)  # [nb, bs]
+        bias_sel = sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), sub.Gather(bias, chosen, axis=0), minus_inf)
+        bias_sel = sub.Reshape(bias_sel, sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1), axis=0))
+        k_aug = sub.Concat(k_sel, bias_sel, axis=-1)  # [B, H, nb, K·bs, Dh + 1]
         return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
-    logits = _branch(b, b.Greater(padded, n), ragged_block, exact_blocks, "ragged")  # [B, H, nb, bs, K·bs]
+    logits = _branch(b, b.Or(ragged, b.Less(tau, fconst(1.0))), masked_keys, all_keys,
+                     "masked_keys")  # [B, H, nb, bs, K·bs]
 
     def causal_rule(sub):
-        """Keys after the query, and slots that are no block (fewer than K allowed), masked."""
+        """Keys after the query, and slots that count for nothing (fewer than K allowed blocks,
+        or past tau), masked."""
         key_pos = sub.Reshape(sub.Add(sub.Mul(where, bs), sub.Range(zero, bs, one)), ax(0, 0, 0, -1))  # [B, H, nb, K·bs]
         slot_ok = sub.Reshape(sub.Expand(sub.Unsqueeze(chosen_ok, ax(-1)),
                                          sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)), ax(0, 0, 0, -1))
@@ -158,17 +175,17 @@ def decompose(b, q, k, v):
 
     def rectified(sub):
         """IPAR: the sparse output times the mass not pooled; GAPR: the reliable skipped blocks' P·v̄."""
-        one_hot = sub.OneHot(chosen, sub.Reshape(nb, ax(1)), sub.CastLike(b.const([0.0, 1.0], np.float32), q), axis=-1)
+        one_hot = sub.OneHot(chosen, sub.Reshape(nb, ax(1)), fconst([0.0, 1.0]), axis=-1)
         selected = sub.ReduceMax(sub.Mul(one_hot, sub.Unsqueeze(sub.CastLike(chosen_ok, q), ax(-1))), ax(3),
                                  keepdims=0)  # [B, H, nb, nb]
-        real_5 = sub.Unsqueeze(real_f, ax(-1))  # [nb, bs, 1]
-        dq, dk = (sub.Div(sub.ReduceSum(sub.Mul(sub.Abs(sub.Sub(x, sub.Unsqueeze(m, ax(3)))), real_5), ax(3),
-                                        keepdims=0), counts) for x, m in ((qb, qm), (kb, km)))
+        # mean |x − x̄| over a block's real tokens: the padding (zeros) adds |x̄| per padded token
+        missing = sub.Sub(sub.CastLike(bs, q), counts)  # [nb, 1]
+        dq, dk = (sub.Div(sub.Sub(sub.ReduceL1(sub.Sub(x, sub.Unsqueeze(m, ax(3))), ax(3), keepdims=0),
+                                  sub.Mul(missing, sub.Abs(m))), counts) for x, m in ((qb, qm), (kb, km)))
         gain = sub.Abs(pooled_dot)
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
         past = sub.Or(sub.Not(causal), sub.Less(j, i))
-        pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)),
-                         sub.Less(selected, sub.CastLike(b.const(0.5, np.float32), q)))
+        pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)), sub.Less(selected, fconst(0.5)))
         pooled_p = sub.Mul(p, sub.CastLike(pooled, q))
         kept = sub.Sub(sub.ReduceSum(p, ax(-1), keepdims=1), sub.ReduceSum(pooled_p, ax(-1), keepdims=1))
         return [sub.Add(sub.Mul(sparse, sub.Unsqueeze(kept, ax(-1))), sub.Unsqueeze(sub.MatMul(pooled_p, vm), ax(3)))]
@@ -178,23 +195,24 @@ def decompose(b, q, k, v):
     return b.Slice(out, ax(0), b.Reshape(n, ax(1)), ax(2))
 
 
-def _branch(b, condition, then, otherwise, name: str):
+def _branch(b, condition, then, otherwise, name: str, count: int = 1):
     """If(condition) with branches built by `then(sub)` / `otherwise(sub)` (their nodes may read
-    any value built before)."""
-    outputs = [(f"{name}_out", None, None)]
-    results = b.If(condition, then_branch=b.subgraph(f"{name}_then", [], then, outputs),
-                   else_branch=b.subgraph(f"{name}_else", [], otherwise, outputs))
-    return results
+    any value built before), each returning `count` values."""
+    outputs = [(f"{name}_out{i}", None, None) for i in range(count)]
+    return b.If(condition, then_branch=b.subgraph(f"{name}_then", [], then, outputs),
+                else_branch=b.subgraph(f"{name}_else", [], otherwise, outputs), _outputs=count)
 
 
 def examples(rng):
-    """Ragged last blocks, causal and not, sinks and windows, every block selected, batch > 1."""
+    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, every block
+    selected, batch > 1."""
     cases = []
     for (batch, heads, n, dh), attrs in [
         ((1, 1, 8, 4), {"block_size": 4, "top_k": 0}),
         ((2, 3, 37, 8), {"block_size": 8, "top_k": 2, "sink": 1, "local": 1, "rectify": 1}),
         ((1, 2, 45, 16), {"block_size": 8, "top_k": 3, "sink": 1, "local": 1, "causal": 1, "rectify": 1}),
         ((2, 2, 30, 8), {"block_size": 4, "top_k": 4, "sink": 0, "local": 2, "causal": 0, "rectify": 0}),
+        ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}),
     ]:
         q, k, v = (rng.standard_normal((batch, heads, n, dh)).astype(np.float32) for _ in range(3))
         cases.append(([q, k, v], {"scale": dh**-0.5, **attrs}))
@@ -212,6 +230,8 @@ OP = OpDef.of_module(
     attributes=(
         AttrSpec("block_size", int, "tokens per block (the last block may be shorter)", 64),
         AttrSpec("top_k", int, "key blocks each query block attends, the always-kept ones included (0: all)", 0),
+        AttrSpec("tau", float, "besides top_k: a query block stops at the blocks (by pooled mass, largest first) that "
+                 "cover this share of its mass; the rest of its top_k slots are masked (1: no threshold)", 1.0),
         AttrSpec("sink", int, "the first blocks every query block keeps", 1),
         AttrSpec("local", int, "blocks within this distance of the diagonal are always kept (1: the diagonal)", 1),
         AttrSpec("causal", int, "1: a query sees no later key (decoders)", 0),

@@ -4,7 +4,8 @@ The block selection and the rectification terms are O(nb²·Dh) and run in PyTor
 (`select_blocks`, `rectification`, the semantics of `plugins/block_sparse_attention.py`);
 the kernel does the O(N·K·block·Dh) part. Grid (nb, B·H): each program owns one query
 block of one head, loops over its K selected key blocks (their ids in `chosen`, 0 in
-`chosen_ok` for a slot that is no block: a causal query block sees fewer than K) and keeps
+`chosen_ok` for a slot that counts for nothing: a causal query block sees fewer than K, or
+the slot comes after `tau`'s mass) and keeps
 the running max, denominator and accumulator in float32 (flash attention's recurrence).
 A block of `bs` tokens is a power-of-two tile BLOCK ≥ bs, masked.
 """
@@ -71,9 +72,10 @@ def _block_means(x: torch.Tensor, bs: int, nb: int) -> tuple[torch.Tensor, torch
     return padded, padded.sum(dim=3) / real.sum(dim=1)[:, None], real
 
 
-def select_blocks(qm, km, *, nb: int, top_k: int, sink: int, local: int, causal: int, scale: float):
+def select_blocks(qm, km, *, nb: int, top_k: int, tau: float, sink: int, local: int, causal: int, scale: float):
     """(pooled probabilities P [B, H, nb, nb], chosen [B, H, nb, K] int64, chosen_ok [B, H, nb, K],
-    allowed [nb, nb]): the op's selection rule, ties to the lower block."""
+    allowed [nb, nb]): the op's selection rule, ties to the lower block; a slot is not ok when
+    its block may not be seen or comes after tau's mass."""
     i = torch.arange(nb, device=qm.device)[:, None]
     j = torch.arange(nb, device=qm.device)[None, :]
     allowed = (j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)
@@ -82,7 +84,9 @@ def select_blocks(qm, km, *, nb: int, top_k: int, sink: int, local: int, causal:
     rank = torch.where(allowed, p + 2.0 * forced, -1.0)
     count = min(top_k, nb) if top_k > 0 else nb
     order = torch.sort(-rank, dim=-1, stable=True).indices[..., :count]
-    return p, order, torch.gather(rank, -1, order) > -0.5, allowed
+    ranked, mass = torch.gather(rank, -1, order), torch.gather(p, -1, order)
+    within_tau = (torch.cumsum(mass, dim=-1) - mass < tau) | (tau >= 1.0)
+    return p, order, (ranked > -0.5) & ((ranked > 1.5) | within_tau), allowed
 
 
 def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal: int):
@@ -102,8 +106,8 @@ def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causa
     return (p * ~pooled).sum(dim=-1), pooled_p @ vm
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int, sink: int, local: int,
-        causal: int, rectify: int, scale: float, out=None):
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int, tau: float, sink: int,
+        local: int, causal: int, rectify: int, scale: float, out=None):
     """q, k, v [B, H, N, Dh] -> (out [B, H, N, Dh],), matching the op's reference."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {tuple(q.shape)}, "
@@ -118,8 +122,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, t
     qb, qm, real = _block_means(q, block_size, nb)
     kb, km, _ = _block_means(k, block_size, nb)
     _, vm, _ = _block_means(v, block_size, nb)
-    p, chosen, chosen_ok, allowed = select_blocks(qm, km, nb=nb, top_k=top_k, sink=sink, local=local, causal=causal,
-                                                  scale=scale)
+    p, chosen, chosen_ok, allowed = select_blocks(qm, km, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
+                                                  causal=causal, scale=scale)
     sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
     block_sparse_attention_kernel[(nb, b * h)](
         q.contiguous(), k.contiguous(), v.contiguous(), chosen.contiguous(), chosen_ok.to(torch.int8).contiguous(),
