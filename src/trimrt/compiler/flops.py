@@ -7,7 +7,7 @@ of those ops, which carry nearly all the compute of a transformer; INT8 MatMulIn
 counts like MatMul, INT4 MatMulNBits too (the ratio is then the token saving; the
 quantization gain is measured), and ONNX Runtime's fused MultiHeadAttention, the
 opset-23 Attention and ONNX Runtime's GroupQueryAttention (decoder builds) count their two
-attention products.
+attention products. The products inside If branches count in the branch the inputs take.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _COUNTED = ("MatMul", "MatMulInteger", "MatMulNBits", "Gemm", "Conv", "MultiHead
 
 
 def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
-    inlined = onnx.inliner.inline_local_functions(model)
+    inlined = _take_branches(onnx.inliner.inline_local_functions(model), feeds)
     nodes = [n for n in inlined.graph.node if n.op_type in _COUNTED]
     # shapes known without running: the feeds (graph inputs) and the initializers
     known = {name: tuple(np.shape(value)) for name, value in feeds.items()}
@@ -59,6 +59,31 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
         else:  # MatMul, MatMulInteger (integer multiply-adds count as operations too), Gemm
             total += 2 * int(np.prod(out)) * int(a[0] if ints.get("transA") else a[-1])
     return total
+
+
+def _take_branches(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], rounds: int = 4) -> onnx.ModelProto:
+    """The model with each If of its main graph replaced by the branch these feeds take (its
+    nodes, its outputs renamed to the If's), so the products inside branches are counted;
+    nested Ifs come up a level per round."""
+    for _ in range(rounds):
+        ifs = [n for n in model.graph.node if n.op_type == "If"]
+        if not ifs:
+            break
+        conditions = OnnxRunner(model, [n.input[0] for n in ifs], replace=True, optimize="disable").run(feeds)
+        nodes = []
+        for n in model.graph.node:
+            if n.op_type != "If":
+                nodes.append(n)
+                continue
+            branch = next(a.g for a in n.attribute if a.name == ("then_branch" if bool(conditions[n.input[0]])
+                                                                  else "else_branch"))
+            nodes.extend(branch.node)
+            nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{n.name}_taken_{i}")
+                         for i, (inner, outer) in enumerate(zip(branch.output, n.output)))
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
 
 
 def _keys(node: onnx.NodeProto) -> tuple[str, ...]:
