@@ -112,8 +112,9 @@ def test_it_composes_with_token_pruning(tiny_vit_onnx):
 def test_what_the_pass_refuses(tiny_vit_onnx, small_vocab_bert):
     with pytest.raises(RecipeError, match=r"\[sparse_attention\] layers \[7\] do not exist: the model has 4 blocks"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", layers=[7], top_k=2)
-    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask \(padding or "
-                                             r"causal, written into the graph\)"):
+    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask that is not the "
+                                             r"causal rule \(padding, a window, or one computed from the inputs' "
+                                             r"values\)"):
         apply_recipe(small_vocab_bert, "sparse_attention", top_k=2)
     with pytest.raises(StructureError, match=r"the grid \[16, 16\] has 256 patches but the blocks see 65 tokens"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", top_k=2, order="tiled", grid=[16, 16])
@@ -160,3 +161,45 @@ def test_the_hilbert_order_steps_to_a_neighbour(grid):
     coords = np.stack(np.unravel_index(order, grid), axis=1)
     if grid[0] & (grid[0] - 1) == 0 and grid[0] == grid[1]:  # a whole square: every step is to a neighbour
         assert (np.abs(np.diff(coords, axis=0)).sum(axis=1) == 1).all()
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    """(module, export path) of a 2-block LLaMA-style prefill model: its causal mask is written
+    into the graph (Trilu → Where → Add)."""
+    from examples.models.llama_style import LlamaStyleConfig, llama_style
+    from trimrt.compiler.source import export_torch
+
+    module, example = llama_style(tokens=40, cfg=LlamaStyleConfig(vocab=100, width=64, heads=4, mlp_width=96,
+                                                                  depth=2))
+    model, _ = export_torch(module, example)
+    path = tmp_path_factory.mktemp("models") / "llama_style.onnx"
+    ir.save(model, path)
+    return module, path
+
+
+def test_a_causal_mask_in_the_graph_becomes_the_causal_rule(small_llama):
+    """The LLaMA-style export's mask is found to be the causal rule: every block selected
+    reproduces the original; top_k of them equals the PyTorch model with the op's causal
+    reference as its attention, on a ragged last block (40 tokens, blocks of 16 then 8)."""
+    import torch
+
+    module, path = small_llama
+    ids = np.random.default_rng(3).integers(0, 100, (2, 40))
+    want = run_model(ir.load(path), {"input_ids": ids})
+    model, reports = apply_recipe(path, "sparse_attention", block_size=16, top_k=3)
+    assert [x["causal"] for x in reports["sparse_attention"]["layers"]] == [True, True]
+    np.testing.assert_allclose(run_model(model, {"input_ids": ids}), want, rtol=1e-4, atol=1e-4)
+
+    model, _ = apply_recipe(path, "sparse_attention", block_size=8, top_k=2, rectify=True)
+
+    def reference(self, q, k, v):
+        (out,) = OP.run_reference(q.numpy(), k.numpy(), v.numpy(), block_size=8, top_k=2, tau=1.0, sink=1, local=1,
+                                  causal=1, rectify=1, scale=q.shape[-1] ** -0.5)
+        return torch.from_numpy(out)
+
+    for block in module.blocks:
+        block.attn.attend = types.MethodType(reference, block.attn)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(run_model(model, {"input_ids": ids}), expected, rtol=1e-3, atol=1e-3)

@@ -6,9 +6,9 @@ the opset-23 Attention op); the op takes the same q, k (untransposed) and v, the
 analysis read, and replaces the attention's output. The selection (`top_k` key blocks per
 query block, sink and local blocks among them) and the rectification are the op's; its
 decomposition computes the selected blocks' products only, so the saving reaches ONNX
-Runtime. Attention with a mask (padding, causal masks written into the graph) is refused
-for now: the op knows the causal rule (`causal`, from an Attention op's is_causal) but
-not an arbitrary mask.
+Runtime. The op knows the causal rule (`causal`): from an Attention op's is_causal, or
+from a mask written into the graph that is the causal rule (computed from constants and
+shapes only, checked on probe inputs); other masks (padding, windows) are refused for now.
 
 Images and video: blocks of consecutive tokens are rows of patches, whose attention is
 spread over the rows above and below. `order` = tiled / hilbert gathers q, k and v into
@@ -54,10 +54,11 @@ class SparseAttentionPass(TrimrtPass):
             raise StructureError(f"[sparse_attention] the grid {list(opts.grid)} has {grid_tokens} patches but the "
                                  f"blocks see {n} tokens: give the model's patch grid")
         top_k = opts.top_k or 0
+        masks = _CausalMasks(model, n)
         done = []
         for layer in layers:
             attn = tmap.blocks[layer].attention
-            q, k, v, causal = _operands(attn, layer)
+            q, k, v, causal = _operands(attn, layer, masks)
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
                                      "order (order = 'sequence')")
@@ -141,18 +142,81 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
     return order, inverse
 
 
-def _operands(attn: Attention, layer: int) -> tuple[ir.Value, ir.Value, ir.Value, int]:
+class _CausalMasks:
+    """Which masks written into the graph are the causal rule: a mask computed from constants
+    and the inputs' shapes only (no input's values: no padding), found on probe inputs of
+    two lengths to be 0 on and below the diagonal and at most MASKED above it. Evaluated
+    once per mask value (the blocks of a model share theirs)."""
+
+    MASKED = -1e4  # a logit this low is no attention after the softmax
+
+    def __init__(self, model: ir.Model, tokens):
+        self.model, self.tokens, self.known, self.proto = model, tokens, {}, None
+
+    def is_causal(self, attn: Attention) -> bool:
+        if attn.mask is not None:
+            value, visible = attn.mask, lambda m: np.where(m == 0, True, np.where(m <= self.MASKED, False, None))
+        else:
+            where = attn.mask_select
+            logits_first = attn.core.inputs[0] is where.outputs[0] and where.inputs[1].producer() is not None \
+                and where.inputs[1].const_value is None
+            fill = where.inputs[2] if logits_first else where.inputs[1]
+            if fill.const_value is None or float(np.max(fill.const_value.numpy())) > self.MASKED:
+                return False
+            value = where.inputs[0]
+            visible = (lambda m: m.astype(bool)) if logits_first else (lambda m: ~m.astype(bool))
+        if value.name not in self.known:
+            self.known[value.name] = self._evaluate(value, visible)
+        return self.known[value.name]
+
+    def _evaluate(self, value: ir.Value, visible) -> bool:
+        if _reads_input_values(value, set(self.model.graph.inputs)):
+            return False
+        from ..compiler.onnx_runner import OnnxRunner
+        from ..plugins import runnable_proto
+
+        if self.proto is None:
+            self.proto = runnable_proto(ir.serde.serialize_model(self.model))
+        for n in ([self.tokens] if isinstance(self.tokens, int) else [7, 19]):
+            feeds = {x.name: np.zeros([d if isinstance(d, int) else n for d in x.shape], x.dtype.numpy())
+                     for x in self.model.graph.inputs}
+            mask = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
+            if mask.ndim < 2 or mask.shape[-2:] != (n, n):
+                return False
+            seen = visible(mask.reshape(-1, n, n))
+            if any(x is None for x in seen.reshape(-1)) or not (seen == np.tril(np.ones((n, n), bool))).all():
+                return False
+        return True
+
+
+def _reads_input_values(value: ir.Value, inputs: set) -> bool:
+    """Whether `value` depends on a graph input's values (its shape only does not count)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v in inputs:
+            return True
+        node = v.producer()
+        if node is None or id(node) in seen or node.op_type == "Shape":
+            continue
+        seen.add(id(node))
+        stack.extend(x for x in node.inputs if x is not None)
+    return False
+
+
+def _operands(attn: Attention, layer: int, masks: _CausalMasks) -> tuple[ir.Value, ir.Value, ir.Value, int]:
     """(q, k or kᵀ, v, causal) of a block's attention; refuses what the op cannot take."""
-    if attn.mask is not None or attn.mask_select is not None:
-        raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask (padding or causal, written "
-                             "into the graph); block-sparse attention takes unmasked attention only so far (e.g. a "
-                             "ViT or a DiT): remove the block from layers")
+    masked = attn.mask is not None or attn.mask_select is not None
+    if masked and not masks.is_causal(attn):
+        raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask that is not the causal rule "
+                             "(padding, a window, or one computed from the inputs' values); block-sparse attention "
+                             "takes unmasked or causal attention only so far: remove the block from layers")
     if attn.core.op_type == "Attention":
         q, k, v = attn.core.inputs[:3]
-        causal = attn.core.attributes.get_int("is_causal", 0)
+        causal = max(attn.core.attributes.get_int("is_causal", 0), int(masked))
     else:
         context = attn.output.producer()
-        q, k, v, causal = attn.q, attn.k, context.inputs[1], 0
+        q, k, v, causal = attn.q, attn.k, context.inputs[1], int(masked)
     heads = [x.shape[1] if x.shape is not None and len(x.shape) == 4 else None for x in (q, k, v)]
     if all(isinstance(h, int) for h in heads) and len(set(heads)) > 1:
         raise StructureError(f"[sparse_attention] block {layer}'s attention groups its key heads (q, k, v heads "
