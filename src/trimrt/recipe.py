@@ -308,7 +308,7 @@ class SparseAttentionOptions(_Table):
     local: int = integer(1, 0, MAX_TOKENS, "blocks this close to the diagonal are always kept (1: the diagonal)")
     rectify: bool = flag(False, "reallocate the skipped blocks' mass and add their pooled values (IPAR + GAPR): "
                          "helps where attention is spread over blocks, hurts where it peaks inside the selected "
-                         "ones, whose mass the pooled scores underestimate (benchmarks/vit_sparse_attention.py)")
+                         "ones, whose mass the pooled scores underestimate (benchmarks/sparse_attention_models.py)")
     order: str = choice("sequence", TOKEN_ORDERS, "the token order the blocks cut: sequence (as the model has "
                         "them), tiled (a grid's patches tile by tile) or hilbert (along a Hilbert curve, 2-D)")
     grid: tuple[int, ...] | None = _key(

@@ -415,7 +415,7 @@ def _check_openvino_outputs(got: dict, want: dict, original: dict | None) -> Non
 
 
 def _session(proto: onnx.ModelProto) -> OnnxRuntimeBackend:
-    backend = OnnxRuntimeBackend(proto.SerializeToString())
+    backend = OnnxRuntimeBackend(proto.SerializeToString(), memory_arena=False)
     backend.activate()
     return backend
 

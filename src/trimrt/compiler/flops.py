@@ -33,9 +33,10 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
     known.update({i.name: tuple(i.dims) for i in inlined.graph.initializer})
     wanted = list(dict.fromkeys(  # in order, each once
         name for n in nodes for name in (n.input[0], n.output[0], *_keys(n)) if name not in known))
-    # the run returns exactly the values whose shapes are wanted (graph outputs too)
-    values = OnnxRunner(inlined, wanted, replace=True, optimize="disable").run(feeds) if wanted else {}
-    shape = lambda name: values[name].shape if name in values else known.get(name)  # noqa: E731
+    # the run returns the shapes of exactly the values wanted (never the values: an N × N
+    # attention product of a long sequence would stay in memory for every block)
+    shapes = _shapes_of(inlined, wanted, feeds) if wanted else {}
+    shape = lambda name: shapes[name] if name in shapes else known.get(name)  # noqa: E731
     total = 0
     for n in nodes:
         a, out = shape(n.input[0]), shape(n.output[0])
@@ -59,6 +60,23 @@ def count_flops(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> int:
         else:  # MatMul, MatMulInteger (integer multiply-adds count as operations too), Gemm
             total += 2 * int(np.prod(out)) * int(a[0] if ints.get("transA") else a[-1])
     return total
+
+
+def _shapes_of(model: onnx.ModelProto, names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, tuple]:
+    """The run-time shapes of the values `names`: a Shape node on each, the shapes the only outputs."""
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    outputs = {name: f"{name}__trimrt_shape" for name in names}
+    shape_of = lambda name: onnx.helper.make_node("Shape", [name], [outputs[name]], name=outputs[name])  # noqa: E731
+    # each Shape right after its value's producer (OnnxRunner runs Shape nodes as soon as they
+    # can): a value is freed after its last reader, so no product waits for its Shape
+    nodes = [shape_of(i.name) for i in probe.graph.input if i.name in outputs]
+    for node in probe.graph.node:
+        nodes.append(node)
+        nodes.extend(shape_of(out) for out in node.output if out in outputs)
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
+    got = OnnxRunner(probe, list(outputs.values()), replace=True, optimize="disable").run(feeds)
+    return {name: tuple(int(d) for d in got[out]) for name, out in outputs.items()}
 
 
 def _take_branches(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], rounds: int = 4) -> onnx.ModelProto:

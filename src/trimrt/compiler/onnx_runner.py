@@ -44,7 +44,8 @@ class OnnxRunner(OnnxRuntimeBackend):
     def __init__(self, model: onnx.ModelProto, expose: Sequence[str] = (), *, replace: bool = False,
                  optimize: str = "all") -> None:
         proto = with_outputs(model, expose, replace=replace) if (expose or replace) else model
-        super().__init__(proto.SerializeToString(), optimization=optimize)
+        super().__init__(proto.SerializeToString(), optimization=optimize, memory_arena=False,
+                         shapes_first=True)
         self.activate()
 
     def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -49,7 +49,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
                  optimization: str = "all", providers: list[str] | None = None, spinning: bool = True,
-                 disabled_optimizers: Sequence[str] = ()):
+                 disabled_optimizers: Sequence[str] = (), memory_arena: bool = True, shapes_first: bool = False):
         # a path, or the serialized model itself
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads = threads
@@ -60,6 +60,12 @@ class OnnxRuntimeBackend(Backend):
         self.spinning = spinning
         # ONNX Runtime graph optimizers a build asks to skip (its manifest's "onnxruntime" entry)
         self.disabled_optimizers = list(disabled_optimizers)
+        # ORT's CPU arena keeps the peak of every run for the session's life: the compiler's
+        # check sessions (several alive at once, on long inputs) give it back after each run
+        self.memory_arena = memory_arena
+        # ORT's priority-based order runs Shape / Size nodes as soon as their input exists, so a
+        # value read only for its shape is freed at once (the default order may run them last)
+        self.shapes_first = shapes_first
         self._session = None
 
     def activate(self) -> None:
@@ -72,6 +78,9 @@ class OnnxRuntimeBackend(Backend):
         if not self.spinning:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[self.optimization])
+        opts.enable_cpu_mem_arena = self.memory_arena
+        if self.shapes_first:
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         opts.log_severity_level = 3  # errors reach the caller as exceptions; warnings (an input with a default) are noise
         self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
                                              disabled_optimizers=self.disabled_optimizers or None)
