@@ -33,9 +33,10 @@ OP = REGISTRY["BlockSparseAttention"]
 
 def sparse_model(n: int, top_k: int, rectify: int) -> bytes:
     attrs = OP.attribute_values({"block_size": BLOCK, "top_k": top_k, "rectify": rectify, "scale": DIM**-0.5})
-    node = oh.make_node(OP.name, ["q", "k", "v"], ["out"], domain=DOMAIN, **attrs)
+    node = oh.make_node(OP.name, ["q", "k", "v", "key_bias"], ["out"], domain=DOMAIN, **attrs)
     io = [oh.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, HEADS, n, DIM]) for x in ("q", "k", "v", "out")]
-    graph = oh.make_graph([node], "sparse", io[:3], io[3:])
+    bias = onnx.numpy_helper.from_array(np.zeros((1, n), np.float32), "key_bias")  # no mask
+    graph = oh.make_graph([node], "sparse", io[:3], io[3:], [bias])
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", FUNCTION_OPSET), oh.make_opsetid(DOMAIN, 1)],
                          functions=[OP.function()]).SerializeToString()
 
@@ -81,8 +82,9 @@ def fidelity(n: int, densities: list[float]) -> None:
         want = exact(q, k, v, scale)
         for density in densities:
             top_k = max(1, round(density * blocks))
-            errors = [np.linalg.norm(OP.run_reference(q, k, v, block_size=BLOCK, top_k=top_k, sink=1, local=1,
-                                                      causal=0, rectify=r, scale=scale)[0] - want)
+            unmasked = np.zeros((1, n), np.float32)
+            errors = [np.linalg.norm(OP.run_reference(q, k, v, unmasked, block_size=BLOCK, top_k=top_k, sink=1,
+                                                      local=1, causal=0, rectify=r, scale=scale)[0] - want)
                       / np.linalg.norm(want) for r in (0, 1)]
             print(f"| {label} | {density:.3g} | {top_k} | {errors[0]:.4f} | {errors[1]:.4f} |")
 

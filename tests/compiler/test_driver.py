@@ -208,6 +208,33 @@ def test_flops_count_a_matmul_that_makes_a_graph_output():
         assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8, node.op_type
 
 
+def test_flops_count_the_products_of_the_if_branch_taken():
+    """A MatMul inside an If counts in the branch the inputs take: [2, 8] × [8, 4] when the
+    batch is over 1 (then), [2, 8] × [8, 16] otherwise (else); the other branch never counts."""
+    import onnx
+    import onnx.helper as oh
+
+    from trimrt.compiler.flops import count_flops
+
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+
+    def branch(name, width):
+        w = onnx.numpy_helper.from_array(np.ones((8, width), np.float32), f"w_{name}")
+        return oh.make_graph([oh.make_node("Constant", [], [f"w_{name}"], value=w),
+                              oh.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"])], name, [],
+                             [oh.make_tensor_value_info(f"y_{name}", onnx.TensorProto.FLOAT, None)])
+
+    nodes = [oh.make_node("Shape", ["x"], ["shape"], start=0, end=1),
+             oh.make_node("Constant", [], ["one"], value=onnx.numpy_helper.from_array(np.array([1], np.int64))),
+             oh.make_node("Greater", ["shape", "one"], ["many"]),
+             oh.make_node("Squeeze", ["many"], ["cond"]),
+             oh.make_node("If", ["cond"], ["y"], then_branch=branch("then", 4), else_branch=branch("else", 16))]
+    model = oh.make_model(oh.make_graph(nodes, "branches", [x], [y]), opset_imports=[oh.make_opsetid("", 18)])
+    assert count_flops(model, {"x": np.ones((2, 8), np.float32)}) == 2 * (2 * 4) * 8
+    assert count_flops(model, {"x": np.ones((1, 8), np.float32)}) == 2 * (1 * 16) * 8
+
+
 def test_small_vocabulary_bounds_the_check_feeds(small_vocab_bert, tmp_path):
     """A model with 60 token ids compiles from its ONNX file alone, and verify / bench feed it in range."""
     recipe = {"token_pruning": {"method": "cls_attention", "layers": [1], "keep": 1.0}}

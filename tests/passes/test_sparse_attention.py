@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 
 from tests.passes.in_memory import apply_recipe, pixels, run_model
+from trimrt.compiler.analysis import structure_of
 from trimrt.errors import RecipeError, StructureError
 from trimrt.passes.sparse_attention import patch_order
 from trimrt.plugins import REGISTRY
@@ -40,7 +41,8 @@ def _with_reference_attention(module, layers, order=None, **attrs):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         perm = np.arange(n) if order is None else order
-        (out,) = OP.run_reference(*(t.numpy()[:, :, perm] for t in (q, k, v)), scale=self.scale, **attrs)
+        (out,) = OP.run_reference(*(t.numpy()[:, :, perm] for t in (q, k, v)), np.zeros((b, n), np.float32),
+                                  scale=self.scale, **attrs)
         out = out[:, :, np.argsort(perm)]
         return self.proj(torch.from_numpy(out).transpose(1, 2).reshape(b, n, c))
 
@@ -109,13 +111,22 @@ def test_it_composes_with_token_pruning(tiny_vit_onnx):
     assert out.shape == (2, 10) and np.isfinite(out).all()
 
 
-def test_what_the_pass_refuses(tiny_vit_onnx, small_vocab_bert):
+def test_what_the_pass_refuses(tiny_vit_onnx, small_llama, tmp_path):
     with pytest.raises(RecipeError, match=r"\[sparse_attention\] layers \[7\] do not exist: the model has 4 blocks"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", layers=[7], top_k=2)
-    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask that is not the "
-                                             r"causal rule \(padding, a window, or one computed from the inputs' "
-                                             r"values\)"):
-        apply_recipe(small_vocab_bert, "sparse_attention", top_k=2)
+    # the LLaMA's causal mask plus its transpose: only the diagonal is seen (a window of one)
+    model = ir.load(small_llama[1])
+    mask = structure_of(model, {}).blocks[0].attention.mask
+    readers = list(mask.uses())
+    transpose = ir.Node("", "Transpose", [mask], attributes=[ir.AttrInt64s("perm", [1, 0])])
+    window = ir.Node("", "Add", [mask, transpose.outputs[0]])
+    model.graph.insert_after(mask.producer(), [transpose, window])
+    for user, index in readers:
+        user.replace_input_with(index, window.outputs[0])
+    ir.save(model, tmp_path / "window.onnx")
+    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask that is neither "
+                                             r"the causal rule nor a bias of the keys alone"):
+        apply_recipe(tmp_path / "window.onnx", "sparse_attention", top_k=2)
     with pytest.raises(StructureError, match=r"the grid \[16, 16\] has 256 patches but the blocks see 65 tokens"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", top_k=2, order="tiled", grid=[16, 16])
     with pytest.raises(RecipeError, match="top_k must be an integer >= 1, got 0"):
@@ -194,12 +205,30 @@ def test_a_causal_mask_in_the_graph_becomes_the_causal_rule(small_llama):
     model, _ = apply_recipe(path, "sparse_attention", block_size=8, top_k=2, rectify=True)
 
     def reference(self, q, k, v):
-        (out,) = OP.run_reference(q.numpy(), k.numpy(), v.numpy(), block_size=8, top_k=2, tau=1.0, sink=1, local=1,
+        bias = np.zeros((q.shape[0], q.shape[2]), np.float32)
+        (out,) = OP.run_reference(q.numpy(), k.numpy(), v.numpy(), bias, block_size=8, top_k=2, tau=1.0, sink=1, local=1,
                                   causal=1, rectify=1, scale=q.shape[-1] ** -0.5)
         return torch.from_numpy(out)
 
+    with pytest.raises(StructureError, match=r"block 0's attention is causal: its tokens keep their order"):
+        apply_recipe(path, "sparse_attention", top_k=2, order="tiled", grid=[5, 8])
     for block in module.blocks:
         block.attn.attend = types.MethodType(reference, block.attn)
     with torch.no_grad():
         expected = module(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(run_model(model, {"input_ids": ids}), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_padding_mask_becomes_the_key_bias(small_vocab_bert):
+    """BERT's padding mask ([B, 1, N, N], the same for every query): every block selected
+    reproduces the original on a padded batch; fewer blocks never select the padding."""
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 60, (2, 30)), "attention_mask": np.ones((2, 30), np.int64)}
+    feeds["attention_mask"][1, 12:] = 0  # row 1: 18 padding tokens, blocks 2 and 3 wholly padding
+    want = run_model(ir.load(small_vocab_bert), feeds)
+    model, _ = apply_recipe(small_vocab_bert, "sparse_attention", block_size=6, top_k=5)
+    np.testing.assert_allclose(run_model(model, feeds), want, rtol=1e-5, atol=1e-5)
+    model, _ = apply_recipe(small_vocab_bert, "sparse_attention", block_size=6, top_k=2)
+    got = run_model(model, feeds)
+    assert np.isfinite(got).all()
+    # row 1's real tokens (blocks 0 and 1) see only blocks 0 and 1: with top_k = 2 its attention is exact
+    np.testing.assert_allclose(got[1, :12], want[1, :12], rtol=1e-4, atol=1e-4)

@@ -11,12 +11,18 @@ import pytest
 from tests.plugins.op_testing import FakeDesc, decomposition_model, fake_tensorrt, run_decomposition, run_triton
 from trimrt.plugins import REGISTRY
 from trimrt.plugins import tensorrt_glue as glue
+from trimrt.plugins.block_sparse_attention import key_bias
 
 OP = REGISTRY["BlockSparseAttention"]
 
 
 def _qkv(rng, b, h, n, d, dtype=np.float32):
     return [rng.standard_normal((b, h, n, d)).astype(dtype) for _ in range(3)]
+
+
+def _unbiased(q):
+    """The key bias of no mask: zeros [B, N]."""
+    return np.zeros((q.shape[0], q.shape[2]), q.dtype)
 
 
 def _dense(q, k, v, causal: bool, scale: float) -> np.ndarray:
@@ -44,14 +50,32 @@ def test_every_block_selected_is_dense_attention(n, block_size, causal, rng):
     want = _dense(q, k, v, causal, 8**-0.5)
     for top_k in (0, -(-n // block_size)):
         attrs = {"block_size": block_size, "top_k": top_k, "causal": causal, "rectify": 1, "scale": 8**-0.5}
-        np.testing.assert_allclose(OP.run_reference(q, k, v, **attrs)[0], want, atol=1e-5)
-        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v], **attrs)[0], want, atol=1e-5)
+        np.testing.assert_allclose(OP.run_reference(q, k, v, _unbiased(q), **attrs)[0], want, atol=1e-5)
+        got = run_decomposition("BlockSparseAttention", [q, k, v, _unbiased(q)], **attrs)[0]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_every_block_selected_is_dense_attention_over_the_keys_not_masked(causal, rng):
+    """A padded batch: row 1's last 9 keys masked (a whole block and part of another), row 0
+    unmasked, and a finite bias on top; every block selected is dense attention with the bias."""
+    q, k, v = _qkv(rng, 2, 3, 37, 8)
+    bias = key_bias(rng, 2, 37, "padding") + 0.5 * rng.standard_normal((2, 37)).astype(np.float32)
+    logits = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) * 8**-0.5 + bias[:, None, None, :]
+    if causal:
+        logits = np.where(np.tril(np.ones((37, 37), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    want = (p / p.sum(axis=-1, keepdims=True)) @ v
+    attrs = {"block_size": 8, "top_k": 0, "causal": causal, "rectify": 1, "scale": 8**-0.5}
+    np.testing.assert_allclose(OP.run_reference(q, k, v, bias, **attrs)[0], want, atol=1e-5)
+    np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v, bias], **attrs)[0], want, atol=1e-5)
 
 
 def test_one_block_each_is_block_diagonal_attention(rng):
     """top_k = 1 with the diagonal always kept: each query block attends its own block."""
     q, k, v = _qkv(rng, 1, 2, 12, 4)
-    (got,) = OP.run_reference(q, k, v, block_size=4, top_k=1, sink=0, local=1, causal=0, rectify=0, scale=0.5)
+    (got,) = OP.run_reference(q, k, v, _unbiased(q), block_size=4, top_k=1, sink=0, local=1, causal=0, rectify=0,
+                              scale=0.5)
     for blk in range(3):
         part = slice(4 * blk, 4 * blk + 4)
         np.testing.assert_allclose(got[:, :, part], _dense(q[:, :, part], k[:, :, part], v[:, :, part], False, 0.5),
@@ -65,7 +89,8 @@ def test_the_sink_and_the_highest_pooled_blocks_are_selected():
     q[0, 0, 3, 0] = 1
     k = np.array([[[[0, 1, 0, 0], [0, -1, 0, 0], [4, 0, 0, 0], [0, 0, 0, 0]]]], np.float32)
     v = np.eye(4, dtype=np.float32)[None, None]
-    (got,) = OP.run_reference(q, k, v, block_size=1, top_k=3, sink=1, local=1, causal=0, rectify=0, scale=1.0)
+    (got,) = OP.run_reference(q, k, v, _unbiased(q), block_size=1, top_k=3, sink=1, local=1, causal=0, rectify=0,
+                              scale=1.0)
     row = got[0, 0, 3]
     assert row[1] == 0 and row[0] > 0 and row[2] > 0 and row[3] > 0  # block 1 skipped
     logits = np.array([0.0, 4.0, 0.0])  # keys 0, 2, 3
@@ -79,9 +104,11 @@ def test_the_sink_and_the_highest_pooled_blocks_are_selected():
     {"block_size": 8, "top_k": 5, "tau": 0.6, "causal": 0, "rectify": 1},
     {"block_size": 8, "top_k": 4, "tau": 0.5, "causal": 1, "rectify": 1, "local": 0},
 ])
+@pytest.mark.parametrize("bias", [None, "padding", "random"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_decomposition_and_kernel_match_the_reference(attrs, dtype, rng, device):
+def test_decomposition_and_kernel_match_the_reference(attrs, bias, dtype, rng, device):
     ins = _qkv(rng, 2, 2, 45, 16, dtype)
+    ins.append(np.maximum(key_bias(rng, 2, 45, bias), np.finfo(dtype).min).astype(dtype))
     attrs = {**attrs, "scale": 0.25}
     want = OP.run_reference(*ins, **attrs)[0]
     tol = 1e-5 if dtype == np.float32 else 2e-2
@@ -104,12 +131,12 @@ def test_tau_keeps_the_blocks_that_cover_its_mass():
     v = np.eye(4, dtype=np.float32)[None, None]
     for tau, kept in ((0.7, 2), (0.85, 3), (1.0, 4)):
         attrs = {"block_size": 1, "top_k": 4, "tau": tau, "sink": 0, "local": 0, "rectify": 0, "scale": 1.0}
-        row = OP.run_reference(q, k, v, **attrs)[0][0, 0, 0]
+        row = OP.run_reference(q, k, v, _unbiased(q), **attrs)[0][0, 0, 0]
         want = np.zeros(4)
         want[:kept] = np.exp(weights[:kept]) / np.exp(weights[:kept]).sum()
         np.testing.assert_allclose(row, want, atol=1e-6)
-        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v], **attrs)[0][0, 0, 0], want,
-                                   atol=1e-6)
+        got = run_decomposition("BlockSparseAttention", [q, k, v, _unbiased(q)], **attrs)[0]
+        np.testing.assert_allclose(got[0, 0, 0], want, atol=1e-6)
 
 
 def test_the_decomposition_computes_only_the_selected_blocks(rng):
@@ -117,7 +144,8 @@ def test_the_decomposition_computes_only_the_selected_blocks(rng):
     from trimrt.compiler.flops import count_flops
 
     ins = _qkv(rng, 1, 2, 256, 16)
-    feeds = dict(zip("qkv", ins))
+    ins.append(_unbiased(ins[0]))
+    feeds = dict(zip(["q", "k", "v", "key_bias"], ins))
     attrs = OP.attribute_values({"block_size": 16, "scale": 0.25})  # every attribute on the node, as passes emit
     flops = {top_k: count_flops(decomposition_model(OP, ins, **{**attrs, "top_k": top_k}), feeds) for top_k in (0, 2)}
     assert flops[2] / flops[0] < 2 / 16 + 0.03
@@ -127,24 +155,26 @@ def test_rectification_lowers_the_error_on_inputs_with_locality(rng):
     q, k, v = _local_qkv(rng, 1, 2, 256, 16)
     want = _dense(q, k, v, False, 0.5)
     for top_k in (2, 4, 8):  # 12.5%, 25% and 50% of the blocks
-        errors = [np.linalg.norm(OP.run_reference(q, k, v, block_size=16, top_k=top_k, rectify=r, scale=0.5)[0] - want)
-                  / np.linalg.norm(want) for r in (0, 1)]
+        errors = [np.linalg.norm(OP.run_reference(q, k, v, _unbiased(q), block_size=16, top_k=top_k, rectify=r,
+                                                  scale=0.5)[0] - want) / np.linalg.norm(want) for r in (0, 1)]
         assert errors[1] < 0.9 * errors[0], (top_k, errors)
 
 
 def test_reference_refuses_bad_shapes():
     q = np.zeros((1, 1, 4, 2), np.float32)
     with pytest.raises(ValueError, match=r"need q, k, v of one shape \[B, H, N, Dh\]"):
-        OP.run_reference(q, q[:, :, :3], q)
+        OP.run_reference(q, q[:, :, :3], q, _unbiased(q))
     with pytest.raises(ValueError, match="block_size must be >= 1"):
-        OP.run_reference(q, q, q, block_size=0)
+        OP.run_reference(q, q, q, _unbiased(q), block_size=0)
     with pytest.raises(ValueError, match=r"tau \(the pooled mass to cover\) must be in \(0, 1\], got 1.5"):
-        OP.run_reference(q, q, q, tau=1.5)
+        OP.run_reference(q, q, q, _unbiased(q), tau=1.5)
+    with pytest.raises(ValueError, match=r"key_bias must be \[B, N\] = \[1, 4\], got \[4\]"):
+        OP.run_reference(q, q, q, np.zeros(4, np.float32))
 
 
 def test_describe_gives_the_shape_of_q():
     trt, trtp = fake_tensorrt()
     describe = glue._descriptor(glue.spec_for(OP), trt, trtp)
-    descs = [FakeDesc(("B", "H", "N", "D"), "half")] * 3
+    descs = [FakeDesc(("B", "H", "N", "D"), "half")] * 3 + [FakeDesc(("B", "N"), "half")]
     assert describe(*descs) == ((("B", "H", "N", "D"), "half"),)
 

@@ -6,9 +6,11 @@ the opset-23 Attention op); the op takes the same q, k (untransposed) and v, the
 analysis read, and replaces the attention's output. The selection (`top_k` key blocks per
 query block, sink and local blocks among them) and the rectification are the op's; its
 decomposition computes the selected blocks' products only, so the saving reaches ONNX
-Runtime. The op knows the causal rule (`causal`): from an Attention op's is_causal, or
-from a mask written into the graph that is the causal rule (computed from constants and
-shapes only, checked on probe inputs); other masks (padding, windows) are refused for now.
+Runtime. Masks: the op knows the causal rule (`causal`: an Attention op's is_causal, or
+a mask written into the graph that is the causal rule, computed from constants and shapes
+only and checked on probe inputs) and a bias of the keys (`key_bias`: a padding mask
+[B, 1, 1, N], whose fully masked blocks are never selected); other masks (padding and
+causal in one, windows) are refused for now.
 
 Images and video: blocks of consecutive tokens are rows of patches, whose attention is
 spread over the rows above and below. `order` = tiled / hilbert gathers q, k and v into
@@ -25,6 +27,7 @@ import onnx_ir as ir
 from ..compiler.analysis import Attention, structure_of
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
+from ..plugins.block_sparse_attention import MASKED_BIAS
 from ..recipe import SparseAttentionOptions
 from .base import TrimrtPass
 
@@ -54,7 +57,7 @@ class SparseAttentionPass(TrimrtPass):
             raise StructureError(f"[sparse_attention] the grid {list(opts.grid)} has {grid_tokens} patches but the "
                                  f"blocks see {n} tokens: give the model's patch grid")
         top_k = opts.top_k or 0
-        masks = _CausalMasks(model, n)
+        masks = _Masks(model, n)
         done = []
         for layer in layers:
             attn = tmap.blocks[layer].attention
@@ -68,7 +71,10 @@ class SparseAttentionPass(TrimrtPass):
             if opts.order != "sequence":
                 order, inverse = _orders(b, q, patch_order(opts.grid, opts.order, opts.block_size))
                 q, k, v = (b.Gather(x, order, axis=2) for x in (q, k, v))
-            (out,) = b.emit(REGISTRY["BlockSparseAttention"], [q, k, v], name=f"trimrt_sparse_{layer}",
+            bias = masks.key_bias(b, attn, q)
+            if opts.order != "sequence":
+                bias = b.Gather(bias, order, axis=1)
+            (out,) = b.emit(REGISTRY["BlockSparseAttention"], [q, k, v, bias], name=f"trimrt_sparse_{layer}",
                             block_size=opts.block_size, top_k=top_k, tau=float(opts.tau), sink=opts.sink,
                             local=opts.local, causal=causal, rectify=int(opts.rectify), scale=float(attn.scale))
             if opts.order != "sequence":
@@ -142,51 +148,109 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
     return order, inverse
 
 
-class _CausalMasks:
-    """Which masks written into the graph are the causal rule: a mask computed from constants
-    and the inputs' shapes only (no input's values: no padding), found on probe inputs of
-    two lengths to be 0 on and below the diagonal and at most MASKED above it. Evaluated
-    once per mask value (the blocks of a model share theirs)."""
-
-    MASKED = -1e4  # a logit this low is no attention after the softmax
+class _Masks:
+    """What a block's mask written into the graph is, for the op: "keys" when it only biases
+    keys (a padding mask: its head and query axes are 1, [B, 1, 1, N], or it is the same for
+    every query on probe inputs), whose values become the op's key_bias; "causal" when it is
+    the causal rule (computed from constants and the inputs' shapes only, and found on probe
+    inputs of two lengths to be 0 on and below the diagonal and at most MASKED_BIAS above
+    it); None for any other (refused). Probed once per mask value (the blocks of a model
+    share theirs)."""
 
     def __init__(self, model: ir.Model, tokens):
         self.model, self.tokens, self.known, self.proto = model, tokens, {}, None
 
-    def is_causal(self, attn: Attention) -> bool:
-        if attn.mask is not None:
-            value, visible = attn.mask, lambda m: np.where(m == 0, True, np.where(m <= self.MASKED, False, None))
-        else:
-            where = attn.mask_select
-            logits_first = attn.core.inputs[0] is where.outputs[0] and where.inputs[1].producer() is not None \
-                and where.inputs[1].const_value is None
-            fill = where.inputs[2] if logits_first else where.inputs[1]
-            if fill.const_value is None or float(np.max(fill.const_value.numpy())) > self.MASKED:
-                return False
-            value = where.inputs[0]
-            visible = (lambda m: m.astype(bool)) if logits_first else (lambda m: ~m.astype(bool))
+    def kind(self, attn: Attention) -> str | None:
+        if attn.mask is None and attn.mask_select is None:
+            return "none"
+        value, visible = self._pattern(attn)
+        if value is None:
+            return None
+        if _keys_only(value):
+            return "keys"
         if value.name not in self.known:
-            self.known[value.name] = self._evaluate(value, visible)
+            self.known[value.name] = self._classify(value, visible)
         return self.known[value.name]
 
-    def _evaluate(self, value: ir.Value, visible) -> bool:
-        if _reads_input_values(value, set(self.model.graph.inputs)):
-            return False
+    def key_bias(self, b, attn: Attention, q: ir.Value) -> ir.Value:
+        """The op's key_bias [B, N]: the keys-only mask's values (its first query row; a Where
+        mask as 0 / its fill, a boolean one as 0 / -inf), or zeros."""
+        batch_and_keys = b.Concat(b.Shape(q, start=0, end=1), b.Shape(q, start=2, end=3), axis=0)
+        if self.kind(attn) != "keys":
+            return b.CastLike(b.ConstantOfShape(batch_and_keys), q)
+        bias, zero = attn.mask, b.CastLike(b.const(np.float32(0.0)), q)
+        if _boolean(bias):  # the Attention op's boolean attn_mask: True attends
+            bias = b.Where(bias, zero, b.CastLike(b.const(np.float32(-np.inf)), q))
+        elif bias is None:
+            where = attn.mask_select
+            bias = b.Where(where.inputs[0], zero, b.CastLike(where.inputs[2], q)) if self._logits_first(attn) else \
+                b.Where(where.inputs[0], b.CastLike(where.inputs[1], q), zero)
+        rank = len(bias.shape)
+        if rank >= 2 and bias.shape[-2] != 1:  # [.., N, N] the same for every query: its first row
+            bias = b.Slice(bias, b.const([0]), b.const([1]), b.const([rank - 2]))
+        rows = b.Reshape(bias, b.Concat(b.Shape(bias, start=0, end=1) if rank == 4 else b.const([1]), b.const([-1]),
+                                        axis=0))
+        return b.CastLike(b.Expand(rows, batch_and_keys), q)
+
+    @staticmethod
+    def _logits_first(attn: Attention) -> bool:
+        """Whether the logits are the Where's kept branch (input 1), the fill input 2."""
+        return attn.mask_select.inputs[2].const_value is not None
+
+    def _pattern(self, attn: Attention):
+        """(the value that decides visibility, its values -> visible) or (None, None) when the
+        masking is not recognised (a Where filling with a value that does not mask)."""
+        if _boolean(attn.mask):
+            return attn.mask, lambda m: m.astype(bool)
+        if attn.mask is not None:
+            return attn.mask, lambda m: np.where(m == 0, True, np.where(m <= MASKED_BIAS, False, None))
+        where = attn.mask_select
+        first = self._logits_first(attn)
+        fill = where.inputs[2] if first else where.inputs[1]
+        if fill.const_value is None or float(np.max(fill.const_value.numpy())) > MASKED_BIAS:
+            return None, None
+        return where.inputs[0], (lambda m: m.astype(bool)) if first else (lambda m: ~m.astype(bool))
+
+    def _classify(self, value: ir.Value, visible) -> str | None:
+        """"keys" when the mask is the same for every query on probe inputs (integer inputs 1: a
+        padding mask then masks nothing, a causal one still shows), "causal" when it is the causal
+        rule and reads no input's values, else None."""
+        if value.shape is not None and len(value.shape) == 4 and value.shape[1] != 1:
+            return None
         from ..compiler.onnx_runner import OnnxRunner
         from ..plugins import runnable_proto
 
         if self.proto is None:
             self.proto = runnable_proto(ir.serde.serialize_model(self.model))
+        causal = not _reads_input_values(value, set(self.model.graph.inputs))
+        same_rows = True
         for n in ([self.tokens] if isinstance(self.tokens, int) else [7, 19]):
-            feeds = {x.name: np.zeros([d if isinstance(d, int) else n for d in x.shape], x.dtype.numpy())
+            feeds = {x.name: np.full([d if isinstance(d, int) else n for d in x.shape],
+                                     1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
                      for x in self.model.graph.inputs}
             mask = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
-            if mask.ndim < 2 or mask.shape[-2:] != (n, n):
-                return False
-            seen = visible(mask.reshape(-1, n, n))
-            if any(x is None for x in seen.reshape(-1)) or not (seen == np.tril(np.ones((n, n), bool))).all():
-                return False
-        return True
+            if mask.ndim < 2 or mask.shape[-1] != n or mask.shape[-2] not in (1, n):
+                return None
+            same_rows &= bool((mask == mask[..., :1, :]).all())
+            if mask.shape[-2] == n:
+                seen = visible(mask.reshape(-1, n, n))
+                causal &= not any(x is None for x in seen.reshape(-1)) and bool(
+                    (seen == np.tril(np.ones((n, n), bool))).all())
+        return "keys" if same_rows else "causal" if causal else None
+
+
+def _boolean(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.BOOL
+
+
+def _keys_only(value: ir.Value) -> bool:
+    """A mask value (or Where condition) that broadcasts over heads and queries: [B|1, 1, 1, N]
+    or [1, N] (right-aligned to the logits [B, H, Nq, Nk]); its shape must be known."""
+    shape = value.shape
+    if shape is None or len(shape) not in (2, 3, 4):
+        return False
+    dims = list(shape)
+    return all(d == 1 for d in dims[-3 if len(dims) >= 3 else -2:-1]) and (len(dims) < 4 or dims[1] == 1)
 
 
 def _reads_input_values(value: ir.Value, inputs: set) -> bool:
@@ -204,13 +268,14 @@ def _reads_input_values(value: ir.Value, inputs: set) -> bool:
     return False
 
 
-def _operands(attn: Attention, layer: int, masks: _CausalMasks) -> tuple[ir.Value, ir.Value, ir.Value, int]:
+def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.Value, ir.Value, int]:
     """(q, k or kᵀ, v, causal) of a block's attention; refuses what the op cannot take."""
-    masked = attn.mask is not None or attn.mask_select is not None
-    if masked and not masks.is_causal(attn):
-        raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask that is not the causal rule "
-                             "(padding, a window, or one computed from the inputs' values); block-sparse attention "
-                             "takes unmasked or causal attention only so far: remove the block from layers")
+    kind = masks.kind(attn)
+    if kind is None:
+        raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask that is neither the causal rule "
+                             "nor a bias of the keys alone (e.g. padding and causal in one mask, or a window); "
+                             "block-sparse attention takes those two only so far: remove the block from layers")
+    masked = kind == "causal"
     if attn.core.op_type == "Attention":
         q, k, v = attn.core.inputs[:3]
         causal = max(attn.core.attributes.get_int("is_causal", 0), int(masked))

@@ -19,8 +19,10 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
    to the selected ones (IPAR): out = R·out_sparse + Σ_pooled P·v̄, with R the mass not
    pooled. Causal models pool only blocks wholly in the past (j < i).
 
-With every block selected the result is dense attention (R = 1, nothing pooled).
-q, k, v share their head count (repeat grouped KV heads first).
+`key_bias` [B, N] is added to every query's logit of a key (0 for all: none; a large
+negative number masks a padding key); a block whose keys are all masked (≤ MASKED_BIAS)
+is never selected or pooled. With every block selected the result is dense attention
+(R = 1, nothing pooled). q, k, v share their head count (repeat grouped KV heads first).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 from .base import AttrSpec, OpDef, TensorSpec
 
 NAME = "BlockSparseAttention"
+#: a key whose bias is at most this is masked: a block of only such keys is never selected or pooled
+MASKED_BIAS = -1e4
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -37,12 +41,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, top_k: int, tau: float, sink: int,
-              local: int, causal: int, rectify: int, scale: float) -> tuple[np.ndarray]:
-    """q, k, v [B, H, N, Dh] -> (out [B, H, N, Dh],)."""
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray, *, block_size: int, top_k: int,
+              tau: float, sink: int, local: int, causal: int, rectify: int, scale: float) -> tuple[np.ndarray]:
+    """q, k, v [B, H, N, Dh], key_bias [B, N] -> (out [B, H, N, Dh],)."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {q.shape}, {k.shape}, "
                          f"{v.shape}")
+    if np.shape(key_bias) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"BlockSparseAttention: key_bias must be [B, N] = {[q.shape[0], q.shape[2]]}, got "
+                         f"{list(np.shape(key_bias))}")
     if block_size < 1 or top_k < 0 or sink < 0 or local < 0:
         raise ValueError(f"BlockSparseAttention: block_size must be >= 1 and top_k, sink, local >= 0, got "
                          f"{block_size}, {top_k}, {sink}, {local}")
@@ -55,15 +62,17 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
     real = (np.arange(nb * block_size) < n).reshape(nb, block_size)  # [nb, bs]: the tokens that exist
     counts = real.sum(axis=1)[:, None]
     qm, km, vm = (x.sum(axis=3) / counts for x in (qb, kb, vb))  # block means [B, H, nb, Dh]
+    bias = np.where(real, np.pad(np.asarray(key_bias, np.float64), ((0, 0), (0, nb * block_size - n))
+                                 ).reshape(b, nb, block_size), -np.inf)  # [B, nb, bs]
     i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
-    allowed = (j <= i) if causal else np.ones((nb, nb), bool)
+    allowed = ((j <= i) if causal else np.ones((nb, nb), bool)) & (bias > MASKED_BIAS).any(axis=2)[:, None, None, :]
     p = _softmax(np.where(allowed, qm @ km.swapaxes(-1, -2) * scale, -np.inf))  # [B, H, nb, nb]
     forced = ((j < sink) | (np.abs(i - j) < local)) & allowed
     chosen = np.argsort(-np.where(allowed, p + 2.0 * forced, -1.0), axis=-1, kind="stable")
     chosen = chosen[..., :min(top_k, nb) if top_k > 0 else nb]  # [B, H, nb, K]
     mass = np.take_along_axis(p, chosen, axis=-1)
     kept = np.take_along_axis(np.broadcast_to(forced, p.shape), chosen, axis=-1) | (np.cumsum(mass, axis=-1) - mass < tau)
-    selected = np.zeros((b, h, nb, nb), bool)
+    selected = np.zeros(p.shape, bool)
     np.put_along_axis(selected, chosen, kept | (tau >= 1.0), axis=-1)
     selected &= allowed
 
@@ -73,7 +82,7 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
     if causal:
         pos = np.arange(nb * block_size).reshape(nb, block_size)
         key_ok &= (pos[None, None, None, None] <= pos[None, None, :, :, None, None])
-    logits = np.einsum("bhiqd,bhjkd->bhiqjk", qb, kb) * scale
+    logits = np.einsum("bhiqd,bhjkd->bhiqjk", qb, kb) * scale + bias[:, None, None, None]
     logits = np.where(key_ok, logits, -np.inf).reshape(b, h, nb, block_size, nb * block_size)
     probs = _softmax(logits)
     out = probs @ vb.reshape(b, h, 1, nb * block_size, d)  # [B, H, nb, bs, Dh]
@@ -89,7 +98,7 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block_size: int, t
     return (out.reshape(b, h, nb * block_size, d)[:, :, :n].astype(q.dtype),)
 
 
-def decompose(b, q, k, v):
+def decompose(b, q, k, v, key_bias):
     """The [block × selected keys] products and their softmax are the only work of the logits'
     size: q carries the scale; keys that must not count (a ragged last block's padding,
     slots beyond `tau`'s mass) get their -inf through the product (a bias column); padding,
@@ -107,20 +116,26 @@ def decompose(b, q, k, v):
     ragged = b.Greater(padded, n)
     as5 = b.Concat(ax(0, 0), b.Reshape(nb, ax(1)), b.Reshape(bs, ax(1)), ax(-1), axis=0)
 
+    bias = b.CastLike(key_bias, q)
+    as3 = b.Concat(ax(0), b.Reshape(nb, ax(1)), b.Reshape(bs, ax(1)), axis=0)
+
     def pad(sub):
         pads = sub.Concat(b.const([0, 0, 0, 0, 0, 0]), sub.Reshape(sub.Sub(padded, n), ax(1)), b.const([0]), axis=0)
-        return [sub.Reshape(sub.Pad(x, pads), as5) for x in (q, k, v)]
+        bias_pads = sub.Concat(b.const([0, 0, 0]), sub.Reshape(sub.Sub(padded, n), ax(1)), axis=0)
+        return [*(sub.Reshape(sub.Pad(x, pads), as5) for x in (q, k, v)), sub.Reshape(sub.Pad(bias, bias_pads), as3)]
 
-    qb, kb, vb = _branch(b, ragged, pad, lambda sub: [sub.Reshape(x, as5) for x in (q, k, v)], "pad",
-                         3)  # [B, H, nb, bs, Dh]
+    qb, kb, vb, bias_blocks = _branch(b, ragged, pad, lambda sub: [*(sub.Reshape(x, as5) for x in (q, k, v)),
+                                                                  sub.Reshape(bias, as3)], "pad", 4)
     pos = b.Reshape(b.Range(zero, padded, one), b.Concat(b.Reshape(nb, ax(1)), b.Reshape(bs, ax(1)), axis=0))
     real = b.Less(pos, n)  # [nb, bs]
+    token_bias = b.Where(real, bias_blocks, minus_inf)  # [B, nb, bs]: the padding of a ragged block -inf
     counts = b.ReduceSum(b.CastLike(real, q), ax(1), keepdims=1)  # [nb, 1]
     qm, km, vm = (b.Div(b.ReduceSum(x, ax(3), keepdims=0), counts) for x in (qb, kb, vb))  # [B, H, nb, Dh]
     km_t = b.Transpose(km, perm=[0, 1, 3, 2])
     blocks = b.Range(zero, nb, one)
     i, j = b.Unsqueeze(blocks, ax(1)), b.Unsqueeze(blocks, ax(0))
-    allowed = b.Or(b.Not(causal), b.LessOrEqual(j, i))  # [nb, nb]
+    seen = b.Greater(b.ReduceMax(token_bias, ax(2), keepdims=0), fconst(MASKED_BIAS))  # [B, nb]: a key not masked
+    allowed = b.And(b.Or(b.Not(causal), b.LessOrEqual(j, i)), b.Unsqueeze(seen, ax(1, 2)))  # [B, 1, nb, nb]
     pooled_dot = b.MatMul(qm, km_t)  # q̄·k̄ [B, H, nb, nb]: the pooled logits, and GAPR's gain
     p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
@@ -147,17 +162,20 @@ def decompose(b, q, k, v):
         return [sub.MatMul(sub.Mul(qb, scale), sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
     def masked_keys(sub):
-        """q' = [q·scale, 1] against k' = [k, bias] (bias 0, or -inf for padding and for
-        slots past tau): the masked logits are -inf without a pass over the logits."""
+        """q' = [q·scale, 1] against k' = [k, bias] (the key bias, -inf for padding and for
+        slots past tau): the biased logits without a pass over the logits."""
         ones = sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
         q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
-        bias = sub.Where(real, fconst(0.0), minus_inf)  # [nb, bs]
-        bias_sel = sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), sub.Gather(bias, chosen, axis=0), minus_inf)
+        per_batch = sub.Reshape(chosen, sub.Concat(sub.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
+        bias_sel = sub.Reshape(sub.GatherND(token_bias, per_batch, batch_dims=1),  # [B, H, nb, K, bs]
+                               sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0))
+        bias_sel = sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf)
         bias_sel = sub.Reshape(bias_sel, sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1), axis=0))
         k_aug = sub.Concat(k_sel, bias_sel, axis=-1)  # [B, H, nb, K·bs, Dh + 1]
         return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
-    logits = _branch(b, b.Or(ragged, b.Less(tau, fconst(1.0))), masked_keys, all_keys,
+    biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
+    logits = _branch(b, b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0))), masked_keys, all_keys,
                      "masked_keys")  # [B, H, nb, bs, K·bs]
 
     def causal_rule(sub):
@@ -204,19 +222,31 @@ def _branch(b, condition, then, otherwise, name: str, count: int = 1):
 
 
 def examples(rng):
-    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, every block
-    selected, batch > 1."""
+    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, padded keys and
+    a finite key bias, every block selected, batch > 1."""
     cases = []
-    for (batch, heads, n, dh), attrs in [
-        ((1, 1, 8, 4), {"block_size": 4, "top_k": 0}),
-        ((2, 3, 37, 8), {"block_size": 8, "top_k": 2, "sink": 1, "local": 1, "rectify": 1}),
-        ((1, 2, 45, 16), {"block_size": 8, "top_k": 3, "sink": 1, "local": 1, "causal": 1, "rectify": 1}),
-        ((2, 2, 30, 8), {"block_size": 4, "top_k": 4, "sink": 0, "local": 2, "causal": 0, "rectify": 0}),
-        ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}),
+    for (batch, heads, n, dh), attrs, bias in [
+        ((1, 1, 8, 4), {"block_size": 4, "top_k": 0}, None),
+        ((2, 3, 37, 8), {"block_size": 8, "top_k": 2, "sink": 1, "local": 1, "rectify": 1}, "padding"),
+        ((1, 2, 45, 16), {"block_size": 8, "top_k": 3, "sink": 1, "local": 1, "causal": 1, "rectify": 1}, None),
+        ((2, 2, 30, 8), {"block_size": 4, "top_k": 4, "sink": 0, "local": 2, "causal": 0, "rectify": 0}, "random"),
+        ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}, None),
     ]:
         q, k, v = (rng.standard_normal((batch, heads, n, dh)).astype(np.float32) for _ in range(3))
-        cases.append(([q, k, v], {"scale": dh**-0.5, **attrs}))
+        cases.append(([q, k, v, key_bias(rng, batch, n, bias)], {"scale": dh**-0.5, **attrs}))
     return cases
+
+
+def key_bias(rng, batch: int, n: int, kind: str | None) -> np.ndarray:
+    """A [batch, n] key bias for tests: None (zeros), "padding" (row r's last 9·r keys
+    masked, as a padded batch's mask is) or "random" (finite, standard normal)."""
+    if kind == "random":
+        return rng.standard_normal((batch, n)).astype(np.float32)
+    bias = np.zeros((batch, n), np.float32)
+    if kind == "padding":
+        for row in range(batch):
+            bias[row, n - 9 * row:] = np.finfo(np.float32).min
+    return bias
 
 
 OP = OpDef.of_module(
@@ -225,6 +255,7 @@ OP = OpDef.of_module(
         TensorSpec("q", "queries [B, H, N, Dh]"),
         TensorSpec("k", "keys [B, H, N, Dh] (the heads of q: grouped heads repeated)"),
         TensorSpec("v", "values [B, H, N, Dh]"),
+        TensorSpec("key_bias", "[B, N] added to every query's logit of the key (padding: a large negative number)"),
     ),
     outputs=(TensorSpec("out", "attention output [B, H, N, Dh]"),),
     attributes=(

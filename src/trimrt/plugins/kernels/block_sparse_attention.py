@@ -16,16 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ..block_sparse_attention import MASKED_BIAS
 from ._launch import block, output_buffers
 
 MAX_BLOCK_D = 128
 
 
 @triton.jit
-def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, chosen_ptr, ok_ptr, N, NB, K, D, BS, scale, out_ptr,
-                                  CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_ptr, N, H, NB, K, D, BS, scale,
+                                  out_ptr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    bias_row = bias_ptr + (bh // H) * N
     t = tl.arange(0, BLOCK)
     rows = qb * BS + t
     row_ok = (t < BS) & (rows < N)
@@ -45,7 +47,8 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, chosen_ptr, ok_ptr, N, NB
         col_ok = (t < BS) & (cols < limit)
         kt = tl.load(k_ptr + base + cols[None, :] * D + d[:, None], mask=col_ok[None, :] & d_ok[:, None],
                      other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK]
-        logits = tl.sum(q[:, :, None] * kt[None, :, :], axis=1) * scale  # [BLOCK, BLOCK]
+        key_bias = tl.load(bias_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+        logits = tl.sum(q[:, :, None] * kt[None, :, :], axis=1) * scale + key_bias[None, :]  # [BLOCK, BLOCK]
         visible = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
             visible = visible & (cols[None, :] <= rows[:, None])
@@ -72,13 +75,15 @@ def _block_means(x: torch.Tensor, bs: int, nb: int) -> tuple[torch.Tensor, torch
     return padded, padded.sum(dim=3) / real.sum(dim=1)[:, None], real
 
 
-def select_blocks(qm, km, *, nb: int, top_k: int, tau: float, sink: int, local: int, causal: int, scale: float):
+def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, local: int, causal: int,
+                  scale: float):
     """(pooled probabilities P [B, H, nb, nb], chosen [B, H, nb, K] int64, chosen_ok [B, H, nb, K],
-    allowed [nb, nb]): the op's selection rule, ties to the lower block; a slot is not ok when
-    its block may not be seen or comes after tau's mass."""
+    allowed [B, 1, nb, nb]): the op's selection rule, ties to the lower block; `seen` [B, nb]:
+    the blocks with a key not masked; a slot is not ok when its block may not be seen or comes
+    after tau's mass."""
     i = torch.arange(nb, device=qm.device)[:, None]
     j = torch.arange(nb, device=qm.device)[None, :]
-    allowed = (j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)
+    allowed = ((j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)) & seen[:, None, None, :]
     p = torch.softmax(torch.where(allowed, qm @ km.transpose(-1, -2) * scale, float("-inf")), dim=-1)
     forced = ((j < sink) | ((i - j).abs() < local)) & allowed
     rank = torch.where(allowed, p + 2.0 * forced, -1.0)
@@ -106,9 +111,9 @@ def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causa
     return (p * ~pooled).sum(dim=-1), pooled_p @ vm
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, top_k: int, tau: float, sink: int,
-        local: int, causal: int, rectify: int, scale: float, out=None):
-    """q, k, v [B, H, N, Dh] -> (out [B, H, N, Dh],), matching the op's reference."""
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, *, block_size: int, top_k: int,
+        tau: float, sink: int, local: int, causal: int, rectify: int, scale: float, out=None):
+    """q, k, v [B, H, N, Dh], key_bias [B, N] -> (out [B, H, N, Dh],), matching the op's reference."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -122,12 +127,14 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_size: int, t
     qb, qm, real = _block_means(q, block_size, nb)
     kb, km, _ = _block_means(k, block_size, nb)
     _, vm, _ = _block_means(v, block_size, nb)
-    p, chosen, chosen_ok, allowed = select_blocks(qm, km, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
+    bias = torch.nn.functional.pad(key_bias.float(), (0, nb * block_size - n)).reshape(b, nb, block_size)
+    seen = (torch.where(real, bias, float("-inf")) > MASKED_BIAS).any(dim=2)
+    p, chosen, chosen_ok, allowed = select_blocks(qm, km, seen, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
                                                   causal=causal, scale=scale)
     sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
     block_sparse_attention_kernel[(nb, b * h)](
-        q.contiguous(), k.contiguous(), v.contiguous(), chosen.contiguous(), chosen_ok.to(torch.int8).contiguous(),
-        n, nb, chosen.shape[-1], d, block_size, float(scale), sparse,
+        q.contiguous(), k.contiguous(), v.contiguous(), key_bias.float().contiguous(), chosen.contiguous(),
+        chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), sparse,
         CAUSAL=bool(causal), BLOCK=block(block_size), BLOCK_D=block(d, MAX_BLOCK_D))
     if rectify:
         kept, pooled = rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal)
