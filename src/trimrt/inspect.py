@@ -225,7 +225,7 @@ def pass_lines(manifest: Manifest) -> list[str]:
             lines += [f"block-sparse attention at block {x['block']}: {x['key_blocks']} key blocks of "
                       f"{report['blocks'] or 'ceil(N / ' + str(report['block_size']) + ')'} per query block "
                       f"(blocks of {report['block_size']} tokens{', causal' if x['causal'] else ''}"
-                      f"{', rectified' if report['rectify'] else ''}"
+                      f"{', rectified per block' if report['rectify'] == 'blocks' else ', rectified' if report['rectify'] else ''}"
                       + (f", those covering {report['tau']:g} of the pooled mass" if report.get("tau", 1.0) < 1 else "")
                       + (f", {report['order']} order of the {'×'.join(map(str, report['grid']))} grid"
                          if report.get("order", "sequence") != "sequence" else "") + ")" for x in report["layers"]]

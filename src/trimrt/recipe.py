@@ -306,9 +306,11 @@ class SparseAttentionOptions(_Table):
     block_size: int = integer(128, 1, MAX_TOKENS, "tokens per block (the last one may be shorter)")
     sink: int = integer(1, 0, MAX_TOKENS, "the first blocks every query block keeps")
     local: int = integer(1, 0, MAX_TOKENS, "blocks this close to the diagonal are always kept (1: the diagonal)")
-    rectify: bool = flag(False, "reallocate the skipped blocks' mass and add their pooled values (IPAR + GAPR): "
-                         "helps where attention is spread over blocks, hurts where it peaks inside the selected "
-                         "ones, whose mass the pooled scores underestimate (benchmarks/sparse_attention_models.py)")
+    rectify: bool | str = _key(
+        True, "rectify what the skipped blocks held: true, per token (the reliable ones, by GAPR's gain test, join "
+        "each query's softmax as one pooled key each); \"blocks\": Rectified SpaAttn's per-block formula (it "
+        "underestimates selected blocks whose keys vary: benchmarks/sparse_attention_models.py); false: off",
+        (lambda v: isinstance(v, bool) or v == "blocks", "{key} must be true, false or \"blocks\", got {value!r}"))
     order: str = choice("sequence", TOKEN_ORDERS, "the token order the blocks cut: sequence (as the model has "
                         "them), tiled (a grid's patches tile by tile) or hilbert (along a Hilbert curve, 2-D)")
     grid: tuple[int, ...] | None = _key(

@@ -74,7 +74,7 @@ def peaked_vit(tmp_path_factory):
 
 
 @pytest.mark.parametrize("options", [{"layers": [0, 2], "top_k": 2, "block_size": 8, "rectify": True},
-                                     {"top_k": 3, "block_size": 16, "sink": 0, "local": 2, "rectify": True},
+                                     {"top_k": 3, "block_size": 16, "sink": 0, "local": 2, "rectify": "blocks"},
                                      {"top_k": 4, "tau": 0.6, "block_size": 8, "order": "tiled", "grid": [8, 8]},
                                      {"top_k": 2, "block_size": 16, "order": "hilbert", "grid": [8, 8]}])
 def test_a_sparse_build_equals_the_reference_attention_in_pytorch(peaked_vit, options):
@@ -87,7 +87,8 @@ def test_a_sparse_build_equals_the_reference_attention_in_pytorch(peaked_vit, op
     model, reports = apply_recipe(path, "sparse_attention", **options)
     layers = options.get("layers", range(4))
     attrs = {key: int(options.get(key, default)) for key, default in
-             (("block_size", 128), ("top_k", 0), ("sink", 1), ("local", 1), ("rectify", False))}
+             (("block_size", 128), ("top_k", 0), ("sink", 1), ("local", 1))}
+    attrs["rectify"] = {False: 0, True: 1, "blocks": 2}[options.get("rectify", True)]
     order = {"tiled": [0, *(1 + np.arange(64).reshape(4, 2, 2, 4).transpose(0, 2, 1, 3).reshape(-1))],
              "hilbert": [0, *(1 + patch_order((8, 8), "hilbert", 16))]}.get(options.get("order"))
     with torch.no_grad():

@@ -103,6 +103,8 @@ def test_the_sink_and_the_highest_pooled_blocks_are_selected():
     {"block_size": 5, "top_k": 2, "causal": 0, "rectify": 0},
     {"block_size": 8, "top_k": 5, "tau": 0.6, "causal": 0, "rectify": 1},
     {"block_size": 8, "top_k": 4, "tau": 0.5, "causal": 1, "rectify": 1, "local": 0},
+    {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 2},
+    {"block_size": 16, "top_k": 1, "causal": 0, "rectify": 2, "sink": 0},
 ])
 @pytest.mark.parametrize("bias", [None, "padding", "random"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -140,15 +142,19 @@ def test_tau_keeps_the_blocks_that_cover_its_mass():
 
 
 def test_the_decomposition_computes_only_the_selected_blocks(rng):
-    """Matmul FLOPs of the decomposition at 2 of 16 blocks: about an eighth of dense."""
+    """Matmul FLOPs of the decomposition at 2 of 16 blocks: about an eighth of dense (the If
+    branches taken are counted)."""
     from trimrt.compiler.flops import count_flops
 
     ins = _qkv(rng, 1, 2, 256, 16)
     ins.append(_unbiased(ins[0]))
     feeds = dict(zip(["q", "k", "v", "key_bias"], ins))
-    attrs = OP.attribute_values({"block_size": 16, "scale": 0.25})  # every attribute on the node, as passes emit
+    attrs = OP.attribute_values({"block_size": 16, "scale": 0.25, "rectify": 0})  # every attribute, as passes emit
     flops = {top_k: count_flops(decomposition_model(OP, ins, **{**attrs, "top_k": top_k}), feeds) for top_k in (0, 2)}
     assert flops[2] / flops[0] < 2 / 16 + 0.03
+    # per-token rectification adds one pooled key per block to each query: 16 columns to its 32
+    rectified = count_flops(decomposition_model(OP, ins, **{**attrs, "top_k": 2, "rectify": 1}), feeds)
+    assert rectified / flops[2] < 1 + 16 / 32 + 0.05
 
 
 def test_rectification_lowers_the_error_on_inputs_with_locality(rng):
@@ -158,6 +164,20 @@ def test_rectification_lowers_the_error_on_inputs_with_locality(rng):
         errors = [np.linalg.norm(OP.run_reference(q, k, v, _unbiased(q), block_size=16, top_k=top_k, rectify=r,
                                                   scale=0.5)[0] - want) / np.linalg.norm(want) for r in (0, 1)]
         assert errors[1] < 0.9 * errors[0], (top_k, errors)
+
+
+def test_per_token_rectification_beats_the_per_block_formula_on_self_similar_attention(rng):
+    """Keys equal to the queries (each token attends itself and its neighbours most, as in the
+    ViT of benchmarks/sparse_attention_models.py): the pooled scores underestimate the selected
+    blocks, whose mass the per-block formula (2) moves away; per token (1) is better than it
+    and than no rectification."""
+    q, _, v = _local_qkv(rng, 1, 2, 256, 16)
+    k = q
+    want = _dense(q, k, v, False, 1.0)
+    for top_k in (2, 4):
+        errors = [np.linalg.norm(OP.run_reference(q, k, v, _unbiased(q), block_size=16, top_k=top_k, rectify=r,
+                                                  scale=1.0)[0] - want) / np.linalg.norm(want) for r in (0, 1, 2)]
+        assert errors[1] < 0.8 * min(errors[0], errors[2]), (top_k, errors)
 
 
 def test_reference_refuses_bad_shapes():

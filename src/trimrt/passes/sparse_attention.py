@@ -27,9 +27,12 @@ import onnx_ir as ir
 from ..compiler.analysis import Attention, structure_of
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
-from ..plugins.block_sparse_attention import MASKED_BIAS
+from ..plugins.block_sparse_attention import MASKED_BIAS, RECTIFY_BLOCKS, RECTIFY_TOKENS
 from ..recipe import SparseAttentionOptions
 from .base import TrimrtPass
+
+#: the recipe's rectify -> the op's
+_RECTIFY = {False: 0, True: RECTIFY_TOKENS, "blocks": RECTIFY_BLOCKS}
 
 
 class SparseAttentionPass(TrimrtPass):
@@ -76,7 +79,7 @@ class SparseAttentionPass(TrimrtPass):
                 bias = b.Gather(bias, order, axis=1)
             (out,) = b.emit(REGISTRY["BlockSparseAttention"], [q, k, v, bias], name=f"trimrt_sparse_{layer}",
                             block_size=opts.block_size, top_k=top_k, tau=float(opts.tau), sink=opts.sink,
-                            local=opts.local, causal=causal, rectify=int(opts.rectify), scale=float(attn.scale))
+                            local=opts.local, causal=causal, rectify=_RECTIFY[opts.rectify], scale=float(attn.scale))
             if opts.order != "sequence":
                 out = b.Gather(out, inverse, axis=2)
             out.dtype, out.shape = attn.output.dtype, attn.output.shape

@@ -13,11 +13,16 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
    tau: the rest of its slots are masked (a static upper bound plus a mask);
 3. exact attention of each query block over the tokens of its selected blocks only
    ([block × top_k·block] products, never N × N), causal inside the diagonal block;
-4. `rectify`: the sparse output over-weights the selected blocks and loses the rest.
-   A non-selected block whose pooled score is reliable (GAPR: |q̄·k̄| above the pooling
-   error |mean|Δq|·k̄| + |q̄·mean|Δk||) contributes P·v̄ (pooled); the others' mass goes
-   to the selected ones (IPAR): out = R·out_sparse + Σ_pooled P·v̄, with R the mass not
-   pooled. Causal models pool only blocks wholly in the past (j < i).
+4. `rectify`: the sparse output over-weights the selected blocks and loses the rest. A
+   non-selected block whose pooled score is reliable (GAPR: |q̄·k̄| above the pooling error
+   |mean|Δq|·k̄| + |q̄·mean|Δk||; causal: only blocks wholly in the past, j < i) is pooled.
+   rectify = 1 (per token): each pooled block joins every query's softmax as one key k̄
+   with value v̄ and the weight of its c tokens (logit q·k̄·scale + log c + its mean key
+   bias; blocks with a masked key are not pooled), so the selected keys' mass is
+   reallocated exactly, per query. rectify = 2 (per block, Rectified SpaAttn's formula):
+   out = R·out_sparse + Σ_pooled P·v̄ with R the pooled mass not pooled (IPAR); the pooled
+   P underestimates a selected block whose keys vary (exp of the mean logit is below the
+   mean of exp), which per-token reallocation does not.
 
 `key_bias` [B, N] is added to every query's logit of a key (0 for all: none; a large
 negative number masks a padding key); a block whose keys are all masked (≤ MASKED_BIAS)
@@ -32,6 +37,9 @@ import numpy as np
 from .base import AttrSpec, OpDef, TensorSpec
 
 NAME = "BlockSparseAttention"
+#: `rectify`: the pooled blocks join each query's softmax as one key each (k̄, v̄, weight = their
+#: token count), or the published per-block formula R·out + Σ P·v̄
+RECTIFY_TOKENS, RECTIFY_BLOCKS = 1, 2
 #: a key whose bias is at most this is masked: a block of only such keys is never selected or pooled
 MASKED_BIAS = -1e4
 
@@ -55,6 +63,9 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
                          f"{block_size}, {top_k}, {sink}, {local}")
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"BlockSparseAttention: tau (the pooled mass to cover) must be in (0, 1], got {tau}")
+    if rectify not in (0, RECTIFY_TOKENS, RECTIFY_BLOCKS):
+        raise ValueError(f"BlockSparseAttention: rectify must be 0 (off), {RECTIFY_TOKENS} (per token) or "
+                         f"{RECTIFY_BLOCKS} (per block, as published), got {rectify}")
     b, h, n, d = q.shape
     nb = -(-n // block_size)
     pad = ((0, 0), (0, 0), (0, nb * block_size - n), (0, 0))
@@ -84,15 +95,23 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
         key_ok &= (pos[None, None, None, None] <= pos[None, None, :, :, None, None])
     logits = np.einsum("bhiqd,bhjkd->bhiqjk", qb, kb) * scale + bias[:, None, None, None]
     logits = np.where(key_ok, logits, -np.inf).reshape(b, h, nb, block_size, nb * block_size)
-    probs = _softmax(logits)
-    out = probs @ vb.reshape(b, h, 1, nb * block_size, d)  # [B, H, nb, bs, Dh]
-
-    if rectify:
+    values = vb.reshape(b, h, 1, nb * block_size, d)
+    if rectify:  # GAPR: the skipped blocks whose pooled score is reliable
         dq = (np.abs(qb - qm[:, :, :, None]) * real[..., None]).sum(axis=3) / counts
         dk = (np.abs(kb - km[:, :, :, None]) * real[..., None]).sum(axis=3) / counts
         gain = np.abs(qm @ km.swapaxes(-1, -2))
         error = np.abs(dq @ km.swapaxes(-1, -2)) + np.abs(qm @ dk.swapaxes(-1, -2))
         pooled = allowed & ~selected & (gain > error) & ((j < i) if causal else True)
+    if rectify == RECTIFY_TOKENS:  # one pooled key per such block in every query's softmax
+        whole = np.where(real, bias > MASKED_BIAS, True).all(axis=2)  # [B, nb]: no key masked
+        pooled &= whole[:, None, None, :]
+        weight = np.log(counts[:, 0]) + np.where(real, bias, 0.0).sum(axis=2) / counts[:, 0]  # [B, nb]
+        pooled_logits = np.einsum("bhiqd,bhjd->bhiqj", qb, km) * scale + weight[:, None, None, None, :]
+        probs = _softmax(np.concatenate([logits, np.where(pooled[:, :, :, None], pooled_logits, -np.inf)], axis=-1))
+        out = probs[..., :nb * block_size] @ values + probs[..., nb * block_size:] @ vm[:, :, None]
+    else:
+        out = _softmax(logits) @ values  # [B, H, nb, bs, Dh]
+    if rectify == RECTIFY_BLOCKS:  # the published formula: R·out + Σ P·v̄ over the pooled blocks
         kept_mass = (p * ~pooled).sum(axis=-1)  # R [B, H, nb]
         out = out * kept_mass[..., None, None] + ((p * pooled) @ vm)[:, :, :, None, :]
     return (out.reshape(b, h, nb * block_size, d)[:, :, :n].astype(q.dtype),)
@@ -192,7 +211,8 @@ def decompose(b, q, k, v, key_bias):
     sparse = b.MatMul(b.Softmax(logits, axis=-1), v_sel)  # [B, H, nb, bs, Dh]
 
     def rectified(sub):
-        """IPAR: the sparse output times the mass not pooled; GAPR: the reliable skipped blocks' P·v̄."""
+        """GAPR's pooled blocks, then per token (the pooled keys join each query's softmax: the
+        sparse softmax's log-sum-exp weighs them) or per block (R·sparse + Σ P·v̄)."""
         one_hot = sub.OneHot(chosen, sub.Reshape(nb, ax(1)), fconst([0.0, 1.0]), axis=-1)
         selected = sub.ReduceMax(sub.Mul(one_hot, sub.Unsqueeze(sub.CastLike(chosen_ok, q), ax(-1))), ax(3),
                                  keepdims=0)  # [B, H, nb, nb]
@@ -204,11 +224,33 @@ def decompose(b, q, k, v, key_bias):
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
         past = sub.Or(sub.Not(causal), sub.Less(j, i))
         pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)), sub.Less(selected, fconst(0.5)))
-        pooled_p = sub.Mul(p, sub.CastLike(pooled, q))
-        kept = sub.Sub(sub.ReduceSum(p, ax(-1), keepdims=1), sub.ReduceSum(pooled_p, ax(-1), keepdims=1))
-        return [sub.Add(sub.Mul(sparse, sub.Unsqueeze(kept, ax(-1))), sub.Unsqueeze(sub.MatMul(pooled_p, vm), ax(3)))]
 
-    out = _branch(b, b.Cast(b.attr("rectify"), to=9), rectified, lambda sub: [sub.Identity(sparse)], "rectify")
+        def per_token(tok):
+            lowest = tok.ReduceMin(tok.Where(real, token_bias, fconst(np.inf)), ax(2), keepdims=0)
+            whole = tok.Greater(lowest, fconst(MASKED_BIAS))  # [B, nb]: no key masked
+            ok = tok.And(pooled, tok.Unsqueeze(whole, ax(1, 2)))  # [B, H, nb, nb]
+            counts_row = tok.Reshape(counts, ax(-1))  # [nb]
+            weight = tok.Add(tok.Log(counts_row), tok.Div(tok.ReduceSum(tok.Where(real, token_bias, fconst(0.0)), ax(2),
+                                                                        keepdims=0), counts_row))  # [B, nb]
+            pooled_logits = tok.Add(tok.MatMul(tok.Mul(qb, scale), tok.Unsqueeze(km_t, ax(2))),
+                                    tok.Unsqueeze(weight, ax(1, 2, 3)))  # [B, H, nb, bs, nb]
+            pooled_logits = tok.Where(tok.Unsqueeze(ok, ax(3)), pooled_logits, minus_inf)
+            lse = tok.ReduceLogSumExp(logits, ax(-1), keepdims=1)  # the sparse softmax's [B, H, nb, bs, 1]
+            top = tok.Max(lse, tok.ReduceMax(pooled_logits, ax(-1), keepdims=1))
+            sparse_w, pooled_w = tok.Exp(tok.Sub(lse, top)), tok.Exp(tok.Sub(pooled_logits, top))
+            total = tok.Add(sparse_w, tok.ReduceSum(pooled_w, ax(-1), keepdims=1))
+            mixed = tok.Add(tok.Mul(sparse, sparse_w), tok.MatMul(pooled_w, tok.Unsqueeze(vm, ax(2))))
+            return [tok.Div(mixed, total)]
+
+        def per_block(blk):
+            pooled_p = blk.Mul(p, blk.CastLike(pooled, q))
+            kept = blk.Sub(blk.ReduceSum(p, ax(-1), keepdims=1), blk.ReduceSum(pooled_p, ax(-1), keepdims=1))
+            return [blk.Add(blk.Mul(sparse, blk.Unsqueeze(kept, ax(-1))),
+                            blk.Unsqueeze(blk.MatMul(pooled_p, vm), ax(3)))]
+
+        return [_branch(sub, sub.Equal(b.attr("rectify"), b.const(RECTIFY_BLOCKS)), per_block, per_token, "per_block")]
+
+    out = _branch(b, b.Greater(b.attr("rectify"), zero), rectified, lambda sub: [sub.Identity(sparse)], "rectify")
     out = b.Reshape(out, b.Concat(ax(0, 0, -1), b.Slice(b.Shape(v), ax(3), ax(4)), axis=0))
     return b.Slice(out, ax(0), b.Reshape(n, ax(1)), ax(2))
 
@@ -231,6 +273,7 @@ def examples(rng):
         ((1, 2, 45, 16), {"block_size": 8, "top_k": 3, "sink": 1, "local": 1, "causal": 1, "rectify": 1}, None),
         ((2, 2, 30, 8), {"block_size": 4, "top_k": 4, "sink": 0, "local": 2, "causal": 0, "rectify": 0}, "random"),
         ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}, None),
+        ((2, 2, 40, 8), {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 2}, "padding"),
     ]:
         q, k, v = (rng.standard_normal((batch, heads, n, dh)).astype(np.float32) for _ in range(3))
         cases.append(([q, k, v, key_bias(rng, batch, n, bias)], {"scale": dh**-0.5, **attrs}))
@@ -266,7 +309,8 @@ OP = OpDef.of_module(
         AttrSpec("sink", int, "the first blocks every query block keeps", 1),
         AttrSpec("local", int, "blocks within this distance of the diagonal are always kept (1: the diagonal)", 1),
         AttrSpec("causal", int, "1: a query sees no later key (decoders)", 0),
-        AttrSpec("rectify", int, "1: Rectified SpaAttn's reallocation and pooled term for the skipped blocks", 1),
+        AttrSpec("rectify", int, "0: off; 1: the reliable skipped blocks as pooled keys in every query's softmax; 2: "
+                 "Rectified SpaAttn's per-block formula", 1),
         AttrSpec("scale", float, "multiplier applied to q·kᵀ before the softmax", 1.0),
     ),
 )

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..block_sparse_attention import MASKED_BIAS
+from ..block_sparse_attention import MASKED_BIAS, RECTIFY_BLOCKS
 from ._launch import block, output_buffers
 
 MAX_BLOCK_D = 128
@@ -24,7 +24,7 @@ MAX_BLOCK_D = 128
 
 @triton.jit
 def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_ptr, N, H, NB, K, D, BS, scale,
-                                  out_ptr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                                  out_ptr, lse_ptr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     bias_row = bias_ptr + (bh // H) * N
@@ -65,6 +65,8 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_
     out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
     tl.store(out_ptr + base + rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+    lse = tl.where(den == 0.0, float("-inf"), m + tl.log(tl.where(den == 0.0, 1.0, den)))
+    tl.store(lse_ptr + bh * N + rows, lse, mask=row_ok)  # the per-token rectification weighs the pooled keys by it
 
 
 def _block_means(x: torch.Tensor, bs: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,8 +96,9 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
     return p, order, (ranked > -0.5) & ((ranked > 1.5) | within_tau), allowed
 
 
-def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal: int):
-    """(R [B, H, nb], pooled term [B, H, nb, Dh]): IPAR's kept mass and GAPR's pooled values."""
+def pooled_blocks(qb, kb, qm, km, real, p, chosen, chosen_ok, allowed, causal: int):
+    """GAPR's pooled blocks [B, H, nb, nb]: allowed, not selected, wholly in the past when causal,
+    and a gain above the pooling error."""
     nb = p.shape[-1]
     selected = torch.zeros_like(p, dtype=torch.bool).scatter(-1, chosen, chosen_ok)
     counts = real.sum(dim=1)[:, None]
@@ -106,9 +109,20 @@ def rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causa
     i = torch.arange(nb, device=p.device)[:, None]
     j = torch.arange(nb, device=p.device)[None, :]
     past = (j < i) if causal else torch.ones_like(allowed)
-    pooled = allowed & past & ~selected & (gain > error)
-    pooled_p = p * pooled
-    return (p * ~pooled).sum(dim=-1), pooled_p @ vm
+    return allowed & past & ~selected & (gain > error)
+
+
+def rectify_per_token(sparse, lse, qb, km, vm, bias, real, pooled, scale: float):
+    """The sparse output [B, H, nb, bs, Dh] with the pooled blocks as keys (k̄, v̄, weight of their
+    tokens) in every query's softmax: `lse` [B, H, nb, bs] is the sparse softmax's log-sum-exp."""
+    counts = real.sum(dim=1).to(torch.float32)  # [nb]
+    whole = torch.where(real, bias > MASKED_BIAS, True).all(dim=2)  # [B, nb]
+    weight = counts.log() + torch.where(real, bias, 0.0).sum(dim=2) / counts  # [B, nb]
+    logits = torch.einsum("bhiqd,bhjd->bhiqj", qb, km) * scale + weight[:, None, None, None, :]
+    logits = torch.where((pooled & whole[:, None, None, :])[:, :, :, None, :], logits, float("-inf"))
+    top = torch.maximum(lse, logits.amax(dim=-1))[..., None]
+    sparse_w, pooled_w = torch.exp(lse[..., None] - top), torch.exp(logits - top)
+    return (sparse * sparse_w + pooled_w @ vm[:, :, None]) / (sparse_w + pooled_w.sum(dim=-1, keepdim=True))
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, *, block_size: int, top_k: int,
@@ -132,14 +146,21 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tenso
     p, chosen, chosen_ok, allowed = select_blocks(qm, km, seen, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
                                                   causal=causal, scale=scale)
     sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     block_sparse_attention_kernel[(nb, b * h)](
         q.contiguous(), k.contiguous(), v.contiguous(), key_bias.float().contiguous(), chosen.contiguous(),
-        chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), sparse,
+        chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), sparse, lse,
         CAUSAL=bool(causal), BLOCK=block(block_size), BLOCK_D=block(d, MAX_BLOCK_D))
     if rectify:
-        kept, pooled = rectification(qb, kb, qm, km, vm, real, p, chosen, chosen_ok, allowed, causal)
-        padded = torch.nn.functional.pad(sparse, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d)
-        sparse = (padded * kept[..., None, None] + pooled[:, :, :, None, :]).reshape(b, h, -1, d)[:, :, :n]
+        pooled = pooled_blocks(qb, kb, qm, km, real, p, chosen, chosen_ok, allowed, causal)
+        blocks = torch.nn.functional.pad(sparse, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d)
+        if rectify == RECTIFY_BLOCKS:
+            pooled_p = p * pooled
+            blocks = blocks * (p * ~pooled).sum(dim=-1)[..., None, None] + (pooled_p @ vm)[:, :, :, None, :]
+        else:
+            lse_blocks = torch.nn.functional.pad(lse, (0, nb * block_size - n)).reshape(b, h, nb, block_size)
+            blocks = rectify_per_token(blocks, lse_blocks, qb, km, vm, bias, real, pooled, scale)
+        sparse = blocks.reshape(b, h, -1, d)[:, :, :n]
     result.copy_(sparse.to(q.dtype))
     return (result,)
 
