@@ -180,17 +180,17 @@ def decompose(b, q, k, v, key_bias):
         """Every selected key counts: q·scale against the selected keys."""
         return [sub.MatMul(sub.Mul(qb, scale), sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
+    # the bias of each selected key [B, H, nb, K·bs]: the key bias, -inf for padding and for slots past tau
+    per_batch = b.Reshape(chosen, b.Concat(b.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
+    bias_sel = b.Reshape(b.GatherND(token_bias, per_batch, batch_dims=1),  # [B, H, nb, K, bs]
+                         b.Concat(b.Shape(chosen), b.Reshape(bs, ax(1)), axis=0))
+    bias_sel = b.Reshape(b.Where(b.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf), ax(0, 0, 0, -1))
+
     def masked_keys(sub):
-        """q' = [q·scale, 1] against k' = [k, bias] (the key bias, -inf for padding and for
-        slots past tau): the biased logits without a pass over the logits."""
+        """q' = [q·scale, 1] against k' = [k, bias]: the biased logits without a pass over the logits."""
         ones = sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
         q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
-        per_batch = sub.Reshape(chosen, sub.Concat(sub.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
-        bias_sel = sub.Reshape(sub.GatherND(token_bias, per_batch, batch_dims=1),  # [B, H, nb, K, bs]
-                               sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0))
-        bias_sel = sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf)
-        bias_sel = sub.Reshape(bias_sel, sub.Concat(sub.Shape(chosen, start=0, end=3), ax(-1, 1), axis=0))
-        k_aug = sub.Concat(k_sel, bias_sel, axis=-1)  # [B, H, nb, K·bs, Dh + 1]
+        k_aug = sub.Concat(k_sel, sub.Unsqueeze(bias_sel, ax(-1)), axis=-1)  # [B, H, nb, K·bs, Dh + 1]
         return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
     biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
@@ -208,7 +208,8 @@ def decompose(b, q, k, v, key_bias):
         return [sub.Where(visible, logits, minus_inf)]
 
     logits = _branch(b, causal, causal_rule, lambda sub: [sub.Identity(logits)], "causal_rule")
-    sparse = b.MatMul(b.Softmax(logits, axis=-1), v_sel)  # [B, H, nb, bs, Dh]
+    probs = b.Softmax(logits, axis=-1)
+    sparse = b.MatMul(probs, v_sel)  # [B, H, nb, bs, Dh]
 
     def rectified(sub):
         """GAPR's pooled blocks, then per token (the pooled keys join each query's softmax: the
@@ -235,7 +236,16 @@ def decompose(b, q, k, v, key_bias):
             pooled_logits = tok.Add(tok.MatMul(tok.Mul(qb, scale), tok.Unsqueeze(km_t, ax(2))),
                                     tok.Unsqueeze(weight, ax(1, 2, 3)))  # [B, H, nb, bs, nb]
             pooled_logits = tok.Where(tok.Unsqueeze(ok, ax(3)), pooled_logits, minus_inf)
-            lse = tok.ReduceLogSumExp(logits, ax(-1), keepdims=1)  # the sparse softmax's [B, H, nb, bs, 1]
+            # the sparse softmax's log-sum-exp [B, H, nb, bs, 1] = l − log p at its most probable key,
+            # whose logit is recomputed from that key alone: one pass over the probabilities, none
+            # over the logits (ONNX Runtime's ReduceLogSumExp is 10× slower than its Softmax, and a
+            # second reader of the logits keeps the Softmax from writing over them)
+            best_p, best = tok.TopK(probs, ax(1), axis=-1, _outputs=2)  # [B, H, nb, bs, 1]
+            best_k = tok.GatherElements(k_sel, tok.Expand(best, tok.Shape(qb)), axis=3)  # [B, H, nb, bs, Dh]
+            best_logit = tok.Add(tok.ReduceSum(tok.Mul(tok.Mul(qb, scale), best_k), ax(-1), keepdims=1),
+                                 tok.Unsqueeze(tok.GatherElements(bias_sel, tok.Squeeze(best, ax(-1)), axis=3),
+                                               ax(-1)))
+            lse = tok.Sub(best_logit, tok.Log(best_p))
             top = tok.Max(lse, tok.ReduceMax(pooled_logits, ax(-1), keepdims=1))
             sparse_w, pooled_w = tok.Exp(tok.Sub(lse, top)), tok.Exp(tok.Sub(pooled_logits, top))
             total = tok.Add(sparse_w, tok.ReduceSum(pooled_w, ax(-1), keepdims=1))
