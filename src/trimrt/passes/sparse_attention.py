@@ -153,8 +153,9 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
 
 class _Masks:
     """What a block's mask written into the graph is, for the op: "keys" when it only biases
-    keys (a padding mask: its head and query axes are 1, [B, 1, 1, N], or it is the same for
-    every query on probe inputs), whose values become the op's key_bias; "causal" when it is
+    keys (a padding mask: its head and query axes are 1, [B, 1, 1, N], or it reads no input
+    of more than [B, N] and is the same for every query on probe inputs), whose values become
+    the op's key_bias; "causal" when it is
     the causal rule (computed from constants and the inputs' shapes only, and found on probe
     inputs of two lengths to be 0 on and below the diagonal and at most MASKED_BIAS above
     it); None for any other (refused). Probed once per mask value (the blocks of a model
@@ -225,8 +226,10 @@ class _Masks:
 
         if self.proto is None:
             self.proto = runnable_proto(ir.serde.serialize_model(self.model))
-        causal = not _reads_input_values(value, set(self.model.graph.inputs))
-        same_rows = True
+        read = _input_values_read(value, set(self.model.graph.inputs))
+        causal = not read
+        # a mask that reads a [B, N, N] input could vary by query on other inputs than the probes'
+        same_rows = all(x.shape is not None and len(x.shape) <= 2 for x in read)
         for n in ([self.tokens] if isinstance(self.tokens, int) else [7, 19]):
             feeds = {x.name: np.full([d if isinstance(d, int) else n for d in x.shape],
                                      1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
@@ -256,19 +259,20 @@ def _keys_only(value: ir.Value) -> bool:
     return all(d == 1 for d in dims[-3 if len(dims) >= 3 else -2:-1]) and (len(dims) < 4 or dims[1] == 1)
 
 
-def _reads_input_values(value: ir.Value, inputs: set) -> bool:
-    """Whether `value` depends on a graph input's values (its shape only does not count)."""
-    stack, seen = [value], set()
+def _input_values_read(value: ir.Value, inputs: set) -> set:
+    """The graph inputs whose values `value` depends on (reading only a shape does not count)."""
+    stack, seen, read = [value], set(), set()
     while stack:
         v = stack.pop()
         if v in inputs:
-            return True
+            read.add(v)
+            continue
         node = v.producer()
         if node is None or id(node) in seen or node.op_type == "Shape":
             continue
         seen.add(id(node))
         stack.extend(x for x in node.inputs if x is not None)
-    return False
+    return read
 
 
 def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.Value, ir.Value, int]:
