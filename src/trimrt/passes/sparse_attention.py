@@ -107,7 +107,7 @@ def patch_order(grid: tuple[int, ...], order: str, block_size: int) -> np.ndarra
     for factor in _prime_factors(block_size)[::-1]:  # largest first, to the axis with the smallest tile that fits
         fits = [a for a in range(len(grid)) if tile[a] * factor <= grid[a]]
         if not fits:
-            break
+            continue
         axis = min(fits, key=lambda a: (tile[a], -a))
         tile[axis] *= factor
     index = np.arange(int(np.prod(grid))).reshape(grid)
