@@ -112,6 +112,25 @@ def is_constant(value: ir.Value | None) -> bool:
         value.producer() is not None and value.producer().op_type == "Constant"))
 
 
+def ancestors(value: ir.Value, stop: set[ir.Value], *, through_shapes: bool = True
+              ) -> tuple[set[ir.Node], set[ir.Value]]:
+    """(the nodes `value` is computed by, not walking past the values of `stop`; the values of
+    `stop` they read). `through_shapes=False`: a Shape node's input is not walked (its value
+    is not read, only its shape)."""
+    nodes, reads, stack = set(), set(), [value]
+    while stack:
+        current = stack.pop()
+        if current in stop:
+            reads.add(current)
+            continue
+        node = current.producer()
+        if node is None or node in nodes or (not through_shapes and node.op_type == "Shape"):
+            continue
+        nodes.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    return nodes, reads
+
+
 def _is_parameter(value: ir.Value | None, depth: int = 4) -> bool:
     """A constant, or one seen through Identity / Cast: the TorchScript exporter hands shared
     weights (ALBERT's layers, tied embeddings) to their users through Identity nodes."""

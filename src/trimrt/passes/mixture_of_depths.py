@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import constant_array, structure_of
+from ..compiler.analysis import ancestors, constant_array, structure_of
 from ..compiler.probe import TokenDims
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
@@ -248,8 +248,8 @@ def _router_gate(block) -> tuple[ir.Value, set[ir.Node]] | None:
         if mul is None or mul.op_type != "Mul":
             return None
         for gate, other in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
-            nodes, reads = _ancestors(gate, stop={block.stream_in, mid})
-            if block.stream_in not in reads or mid in reads or mid not in _ancestors(other, stop={mid, block.stream_in})[1]:
+            nodes, reads = ancestors(gate, stop={block.stream_in, mid})
+            if block.stream_in not in reads or mid in reads or mid not in ancestors(other, stop={mid, block.stream_in})[1]:
                 continue
             weights = [constant_array(v) for node in nodes if node.op_type in ("MatMul", "Gemm") for v in node.inputs]
             if any(w is not None and w.ndim == 2 and 1 in w.shape and (width is None or width in w.shape)
@@ -259,18 +259,3 @@ def _router_gate(block) -> tuple[ir.Value, set[ir.Node]] | None:
     return None
 
 
-def _ancestors(value: ir.Value, stop: set[ir.Value]) -> tuple[set[ir.Node], set[ir.Value]]:
-    """(the nodes `value` is computed by, not walking past the values of `stop`; the values of
-    `stop` they read)."""
-    nodes, reads, stack = set(), set(), [value]
-    while stack:
-        current = stack.pop()
-        if current in stop:
-            reads.add(current)
-            continue
-        node = current.producer()
-        if node is None or node in nodes:
-            continue
-        nodes.add(node)
-        stack.extend(v for v in node.inputs if v is not None)
-    return nodes, reads

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import Attention, structure_of
+from ..compiler.analysis import Attention, ancestors, structure_of
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
 from ..plugins.block_sparse_attention import MASKED_BIAS, RECTIFY_BLOCKS, RECTIFY_TOKENS
@@ -226,7 +226,8 @@ class _Masks:
 
         if self.proto is None:
             self.proto = runnable_proto(ir.serde.serialize_model(self.model))
-        read = _input_values_read(value, set(self.model.graph.inputs))
+        # the graph inputs whose values the mask reads (a shape read does not count)
+        read = ancestors(value, set(self.model.graph.inputs), through_shapes=False)[1]
         causal = not read
         # a mask that reads a [B, N, N] input could vary by query on other inputs than the probes'
         same_rows = all(x.shape is not None and len(x.shape) <= 2 for x in read)
@@ -259,20 +260,6 @@ def _keys_only(value: ir.Value) -> bool:
     return all(d == 1 for d in dims[-3 if len(dims) >= 3 else -2:-1]) and (len(dims) < 4 or dims[1] == 1)
 
 
-def _input_values_read(value: ir.Value, inputs: set) -> set:
-    """The graph inputs whose values `value` depends on (reading only a shape does not count)."""
-    stack, seen, read = [value], set(), set()
-    while stack:
-        v = stack.pop()
-        if v in inputs:
-            read.add(v)
-            continue
-        node = v.producer()
-        if node is None or id(node) in seen or node.op_type == "Shape":
-            continue
-        seen.add(id(node))
-        stack.extend(x for x in node.inputs if x is not None)
-    return read
 
 
 def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.Value, ir.Value, int]:

@@ -151,6 +151,7 @@ def decompose(b, q, k, v, key_bias):
     counts = b.ReduceSum(b.CastLike(real, q), ax(1), keepdims=1)  # [nb, 1]
     qm, km, vm = (b.Div(b.ReduceSum(x, ax(3), keepdims=0), counts) for x in (qb, kb, vb))  # [B, H, nb, Dh]
     km_t = b.Transpose(km, perm=[0, 1, 3, 2])
+    q_scaled = b.Mul(qb, scale)  # the queries of every product with keys
     blocks = b.Range(zero, nb, one)
     i, j = b.Unsqueeze(blocks, ax(1)), b.Unsqueeze(blocks, ax(0))
     seen = b.Greater(b.ReduceMax(token_bias, ax(2), keepdims=0), fconst(MASKED_BIAS))  # [B, nb]: a key not masked
@@ -178,7 +179,7 @@ def decompose(b, q, k, v, key_bias):
 
     def all_keys(sub):
         """Every selected key counts: q·scale against the selected keys."""
-        return [sub.MatMul(sub.Mul(qb, scale), sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
+        return [sub.MatMul(q_scaled, sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
     # the bias of each selected key [B, H, nb, K·bs]: the key bias, -inf for padding and for slots past tau
     per_batch = b.Reshape(chosen, b.Concat(b.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
@@ -189,7 +190,7 @@ def decompose(b, q, k, v, key_bias):
     def masked_keys(sub):
         """q' = [q·scale, 1] against k' = [k, bias]: the biased logits without a pass over the logits."""
         ones = sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
-        q_aug = sub.Concat(sub.Mul(qb, scale), ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
+        q_aug = sub.Concat(q_scaled, ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
         k_aug = sub.Concat(k_sel, sub.Unsqueeze(bias_sel, ax(-1)), axis=-1)  # [B, H, nb, K·bs, Dh + 1]
         return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
@@ -233,7 +234,7 @@ def decompose(b, q, k, v, key_bias):
             counts_row = tok.Reshape(counts, ax(-1))  # [nb]
             weight = tok.Add(tok.Log(counts_row), tok.Div(tok.ReduceSum(tok.Where(real, token_bias, fconst(0.0)), ax(2),
                                                                         keepdims=0), counts_row))  # [B, nb]
-            pooled_logits = tok.Add(tok.MatMul(tok.Mul(qb, scale), tok.Unsqueeze(km_t, ax(2))),
+            pooled_logits = tok.Add(tok.MatMul(q_scaled, tok.Unsqueeze(km_t, ax(2))),
                                     tok.Unsqueeze(weight, ax(1, 2, 3)))  # [B, H, nb, bs, nb]
             pooled_logits = tok.Where(tok.Unsqueeze(ok, ax(3)), pooled_logits, minus_inf)
             # the sparse softmax's log-sum-exp [B, H, nb, bs, 1] = l − log p at its most probable key,
@@ -242,7 +243,7 @@ def decompose(b, q, k, v, key_bias):
             # second reader of the logits keeps the Softmax from writing over them)
             best_p, best = tok.TopK(probs, ax(1), axis=-1, _outputs=2)  # [B, H, nb, bs, 1]
             best_k = tok.GatherElements(k_sel, tok.Expand(best, tok.Shape(qb)), axis=3)  # [B, H, nb, bs, Dh]
-            best_logit = tok.Add(tok.ReduceSum(tok.Mul(tok.Mul(qb, scale), best_k), ax(-1), keepdims=1),
+            best_logit = tok.Add(tok.ReduceSum(tok.Mul(q_scaled, best_k), ax(-1), keepdims=1),
                                  tok.Unsqueeze(tok.GatherElements(bias_sel, tok.Squeeze(best, ax(-1)), axis=3),
                                                ax(-1)))
             lse = tok.Sub(best_logit, tok.Log(best_p))
