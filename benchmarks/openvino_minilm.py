@@ -4,11 +4,14 @@ Every row runs the same fp32 export (or a trimrt build of it) and is timed again
 fp32 on that export in the same process (alternating, after warm-up, median of paired ratios,
 ONNX Runtime spinning off), on 256-token passages of real text, 2 threads:
 
-- OpenVINO fp32: the export read by OpenVINO, inference precision f32;
-- OpenVINO + NNCF INT8: `nncf.quantize(..., model_type=TRANSFORMER)` on the calibration texts;
-- trimrt INT8 (`--target openvino`: static Q/DQ, per-channel weights, calibrated per-tensor
-  activations) with round-to-nearest or SmoothQuant weights, on OpenVINO;
-- trimrt EViT pruning + INT8 on OpenVINO.
+- OpenVINO fp32: the export read by OpenVINO, inference precision f32 and bf16 (OpenVINO's
+  own default on CPUs with AVX512-BF16 or AMX);
+- OpenVINO + NNCF INT8: `nncf.quantize(..., model_type=TRANSFORMER)` on the calibration texts,
+  at f32 and bf16;
+- trimrt INT8 SmoothQuant (`--target openvino`: static Q/DQ, per-channel weights, calibrated
+  per-tensor activations, the q·kᵀ inputs in int8 too unless `attention = false`), at f32 and
+  with `[openvino] inference_precision = "bf16"`;
+- trimrt EViT pruning after block 4 + the same INT8, on OpenVINO.
 
 Calibration (NNCF and trimrt alike): 48 docstrings of the corpus that are never a passage or a
 query (`corpus.calibration_texts`). Fidelity: sentence-embedding cosine on 200 passages and
@@ -33,22 +36,28 @@ CAL = {"source": "calibration.txt", "max_length": 256, "samples": 48}
 
 def recipes(tokenizer_dir: str) -> list[tuple[str, dict]]:
     cal = {"calibration": {**CAL, "tokenizer": tokenizer_dir}}
+    sq = {"quantization": {"method": "smoothquant"}, **cal}
+    bf16 = {"openvino": {"inference_precision": "bf16"}}
+    evit = {"token_pruning": {"layers": [4], "keep": 0.7}}
     return [
-        ("trimrt INT8 rtn", {"quantization": {}, **cal}),
-        ("trimrt INT8 smoothquant", {"quantization": {"method": "smoothquant"}, **cal}),
-        ("trimrt EViT keep 0.8 @3 + INT8 rtn", {"token_pruning": {"layers": [3], "keep": 0.8}, "quantization": {}, **cal}),
-        ("trimrt EViT keep 0.7 @3 + INT8 rtn", {"token_pruning": {"layers": [3], "keep": 0.7}, "quantization": {}, **cal}),
+        ("trimrt INT8 smoothquant, q·kᵀ float", {"quantization": {"method": "smoothquant", "attention": False}, **cal}),
+        ("trimrt INT8 smoothquant", sq),
+        ("trimrt INT8 smoothquant, bf16", {**sq, **bf16}),
+        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant", {**evit, **sq}),
+        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant, bf16", {**evit, **sq, **bf16}),
+        ("trimrt EViT keep 0.5 @4 + INT8 smoothquant, bf16", {"token_pruning": {"layers": [4], "keep": 0.5},
+                                                              **sq, **bf16}),
     ]
 
 
-class _OpenVINOModel:
+class OpenVINOModel:
     """An OpenVINO model (an ov.Model, e.g. NNCF's) with the Backend interface the helpers call."""
 
-    def __init__(self, model, threads: int):
+    def __init__(self, model, threads: int, precision: str = "f32"):
         import openvino as ov
 
         self.compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                                "INFERENCE_PRECISION_HINT": "f32",
+                                                                "INFERENCE_PRECISION_HINT": precision,
                                                                 "PERFORMANCE_HINT": "LATENCY"})
         self.request = self.compiled.create_infer_request()
         self.names = [port.get_any_name() for port in self.compiled.outputs]
@@ -58,14 +67,14 @@ class _OpenVINOModel:
         return {name: np.array(results[i]) for i, name in enumerate(self.names)}
 
 
-def nncf_int8(baseline: Path, calibration: list[dict], threads: int):
+def nncf_int8(baseline: Path, calibration: list[dict]):
+    """NNCF's post-training INT8 of the fp32 export (an ov.Model)."""
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(baseline))
-    quantized = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration))
-    return _OpenVINOModel(quantized, threads)
+    return nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                         subset_size=len(calibration))
 
 
 def main() -> int:
@@ -88,11 +97,13 @@ def main() -> int:
     calibration = [corpus.feeds(np.asarray(tokenizer(t, truncation=True, max_length=256)["input_ids"])) for t in texts]
 
     engines = []
-    fp32 = OpenVINOBackend(baseline, threads=args.threads)
-    fp32.activate()
-    engines.append(("OpenVINO fp32", fp32))
+    for precision in ("f32", "bf16"):
+        fp32 = OpenVINOBackend(baseline, threads=args.threads, precision=precision)
+        fp32.activate()
+        engines.append((f"OpenVINO fp32 export, {precision}", fp32))
     print("NNCF INT8 ...", flush=True)
-    engines.append(("OpenVINO + NNCF INT8", nncf_int8(baseline, calibration, args.threads)))
+    nncf_model = nncf_int8(baseline, calibration)
+    engines += [(f"OpenVINO + NNCF INT8, {p}", OpenVINOModel(nncf_model, args.threads, p)) for p in ("f32", "bf16")]
     for name, recipe in recipes(str(minilm.model_dir())):
         build = args.out / "".join(c if c.isalnum() else "_" for c in name)
         recipe_path = args.out / f"{build.name}.toml"

@@ -4,10 +4,13 @@ Every row runs the same fp32 export (or a trimrt build of it) and is timed again
 fp32 on that export in the same process (alternating, after warm-up, median of paired ratios,
 ONNX Runtime spinning off), 2 threads, at each batch size:
 
-- OpenVINO fp32: the export read by OpenVINO, inference precision f32;
-- OpenVINO + NNCF INT8: `nncf.quantize(..., model_type=TRANSFORMER)` on the calibration images;
+- OpenVINO fp32: the export read by OpenVINO, inference precision f32 and bf16 (OpenVINO's
+  default on CPUs with AVX512-BF16 or AMX);
+- OpenVINO + NNCF INT8: `nncf.quantize(..., model_type=TRANSFORMER)` on the calibration images,
+  at f32 and bf16;
 - trimrt builds `--target openvino`: INT8 (static Q/DQ, per-channel weights, calibrated
-  per-tensor activations), EViT keep 0.7 at blocks 3, 6, 9, and both together;
+  per-tensor activations, q·kᵀ in int8), EViT keep 0.7 at blocks 3, 6, 9, and both together,
+  at f32 and with `[openvino] inference_precision = "bf16"`;
 - trimrt's best ONNX Runtime build of benchmarks/vit_prune_int8.py (EViT keep 0.7 + INT8 +
   fusion) on ONNX Runtime: what the same recipe gives without OpenVINO.
 
@@ -31,11 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FACTORY = "examples.models.vit:deit_small"
 EVIT = {"layers": [3, 6, 9], "fuse_pruned": True, "keep": 0.7}
 CALIBRATION = {"source": "calibration", "samples": 32}
+BF16 = {"openvino": {"inference_precision": "bf16"}}
 BUILDS = [  # (name, recipe, target)
     ("trimrt INT8", {"quantization": {}, "calibration": CALIBRATION}, "openvino"),
     ("trimrt EViT keep 0.7", {"token_pruning": EVIT}, "openvino"),
     ("trimrt EViT keep 0.7 + INT8", {"token_pruning": EVIT, "quantization": {}, "calibration": CALIBRATION},
      "openvino"),
+    ("trimrt EViT keep 0.7 + INT8, bf16", {"token_pruning": EVIT, "quantization": {}, "calibration": CALIBRATION,
+                                           **BF16}, "openvino"),
     ("trimrt EViT keep 0.7 + INT8 + fusion", {"token_pruning": EVIT, "quantization": {},
                                               "onnxruntime": {"fuse": True}}, "onnxruntime"),
 ]
@@ -49,7 +55,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("builds/bench_openvino_vit"))
     args = ap.parse_args()
     from minilm_quantization import _toml
-    from openvino_minilm import nncf_int8
+    from openvino_minilm import OpenVINOModel, nncf_int8
 
     import trimrt
     from trimrt.bench import paired_speedup, time_alternating
@@ -66,11 +72,14 @@ def main() -> int:
     images = np.random.default_rng(0).standard_normal((16, 3, 224, 224)).astype(np.float32)
 
     engines = []
-    fp32 = OpenVINOBackend(baseline, threads=args.threads)
-    fp32.activate()
-    engines.append(("OpenVINO fp32", fp32, 1.0))
+    for precision in ("f32", "bf16"):
+        fp32 = OpenVINOBackend(baseline, threads=args.threads, precision=precision)
+        fp32.activate()
+        engines.append((f"OpenVINO fp32 export, {precision}", fp32, 1.0))
     print("NNCF INT8 ...", flush=True)
-    engines.append(("OpenVINO + NNCF INT8", nncf_int8(baseline, calibration, args.threads), 1.0))
+    nncf_model = nncf_int8(baseline, calibration)
+    engines += [(f"OpenVINO + NNCF INT8, {p}", OpenVINOModel(nncf_model, args.threads, p), 1.0)
+                for p in ("f32", "bf16")]
     for name, recipe, target in BUILDS:
         build = args.out / "".join(c if c.isalnum() else "_" for c in name)
         recipe_path = args.out / f"{build.name}_{target}.toml"

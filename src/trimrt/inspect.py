@@ -117,6 +117,7 @@ def quantization_summary(report: dict) -> dict:
         "kept_float": [{"name": x["name"], "reason": x.get("reason"), **({"cosine_alone": x["cosine_alone"]}
                         if "cosine_alone" in x else {})} for x in kept],
         "layers": layers,
+        "attention_products": (report.get("attention_products") or {}).get("quantized", 0),
     })
     return summary
 
@@ -161,6 +162,8 @@ def quantization_line(summary: dict) -> str:
             f"({summary['method']}), weights {human_bytes(summary['weight_bytes_before'])} → "
             f"{human_bytes(summary['weight_bytes_after'])}"
             f"{f' ({ratio:.1f}× smaller)' if ratio else ''}, {fidelity_text(summary)}")
+    if summary.get("attention_products"):
+        line += f"; q·kᵀ in int8 in {summary['attention_products']} attention products"
     if summary["kept_float"]:
         by_reason: dict[str, list[str]] = {}
         for layer in summary["kept_float"]:

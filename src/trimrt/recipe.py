@@ -445,6 +445,10 @@ class QuantizationOptions(_Table):
                                  "set)", note=" (leave it out to search it)")
     min_cosine: float | None = number(None, "(0, 1]", "fidelity guard: keep the most sensitive layers in float until "
                                       "the output cosine on held-out calibration samples is at least this")
+    attention: bool | None = _key(None, "int8 q·kᵀ products too: q and k quantized per tensor with calibrated static "
+                                  "scales (targets with static activations); left out: on for openvino (NNCF's "
+                                  "transformer preset does the same), off elsewhere",
+                                  (lambda v: isinstance(v, bool), "{key} must be true or false, got {value!r}"))
 
     @classmethod
     def _combine(cls, values, table, where):
@@ -457,6 +461,9 @@ class QuantizationOptions(_Table):
                                 for (w, a), m in combinations.items())
             raise RecipeError(f"{where}: weights = {weights!r}, activations = {activations!r}, method = {method!r} is "
                               f"not a supported combination; choose one of: {allowed}")
+        if values.get("attention") and (weights, activations) != ("int8", "int8"):
+            raise RecipeError(f"{where}: attention = true quantizes the q·kᵀ products to int8 and goes with int8 weights "
+                              f"and activations (weights is {weights!r}, activations {activations!r})")
         if "group_size" in values and weights != "int4":
             raise RecipeError(f"{where}: group_size applies to int4 weights (weights is {weights!r}); remove it")
         _method_only(table, where, QUANTIZATION_METHODS, method, "recipe_keys")

@@ -74,3 +74,78 @@ def test_vit_int8_build(tmp_path, tiny_vit_onnx, images):
     cos = np.sum(got * fp32, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.999  # INT8 on top of the same pruning
     assert ref.shape == got.shape and pruned["flops"]["ratio"] == pytest.approx(manifest["flops"]["ratio"], rel=1e-3)
+
+
+def test_attention_products_are_put_on_the_int8_grid():
+    """quantize_products: both inputs of softmax(q·kᵀ·c)·v rounded to int8 with their own
+    scale (zero point 0, saturating), v and the probabilities left float."""
+    import onnx_ir as ir
+
+    from trimrt.passes.base import GraphBuilder
+    from trimrt.passes.quantization import quantize_products
+
+    rng = np.random.default_rng(3)
+    q, kt, v = (rng.standard_normal(s).astype(np.float32) for s in [(2, 3, 5, 4), (2, 3, 4, 5), (2, 3, 5, 4)])
+    info = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, a.shape) for n, a in [("q", q), ("kt", kt), ("v", v)]]
+    graph = oh.make_graph([oh.make_node("MatMul", ["q", "kt"], ["s"]), oh.make_node("Mul", ["s", "c"], ["sc"]),
+                           oh.make_node("Softmax", ["sc"], ["p"], axis=-1), oh.make_node("MatMul", ["p", "v"], ["y"])],
+                          "attn", info, [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                          [onnx.numpy_helper.from_array(np.array(0.5, np.float32), "c")])
+    model = ir.serde.deserialize_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 19)]))
+    scales = {"q": float(np.abs(q).max()) / 127, "kt": 0.01}  # kt's scale saturates its larger entries
+    assert quantize_products(model.graph, scales, lambda g, prefix: GraphBuilder(g, prefix)) == 1
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"q": q, "kt": kt, "v": v})[0]
+
+    def grid(x, s):
+        return np.clip(np.rint(x / np.float32(s)), -128, 127) * np.float32(s)
+
+    logits = grid(q, scales["q"]) @ grid(kt, scales["kt"]) * 0.5
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_the_openvino_target_quantizes_attention_products(tiny_vit_onnx, tmp_path):
+    """On OpenVINO (as NNCF's transformer preset) the q·kᵀ inputs are int8 by default, with
+    calibrated scales; `attention = false` keeps them float; ONNX Runtime builds refuse it."""
+    import onnx_ir as ir
+
+    from trimrt.compiler.analysis import score_products
+    from trimrt.errors import RecipeError
+    from trimrt.passes.quantization import QuantizationPass, product_sources
+    from trimrt.recipe import load_recipe
+
+    _, path = tiny_vit_onnx
+    for attention, want in [(None, 4), (False, 0)]:
+        table = {"weights": "int8"} if attention is None else {"weights": "int8", "attention": attention}
+        recipe = load_recipe({"quantization": table, "calibration": {"random": True, "samples": 4}})
+        model = ir.load(path)
+        with pytest.warns(UserWarning, match="random data"):
+            QuantizationPass(recipe.quantization, recipe.calibration, target="openvino", progress=False)(model)
+        assert len(score_products(model.graph)) == 4
+        # the int8 grid before the head split's Reshape / Transpose, which then move int8 data
+        sources = [value.producer().op_type for value, *_ in product_sources(model.graph)]
+        assert sources.count("DequantizeLinear") == 2 * want and len(sources) == 8
+    recipe = load_recipe({"quantization": {"attention": True}})
+    with pytest.raises(RecipeError, match="attention = true needs static activation scales, which onnxruntime builds"):
+        QuantizationPass(recipe.quantization, target="onnxruntime")
+    with pytest.raises(RecipeError, match="attention = true quantizes the q·kᵀ products to int8 and goes with int8"):
+        load_recipe({"quantization": {"attention": True, "weights": "int4"}})
+
+
+def test_smoothquant_after_pruning_a_post_norm_bert(small_vocab_bert, tmp_path):
+    """A post-LN block's LayerNorm also feeds the residual, so SmoothQuant's 1/s stays a Mul
+    (not folded); after pruning its input carries no type in the graph: the Mul gets float32."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "calib").mkdir()
+    for i in range(6):
+        ids = rng.integers(0, 60, (1, 12))
+        np.savez(tmp_path / "calib" / f"{i}.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    recipe = {"token_pruning": {"layers": [0], "keep": 0.5}, "quantization": {"method": "smoothquant"},
+              "calibration": {"source": str(tmp_path / "calib")}}
+    manifest = trimrt.compile(str(small_vocab_bert), recipe, tmp_path / "b")
+    assert manifest.pass_report("quantization")["matmuls_quantized"] > 0
+    ids = np.array([[1, 5, 7, 9, 11, 13, 2, 4, 8, 3]], np.int64)
+    out = trimrt.load(tmp_path / "b").run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert all(np.isfinite(v).all() for v in out.values())

@@ -118,6 +118,10 @@ def test_the_openvino_target(vit, tmp_path):
     assert manifest["target"] == "openvino"
     quant = manifest.pass_report("quantization")
     assert "QuantizeLinear/DequantizeLinear INT8" in quant["encoding"]
+    assert quant["attention_products"]["quantized"] == 4  # q·kᵀ in int8 in every block, as NNCF does
+    from trimrt.inspect import quantization_line, quantization_summary
+
+    assert quantization_line(quantization_summary(quant)).endswith("; q·kᵀ in int8 in 4 attention products")
     session = trimrt.load(tmp_path / "b")
     assert session.backend.name == "openvino"
     feeds = {"pixel_values": example.numpy()}

@@ -40,6 +40,7 @@ class Attention:
     scale: float  # factor applied to q·kᵀ before the softmax
     mask: ir.Value | None  # additive mask added to the logits, if any
     mask_select: ir.Node | None = None  # or a Where(condition, logits, fill) masking them
+    product: ir.Node | None = None  # the q·kᵀ MatMul (the Softmax form; None for a fused op)
 
     def keys_shape(self, shape_of=lambda value: value.shape):
         """Shape whose last entry is the number of keys; `shape_of(value)`: the graph's shape, or a probed one."""
@@ -243,8 +244,14 @@ def _find_attentions(graph: ir.Graph) -> list[Attention]:
         matmul, scale, mask = scores
         q, k_t = matmul.inputs
         select = mask if isinstance(mask, ir.Node) else None
-        found.append(Attention(node, q, k_t, True, context.outputs[0], scale, None if select else mask, select))
+        found.append(Attention(node, q, k_t, True, context.outputs[0], scale, None if select else mask, select,
+                               matmul))
     return found
+
+
+def score_products(graph: ir.Graph) -> list[ir.Node]:
+    """The q·kᵀ MatMuls of the graph's attentions written as separate ops (not fused ones)."""
+    return [a.product for a in _find_attentions(graph) if a.product is not None]
 
 
 def _fused_attention(node: ir.Node) -> Attention:

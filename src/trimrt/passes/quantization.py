@@ -6,7 +6,9 @@ the fit part of the samples and check on the held-out part (quantization.holdout
 the fidelity guard with `min_cosine` (quantization.guard), and writes each MatMul in its
 target's encoding (quantization.encodings; README's "What runs where"). SmoothQuant's and
 AWQ's input scale s becomes one Mul by 1/s, folded into the LayerNormalization that makes
-x when nothing else reads it.
+x when nothing else reads it. With `attention` (the default on OpenVINO), the two inputs
+of each attention's q·kᵀ product are put on the int8 grid too (one calibrated scale per
+tensor), which OpenVINO runs as an INT8 attention kernel.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compare import mean_cosine
-from ..compiler.analysis import constant_array, is_constant
+from ..compiler.analysis import constant_array, is_constant, score_products
 from ..compiler.onnx_runner import OnnxRunner
 from ..compiler.progress import steps
 from ..errors import BuildError, RecipeError
 from ..plugins import runnable_proto
-from ..quantization.encodings import SharedQuantized, constant, encoding_for
+from ..quantization.encodings import SharedQuantized, constant, encoding_for, fake_quantized
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
 from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
@@ -53,11 +55,21 @@ class QuantizationPass(TrimrtPass):
         self.target, self.progress = target, progress
         self.method = QUANTIZATION_METHODS[options.method]
         self.encoding = QUANTIZED_ENCODINGS[encoding_for(options.weights, target)]
+        self.attention = options.attention
+        if self.attention is None:  # the target's default
+            self.attention = target == "openvino" and self.encoding.static_activations and options.weights == "int8"
+        if self.attention and not self.encoding.static_activations:
+            raise RecipeError(f"[quantization] attention = true needs static activation scales, which {target} builds "
+                              "of these weights do not use: build --target openvino or tensorrt, or remove it")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = find_linears(model.graph)
         for i, (_, x, _) in enumerate(sites):
             x.name = x.name or f"trimrt_quant_input_{i}"
+        product_inputs = []
+        for i, (value, *_) in enumerate(product_sources(model.graph) if self.attention else []):
+            value.name = value.name or f"trimrt_attention_input_{i}"
+            product_inputs.append(value.name)
         linears = [Linear(node.name or f"MatMul_{i}", x.name, w) for i, (node, x, w) in enumerate(sites)]
         # calibration data given is always used: at least to measure the build's fidelity
         needs_data = self.options.needs_calibration or self.encoding.static_activations or self.calibration is not None
@@ -67,30 +79,40 @@ class QuantizationPass(TrimrtPass):
         split, stats, held_stats, original = Split([], []), {}, None, None
         if needs_data and linears:
             original = ir.serde.serialize_model(model)  # the float graph, for calibration and the guard
-            split, stats, held_stats = self._calibrate(original, linears)
+            split, stats, held_stats = self._calibrate(original, linears, product_inputs)
+        attention_scales = {name: _tensor_scale(stats[name]) for name in product_inputs if name in stats}
         plan = quantize_linears(self.options, linears, stats, static_activations=self.encoding.static_activations,
                                 held_out=held_stats)
         candidates = [i for i, q in enumerate(plan) if isinstance(q, QuantizedLinear)]
         fidelity, kept_float = None, []
         if (split.fit or split.held_out) and candidates:
-            fidelity, kept_float = self._guard(original, linears, plan, candidates, split)
+            fidelity, kept_float = self._guard(original, linears, plan, candidates, split, attention_scales)
         chosen = frozenset(candidates) - set(kept_float)
         apply_plan(model, sites, plan, chosen, self.builder, self.target)
-        self.record(self._report(linears, plan, chosen, kept_float, fidelity, split), changes_results=bool(chosen))
-        return ir.passes.PassResult(model, modified=bool(chosen))
+        quantized_products = quantize_products(model.graph, attention_scales, self.builder)
+        report = self._report(linears, plan, chosen, kept_float, fidelity, split)
+        if self.attention:
+            report["attention_products"] = {"quantized": quantized_products, "encoding": "int8 q and k, "
+                                            "static scale per tensor (QuantizeLinear/DequantizeLinear)"}
+        modified = bool(chosen) or bool(quantized_products)
+        self.record(report, changes_results=modified)
+        return ir.passes.PassResult(model, modified=modified)
 
-    def _guard(self, original, linears: list[Linear], plan, candidates: list[int], split: Split):
+    def _guard(self, original, linears: list[Linear], plan, candidates: list[int], split: Split,
+               attention_scales: dict[str, float]):
         """(the fidelity report, the layers kept float): the output cosine of the build on the
-        held-out samples (the guard's, with `min_cosine`) and on fitted ones (`cosine_fit`)."""
-        evaluate = _Evaluator(original, plan, self.builder, self.target, (split.held_out or split.fit)[:GUARD_SAMPLES])
+        held-out samples (the guard's, with `min_cosine`) and on fitted ones (`cosine_fit`);
+        quantized attention products count in every evaluation (the guard keeps linears only)."""
+        evaluate = _Evaluator(original, plan, self.builder, self.target, (split.held_out or split.fit)[:GUARD_SAMPLES],
+                              attention_scales)
         fidelity = {"measured_on": split.measured_on, "samples": len(evaluate.feeds)}
         floor = self.options.min_cosine
         with steps("fidelity guard", 2 + 2 * len(candidates), enabled=self.progress and floor is not None) as advance:
             result = choose_float_layers(candidates, evaluate, floor, advance)
             cosine_fit = result.cosine
             if split.held_out and result.quantized:
-                cosine_fit = _Evaluator(original, plan, self.builder, self.target,
-                                        split.fit[:GUARD_SAMPLES])(result.quantized)
+                cosine_fit = _Evaluator(original, plan, self.builder, self.target, split.fit[:GUARD_SAMPLES],
+                                        attention_scales)(result.quantized)
             advance()
         fidelity.update({"cosine": round(result.cosine, 6), "cosine_fit": round(cosine_fit, 6)})
         if floor is not None:
@@ -99,9 +121,10 @@ class QuantizationPass(TrimrtPass):
         fidelity["samples_fit"] = min(len(split.fit), GUARD_SAMPLES)
         return fidelity, result.kept_float
 
-    def _calibrate(self, original, linears: list[Linear]):
+    def _calibrate(self, original, linears: list[Linear], product_inputs: list[str]):
         """(the split feeds, statistics of the fit part, statistics of the held-out part for
-        checking the method's choices or None)."""
+        checking the method's choices or None); the fit part's statistics include the range
+        of each attention product input."""
         from ..quantization.calibration import collect_activation_stats, load_calibration_feeds, model_inputs
 
         runnable = runnable_proto(original)
@@ -114,7 +137,7 @@ class QuantizationPass(TrimrtPass):
             want.add("absmax")  # the per-tensor activation scales
         names = sorted({lin.activation for lin in linears})
         stats = collect_activation_stats(runnable, split.fit, names, want=want, progress=self.progress,
-                                         seed=self.calibration.seed)
+                                         seed=self.calibration.seed, tensor_ranges=product_inputs)
         held_stats, check = None, self.method.held_out_statistics
         if split.held_out and check:
             held_stats = collect_activation_stats(runnable, split.held_out, names, want=check,
@@ -227,7 +250,8 @@ def _divide_input(b: GraphBuilder, x: ir.Value, s: np.ndarray, sites, plan, chos
         return x
     inverse = constant(b, f"{b.prefix}_input_scale", (1.0 / s).astype(np.float32))
     smoothed = b.op("Mul", [x, inverse], name=f"{b.prefix}_smooth")
-    smoothed.name, smoothed.shape, smoothed.dtype = f"{b.prefix}_smoothed", x.shape, x.dtype
+    smoothed.name, smoothed.shape = f"{b.prefix}_smoothed", x.shape
+    smoothed.dtype = x.dtype or ir.DataType.FLOAT  # a linear's input is float32 (find_linears), typed or not
     return smoothed
 
 
@@ -245,15 +269,62 @@ def _fold_into_layer_norm(b: GraphBuilder, node: ir.Node, s: np.ndarray) -> bool
     return True
 
 
+def _tensor_scale(stat) -> float:
+    """Symmetric int8 scale of a tensor from its calibrated range (1 for an all-zero one)."""
+    top = max(abs(stat.range[0]), abs(stat.range[1])) if stat.range is not None else 0.0
+    return top / 127 if top > 0 else 1.0
+
+
+#: ops that only move or relabel elements: a per-tensor scale commutes with them
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def product_sources(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node, int, ir.Node]]:
+    """(value, reader, input index, product) to put on the int8 grid for each input of each attention
+    q·kᵀ MatMul: the input followed back through the layout ops that only it reads (the head
+    split's Reshape / Transpose), so those move int8 data, as OpenVINO's INT8 attention expects."""
+    sources = []
+    for node in score_products(graph):
+        for j, value in enumerate(node.inputs):
+            reader, index = node, j
+            while (value.producer() is not None and value.producer().op_type in _LAYOUT_OPS
+                   and value.producer().domain in ("", "ai.onnx") and len(value.uses()) == 1
+                   and not value.is_graph_output()):
+                reader, index = value.producer(), 0
+                value = reader.inputs[0]
+            sources.append((value, reader, index, node))
+    return sources
+
+
+def quantize_products(graph: ir.Graph, scales: dict[str, float], builder: Builder) -> int:
+    """Put the attention q·kᵀ inputs (`product_sources`) named in `scales` (value name -> int8
+    scale) on the int8 grid, in place; returns how many products changed. A value read by several
+    products is quantized once; its other readers keep the float value."""
+    done: dict[str, ir.Value] = {}
+    changed = set()
+    for i, (value, reader, index, product) in enumerate(product_sources(graph) if scales else []):
+        if value.name not in scales:
+            continue
+        changed.add(product)
+        if value.name not in done:
+            b = builder(graph, f"trimrt_attention_{i}")
+            done[value.name] = fake_quantized(b, value, scales[value.name])
+            b.insert_before(reader)
+        reader.replace_input_with(index, done[value.name])
+    return len(changed)
+
+
 class _Evaluator:
     """Output cosine of the graph with a subset of the plan applied, vs the float graph,
     on the given calibration feeds (min over float outputs of the mean over samples)."""
 
-    def __init__(self, original, plan, builder: Builder, target: str, feeds):
+    def __init__(self, original, plan, builder: Builder, target: str, feeds, attention_scales: dict[str, float]):
         self.original, self.plan, self.builder, self.target, self.feeds = original, plan, builder, target, feeds
+        self.attention_scales = attention_scales
         self.reference = OnnxRunner(runnable_proto(original)).run_all(feeds)
 
     def __call__(self, quantized: frozenset[int]) -> float:
         model = ir.serde.deserialize_model(self.original)
         apply_plan(model, find_linears(model.graph), self.plan, quantized, self.builder, self.target)
+        quantize_products(model.graph, self.attention_scales, self.builder)
         return mean_cosine(self.reference, OnnxRunner(runnable_proto(model)).run_all(self.feeds))

@@ -298,7 +298,10 @@ class _Accumulator:
         self.low, self.high = np.inf, -np.inf
 
     def add(self, x: np.ndarray) -> None:
-        rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
+        if self.want == {"range"}:  # per tensor only: any shape (the last axis may be a token axis, as in kᵀ)
+            rows = x.reshape(-1, 1)
+        else:
+            rows = x.reshape(-1, x.shape[-1] if x.ndim else 1)
         if self.width is None:
             self.width = width = rows.shape[1]
             self.absmax = np.zeros(width, dtype=np.float32) if "absmax" in self.want else None
@@ -342,10 +345,11 @@ def _as_proto(model: Any):
 
 def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray]], value_names: Sequence[str],
                              want: Iterable[str] = STATISTICS, max_rows: int = 4096, progress: bool = True,
-                             seed: int = 0) -> dict[str, ActivationStats]:
+                             seed: int = 0, tensor_ranges: Sequence[str] = ()) -> dict[str, ActivationStats]:
     """Run the float `model` (path, ModelProto or onnx_ir Model; never modified) on each
     feed and return, per name in `value_names` (graph inputs or node outputs), the
-    statistics in `want` (a subset of absmax, hessian, rows, range)."""
+    statistics in `want` (a subset of absmax, hessian, rows, range), and per name in
+    `tensor_ranges` its range alone (of tensors whose last axis may change between samples)."""
     from ..compiler.onnx_runner import OnnxRunner
 
     want = frozenset(want)
@@ -353,13 +357,15 @@ def collect_activation_stats(model: Any, feeds: Iterable[Mapping[str, np.ndarray
         raise ValueError(f"unknown statistics {sorted(want - STATISTICS)}; known: {sorted(STATISTICS)}")
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    names = list(dict.fromkeys(value_names))
+    names = list(dict.fromkeys([*value_names, *tensor_ranges]))
     proto = _as_proto(model)
     graph_inputs = {v.name for v in proto.graph.input}
     fetched = [n for n in names if n not in graph_inputs]
     runner = OnnxRunner(proto, fetched, optimize="basic")
     rng = np.random.default_rng(seed)
-    accumulators = {n: _Accumulator(n, want, max_rows, rng) for n in names}
+    accumulators = {n: _Accumulator(n, want, max_rows, rng) for n in value_names}
+    accumulators.update({n: _Accumulator(n, frozenset({"range"}), max_rows, rng)
+                         for n in tensor_ranges if n not in accumulators})
     feeds = list(feeds) if not isinstance(feeds, Sequence) else feeds
     with steps("calibrating", len(feeds), enabled=progress) as advance:
         for feed in feeds:

@@ -170,19 +170,27 @@ def qdq_static(b: GraphBuilder, x: ir.Value, x_scale: float, q_w: np.ndarray, w_
                              "round them with float8_e4m3fn first")
     else:
         raise BuildError(f"qdq_static dtype must be 'int8' or 'fp8', got {dtype!r}")
-    if not (np.isfinite(x_scale) and x_scale > 0):
-        raise BuildError(f"qdq_static activation scale must be a positive number, got {x_scale}: recalibrate")
     w_scale = _check_scale(w_scale, (n,), "qdq_static")
     prefix = b.prefix
-    x_scale_v = constant(b, f"{prefix}_x_scale", np.array(x_scale, np.float32))
-    x_zp_v = constant(b, f"{prefix}_x_zp", np.zeros((), zero_dtype))
+    x_dq = fake_quantized(b, x, x_scale, zero_dtype)
     w_v = constant(b, f"{prefix}_w", stored)
     w_scale_v = constant(b, f"{prefix}_w_scale", w_scale)
     w_zp_v = constant(b, f"{prefix}_w_zp", np.zeros(n, zero_dtype))
-    quantized = b.op("QuantizeLinear", [x, x_scale_v, x_zp_v], name=f"{prefix}_x_q")
-    x_dq = b.op("DequantizeLinear", [quantized, x_scale_v, x_zp_v], name=f"{prefix}_x_dq")
     w_dq = b.op("DequantizeLinear", [w_v, w_scale_v, w_zp_v], {"axis": 1}, name=f"{prefix}_w_dq")
     return _typed(b.op("MatMul", [x_dq, w_dq], name=f"{prefix}_matmul"), x, n)
+
+
+def fake_quantized(b: GraphBuilder, x: ir.Value, scale: float, zero_dtype=np.int8) -> ir.Value:
+    """DequantizeLinear(QuantizeLinear(x)) with one static scale and zero point 0: float32 x
+    on the int8 (or E4M3) grid, the form TensorRT and OpenVINO run a product's input in INT8 from."""
+    if not (np.isfinite(scale) and scale > 0):
+        raise BuildError(f"static activation scale must be a positive number, got {scale}: recalibrate")
+    scale_v = constant(b, f"{b.prefix}_x_scale", np.array(scale, np.float32))
+    zero_v = constant(b, f"{b.prefix}_x_zp", np.zeros((), zero_dtype))
+    quantized = b.op("QuantizeLinear", [x, scale_v, zero_v], name=f"{b.prefix}_x_q")
+    out = b.op("DequantizeLinear", [quantized, scale_v, zero_v], name=f"{b.prefix}_x_dq")
+    out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), x.shape
+    return out
 
 
 def constant(b: GraphBuilder, name: str, array: np.ndarray) -> ir.Value:
