@@ -181,10 +181,10 @@ def prefix_suffix(b, tokens, s: SimpleNamespace):
     return prefix, suffix
 
 
-def drop_mask(b, order, s_p):
+def drop_mask(b, kept, s_p):
     """[B, span] 1 where a span token was dropped, 0 where kept, in the type of the span
-    scores `s_p`, from TopK's `order` (ones scattered without reduction at the kept positions)."""
+    scores `s_p`, from the kept positions in the span (ones scattered there without reduction)."""
     one_t = b.CastLike(b.const([1.0], np.float32), s_p)
-    ones = b.Expand(one_t, b.Shape(order))
+    ones = b.Expand(one_t, b.Shape(kept))
     zeros = b.CastLike(b.ConstantOfShape(b.Shape(s_p)), s_p)
-    return b.Sub(one_t, b.ScatterElements(zeros, order, ones, axis=1))
+    return b.Sub(one_t, b.ScatterElements(zeros, kept, ones, axis=1))

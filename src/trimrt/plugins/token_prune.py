@@ -62,24 +62,26 @@ def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span
 
 
 def top_k_in_order(b, score, s):
-    """(span scores s_p, TopK order, the kept span tokens' positions in their original order)."""
+    """(span scores s_p, the kept tokens' positions in the span, ascending; the same in the
+    sequence). The top-k ranking is read only through its ascending sort, which OpenVINO runs
+    as one TopK sorted by index (runtime/backends.py: `_select_in_order`)."""
     ax1 = b.const([1])
     s_p = b.Slice(score, s.protect, s.end, ax1)
     _, order = b.TopK(s_p, s.k, axis=1, largest=1, sorted=1, _outputs=2)
-    order_sorted, _ = b.TopK(order, s.k, axis=1, largest=0, sorted=1, _outputs=2)
-    return s_p, order, b.Add(order_sorted, s.protect)
+    kept, _ = b.TopK(order, s.k, axis=1, largest=0, sorted=1, _outputs=2)
+    return s_p, kept, b.Add(kept, s.protect)
 
 
 def decompose(b, x, score):
     s = span_graph(b, score)
     # rank the span's tokens; keep the top k, then restore their order
-    s_p, order, chosen = top_k_in_order(b, score, s)
+    s_p, kept, chosen = top_k_in_order(b, score, s)
     # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
     prefix, suffix = prefix_suffix(b, score, s)
     kept_index = b.Concat(prefix, chosen, suffix, axis=1)
     y = b.GatherND(x, b.Unsqueeze(kept_index, b.const([-1])), batch_dims=1)
     # fusion weights: the scores of the dropped span tokens, zero elsewhere
-    w_row = b.Unsqueeze(b.CastLike(b.Mul(s_p, drop_mask(b, order, s_p)), x), b.const([1]))  # [B, 1, span]
+    w_row = b.Unsqueeze(b.CastLike(b.Mul(s_p, drop_mask(b, kept, s_p)), x), b.const([1]))  # [B, 1, span]
     fused = b.MatMul(w_row, b.Slice(x, s.protect, s.end, b.const([1])))  # [B, 1, D]
     return y, kept_index, fused
 

@@ -105,9 +105,9 @@ def decompose(b, x, score, position):
     grid_s, rows_s, cols_s = b.attr("grid"), b.attr("patch_rows"), b.attr("patch_cols")
     # span [protect, end) and k: TokenPrune's rule; the kept span tokens, in their original order
     s = span_graph(b, score)
-    s_p, order, chosen = top_k_in_order(b, score, s)
+    s_p, kept, chosen = top_k_in_order(b, score, s)
     # dropped mask over the span: ones scattered (no reduction) at the kept positions
-    dropped_f = drop_mask(b, order, s_p)
+    dropped_f = drop_mask(b, kept, s_p)
     dropped = b.Cast(dropped_f, to=9)  # bool [B, span]
     # cell of each span token from its original patch position (-1: not a patch)
     p = b.Sub(b.Slice(position, s.protect, s.end, ax1), b.attr("first_patch"))
