@@ -38,14 +38,14 @@ def recipes(tokenizer_dir: str) -> list[tuple[str, dict]]:
     cal = {"calibration": {**CAL, "tokenizer": tokenizer_dir}}
     sq = {"quantization": {"method": "smoothquant"}, **cal}
     bf16 = {"openvino": {"inference_precision": "bf16"}}
-    evit = {"token_pruning": {"layers": [4], "keep": 0.7}}
     return [
         ("trimrt INT8 smoothquant, q·kᵀ float", {"quantization": {"method": "smoothquant", "attention": False}, **cal}),
         ("trimrt INT8 smoothquant", sq),
         ("trimrt INT8 smoothquant, bf16", {**sq, **bf16}),
-        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant", {**evit, **sq}),
-        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant, bf16", {**evit, **sq, **bf16}),
-        ("trimrt EViT keep 0.5 @4 + INT8 smoothquant, bf16", {"token_pruning": {"layers": [4], "keep": 0.5},
+        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant", {"token_pruning": {"layers": [4], "keep": 0.7}, **sq}),
+        ("trimrt EViT keep 0.8 @4 + INT8 smoothquant, bf16", {"token_pruning": {"layers": [4], "keep": 0.8},
+                                                              **sq, **bf16}),
+        ("trimrt EViT keep 0.7 @4 + INT8 smoothquant, bf16", {"token_pruning": {"layers": [4], "keep": 0.7},
                                                               **sq, **bf16}),
     ]
 

@@ -446,8 +446,8 @@ class QuantizationOptions(_Table):
     min_cosine: float | None = number(None, "(0, 1]", "fidelity guard: keep the most sensitive layers in float until "
                                       "the output cosine on held-out calibration samples is at least this")
     attention: bool | None = _key(None, "int8 q·kᵀ products too: q and k quantized per tensor with calibrated static "
-                                  "scales (targets with static activations); left out: on for openvino (NNCF's "
-                                  "transformer preset does the same), off elsewhere",
+                                  "scales (targets with static activations); left out: on for openvino encoders "
+                                  "(NNCF's transformer preset does the same), off for decoders and elsewhere",
                                   (lambda v: isinstance(v, bool), "{key} must be true or false, got {value!r}"))
 
     @classmethod

@@ -183,7 +183,7 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
         feature.append(PackedProjectionsPass())  # after the fusion (its rules match Q, K, V apart), before quantization
     if recipe.quantization is not None:
         feature.append(QuantizationPass(recipe.quantization, recipe.calibration, recipe.directory, target,
-                                        progress=progress))  # last: quantizes the pruned / merged graph
+                                        progress=progress, decoder=decoder))  # last: the pruned / merged graph
     token_level = any(t is not None for t in (recipe.token_pruning, recipe.token_merging, recipe.mixture_of_depths,
                                               recipe.sparse_attention))
     analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only

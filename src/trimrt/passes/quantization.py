@@ -6,9 +6,9 @@ the fit part of the samples and check on the held-out part (quantization.holdout
 the fidelity guard with `min_cosine` (quantization.guard), and writes each MatMul in its
 target's encoding (quantization.encodings; README's "What runs where"). SmoothQuant's and
 AWQ's input scale s becomes one Mul by 1/s, folded into the LayerNormalization that makes
-x when nothing else reads it. With `attention` (the default on OpenVINO), the two inputs
-of each attention's q·kᵀ product are put on the int8 grid too (one calibrated scale per
-tensor), which OpenVINO runs as an INT8 attention kernel.
+x when nothing else reads it. With `attention` (the default for encoders on OpenVINO),
+the two inputs of each attention's q·kᵀ product are put on the int8 grid too (one
+calibrated scale per tensor), which OpenVINO runs as an INT8 attention kernel.
 """
 
 from __future__ import annotations
@@ -49,15 +49,16 @@ class QuantizationPass(TrimrtPass):
 
     def __init__(self, options: QuantizationOptions, calibration: CalibrationOptions | None = None,
                  recipe_dir: Path | None = None, target: str = "onnxruntime", progress: bool = True,
-                 context: PipelineContext | None = None):
+                 context: PipelineContext | None = None, decoder: bool = False):
         super().__init__(context)
         self.options, self.calibration, self.recipe_dir = options, calibration, recipe_dir
         self.target, self.progress = target, progress
         self.method = QUANTIZATION_METHODS[options.method]
         self.encoding = QUANTIZED_ENCODINGS[encoding_for(options.weights, target)]
         self.attention = options.attention
-        if self.attention is None:  # the target's default
-            self.attention = target == "openvino" and self.encoding.static_activations and options.weights == "int8"
+        if self.attention is None:  # the target's default; a decoder's cached keys are not calibrated: kept float
+            self.attention = (target == "openvino" and not decoder and self.encoding.static_activations
+                              and options.weights == "int8")
         if self.attention and not self.encoding.static_activations:
             raise RecipeError(f"[quantization] attention = true needs static activation scales, which {target} builds "
                               "of these weights do not use: build --target openvino or tensorrt, or remove it")
