@@ -1,0 +1,71 @@
+"""What token pruning saves on OpenVINO: a pruned INT8 build against the same INT8 build unpruned, both on OpenVINO.
+
+The paired ratios of openvino_minilm.py / openvino_vit.py are each against ONNX Runtime fp32;
+this script times the two OpenVINO builds against each other (alternating, after warm-up,
+median of paired ratios), so the saving of the pruning itself is read directly and compared
+with its FLOPs ideal (from the builds' manifests). It reuses the builds those two scripts
+leave in builds/ (run them first):
+
+    python benchmarks/openvino_pairs.py --rounds 30     # ≈ 3 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+
+#: (model, build folder, unpruned build, pruned build)
+PAIRS = [
+    ("all-MiniLM-L6-v2", "builds/bench_openvino_minilm", "trimrt_INT8_smoothquant",
+     "trimrt_EViT_keep_0_7__4___INT8_smoothquant"),
+    ("DeiT-S-geometry ViT", "builds/bench_openvino_vit", "trimrt_INT8", "trimrt_EViT_keep_0_7___INT8"),
+]
+
+
+def feeds_for(model: str, batch: int) -> dict:
+    if model.startswith("all-MiniLM"):
+        from examples.models import corpus, minilm
+
+        passages = corpus.passages(minilm.load_tokenizer(), 256, 8)
+        return corpus.feeds([p.input_ids for p in passages[:batch]])
+    return {"pixel_values": np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    import trimrt
+    from trimrt.bench import paired_speedup, time_alternating
+
+    print("| model | pruned build | FLOPs ideal | " + " | ".join(f"b{b}: unpruned → pruned ms, speedup"
+                                                           for b in args.batches) + " |")
+    print("|---|---|---|" + "---|" * len(args.batches))
+    for model, folder, unpruned, pruned in PAIRS:
+        paths = [Path(folder) / unpruned, Path(folder) / pruned]
+        if not all(p.is_dir() for p in paths):
+            print(f"{model}: builds missing in {folder}: run benchmarks/openvino_"
+                  f"{'minilm' if 'MiniLM' in model else 'vit'}.py first", file=sys.stderr)
+            return 2
+        a, b = (trimrt.load(p, backend="openvino", threads=args.threads) for p in paths)
+        ideal = b.manifest["flops"]["ratio"] / a.manifest["flops"]["ratio"]
+        cells = []
+        for batch in args.batches:
+            feeds = feeds_for(model, batch)
+            ta, tb = time_alternating(lambda: a.backend.infer(feeds), lambda: b.backend.infer(feeds), warmup=5,
+                                      rounds=args.rounds)
+            cells.append(f"{1e3 * np.median(ta):.1f} → {1e3 * np.median(tb):.1f}, **{paired_speedup(ta, tb):.2f}×**")
+        print(f"| {model} | {pruned} | {ideal:.2f}× | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
