@@ -239,29 +239,3 @@ def test_a_decoder_generates_on_openvino(tmp_path, weights):
         for _ in range(2):  # the second time with the table the first filled
             assert fast.generate(prompt, max_new_tokens=16).tokens == want
 
-
-@pytest.mark.parametrize("shape, axis", [((3, 40), 1), ((2, 40, 3), 1)])
-def test_top_k_in_original_order_is_exact_with_ties(shape, axis):
-    """OpenVINO runs TopK(TopK(x, k).indices, k, ascending) — the selection ops' "top k in
-    original order" — without a stable value sort (backends._select_in_order): the same
-    positions as ONNX's TopK, ties to the lower index, on inputs full of ties."""
-    import onnx
-    import onnx.helper as oh
-
-    from trimrt.runtime.backends import OpenVINOBackend
-
-    nodes = [oh.make_node("TopK", ["x", "k"], ["v", "order"], axis=axis, largest=1, sorted=1),
-             oh.make_node("TopK", ["order", "k"], ["kept", "where"], axis=axis, largest=0, sorted=1)]
-    dims = ["b", "n", "c"][:len(shape)]
-    graph = oh.make_graph(nodes, "select", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims),
-                                            oh.make_tensor_value_info("k", onnx.TensorProto.INT64, [1])],
-                          [oh.make_tensor_value_info("kept", onnx.TensorProto.INT64, None)])
-    backend = OpenVINOBackend(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]).SerializeToString(),
-                              threads=1)
-    backend.activate()
-    rng = np.random.default_rng(0)
-    for trial in range(40):
-        x = (rng.integers(0, 4, shape) / 3 if trial % 2 else rng.random(shape)).astype(np.float32)
-        k = int(rng.integers(1, shape[axis] + 1))
-        want = np.sort(np.take(np.argsort(-x, axis=axis, kind="stable"), range(k), axis=axis), axis=axis)
-        np.testing.assert_array_equal(backend.infer({"x": x, "k": np.array([k])})["kept"], want)

@@ -63,8 +63,7 @@ def reference(x: np.ndarray, score: np.ndarray, *, keep: int, protect: int, span
 
 def top_k_in_order(b, score, s):
     """(span scores s_p, the kept tokens' positions in the span, ascending; the same in the
-    sequence). The top-k ranking is read only through its ascending sort, which OpenVINO runs
-    as one TopK sorted by index (runtime/backends.py: `_select_in_order`)."""
+    sequence)."""
     ax1 = b.const([1])
     s_p = b.Slice(score, s.protect, s.end, ax1)
     _, order = b.TopK(s_p, s.k, axis=1, largest=1, sorted=1, _outputs=2)

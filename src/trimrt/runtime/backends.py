@@ -250,7 +250,6 @@ def openvino_model(model: str | Path | bytes, core=None):
     for name, array in defaults.items():  # kept in the model (and its IR): the backend feeds them when not given
         text = f"{array.dtype.name};{','.join(map(str, array.shape))};{','.join(map(repr, array.ravel().tolist()))}"
         converted.set_rt_info(text, [_DEFAULTS, name])
-    _select_in_order(converted)
     for op in converted.get_ops():
         if op.get_type_name() == "TopK":
             op.set_attribute("stable", True)
@@ -261,67 +260,6 @@ def openvino_model(model: str | Path | bytes, core=None):
         if names:
             port.get_tensor().set_names({names[0]})
     return converted
-
-
-def _select_in_order(model) -> None:
-    """TopK(TopK(x, k).indices, k, ascending) — the top k of x in their original order, ties
-    to the lower index, as the selection ops write it — rewritten in place without a stable
-    value sort, which OpenVINO runs about 5× slower than the rest of a token selection: the
-    k-th largest value t from an unstable TopK; kept = x > t, plus the first (k - #(x > t))
-    positions where x == t; their positions from a TopK of unique keys (N - i where kept)."""
-    import openvino.opset13 as ops
-
-    for second in model.get_ordered_ops():
-        if second.get_type_name() != "TopK":
-            continue
-        first = second.input_value(0).get_node()
-        if (first.get_type_name() != "TopK"
-                or second.input_value(0).get_index() != 1 or second.get_attributes()["mode"] != "min"
-                or first.get_attributes()["mode"] != "max"
-                or second.get_attributes()["axis"] != first.get_attributes()["axis"]
-                or first.output(0).get_target_inputs() or second.output(1).get_target_inputs()
-                or len(first.output(1).get_target_inputs()) != 1
-                or not _same_value(second.input_value(1), first.input_value(1))):
-            continue
-        x, axis = first.input_value(0), first.get_attributes()["axis"]
-        rank = x.get_partial_shape().rank
-        axis = axis + rank.get_length() if axis < 0 and rank.is_static else axis
-        if axis < 0:
-            continue
-        at = ops.constant(np.int64(axis))
-        k = ops.convert(first.input_value(1), "i64")
-        values = ops.topk(x, k, axis, "max", "value", "i64", stable=False).output(0)
-        t = ops.gather(values, ops.unsqueeze(ops.subtract(k, ops.constant(np.int64(1))), ops.constant(np.int64(0))),
-                       at)  # the k-th largest, kept dims
-        above, tied = ops.greater(x, t), ops.equal(x, t)
-        # counts in f32 (exact to 2^24): OpenVINO 2026.4's CPU plugin sums a converted boolean
-        # wrongly in integers for all but the first batch row of a 3-D tensor
-        room = ops.subtract(ops.convert(k, "f32"), ops.reduce_sum(ops.convert(above, "f32"), at, keep_dims=True))
-        kept = ops.logical_or(above, ops.logical_and(tied, ops.less_equal(ops.cumsum(ops.convert(tied, "f32"), at),
-                                                                          room)))
-        n = ops.gather(ops.shape_of(x, "i64"), at, ops.constant(np.int64(0)))
-        position = ops.range(ops.constant(np.int64(0)), n, ops.constant(np.int64(1)), "i64")
-        if axis != rank.get_length() - 1:  # positions along `axis`, broadcast over the axes after it
-            position = ops.unsqueeze(position, ops.constant(np.arange(1, rank.get_length() - axis, dtype=np.int64)))
-        key = ops.select(kept, ops.subtract(n, position), ops.constant(np.int64(-1)))
-        indices = ops.topk(key, k, axis, "max", "value", "i64", stable=False).output(1)
-        if indices.get_element_type() != second.output(0).get_element_type():
-            indices = ops.convert(indices, second.output(0).get_element_type()).output(0)
-        second.output(0).replace(indices)
-
-
-def _same_value(a, b) -> bool:
-    """Two OpenVINO outputs hold the same numbers: one value (seen through the Squeeze the
-    ONNX front end gives each TopK's k), or constants with equal data."""
-    while a.get_node().get_type_name() in ("Squeeze", "Unsqueeze", "Convert"):
-        a = a.get_node().input_value(0)
-    while b.get_node().get_type_name() in ("Squeeze", "Unsqueeze", "Convert"):
-        b = b.get_node().input_value(0)
-    na, nb = a.get_node(), b.get_node()
-    if na.get_name() == nb.get_name() and a.get_index() == b.get_index():  # unique node names
-        return True
-    return (na.get_type_name() == nb.get_type_name() == "Constant"
-            and np.array_equal(na.get_data(), nb.get_data()))
 
 
 #: rt_info key of the inputs with a default (an ONNX input that is also an initializer)
