@@ -113,7 +113,7 @@ def main() -> int:
     for name, recipe in recipes(str(minilm.model_dir())):
         if not wanted(name):
             continue
-        build = args.out / "".join(c if c.isalnum() else "_" for c in name)
+        build = args.out / folder_name(name)
         recipe_path = args.out / f"{build.name}.toml"
         recipe_path.write_text(_toml(recipe))  # a recipe file: its relative calibration source resolves here
         print(f"compiling {name}", flush=True)
@@ -202,6 +202,11 @@ def _matmul_weights(path: Path) -> list[np.ndarray]:
         if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
             out.append(onnx.numpy_helper.to_array(inits[node.input[1]]))
     return out
+
+
+def folder_name(name: str) -> str:
+    """The build folder of a table row's name (what the OpenVINO scripts share)."""
+    return "".join(c if c.isalnum() else "_" for c in name)
 
 
 def _toml(recipe: dict) -> str:

@@ -86,7 +86,7 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import minilm_token_pruning as mtp
-    from minilm_quantization import _toml, setup
+    from minilm_quantization import _toml, folder_name, setup
 
     import trimrt
     from examples.models import corpus, minilm
@@ -105,7 +105,7 @@ def main() -> int:
     nncf_model = nncf_int8(baseline, calibration)
     engines += [(f"OpenVINO + NNCF INT8, {p}", OpenVINOModel(nncf_model, args.threads, p)) for p in ("f32", "bf16")]
     for name, recipe in recipes(str(minilm.model_dir())):
-        build = args.out / "".join(c if c.isalnum() else "_" for c in name)
+        build = args.out / folder_name(name)
         recipe_path = args.out / f"{build.name}.toml"
         recipe_path.write_text(_toml(recipe))
         print(f"compiling {name}", flush=True)

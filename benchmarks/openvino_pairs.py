@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: (model, build folder, unpruned build, pruned build)
+#: (model, build folder, unpruned build, pruned build): rows of openvino_minilm.py / openvino_vit.py
 PAIRS = [
-    ("all-MiniLM-L6-v2", "builds/bench_openvino_minilm", "trimrt_INT8_smoothquant",
-     "trimrt_EViT_keep_0_7__4___INT8_smoothquant"),
-    ("DeiT-S-geometry ViT", "builds/bench_openvino_vit", "trimrt_INT8", "trimrt_EViT_keep_0_7___INT8"),
+    ("all-MiniLM-L6-v2", "builds/bench_openvino_minilm", "trimrt INT8 smoothquant",
+     "trimrt EViT keep 0.7 @4 + INT8 smoothquant"),
+    ("DeiT-S-geometry ViT", "builds/bench_openvino_vit", "trimrt INT8", "trimrt EViT keep 0.7 + INT8"),
 ]
 
 
@@ -43,6 +44,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
+    from minilm_quantization import folder_name
+
     import trimrt
     from trimrt.bench import paired_speedup, time_alternating
 
@@ -50,7 +53,7 @@ def main() -> int:
                                                            for b in args.batches) + " |")
     print("|---|---|---|" + "---|" * len(args.batches))
     for model, folder, unpruned, pruned in PAIRS:
-        paths = [Path(folder) / unpruned, Path(folder) / pruned]
+        paths = [Path(folder) / folder_name(unpruned), Path(folder) / folder_name(pruned)]
         if not all(p.is_dir() for p in paths):
             print(f"{model}: builds missing in {folder}: run benchmarks/openvino_"
                   f"{'minilm' if 'MiniLM' in model else 'vit'}.py first", file=sys.stderr)

@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("builds/bench_openvino_vit"))
     args = ap.parse_args()
-    from minilm_quantization import _toml
+    from minilm_quantization import _toml, folder_name
     from openvino_minilm import OpenVINOModel, nncf_int8
 
     import trimrt
@@ -81,7 +81,7 @@ def main() -> int:
     engines += [(f"OpenVINO + NNCF INT8, {p}", OpenVINOModel(nncf_model, args.threads, p), 1.0)
                 for p in ("f32", "bf16")]
     for name, recipe, target in BUILDS:
-        build = args.out / "".join(c if c.isalnum() else "_" for c in name)
+        build = args.out / folder_name(name)
         recipe_path = args.out / f"{build.name}_{target}.toml"
         recipe_path.write_text(_toml(recipe))
         print(f"compiling {name} for {target}", flush=True)

@@ -30,6 +30,7 @@ from ..quantization.encodings import SharedQuantized, constant, encoding_for, fa
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
 from ..quantization.methods import Linear, QuantizedLinear, Skipped, quantize_linears
+from ..quantization.numerics import int8_scale
 from ..recipe import CalibrationOptions, QuantizationOptions
 from ..registry import QUANTIZATION_METHODS, QUANTIZED_ENCODINGS
 from .base import GraphBuilder, PipelineContext, TrimrtPass
@@ -271,9 +272,8 @@ def _fold_into_layer_norm(b: GraphBuilder, node: ir.Node, s: np.ndarray) -> bool
 
 
 def _tensor_scale(stat) -> float:
-    """Symmetric int8 scale of a tensor from its calibrated range (1 for an all-zero one)."""
-    top = max(abs(stat.range[0]), abs(stat.range[1])) if stat.range is not None else 0.0
-    return top / 127 if top > 0 else 1.0
+    """Symmetric int8 scale of a tensor from its calibrated range."""
+    return int8_scale(max(abs(stat.range[0]), abs(stat.range[1])) if stat.range is not None else 0.0)
 
 
 #: ops that only move or relabel elements: a per-tensor scale commutes with them

@@ -24,6 +24,7 @@ from .numerics import (
     fake_quant_dynamic_uint8,
     fake_quant_fp8,
     fp8_scale,
+    int8_scale,
     output_error,
     quantize_fp8_per_channel,
     quantize_int4_groupwise,
@@ -229,7 +230,7 @@ def _activation_scale(fmt: str, stat, input_scale: np.ndarray | None, static_act
     if input_scale is not None:
         absmax = absmax / input_scale
     top = float(np.max(absmax)) if absmax.size else 0.0
-    return float(fp8_scale(top)) if fmt == "fp8" else (top / 127 if top > 0 else 1.0)
+    return float(fp8_scale(top)) if fmt == "fp8" else int8_scale(top)
 
 
 def _per_channel(options: QuantizationOptions, weights: list[np.ndarray], stat, static_activations: bool,

@@ -132,6 +132,11 @@ def quantize_fp8_per_tensor(x: np.ndarray, scale) -> np.ndarray:
     return _to_fp8(np.asarray(x, dtype=np.float32) / np.asarray(scale, dtype=np.float32))
 
 
+def int8_scale(absmax: float) -> float:
+    """Static per-tensor int8 activation scale mapping |x| <= absmax onto [-127, 127] (0 -> 1)."""
+    return absmax / INT8_MAX if absmax > 0 else 1.0
+
+
 def fp8_scale(absmax) -> np.ndarray:
     """float32 scale mapping |x| <= absmax onto the E4M3 range: absmax / 448 (0 -> 1)."""
     return _nonzero((np.asarray(absmax, dtype=np.float64) / FP8_E4M3_MAX).astype(np.float32))
