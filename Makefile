@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint triton-env
 
 install:
 	$(PIP) -e ".[torch,dev]"
@@ -11,9 +11,23 @@ install:
 demo: install
 	$(PYTHON) examples/01_vit_token_pruning.py
 
-test: install lint
+test: install lint triton-env
 	$(PYTHON) -m pytest -q -ra --durations=25
 
 # pyflakes + import order (pyproject's [tool.ruff]); part of `make test`, so CI runs it
 lint:
 	$(PYTHON) -m ruff check .
+
+# Triton Inference Server for the serving tests: the tritonserver binary bundled by nvidia-pytriton
+# (python backend only, runs on CPU), in its own environment made from Debian's Python 3.11 (the
+# backend's stub links Debian's libpython; nvidia-pytriton also pins numpy<2) holding trimrt.
+# Optional: when it cannot be made, the Triton tests skip and say why.
+TRITON_ENV ?= .venv-triton
+TRITON_PYTHON ?= /usr/bin/python3.11
+triton-env:
+	@if [ ! -x $(TRITON_PYTHON) ]; then echo "no $(TRITON_PYTHON): the Triton server tests will skip"; \
+	elif [ -f $(TRITON_ENV)/.installed ]; then :; \
+	else $(TRITON_PYTHON) -m venv $(TRITON_ENV) && \
+	  $(TRITON_ENV)/bin/python -m pip install --disable-pip-version-check -q "nvidia-pytriton==0.7.0" -e . && \
+	  touch $(TRITON_ENV)/.installed || \
+	  { rm -rf $(TRITON_ENV); echo "could not install the Triton environment: the Triton server tests will skip"; }; fi

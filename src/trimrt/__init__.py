@@ -19,6 +19,7 @@ from .errors import (  # noqa: E402
     ModelLoadError,
     RecipeError,
     RunError,
+    ServingError,
     SessionClosedError,
     StructureError,
     TrimrtError,
@@ -62,5 +63,5 @@ def verify(build_dir, reference=None, **kwargs):
 __all__ = [
     "__version__", "compile", "export", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
     "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError", "CalibrationError",
-    "RunError", "SessionClosedError",
+    "RunError", "ServingError", "SessionClosedError",
 ]

@@ -317,6 +317,31 @@ def _prompt(text: str, *, text_ok: bool):
                                  "text", param_hint="--prompt") from None
 
 
+@main.command("export-triton")
+@_build_arg
+@click.option("-o", "--output", "repository", required=True, type=click.Path(path_type=Path),
+              help="Triton model repository to write the models into (created if missing).")
+@click.option("--name", help="Model name (default: the build folder's name); the python-backend model is NAME_python.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(0, 1 << 16),
+              help="max_batch_size of the models (0: no batching).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 256), help="Instances of each model.")
+@click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
+              help="How long dynamic batching waits for more requests (microseconds).")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads per instance.")
+def export_triton(build: Path, repository: Path, name: str | None, max_batch: int, instances: int, queue_delay_us: int,
+                  threads: int | None) -> None:
+    """Write BUILD as models of a Triton Inference Server model repository."""
+    from .serving.triton import export_triton as export
+
+    models = export(build, repository, name=name, max_batch=max_batch, instances=instances,
+                    queue_delay_us=queue_delay_us, threads=threads)
+    for model in models:
+        click.echo(f"{click.style('wrote', fg='green', bold=True)} {repository / model.name} ({model.kind})")
+        for note in model.notes:
+            click.echo(f"  note: {note}")
+    click.echo(f"serve it with: tritonserver --model-repository {repository}")
+
+
 @main.command()
 @click.argument("target")
 @_json

@@ -44,3 +44,7 @@ class SessionClosedError(TrimrtError):
 
 class RunError(TrimrtError):
     """ONNX Runtime failed while running a build on feeds that passed validation."""
+
+
+class ServingError(TrimrtError):
+    """A build cannot be exported to a serving engine, or served, as asked."""

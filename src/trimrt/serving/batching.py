@@ -1,0 +1,116 @@
+"""Dynamic batching that never changes an answer.
+
+A server collects the requests that arrive within a few milliseconds and runs them as one
+batch. trimrt serves exactly what `Session.run` returns for each request alone, so a batch
+is only formed where that holds:
+
+- requests are grouped by their inputs' dtypes and non-batch shapes (text of one token
+  length with text of the same length), concatenated on axis 0, run once, and split again;
+  nothing is padded (padding changes what pooling and token pruning see);
+- a build whose rows interact is run one request at a time: ONNX Runtime's dynamic INT8
+  (`DynamicQuantizeLinear`) quantizes an activation with one scale over the whole batch,
+  so a row's answer would depend on its neighbours;
+- each request is validated alone first, so a bad request gets its own error and never
+  fails the others; if a group's run fails on values (an id out of the vocabulary), its
+  requests are run one by one to give each its own answer or error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError, TrimrtError
+from ..runtime.feeds import TensorInfo, validate_feeds
+
+#: ops whose result for one row depends on the other rows of the batch (one quantization
+#: scale per tensor, computed at run time over all of its rows)
+ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"})
+
+
+def row_coupling_ops(model_path: str | Path) -> list[str]:
+    """The ops of `model_path` (graph and functions) that make a row's output depend on the
+    other rows of its batch; empty when the rows of a batch are independent."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    found = {n.op_type for n in model.graph.node if n.op_type in ROW_COUPLING_OPS}
+    for function in model.functions:
+        found |= {n.op_type for n in function.node if n.op_type in ROW_COUPLING_OPS}
+    return sorted(found)
+
+
+def batch_axis_dynamic(infos: Sequence[TensorInfo]) -> bool:
+    """Every tensor has a leading axis whose size is free (the batch axis)."""
+    return all(i.shape and not isinstance(i.shape[0], int) for i in infos)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Whether requests may share a run, and why not when they may not."""
+
+    rows_independent: bool
+    reason: str = ""
+
+    @classmethod
+    def of_session(cls, session) -> "BatchPolicy":
+        if not batch_axis_dynamic(session.inputs) or not batch_axis_dynamic(session.outputs):
+            return cls(False, "the build's batch axis is fixed")
+        coupled = row_coupling_ops(session.build_dir / "model.onnx")
+        if coupled:
+            return cls(False, f"its {', '.join(coupled)} quantizes each activation with one scale over the whole "
+                              "batch, so batching would change answers")
+        return cls(True)
+
+
+def _group_key(feeds: Mapping[str, np.ndarray]) -> tuple:
+    return tuple(sorted((name, arr.dtype.str, arr.shape[1:]) for name, arr in feeds.items()))
+
+
+def run_requests(session, requests: Sequence[Mapping[str, object]], policy: BatchPolicy,
+                 output_names: list[str] | None = None) -> list[dict[str, np.ndarray] | TrimrtError]:
+    """Run each request's feeds through `session` (batched where `policy` allows); returns,
+    in the requests' order, each one's outputs or the TrimrtError it alone caused."""
+    results: list[dict[str, np.ndarray] | TrimrtError | None] = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    checked: dict[int, dict[str, np.ndarray]] = {}
+    for i, feeds in enumerate(requests):
+        try:
+            if not isinstance(feeds, Mapping):
+                raise InputError(f"a request's inputs must be a mapping {{input name: array}}, got a {type(feeds).__name__}")
+            checked[i] = validate_feeds(session.inputs, feeds)
+        except TrimrtError as exc:
+            results[i] = exc
+            continue
+        key = _group_key(checked[i]) if policy.rows_independent else (i,)
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            results[members[0]] = _run_one(session, checked[members[0]], output_names)
+            continue
+        rows = [len(next(iter(checked[i].values()))) for i in members]
+        feeds = {name: np.concatenate([checked[i][name] for i in members]) for name in checked[members[0]]}
+        try:
+            out = session.run(feeds, output_names)
+        except TrimrtError:  # one request's values (an id out of range): each gets its own answer or error
+            for i in members:
+                results[i] = _run_one(session, checked[i], output_names)
+            continue
+        bounds = np.cumsum([0, *rows])
+        if any(arr.ndim == 0 or arr.shape[0] != bounds[-1] for arr in out.values()):  # an output without the batch axis
+            for i in members:
+                results[i] = _run_one(session, checked[i], output_names)
+            continue
+        for k, i in enumerate(members):
+            results[i] = {name: arr[bounds[k]:bounds[k + 1]] for name, arr in out.items()}
+    return results  # type: ignore[return-value]
+
+
+def _run_one(session, feeds, output_names) -> dict[str, np.ndarray] | TrimrtError:
+    try:
+        return session.run(feeds, output_names)
+    except TrimrtError as exc:
+        return exc

@@ -1,0 +1,91 @@
+"""Servers the serving tests start and stop themselves, on 127.0.0.1 only.
+
+`triton_server`: the `tritonserver` binary that the nvidia-pytriton wheel bundles (with the
+python backend only), run from the Triton environment `make triton-env` creates with
+Debian's own Python 3.11 (the python backend's stub links Debian's libpython; with another
+interpreter's environment the model load fails). The tests skip, with the reason, where
+that environment is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: the Triton environment (`make triton-env`); TRIMRT_TRITON_ENV overrides it
+TRITON_ENV = Path(os.environ.get("TRIMRT_TRITON_ENV", ROOT / ".venv-triton"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def triton_missing() -> str | None:
+    """Why the Triton server cannot run here, or None."""
+    if not (TRITON_ENV / "bin" / "python").exists():
+        return f"no Triton environment at {TRITON_ENV} (create it with `make triton-env`; needs /usr/bin/python3.11)"
+    if not list(TRITON_ENV.glob("lib/python3.*/site-packages/pytriton/tritonserver/bin/tritonserver")):
+        return f"{TRITON_ENV} has no nvidia-pytriton (run `make triton-env`)"
+    return None
+
+
+@contextlib.contextmanager
+def triton_server(repository: Path, models: list[str], workdir: Path, timeout: float = 120.0):
+    """Start tritonserver on a free 127.0.0.1 port serving `models` of `repository`; yields
+    its HTTP address ("127.0.0.1:PORT"); stops it (and waits for it) on exit."""
+    site = next(TRITON_ENV.glob("lib/python3.*/site-packages"))
+    dist = site / "pytriton" / "tritonserver"
+    server = workdir / "tritonserver"
+    # the wheel's layout: the stub of this Python's version goes into the python backend's folder
+    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    version = site.parent.name.removeprefix("python")
+    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
+    port = free_port()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"),
+           # the stub finds its interpreter's environment (trimrt, numpy, onnxruntime) on PATH
+           "PATH": f"{TRITON_ENV / 'bin'}:{os.environ.get('PATH', '')}"}
+    env.pop("PYTHONPATH", None)
+    log = open(workdir / "tritonserver.log", "w")
+    args = [str(server / "bin" / "tritonserver"), f"--model-repository={repository}",
+            f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
+            "--model-control-mode=explicit", *(f"--load-model={m}" for m in models),
+            "--http-address=127.0.0.1", f"--http-port={port}", "--allow-grpc=false", "--allow-metrics=false",
+            "--exit-timeout-secs=10"]
+    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({process.returncode}): {_tail(workdir / 'tritonserver.log')}")
+            try:
+                with urllib.request.urlopen(f"http://{address}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tritonserver not ready after {timeout:.0f} s: {_tail(workdir / 'tritonserver.log')}")
+            time.sleep(0.5)
+        yield address
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
