@@ -343,6 +343,52 @@ def export_triton(build: Path, repository: Path, name: str | None, max_batch: in
 
 
 @main.command()
+@_build_arg
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replicas of the deployment.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1),
+              help="Requests batched into one run at most (1: no batching).")
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="How long a batch waits for more requests.")
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime threads per replica (default: CPUs / replicas).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--openai", is_flag=True, help="A decoder build: serve OpenAI's /v1/completions (streaming) instead.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="With --openai: tokenizer.json or a folder holding it (default: the build's own).")
+def serve(build: Path, replicas: int, max_batch: int, batch_wait_ms: float, threads: int | None, host: str, port: int,
+          openai: bool, tokenizer: Path | None) -> None:
+    """Serve BUILD over HTTP with Ray Serve (replicas, dynamic batching) until Ctrl-C."""
+    import signal
+    import time
+
+    try:
+        from .serving import ray_serve
+    except ImportError as exc:
+        raise click.UsageError(f"serving needs Ray Serve ({exc.name} is missing): pip install 'trimrt[serve]'") from None
+    ray_serve.check(build, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
+    try:
+        ray_serve.connect()
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C (after Ray set its own)
+        url = ray_serve.start(build, port=port, host=host, replicas=replicas, max_batch=max_batch,
+                              batch_wait_ms=batch_wait_ms, threads=threads, openai=openai, tokenizer=tokenizer)
+        routes = "POST /v1/completions (stream: true for events), GET /v1/models" if openai else \
+            "POST /v1/infer (JSON or npz), GET /v1/metadata"
+        click.echo(f"{click.style('serving', fg='green', bold=True)} {build} at {url}: {routes}, GET /health; "
+                   "Ctrl-C stops", err=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.stop()
+    click.echo("stopped", err=True)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@main.command()
 @click.argument("target")
 @_json
 def inspect(target: str, as_json: bool) -> None:

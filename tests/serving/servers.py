@@ -89,3 +89,62 @@ def triton_server(repository: Path, models: list[str], workdir: Path, timeout: f
 
 def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# -- an HTTP client of `trimrt serve` (the tests and benchmarks/serving_load.py) ----------------------
+
+class HTTPFailure(Exception):
+    """A request answered with an error status (or not answered)."""
+
+    def __init__(self, status: int | None, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+def http(url: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120.0):
+    """(status, headers, body) of a GET (no body) or POST; error statuses are returned, not raised."""
+    import urllib.error
+
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def infer(url: str, feeds: dict, binary: bool = False) -> dict:
+    """POST /v1/infer: the outputs as arrays (HTTPFailure on an error status)."""
+    import io
+    import json
+
+    import numpy as np
+
+    if binary:
+        buffer = io.BytesIO()
+        np.savez(buffer, **feeds)
+        status, _, body = http(f"{url}/v1/infer", buffer.getvalue(), {"Content-Type": "application/x-npz"})
+    else:
+        payload = json.dumps({"inputs": {k: np.asarray(v).tolist() for k, v in feeds.items()}}).encode()
+        status, _, body = http(f"{url}/v1/infer", payload, {"Content-Type": "application/json"})
+    if status != 200:
+        raise HTTPFailure(status, body.decode(errors="replace")[:300])
+    if binary:
+        with np.load(io.BytesIO(body)) as archive:
+            return {name: archive[name] for name in archive.files}
+    return {name: np.asarray(value) for name, value in json.loads(body)["outputs"].items()}
+
+
+def infer_retrying(url: str, feeds: dict, binary: bool = False, attempts: int = 6, backoff: float = 0.5):
+    """`infer`, retried on a server error or a dropped connection (a replica that died); returns
+    (outputs, tries). A 4xx is the request's own fault and is not retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return infer(url, feeds, binary), attempt
+        except HTTPFailure as exc:
+            if exc.status is not None and exc.status < 500 or attempt == attempts:
+                raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise HTTPFailure(None, f"no answer: {exc}") from None
+        time.sleep(backoff * attempt)

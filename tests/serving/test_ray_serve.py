@@ -1,0 +1,204 @@
+"""`trimrt serve`: a Ray Serve deployment on 127.0.0.1 answers exactly what Session.run returns,
+under concurrent load, with a replica killed mid-load, and as an OpenAI completions endpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("ray.serve", reason="Ray Serve not installed (pip install 'trimrt[serve]')")
+pytest.importorskip("transformers")
+
+import trimrt  # noqa: E402
+from tests.families.causal_lms import build, word_tokenizer  # noqa: E402
+from tests.serving.servers import HTTPFailure, free_port, http, infer, infer_retrying  # noqa: E402
+from trimrt.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PRUNE = {"token_pruning": {"method": "cls_attention", "layers": [1, 2], "keep": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def builds(tiny_vit_onnx, tmp_path_factory):
+    _, onnx_path = tiny_vit_onnx
+    root = tmp_path_factory.mktemp("ray")
+    trimrt.compile(str(onnx_path), PRUNE, root / "vit")
+    return {"vit": root / "vit", "llm": build("llama")[0], "tokenizer": word_tokenizer(root / "tokenizer.json")}
+
+
+@pytest.fixture(scope="module")
+def served(builds):
+    """The ViT build (2 replicas) at /vit and the decoder (OpenAI API) at /llm, one local Ray cluster."""
+    from trimrt.serving import ray_serve
+
+    port = free_port()
+    try:
+        vit = ray_serve.start(builds["vit"], port=port, replicas=2, threads=1, max_batch=8, batch_wait_ms=10,
+                              num_cpus=4, name="vit", route_prefix="/vit")
+        llm = ray_serve.start(builds["llm"], port=port, threads=1, openai=True, tokenizer=builds["tokenizer"],
+                              name="llm", route_prefix="/llm")
+        yield {"vit": vit, "llm": llm}
+    finally:
+        ray_serve.stop()
+
+
+def _images(rng, rows):
+    return {"pixel_values": rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)}
+
+
+def test_json_and_npz_bodies_answer_what_session_run_returns(served, builds):
+    session = trimrt.load(builds["vit"])
+    rng = np.random.default_rng(0)
+    for binary in (False, True):
+        feeds = _images(rng, 3)
+        out = infer(served["vit"], feeds, binary=binary)
+        assert out["logits"].dtype == np.float32 or not binary
+        np.testing.assert_array_equal(out["logits"].astype(np.float32), session.run(feeds)["logits"])
+    status, _, body = http(f"{served['vit']}/v1/metadata")
+    assert status == 200 and json.loads(body)["inputs"] == [{"name": "pixel_values", "dtype": "float32",
+                                                             "shape": ["batch", 3, 32, 32]}]
+
+
+def test_bad_requests_get_a_400_with_one_line(served):
+    cases = [(b"{not json", "not JSON"), (json.dumps({"inputs": {"pixel": [[1.0]]}}).encode(), "unknown input"),
+             (json.dumps({"inputs": {"pixel_values": [[1.0, 2.0]]}}).encode(), "must have rank 4"),
+             (json.dumps({"x": 1}).encode(), '{"inputs"')]
+    for body, message in cases:
+        status, _, answer = http(f"{served['vit']}/v1/infer", body, {"Content-Type": "application/json"})
+        error = json.loads(answer)["error"]
+        assert status == 400 and message in error and "\n" not in error
+    status, _, answer = http(f"{served['vit']}/v1/completions", b"{}", {"Content-Type": "application/json"})
+    assert status == 404 and "/v1/infer" in json.loads(answer)["error"]
+
+
+def test_concurrent_clients_get_exact_answers_and_requests_are_batched(served, builds):
+    session = trimrt.load(builds["vit"])
+    rng = np.random.default_rng(1)
+    requests = [_images(rng, int(rows)) for rows in rng.integers(1, 4, 96)]
+
+    def health():
+        return json.loads(http(f"{served['vit']}/health")[2])
+
+    before = {}
+    for _ in range(20):  # both replicas' counters (each answer names its replica)
+        h = health()
+        before[h["pid"]] = h
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda feeds: infer(served["vit"], feeds), requests))
+    for feeds, answer in zip(requests, answers):
+        np.testing.assert_array_equal(answer["logits"].astype(np.float32), session.run(feeds)["logits"])
+    after = {}
+    for _ in range(40):
+        h = health()
+        after[h["pid"]] = h
+    served_requests = sum(h["requests"] - before.get(pid, {"requests": 0})["requests"] for pid, h in after.items())
+    runs = sum(h["runs"] - before.get(pid, {"runs": 0})["runs"] for pid, h in after.items())
+    assert served_requests == len(requests) and runs < served_requests  # some requests shared a run
+
+
+def test_a_killed_replica_is_replaced_and_clients_never_get_a_wrong_answer(served, builds):
+    session = trimrt.load(builds["vit"])
+    rng = np.random.default_rng(2)
+    requests = [_images(rng, int(rows)) for rows in rng.integers(1, 3, 120)]
+    pids = {json.loads(http(f"{served['vit']}/health")[2])["pid"] for _ in range(20)}
+    assert len(pids) == 2
+    victim = sorted(pids)[0]
+    outcomes = []
+
+    def client(feeds):
+        try:
+            out, tries = infer_retrying(served["vit"], feeds)
+            outcomes.append(tries)
+            return out
+        except HTTPFailure as exc:  # failed with a clear error: allowed, a wrong answer is not
+            outcomes.append(exc)
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(client, feeds) for feeds in requests]
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        answers = [f.result() for f in futures]
+    for feeds, answer in zip(requests, answers):
+        if answer is not None:
+            np.testing.assert_array_equal(answer["logits"].astype(np.float32), session.run(feeds)["logits"])
+    assert sum(isinstance(o, int) for o in outcomes) >= len(requests) - 4
+    deadline = time.monotonic() + 90
+    while True:  # Serve's controller starts a replacement replica
+        alive = {json.loads(http(f"{served['vit']}/health")[2])["pid"] for _ in range(20)}
+        if len(alive) == 2 and victim not in alive:
+            break
+        assert time.monotonic() < deadline, f"no replacement replica: {alive}"
+        time.sleep(1)
+    np.testing.assert_array_equal(infer(served["vit"], requests[0])["logits"].astype(np.float32),
+                                  session.run(requests[0])["logits"])
+
+
+def test_openai_completions_and_streaming_give_the_runtime_s_text(served, builds):
+    gen = trimrt.load(builds["llm"]).generator(builds["tokenizer"])
+    prompt = "w5 w17 w33 w8 w41"
+    expected = gen.generate(prompt, max_new_tokens=10)
+    body = {"model": "llm", "prompt": prompt, "max_tokens": 10, "temperature": 0}
+    status, _, answer = http(f"{served['llm']}/v1/completions", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+    answer = json.loads(answer)
+    assert status == 200 and answer["object"] == "text_completion"
+    assert answer["choices"][0]["text"] == expected.text and answer["choices"][0]["finish_reason"] == expected.finish_reason
+    assert answer["usage"]["completion_tokens"] == len(expected.tokens)
+    status, headers, stream = http(f"{served['llm']}/v1/completions", json.dumps({**body, "stream": True}).encode(),
+                                   {"Content-Type": "application/json"})
+    events = [line.removeprefix("data: ") for line in stream.decode().split("\n\n") if line]
+    assert status == 200 and headers["content-type"].startswith("text/event-stream") and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected.text and len(chunks) > 2
+    assert chunks[-1]["choices"][0]["finish_reason"] == expected.finish_reason
+    # sampling is seeded; n > 1 is refused in one line
+    sampled = {"model": "llm", "prompt": prompt, "max_tokens": 8, "temperature": 1.3, "seed": 4}
+    texts = {json.loads(http(f"{served['llm']}/v1/completions", json.dumps(sampled).encode(),
+                             {"Content-Type": "application/json"})[2])["choices"][0]["text"] for _ in range(2)}
+    assert texts == {gen.generate(prompt, max_new_tokens=8, temperature=1.3, seed=4).text}
+    status, _, answer = http(f"{served['llm']}/v1/completions", json.dumps({**body, "n": 2}).encode(),
+                             {"Content-Type": "application/json"})
+    assert status == 400 and "n = 1" in json.loads(answer)["error"]
+    assert json.loads(http(f"{served['llm']}/v1/models")[2])["data"][0]["id"] == "llm"
+
+
+def test_cli_refuses_openai_for_an_encoder_in_one_line(builds):
+    result = CliRunner().invoke(main, ["serve", str(builds["vit"]), "--openai", "--port", str(free_port())])
+    assert result.exit_code == 2 and "not a decoder build" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_cli_serves_until_terminated_and_leaves_nothing_running(builds, tmp_path):
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    process = subprocess.Popen([sys.executable, "-m", "trimrt.cli", "serve", str(builds["vit"]), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http(f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "trimrt serve did not come up"
+            time.sleep(1)
+        x = _images(np.random.default_rng(3), 2)
+        np.testing.assert_array_equal(infer(f"http://127.0.0.1:{port}", x, binary=True)["logits"],
+                                      trimrt.load(builds["vit"]).run(x)["logits"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "stopped" in err, err[-3000:]
+    with pytest.raises(OSError):
+        http(f"http://127.0.0.1:{port}/health", timeout=2)
