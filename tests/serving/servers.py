@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -44,6 +45,7 @@ def triton_server(repository: Path, models: list[str], workdir: Path, timeout: f
     its HTTP address ("127.0.0.1:PORT"); stops it (and waits for it) on exit."""
     site = next(TRITON_ENV.glob("lib/python3.*/site-packages"))
     dist = site / "pytriton" / "tritonserver"
+    workdir = Path(tempfile.mkdtemp(prefix="tritonserver-", dir=workdir))  # a fresh copy each start
     server = workdir / "tritonserver"
     # the wheel's layout: the stub of this Python's version goes into the python backend's folder
     shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))

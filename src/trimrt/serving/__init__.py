@@ -6,7 +6,7 @@
 - `ray_serve.serve_build`: a Ray Serve deployment holding a Session, with dynamic batching,
   replicas, JSON / npz bodies, and an OpenAI-compatible completions endpoint for decoders;
 - `batching`: the one definition of how requests are batched without changing any answer
-  (both servers use it, so both return exactly what `Session.run` returns).
+  (both servers use it, so both return what `Session.run` returns for each request alone).
 
 Ray and tritonclient are optional (`pip install trimrt[serve]`) and imported when used.
 """

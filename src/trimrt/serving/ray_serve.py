@@ -14,8 +14,8 @@ HTTP routes (JSON unless said otherwise):
   events) and `GET /v1/models`.
 
 Requests that arrive within `batch_wait_ms` of each other are batched (`@serve.batch`) and
-run by `batching.run_requests`, so every answer is exactly what `Session.run` gives the
-request alone. The JSON numbers round-trip exactly (a float32 is printed as the float64
+run by `batching.run_requests`, so every answer is what `Session.run` gives the request
+alone (up to float rounding where it shared a run). The JSON numbers round-trip exactly (a float32 is printed as the float64
 of the same value and parsed back to it).
 """
 
