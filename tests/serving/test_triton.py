@@ -146,3 +146,27 @@ def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder
         client.close()
     expected = trimrt.load(decoder_build).generator().generate([1, 17, 99, 5, 42, 7], max_new_tokens=12).tokens
     assert tokens == expected
+
+
+def test_a_tensorrt_build_exports_a_plan_model_and_says_how_to_load_its_plugins(vit_build, tmp_path):
+    import json
+    import shutil
+
+    from trimrt.runtime.manifest import sha256_file
+
+    engine_build = tmp_path / "vit_trt"
+    shutil.copytree(vit_build, engine_build)
+    (engine_build / "model.engine").write_bytes(b"a serialized engine")  # what --target tensorrt writes
+    manifest = json.loads((engine_build / "manifest.json").read_text())
+    manifest["target"] = "tensorrt"
+    manifest["files"]["model.engine"] = sha256_file(engine_build / "model.engine")
+    (engine_build / "manifest.json").write_text(json.dumps(manifest))
+    plan, python = export_triton(engine_build, tmp_path / "repo", name="vit")
+    config = _config(tmp_path / "repo/vit/config.pbtxt")
+    assert plan.kind == "tensorrt_plan" and config.platform == "tensorrt_plan"
+    assert (tmp_path / "repo/vit/1/model.plan").read_bytes() == b"a serialized engine"
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert any("--backend-config=tensorrt,plugins=" in note for note in plan.notes)
+    assert "AttentionRowScore" in (tmp_path / "repo/vit/NOTES.txt").read_text()
+    assert _config(tmp_path / "repo/vit_python/config.pbtxt").instance_group[0].kind == \
+        model_config_pb2.ModelInstanceGroup.KIND_GPU

@@ -120,7 +120,7 @@ class BuildDeployment:
                  openai: bool = False, tokenizer: str | None = None, name: str | None = None):
         from ..runtime import load
 
-        self.session = load(build_dir, threads=threads)
+        self.session = load(build_dir, threads=threads, spinning=False)  # idle spinning threads would steal the cores from the HTTP proxy
         self.name = name or Path(build_dir).resolve().name
         self.policy = BatchPolicy.of_session(self.session) if not openai else None
         self.batch.set_max_batch_size(max_batch)

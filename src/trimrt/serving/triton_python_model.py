@@ -28,7 +28,7 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         build = Path(args["model_repository"]) / str(args["model_version"]) / "build"
         threads = int(params["intra_op_threads"]) if params.get("intra_op_threads") else None
-        self.session = load(build, threads=threads)
+        self.session = load(build, threads=threads, spinning=False)  # cores shared with the server: no idle spinning
         self.mode = params.get("mode", "run")
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
