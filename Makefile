@@ -20,14 +20,18 @@ lint:
 
 # Triton Inference Server for the serving tests: the tritonserver binary bundled by nvidia-pytriton
 # (python backend only, runs on CPU), in its own environment made from Debian's Python 3.11 (the
-# backend's stub links Debian's libpython; nvidia-pytriton also pins numpy<2) holding trimrt.
+# backend's stub links Debian's libpython; nvidia-pytriton also pins numpy<2) holding trimrt (and tokenizers,
+# for the text ensembles).
 # Optional: when it cannot be made, the Triton tests skip and say why.
 TRITON_ENV ?= .venv-triton
 TRITON_PYTHON ?= /usr/bin/python3.11
+TRITON_REQUIREMENTS := "nvidia-pytriton==0.7.0" "tokenizers>=0.20,<1"
+# the stamp names what was installed: a changed list installs again
+TRITON_STAMP := $(TRITON_ENV)/.installed-$(shell echo '$(TRITON_REQUIREMENTS)' | md5sum | cut -c1-8)
 triton-env:
 	@if [ ! -x $(TRITON_PYTHON) ]; then echo "no $(TRITON_PYTHON): the Triton server tests will skip"; \
-	elif [ -f $(TRITON_ENV)/.installed ]; then :; \
+	elif [ -f $(TRITON_STAMP) ]; then :; \
 	else $(TRITON_PYTHON) -m venv $(TRITON_ENV) && \
-	  $(TRITON_ENV)/bin/python -m pip install --disable-pip-version-check -q "nvidia-pytriton==0.7.0" -e . && \
-	  touch $(TRITON_ENV)/.installed || \
+	  $(TRITON_ENV)/bin/python -m pip install --disable-pip-version-check -q $(TRITON_REQUIREMENTS) -e . && \
+	  touch $(TRITON_STAMP) || \
 	  { rm -rf $(TRITON_ENV); echo "could not install the Triton environment: the Triton server tests will skip"; }; fi

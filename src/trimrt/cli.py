@@ -328,13 +328,18 @@ def _prompt(text: str, *, text_ok: bool):
 @click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
               help="How long dynamic batching waits for more requests (microseconds).")
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads per instance.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="An encoder build taking input_ids: also write NAME_text, an ensemble taking text "
+                   "(tokenizer.json, or a folder holding it).")
+@click.option("--ensemble-model", type=click.Choice(["stock", "python"]), default="stock", show_default=True,
+              help="The model NAME_text feeds: the stock backend's NAME, or NAME_python.")
 def export_triton(build: Path, repository: Path, name: str | None, max_batch: int, instances: int, queue_delay_us: int,
-                  threads: int | None) -> None:
+                  threads: int | None, tokenizer: Path | None, ensemble_model: str) -> None:
     """Write BUILD as models of a Triton Inference Server model repository."""
     from .serving.triton import export_triton as export
 
     models = export(build, repository, name=name, max_batch=max_batch, instances=instances,
-                    queue_delay_us=queue_delay_us, threads=threads)
+                    queue_delay_us=queue_delay_us, threads=threads, tokenizer=tokenizer, ensemble_model=ensemble_model)
     for model in models:
         click.echo(f"{click.style('wrote', fg='green', bold=True)} {repository / model.name} ({model.kind})")
         for note in model.notes:
@@ -361,11 +366,13 @@ def serve(build: Path, replicas: int, max_batch: int, batch_wait_ms: float, thre
     import signal
     import time
 
+    from .serving.checks import check_servable
+
+    check_servable(build, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
     try:
         from .serving import ray_serve
     except ImportError as exc:
         raise click.UsageError(f"serving needs Ray Serve ({exc.name} is missing): pip install 'trimrt[serve]'") from None
-    ray_serve.check(build, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
     try:
         ray_serve.connect()
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C (after Ray set its own)

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -83,6 +84,50 @@ def triton_server(repository: Path, models: list[str], workdir: Path, timeout: f
         process.terminate()
         try:
             process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+#: the child process of ray_serve_process: start the apps, print their URLs, serve until stdin closes
+_RAY_SCRIPT = """
+import json, sys
+from trimrt.serving import ray_serve
+try:
+    urls = [ray_serve.start(**app) for app in json.loads(sys.argv[1])]
+    print(json.dumps(urls), flush=True)
+    sys.stdin.read()
+finally:
+    ray_serve.stop()
+"""
+
+
+@contextlib.contextmanager
+def ray_serve_process(apps: list[dict], workdir: Path, timeout: float = 180.0):
+    """Serve `apps` (keyword arguments of trimrt.serving.ray_serve.start: one port, names and
+    route prefixes of their own) from a child process, so Ray never loads into the test process
+    (importing it replaces inspect.isgenerator with a Cython wrapper, which changes the text
+    corpus later tests read); yields the apps' URLs; stops Serve and Ray on exit."""
+    import json
+    import sys
+
+    log = open(workdir / "ray_serve.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen([sys.executable, "-c", _RAY_SCRIPT, json.dumps(apps, default=str)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=log, env=env, cwd=workdir, text=True)
+    try:
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        line = process.stdout.readline()
+        timer.cancel()
+        if not line:
+            raise RuntimeError(f"the Ray Serve process exited ({process.wait()}): {_tail(workdir / 'ray_serve.log')}")
+        yield json.loads(line)
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

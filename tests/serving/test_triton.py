@@ -35,6 +35,20 @@ def vit_build(tiny_vit_onnx, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def bert_text(small_vocab_bert, tmp_path_factory):
+    """(the small-vocabulary BERT's build, a word-level tokenizer.json of its 60 ids: [PAD] = 0, w1..w59)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("bert_text")
+    trimrt.compile(str(small_vocab_bert), None, root / "bert")
+    vocab = {"[PAD]": 0, **{f"w{i}": i for i in range(1, 60)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(root / "tokenizer.json"))
+    return root / "bert", root / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
 def decoder_build():
     pytest.importorskip("transformers")
     from tests.families.causal_lms import build
@@ -81,6 +95,25 @@ def test_a_decoder_exports_a_generation_model(decoder_build, tmp_path):
     assert [o.name for o in config.output] == ["text", "tokens"]
 
 
+def test_a_tokenizer_adds_a_text_ensemble_in_front_of_the_stock_model(bert_text, vit_build, tmp_path):
+    build, tokenizer = bert_text
+    models = export_triton(build, tmp_path / "repo", name="bert", tokenizer=tokenizer.parent)
+    assert [m.name for m in models] == ["bert", "bert_python", "bert_tokenize", "bert_text"]
+    ensemble = _config(tmp_path / "repo/bert_text/config.pbtxt")
+    assert ensemble.platform == "ensemble" and [i.name for i in ensemble.input] == ["text"]
+    steps = ensemble.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["bert_tokenize", "bert"]
+    assert dict(steps[1].input_map) == {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    assert {o.name: list(o.dims) for o in ensemble.output}["last_hidden_state"] == [-1, -1, 32]
+    tokenize = _config(tmp_path / "repo/bert_tokenize/config.pbtxt")
+    assert [o.name for o in tokenize.output] == ["input_ids", "attention_mask"]
+    assert tokenize.parameters["max_tokens"].string_value == "64"  # the model's position table
+    with pytest.raises(ServingError, match="this build takes \\['pixel_values'\\]"):
+        export_triton(vit_build, tmp_path / "repo2", tokenizer=tokenizer)
+    with pytest.raises(ServingError, match="no tokenizer.json"):
+        export_triton(build, tmp_path / "repo3", tokenizer=tmp_path)
+
+
 def test_existing_models_and_bad_names_are_refused_and_nothing_is_half_written(vit_build, tmp_path):
     repo = tmp_path / "repo"
     (repo / "vit_pruned_python").mkdir(parents=True)
@@ -105,7 +138,7 @@ def test_the_cli_writes_a_repository_and_says_how_to_serve_it(vit_build, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder_build, tmp_path):
+def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder_build, bert_text, tmp_path):
     reason = triton_missing()
     if reason:
         pytest.skip(reason)
@@ -114,6 +147,7 @@ def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder
 
     export_triton(vit_build, tmp_path / "repo", name="vit", max_batch=8)
     export_triton(decoder_build, tmp_path / "repo", name="llm")
+    export_triton(bert_text[0], tmp_path / "repo", name="bert", tokenizer=bert_text[1], ensemble_model="python")
     session = trimrt.load(vit_build)
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((rows, 3, 32, 32)).astype(np.float32) for rows in (1, 3, 2, 1, 4, 1, 2, 1)]
@@ -127,7 +161,8 @@ def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder
         finally:
             client.close()
 
-    with triton_server(tmp_path / "repo", ["vit_python", "llm"], tmp_path) as address:
+    models = ["vit_python", "llm", "bert_python", "bert_tokenize", "bert_text"]
+    with triton_server(tmp_path / "repo", models, tmp_path) as address:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:  # concurrent: Triton batches them dynamically
             answers = list(pool.map(infer, batches))
         for x, answer in zip(batches, answers):
@@ -143,7 +178,14 @@ def test_a_real_triton_server_serves_what_session_run_returns(vit_build, decoder
         max_tokens = http.InferInput("max_tokens", [1], "INT32")
         max_tokens.set_data_from_numpy(np.array([12], np.int32))
         tokens = client.infer("llm", [prompt, max_tokens]).as_numpy("tokens").tolist()
+        # the text ensemble: a request's texts tokenized (padded to its longest), then the model
+        texts = http.InferInput("text", [2], "BYTES")
+        texts.set_data_from_numpy(np.array([b"w5 w17 w9 w33", b"w2 w8"], dtype=np.object_))
+        hidden = client.infer("bert_text", [texts]).as_numpy("last_hidden_state")
         client.close()
+    ids = np.array([[5, 17, 9, 33], [2, 8, 0, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    np.testing.assert_allclose(hidden, trimrt.load(bert_text[0]).run(feeds)["last_hidden_state"], rtol=0, atol=1e-6)
     expected = trimrt.load(decoder_build).generator().generate([1, 17, 99, 5, 42, 7], max_new_tokens=12).tokens
     assert tokens == expected
 

@@ -35,6 +35,7 @@ from ray import serve
 
 from ..errors import InputError, ServingError, TrimrtError
 from .batching import BatchPolicy, run_requests
+from .checks import check_servable
 
 NPZ = "application/x-npz"
 app = FastAPI(title="trimrt")
@@ -219,30 +220,12 @@ class BuildDeployment:
         return {**out, "usage": usage} if usage else out
 
 
-def check(build_dir: str | Path, *, replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
-          openai: bool = False) -> Path:
-    """The build folder, resolved, once it can be served as asked (else a one-line error), before
-    any Ray process starts."""
-    from ..runtime.manifest import read_manifest
-
-    build_dir = Path(build_dir).resolve()
-    manifest = read_manifest(build_dir)  # a bad build fails here, in one line, not in every replica
-    if openai and not isinstance(manifest.get("decoder"), dict):
-        raise ServingError(f"{build_dir} is not a decoder build: --openai serves text generation; serve it without")
-    if not (isinstance(replicas, int) and replicas >= 1):
-        raise ServingError(f"replicas must be an integer >= 1, got {replicas!r}")
-    if not (isinstance(max_batch, int) and max_batch >= 1):
-        raise ServingError(f"max_batch must be an integer >= 1 (1: no batching), got {max_batch!r}")
-    if not batch_wait_ms >= 0:
-        raise ServingError(f"batch_wait_ms must be >= 0, got {batch_wait_ms!r}")
-    return build_dir
-
-
 def deployment(build_dir: str | Path, *, replicas: int = 1, max_batch: int = 16, batch_wait_ms: float = 5.0,
                threads: int | None = None, openai: bool = False, tokenizer: str | Path | None = None,
                name: str | None = None):
     """The Ray Serve application of a build (bind it, or `serve.run` it)."""
-    build_dir = check(build_dir, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
+    build_dir = check_servable(build_dir, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                               openai=openai)
     options = BuildDeployment.options(name=name or "trimrt", num_replicas=replicas,
                                       ray_actor_options={"num_cpus": threads or 1},
                                       max_ongoing_requests=max(2 * max_batch, 8), health_check_period_s=2,
@@ -261,7 +244,7 @@ def start(build_dir: str | Path, *, port: int = 8000, host: str = "127.0.0.1", r
     shuts everything down."""
     import ray
 
-    check(build_dir, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
+    check_servable(build_dir, replicas=replicas, max_batch=max_batch, batch_wait_ms=batch_wait_ms, openai=openai)
     connect(num_cpus)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = threads or max(1, cpus // replicas)

@@ -33,6 +33,8 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE
                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 #: the python-backend model's file, copied from this package
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+#: the token inputs a text ensemble's tokenizer step gives an encoder build, in this order
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: generation inputs / outputs of a decoder build's python model
 GENERATION_INPUTS = [("prompt", "TYPE_STRING", [1], False), ("max_tokens", "TYPE_INT32", [1], True),
                      ("temperature", "TYPE_FP32", [1], True), ("top_p", "TYPE_FP32", [1], True),
@@ -56,10 +58,14 @@ class TritonModel:
 
 
 def export_triton(build_dir: str | Path, repository: str | Path, *, name: str | None = None, max_batch: int = 8,
-                  instances: int = 1, queue_delay_us: int = 2000, threads: int | None = None) -> list[TritonModel]:
+                  instances: int = 1, queue_delay_us: int = 2000, threads: int | None = None,
+                  tokenizer: str | Path | None = None, ensemble_model: str = "stock") -> list[TritonModel]:
     """Write the models of `build_dir` into the model repository `repository` (created if
     missing; other models in it are left alone; ServingError if a model of the same name is
-    there). Returns the models written."""
+    there). With `tokenizer` (an encoder build taking input_ids: tokenizer.json or a folder
+    holding it) also NAME_tokenize and the ensemble NAME_text, text in, the build's outputs
+    out, whose model step is the stock model (`ensemble_model="stock"`) or NAME_python.
+    Returns the models written."""
     build_dir = Path(build_dir)
     manifest = read_manifest(build_dir)
     name = name or build_dir.resolve().name
@@ -70,6 +76,8 @@ def export_triton(build_dir: str | Path, repository: str | Path, *, name: str | 
         raise ServingError(f"instances must be an integer in [1, 256], got {instances!r}")
     models = plan_models(build_dir, manifest, name, max_batch=max_batch, instances=instances,
                          queue_delay_us=queue_delay_us, threads=threads)
+    if tokenizer is not None:
+        models += text_ensemble(manifest, name, models, Path(tokenizer), ensemble_model, instances)
     for model in models:
         validate_config(model.config, model.name)
     repository = Path(repository)
@@ -154,6 +162,41 @@ def plan_models(build_dir: Path, manifest: dict, name: str, *, max_batch: int, i
                               ["runs the build with trimrt's runtime: the Python environment of the server needs "
                                "`pip install trimrt` (or an EXECUTION_ENV_PATH environment that has it)"]))
     return models
+
+
+def text_ensemble(manifest: dict, name: str, models: list[TritonModel], tokenizer: Path, ensemble_model: str,
+                  instances: int) -> list[TritonModel]:
+    """NAME_tokenize (python: texts -> the build's token inputs, padded to the request's longest
+    text, truncated to the model's positions) and NAME_text (an ensemble: text -> tokenize ->
+    the model). A request's texts run as one batch (one text: no padding)."""
+    if isinstance(manifest.get("decoder"), dict):
+        raise ServingError("a decoder's generation model takes text already (its build's tokenizer, or ids); "
+                           "--tokenizer is for encoder builds")
+    if ensemble_model not in ("stock", "python"):
+        raise ServingError(f"ensemble_model must be 'stock' or 'python', got {ensemble_model!r}")
+    inputs = {t["name"]: t for t in manifest.get("inputs") or []}
+    if "input_ids" not in inputs or set(inputs) - set(TOKEN_INPUTS):
+        raise ServingError(f"a text ensemble feeds a model taking {list(TOKEN_INPUTS)}; this build takes "
+                           f"{list(inputs)}: export it without --tokenizer")
+    file = tokenizer / "tokenizer.json" if tokenizer.is_dir() else tokenizer
+    if not file.is_file():
+        raise ServingError(f"no tokenizer.json at {tokenizer}: give the file, or the folder holding it")
+    target = next(m for m in models if m.kind != "python") if ensemble_model == "stock" else models[-1]
+    limit = ((manifest.get("input_limits") or {}).get("tokens") or {}).get("limit")
+    token_outputs = [(n, _triton_type(inputs[n]), [-1, -1], False) for n in TOKEN_INPUTS if n in inputs]
+    tokenize = _config(f"{name}_tokenize", "python", 0, [("text", "TYPE_STRING", [-1], False)], token_outputs,
+                       instances, "KIND_CPU", batching=False, queue_delay_us=0,
+                       parameters={"mode": "tokenize", **({"max_tokens": str(limit)} if limit else {})})
+    outputs = [(t["name"], _triton_type(t), _dims(t, manifest, batched=False, static=False), False)
+               for t in manifest["outputs"]]
+    steps = [(f"{name}_tokenize", {"text": "text"}, {n: n for n, *_ in token_outputs}),
+             (target.name, {n: n for n, *_ in token_outputs}, {n: n for n, *_ in outputs})]
+    ensemble = _config(f"{name}_text", "ensemble", 0, [("text", "TYPE_STRING", [-1], False)], outputs, instances,
+                       "KIND_CPU", batching=False, queue_delay_us=0, steps=steps)
+    return [TritonModel(f"{name}_tokenize", "python", tokenize, {"model.py": PYTHON_MODEL, "tokenizer.json": file},
+                        ["tokenizes a request's texts (the server's Python environment needs `tokenizers`)"]),
+            TritonModel(f"{name}_text", "ensemble", ensemble, {},
+                        [f"text in: {name}_tokenize, then {target.name}; a request's texts are padded to its longest"])]
 
 
 def validate_config(text: str, name: str) -> None:
@@ -243,14 +286,23 @@ def _tensor_block(tensors, optional_ok: bool) -> str:
 
 
 def _config(name: str, kind: str, max_batch: int, inputs, outputs, instances: int, device: str, *, batching: bool,
-            queue_delay_us: int, parameters: dict[str, str] | None = None) -> str:
-    """config.pbtxt text (model_config.proto); `kind`: a platform or the python backend."""
+            queue_delay_us: int, parameters: dict[str, str] | None = None, steps=None) -> str:
+    """config.pbtxt text (model_config.proto); `kind`: a platform or the python backend;
+    `steps` (an ensemble): (model, {its input: tensor}, {its output: tensor}) in order."""
     engine = 'backend: "python"' if kind == "python" else f'platform: "{kind}"'
     lines = [f'name: "{name}"', engine, f"max_batch_size: {max_batch}",
              f"input [\n{_tensor_block(inputs, True)}\n]", f"output [\n{_tensor_block(outputs, False)}\n]"]
     if batching:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
-    lines.append(f"instance_group [ {{ kind: {device} count: {instances} }} ]")
+    if steps:
+        def pairs(kind, mapping):
+            return " ".join(f'{kind} {{ key: "{k}" value: "{v}" }}' for k, v in mapping.items())
+
+        rows = [f'    {{ model_name: "{m}" model_version: -1 {pairs("input_map", i)} {pairs("output_map", o)} }}'
+                for m, i, o in steps]
+        lines.append("ensemble_scheduling {\n  step [\n" + ",\n".join(rows) + "\n  ]\n}")
+    else:
+        lines.append(f"instance_group [ {{ kind: {device} count: {instances} }} ]")
     for key, value in (parameters or {}).items():
         lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}')
     return "\n".join(lines) + "\n"

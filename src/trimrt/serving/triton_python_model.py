@@ -4,8 +4,10 @@ It runs the build in its version folder (1/build) with trimrt's runtime, so the 
 Python environment needs trimrt (`pip install trimrt`, or an EXECUTION_ENV_PATH that has
 it). Parameters of config.pbtxt: `mode` ("run": the build's inputs and outputs, requests
 batched by `trimrt.serving.batching`, the same answers as `Session.run`; "generate": a
-decoder build, a prompt in and its greedy or sampled continuation out) and
-`intra_op_threads` (ONNX Runtime threads per instance; default: its own choice).
+decoder build, a prompt in and its greedy or sampled continuation out; "tokenize": the
+first step of a text ensemble, texts in, an encoder's token inputs out, with the
+tokenizer.json of its version folder), `intra_op_threads` (ONNX Runtime threads per
+instance; default: its own choice) and `max_tokens` (tokenize: truncation).
 """
 
 import json
@@ -26,12 +28,17 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-        build = Path(args["model_repository"]) / str(args["model_version"]) / "build"
-        threads = int(params["intra_op_threads"]) if params.get("intra_op_threads") else None
-        self.session = load(build, threads=threads, spinning=False)  # cores shared with the server: no idle spinning
+        version = Path(args["model_repository"]) / str(args["model_version"])
         self.mode = params.get("mode", "run")
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.session = None
+        if self.mode == "tokenize":
+            self.tokenizer = _tokenizer(version / "tokenizer.json", int(params.get("max_tokens") or 0))
+            self.dtypes = {o["name"]: np.int32 if o["data_type"] == "TYPE_INT32" else np.int64 for o in config["output"]}
+            return
+        threads = int(params["intra_op_threads"]) if params.get("intra_op_threads") else None
+        self.session = load(version / "build", threads=threads, spinning=False)  # cores shared with the server
         if self.mode == "generate":
             self.generator = self.session.generator()
         else:
@@ -40,6 +47,8 @@ class TritonPythonModel:
     def execute(self, requests):
         if self.mode == "generate":
             return [self._generate(r) for r in requests]
+        if self.mode == "tokenize":
+            return [self._tokenize(r) for r in requests]
         from trimrt.serving.batching import run_requests
 
         feeds = []
@@ -67,8 +76,36 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse([pb_utils.Tensor("text", np.array([text.encode()], dtype=np.object_)),
                                            pb_utils.Tensor("tokens", np.array(result.tokens, dtype=np.int64))])
 
+    def _tokenize(self, request):
+        tensor = pb_utils.get_input_tensor_by_name(request, "text")
+        texts = [t.decode() if isinstance(t, bytes) else str(t) for t in tensor.as_numpy().reshape(-1)]
+        if not texts:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError("the request has no text"))
+        encodings = self.tokenizer.encode_batch(texts)
+        columns = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                   "token_type_ids": [e.type_ids for e in encodings]}
+        return pb_utils.InferenceResponse([pb_utils.Tensor(name, np.array(columns[name], dtype=self.dtypes[name]))
+                                           for name in self.outputs])
+
     def finalize(self):
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
+
+
+def _tokenizer(path, max_tokens: int):
+    """A tokenizers.Tokenizer padding a batch to its longest text and truncating to `max_tokens`."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.padding is None:
+        pad = next((t for t in ("[PAD]", "<pad>", "<|pad|>") if tokenizer.token_to_id(t) is not None), None)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad) if pad else 0, pad_token=pad or "[PAD]")
+    else:
+        tokenizer.enable_padding(**{k: v for k, v in tokenizer.padding.items() if k in ("pad_id", "pad_token",
+                                                                                         "pad_type_id", "direction")})
+    if max_tokens:
+        tokenizer.enable_truncation(max_tokens)
+    return tokenizer
 
 
 def _text(tensor) -> str:
