@@ -82,11 +82,7 @@ def triton_server(repository: Path, models: list[str], workdir: Path, timeout: f
         yield address
     finally:
         process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _reap(process, 30)
         log.close()
 
 
@@ -126,12 +122,17 @@ def ray_serve_process(apps: list[dict], workdir: Path, timeout: float = 180.0):
         yield json.loads(line)
     finally:
         process.stdin.close()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _reap(process, 60)
         log.close()
+
+
+def _reap(process: subprocess.Popen, timeout: float) -> None:
+    """Wait for a stopping server; kill it if it has not stopped within `timeout` seconds."""
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _tail(path: Path, lines: int = 15) -> str:

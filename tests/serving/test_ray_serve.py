@@ -69,7 +69,8 @@ def test_json_and_npz_bodies_answer_what_session_run_returns(served, builds):
 def test_bad_requests_get_a_400_with_one_line(served):
     cases = [(b"{not json", "not JSON"), (json.dumps({"inputs": {"pixel": [[1.0]]}}).encode(), "unknown input"),
              (json.dumps({"inputs": {"pixel_values": [[1.0, 2.0]]}}).encode(), "must have rank 4"),
-             (json.dumps({"x": 1}).encode(), '{"inputs"')]
+             (json.dumps({"x": 1}).encode(), '{"inputs"'),
+             (json.dumps({"inputs": {"pixel_values": [["a"]]}}).encode(), "must hold numbers")]
     for body, message in cases:
         status, _, answer = http(f"{served['vit']}/v1/infer", body, {"Content-Type": "application/json"})
         error = json.loads(answer)["error"]

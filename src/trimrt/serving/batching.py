@@ -20,7 +20,6 @@ alone, as with max_batch 1, is bit-identical):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,12 +32,14 @@ from ..runtime.feeds import TensorInfo, validate_feeds
 ROW_COUPLING_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"})
 
 
-def row_coupling_ops(model_path: str | Path) -> list[str]:
-    """The ops of `model_path` (graph and functions) that make a row's output depend on the
-    other rows of its batch; empty when the rows of a batch are independent."""
+def row_coupling_ops(model) -> list[str]:
+    """The ops of `model` (an ONNX file's path, or a loaded ModelProto; graph and functions)
+    that make a row's output depend on the other rows of its batch; empty when the rows of a
+    batch are independent."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
     found = {n.op_type for n in model.graph.node if n.op_type in ROW_COUPLING_OPS}
     for function in model.functions:
         found |= {n.op_type for n in function.node if n.op_type in ROW_COUPLING_OPS}

@@ -58,8 +58,8 @@ def completion_request(body, has_tokenizer: bool) -> tuple[object, dict, bool]:
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         raise ValueError("only n = 1 is served (one completion per request)")
     options = {"max_new_tokens": body.get("max_tokens", 16)}
-    temperature = body.get("temperature", 1.0)  # OpenAI's default: sampling at 1
-    if temperature is not None and temperature > 0:
+    temperature = float(body.get("temperature", 1.0) or 0)  # OpenAI's default: sampling at 1; 0: greedy
+    if temperature > 0:
         options["temperature"] = float(temperature)
         if body.get("top_p") is not None:
             options["top_p"] = float(body["top_p"])
@@ -91,9 +91,15 @@ def decode_feeds(body: bytes, binary: bool, inputs) -> dict[str, np.ndarray]:
     feeds = {}
     for name, value in data["inputs"].items():
         try:
-            feeds[name] = np.asarray(value, dtype=dtypes.get(name))
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"input {name!r} is not a numeric array of its dtype ({exc})") from None
+            arr = np.asarray(value)
+        except ValueError as exc:  # ragged nested lists
+            raise InputError(f"input {name!r} is not an array ({str(exc).splitlines()[0]})") from None
+        want = dtypes.get(name)  # None: an unknown input, which the Session names
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"input {name!r} must hold numbers, got {arr.dtype.name} values")
+        if want is not None and want.kind in "iu" and arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+            raise InputError(f"input {name!r} takes {want.name}, got numbers with fractions")
+        feeds[name] = arr.astype(want) if want is not None else arr
     return feeds
 
 
@@ -121,7 +127,8 @@ class BuildDeployment:
                  openai: bool = False, tokenizer: str | None = None, name: str | None = None):
         from ..runtime import load
 
-        self.session = load(build_dir, threads=threads, spinning=False)  # idle spinning threads would steal the cores from the HTTP proxy
+        # no idle spinning: the replica's cores are shared with the HTTP proxy
+        self.session = load(build_dir, threads=threads, spinning=False)
         self.name = name or Path(build_dir).resolve().name
         self.policy = BatchPolicy.of_session(self.session) if not openai else None
         self.batch.set_max_batch_size(max_batch)
@@ -179,7 +186,7 @@ class BuildDeployment:
         try:
             body = json.loads(await request.body() or b"{}")
             prompt, options, stream = completion_request(body, self.generator.tokenizer is not None)
-        except (ValueError, InputError) as exc:
+        except (ValueError, TypeError, InputError) as exc:
             return _error(400, str(exc))
         created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex[:24]}"
         if stream:

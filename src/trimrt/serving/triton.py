@@ -124,7 +124,10 @@ def plan_models(build_dir: Path, manifest: dict, name: str, *, max_batch: int, i
                for t in manifest.get("outputs") or []]
     if not inputs or not outputs:
         raise BuildLoadError(f"{build_dir}: the manifest lists no inputs / outputs; recompile the build with this trimrt")
-    coupled = row_coupling_ops(build_dir / "model.onnx")
+    import onnx
+
+    proto = onnx.load(str(build_dir / "model.onnx"), load_external_data=False)
+    coupled = row_coupling_ops(proto)
     stock_batching = batch > 0 and not coupled
     models = []
     if engine:
@@ -139,7 +142,9 @@ def plan_models(build_dir: Path, manifest: dict, name: str, *, max_batch: int, i
         models.append(TritonModel(name, "tensorrt_plan", config, {"model.plan": build_dir / ENGINE}, notes))
     else:
         parameters = {"intra_op_thread_count": str(threads)} if threads else {}
-        notes = []
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        notes = [f"the model is ONNX opset {opset}, run by ONNX Runtime {_onnxruntime_version()} here: Triton's ONNX "
+                 "Runtime backend must be a release whose ONNX Runtime runs that opset (and the com.microsoft ops it uses)"]
         if coupled:
             notes.append(f"dynamic batching off: {', '.join(coupled)} quantizes each activation with one scale over the "
                          "whole batch, so Triton's batching would change answers")
@@ -243,6 +248,12 @@ def _copy_build(build_dir: Path, target: Path) -> None:
     manifest = json.loads((build_dir / MANIFEST).read_text())
     for file in [MANIFEST, *manifest["files"]]:
         shutil.copyfile(build_dir / file, target / file)
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _check_name(name: str) -> None:
