@@ -31,6 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: a full Triton Inference Server (one with the onnxruntime backend, e.g. NVIDIA's container:
+#: /opt/tritonserver/bin/tritonserver) for the stock models' test; TRIMRT_FULL_TRITONSERVER names it
+FULL_TRITONSERVER = os.environ.get("TRIMRT_FULL_TRITONSERVER")
+
+
+def full_triton_missing() -> str | None:
+    """Why the stock-backend models cannot be served here, or None."""
+    if not FULL_TRITONSERVER:
+        return ("needs a full Triton Inference Server with the onnxruntime backend (nvidia-pytriton's has only the "
+                "python backend): set TRIMRT_FULL_TRITONSERVER=/opt/tritonserver/bin/tritonserver")
+    if not Path(FULL_TRITONSERVER).is_file():
+        return f"TRIMRT_FULL_TRITONSERVER={FULL_TRITONSERVER} is not a file"
+    return None
+
+
 def triton_missing() -> str | None:
     """Why the Triton server cannot run here, or None."""
     if not (TRITON_ENV / "bin" / "python").exists():
@@ -41,26 +56,31 @@ def triton_missing() -> str | None:
 
 
 @contextlib.contextmanager
-def triton_server(repository: Path, models: list[str], workdir: Path, timeout: float = 120.0):
-    """Start tritonserver on a free 127.0.0.1 port serving `models` of `repository`; yields
-    its HTTP address ("127.0.0.1:PORT"); stops it (and waits for it) on exit."""
-    site = next(TRITON_ENV.glob("lib/python3.*/site-packages"))
-    dist = site / "pytriton" / "tritonserver"
+def triton_server(repository: Path, models: list[str], workdir: Path, timeout: float = 120.0, *, full: bool = False):
+    """Start tritonserver on a free 127.0.0.1 port serving `models` of `repository`: the one
+    of the Triton environment, or (`full`) FULL_TRITONSERVER with its own backends; yields its
+    HTTP address ("127.0.0.1:PORT"); stops it (and waits for it) on exit."""
     workdir = Path(tempfile.mkdtemp(prefix="tritonserver-", dir=workdir))  # a fresh copy each start
-    server = workdir / "tritonserver"
-    # the wheel's layout: the stub of this Python's version goes into the python backend's folder
-    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    version = site.parent.name.removeprefix("python")
-    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
+    env = dict(os.environ)
+    if full:
+        binary, where = FULL_TRITONSERVER, []
+    else:
+        site = next(TRITON_ENV.glob("lib/python3.*/site-packages"))
+        dist = site / "pytriton" / "tritonserver"
+        server = workdir / "tritonserver"
+        # the wheel's layout: the stub of this Python's version goes into the python backend's folder
+        shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+        version = site.parent.name.removeprefix("python")
+        shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub", server / "backends" / "python")
+        binary = str(server / "bin" / "tritonserver")
+        where = [f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}"]
+        env.update({"LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"),
+                    # the stub finds its interpreter's environment (trimrt, numpy, onnxruntime) on PATH
+                    "PATH": f"{TRITON_ENV / 'bin'}:{os.environ.get('PATH', '')}"})
+        env.pop("PYTHONPATH", None)
     port = free_port()
-    env = {**os.environ, "LD_LIBRARY_PATH": str(site / "nvidia_pytriton.libs"),
-           # the stub finds its interpreter's environment (trimrt, numpy, onnxruntime) on PATH
-           "PATH": f"{TRITON_ENV / 'bin'}:{os.environ.get('PATH', '')}"}
-    env.pop("PYTHONPATH", None)
     log = open(workdir / "tritonserver.log", "w")
-    args = [str(server / "bin" / "tritonserver"), f"--model-repository={repository}",
-            f"--backend-directory={server / 'backends'}", f"--cache-directory={server / 'caches'}",
-            "--model-control-mode=explicit", *(f"--load-model={m}" for m in models),
+    args = [binary, f"--model-repository={repository}", *where, "--model-control-mode=explicit", *(f"--load-model={m}" for m in models),
             "--http-address=127.0.0.1", f"--http-port={port}", "--allow-grpc=false", "--allow-metrics=false",
             "--exit-timeout-secs=10"]
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import trimrt
-from tests.serving.servers import triton_missing, triton_server
+from tests.serving.servers import full_triton_missing, triton_missing, triton_server
 from trimrt.cli import main
 from trimrt.errors import ServingError
 from trimrt.serving.triton import export_triton
@@ -212,3 +212,31 @@ def test_a_tensorrt_build_exports_a_plan_model_and_says_how_to_load_its_plugins(
     assert "AttentionRowScore" in (tmp_path / "repo/vit/NOTES.txt").read_text()
     assert _config(tmp_path / "repo/vit_python/config.pbtxt").instance_group[0].kind == \
         model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+@pytest.mark.full_triton
+def test_a_full_triton_serves_the_stock_onnxruntime_model(vit_build, bert_text, tmp_path):
+    """The stock `onnxruntime_onnx` models (and the ensemble in front of one), on a Triton with that
+    backend: skipped here (nvidia-pytriton's server has only the python backend)."""
+    reason = full_triton_missing()
+    if reason:
+        pytest.skip(reason)
+    import tritonclient.http as http
+
+    export_triton(vit_build, tmp_path / "repo", name="vit", max_batch=8)
+    export_triton(bert_text[0], tmp_path / "repo", name="bert", tokenizer=bert_text[1])
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with triton_server(tmp_path / "repo", ["vit", "bert", "bert_tokenize", "bert_text"], tmp_path, full=True) as address:
+        client = http.InferenceServerClient(address)
+        tensor = http.InferInput("pixel_values", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        logits = client.infer("vit", [tensor]).as_numpy("logits")
+        texts = http.InferInput("text", [1], "BYTES")
+        texts.set_data_from_numpy(np.array([b"w5 w17 w9 w33"], dtype=np.object_))
+        hidden = client.infer("bert_text", [texts]).as_numpy("last_hidden_state")
+        client.close()
+    # another ONNX Runtime release, maybe other fusions: equal up to float rounding
+    np.testing.assert_allclose(logits, trimrt.load(vit_build).run({"pixel_values": x})["logits"], rtol=0, atol=1e-4)
+    ids = np.array([[5, 17, 9, 33]], np.int64)
+    expected = trimrt.load(bert_text[0]).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    np.testing.assert_allclose(hidden, expected["last_hidden_state"], rtol=0, atol=1e-4)
