@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     SessionClosedError,
     StructureError,
     TrimrtError,
+    TuneError,
 )
 from .runtime import Session, load  # noqa: E402
 
@@ -60,8 +61,17 @@ def verify(build_dir, reference=None, **kwargs):
     return verify_build(build_dir, reference, **kwargs)
 
 
+def tune(model, *, data, eval_data, out_dir, **options):
+    """Search the recipes that apply to `model` (an .onnx path or a factory spec) for the
+    fastest build meeting `min_cosine` (or `metric`) on `eval_data`, calibrating on `data`;
+    writes it to `out_dir` with its recipe and a report. Returns a TuneResult."""
+    from .tuning import tune as run
+
+    return run(model, data=data, eval_data=eval_data, out_dir=out_dir, **options)
+
+
 __all__ = [
-    "__version__", "compile", "export", "load", "verify", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
-    "StructureError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError", "CalibrationError",
+    "__version__", "compile", "export", "load", "verify", "tune", "Session", "TrimrtError", "RecipeError", "ModelLoadError",
+    "StructureError", "TuneError", "BuildError", "BuildLoadError", "InputError", "BackendUnavailableError", "CalibrationError",
     "RunError", "ServingError", "SessionClosedError",
 ]

@@ -317,6 +317,57 @@ def _prompt(text: str, *, text_ok: bool):
                                  "text", param_hint="--prompt") from None
 
 
+def _duration(ctx, param, text: str) -> float:
+    """--budget: seconds, or a number with s / m / h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration such as 600, 20m or 1h") from None
+    if value <= 0:
+        raise click.BadParameter(f"the budget must be positive, got {text!r}")
+    return value
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Calibration data (a folder of .npy/.npz feeds, a .txt file with --tokenizer, or images).")
+@click.option("--eval", "eval_data", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Evaluation data, of the same kinds, held out from --data: the budget is checked on it.")
+@click.option("--min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1.0, 1.0),
+              help="The fidelity budget with --metric cosine.")
+@click.option("--metric", type=click.Choice(["cosine", "top1"]), default="cosine", show_default=True)
+@click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="The budget with --metric top1 (default 0.97).")
+@click.option("--budget", "budget_s", default="20m", show_default=True, callback=_duration,
+              help="Time to spend (600, 20m, 1h).")
+@click.option("--batch", default=1, show_default=True, type=_count("batch"), help="Batch size the speed is measured at.")
+@click.option("--threads", default=2, show_default=True, type=_count("threads"))
+@click.option("--samples", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Evaluation samples (and at most 64 calibration samples).")
+@click.option("--tokenizer", help="Text data: a Hugging Face tokenizer name or folder.")
+@click.option("--max-length", type=click.IntRange(1), help="Text data: tokens per sample.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Where the best build goes (its recipe and report beside it in the build; work in OUT.tune/).")
+def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str, min_top1: float | None, budget_s: float,
+         batch: int, threads: int, samples: int, tokenizer: str | None, max_length: int | None, out_dir: Path) -> None:
+    """Search the recipes for MODEL: the fastest build that meets the fidelity budget on --eval."""
+    from rich.console import Console
+
+    from .tuning import tune as run
+
+    console = Console(highlight=False, stderr=True)
+    with console.status("tuning") as status:
+        result = run(model, data=data, eval_data=eval_data, out_dir=out_dir, min_cosine=min_cosine, metric=metric,
+                     min_value=min_top1, budget_s=budget_s, batch=batch, threads=threads, samples=samples,
+                     tokenizer=tokenizer, max_length=max_length,
+                     progress=lambda msg: (status.update(msg), console.log(msg)))
+    click.echo(result.message)
+    click.echo(f"report: {result.report}")
+    if result.best is None:
+        sys.exit(1)
+
+
 @main.command("export-triton")
 @_build_arg
 @click.option("-o", "--output", "repository", required=True, type=click.Path(path_type=Path),

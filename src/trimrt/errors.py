@@ -48,3 +48,7 @@ class RunError(TrimrtError):
 
 class ServingError(TrimrtError):
     """A build cannot be exported to a serving engine, or served, as asked."""
+
+
+class TuneError(TrimrtError):
+    """`trimrt tune` cannot search as asked (unsupported model, bad data, an exhausted budget)."""

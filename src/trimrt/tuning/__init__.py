@@ -1,0 +1,14 @@
+"""`trimrt tune`: the fastest build that meets a fidelity budget on the user's own data.
+
+- `space`: the candidate recipes that apply to a model (token pruning, merging, INT8
+  methods, each with ONNX Runtime fusion), from its analysed structure;
+- `search`: compile every candidate, keep those that meet the budget on the evaluation
+  data, then spend the time budget on speed by successive halving (short alternating
+  timings for all, longer ones for the fastest); state is saved after every measurement,
+  so an interrupted run resumes;
+- `report`: the Pareto front (speed vs fidelity) as a matplotlib picture and a markdown table.
+"""
+
+from .search import TuneResult, tune
+
+__all__ = ["TuneResult", "tune"]

@@ -1,0 +1,121 @@
+"""`trimrt tune`: the search meets the budget on the evaluation data, writes the build, its
+recipe and the report, resumes, and says clearly what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import trimrt
+from trimrt.cli import main
+from trimrt.errors import TuneError
+from trimrt.tuning.report import pareto_front
+from trimrt.tuning.search import Measurement
+from trimrt.tuning.space import candidates, schedules
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune_data")
+    rng = np.random.default_rng(0)
+    (root / "cal").mkdir()
+    (root / "eval").mkdir()
+    np.save(root / "cal" / "x.npy", rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    np.save(root / "eval" / "x.npy", rng.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    return root
+
+
+def test_the_space_follows_the_structure():
+    assert schedules(12) == {"late": [6, 9], "even": [3, 6, 9]}
+    cls_vit = candidates({"blocks": 12, "tokens": 197, "pooling": "cls"}, {"source": "cal/"})
+    names = [c.name for c in cls_vit]
+    assert names[:3] == ["fusion only", "INT8 RTN", "INT8 SmoothQuant"]
+    assert "ToMe r 4" in names and "EViT even 3+6+9 keep 0.7 + INT8 SmoothQuant" in names
+    assert len({c.key for c in cls_vit}) == len(cls_vit)
+    mean_pooled = [c.name for c in candidates({"blocks": 6, "tokens": None, "pooling": "mean"}, None)]
+    assert not any(n.startswith("ToMe") or "SmoothQuant" in n for n in mean_pooled)
+    with pytest.raises(TuneError, match="encoders"):
+        candidates({"blocks": 4, "decoder": True}, None)
+
+
+def test_the_front_keeps_what_nothing_beats():
+    def m(name, fidelity, speedup):
+        return Measurement(name, name, {}, "ok", fidelity, None, speedup, 5)
+
+    points = [m("a", 0.999, 1.1), m("b", 0.995, 1.5), m("c", 0.990, 1.4), m("d", 0.98, 2.0), m("e", 0.97, 1.9)]
+    assert [p.name for p in pareto_front(points)] == ["d", "b", "a"]
+
+
+def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    out = tmp_path / "best"
+    result = trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=out, min_cosine=0.98,
+                         budget_s=300, samples=8)
+    best = result.best
+    assert best is not None and best.fidelity >= 0.98 and best.rounds == 40
+    timed = [m for m in result.measurements if m.meets and m.rounds == 40]
+    assert best.speedup == max(m.speedup for m in timed)
+    # the build is the chosen recipe's, and meets the budget when verified on the evaluation data
+    assert trimrt.load(out).manifest["recipe"]["onnxruntime"] == {"fuse": True}
+    recipe = tomllib.loads((out / "recipe.toml").read_text())
+    assert recipe == best.recipe
+    report = (out / "tune_report.md").read_text()
+    assert f"| {best.name} **(chosen)** |" in report and (out / "pareto.png").stat().st_size > 10_000
+    x = np.load(data / "eval" / "x.npy")
+    cos = [float(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b))
+           for a, b in zip(trimrt.load(out).run({"pixel_values": x})["logits"],
+                           trimrt.load(str(tmp_path / "best.tune" / "candidates" /
+                                           next(m.key for m in result.measurements if m.name == "fusion only")))
+                           .run({"pixel_values": x})["logits"])]
+    assert np.mean(cos) >= 0.98
+    # a second run resumes from state.json: nothing compiled or measured again, the same choice
+    state = json.loads((tmp_path / "best.tune" / "state.json").read_text())
+    again = trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=out, min_cosine=0.98,
+                        budget_s=300, samples=8)
+    assert again.best.key == best.key
+    assert json.loads((tmp_path / "best.tune" / "state.json").read_text()) == state
+    # another budget reuses the measurements; other data does not
+    with pytest.raises(TuneError, match="other settings .*samples: 8 then, 4 now"):
+        trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=out, samples=4)
+
+
+def test_an_unreachable_budget_says_how_close_it_came_and_writes_no_build(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
+                                       "--min-cosine", "1.0", "--samples", "4", "--budget", "2m",
+                                       "-o", str(tmp_path / "best")])
+    assert result.exit_code == 1
+    assert "no candidate reached cosine ≥ 1.0" in result.output and "the closest, " in result.output
+    assert not (tmp_path / "best").exists() and (tmp_path / "best.tune" / "tune_report.md").is_file()
+
+
+def test_bad_data_and_options_are_one_line_errors(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    (tmp_path / "wrong").mkdir()
+    np.save(tmp_path / "wrong" / "x.npy", np.zeros((2, 3, 16, 16), np.float32))
+    base = ["tune", str(onnx_path), "--data", str(data / "cal"), "-o", str(tmp_path / "best")]
+    result = CliRunner().invoke(main, [*base, "--eval", str(tmp_path / "wrong")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: the evaluation data")
+    assert len(result.stderr.splitlines()) == 1
+    result = CliRunner().invoke(main, [*base, "--eval", str(data / "eval"), "--budget", "soon"])
+    assert result.exit_code == 2 and "not a duration" in result.stderr
+
+
+def test_the_top1_budget_applies_to_the_logits(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
+                                       "--metric", "top1", "--min-top1", "0.75", "--samples", "4", "--budget", "2m",
+                                       "-o", str(tmp_path / "best")])
+    assert result.exit_code == 0, result.output
+    assert "top1 " in result.output and "≥ 0.75" in result.output
+    report = (tmp_path / "best" / "tune_report.md").read_text()
+    assert "| candidate | top1 |" in report and "top1 ≥ 0.75" in report
