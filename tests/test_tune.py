@@ -35,7 +35,8 @@ def data(tmp_path_factory):
 
 
 def test_the_space_follows_the_structure():
-    assert schedules(12) == {"late": [6, 9], "even": [3, 6, 9]}
+    assert schedules(12) == {"last": [9], "late": [6, 9], "even": [3, 6, 9]}
+    assert schedules(2) == {"last": [1]}
     cls_vit = candidates({"blocks": 12, "tokens": 197, "pooling": "cls"}, {"source": "cal/"})
     names = [c.name for c in cls_vit]
     assert names[:3] == ["fusion only", "INT8 RTN", "INT8 SmoothQuant"]

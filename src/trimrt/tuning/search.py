@@ -220,10 +220,15 @@ def _source_onnx(model, work: Path, say) -> Path:
         return path.resolve()
     path = work / "model.onnx"
     if not path.is_file():
-        from .. import export
+        import onnx_ir as ir
+
+        from ..compiler.source import load_source
 
         say(f"exporting {model}")
-        export(model, str(path))
+        try:
+            ir.save(load_source(model).model, path)
+        except TrimrtError as exc:
+            raise TuneError(f"cannot export {model}: {exc}") from None
     return path
 
 

@@ -1,8 +1,8 @@
 """The recipes `trimrt tune` tries on a model, from its analysed structure.
 
 Every candidate runs ONNX Runtime fusion (never slower on the models measured here). The
-axes: token pruning (EViT's CLS attention, at a late and an even schedule of blocks, keep
-0.9 … 0.5), ToMe merging (CLS-pooled models: a quarter, a half and three quarters of the
+axes: token pruning (EViT's CLS attention, after one block three quarters in, the last half
+or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a quarter, a half and three quarters of the
 tokens merged over the blocks), and INT8 (round-to-nearest; SmoothQuant with the user's
 calibration data), each alone and pruning × INT8. Decoders are not searched yet.
 """
@@ -33,10 +33,15 @@ class Candidate:
 
 
 def schedules(blocks: int) -> dict[str, list[int]]:
-    """Blocks after which tokens are pruned: late (the last half) and even (quarters)."""
-    late = sorted({blocks // 2, (3 * blocks) // 4} - {0})
-    even = sorted({blocks // 4, blocks // 2, (3 * blocks) // 4} - {0})
-    return {"late": late, "even": even} if even != late else {"even": even}
+    """Blocks after which tokens are pruned: last (one, three quarters in: the lightest),
+    late (the last half) and even (quarters); duplicates dropped."""
+    out: dict[str, list[int]] = {}
+    for label, layers in [("last", [(3 * blocks) // 4]), ("late", [blocks // 2, (3 * blocks) // 4]),
+                          ("even", [blocks // 4, blocks // 2, (3 * blocks) // 4])]:
+        layers = sorted(set(layers) - {0})
+        if layers and layers not in out.values():
+            out[label] = layers
+    return out
 
 
 def candidates(structure: dict, calibration: dict | None) -> list[Candidate]:
