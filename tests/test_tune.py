@@ -120,3 +120,12 @@ def test_the_top1_budget_applies_to_the_logits(tiny_vit_onnx, data, tmp_path):
     assert "top1 " in result.output and "≥ 0.75" in result.output
     report = (tmp_path / "best" / "tune_report.md").read_text()
     assert "| candidate | top1 |" in report and "top1 ≥ 0.75" in report
+
+
+def test_a_budget_too_small_to_measure_anything_says_so(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    result = trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=tmp_path / "best",
+                         budget_s=1e-3, samples=4)
+    assert result.best is None and not (tmp_path / "best").exists()
+    assert result.message.startswith("the time budget ran out before a candidate meeting cosine ≥ 0.99 was timed")
+    assert "give a larger --budget" in result.message

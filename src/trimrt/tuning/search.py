@@ -312,9 +312,15 @@ def _finish(best, measurements, out_dir: Path, work: Path, settings: dict, thres
 
     measured = [m for m in measurements if m.fidelity is not None]
     if best is None:
+        feasible = [m for m in measurements if m.meets]
         closest = max(measured, key=lambda m: m.fidelity, default=None)
-        gap = f"; the closest, {closest.name}, reached {closest.fidelity:.4f}" if closest else ""
-        message = f"no candidate reached {metric} ≥ {threshold} on the evaluation data{gap}; no build written"
+        if feasible or not measured:
+            message = (f"the time budget ran out before a candidate meeting {metric} ≥ {threshold} was timed "
+                       f"({len(feasible)} met it, {len(measured)} of {len(measurements)} were scored); give a larger "
+                       "--budget: rerunning resumes; no build written")
+        else:
+            gap = f"; the closest, {closest.name}, reached {closest.fidelity:.4f}" if closest else ""
+            message = f"no candidate reached {metric} ≥ {threshold} on the evaluation data{gap}; no build written"
         report = write_report(measurements, None, work, settings, message)
         return TuneResult(None, measurements, None, report, message, settings)
     with atomic_build_dir(out_dir) as tmp:
