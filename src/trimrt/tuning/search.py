@@ -91,7 +91,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 "max_length": max_length}
     state = _State(work / "state.json", settings, threshold)
     settings = {**settings, "threshold": threshold}
-    evaluation = _Evaluation(source, Path(eval_data), samples, tokenizer, max_length, metric)
+    evaluation = Evaluation(source, Path(eval_data), samples, tokenizer, max_length, metric)
     structure = _structure(source, say)
     calibration = {"source": settings["data"], "samples": min(samples, 64),
                    **({"tokenizer": tokenizer} if tokenizer else {}), **({"max_length": max_length} if max_length else {})}
@@ -165,7 +165,7 @@ def _differences(old: dict | None, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
 
 
-class _Evaluation:
+class Evaluation:
     """The evaluation samples, the original model's outputs on them, and the metric."""
 
     def __init__(self, source: Path, eval_data: Path, samples: int, tokenizer, max_length, metric: str):
@@ -257,7 +257,7 @@ def _schedules(singles: list[Candidate]) -> list[list[Candidate]]:
     return list(groups.values())
 
 
-def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, evaluation: _Evaluation,
+def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, evaluation: Evaluation,
             threshold: float) -> None:
     from ..compiler.driver import compile_model
     from ..runtime import load
@@ -277,7 +277,7 @@ def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, eval
     m.status = "ok" if m.fidelity >= threshold else "below budget"
 
 
-def _speed_rungs(state: _State, source: Path, work: Path, evaluation: _Evaluation, batch: int, threads: int,
+def _speed_rungs(state: _State, source: Path, work: Path, evaluation: Evaluation, batch: int, threads: int,
                  deadline: float, say) -> None:
     """Successive halving on speed among the candidates that met the budget."""
     from ..bench import bench_build
