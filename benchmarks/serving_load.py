@@ -225,15 +225,10 @@ def triton_rows(build: Path, requests, references, clients: int, workdir: Path) 
 
 def _executions(address: str) -> int:
     """How many times Triton has run the model (each run: one execute() over a list of requests)."""
-    stats = json.loads(_get(f"http://{address}/v2/models/minilm_python/stats"))["model_stats"][0]
+    from tests.serving.servers import http
+
+    stats = json.loads(http(f"http://{address}/v2/models/minilm_python/stats")[2])["model_stats"][0]
     return int(stats["execution_count"])
-
-
-def _get(url: str) -> bytes:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.read()
 
 
 def _line(r: dict) -> str:

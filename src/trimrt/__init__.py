@@ -43,13 +43,9 @@ def export(model, out_path, *, example_inputs=None, exporter="auto", opset=18):
     """Export a PyTorch model (a 'file.py:factory' spec, or a module with `example_inputs`) to
     an ONNX file the way `compile` does (dynamo exporter, TorchScript fallback; dynamic batch
     and token axes). Returns the path."""
-    import onnx_ir as ir
+    from .compiler.source import export_onnx
 
-    from .compiler.source import load_source
-
-    loaded = load_source(model, example_inputs, exporter=exporter, opset=opset)
-    ir.save(loaded.model, out_path)
-    return out_path
+    return export_onnx(model, out_path, example_inputs, exporter=exporter, opset=opset)
 
 
 def verify(build_dir, reference=None, **kwargs):

@@ -378,3 +378,13 @@ def _causal_lm(module, description: str, opset: int, tokenizer_file: Path | None
         model, feeds, spec, embedding = decoder.export_causal_lm(module, opset=opset, token_input=token_input)
     return LoadedModel(model, feeds, None, description=description, decoder=spec, tokenizer_file=tokenizer_file,
                        embedding=embedding)
+
+
+def export_onnx(source: Any, out_path, example_inputs: tuple | dict | None = None, *, exporter: str = "auto",
+                opset: int = EXPORT_OPSET):
+    """Write `source` (anything `load_source` takes) as an ONNX file at `out_path` the way
+    `compile` exports it; returns the path (trimrt.export, and tune's model)."""
+    import onnx_ir as ir
+
+    ir.save(load_source(source, example_inputs, exporter=exporter, opset=opset).model, out_path)
+    return out_path

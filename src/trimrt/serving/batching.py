@@ -91,25 +91,23 @@ def run_requests(session, requests: Sequence[Mapping[str, object]], policy: Batc
         key = _group_key(checked[i]) if policy.rows_independent else (i,)
         groups.setdefault(key, []).append(i)
     for members in groups.values():
-        if len(members) == 1:
-            results[members[0]] = _run_one(session, checked[members[0]], output_names)
-            continue
-        rows = [len(next(iter(checked[i].values()))) for i in members]
-        feeds = {name: np.concatenate([checked[i][name] for i in members]) for name in checked[members[0]]}
-        try:
-            out = session.run(feeds, output_names)
-        except TrimrtError:  # one request's values (an id out of range): each gets its own answer or error
-            for i in members:
-                results[i] = _run_one(session, checked[i], output_names)
-            continue
-        bounds = np.cumsum([0, *rows])
-        if any(arr.ndim == 0 or arr.shape[0] != bounds[-1] for arr in out.values()):  # an output without the batch axis
-            for i in members:
-                results[i] = _run_one(session, checked[i], output_names)
-            continue
-        for k, i in enumerate(members):
-            results[i] = {name: arr[bounds[k]:bounds[k + 1]] for name, arr in out.items()}
+        for i, result in zip(members, _run_group(session, [checked[i] for i in members], output_names)):
+            results[i] = result
     return results  # type: ignore[return-value]
+
+
+def _run_group(session, group: list[dict[str, np.ndarray]], output_names) -> list[dict[str, np.ndarray] | TrimrtError]:
+    """One run of the group's rows concatenated, split back per request; each request alone
+    when the run fails on one's values (an id out of range) or an output lacks the batch axis."""
+    if len(group) > 1:
+        bounds = np.cumsum([0, *(len(next(iter(feeds.values()))) for feeds in group)])
+        try:
+            out = session.run({name: np.concatenate([f[name] for f in group]) for name in group[0]}, output_names)
+        except TrimrtError:
+            out = None
+        if out is not None and all(arr.ndim and arr.shape[0] == bounds[-1] for arr in out.values()):
+            return [{name: arr[bounds[k]:bounds[k + 1]] for name, arr in out.items()} for k in range(len(group))]
+    return [_run_one(session, feeds, output_names) for feeds in group]
 
 
 def _run_one(session, feeds, output_names) -> dict[str, np.ndarray] | TrimrtError:

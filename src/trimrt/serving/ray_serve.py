@@ -217,7 +217,7 @@ class BuildDeployment:
                 yield _event({"error": {"message": str(exc), "type": type(exc).__name__}})
                 return
             stats = self.generator.last_stats
-            finish = "length" if stats.new_tokens >= options.get("max_new_tokens", 16) else "stop"
+            finish = "length" if stats.new_tokens >= options["max_new_tokens"] else "stop"
             yield _event(self._completion(cid, created, "", finish))
         yield "data: [DONE]\n\n"
 

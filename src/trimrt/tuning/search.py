@@ -123,10 +123,8 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 screen(combined)
     _speed_rungs(state, source, work, evaluation, batch, threads, deadline, say)
     measurements = [state.get(c) for c in space]
+    # the fastest among those timed at the highest rung reached
     best = max((m for m in measurements if m.meets and m.speedup), key=lambda m: (m.rounds, m.speedup), default=None)
-    if best is not None:
-        best = max((m for m in measurements if m.meets and m.speedup and m.rounds == best.rounds),
-                   key=lambda m: m.speedup)
     return _finish(best, measurements, out_dir, work, settings, threshold, metric, time.monotonic() - started, say)
 
 
@@ -220,13 +218,11 @@ def _source_onnx(model, work: Path, say) -> Path:
         return path.resolve()
     path = work / "model.onnx"
     if not path.is_file():
-        import onnx_ir as ir
-
-        from ..compiler.source import load_source
+        from ..compiler.source import export_onnx
 
         say(f"exporting {model}")
         try:
-            ir.save(load_source(model).model, path)
+            export_onnx(model, path)
         except TrimrtError as exc:
             raise TuneError(f"cannot export {model}: {exc}") from None
     return path
