@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from trimrt.compare import retrieval_agreement
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the example models: examples.models
 
 #: acceptance target of issue 3 at 256 tokens
@@ -128,19 +130,10 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def retrieval_agreement(q_base, p_base, q_build, p_build, k: int = 5) -> tuple[float, float]:
-    s_base, s_build = unit(q_base) @ unit(p_base).T, unit(q_build) @ unit(p_build).T
-    top_base = np.argsort(-s_base, axis=1, kind="stable")[:, :k]
-    top_build = np.argsort(-s_build, axis=1, kind="stable")[:, :k]
-    top1 = float(np.mean(top_base[:, 0] == top_build[:, 0]))
-    topk = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top_base, top_build)]))
-    return top1, topk
-
-
 def fidelity(base_emb: dict, build_emb: dict, length: int) -> dict:
     pb, pr = base_emb["passages"][length], build_emb["passages"][length]
     cos = np.sum(unit(pb) * unit(pr), axis=1)
-    top1, top5 = retrieval_agreement(base_emb["queries"], pb, build_emb["queries"], pr)
+    top1, top5 = retrieval_agreement(base_emb["queries"], pb, build_emb["queries"], pr, k=5)
     return {"cosine_mean": float(cos.mean()), "cosine_p5": float(np.percentile(cos, 5)),
             "cosine_min": float(cos.min()), "top1": top1, "top5": top5}
 

@@ -129,3 +129,33 @@ def test_a_budget_too_small_to_measure_anything_says_so(tiny_vit_onnx, data, tmp
     assert result.best is None and not (tmp_path / "best").exists()
     assert result.message.startswith("the time budget ran out before a candidate meeting cosine ≥ 0.99 was timed")
     assert "give a larger --budget" in result.message
+
+
+def test_the_retrieval_metric_ranks_the_evaluation_samples_neighbours(tiny_vit_onnx, data, tmp_path):
+    from trimrt.compare import retrieval_agreement
+    from trimrt.tuning.search import Evaluation
+
+    _, onnx_path = tiny_vit_onnx
+    evaluation = Evaluation(onnx_path, data / "eval", 8, None, None, "retrieval")
+    reference = np.concatenate([r["logits"] for r in evaluation.reference])
+
+    class Permuted:
+        """A 'build' answering sample i with the original's output of sample order[i]."""
+
+        def __init__(self, order):
+            self.order = order
+
+        def run(self, feeds):
+            i = next(j for j, f in enumerate(evaluation.feeds) if f is feeds)
+            return {"logits": evaluation.reference[self.order[i]]["logits"]}
+
+    assert evaluation.score(Permuted(range(8))) == 1.0
+    swapped = reference[[5, 1, 2, 3, 4, 0, 6, 7]]
+    expected = retrieval_agreement(reference, reference, swapped, swapped, 5, leave_one_out=True)[1]
+    assert evaluation.score(Permuted([5, 1, 2, 3, 4, 0, 6, 7])) == expected < 1.0
+    # too few samples to rank, and a budget option of another metric: one-line errors
+    with pytest.raises(TuneError, match="gave 2 sample.*3 or more"):
+        Evaluation(onnx_path, data / "eval", 2, None, None, "retrieval")
+    result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
+                                       "--min-retrieval", "0.9", "-o", str(tmp_path / "best")])
+    assert result.exit_code == 2 and "--min-retrieval is the budget of --metric retrieval" in result.output

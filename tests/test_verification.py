@@ -58,3 +58,25 @@ def test_per_pass_needs_the_original_onnx(tmp_path, tiny_vit_onnx):
     copy = tmp_path / "original.onnx"
     shutil.copy(path, copy)
     assert len(trimrt.verify(build, str(copy), samples=1, per_pass=True).per_pass) == 1
+
+
+def test_retrieval_agreement_compares_the_nearest_neighbours():
+    from trimrt.compare import retrieval_agreement
+
+    # 4 items on a circle: each one's nearest neighbours are its two sides, then the opposite
+    angles = np.array([0.0, 0.5, 1.6, 3.0])
+    ref = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    # the build moves item 3 next to item 0: items 0's and 2's nearest change, 1's does not
+    got = ref.copy()
+    got[3] = [np.cos(-0.2), np.sin(-0.2)]
+    top1, recall = retrieval_agreement(ref, ref, got, got, k=1, leave_one_out=True)
+    # nearest by the original: 0→1, 1→0, 2→1, 3→2; by the build: 0→3, 1→0, 2→1, 3→0
+    assert (top1, recall) == (0.5, 0.5)
+    top1, recall2 = retrieval_agreement(ref, ref, got, got, k=2, leave_one_out=True)
+    # 2 nearest, original: {1,2}, {0,2}, {1,3}, {2,1}; build: {3,1}, {0,3}, {1,0}, {0,1}
+    assert recall2 == np.mean([1 / 2, 1 / 2, 1 / 2, 1 / 2])
+    assert retrieval_agreement(ref, ref, ref, ref, k=3, leave_one_out=True) == (1.0, 1.0)
+    # k larger than the corpus is cut to it; a one-item corpus cannot rank anything
+    assert retrieval_agreement(ref[:2], ref, got[:2], got, k=10) == (1.0, 1.0)
+    with pytest.raises(InputError, match="at least 2"):
+        retrieval_agreement(ref[:1], ref[:1], got[:1], got[:1], leave_one_out=True)

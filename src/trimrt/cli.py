@@ -337,8 +337,12 @@ def _duration(ctx, param, text: str) -> float:
               help="Evaluation data, of the same kinds, held out from --data: the budget is checked on it.")
 @click.option("--min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1.0, 1.0),
               help="The fidelity budget with --metric cosine.")
-@click.option("--metric", type=click.Choice(["cosine", "top1"]), default="cosine", show_default=True)
+@click.option("--metric", type=click.Choice(["cosine", "top1", "retrieval"]), default="cosine", show_default=True,
+              help="cosine: mean cosine of the outputs; top1: agreement of the logits' argmax; retrieval: recall@5 of "
+                   "each evaluation sample's nearest neighbours among the others (embeddings).")
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="The budget with --metric top1 (default 0.97).")
+@click.option("--min-retrieval", type=click.FloatRange(0.0, 1.0),
+              help="The budget with --metric retrieval (default 0.95).")
 @click.option("--budget", "budget_s", default="20m", show_default=True, callback=_duration,
               help="Time to spend (600, 20m, 1h).")
 @click.option("--batch", default=1, show_default=True, type=_count("batch"), help="Batch size the speed is measured at.")
@@ -349,17 +353,22 @@ def _duration(ctx, param, text: str) -> float:
 @click.option("--max-length", type=click.IntRange(1), help="Text data: tokens per sample.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Where the best build goes (its recipe and report beside it in the build; work in OUT.tune/).")
-def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str, min_top1: float | None, budget_s: float,
-         batch: int, threads: int, samples: int, tokenizer: str | None, max_length: int | None, out_dir: Path) -> None:
+def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str, min_top1: float | None,
+         min_retrieval: float | None, budget_s: float, batch: int, threads: int, samples: int, tokenizer: str | None,
+         max_length: int | None, out_dir: Path) -> None:
     """Search the recipes for MODEL: the fastest build that meets the fidelity budget on --eval."""
     from rich.console import Console
 
     from .tuning import tune as run
 
+    for option, value, its_metric in (("--min-top1", min_top1, "top1"), ("--min-retrieval", min_retrieval, "retrieval")):
+        if value is not None and metric != its_metric:
+            raise click.UsageError(f"{option} is the budget of --metric {its_metric}; add --metric {its_metric}")
+
     console = Console(highlight=False, stderr=True)
     with console.status("tuning") as status:
         result = run(model, data=data, eval_data=eval_data, out_dir=out_dir, min_cosine=min_cosine, metric=metric,
-                     min_value=min_top1, budget_s=budget_s, batch=batch, threads=threads, samples=samples,
+                     min_value=min_top1 if metric == "top1" else min_retrieval, budget_s=budget_s, batch=batch, threads=threads, samples=samples,
                      tokenizer=tokenizer, max_length=max_length,
                      progress=lambda msg: (status.update(msg), console.log(msg)))
     click.echo(result.message)

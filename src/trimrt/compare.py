@@ -44,6 +44,32 @@ def compare_outputs(name: str, got: np.ndarray, ref: np.ndarray) -> OutputMetric
     return OutputMetrics(name, list(got.shape), max_abs, max_rel, float(cos.mean()), float(cos.min()), top1)
 
 
+def retrieval_agreement(queries_ref: np.ndarray, corpus_ref: np.ndarray, queries_got: np.ndarray,
+                        corpus_got: np.ndarray, k: int = 5, *, leave_one_out: bool = False) -> tuple[float, float]:
+    """How well a build's embeddings keep the original's nearest neighbours: each query
+    ranks the corpus by cosine, once with the original's embeddings and once with the
+    build's; returns (top-1 agreement: the same nearest item, recall@k: the share of the
+    original's k nearest the build also ranks in its k nearest). `leave_one_out`: the
+    queries are the corpus and an item never retrieves itself."""
+    def unit(x):
+        x = x.astype(np.float64).reshape(x.shape[0], -1)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+    def ranking(queries, corpus):
+        sims = unit(queries) @ unit(corpus).T
+        if leave_one_out:
+            np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+    k = min(k, corpus_ref.shape[0] - int(leave_one_out))
+    if k < 1:
+        raise InputError("retrieval needs at least 2 evaluation samples")
+    ref, got = ranking(queries_ref, corpus_ref), ranking(queries_got, corpus_got)
+    top1 = float(np.mean(ref[:, 0] == got[:, 0]))
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref, got)]))
+    return top1, recall
+
+
 def mean_cosine(reference: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> float:
     """Over runs (one dict of outputs per run): each float output's mean cosine over the
     runs, each run's output taken as one flat vector; the worst output's value."""

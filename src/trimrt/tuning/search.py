@@ -31,7 +31,11 @@ from .space import Candidate, candidates
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
-METRICS = ("cosine", "top1")
+METRICS = ("cosine", "top1", "retrieval")
+#: the budget of a metric when none is given (cosine's is `min_cosine`)
+DEFAULT_MIN = {"top1": 0.97, "retrieval": 0.95}
+#: neighbours the retrieval metric compares (recall@k)
+RETRIEVAL_K = 5
 
 
 @dataclass
@@ -74,13 +78,15 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
          threads: int = 2, samples: int = 32, tokenizer: str | None = None, max_length: int | None = None,
          progress: Callable[[str], None] | None = None) -> TuneResult:
     """See the module docstring. `metric`: "cosine" (mean cosine of the outputs; the budget is
-    `min_cosine`) or "top1" (agreement of the logits' argmax; the budget is `min_value`)."""
+    `min_cosine`), "top1" (agreement of the logits' argmax) or "retrieval" (recall@5 of each
+    evaluation sample's nearest neighbours among the others, by the embeddings' cosine); the
+    budget of the last two is `min_value` (default 0.97 and 0.95)."""
     say = progress or (lambda msg: None)
     started = time.monotonic()
     deadline = started + budget_s
     if metric not in METRICS:
         raise TuneError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    threshold = min_cosine if metric == "cosine" else (0.97 if min_value is None else min_value)
+    threshold = min_cosine if metric == "cosine" else (DEFAULT_MIN[metric] if min_value is None else min_value)
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".tune")
     work.mkdir(parents=True, exist_ok=True)
@@ -185,10 +191,14 @@ class Evaluation:
         self.reference = [backend.infer(f, None) for f in self.feeds]
         backend.deactivate()
         self.metric = metric
+        rows = sum(next(iter(r.values())).shape[0] for r in self.reference)
+        if metric == "retrieval" and rows < 3:
+            raise TuneError(f"metric retrieval ranks each evaluation sample's neighbours: {eval_data} gave {rows} "
+                            "sample(s), give 3 or more")
 
     def score(self, session) -> float:
         """The build's fidelity to the original model on the evaluation samples."""
-        from ..compare import compare_outputs
+        from ..compare import compare_outputs, retrieval_agreement
 
         got = [session.run(f) for f in self.feeds]
         names = [n for n in self.reference[0] if n in got[0] and got[0][n].shape == self.reference[0][n].shape]
@@ -197,15 +207,23 @@ class Evaluation:
                             "tune needs a pooled output (an embedding, logits)")
         values = []
         for name in names:
-            m = compare_outputs(name, np.concatenate([g[name] for g in got]),
-                                np.concatenate([r[name] for r in self.reference]))
+            got_all = np.concatenate([g[name] for g in got])
+            ref_all = np.concatenate([r[name] for r in self.reference])
+            if self.metric == "retrieval":
+                if ref_all.ndim == 2 and np.issubdtype(ref_all.dtype, np.floating):
+                    values.append(retrieval_agreement(ref_all, ref_all, got_all, got_all, RETRIEVAL_K,
+                                                      leave_one_out=True)[1])
+                continue
+            m = compare_outputs(name, got_all, ref_all)
             if self.metric == "top1":
                 if m.top1 is not None:
                     values.append(m.top1)
             else:
                 values.append(m.cosine_mean)
         if not values:
-            raise TuneError("metric top1 needs a logits output ([batch, classes]); use --metric cosine")
+            raise TuneError(f"metric {self.metric} needs " + (
+                "a logits output ([batch, classes])" if self.metric == "top1" else
+                "an embedding output ([batch, dim])") + "; use --metric cosine")
         return float(min(values))
 
 
