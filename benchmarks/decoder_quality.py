@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import trimrt
+from trimrt.compare import next_token_nll
 
 VOCAB, WINDOW = 4096, 128
 #: continuation perplexity: a prompt of PROMPT tokens, then CONTINUATION teacher-forced ones
@@ -142,10 +143,9 @@ def perplexity(session, windows: list[list[int]]) -> float:
     for w in windows:
         ids = np.array([w], np.int64)
         logits = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids),
-                              "position_ids": np.arange(len(w))[None], **spec.empty_cache(1)})["logits"][0, :-1]
-        logp = _log_probs(logits)
-        nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
-        count += len(w) - 1
+                              "position_ids": np.arange(len(w))[None], **spec.empty_cache(1)})["logits"]
+        window_nll, window_count = next_token_nll(logits, ids)
+        nll, count = nll + window_nll, count + window_count
     return math.exp(nll / count)
 
 

@@ -206,3 +206,15 @@ def test_lines_with_long_paths_are_never_wrapped(tmp_path):
                                          "--samples", "2"])
     assert verified.exit_code == 0, verified.output
     assert f"verify {build} (2 samples)\n" in verified.output
+
+
+def test_inspect_analyses_an_exported_decoder_as_compile_does(tmp_path):
+    """A KV-cache decoder's ONNX file is probed on a prefill (an empty past), as compile does."""
+    import trimrt
+    from tests.families.causal_lms import make
+
+    onnx_path = trimrt.export(make("llama", 2), tmp_path / "llama.onnx")
+    result = CliRunner().invoke(main, ["inspect", str(onnx_path)])
+    assert result.exit_code == 0, result.output
+    assert "blocks: 2" in result.output and "block  1: attention" in result.output
+    assert "decoder: 2 layers, KV cache 2 heads × 16 (float32)" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -44,8 +45,15 @@ def test_the_space_follows_the_structure():
     assert len({c.key for c in cls_vit}) == len(cls_vit)
     mean_pooled = [c.name for c in candidates({"blocks": 6, "tokens": None, "pooling": "mean"}, None)]
     assert not any(n.startswith("ToMe") or "SmoothQuant" in n for n in mean_pooled)
-    with pytest.raises(TuneError, match="encoders"):
-        candidates({"blocks": 4, "decoder": True}, None)
+    # a decoder: the weight formats and methods, the calibrated ones only with data
+    assert [c.name for c in candidates({"blocks": 4, "decoder": True}, None)] == [
+        "fusion only", "INT8 RTN", "INT4 RTN g128", "INT4 RTN g32"]
+    calibrated = candidates({"blocks": 4, "decoder": True}, {"source": "cal/"})
+    assert all(c.recipe.get("calibration") == {"source": "cal/"} for c in calibrated
+               if c.recipe.get("quantization", {}).get("method", "rtn") != "rtn")
+    assert len(calibrated) == 8
+    with pytest.raises(TuneError, match="2 or more"):
+        candidates({"blocks": 1, "tokens": 10}, None)
 
 
 def test_the_front_keeps_what_nothing_beats():
@@ -59,8 +67,19 @@ def test_the_front_keeps_what_nothing_beats():
 def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_onnx, data, tmp_path):
     _, onnx_path = tiny_vit_onnx
     out = tmp_path / "best"
+    events = []
     result = trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=out, min_cosine=0.98,
-                         budget_s=300, samples=8)
+                         budget_s=300, samples=8, progress=lambda e: events.append((time.monotonic(), e)))
+    finished = time.monotonic()
+    # progress: the phases in order, an estimate of the time left once something was measured,
+    # never past the budget, and at half time within a factor of 4 of the truth
+    phases = [e.phase for _, e in events]
+    assert sorted(set(phases), key=phases.index) == ["setup", "screening", "timing", "done"]
+    assert [e.left_s for _, e in events[:3]] == [None, None, None] and events[-1][1].left_s == 0.0
+    assert all(e.left_s is not None and 0 <= e.left_s <= 300 - e.elapsed_s for _, e in events[4:])
+    t_half, half = next((t, e) for t, e in events if e.elapsed_s >= events[-1][1].elapsed_s / 2)
+    assert (finished - t_half) / 4 <= half.left_s <= 4 * (finished - t_half)
+    assert str(events[-1][1]) == result.message
     best = result.best
     assert best is not None and best.fidelity >= 0.98 and best.rounds == 40
     timed = [m for m in result.measurements if m.meets and m.rounds == 40]
@@ -159,3 +178,65 @@ def test_the_retrieval_metric_ranks_the_evaluation_samples_neighbours(tiny_vit_o
     result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
                                        "--min-retrieval", "0.9", "-o", str(tmp_path / "best")])
     assert result.exit_code == 2 and "--min-retrieval is the budget of --metric retrieval" in result.output
+    with pytest.raises(TuneError, match="metric perplexity needs a KV-cache decoder"):
+        trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=tmp_path / "best",
+                    metric="perplexity")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random 2-layer LLaMA exported with its KV cache, and token windows to calibrate and
+    evaluate on (npz feeds: input_ids and attention_mask)."""
+    from tests.families.causal_lms import make
+
+    root = tmp_path_factory.mktemp("tune_llama")
+    onnx_path = trimrt.export(make("llama", 2), root / "llama.onnx")
+    rng = np.random.default_rng(1)
+    for name in ("cal", "eval"):
+        (root / name).mkdir()
+        ids = rng.integers(0, 200, (8, 40))
+        np.savez(root / name / "windows.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    return onnx_path, root
+
+
+def _perplexity(session, ids: np.ndarray) -> float:
+    """Perplexity of the windows from a prefill each (written out here, not trimrt's helper)."""
+    from trimrt.runtime.kv_cache import DecoderSpec
+
+    spec = DecoderSpec.from_manifest(session.manifest, "")
+    nll = []
+    for row in ids:
+        feed = {"input_ids": row[None], "attention_mask": np.ones((1, len(row)), np.int64),
+                "position_ids": np.arange(len(row))[None], **spec.empty_cache(1)}
+        logits = session.run(feed)["logits"][0, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll += list(-log_p[np.arange(len(row) - 1), row[1:]])
+    return float(np.exp(np.mean(nll)))
+
+
+def test_a_decoder_is_tuned_on_perplexity_and_timed_on_decode_steps(tiny_llama, tmp_path):
+    onnx_path, root = tiny_llama
+    out = tmp_path / "best"
+    result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(root / "cal"), "--eval", str(root / "eval"),
+                                       "--max-perplexity-increase", "0.001", "--samples", "8", "--budget", "5m",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "(budget: perplexity at most +0.10%)" in result.output
+    state = json.loads((tmp_path / "best.tune" / "state.json").read_text())["measurements"].values()
+    names = {m["name"]: m for m in state}
+    assert {"fusion only", "INT8 RTN", "INT8 SmoothQuant", "INT8 GPTQ", "INT4 RTN g128", "INT4 RTN g32",
+            "INT4 AWQ g128", "INT4 GPTQ g128"} == set(names)
+    # the chosen build meets the budget on the evaluation windows, by perplexity computed here
+    ids = np.load(root / "eval" / "windows.npz")["input_ids"]
+    ppl_build = _perplexity(trimrt.load(out), ids)
+    ppl_original = _perplexity(trimrt.load(tmp_path / "best.tune" / "candidates" / names["fusion only"]["key"]), ids)
+    assert ppl_build <= ppl_original * 1.001 + 1e-9
+    chosen = next(m for m in state if m["rounds"] == 40 and f"{m['name']} **(chosen)**" in
+                  (out / "tune_report.md").read_text())
+    assert chosen["fidelity"] == pytest.approx(ppl_original / ppl_build, rel=1e-4)
+    assert trimrt.load(out).manifest["decoder"]["layers"] == 2
+    # the wrong metric for the model kind: one line, exit 2
+    bad = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(root / "cal"), "--eval", str(root / "eval"),
+                                    "--metric", "retrieval", "-o", str(tmp_path / "other")])
+    assert bad.exit_code == 2 and "metric retrieval compares embeddings (the model is a decoder)" in bad.stderr

@@ -329,6 +329,10 @@ def _duration(ctx, param, text: str) -> float:
     return value
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 @main.command()
 @click.argument("model")
 @click.option("--data", required=True, type=click.Path(exists=True, path_type=Path),
@@ -337,12 +341,17 @@ def _duration(ctx, param, text: str) -> float:
               help="Evaluation data, of the same kinds, held out from --data: the budget is checked on it.")
 @click.option("--min-cosine", default=0.99, show_default=True, type=click.FloatRange(-1.0, 1.0),
               help="The fidelity budget with --metric cosine.")
-@click.option("--metric", type=click.Choice(["cosine", "top1", "retrieval"]), default="cosine", show_default=True,
-              help="cosine: mean cosine of the outputs; top1: agreement of the logits' argmax; retrieval: recall@5 of "
-                   "each evaluation sample's nearest neighbours among the others (embeddings).")
+@click.option("--metric", type=click.Choice(["cosine", "top1", "retrieval", "perplexity"]),
+              help="cosine: mean cosine of the outputs (a decoder's logits at every position); top1: agreement of the "
+                   "logits' argmax; retrieval: recall@5 of each evaluation sample's nearest neighbours among the others "
+                   "(embeddings); perplexity: a decoder's on the evaluation text. Default: cosine, perplexity for "
+                   "decoders.")
 @click.option("--min-top1", type=click.FloatRange(0.0, 1.0), help="The budget with --metric top1 (default 0.97).")
 @click.option("--min-retrieval", type=click.FloatRange(0.0, 1.0),
               help="The budget with --metric retrieval (default 0.95).")
+@click.option("--max-perplexity-increase", type=click.FloatRange(0.0),
+              help="The budget with --metric perplexity: the build's perplexity at most this much higher, relative "
+                   "(default 0.02: +2%).")
 @click.option("--budget", "budget_s", default="20m", show_default=True, callback=_duration,
               help="Time to spend (600, 20m, 1h).")
 @click.option("--batch", default=1, show_default=True, type=_count("batch"), help="Batch size the speed is measured at.")
@@ -353,24 +362,40 @@ def _duration(ctx, param, text: str) -> float:
 @click.option("--max-length", type=click.IntRange(1), help="Text data: tokens per sample.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Where the best build goes (its recipe and report beside it in the build; work in OUT.tune/).")
-def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str, min_top1: float | None,
-         min_retrieval: float | None, budget_s: float, batch: int, threads: int, samples: int, tokenizer: str | None,
-         max_length: int | None, out_dir: Path) -> None:
+def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str | None, min_top1: float | None,
+         min_retrieval: float | None, max_perplexity_increase: float | None, budget_s: float, batch: int, threads: int,
+         samples: int, tokenizer: str | None, max_length: int | None, out_dir: Path) -> None:
     """Search the recipes for MODEL: the fastest build that meets the fidelity budget on --eval."""
     from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .tuning import tune as run
+    from .tuning.search import TuneProgress
 
-    for option, value, its_metric in (("--min-top1", min_top1, "top1"), ("--min-retrieval", min_retrieval, "retrieval")):
-        if value is not None and metric != its_metric:
+    budgets = {"top1": ("--min-top1", min_top1), "retrieval": ("--min-retrieval", min_retrieval),
+               "perplexity": ("--max-perplexity-increase", max_perplexity_increase)}
+    for its_metric, (option, value) in budgets.items():
+        if value is not None and metric != its_metric and not (its_metric == "perplexity" and metric is None):
             raise click.UsageError(f"{option} is the budget of --metric {its_metric}; add --metric {its_metric}")
+    min_value = budgets[metric][1] if metric in budgets else None
+    if max_perplexity_increase is not None:
+        min_value = 1 / (1 + max_perplexity_increase)
 
-    console = Console(highlight=False, stderr=True)
-    with console.status("tuning") as status:
+    console = Console(highlight=False, stderr=True, log_path=False)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[left]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("tuning", total=None, left="")
+
+        def show(event: TuneProgress) -> None:
+            bar.console.log(event.message)
+            known = event.left_s is not None
+            bar.update(task, description=event.phase, completed=event.elapsed_s,
+                       total=event.elapsed_s + event.left_s if known else None,
+                       left=f"about {_minutes(event.left_s)} left" if known else "")
+
         result = run(model, data=data, eval_data=eval_data, out_dir=out_dir, min_cosine=min_cosine, metric=metric,
-                     min_value=min_top1 if metric == "top1" else min_retrieval, budget_s=budget_s, batch=batch, threads=threads, samples=samples,
-                     tokenizer=tokenizer, max_length=max_length,
-                     progress=lambda msg: (status.update(msg), console.log(msg)))
+                     min_value=min_value, budget_s=budget_s, batch=batch,
+                     threads=threads, samples=samples, tokenizer=tokenizer, max_length=max_length, progress=show)
     click.echo(result.message)
     click.echo(f"report: {result.report}")
     if result.best is None:
@@ -488,22 +513,22 @@ def inspect(target: str, as_json: bool) -> None:
             click.echo(f"  {fusion_line(info['onnxruntime_fusion'])}")
         if info["openvino"]:
             click.echo(f"  {openvino_line(info['openvino'])}")
-        if info["decoder"]:
-            d = info["decoder"]
-            click.echo(f"  decoder: {d['layers']} layers, KV cache {d['kv_heads']} heads × {d['head_dim']} "
-                       f"({d['kv_dtype']}): {d['kv_bytes_per_token'] / 1024:.1f} KiB per token of context; "
-                       f"positions: {d['max_positions'] or 'unbounded'}; end of sequence: {d['eos_token_ids'] or 'none'}")
-            if d.get("prompt_pruning"):
-                p = d["prompt_pruning"]
-                groups = "; ".join(_layer_group(*g["layers"]) + f" {g['span_tokens_cached']}" for g in p["groups"])
-                groups = groups or "every layer caches the whole span"
-                click.echo(f"  prompt pruning: span [{p['span'][0]}, {p['span'][1]}) of {p['span'][1] - p['span'][0]} "
-                           f"tokens; {groups}: {p['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
-            if d.get("prompt_routing"):
-                r = d["prompt_routing"]
-                layers = "; ".join(_layer_group(x["layer"], x["layer"]) + f" {x['span_tokens_cached']}" for x in r["layers"])
-                click.echo(f"  prompt routing (MoD): {layers} span tokens: "
-                           f"{r['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
+    if info.get("decoder"):
+        d = info["decoder"]
+        click.echo(f"  decoder: {d['layers']} layers, KV cache {d['kv_heads']} heads × {d['head_dim']} "
+                   f"({d['kv_dtype']}): {d['kv_bytes_per_token'] / 1024:.1f} KiB per token of context; "
+                   f"positions: {d['max_positions'] or 'unbounded'}; end of sequence: {d['eos_token_ids'] or 'none'}")
+        if d.get("prompt_pruning"):
+            p = d["prompt_pruning"]
+            groups = "; ".join(_layer_group(*g["layers"]) + f" {g['span_tokens_cached']}" for g in p["groups"])
+            groups = groups or "every layer caches the whole span"
+            click.echo(f"  prompt pruning: span [{p['span'][0]}, {p['span'][1]}) of {p['span'][1] - p['span'][0]} "
+                       f"tokens; {groups}: {p['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
+        if d.get("prompt_routing"):
+            r = d["prompt_routing"]
+            layers = "; ".join(_layer_group(x["layer"], x["layer"]) + f" {x['span_tokens_cached']}" for x in r["layers"])
+            click.echo(f"  prompt routing (MoD): {layers} span tokens: "
+                       f"{r['kv_bytes_saved_per_prompt'] / 1024:.1f} KiB less cache per prompt")
 
 
 def _layer_group(first: int, last: int) -> str:

@@ -70,6 +70,18 @@ def retrieval_agreement(queries_ref: np.ndarray, corpus_ref: np.ndarray, queries
     return top1, recall
 
 
+def next_token_nll(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, int]:
+    """A language model's summed negative log-likelihood of each next token (tokens[:, 1:]
+    predicted by logits[:, :-1], in float64) and how many tokens were counted; `mask`
+    (1 = a real token) leaves padding out. Perplexity is exp(nll / count)."""
+    x = logits[:, :-1].astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    log_probs = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(log_probs, tokens[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
+    counted = np.ones(picked.shape, bool) if mask is None else (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
+    return float(-picked[counted].sum()), int(counted.sum())
+
+
 def mean_cosine(reference: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> float:
     """Over runs (one dict of outputs per run): each float output's mean cosine over the
     runs, each run's output taken as one flat vector; the worst output's value."""

@@ -23,13 +23,21 @@ def inspect_target(target: str) -> dict:
 
 
 def inspect_model(source: str) -> dict:
+    """A model's inputs, outputs and structure as the compiler's analysis sees it (a KV-cache
+    decoder probed as compile probes it: a prefill on an empty past)."""
+    import onnx_ir as ir
+
     from .compiler.analysis import analyse, infer_shapes
+    from .compiler.decoder import DECODER_SPEC
+    from .compiler.input_limits import INPUT_LIMITS, find_input_limits
     from .compiler.source import load_source
 
     loaded = load_source(source)
     infer_shapes(loaded.model)
+    shared = {INPUT_LIMITS: find_input_limits(ir.serde.serialize_model(loaded.model)), DECODER_SPEC: loaded.decoder}
     return {"kind": "model", "source": str(source), "inputs": _io(loaded.model.graph.inputs),
-            "outputs": _io(loaded.model.graph.outputs), "structure": analyse(loaded.model).summary()}
+            "outputs": _io(loaded.model.graph.outputs), "structure": analyse(loaded.model, shared).summary(),
+            "decoder": decoder_summary(loaded.decoder.to_dict()) if loaded.decoder is not None else None}
 
 
 def inspect_build(build_dir: Path) -> dict:

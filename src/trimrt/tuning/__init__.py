@@ -9,6 +9,6 @@
 - `report`: the Pareto front (speed vs fidelity) as a matplotlib picture and a markdown table.
 """
 
-from .search import TuneResult, tune
+from .search import TuneProgress, TuneResult, tune
 
-__all__ = ["TuneResult", "tune"]
+__all__ = ["TuneProgress", "TuneResult", "tune"]

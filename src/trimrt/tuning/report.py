@@ -10,6 +10,18 @@ PICTURE = "pareto.png"
 RECIPE = "recipe.toml"
 
 
+def budget_text(metric: str, threshold: float) -> str:
+    """The fidelity budget as users state it ("cosine ≥ 0.99", "perplexity at most +2.00%")."""
+    if metric == "perplexity":  # the value is the original's perplexity over the build's
+        return f"perplexity at most {1 / threshold - 1:+.2%}"
+    return f"{metric} ≥ {threshold}"
+
+
+def value_text(metric: str, value: float) -> str:
+    """A candidate's fidelity as users read it ("cosine 0.9929", "perplexity +0.31%")."""
+    return f"perplexity {1 / value - 1:+.2%}" if metric == "perplexity" else f"{metric} {value:.4f}"
+
+
 def pareto_front(measurements) -> list:
     """The timed candidates no other is both faster and more faithful than, fastest first."""
     timed = sorted((m for m in measurements if m.speedup and m.fidelity is not None),
@@ -35,12 +47,13 @@ def write_report(measurements, best, folder: Path, settings: dict, message: str)
     metric = settings["metric"]
     rows = sorted(measurements, key=lambda m: (m.speedup is None, -(m.speedup or 0), -(m.fidelity or 0)))
     lines = [f"# trimrt tune: {Path(settings['source']).name}", "", message, "",
-             f"Budget: {metric} ≥ {settings['threshold']} on {settings['samples']} samples of {settings['eval']}; "
+             f"Budget: {budget_text(metric, settings['threshold'])} on {settings['samples']} samples of {settings['eval']}; "
              f"speed: batch {settings['batch']}, {settings['threads']} threads, against the original model "
              "(alternating rounds, median of paired ratios).", ""]
     if picture:
         lines += [f"![speed vs fidelity]({PICTURE})", ""]
-    lines += [f"| candidate | {metric} | FLOPs ratio | speedup | rounds | status |", "|---|---|---|---|---|---|"]
+    column = "perplexity: original ÷ build" if metric == "perplexity" else metric
+    lines += [f"| candidate | {column} | FLOPs ratio | speedup | rounds | status |", "|---|---|---|---|---|---|"]
     for m in rows:
         mark = " **(chosen)**" if best is not None and m.key == best.key else (" (front)" if m.key in front else "")
         lines.append(f"| {m.name}{mark} | {_num(m.fidelity, 4)} | {_num(m.flops_ratio, 2)} | {_num(m.speedup, 2)} | "
@@ -75,8 +88,11 @@ def _plot(measurements, best, path: Path, settings: dict) -> Path | None:
     if best is not None:
         ax.scatter([best.fidelity], [best.speedup], s=160, marker="*", color="tab:red", zorder=3,
                    label=f"chosen: {best.name}")
-    ax.axvline(settings["threshold"], color="tab:red", ls="--", lw=1, label=f"budget {settings['threshold']}")
-    ax.set_xlabel(f"{settings['metric']} vs the original model (evaluation data)")
+    metric = settings["metric"]
+    ax.axvline(settings["threshold"], color="tab:red", ls="--", lw=1,
+               label=f"budget: {budget_text(metric, settings['threshold'])}")
+    ax.set_xlabel("perplexity, the original's ÷ the build's (1: unchanged)" if metric == "perplexity"
+                  else f"{metric} vs the original model (evaluation data)")
     ax.set_ylabel(f"speedup over the original (batch {settings['batch']})")
     ax.set_title(f"trimrt tune: {Path(settings['source']).name}")
     ax.grid(alpha=0.3)

@@ -27,13 +27,15 @@ from typing import Callable
 import numpy as np
 
 from ..errors import TrimrtError, TuneError
-from .space import Candidate, candidates
+from .report import budget_text, value_text
+from .space import COMBINED, QUANTIZATION, REDUCTION, Candidate, candidates
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
-METRICS = ("cosine", "top1", "retrieval")
-#: the budget of a metric when none is given (cosine's is `min_cosine`)
-DEFAULT_MIN = {"top1": 0.97, "retrieval": 0.95}
+METRICS = ("cosine", "top1", "retrieval", "perplexity")
+#: the budget of a metric when none is given (cosine's is `min_cosine`; perplexity's, the
+#: original's perplexity over the build's: 1 / (1 + the largest increase allowed, 2%))
+DEFAULT_MIN = {"top1": 0.97, "retrieval": 0.95, "perplexity": 1 / 1.02}
 #: neighbours the retrieval metric compares (recall@k)
 RETRIEVAL_K = 5
 
@@ -54,6 +56,9 @@ class Measurement:
     #: the speedup measured at each rung reached (the halving compares candidates at one rung,
     #: so a resumed run makes the same choices)
     rung_speedups: list = field(default_factory=list)
+    #: wall time spent on it: compiling and scoring, and each timing (the progress estimate's data)
+    screen_s: float = 0.0
+    timing_s: list = field(default_factory=list)
 
     @property
     def meets(self) -> bool:
@@ -73,65 +78,133 @@ class TuneResult:
     settings: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TuneProgress:
+    """What tune is doing, for a progress display: the phase ("setup", "screening" or
+    "timing"), the seconds spent and the estimated seconds left (from this run's own
+    compile and timing times; None until something was measured; never past the budget)."""
+
+    message: str
+    phase: str
+    elapsed_s: float
+    left_s: float | None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Clock:
+    """Estimates the time left from what the search measured: seconds per screened candidate
+    and per timed round (with a warm-up's share), and the work still planned."""
+
+    WARMUP = 2
+
+    def __init__(self, budget_s: float, progress: Callable[[TuneProgress], None] | None):
+        self.started = time.monotonic()
+        self.deadline = self.started + budget_s
+        self.progress = progress or (lambda event: None)
+        self.phase = "setup"
+        #: a timed round's cost before one was timed: the original and a build, each once
+        self.round_guess_s = 0.0
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def say(self, message: str, measurements=(), to_screen: int = 0, timings: list[tuple[int, int]] = ()) -> None:
+        """`to_screen`: candidates still to compile and score; `timings`: (candidates, rounds)
+        still to time."""
+        now = time.monotonic()
+        screens = [m.screen_s for m in measurements if m.screen_s]
+        per_round = [t / (rounds + self.WARMUP) for m in measurements for t, rounds in zip(m.timing_s, RUNGS)]
+        left = None
+        if screens or per_round:
+            round_s = float(np.mean(per_round)) if per_round else self.round_guess_s
+            left = to_screen * float(np.mean(screens or [0.0])) + sum(n * (r + self.WARMUP) * round_s for n, r in timings)
+            left = min(left, max(self.deadline - now, 0.0))
+        self.progress(TuneProgress(message, self.phase, now - self.started, left))
+
+
+def rung_sizes(feasible: int) -> list[int]:
+    """How many candidates each rung of the successive halving times: all that met the
+    budget, then the fastest third (at least 2), then the fastest 2."""
+    sizes, n = [], feasible
+    for rung in range(len(RUNGS)):
+        sizes.append(n)
+        n = min(n, max(2, math.ceil(n / 3)) if rung + 1 < len(RUNGS) - 1 else 2)
+    return sizes
+
+
 def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path, min_cosine: float = 0.99,
-         metric: str = "cosine", min_value: float | None = None, budget_s: float = 1200.0, batch: int = 1,
+         metric: str | None = None, min_value: float | None = None, budget_s: float = 1200.0, batch: int = 1,
          threads: int = 2, samples: int = 32, tokenizer: str | None = None, max_length: int | None = None,
-         progress: Callable[[str], None] | None = None) -> TuneResult:
-    """See the module docstring. `metric`: "cosine" (mean cosine of the outputs; the budget is
-    `min_cosine`), "top1" (agreement of the logits' argmax) or "retrieval" (recall@5 of each
-    evaluation sample's nearest neighbours among the others, by the embeddings' cosine); the
-    budget of the last two is `min_value` (default 0.97 and 0.95)."""
-    say = progress or (lambda msg: None)
-    started = time.monotonic()
-    deadline = started + budget_s
-    if metric not in METRICS:
+         progress: Callable[[TuneProgress], None] | None = None) -> TuneResult:
+    """See the module docstring. `metric`: "cosine" (mean cosine of the outputs; a decoder's:
+    of the logits at every position; the budget is `min_cosine`), "top1" (agreement of the
+    logits' argmax), "retrieval" (recall@5 of each evaluation sample's nearest neighbours
+    among the others, by the embeddings' cosine) or "perplexity" (a decoder's: the original's
+    perplexity on the evaluation text over the build's); the budget of the last three is
+    `min_value` (default 0.97, 0.95 and 1 / 1.02: at most 2% more perplexity). None: cosine
+    for encoders, perplexity for decoders. `progress` is called with a TuneProgress at every
+    step (its str() is the message)."""
+    clock = _Clock(budget_s, progress)
+    say = clock.say
+    if metric is not None and metric not in METRICS:
         raise TuneError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    threshold = min_cosine if metric == "cosine" else (DEFAULT_MIN[metric] if min_value is None else min_value)
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".tune")
     work.mkdir(parents=True, exist_ok=True)
     source = _source_onnx(model, work, say)
+    evaluation = Evaluation(source, Path(eval_data), samples, tokenizer, max_length, metric)
+    metric = evaluation.metric
+    clock.round_guess_s = 2 * batch * evaluation.seconds_per_sample
+    threshold = min_cosine if metric == "cosine" else (DEFAULT_MIN[metric] if min_value is None else min_value)
     # what the measurements depend on (the budget does not: a rerun with another one reuses them)
     settings = {"source": str(source), "data": str(Path(data).resolve()), "eval": str(Path(eval_data).resolve()),
                 "metric": metric, "batch": batch, "threads": threads, "samples": samples, "tokenizer": tokenizer,
                 "max_length": max_length}
     state = _State(work / "state.json", settings, threshold)
     settings = {**settings, "threshold": threshold}
-    evaluation = Evaluation(source, Path(eval_data), samples, tokenizer, max_length, metric)
-    structure = _structure(source, say)
+    # a decoder's candidates do not depend on its structure (weight formats and methods only)
+    structure = {"decoder": True} if evaluation.decoder else _structure(source, say)
     calibration = {"source": settings["data"], "samples": min(samples, 64),
                    **({"tokenizer": tokenizer} if tokenizer else {}), **({"max_length": max_length} if max_length else {})}
     space = candidates(structure, calibration)
-    say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {metric} ≥ {threshold}")
+    say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {budget_text(metric, threshold)}")
+
+    by_name = {c.name: c for c in space}
+    singles = [c for c in space if c.kind != COMBINED]
 
     def screen(candidate: Candidate) -> Measurement:
         m = state.get(candidate)
-        if m.status == "pending" and time.monotonic() < deadline:
-            say(f"[{len(state.done())}/{len(space)}] compiling and evaluating {candidate.name}")
+        if m.status == "pending" and not clock.expired():
+            to_screen, feasible = _planned(space, state)
+            clock.phase = "screening"
+            say(f"[{len(state.done()) + 1}] compiling and evaluating {candidate.name}", state.entries.values(),
+                to_screen, list(zip(rung_sizes(feasible), RUNGS)))
+            began = time.monotonic()
             _screen(m, candidate, work, source, evaluation, threshold)
+            m.screen_s = time.monotonic() - began
             state.save()
         return m
 
-    by_name = {c.name: c for c in space}
-    singles = [c for c in space if " + " not in c.name]
     feasible_reductions = []
-    for group in _schedules(singles):  # along one schedule: stop at the first keep that misses the budget
+    for group in _families(singles):  # along one family: stop at the first setting that misses the budget
         for candidate in group:
             if not screen(candidate).meets:
                 break
-            if candidate.name not in ("fusion only",) and not candidate.name.startswith("INT8"):
+            if candidate.kind == REDUCTION:
                 feasible_reductions.append(candidate.name)
-    feasible_int8 = [c.name for c in singles if c.name.startswith("INT8") and state.get(c).meets]
+    feasible_quantization = [c.name for c in singles if c.kind == QUANTIZATION and state.get(c).meets]
     for reduction in feasible_reductions:
-        for q in feasible_int8:
+        for q in feasible_quantization:
             combined = by_name.get(f"{reduction} + {q}")
             if combined is not None:
                 screen(combined)
-    _speed_rungs(state, source, work, evaluation, batch, threads, deadline, say)
+    _speed_rungs(state, source, work, evaluation, batch, threads, clock)
     measurements = [state.get(c) for c in space]
     # the fastest among those timed at the highest rung reached
     best = max((m for m in measurements if m.meets and m.speedup), key=lambda m: (m.rounds, m.speedup), default=None)
-    return _finish(best, measurements, out_dir, work, settings, threshold, metric, time.monotonic() - started, say)
+    return _finish(best, measurements, out_dir, work, settings, threshold, metric, clock)
 
 
 class _State:
@@ -172,14 +245,25 @@ def _differences(old: dict | None, new: dict) -> str:
 class Evaluation:
     """The evaluation samples, the original model's outputs on them, and the metric."""
 
-    def __init__(self, source: Path, eval_data: Path, samples: int, tokenizer, max_length, metric: str):
+    def __init__(self, source: Path, eval_data: Path, samples: int, tokenizer, max_length, metric: str | None):
+        """`metric` None: perplexity for a KV-cache decoder, cosine for other models."""
         import onnx
 
         from ..quantization.calibration import load_calibration_feeds, model_inputs
         from ..recipe import CalibrationOptions
         from ..runtime.backends import OnnxRuntimeBackend
+        from ..runtime.kv_cache import past_layers
 
         inputs = model_inputs(onnx.load(str(source), load_external_data=False))
+        #: a KV-cache decoder: scored on its logits at every position of the prefill
+        self.decoder = bool(past_layers([i.name for i in inputs]))
+        self.metric = metric = metric or ("perplexity" if self.decoder else "cosine")
+        if metric == "perplexity" and not self.decoder:
+            raise TuneError("metric perplexity needs a KV-cache decoder (the model is an encoder); use cosine, top1 or "
+                            "retrieval")
+        if metric == "retrieval" and self.decoder:
+            raise TuneError("metric retrieval compares embeddings (the model is a decoder); use perplexity, cosine or "
+                            "top1")
         try:
             options = CalibrationOptions(source=str(eval_data.resolve()), samples=samples, tokenizer=tokenizer,
                                          max_length=max_length)
@@ -188,9 +272,11 @@ class Evaluation:
             raise TuneError(f"the evaluation data {eval_data}: {exc}") from None
         backend = OnnxRuntimeBackend(source, threads=2, spinning=False)
         backend.activate()
+        began = time.monotonic()
         self.reference = [backend.infer(f, None) for f in self.feeds]
+        #: the original model's seconds per sample (the search's time estimate)
+        self.seconds_per_sample = (time.monotonic() - began) / max(len(self.feeds), 1)
         backend.deactivate()
-        self.metric = metric
         rows = sum(next(iter(r.values())).shape[0] for r in self.reference)
         if metric == "retrieval" and rows < 3:
             raise TuneError(f"metric retrieval ranks each evaluation sample's neighbours: {eval_data} gave {rows} "
@@ -201,6 +287,8 @@ class Evaluation:
         from ..compare import compare_outputs, retrieval_agreement
 
         got = [session.run(f) for f in self.feeds]
+        if self.decoder:
+            return self._score_logits([g["logits"] for g in got])
         names = [n for n in self.reference[0] if n in got[0] and got[0][n].shape == self.reference[0][n].shape]
         if not names:
             raise TuneError("no output of the build has the original's shape (token-level outputs of a pruned model); "
@@ -225,6 +313,27 @@ class Evaluation:
                 "a logits output ([batch, classes])" if self.metric == "top1" else
                 "an embedding output ([batch, dim])") + "; use --metric cosine")
         return float(min(values))
+
+    def _score_logits(self, got: list[np.ndarray]) -> float:
+        """A decoder's fidelity from its prefill logits [1, tokens, vocab] per sample, the
+        positions that are padding left out."""
+        from ..compare import next_token_nll, sample_cosines
+
+        if self.metric == "perplexity":
+            nll_ref = nll_got = 0.0
+            counted = 0
+            for feed, ref, logits in zip(self.feeds, self.reference, got):
+                tokens, mask = feed["input_ids"], feed.get("attention_mask")
+                nll_ref += next_token_nll(ref["logits"], tokens, mask)[0]
+                nll, count = next_token_nll(logits, tokens, mask)
+                nll_got, counted = nll_got + nll, counted + count
+            return float(np.exp((nll_ref - nll_got) / max(counted, 1)))
+        per_position = []
+        for feed, ref, logits in zip(self.feeds, self.reference, got):
+            real = (feed.get("attention_mask", np.ones(logits.shape[:2])) != 0).ravel()
+            a, b = (x.reshape(-1, x.shape[-1])[real] for x in (logits, ref["logits"]))
+            per_position.append(a.argmax(-1) == b.argmax(-1) if self.metric == "top1" else sample_cosines(a, b))
+        return float(np.mean(np.concatenate(per_position)))
 
 
 def _source_onnx(model, work: Path, say) -> Path:
@@ -255,19 +364,33 @@ def _structure(source: Path, say) -> dict:
         info = inspect_model(str(source))
     except TrimrtError as exc:
         raise TuneError(f"cannot analyse {source}: {exc}") from None
-    return {**info["structure"], "decoder": any("past" in i["name"] for i in info["inputs"])}
+    return info["structure"]
 
 
-def _schedules(singles: list[Candidate]) -> list[list[Candidate]]:
-    """The single-method candidates in the order they are screened: fusion, INT8, then each
-    reduction family (a pruning schedule, or ToMe) from the lightest setting to the strongest."""
+def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
+    """(candidates still to screen, candidates expected to meet the budget), projecting the
+    share of reductions that met it so far onto those not screened yet (for the estimate)."""
+    by_kind: dict[str, list[Measurement]] = {}
+    for c in space:
+        by_kind.setdefault(c.kind, []).append(state.get(c))
+    reductions, quantization = by_kind.get(REDUCTION, []), by_kind.get(QUANTIZATION, [])
+    screened = [m for m in reductions if m.status != "pending"]
+    rate = sum(m.meets for m in screened) / len(screened) if screened else 1.0
+    expected_reductions = sum(m.meets for m in screened) + rate * (len(reductions) - len(screened))
+    expected_quantization = sum(m.meets or m.status == "pending" for m in quantization)
+    combined_done = sum(m.status != "pending" for m in by_kind.get(COMBINED, []))
+    combined_left = max(expected_reductions * expected_quantization - combined_done, 0) if reductions else 0
+    singles_left = sum(m.status == "pending" for kind, ms in by_kind.items() if kind != COMBINED for m in ms)
+    feasible = sum(m.meets for ms in by_kind.values() for m in ms) + rate * (singles_left + combined_left)
+    return round(singles_left + combined_left), round(feasible)
+
+
+def _families(singles: list[Candidate]) -> list[list[Candidate]]:
+    """The single-method candidates in the order they are screened, grouped: a reduction
+    family together (lightest first), every other candidate alone."""
     groups: dict[str, list[Candidate]] = {}
     for c in singles:
-        family = c.name.rsplit(" keep ", 1)[0] if " keep " in c.name else ("ToMe" if c.name.startswith("ToMe") else c.name)
-        groups.setdefault(family, []).append(c)
-    for family, group in groups.items():
-        if family == "ToMe":
-            group.sort(key=lambda c: c.recipe["token_merging"]["r"])
+        groups.setdefault(c.family if c.kind == REDUCTION else c.key, []).append(c)
     return list(groups.values())
 
 
@@ -292,35 +415,48 @@ def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, eval
 
 
 def _speed_rungs(state: _State, source: Path, work: Path, evaluation: Evaluation, batch: int, threads: int,
-                 deadline: float, say) -> None:
+                 clock: _Clock) -> None:
     """Successive halving on speed among the candidates that met the budget."""
     from ..bench import bench_build
 
-    feeds = {k: np.concatenate([v] * batch) for k, v in evaluation.feeds[0].items()}
+    alive = [m for m in state.entries.values() if m.meets]
+    if not alive:
+        return
+    if evaluation.decoder:  # a decode step (one new token) on a past as long as an evaluation sample
+        from ..runtime.kv_cache import DecoderSpec
+        from ..runtime.manifest import read_manifest
+
+        spec = DecoderSpec.from_manifest(read_manifest(work / "candidates" / alive[0].key, check_hashes=False), "")
+        feeds = spec.random_feeds(batch, new=1, past=evaluation.feeds[0]["input_ids"].shape[1])
+    else:
+        feeds = {k: np.concatenate([v] * batch) for k, v in evaluation.feeds[0].items()}
     inputs = work / f"bench_batch{batch}.npz"
     np.savez(inputs, **feeds)
-    alive = [m for m in state.entries.values() if m.meets]
+    clock.phase = "timing"
+    sizes = rung_sizes(len(alive))
     for rung, rounds in enumerate(RUNGS):
-        if not alive:
-            return
         for m in alive:
             if len(m.rung_speedups) > rung:
                 continue
-            if time.monotonic() > deadline:
-                say("time budget spent: choosing among what was measured")
+            if clock.expired():
+                clock.say("time budget spent: choosing among what was measured", state.entries.values())
                 return
-            say(f"rung {rung + 1}/{len(RUNGS)}: timing {m.name} ({rounds} rounds)")
-            report = bench_build(work / "candidates" / m.key, source, batch=batch, threads=threads, warmup=2, rounds=rounds,
-                                 inputs=[str(inputs)])
+            untimed = sum(len(x.rung_speedups) <= rung for x in alive)
+            clock.say(f"rung {rung + 1}/{len(RUNGS)}: timing {m.name} ({rounds} rounds)", state.entries.values(),
+                      timings=[(untimed, rounds), *zip(sizes[rung + 1:], RUNGS[rung + 1:])])
+            began = time.monotonic()
+            report = bench_build(work / "candidates" / m.key, source, batch=batch, threads=threads,
+                                 warmup=_Clock.WARMUP, rounds=rounds, inputs=[str(inputs)])
             m.speedup, m.rounds = report.speedup, rounds
             m.rung_speedups.append(report.speedup)
+            m.timing_s.append(time.monotonic() - began)
             state.save()
         alive.sort(key=lambda m: (m.rung_speedups[rung], m.key), reverse=True)
-        alive = alive[:max(2, math.ceil(len(alive) / 3))] if rung + 1 < len(RUNGS) - 1 else alive[:2]
+        alive = alive[:sizes[rung + 1]] if rung + 1 < len(RUNGS) else alive
 
 
 def _finish(best, measurements, out_dir: Path, work: Path, settings: dict, threshold: float, metric: str,
-            seconds: float, say) -> TuneResult:
+            clock: _Clock) -> TuneResult:
     from ..compiler.artifacts import atomic_build_dir
     from .report import write_report
 
@@ -329,19 +465,22 @@ def _finish(best, measurements, out_dir: Path, work: Path, settings: dict, thres
         feasible = [m for m in measurements if m.meets]
         closest = max(measured, key=lambda m: m.fidelity, default=None)
         if feasible or not measured:
-            message = (f"the time budget ran out before a candidate meeting {metric} ≥ {threshold} was timed "
+            message = (f"the time budget ran out before a candidate meeting {budget_text(metric, threshold)} was timed "
                        f"({len(feasible)} met it, {len(measured)} of {len(measurements)} were scored); give a larger "
                        "--budget: rerunning resumes; no build written")
         else:
-            gap = f"; the closest, {closest.name}, reached {closest.fidelity:.4f}" if closest else ""
-            message = f"no candidate reached {metric} ≥ {threshold} on the evaluation data{gap}; no build written"
+            gap = f"; the closest, {closest.name}, reached {value_text(metric, closest.fidelity)}" if closest else ""
+            message = (f"no candidate reached {budget_text(metric, threshold)} on the evaluation data{gap}; "
+                       "no build written")
         report = write_report(measurements, None, work, settings, message)
         return TuneResult(None, measurements, None, report, message, settings)
     with atomic_build_dir(out_dir) as tmp:
         shutil.copytree(work / "candidates" / best.key, tmp, dirs_exist_ok=True)
-    message = (f"{best.name}: {best.speedup:.2f}× over the original ({best.rounds} alternating rounds), {metric} "
-               f"{best.fidelity:.4f} ≥ {threshold} on the evaluation data; {len(measured)} candidates measured "
-               f"({seconds:.0f} s this run)")
+    message = (f"{best.name}: {best.speedup:.2f}× over the original ({best.rounds} alternating rounds), "
+               f"{value_text(metric, best.fidelity)} on the evaluation data (budget: {budget_text(metric, threshold)}); "
+               f"{len(measured)} candidates measured "
+               f"({time.monotonic() - clock.started:.0f} s this run)")
     report = write_report(measurements, best, out_dir, settings, message)
-    say(message)
+    clock.phase = "done"
+    clock.say(message, measurements)
     return TuneResult(best, measurements, out_dir, report, message, settings)

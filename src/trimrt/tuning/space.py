@@ -1,10 +1,13 @@
 """The recipes `trimrt tune` tries on a model, from its analysed structure.
 
-Every candidate runs ONNX Runtime fusion (never slower on the models measured here). The
-axes: token pruning (EViT's CLS attention, after one block three quarters in, the last half
-or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a quarter, a half and three quarters of the
-tokens merged over the blocks), and INT8 (round-to-nearest; SmoothQuant with the user's
-calibration data), each alone and pruning × INT8. Decoders are not searched yet.
+Every candidate runs ONNX Runtime fusion (never slower on the models measured here).
+Encoders: token pruning (EViT's CLS attention, after one block three quarters in, the last
+half or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a
+quarter, a half and three quarters of the tokens merged over the blocks), and INT8
+(round-to-nearest; SmoothQuant with the user's calibration data), each alone and pruning ×
+INT8. KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant /
+GPTQ; INT4 weight-only RTN at two group sizes, AWQ, GPTQ), since token reduction of a
+decoder depends on the prompt's layout (FastV's image span), which tune does not know.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
 FUSE = {"onnxruntime": {"fuse": True}}
 
 
+#: what a candidate does, for the search's order and cuts
+BASE, QUANTIZATION, REDUCTION, COMBINED = "base", "quantization", "reduction", "combined"
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One recipe to try: a short name for tables, and the recipe (a dict of TOML tables)."""
+    """One recipe to try: a short name for tables, the recipe (a dict of TOML tables), its
+    kind, and for a reduction its family: the candidates of one family are listed from the
+    lightest to the strongest, and the search stops a family at its first miss."""
 
     name: str
     recipe: dict
+    kind: str = BASE
+    family: str = ""
 
     @property
     def key(self) -> str:
@@ -46,27 +57,46 @@ def schedules(blocks: int) -> dict[str, list[int]]:
 
 def candidates(structure: dict, calibration: dict | None) -> list[Candidate]:
     """The candidate recipes for a model of `structure` (the compiler's analysis); with
-    `calibration` (a [calibration] table of the user's data) SmoothQuant is tried too."""
+    `calibration` (a [calibration] table of the user's data) the calibrated methods too."""
     if structure.get("decoder"):
-        raise TuneError("tune searches encoders (ViTs, BERT-like models) for now; tune a decoder's recipe by hand")
+        return decoder_candidates(calibration)
     blocks, tokens = int(structure.get("blocks") or 0), structure.get("tokens")
     if blocks < 2:
         raise TuneError(f"the model has {blocks} transformer block(s) found; tune needs an encoder of 2 or more")
     int8 = [("INT8 RTN", {"quantization": {"method": "rtn"}})]
     if calibration:
         int8.append(("INT8 SmoothQuant", {"quantization": {"method": "smoothquant"}, "calibration": calibration}))
-    reductions: list[tuple[str, dict]] = []
+    reductions: list[tuple[str, str, dict]] = []
     for label, layers in schedules(blocks).items():
+        family = f"EViT {label} {'+'.join(map(str, layers))}"
         for keep in KEEPS:
-            reductions.append((f"EViT {label} {'+'.join(map(str, layers))} keep {keep}",
+            reductions.append((f"{family} keep {keep}", family,
                                {"token_pruning": {"method": "cls_attention", "layers": layers, "keep": keep,
                                                   "protect": "cls", "fuse_pruned": True}}))
     if structure.get("pooling") == "cls" and isinstance(tokens, int) and tokens > blocks:
         for share in (0.25, 0.5, 0.75):
             r = max(1, int(share * tokens / blocks))
-            reductions.append((f"ToMe r {r}", {"token_merging": {"r": r, "protect": "cls"}}))
+            reductions.append((f"ToMe r {r}", "ToMe", {"token_merging": {"r": r, "protect": "cls"}}))
     out = [Candidate("fusion only", dict(FUSE))]
-    out += [Candidate(name, {**FUSE, **q}) for name, q in int8]
-    out += [Candidate(name, {**FUSE, **r}) for name, r in reductions]
-    out += [Candidate(f"{name} + {qname}", {**FUSE, **r, **q}) for name, r in reductions for qname, q in int8]
+    out += [Candidate(name, {**FUSE, **q}, QUANTIZATION) for name, q in int8]
+    out += [Candidate(name, {**FUSE, **r}, REDUCTION, family) for name, family, r in reductions]
+    out += [Candidate(f"{name} + {qname}", {**FUSE, **r, **q}, COMBINED)
+            for name, _, r in reductions for qname, q in int8]
+    return out
+
+
+def decoder_candidates(calibration: dict | None) -> list[Candidate]:
+    """A KV-cache decoder's candidates: fusion, and each weight format and method."""
+    methods = [("INT8 RTN", {"method": "rtn"}), ("INT4 RTN g128", {"weights": "int4", "method": "rtn"}),
+               ("INT4 RTN g32", {"weights": "int4", "method": "rtn", "group_size": 32})]
+    if calibration:
+        methods += [("INT8 SmoothQuant", {"method": "smoothquant"}), ("INT8 GPTQ", {"method": "gptq"}),
+                    ("INT4 AWQ g128", {"weights": "int4", "method": "awq"}),
+                    ("INT4 GPTQ g128", {"weights": "int4", "method": "gptq"})]
+    out = [Candidate("fusion only", dict(FUSE))]
+    for name, quantization in methods:
+        recipe = {**FUSE, "quantization": quantization}
+        if quantization["method"] != "rtn":
+            recipe["calibration"] = calibration
+        out.append(Candidate(name, recipe, QUANTIZATION))
     return out
