@@ -2,6 +2,7 @@
 
     python benchmarks/tune_models.py --model minilm            # budget 20 minutes, cosine >= 0.99
     python benchmarks/tune_models.py --model vit --budget 1200
+    python benchmarks/tune_models.py --model llm               # perplexity at most +2%
 
 - minilm: all-MiniLM-L6-v2; calibration on the corpus' calibration texts, evaluation on
   NumPy's docstrings (another source), 256 tokens; README's recipe at cosine >= 0.99:
@@ -9,6 +10,12 @@
 - vit: the DeiT-S-geometry ViT (random weights); calibration and evaluation on disjoint
   random images; README's recipe: EViT keep 0.7 at blocks 3, 6, 9 + INT8 + fusion
   (`benchmarks/vit_prune_int8.py`).
+- llm: the LLaMA-architecture decoder trained here on the standard library's Python
+  source (`benchmarks/decoder_quality.py`: 4 layers, width 256, 4096-token BPE; trained
+  once into the work folder, about 4 minutes); calibration on training-side source lines,
+  evaluation on held-out files' 128-token windows; the budget is perplexity; speed is a
+  decode step (one token on a 128-token past); README's recipe: INT4 AWQ at group 32 (the
+  most faithful INT4 of `benchmarks/decoder_quality.py`).
 
 tune searches with its default space; then the chosen build and the hand-written one are
 scored on the same evaluation samples and timed against the original model (alternating,
@@ -33,6 +40,7 @@ HAND_WRITTEN = {
     "vit": ("EViT keep 0.7 at 3, 6, 9 + INT8 + fusion (README)",
             {"token_pruning": {"layers": [3, 6, 9], "keep": 0.7, "fuse_pruned": True}, "quantization": {},
              "onnxruntime": {"fuse": True}}),
+    "llm": ("INT4 AWQ g32 (README)", {"quantization": {"weights": "int4", "method": "awq", "group_size": 32}}),
 }
 
 
@@ -51,6 +59,20 @@ def prepare(model: str, work: Path, samples: int) -> tuple[Path, Path, Path, dic
         (work / "evaluation.txt").write_text("\n".join(corpus.other_source_texts(samples)) + "\n")
         return onnx_path, work / "calibration.txt", work / "evaluation.txt", {
             "tokenizer": str(minilm.model_dir()), "max_length": 256}
+    if model == "llm":
+        import decoder_quality as dq
+
+        ckpt = dq.train_model(work, 600, 2)
+        onnx_path = work / "llm.onnx"
+        if not onnx_path.is_file():
+            trimrt.export(str(ckpt), str(onnx_path))
+        train_text, _ = dq.corpus()
+        lines = [line for line in train_text.splitlines() if len(line) > 60]
+        (work / "calibration.txt").write_text("\n".join(lines[::max(len(lines) // 64, 1)][:64]) + "\n")
+        (work / "evaluation").mkdir(exist_ok=True)
+        ids = np.array(dq.held_out_windows(ckpt, samples), np.int64)
+        np.savez(work / "evaluation" / "windows.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+        return onnx_path, work / "calibration.txt", work / "evaluation", {"tokenizer": str(ckpt), "max_length": 96}
     onnx_path = work / "deit_s.onnx"
     if not onnx_path.is_file():
         trimrt.export(f"{Path(__file__).resolve().parents[1] / 'examples/models/vit.py'}:deit_small", str(onnx_path))
@@ -66,6 +88,7 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(HAND_WRITTEN), default="minilm")
     parser.add_argument("--budget", type=float, default=1200.0, help="seconds")
     parser.add_argument("--min-cosine", type=float, default=0.99)
+    parser.add_argument("--max-perplexity-increase", type=float, default=0.02, help="llm: the budget")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40, help="timed rounds of the final comparison")
     parser.add_argument("--work", type=Path, help="Work folder (default: a new temporary one); reuse it to resume.")
@@ -73,31 +96,37 @@ def main() -> int:
 
     import trimrt
     from trimrt.bench import bench_build
+    from trimrt.tuning.report import value_text
     from trimrt.tuning.search import Evaluation
 
     work = args.work or Path(tempfile.mkdtemp(prefix="trimrt-tune-"))
     work.mkdir(parents=True, exist_ok=True)
     onnx_path, data, eval_data, text = prepare(args.model, work, args.samples)
     started = time.perf_counter()
-    result = trimrt.tune(str(onnx_path), data=data, eval_data=eval_data, out_dir=work / "tuned",
-                         min_cosine=args.min_cosine, budget_s=args.budget, samples=args.samples,
-                         progress=lambda m: print(f"  {m}", flush=True), **text)
+    decoder = args.model == "llm"
+    budget = {"min_value": 1 / (1 + args.max_perplexity_increase)} if decoder else {"min_cosine": args.min_cosine}
+    result = trimrt.tune(str(onnx_path), data=data, eval_data=eval_data, out_dir=work / "tuned", budget_s=args.budget,
+                         samples=args.samples, progress=lambda m: print(f"  {m}", flush=True), **budget, **text)
     print(f"\ntune: {result.message} ({time.perf_counter() - started:.0f} s)\nreport: {result.report}")
     if result.best is None:
         return 1
     name, recipe = HAND_WRITTEN[args.model]
+    if decoder:
+        recipe = {**recipe, "calibration": {"source": str(data), "samples": 64, **text}}
     hand = work / "hand_written"
     if not (hand / "manifest.json").is_file():
         trimrt.compile(str(onnx_path), recipe, hand)
+    metric = "perplexity" if decoder else "cosine"
     evaluation = Evaluation(onnx_path, Path(eval_data), args.samples, text.get("tokenizer"), text.get("max_length"),
-                            "cosine")
-    feeds = work / "tuned.tune" / "bench_batch1.npz"
-    print("\n| build | speedup over the original (batch 1) | cosine on the evaluation data |\n|---|---|---|")
+                            metric)
+    feeds = work / "tuned.tune" / "bench_batch1.npz"  # what tune timed: a decode step for the llm
+    print(f"\n| build | speedup over the original (batch 1{', decode step' if decoder else ''}) | "
+          f"fidelity on the evaluation data |\n|---|---|---|")
     for label, build in [(f"tune: {result.best.name}", work / "tuned"), (name, hand)]:
         with trimrt.load(build, threads=2, spinning=False) as session:
             fidelity = evaluation.score(session)
         report = bench_build(build, onnx_path, rounds=args.rounds, warmup=5, inputs=[str(feeds)])
-        print(f"| {label} | {report.speedup:.2f}× | {fidelity:.4f} |", flush=True)
+        print(f"| {label} | {report.speedup:.2f}× | {value_text(metric, fidelity)} |", flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import trimrt
 from trimrt.cli import main
 from trimrt.errors import TuneError
+from trimrt.recipe import load_recipe
 from trimrt.tuning.report import pareto_front
 from trimrt.tuning.search import Measurement
 from trimrt.tuning.space import candidates, schedules
@@ -54,6 +55,14 @@ def test_the_space_follows_the_structure():
     assert len(calibrated) == 8
     with pytest.raises(TuneError, match="2 or more"):
         candidates({"blocks": 1, "tokens": 10}, None)
+    # long samples: block-sparse attention at a half, a quarter and an eighth of 32 key blocks
+    long = candidates({"blocks": 6, "tokens": None, "pooling": "mean"}, {"source": "cal/"}, sequence=4000)
+    assert [c.recipe["sparse_attention"]["top_k"] for c in long if c.kind == "reduction" and "sparse_attention"
+            in c.recipe] == [16, 8, 4]
+    assert not any("sparse_attention" in c.recipe for c in candidates({"blocks": 6}, None, sequence=512))
+    # every candidate is a valid recipe
+    for c in [*cls_vit, *long, *calibrated]:
+        load_recipe(c.recipe)
 
 
 def test_the_front_keeps_what_nothing_beats():
@@ -240,3 +249,19 @@ def test_a_decoder_is_tuned_on_perplexity_and_timed_on_decode_steps(tiny_llama, 
     bad = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(root / "cal"), "--eval", str(root / "eval"),
                                     "--metric", "retrieval", "-o", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "metric retrieval compares embeddings (the model is a decoder)" in bad.stderr
+
+
+def test_the_flops_proxy_spares_timing_what_another_candidate_beats():
+    from trimrt.tuning.search import dominated
+
+    def m(name, quantization, flops, fidelity):
+        recipe = {"quantization": {"method": quantization}} if quantization else {}
+        return Measurement(name, name, recipe, "ok", fidelity, flops)
+
+    points = [m("keep 0.9", None, 1.10, 0.995), m("keep 0.7", None, 1.30, 0.996), m("keep 0.8", None, 1.25, 0.993),
+              m("keep 0.6", None, 1.36, 0.990), m("int8 keep 0.9", "rtn", 1.10, 0.990), m("int8", "rtn", 1.0, 0.999)]
+    beaten = dominated(points)
+    # keep 0.9 saves less at a lower fidelity than keep 0.7; keep 0.8 too, but within the 5%
+    # margin (1.30 < 1.25 × 1.05: too close to call by FLOPs); nothing saves more than keep 0.6;
+    # INT8 builds are only compared with INT8 builds
+    assert {k: v.name for k, v in beaten.items()} == {"keep 0.9": "keep 0.7"}

@@ -57,7 +57,7 @@ def write_report(measurements, best, folder: Path, settings: dict, message: str)
     for m in rows:
         mark = " **(chosen)**" if best is not None and m.key == best.key else (" (front)" if m.key in front else "")
         lines.append(f"| {m.name}{mark} | {_num(m.fidelity, 4)} | {_num(m.flops_ratio, 2)} | {_num(m.speedup, 2)} | "
-                     f"{m.rounds or '-'} | {m.status}{': ' + m.error if m.error else ''} |")
+                     f"{m.rounds or '-'} | {m.status}{': ' + m.error if m.error else ''}{' (' + m.note + ')' if m.note else ''} |")
     path = folder / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

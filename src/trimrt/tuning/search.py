@@ -32,6 +32,9 @@ from .space import COMBINED, QUANTIZATION, REDUCTION, Candidate, candidates
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
+#: a candidate is not timed when another of the same quantization saves this much more
+#: FLOPs (a ratio) at a fidelity as high: it cannot be the faster one
+DOMINANCE_MARGIN = 1.05
 METRICS = ("cosine", "top1", "retrieval", "perplexity")
 #: the budget of a metric when none is given (cosine's is `min_cosine`; perplexity's, the
 #: original's perplexity over the build's: 1 / (1 + the largest increase allowed, 2%))
@@ -56,6 +59,8 @@ class Measurement:
     #: the speedup measured at each rung reached (the halving compares candidates at one rung,
     #: so a resumed run makes the same choices)
     rung_speedups: list = field(default_factory=list)
+    #: why a candidate meeting the budget was not timed (empty: it was, or will be)
+    note: str = ""
     #: wall time spent on it: compiling and scoring, and each timing (the progress estimate's data)
     screen_s: float = 0.0
     timing_s: list = field(default_factory=list)
@@ -168,7 +173,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
     structure = {"decoder": True} if evaluation.decoder else _structure(source, say)
     calibration = {"source": settings["data"], "samples": min(samples, 64),
                    **({"tokenizer": tokenizer} if tokenizer else {}), **({"max_length": max_length} if max_length else {})}
-    space = candidates(structure, calibration)
+    space = candidates(structure, calibration, evaluation.tokens)
     say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {budget_text(metric, threshold)}")
 
     by_name = {c.name: c for c in space}
@@ -277,6 +282,9 @@ class Evaluation:
         #: the original model's seconds per sample (the search's time estimate)
         self.seconds_per_sample = (time.monotonic() - began) / max(len(self.feeds), 1)
         backend.deactivate()
+        #: the tokens of the longest evaluation sample (None: no token input)
+        self.tokens = max((v.shape[1] for f in self.feeds for n, v in f.items()
+                           if n in ("input_ids", "inputs_embeds") and v.ndim >= 2), default=None)
         rows = sum(next(iter(r.values())).shape[0] for r in self.reference)
         if metric == "retrieval" and rows < 3:
             raise TuneError(f"metric retrieval ranks each evaluation sample's neighbours: {eval_data} gave {rows} "
@@ -385,6 +393,25 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     return round(singles_left + combined_left), round(feasible)
 
 
+def dominated(measurements: list[Measurement]) -> dict[str, Measurement]:
+    """The candidates (by key) the FLOPs proxy spares timing, each with one that beats it: of the same
+    quantization (whose kernels FLOPs do not price), at least DOMINANCE_MARGIN times its FLOPs
+    ratio and a fidelity at least as high."""
+    def quantization(m: Measurement) -> str:
+        return json.dumps(m.recipe.get("quantization"), sort_keys=True)
+
+    out = {}
+    for m in measurements:
+        if m.flops_ratio is None or m.fidelity is None:
+            continue
+        better = [o for o in measurements if o is not m and quantization(o) == quantization(m) and o.flops_ratio
+                  and o.fidelity is not None and o.flops_ratio >= m.flops_ratio * DOMINANCE_MARGIN
+                  and o.fidelity >= m.fidelity]
+        if better:
+            out[m.key] = max(better, key=lambda o: (o.flops_ratio, o.fidelity))
+    return out
+
+
 def _families(singles: list[Candidate]) -> list[list[Candidate]]:
     """The single-method candidates in the order they are screened, grouped: a reduction
     family together (lightest first), every other candidate alone."""
@@ -420,6 +447,13 @@ def _speed_rungs(state: _State, source: Path, work: Path, evaluation: Evaluation
     from ..bench import bench_build
 
     alive = [m for m in state.entries.values() if m.meets]
+    for m in alive:
+        m.note = ""
+    beaten = dominated(alive)
+    for m in alive:
+        if m.key in beaten:
+            m.note = f"not timed: {beaten[m.key].name} saves more FLOPs at a fidelity as high"
+    alive = [m for m in alive if not m.note]
     if not alive:
         return
     if evaluation.decoder:  # a decode step (one new token) on a past as long as an evaluation sample

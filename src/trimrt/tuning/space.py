@@ -5,7 +5,9 @@ Encoders: token pruning (EViT's CLS attention, after one block three quarters in
 half or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a
 quarter, a half and three quarters of the tokens merged over the blocks), and INT8
 (round-to-nearest; SmoothQuant with the user's calibration data), each alone and pruning ×
-INT8. KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant /
+INT8; where the evaluation samples are long (8 attention blocks of 128 tokens or more),
+block-sparse attention in every block at half, a quarter and an eighth of the key blocks
+(rectified). KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant /
 GPTQ; INT4 weight-only RTN at two group sizes, AWQ, GPTQ), since token reduction of a
 decoder depends on the prompt's layout (FastV's image span), which tune does not know.
 """
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 from ..errors import TuneError
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
+#: block-sparse attention: the tokens of a block, the fewest blocks worth it, and the shares of
+#: the key blocks each query block attends
+SPARSE_BLOCK, SPARSE_MIN_BLOCKS, SPARSE_DENSITIES = 128, 8, (0.5, 0.25, 0.125)
 FUSE = {"onnxruntime": {"fuse": True}}
 
 
@@ -55,9 +60,10 @@ def schedules(blocks: int) -> dict[str, list[int]]:
     return out
 
 
-def candidates(structure: dict, calibration: dict | None) -> list[Candidate]:
+def candidates(structure: dict, calibration: dict | None, sequence: int | None = None) -> list[Candidate]:
     """The candidate recipes for a model of `structure` (the compiler's analysis); with
-    `calibration` (a [calibration] table of the user's data) the calibrated methods too."""
+    `calibration` (a [calibration] table of the user's data) the calibrated methods too;
+    `sequence`: the tokens of an evaluation sample (long ones get sparse attention)."""
     if structure.get("decoder"):
         return decoder_candidates(calibration)
     blocks, tokens = int(structure.get("blocks") or 0), structure.get("tokens")
@@ -77,6 +83,12 @@ def candidates(structure: dict, calibration: dict | None) -> list[Candidate]:
         for share in (0.25, 0.5, 0.75):
             r = max(1, int(share * tokens / blocks))
             reductions.append((f"ToMe r {r}", "ToMe", {"token_merging": {"r": r, "protect": "cls"}}))
+    key_blocks = -(-(sequence or 0) // SPARSE_BLOCK)
+    if key_blocks >= SPARSE_MIN_BLOCKS:
+        for density in SPARSE_DENSITIES:
+            top_k = max(3, round(density * key_blocks))  # at least the sink, the diagonal and one chosen
+            reductions.append((f"sparse attention {top_k}/{key_blocks} blocks", "sparse attention",
+                               {"sparse_attention": {"top_k": top_k, "block_size": SPARSE_BLOCK}}))
     out = [Candidate("fusion only", dict(FUSE))]
     out += [Candidate(name, {**FUSE, **q}, QUANTIZATION) for name, q in int8]
     out += [Candidate(name, {**FUSE, **r}, REDUCTION, family) for name, family, r in reductions]
