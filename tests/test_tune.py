@@ -251,17 +251,16 @@ def test_a_decoder_is_tuned_on_perplexity_and_timed_on_decode_steps(tiny_llama, 
     assert bad.exit_code == 2 and "metric retrieval compares embeddings (the model is a decoder)" in bad.stderr
 
 
-def test_the_flops_proxy_spares_timing_what_another_candidate_beats():
-    from trimrt.tuning.search import dominated
+def test_an_interrupted_tune_says_how_to_resume(tiny_vit_onnx, data, tmp_path, monkeypatch):
+    import trimrt.tuning
 
-    def m(name, quantization, flops, fidelity):
-        recipe = {"quantization": {"method": quantization}} if quantization else {}
-        return Measurement(name, name, recipe, "ok", fidelity, flops)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
 
-    points = [m("keep 0.9", None, 1.10, 0.995), m("keep 0.7", None, 1.30, 0.996), m("keep 0.8", None, 1.25, 0.993),
-              m("keep 0.6", None, 1.36, 0.990), m("int8 keep 0.9", "rtn", 1.10, 0.990), m("int8", "rtn", 1.0, 0.999)]
-    beaten = dominated(points)
-    # keep 0.9 saves less at a lower fidelity than keep 0.7; keep 0.8 too, but within the 5%
-    # margin (1.30 < 1.25 × 1.05: too close to call by FLOPs); nothing saves more than keep 0.6;
-    # INT8 builds are only compared with INT8 builds
-    assert {k: v.name for k, v in beaten.items()} == {"keep 0.9": "keep 0.7"}
+    monkeypatch.setattr(trimrt.tuning, "tune", interrupted)
+    _, onnx_path = tiny_vit_onnx
+    result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
+                                       "-o", str(tmp_path / "best")])
+    assert result.exit_code == 130
+    assert result.stderr == (f"interrupted: what was measured is kept in {tmp_path / 'best.tune'}; run the same command "
+                             "again to resume\n")

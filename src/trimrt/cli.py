@@ -393,9 +393,15 @@ def tune(model: str, data: Path, eval_data: Path, min_cosine: float, metric: str
                        total=event.elapsed_s + event.left_s if known else None,
                        left=f"about {_minutes(event.left_s)} left" if known else "")
 
-        result = run(model, data=data, eval_data=eval_data, out_dir=out_dir, min_cosine=min_cosine, metric=metric,
-                     min_value=min_value, budget_s=budget_s, batch=batch,
-                     threads=threads, samples=samples, tokenizer=tokenizer, max_length=max_length, progress=show)
+        try:
+            result = run(model, data=data, eval_data=eval_data, out_dir=out_dir, min_cosine=min_cosine, metric=metric,
+                         min_value=min_value, budget_s=budget_s, batch=batch, threads=threads, samples=samples,
+                         tokenizer=tokenizer, max_length=max_length, progress=show)
+        except KeyboardInterrupt:
+            work = out_dir.with_name(out_dir.name + ".tune")
+            click.echo(f"interrupted: what was measured is kept in {work}; run the same command again to resume",
+                       err=True)
+            sys.exit(130)
     click.echo(result.message)
     click.echo(f"report: {result.report}")
     if result.best is None:

@@ -57,7 +57,10 @@ def write_report(measurements, best, folder: Path, settings: dict, message: str)
     for m in rows:
         mark = " **(chosen)**" if best is not None and m.key == best.key else (" (front)" if m.key in front else "")
         lines.append(f"| {m.name}{mark} | {_num(m.fidelity, 4)} | {_num(m.flops_ratio, 2)} | {_num(m.speedup, 2)} | "
-                     f"{m.rounds or '-'} | {m.status}{': ' + m.error if m.error else ''}{' (' + m.note + ')' if m.note else ''} |")
+                     f"{m.rounds or '-'} | {'not tried' if m.status == 'pending' else m.status}{': ' + m.error if m.error else ''} |")
+    if any(m.status == "pending" for m in measurements):
+        lines += ["", "Not tried: a lighter setting of its family, or its reduction or its quantization alone, "
+                  "missed the budget (both only lower fidelity), or the time budget ran out first."]
     path = folder / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -32,9 +32,6 @@ from .space import COMBINED, QUANTIZATION, REDUCTION, Candidate, candidates
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
-#: a candidate is not timed when another of the same quantization saves this much more
-#: FLOPs (a ratio) at a fidelity as high: it cannot be the faster one
-DOMINANCE_MARGIN = 1.05
 METRICS = ("cosine", "top1", "retrieval", "perplexity")
 #: the budget of a metric when none is given (cosine's is `min_cosine`; perplexity's, the
 #: original's perplexity over the build's: 1 / (1 + the largest increase allowed, 2%))
@@ -59,8 +56,6 @@ class Measurement:
     #: the speedup measured at each rung reached (the halving compares candidates at one rung,
     #: so a resumed run makes the same choices)
     rung_speedups: list = field(default_factory=list)
-    #: why a candidate meeting the budget was not timed (empty: it was, or will be)
-    note: str = ""
     #: wall time spent on it: compiling and scoring, and each timing (the progress estimate's data)
     screen_s: float = 0.0
     timing_s: list = field(default_factory=list)
@@ -393,25 +388,6 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     return round(singles_left + combined_left), round(feasible)
 
 
-def dominated(measurements: list[Measurement]) -> dict[str, Measurement]:
-    """The candidates (by key) the FLOPs proxy spares timing, each with one that beats it: of the same
-    quantization (whose kernels FLOPs do not price), at least DOMINANCE_MARGIN times its FLOPs
-    ratio and a fidelity at least as high."""
-    def quantization(m: Measurement) -> str:
-        return json.dumps(m.recipe.get("quantization"), sort_keys=True)
-
-    out = {}
-    for m in measurements:
-        if m.flops_ratio is None or m.fidelity is None:
-            continue
-        better = [o for o in measurements if o is not m and quantization(o) == quantization(m) and o.flops_ratio
-                  and o.fidelity is not None and o.flops_ratio >= m.flops_ratio * DOMINANCE_MARGIN
-                  and o.fidelity >= m.fidelity]
-        if better:
-            out[m.key] = max(better, key=lambda o: (o.flops_ratio, o.fidelity))
-    return out
-
-
 def _families(singles: list[Candidate]) -> list[list[Candidate]]:
     """The single-method candidates in the order they are screened, grouped: a reduction
     family together (lightest first), every other candidate alone."""
@@ -447,13 +423,6 @@ def _speed_rungs(state: _State, source: Path, work: Path, evaluation: Evaluation
     from ..bench import bench_build
 
     alive = [m for m in state.entries.values() if m.meets]
-    for m in alive:
-        m.note = ""
-    beaten = dominated(alive)
-    for m in alive:
-        if m.key in beaten:
-            m.note = f"not timed: {beaten[m.key].name} saves more FLOPs at a fidelity as high"
-    alive = [m for m in alive if not m.note]
     if not alive:
         return
     if evaluation.decoder:  # a decode step (one new token) on a past as long as an evaluation sample
