@@ -386,6 +386,7 @@ class OrtFusionPass(TrimrtPass):
         decoder = self.context.shared.get(DECODER_SPEC)
         before = ir.serde.serialize_model(model)
         trial = owned_model(before)  # the optimiser must not rename initializers inside `before`
+        existing = {id(n) for n in trial.graph}
         try:
             counts = fuse_for_onnxruntime(trial, limits=limits, decoder=decoder is not None)
         except Exception as exc:  # noqa: BLE001 - a rewriter failure must not fail the build
@@ -397,8 +398,11 @@ class OrtFusionPass(TrimrtPass):
             why = ("the fused graph does not run on ONNX Runtime" if drift is None
                    else f"the fused graph differs from the unfused one (relative error {drift:.2g})")
             return self._skipped(model, why)
-        existing = {id(n) for n in model.graph}
-        fuse_for_onnxruntime(model, limits=limits, decoder=decoder is not None)  # the same rewrite as the checked trial
+        # the checked trial becomes the model (in place: the model object stays, its graph and
+        # functions are the trial's), rather than rewriting the model a second time
+        model.graph = trial.graph
+        model.functions.clear()
+        model.functions.update(trial.functions)
         b = self.builder(model.graph)
         for node in model.graph:
             if id(node) not in existing:
