@@ -60,8 +60,14 @@ def test_the_space_follows_the_structure():
     assert [c.recipe["sparse_attention"]["top_k"] for c in long if c.kind == "reduction" and "sparse_attention"
             in c.recipe] == [16, 8, 4]
     assert not any("sparse_attention" in c.recipe for c in candidates({"blocks": 6}, None, sequence=512))
+    # with a guard: each INT8 method's guarded fallback, alone and with each reduction
+    with_guard = candidates({"blocks": 12, "tokens": 197, "pooling": "cls"}, {"source": "cal/"}, guard=0.995)
+    fallbacks = {c.name: c.fallback_for for c in with_guard if c.fallback_for}
+    assert fallbacks == {"INT8 RTN guarded 0.995": "INT8 RTN", "INT8 SmoothQuant guarded 0.995": "INT8 SmoothQuant"}
+    assert "EViT even 3+6+9 keep 0.7 + INT8 RTN guarded 0.995" in {c.name for c in with_guard}
+    assert not any(c.fallback_for for c in candidates({"blocks": 12}, None, guard=0.995))  # the guard calibrates
     # every candidate is a valid recipe
-    for c in [*cls_vit, *long, *calibrated]:
+    for c in [*cls_vit, *long, *calibrated, *with_guard]:
         load_recipe(c.recipe)
 
 
@@ -93,6 +99,9 @@ def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_o
     assert best is not None and best.fidelity >= 0.98 and best.rounds == 40
     timed = [m for m in result.measurements if m.meets and m.rounds == 40]
     assert best.speedup == max(m.speedup for m in timed)
+    # INT8 alone met the budget: its guarded fallbacks were never tried
+    guarded = [m for m in result.measurements if " guarded " in m.name]
+    assert guarded and all(m.status == "pending" for m in guarded)
     # the build is the chosen recipe's, and meets the budget when verified on the evaluation data
     assert trimrt.load(out).manifest["recipe"]["onnxruntime"] == {"fuse": True}
     recipe = tomllib.loads((out / "recipe.toml").read_text())
@@ -264,3 +273,18 @@ def test_an_interrupted_tune_says_how_to_resume(tiny_vit_onnx, data, tmp_path, m
     assert result.exit_code == 130
     assert result.stderr == (f"interrupted: what was measured is kept in {tmp_path / 'best.tune'}; run the same command "
                              "again to resume\n")
+
+
+def test_an_int8_method_missing_the_budget_is_retried_with_the_guard(tiny_vit_onnx, data, tmp_path):
+    _, onnx_path = tiny_vit_onnx
+    result = trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=tmp_path / "best",
+                         min_cosine=0.99995, budget_s=120, samples=8)
+    by_name = {m.name: m for m in result.measurements}
+    plain, guarded = by_name["INT8 RTN"], by_name["INT8 RTN guarded 0.999975"]
+    assert plain.status == "below budget" and guarded.status in ("ok", "below budget")
+    assert guarded.recipe["quantization"] == {"method": "rtn", "min_cosine": 0.999975}
+    assert guarded.fidelity > plain.fidelity
+    # the guarded build keeps layers float, and says so in its manifest
+    build = tmp_path / "best.tune" / "candidates" / guarded.key
+    report = trimrt.load(build).manifest.pass_report("quantization")
+    assert report["kept_float"], report

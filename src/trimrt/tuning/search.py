@@ -168,11 +168,14 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
     structure = {"decoder": True} if evaluation.decoder else _structure(source, say)
     calibration = {"source": settings["data"], "samples": min(samples, 64),
                    **({"tokenizer": tokenizer} if tokenizer else {}), **({"max_length": max_length} if max_length else {})}
-    space = candidates(structure, calibration, evaluation.tokens)
+    # the guard's bar: halfway between the budget and 1, for the gap between its held-out
+    # calibration samples and the evaluation data
+    guard = round(1 - (1 - threshold) / 2, 6) if metric == "cosine" and threshold < 1 else None
+    space = candidates(structure, calibration, evaluation.tokens, guard)
     say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {budget_text(metric, threshold)}")
 
     by_name = {c.name: c for c in space}
-    singles = [c for c in space if c.kind != COMBINED]
+    singles = [c for c in space if c.kind != COMBINED and not c.fallback_for]
 
     def screen(candidate: Candidate) -> Measurement:
         m = state.get(candidate)
@@ -194,7 +197,10 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 break
             if candidate.kind == REDUCTION:
                 feasible_reductions.append(candidate.name)
-    feasible_quantization = [c.name for c in singles if c.kind == QUANTIZATION and state.get(c).meets]
+    for c in space:  # a method that missed the budget, retried with the guard
+        if c.fallback_for and state.get(by_name[c.fallback_for]).status == "below budget":
+            screen(c)
+    feasible_quantization = [c.name for c in space if c.kind == QUANTIZATION and state.get(c).meets]
     for reduction in feasible_reductions:
         for q in feasible_quantization:
             combined = by_name.get(f"{reduction} + {q}")
@@ -375,6 +381,9 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     share of reductions that met it so far onto those not screened yet (for the estimate)."""
     by_kind: dict[str, list[Measurement]] = {}
     for c in space:
+        if c.fallback_for:  # tried only when its plain method misses: counted once that is known
+            if state.get(next(x for x in space if x.name == c.fallback_for)).status != "below budget":
+                continue
         by_kind.setdefault(c.kind, []).append(state.get(c))
     reductions, quantization = by_kind.get(REDUCTION, []), by_kind.get(QUANTIZATION, [])
     screened = [m for m in reductions if m.status != "pending"]

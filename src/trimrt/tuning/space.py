@@ -5,7 +5,8 @@ Encoders: token pruning (EViT's CLS attention, after one block three quarters in
 half or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a
 quarter, a half and three quarters of the tokens merged over the blocks), and INT8
 (round-to-nearest; SmoothQuant with the user's calibration data), each alone and pruning ×
-INT8; where the evaluation samples are long (8 attention blocks of 128 tokens or more),
+INT8 (with the cosine metric, an INT8 method that misses the budget is retried with the
+fidelity guard, which keeps the most sensitive layers float); where the evaluation samples are long (8 attention blocks of 128 tokens or more),
 block-sparse attention in every block at half, a quarter and an eighth of the key blocks
 (rectified). KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant /
 GPTQ; INT4 weight-only RTN at two group sizes, AWQ, GPTQ), since token reduction of a
@@ -41,6 +42,8 @@ class Candidate:
     recipe: dict
     kind: str = BASE
     family: str = ""
+    #: a guarded quantization: tried only when this plain one missed the budget
+    fallback_for: str = ""
 
     @property
     def key(self) -> str:
@@ -60,10 +63,13 @@ def schedules(blocks: int) -> dict[str, list[int]]:
     return out
 
 
-def candidates(structure: dict, calibration: dict | None, sequence: int | None = None) -> list[Candidate]:
+def candidates(structure: dict, calibration: dict | None, sequence: int | None = None,
+               guard: float | None = None) -> list[Candidate]:
     """The candidate recipes for a model of `structure` (the compiler's analysis); with
     `calibration` (a [calibration] table of the user's data) the calibrated methods too;
-    `sequence`: the tokens of an evaluation sample (long ones get sparse attention)."""
+    `sequence`: the tokens of an evaluation sample (long ones get sparse attention); `guard`
+    (with calibration): each INT8 method also with the fidelity guard at this output cosine,
+    the fallback when the method alone misses the budget."""
     if structure.get("decoder"):
         return decoder_candidates(calibration)
     blocks, tokens = int(structure.get("blocks") or 0), structure.get("tokens")
@@ -72,6 +78,9 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
     int8 = [("INT8 RTN", {"quantization": {"method": "rtn"}})]
     if calibration:
         int8.append(("INT8 SmoothQuant", {"quantization": {"method": "smoothquant"}, "calibration": calibration}))
+    guarded = [(f"{name} guarded {guard}", name, {"quantization": {**q["quantization"], "min_cosine": guard},
+                                                   "calibration": calibration})
+               for name, q in int8] if guard is not None and calibration else []
     reductions: list[tuple[str, str, dict]] = []
     for label, layers in schedules(blocks).items():
         family = f"EViT {label} {'+'.join(map(str, layers))}"
@@ -91,9 +100,10 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
                                {"sparse_attention": {"top_k": top_k, "block_size": SPARSE_BLOCK}}))
     out = [Candidate("fusion only", dict(FUSE))]
     out += [Candidate(name, {**FUSE, **q}, QUANTIZATION) for name, q in int8]
+    out += [Candidate(name, {**FUSE, **q}, QUANTIZATION, fallback_for=plain) for name, plain, q in guarded]
     out += [Candidate(name, {**FUSE, **r}, REDUCTION, family) for name, family, r in reductions]
     out += [Candidate(f"{name} + {qname}", {**FUSE, **r, **q}, COMBINED)
-            for name, _, r in reductions for qname, q in int8]
+            for name, _, r in reductions for qname, q in [*int8, *((n, q) for n, _, q in guarded)]]
     return out
 
 
