@@ -3,6 +3,7 @@
     python benchmarks/tune_models.py --model minilm            # budget 20 minutes, cosine >= 0.99
     python benchmarks/tune_models.py --model vit --budget 1200
     python benchmarks/tune_models.py --model llm               # perplexity at most +2%
+    python benchmarks/tune_models.py --model minilm --metric retrieval --min-value 0.95
 
 - minilm: all-MiniLM-L6-v2; calibration on the corpus' calibration texts, evaluation on
   NumPy's docstrings (another source), 256 tokens; README's recipe at cosine >= 0.99:
@@ -89,6 +90,9 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=1200.0, help="seconds")
     parser.add_argument("--min-cosine", type=float, default=0.99)
     parser.add_argument("--max-perplexity-increase", type=float, default=0.02, help="llm: the budget")
+    parser.add_argument("--metric", choices=["cosine", "top1", "retrieval"], default="cosine",
+                        help="encoders: the fidelity metric (--min-value its budget; cosine's is --min-cosine)")
+    parser.add_argument("--min-value", type=float, help="the budget of --metric top1 / retrieval")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=40, help="timed rounds of the final comparison")
     parser.add_argument("--work", type=Path, help="Work folder (default: a new temporary one); reuse it to resume.")
@@ -104,7 +108,10 @@ def main() -> int:
     onnx_path, data, eval_data, text = prepare(args.model, work, args.samples)
     started = time.perf_counter()
     decoder = args.model == "llm"
-    budget = {"min_value": 1 / (1 + args.max_perplexity_increase)} if decoder else {"min_cosine": args.min_cosine}
+    if decoder:
+        budget = {"min_value": 1 / (1 + args.max_perplexity_increase)}
+    else:
+        budget = {"metric": args.metric, "min_cosine": args.min_cosine, "min_value": args.min_value}
     result = trimrt.tune(str(onnx_path), data=data, eval_data=eval_data, out_dir=work / "tuned", budget_s=args.budget,
                          samples=args.samples, progress=lambda m: print(f"  {m}", flush=True), **budget, **text)
     print(f"\ntune: {result.message} ({time.perf_counter() - started:.0f} s)\nreport: {result.report}")
@@ -116,7 +123,7 @@ def main() -> int:
     hand = work / "hand_written"
     if not (hand / "manifest.json").is_file():
         trimrt.compile(str(onnx_path), recipe, hand)
-    metric = "perplexity" if decoder else "cosine"
+    metric = "perplexity" if decoder else args.metric
     evaluation = Evaluation(onnx_path, Path(eval_data), args.samples, text.get("tokenizer"), text.get("max_length"),
                             metric)
     feeds = work / "tuned.tune" / "bench_batch1.npz"  # what tune timed: a decode step for the llm

@@ -288,3 +288,34 @@ def test_an_int8_method_missing_the_budget_is_retried_with_the_guard(tiny_vit_on
     build = tmp_path / "best.tune" / "candidates" / guarded.key
     report = trimrt.load(build).manifest.pass_report("quantization")
     assert report["kept_float"], report
+
+
+def test_long_samples_get_block_sparse_candidates_that_compile_and_score(tmp_path):
+    """A BERT fed 1024-token samples: the space gains sparse attention at a half and a quarter
+    of its 8 key blocks (a quarter and an eighth both round up to 3: the sink, the diagonal
+    and one chosen), each compiles and keeps fidelity in the order of its density."""
+    import torch
+    import transformers
+
+    from trimrt.tuning.search import Evaluation, _screen, _structure
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=60, max_position_embeddings=1024)
+    example = {"input_ids": torch.randint(0, 60, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+    onnx_path = trimrt.export(transformers.BertModel(config).eval(), tmp_path / "bert.onnx", example_inputs=example)
+    (tmp_path / "eval").mkdir()
+    ids = np.random.default_rng(0).integers(0, 60, (4, 1024))
+    np.savez(tmp_path / "eval" / "long.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    evaluation = Evaluation(onnx_path, tmp_path / "eval", 4, None, None, "cosine")
+    assert evaluation.tokens == 1024
+    space = candidates(_structure(onnx_path, lambda message: None), None, evaluation.tokens)
+    sparse = [c for c in space if c.kind == "reduction" and "sparse_attention" in c.recipe]
+    assert [c.name for c in sparse] == ["sparse attention 4/8 blocks", "sparse attention 3/8 blocks"]
+    fidelity = []
+    for c in sparse:
+        m = Measurement(c.key, c.name, c.recipe)
+        _screen(m, c, tmp_path, onnx_path, evaluation, 0.5)
+        assert m.status == "ok" and m.flops_ratio > 1.0, m  # counted on the 1024-token samples
+        fidelity.append(m.fidelity)
+    assert 0.5 < fidelity[1] <= fidelity[0] < 1.0

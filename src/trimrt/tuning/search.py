@@ -17,6 +17,7 @@ every measurement: running the same command again resumes where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -29,6 +30,8 @@ import numpy as np
 from ..errors import TrimrtError, TuneError
 from .report import budget_text, value_text
 from .space import COMBINED, QUANTIZATION, REDUCTION, Candidate, candidates
+
+log = logging.getLogger(__name__)
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
@@ -206,8 +209,8 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
             combined = by_name.get(f"{reduction} + {q}")
             if combined is not None:
                 screen(combined)
-    _speed_rungs(state, source, work, evaluation, batch, threads, clock)
-    measurements = [state.get(c) for c in space]
+    measurements = [state.get(c) for c in space]  # (the state may hold candidates of other budgets' guards)
+    _speed_rungs(state, measurements, source, work, evaluation, batch, threads, clock)
     # the fastest among those timed at the highest rung reached
     best = max((m for m in measurements if m.meets and m.speedup), key=lambda m: (m.rounds, m.speedup), default=None)
     return _finish(best, measurements, out_dir, work, settings, threshold, metric, clock)
@@ -261,6 +264,7 @@ class Evaluation:
         from ..runtime.kv_cache import past_layers
 
         inputs = model_inputs(onnx.load(str(source), load_external_data=False))
+        self.source, self._source_flops = source, None
         #: a KV-cache decoder: scored on its logits at every position of the prefill
         self.decoder = bool(past_layers([i.name for i in inputs]))
         self.metric = metric = metric or ("perplexity" if self.decoder else "cosine")
@@ -290,6 +294,23 @@ class Evaluation:
         if metric == "retrieval" and rows < 3:
             raise TuneError(f"metric retrieval ranks each evaluation sample's neighbours: {eval_data} gave {rows} "
                             "sample(s), give 3 or more")
+
+    def flops_ratio(self, model_path: Path) -> float | None:
+        """The original's FLOPs over the build's on the first evaluation sample (the build's
+        manifest counts them at the export's example, which may be far shorter than the
+        user's data); None when they cannot be counted."""
+        import onnx
+
+        from ..compiler.flops import count_flops
+
+        try:
+            if self._source_flops is None:
+                self._source_flops = count_flops(onnx.load(str(self.source)), self.feeds[0])
+            built = count_flops(onnx.load(str(model_path)), self.feeds[0])
+        except Exception as exc:  # noqa: BLE001 - a proxy for the report: the manifest's count stands in
+            log.info("FLOPs not counted on the evaluation sample (%s)", str(exc).splitlines()[0][:200])
+            return None
+        return round(self._source_flops / built, 4) if built else None
 
     def score(self, session) -> float:
         """The build's fidelity to the original model on the evaluation samples."""
@@ -410,6 +431,7 @@ def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, eval
             threshold: float) -> None:
     from ..compiler.driver import compile_model
     from ..runtime import load
+    from ..runtime.manifest import MODEL
 
     build = work / "candidates" / candidate.key
     try:
@@ -417,7 +439,9 @@ def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, eval
             compile_model(str(source), candidate.recipe, build)
         with load(build, threads=2, spinning=False) as session:
             m.fidelity = evaluation.score(session)
-            m.flops_ratio = (session.manifest.get("flops") or {}).get("ratio")
+            m.flops_ratio = evaluation.flops_ratio(build / MODEL)
+            if m.flops_ratio is None:
+                m.flops_ratio = (session.manifest.get("flops") or {}).get("ratio")
     except TuneError:
         raise
     except TrimrtError as exc:  # a recipe this model cannot take: recorded, the search goes on
@@ -426,12 +450,12 @@ def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, eval
     m.status = "ok" if m.fidelity >= threshold else "below budget"
 
 
-def _speed_rungs(state: _State, source: Path, work: Path, evaluation: Evaluation, batch: int, threads: int,
-                 clock: _Clock) -> None:
-    """Successive halving on speed among the candidates that met the budget."""
+def _speed_rungs(state: _State, measurements: list[Measurement], source: Path, work: Path, evaluation: Evaluation,
+                 batch: int, threads: int, clock: _Clock) -> None:
+    """Successive halving on speed among the `measurements` that met the budget."""
     from ..bench import bench_build
 
-    alive = [m for m in state.entries.values() if m.meets]
+    alive = [m for m in measurements if m.meets]
     if not alive:
         return
     if evaluation.decoder:  # a decode step (one new token) on a past as long as an evaluation sample

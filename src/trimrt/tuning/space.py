@@ -94,8 +94,8 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
             reductions.append((f"ToMe r {r}", "ToMe", {"token_merging": {"r": r, "protect": "cls"}}))
     key_blocks = -(-(sequence or 0) // SPARSE_BLOCK)
     if key_blocks >= SPARSE_MIN_BLOCKS:
-        for density in SPARSE_DENSITIES:
-            top_k = max(3, round(density * key_blocks))  # at least the sink, the diagonal and one chosen
+        # at least the sink, the diagonal and one chosen block; each top_k once
+        for top_k in dict.fromkeys(max(3, round(d * key_blocks)) for d in SPARSE_DENSITIES):
             reductions.append((f"sparse attention {top_k}/{key_blocks} blocks", "sparse attention",
                                {"sparse_attention": {"top_k": top_k, "block_size": SPARSE_BLOCK}}))
     out = [Candidate("fusion only", dict(FUSE))]
