@@ -43,6 +43,8 @@ def test_the_space_follows_the_structure():
     names = [c.name for c in cls_vit]
     assert names[:3] == ["fusion only", "INT8 RTN", "INT8 SmoothQuant"]
     assert "ToMe r 4" in names and "EViT even 3+6+9 keep 0.7 + INT8 SmoothQuant" in names
+    mod = next(c for c in cls_vit if c.name == "MoD 6+9 ratio 0.5")
+    assert mod.recipe["mixture_of_depths"]["ratios"] == [1.0] * 6 + [0.5, 1.0, 1.0, 0.5, 1.0, 1.0]
     assert len({c.key for c in cls_vit}) == len(cls_vit)
     mean_pooled = [c.name for c in candidates({"blocks": 6, "tokens": None, "pooling": "mean"}, None)]
     assert not any(n.startswith("ToMe") or "SmoothQuant" in n for n in mean_pooled)
@@ -97,6 +99,10 @@ def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_o
     assert str(events[-1][1]) == result.message
     best = result.best
     assert best is not None and best.fidelity >= 0.98 and best.rounds == 40
+    # every family of the space compiled and was scored on this model (MoD routing included)
+    screened = {m.name: m for m in result.measurements if m.fidelity is not None}
+    assert {"MoD 2+3 ratio 0.75", "ToMe r 4", "EViT late 2+3 keep 0.9", "INT8 SmoothQuant"} <= set(screened)
+    assert not [m.error for m in result.measurements if m.status == "failed"]
     timed = [m for m in result.measurements if m.meets and m.rounds == 40]
     assert best.speedup == max(m.speedup for m in timed)
     # INT8 alone met the budget: its guarded fallbacks were never tried

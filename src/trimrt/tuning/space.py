@@ -2,15 +2,17 @@
 
 Every candidate runs ONNX Runtime fusion (never slower on the models measured here).
 Encoders: token pruning (EViT's CLS attention, after one block three quarters in, the last
-half or every quarter of the blocks, keep 0.9 … 0.5), ToMe merging (CLS-pooled models: a
-quarter, a half and three quarters of the tokens merged over the blocks), and INT8
-(round-to-nearest; SmoothQuant with the user's calibration data), each alone and pruning ×
-INT8 (with the cosine metric, an INT8 method that misses the budget is retried with the
-fidelity guard, which keeps the most sensitive layers float); where the evaluation samples are long (8 attention blocks of 128 tokens or more),
-block-sparse attention in every block at half, a quarter and an eighth of the key blocks
-(rectified). KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant /
-GPTQ; INT4 weight-only RTN at two group sizes, AWQ, GPTQ), since token reduction of a
-decoder depends on the prompt's layout (FastV's image span), which tune does not know.
+half or every quarter of the blocks, keep 0.9 … 0.5); ToMe merging (CLS-pooled models: a
+quarter, a half and three quarters of the tokens merged over the blocks); Mixture-of-Depths
+routing (the training-free attention router, the late half's blocks at 0.75 and 0.5);
+block-sparse attention where the evaluation samples are long (8 attention blocks of 128
+tokens or more: every block at a half, a quarter and an eighth of the key blocks,
+rectified); INT8 (round-to-nearest; SmoothQuant with the user's calibration data; with the
+cosine metric, a method that misses the budget is retried with the fidelity guard, which
+keeps the most sensitive layers float); each reduction alone and with each INT8 method.
+KV-cache decoders: the weight formats and methods (INT8 W8A8 RTN / SmoothQuant / GPTQ; INT4
+weight-only RTN at two group sizes, AWQ, GPTQ), since token reduction of a decoder depends
+on the prompt's layout (FastV's image span, p-MoD's routed span), which tune does not know.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from ..errors import TuneError
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
+#: Mixture-of-Depths: the shares of the tokens a routed block runs on
+MOD_RATIOS = (0.75, 0.5)
 #: block-sparse attention: the tokens of a block, the fewest blocks worth it, and the shares of
 #: the key blocks each query block attends
 SPARSE_BLOCK, SPARSE_MIN_BLOCKS, SPARSE_DENSITIES = 128, 8, (0.5, 0.25, 0.125)
@@ -88,6 +92,14 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
             reductions.append((f"{family} keep {keep}", family,
                                {"token_pruning": {"method": "cls_attention", "layers": layers, "keep": keep,
                                                   "protect": "cls", "fuse_pruned": True}}))
+    # Mixture-of-Depths with the training-free router: the late half's blocks run on a share
+    # of the tokens, the others skip them (on MiniLM it lost to pruning at every FLOPs budget,
+    # docs/results.md; the family costs one compile when its lightest setting misses)
+    late = schedules(blocks).get("late") or schedules(blocks)["last"]
+    for ratio in MOD_RATIOS:
+        ratios = [ratio if block in late else 1.0 for block in range(blocks)]
+        reductions.append((f"MoD {'+'.join(map(str, late))} ratio {ratio}", "MoD",
+                           {"mixture_of_depths": {"router": "attention", "ratios": ratios, "protect": "cls"}}))
     if structure.get("pooling") == "cls" and isinstance(tokens, int) and tokens > blocks:
         for share in (0.25, 0.5, 0.75):
             r = max(1, int(share * tokens / blocks))
