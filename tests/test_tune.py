@@ -105,9 +105,8 @@ def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_o
     assert not [m.error for m in result.measurements if m.status == "failed"]
     timed = [m for m in result.measurements if m.meets and m.rounds == 40]
     assert best.speedup == max(m.speedup for m in timed)
-    # INT8 alone met the budget: its guarded fallbacks were never tried
-    guarded = [m for m in result.measurements if " guarded " in m.name]
-    assert guarded and all(m.status == "pending" for m in guarded)
+    # INT8 alone met the budget: its guarded fallbacks were never needed (nor listed)
+    assert not [m.name for m in result.measurements if " guarded " in m.name]
     # the build is the chosen recipe's, and meets the budget when verified on the evaluation data
     assert trimrt.load(out).manifest["recipe"]["onnxruntime"] == {"fuse": True}
     recipe = tomllib.loads((out / "recipe.toml").read_text())

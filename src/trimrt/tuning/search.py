@@ -209,7 +209,11 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
             combined = by_name.get(f"{reduction} + {q}")
             if combined is not None:
                 screen(combined)
-    measurements = [state.get(c) for c in space]  # (the state may hold candidates of other budgets' guards)
+    # the space's candidates (the state may hold other budgets' guards), less the guarded
+    # fallbacks of methods that met the budget alone (never needed) and their combinations
+    unneeded = [c.name for c in space if c.fallback_for and state.get(by_name[c.fallback_for]).status != "below budget"]
+    measurements = [state.get(c) for c in space
+                    if not any(c.name == u or c.name.endswith(f" + {u}") for u in unneeded)]
     _speed_rungs(state, measurements, source, work, evaluation, batch, threads, clock)
     # the fastest among those timed at the highest rung reached
     best = max((m for m in measurements if m.meets and m.speedup), key=lambda m: (m.rounds, m.speedup), default=None)
