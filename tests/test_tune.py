@@ -201,6 +201,9 @@ def test_the_retrieval_metric_ranks_the_evaluation_samples_neighbours(tiny_vit_o
     result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
                                        "--min-retrieval", "0.9", "-o", str(tmp_path / "best")])
     assert result.exit_code == 2 and "--min-retrieval is the budget of --metric retrieval" in result.output
+    with pytest.raises(TuneError, match="an encoder scored on cosine, whose budget is min_cosine"):
+        trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=tmp_path / "best",
+                    min_value=1 / 1.02)  # e.g. --max-perplexity-increase on an encoder
     with pytest.raises(TuneError, match="metric perplexity needs a KV-cache decoder"):
         trimrt.tune(str(onnx_path), data=data / "cal", eval_data=data / "eval", out_dir=tmp_path / "best",
                     metric="perplexity")

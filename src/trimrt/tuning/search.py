@@ -160,6 +160,10 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
     evaluation = Evaluation(source, Path(eval_data), samples, tokenizer, max_length, metric)
     metric = evaluation.metric
     clock.round_guess_s = 2 * batch * evaluation.seconds_per_sample
+    if metric == "cosine" and min_value is not None:
+        raise TuneError(f"the model is {'a decoder' if evaluation.decoder else 'an encoder'} scored on cosine, whose "
+                        "budget is min_cosine (--min-cosine); min_value (--min-top1, --min-retrieval, "
+                        "--max-perplexity-increase) goes with its metric")
     threshold = min_cosine if metric == "cosine" else (DEFAULT_MIN[metric] if min_value is None else min_value)
     # what the measurements depend on (the budget does not: a rerun with another one reuses them)
     settings = {"source": str(source), "data": str(Path(data).resolve()), "eval": str(Path(eval_data).resolve()),
