@@ -103,6 +103,12 @@ def test_tune_writes_the_fastest_build_meeting_the_budget_and_resumes(tiny_vit_o
     screened = {m.name: m for m in result.measurements if m.fidelity is not None}
     assert {"MoD 2+3 ratio 0.75", "ToMe r 4", "EViT late 2+3 keep 0.9", "INT8 SmoothQuant"} <= set(screened)
     assert not [m.error for m in result.measurements if m.status == "failed"]
+    # the other pruning methods start at the strongest keep EViT met on their schedule
+    evit = [m for m in result.measurements if m.name.startswith("EViT even 1+2+3 keep") and " + " not in m.name]
+    strongest = [m.name for m in evit if m.meets][-1].rsplit(" ", 1)[1]
+    divprune = [m.name for m in result.measurements if m.name.startswith("DivPrune even") and m.fidelity is not None
+                and " + " not in m.name]
+    assert divprune[0] == f"DivPrune even 1+2+3 keep {strongest}"
     timed = [m for m in result.measurements if m.meets and m.rounds == 40]
     assert best.speedup == max(m.speedup for m in timed)
     # INT8 alone met the budget: its guarded fallbacks were never needed (nor listed)
@@ -327,3 +333,18 @@ def test_long_samples_get_block_sparse_candidates_that_compile_and_score(tmp_pat
         assert m.status == "ok" and m.flops_ratio > 1.0, m  # counted on the 1024-token samples
         fidelity.append(m.fidelity)
     assert 0.5 < fidelity[1] <= fidelity[0] < 1.0
+
+
+def test_smoothquant_joins_the_reductions_only_where_it_beats_round_to_nearest():
+    from trimrt.tuning.search import _State, _worth_combining
+
+    space = candidates({"blocks": 4, "tokens": 17, "pooling": "cls"}, {"source": "cal/"})
+    quantization = [c for c in space if c.kind == "quantization"]
+    for rtn, smoothquant, expected in [(0.9990, 0.99905, ["INT8 RTN"]),  # a gap 95% of RTN's: not worth it
+                                       (0.9946, 0.9984, ["INT8 RTN", "INT8 SmoothQuant"])]:  # MiniLM's
+        state = _State.__new__(_State)
+        state.entries = {}
+        for c, fidelity in zip(quantization, (rtn, smoothquant)):
+            m = state.get(c)
+            m.status, m.fidelity = "ok", fidelity
+        assert _worth_combining(quantization, state) == expected

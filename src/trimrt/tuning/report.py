@@ -45,7 +45,8 @@ def write_report(measurements, best, folder: Path, settings: dict, message: str)
         (folder / RECIPE).write_text(f"# chosen by trimrt tune: {best.name}\n" + tomli_w.dumps(best.recipe))
     front = {m.key for m in pareto_front(measurements)}
     metric = settings["metric"]
-    rows = sorted(measurements, key=lambda m: (m.speedup is None, -(m.speedup or 0), -(m.fidelity or 0)))
+    tried = [m for m in measurements if m.status != "pending"]
+    rows = sorted(tried, key=lambda m: (m.speedup is None, -(m.speedup or 0), -(m.fidelity or 0)))
     lines = [f"# trimrt tune: {Path(settings['source']).name}", "", message, "",
              f"Budget: {budget_text(metric, settings['threshold'])} on {settings['samples']} samples of {settings['eval']}; "
              f"speed: batch {settings['batch']}, {settings['threads']} threads, against the original model "
@@ -57,10 +58,12 @@ def write_report(measurements, best, folder: Path, settings: dict, message: str)
     for m in rows:
         mark = " **(chosen)**" if best is not None and m.key == best.key else (" (front)" if m.key in front else "")
         lines.append(f"| {m.name}{mark} | {_num(m.fidelity, 4)} | {_num(m.flops_ratio, 2)} | {_num(m.speedup, 2)} | "
-                     f"{m.rounds or '-'} | {'not tried' if m.status == 'pending' else m.status}{': ' + m.error if m.error else ''} |")
-    if any(m.status == "pending" for m in measurements):
-        lines += ["", "Not tried: a lighter setting of its family, or its reduction or its quantization alone, "
-                  "missed the budget (both only lower fidelity), or the time budget ran out first."]
+                     f"{m.rounds or '-'} | {m.status}{': ' + m.error if m.error else ''} |")
+    if len(tried) < len(measurements):
+        lines += ["", f"Not tried: {len(measurements) - len(tried)} more candidates of the space (a lighter setting "
+                  "of their family, or their reduction or quantization alone, missed the budget, and both only lower "
+                  "fidelity; other pruning methods are tried from the strongest keep EViT met; or the time budget "
+                  "ran out first)."]
     path = folder / REPORT
     path.write_text("\n".join(lines) + "\n")
     return path

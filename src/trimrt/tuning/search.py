@@ -2,9 +2,12 @@
 
 1. Fidelity first (cheap: seconds a candidate): every candidate is compiled into the work
    folder and run on the evaluation samples against the original model. The space is cut
-   on the way: along one pruning schedule, once a keep ratio misses the budget the smaller
-   ones are not tried, and INT8 is only combined with reductions that met the budget alone
-   (both lower fidelity monotonically on every model measured here).
+   on the way: along one family (a pruning schedule, ToMe, MoD, sparse attention), once a
+   setting misses the budget the stronger ones are not tried; the other pruning methods
+   start at the strongest keep EViT met on their schedule; an INT8 method that misses is
+   retried with the guard; INT8 is only combined with reductions that met the budget alone
+   (both lower fidelity monotonically on every model measured here), and a calibrated INT8
+   method only where it beats round-to-nearest's fidelity (same speed, costlier compiles).
 2. Speed (what the budget is spent on): the candidates that met the budget are timed
    against the original model as `bench` does (alternating, medians of paired ratios) in
    rungs of growing rounds; after each rung the faster third goes on. The best is the
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
+#: a calibrated INT8 method is combined with reductions only when its gap to a fidelity of 1
+#: is at most this share of round-to-nearest's
+CALIBRATED_GAIN = 0.9
 METRICS = ("cosine", "top1", "retrieval", "perplexity")
 #: the budget of a metric when none is given (cosine's is `min_cosine`; perplexity's, the
 #: original's perplexity over the build's: 1 / (1 + the largest increase allowed, 2%))
@@ -182,7 +188,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
     say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {budget_text(metric, threshold)}")
 
     by_name = {c.name: c for c in space}
-    singles = [c for c in space if c.kind != COMBINED and not c.fallback_for]
+    singles = [c for c in space if c.kind != COMBINED and not c.fallback_for and not c.refines]
 
     def screen(candidate: Candidate) -> Measurement:
         m = state.get(candidate)
@@ -204,10 +210,19 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 break
             if candidate.kind == REDUCTION:
                 feasible_reductions.append(candidate.name)
+    families = {c.family: [x for x in space if x.family == c.family and x.kind == REDUCTION] for c in space if c.family}
+    for family, group in families.items():  # other pruning methods, from the strongest keep EViT met
+        base = families.get(group[0].refines) if group[0].refines else None
+        met = [i for i, c in enumerate(base or []) if state.get(c).meets]
+        for candidate in group[met[-1]:] if met else []:
+            if not screen(candidate).meets:
+                break
+            feasible_reductions.append(candidate.name)
     for c in space:  # a method that missed the budget, retried with the guard
         if c.fallback_for and state.get(by_name[c.fallback_for]).status == "below budget":
             screen(c)
-    feasible_quantization = [c.name for c in space if c.kind == QUANTIZATION and state.get(c).meets]
+    feasible_quantization = _worth_combining([c for c in space if c.kind == QUANTIZATION and state.get(c).meets],
+                                             state)
     for reduction in feasible_reductions:
         for q in feasible_quantization:
             combined = by_name.get(f"{reduction} + {q}")
@@ -413,6 +428,8 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
         if c.fallback_for:  # tried only when its plain method misses: counted once that is known
             if state.get(next(x for x in space if x.name == c.fallback_for)).status != "below budget":
                 continue
+        if c.refines and state.get(c).status == "pending":  # a few around EViT's best keep: not counted
+            continue
         by_kind.setdefault(c.kind, []).append(state.get(c))
     reductions, quantization = by_kind.get(REDUCTION, []), by_kind.get(QUANTIZATION, [])
     screened = [m for m in reductions if m.status != "pending"]
@@ -424,6 +441,23 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     singles_left = sum(m.status == "pending" for kind, ms in by_kind.items() if kind != COMBINED for m in ms)
     feasible = sum(m.meets for ms in by_kind.values() for m in ms) + rate * (singles_left + combined_left)
     return round(singles_left + combined_left), round(feasible)
+
+
+def _worth_combining(quantization: list[Candidate], state: _State) -> list[str]:
+    """The quantization candidates (that met the budget alone) to combine with reductions: a
+    calibrated method (SmoothQuant) only where it is more faithful than round-to-nearest
+    alone, its gap to 1 at least CALIBRATED_GAIN smaller; both run at the same speed, and the
+    calibrated compiles cost several times more (30 s against 6 s on the ViT)."""
+    plain = {c.recipe["quantization"].get("method", "rtn"): state.get(c).fidelity for c in quantization
+             if not c.fallback_for}
+    out = []
+    for c in quantization:
+        method, fidelity = c.recipe["quantization"].get("method", "rtn"), state.get(c).fidelity
+        rtn = plain.get("rtn")
+        if method != "rtn" and not c.fallback_for and rtn is not None and (1 - fidelity) > CALIBRATED_GAIN * (1 - rtn):
+            continue
+        out.append(c.name)
+    return out
 
 
 def _families(singles: list[Candidate]) -> list[list[Candidate]]:

@@ -2,7 +2,8 @@
 
 Every candidate runs ONNX Runtime fusion (never slower on the models measured here).
 Encoders: token pruning (EViT's CLS attention, after one block three quarters in, the last
-half or every quarter of the blocks, keep 0.9 … 0.5); ToMe merging (CLS-pooled models: a
+half or every quarter of the blocks, keep 0.9 … 0.5; DivPrune and Zero-TPrune on the same
+schedules, from the strongest keep EViT met the budget at); ToMe merging (CLS-pooled models: a
 quarter, a half and three quarters of the tokens merged over the blocks); Mixture-of-Depths
 routing (the training-free attention router, the late half's blocks at 0.75 and 0.5);
 block-sparse attention where the evaluation samples are long (8 attention blocks of 128
@@ -24,6 +25,9 @@ from dataclasses import dataclass
 from ..errors import TuneError
 
 KEEPS = (0.9, 0.8, 0.7, 0.6, 0.5)
+#: the other pruning methods, tried on an EViT schedule around the strongest keep it met the
+#: budget at (their speed is EViT's at equal keep; their fidelity may be higher: docs/results.md)
+OTHER_PRUNING = (("divprune", "DivPrune"), ("zero_tprune", "Zero-TPrune"))
 #: Mixture-of-Depths: the shares of the tokens a routed block runs on
 MOD_RATIOS = (0.75, 0.5)
 #: block-sparse attention: the tokens of a block, the fewest blocks worth it, and the shares of
@@ -48,6 +52,9 @@ class Candidate:
     family: str = ""
     #: a guarded quantization: tried only when this plain one missed the budget
     fallback_for: str = ""
+    #: another pruning method on the schedule of this EViT family: tried from the strongest
+    #: keep that family met the budget at
+    refines: str = ""
 
     @property
     def key(self) -> str:
@@ -86,12 +93,17 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
                                                    "calibration": calibration})
                for name, q in int8] if guard is not None and calibration else []
     reductions: list[tuple[str, str, dict]] = []
+    refinements: list[tuple[str, str, dict, str]] = []
     for label, layers in schedules(blocks).items():
-        family = f"EViT {label} {'+'.join(map(str, layers))}"
-        for keep in KEEPS:
-            reductions.append((f"{family} keep {keep}", family,
-                               {"token_pruning": {"method": "cls_attention", "layers": layers, "keep": keep,
-                                                  "protect": "cls", "fuse_pruned": True}}))
+        where = f"{label} {'+'.join(map(str, layers))}"
+        for method, title in (("cls_attention", "EViT"), *OTHER_PRUNING):
+            for keep in KEEPS:
+                recipe = {"token_pruning": {"method": method, "layers": layers, "keep": keep, "protect": "cls",
+                                            "fuse_pruned": True}}
+                if method == "cls_attention":
+                    reductions.append((f"EViT {where} keep {keep}", f"EViT {where}", recipe))
+                else:
+                    refinements.append((f"{title} {where} keep {keep}", f"{title} {where}", recipe, f"EViT {where}"))
     # Mixture-of-Depths with the training-free router: the late half's blocks run on a share
     # of the tokens, the others skip them (on MiniLM it lost to pruning at every FLOPs budget,
     # docs/results.md; the family costs one compile when its lightest setting misses)
@@ -114,8 +126,9 @@ def candidates(structure: dict, calibration: dict | None, sequence: int | None =
     out += [Candidate(name, {**FUSE, **q}, QUANTIZATION) for name, q in int8]
     out += [Candidate(name, {**FUSE, **q}, QUANTIZATION, fallback_for=plain) for name, plain, q in guarded]
     out += [Candidate(name, {**FUSE, **r}, REDUCTION, family) for name, family, r in reductions]
+    out += [Candidate(name, {**FUSE, **r}, REDUCTION, family, refines=base) for name, family, r, base in refinements]
     out += [Candidate(f"{name} + {qname}", {**FUSE, **r, **q}, COMBINED)
-            for name, _, r in reductions for qname, q in [*int8, *((n, q) for n, _, q in guarded)]]
+            for name, _, r, *_ in [*reductions, *refinements] for qname, q in [*int8, *((n, q) for n, _, q in guarded)]]
     return out
 
 
