@@ -210,8 +210,11 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 break
             if candidate.kind == REDUCTION:
                 feasible_reductions.append(candidate.name)
-    families = {c.family: [x for x in space if x.family == c.family and x.kind == REDUCTION] for c in space if c.family}
-    for family, group in families.items():  # other pruning methods, from the strongest keep EViT met
+    families: dict[str, list[Candidate]] = {}
+    for c in space:
+        if c.kind == REDUCTION:
+            families.setdefault(c.family, []).append(c)
+    for group in families.values():  # other pruning methods, from the strongest keep EViT met
         base = families.get(group[0].refines) if group[0].refines else None
         met = [i for i, c in enumerate(base or []) if state.get(c).meets]
         for candidate in group[met[-1]:] if met else []:
