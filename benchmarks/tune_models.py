@@ -100,8 +100,8 @@ def main() -> int:
 
     import trimrt
     from trimrt.bench import bench_build
+    from trimrt.tuning.evaluation import Evaluation
     from trimrt.tuning.report import value_text
-    from trimrt.tuning.search import Evaluation
 
     work = args.work or Path(tempfile.mkdtemp(prefix="trimrt-tune-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -181,7 +181,7 @@ def test_a_budget_too_small_to_measure_anything_says_so(tiny_vit_onnx, data, tmp
 
 def test_the_retrieval_metric_ranks_the_evaluation_samples_neighbours(tiny_vit_onnx, data, tmp_path):
     from trimrt.compare import retrieval_agreement
-    from trimrt.tuning.search import Evaluation
+    from trimrt.tuning.evaluation import Evaluation
 
     _, onnx_path = tiny_vit_onnx
     evaluation = Evaluation(onnx_path, data / "eval", 8, None, None, "retrieval")
@@ -311,7 +311,8 @@ def test_long_samples_get_block_sparse_candidates_that_compile_and_score(tmp_pat
     import torch
     import transformers
 
-    from trimrt.tuning.search import Evaluation, _screen, _structure
+    from trimrt.tuning.evaluation import Evaluation
+    from trimrt.tuning.search import _screen, _structure
 
     torch.manual_seed(0)
     config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
