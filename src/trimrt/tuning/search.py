@@ -180,7 +180,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
     say(f"{len(space)} candidate recipes; budget {budget_s:.0f} s; {budget_text(metric, threshold)}")
 
     by_name = {c.name: c for c in space}
-    singles = [c for c in space if c.kind != COMBINED and not c.fallback_for and not c.refines]
+    families = _families([c for c in space if c.kind != COMBINED and not c.fallback_for])
 
     def screen(candidate: Candidate) -> Measurement:
         m = state.get(candidate)
@@ -196,19 +196,14 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
         return m
 
     feasible_reductions = []
-    for group in _families(singles):  # along one family: stop at the first setting that misses the budget
-        for candidate in group:
+    for group in families.values():  # along one family: stop at the first setting that misses the budget
+        for candidate in group if not group[0].refines else []:
             if not screen(candidate).meets:
                 break
             if candidate.kind == REDUCTION:
                 feasible_reductions.append(candidate.name)
-    families: dict[str, list[Candidate]] = {}
-    for c in space:
-        if c.kind == REDUCTION:
-            families.setdefault(c.family, []).append(c)
     for group in families.values():  # other pruning methods, from the strongest keep EViT met
-        base = families.get(group[0].refines) if group[0].refines else None
-        met = [i for i, c in enumerate(base or []) if state.get(c).meets]
+        met = [i for i, c in enumerate(families[group[0].refines]) if state.get(c).meets] if group[0].refines else []
         for candidate in group[met[-1]:] if met else []:
             if not screen(candidate).meets:
                 break
@@ -340,13 +335,13 @@ def _worth_combining(quantization: list[Candidate], state: _State) -> list[str]:
     return out
 
 
-def _families(singles: list[Candidate]) -> list[list[Candidate]]:
+def _families(singles: list[Candidate]) -> dict[str, list[Candidate]]:
     """The single-method candidates in the order they are screened, grouped: a reduction
-    family together (lightest first), every other candidate alone."""
+    family together under its name (lightest first), every other candidate alone."""
     groups: dict[str, list[Candidate]] = {}
     for c in singles:
         groups.setdefault(c.family if c.kind == REDUCTION else c.key, []).append(c)
-    return list(groups.values())
+    return groups
 
 
 def _screen(m: Measurement, candidate: Candidate, work: Path, source: Path, evaluation: Evaluation,
