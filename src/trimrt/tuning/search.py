@@ -209,7 +209,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 break
             feasible_reductions.append(candidate.name)
     for c in space:  # a method that missed the budget, retried with the guard
-        if c.fallback_for and state.get(by_name[c.fallback_for]).status == "below budget":
+        if _fallback_needed(c, state, by_name) is True:
             screen(c)
     feasible_quantization = _worth_combining([c for c in space if c.kind == QUANTIZATION and state.get(c).meets],
                                              state)
@@ -220,7 +220,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
                 screen(combined)
     # the space's candidates (the state may hold other budgets' guards), less the guarded
     # fallbacks of methods that met the budget alone (never needed) and their combinations
-    unneeded = [c.name for c in space if c.fallback_for and state.get(by_name[c.fallback_for]).status != "below budget"]
+    unneeded = [c.name for c in space if _fallback_needed(c, state, by_name) is False]
     measurements = [state.get(c) for c in space
                     if not any(c.name == u or c.name.endswith(f" + {u}") for u in unneeded)]
     _speed_rungs(state, measurements, source, work, evaluation, batch, threads, clock)
@@ -299,10 +299,10 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     """(candidates still to screen, candidates expected to meet the budget), projecting the
     share of reductions that met it so far onto those not screened yet (for the estimate)."""
     by_kind: dict[str, list[Measurement]] = {}
+    by_name = {c.name: c for c in space}
     for c in space:
-        if c.fallback_for:  # tried only when its plain method misses: counted once that is known
-            if state.get(next(x for x in space if x.name == c.fallback_for)).status != "below budget":
-                continue
+        if _fallback_needed(c, state, by_name) is False:  # counted once its plain method missed
+            continue
         if c.refines and state.get(c).status == "pending":  # a few around EViT's best keep: not counted
             continue
         by_kind.setdefault(c.kind, []).append(state.get(c))
@@ -316,6 +316,14 @@ def _planned(space: list[Candidate], state: _State) -> tuple[int, int]:
     singles_left = sum(m.status == "pending" for kind, ms in by_kind.items() if kind != COMBINED for m in ms)
     feasible = sum(m.meets for ms in by_kind.values() for m in ms) + rate * (singles_left + combined_left)
     return round(singles_left + combined_left), round(feasible)
+
+
+def _fallback_needed(candidate: Candidate, state: _State, by_name: dict[str, Candidate]) -> bool | None:
+    """For a guarded fallback: whether its plain method missed the budget (True: try it);
+    None for every other candidate."""
+    if not candidate.fallback_for:
+        return None
+    return state.get(by_name[candidate.fallback_for]).status == "below budget"
 
 
 def _worth_combining(quantization: list[Candidate], state: _State) -> list[str]:
