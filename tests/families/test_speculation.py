@@ -59,6 +59,38 @@ def test_speculation_gives_the_tokens_of_greedy_decoding(family, speculation):
         assert len(prompt) + len(long.tokens) == 160
 
 
+def _same_as_batched_greedy(session, speculation, prompts, new=24, **options):
+    """A batch with speculation gives each row the tokens of the same batch decoded greedily."""
+    want = session.generator().generate(prompts, max_new_tokens=new, **options)
+    got = session.generator(speculation=speculation).generate(prompts, max_new_tokens=new, **options)
+    assert [r.tokens for r in got] == [r.tokens for r in want], speculation
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+    stats = got[0].stats
+    assert stats.batch == len(prompts) and stats.new_tokens == sum(len(r.tokens) for r in got)
+    assert stats.decode_steps + stats.accepted_draft_tokens == max(len(r.tokens) for r in got) - 1
+    return stats
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("speculation", ["prompt_lookup", "token_recycling"])
+def test_a_batch_of_prompts_gets_the_tokens_of_batched_greedy_decoding(family, speculation):
+    """Prompts of different lengths (left-padded): each row's drafts are verified in one step
+    for the batch; every row keeps as many as the row that accepted fewest, so the cache stays
+    one length (prompt lookup's chains of different lengths are padded)."""
+    path, _ = build(family)
+    session = trimrt.load(path)
+    prompts = _prompts(8, seed=5)
+    stats = _same_as_batched_greedy(session, speculation, prompts[:4])
+    _same_as_batched_greedy(session, speculation, prompts[4:])
+    assert stats.accepted_draft_tokens > 0 or speculation == "prompt_lookup"
+    # one prompt repeated fills every row with drafts that hit: the batch then accepts them
+    stats = _same_as_batched_greedy(session, speculation, [prompts[1]] * 3)
+    assert stats.accepted_draft_tokens > 0
+    # rows stopping at different steps: a stop token one row makes early
+    early = session.generator().generate(prompts[2], max_new_tokens=24).tokens[5]
+    _same_as_batched_greedy(session, speculation, prompts[:4], stop_token_ids=[early])
+
+
 def test_speculation_with_presents_fed_back_and_a_pruned_prompt(tmp_path):
     """A build whose layers after a FastV pruning cache fewer tokens (the cache keeps each layer's
     accepted rows after its own past) gives the tokens of its own greedy decoding (a routed
@@ -70,6 +102,7 @@ def test_speculation_with_presents_fed_back_and_a_pruned_prompt(tmp_path):
     prompts = [p + list(range(3, 3 + max(0, 14 - len(p)))) for p in _prompts(6, seed=1)]
     for speculation in ("prompt_lookup", "token_recycling"):
         _same_as_greedy(session, speculation, prompts)
+        _same_as_batched_greedy(session, speculation, [p[:14] for p in prompts[:3]])  # a pruned build: one length
 
 
 def test_stop_tokens_and_lengths_are_those_of_greedy_decoding():
@@ -104,8 +137,6 @@ def test_the_recycling_table_persists_and_reports_its_size(tmp_path):
 def test_what_speculation_refuses():
     path, _ = build("llama")
     gen = trimrt.load(path).generator(speculation="prompt_lookup")
-    with pytest.raises(InputError, match="speculative decoding runs one prompt at a time; got 2 prompts"):
-        gen.generate([[1, 2, 3], [1, 4, 5]], max_new_tokens=4)
     with pytest.raises(InputError, match="takes no sampling options and no repetition_penalty"):
         gen.generate([1, 2, 3], max_new_tokens=4, temperature=0.7)
     with pytest.raises(InputError, match=r"unknown speculation 'medusa'; choose one of \['prompt_lookup', "):

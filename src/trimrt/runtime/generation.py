@@ -39,7 +39,7 @@ from .kv_cache import (
     present_name,
 )
 from .manifest import EMBEDDING, TOKENIZER
-from .speculation import EMPTY, Drafter, DraftTree, make_drafter
+from .speculation import EMPTY, Drafter, DraftTree, make_drafter, one_shape
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,9 @@ class Generator:
         results = [GenerationResult([], "", stats=stats) for _ in ids]
         drafter = self.speculation
         if drafter is not None:
-            self._check_speculation(batch, search)
+            self._check_speculation(search)
         started = time.perf_counter()
-        step, tree = 0, EMPTY
+        step, trees = 0, [EMPTY] * batch  # each row's draft (one shape for all rows)
         feeds_ids = np.zeros((batch, 0), np.int64)  # a decode step's token ids: the last token (and drafts)
         while True:
             if spec.position_input:
@@ -245,38 +245,51 @@ class Generator:
                 cache.load(out, mask.shape[1])
             else:
                 out = self.session.run(feeds)
-            if len(tree.tokens):  # a verified draft: keep the accepted path, as greedy decoding would have made it
-                logits = out[LOGITS][0]
+            drafted = len(trees[0].tokens)
+            if drafted:  # verified drafts: keep the accepted paths, as greedy decoding would have made them
+                logits = out[LOGITS]
                 predicted = logits.argmax(-1)
-                path = tree.accepted_path(predicted)
-                rows = np.array([0] + [i + 1 for i in path])  # the root and the accepted drafts, as fed
-                new_tokens = [int(tree.tokens[i]) for i in path] + [int(predicted[rows[-1]])]
-                drafter.update(feeds_ids[0], logits)
-                stats.draft_tokens += len(tree.tokens)
+                live = [row for row, result in enumerate(results) if not result.finish_reason]
+                paths = [tree.accepted_path(row_predicted) for tree, row_predicted in zip(trees, predicted)]
+                # every row keeps as many drafts as the row that accepted fewest (a path's first
+                # nodes are a path too), so the cache stays one length for the batch
+                accepted = min(len(paths[row]) for row in live)
+                rows = np.array([[0] + [i + 1 for i in path[:accepted]] if len(path) >= accepted else
+                                 list(range(accepted + 1)) for path in paths])  # (finished rows: any)
+                new_tokens = [[int(tree.tokens[i]) for i in path[:accepted]] + [int(row_predicted[rows_r[-1]])]
+                              for tree, path, row_predicted, rows_r in zip(trees, paths, predicted, rows)]
+                for row in live:
+                    drafter.update(feeds_ids[row], logits[row])
+                stats.draft_tokens += drafted
                 if cache:
                     cache.keep(held, rows)
                 else:
-                    out = _keep_rows(out, spec, len(feeds_ids[0]), rows)
-                mask = mask[:, :mask.shape[1] - len(tree.tokens) + len(path)]
-                positions = positions[:, :1] + len(path)
+                    out = _keep_rows(out, spec, feeds_ids.shape[1], rows)
+                mask = mask[:, :mask.shape[1] - drafted + accepted]
+                positions = positions[:, :1] + accepted
             else:
                 chosen = self._choose(out[LOGITS][:, -1, :], history, search, rng)
-                new_tokens = chosen.tolist()
+                new_tokens = [[token] for token in chosen.tolist()]
                 if drafter is not None:  # what the model predicts after each token fed (a prompt: all of them)
-                    fed = feeds_ids[0] if step else _prompt_rows(history[0], out[LOGITS].shape[1])
-                    drafter.update(fed, out[LOGITS][0, -len(fed):] if len(fed) else out[LOGITS][0, :0])
-            if drafter is not None:  # batch 1: its tokens in order, until it stops
-                result, before = results[0], len(results[0].tokens)
-                for token in new_tokens:  # the text decoded once a step, unless a stop string may cut it
-                    if result.finish_reason:
-                        break
-                    self._append(result, history[0], token, stop_ids, search, last=len(result.tokens) + 1 >= max_new,
-                                 decode=bool(search.stop_strings))
-                if self.tokenizer is not None and not search.stop_strings:
-                    result.text = self.tokenizer.decode(result.tokens)
+                    for row, result in enumerate(results):
+                        fed = feeds_ids[row] if step else _prompt_rows(history[row], out[LOGITS].shape[1], longest)
+                        if len(fed) and not result.finish_reason:
+                            drafter.update(fed, out[LOGITS][row, -len(fed):])
+            if drafter is not None:  # each row's tokens in order, until it stops
+                added = 0
+                for row, result in enumerate(results):
+                    before = len(result.tokens)
+                    for token in new_tokens[row]:  # the text decoded once a step, unless a stop string may cut it
+                        if result.finish_reason:
+                            break
+                        self._append(result, history[row], token, stop_ids, search,
+                                     last=len(result.tokens) + 1 >= max_new, decode=bool(search.stop_strings))
+                    if self.tokenizer is not None and not search.stop_strings and len(result.tokens) > before:
+                        result.text = self.tokenizer.decode(result.tokens)
+                    added = max(added, len(result.tokens) - before)
                 if step:  # one token a step is plain decoding; the rest came from accepted drafts
-                    stats.accepted_draft_tokens += len(result.tokens) - before - 1
-                chosen = np.array([result.tokens[-1]])
+                    stats.accepted_draft_tokens += max(added - 1, 0)
+                chosen = np.array([pad if result.finish_reason else result.tokens[-1] for result in results])
             else:
                 for row, result in enumerate(results):
                     if not result.finish_reason:
@@ -296,32 +309,39 @@ class Generator:
             if all(r.finish_reason for r in results):
                 return
             step += 1
-            tree = drafter.draft(history[0]) if drafter is not None else EMPTY
-            if spec.sliding_window is not None or spec.prunes_prompt or self._bias_dtype is None:
-                # a chain needs no bias (the causal mask is its mask): windows count cache slots (a
-                # chain's slots are its positions), the layers after a prompt pruning attend with a
-                # causal mask of their own, and a graph may lack the input
-                tree = tree.spine()
-            if len(tree.tokens):  # no drafts past the last token wanted, or past the position table
-                room = max_new - len(results[0].tokens)
-                tree = _trimmed(tree, room - 1, None if spec.max_positions is None else
-                                spec.max_positions - 2 - int(positions[0, -1]))
+            trees = self._drafts(history, results, positions, max_new, pad) if drafter is not None else [EMPTY] * batch
             feeds_ids = chosen[:, None].astype(np.int64)  # the last token, then the drafts below it
-            if len(tree.tokens):
-                feeds_ids = np.concatenate([feeds_ids, tree.tokens[None]], axis=1)
+            if len(trees[0].tokens):
+                feeds_ids = np.concatenate([feeds_ids, np.stack([tree.tokens for tree in trees])], axis=1)
             q = feeds_ids.shape[1]
-            positions = positions[:, -1:] + 1 + np.concatenate([[0], tree.depths])[None]
+            positions = positions[:, -1:] + 1 + np.concatenate([[0], trees[0].depths])[None]
             mask = np.concatenate([mask, np.ones((batch, q), np.int64)], axis=1)
             feeds = {spec.token_input: self.embedding(feeds_ids) if self.embedding else feeds_ids, ATTENTION_MASK: mask}
-            if not tree.is_chain:
-                feeds[ATTENTION_BIAS] = tree.bias(mask.shape[1], self._bias_dtype)
+            if not trees[0].is_chain:
+                feeds[ATTENTION_BIAS] = trees[0].bias(mask.shape[1], self._bias_dtype)
             if cache is None:
                 feeds.update({past_name(i, k): out[present_name(i, k)] for i in range(spec.layers) for k in KINDS})
 
-    def _check_speculation(self, batch: int, search: SearchOptions) -> None:
-        if batch != 1:
-            raise InputError(f"speculative decoding runs one prompt at a time; got {batch} prompts: generate them one "
-                             "by one, or use a generator without speculation for batches")
+    def _drafts(self, history: list[list[int]], results: list[GenerationResult], positions: np.ndarray, max_new: int,
+                pad: int) -> list[DraftTree]:
+        """The next step's drafts, a tree a row in one shape (`one_shape`), cut to what the build
+        can verify and to the tokens still wanted."""
+        spec = self.spec
+        trees = [self.speculation.draft(context) for context in history]
+        if spec.sliding_window is not None or spec.prunes_prompt or self._bias_dtype is None:
+            # a chain needs no bias (the causal mask is its mask): windows count cache slots (a
+            # chain's slots are its positions), the layers after a prompt pruning attend with a
+            # causal mask of their own, and a graph may lack the input
+            trees = [tree.spine() for tree in trees]
+        trees = one_shape(trees, pad)
+        if not len(trees[0].tokens):
+            return trees
+        # no drafts past the last token wanted (the rows still going have made as many), or the position table
+        room = max_new - max(len(result.tokens) for result in results if not result.finish_reason)
+        left = None if spec.max_positions is None else spec.max_positions - 2 - int(positions[:, -1].max())
+        return [_trimmed(tree, room - 1, left) for tree in trees]
+
+    def _check_speculation(self, search: SearchOptions) -> None:
         if search.sampling or search.repetition_penalty != 1.0:
             raise InputError("speculative decoding here reproduces greedy decoding exactly, so it takes no sampling "
                              "options and no repetition_penalty; drop them, or use a generator without speculation")
@@ -491,21 +511,23 @@ def load_tokenizer(tokenizer) -> _Tokenizer:
 
 def _keep_rows(out: dict, spec: DecoderSpec, fed: int, rows: np.ndarray) -> dict:
     """The step's outputs with each present cut to its past and the fed `rows` kept (an
-    accepted draft path, moved next to the past)."""
+    accepted draft path a sequence, [batch, n], moved next to the past)."""
     out = dict(out)
     for i in range(spec.layers):
         for kind in KINDS:
             present = out[present_name(i, kind)]
             past = present.shape[2] - fed
-            out[present_name(i, kind)] = np.concatenate([present[:, :, :past], present[:, :, past + rows]], axis=2)
+            kept = np.stack([seq[:, past + seq_rows] for seq, seq_rows in zip(present, rows)])
+            out[present_name(i, kind)] = np.concatenate([present[:, :, :past], kept], axis=2)
     return out
 
 
-def _prompt_rows(prompt: list[int], rows: int) -> np.ndarray:
-    """The prompt ids the prefill's `rows` logits belong to: all of them when there is one row a
-    token, else the last (a pruned prompt's logits), none for a prompt given as embeddings."""
+def _prompt_rows(prompt: list[int], rows: int, longest: int) -> np.ndarray:
+    """The prompt ids the last of the prefill's `rows` logits belong to (a prompt left-padded to
+    `longest`): all of them when there is one row a token, else the last (a pruned prompt's
+    logits), none for a prompt given as embeddings."""
     ids = np.asarray(prompt, np.int64)
-    return ids if len(ids) == rows else ids[-1:]
+    return ids if rows == longest else ids[-1:]
 
 
 def _trimmed(tree: DraftTree, depth: int | None, positions: int | None) -> DraftTree:

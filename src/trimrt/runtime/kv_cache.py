@@ -217,16 +217,22 @@ class KVCache:
 
     def keep(self, start: int, rows: np.ndarray) -> None:
         """After a step that added tokens at mask position `start` on, hold only the added `rows`
-        (an accepted draft path, in order), moved into the slots right after the past."""
+        (an accepted draft path, in order; [n], or [batch, n]: a path a sequence), moved into
+        the slots right after the past."""
         rows = np.asarray(rows)
-        misplaced = np.flatnonzero(rows != np.arange(len(rows)))
-        moved = int(misplaced[0]) if len(misplaced) else len(rows)
+        misplaced = np.flatnonzero((rows != np.arange(rows.shape[-1])).reshape(-1, rows.shape[-1]).any(axis=0))
+        moved = int(misplaced[0]) if len(misplaced) else rows.shape[-1]
+        count = rows.shape[-1]
         self.length = start
-        if moved < len(rows):  # the rows before `moved` are in their slots already
+        if moved < count:  # the rows before `moved` are in their slots already
             for name, array in self._arrays.items():
                 base = self.held(_layer_of(name))
-                array[:, :, base + moved:base + len(rows)] = array[:, :, base + rows[moved:]]  # copied out first
-        self.length = start + len(rows)
+                if rows.ndim == 1:
+                    array[:, :, base + moved:base + count] = array[:, :, base + rows[moved:]]  # copied out first
+                else:
+                    for seq, seq_rows in enumerate(rows):
+                        array[seq, :, base + moved:base + count] = array[seq][:, base + seq_rows[moved:]]
+        self.length = start + count
 
     def load(self, presents: Mapping[str, np.ndarray], length: int) -> None:
         """Hold the presents a step returned ({present name: [B, kv_heads, held, head_dim]}),

@@ -134,7 +134,7 @@ class Session:
         """A Generator over this decoder build (BuildLoadError if the build has no KV cache);
         `tokenizer`: a tokenizer object, a tokenizer.json file or a folder holding one;
         `speculation`: "prompt_lookup", "token_recycling" (or a speculation.Drafter): drafts
-        verified in one step each, the same tokens as greedy decoding (batch 1, greedy only)."""
+        verified in one step each, the same tokens as greedy decoding (greedy only)."""
         from .generation import Generator
 
         self._check_open()

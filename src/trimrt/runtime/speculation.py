@@ -111,6 +111,20 @@ def _tree_block(parents: bytes, dtype: np.dtype) -> np.ndarray:
 EMPTY = DraftTree(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
+def one_shape(trees: list[DraftTree], filler: int) -> list[DraftTree]:
+    """The trees of a batch's rows in one shape, to verify in one step with one mask: as they
+    are when they share it (a template), else each one's spine padded to the longest with
+    `filler` tokens (a padded draft is kept only where it equals the model's own greedy
+    choice, so padding never changes the output)."""
+    if all(np.array_equal(tree.parents, trees[0].parents) for tree in trees[1:]):
+        return trees
+    chains = [tree.spine() for tree in trees]
+    width = max(len(chain.tokens) for chain in chains)
+    parents = np.arange(-1, width - 1, dtype=np.int64)
+    return [DraftTree(np.concatenate([chain.tokens, np.full(width - len(chain.tokens), filler, np.int64)]), parents)
+            for chain in chains]
+
+
 class Drafter:
     """Proposes a DraftTree from the context; told what the model computed on it."""
 
