@@ -17,7 +17,7 @@ positions, so only the last two apply. Mixture-of-Depths routes the same span wi
 training-free attention router (p-MoD's schedule, and ratios of FastV 50%'s FLOPs); the
 prefill FLOPs ratio of the token-reducing rows compares them at equal cost.
 
-    python benchmarks/decoder_quality.py [--steps 600] [--out builds/bench_quality]
+    python benchmarks/decoder_quality.py [--size small|base] [--steps N] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -59,7 +59,18 @@ def corpus() -> tuple[str, str]:
     return "\n".join(train), "\n".join(held)
 
 
-def train_model(out: Path, steps: int, threads: int) -> Path:
+#: model sizes: "small" (5 M parameters, 20 MB: a decode step stays in the CPU's cache, so it is
+#: compute-bound) and "base" (28 M, 111 MB: weight-bound at decode, as the decoders users deploy
+#: are; trained with bf16 autocast, ~1 s a step on 2 AVX512-BF16 cores)
+GEOMETRIES = {
+    "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, lr=3e-3, text=6_000_000, bf16=False),
+    "base": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, lr=1.5e-3, text=16_000_000, bf16=True),
+}
+
+
+def train_model(out: Path, steps: int, threads: int, size: str = "small") -> Path:
     """Train tokenizer and model once; returns the checkpoint folder (config, weights, tokenizer)."""
     ckpt = out / "ckpt"
     if (ckpt / "config.json").is_file():
@@ -73,23 +84,27 @@ def train_model(out: Path, steps: int, threads: int) -> Path:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(train_text.split("\n\n"), trainers.BpeTrainer(
         vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    ids = np.array(tok.encode(train_text[:6_000_000]).ids, np.int64)
+    geometry = dict(GEOMETRIES[size])
+    lr, text, bf16 = geometry.pop("lr"), geometry.pop("text"), geometry.pop("bf16")
+    ids = np.array(tok.encode(train_text[:text]).ids, np.int64)
     print(f"corpus: {len(train_text) / 1e6:.1f} MB of train text, {len(ids) / 1e6:.2f} M tokens used", flush=True)
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    config = tf.LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, eos_token_id=0,
+    config = tf.LlamaConfig(**geometry, vocab_size=VOCAB, max_position_embeddings=512, eos_token_id=0,
                             bos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
     model = tf.LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    print(f"training {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {steps} steps",
+          flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     for step in range(steps):
         starts = rng.integers(0, len(ids) - WINDOW - 1, 16)
         batch = torch.from_numpy(np.stack([ids[s:s + WINDOW] for s in starts]))
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 master weights
+            loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -102,6 +117,23 @@ def train_model(out: Path, steps: int, threads: int) -> Path:
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                              "eos_token": "<eos>", "pad_token": "<eos>"}))
     return ckpt
+
+
+def add_model_arguments(ap: argparse.ArgumentParser, size: str = "small") -> None:
+    """The options that choose, and if needed train, the model (shared with decoder_speculation.py)."""
+    ap.add_argument("--size", choices=sorted(GEOMETRIES), default=size, help=f"model size (default {size}; "
+                    "see GEOMETRIES)")
+    ap.add_argument("--steps", type=int, help="training steps of 16 × 128 tokens (default: 600 small, 1800 base)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="work folder (default: builds/bench_quality, builds/bench_quality_base)")
+
+
+def trained(args: argparse.Namespace) -> Path:
+    """The checkpoint of the model `add_model_arguments` chose, trained the first time."""
+    args.out = args.out or Path("builds/bench_quality" + ("" if args.size == "small" else f"_{args.size}"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or {"small": 600, "base": 1800}[args.size]
+    return train_model(args.out, steps, args.threads, args.size)
 
 
 def held_out_windows(ckpt: Path, count: int, length: int = WINDOW) -> list[list[int]]:
@@ -151,12 +183,9 @@ def perplexity(session, windows: list[list[int]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600, help="training steps (16 × 128 tokens each)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("builds/bench_quality"))
+    add_model_arguments(ap)
     args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = train_model(args.out, args.steps, args.threads)
+    ckpt = trained(args)
 
     train_text, _ = corpus()
     calib = args.out / "calibration.txt"  # train-side lines only: calibration never sees held-out files

@@ -1,28 +1,30 @@
 """Speculative decoding on CPU: prompt lookup and Token Recycling against plain greedy decoding.
 
-The model is the small LLaMA-architecture language model that benchmarks/decoder_quality.py
-trains on the Python standard library's own source (reused when already trained), the only
-decoder here whose drafts can be right for a reason. Prompts of two kinds, 96 tokens each:
-code (held-out files of the standard library) and prose (NumPy's docstrings, which the
-model never saw: English with some code); 64 new tokens each, greedy; every engine
-generates the same tokens in fp32 (counted: INT4's MatMulNBits quantizes activations per
-row with a kernel that differs between one and several rows, so near-ties can break the
-other way; the last column counts them), so the rows differ in speed only. Per prompt, the engines take turns (plain decoding first,
-then each speculation); the table of Token Recycling persists from prompt to prompt (hot
-start), as it would in an application. Decode speed is tokens after the first per second;
-tokens per step counts what each verification forward added. Rows: fp32 and INT4 builds,
-Token Recycling with draft trees of several sizes (the `tree_template` shape), and prompt
-lookup (Hugging Face's `prompt_lookup_num_tokens = 10`, n-grams of 3 down to 1).
+The model is a LLaMA-architecture language model that benchmarks/decoder_quality.py trains
+on the Python standard library's own source (reused when already trained): the decoders
+here whose drafts can be right for a reason. `--size base` (the default: 8 layers, width
+512, 28 M parameters, 111 MB of fp32 weights, which do not fit the CPU's caches, so a decode
+step is weight-bound as in the decoders users deploy; about 30 min of training on 2 cores
+the first time) or `--size small` (4 layers, width 256: its weights sit in the cache, a
+step costs well under a millisecond and is mostly fixed cost, so wide trees lose; with it
+the script also times one decode step of the 153 M-parameter LLaMA of
+benchmarks/decoder_generation.py, random weights, at each tree size, and prints the speedup
+those step costs would give: a projection, labelled so).
 
-That model is small (4 layers, width 256): a decode step costs well under a millisecond,
-so the fixed cost of each step dominates and a verification of many tokens costs many
-times one. Decoders users deploy are weight-bound at decode: a step of a few tokens costs
-about what one does. So the script also times one decode step of the 153 M-parameter
-LLaMA of benchmarks/decoder_generation.py (random weights, fp32 and INT4, a past of 160
-tokens, in place) at each tree size, and prints the decode speedup those step costs give
-with the tokens per step measured above: a projection from two measurements, labelled so.
+Prompts of two kinds, 96 tokens each: code (held-out files of the standard library) and
+prose (NumPy's docstrings, which the model never saw: English with some code); 64 new
+tokens each, greedy; every engine generates the same tokens in fp32 (counted: INT4's
+MatMulNBits quantizes activations per row with a kernel that differs between one and
+several rows, so near-ties can break the other way; the last column counts them), so the
+rows differ in speed only. Per prompt, the engines take turns (plain decoding first, then
+each speculation); the table of Token Recycling persists from prompt to prompt (hot start),
+as it would in an application. Decode speed is tokens after the first per second (per
+sequence); tokens per step counts what each verification forward added. Rows: fp32 and
+INT4 builds, Token Recycling with draft trees of several sizes (the `tree_template` shape),
+prompt lookup (Hugging Face's `prompt_lookup_num_tokens = 10`, n-grams of 3 down to 1), and
+the same for batches of `--batch` prompts against plain batched decoding.
 
-    python benchmarks/decoder_speculation.py [--prompts 24] [--new 64] [--trees 8 16 24 40 80]
+    python benchmarks/decoder_speculation.py [--size base|small] [--prompts 24] [--new 64] [--trees 2 4 8 16]
 """
 
 from __future__ import annotations
@@ -45,15 +47,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=600, help="training steps, when the model is not trained yet")
+    ap.add_argument("--batch", type=int, default=4, help="also time batches of this many prompts (1: none)")
     ap.add_argument("--trees", type=int, nargs="+", default=[8, 16, 24, 40, 80], help="Token Recycling tree sizes")
-    ap.add_argument("--out", type=Path, default=Path("builds/bench_quality"))
-    args = ap.parse_args()
     import decoder_quality as quality
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt = quality.train_model(args.out, args.steps, args.threads)
+    quality.add_model_arguments(ap, size="base")
+    args = ap.parse_args()
+    ckpt = quality.trained(args)
     from tokenizers import Tokenizer
 
     from examples.models import corpus
@@ -80,33 +80,40 @@ def main() -> None:
                                                                                                      tree_size=size))
         for gen in engines.values():  # warm-up (and the first row of each table)
             gen.generate(warm, max_new_tokens=args.new)
-        for kind, prompts in kinds.items():
+        batched = {f"{kind}, batch {args.batch}": [prompts[i:i + args.batch] for i in range(0, len(prompts) -
+                                                                                         args.batch + 1, args.batch)]
+                   for kind, prompts in kinds.items()} if args.batch > 1 else {}
+        for kind, units in {**kinds, **batched}.items():  # a unit: one prompt, or a batch of them
             rates = {name: [] for name in engines}
             per_step = {name: [] for name in engines}
             same = {name: 0 for name in engines}
-            for prompt in prompts:
+            for unit in units:
                 want = None
                 for name, gen in engines.items():
-                    out = gen.generate(prompt, max_new_tokens=args.new)
-                    want = want or out.tokens
-                    same[name] += out.tokens == want
-                    rates[name].append(out.stats.decode_tokens_per_s)
-                    per_step[name].append(out.stats.tokens_per_step)
+                    out = gen.generate(unit, max_new_tokens=args.new)
+                    tokens = [r.tokens for r in out] if isinstance(out, list) else out.tokens
+                    want = want or tokens
+                    same[name] += tokens == want
+                    stats = out[0].stats if isinstance(out, list) else out.stats
+                    rates[name].append(stats.decode_tokens_per_s)
+                    per_step[name].append(stats.tokens_per_step)
             for name in engines:
                 ratios = [a / b for a, b in zip(rates[name], rates["plain"])]
                 table.append((label, kind, name, statistics.median(rates[name]), statistics.mean(per_step[name]),
-                              statistics.median(ratios), min(ratios), max(ratios), f"{same[name]}/{len(prompts)}"))
+                              statistics.median(ratios), min(ratios), max(ratios), f"{same[name]}/{len(units)}"))
                 print(f"{label} {kind} {name}: {table[-1][3]:.1f} tokens/s, {table[-1][4]:.2f} tokens/step, "
                       f"{table[-1][5]:.2f}× plain", flush=True)
         recycled = engines[f"token recycling, tree {args.trees[0]}"].speculation
         print(f"token recycling table: {recycled.table.shape[0]} × {recycled.k} int32 = {recycled.nbytes / 2**10:.0f} KiB")
-    costs = step_costs(args)
+    costs = step_costs(args) if args.size == "small" else {}
     print("\n| build | prompts | decoding | decode tokens/s (median) | tokens per step (mean) | "
           "× plain, per prompt (median, range) | prompts with the tokens of plain decoding |")
     print("|---|---|---|---|---|---|---|")
     for label, kind, name, rate, steps, ratio, low, high, same in table:
         print(f"| {label} | {kind} | {name} | {rate:.1f} | {steps:.2f} | **{ratio:.2f}×** ({low:.2f}–{high:.2f}) | "
               f"{same} |")
+    if not costs:
+        return
     print("\n| 153 M LLaMA build | fed tokens (root + tree) | decode step, ms (median) | × one token | projected "
           "decode speedup, code / prose (tokens per step of the trained model's build ÷ step cost) |")
     print("|---|---|---|---|---|")

@@ -258,8 +258,7 @@ class Generator:
                                  list(range(accepted + 1)) for path in paths])  # (finished rows: any)
                 new_tokens = [[int(tree.tokens[i]) for i in path[:accepted]] + [int(row_predicted[rows_r[-1]])]
                               for tree, path, row_predicted, rows_r in zip(trees, paths, predicted, rows)]
-                for row in live:
-                    drafter.update(feeds_ids[row], logits[row])
+                drafter.update(feeds_ids[live].reshape(-1), logits[live].reshape(-1, logits.shape[-1]))  # one call
                 stats.draft_tokens += drafted
                 if cache:
                     cache.keep(held, rows)

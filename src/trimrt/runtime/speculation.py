@@ -134,7 +134,8 @@ class Drafter:
         raise NotImplementedError
 
     def update(self, tokens: np.ndarray, logits: np.ndarray) -> None:
-        """`tokens` [1 + n]: the root and the tree's nodes as fed; `logits` [1 + n, vocab] at them."""
+        """`tokens` [m]: the tokens a step fed (the root and the tree's nodes, of each row of a batch in
+        turn); `logits` [m, vocab] at them."""
 
 
 class PromptLookup(Drafter):
