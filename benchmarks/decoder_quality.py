@@ -60,13 +60,16 @@ def corpus() -> tuple[str, str]:
 
 
 #: model sizes: "small" (5 M parameters, 20 MB: a decode step stays in the CPU's cache, so it is
-#: compute-bound) and "base" (28 M, 111 MB: weight-bound at decode, as the decoders users deploy
-#: are; trained with bf16 autocast, ~1 s a step on 2 AVX512-BF16 cores)
+#: compute-bound; ~4 min of training on 2 cores), "base" (28 M, 111 MB) and "large" (57 M, 226 MB),
+#: more and more weight-bound at decode, as the decoders users deploy are (bf16 autocast: ~0.8 and
+#: ~1.8 s a training step on 2 AVX512-BF16 cores, ~25 and ~45 min in all)
 GEOMETRIES = {
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, lr=3e-3, text=6_000_000, bf16=False),
     "base": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                  num_key_value_heads=4, lr=1.5e-3, text=16_000_000, bf16=True),
+    "large": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
+                  num_key_value_heads=4, lr=1e-3, text=16_000_000, bf16=True),
 }
 
 
@@ -123,7 +126,8 @@ def add_model_arguments(ap: argparse.ArgumentParser, size: str = "small") -> Non
     """The options that choose, and if needed train, the model (shared with decoder_speculation.py)."""
     ap.add_argument("--size", choices=sorted(GEOMETRIES), default=size, help=f"model size (default {size}; "
                     "see GEOMETRIES)")
-    ap.add_argument("--steps", type=int, help="training steps of 16 × 128 tokens (default: 600 small, 1800 base)")
+    ap.add_argument("--steps", type=int, help="training steps of 16 × 128 tokens (default: 600 small, 1800 base, "
+                    "1500 large)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="work folder (default: builds/bench_quality, builds/bench_quality_base)")
 
@@ -132,7 +136,7 @@ def trained(args: argparse.Namespace) -> Path:
     """The checkpoint of the model `add_model_arguments` chose, trained the first time."""
     args.out = args.out or Path("builds/bench_quality" + ("" if args.size == "small" else f"_{args.size}"))
     args.out.mkdir(parents=True, exist_ok=True)
-    steps = args.steps or {"small": 600, "base": 1800}[args.size]
+    steps = args.steps or {"small": 600, "base": 1800, "large": 1500}[args.size]
     return train_model(args.out, steps, args.threads, args.size)
 
 

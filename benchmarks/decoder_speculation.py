@@ -47,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--builds", nargs="+", choices=["fp32", "int4"], default=["fp32", "int4"])
     ap.add_argument("--batch", type=int, default=4, help="also time batches of this many prompts (1: none)")
     ap.add_argument("--trees", type=int, nargs="+", default=[8, 16, 24, 40, 80], help="Token Recycling tree sizes")
     import decoder_quality as quality
@@ -63,7 +64,8 @@ def main() -> None:
     prose = [ids[:96] for ids in (tokenizer.encode(t).ids for t in corpus.other_source_texts(4 * args.prompts))
              if len(ids) >= 96][:args.prompts]
     warm, kinds = code[0], {"code": code[1:], "prose": prose}
-    builds = {"fp32": None, "int4": {"quantization": {"weights": "int4", "group_size": 32}}}
+    builds = {label: recipe for label, recipe in {"fp32": None, "int4": {"quantization": {"weights": "int4",
+              "group_size": 32}}}.items() if label in args.builds}
     print(f"{len(code) - 1} code and {len(prose)} prose prompts of 96 tokens, {args.new} new tokens, "
           f"{args.threads} threads", flush=True)
     table = []

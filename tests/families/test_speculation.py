@@ -76,7 +76,7 @@ def _same_as_batched_greedy(session, speculation, prompts, new=24, **options):
 def test_a_batch_of_prompts_gets_the_tokens_of_batched_greedy_decoding(family, speculation):
     """Prompts of different lengths (left-padded): each row's drafts are verified in one step
     for the batch; every row keeps as many as the row that accepted fewest, so the cache stays
-    one length (prompt lookup's chains of different lengths are padded)."""
+    one length (prompt lookup's chains of different lengths are cut to the shortest)."""
     path, _ = build(family)
     session = trimrt.load(path)
     prompts = _prompts(8, seed=5)

@@ -332,7 +332,7 @@ class Generator:
             # chain's slots are its positions), the layers after a prompt pruning attend with a
             # causal mask of their own, and a graph may lack the input
             trees = [tree.spine() for tree in trees]
-        trees = one_shape(trees, pad)
+        trees = one_shape(trees, [row for row, result in enumerate(results) if not result.finish_reason], pad)
         if not len(trees[0].tokens):
             return trees
         # no drafts past the last token wanted (the rows still going have made as many), or the position table

@@ -111,18 +111,18 @@ def _tree_block(parents: bytes, dtype: np.dtype) -> np.ndarray:
 EMPTY = DraftTree(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def one_shape(trees: list[DraftTree], filler: int) -> list[DraftTree]:
+def one_shape(trees: list[DraftTree], live: list[int], filler: int) -> list[DraftTree]:
     """The trees of a batch's rows in one shape, to verify in one step with one mask: as they
-    are when they share it (a template), else each one's spine padded to the longest with
-    `filler` tokens (a padded draft is kept only where it equals the model's own greedy
-    choice, so padding never changes the output)."""
+    are when they share it (a template), else each one's spine cut to the shortest of the `live`
+    rows' (a batch keeps no more drafts than its row that accepted fewest, so longer chains
+    would only cost) and the other rows' padded with `filler` tokens."""
     if all(np.array_equal(tree.parents, trees[0].parents) for tree in trees[1:]):
         return trees
     chains = [tree.spine() for tree in trees]
-    width = max(len(chain.tokens) for chain in chains)
+    width = min(len(chains[row].tokens) for row in live)
     parents = np.arange(-1, width - 1, dtype=np.int64)
-    return [DraftTree(np.concatenate([chain.tokens, np.full(width - len(chain.tokens), filler, np.int64)]), parents)
-            for chain in chains]
+    return [DraftTree(np.concatenate([chain.tokens[:width], np.full(max(width - len(chain.tokens), 0), filler,
+                                                                     np.int64)]), parents) for chain in chains]
 
 
 class Drafter:
