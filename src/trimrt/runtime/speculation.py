@@ -205,9 +205,10 @@ class TokenRecycling(Drafter):
     after `token` (int32, zeros at first, kept across prompts: "hot start"). A draft fills the
     static `template` level by level (one gather per depth); every fed token's row is then
     replaced by the top-k of the logits at its position, accepted or not. `tree_size` 4 by
-    default: on a 2-core CPU a step's cost grows quickly with the tokens fed, and 4 was the
-    fastest of 2 to 80 (benchmarks/decoder_speculation.py); GPUs verify far wider trees at
-    the cost of one token (the paper's template has 80 nodes)."""
+    default: on a 2-core CPU a step's cost grows with the tokens fed, and 4 was the fastest
+    or within noise of it from 2 to 80 on the decoders benchmarks/decoder_speculation.py
+    trains (5 M, 28 M and 57 M parameters); GPUs verify far wider trees at the cost of one
+    token (the paper's template has 80 nodes)."""
 
     name = "token_recycling"
 
