@@ -14,6 +14,7 @@ import pytest
 
 import trimrt
 from trimrt.quantization.numerics import quantize_int8_per_channel as quantize_weight
+from trimrt.runtime.backends import exact_u8s8
 
 
 def test_weights_are_rounded_per_output_channel():
@@ -69,7 +70,14 @@ def test_vit_int8_build(tmp_path, tiny_vit_onnx, images):
     assert report["weight_bytes_after"] < report["weight_bytes_before"] / 3.5
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": images})[0]
     pruned = trimrt.compile(str(path), {"token_pruning": {"layers": [1], "keep": 0.5}}, tmp_path / "p")
-    got = trimrt.load(tmp_path / "b").run({"pixel_values": images})["logits"]
+    session = trimrt.load(tmp_path / "b")
+    got = session.run({"pixel_values": images})["logits"]
+    # on a VNNI CPU the session runs the 17 weights as int8 (ORT's U8S8 kernels: the same products)
+    assert session.backend.signed_int8_weights == (17 if exact_u8s8() else 0)
+    stored = trimrt.load(tmp_path / "b")
+    stored.backend.signed_int8 = False
+    stored.backend.activate()
+    np.testing.assert_array_equal(stored.run({"pixel_values": images})["logits"], got)
     fp32 = trimrt.load(tmp_path / "p").run({"pixel_values": images})["logits"]
     cos = np.sum(got * fp32, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
     assert cos.min() > 0.999  # INT8 on top of the same pruning

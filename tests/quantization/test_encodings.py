@@ -8,6 +8,8 @@ from collections import Counter
 
 import ml_dtypes
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -140,6 +142,51 @@ def test_int8_dynamic_is_exact_where_u8s8_kernels_saturate():
     want = ((xq - x_zp) @ q.astype(np.float64)) * (x_scale * scale)
     (got,) = _run(model, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_int8_dynamic_weights_run_as_int8_where_that_is_exact(tmp_path):
+    """The runtime stores nothing new: on a VNNI CPU it runs the uint8 codes (zero point 128) as
+    int8 codes (zero point 0), the same integer products through ONNX Runtime's faster U8S8
+    kernels; a weight something else also reads stays as it is."""
+    from trimrt.runtime.backends import exact_u8s8, signed_int8_model
+
+    rng = np.random.default_rng(2)
+    qs = [rng.choice(np.array([-127, 127], np.int8), size=(64, 32)), rng.integers(-127, 128, (64, 16)).astype(np.int8)]
+    scale = np.full(32, 0.01, np.float32)
+
+    def build(graph, x):
+        outs, nodes = [], []
+        for i, q in enumerate(qs):
+            b = _builder(graph, f"q{i}")
+            outs.append(encodings.int8_dynamic(b, x, q, scale[:q.shape[1]]))
+            nodes += b.nodes
+        return nodes, outs
+
+    model, _ = _model("int8_dynamic", build, k=64)
+    proto = ir.serde.serialize_model(model)
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, path)
+    converted, count = signed_int8_model(path)
+    assert count == 2 and onnx.load(path) == proto  # the file is left as it is
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load_from_string(converted).graph.initializer}
+    for i, q in enumerate(qs):
+        np.testing.assert_array_equal(weights[f"q{i}_w"], q)
+        assert weights[f"q{i}_w_zp"].dtype == np.int8 and weights[f"q{i}_w_zp"] == 0
+    if exact_u8s8():  # the saturating case of the test above: equal to the stored form, bit for bit
+        x = np.abs(rng.standard_normal((2, 16, 64))).astype(np.float32)
+        x[..., ::2] += 40.0
+        runs = [ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+                for m in (proto.SerializeToString(), converted)]
+        for a, b in zip(*runs):
+            np.testing.assert_array_equal(a, b)
+    # q0's weight also read by another node: only q1 converts
+    proto.graph.node.append(onnx.helper.make_node("Identity", ["q0_w"], ["w_copy"]))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("w_copy", onnx.TensorProto.UINT8, [64, 32]))
+    onnx.save(proto, path)
+    converted, count = signed_int8_model(path)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load_from_string(converted).graph.initializer}
+    assert count == 1 and weights["q0_w"].dtype == np.uint8 and weights["q1_w"].dtype == np.int8
+    ort.InferenceSession(converted, providers=["CPUExecutionProvider"])  # still a valid model
 
 
 def test_matmul_nbits_packs_two_codes_per_byte_low_nibble_first():

@@ -43,15 +43,100 @@ class Backend(abc.ABC):
         pass
 
 
+def exact_u8s8() -> bool:
+    """Whether ONNX Runtime's u8 × s8 integer kernels are exact on this CPU: an x86 CPU with
+    VNNI (AVX512-VNNI or AVX-VNNI: vpdpbusd adds the products in int32). Without VNNI they add
+    pairs of products in saturating int16 (vpmaddubsw); other CPUs are not assumed either way."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+#: a model larger than this is run as stored: serializing it again would pass protobuf's 2 GB limit
+_SIGNED_INT8_MAX_BYTES = 1_500_000_000
+
+
+def signed_int8_model(path: str | Path) -> tuple[bytes, int] | None:
+    """The model at `path` with its MatMulInteger weights stored as uint8 codes with zero point
+    128 (quantization/encodings.int8_dynamic: ONNX Runtime's U8U8 kernels, exact on every x86
+    CPU) stored as int8 codes with zero point 0: the same integer products, but ONNX Runtime
+    then runs its U8S8 kernels, ~1.3× faster on VNNI CPUs (use where `exact_u8s8`). Returns
+    (serialized model, weights converted), or None when there is nothing to convert or the model
+    is too large to serialize again. The build's file is left as it is."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    external = {entry.value for init in model.graph.initializer for entry in init.external_data
+                if entry.key == "location"}
+    if path.stat().st_size + sum((path.parent / name).stat().st_size for name in external) > _SIGNED_INT8_MAX_BYTES:
+        return None
+    inits = {init.name: init for init in model.graph.initializer}
+    uses: dict[str, list[tuple[object, int]]] = {}
+    for node in _nodes_within(model.graph):  # If / Loop branches read the graph's initializers too
+        for slot, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, slot))
+
+    def candidate(node) -> bool:
+        w, zp = (node.input[1], node.input[3]) if len(node.input) == 4 else ("", "")
+        return (node.op_type == "MatMulInteger" and w in inits and zp in inits
+                and inits[w].data_type == inits[zp].data_type == onnx.TensorProto.UINT8)
+
+    nodes = [node for node in model.graph.node if candidate(node)]
+    if not nodes:
+        return None
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    nodes = [node for node in nodes if np.all(numpy_helper.to_array(inits[node.input[3]]) == 128)]
+    # a weight or zero point changes type only if every node reading it converts, in the same slot
+    while True:
+        chosen = {id(node) for node in nodes}
+        kept = [node for node in nodes if all(id(user) in chosen and slot == want for want in (1, 3)
+                                              for user, slot in uses[node.input[want]])]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    for name in {node.input[1] for node in nodes}:
+        codes = numpy_helper.to_array(inits[name]).astype(np.int16) - 128
+        inits[name].CopyFrom(numpy_helper.from_array(codes.astype(np.int8), name))
+    for name in {node.input[3] for node in nodes}:
+        inits[name].CopyFrom(numpy_helper.from_array(np.zeros(numpy_helper.to_array(inits[name]).shape, np.int8),
+                                                     name))
+    converted = len(nodes)
+    return (model.SerializeToString(), converted) if converted else None
+
+
+def _nodes_within(graph):
+    """Every node of `graph` and of the subgraphs its nodes hold (If / Loop / Scan bodies)."""
+    from onnx import AttributeProto
+
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            bodies = [attribute.g] if attribute.type == AttributeProto.GRAPH else \
+                list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []
+            for body in bodies:
+                yield from _nodes_within(body)
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     in_place = True
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
                  optimization: str = "all", providers: list[str] | None = None, spinning: bool = True,
-                 disabled_optimizers: Sequence[str] = (), memory_arena: bool = True, shapes_first: bool = False):
+                 disabled_optimizers: Sequence[str] = (), memory_arena: bool = True, shapes_first: bool = False,
+                 signed_int8: bool = False):
         # a path, or the serialized model itself
         self.model = model if isinstance(model, bytes) else str(model)
+        # run uint8 MatMulInteger weights (zero point 128) as int8 where that is exact and faster
+        # (signed_int8_model); the count converted, once active
+        self.signed_int8 = signed_int8
+        self.signed_int8_weights = 0
         self.threads = threads
         self.optimization = optimization
         self.providers = providers or ["CPUExecutionProvider"]
@@ -82,7 +167,12 @@ class OnnxRuntimeBackend(Backend):
         if self.shapes_first:
             opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         opts.log_severity_level = 3  # errors reach the caller as exceptions; warnings (an input with a default) are noise
-        self._session = ort.InferenceSession(self.model, opts, providers=self.providers,
+        model = self.model
+        if self.signed_int8 and isinstance(model, str) and exact_u8s8():
+            converted = signed_int8_model(model)
+            if converted is not None:
+                model, self.signed_int8_weights = converted
+        self._session = ort.InferenceSession(model, opts, providers=self.providers,
                                              disabled_optimizers=self.disabled_optimizers or None)
         # a failing run is raised to the caller (as a typed error by Session); ORT's own log line
         # of it on stderr would only repeat it

@@ -185,7 +185,10 @@ def onnxruntime_settings(manifest: dict) -> dict:
     """Keyword arguments for OnnxRuntimeBackend that a build asks for (e.g. graph
     optimizers to skip, recorded by the [onnxruntime] fuse pass)."""
     settings = manifest.get("onnxruntime") or {}
-    return {"disabled_optimizers": list(settings.get("disabled_optimizers", []))}
+    quantization = (manifest.get("recipe") or {}).get("quantization") or {}
+    # INT8 weights are stored for ORT's U8U8 kernels; the backend runs them as int8 where that is exact
+    return {"disabled_optimizers": list(settings.get("disabled_optimizers", [])),
+            "signed_int8": quantization.get("weights", "int8") == "int8" if quantization else False}
 
 
 def openvino_settings(manifest: dict, build_dir: Path) -> dict:
