@@ -188,7 +188,7 @@ def onnxruntime_settings(manifest: dict) -> dict:
     quantization = (manifest.get("recipe") or {}).get("quantization") or {}
     # INT8 weights are stored for ORT's U8U8 kernels; the backend runs them as int8 where that is exact
     return {"disabled_optimizers": list(settings.get("disabled_optimizers", [])),
-            "signed_int8": quantization.get("weights", "int8") == "int8" if quantization else False}
+            "signed_int8": bool(quantization) and quantization.get("weights", "int8") == "int8"}
 
 
 def openvino_settings(manifest: dict, build_dir: Path) -> dict:
