@@ -217,18 +217,19 @@ class KVCache:
 
     def keep(self, start: int, rows: np.ndarray) -> None:
         """After a step that added tokens at mask position `start` on, hold only the added `rows`
-        (an accepted draft path, in order; [n], or [batch, n]: a path a sequence), moved into
-        the slots right after the past."""
+        [batch, n] (each sequence's accepted draft path, in order), moved into the slots right
+        after the past."""
         rows = np.asarray(rows)
-        misplaced = np.flatnonzero((rows != np.arange(rows.shape[-1])).reshape(-1, rows.shape[-1]).any(axis=0))
-        moved = int(misplaced[0]) if len(misplaced) else rows.shape[-1]
-        count = rows.shape[-1]
+        count = rows.shape[1]
+        misplaced = np.flatnonzero((rows != np.arange(count)).any(axis=0))
+        moved = int(misplaced[0]) if len(misplaced) else count
+        one_path = bool((rows == rows[:1]).all())  # batch 1, or every sequence kept the same slots
         self.length = start
         if moved < count:  # the rows before `moved` are in their slots already
             for name, array in self._arrays.items():
                 base = self.held(_layer_of(name))
-                if rows.ndim == 1:
-                    array[:, :, base + moved:base + count] = array[:, :, base + rows[moved:]]  # copied out first
+                if one_path:
+                    array[:, :, base + moved:base + count] = array[:, :, base + rows[0, moved:]]  # copied out first
                 else:
                     for seq, seq_rows in enumerate(rows):
                         array[seq, :, base + moved:base + count] = array[seq][:, base + seq_rows[moved:]]
