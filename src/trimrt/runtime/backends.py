@@ -390,18 +390,10 @@ def _spell_out_default_attributes(proto) -> None:
     onnx's inliner leaves a Constant that refers to such an attribute with no value, which
     OpenVINO refuses."""
     defaults = {(f.domain, f.name): f.attribute_proto for f in proto.functions}
-
-    def visit(graph):
-        for node in graph.node:
-            given = {a.name for a in node.attribute}
-            for default in defaults.get((node.domain, node.op_type), ()):
-                if default.name not in given:
-                    node.attribute.append(default)
-            for attr in node.attribute:
-                for sub in [attr.g, *attr.graphs] if attr.type in (5, 10) else ():  # GRAPH, GRAPHS
-                    visit(sub)
-
-    visit(proto.graph)
+    for node in _nodes_within(proto.graph):
+        given = {a.name for a in node.attribute}
+        node.attribute.extend(default for default in defaults.get((node.domain, node.op_type), ())
+                              if default.name not in given)
 
 
 def _ov_info(port, names: set[str], defaults: Mapping[str, np.ndarray] = {}) -> TensorInfo:  # noqa: B006 - read only
