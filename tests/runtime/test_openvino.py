@@ -122,6 +122,16 @@ def test_the_openvino_target(vit, tmp_path):
     from trimrt.inspect import quantization_line, quantization_summary
 
     assert quantization_line(quantization_summary(quant)).endswith("; q·kᵀ in int8 in 4 attention products")
+    # the int8 grid sits before the head split's layout ops in the scoring blocks too, whose
+    # pruning score reads the same q and k on the side (else OpenVINO leaves that attention unfused)
+    import onnx_ir as ir
+
+    from trimrt.passes.quantization import product_sources
+
+    built = ir.load(tmp_path / "b" / "model.onnx")
+    found = product_sources(built.graph)
+    assert [value.producer().op_type for value, *_ in found] == ["DequantizeLinear"] * 8
+    assert [reader.op_type for _, reader, *_ in found[1::2]] == ["Transpose"] * 4  # each k: before its transpose
     session = trimrt.load(tmp_path / "b")
     assert session.backend.name == "openvino"
     feeds = {"pixel_values": example.numpy()}
@@ -239,3 +249,39 @@ def test_a_decoder_generates_on_openvino(tmp_path, weights):
         for _ in range(2):  # the second time with the table the first filled
             assert fast.generate(prompt, max_new_tokens=16).tokens == want
 
+
+
+def test_a_selection_needs_no_stable_sort_on_openvino():
+    """TokenPrune's "top k, then their positions ascending" TopK pair runs on OpenVINO without
+    its (slow) stable sort: the same tokens, ties to the lower index, as the reference; a
+    TopK pair that sorts fewer than it selected is another computation and stays as it is."""
+    import onnx
+
+    from tests.plugins.op_testing import decomposition_model
+    from trimrt.plugins import token_prune
+    from trimrt.runtime.backends import OpenVINOBackend, openvino_model
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 12, 3)).astype(np.float32)
+    score = (rng.integers(0, 3, (2, 12)) / 3).astype(np.float32)  # many ties
+    attrs = dict(keep=5, protect=1)
+    model = decomposition_model("TokenPrune", [x, score], symbolic=True, **attrs)
+    topks = [op for op in openvino_model(model.SerializeToString()).get_ops() if op.get_type_name() == "TopK"]
+    assert not any(op.get_attributes()["stable"] for op in topks)
+    for keep in (attrs["keep"], 11):  # ties across the k-th score; the whole span
+        attrs["keep"] = keep
+        backend = OpenVINOBackend(decomposition_model("TokenPrune", [x, score], symbolic=True, **attrs)
+                                  .SerializeToString(), threads=1)
+        backend.activate()
+        got = backend.infer({"x": x, "score": score})
+        y, kept, _ = token_prune.reference(x, score, span_end=0, keep_ratio=1.0, **attrs)
+        np.testing.assert_array_equal(got["kept_index"], kept)
+        np.testing.assert_array_equal(got["y"], y)
+    # a second TopK keeping fewer than the first selected is a different selection: left alone
+    graph = model.functions[0]
+    sort = next(n for n in graph.node if n.op_type == "TopK" and n.input[0] != "score" and "Slice" not in n.input[0])
+    smaller = onnx.helper.make_node("Constant", [], ["k_smaller"], value_ints=[2])
+    graph.node.insert(list(graph.node).index(sort), smaller)
+    sort.input[1] = "k_smaller"
+    topks = [op for op in openvino_model(model.SerializeToString()).get_ops() if op.get_type_name() == "TopK"]
+    assert [(op.get_attributes()["sort"], op.get_attributes()["stable"]) for op in topks] == [("value", True)] * 2

@@ -25,7 +25,7 @@ from ..compiler.analysis import constant_array, is_constant, score_products
 from ..compiler.onnx_runner import OnnxRunner
 from ..compiler.progress import steps
 from ..errors import BuildError, RecipeError
-from ..plugins import runnable_proto
+from ..plugins import DOMAIN, runnable_proto
 from ..quantization.encodings import SharedQuantized, constant, encoding_for, fake_quantized
 from ..quantization.guard import choose_float_layers
 from ..quantization.holdout import Split, split_samples
@@ -283,13 +283,18 @@ _LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identi
 def product_sources(graph: ir.Graph) -> list[tuple[ir.Value, ir.Node, int, ir.Node]]:
     """(value, reader, input index, product) to put on the int8 grid for each input of each attention
     q·kᵀ MatMul: the input followed back through the layout ops that only it reads (the head
-    split's Reshape / Transpose), so those move int8 data, as OpenVINO's INT8 attention expects."""
+    split's Reshape / Transpose), so those move int8 data, as OpenVINO's INT8 attention expects.
+    A trimrt op reading the same q or k on the side (a pruning score: AttentionRowScore) does
+    not stop the walk: it reads the int8-grid values too, and the attention stays one INT8
+    kernel on OpenVINO (with the score's reader in between, its Transposes ran in bf16 and
+    the layer's attention unfused)."""
     sources = []
     for node in score_products(graph):
         for j, value in enumerate(node.inputs):
             reader, index = node, j
             while (value.producer() is not None and value.producer().op_type in _LAYOUT_OPS
-                   and value.producer().domain in ("", "ai.onnx") and len(value.uses()) == 1
+                   and value.producer().domain in ("", "ai.onnx")
+                   and all(user is reader or user.domain == DOMAIN for user, _ in value.uses())
                    and not value.is_graph_output()):
                 reader, index = value.producer(), 0
                 value = reader.inputs[0]
