@@ -93,7 +93,9 @@ def bench_build(build_dir: str | Path, baseline: str | Path | None = None, *, ba
     if baseline is None and not manifest.get("reference"):
         raise InputError(f"{build_dir} holds no reference model: pass --baseline ORIGINAL.onnx")
     baseline = build_dir / manifest["reference"] if baseline is None else baseline
-    options = {"threads": threads} if backend == "openvino" else {"threads": threads, "spinning": False}
+    # on OpenVINO the baseline is compiled for the build's static shapes too, if it has them
+    options = ({"threads": threads, "shapes": build.shapes} if backend == "openvino"
+               else {"threads": threads, "spinning": False})
     base = load_reference_onnx(baseline, build.inputs, "baseline", engine=backend, **options)
     if inputs:
         feeds = validate_feeds(build.inputs, load_feed_files(inputs))

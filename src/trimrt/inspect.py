@@ -68,8 +68,10 @@ def openvino_line(entry: dict) -> str:
     measured = f" (cosine {entry['precision_cosine']:.6f} to f32 at compile)" if "precision_cosine" in entry else ""
     threads = entry.get("threads") or "OpenVINO's"
     ir = "IR stored" if entry.get("ir") else "converted from model.onnx at load"
+    shapes = entry.get("shapes")
+    fixed = (", static shapes " + ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items())) if shapes else ""
     return (f"OpenVINO: inference precision {precision}{measured}, {entry.get('performance_hint', 'latency')} hint, "
-            f"{threads} threads, {ir}")
+            f"{threads} threads, {ir}{fixed}")
 
 
 def decoder_summary(decoder: dict | None, pruning: dict | None = None, routing: dict | None = None) -> dict | None:

@@ -543,6 +543,15 @@ class OpenVINOOptions(_Table):
     threads: int = integer(0, 0, 4096, "inference threads (0: OpenVINO's choice); load(threads=...) overrides it")
     save_ir: bool = flag(False, "store the converted model as OpenVINO IR in the build (openvino_model.xml / .bin), "
                                 "so loading skips the ONNX conversion (the weights are stored twice)")
+    shapes: dict | None = _key(None, "input name -> the shape OpenVINO compiles for, e.g. { input_ids = [1, 256], "
+                               "attention_mask = [1, 256] }: static shapes run faster (shape arithmetic folded, "
+                               "kernels for the sizes); other shapes are then refused; load(shapes=...) overrides",
+                               (lambda v: isinstance(v, Mapping) and v and all(
+                                   isinstance(k, str) and isinstance(d, (list, tuple)) and d
+                                   and all(_is_int(i) and i >= 1 for i in d) for k, d in v.items()),
+                                "{key} must map input names to shapes of positive integers, e.g. "
+                                "{{ input_ids = [1, 256] }}, got {value!r}"),
+                               convert=lambda v: {k: [int(i) for i in d] for k, d in v.items()})
 
     def _hidden(self) -> set[str]:
         return {"min_cosine"} if self.inference_precision == "f32" else set()

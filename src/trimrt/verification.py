@@ -106,7 +106,8 @@ def load_reference_onnx(path: str | Path, inputs, what: str, engine: str = "onnx
     if not path.is_file():
         raise ModelLoadError(f"{what} model not found: {path}")
     if engine == "openvino":
-        backend: Backend = OpenVINOBackend(path, threads=backend_options.get("threads"))
+        backend: Backend = OpenVINOBackend(path, threads=backend_options.get("threads"),
+                                           shapes=backend_options.get("shapes"))
     else:
         backend = OnnxRuntimeBackend(path, **backend_options)
     try:

@@ -285,3 +285,68 @@ def test_a_selection_needs_no_stable_sort_on_openvino():
     sort.input[1] = "k_smaller"
     topks = [op for op in openvino_model(model.SerializeToString()).get_ops() if op.get_type_name() == "TopK"]
     assert [(op.get_attributes()["sort"], op.get_attributes()["stable"]) for op in topks] == [("value", True)] * 2
+
+
+def test_static_shapes_on_openvino(vit, tmp_path):
+    """[openvino] shapes compiles for static input shapes: recorded, shown by inspect, what a
+    Session validates feeds against (another shape is one line), the same outputs as ONNX
+    Runtime; load(shapes={}) runs the model's own dynamic shapes; a name the model lacks or
+    a shape it cannot take is refused at compile time, and shapes= on ONNX Runtime at load."""
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+    from trimrt.errors import BackendUnavailableError, InputError, RecipeError
+    from trimrt.recipe import load_recipe
+
+    model, example = vit
+    recipe = {**RECIPES["cls_attention"], "openvino": {"shapes": {"pixel_values": [1, 3, 32, 32]}}}
+    manifest = trimrt.compile(model, recipe, tmp_path / "b", example_inputs=(example,), target="openvino")
+    assert manifest["openvino"]["shapes"] == {"pixel_values": [1, 3, 32, 32]}
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert "static shapes pixel_values [1, 3, 32, 32]" in shown.output
+    session = trimrt.load(tmp_path / "b")
+    assert session.inputs[0].shape == (1, 3, 32, 32)
+    one = {"pixel_values": example.numpy()[:1]}
+    want = trimrt.load(tmp_path / "b", backend="onnxruntime").run(one)["logits"]
+    np.testing.assert_allclose(session.run(one)["logits"], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError) as err:
+        session.run({"pixel_values": example.numpy()})
+    assert "pixel_values" in str(err.value) and "\n" not in str(err.value)
+    two = trimrt.load(tmp_path / "b", shapes={}).run({"pixel_values": example.numpy()})["logits"]
+    assert two.shape[0] == 2
+    with pytest.raises(BackendUnavailableError, match="shapes= fixes the input shapes OpenVINO compiles for; this "
+                       "session runs on ONNX Runtime"):
+        trimrt.load(tmp_path / "b", backend="onnxruntime", shapes={"pixel_values": [1, 3, 32, 32]})
+    for shapes, message in [({"pixels": [1, 3, 32, 32]}, r"\[openvino\] shapes names 'pixels', which is not an input"),
+                            ({"pixel_values": [1, 32, 32]}, r"gives pixel_values the shape \[1, 32, 32\], which its "
+                                                           r"shape .* does not allow")]:
+        with pytest.raises(RecipeError, match=message):
+            trimrt.compile(model, {**RECIPES["cls_attention"], "openvino": {"shapes": shapes}}, tmp_path / "c",
+                           example_inputs=(example,), target="openvino")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(RecipeError, match=r"shapes must map input names to shapes of positive integers, e\.g\. "
+                       r"\{ input_ids = \[1, 256\] \}, got \{'x': \[0, 2\]\}"):
+        load_recipe({"openvino": {"shapes": {"x": [0, 2]}}})
+
+
+def test_an_openvino_crash_on_static_shapes_is_one_line(vit, tmp_path, monkeypatch):
+    """The compile for [openvino] shapes runs in a child process: a crash of OpenVINO there
+    (it has died of SIGFPE folding a static graph) is a one-line BuildError, and no build."""
+    import subprocess
+
+    from trimrt.errors import BuildError
+
+    model, example = vit
+    real = subprocess.run
+
+    def crashing(args, **kwargs):
+        if "OpenVINOBackend" in " ".join(map(str, args)):
+            return subprocess.CompletedProcess(args, -8, "", "")
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", crashing)
+    recipe = {**RECIPES["cls_attention"], "openvino": {"shapes": {"pixel_values": [1, 3, 32, 32]}}}
+    with pytest.raises(BuildError, match=r"^OpenVINO cannot compile this build for \[openvino\] shapes "
+                       r"\{'pixel_values': \[1, 3, 32, 32\]\} \(signal 8\); leave shapes out") as err:
+        trimrt.compile(model, recipe, tmp_path / "b", example_inputs=(example,), target="openvino")
+    assert "\n" not in str(err.value) and not (tmp_path / "b").exists()

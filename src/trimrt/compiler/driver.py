@@ -376,6 +376,9 @@ def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: d
     entry = {"inference_precision": options.inference_precision, "performance_hint": options.performance_hint,
              "threads": options.threads, "ir": OPENVINO_IR if options.save_ir else None,
              "max_abs_to_onnxruntime": max((float(np.abs(got[n] - want[n]).max()) for n in floats), default=0.0)}
+    if options.shapes:
+        _check_openvino_shapes(built, options.shapes)
+        entry["shapes"] = options.shapes
     if options.inference_precision != "f32":
         reduced = _run_openvino(built, feeds, options.inference_precision)
         cosine = min((float(sample_cosines(reduced[n], got[n]).min()) for n in floats), default=1.0)
@@ -385,6 +388,36 @@ def _check_openvino(built: onnx.ModelProto, feeds: dict, want: dict, original: d
                              f"{options.min_cosine}; use inference_precision = \"f32\" or lower min_cosine")
         entry["precision_cosine"] = round(cosine, 6)
     return entry
+
+
+def _check_openvino_shapes(built: onnx.ModelProto, shapes: dict) -> None:
+    """[openvino] shapes must name inputs of the build and fit its graph, and OpenVINO must
+    compile it for them (what loading does). The compile runs in a child process: OpenVINO
+    has crashed the whole process (SIGFPE) folding a static graph, which must be a one-line
+    refusal here, not a crash of the user's app at load."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..runtime.backends import fix_shapes, openvino_model
+
+    try:
+        fix_shapes(openvino_model(built.SerializeToString()), shapes)
+    except BackendUnavailableError as exc:
+        raise RecipeError(str(exc)) from None
+    child = ("import json, sys; from trimrt.runtime.backends import OpenVINOBackend; "
+             "OpenVINOBackend(sys.argv[1], threads=1, shapes=json.loads(sys.argv[2])).activate()")
+    with tempfile.TemporaryDirectory(prefix="trimrt_openvino_") as folder:
+        path = Path(folder) / MODEL
+        path.write_bytes(built.SerializeToString())
+        done = subprocess.run([sys.executable, "-c", child, str(path), json.dumps(shapes)], capture_output=True,
+                              text=True)
+    if done.returncode != 0:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        why = f"signal {-done.returncode}" if done.returncode < 0 else (lines[-1][:200] if lines else "no message")
+        raise BuildError(f"OpenVINO cannot compile this build for [openvino] shapes {shapes} ({why}); leave shapes "
+                         "out to run it with dynamic shapes")
 
 
 def _save_openvino_ir(built: onnx.ModelProto, folder: Path) -> None:

@@ -11,7 +11,7 @@ works on the span [protect, end) of its N tokens, end = span_end, or N when span
 `tensorrt.plugin`, or anything with its `cdiv`, `max` and `min`: shape expressions have
 +, -, * and // but no reflected operators, so they are kept on the left), in exact
 integer arithmetic: keep_ratio = a / q exactly (a float is a dyadic rational).
-`span_graph` / `prefix_suffix` build the same rule as ONNX nodes for a decomposition,
+`span_graph` / `around_span` build the same rule as ONNX nodes for a decomposition,
 reading the attributes at run time (float64 there: it agrees with the exact form, see
 tests/plugins/test_kernels.py).
 """
@@ -170,15 +170,20 @@ def span_graph(b, tokens, counted: bool = True, axis: int = 1) -> SimpleNamespac
     return s
 
 
-def prefix_suffix(b, tokens, s: SimpleNamespace):
-    """The always-kept positions outside the span, broadcast over the batch of `tokens`:
-    prefix = 0..protect-1 and suffix = end..N-1, int64 [B, ·]."""
-    # Expand to [B, 1] broadcasts a [n] range to [B, n]: no length computed (a computed N - end
-    # has no lower bound of 0 for OpenVINO's shape inference, which then refuses the Expand)
-    rows = b.Concat(b.Shape(tokens, start=0, end=1), b.const([1]), axis=0)
-    prefix = b.Expand(b.Range(s.zero_s, s.protect_s, s.one_s), rows)
-    suffix = b.Expand(b.Range(s.end_s, s.n_s, s.one_s), rows)
-    return prefix, suffix
+def around_span(b, s: SimpleNamespace, middle):
+    """The positions a selection keeps, int64 [B, protect + m + N - end]: the prefix
+    0..protect-1, then `middle` [B, m] (the span positions it picked), then the suffix
+    end..N-1: `middle` padded with zeros to that length, plus the prefix / suffix positions
+    (a Range of that length, zero over the middle). Never a Concat of a possibly empty
+    prefix / suffix Range: OpenVINO 2026.4 crashes (SIGFPE) folding the Broadcast of an empty
+    Range when the shapes are static."""
+    after_s = b.Add(s.protect_s, b.Squeeze(b.Shape(middle, start=1, end=2)))  # where the suffix starts
+    suffix_len = b.Sub(s.n1, s.end)
+    padded = b.Pad(middle, b.Concat(s.ax0, s.protect, s.ax0, suffix_len, axis=0))  # zeros around it
+    i = b.Range(s.zero_s, b.Add(after_s, b.Squeeze(suffix_len)), s.one_s)
+    outside = b.Where(b.Less(i, s.protect_s), i,
+                      b.Where(b.Less(i, after_s), s.zero_s, b.Add(s.end_s, b.Sub(i, after_s))))
+    return b.Add(padded, outside)
 
 
 def drop_mask(b, kept, s_p):

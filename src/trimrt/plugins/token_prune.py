@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import OpDef, TensorSpec
-from .span import Span, drop_mask, prefix_suffix, selection_attributes, span_graph
+from .span import Span, around_span, drop_mask, selection_attributes, span_graph
 
 NAME = "TokenPrune"
 
@@ -75,9 +75,8 @@ def decompose(b, x, score):
     s = span_graph(b, score)
     # rank the span's tokens; keep the top k, then restore their order
     s_p, kept, chosen = top_k_in_order(b, score, s)
-    # protected prefix 0..protect-1 and suffix end..N-1, broadcast over the batch
-    prefix, suffix = prefix_suffix(b, score, s)
-    kept_index = b.Concat(prefix, chosen, suffix, axis=1)
+    # with the protected prefix 0..protect-1 and suffix end..N-1
+    kept_index = around_span(b, s, chosen)
     y = b.GatherND(x, b.Unsqueeze(kept_index, b.const([-1])), batch_dims=1)
     # fusion weights: the scores of the dropped span tokens, zero elsewhere
     w_row = b.Unsqueeze(b.CastLike(b.Mul(s_p, drop_mask(b, kept, s_p)), x), b.const([1]))  # [B, 1, span]

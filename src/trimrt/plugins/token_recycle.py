@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import AttrSpec, OpDef, TensorSpec
-from .span import Span, drop_mask, prefix_suffix, selection_attributes, span_graph
+from .span import Span, around_span, drop_mask, selection_attributes, span_graph
 from .token_prune import select, top_k_in_order
 
 NAME = "TokenRecycle"
@@ -143,8 +143,7 @@ def decompose(b, x, score, position):
     best_or_first = b.Where(b.Greater(m_count, b.Sub(one_x, one_x)), best_member, s.zero_s)
     cell_index = b.Add(b.Where(has_dropped, best_dropped, best_or_first), s.protect_s)
     # outputs: prefix, kept span tokens, cell tokens, suffix
-    prefix, suffix = prefix_suffix(b, score, s)
-    kept_index = b.Concat(prefix, chosen, cell_index, suffix, axis=1)
+    kept_index = around_span(b, s, b.Concat(chosen, cell_index, axis=1))
     x_kept = b.GatherND(x, b.Unsqueeze(chosen, axm1), batch_dims=1)
     x_prefix = b.Slice(x, b.const([0]), s.protect, ax1)
     x_suffix = b.Slice(x, s.end, b.const([np.iinfo(np.int64).max]), ax1)

@@ -252,9 +252,11 @@ class OpenVINOBackend(Backend):
     HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None, precision: str = "f32",
-                 hint: str = "latency"):
+                 hint: str = "latency", shapes: Mapping[str, Sequence[int]] | None = None):
         self.model = model if isinstance(model, bytes) else str(model)
         self.threads, self.precision, self.hint = threads, precision, hint
+        #: input name -> the static shape to compile for (None or empty: the model's own, dynamic)
+        self.shapes = {name: list(dims) for name, dims in (shapes or {}).items()}
         self._compiled = None
         self._defaults: dict[str, np.ndarray] = {}  # inputs OpenVINO would freeze: fed when not given
         self._local = threading.local()
@@ -285,6 +287,8 @@ class OpenVINOBackend(Backend):
         # compiling may give a port more names (of values merged into it): the model's own are the ONNX names
         names = {name for port in [*model.inputs, *model.outputs] for name in port.get_names()}
         self._defaults = _input_defaults(model)
+        if self.shapes:
+            fix_shapes(model, self.shapes)
         self._compiled = core.compile_model(model, "CPU", config)
         self.inputs = [_ov_info(port, names, self._defaults) for port in self._compiled.inputs]
         self.outputs = [_ov_info(port, names) for port in self._compiled.outputs]
@@ -307,6 +311,28 @@ class OpenVINOBackend(Backend):
 
     def deactivate(self) -> None:
         self._compiled = None
+
+
+def fix_shapes(model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Give the inputs of an OpenVINO model the static `shapes` (name -> dims), in place;
+    BackendUnavailableError, one line, for a name the model lacks, a rank or a fixed size it
+    contradicts, or shapes its graph cannot take (OpenVINO's reason)."""
+    import openvino as ov
+
+    ports = {name: port for port in model.inputs for name in port.get_names()}
+    for name, dims in shapes.items():
+        if name not in ports:
+            raise BackendUnavailableError(f"[openvino] shapes names {name!r}, which is not an input of the model "
+                                          f"(its inputs: {sorted(p.get_any_name() for p in model.inputs)})")
+        own = ports[name].get_partial_shape()
+        if not own.compatible(ov.PartialShape(list(dims))):
+            raise BackendUnavailableError(f"[openvino] shapes gives {name} the shape {list(dims)}, which its shape "
+                                          f"{own} does not allow")
+    try:
+        model.reshape({ports[name]: ov.PartialShape(list(dims)) for name, dims in shapes.items()})
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BackendUnavailableError(f"[openvino] shapes {dict(shapes)} do not fit the model: {first[:200]}") from None
 
 
 def missing_precision(core, precision: str) -> str | None:

@@ -197,4 +197,5 @@ def openvino_settings(manifest: dict, build_dir: Path) -> dict:
     settings = manifest.get("openvino") or {}
     model = build_dir / (OPENVINO_IR if settings.get("ir") else MODEL)
     return {"model": model, "precision": settings.get("inference_precision", "f32"),
-            "hint": settings.get("performance_hint", "latency"), "threads": settings.get("threads") or None}
+            "hint": settings.get("performance_hint", "latency"), "threads": settings.get("threads") or None,
+            "shapes": settings.get("shapes")}

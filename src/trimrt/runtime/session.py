@@ -29,7 +29,7 @@ class Session:
     close(), to release the backend."""
 
     def __init__(self, build_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
-                 check_hashes: bool = True, spinning: bool = True):
+                 check_hashes: bool = True, spinning: bool = True, shapes: Mapping[str, list[int]] | None = None):
         self.build_dir = Path(build_dir)
         self._closed = True  # until the backend is up
         self.manifest = read_manifest(self.build_dir, check_hashes=check_hashes)
@@ -45,12 +45,16 @@ class Session:
                                         and OpenVINOBackend.available()):
             settings = openvino_settings(self.manifest, self.build_dir)
             settings["threads"] = threads or settings["threads"]
+            settings["shapes"] = settings["shapes"] if shapes is None else shapes
             self.backend = OpenVINOBackend(**settings)
             file = settings["model"].name
         else:
             self.backend = OnnxRuntimeBackend(self.build_dir / MODEL, threads=threads, spinning=spinning,
                                               **onnxruntime_settings(self.manifest))
             file = MODEL
+        if shapes and self.backend.name != "openvino":
+            raise BackendUnavailableError(f"shapes= fixes the input shapes OpenVINO compiles for; this session runs "
+                                          f"on {_engine_name(self.backend)} (load with backend='openvino')")
         try:
             self.backend.activate()
         except TrimrtError:
@@ -207,11 +211,14 @@ class Session:
         return f"Session({str(self.build_dir)!r}, backend={self.backend.name}, inputs=[{ins}])"
 
 
-def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = None, spinning: bool = True) -> Session:
+def load(build_dir: str | Path, backend: str = "auto", *, threads: int | None = None, spinning: bool = True,
+         shapes: Mapping[str, list[int]] | None = None) -> Session:
     """Load a build directory (checks the manifest's format version and file hashes).
     `spinning=False` turns off ONNX Runtime's busy-waiting threads (when several sessions
-    share few cores, e.g. when timing two models in one process)."""
-    return Session(build_dir, backend, threads=threads, spinning=spinning)
+    share few cores, e.g. when timing two models in one process). On OpenVINO, `shapes`
+    (input name -> dims) compiles for those static shapes, `{}` for the model's own
+    (dynamic) ones; None: what the build's [openvino] shapes recorded."""
+    return Session(build_dir, backend, threads=threads, spinning=spinning, shapes=shapes)
 
 
 # "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running Gather node.
