@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import trimrt
 from tests.passes.evit_reference import evit_forward
 from tests.passes.in_memory import apply_recipe, run_model
 from trimrt.errors import RecipeError
@@ -103,3 +104,29 @@ def test_protect_prefix(tiny_vit_onnx):
     assert layer["protected"] == 5 and layer["kept"] == 30  # ceil(0.5·60)
     prune = next(n for n in model.graph if n.op_type == "TokenPrune")
     assert prune.attributes["protect"].value == 5
+
+
+def test_a_post_norm_stream_is_pruned_before_its_layernorm(small_vocab_bert, tmp_path):
+    """In a post-LN block the pruned stream is a LayerNorm's output: the selection gathers the
+    norm's input and the norm runs on the kept tokens only (the same values: LayerNorm is per
+    token); with EViT's fused token (a sum of normalised tokens) it gathers after the norm."""
+    import onnx
+
+    path = small_vocab_bert
+    feeds = {"input_ids": np.array([[5, 17, 3, 44, 9, 2, 31, 8, 12, 7]]), "attention_mask": np.ones((1, 10), np.int64)}
+    outputs = {}
+    for fuse in (False, True):
+        recipe = {"token_pruning": {"method": "cls_attention", "layers": [0], "keep": 0.5, "fuse_pruned": fuse}}
+        trimrt.compile(path, recipe, tmp_path / f"b{fuse}")
+        graph = onnx.load(tmp_path / f"b{fuse}" / "model.onnx").graph
+        producers = {out: node for node in graph.node for out in node.output}
+        prune = next(n for n in graph.node if n.op_type == "TokenPrune")
+        sunk = [n for n in graph.node if n.op_type == "LayerNormalization" and prune.output[0] in n.input]
+        assert (producers[prune.input[0]].op_type, len(sunk)) == (("LayerNormalization", 0) if fuse else ("Add", 1))
+        outputs[fuse] = trimrt.load(tmp_path / f"b{fuse}").run(feeds)
+    # keep everything: the sunk norm reproduces the original model
+    recipe = {"token_pruning": {"method": "cls_attention", "layers": [0], "keep": 1.0}}
+    trimrt.compile(path, recipe, tmp_path / "all")
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = trimrt.load(tmp_path / "all").run(feeds)
+    np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-5, atol=1e-5)

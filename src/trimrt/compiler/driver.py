@@ -326,7 +326,7 @@ def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:
 
 
 #: a quantized build on OpenVINO may lose this much more cosine to the float model than the same
-#: build on ONNX Runtime: the engines round activations at their own points (OpenVINO moves the
+#: build on ONNX Runtime (mean over the check samples): the engines round activations at their own points (OpenVINO moves the
 #: dequantization after the integer product), so a value on a rounding boundary moves by one step
 OPENVINO_COSINE_SLACK = 0.002
 
@@ -435,11 +435,13 @@ def _check_openvino_outputs(got: dict, want: dict, original: dict | None) -> Non
         if value.shape == expected.shape and np.allclose(value, expected, rtol=1e-3, atol=1e-3):
             continue
         if value.shape == expected.shape and original is not None and value.dtype.kind == "f":
-            on_openvino = float(sample_cosines(value, original[name]).min())
-            on_onnxruntime = float(sample_cosines(expected, original[name]).min())
+            # the mean over the check samples: a token selection may flip on one near-tied sample
+            # between the engines (a legitimate difference); a misrun conversion moves them all
+            on_openvino = float(sample_cosines(value, original[name]).mean())
+            on_onnxruntime = float(sample_cosines(expected, original[name]).mean())
             if on_openvino >= on_onnxruntime - OPENVINO_COSINE_SLACK:
                 continue
-            raise BuildError(f"the build's output {name!r} on OpenVINO is further from the float model (cosine "
+            raise BuildError(f"the build's output {name!r} on OpenVINO is further from the float model (mean cosine "
                              f"{on_openvino:.5f}) than on ONNX Runtime ({on_onnxruntime:.5f}); please report this model "
                              "with the recipe, and build for --target onnxruntime")
         worst = float(np.abs(value - expected).max()) if value.shape == expected.shape else float("nan")

@@ -82,10 +82,29 @@ class PruningMethod:
 
     def select(self, site: Site, score: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(new stream, kept indices into the previous tokens)."""
-        out, kept_index, fused = site.b.emit(REGISTRY["TokenPrune"], [site.stream, score], name=site.prefix, **site.select)
+        norm = self._norm_to_sink(site)
+        tokens = site.stream if norm is None else norm.inputs[0]
+        out, kept_index, fused = site.b.emit(REGISTRY["TokenPrune"], [tokens, score], name=site.prefix, **site.select)
+        if norm is not None:
+            out = site.b.op(norm.op_type, [out, *norm.inputs[1:]], dict(norm.attributes), name=f"{site.prefix}_norm")
         if site.fuse:
             out, kept_index = _insert_fused(site, out, kept_index, fused)
         return out, kept_index
+
+    def _norm_to_sink(self, site: Site) -> ir.Node | None:
+        """The LayerNormalization producing the stream (a post-LN block's), when the selection
+        can gather its input instead and normalise the kept tokens only: the same values
+        (LayerNorm is per token), the norm on fewer tokens, and on OpenVINO the norm still
+        writes the next INT8 MatMul's input (a gather after it cost a reorder). Only where
+        nothing else reads the full stream (the pruning score, a decoder's keep-all branch)
+        and no fused token is made (EViT's fusion sums the normalised tokens)."""
+        norm = site.stream.producer()
+        if (site.fuse or self.rewrite.decoder is not None or norm is None or norm.op_type != "LayerNormalization"
+                or norm.domain not in ("", "ai.onnx") or any(out.uses() for out in norm.outputs[1:])
+                or any(user in site.b.nodes for user, _ in site.stream.uses())):
+            return None
+        axis, rank = norm.attributes.get_int("axis", -1), norm.inputs[0].shape and len(norm.inputs[0].shape)
+        return norm if axis == -1 or (rank and axis == rank - 1) else None
 
 
 def _insert_fused(site: Site, y, kept_index, fused) -> tuple[ir.Value, ir.Value]:
