@@ -325,9 +325,10 @@ def _given_feeds(example_inputs) -> dict[str, np.ndarray] | None:
     return None
 
 
-#: a quantized build on OpenVINO may lose this much more cosine to the float model than the same
-#: build on ONNX Runtime (mean over the check samples): the engines round activations at their own points (OpenVINO moves the
-#: dequantization after the integer product), so a value on a rounding boundary moves by one step
+#: a quantized build on OpenVINO may lose this much more cosine to the float model (mean over
+#: the check samples) than the same build on ONNX Runtime: the engines round activations at
+#: their own points (OpenVINO moves the dequantization after the integer product), so a value
+#: on a rounding boundary moves by one step
 OPENVINO_COSINE_SLACK = 0.002
 
 
