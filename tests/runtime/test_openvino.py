@@ -350,3 +350,19 @@ def test_an_openvino_crash_on_static_shapes_is_one_line(vit, tmp_path, monkeypat
                        r"\{'pixel_values': \[1, 3, 32, 32\]\} \(signal 8\); leave shapes out") as err:
         trimrt.compile(model, recipe, tmp_path / "b", example_inputs=(example,), target="openvino")
     assert "\n" not in str(err.value) and not (tmp_path / "b").exists()
+
+
+def test_load_time_shapes_are_checked(vit, tmp_path):
+    """load(shapes=...) on OpenVINO: a name the build lacks is one line, before any run."""
+    from trimrt.errors import BackendUnavailableError
+
+    model, example = vit
+    trimrt.compile(model, RECIPES["cls_attention"], tmp_path / "b", example_inputs=(example,))
+    with pytest.raises(BackendUnavailableError, match=r"^shapes names 'pixels', which is not an input of the model "
+                       r"\(its inputs: \['pixel_values'\]\)$"):
+        trimrt.load(tmp_path / "b", backend="openvino", shapes={"pixels": [1, 3, 32, 32]})
+    session = trimrt.load(tmp_path / "b", backend="openvino", shapes={"pixel_values": [2, 3, 32, 32]})
+    assert session.inputs[0].shape == (2, 3, 32, 32)
+    feeds = {"pixel_values": example.numpy()}
+    np.testing.assert_allclose(session.run(feeds)["logits"], trimrt.load(tmp_path / "b").run(feeds)["logits"],
+                               rtol=1e-4, atol=1e-4)

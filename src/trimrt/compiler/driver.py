@@ -406,7 +406,7 @@ def _check_openvino_shapes(built: onnx.ModelProto, shapes: dict) -> None:
     try:
         fix_shapes(openvino_model(built.SerializeToString()), shapes)
     except BackendUnavailableError as exc:
-        raise RecipeError(str(exc)) from None
+        raise RecipeError(f"[openvino] {exc}") from None
     child = ("import json, sys; from trimrt.runtime.backends import OpenVINOBackend; "
              "OpenVINOBackend(sys.argv[1], threads=1, shapes=json.loads(sys.argv[2])).activate()")
     with tempfile.TemporaryDirectory(prefix="trimrt_openvino_") as folder:

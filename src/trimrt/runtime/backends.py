@@ -322,17 +322,17 @@ def fix_shapes(model, shapes: Mapping[str, Sequence[int]]) -> None:
     ports = {name: port for port in model.inputs for name in port.get_names()}
     for name, dims in shapes.items():
         if name not in ports:
-            raise BackendUnavailableError(f"[openvino] shapes names {name!r}, which is not an input of the model "
+            raise BackendUnavailableError(f"shapes names {name!r}, which is not an input of the model "
                                           f"(its inputs: {sorted(p.get_any_name() for p in model.inputs)})")
         own = ports[name].get_partial_shape()
         if not own.compatible(ov.PartialShape(list(dims))):
-            raise BackendUnavailableError(f"[openvino] shapes gives {name} the shape {list(dims)}, which its shape "
+            raise BackendUnavailableError(f"shapes gives {name} the shape {list(dims)}, which its shape "
                                           f"{own} does not allow")
     try:
         model.reshape({ports[name]: ov.PartialShape(list(dims)) for name, dims in shapes.items()})
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise BackendUnavailableError(f"[openvino] shapes {dict(shapes)} do not fit the model: {first[:200]}") from None
+        raise BackendUnavailableError(f"shapes {dict(shapes)} do not fit the model: {first[:200]}") from None
 
 
 def missing_precision(core, precision: str) -> str | None:
