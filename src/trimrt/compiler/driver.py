@@ -395,27 +395,30 @@ def _check_openvino_shapes(built: onnx.ModelProto, shapes: dict) -> None:
     """[openvino] shapes must name inputs of the build and fit its graph, and OpenVINO must
     compile it for them (what loading does). The compile runs in a child process: OpenVINO
     has crashed the whole process (SIGFPE) folding a static graph, which must be a one-line
-    refusal here, not a crash of the user's app at load."""
+    refusal here, not a crash of the user's app at load. The child reports shapes the model
+    cannot take (fix_shapes' one line) with exit code 2: a recipe error."""
     import json
     import subprocess
     import sys
     import tempfile
 
-    from ..runtime.backends import fix_shapes, openvino_model
-
-    try:
-        fix_shapes(openvino_model(built.SerializeToString()), shapes)
-    except BackendUnavailableError as exc:
-        raise RecipeError(f"[openvino] {exc}") from None
-    child = ("import json, sys; from trimrt.runtime.backends import OpenVINOBackend; "
-             "OpenVINOBackend(sys.argv[1], threads=1, shapes=json.loads(sys.argv[2])).activate()")
+    child = ("import json, sys\n"
+             "from trimrt.errors import BackendUnavailableError\n"
+             "from trimrt.runtime.backends import OpenVINOBackend\n"
+             "try:\n"
+             "    OpenVINOBackend(sys.argv[1], threads=1, shapes=json.loads(sys.argv[2])).activate()\n"
+             "except BackendUnavailableError as exc:\n"
+             "    print(exc, file=sys.stderr)\n"
+             "    sys.exit(2)\n")
     with tempfile.TemporaryDirectory(prefix="trimrt_openvino_") as folder:
         path = Path(folder) / MODEL
         path.write_bytes(built.SerializeToString())
         done = subprocess.run([sys.executable, "-c", child, str(path), json.dumps(shapes)], capture_output=True,
                               text=True)
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == 2 and lines:
+        raise RecipeError(f"[openvino] {lines[-1]}")
     if done.returncode != 0:
-        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
         why = f"signal {-done.returncode}" if done.returncode < 0 else (lines[-1][:200] if lines else "no message")
         raise BuildError(f"OpenVINO cannot compile this build for [openvino] shapes {shapes} ({why}); leave shapes "
                          "out to run it with dynamic shapes")
