@@ -1,6 +1,6 @@
 """Block-sparse attention end to end on long-sequence models, beside token pruning at equal FLOPs.
 
-Two models, random weights, each built from its export and timed against it in one
+Three models (two with random weights), each built from its export and timed against it in one
 process (alternating rounds after warm-up, medians, 2 threads, spinning off):
 
 - `vit`: the in-tree ViT at DeiT-S width (384, 6 heads of 64) on 1024 × 1024 images in
@@ -23,9 +23,9 @@ Builds: dense with ONNX Runtime's attention fusion (its fused MultiHeadAttention
 matches); block-sparse attention in every block at 25% and 12.5% block density (blocks of
 128 tokens; the ViT's patches in tiles of 8 × 16, and once in sequence order), rectified
 per token (the default), unrectified, and rectified per block (Rectified SpaAttn's
-formula); token pruning after block 0 (EViT's CLS
-attention for the ViT, FastV's last-token attention for the LLaMA) with `keep` found by
-bisection on the manifests' FLOPs to equal the first sparse build's.
+formula); token pruning after the attention of block 1 (EViT's CLS attention for the ViT,
+FastV's last-token attention for the LLaMA, its first and last tokens kept) with `keep`
+found by bisection on the manifests' FLOPs to equal the first sparse build's.
 
     python benchmarks/sparse_attention_models.py --model vit [--rounds 8] [--samples 4]
     python benchmarks/sparse_attention_models.py --model llama --density 0.25 --rounds 5 --samples 2
@@ -99,6 +99,9 @@ class Model:
     pruning: str  # the token pruning method of the same FLOPs
     feeds: Callable[[np.random.Generator], dict]
     compared: Callable[[np.ndarray], np.ndarray]  # the part of the output the fidelity is measured on
+    #: the tokens pruning may drop (None: all but the first); the LLaMA keeps its first token
+    #: (the attention sink) and its last (whose logits generation reads, the fidelity's too)
+    prunable: list[int] | None = None
 
 
 MODELS = {
@@ -110,7 +113,7 @@ MODELS = {
     "llama": Model("benchmarks.sparse_attention_models:llama_prefill", LLAMA_TOKENS, None, BLOCK,
                    "last_token_attention",
                    lambda rng: {"input_ids": rng.integers(0, 1000, (1, LLAMA_TOKENS), dtype=np.int64)},
-                   lambda logits: logits[:, -1]),
+                   lambda logits: logits[:, -1], prunable=[1, LLAMA_TOKENS - 1]),
     "minilm": Model("examples.models.minilm:minilm_embedder", MINILM_TOKENS, None, 32, "cls_attention",
                     lambda rng: _minilm_passage(rng), lambda embedding: embedding),
 }
@@ -157,7 +160,8 @@ def example(model: Model) -> dict:
 
 
 def pruning(model: Model, keep: float) -> dict:
-    return {"token_pruning": {"method": model.pruning, "layers": [1], "keep": keep}}
+    span = {"prunable": model.prunable} if model.prunable else {}
+    return {"token_pruning": {"method": model.pruning, "layers": [1], "keep": keep, **span}}
 
 
 def matched_pruning(model: Model, baseline: Path, flops_ratio: float, out: Path, steps: int = 5):
@@ -218,7 +222,7 @@ def main() -> None:
                 print(f"{model.pruning} pruning: not measured, the model cannot be pruned: {exc}", flush=True)
                 continue
             recipe = pruning(model, keep)
-            name = f"{model.pruning} pruning, keep {keep} after block 0 (FLOPs of the first sparse build)"
+            name = f"{model.pruning} pruning, keep {keep} after block 1's attention (FLOPs of the first sparse build)"
         else:
             build = out / f"build{i}"
             manifest = trimrt.compile(str(baseline), recipe, build, example_inputs=example(model))

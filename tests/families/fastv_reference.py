@@ -84,3 +84,36 @@ def decode_greedily(lm, h: torch.Tensor, cache, prompt_length: int, max_new_toke
             h = h + block.mlp(block.post_attention_layernorm(h))
         logits = lm.lm_head(model.norm(h))[:, -1]
     return torch.stack(tokens, 1).tolist(), first
+
+
+def fastv_llama_style(module, input_ids: torch.Tensor, layer: int, keep: float, span: tuple[int, int]) -> torch.Tensor:
+    """FastV on examples/models/llama_style.py's LlamaStyleLM (no KV cache): the logits of the
+    kept tokens; the span pruned after the attention of `layer` as in `_prefill`, each kept
+    token keeping its original position (its rotary angle) and the causal mask restricted to
+    the kept tokens."""
+    from examples.models.llama_style import _rotate
+
+    cfg, (b, n) = module.cfg, input_ids.shape
+    head_dim = cfg.width // cfg.heads
+    freqs = cfg.rope_base ** -(torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    h, pos = module.embed(input_ids), torch.arange(n).expand(b, n)
+    start, end = span
+    for i, block in enumerate(module.blocks):
+        angles = torch.cat([pos[..., None].float() * freqs] * 2, dim=-1)[:, None]  # [B, 1, N, Dh]
+        att, y = block.attn, block.norm1(h)
+        q, k, v = (p(y).reshape(b, -1, cfg.heads, head_dim).transpose(1, 2) for p in (att.q, att.k, att.v))
+        q, k = (_rotate(t, angles.cos(), angles.sin()) for t in (q, k))
+        future = pos[:, None, :] > pos[:, :, None]
+        logits = q @ k.transpose(-2, -1) * head_dim ** -0.5 + torch.where(future, -1e9, 0.0)[:, None]
+        probs = logits.softmax(dim=-1)
+        h = h + att.o((probs @ v).transpose(1, 2).reshape(b, -1, cfg.width))
+        if i == layer:
+            count = max(1, math.ceil(keep * (end - start) - 1e-9))
+            chosen = torch.sort(torch.topk(probs[:, :, -1, start:end].mean(dim=1), count, dim=1).indices, dim=1).values
+            kept = torch.cat([torch.arange(start).expand(b, -1), chosen + start,
+                              torch.arange(end, h.shape[1]).expand(b, -1)], dim=1)
+            h, pos = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1])), torch.gather(pos, 1, kept)
+            end = start + count
+        y = block.norm2(h)
+        h = h + block.down(torch.nn.functional.silu(block.gate(y)) * block.up(y))
+    return module.head(module.norm(h))

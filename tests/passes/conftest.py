@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import pytest
 
 
@@ -10,3 +11,19 @@ def vit(request):
     """(module, export path) of the tiny ViT in every export form: explicit attention and
     SDPA through the dynamo exporter; the TorchScript exporter; the fused opset-23 Attention op."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def small_llama(tmp_path_factory):
+    """(module, export path) of a 2-block LLaMA-style prefill model, a plain PyTorch export:
+    its causal mask is written into the graph as an [N, N] tensor (Trilu → Where → Add) and
+    its rotary tables are [N, Dh], neither with a batch axis."""
+    from examples.models.llama_style import LlamaStyleConfig, llama_style
+    from trimrt.compiler.source import export_torch
+
+    module, example = llama_style(tokens=40, cfg=LlamaStyleConfig(vocab=100, width=64, heads=4, mlp_width=96,
+                                                                  depth=2))
+    model, _ = export_torch(module, example)
+    path = tmp_path_factory.mktemp("models") / "llama_style.onnx"
+    ir.save(model, path)
+    return module, path

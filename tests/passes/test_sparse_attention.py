@@ -175,21 +175,6 @@ def test_the_hilbert_order_steps_to_a_neighbour(grid):
         assert (np.abs(np.diff(coords, axis=0)).sum(axis=1) == 1).all()
 
 
-@pytest.fixture(scope="module")
-def small_llama(tmp_path_factory):
-    """(module, export path) of a 2-block LLaMA-style prefill model: its causal mask is written
-    into the graph (Trilu → Where → Add)."""
-    from examples.models.llama_style import LlamaStyleConfig, llama_style
-    from trimrt.compiler.source import export_torch
-
-    module, example = llama_style(tokens=40, cfg=LlamaStyleConfig(vocab=100, width=64, heads=4, mlp_width=96,
-                                                                  depth=2))
-    model, _ = export_torch(module, example)
-    path = tmp_path_factory.mktemp("models") / "llama_style.onnx"
-    ir.save(model, path)
-    return module, path
-
-
 def test_a_causal_mask_in_the_graph_becomes_the_causal_rule(small_llama):
     """The LLaMA-style export's mask is found to be the causal rule: every block selected
     reproduces the original; top_k of them equals the PyTorch model with the op's causal

@@ -130,3 +130,26 @@ def test_a_post_norm_stream_is_pruned_before_its_layernorm(small_vocab_bert, tmp
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = trimrt.load(tmp_path / "all").run(feeds)
     np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_a_plain_causal_export_is_pruned(small_llama, layer):
+    """FastV (last_token_attention) on a plain PyTorch LLaMA-style export, whose causal mask
+    ([N, N]) and rotary tables ([N, Dh]) have no batch axis: the tables travel with the kept
+    tokens (each keeps its position's angle), the mask is re-derived for the kept count, and
+    the build equals FastV written in PyTorch; keep = 1 reproduces the export."""
+    from tests.families.fastv_reference import fastv_llama_style
+
+    module, path = small_llama
+    ids = np.random.default_rng(3).integers(0, 100, (2, 40))
+    model, _ = compile_in_memory(path, method="last_token_attention", layers=[layer], keep=1.0)
+    np.testing.assert_allclose(run_model(model, {"input_ids": ids}), run_model(ir.load(path), {"input_ids": ids}),
+                               rtol=1e-5, atol=1e-5)
+    model, reports = compile_in_memory(path, method="last_token_attention", layers=[layer], keep=0.5, prunable=[1, 39])
+    got = run_model(model, {"input_ids": ids})
+    with torch.no_grad():
+        want = fastv_llama_style(module, torch.from_numpy(ids), layer, 0.5, (1, 39)).numpy()
+    assert got.shape == want.shape == (2, 1 + 19 + 1, 100)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if layer == 0:  # block 1's attention runs on the kept tokens
+        assert set(reports["token_pruning"]["travelling_tensors"]) == {"cos", "sin"}

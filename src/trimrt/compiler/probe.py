@@ -44,11 +44,15 @@ class TokenDims:
         shape = value.shape if value.shape is not None else self.shapes.get(value.name)
         return None if shape is None else len(shape)
 
+    @property
+    def token_size(self) -> int:
+        """The size of a token axis in the shapes read here (the probe's count when dynamic)."""
+        return self.n_tokens if isinstance(self.n_tokens, int) else PROBE_TOKENS
+
     def axes(self, value: ir.Value) -> list[int]:
         """Axes (beyond the batch axis) of `value` that run over the tokens."""
-        size = self.n_tokens if isinstance(self.n_tokens, int) else PROBE_TOKENS
         shape = self.shape(value) or ()
-        return [a for a in range(1, len(shape)) if shape[a] == size]
+        return [a for a in range(1, len(shape)) if shape[a] == self.token_size]
 
 
 def _partial(shape) -> bool:

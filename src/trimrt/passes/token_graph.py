@@ -34,8 +34,7 @@ from .token_shapes import (
     downstream_nodes,
     gather_tokens,
     rederive_shape_values,
-    side_inputs,
-    travelling_constants,
+    travelling_values,
 )
 
 #: additive bias of a key no query may attend (finite, so sums with other masks stay finite)
@@ -256,9 +255,7 @@ class TokenRewrite:
         region = downstream_nodes(self.graph, [out]) if region is None else region
         dims = self.dims
         if self.aligned is None:  # first reduction: find what travels with the tokens
-            aligned = {v: (dims.rank(v), dims.axes(v)) for v in side_inputs(region, {out})}
-            self.aligned = {v: ra for v, ra in aligned.items() if ra[1] and ra[0] is not None}
-            self.aligned.update(travelling_constants(region, dims))
+            self.aligned = travelling_values(region, {out}, dims)
         self._gather_side_tensors(region, index, layer)
         name = f"trimrt_reduce_{layer}_shape"
         depth = len(self.tmap.blocks)
@@ -288,9 +285,10 @@ class TokenRewrite:
                 continue
             name = f"trimrt_reduce_{layer}_" + re.sub(r"\W", "_", value.name or "value")
             b = self.builder(name)
-            if current is value and value.shape is not None and len(value.shape) < rank:
-                # a constant of lower rank (a [N, Dh] RoPE table): leading axes of 1 first
-                axes_v = b.const(np.arange(rank - len(value.shape), dtype=np.int64), name=f"{name}_lead_axes")
+            own = self.dims.rank(value)
+            if current is value and own is not None and own < rank:
+                # no batch axis (a [N, Dh] RoPE table, an [N, N] causal mask): leading axes of 1 first
+                axes_v = b.const(np.arange(rank - own, dtype=np.int64), name=f"{name}_lead_axes")
                 current = b.op("Unsqueeze", [current, axes_v], name=f"{name}_lead")
             self.gathered[value] = gather_tokens(b, current, rank, axes, kept_index, name)
             self.replace_stream(b, kept_index, uses, self.gathered[value])
@@ -374,8 +372,12 @@ def additive_mask(b: GraphBuilder, attn: Attention, prefix: str, gathered: dict,
         mask = b.op("Where", [cond, zero, fill_f] if fill_is_false else [cond, fill_f, zero], name=f"{prefix}_mask")
     else:
         mask = b.const(np.zeros((1, 1, 1, 1), dtype=np.float32), name=f"{prefix}_no_mask")
-    if mask.shape is not None and len(mask.shape) != 4:
-        raise StructureError(f"attention mask {mask.name!r} has rank {len(mask.shape)}; token reduction expects a rank-4 mask")
+    if mask.shape is not None and len(mask.shape) < 4:  # no batch axis ([N, N]): broadcast from the right
+        lead = b.const(np.arange(4 - len(mask.shape), dtype=np.int64), name=f"{prefix}_mask_lead")
+        mask = b.op("Unsqueeze", [mask, lead], name=f"{prefix}_mask4")
+    elif mask.shape is not None and len(mask.shape) != 4:
+        raise StructureError(f"attention mask {mask.name!r} has rank {len(mask.shape)}; token reduction expects a "
+                             "mask of rank 4 at most")
     if key_bias is None:
         return mask
     bias4 = b.op("Unsqueeze", [key_bias, b.const(np.array([1, 2]), name=f"{prefix}_bias_axes")], name=f"{prefix}_bias4")

@@ -224,22 +224,30 @@ def side_inputs(region: list[ir.Node], exclude: set[ir.Value]) -> list[ir.Value]
                               if not (value is None or value in inside or value in exclude or is_constant(value))))
 
 
-#: element-wise ops whose constant operands broadcast against the tokens (static masks, RoPE tables)
+#: element-wise ops whose operands broadcast against the tokens (masks, RoPE tables)
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Where", "And", "Or", "Equal", "Less", "Greater", "LessOrEqual",
                  "GreaterOrEqual", "Max", "Min"}
 
 
-def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[int, list[int]]]:
-    """Constants that travel with the tokens in a graph exported with a static count: the causal
-    mask, RoPE cos / sin tables and position slices constant-folded by the exporter. A constant
-    qualifies when an element-wise op in `region` broadcasts it against a result whose token axes
-    (`dims`: a probe.TokenDims) it spans, its shape aligned from the right. Returns {constant:
-    (rank of that result, token axes)}; the constant is unsqueezed to that rank when gathered.
-    Weights (MatMul, norms) never qualify, whatever their sizes."""
-    n = dims.n_tokens
+def travelling_values(region: list[ir.Node], exclude: set[ir.Value], dims) -> dict[ir.Value, tuple[int, list[int]]]:
+    """The values from outside `region` that travel with its tokens: {value: (rank, token
+    axes)}, `rank` being the rank the value is gathered at (`dims`: a probe.TokenDims).
+
+    - A side input (side_inputs) with the batch axis first travels along its own token axes.
+    - A value of lower rank than the element-wise result it broadcasts against has no batch
+      axis (ONNX aligns shapes from the right): a [N, Dh] RoPE table or an [N, N] causal mask
+      of a plain PyTorch export, and the constants a static-count export folds (its causal
+      mask, RoPE tables, position slices). It travels aligned from the right into that result
+      (unsqueezed to its rank when gathered), along the result's token axes it spans.
+    Weights (MatMul, norms) never qualify, whatever their sizes; neither does a value whose
+    broadcasting readers disagree on the rank."""
     found: dict[ir.Value, tuple[int, list[int]]] = {}
-    if not isinstance(n, int):
-        return found
+    for value in side_inputs(region, exclude):
+        rank = dims.rank(value)
+        if rank is not None:
+            found[value] = (rank, dims.axes(value))
+    size = dims.n_tokens if isinstance(dims.n_tokens, int) else None
+    lifted: dict[ir.Value, set[tuple[int, tuple[int, ...]]]] = {}
     for node in region:
         if node.op_type not in _BROADCASTING or node.domain not in ("", "ai.onnx"):
             continue
@@ -247,16 +255,24 @@ def travelling_constants(region: list[ir.Node], dims) -> dict[ir.Value, tuple[in
         if not out_axes or out_rank is None:
             continue
         for value in node.inputs:
-            if value is None or value in found or not is_constant(value):
+            if value is None or value in exclude or not (value in found or (size and is_constant(value))):
                 continue
-            tensor = ir.convenience.get_const_tensor(value)
-            if tensor is None or len(tensor.shape) > out_rank:
+            if value in found:
+                shape = dims.shape(value)
+            else:
+                tensor = ir.convenience.get_const_tensor(value)
+                shape = None if tensor is None else tuple(tensor.shape)
+            if shape is None or len(shape) > out_rank or (value in found and len(shape) == out_rank):
                 continue
-            shape = (1,) * (out_rank - len(tensor.shape)) + tuple(tensor.shape)
-            axes = [a for a in out_axes if shape[a] == n]
-            if axes:
-                found[value] = (out_rank, axes)
-    return found
+            full = (1,) * (out_rank - len(shape)) + shape
+            lifted.setdefault(value, set()).add((out_rank, tuple(a for a in out_axes if full[a] == dims.token_size)))
+    for value, ways in lifted.items():
+        if len(ways) == 1:
+            rank, axes = next(iter(ways))
+            found[value] = (rank, list(axes))
+        else:
+            found.pop(value, None)
+    return {value: (rank, axes) for value, (rank, axes) in found.items() if axes}
 
 
 def gather_tokens(b: GraphBuilder, value: ir.Value, rank: int, axes: list[int], kept_index: ir.Value, name: str) -> ir.Value:
