@@ -209,6 +209,13 @@ def decompose(b, q, k, v, key_bias):
         return [sub.Where(visible, logits, minus_inf)]
 
     logits = _branch(b, causal, causal_rule, lambda sub: [sub.Identity(logits)], "causal_rule")
+    # per-token rectification reads the sparse softmax's log-sum-exp back as max logit − log max
+    # probability: the max is taken before the Softmax, so the Softmax stays the logits' last
+    # reader and writes over them (a reader after it would keep them alive: 5× slower on ONNX
+    # Runtime), and the max probability is one more cheap pass
+    top_logit = _branch(b, b.Equal(b.attr("rectify"), b.const(RECTIFY_TOKENS)),
+                        lambda sub: [sub.ReduceMax(logits, ax(-1), keepdims=1)], lambda sub: [sub.Identity(minus_inf)],
+                        "top_logit")
     probs = b.Softmax(logits, axis=-1)
     sparse = b.MatMul(probs, v_sel)  # [B, H, nb, bs, Dh]
 
@@ -234,19 +241,12 @@ def decompose(b, q, k, v, key_bias):
             counts_row = tok.Reshape(counts, ax(-1))  # [nb]
             weight = tok.Add(tok.Log(counts_row), tok.Div(tok.ReduceSum(tok.Where(real, token_bias, fconst(0.0)), ax(2),
                                                                         keepdims=0), counts_row))  # [B, nb]
+            weight = tok.Where(ok, tok.Unsqueeze(weight, ax(1, 2)), minus_inf)  # [B, H, nb, nb]: -inf not pooled
             pooled_logits = tok.Add(tok.MatMul(q_scaled, tok.Unsqueeze(km_t, ax(2))),
-                                    tok.Unsqueeze(weight, ax(1, 2, 3)))  # [B, H, nb, bs, nb]
-            pooled_logits = tok.Where(tok.Unsqueeze(ok, ax(3)), pooled_logits, minus_inf)
-            # the sparse softmax's log-sum-exp [B, H, nb, bs, 1] = l − log p at its most probable key,
-            # whose logit is recomputed from that key alone: one pass over the probabilities, none
-            # over the logits (ONNX Runtime's ReduceLogSumExp is 10× slower than its Softmax, and a
-            # second reader of the logits keeps the Softmax from writing over them)
-            best_p, best = tok.TopK(probs, ax(1), axis=-1, _outputs=2)  # [B, H, nb, bs, 1]
-            best_k = tok.GatherElements(k_sel, tok.Expand(best, tok.Shape(qb)), axis=3)  # [B, H, nb, bs, Dh]
-            best_logit = tok.Add(tok.ReduceSum(tok.Mul(q_scaled, best_k), ax(-1), keepdims=1),
-                                 tok.Unsqueeze(tok.GatherElements(bias_sel, tok.Squeeze(best, ax(-1)), axis=3),
-                                               ax(-1)))
-            lse = tok.Sub(best_logit, tok.Log(best_p))
+                                    tok.Unsqueeze(weight, ax(3)))  # [B, H, nb, bs, nb]
+            # the sparse softmax's log-sum-exp [B, H, nb, bs, 1] (ONNX Runtime's ReduceLogSumExp
+            # is 10× slower than its Softmax): its top probability is exp(top logit − lse)
+            lse = tok.Sub(top_logit, tok.Log(tok.ReduceMax(probs, ax(-1), keepdims=1)))
             top = tok.Max(lse, tok.ReduceMax(pooled_logits, ax(-1), keepdims=1))
             sparse_w, pooled_w = tok.Exp(tok.Sub(lse, top)), tok.Exp(tok.Sub(pooled_logits, top))
             total = tok.Add(sparse_w, tok.ReduceSum(pooled_w, ax(-1), keepdims=1))
