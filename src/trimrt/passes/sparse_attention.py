@@ -260,8 +260,6 @@ def _keys_only(value: ir.Value) -> bool:
     return all(d == 1 for d in dims[-3 if len(dims) >= 3 else -2:-1]) and (len(dims) < 4 or dims[1] == 1)
 
 
-
-
 def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.Value, ir.Value, int]:
     """(q, k or kᵀ, v, causal) of a block's attention; refuses what the op cannot take."""
     kind = masks.kind(attn)

@@ -240,7 +240,7 @@ def travelling_values(region: list[ir.Node], exclude: set[ir.Value], dims) -> di
       mask, RoPE tables, position slices). It travels aligned from the right into that result
       (unsqueezed to its rank when gathered), along the result's token axes it spans.
     Weights (MatMul, norms) never qualify, whatever their sizes; neither does a value whose
-    broadcasting readers disagree on the rank."""
+    readers disagree on the rank (element-wise ones of two ranks, or another op)."""
     found: dict[ir.Value, tuple[int, list[int]]] = {}
     for value in side_inputs(region, exclude):
         rank = dims.rank(value)
@@ -266,11 +266,13 @@ def travelling_values(region: list[ir.Node], exclude: set[ir.Value], dims) -> di
                 continue
             full = (1,) * (out_rank - len(shape)) + shape
             lifted.setdefault(value, set()).add((out_rank, tuple(a for a in out_axes if full[a] == dims.token_size)))
+    in_region = set(region)
     for value, ways in lifted.items():
-        if len(ways) == 1:
+        readers = {user.op_type for user, _ in value.uses() if user in in_region}
+        if len(ways) == 1 and readers <= _BROADCASTING:
             rank, axes = next(iter(ways))
             found[value] = (rank, list(axes))
-        else:
+        else:  # gathered at one rank, it would no longer fit all its readers
             found.pop(value, None)
     return {value: (rank, axes) for value, (rank, axes) in found.items() if axes}
 
