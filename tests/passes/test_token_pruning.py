@@ -132,15 +132,17 @@ def test_a_post_norm_stream_is_pruned_before_its_layernorm(small_vocab_bert, tmp
     np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("export", ["small_llama", "small_llama_opset23"])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_a_plain_causal_export_is_pruned(small_llama, layer):
+def test_a_plain_causal_export_is_pruned(export, request, layer):
     """FastV (last_token_attention) on a plain PyTorch LLaMA-style export, whose causal mask
     ([N, N]) and rotary tables ([N, Dh]) have no batch axis: the tables travel with the kept
     tokens (each keeps its position's angle), the mask is re-derived for the kept count, and
-    the build equals FastV written in PyTorch; keep = 1 reproduces the export."""
+    the build equals FastV written in PyTorch; keep = 1 reproduces the export. Both export
+    forms: Softmax over q·kᵀ + mask, and opset 23's Attention op (is_causal)."""
     from tests.families.fastv_reference import fastv_llama_style
 
-    module, path = small_llama
+    module, path = request.getfixturevalue(export)
     ids = np.random.default_rng(3).integers(0, 100, (2, 40))
     model, _ = compile_in_memory(path, method="last_token_attention", layers=[layer], keep=1.0)
     np.testing.assert_allclose(run_model(model, {"input_ids": ids}), run_model(ir.load(path), {"input_ids": ids}),
