@@ -175,27 +175,38 @@ def decompose(b, q, k, v, key_bias):
         return g.Reshape(blocks, g.Concat(ax(0, 0, 0, -1), g.Shape(blocks, start=-1), axis=0))
 
     v_sel = per_query_block(b, b.GatherND(vb, where, batch_dims=2))
-    k_sel = per_query_block(b, b.GatherND(kb, where, batch_dims=2))
 
     def all_keys(sub):
         """Every selected key counts: q·scale against the selected keys."""
+        k_sel = per_query_block(sub, sub.GatherND(kb, where, batch_dims=2))
         return [sub.MatMul(q_scaled, sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
-    # the bias of each selected key [B, H, nb, K·bs]: the key bias, -inf for padding and for slots past tau
-    per_batch = b.Reshape(chosen, b.Concat(b.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
-    bias_sel = b.Reshape(b.GatherND(token_bias, per_batch, batch_dims=1),  # [B, H, nb, K, bs]
-                         b.Concat(b.Shape(chosen), b.Reshape(bs, ax(1)), axis=0))
-    bias_sel = b.Reshape(b.Where(b.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf), ax(0, 0, 0, -1))
+    ones = lambda sub: sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))  # noqa: E731
 
-    def masked_keys(sub):
-        """q' = [q·scale, 1] against k' = [k, bias]: the biased logits without a pass over the logits."""
-        ones = sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))
-        q_aug = sub.Concat(q_scaled, ones, axis=-1)  # [B, H, nb, bs, Dh + 1]
+    def key_masked(sub):
+        """q' = [q·scale, 1] against k' = [k, bias] with each key's own bias (padding -inf), the
+        column joined to the key blocks before they are gathered (a pass over N keys, not over
+        the blocks × K·bs selected): the biased logits without a pass over the logits."""
+        heads_bias = sub.Expand(sub.Unsqueeze(token_bias, ax(1, -1)), sub.Concat(sub.Shape(kb, start=0, end=4), ax(1),
+                                                                                  axis=0))  # [B, H, nb, bs, 1]
+        k_aug = per_query_block(sub, sub.GatherND(sub.Concat(kb, heads_bias, axis=-1), where, batch_dims=2))
+        return [sub.MatMul(sub.Concat(q_scaled, ones(sub), axis=-1), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
+
+    def slot_masked(sub):
+        """As key_masked, with the slots past tau's mass masked too: a bias per (query block, slot)."""
+        per_batch = sub.Reshape(chosen, sub.Concat(sub.Shape(chosen, start=0, end=1), ax(-1, 1), axis=0))
+        bias_sel = sub.Reshape(sub.GatherND(token_bias, per_batch, batch_dims=1),  # [B, H, nb, K, bs]
+                               sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0))
+        bias_sel = sub.Reshape(sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf), ax(0, 0, 0, -1))
+        k_sel = per_query_block(sub, sub.GatherND(kb, where, batch_dims=2))
         k_aug = sub.Concat(k_sel, sub.Unsqueeze(bias_sel, ax(-1)), axis=-1)  # [B, H, nb, K·bs, Dh + 1]
-        return [sub.MatMul(q_aug, sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
+        return [sub.MatMul(sub.Concat(q_scaled, ones(sub), axis=-1), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
     biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
-    logits = _branch(b, b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0))), masked_keys, all_keys,
+    # (a slot that is not allowed without tau holds a wholly masked block, or a later one, which
+    # the causal rule masks: per-key biases cover it)
+    masked = lambda sub: [_branch(sub, sub.Less(tau, fconst(1.0)), slot_masked, key_masked, "slot_masked")]  # noqa: E731
+    logits = _branch(b, b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0))), masked, all_keys,
                      "masked_keys")  # [B, H, nb, bs, K·bs]
 
     def causal_rule(sub):
