@@ -181,7 +181,9 @@ def decompose(b, q, k, v, key_bias):
         k_sel = per_query_block(sub, sub.GatherND(kb, where, batch_dims=2))
         return [sub.MatMul(q_scaled, sub.Transpose(k_sel, perm=[0, 1, 2, 4, 3]))]
 
-    ones = lambda sub: sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0))  # noqa: E731
+    def with_ones(sub):  # [q·scale, 1]: [B, H, nb, bs, Dh + 1], against keys with a bias column
+        return sub.Concat(q_scaled, sub.Expand(fconst([1.0]), sub.Concat(sub.Shape(qb, start=0, end=4), ax(1), axis=0)),
+                          axis=-1)
 
     def key_masked(sub):
         """q' = [q·scale, 1] against k' = [k, bias] with each key's own bias (padding -inf), the
@@ -190,7 +192,7 @@ def decompose(b, q, k, v, key_bias):
         heads_bias = sub.Expand(sub.Unsqueeze(token_bias, ax(1, -1)), sub.Concat(sub.Shape(kb, start=0, end=4), ax(1),
                                                                                   axis=0))  # [B, H, nb, bs, 1]
         k_aug = per_query_block(sub, sub.GatherND(sub.Concat(kb, heads_bias, axis=-1), where, batch_dims=2))
-        return [sub.MatMul(sub.Concat(q_scaled, ones(sub), axis=-1), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
+        return [sub.MatMul(with_ones(sub), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
     def slot_masked(sub):
         """As key_masked, with the slots past tau's mass masked too: a bias per (query block, slot)."""
@@ -200,12 +202,15 @@ def decompose(b, q, k, v, key_bias):
         bias_sel = sub.Reshape(sub.Where(sub.Unsqueeze(chosen_ok, ax(-1)), bias_sel, minus_inf), ax(0, 0, 0, -1))
         k_sel = per_query_block(sub, sub.GatherND(kb, where, batch_dims=2))
         k_aug = sub.Concat(k_sel, sub.Unsqueeze(bias_sel, ax(-1)), axis=-1)  # [B, H, nb, K·bs, Dh + 1]
-        return [sub.MatMul(sub.Concat(q_scaled, ones(sub), axis=-1), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
+        return [sub.MatMul(with_ones(sub), sub.Transpose(k_aug, perm=[0, 1, 2, 4, 3]))]
 
     biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
-    # (a slot that is not allowed without tau holds a wholly masked block, or a later one, which
-    # the causal rule masks: per-key biases cover it)
-    masked = lambda sub: [_branch(sub, sub.Less(tau, fconst(1.0)), slot_masked, key_masked, "slot_masked")]  # noqa: E731
+
+    def masked(sub):
+        # (without tau, a slot that is not allowed holds a wholly masked block, or a later one,
+        # which the causal rule masks: per-key biases cover it)
+        return [_branch(sub, sub.Less(tau, fconst(1.0)), slot_masked, key_masked, "slot_masked")]
+
     logits = _branch(b, b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0))), masked, all_keys,
                      "masked_keys")  # [B, H, nb, bs, K·bs]
 
@@ -222,8 +227,8 @@ def decompose(b, q, k, v, key_bias):
     logits = _branch(b, causal, causal_rule, lambda sub: [sub.Identity(logits)], "causal_rule")
     # per-token rectification reads the sparse softmax's log-sum-exp back as max logit − log max
     # probability: the max is taken before the Softmax, so the Softmax stays the logits' last
-    # reader and writes over them (a reader after it would keep them alive: 5× slower on ONNX
-    # Runtime), and the max probability is one more cheap pass
+    # reader and writes over them (a reader after it would keep them alive: several times
+    # slower on ONNX Runtime), and the max probability is one more cheap pass
     top_logit = _branch(b, b.Equal(b.attr("rectify"), b.const(RECTIFY_TOKENS)),
                         lambda sub: [sub.ReduceMax(logits, ax(-1), keepdims=1)], lambda sub: [sub.Identity(minus_inf)],
                         "top_logit")
