@@ -28,12 +28,9 @@ def _prefill(model, input_ids: torch.Tensor, layers: tuple[int, ...], keep: floa
     pos = torch.arange(n).expand(b, n)
     start, end = span
 
-    def prune(h, pos, chosen):
-        kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
-        return torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1])), torch.gather(pos, 1, kept)
-
     if choose_before is not None:
-        h, pos = prune(h, pos, choose_before(h, start, end, max(1, math.ceil(keep * (end - start) - 1e-9))))
+        h, pos = _keep(h, pos, choose_before(h, start, end, max(1, math.ceil(keep * (end - start) - 1e-9))),
+                       start, end)
     for i, block in enumerate(model.layers):
         cos, sin = model.rotary_emb(h, torch.arange(h.shape[1]).expand(b, -1) if renumber_positions else pos)
         future = pos[:, None, :] > pos[:, :, None]  # key after query: masked
@@ -44,10 +41,18 @@ def _prefill(model, input_ids: torch.Tensor, layers: tuple[int, ...], keep: floa
         if i in layers:
             score = weights[:, :, -1, start:end].mean(dim=1)
             k = max(1, math.ceil(keep * (end - start) - 1e-9))
-            h, pos = prune(h, pos, torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start)
+            h, pos = _keep(h, pos, torch.sort(torch.topk(score, k, dim=1).indices, dim=1).values + start, start, end)
             end = start + k
         h = h + block.mlp(block.post_attention_layernorm(h))
     return h
+
+
+def _keep(h: torch.Tensor, pos: torch.Tensor, chosen: torch.Tensor, start: int, end: int):
+    """(h, pos) of the tokens before the span, the `chosen` positions of it (ascending) and
+    those after it."""
+    b = h.shape[0]
+    kept = torch.cat([torch.arange(start).expand(b, -1), chosen, torch.arange(end, h.shape[1]).expand(b, -1)], 1)
+    return torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1])), torch.gather(pos, 1, kept)
 
 
 def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int],
@@ -110,9 +115,7 @@ def fastv_llama_style(module, input_ids: torch.Tensor, layer: int, keep: float, 
         if i == layer:
             count = max(1, math.ceil(keep * (end - start) - 1e-9))
             chosen = torch.sort(torch.topk(probs[:, :, -1, start:end].mean(dim=1), count, dim=1).indices, dim=1).values
-            kept = torch.cat([torch.arange(start).expand(b, -1), chosen + start,
-                              torch.arange(end, h.shape[1]).expand(b, -1)], dim=1)
-            h, pos = torch.gather(h, 1, kept[..., None].expand(-1, -1, h.shape[-1])), torch.gather(pos, 1, kept)
+            h, pos = _keep(h, pos, chosen + start, start, end)
             end = start + count
         y = block.norm2(h)
         h = h + block.down(torch.nn.functional.silu(block.gate(y)) * block.up(y))

@@ -246,7 +246,7 @@ def travelling_values(region: list[ir.Node], exclude: set[ir.Value], dims) -> di
         rank = dims.rank(value)
         if rank is not None:
             found[value] = (rank, dims.axes(value))
-    size = dims.n_tokens if isinstance(dims.n_tokens, int) else None
+    static = isinstance(dims.n_tokens, int)  # only then can a constant span the tokens
     lifted: dict[ir.Value, set[tuple[int, tuple[int, ...]]]] = {}
     for node in region:
         if node.op_type not in _BROADCASTING or node.domain not in ("", "ai.onnx"):
@@ -255,7 +255,7 @@ def travelling_values(region: list[ir.Node], exclude: set[ir.Value], dims) -> di
         if not out_axes or out_rank is None:
             continue
         for value in node.inputs:
-            if value is None or value in exclude or not (value in found or (size and is_constant(value))):
+            if value is None or value in exclude or not (value in found or (static and is_constant(value))):
                 continue
             if value in found:
                 shape = dims.shape(value)
