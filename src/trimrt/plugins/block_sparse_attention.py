@@ -26,7 +26,8 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
 
 `key_bias` [B, N] is added to every query's logit of a key (0 for all: none; a large
 negative number masks a padding key); a block whose keys are all masked (≤ MASKED_BIAS)
-is never selected or pooled. With every block selected the result is dense attention
+is never selected or pooled, and a query block that may see no other (a left-padded
+prompt's first blocks in a causal model) outputs zeros. With every block selected the result is dense attention
 (R = 1, nothing pooled). q, k, v share their head count (repeat grouped KV heads first).
 """
 
@@ -45,8 +46,11 @@ MASKED_BIAS = -1e4
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """Softmax over the last axis; a row of only -inf (nothing to attend) gives zeros."""
+    top = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - np.where(np.isfinite(top), top, 0.0))
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total > 0, total, 1.0)
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray, *, block_size: int, top_k: int,
@@ -114,6 +118,7 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     if rectify == RECTIFY_BLOCKS:  # the published formula: R·out + Σ P·v̄ over the pooled blocks
         kept_mass = (p * ~pooled).sum(axis=-1)  # R [B, H, nb]
         out = out * kept_mass[..., None, None] + ((p * pooled) @ vm)[:, :, :, None, :]
+    out = np.where(selected.any(axis=-1)[..., None, None], out, 0.0)  # a query block that may see no key: zeros
     return (out.reshape(b, h, nb * block_size, d)[:, :, :n].astype(q.dtype),)
 
 
@@ -278,6 +283,11 @@ def decompose(b, q, k, v, key_bias):
         return [_branch(sub, sub.Equal(b.attr("rectify"), b.const(RECTIFY_BLOCKS)), per_block, per_token, "per_block")]
 
     out = _branch(b, b.Greater(b.attr("rectify"), zero), rectified, lambda sub: [sub.Identity(sparse)], "rectify")
+    # a query block that may see no key block (all of them masked) has no softmax: zeros
+    sees = b.Unsqueeze(b.ReduceMax(b.CastLike(chosen_ok, q), ax(-1), keepdims=1), ax(-1))  # [B, H, nb, 1, 1]
+    out = _branch(b, b.Less(b.ReduceMin(sees, keepdims=0), fconst(0.5)),
+                  lambda sub: [sub.Where(sub.Greater(sees, fconst(0.5)), out, fconst(0.0))],
+                  lambda sub: [sub.Identity(out)], "blind")
     out = b.Reshape(out, b.Concat(ax(0, 0, -1), b.Slice(b.Shape(v), ax(3), ax(4)), axis=0))
     return b.Slice(out, ax(0), b.Reshape(n, ax(1)), ax(2))
 
@@ -291,8 +301,9 @@ def _branch(b, condition, then, otherwise, name: str, count: int = 1):
 
 
 def examples(rng):
-    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, padded keys and
-    a finite key bias, every block selected, batch > 1."""
+    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, padded keys (a
+    left-padded prompt's first blocks see no key) and a finite key bias, every block selected,
+    batch > 1."""
     cases = []
     for (batch, heads, n, dh), attrs, bias in [
         ((1, 1, 8, 4), {"block_size": 4, "top_k": 0}, None),
@@ -301,6 +312,7 @@ def examples(rng):
         ((2, 2, 30, 8), {"block_size": 4, "top_k": 4, "sink": 0, "local": 2, "causal": 0, "rectify": 0}, "random"),
         ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}, None),
         ((2, 2, 40, 8), {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 2}, "padding"),
+        ((2, 2, 30, 8), {"block_size": 4, "top_k": 3, "causal": 1, "rectify": 1}, "left_padding"),
     ]:
         q, k, v = (rng.standard_normal((batch, heads, n, dh)).astype(np.float32) for _ in range(3))
         cases.append(([q, k, v, key_bias(rng, batch, n, bias)], {"scale": dh**-0.5, **attrs}))
@@ -309,13 +321,16 @@ def examples(rng):
 
 def key_bias(rng, batch: int, n: int, kind: str | None) -> np.ndarray:
     """A [batch, n] key bias for tests: None (zeros), "padding" (row r's last 9·r keys
-    masked, as a padded batch's mask is) or "random" (finite, standard normal)."""
+    masked, as a padded batch's mask is), "left_padding" (row r's first 10·r keys masked, as
+    a left-padded prompt's) or "random" (finite, standard normal)."""
     if kind == "random":
         return rng.standard_normal((batch, n)).astype(np.float32)
     bias = np.zeros((batch, n), np.float32)
-    if kind == "padding":
-        for row in range(batch):
+    for row in range(batch):
+        if kind == "padding":
             bias[row, n - 9 * row:] = np.finfo(np.float32).min
+        elif kind == "left_padding":
+            bias[row, :10 * row] = np.finfo(np.float32).min
     return bias
 
 

@@ -161,6 +161,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tenso
             lse_blocks = torch.nn.functional.pad(lse, (0, nb * block_size - n)).reshape(b, h, nb, block_size)
             blocks = rectify_per_token(blocks, lse_blocks, qb, km, vm, bias, real, pooled, scale)
         sparse = blocks.reshape(b, h, -1, d)[:, :, :n]
+    blind = ~chosen_ok.any(dim=-1).repeat_interleave(block_size, dim=-1)[:, :, :n]  # a query block that sees no key
+    sparse = torch.where(blind[..., None], 0.0, sparse)
     result.copy_(sparse.to(q.dtype))
     return (result,)
 
