@@ -72,6 +72,22 @@ def test_every_block_selected_is_dense_attention_over_the_keys_not_masked(causal
 
 
 @pytest.mark.parametrize("rectify", [0, 1, 2])
+@pytest.mark.parametrize("causal", [0, 1])
+def test_padding_counts_for_nothing(rectify, causal, rng):
+    """A right-padded batch (row 1's last 9 tokens padding: masked keys, of any values): the
+    real tokens of row 1 get what the row alone, unpadded, gets (no block mean, selection or
+    pooled key counts the padding)."""
+    q, k, v = _qkv(rng, 2, 2, 45, 8)
+    bias = key_bias(rng, 2, 45, "padding")
+    attrs = {"block_size": 8, "top_k": 2, "causal": causal, "rectify": rectify, "scale": 8**-0.5}
+    alone = [x[1:, :, :36] for x in (q, k, v)]
+    want = OP.run_reference(*alone, _unbiased(alone[0]), **attrs)[0]
+    for got in (OP.run_reference(q, k, v, bias, **attrs)[0],
+                run_decomposition("BlockSparseAttention", [q, k, v, bias], **attrs)[0]):
+        np.testing.assert_allclose(got[1:, :, :36], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("rectify", [0, 1, 2])
 def test_a_query_block_that_may_see_no_key_gives_zeros(rectify, rng):
     """A left-padded causal prompt (row 1's first 10 keys masked: block 0 wholly, with blocks
     of 8): its first query block may see no key block and gives zeros, not NaN (it would
@@ -132,10 +148,10 @@ def test_decomposition_and_kernel_match_the_reference(attrs, bias, dtype, rng, d
     tol = 1e-5 if dtype == np.float32 else 2e-2
     got = run_decomposition("BlockSparseAttention", ins, **attrs)[0]
     assert got.dtype == dtype
-    # a left-padded row that sees masked keys only attends them by their logits' rounding
-    # (float16's lowest bias swallows them): compared where a query sees a key not masked
-    seen = np.maximum.accumulate(ins[3] > -1e4, axis=1) if attrs["causal"] else np.ones(ins[3].shape, bool)
-    rows = np.broadcast_to(seen[:, None, :, None], want.shape)
+    # compared at the tokens that are not padding: a padding token counts in no block mean, so
+    # a query block of padding alone ranks the key blocks by ties (and what a padding query sees
+    # of masked keys only is rounding: float16's lowest bias swallows the logits)
+    rows = np.broadcast_to((ins[3] > -1e4)[:, None, :, None], want.shape)
     np.testing.assert_allclose(got.astype(np.float32)[rows], want.astype(np.float32)[rows], atol=tol)
     (kernel,) = run_triton(OP, ins, device, **attrs)
     np.testing.assert_allclose(kernel.astype(np.float32)[rows], want.astype(np.float32)[rows], atol=tol)

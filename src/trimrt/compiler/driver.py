@@ -193,14 +193,15 @@ def decoder_entry(spec, reports, build_rt: OnnxRuntimeBackend, target: str, min_
     pruning = next((r.details for r in reports if r.name in ("token_pruning", "mixture_of_depths")), None)
     prunes_prompt = pruning is not None
     removed = tuple(pruning.get("cache_tokens_removed") or ()) if pruning else ()
-    spec = replace(spec, prunes_prompt=prunes_prompt, cache_tokens_removed=removed)
+    sparse = any(r.name == "sparse_attention" for r in reports)
+    spec = replace(spec, prunes_prompt=prunes_prompt, sparse_prompt=sparse, cache_tokens_removed=removed)
     shared = target == "onnxruntime" and (removed or not prunes_prompt) and \
         updates_in_place(build_rt, spec, prompt=max(3, min_tokens))
     return replace(spec, shared_buffer=bool(shared)).to_dict()
 
 
 #: recipe tables that do not apply to a KV-cache graph yet (their rewrites assume one pass over all tokens)
-_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding", "sparse_attention")
+_NOT_FOR_DECODERS = ("token_merging", "token_slimming", "padding")
 
 
 def _check_decoder_recipe(recipe, spec, target: str) -> None:
@@ -209,7 +210,10 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
         verb = "does" if len(tables) == 1 else "do"
         raise BuildError(f"the recipe's [{'], ['.join(tables)}] {verb} not apply to a decoder with a KV cache yet; "
                          "prune a prefill-only export instead (e.g. LlamaModel, or an ONNX decoder without past inputs), "
-                         "or keep [token_pruning] / [quantization] / [onnxruntime] for generation builds")
+                         "or keep [token_pruning] / [sparse_attention] / [quantization] / [onnxruntime] for generation "
+                         "builds")
+    if recipe.sparse_attention is not None:
+        _check_sparse_decoder(recipe, spec, target)
     pruning = recipe.span_table
     if pruning is None:
         return
@@ -233,6 +237,21 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
     if why is not None:
         raise RecipeError(f"[token_pruning] method {pruning.method!r} does not apply to a decoder with a KV cache yet "
                           f"({why}); use last_token_attention (FastV) or divprune")
+
+
+def _check_sparse_decoder(recipe, spec, target: str) -> None:
+    """[sparse_attention] on a KV-cache decoder: its prompt's attention, on ONNX Runtime."""
+    if recipe.span_table is not None:
+        table = "token_pruning" if recipe.span_table is recipe.token_pruning else "mixture_of_depths"
+        raise RecipeError(f"[sparse_attention] and [{table}] in one decoder build are not supported yet (the reduced "
+                          "prompt's layers attend with a mask of their own); use one of them")
+    if target == "tensorrt":
+        raise RecipeError("[sparse_attention] on a decoder with a KV cache builds for ONNX Runtime only for now (the "
+                          "prompt's attention runs in an If beside the decode steps'); use --target onnxruntime")
+    if spec.sliding_window is not None:
+        raise RecipeError(f"[sparse_attention] this decoder's layers attend over a sliding window of "
+                          f"{spec.sliding_window} tokens, which block-sparse attention does not keep; decoders with "
+                          "windows are not supported")
 
 
 def _checker_problem(proto: onnx.ModelProto) -> str | None:

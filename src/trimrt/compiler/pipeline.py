@@ -91,7 +91,7 @@ class CleanupPass(TrimrtPass):
         sunk = _sink_into_branches(model.graph)  # once the dead nodes, which count as users, are gone
         TopologicalSortPass()(model)
         RemoveUnusedOpsetsPass()(model)
-        if any(n.domain == DOMAIN for n in model.graph):
+        if any(n.domain == DOMAIN for n in model.graph.all_nodes()):
             model.opset_imports[DOMAIN] = OP_VERSION
         infer_shapes(model)
         self.record({"nodes_removed": before - len(model.graph) - sunk, "nodes_moved_into_branches": sunk})

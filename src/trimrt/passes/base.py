@@ -97,8 +97,8 @@ class GraphBuilder(Builder):
         return super().const(array, None, name=name)
 
     def insert_before(self, anchor: ir.Node) -> None:
-        """Place the collected nodes right before `anchor`."""
-        self.graph.insert_before(anchor, self._nodes)
+        """Place the collected nodes right before `anchor` (in its graph: an If branch's too)."""
+        anchor.graph.insert_before(anchor, self._nodes)
         self._nodes = []
 
     def insert_after(self, anchor: ir.Node | None) -> None:
@@ -106,7 +106,7 @@ class GraphBuilder(Builder):
         if anchor is None:
             self.graph.insert_before(self.graph[0], self._nodes)
         else:
-            self.graph.insert_after(anchor, self._nodes)
+            anchor.graph.insert_after(anchor, self._nodes)
         self._nodes = []
 
     def append_to_graph(self) -> None:

@@ -98,7 +98,7 @@ class KVAttentionPass(TrimrtPass):
                             f"the rewritten graph differs from the exported one (relative error {drift:.2g})")
         counts = _rewrite_all(model, mode, positions)  # the checked rewrite again, in place (or the grouping only)
         builder = self.builder(model.graph)
-        for node in model.graph:  # the fused norms and RoPEs (onnxscript's rules made them) carry the pass tag too
+        for node in model.graph.all_nodes():  # the fused norms and RoPEs (onnxscript's rules made them) carry the pass tag too
             if node.domain in ("", "ai.onnx") and node.op_type in ("RMSNormalization", "RotaryEmbedding"):
                 builder.stamp(node)
         details = {**counts, "max_relative_error": None if drift is None or mode == "grouped" else float(f"{drift:.3g}")}
@@ -113,7 +113,7 @@ def _rewrite_all(model: ir.Model, mode: str, max_positions: int | None = None) -
     as attention ops on the cache, the model at opset 23 with RMSNorm and RoPE fused, else
     by grouping query heads."""
     fuse = mode in FUSED_FORMS
-    softmaxes = [n for n in model.graph if n.op_type == "Softmax"]
+    softmaxes = [n for n in model.graph.all_nodes() if n.op_type == "Softmax"]  # an If branch's too
     sites = [s for s in map(_match, softmaxes) if s is not None]
     if sites:  # blocks a token pass reduced have lost their shapes: matched like a shaped one
         found = {id(s.softmax) for s in sites}
@@ -139,7 +139,7 @@ def _rewrite_all(model: ir.Model, mode: str, max_positions: int | None = None) -
         counts["rotary_embedding"] = _rotary_embedding.fuse_rotary_embedding(model)
         # each fused RoPE computes its own Cos / Sin of the same angles: one pair is enough
         ir.passes.common.CommonSubexpressionEliminationPass()(model)
-        attentions = [n for n in model.graph if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
+        attentions = [n for n in model.graph.all_nodes() if n.op_type == "Attention" and n.name.startswith("trimrt_attention")]
         group_query = _GroupQuery(max_positions) if mode == "group_query" else None
         counts["token_major"] = 0
         for n in attentions:
@@ -319,7 +319,7 @@ def _attention(b, site: _Site) -> ir.Node:
     was = site.context.outputs[0]
     out.shape, out.dtype = was.shape, was.dtype
     b.insert_before(site.context)
-    ir.convenience.replace_all_uses_with(was, out)
+    ir.convenience.replace_all_uses_with(was, out, replace_graph_outputs=True)  # an If branch's output (sparse_attention)
     for old, new in ((site.keys, present_key), (site.values, present_value)):
         new.shape, new.dtype = old.shape, old.dtype
         name = old.name
@@ -524,7 +524,7 @@ def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int],
     out = b.op("Transpose", [b.op("Reshape", [y, b.const(np.array([0, 0, heads, head_dim]))])], {"perm": [0, 2, 1, 3]})
     out.shape, out.dtype = attention.outputs[0].shape, attention.outputs[0].dtype
     b.insert_before(attention)
-    ir.convenience.replace_all_uses_with(attention.outputs[0], out)
+    ir.convenience.replace_all_uses_with(attention.outputs[0], out, replace_graph_outputs=True)
     for old, new in zip(attention.outputs[1:], (present_key, present_value)):
         new.shape, new.dtype = old.shape, old.dtype
         name = old.name
@@ -585,4 +585,4 @@ def _grouped(b, site: _Site) -> None:
     was = site.context.outputs[0]
     out.shape, out.dtype = was.shape, was.dtype
     b.insert_before(site.context)
-    ir.convenience.replace_all_uses_with(was, out)
+    ir.convenience.replace_all_uses_with(was, out, replace_graph_outputs=True)

@@ -9,8 +9,19 @@ decomposition computes the selected blocks' products only, so the saving reaches
 Runtime. Masks: the op knows the causal rule (`causal`: an Attention op's is_causal, or
 a mask written into the graph that is the causal rule, computed from constants and shapes
 only and checked on probe inputs) and a bias of the keys (`key_bias`: a padding mask
-[B, 1, 1, N], whose fully masked blocks are never selected); other masks (padding and
-causal in one, windows) are refused for now.
+[B, 1, 1, N], whose fully masked blocks are never selected), and a decoder's both in one
+(below); other masks (windows) are refused.
+
+KV-cache decoders: the op runs on the prompt only (the step whose attention is N × N; a
+decode step's few queries attend the cache densely, as exported). Each listed block's
+attention over its cache (the past/new Concats that make its present key / value, the
+repetition of grouped heads, the scores, softmax and context) moves into the else-branch
+of an If on "no past" (the mask as wide as the step's tokens); the then-branch concatenates
+the (empty) past and the new tokens as the present, and runs the op on them. The mask of a
+Hugging Face decoder is the causal rule and padding in one: the op takes it as causal plus
+its last query row as key_bias (checked on a left-padded probe prompt; sliding windows are
+refused). The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
+is filled from them, as after a pruned prompt), and decode steps write in place as before.
 
 Images and video: blocks of consecutive tokens are rows of patches, whose attention is
 spread over the rows above and below. `order` = tiled / hilbert gathers q, k and v into
@@ -25,11 +36,13 @@ import numpy as np
 import onnx_ir as ir
 
 from ..compiler.analysis import Attention, ancestors, structure_of
+from ..compiler.decoder import DECODER_SPEC
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
 from ..plugins.block_sparse_attention import MASKED_BIAS, RECTIFY_BLOCKS, RECTIFY_TOKENS
 from ..recipe import SparseAttentionOptions
-from .base import TrimrtPass
+from ..runtime.kv_cache import ATTENTION_MASK, KINDS, POSITION_IDS, past_name, present_name
+from .base import GraphBuilder, TrimrtPass
 
 #: the recipe's rectify -> the op's
 _RECTIFY = {False: 0, True: RECTIFY_TOKENS, "blocks": RECTIFY_BLOCKS}
@@ -60,11 +73,16 @@ class SparseAttentionPass(TrimrtPass):
             raise StructureError(f"[sparse_attention] the grid {list(opts.grid)} has {grid_tokens} patches but the "
                                  f"blocks see {n} tokens: give the model's patch grid")
         top_k = opts.top_k or 0
-        masks = _Masks(model, n)
-        done = []
+        decoder = self.context.shared.get(DECODER_SPEC)
+        masks = _Masks(model, n, decoder)
+        done, prompt = [], None
         for layer in layers:
             attn = tmap.blocks[layer].attention
             q, k, v, causal = _operands(attn, layer, masks)
+            if decoder is not None:
+                if prompt is None:
+                    prompt = _is_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder)
+                region, presents = _cache_region(model.graph, attn, layer)
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
                                      "order (order = 'sequence')")
@@ -83,12 +101,15 @@ class SparseAttentionPass(TrimrtPass):
             if opts.order != "sequence":
                 out = b.Gather(out, inverse, axis=2)
             out.dtype, out.shape = attn.output.dtype, attn.output.shape
-            b.insert_after(attn.output.producer())
-            ir.convenience.replace_all_uses_with(attn.output, out)
+            if decoder is not None:
+                _prompt_only(b, model.graph, prompt, region, presents, attn.output, out)
+            else:
+                b.insert_after(attn.output.producer())
+                ir.convenience.replace_all_uses_with(attn.output, out)
             done.append({"block": layer, "causal": bool(causal),
                          "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
         density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
-        self.record({"tokens": n, "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau,
+        self.record({"tokens": n, "prompt_only": decoder is not None, "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau,
                      "density": density, "rectify": opts.rectify, "order": opts.order,
                      "grid": list(opts.grid) if opts.grid else None, "layers": done}, changes_results=True)
         return ir.passes.PassResult(model, modified=True)
@@ -151,6 +172,94 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
     return order, inverse
 
 
+def _is_prompt(b: GraphBuilder, graph: ir.Graph, decoder) -> ir.Value:
+    """A decoder step without a past: its attention mask is as wide as its tokens (a shared
+    cache buffer is longer than the past it holds, so the past's length would not tell)."""
+    inputs = {v.name: v for v in graph.inputs}
+    width = b.Shape(inputs[ATTENTION_MASK], start=1, end=2)
+    tokens = b.Shape(inputs[decoder.token_input], start=1, end=2)
+    empty = b.Equal(width, tokens)
+    b.insert_after(None)
+    return empty
+
+
+def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
+    """(the nodes of a decoder block's attention over its cache, in graph order: the Concats of
+    past and new that are its present key / value, all they feed up to the attention's output;
+    the present key and value). Refused when something else reads one of those nodes."""
+    outputs = {v.name: v for v in graph.outputs}
+    inputs = {v.name: v for v in graph.inputs}
+    presents = tuple(outputs.get(present_name(layer, kind)) for kind in KINDS)
+    concats = [value.producer() if value is not None else None for value in presents]
+    if attn.core.op_type != "Softmax" or any(
+            c is None or c.op_type != "Concat" or c.inputs[0] is not inputs.get(past_name(layer, kind))
+            for c, kind in zip(concats, KINDS)):
+        raise StructureError(f"[sparse_attention] block {layer} of this decoder does not attend its cache as "
+                             "Softmax(q·kᵀ) over Concat(past, new) keys and values; block-sparse attention on KV-cache "
+                             "decoders takes that form (an export of trimrt or torch.onnx) only so far")
+    reached, stack = set(), list(concats)
+    while stack:
+        node = stack.pop()
+        if node not in reached:
+            reached.add(node)
+            stack.extend(user for out in node.outputs for user, _ in out.uses())
+    feeding = ancestors(attn.output, set())[0]
+    region = [node for node in graph if node in reached and node in feeding]
+    inside, ends = set(region), {attn.output, *presents}
+    for node in region:
+        for out in node.outputs:
+            strangers = [user for user, _ in out.uses() if user not in inside]
+            if out not in ends and (strangers or out.is_graph_output()):
+                reader = strangers[0].name if strangers else "a graph output"
+                raise StructureError(f"[sparse_attention] block {layer}'s attention is also read by {reader} (e.g. "
+                                     "a token pruning's scores); remove the block from [sparse_attention] layers")
+    return region, presents
+
+
+def _prompt_only(b: GraphBuilder, graph: ir.Graph, prompt: ir.Value, region: list[ir.Node],
+                 presents: tuple[ir.Value, ir.Value], dense: ir.Value, sparse: ir.Value) -> None:
+    """Replace a decoder block's attention (`dense`, computed by `region`) with an If on `prompt`:
+    then the op's output `sparse` (built by `b`) with presents of its own (copies of the region's
+    nodes the op reads: the Concats, the heads' repetition), else the region as it was."""
+    needed = {x for node in b.nodes for x in node.inputs if x is not None and x.producer() in region}
+    feeding = set()
+    for value in (*needed, *presents):
+        feeding |= ancestors(value, set())[0]
+    copies = {}
+    cloned = [_clone(node, copies, b.prefix) for node in region if node in feeding]
+    for node in b.nodes:
+        for i, x in enumerate(node.inputs):
+            if x in copies:
+                node.replace_input_with(i, copies[x])
+    then = ir.Graph([], [sparse, *(copies[p] for p in presents)], nodes=[*cloned, *b.nodes], name=f"{b.prefix}_prompt")
+    b.discard()
+    results = b.op_multi_out("If", [prompt], {"then_branch": then, "else_branch": ir.Graph([], [], nodes=[])},
+                             num_outputs=3, name=f"{b.prefix}_prompt_only")
+    b.insert_after(region[-1])
+    for old, new in zip((dense, *presents), results):
+        new.dtype, new.shape = old.dtype, old.shape
+    ir.convenience.replace_all_uses_with(dense, results[0])
+    for value, new in zip(presents, results[1:]):
+        graph.outputs[graph.outputs.index(value)] = new
+        value.name, new.name = f"{value.name}_dense", value.name
+    graph.remove(region, safe=False)
+    otherwise = ir.Graph([], [dense, *presents], nodes=region, name=f"{b.prefix}_decode")
+    results[0].producer().attributes["else_branch"] = ir.AttrGraph("else_branch", otherwise)
+
+
+def _clone(node: ir.Node, copies: dict, prefix: str) -> ir.Node:
+    """A copy of `node` reading the copies made so far (`copies`: original -> copy, extended with its outputs)."""
+    inputs = [copies.get(x, x) for x in node.inputs]
+    twin = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                   overload=node.overload, num_outputs=len(node.outputs), version=node.version,
+                   name=f"{prefix}_{node.name}")
+    for old, new in zip(node.outputs, twin.outputs):
+        new.name, new.dtype, new.shape = f"{prefix}_{old.name}", old.dtype, old.shape
+        copies[old] = new
+    twin.metadata_props.update(node.metadata_props)
+    return twin
+
+
 class _Masks:
     """What a block's mask written into the graph is, for the op: "keys" when it only biases
     keys (a padding mask: its head and query axes are 1, [B, 1, 1, N], or it reads no input
@@ -158,11 +267,13 @@ class _Masks:
     the op's key_bias; "causal" when it is
     the causal rule (computed from constants and the inputs' shapes only, and found on probe
     inputs of two lengths to be 0 on and below the diagonal and at most MASKED_BIAS above
-    it); None for any other (refused). Probed once per mask value (the blocks of a model
-    share theirs)."""
+    it); "causal_keys" when it is the causal rule and a bias of the keys in one (a KV-cache
+    decoder's: on a left-padded probe prompt, what each query sees is what the last one sees,
+    up to itself); None for any other (refused). Probed once per mask value (the blocks of a
+    model share theirs)."""
 
-    def __init__(self, model: ir.Model, tokens):
-        self.model, self.tokens, self.known, self.proto = model, tokens, {}, None
+    def __init__(self, model: ir.Model, tokens, decoder=None):
+        self.model, self.tokens, self.decoder, self.known, self.proto = model, tokens, decoder, {}, None
 
     def kind(self, attn: Attention) -> str | None:
         if attn.mask is None and attn.mask_select is None:
@@ -173,14 +284,16 @@ class _Masks:
         if _keys_only(value):
             return "keys"
         if value.name not in self.known:
-            self.known[value.name] = self._classify(value, visible)
+            classify = self._classify if self.decoder is None else self._classify_prompt
+            self.known[value.name] = classify(value, visible)
         return self.known[value.name]
 
     def key_bias(self, b, attn: Attention, q: ir.Value) -> ir.Value:
-        """The op's key_bias [B, N]: the keys-only mask's values (its first query row; a Where
-        mask as 0 / its fill, a boolean one as 0 / -inf), or zeros."""
+        """The op's key_bias [B, N]: the mask's values where it biases keys (its last query row,
+        which sees every key a causal mask lets through; a Where mask as 0 / its fill, a boolean
+        one as 0 / -inf), or zeros."""
         batch_and_keys = b.Concat(b.Shape(q, start=0, end=1), b.Shape(q, start=2, end=3), axis=0)
-        if self.kind(attn) != "keys":
+        if self.kind(attn) not in ("keys", "causal_keys"):
             return b.CastLike(b.ConstantOfShape(batch_and_keys), q)
         bias, zero = attn.mask, b.CastLike(b.const(np.float32(0.0)), q)
         if _boolean(bias):  # the Attention op's boolean attn_mask: True attends
@@ -190,8 +303,8 @@ class _Masks:
             bias = b.Where(where.inputs[0], zero, b.CastLike(where.inputs[2], q)) if self._logits_first(attn) else \
                 b.Where(where.inputs[0], b.CastLike(where.inputs[1], q), zero)
         rank = len(bias.shape)
-        if rank >= 2 and bias.shape[-2] != 1:  # [.., N, N] the same for every query: its first row
-            bias = b.Slice(bias, b.const([0]), b.const([1]), b.const([rank - 2]))
+        if rank >= 2 and bias.shape[-2] != 1:  # [.., N, N]: its last row
+            bias = b.Slice(bias, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([rank - 2]))
         rows = b.Reshape(bias, b.Concat(b.Shape(bias, start=0, end=1) if rank == 4 else b.const([1]), b.const([-1]),
                                         axis=0))
         return b.CastLike(b.Expand(rows, batch_and_keys), q)
@@ -246,6 +359,29 @@ class _Masks:
         return "keys" if same_rows else "causal" if causal else None
 
 
+    def _classify_prompt(self, value: ir.Value, visible) -> str | None:
+        """A KV-cache decoder's mask on a probe prompt of two rows, the second left-padded:
+        "causal_keys" when each row's query i sees the keys up to i that its last query sees."""
+        from ..compiler.onnx_runner import OnnxRunner
+        from ..plugins import runnable_proto
+
+        if self.proto is None:
+            self.proto = runnable_proto(ir.serde.serialize_model(self.model))
+        n = 11
+        feeds = self.decoder.random_feeds(batch=2, new=n, past=0)
+        feeds[ATTENTION_MASK][1, :3] = 0
+        if POSITION_IDS in feeds:
+            feeds[POSITION_IDS] = np.maximum(np.cumsum(feeds[ATTENTION_MASK], axis=1) - 1, 0)
+        mask = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
+        if mask.ndim != 4 or mask.shape[-2:] != (n, n):
+            return None
+        seen = visible(np.broadcast_to(mask, (2, mask.shape[1], n, n)))
+        if any(x is None for x in seen.reshape(-1)):
+            return None
+        want = np.tril(np.ones((n, n), bool)) & seen[:, :, -1:, :].astype(bool)
+        return "causal_keys" if bool((seen.astype(bool) == want).all()) else None
+
+
 def _boolean(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.BOOL
 
@@ -267,7 +403,7 @@ def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.
         raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask that is neither the causal rule "
                              "nor a bias of the keys alone (e.g. padding and causal in one mask, or a window); "
                              "block-sparse attention takes those two only so far: remove the block from layers")
-    masked = kind == "causal"
+    masked = kind in ("causal", "causal_keys")
     if attn.core.op_type == "Attention":
         q, k, v = attn.core.inputs[:3]
         causal = max(attn.core.attributes.get_int("is_causal", 0), int(masked))

@@ -4,7 +4,8 @@ with Rectified SpaAttn's corrections (Liu et al., 2025; BienLuky/Rectified-SpaAt
 The tokens are cut into blocks of `block_size` (the last one may be shorter). Per
 (batch, head):
 
-1. block means q̄, k̄, v̄ (over each block's real tokens) and the pooled probabilities
+1. block means q̄, k̄, v̄ (over each block's tokens whose key is not masked: padding
+   counts for nothing, whatever its values) and the pooled probabilities
    P = softmax(q̄·k̄ᵀ·scale) over the key blocks a query block may see (causal: j ≤ i);
 2. selection: the `sink` first blocks and the `local` nearest ones (|i − j| < local; the
    diagonal when local = 1) always, then the highest P, `top_k` blocks in all (0: every
@@ -17,8 +18,8 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
    non-selected block whose pooled score is reliable (GAPR: |q̄·k̄| above the pooling error
    |mean|Δq|·k̄| + |q̄·mean|Δk||; causal: only blocks wholly in the past, j < i) is pooled.
    rectify = 1 (per token): each pooled block joins every query's softmax as one key k̄
-   with value v̄ and the weight of its c tokens (logit q·k̄·scale + log c + its mean key
-   bias; blocks with a masked key are not pooled), so the selected keys' mass is
+   with value v̄ and the weight of its c tokens (logit q·k̄·scale + log c + their mean key
+   bias, over the tokens whose key is not masked), so the selected keys' mass is
    reallocated exactly, per query. rectify = 2 (per block, Rectified SpaAttn's formula):
    out = R·out_sparse + Σ_pooled P·v̄ with R the pooled mass not pooled (IPAR); the pooled
    P underestimates a selected block whose keys vary (exp of the mean logit is below the
@@ -75,10 +76,12 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     pad = ((0, 0), (0, 0), (0, nb * block_size - n), (0, 0))
     qb, kb, vb = (np.pad(x.astype(np.float64), pad).reshape(b, h, nb, block_size, d) for x in (q, k, v))
     real = (np.arange(nb * block_size) < n).reshape(nb, block_size)  # [nb, bs]: the tokens that exist
-    counts = real.sum(axis=1)[:, None]
-    qm, km, vm = (x.sum(axis=3) / counts for x in (qb, kb, vb))  # block means [B, H, nb, Dh]
     bias = np.where(real, np.pad(np.asarray(key_bias, np.float64), ((0, 0), (0, nb * block_size - n))
                                  ).reshape(b, nb, block_size), -np.inf)  # [B, nb, bs]
+    # the block means and their spread count the tokens whose key is not masked (padding counts for nothing)
+    pooling = (bias > MASKED_BIAS)[:, None, :, :, None]  # [B, 1, nb, bs, 1]
+    pooled_counts = np.maximum(pooling.sum(axis=3), 1)  # [B, 1, nb, 1]
+    qm, km, vm = ((x * pooling).sum(axis=3) / pooled_counts for x in (qb, kb, vb))  # block means [B, H, nb, Dh]
     i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
     allowed = ((j <= i) if causal else np.ones((nb, nb), bool)) & (bias > MASKED_BIAS).any(axis=2)[:, None, None, :]
     p = _softmax(np.where(allowed, qm @ km.swapaxes(-1, -2) * scale, -np.inf))  # [B, H, nb, nb]
@@ -101,15 +104,14 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     logits = np.where(key_ok, logits, -np.inf).reshape(b, h, nb, block_size, nb * block_size)
     values = vb.reshape(b, h, 1, nb * block_size, d)
     if rectify:  # GAPR: the skipped blocks whose pooled score is reliable
-        dq = (np.abs(qb - qm[:, :, :, None]) * real[..., None]).sum(axis=3) / counts
-        dk = (np.abs(kb - km[:, :, :, None]) * real[..., None]).sum(axis=3) / counts
+        dq = (np.abs(qb - qm[:, :, :, None]) * pooling).sum(axis=3) / pooled_counts
+        dk = (np.abs(kb - km[:, :, :, None]) * pooling).sum(axis=3) / pooled_counts
         gain = np.abs(qm @ km.swapaxes(-1, -2))
         error = np.abs(dq @ km.swapaxes(-1, -2)) + np.abs(qm @ dk.swapaxes(-1, -2))
         pooled = allowed & ~selected & (gain > error) & ((j < i) if causal else True)
     if rectify == RECTIFY_TOKENS:  # one pooled key per such block in every query's softmax
-        whole = np.where(real, bias > MASKED_BIAS, True).all(axis=2)  # [B, nb]: no key masked
-        pooled &= whole[:, None, None, :]
-        weight = np.log(counts[:, 0]) + np.where(real, bias, 0.0).sum(axis=2) / counts[:, 0]  # [B, nb]
+        tokens = pooled_counts[:, 0, :, 0]  # [B, nb]: a pooled key stands for the block's tokens not masked
+        weight = np.log(tokens) + np.where(bias > MASKED_BIAS, bias, 0.0).sum(axis=2) / tokens
         pooled_logits = np.einsum("bhiqd,bhjd->bhiqj", qb, km) * scale + weight[:, None, None, None, :]
         probs = _softmax(np.concatenate([logits, np.where(pooled[:, :, :, None], pooled_logits, -np.inf)], axis=-1))
         out = probs[..., :nb * block_size] @ values + probs[..., nb * block_size:] @ vm[:, :, None]
@@ -154,7 +156,20 @@ def decompose(b, q, k, v, key_bias):
     real = b.Less(pos, n)  # [nb, bs]
     token_bias = b.Where(real, bias_blocks, minus_inf)  # [B, nb, bs]: the padding of a ragged block -inf
     counts = b.ReduceSum(b.CastLike(real, q), ax(1), keepdims=1)  # [nb, 1]
-    qm, km, vm = (b.Div(b.ReduceSum(x, ax(3), keepdims=0), counts) for x in (qb, kb, vb))  # [B, H, nb, Dh]
+    # the block means count the tokens whose key is not masked (a masked one is padding)
+    pooling = b.CastLike(b.Unsqueeze(b.Greater(token_bias, fconst(MASKED_BIAS)), ax(1, -1)), q)  # [B, 1, nb, bs, 1]
+    masked_tokens = b.Less(b.ReduceMin(b.Where(real, token_bias, fconst(0.0)), keepdims=0), fconst(MASKED_BIAS))
+
+    def pooled_means(sub):
+        tokens = sub.Max(sub.ReduceSum(pooling, ax(3), keepdims=0), fconst(1.0))  # [B, 1, nb, 1]
+        return [*(sub.Div(sub.ReduceSum(sub.Mul(x, pooling), ax(3), keepdims=0), tokens) for x in (qb, kb, vb)),
+                tokens]
+
+    def means(sub):
+        return [*(sub.Div(sub.ReduceSum(x, ax(3), keepdims=0), counts) for x in (qb, kb, vb)),
+                sub.Unsqueeze(counts, ax(0, 1))]  # [1, 1, nb, 1]: both branches of one rank (OpenVINO)
+
+    qm, km, vm, pooled_counts = _branch(b, masked_tokens, pooled_means, means, "pooled_means", 4)  # [B, H, nb, Dh]
     km_t = b.Transpose(km, perm=[0, 1, 3, 2])
     q_scaled = b.Mul(qb, scale)  # the queries of every product with keys
     blocks = b.Range(zero, nb, one)
@@ -246,23 +261,33 @@ def decompose(b, q, k, v, key_bias):
         one_hot = sub.OneHot(chosen, sub.Reshape(nb, ax(1)), fconst([0.0, 1.0]), axis=-1)
         selected = sub.ReduceMax(sub.Mul(one_hot, sub.Unsqueeze(sub.CastLike(chosen_ok, q), ax(-1))), ax(3),
                                  keepdims=0)  # [B, H, nb, nb]
-        # mean |x − x̄| over a block's real tokens: the padding (zeros) adds |x̄| per padded token
-        missing = sub.Sub(sub.CastLike(bs, q), counts)  # [nb, 1]
-        dq, dk = (sub.Div(sub.Sub(sub.ReduceL1(sub.Sub(x, sub.Unsqueeze(m, ax(3))), ax(3), keepdims=0),
-                                  sub.Mul(missing, sub.Abs(m))), counts) for x, m in ((qb, qm), (kb, km)))
+        def spread(x, m):
+            """mean |x − x̄| over the tokens a block's mean counts: the padding of a ragged block
+            (zeros) adds |x̄| per padded token; masked tokens are multiplied out."""
+            def weighted(w):
+                return [w.Div(w.ReduceL1(w.Mul(w.Sub(x, w.Unsqueeze(m, ax(3))), pooling), ax(3), keepdims=0),
+                              pooled_counts)]
+
+            def unweighted(u):
+                missing = u.Sub(u.CastLike(bs, q), counts)  # [nb, 1]
+                return [u.Div(u.Sub(u.ReduceL1(u.Sub(x, u.Unsqueeze(m, ax(3))), ax(3), keepdims=0),
+                                    u.Mul(missing, u.Abs(m))), counts)]
+
+            return _branch(sub, masked_tokens, weighted, unweighted, "spread")
+
+        dq, dk = spread(qb, qm), spread(kb, km)
         gain = sub.Abs(pooled_dot)
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
         past = sub.Or(sub.Not(causal), sub.Less(j, i))
         pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)), sub.Less(selected, fconst(0.5)))
 
         def per_token(tok):
-            lowest = tok.ReduceMin(tok.Where(real, token_bias, fconst(np.inf)), ax(2), keepdims=0)
-            whole = tok.Greater(lowest, fconst(MASKED_BIAS))  # [B, nb]: no key masked
-            ok = tok.And(pooled, tok.Unsqueeze(whole, ax(1, 2)))  # [B, H, nb, nb]
-            counts_row = tok.Reshape(counts, ax(-1))  # [nb]
-            weight = tok.Add(tok.Log(counts_row), tok.Div(tok.ReduceSum(tok.Where(real, token_bias, fconst(0.0)), ax(2),
-                                                                        keepdims=0), counts_row))  # [B, nb]
-            weight = tok.Where(ok, tok.Unsqueeze(weight, ax(1, 2)), minus_inf)  # [B, H, nb, nb]: -inf not pooled
+            # a pooled key stands for its block's tokens whose key is not masked: their count, mean bias
+            tokens = tok.Squeeze(pooled_counts, ax(1, 3))  # [B | 1, nb]
+            counted = tok.Greater(token_bias, fconst(MASKED_BIAS))
+            weight = tok.Add(tok.Log(tokens), tok.Div(tok.ReduceSum(tok.Where(counted, token_bias, fconst(0.0)), ax(2),
+                                                                    keepdims=0), tokens))  # [B, nb]
+            weight = tok.Where(pooled, tok.Unsqueeze(weight, ax(1, 2)), minus_inf)  # [B, H, nb, nb]: -inf not pooled
             pooled_logits = tok.Add(tok.MatMul(q_scaled, tok.Unsqueeze(km_t, ax(2))),
                                     tok.Unsqueeze(weight, ax(3)))  # [B, H, nb, bs, nb]
             # the sparse softmax's log-sum-exp [B, H, nb, bs, 1] (ONNX Runtime's ReduceLogSumExp

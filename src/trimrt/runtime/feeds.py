@@ -122,7 +122,7 @@ def build_feeds(manifest: Mapping, inputs: Sequence[TensorInfo], *, batch: int =
         from .kv_cache import DecoderSpec
 
         spec = DecoderSpec.from_manifest(manifest, "the build")
-        if spec.prunes_prompt:
+        if spec.prompt_fed:  # what the build changes is its prompt
             prompt = tokens or manifest["example_shapes"][spec.token_input][1]
             return spec.random_feeds(batch, new=max(prompt, manifest.get("min_tokens") or 0), past=0, seed=seed)
         return spec.random_feeds(batch, new=tokens or 5, seed=seed)

@@ -237,10 +237,10 @@ class Generator:
         while True:
             if spec.position_input:
                 feeds[POSITION_IDS] = positions
-            if cache and (cache.length or not spec.prunes_prompt):
+            if cache and (cache.length or not spec.prompt_fed):
                 held = cache.length
                 out = self.session.run_with_cache(feeds, cache, check=step == 0)  # later steps' feeds are ours
-            elif cache:  # a pruned prompt's prefill runs with its (empty) past fed; the cache holds what it returns
+            elif cache:  # a pruned / block-sparse prompt runs with its (empty) past fed; the cache holds what it returns
                 out = self.session.run({**feeds, **spec.empty_cache(batch)})
                 cache.load(out, mask.shape[1])
             else:

@@ -94,6 +94,9 @@ class DecoderSpec:
     #: the build prunes prompt tokens at prefill (FastV, DivPrune): the reduced layers cache fewer
     #: tokens and attend without a padding mask, so a batch's prompts must have one length
     prunes_prompt: bool = False
+    #: some layers attend the prompt block-sparsely (BlockSparseAttention at prefill; a decode
+    #: step attends its cache densely, as exported)
+    sparse_prompt: bool = False
     #: the graph writes a step's keys / values into a past buffer bound as its present too
     #: (checked when compiled: `updates_in_place`)
     shared_buffer: bool = False
@@ -118,6 +121,13 @@ class DecoderSpec:
                           "cache_tokens_removed": tuple(entry.get("cache_tokens_removed") or ())})
         except TypeError as exc:
             raise BuildLoadError(f"{where}: the manifest's 'decoder' entry is malformed ({exc}); recompile the build") from None
+
+    @property
+    def prompt_fed(self) -> bool:
+        """The prompt runs with its (empty) past fed and returns its presents, which a shared
+        cache buffer then holds (KVCache.load): a pruned or block-sparse prompt is computed
+        apart from the in-place decode steps."""
+        return self.prunes_prompt or self.sparse_prompt
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -258,7 +268,7 @@ def updates_in_place(backend, spec: DecoderSpec, prompt: int = 3) -> bool:
     for new in (prompt, 2):
         feeds = {**spec.random_feeds(1, new=new, past=cache.length, seed=new), **past}
         want = backend.infer(feeds)
-        if spec.prunes_prompt and not cache.length:  # its prompt runs with the past fed (KVCache.load)
+        if spec.prompt_fed and not cache.length:  # its prompt runs with the past fed (KVCache.load)
             cache.load(want, new)
             past = {name: want[_present_of(name)] for name in past}
             continue

@@ -69,12 +69,13 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_
     tl.store(lse_ptr + bh * N + rows, lse, mask=row_ok)  # the per-token rectification weighs the pooled keys by it
 
 
-def _block_means(x: torch.Tensor, bs: int, nb: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x in blocks [B, H, nb, bs, Dh] zero-padded, block means [B, H, nb, Dh], real-token mask [nb, bs])."""
+def _block_means(x: torch.Tensor, bs: int, nb: int, pooling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in blocks [B, H, nb, bs, Dh] zero-padded, the block means over the tokens `pooling`
+    [B, nb, bs] counts, [B, H, nb, Dh])."""
     b, h, n, d = x.shape
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * bs - n)).reshape(b, h, nb, bs, d)
-    real = (torch.arange(nb * bs, device=x.device) < n).reshape(nb, bs)
-    return padded, padded.sum(dim=3) / real.sum(dim=1)[:, None], real
+    weights = pooling[:, None, :, :, None].float()
+    return padded, (padded * weights).sum(dim=3) / weights.sum(dim=3).clamp(min=1.0)
 
 
 def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, local: int, causal: int,
@@ -96,14 +97,15 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
     return p, order, (ranked > -0.5) & ((ranked > 1.5) | within_tau), allowed
 
 
-def pooled_blocks(qb, kb, qm, km, real, p, chosen, chosen_ok, allowed, causal: int):
+def pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal: int):
     """GAPR's pooled blocks [B, H, nb, nb]: allowed, not selected, wholly in the past when causal,
-    and a gain above the pooling error."""
+    and a gain above the pooling error (the spread over the tokens `pooling` counts)."""
     nb = p.shape[-1]
     selected = torch.zeros_like(p, dtype=torch.bool).scatter(-1, chosen, chosen_ok)
-    counts = real.sum(dim=1)[:, None]
-    dq = ((qb - qm[:, :, :, None]).abs() * real[..., None]).sum(dim=3) / counts
-    dk = ((kb - km[:, :, :, None]).abs() * real[..., None]).sum(dim=3) / counts
+    weights = pooling[:, None, :, :, None].float()
+    counts = weights.sum(dim=3).clamp(min=1.0)
+    dq = ((qb - qm[:, :, :, None]).abs() * weights).sum(dim=3) / counts
+    dk = ((kb - km[:, :, :, None]).abs() * weights).sum(dim=3) / counts
     gain = (qm @ km.transpose(-1, -2)).abs()
     error = (dq @ km.transpose(-1, -2)).abs() + (qm @ dk.transpose(-1, -2)).abs()
     i = torch.arange(nb, device=p.device)[:, None]
@@ -112,14 +114,14 @@ def pooled_blocks(qb, kb, qm, km, real, p, chosen, chosen_ok, allowed, causal: i
     return allowed & past & ~selected & (gain > error)
 
 
-def rectify_per_token(sparse, lse, qb, km, vm, bias, real, pooled, scale: float):
-    """The sparse output [B, H, nb, bs, Dh] with the pooled blocks as keys (k̄, v̄, weight of their
-    tokens) in every query's softmax: `lse` [B, H, nb, bs] is the sparse softmax's log-sum-exp."""
-    counts = real.sum(dim=1).to(torch.float32)  # [nb]
-    whole = torch.where(real, bias > MASKED_BIAS, True).all(dim=2)  # [B, nb]
-    weight = counts.log() + torch.where(real, bias, 0.0).sum(dim=2) / counts  # [B, nb]
+def rectify_per_token(sparse, lse, qb, km, vm, bias, pooling, pooled, scale: float):
+    """The sparse output [B, H, nb, bs, Dh] with the pooled blocks as keys (k̄, v̄, weight of the
+    tokens `pooling` counts) in every query's softmax: `lse` [B, H, nb, bs] is the sparse
+    softmax's log-sum-exp."""
+    counts = pooling.sum(dim=2).clamp(min=1).to(torch.float32)  # [B, nb]
+    weight = counts.log() + torch.where(pooling, bias, 0.0).sum(dim=2) / counts  # [B, nb]
     logits = torch.einsum("bhiqd,bhjd->bhiqj", qb, km) * scale + weight[:, None, None, None, :]
-    logits = torch.where((pooled & whole[:, None, None, :])[:, :, :, None, :], logits, float("-inf"))
+    logits = torch.where(pooled[:, :, :, None, :], logits, float("-inf"))
     top = torch.maximum(lse, logits.amax(dim=-1))[..., None]
     sparse_w, pooled_w = torch.exp(lse[..., None] - top), torch.exp(logits - top)
     return (sparse * sparse_w + pooled_w @ vm[:, :, None]) / (sparse_w + pooled_w.sum(dim=-1, keepdim=True))
@@ -138,11 +140,13 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tenso
     if result.numel() == 0:
         return (result,)
     nb = -(-n // block_size)
-    qb, qm, real = _block_means(q, block_size, nb)
-    kb, km, _ = _block_means(k, block_size, nb)
-    _, vm, _ = _block_means(v, block_size, nb)
+    real = (torch.arange(nb * block_size, device=q.device) < n).reshape(nb, block_size)
     bias = torch.nn.functional.pad(key_bias.float(), (0, nb * block_size - n)).reshape(b, nb, block_size)
-    seen = (torch.where(real, bias, float("-inf")) > MASKED_BIAS).any(dim=2)
+    pooling = real & (bias > MASKED_BIAS)  # the tokens a block's mean counts (padding none)
+    qb, qm = _block_means(q, block_size, nb, pooling)
+    kb, km = _block_means(k, block_size, nb, pooling)
+    _, vm = _block_means(v, block_size, nb, pooling)
+    seen = pooling.any(dim=2)
     p, chosen, chosen_ok, allowed = select_blocks(qm, km, seen, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
                                                   causal=causal, scale=scale)
     sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
@@ -152,14 +156,14 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tenso
         chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), sparse, lse,
         CAUSAL=bool(causal), BLOCK=block(block_size), BLOCK_D=block(d, MAX_BLOCK_D))
     if rectify:
-        pooled = pooled_blocks(qb, kb, qm, km, real, p, chosen, chosen_ok, allowed, causal)
+        pooled = pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal)
         blocks = torch.nn.functional.pad(sparse, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d)
         if rectify == RECTIFY_BLOCKS:
             pooled_p = p * pooled
             blocks = blocks * (p * ~pooled).sum(dim=-1)[..., None, None] + (pooled_p @ vm)[:, :, :, None, :]
         else:
             lse_blocks = torch.nn.functional.pad(lse, (0, nb * block_size - n)).reshape(b, h, nb, block_size)
-            blocks = rectify_per_token(blocks, lse_blocks, qb, km, vm, bias, real, pooled, scale)
+            blocks = rectify_per_token(blocks, lse_blocks, qb, km, vm, bias, pooling, pooled, scale)
         sparse = blocks.reshape(b, h, -1, d)[:, :, :n]
     blind = ~chosen_ok.any(dim=-1).repeat_interleave(block_size, dim=-1)[:, :, :n]  # a query block that sees no key
     sparse = torch.where(blind[..., None], 0.0, sparse)
