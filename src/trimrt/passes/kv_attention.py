@@ -346,7 +346,8 @@ def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
 
 class _GroupQuery:
     """What the GroupQueryAttention rewrites of one graph share: the sequence-length inputs
-    (made once per mask), the RoPE tables (once per angle computation), and counts."""
+    (made once per mask and graph: an attention in an If branch makes its own), the RoPE
+    tables (once per angle computation), and counts."""
 
     def __init__(self, max_positions: int | None):
         self.max_positions = max_positions  # RoPE tables' length (None: no table, RoPE stays apart)
@@ -398,7 +399,7 @@ def _token_major(b, attention: ir.Node, group_query: _GroupQuery | None) -> bool
     ropes = [rope for _, rope in inputs]
     if group_query is not None:
         y, present_key, present_value = _group_query(b, (q3, k3, v3), ropes, heads, kv_heads, scale,
-                                                     mask, past_key, past_value, group_query)
+                                                     mask, past_key, past_value, group_query, attention.graph)
     else:
         rotated = [b.op("RotaryEmbedding", [x, *rope.inputs[1:]], {"num_heads": n}) if rope is not None else x
                    for (x, n), rope in zip(((q3, heads), (k3, kv_heads), (v3, kv_heads)), ropes)]
@@ -419,7 +420,7 @@ def _token_major(b, attention: ir.Node, group_query: _GroupQuery | None) -> bool
 
 
 def _group_query(b, qkv: tuple, ropes: list, heads: int, kv_heads: int, scale: float, mask: ir.Value,
-                 past_key: ir.Value, past_value: ir.Value, group_query: _GroupQuery) -> list[ir.Value]:
+                 past_key: ir.Value, past_value: ir.Value, group_query: _GroupQuery, scope: ir.Graph) -> list[ir.Value]:
     """GroupQueryAttention on q, k, v [B, S, heads·d] (each RoPE'd where `ropes` says), with the
     RoPE applied by the op where q and k share one whose tables could be made. Returns its
     three outputs."""
@@ -433,7 +434,7 @@ def _group_query(b, qkv: tuple, ropes: list, heads: int, kv_heads: int, scale: f
                     for x, n, rope in zip(qkv, (heads, kv_heads, kv_heads), ropes))
     else:
         group_query.rotary += 1
-    total, seqlens, new_tokens = _sequence_lengths(b, mask, qkv[0], past_key, group_query.lengths)
+    total, seqlens, new_tokens = _sequence_lengths(b, mask, qkv[0], past_key, group_query.lengths.setdefault(id(scope), {}))
     cos, sin, positions = rotary if rotary is not None else (None, None, None)
     return b.op_multi_out(
         "GroupQueryAttention",
@@ -520,7 +521,7 @@ def _group_query_on_heads(b, attention: ir.Node, geometry: tuple[int, int, int],
     q3, k3, v3 = (b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), flat]) for x in (q, k, v))
     y, present_key, present_value = _group_query(b, (q3, k3, v3), [None] * 3, heads, kv_heads,
                                                  attention.attributes.get_float("scale", head_dim ** -0.5),
-                                                 mask, past_key, past_value, group_query)
+                                                 mask, past_key, past_value, group_query, attention.graph)
     out = b.op("Transpose", [b.op("Reshape", [y, b.const(np.array([0, 0, heads, head_dim]))])], {"perm": [0, 2, 1, 3]})
     out.shape, out.dtype = attention.outputs[0].shape, attention.outputs[0].dtype
     b.insert_before(attention)

@@ -37,7 +37,7 @@ class PackedProjectionsPass(TrimrtPass):
         packed = [g for g in groups.values() if len(g) > 1 and len({_weight(n).dtype for n in g}) == 1]
         for i, group in enumerate(packed):
             _pack(self.builder(model.graph, f"trimrt_packed_{i}"), group)
-        attentions = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == ORT_DOMAIN]
+        attentions = [n for n in model.graph.all_nodes() if n.op_type == "GroupQueryAttention" and n.domain == ORT_DOMAIN]
         fed = sum(_feed_packed(self.builder(model.graph, f"trimrt_packed_qkv_{i}"), n) for i, n in enumerate(attentions))
         self.record({"packed_groups": len(packed), "matmuls_packed": sum(map(len, packed)), "attention_fed_packed": fed})
         return ir.passes.PassResult(model, modified=bool(packed))
@@ -95,7 +95,8 @@ def _feed_packed(b, attention: ir.Node) -> bool:
             biases.append(None)
     split = parts[0].producer() if parts[0] is not None else None
     if split is None or split.op_type != "Split" or split.domain not in ("", "ai.onnx") \
-            or list(split.outputs) != parts or any(len(_data_uses(v)) != 1 for v in parts):
+            or list(split.outputs) != parts or not all(_read_by(v, attention, split, bias is None)
+                                                        for v, bias in zip(parts, biases)):
         return False
     whole = split.inputs[0]
     sizes = split.inputs[1].const_value if len(split.inputs) > 1 and split.inputs[1] is not None else None
@@ -116,9 +117,21 @@ def _feed_packed(b, attention: ir.Node) -> bool:
         attention.replace_input_with(i, value)
     for value in [*parts, *(add.outputs[0] for add in adds)]:  # a read of [B, S] reads the packed tensor's
         for use in list(value.uses()):
-            use.node.replace_input_with(use.idx, whole)
-    b.graph.remove([*adds, split], safe=True)  # nothing reads them now
+            if use not in _data_uses(value):
+                use.node.replace_input_with(use.idx, whole)
+    if not any(value.uses() for value in parts):  # else read in an If branch beside the attention's
+        b.graph.remove([*adds, split], safe=True)
     return True
+
+
+def _read_by(value: ir.Value, attention: ir.Node, split: ir.Node, alone: bool) -> bool:
+    """Whether the attention is the one data reader of `value` (a part of the Split, or its
+    bias Add's output), besides, when `alone`, readers in If branches beside both (a block-sparse
+    prompt's branch computes its own attention from the same projections)."""
+    others = [u.node for u in _data_uses(value) if u.node is not attention]
+    if not alone or len(others) == len(_data_uses(value)):
+        return len(_data_uses(value)) == 1
+    return all(node.graph not in (attention.graph, split.graph) for node in others)
 
 
 def _data_uses(value: ir.Value) -> list:

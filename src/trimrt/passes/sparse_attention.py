@@ -82,7 +82,7 @@ class SparseAttentionPass(TrimrtPass):
             if decoder is not None:
                 if prompt is None:
                     prompt = _is_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder)
-                region, presents = _cache_region(model.graph, attn, layer)
+                region, presents, merge = _cache_region(model.graph, attn, layer)
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
                                      "order (order = 'sequence')")
@@ -102,15 +102,15 @@ class SparseAttentionPass(TrimrtPass):
                 out = b.Gather(out, inverse, axis=2)
             out.dtype, out.shape = attn.output.dtype, attn.output.shape
             if decoder is not None:
-                _prompt_only(b, model.graph, prompt, region, presents, attn.output, out)
+                _prompt_only(b, model.graph, prompt, region, presents, merge, attn.output, out)
             else:
                 b.insert_after(attn.output.producer())
                 ir.convenience.replace_all_uses_with(attn.output, out)
             done.append({"block": layer, "causal": bool(causal),
                          "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
         density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
-        self.record({"tokens": n, "prompt_only": decoder is not None, "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau,
-                     "density": density, "rectify": opts.rectify, "order": opts.order,
+        self.record({"tokens": n, "prompt_only": decoder is not None, "block_size": opts.block_size, "blocks": blocks,
+                     "top_k": top_k, "tau": opts.tau, "density": density, "rectify": opts.rectify, "order": opts.order,
                      "grid": list(opts.grid) if opts.grid else None, "layers": done}, changes_results=True)
         return ir.passes.PassResult(model, modified=True)
 
@@ -183,10 +183,12 @@ def _is_prompt(b: GraphBuilder, graph: ir.Graph, decoder) -> ir.Value:
     return empty
 
 
-def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value]]:
+def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value],
+                                                                        list[ir.Node]]:
     """(the nodes of a decoder block's attention over its cache, in graph order: the Concats of
-    past and new that are its present key / value, all they feed up to the attention's output;
-    the present key and value). Refused when something else reads one of those nodes."""
+    past and new that are its present key / value, all they feed up to the attention's output,
+    then the views that merge its heads; the present key and value; those views). Refused when
+    something else reads one of those nodes."""
     outputs = {v.name: v for v in graph.outputs}
     inputs = {v.name: v for v in graph.inputs}
     presents = tuple(outputs.get(present_name(layer, kind)) for kind in KINDS)
@@ -213,25 +215,41 @@ def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir
                 reader = strangers[0].name if strangers else "a graph output"
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is also read by {reader} (e.g. "
                                      "a token pruning's scores); remove the block from [sparse_attention] layers")
-    return region, presents
+    merge, end = [], attn.output  # [B, H, S, d] -> [B, S, H·d]: fused with the attention on the cache
+    while not end.is_graph_output() and len(end.uses()) == 1:
+        user = end.uses()[0][0]
+        if user.op_type not in ("Transpose", "Reshape") or user.graph is not graph:
+            break
+        merge.append(user)
+        end = user.outputs[0]
+    return region + merge, presents, merge
 
 
 def _prompt_only(b: GraphBuilder, graph: ir.Graph, prompt: ir.Value, region: list[ir.Node],
-                 presents: tuple[ir.Value, ir.Value], dense: ir.Value, sparse: ir.Value) -> None:
-    """Replace a decoder block's attention (`dense`, computed by `region`) with an If on `prompt`:
-    then the op's output `sparse` (built by `b`) with presents of its own (copies of the region's
-    nodes the op reads: the Concats, the heads' repetition), else the region as it was."""
-    needed = {x for node in b.nodes for x in node.inputs if x is not None and x.producer() in region}
+                 presents: tuple[ir.Value, ir.Value], merge: list[ir.Node], dense: ir.Value, sparse: ir.Value) -> None:
+    """Replace a decoder block's attention (`dense`, computed by `region`, then viewed by `merge`)
+    with an If on `prompt`: then the op's output `sparse` (built by `b`, viewed by copies of
+    `merge`) with presents of its own, else the region as it was. The then-branch computes what it reads from the projections on with copies of its own
+    (the RoPEs, the heads' views and repetition, the Concats): the originals then feed the
+    else-branch alone, where KVAttentionPass can fuse them into the cache attention, as in a
+    dense build."""
+    own = _attention_cone(graph, [*region, *b.nodes])
+    needed = {x for node in b.nodes for x in node.inputs if x is not None and x.producer() in own}
     feeding = set()
     for value in (*needed, *presents):
         feeding |= ancestors(value, set())[0]
     copies = {}
-    cloned = [_clone(node, copies, b.prefix) for node in region if node in feeding]
+    cloned = [_clone(node, copies, b.prefix) for node in graph if node in own and node in feeding]
     for node in b.nodes:
         for i, x in enumerate(node.inputs):
             if x in copies:
                 node.replace_input_with(i, copies[x])
-    then = ir.Graph([], [sparse, *(copies[p] for p in presents)], nodes=[*cloned, *b.nodes], name=f"{b.prefix}_prompt")
+    copies[dense] = sparse
+    merged = [_clone(node, copies, b.prefix) for node in merge]
+    if merge:
+        dense = merge[-1].outputs[0]
+    then = ir.Graph([], [copies[dense], *(copies[p] for p in presents)], nodes=[*cloned, *b.nodes, *merged],
+                    name=f"{b.prefix}_prompt")
     b.discard()
     results = b.op_multi_out("If", [prompt], {"then_branch": then, "else_branch": ir.Graph([], [], nodes=[])},
                              num_outputs=3, name=f"{b.prefix}_prompt_only")
@@ -245,6 +263,20 @@ def _prompt_only(b: GraphBuilder, graph: ir.Graph, prompt: ir.Value, region: lis
     graph.remove(region, safe=False)
     otherwise = ir.Graph([], [dense, *presents], nodes=region, name=f"{b.prefix}_decode")
     results[0].producer().attributes["else_branch"] = ir.AttrGraph("else_branch", otherwise)
+
+
+def _attention_cone(graph: ir.Graph, readers: list[ir.Node]) -> set[ir.Node]:
+    """`readers` and the nodes whose outputs only they read (through one another), back to the
+    projections: those that read a weight (a constant of 1024+ values) stay out."""
+    cone = set(readers)
+    for node in reversed(list(graph)):
+        if node in cone or any(x is not None and x.const_value is not None and x.const_value.size >= 1024
+                               for x in node.inputs):
+            continue
+        users = [user for out in node.outputs for user, _ in out.uses()]
+        if users and all(user in cone for user in users) and not any(out.is_graph_output() for out in node.outputs):
+            cone.add(node)
+    return cone
 
 
 def _clone(node: ir.Node, copies: dict, prefix: str) -> ir.Node:

@@ -86,7 +86,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     allowed = ((j <= i) if causal else np.ones((nb, nb), bool)) & (bias > MASKED_BIAS).any(axis=2)[:, None, None, :]
     p = _softmax(np.where(allowed, qm @ km.swapaxes(-1, -2) * scale, -np.inf))  # [B, H, nb, nb]
     forced = ((j < sink) | (np.abs(i - j) < local)) & allowed
-    chosen = np.argsort(-np.where(allowed, p + 2.0 * forced, -1.0), axis=-1, kind="stable")
+    # forced blocks first, the diagonal first of them (when forced: the decomposition's causal rule expects it there)
+    chosen = np.argsort(-np.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)), -1.0), axis=-1, kind="stable")
     chosen = chosen[..., :min(top_k, nb) if top_k > 0 else nb]  # [B, H, nb, K]
     mass = np.take_along_axis(p, chosen, axis=-1)
     kept = np.take_along_axis(np.broadcast_to(forced, p.shape), chosen, axis=-1) | (np.cumsum(mass, axis=-1) - mass < tau)
@@ -180,7 +181,9 @@ def decompose(b, q, k, v, key_bias):
     p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
     forced = b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed)
-    rank = b.Where(allowed, b.Add(p, b.Mul(b.CastLike(forced, q), fconst(2.0))), fconst(-1.0))
+    lead = b.And(forced, b.Equal(i, j))  # the diagonal, when forced, in slot 0: see causal_rule
+    rank = b.Where(allowed, b.Add(p, b.Add(b.Mul(b.CastLike(forced, q), fconst(2.0)), b.Mul(b.CastLike(lead, q),
+                                                                                          fconst(4.0)))), fconst(-1.0))
     count = b.Where(b.Greater(top_k, zero), b.Min(top_k, nb), nb)
     ranked, chosen = b.TopK(rank, b.Reshape(count, ax(1)), axis=-1, largest=1, sorted=1, _outputs=2)  # [B, H, nb, K]
     # a slot counts if its block may be seen and is forced or comes before tau's mass is reached
@@ -226,15 +229,22 @@ def decompose(b, q, k, v, key_bias):
 
     biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
 
-    def masked(sub):
-        # (without tau, a slot that is not allowed holds a wholly masked block, or a later one,
-        # which the causal rule masks: per-key biases cover it)
-        return [_branch(sub, sub.Less(tau, fconst(1.0)), slot_masked, key_masked, "slot_masked")]
+    def diagonal_first(sub, logits):
+        """The causal rule when every query block's diagonal leads its slots (forced: local >= 1;
+        seen: no block wholly masked): a triangle over slot 0's keys, and a bias per slot for the
+        slots that count for nothing (fewer than K allowed blocks, or past tau), as two
+        broadcast Adds (ONNX Runtime's Where over the logits costs ~8× its Add)."""
+        # (the width from chosen's shape: a Shape of the logits would read them after the Adds, which then could not
+        # write over them)
+        rows, cols = sub.Range(zero, bs, one), sub.Range(zero, sub.Mul(sub.Gather(sub.Shape(chosen), b.const(-1)), bs), one)
+        above = sub.And(sub.Greater(sub.Unsqueeze(cols, ax(0)), sub.Unsqueeze(rows, ax(1))), sub.Less(cols, bs))
+        triangle = sub.Where(above, minus_inf, fconst(0.0))  # [bs, K·bs]
+        slot_bias = sub.Reshape(sub.Expand(sub.Unsqueeze(sub.Where(chosen_ok, fconst(0.0), minus_inf), ax(-1)),
+                                           sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)),
+                                ax(0, 0, 0, 1, -1))  # [B, H, nb, 1, K·bs]
+        return sub.Add(sub.Add(logits, slot_bias), triangle)
 
-    logits = _branch(b, b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0))), masked, all_keys,
-                     "masked_keys")  # [B, H, nb, bs, K·bs]
-
-    def causal_rule(sub):
+    def causal_rule(sub, logits):
         """Keys after the query, and slots that count for nothing (fewer than K allowed blocks,
         or past tau), masked."""
         key_pos = sub.Reshape(sub.Add(sub.Mul(where, bs), sub.Range(zero, bs, one)), ax(0, 0, 0, -1))  # [B, H, nb, K·bs]
@@ -242,9 +252,30 @@ def decompose(b, q, k, v, key_bias):
                                          sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)), ax(0, 0, 0, -1))
         visible = sub.And(sub.Unsqueeze(slot_ok, ax(3)),
                           sub.LessOrEqual(sub.Unsqueeze(key_pos, ax(3)), sub.Unsqueeze(pos, ax(-1))))
-        return [sub.Where(visible, logits, minus_inf)]
+        return sub.Where(visible, logits, minus_inf)
 
-    logits = _branch(b, causal, causal_rule, lambda sub: [sub.Identity(logits)], "causal_rule")
+    def products(rule, name: str):
+        """The logits [B, H, nb, bs, K·bs] with `rule` (the causal masking, or none) applied in the
+        branch that computes them: there its Adds write over them (on a value from outside the
+        branch ONNX Runtime cannot, and allocates a new one)."""
+        def ruled(product):
+            return lambda sub: [rule(sub, product(sub)[0])]
+
+        def masked(sub):
+            # (without tau, a slot that is not allowed holds a wholly masked block, or a later one,
+            # which the causal rule masks: per-key biases cover it)
+            return [_branch(sub, sub.Less(tau, fconst(1.0)), ruled(slot_masked), ruled(key_masked), f"{name}_slot_masked")]
+
+        return lambda sub: [_branch(sub, per_key_bias, masked, ruled(all_keys), f"{name}_masked_keys")]
+
+    per_key_bias = b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0)))
+    leads = b.And(b.Greater(b.attr("local"), zero), b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
+
+    def causal_logits(sub):
+        return [_branch(sub, leads, products(diagonal_first, "diagonal_first"), products(causal_rule, "causal_rule"),
+                        "diagonal_first")]
+
+    logits = _branch(b, causal, causal_logits, products(lambda sub, x: x, "plain"), "causal")
     # per-token rectification reads the sparse softmax's log-sum-exp back as max logit − log max
     # probability: the max is taken before the Softmax, so the Softmax stays the logits' last
     # reader and writes over them (a reader after it would keep them alive: several times

@@ -89,7 +89,7 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
     allowed = ((j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)) & seen[:, None, None, :]
     p = torch.softmax(torch.where(allowed, qm @ km.transpose(-1, -2) * scale, float("-inf")), dim=-1)
     forced = ((j < sink) | ((i - j).abs() < local)) & allowed
-    rank = torch.where(allowed, p + 2.0 * forced, -1.0)
+    rank = torch.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)), -1.0)
     count = min(top_k, nb) if top_k > 0 else nb
     order = torch.sort(-rank, dim=-1, stable=True).indices[..., :count]
     ranked, mass = torch.gather(rank, -1, order), torch.gather(p, -1, order)
