@@ -12,7 +12,7 @@ the prompt's (the op's selection included). Fidelity: cosine of the prompt's las
 logits against the dense build, and how many of the generated tokens agree (random
 weights: neither is discriminating).
 
-    python benchmarks/decoder_sparse.py [--prompt 8192] [--density 0.25] [--new 32] [--rounds 3]
+    python benchmarks/decoder_sparse.py [--prompt 8192] [--density 0.25] [--new 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=8192, help="prompt tokens")
     ap.add_argument("--density", type=float, default=0.25, help="share of the key blocks each query block attends")
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--new", type=int, default=32, help="new tokens per generation")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", type=int, default=64, help="new tokens per generation")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=512)

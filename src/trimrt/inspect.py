@@ -241,7 +241,9 @@ def pass_lines(manifest: Manifest) -> list[str]:
                       f"{', rectified per block' if report['rectify'] == 'blocks' else ', rectified' if report['rectify'] else ''}"
                       + (f", those covering {report['tau']:g} of the pooled mass" if report.get("tau", 1.0) < 1 else "")
                       + (f", {report['order']} order of the {'×'.join(map(str, report['grid']))} grid"
-                         if report.get("order", "sequence") != "sequence" else "") + ")" for x in report["layers"]]
+                         if report.get("order", "sequence") != "sequence" else "")
+                      + ("; the prompt only: decode steps attend the cache densely" if report.get("prompt_only") else "")
+                      + ")" for x in report["layers"]]
         if report.get("travelling_tensors"):
             lines.append(f"travelling with the tokens: {', '.join(report['travelling_tensors'])}")
         if name == "trim_padding":

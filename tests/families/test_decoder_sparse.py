@@ -54,14 +54,26 @@ def test_generation_equals_sparse_prompt_attention_in_pytorch(build):
 
 
 def test_decode_steps_stay_dense_and_in_place(build):
-    """Every layer's decode attention is ONNX Runtime's GroupQueryAttention, on a shared cache
-    buffer filled from the prompt's presents; the sparse layers' prompt is an If branch."""
+    """Every layer's decode attention is ONNX Runtime's GroupQueryAttention in the form a dense
+    build has, on a shared cache buffer filled from the prompt's presents; the sparse layers'
+    prompt is an If branch."""
     manifest = trimrt.load(build).manifest
     assert manifest["decoder"]["sparse_prompt"] is True and manifest["decoder"]["shared_buffer"] is True
-    kv = next(p["report"] for p in manifest["passes"] if p["pass"] == "kv_attention")
+    report = {p["pass"]: p["report"] for p in manifest["passes"]}
+    kv = report["kv_attention"]
     assert kv["attention_ops"] == LAYERS and kv["kv_op"] == "GroupQueryAttention"
+    # as in a dense build: on the projections as they come, the RoPE in the op, Q/K/V packed
+    assert kv["token_major"] == kv["rotary_in_attention"] == report["packed_projections"]["attention_fed_packed"] == LAYERS
     sparse = next(p["report"] for p in manifest["passes"] if p["pass"] == "sparse_attention")
     assert sparse["prompt_only"] is True and [layer["block"] for layer in sparse["layers"]] == [1, 2]
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(build)])
+    assert shown.exit_code == 0, shown.output
+    assert ("block-sparse attention at block 1: 2 key blocks of ceil(N / 4) per query block (blocks of 4 tokens, "
+            "causal, rectified; the prompt only: decode steps attend the cache densely)") in shown.output
     report = trimrt.verify(build, samples=2, tokens=12)  # prompts: what the build changes
     assert report.outputs[0].shape == [2, 12, VOCAB]  # two samples
 
