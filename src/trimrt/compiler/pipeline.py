@@ -28,6 +28,7 @@ from ..passes import (
     TokenSlimmingPass,
     TrimPaddingPass,
     TrimrtPass,
+    UnfuseAttentionPass,
 )
 from ..passes.base import PassReport, PipelineContext
 from ..plugins import DOMAIN, OP_VERSION, attach_decompositions
@@ -186,7 +187,8 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
                                         progress=progress, decoder=decoder))  # last: the pruned / merged graph
     token_level = any(t is not None for t in (recipe.token_pruning, recipe.token_merging, recipe.mixture_of_depths,
                                               recipe.sparse_attention))
-    analysis = [AnalysePass()] if token_level else []  # needed by token-level passes only
+    # needed by token-level passes only (an ONNX Runtime-optimised model's fused attention written out first)
+    analysis = [UnfuseAttentionPass(), AnalysePass()] if token_level else []
     passes = [CanonicalizePass(), *analysis, *feature, AttachDecompositionsPass(), CleanupPass(), TargetPass(target)]
     context = context if context is not None else PipelineContext()
     for p in passes:

@@ -12,5 +12,7 @@ from .token_merging import TokenMergingPass
 from .token_pruning import TokenPruningPass
 from .token_slimming import TokenSlimmingPass
 from .trim_padding import TrimPaddingPass
+from .unfuse_attention import UnfuseAttentionPass
 
-__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "MixtureOfDepthsPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "SparseAttentionPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass"]
+__all__ = ["PASS_TAG", "TrimrtPass", "KVAttentionPass", "MixtureOfDepthsPass", "OrtFusionPass", "PackedProjectionsPass", "QuantizationPass", "SparseAttentionPass", "TokenMergingPass", "TokenPruningPass", "TokenSlimmingPass", "TrimPaddingPass",
+           "UnfuseAttentionPass"]

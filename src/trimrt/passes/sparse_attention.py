@@ -16,8 +16,9 @@ KV-cache decoders: the op runs on the prompt only (the step whose attention is N
 decode step's few queries attend the cache densely, as exported). Each listed block's
 attention over its cache (the past/new Concats that make its present key / value, the
 repetition of grouped heads, the scores, softmax and context) moves into the else-branch
-of an If on "no past" (the mask as wide as the step's tokens); the then-branch concatenates
-the (empty) past and the new tokens as the present, and runs the op on them. The mask of a
+of an If on "no past" (the mask as wide as the step's tokens); the then-branch, with copies
+of the nodes from the projections on that the op reads, concatenates the (empty) past and
+the new tokens as the present and runs the op on them. The mask of a
 Hugging Face decoder is the causal rule and padding in one: the op takes it as causal plus
 its last query row as key_bias (checked on a left-padded probe prompt; sliding windows are
 refused). The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
@@ -229,10 +230,10 @@ def _prompt_only(b: GraphBuilder, graph: ir.Graph, prompt: ir.Value, region: lis
                  presents: tuple[ir.Value, ir.Value], merge: list[ir.Node], dense: ir.Value, sparse: ir.Value) -> None:
     """Replace a decoder block's attention (`dense`, computed by `region`, then viewed by `merge`)
     with an If on `prompt`: then the op's output `sparse` (built by `b`, viewed by copies of
-    `merge`) with presents of its own, else the region as it was. The then-branch computes what it reads from the projections on with copies of its own
-    (the RoPEs, the heads' views and repetition, the Concats): the originals then feed the
-    else-branch alone, where KVAttentionPass can fuse them into the cache attention, as in a
-    dense build."""
+    `merge`) with presents of its own, else the region as it was. The then-branch computes
+    what it reads from the projections on with copies of its own (the RoPEs, the heads' views
+    and repetition, the Concats): the originals then feed the else-branch alone, where
+    KVAttentionPass fuses them into the cache attention as in a dense build."""
     own = _attention_cone(graph, [*region, *b.nodes])
     needed = {x for node in b.nodes for x in node.inputs if x is not None and x.producer() in own}
     feeding = set()
@@ -271,7 +272,7 @@ def _attention_cone(graph: ir.Graph, readers: list[ir.Node]) -> set[ir.Node]:
     cone = set(readers)
     for node in reversed(list(graph)):
         if node in cone or any(x is not None and x.const_value is not None and x.const_value.size >= 1024
-                               for x in node.inputs):
+                               for x in node.inputs) or any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values()):
             continue
         users = [user for out in node.outputs for user, _ in out.uses()]
         if users and all(user in cone for user in users) and not any(out.is_graph_output() for out in node.outputs):

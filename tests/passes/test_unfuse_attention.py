@@ -1,0 +1,92 @@
+"""A model ONNX Runtime already optimised (each block's attention one
+com.microsoft.MultiHeadAttention) takes the token-level passes: its fused attention is
+written out as ops first (passes/unfuse_attention.py), exact up to rounding."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from tests.passes.in_memory import apply_recipe, pixels, run_model
+from trimrt.errors import StructureError
+
+
+@pytest.fixture(scope="module")
+def fused_vit(tiny_vit_onnx, tmp_path_factory):
+    """The tiny ViT as ONNX Runtime's optimizer leaves it: MultiHeadAttention ops."""
+    _, path = tiny_vit_onnx
+    model, _ = apply_recipe(path, "onnxruntime", fuse=True)
+    assert Counter(n.op_type for n in model.graph if n.domain == "com.microsoft")["MultiHeadAttention"] == 4
+    out = tmp_path_factory.mktemp("fused") / "vit_fused.onnx"
+    ir.save(model, out)
+    return out
+
+
+def test_every_block_selected_reproduces_the_fused_model(fused_vit):
+    x = pixels()
+    want = run_model(ir.load(fused_vit), {"pixel_values": x})
+    model, reports = apply_recipe(fused_vit, "sparse_attention", block_size=8, top_k=9)
+    assert reports["unfuse_attention"]["unfused"] == 4
+    assert Counter(n.op_type for n in model.graph if n.domain == "trimrt") == {"BlockSparseAttention": 4}
+    np.testing.assert_allclose(run_model(model, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_pruning_on_the_fused_model_equals_it_on_the_export(tiny_vit_onnx, fused_vit):
+    x = pixels()
+    recipe = {"method": "cls_attention", "layers": [1], "keep": 0.5}
+    want = run_model(apply_recipe(tiny_vit_onnx[1], "token_pruning", **recipe)[0], {"pixel_values": x})
+    got = run_model(apply_recipe(fused_vit, "token_pruning", **recipe)[0], {"pixel_values": x})
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_attention_on_a_past_cache_is_refused(fused_vit, tmp_path):
+    model = ir.load(fused_vit)
+    node = next(n for n in model.graph if n.op_type == "MultiHeadAttention")
+    past = ir.Value(name="past_key", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, 4, 3, 8]))
+    model.graph.inputs.append(past)
+    node.resize_inputs(7)
+    node.replace_input_with(6, past)
+    path = tmp_path / "with_past.onnx"
+    ir.save(model, path)
+    with pytest.raises(StructureError, match="MultiHeadAttention .* attends a past cache; token passes need"):
+        apply_recipe(path, "sparse_attention", block_size=8, top_k=2)
+
+
+def test_the_opset23_attention_on_3d_inputs_is_viewed_4d(fused_vit, tmp_path):
+    """The opset-23 Attention on [B, S, heads·d] inputs (q_num_heads / kv_num_heads) becomes
+    the same op on [B, heads, S, d] views, which analysis takes."""
+    model = ir.load(fused_vit)
+    model.opset_imports[""] = 23
+    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
+        heads = node.attributes.get_int("num_heads")
+        fused = ir.node("Attention", list(node.inputs[:3]), attributes={"q_num_heads": heads, "kv_num_heads": heads})
+        model.graph.insert_before(node, fused)
+        ir.convenience.replace_all_uses_with(node.outputs[0], fused.outputs[0])
+        model.graph.remove(node, safe=True)
+    path = tmp_path / "vit_attention_3d.onnx"
+    ir.save(model, path)
+    x = pixels()
+    want = run_model(ir.load(fused_vit), {"pixel_values": x})
+    np.testing.assert_allclose(run_model(ir.load(path), {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+    sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
+    assert reports["unfuse_attention"]["unfused"] == 4
+    np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_bert_with_its_padding_mask(tmp_path):
+    """BERT as ONNX Runtime fuses it (MultiHeadAttention with the padding mask as its bias):
+    every block selected reproduces it, the padded sample included."""
+    from tests.families.hf_models import exported
+
+    path, _, _, feeds = exported("bert")
+    fused, _ = apply_recipe(path, "onnxruntime", fuse=True)
+    assert Counter(n.op_type for n in fused.graph if n.domain == "com.microsoft")["MultiHeadAttention"] == 3
+    fused_path = tmp_path / "bert_fused.onnx"
+    ir.save(fused, fused_path)
+    want = run_model(ir.load(fused_path), feeds)
+    sparse, reports = apply_recipe(fused_path, "sparse_attention", block_size=4, top_k=64)
+    assert reports["unfuse_attention"]["unfused"] == 3
+    np.testing.assert_allclose(run_model(sparse, feeds), want, rtol=1e-4, atol=1e-4)
