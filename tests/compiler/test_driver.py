@@ -31,7 +31,7 @@ def test_build_directory_and_manifest(tiny_vit_onnx, tmp_path):
     assert on_disk["files"]["model.onnx"] == sha(build / "model.onnx")
     assert on_disk["recipe"] == {"token_pruning": {"method": "cls_attention", "layers": [1, 2], "keep": 0.5,
                                                    "protect": "cls", "fuse_pruned": True}}
-    assert [p["pass"] for p in on_disk["passes"]] == ["canonicalize", "analyse", "token_pruning",
+    assert [p["pass"] for p in on_disk["passes"]] == ["canonicalize", "unfuse_attention", "analyse", "token_pruning",
                                                       "attach_decompositions", "cleanup", "target"]
     assert on_disk["ops"] == {"AttentionRowScore": {"domain": "trimrt", "version": 1},
                               "TokenPrune": {"domain": "trimrt", "version": 1}}
