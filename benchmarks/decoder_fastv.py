@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from decoder_generation import compiled_generators, hf_times, make_model
+from decoder_generation import compiled_generators, generation_rounds, hf_times, make_model
 
 from trimrt.compiler.flops import count_flops
 
@@ -72,25 +72,18 @@ def main() -> None:
     with torch.no_grad():
         reference, _ = fastv_generate(model, torch.tensor([prompt]), (args.prune_layer,), args.keep,
                                       (PREFIX, PREFIX + IMAGE), args.new)
-    results = {name: [] for name in [*generators, "pytorch"]}
-    tokens, cache = {}, {}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for name, gen in generators.items():
-            out = gen.generate(prompt, max_new_tokens=args.new)
-            tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
-            results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
-        first, rate, tokens["pytorch"] = hf_times(model, prompt, args.new, args.threads)
-        results["pytorch"].append((first, rate))
+    results, tokens, cache = generation_rounds(generators, prompt, args.new, args.rounds,
+                                               lambda: hf_times(model, prompt, args.new, args.threads))
     cache["pytorch"] = cache["fp32"]  # the same cache: every layer holds every token
     print(f"\nFastV build's tokens equal FastV generation in PyTorch: {tokens['fp32 + FastV'] == reference[0]}")
-    base = {key: [statistics.median(row[key] for row in results[name][1:]) for name in ("fp32", "int4")]
+    base = {key: [statistics.median(row[key] for row in results[name]) for name in ("fp32", "int4")]
             for key in (0, 1)}
     print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
           "decode speedup | KV cache at the end |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in results.items():
-        first = statistics.median(f for f, _ in rows[1:])
-        rate = statistics.median(r for _, r in rows[1:])
+        first = statistics.median(f for f, _ in rows)
+        rate = statistics.median(r for _, r in rows)
         ideal = flops.get(name)
         against = 1 if name.startswith("int4") else 0  # each FastV build against its own unpruned build
         label = "Hugging Face generate (PyTorch)" if name == "pytorch" else f"trimrt {name}"

@@ -83,6 +83,22 @@ def compiled_generators(model, recipes: dict, out: Path, threads: int, spinning:
     return generators
 
 
+def generation_rounds(generators: dict, prompt: list[int], new: int, rounds: int, pytorch) -> tuple[dict, dict, dict]:
+    """The engines take turns, round by round, the first round a warm-up: ({name: [(time to
+    first token s, decode tokens/s), ...]}, {name: tokens}, {name: KV-cache bytes at the end});
+    `pytorch()` -> (first s, tokens/s, tokens) runs as "pytorch" in each round (no cache size)."""
+    results = {name: [] for name in [*generators, "pytorch"]}
+    tokens, cache = {}, {}
+    for _ in range(rounds + 1):
+        for name, gen in generators.items():
+            out = gen.generate(prompt, max_new_tokens=new)
+            tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
+            results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
+        first, rate, tokens["pytorch"] = pytorch()
+        results["pytorch"].append((first, rate))
+    return {name: rows[1:] for name, rows in results.items()}, tokens, cache
+
+
 def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
     """(time to first token s, decode tokens/s, tokens) of Hugging Face generate() on PyTorch."""
     torch.set_num_threads(threads)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from decoder_generation import generation_rounds
 
 import trimrt
 from trimrt.compiler.flops import count_flops
@@ -98,26 +99,19 @@ def main() -> None:
     print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads; sparse: "
           f"{top_k} of {blocks} key blocks of {args.block_size} in every layer", flush=True)
-    results = {name: [] for name in [*generators, "pytorch"]}
-    tokens, cache = {}, {}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for name, gen in generators.items():
-            out = gen.generate(prompt, max_new_tokens=args.new)
-            tokens[name], cache[name] = out.tokens, out.stats.kv_cache_bytes
-            results[name].append((out.stats.time_to_first_token_s, out.stats.decode_tokens_per_s))
-        first, rate, tokens["pytorch"] = hf_times(model, prompt, args.new, args.threads)
-        results["pytorch"].append((first, rate))
+    results, tokens, cache = generation_rounds(generators, prompt, args.new, args.rounds,
+                                               lambda: hf_times(model, prompt, args.new, args.threads))
     cache["pytorch"] = cache["dense"]
     agree = sum(a == b for a, b in zip(tokens["sparse"], tokens["dense"]))
     print(f"\nlast-token logits of the prompt, sparse against dense: cosine {cosine:.4f}; generated tokens agreeing: "
           f"{agree} of {args.new}")
-    base = [statistics.median(row[key] for row in results["dense"][1:]) for key in (0, 1)]
+    base = [statistics.median(row[key] for row in results["dense"]) for key in (0, 1)]
     print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
           "decode speedup | KV cache at the end |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in results.items():
-        first = statistics.median(f for f, _ in rows[1:])
-        rate = statistics.median(r for _, r in rows[1:])
+        first = statistics.median(f for f, _ in rows)
+        rate = statistics.median(r for _, r in rows)
         label = "transformers on PyTorch, dense" if name == "pytorch" else f"trimrt {name}"
         print(f"| {label} | {f'{flops:.2f}×' if name == 'sparse' else '-'} | {first * 1e3:.0f} ms | "
               f"{base[0] / first:.2f}× | {rate:.1f} | {rate / base[1]:.2f}× | {cache[name] / 2**20:.1f} MiB |")
