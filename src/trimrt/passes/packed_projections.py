@@ -119,7 +119,7 @@ def _feed_packed(b, attention: ir.Node) -> bool:
         for use in list(value.uses()):
             if use not in _data_uses(value):
                 use.node.replace_input_with(use.idx, whole)
-    if not any(value.uses() for value in parts):  # else read in an If branch beside the attention's
+    if all(use.node in adds for value in parts for use in value.uses()):  # else read in an If branch beside it
         b.graph.remove([*adds, split], safe=True)
     return True
 

@@ -27,9 +27,10 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
 
 `key_bias` [B, N] is added to every query's logit of a key (0 for all: none; a large
 negative number masks a padding key); a block whose keys are all masked (≤ MASKED_BIAS)
-is never selected or pooled, and a query block that may see no other (a left-padded
-prompt's first blocks in a causal model) outputs zeros. With every block selected the result is dense attention
-(R = 1, nothing pooled). q, k, v share their head count (repeat grouped KV heads first).
+is never selected or pooled, and a query block that may see no key block (a left-padded
+prompt's first blocks in a causal model) outputs zeros. With every block selected the
+result is dense attention (R = 1, nothing pooled). q, k, v share their head count (repeat
+grouped KV heads first).
 """
 
 from __future__ import annotations
