@@ -90,3 +90,31 @@ def test_a_fused_bert_with_its_padding_mask(tmp_path):
     sparse, reports = apply_recipe(fused_path, "sparse_attention", block_size=4, top_k=64)
     assert reports["unfuse_attention"]["unfused"] == 3
     np.testing.assert_allclose(run_model(sparse, feeds), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_packed_ort_attention_is_written_out(fused_vit, tmp_path):
+    """ONNX Runtime's Attention with the packed Q/K/V weights inside (its BERT optimizer's
+    form), made here from the fused ViT (each MultiHeadAttention and the projection before
+    it): written out, every block selected reproduces it."""
+    model = ir.load(fused_vit)
+    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
+        value = node.inputs[0]
+        while value.producer().op_type != "Add":  # the views of the packed projection's output
+            value = value.producer().inputs[0]
+        add = value.producer()
+        matmul = add.inputs[0].producer()
+        packed = ir.node("Attention", [matmul.inputs[0], matmul.inputs[1], add.inputs[1]], domain="com.microsoft",
+                         attributes={"num_heads": node.attributes.get_int("num_heads")})
+        model.graph.insert_before(node, packed)
+        ir.convenience.replace_all_uses_with(node.outputs[0], packed.outputs[0])
+        model.graph.remove(node, safe=True)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    assert Counter(n.op_type for n in model.graph if n.domain == "com.microsoft")["Attention"] == 4
+    path = tmp_path / "vit_packed.onnx"
+    ir.save(model, path)
+    x = pixels()
+    want = run_model(ir.load(fused_vit), {"pixel_values": x})
+    np.testing.assert_allclose(run_model(ir.load(path), {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+    sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
+    assert reports["unfuse_attention"]["unfused"] == 4
+    np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)

@@ -1,16 +1,15 @@
 """Fused attention written out in the form analysis reads, for the token-level passes.
 
-A model given already optimised by ONNX Runtime has each block's attention as one
-`com.microsoft.MultiHeadAttention` on [B, S, heads·d] queries, keys and values (what its
-optimizer and OrtFusionPass leave). Analysis finds no Softmax over q·kᵀ there, so no token
-pass (nor block-sparse attention) could apply. Each becomes the form an export has: heads viewed [B, heads, S, d], q·kᵀ times the
+A model given already optimised by ONNX Runtime has each block's attention as one contrib
+op on [B, S, heads·d] tensors: `com.microsoft.MultiHeadAttention` (queries, keys and values
+projected: what its optimizer and OrtFusionPass leave) or `com.microsoft.Attention` (the
+input and the packed Q/K/V weights, as its BERT optimizer leaves it). Analysis finds no
+Softmax over q·kᵀ there, so no token pass (nor block-sparse attention) could apply. Each becomes the form an export has: heads viewed [B, heads, S, d], q·kᵀ times the
 scale, its masks added (attention_bias, a [B, L] key mask as ONNX Runtime applies it, the
 causal rule when `unidirectional`), Softmax, times v, heads merged back. Exact up to float
 rounding; OrtFusionPass fuses what the token passes leave alone again. The opset-23
 Attention on 3-D inputs becomes the same op on 4-D views (the form analysis takes). Forms
-that carry more (a past cache, the Q/K/V bias, other mask layouts) are refused; the packed
-`com.microsoft.Attention` (projections inside the op) is not written out yet (analysis
-refuses it).
+that carry more (a past cache, rotary inside the op, other mask layouts) are refused.
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ class UnfuseAttentionPass(TrimrtPass):
     name = "unfuse_attention"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rewrites = {(ORT_DOMAIN, "MultiHeadAttention"): _multi_head, ("", "Attention"): _heads_major}
+        rewrites = {(ORT_DOMAIN, "MultiHeadAttention"): _multi_head, (ORT_DOMAIN, "Attention"): _packed,
+                    ("", "Attention"): _heads_major}
         done = 0
         for i, node in enumerate(list(model.graph)):
             rewrite = rewrites.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
@@ -73,6 +73,27 @@ def _multi_head(b: GraphBuilder, node: ir.Node) -> ir.Value:
     return _explicit(b, node, *inputs[:3], key_mask=inputs[_KEY_PADDING_MASK], bias=inputs[_ATTENTION_BIAS])
 
 
+def _packed(b: GraphBuilder, node: ir.Node) -> ir.Value:
+    """com.microsoft.Attention(input, weights [, bias, mask_index, past, attention_bias]): the
+    projections (input · weights + bias, split at qkv_hidden_sizes), then as MultiHeadAttention."""
+    inputs = list(node.inputs) + [None] * 7
+    if inputs[4] is not None or inputs[6] is not None:
+        raise _refuse(node, "attends a past cache")
+    if node.attributes.get_int("do_rotary", 0):
+        raise _refuse(node, "applies rotary positions itself")
+    sizes = list(node.attributes.get_ints("qkv_hidden_sizes", []))
+    if not sizes:
+        weights = inputs[1].shape
+        if weights is None or len(weights) != 2 or not isinstance(weights[1], int):
+            raise _refuse(node, "has packed weights of unknown width")
+        sizes = [weights[1] // 3] * 3
+    qkv = b.MatMul(inputs[0], inputs[1])
+    if inputs[2] is not None:
+        qkv = b.Add(qkv, inputs[2])
+    q, k, v = b.Split(qkv, b.const(np.array(sizes)), axis=-1, _outputs=3)
+    return _explicit(b, node, q, k, v, key_mask=inputs[3], bias=inputs[5], width=sizes[0])
+
+
 def _three_dimensional(node: ir.Node) -> bool:
     return node.inputs[0].shape is not None and len(node.inputs[0].shape) == 3
 
@@ -98,11 +119,11 @@ def _heads(b: GraphBuilder, x: ir.Value, heads: int) -> ir.Value:
 
 
 def _explicit(b: GraphBuilder, node: ir.Node, q: ir.Value, k: ir.Value, v: ir.Value, *, key_mask: ir.Value | None,
-              bias: ir.Value | None) -> ir.Value:
+              bias: ir.Value | None, width: int | None = None) -> ir.Value:
     """The attention of `node` (its num_heads, scale, unidirectional, mask_filter_value) on
     projected q, k, v [B, S, heads·d] as ops; returns its output [B, S, heads·d_v]."""
     heads = node.attributes.get_int("num_heads")
-    width = q.shape[2] if q.shape is not None else None
+    width = width if width is not None else q.shape[2] if q.shape is not None else None
     scale = node.attributes.get_float("scale", 0.0)
     if not scale:
         if not isinstance(width, int):
