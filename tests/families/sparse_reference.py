@@ -16,13 +16,15 @@ OP = REGISTRY["BlockSparseAttention"]
 
 def sparse_prompt_attention(layers, **attrs):
     """An attention function for transformers' AttentionInterface."""
-    from transformers.models.llama.modeling_llama import eager_attention_forward, repeat_kv
+    import sys
 
-    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if module.layer_idx not in layers or query.shape[2] != key.shape[2]:  # a decode step: dense
-            return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx not in layers or query.shape[2] != key.shape[2]:  # a decode step: dense, the family's own
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         groups = query.shape[1] // key.shape[1]
-        k, v = (repeat_kv(x, groups).numpy() for x in (key, value))
+        k, v = (x.repeat_interleave(groups, dim=1).numpy() for x in (key, value))  # grouped heads repeated
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         n = query.shape[2]
         if attention_mask is None:
             bias = np.zeros((query.shape[0], n), np.float32)
