@@ -118,3 +118,32 @@ def test_the_packed_ort_attention_is_written_out(fused_vit, tmp_path):
     sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
     assert reports["unfuse_attention"]["unfused"] == 4
     np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["key_padding_mask", "unidirectional", "scale"])
+def test_the_written_out_attention_is_onnx_runtimes(fused_vit, variant):
+    """The ops the pass writes compute what ONNX Runtime's MultiHeadAttention does with a
+    [B, L] key padding mask, the causal rule (`unidirectional`) and a scale of its own."""
+    from trimrt.passes import UnfuseAttentionPass
+    from trimrt.passes.base import PipelineContext
+
+    model = ir.load(fused_vit)
+    feeds = {"pixel_values": pixels()}
+    mask = ir.Value(name="key_mask", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([2, 65]))
+    if variant == "key_padding_mask":
+        model.graph.inputs.append(mask)
+        feeds["key_mask"] = np.stack([np.ones(65), np.arange(65) < 50]).astype(np.int32)
+    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
+        if variant == "key_padding_mask":
+            node.resize_inputs(5)
+            node.replace_input_with(4, mask)
+        elif variant == "unidirectional":
+            node.attributes["unidirectional"] = ir.AttrInt64("unidirectional", 1)
+        else:
+            node.attributes["scale"] = ir.AttrFloat32("scale", 0.3)
+    want = run_model(model, feeds)
+    unfuse = UnfuseAttentionPass()
+    unfuse.context = PipelineContext()
+    unfuse(model)
+    assert not any(n.op_type == "MultiHeadAttention" for n in model.graph)
+    np.testing.assert_allclose(run_model(model, feeds), want, rtol=1e-5, atol=1e-5)

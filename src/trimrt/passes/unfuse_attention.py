@@ -4,8 +4,9 @@ A model given already optimised by ONNX Runtime has each block's attention as on
 op on [B, S, heads·d] tensors: `com.microsoft.MultiHeadAttention` (queries, keys and values
 projected: what its optimizer and OrtFusionPass leave) or `com.microsoft.Attention` (the
 input and the packed Q/K/V weights, as its BERT optimizer leaves it). Analysis finds no
-Softmax over q·kᵀ there, so no token pass (nor block-sparse attention) could apply. Each becomes the form an export has: heads viewed [B, heads, S, d], q·kᵀ times the
-scale, its masks added (attention_bias, a [B, L] key mask as ONNX Runtime applies it, the
+Softmax over q·kᵀ there, so no token pass (nor block-sparse attention) could apply. Each
+becomes the form an export has: heads viewed [B, heads, S, d], q·kᵀ times the scale, its
+masks added (attention_bias, a [B, L] key mask as ONNX Runtime applies it, the
 causal rule when `unidirectional`), Softmax, times v, heads merged back. Exact up to float
 rounding; OrtFusionPass fuses what the token passes leave alone again. The opset-23
 Attention on 3-D inputs becomes the same op on 4-D views (the form analysis takes). Forms
