@@ -66,14 +66,7 @@ def test_the_opset23_attention_on_3d_inputs_is_viewed_4d(fused_vit, tmp_path):
         model.graph.insert_before(node, fused)
         ir.convenience.replace_all_uses_with(node.outputs[0], fused.outputs[0])
         model.graph.remove(node, safe=True)
-    path = tmp_path / "vit_attention_3d.onnx"
-    ir.save(model, path)
-    x = pixels()
-    want = run_model(ir.load(fused_vit), {"pixel_values": x})
-    np.testing.assert_allclose(run_model(ir.load(path), {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
-    sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
-    assert reports["unfuse_attention"]["unfused"] == 4
-    np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+    _reproduced_with_every_block_selected(model, fused_vit, tmp_path / "vit_attention_3d.onnx")
 
 
 def test_a_fused_bert_with_its_padding_mask(tmp_path):
@@ -110,14 +103,7 @@ def test_the_packed_ort_attention_is_written_out(fused_vit, tmp_path):
         model.graph.remove(node, safe=True)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     assert Counter(n.op_type for n in model.graph if n.domain == "com.microsoft")["Attention"] == 4
-    path = tmp_path / "vit_packed.onnx"
-    ir.save(model, path)
-    x = pixels()
-    want = run_model(ir.load(fused_vit), {"pixel_values": x})
-    np.testing.assert_allclose(run_model(ir.load(path), {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
-    sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
-    assert reports["unfuse_attention"]["unfused"] == 4
-    np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+    _reproduced_with_every_block_selected(model, fused_vit, tmp_path / "vit_packed.onnx")
 
 
 @pytest.mark.parametrize("variant", ["key_padding_mask", "unidirectional", "scale"])
@@ -147,3 +133,15 @@ def test_the_written_out_attention_is_onnx_runtimes(fused_vit, variant):
     unfuse(model)
     assert not any(n.op_type == "MultiHeadAttention" for n in model.graph)
     np.testing.assert_allclose(run_model(model, feeds), want, rtol=1e-5, atol=1e-5)
+
+
+def _reproduced_with_every_block_selected(model: ir.Model, fused_vit, path) -> None:
+    """`model` (the fused ViT with its attention in another form, saved at `path`) computes what
+    the fused ViT does, and so does it with every block selected (its attention written out)."""
+    ir.save(model, path)
+    x = pixels()
+    want = run_model(ir.load(fused_vit), {"pixel_values": x})
+    np.testing.assert_allclose(run_model(ir.load(path), {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+    sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
+    assert reports["unfuse_attention"]["unfused"] == 4
+    np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
