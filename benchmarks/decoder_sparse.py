@@ -45,7 +45,7 @@ def make_model(args):
     return model
 
 
-def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
+def pytorch_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
     """(prefill s, decode tokens/s, tokens) of greedy decoding with the model's own cache on
     PyTorch (the prefill and the steps timed apart: a long prompt's prefill varies more than
     a few steps take)."""
@@ -100,7 +100,7 @@ def main() -> None:
           f"parameters; prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads; sparse: "
           f"{top_k} of {blocks} key blocks of {args.block_size} in every layer", flush=True)
     results, tokens, cache = generation_rounds(generators, prompt, args.new, args.rounds,
-                                               lambda: hf_times(model, prompt, args.new, args.threads))
+                                               lambda: pytorch_times(model, prompt, args.new, args.threads))
     cache["pytorch"] = cache["dense"]
     agree = sum(a == b for a, b in zip(tokens["sparse"], tokens["dense"]))
     print(f"\nlast-token logits of the prompt, sparse against dense: cosine {cosine:.4f}; generated tokens agreeing: "
