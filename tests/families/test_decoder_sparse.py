@@ -97,3 +97,25 @@ def test_sparse_recipes_refused_for_kv_cache_decoders(tmp_path, family, recipe, 
     with pytest.raises(RecipeError, match=message):
         trimrt.compile(make(family, 2), recipe, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_prompt_of_at_most_top_k_blocks_takes_the_dense_path(build, tmp_path):
+    """Every block of such a prompt would be selected (dense attention): the op does not run
+    (ONNX Runtime's profile of the step); one block more, and it does."""
+    import json
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling, opts.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(str(build / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    spec = DecoderSpec.from_manifest(trimrt.load(build).manifest, "build")
+    ran = {}
+    for tokens in (8, 9):  # blocks of 4, top_k 2: 8 tokens fill 2 blocks, 9 make 3
+        session.run(None, spec.random_feeds(1, new=tokens, past=0))
+    events = json.loads(open(session.end_profiling()).read())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    for run, tokens in zip(runs, (8, 9)):
+        ran[tokens] = any("BlockSparseAttention" in e.get("name", "") for e in events if e.get("cat") == "Node"
+                          and run["ts"] <= e["ts"] <= run["ts"] + run["dur"])
+    assert ran == {8: False, 9: True}

@@ -16,7 +16,8 @@ KV-cache decoders: the op runs on the prompt only (the step whose attention is N
 decode step's few queries attend the cache densely, as exported). Each listed block's
 attention over its cache (the past/new Concats that make its present key / value, the
 repetition of grouped heads, the scores, softmax and context) moves into the else-branch
-of an If on "no past" (the mask as wide as the step's tokens); the then-branch, with copies
+of an If on "no past" (the mask as wide as the step's tokens) and more than top_k blocks of
+prompt (a shorter one would select them all: dense); the then-branch, with copies
 of the nodes from the projections on that the op reads, concatenates the (empty) past and
 the new tokens as the present and runs the op on them. The mask of a
 Hugging Face decoder is the causal rule and padding in one: the op takes it as causal plus
@@ -82,7 +83,8 @@ class SparseAttentionPass(TrimrtPass):
             q, k, v, causal = _operands(attn, layer, masks)
             if decoder is not None:
                 if prompt is None:
-                    prompt = _is_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder)
+                    prompt = _is_long_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder,
+                                             opts)
                 region, presents, merge = _cache_region(model.graph, attn, layer)
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
@@ -173,15 +175,19 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
     return order, inverse
 
 
-def _is_prompt(b: GraphBuilder, graph: ir.Graph, decoder) -> ir.Value:
-    """A decoder step without a past: its attention mask is as wide as its tokens (a shared
-    cache buffer is longer than the past it holds, so the past's length would not tell)."""
+def _is_long_prompt(b: GraphBuilder, graph: ir.Graph, decoder, opts: SparseAttentionOptions) -> ir.Value:
+    """A decoder step without a past (its attention mask as wide as its tokens: a shared cache
+    buffer is longer than the past it holds, so the past's length would not tell) whose tokens
+    make more than top_k blocks: a shorter prompt selects every block, which is dense attention
+    (unless tau masks some), so it takes the dense path, without the op's selection cost."""
     inputs = {v.name: v for v in graph.inputs}
     width = b.Shape(inputs[ATTENTION_MASK], start=1, end=2)
     tokens = b.Shape(inputs[decoder.token_input], start=1, end=2)
-    empty = b.Equal(width, tokens)
+    prompt = b.Equal(width, tokens)
+    if opts.top_k and opts.tau >= 1.0:
+        prompt = b.And(prompt, b.Greater(tokens, b.const(np.array([opts.top_k * opts.block_size]))))
     b.insert_after(None)
-    return empty
+    return prompt
 
 
 def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir.Node], tuple[ir.Value, ir.Value],
