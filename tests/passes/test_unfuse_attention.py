@@ -90,18 +90,7 @@ def test_the_packed_ort_attention_is_written_out(fused_vit, tmp_path):
     form), made here from the fused ViT (each MultiHeadAttention and the projection before
     it): written out, every block selected reproduces it."""
     model = ir.load(fused_vit)
-    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
-        value = node.inputs[0]
-        while value.producer().op_type != "Add":  # the views of the packed projection's output
-            value = value.producer().inputs[0]
-        add = value.producer()
-        matmul = add.inputs[0].producer()
-        packed = ir.node("Attention", [matmul.inputs[0], matmul.inputs[1], add.inputs[1]], domain="com.microsoft",
-                         attributes={"num_heads": node.attributes.get_int("num_heads")})
-        model.graph.insert_before(node, packed)
-        ir.convenience.replace_all_uses_with(node.outputs[0], packed.outputs[0])
-        model.graph.remove(node, safe=True)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    _pack(model)
     assert Counter(n.op_type for n in model.graph if n.domain == "com.microsoft")["Attention"] == 4
     _reproduced_with_every_block_selected(model, fused_vit, tmp_path / "vit_packed.onnx")
 
@@ -145,3 +134,39 @@ def _reproduced_with_every_block_selected(model: ir.Model, fused_vit, path) -> N
     sparse, reports = apply_recipe(path, "sparse_attention", block_size=8, top_k=9)
     assert reports["unfuse_attention"]["unfused"] == 4
     np.testing.assert_allclose(run_model(sparse, {"pixel_values": x}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_packed_attention_with_key_counts_is_onnx_runtimes(fused_vit):
+    """The packed Attention's mask_index of [B] key counts (the keys from each count on masked)."""
+    from trimrt.passes import UnfuseAttentionPass
+    from trimrt.passes.base import PipelineContext
+
+    model = ir.load(fused_vit)
+    counts = ir.Value(name="key_counts", type=ir.TensorType(ir.DataType.INT32), shape=ir.Shape([2]))
+    model.graph.inputs.append(counts)
+    _pack(model, mask_index=counts)
+    feeds = {"pixel_values": pixels(), "key_counts": np.array([65, 50], np.int32)}
+    want = run_model(model, feeds)
+    assert not np.allclose(want[0], run_model(model, {**feeds, "key_counts": np.array([50, 50], np.int32)})[0])
+    unfuse = UnfuseAttentionPass()
+    unfuse.context = PipelineContext()
+    unfuse(model)
+    assert not any(n.op_type == "Attention" for n in model.graph)
+    np.testing.assert_allclose(run_model(model, feeds), want, rtol=1e-5, atol=1e-5)
+
+
+def _pack(model: ir.Model, mask_index: ir.Value | None = None) -> None:
+    """The fused ViT's MultiHeadAttention ops, with the packed Q/K/V projection before each, as
+    ONNX Runtime's packed Attention (reading `mask_index` when given)."""
+    for node in [n for n in model.graph if n.op_type == "MultiHeadAttention"]:
+        value = node.inputs[0]
+        while value.producer().op_type != "Add":  # the views of the packed projection's output
+            value = value.producer().inputs[0]
+        add = value.producer()
+        matmul = add.inputs[0].producer()
+        packed = ir.node("Attention", [matmul.inputs[0], matmul.inputs[1], add.inputs[1], mask_index],
+                         domain="com.microsoft", attributes={"num_heads": node.attributes.get_int("num_heads")})
+        model.graph.insert_before(node, packed)
+        ir.convenience.replace_all_uses_with(node.outputs[0], packed.outputs[0])
+        model.graph.remove(node, safe=True)
+    ir.passes.common.RemoveUnusedNodesPass()(model)

@@ -6,8 +6,9 @@ projected: what its optimizer and OrtFusionPass leave) or `com.microsoft.Attenti
 input and the packed Q/K/V weights, as its BERT optimizer leaves it). Analysis finds no
 Softmax over q·kᵀ there, so no token pass (nor block-sparse attention) could apply. Each
 becomes the form an export has: heads viewed [B, heads, S, d], q·kᵀ times the scale, its
-masks added (attention_bias, a [B, L] key mask as ONNX Runtime applies it, the
-causal rule when `unidirectional`), Softmax, times v, heads merged back. Exact up to float
+masks added (attention_bias; a [B, L] key mask as ONNX Runtime applies it, or the packed
+op's [B] key counts; the causal rule when `unidirectional`), Softmax, times v, heads merged
+back. Exact up to float
 rounding; OrtFusionPass fuses what the token passes leave alone again. The opset-23
 Attention on 3-D inputs becomes the same op on 4-D views (the form analysis takes). Forms
 that carry more (a past cache, rotary inside the op, other mask layouts) are refused.
@@ -92,7 +93,16 @@ def _packed(b: GraphBuilder, node: ir.Node) -> ir.Value:
     if inputs[2] is not None:
         qkv = b.Add(qkv, inputs[2])
     q, k, v = b.Split(qkv, b.const(np.array(sizes)), axis=-1, _outputs=3)
-    return _explicit(b, node, q, k, v, key_mask=inputs[3], bias=inputs[5], width=sizes[0])
+    mask = inputs[3]
+    if mask is not None and mask.shape is not None and len(mask.shape) == 1:  # [B] lengths: the keys before each
+        batch = inputs[0].shape[0] if inputs[0].shape is not None else None
+        if isinstance(mask.shape[0], int) and isinstance(batch, int) and mask.shape[0] != batch:
+            raise _refuse(node, "takes a mask index of end and start positions")
+        keys = b.Range(b.const(np.int64(0)), b.Gather(b.Shape(k), b.const(np.int64(1))), b.const(np.int64(1)))
+        mask = b.Less(b.Unsqueeze(keys, b.const(np.array([0]))), b.Unsqueeze(b.Cast(mask, to=ir.DataType.INT64),
+                                                                           b.const(np.array([1]))))
+        mask.shape = ir.Shape([inputs[3].shape[0], k.shape[1] if k.shape is not None else None])
+    return _explicit(b, node, q, k, v, key_mask=mask, bias=inputs[5], width=sizes[0])
 
 
 def _three_dimensional(node: ir.Node) -> bool:
