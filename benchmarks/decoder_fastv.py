@@ -19,14 +19,13 @@ are checked against FastV generation written in PyTorch (tests/families/fastv_re
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from decoder_generation import compiled_generators, generation_rounds, hf_times, make_model
+from decoder_generation import compiled_generators, generation_rounds, hf_times, make_model, print_generation_table
 
 from trimrt.compiler.flops import count_flops
 
@@ -76,20 +75,9 @@ def main() -> None:
                                                lambda: hf_times(model, prompt, args.new, args.threads))
     cache["pytorch"] = cache["fp32"]  # the same cache: every layer holds every token
     print(f"\nFastV build's tokens equal FastV generation in PyTorch: {tokens['fp32 + FastV'] == reference[0]}")
-    base = {key: [statistics.median(row[key] for row in results[name]) for name in ("fp32", "int4")]
-            for key in (0, 1)}
-    print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
-          "decode speedup | KV cache at the end |")
-    print("|---|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        first = statistics.median(f for f, _ in rows)
-        rate = statistics.median(r for _, r in rows)
-        ideal = flops.get(name)
-        against = 1 if name.startswith("int4") else 0  # each FastV build against its own unpruned build
-        label = "Hugging Face generate (PyTorch)" if name == "pytorch" else f"trimrt {name}"
-        print(f"| {label} | {f'{ideal:.2f}×' if ideal else '-'} | {first * 1e3:.0f} ms | {base[0][against] / first:.2f}× "
-              f"| {rate:.1f} | {rate / base[1][against]:.2f}× | {cache[name] / 2**20:.1f} MiB |")
-
+    # each FastV build against its own unpruned build
+    print_generation_table(results, cache, lambda name: "int4" if name.startswith("int4") else "fp32", flops,
+                           {"pytorch": "Hugging Face generate (PyTorch)"})
 
 if __name__ == "__main__":
     main()

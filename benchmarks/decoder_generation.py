@@ -99,6 +99,21 @@ def generation_rounds(generators: dict, prompt: list[int], new: int, rounds: int
     return {name: rows[1:] for name, rows in results.items()}, tokens, cache
 
 
+def print_generation_table(results: dict, cache: dict, baseline, ideal: dict, labels: dict) -> None:
+    """The markdown table of `generation_rounds`' results: medians, each engine's speedups against
+    `baseline(name)`'s (the engine it is compared with), the prefill FLOPs ideal where `ideal` has
+    one, `labels` for engines not named "trimrt <name>"."""
+    medians = {name: [statistics.median(row[key] for row in rows) for key in (0, 1)] for name, rows in results.items()}
+    print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
+          "decode speedup | KV cache at the end |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (first, rate) in medians.items():
+        base_first, base_rate = medians[baseline(name)]
+        print(f"| {labels.get(name, f'trimrt {name}')} | {f'{ideal[name]:.2f}×' if ideal.get(name) else '-'} | "
+              f"{first * 1e3:.0f} ms | {base_first / first:.2f}× | {rate:.1f} | {rate / base_rate:.2f}× | "
+              f"{cache[name] / 2**20:.1f} MiB |")
+
+
 def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
     """(time to first token s, decode tokens/s, tokens) of Hugging Face generate() on PyTorch."""
     torch.set_num_threads(threads)

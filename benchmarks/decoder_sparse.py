@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from decoder_generation import generation_rounds
+from decoder_generation import generation_rounds, print_generation_table
 
 import trimrt
 from trimrt.compiler.flops import count_flops
@@ -105,17 +104,8 @@ def main() -> None:
     agree = sum(a == b for a, b in zip(tokens["sparse"], tokens["dense"]))
     print(f"\nlast-token logits of the prompt, sparse against dense: cosine {cosine:.4f}; generated tokens agreeing: "
           f"{agree} of {args.new}")
-    base = [statistics.median(row[key] for row in results["dense"]) for key in (0, 1)]
-    print("\n| engine | prefill FLOPs ratio (ideal) | time to first token | TTFT speedup | decode tokens/s | "
-          "decode speedup | KV cache at the end |")
-    print("|---|---|---|---|---|---|---|")
-    for name, rows in results.items():
-        first = statistics.median(f for f, _ in rows)
-        rate = statistics.median(r for _, r in rows)
-        label = "transformers on PyTorch, dense" if name == "pytorch" else f"trimrt {name}"
-        print(f"| {label} | {f'{flops:.2f}×' if name == 'sparse' else '-'} | {first * 1e3:.0f} ms | "
-              f"{base[0] / first:.2f}× | {rate:.1f} | {rate / base[1]:.2f}× | {cache[name] / 2**20:.1f} MiB |")
-
+    print_generation_table(results, cache, lambda name: "dense", {"sparse": flops},
+                           {"pytorch": "transformers on PyTorch, dense"})
 
 if __name__ == "__main__":
     main()
