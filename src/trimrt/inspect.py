@@ -244,6 +244,8 @@ def pass_lines(manifest: Manifest) -> list[str]:
                          if report.get("order", "sequence") != "sequence" else "")
                       + ("; the prompt only: decode steps attend the cache densely" if report.get("prompt_only") else "")
                       + ")" for x in report["layers"]]
+            lines += [f"block {b} keeps dense attention: a token pass's score (or an output) reads it"
+                      for b in report.get("kept_dense") or ()]
         if report.get("travelling_tensors"):
             lines.append(f"travelling with the tokens: {', '.join(report['travelling_tensors'])}")
         if name == "trim_padding":

@@ -297,7 +297,8 @@ class SparseAttentionOptions(_Table):
     its pooled mass), with the rectification of what the other blocks held. Images and
     video: `order` puts a grid's patches in tiles first, so a block is a compact patch."""
 
-    layers: tuple[int, ...] = blocks("blocks whose attention becomes block-sparse (default: every block)")
+    layers: tuple[int, ...] = blocks("blocks whose attention becomes block-sparse (default: every block whose "
+                                     "attention no token pass's score reads)")
     top_k: int | None = _key(None, "key blocks each query block attends (sink and local blocks included); the "
                              "compute bound (left out: every block, with tau selecting)",
                              (lambda v: _is_int(v) and v >= 1, "{key} must be an integer >= 1, got {value!r}"))

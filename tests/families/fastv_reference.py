@@ -18,11 +18,14 @@ def fastv_forward(model, input_ids: torch.Tensor, layer: int, keep: float, span:
 
 
 def _prefill(model, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int], *,
-             cache=None, renumber_positions: bool = False, choose_before=None) -> torch.Tensor:
+             cache=None, renumber_positions: bool = False, choose_before=None, attention: str = "eager"
+             ) -> torch.Tensor:
     """The hidden states after the last layer, the span pruned after the attention of each of
     `layers` (the span is then the kept tokens) or, by `choose_before(embeddings, start, end,
-    k)` (ascending positions), before layer 0; `cache`: a transformers cache the layers fill."""
-    model.config._attn_implementation = "eager"  # so the attention returns its weights
+    k)` (ascending positions), before layer 0; `cache`: a transformers cache the layers fill;
+    `attention`: the transformers attention implementation (one that returns the weights of
+    `layers`)."""
+    model.config._attn_implementation = attention  # eager: so the attention returns its weights
     b, n = input_ids.shape
     h = model.embed_tokens(input_ids)
     pos = torch.arange(n).expand(b, n)
@@ -56,17 +59,18 @@ def _keep(h: torch.Tensor, pos: torch.Tensor, chosen: torch.Tensor, start: int, 
 
 
 def fastv_generate(lm, input_ids: torch.Tensor, layers: tuple[int, ...], keep: float, span: tuple[int, int],
-                   max_new_tokens: int, choose_before=None) -> tuple[list[list[int]], torch.Tensor]:
+                   max_new_tokens: int, choose_before=None, attention: str = "eager"
+                   ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy generation with FastV on the prompt: the prefill prunes the span after the
     attention of each of `layers` (as fastv_forward; the span is then the kept tokens),
     every later layer caches the kept tokens only, and each decode step attends over what
     each layer cached. `choose_before(embeddings, start, end, k)`: instead, pick the span's
-    tokens (ascending positions) on the embeddings, before layer 0 (DivPrune). Returns (new
-    tokens per row, the prefill's last-token logits)."""
+    tokens (ascending positions) on the embeddings, before layer 0 (DivPrune); `attention`:
+    as _prefill's. Returns (new tokens per row, the prefill's last-token logits)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    h = _prefill(lm.model, input_ids, layers, keep, span, cache=cache, choose_before=choose_before)
+    h = _prefill(lm.model, input_ids, layers, keep, span, cache=cache, choose_before=choose_before, attention=attention)
     return decode_greedily(lm, h, cache, input_ids.shape[1], max_new_tokens)
 
 

@@ -23,12 +23,15 @@ from tests.families.fastv_reference import decode_greedily
 
 
 def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[int, int],
-                 max_new_tokens: int, router: str = "attention") -> tuple[list[list[int]], torch.Tensor, list[int]]:
-    """(new tokens per row, the prefill's last-token logits, tokens each layer cached)."""
+                 max_new_tokens: int, router: str = "attention", attention: str = "eager"
+                 ) -> tuple[list[list[int]], torch.Tensor, list[int]]:
+    """(new tokens per row, the prefill's last-token logits, tokens each layer cached);
+    `attention`: the transformers attention implementation (one that returns the weights of
+    the layers an attention router reads)."""
     from transformers import DynamicCache
 
     model, cache = lm.model, DynamicCache()
-    model.config._attn_implementation = "eager"  # so the attention returns its weights
+    model.config._attn_implementation = attention  # eager: so the attention returns its weights
     b, n = input_ids.shape
     start, end = span
     h = model.embed_tokens(input_ids)
@@ -57,7 +60,7 @@ def mod_generate(lm, input_ids: torch.Tensor, ratios: list[float], span: tuple[i
         x = x + attn
         g = 1.0 if gate is None else torch.gather(gate, 1, index[..., None])
         x = x + g * block.mlp(block.post_attention_layernorm(x))
-        if router == "attention":
+        if router == "attention" and block is not model.layers[-1]:  # what the next layer is routed by
             row = weights[:, :, -1, :].mean(dim=1)  # the last token's row over the tokens this layer ran
             score = row if ratio == 1.0 else score.scatter(1, index, row)
         skipped = h if gate is None else gate * h

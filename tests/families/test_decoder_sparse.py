@@ -13,8 +13,9 @@ pytest.importorskip("transformers")
 
 import trimrt  # noqa: E402
 from tests.families.causal_lms import VOCAB, hf_greedy, make  # noqa: E402
+from tests.families.fastv_reference import fastv_generate  # noqa: E402
 from tests.families.sparse_reference import sparse_prompt_model  # noqa: E402
-from trimrt.errors import RecipeError  # noqa: E402
+from trimrt.errors import RecipeError, StructureError  # noqa: E402
 from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
 
 LAYERS, SPARSE = 4, {"layers": [1, 2], "block_size": 4, "top_k": 2}
@@ -87,15 +88,83 @@ def test_decode_steps_stay_dense_and_in_place(build):
     assert report.outputs[0].shape == [2, 12, VOCAB]  # two samples
 
 
-@pytest.mark.parametrize("family, recipe, message", [
-    ("mistral", {"sparse_attention": SPARSE}, "sliding window of 16 tokens"),
-    ("llama", {"sparse_attention": SPARSE, "token_pruning": {"method": "last_token_attention", "layers": [1],
-                                                             "keep": 0.5, "prunable": [2, 18]}},
-     "\\[sparse_attention\\] and \\[token_pruning\\] in one decoder build"),
-])
-def test_sparse_recipes_refused_for_kv_cache_decoders(tmp_path, family, recipe, message):
-    with pytest.raises(RecipeError, match=message):
-        trimrt.compile(make(family, 2), recipe, tmp_path / "b")
+FASTV = {"method": "last_token_attention", "layers": [1], "keep": 0.5, "prunable": [2, 18]}
+
+
+def test_sparse_prompts_with_fastv_equal_both_in_pytorch(tmp_path):
+    """FastV prunes the prompt after block 1's attention (which its score reads: by default it
+    stays dense); the other blocks attend block-sparsely, the later ones over the kept tokens
+    (16 of 24: four blocks, two attended) with the causal mask of their own."""
+    trimrt.compile(make("llama", LAYERS), {"token_pruning": FASTV, "sparse_attention": {"block_size": 4, "top_k": 2}},
+                   tmp_path / "b")
+    session = trimrt.load(tmp_path / "b")
+    sparse = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "sparse_attention")
+    assert [layer["block"] for layer in sparse["layers"]] == [0, 2, 3] and sparse["kept_dense"] == [1]
+    from click.testing import CliRunner
+
+    from trimrt.cli import main
+
+    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    assert "block 1 keeps dense attention: a token pass's score (or an output) reads it" in shown.output
+    ids = np.random.default_rng(0).integers(3, VOCAB, (2, 24))
+    reference = sparse_prompt_model(make("llama", LAYERS), [0, 2, 3], block_size=4, top_k=2)
+    span = tuple(FASTV["prunable"])
+    with torch.no_grad():
+        want, first = fastv_generate(reference, torch.from_numpy(ids), (1,), 0.5, span, 8,
+                                     attention="trimrt_sparse_prompt")
+        fastv_alone = fastv_generate(make("llama", LAYERS), torch.from_numpy(ids), (1,), 0.5, span, 8)[0]
+    assert want != fastv_alone  # the sparse blocks change what FastV alone generates
+    assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=8)] == want
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    out = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(24), (2, 1)),
+                       **spec.empty_cache(2)})
+    np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [24, 24, 16, 16]  # the pruned cache
+    # listed, the scored block is refused
+    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 1's attention is also read by "
+                                             r"trimrt_prune_1_\w+ \(e.g. a token pruning's scores\), which needs it dense"):
+        trimrt.compile(make("llama", LAYERS), {"token_pruning": FASTV, "sparse_attention": SPARSE}, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("router", ["attention", "model"])
+def test_sparse_prompts_with_mod_routing_equal_both_in_pytorch(tmp_path, router):
+    """Routed blocks attend block-sparsely over the tokens routed to them, with a causal mask
+    of their own: with p-MoD's routers every block (routed 0, 1, 3 and dense 2); routed by the
+    attention of the block before, the blocks it reads stay dense (3 alone)."""
+    from examples.models.pmod import with_mod_routers
+    from tests.families.mod_reference import mod_generate
+
+    span = (2, 18)
+    ratios = [0.5, 0.4, 1.0, 0.6] if router == "model" else [1.0, 0.5, 0.3, 0.6]
+    sparse_layers = [0, 1, 2, 3] if router == "model" else [3]
+
+    def model():
+        return with_mod_routers(make("llama", LAYERS), [0, 1, 3], span) if router == "model" else make("llama", LAYERS)
+
+    recipe = {"mixture_of_depths": {"router": router, "ratios": ratios, "prunable": list(span)},
+              "sparse_attention": {"block_size": 4, "top_k": 2}}
+    trimrt.compile(model(), recipe, tmp_path / "b")
+    session = trimrt.load(tmp_path / "b")
+    sparse = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "sparse_attention")
+    assert [layer["block"] for layer in sparse["layers"]] == sparse_layers
+    ids = np.random.default_rng(0).integers(3, VOCAB, (2, 24))
+    with torch.no_grad():
+        want, first, cached = mod_generate(sparse_prompt_model(model(), sparse_layers, block_size=4, top_k=2),
+                                           torch.from_numpy(ids), ratios, span, 8, router=router,
+                                           attention="trimrt_sparse_prompt")
+        assert want != mod_generate(model(), torch.from_numpy(ids), ratios, span, 8, router=router)[0]
+    assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=8)] == want
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    out = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(24), (2, 1)),
+                       **spec.empty_cache(2)})
+    np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == cached
+
+
+def test_sparse_recipes_refused_for_kv_cache_decoders(tmp_path):
+    with pytest.raises(RecipeError, match="sliding window of 16 tokens"):
+        trimrt.compile(make("mistral", 2), {"sparse_attention": SPARSE}, tmp_path / "b")
     assert not (tmp_path / "b").exists()
 
 

@@ -100,16 +100,27 @@ def test_a_sparse_build_equals_the_reference_attention_in_pytorch(peaked_vit, op
 
 
 def test_it_composes_with_token_pruning(tiny_vit_onnx):
+    """On the tokens pruning keeps: every block selected is the pruned build; fewer change it.
+    EViT's score reads block 1's q and k, which stay: that block is sparse too."""
     from trimrt.compiler.pipeline import build_passes, run_pipeline
 
     _, path = tiny_vit_onnx
-    model = ir.load(path)
-    recipe = load_recipe({"token_pruning": {"layers": [1], "keep": 0.5},
-                          "sparse_attention": {"layers": [0, 3], "top_k": 2, "block_size": 8}})
-    reports = {r.name: r.details for r in run_pipeline(model, build_passes(recipe))}
-    assert set(reports) >= {"token_pruning", "sparse_attention"}
-    out = run_model(model, {"pixel_values": pixels()})
-    assert out.shape == (2, 10) and np.isfinite(out).all()
+    pruning = {"method": "cls_attention", "layers": [1], "keep": 0.5}
+    x = pixels()
+
+    def build(sparse):
+        model = ir.load(path)
+        recipe = load_recipe({"token_pruning": pruning, **({"sparse_attention": sparse} if sparse else {})})
+        reports = {r.name: r.details for r in run_pipeline(model, build_passes(recipe))}
+        return run_model(model, {"pixel_values": x}), reports
+
+    pruned, _ = build(None)
+    every, reports = build({"top_k": 9, "block_size": 8})  # 65 tokens, then 33: every block
+    assert [layer["block"] for layer in reports["sparse_attention"]["layers"]] == [0, 1, 2, 3]
+    assert reports["sparse_attention"]["kept_dense"] == []
+    np.testing.assert_allclose(every, pruned, rtol=1e-5, atol=1e-5)
+    fewer, _ = build({"top_k": 2, "block_size": 8})
+    assert fewer.shape == pruned.shape and np.abs(fewer - pruned).max() > 1e-4
 
 
 def test_what_the_pass_refuses(tiny_vit_onnx, small_llama, tmp_path):
@@ -130,6 +141,16 @@ def test_what_the_pass_refuses(tiny_vit_onnx, small_llama, tmp_path):
         apply_recipe(tmp_path / "window.onnx", "sparse_attention", top_k=2)
     with pytest.raises(StructureError, match=r"the grid \[16, 16\] has 256 patches but the blocks see 65 tokens"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", top_k=2, order="tiled", grid=[16, 16])
+    # block 2's probabilities as a graph output (output_attentions): dense by default, refused listed
+    model = ir.load(tiny_vit_onnx[1])
+    model.graph.outputs.append(structure_of(model, {}).blocks[2].attention.core.outputs[0])
+    ir.save(model, tmp_path / "probabilities.onnx")
+    _, reports = apply_recipe(tmp_path / "probabilities.onnx", "sparse_attention", top_k=2, block_size=16)
+    assert [e["block"] for e in reports["sparse_attention"]["layers"]] == [0, 1, 3]
+    assert reports["sparse_attention"]["kept_dense"] == [2]
+    with pytest.raises(StructureError, match=r"\[sparse_attention\] block 2's attention is also read by a graph output "
+                                             r"\(e.g. a token pruning's scores\), which needs it dense"):
+        apply_recipe(tmp_path / "probabilities.onnx", "sparse_attention", top_k=2, block_size=16, layers=[1, 2])
     with pytest.raises(RecipeError, match="top_k must be an integer >= 1, got 0"):
         load_recipe({"sparse_attention": {"top_k": 0}})
     with pytest.raises(RecipeError, match="top_k"):

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ..errors import StructureError
+from ..plugins import DOMAIN
 from .probe import PROBE_TOKENS, once, probe_shapes, wiring
 
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Dropout"})
@@ -389,8 +390,17 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
         stream_mid = users[0].outputs[0] if post_norm else add.outputs[0]
         blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
 
-    keys = blocks[0].attention.keys_shape()
-    stream_shape = blocks[0].stream_mid.shape
+    # the first block whose shapes are known (a token pass drops those of a routed block)
+    first = next((blk for blk in blocks if blk.attention.keys_shape() is not None and blk.stream_mid.shape is not None),
+                 blocks[0])
+    keys = first.attention.keys_shape()
+    stream_shape = first.stream_mid.shape
+    unknown_count = False
+    if (keys is None or stream_shape is None) and any(n.domain == DOMAIN for n in graph):
+        # a graph a token pass has rewritten (a routed first block): the shapes of a run, its count unknown
+        shapes = probe_shapes(model, shared)
+        keys = first.attention.keys_shape(lambda value: shapes.get(value.name))
+        stream_shape, unknown_count = shapes.get(first.stream_mid.name), True
     if keys is None or stream_shape is None:
         raise StructureError("token axis unknown: the graph carries no shapes for the attention and the residual stream "
                              "(run shape inference or export with shapes)")
@@ -398,7 +408,7 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
     probed_count = None
     if len(candidates) != 1 and not isinstance(n_keys, int):
-        candidates, probed_count = _probe_token_axis(model, blocks[0], shared)
+        candidates, probed_count = _probe_token_axis(model, first, shared)
     windows = [d for d in list(stream_shape)[1:-1] if isinstance(d, int) and isinstance(n_keys, int)
                and d > n_keys and d % n_keys == 0]
     if not candidates and windows:
@@ -413,7 +423,8 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     token_axis = candidates[0]
     width = stream_shape[len(stream_shape) - 1]
     tokens = stream_shape[token_axis] if probed_count is None else probed_count
-    num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
+    num_tokens = None if unknown_count else tokens if isinstance(tokens, int) else (
+        str(tokens) if tokens is not None else None)
     return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None,
                           _pooling(graph, blocks[-1].stream_mid, token_axis), notes, _prepended_tokens(blocks[0].stream_in, token_axis))
 

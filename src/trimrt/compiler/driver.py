@@ -241,10 +241,6 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
 
 def _check_sparse_decoder(recipe, spec, target: str) -> None:
     """[sparse_attention] on a KV-cache decoder: its prompt's attention, on ONNX Runtime."""
-    if recipe.span_table is not None:
-        table = "token_pruning" if recipe.span_table is recipe.token_pruning else "mixture_of_depths"
-        raise RecipeError(f"[sparse_attention] and [{table}] in one decoder build are not supported yet (the reduced "
-                          "prompt's layers attend with a mask of their own); use one of them")
     if target == "tensorrt":
         raise RecipeError("[sparse_attention] on a decoder with a KV cache builds for ONNX Runtime only for now (the "
                           "prompt's attention runs in an If beside the decode steps'); use --target onnxruntime")

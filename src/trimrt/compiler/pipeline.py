@@ -171,7 +171,7 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
     if recipe.mixture_of_depths is not None:
         feature.append(MixtureOfDepthsPass(recipe.mixture_of_depths))
     if recipe.sparse_attention is not None:  # after the token passes: the attention of the tokens they leave
-        feature.append(SparseAttentionPass(recipe.sparse_attention))
+        feature.append(SparseAttentionPass(recipe.sparse_attention, tokens=max(32, min_tokens(recipe) + 8)))
     decoder = target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None
     if decoder:
         # exact (checked); before quantization, which calibrates on the graph that runs

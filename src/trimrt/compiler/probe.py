@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..plugins import DOMAIN, runnable_proto
 from ..runtime.feeds import random_feeds
 from .input_limits import INPUT_LIMITS, find_input_limits
 from .onnx_runner import OnnxRunner
@@ -104,6 +105,8 @@ def probe_shape_runs(model: ir.Model, runs: list[tuple[int, int]], limits: dict 
     random ids kept inside `limits` (the model's input limits; found on `model` if None).
     A KV-cache `decoder` (its DecoderSpec) runs a prefill: `tokens` new ones on an empty past."""
     proto = ir.serde.serialize_model(model)
+    if any(node.domain == DOMAIN for node in model.graph.all_nodes()):  # a graph a token pass has rewritten
+        proto = runnable_proto(proto)
     runner = OnnxRunner(proto, _probed_names(model), optimize="disable")
     if limits is None:
         limits = find_input_limits(proto)  # token ids inside a small vocabulary

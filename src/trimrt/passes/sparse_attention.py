@@ -24,6 +24,9 @@ Hugging Face decoder is the causal rule and padding in one: the op takes it as c
 its last query row as key_bias (checked on a left-padded probe prompt; sliding windows are
 refused). The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
 is filled from them, as after a pruned prompt), and decode steps write in place as before.
+After token pruning or routing in the same build, a reduced block's own causal mask (marked
+by the token pass) is taken as causal; a block whose attention the pass's scores read
+(its keys, its probabilities) stays dense unless listed, which is refused.
 
 Images and video: blocks of consecutive tokens are rows of patches, whose attention is
 spread over the rows above and below. `order` = tiled / hilbert gathers q, k and v into
@@ -45,6 +48,7 @@ from ..plugins.block_sparse_attention import MASKED_BIAS, RECTIFY_BLOCKS, RECTIF
 from ..recipe import SparseAttentionOptions
 from ..runtime.kv_cache import ATTENTION_MASK, KINDS, POSITION_IDS, past_name, present_name
 from .base import GraphBuilder, TrimrtPass
+from .token_graph import CAUSAL_MASK_MARK
 
 #: the recipe's rectify -> the op's
 _RECTIFY = {False: 0, True: RECTIFY_TOKENS, "blocks": RECTIFY_BLOCKS}
@@ -55,19 +59,30 @@ class SparseAttentionPass(TrimrtPass):
     recipe_table = "sparse_attention"
     exact = False
 
-    def __init__(self, options: SparseAttentionOptions):
+    def __init__(self, options: SparseAttentionOptions, tokens: int = 32):
         super().__init__()
         self.options = options
+        self.tokens = tokens  # a decoder's probe prompt (at least what the build accepts)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
         tmap = structure_of(model, self.context.shared)
         depth = len(tmap.blocks)
-        layers = opts.layers or tuple(range(depth))
-        missing = [i for i in layers if i >= depth]
+        missing = [i for i in opts.layers or () if i >= depth]
         if missing:
             raise RecipeError(f"[sparse_attention] layers {missing} do not exist: the model has {depth} blocks "
                               f"(0..{depth - 1})")
+        # a block whose attention a token pass scores needs it dense: by default it stays
+        # dense; listed, it is refused
+        decoder = self.context.shared.get(DECODER_SPEC)
+        scored = {i: reader for i in opts.layers or range(depth)
+                  if (reader := _outside_reader(model.graph, tmap.blocks[i].attention, i, decoder))}
+        if opts.layers and scored:
+            layer, reader = next(iter(scored.items()))
+            raise StructureError(f"[sparse_attention] block {layer}'s attention is also read by {reader} (e.g. a "
+                                 "token pruning's scores), which needs it dense: remove the block from layers (by "
+                                 "default such blocks stay dense)")
+        layers = opts.layers or tuple(i for i in range(depth) if i not in scored)
         n = tmap.num_tokens
         blocks = -(-n // opts.block_size) if isinstance(n, int) else None
         grid_tokens = int(np.prod(opts.grid)) if opts.grid else 0
@@ -75,8 +90,7 @@ class SparseAttentionPass(TrimrtPass):
             raise StructureError(f"[sparse_attention] the grid {list(opts.grid)} has {grid_tokens} patches but the "
                                  f"blocks see {n} tokens: give the model's patch grid")
         top_k = opts.top_k or 0
-        decoder = self.context.shared.get(DECODER_SPEC)
-        masks = _Masks(model, n, decoder)
+        masks = _Masks(model, n, decoder, self.tokens)
         done, prompt = [], None
         for layer in layers:
             attn = tmap.blocks[layer].attention
@@ -112,8 +126,8 @@ class SparseAttentionPass(TrimrtPass):
             done.append({"block": layer, "causal": bool(causal),
                          "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
         density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
-        self.record({"tokens": n, "prompt_only": decoder is not None, "block_size": opts.block_size, "blocks": blocks,
-                     "top_k": top_k, "tau": opts.tau, "density": density, "rectify": opts.rectify, "order": opts.order,
+        self.record({"tokens": n, "prompt_only": decoder is not None, "kept_dense": sorted(scored),
+                     "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau, "density": density, "rectify": opts.rectify, "order": opts.order,
                      "grid": list(opts.grid) if opts.grid else None, "layers": done}, changes_results=True)
         return ir.passes.PassResult(model, modified=True)
 
@@ -194,8 +208,8 @@ def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir
                                                                         list[ir.Node]]:
     """(the nodes of a decoder block's attention over its cache, in graph order: the Concats of
     past and new that are its present key / value, all they feed up to the attention's output,
-    then the views that merge its heads; the present key and value; those views). Refused when
-    something else reads one of those nodes."""
+    then the views that merge its heads; the present key and value; those views). Refused
+    when the block does not attend its cache in that form."""
     outputs = {v.name: v for v in graph.outputs}
     inputs = {v.name: v for v in graph.inputs}
     presents = tuple(outputs.get(present_name(layer, kind)) for kind in KINDS)
@@ -214,14 +228,6 @@ def _cache_region(graph: ir.Graph, attn: Attention, layer: int) -> tuple[list[ir
             stack.extend(user for out in node.outputs for user, _ in out.uses())
     feeding = ancestors(attn.output, set())[0]
     region = [node for node in graph if node in reached and node in feeding]
-    inside, ends = set(region), {attn.output, *presents}
-    for node in region:
-        for out in node.outputs:
-            strangers = [user for user, _ in out.uses() if user not in inside]
-            if out not in ends and (strangers or out.is_graph_output()):
-                reader = strangers[0].name if strangers else "a graph output"
-                raise StructureError(f"[sparse_attention] block {layer}'s attention is also read by {reader} (e.g. "
-                                     "a token pruning's scores); remove the block from [sparse_attention] layers")
     merge, end = [], attn.output  # [B, H, S, d] -> [B, S, H·d]: fused with the attention on the cache
     while not end.is_graph_output() and len(end.uses()) == 1:
         user = end.uses()[0][0]
@@ -293,7 +299,7 @@ def _clone(node: ir.Node, copies: dict, prefix: str) -> ir.Node:
                    overload=node.overload, num_outputs=len(node.outputs), version=node.version,
                    name=f"{prefix}_{node.name}")
     for old, new in zip(node.outputs, twin.outputs):
-        new.name, new.dtype, new.shape = f"{prefix}_{old.name}", old.dtype, old.shape
+        new.name, new.type, new.shape = f"{prefix}_{old.name}", old.type, old.shape
         copies[old] = new
     twin.metadata_props.update(node.metadata_props)
     return twin
@@ -311,8 +317,8 @@ class _Masks:
     up to itself); None for any other (refused). Probed once per mask value (the blocks of a
     model share theirs)."""
 
-    def __init__(self, model: ir.Model, tokens, decoder=None):
-        self.model, self.tokens, self.decoder, self.known, self.proto = model, tokens, decoder, {}, None
+    def __init__(self, model: ir.Model, tokens, decoder=None, prompt: int = 32):
+        self.model, self.tokens, self.decoder, self.prompt, self.known, self.proto = model, tokens, decoder, prompt, {}, None
 
     def kind(self, attn: Attention) -> str | None:
         if attn.mask is None and attn.mask_select is None:
@@ -322,6 +328,8 @@ class _Masks:
             return None
         if _keys_only(value):
             return "keys"
+        if value.producer() is not None and value.producer().metadata_props.get(CAUSAL_MASK_MARK):
+            return "causal"  # a reduced decoder block's own mask (token pruning, routing)
         if value.name not in self.known:
             classify = self._classify if self.decoder is None else self._classify_prompt
             self.known[value.name] = classify(value, visible)
@@ -406,7 +414,7 @@ class _Masks:
 
         if self.proto is None:
             self.proto = runnable_proto(ir.serde.serialize_model(self.model))
-        n = 11
+        n = self.prompt
         feeds = self.decoder.random_feeds(batch=2, new=n, past=0)
         feeds[ATTENTION_MASK][1, :3] = 0
         if POSITION_IDS in feeds:
@@ -419,6 +427,32 @@ class _Masks:
             return None
         want = np.tril(np.ones((n, n), bool)) & seen[:, :, -1:, :].astype(bool)
         return "causal_keys" if bool((seen.astype(bool) == want).all()) else None
+
+
+def _outside_reader(graph: ir.Graph, attn: Attention, layer: int, decoder) -> str | None:
+    """The name of a node (or "a graph output") that reads a block's attention other than on
+    the way to its output, where the op would not replace what it reads: the probabilities
+    (a token pass's scores, output_attentions); in a KV-cache decoder, any value of the
+    attention over the cache (a FastV score reads its keys), which moves into an If branch.
+    None when nothing does (a fused Attention op exposes nothing)."""
+    if attn.core.op_type != "Softmax":
+        return None
+    feeding = ancestors(attn.output, set())[0]
+    watched, inside, ends = [attn.core], feeding, {attn.output}
+    if decoder is not None:
+        watched, presents, merge = _cache_region(graph, attn, layer)
+        watched = [node for node in watched if node not in merge]
+        inside, ends = set(watched), {attn.output, *presents}
+    for node in watched:
+        for out in node.outputs:
+            if out in ends:
+                continue
+            if out.is_graph_output():
+                return "a graph output"
+            reader = next((user for user, _ in out.uses() if user not in inside), None)
+            if reader is not None:
+                return reader.name or reader.op_type
+    return None
 
 
 def _boolean(value: ir.Value | None) -> bool:

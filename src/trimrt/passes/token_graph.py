@@ -178,6 +178,7 @@ class TokenRewrite:
         allowed = b.op("LessOrEqual", [cols, last_key], name=f"{prefix}_allowed")  # [Nq, Nk]
         mask = _bool_to_additive(b, allowed, prefix, "")
         mask = b.op("Unsqueeze", [mask, b.const(np.array([0, 1]), name=f"{prefix}_ax01")], name=f"{prefix}_mask4")
+        mask.producer().metadata_props[CAUSAL_MASK_MARK] = "1"
         b.insert_before(_mask_consumer(attn, current))
         for j in range(first, len(blocks) if last is None else last + 1):
             consumer = _mask_consumer(blocks[j].attention, current)
@@ -292,6 +293,11 @@ class TokenRewrite:
                 current = b.op("Unsqueeze", [current, axes_v], name=f"{name}_lead")
             self.gathered[value] = gather_tokens(b, current, rank, axes, kept_index, name)
             self.replace_stream(b, kept_index, uses, self.gathered[value])
+
+
+#: metadata of the node that makes a reduced decoder block's own causal mask (the causal
+#: rule, no padding: what [sparse_attention] takes as `causal` without probing it)
+CAUSAL_MASK_MARK = "trimrt.causal_mask"
 
 
 def _mask_consumer(attn: Attention, mask: ir.Value) -> ir.Node:
