@@ -5,6 +5,8 @@ shared cache buffer in place), and generation equals the same attention written 
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -91,20 +93,32 @@ def test_decode_steps_stay_dense_and_in_place(build):
 FASTV = {"method": "last_token_attention", "layers": [1], "keep": 0.5, "prunable": [2, 18]}
 
 
-def test_sparse_prompts_with_fastv_equal_both_in_pytorch(tmp_path):
+@pytest.fixture(scope="module")
+def fastv_sparse(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fastv_sparse_kv") / "b"
+    trimrt.compile(make("llama", LAYERS), {"token_pruning": FASTV, "sparse_attention": {"block_size": 4, "top_k": 2}},
+                   path)
+    return path
+
+
+def _prefill(session, ids):
+    spec = DecoderSpec.from_manifest(session.manifest, "build")
+    return session.run({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                        "position_ids": np.tile(np.arange(ids.shape[1]), (len(ids), 1)), **spec.empty_cache(len(ids))})
+
+
+def test_sparse_prompts_with_fastv_equal_both_in_pytorch(fastv_sparse, tmp_path):
     """FastV prunes the prompt after block 1's attention (which its score reads: by default it
     stays dense); the other blocks attend block-sparsely, the later ones over the kept tokens
     (16 of 24: four blocks, two attended) with the causal mask of their own."""
-    trimrt.compile(make("llama", LAYERS), {"token_pruning": FASTV, "sparse_attention": {"block_size": 4, "top_k": 2}},
-                   tmp_path / "b")
-    session = trimrt.load(tmp_path / "b")
+    session = trimrt.load(fastv_sparse)
     sparse = next(p["report"] for p in session.manifest["passes"] if p["pass"] == "sparse_attention")
     assert [layer["block"] for layer in sparse["layers"]] == [0, 2, 3] and sparse["kept_dense"] == [1]
     from click.testing import CliRunner
 
     from trimrt.cli import main
 
-    shown = CliRunner().invoke(main, ["inspect", str(tmp_path / "b")])
+    shown = CliRunner().invoke(main, ["inspect", str(fastv_sparse)])
     assert "block 1 keeps dense attention: a token pass's score (or an output) reads it" in shown.output
     ids = np.random.default_rng(0).integers(3, VOCAB, (2, 24))
     reference = sparse_prompt_model(make("llama", LAYERS), [0, 2, 3], block_size=4, top_k=2)
@@ -115,9 +129,7 @@ def test_sparse_prompts_with_fastv_equal_both_in_pytorch(tmp_path):
         fastv_alone = fastv_generate(make("llama", LAYERS), torch.from_numpy(ids), (1,), 0.5, span, 8)[0]
     assert want != fastv_alone  # the sparse blocks change what FastV alone generates
     assert [r.tokens for r in session.generator().generate([list(row) for row in ids], max_new_tokens=8)] == want
-    spec = DecoderSpec.from_manifest(session.manifest, "build")
-    out = session.run({"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(24), (2, 1)),
-                       **spec.empty_cache(2)})
+    out = _prefill(session, ids)
     np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
     assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [24, 24, 16, 16]  # the pruned cache
     # listed, the scored block is refused
@@ -125,6 +137,26 @@ def test_sparse_prompts_with_fastv_equal_both_in_pytorch(tmp_path):
                                              r"trimrt_prune_1_\w+ \(e.g. a token pruning's scores\), which needs it dense"):
         trimrt.compile(make("llama", LAYERS), {"token_pruning": FASTV, "sparse_attention": SPARSE}, tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_sparse_prompts_with_fastv_int4_and_fusion(fastv_sparse, tmp_path, caplog):
+    """Block-sparse prompts, FastV, INT4 weights and ONNX Runtime's kernels in one decoder
+    build: the quantized build stays close to the float one, and compiles without warnings."""
+    recipe = {"token_pruning": FASTV, "sparse_attention": {"block_size": 4, "top_k": 2},
+              "quantization": {"weights": "int4", "group_size": 16}, "onnxruntime": {"fuse": True}}
+    trimrt.compile(make("llama", LAYERS), recipe, tmp_path / "b")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    session = trimrt.load(tmp_path / "b")
+    reports = {p["pass"]: p["report"] for p in session.manifest["passes"]}
+    assert [layer["block"] for layer in reports["sparse_attention"]["layers"]] == [0, 2, 3]
+    assert reports["quantization"]["matmuls_quantized"] == 4 * LAYERS + 1  # lm_head included
+    ids = np.random.default_rng(0).integers(3, VOCAB, (2, 24))
+    out = _prefill(session, ids)
+    assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == [24, 24, 16, 16]
+    got, fp32 = out["logits"][:, -1], _prefill(trimrt.load(fastv_sparse), ids)["logits"][:, -1]
+    cosine = (got * fp32).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(fp32, axis=-1)
+    assert cosine.min() > 0.95, cosine  # INT4 in groups of 16 on random weights
+    assert [len(r.tokens) for r in session.generator().generate([list(row) for row in ids], max_new_tokens=8)] == [8, 8]
 
 
 @pytest.mark.parametrize("router", ["attention", "model"])

@@ -104,6 +104,14 @@ def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None, decoder: b
             model.functions.update(own)
             dedup.setLevel(level)
 
+    # ONNX's data propagation fails inside If branches whose shapes read shape values of the
+    # outer graph (a decoder's sparse prompt: "existing shape differs in rank"); onnx_ir then
+    # keeps the shapes the graph has, which suffice, and logs a traceback the user can do
+    # nothing about
+    inference = logging.getLogger("onnx_ir.passes.common.shape_inference")
+    inference_level = inference.level
+    if any(n.op_type == "If" for n in model.graph):
+        inference.setLevel(logging.ERROR)
     try:
         ir.passes.common.ShapeInferencePass()(model)
         pruned = any(n.domain == DOMAIN for n in model.graph)
@@ -128,6 +136,7 @@ def fuse_for_onnxruntime(model: ir.Model, limits: dict | None = None, decoder: b
         counts = {name: int(fn(model, **kwargs)) for name, fn, kwargs in _fusions()}
         optimize()  # inlines leftover fusion intermediates, drops dead nodes
     finally:
+        inference.setLevel(inference_level)
         for key in set(own) - had:  # AttachDecompositionsPass adds them for good later
             del model.functions[key]
     if any(n.domain == MS_DOMAIN for n in model.graph):
