@@ -32,6 +32,8 @@ def make(family: str, layers: int = 2):
                                                    max_window_layers=1))
     elif family == "mistral":  # every layer slides over 16 tokens
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=16))
+    elif family == "phi3":  # Q, K and V from one packed projection
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0))
     elif family == "gpt2":  # learned positions: a position table of 160
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB,
                                                  n_positions=160, eos_token_id=None, bos_token_id=1))

@@ -30,10 +30,12 @@ def build(tmp_path_factory):
     return path
 
 
-def test_gpt2_generation_equals_sparse_prompt_attention_in_pytorch(tmp_path):
-    """Another family (learned positions, no grouped heads, Conv1D projections), every layer sparse."""
-    trimrt.compile(make("gpt2", 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
-    reference = sparse_prompt_model(make("gpt2", 2), [0, 1], block_size=4, top_k=2)
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_other_families_generate_as_sparse_prompt_attention_in_pytorch(tmp_path, family):
+    """Other families, every layer sparse: GPT-2 (learned positions, no grouped heads, Conv1D
+    projections), Phi-3 (Q, K and V from one packed projection)."""
+    trimrt.compile(make(family, 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
+    reference = sparse_prompt_model(make(family, 2), [0, 1], block_size=4, top_k=2)
     gen = trimrt.load(tmp_path / "b").generator()
     prompts = _prompts()
     assert [r.tokens for r in gen.generate(prompts, max_new_tokens=6)] == hf_greedy(reference, prompts, 6)
