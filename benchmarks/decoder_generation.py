@@ -115,17 +115,29 @@ def print_generation_table(results: dict, cache: dict, baseline, ideal: dict, la
 
 
 def hf_times(model, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
-    """(time to first token s, decode tokens/s, tokens) of Hugging Face generate() on PyTorch."""
+    """(time to first token s, decode tokens/s, tokens) of Hugging Face generate() on PyTorch,
+    both from one call: a streamer notes when each new token comes (a second, prefill-only
+    call to subtract would carry the prefill's own variation into the decode rate, which
+    a long prompt's makes negative)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # the prompt first, then each new token
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     torch.set_num_threads(threads)
-    ids = torch.tensor([prompt])
+    ids, clock = torch.tensor([prompt]), Clock()
     with torch.no_grad():
-        started = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=None, pad_token_id=0)
-        first = time.perf_counter() - started
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-        whole = time.perf_counter() - started
-    return first, (new - 1) / max(whole - first, 1e-9), out[0, len(prompt):].tolist()
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             streamer=clock)
+    start, first, last = clock.times[0], clock.times[1], clock.times[-1]
+    return first - start, (new - 1) / max(last - first, 1e-9), out[0, len(prompt):].tolist()
 
 
 def genai_engines(model, out: Path, threads: int) -> dict:
