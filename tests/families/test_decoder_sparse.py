@@ -17,7 +17,7 @@ import trimrt  # noqa: E402
 from tests.families.causal_lms import VOCAB, hf_greedy, make  # noqa: E402
 from tests.families.fastv_reference import fastv_generate  # noqa: E402
 from tests.families.sparse_reference import sparse_prompt_model  # noqa: E402
-from trimrt.errors import RecipeError, StructureError  # noqa: E402
+from trimrt.errors import StructureError  # noqa: E402
 from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
 
 LAYERS, SPARSE = 4, {"layers": [1, 2], "block_size": 4, "top_k": 2}
@@ -196,10 +196,19 @@ def test_sparse_prompts_with_mod_routing_equal_both_in_pytorch(tmp_path, router)
     assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == cached
 
 
-def test_sparse_recipes_refused_for_kv_cache_decoders(tmp_path):
-    with pytest.raises(RecipeError, match="sliding window of 16 tokens"):
-        trimrt.compile(make("mistral", 2), {"sparse_attention": SPARSE}, tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+def test_a_sliding_window_decoder_attends_sparsely_up_to_its_window(tmp_path):
+    """Mistral's layers slide over 16 tokens: a prompt of at most 16 (the window masks none of
+    its keys) attends block-sparsely, a longer one densely as exported."""
+    trimrt.compile(make("mistral", 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
+    gen = trimrt.load(tmp_path / "b").generator()
+    rng = np.random.default_rng(0)
+    short = [list(rng.integers(3, VOCAB, 15)), list(rng.integers(3, VOCAB, 12))]
+    reference = sparse_prompt_model(make("mistral", 2), [0, 1], block_size=4, top_k=2)
+    want = hf_greedy(reference, short, 6)
+    assert want != hf_greedy(make("mistral", 2), short, 6)  # the sparse prompt changes what the dense model generates
+    assert [r.tokens for r in gen.generate(short, max_new_tokens=6)] == want
+    long = [list(rng.integers(3, VOCAB, 23))]
+    assert [gen.generate(long, max_new_tokens=6)[0].tokens] == hf_greedy(make("mistral", 2), long, 6)
 
 
 def test_a_prompt_of_at_most_top_k_blocks_takes_the_dense_path(build, tmp_path):

@@ -244,10 +244,6 @@ def _check_sparse_decoder(recipe, spec, target: str) -> None:
     if target == "tensorrt":
         raise RecipeError("[sparse_attention] on a decoder with a KV cache builds for ONNX Runtime only for now (the "
                           "prompt's attention runs in an If beside the decode steps'); use --target onnxruntime")
-    if spec.sliding_window is not None:
-        raise RecipeError(f"[sparse_attention] this decoder's layers attend over a sliding window of "
-                          f"{spec.sliding_window} tokens, which block-sparse attention does not keep; decoders with "
-                          "windows are not supported")
 
 
 def _checker_problem(proto: onnx.ModelProto) -> str | None:

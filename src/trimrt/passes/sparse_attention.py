@@ -21,8 +21,9 @@ prompt (a shorter one would select them all: dense); the then-branch, with copie
 of the nodes from the projections on that the op reads, concatenates the (empty) past and
 the new tokens as the present and runs the op on them. The mask of a
 Hugging Face decoder is the causal rule and padding in one: the op takes it as causal plus
-its last query row as key_bias (checked on a left-padded probe prompt; sliding windows are
-refused). The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
+its last query row as key_bias (checked on a left-padded probe prompt). A decoder with
+sliding windows takes the op on prompts no longer than its smallest window (which then
+masks nothing the causal rule lets through); longer prompts attend densely, as exported. The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
 is filled from them, as after a pruned prompt), and decode steps write in place as before.
 After token pruning or routing in the same build, a reduced block's own causal mask (marked
 by the token pass) is taken as causal; a block whose attention the pass's scores read
@@ -193,13 +194,18 @@ def _is_long_prompt(b: GraphBuilder, graph: ir.Graph, decoder, opts: SparseAtten
     """A decoder step without a past (its attention mask as wide as its tokens: a shared cache
     buffer is longer than the past it holds, so the past's length would not tell) whose tokens
     make more than top_k blocks: a shorter prompt selects every block, which is dense attention
-    (unless tau masks some), so it takes the dense path, without the op's selection cost."""
+    (unless tau masks some), so it takes the dense path, without the op's selection cost. In a
+    decoder with sliding windows, a prompt no longer than the smallest window (where the
+    window masks nothing the causal rule lets through); a longer one attends densely, as
+    exported."""
     inputs = {v.name: v for v in graph.inputs}
     width = b.Shape(inputs[ATTENTION_MASK], start=1, end=2)
     tokens = b.Shape(inputs[decoder.token_input], start=1, end=2)
     prompt = b.Equal(width, tokens)
     if opts.top_k and opts.tau >= 1.0:
         prompt = b.And(prompt, b.Greater(tokens, b.const(np.array([opts.top_k * opts.block_size]))))
+    if decoder.sliding_window is not None:  # a longer prompt's window masks keys the op would see
+        prompt = b.And(prompt, b.LessOrEqual(tokens, b.const(np.array([decoder.sliding_window]))))
     b.insert_after(None)
     return prompt
 
@@ -414,7 +420,7 @@ class _Masks:
 
         if self.proto is None:
             self.proto = runnable_proto(ir.serde.serialize_model(self.model))
-        n = self.prompt
+        n = min(self.prompt, self.decoder.sliding_window or self.prompt)  # (a prompt the window masks nothing of)
         feeds = self.decoder.random_feeds(batch=2, new=n, past=0)
         feeds[ATTENTION_MASK][1, :3] = 0
         if POSITION_IDS in feeds:
