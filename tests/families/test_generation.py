@@ -28,10 +28,11 @@ def test_greedy_generation_equals_hugging_face(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_cache_growing_by_small_chunks_generates_the_same(family):
-    """The build's shared cache buffer (decoder.shared_buffer) grown by chunks of 8 tokens, nine
-    times over 74 tokens, generates what Hugging Face does, and what the same build does with
-    its cache fed back as tensors every step."""
+def test_a_cache_in_small_chunks_generates_the_same(family):
+    """The build's shared cache buffer (decoder.shared_buffer) in chunks of 8 tokens (reserved
+    for the 11 + 64 tokens up front: 80) generates what Hugging Face does, and what the same
+    build does with its cache fed back as tensors every step. (Growth by chunks, step by
+    step: tests/passes/test_kv_attention.py.)"""
     from dataclasses import replace
 
     from trimrt.runtime.generation import Generator

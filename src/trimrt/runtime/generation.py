@@ -137,7 +137,8 @@ class Generator:
 
     def __init__(self, session, tokenizer=None, *, kv_chunk: int = 256, speculation: str | Drafter | None = None):
         self.session = session
-        #: tokens a shared cache buffer grows by (spec `shared_buffer`)
+        #: the unit of a shared cache buffer's length (spec `shared_buffer`): reserved for the
+        #: prompt and max_new_tokens when a generation starts, grown by it past that (drafts)
         self.kv_chunk = kv_chunk
         self.spec = DecoderSpec.from_manifest(session.manifest, str(session.build_dir))
         if tokenizer is None and TOKENIZER in (session.manifest.get("files") or {}):
@@ -222,6 +223,8 @@ class Generator:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         # the cache in buffers the graph writes in place, when the build can (else fed back each step)
         cache = KVCache(spec, batch, self.kv_chunk) if spec.shared_buffer and self.session.backend.in_place else None
+        if cache:  # the prompt and every new token at once: each growth copies the whole cache
+            cache.reserve(longest + max_new)
         feeds = {spec.token_input: tokens, ATTENTION_MASK: mask, **({} if cache else spec.empty_cache(batch))}
         # for the repetition penalty (a prompt given as embeddings has no ids: HF counts none either)
         history = [[] if _is_embedded(seq) else list(seq) for seq in ids]

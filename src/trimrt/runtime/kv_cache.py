@@ -166,7 +166,8 @@ class KVCache:
     """The past keys / values of a generation in buffers that a shared-buffer build (spec
     `shared_buffer`) reads as its past and writes as its present: a step adds its tokens in
     place. The buffers are a whole number of `chunk`s of tokens long and grow by chunks (the
-    held tokens copied once per chunk), never to the model's whole context up front."""
+    held tokens copied each time), never to the model's whole context up front: the
+    Generator reserves what a generation asks for (prompt + max_new_tokens) when it starts."""
 
     def __init__(self, spec: DecoderSpec, batch: int, chunk: int = 256):
         self.spec, self.batch, self.chunk = spec, batch, chunk
