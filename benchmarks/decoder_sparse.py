@@ -6,13 +6,16 @@ with a KV cache in fp32, dense and with [sparse_attention] in every layer (block
 causal from the decoder's mask, `--density` of the key blocks, rectified per token), run by
 trimrt's generation loop on ONNX Runtime CPU: time to first token (the prompt's prefill),
 decode tokens/s and the KV cache, as `trimrt generate` prints them; the dense model on
-PyTorch (transformers, SDPA attention, greedy with its own cache) runs in the same process. Engines take
-turns round by round after a warm-up round; the table shows medians. The FLOPs ideal is
-the prompt's (the op's selection included). Fidelity: cosine of the prompt's last-token
-logits against the dense build, and how many of the generated tokens agree (random
-weights: neither is discriminating).
+PyTorch (transformers, SDPA attention, greedy with its own cache) runs in the same process.
+With the composition: FastV token pruning alone (the prompt's tokens but its first and last
+64 are prunable; `--keep` of them stay after the attention of layer 1, which stays dense:
+its scores read it) and FastV with the sparse prompt in the other layers, in one build
+(`--no-fastv` leaves them out). Engines take turns round by round after a warm-up round;
+the table shows medians. The FLOPs ideal is the prompt's (the op's selection included).
+Fidelity: cosine of the prompt's last-token logits against the dense build, and how many
+of the generated tokens agree (random weights: neither is discriminating).
 
-    python benchmarks/decoder_sparse.py [--prompt 8192] [--density 0.25] [--new 64] [--rounds 5]
+    python benchmarks/decoder_sparse.py [--prompt 8192] [--density 0.25] [--new 64] [--rounds 5] [--keep 0.5]
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def pytorch_times(model, prompt: list[int], new: int, threads: int) -> tuple[flo
         token = out.logits[:, -1:].argmax(-1)
         tokens, started = [int(token)], time.perf_counter()
         for _ in range(new - 1):
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, cache=out.cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             tokens.append(int(token))
         rate = (new - 1) / (time.perf_counter() - started)
@@ -73,16 +76,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--keep", type=float, default=0.5, help="FastV's share of the prunable tokens kept after layer 1")
+    ap.add_argument("--no-fastv", action="store_true", help="leave out the FastV and FastV + sparse builds")
     ap.add_argument("--out", type=Path, default=Path("builds/bench_decoder_sparse"))
     args = ap.parse_args()
 
     model = make_model(args)
     blocks = -(-args.prompt // args.block_size)
     top_k = max(2, round(args.density * blocks))
-    recipes = {"dense": None, "sparse": {"sparse_attention": {"block_size": args.block_size, "top_k": top_k}}}
+    sparse = {"block_size": args.block_size, "top_k": top_k}
+    recipes = {"dense": None, "sparse": {"sparse_attention": sparse}}
+    if not args.no_fastv:
+        fastv = {"method": "last_token_attention", "layers": [1], "keep": args.keep, "prunable": [64, args.prompt - 64]}
+        recipes.update({"fastv": {"token_pruning": fastv}, "fastv + sparse": {"token_pruning": fastv,
+                                                                              "sparse_attention": sparse}})
     generators = {}
     for name, recipe in recipes.items():
-        build = args.out / name
+        build = args.out / name.replace(" + ", "_")
         shutil.rmtree(build, ignore_errors=True)
         print(f"compiling {name} ...", flush=True)
         trimrt.compile(model, recipe, build)
@@ -91,21 +101,24 @@ def main() -> None:
     spec = generators["dense"].spec
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **spec.empty_cache(1)}
-    flops = count_flops(onnx.load(str(args.out / "dense" / "model.onnx")), prefill) / \
-        count_flops(onnx.load(str(args.out / "sparse" / "model.onnx")), prefill)
+    flops = {name: count_flops(onnx.load(str(args.out / name.replace(" + ", "_") / "model.onnx")), prefill)
+             for name in recipes}
+    ideal = {name: flops["dense"] / f for name, f in flops.items() if name != "dense"}
     logits = {name: gen.session.run(prefill)["logits"][0, -1] for name, gen in generators.items()}
-    cosine = float(logits["dense"] @ logits["sparse"] / np.linalg.norm(logits["dense"]) / np.linalg.norm(logits["sparse"]))
+    cosine = {name: float(logits["dense"] @ x / np.linalg.norm(logits["dense"]) / np.linalg.norm(x))
+              for name, x in logits.items() if name != "dense"}
     print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads; sparse: "
           f"{top_k} of {blocks} key blocks of {args.block_size} in every layer", flush=True)
     results, tokens, cache = generation_rounds(generators, prompt, args.new, args.rounds,
                                                lambda: pytorch_times(model, prompt, args.new, args.threads))
     cache["pytorch"] = cache["dense"]
-    agree = sum(a == b for a, b in zip(tokens["sparse"], tokens["dense"]))
-    print(f"\nlast-token logits of the prompt, sparse against dense: cosine {cosine:.4f}; generated tokens agreeing: "
-          f"{agree} of {args.new}")
-    print_generation_table(results, cache, lambda name: "dense", {"sparse": flops},
-                           {"pytorch": "transformers on PyTorch, dense"})
+    print()
+    for name, value in cosine.items():
+        agree = sum(a == b for a, b in zip(tokens[name], tokens["dense"]))
+        print(f"last-token logits of the prompt, {name} against dense: cosine {value:.4f}; generated tokens agreeing: "
+              f"{agree} of {args.new}")
+    print_generation_table(results, cache, lambda name: "dense", ideal, {"pytorch": "transformers on PyTorch, dense"})
 
 if __name__ == "__main__":
     main()

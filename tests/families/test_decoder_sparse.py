@@ -141,6 +141,22 @@ def test_sparse_prompts_with_fastv_equal_both_in_pytorch(fastv_sparse, tmp_path)
     assert not (tmp_path / "c").exists()
 
 
+def test_a_prunable_span_longer_than_the_shape_probes(tmp_path):
+    """A span ending past the 37 tokens the compile's shape probes feed by default: the probes
+    of the pruned graph (analysis for the sparse pass) feed prompts the span fits in."""
+    span, recipe = (4, 90), {"token_pruning": {**FASTV, "prunable": [4, 90]}, "sparse_attention": {"block_size": 8,
+                                                                                                  "top_k": 3}}
+    trimrt.compile(make("llama", LAYERS), recipe, tmp_path / "b")
+    ids = np.random.default_rng(1).integers(3, VOCAB, (1, 100))
+    reference = sparse_prompt_model(make("llama", LAYERS), [0, 2, 3], block_size=8, top_k=3)
+    with torch.no_grad():
+        want, first = fastv_generate(reference, torch.from_numpy(ids), (1,), 0.5, span, 6,
+                                     attention="trimrt_sparse_prompt")
+    session = trimrt.load(tmp_path / "b")
+    assert [session.generator().generate(list(ids[0]), max_new_tokens=6).tokens] == want
+    np.testing.assert_allclose(_prefill(session, ids)["logits"][:, -1], first.numpy(), atol=1e-4)
+
+
 def test_sparse_prompts_with_fastv_int4_and_fusion(fastv_sparse, tmp_path, caplog):
     """Block-sparse prompts, FastV, INT4 weights and ONNX Runtime's kernels in one decoder
     build: the quantized build stays close to the float one, and compiles without warnings."""

@@ -24,7 +24,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 
 from ..errors import StructureError
 from ..plugins import DOMAIN
-from .probe import PROBE_TOKENS, once, probe_shapes, wiring
+from .probe import once, probe_shapes, probe_tokens, wiring
 
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Dropout"})
 
@@ -334,15 +334,15 @@ def _learned_size(value: ir.Value, axis: int, depth: int = 4) -> int | None:
 def _probe_token_axis(model: ir.Model, block: Block, shared: dict | None) -> tuple[list[int], int | None]:
     """Token axis by running the model once (symbolic dims that shape inference could not
     relate), and the token count when it is static (the model ran at its own length, not
-    at PROBE_TOKENS)."""
+    at the probes' count)."""
     shapes = probe_shapes(model, shared)
     stream = shapes.get(block.stream_mid.name)
     keys = block.attention.keys_shape(lambda value: shapes.get(value.name))
     if stream is None or keys is None:
         return [], None
-    # a dynamic count runs at PROBE_TOKENS; a static one (a TorchScript export shape
+    # a dynamic count runs at the probes' count; a static one (a TorchScript export shape
     # inference could not follow) at its own length: the axis as long as the keys
-    static = keys[-1] if keys[-1] != PROBE_TOKENS else None
+    static = keys[-1] if keys[-1] != probe_tokens(shared) else None
     return [a for a in range(1, len(stream) - 1) if stream[a] == keys[-1]], static
 
 
