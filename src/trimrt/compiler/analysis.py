@@ -23,8 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import ShapeInferencePass
 
 from ..errors import StructureError
-from ..plugins import DOMAIN
-from .probe import once, probe_shapes, probe_tokens, wiring
+from .probe import PROBE_TOKENS, once, probe_shapes, wiring
 
 _PASS_THROUGH = frozenset({"Cast", "Identity", "Dropout"})
 
@@ -334,15 +333,15 @@ def _learned_size(value: ir.Value, axis: int, depth: int = 4) -> int | None:
 def _probe_token_axis(model: ir.Model, block: Block, shared: dict | None) -> tuple[list[int], int | None]:
     """Token axis by running the model once (symbolic dims that shape inference could not
     relate), and the token count when it is static (the model ran at its own length, not
-    at the probes' count)."""
+    at PROBE_TOKENS)."""
     shapes = probe_shapes(model, shared)
     stream = shapes.get(block.stream_mid.name)
     keys = block.attention.keys_shape(lambda value: shapes.get(value.name))
     if stream is None or keys is None:
         return [], None
-    # a dynamic count runs at the probes' count; a static one (a TorchScript export shape
+    # a dynamic count runs at PROBE_TOKENS; a static one (a TorchScript export shape
     # inference could not follow) at its own length: the axis as long as the keys
-    static = keys[-1] if keys[-1] != probe_tokens(shared) else None
+    static = keys[-1] if keys[-1] != PROBE_TOKENS else None
     return [a for a in range(1, len(stream) - 1) if stream[a] == keys[-1]], static
 
 
@@ -390,17 +389,16 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
         stream_mid = users[0].outputs[0] if post_norm else add.outputs[0]
         blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
 
-    # the first block whose shapes are known (a token pass drops those of a routed block)
-    first = next((blk for blk in blocks if blk.attention.keys_shape() is not None and blk.stream_mid.shape is not None),
-                 blocks[0])
-    keys = first.attention.keys_shape()
-    stream_shape = first.stream_mid.shape
-    unknown_count = False
-    if (keys is None or stream_shape is None) and any(n.domain == DOMAIN for n in graph):
-        # a graph a token pass has rewritten (a routed first block): the shapes of a run, its count unknown
-        shapes = probe_shapes(model, shared)
-        keys = first.attention.keys_shape(lambda value: shapes.get(value.name))
-        stream_shape, unknown_count = shapes.get(first.stream_mid.name), True
+    keys = blocks[0].attention.keys_shape()
+    stream_shape = blocks[0].stream_mid.shape
+    if _decoder(shared) is not None and (stream_shape is None or len(stream_shape) == 3):
+        # a KV-cache decoder's stream is [batch, tokens, width] (its keys count the past too, and
+        # a token pass may have dropped the shapes): no probe, which would run a prunable span
+        # of any length, every value exposed
+        tokens, width = (stream_shape[1], stream_shape[2]) if stream_shape is not None else (None, None)
+        return TransformerMap(blocks, 1, tokens if isinstance(tokens, int) or tokens is None else str(tokens),
+                              width if isinstance(width, int) else None, _pooling(graph, blocks[-1].stream_mid, 1),
+                              notes, _prepended_tokens(blocks[0].stream_in, 1))
     if keys is None or stream_shape is None:
         raise StructureError("token axis unknown: the graph carries no shapes for the attention and the residual stream "
                              "(run shape inference or export with shapes)")
@@ -408,7 +406,7 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     candidates = [a for a in range(len(stream_shape) - 1) if _dim_matches(stream_shape[a], n_keys)]
     probed_count = None
     if len(candidates) != 1 and not isinstance(n_keys, int):
-        candidates, probed_count = _probe_token_axis(model, first, shared)
+        candidates, probed_count = _probe_token_axis(model, blocks[0], shared)
     windows = [d for d in list(stream_shape)[1:-1] if isinstance(d, int) and isinstance(n_keys, int)
                and d > n_keys and d % n_keys == 0]
     if not candidates and windows:
@@ -423,10 +421,16 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     token_axis = candidates[0]
     width = stream_shape[len(stream_shape) - 1]
     tokens = stream_shape[token_axis] if probed_count is None else probed_count
-    num_tokens = None if unknown_count else tokens if isinstance(tokens, int) else (
-        str(tokens) if tokens is not None else None)
+    num_tokens = tokens if isinstance(tokens, int) else (str(tokens) if tokens is not None else None)
     return TransformerMap(blocks, token_axis, num_tokens, width if isinstance(width, int) else None,
                           _pooling(graph, blocks[-1].stream_mid, token_axis), notes, _prepended_tokens(blocks[0].stream_in, token_axis))
+
+
+def _decoder(shared: dict | None):
+    """The KV-cache decoder's DecoderSpec a compile shares, or None."""
+    from .decoder import DECODER_SPEC
+
+    return (shared or {}).get(DECODER_SPEC)
 
 
 #: key of the analysed structure in a compile's shared values (PipelineContext.shared)

@@ -36,7 +36,6 @@ from ..recipe import Recipe
 from .analysis import infer_shapes, structure_of
 from .decoder import DECODER_SPEC
 from .input_limits import INPUT_LIMITS, find_input_limits
-from .probe import MIN_PROBE_TOKENS
 from .source import MIN_OPSET
 
 TARGETS = ("onnxruntime", "openvino", "tensorrt")
@@ -174,8 +173,6 @@ def build_passes(recipe: Recipe, target: str = "onnxruntime", progress: bool = F
     if recipe.sparse_attention is not None:  # after the token passes: the attention of the tokens they leave
         feature.append(SparseAttentionPass(recipe.sparse_attention, tokens=max(32, min_tokens(recipe) + 8)))
     decoder = target == "onnxruntime" and context is not None and context.shared.get(DECODER_SPEC) is not None
-    if decoder and recipe.span_table is not None:  # probes of the reduced graph feed prompts the span fits in
-        context.shared[MIN_PROBE_TOKENS] = min_tokens(recipe) + 1
     if decoder:
         # exact (checked); before quantization, which calibrates on the graph that runs
         feature.append(KVAttentionPass(tokens=max(32, min_tokens(recipe) + 8)))

@@ -20,23 +20,6 @@ from .onnx_runner import OnnxRunner
 
 PROBE_TOKENS = 37
 PROBE_BATCH = 3
-#: key of the fewest tokens a compile's shape probes feed (PipelineContext.shared): a KV-cache
-#: decoder whose prompt a token pass reduces probes prompts its prunable span fits in
-MIN_PROBE_TOKENS = "min_probe_tokens"
-
-
-def probe_tokens(shared: dict | None) -> int:
-    """The token count of a compile's shape probes: PROBE_TOKENS, or the first count from
-    `shared`'s minimum on that is PROBE_TOKENS modulo 64 (odd: no model dimension by chance)
-    and within the decoder's positions."""
-    from .decoder import DECODER_SPEC
-
-    need = (shared or {}).get(MIN_PROBE_TOKENS, 0)
-    if need <= PROBE_TOKENS:
-        return PROBE_TOKENS
-    limit = getattr(shared.get(DECODER_SPEC), "max_positions", None)
-    count = need + (PROBE_TOKENS - need) % 64
-    return count if limit is None or count <= limit else need
 
 
 class TokenDims:
@@ -48,7 +31,7 @@ class TokenDims:
     that size is a token axis. `shared` (a compile's shared values): see probe_shapes."""
 
     def __init__(self, model: ir.Model, n_tokens: int | str, shared: dict | None = None):
-        self.n_tokens, self.probed = n_tokens, probe_tokens(shared)
+        self.n_tokens = n_tokens
         probe = not isinstance(n_tokens, int) or any(_partial(out.shape) for node in model.graph for out in node.outputs)
         self.shapes: dict[str, tuple[int, ...]] = probe_shapes(model, shared) if probe else {}
 
@@ -65,7 +48,7 @@ class TokenDims:
     @property
     def token_size(self) -> int:
         """The size of a token axis in the shapes read here (the probe's count when dynamic)."""
-        return self.n_tokens if isinstance(self.n_tokens, int) else self.probed
+        return self.n_tokens if isinstance(self.n_tokens, int) else PROBE_TOKENS
 
     def axes(self, value: ir.Value) -> list[int]:
         """Axes (beyond the batch axis) of `value` that run over the tokens."""
@@ -111,9 +94,8 @@ def probe_shapes(model: ir.Model, shared: dict | None = None) -> dict[str, tuple
         return probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)])[0]
     from .decoder import DECODER_SPEC
 
-    tokens = probe_tokens(shared)
-    key = (wiring(model.graph), tuple(_probed_names(model)), tokens)
-    return once(shared, PROBED, key, lambda: probe_shape_runs(model, [(PROBE_BATCH, tokens)],
+    key = (wiring(model.graph), tuple(_probed_names(model)))
+    return once(shared, PROBED, key, lambda: probe_shape_runs(model, [(PROBE_BATCH, PROBE_TOKENS)],
                                                               shared.get(INPUT_LIMITS), shared.get(DECODER_SPEC))[0])
 
 
