@@ -463,15 +463,18 @@ def relative_drift(before, after, tokens: int, limits: dict | None, decoder=None
     from ..runtime.feeds import random_feeds
 
     proto = runnable_proto(before)
-    unfused = OnnxRuntimeBackend(proto.SerializeToString())
+    # one session at a time, no arena (which keeps a run's peak for the session's life): a
+    # pruned decoder's check runs a prompt as long as its span, its scores N × N per layer
+    unfused = OnnxRuntimeBackend(proto.SerializeToString(), memory_arena=False)
     unfused.activate()
     prompt = min(tokens, decoder.max_positions or tokens) if decoder is not None else tokens
     runs = [decoder.random_feeds(2), decoder.random_feeds(2, new=prompt, past=0)] if decoder is not None else \
         [random_feeds(unfused.inputs, batch=2, seed=0, tokens=tokens,
                       limits=find_input_limits(proto) if limits is None else limits)]
     want = [unfused.infer(feeds) for feeds in runs]
+    del unfused
     try:
-        fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString())
+        fused = OnnxRuntimeBackend(runnable_proto(after).SerializeToString(), memory_arena=False)
         fused.activate()
         got = [fused.infer(feeds) for feeds in runs]
     except Exception:  # noqa: BLE001 - ORT errors are opaque; the caller reports the stage
