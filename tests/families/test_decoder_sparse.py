@@ -67,6 +67,18 @@ def test_generation_equals_sparse_prompt_attention_in_pytorch(build):
     np.testing.assert_allclose(out["logits"], want, atol=1e-5)
 
 
+def test_an_openvino_build_generates_the_same(tmp_path):
+    """--target openvino: the same graph without ONNX Runtime's kernels (the If on the prompt,
+    the op's decomposition inlined) on OpenVINO."""
+    pytest.importorskip("openvino")
+    trimrt.compile(make("llama", LAYERS), {"sparse_attention": SPARSE}, tmp_path / "b", target="openvino")
+    gen = trimrt.load(tmp_path / "b").generator()
+    assert gen.session.backend.name == "openvino"
+    prompts = _prompts()
+    reference = sparse_prompt_model(make("llama", LAYERS), SPARSE["layers"], block_size=4, top_k=2)
+    assert [r.tokens for r in gen.generate(prompts, max_new_tokens=8)] == hf_greedy(reference, prompts, 8)
+
+
 def test_decode_steps_stay_dense_and_in_place(build):
     """Every layer's decode attention is ONNX Runtime's GroupQueryAttention in the form a dense
     build has, on a shared cache buffer filled from the prompt's presents; the sparse layers'
