@@ -34,6 +34,10 @@ def make(family: str, layers: int = 2):
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=16))
     elif family == "phi3":  # Q, K and V from one packed projection
         model = tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0))
+    elif family == "gpt_neox":  # attention and MLP side by side from one input (parallel blocks)
+        model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(num_hidden_layers=layers, num_attention_heads=4, hidden_size=64,
+                                                       intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=160,
+                                                       eos_token_id=None, bos_token_id=1, use_parallel_residual=True))
     elif family == "gpt2":  # learned positions: a position table of 160
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=VOCAB,
                                                  n_positions=160, eos_token_id=None, bos_token_id=1))

@@ -30,10 +30,11 @@ def build(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "gpt_neox"])
 def test_other_families_generate_as_sparse_prompt_attention_in_pytorch(tmp_path, family):
     """Other families, every layer sparse: GPT-2 (learned positions, no grouped heads, Conv1D
-    projections), Phi-3 (Q, K and V from one packed projection)."""
+    projections), Phi-3 (Q, K and V from one packed projection), GPT-NeoX (attention and MLP
+    side by side: no token pass applies, block-sparse attention does)."""
     trimrt.compile(make(family, 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
     reference = sparse_prompt_model(make(family, 2), [0, 1], block_size=4, top_k=2)
     gen = trimrt.load(tmp_path / "b").generator()

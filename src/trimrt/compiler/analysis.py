@@ -61,8 +61,9 @@ class Block:
     attention: Attention
     stream_in: ir.Value  # residual stream entering the block
     residual_add: ir.Node  # Add(stream_in, attention output)
-    stream_mid: ir.Value  # residual stream after the attention sub-layer
+    stream_mid: ir.Value  # residual stream after the attention sub-layer (a parallel block's: after both)
     post_norm: bool
+    parallel: bool = False  # attention and MLP side by side from one input (GPT-NeoX / GPT-J / Falcon)
 
 
 @dataclass
@@ -75,6 +76,15 @@ class TransformerMap:
     notes: list[str] = field(default_factory=list)
     prepended: int = 0  # learned tokens concatenated before the inputs' tokens (CLS, DeiT's distillation token)
 
+    def require_serial(self) -> None:
+        """Token passes act between a block's attention and its MLP: refuse parallel blocks."""
+        block = next((b for b in self.blocks if b.parallel), None)
+        if block is not None:
+            raise StructureError(
+                f"the block of attention {block.attention.core.name!r} runs attention and MLP in parallel on one input "
+                "(GPT-NeoX / GPT-J / Falcon style): token pruning and merging act between the attention and the MLP, "
+                "which such a block does not have; this model is not supported (block-sparse attention is)")
+
     def summary(self) -> dict:
         return {
             "blocks": len(self.blocks),
@@ -83,6 +93,7 @@ class TransformerMap:
             "width": self.width,
             "heads": self.blocks[0].attention.num_heads if self.blocks else None,
             "norm": "post-norm" if self.blocks and self.blocks[0].post_norm else "pre-norm",
+            "parallel_blocks": any(b.parallel for b in self.blocks),
             "pooling": self.pooling,
             "protected_tokens": (f"{self.prepended} prepended tokens (indices 0..{self.prepended - 1}): "
                                  f"protect = \"first:{self.prepended}\"" if self.prepended > 1 else
@@ -379,15 +390,10 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
                 f"attention at {attn.core.name!r} has no residual Add joining its output with the stream that feeds Q; "
                 "cannot locate the residual stream of this block")
         add, stream_in, parallel = res
-        if parallel:
-            raise StructureError(
-                f"the block of attention {attn.core.name!r} runs attention and MLP in parallel on one input "
-                "(GPT-NeoX / GPT-J / Falcon style): token pruning and merging act between the attention and the MLP, "
-                "which such a block does not have; this model is not supported")
         users = list(add.outputs[0].consumers())
         post_norm = len(users) == 1 and users[0].op_type in ("LayerNormalization", "SimplifiedLayerNormalization")
         stream_mid = users[0].outputs[0] if post_norm else add.outputs[0]
-        blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm))
+        blocks.append(Block(len(blocks), attn, stream_in, add, stream_mid, post_norm, parallel))
 
     keys = blocks[0].attention.keys_shape()
     stream_shape = blocks[0].stream_mid.shape

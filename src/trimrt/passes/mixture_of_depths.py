@@ -56,6 +56,7 @@ class MixtureOfDepthsPass(TokenGraphPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opts = self.options
         tmap = structure_of(model, self.context.shared)
+        tmap.require_serial()
         depth = len(tmap.blocks)
         ratios = opts.block_ratios(depth)
         routed = [i for i, r in enumerate(ratios) if r < 1.0]

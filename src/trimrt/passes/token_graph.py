@@ -57,6 +57,7 @@ class TokenGraphPass(TrimrtPass):
         is known."""
         table = self.recipe_table
         tmap = structure_of(model, self.context.shared)
+        tmap.require_serial()
         depth = len(tmap.blocks)
         bad = [i for i in layers if i >= depth]
         if bad:
