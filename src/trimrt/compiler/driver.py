@@ -213,7 +213,7 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
                          "or keep [token_pruning] / [sparse_attention] / [quantization] / [onnxruntime] for generation "
                          "builds")
     if recipe.sparse_attention is not None:
-        _check_sparse_decoder(recipe, spec, target)
+        _check_sparse_decoder(target)
     pruning = recipe.span_table
     if pruning is None:
         return
@@ -239,7 +239,7 @@ def _check_decoder_recipe(recipe, spec, target: str) -> None:
                           f"({why}); use last_token_attention (FastV) or divprune")
 
 
-def _check_sparse_decoder(recipe, spec, target: str) -> None:
+def _check_sparse_decoder(target: str) -> None:
     """[sparse_attention] on a KV-cache decoder: its prompt's attention, on ONNX Runtime."""
     if target == "tensorrt":
         raise RecipeError("[sparse_attention] on a decoder with a KV cache builds for ONNX Runtime only for now (the "
