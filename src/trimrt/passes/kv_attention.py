@@ -345,9 +345,9 @@ def _heads_view(value: ir.Value) -> tuple[ir.Value, int] | None:
 
 
 class _GroupQuery:
-    """What the GroupQueryAttention rewrites of one graph share: the sequence-length inputs
-    (made once per mask and graph: an attention in an If branch makes its own), the RoPE
-    tables (once per angle computation), and counts."""
+    """What the GroupQueryAttention rewrites of one model share: the sequence-length inputs
+    (made once per mask and graph, see _lengths_for), the RoPE tables (once per angle
+    computation), and counts."""
 
     def __init__(self, max_positions: int | None):
         self.max_positions = max_positions  # RoPE tables' length (None: no table, RoPE stays apart)
@@ -434,7 +434,7 @@ def _group_query(b, qkv: tuple, ropes: list, heads: int, kv_heads: int, scale: f
                     for x, n, rope in zip(qkv, (heads, kv_heads, kv_heads), ropes))
     else:
         group_query.rotary += 1
-    total, seqlens, new_tokens = _sequence_lengths(b, mask, qkv[0], past_key, group_query.lengths.setdefault(id(scope), {}))
+    total, seqlens, new_tokens = _lengths_for(b, mask, qkv[0], past_key, group_query, scope)
     cos, sin, positions = rotary if rotary is not None else (None, None, None)
     return b.op_multi_out(
         "GroupQueryAttention",
@@ -537,6 +537,25 @@ def _same_shape(a: ir.Shape | None, b: ir.Shape | None) -> bool:
     """Statically equal shapes (same rank, each dimension the same number or symbol)."""
     return a is not None and b is not None and len(a) == len(b) and all(
         _same(x, y) and x is not None for x, y in zip(a, b))
+
+
+def _lengths_for(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, group_query: _GroupQuery,
+                 scope: ir.Graph) -> tuple[ir.Value, ...]:
+    """_sequence_lengths for an attention in `scope`. In an If branch of the graph `b` builds in
+    (a sparse prompt's decode path) they are made before that If, shared with every layer,
+    when all they read comes from outside the branch: made in each branch they cost a
+    decode step ~9 small kernels a layer."""
+    outer = b.graph
+    owner = None if scope is outer else next(
+        (n for n in outer if any(a.type == ir.AttributeType.GRAPH and a.value is scope for a in n.attributes.values())),
+        None)
+    if owner is None or any(v.producer() is not None and v.producer().graph is not outer for v in (mask, q, past_key)):
+        return _sequence_lengths(b, mask, q, past_key, group_query.lengths.setdefault(id(scope), {}))
+    home = GraphBuilder(outer, KVAttentionPass.name, f"{b.prefix}_lengths")
+    made = _sequence_lengths(home, mask, q, past_key, group_query.lengths.setdefault(id(outer), {}))
+    if home.nodes:
+        home.insert_before(owner)
+    return made
 
 
 def _sequence_lengths(b, mask: ir.Value, q: ir.Value, past_key: ir.Value, made: dict) -> tuple[ir.Value, ...]:
