@@ -23,8 +23,9 @@ the new tokens as the present and runs the op on them. The mask of a
 Hugging Face decoder is the causal rule and padding in one: the op takes it as causal plus
 its last query row as key_bias (checked on a left-padded probe prompt). A decoder with
 sliding windows takes the op on prompts no longer than its smallest window (which then
-masks nothing the causal rule lets through); longer prompts attend densely, as exported. The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer
-is filled from them, as after a pruned prompt), and decode steps write in place as before.
+masks nothing the causal rule lets through); longer prompts attend densely, as exported.
+The prompt returns its presents (the spec's `sparse_prompt`: a shared cache buffer is
+filled from them, as after a pruned prompt), and decode steps write in place as before.
 After token pruning or routing in the same build, a reduced block's own causal mask (marked
 by the token pass) is taken as causal; a block whose attention the pass's scores read
 (its keys, its probabilities) stays dense unless listed, which is refused.
@@ -128,7 +129,8 @@ class SparseAttentionPass(TrimrtPass):
                          "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
         density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
         self.record({"tokens": n, "prompt_only": decoder is not None, "kept_dense": sorted(scored),
-                     "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau, "density": density, "rectify": opts.rectify, "order": opts.order,
+                     "block_size": opts.block_size, "blocks": blocks, "top_k": top_k, "tau": opts.tau,
+                     "density": density, "rectify": opts.rectify, "order": opts.order,
                      "grid": list(opts.grid) if opts.grid else None, "layers": done}, changes_results=True)
         return ir.passes.PassResult(model, modified=True)
 
@@ -324,7 +326,8 @@ class _Masks:
     model share theirs)."""
 
     def __init__(self, model: ir.Model, tokens, decoder=None, prompt: int = 32):
-        self.model, self.tokens, self.decoder, self.prompt, self.known, self.proto = model, tokens, decoder, prompt, {}, None
+        self.model, self.tokens, self.decoder, self.prompt = model, tokens, decoder, prompt
+        self.known, self.proto = {}, None
 
     def kind(self, attn: Attention) -> str | None:
         if attn.mask is None and attn.mask_select is None:
