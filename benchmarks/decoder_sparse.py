@@ -90,9 +90,10 @@ def main() -> None:
         fastv = {"method": "last_token_attention", "layers": [1], "keep": args.keep, "prunable": [64, args.prompt - 64]}
         recipes.update({"fastv": {"token_pruning": fastv}, "fastv + sparse": {"token_pruning": fastv,
                                                                               "sparse_attention": sparse}})
+    folders = {name: args.out / name.replace(" + ", "_") for name in recipes}
     generators = {}
     for name, recipe in recipes.items():
-        build = args.out / name.replace(" + ", "_")
+        build = folders[name]
         shutil.rmtree(build, ignore_errors=True)
         print(f"compiling {name} ...", flush=True)
         trimrt.compile(model, recipe, build)
@@ -101,8 +102,7 @@ def main() -> None:
     spec = generators["dense"].spec
     prefill = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), np.int64),
                "position_ids": np.arange(len(prompt))[None], **spec.empty_cache(1)}
-    flops = {name: count_flops(onnx.load(str(args.out / name.replace(" + ", "_") / "model.onnx")), prefill)
-             for name in recipes}
+    flops = {name: count_flops(onnx.load(str(folder / "model.onnx")), prefill) for name, folder in folders.items()}
     ideal = {name: flops["dense"] / f for name, f in flops.items() if name != "dense"}
     logits = {name: gen.session.run(prefill)["logits"][0, -1] for name, gen in generators.items()}
     cosine = {name: float(logits["dense"] @ x / np.linalg.norm(logits["dense"]) / np.linalg.norm(x))

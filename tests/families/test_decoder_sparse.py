@@ -17,7 +17,7 @@ import trimrt  # noqa: E402
 from tests.families.causal_lms import VOCAB, hf_greedy, make  # noqa: E402
 from tests.families.fastv_reference import fastv_generate  # noqa: E402
 from tests.families.sparse_reference import sparse_prompt_model  # noqa: E402
-from trimrt.errors import StructureError  # noqa: E402
+from trimrt.errors import RecipeError, StructureError  # noqa: E402
 from trimrt.runtime.kv_cache import DecoderSpec  # noqa: E402
 
 LAYERS, SPARSE = 4, {"layers": [1, 2], "block_size": 4, "top_k": 2}
@@ -223,6 +223,17 @@ def test_sparse_prompts_with_mod_routing_equal_both_in_pytorch(tmp_path, router)
                        **spec.empty_cache(2)})
     np.testing.assert_allclose(out["logits"][:, -1], first.numpy(), atol=1e-4)
     assert [out[f"present.{i}.key"].shape[2] for i in range(LAYERS)] == cached
+
+
+def test_sparse_decoders_are_refused_for_tensorrt(tmp_path, monkeypatch):
+    """The prompt's attention runs in an If beside the decode steps' (checked as on a GPU machine)."""
+    from trimrt.runtime.backends import TensorRTBackend
+
+    monkeypatch.setattr(TensorRTBackend, "available", staticmethod(lambda: True))
+    with pytest.raises(RecipeError, match=r"\[sparse_attention\] on a decoder with a KV cache builds for ONNX Runtime "
+                                          r"only for now.*--target onnxruntime"):
+        trimrt.compile(make("llama", 2), {"sparse_attention": SPARSE}, tmp_path / "b", target="tensorrt")
+    assert not (tmp_path / "b").exists()
 
 
 def test_a_sliding_window_decoder_attends_sparsely_up_to_its_window(tmp_path):

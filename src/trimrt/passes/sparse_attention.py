@@ -77,8 +77,10 @@ class SparseAttentionPass(TrimrtPass):
         # a block whose attention a token pass scores needs it dense: by default it stays
         # dense; listed, it is refused
         decoder = self.context.shared.get(DECODER_SPEC)
-        scored = {i: reader for i in opts.layers or range(depth)
-                  if (reader := _outside_reader(model.graph, tmap.blocks[i].attention, i, decoder))}
+        candidates = opts.layers or range(depth)
+        # a decoder block's attention over its cache (what moves into the If), found once
+        regions = {i: _cache_region(model.graph, tmap.blocks[i].attention, i) for i in candidates} if decoder else {}
+        scored = {i: reader for i in candidates if (reader := _outside_reader(tmap.blocks[i].attention, regions.get(i)))}
         if opts.layers and scored:
             layer, reader = next(iter(scored.items()))
             raise StructureError(f"[sparse_attention] block {layer}'s attention is also read by {reader} (e.g. a "
@@ -101,7 +103,7 @@ class SparseAttentionPass(TrimrtPass):
                 if prompt is None:
                     prompt = _is_long_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder,
                                              opts)
-                region, presents, merge = _cache_region(model.graph, attn, layer)
+                region, presents, merge = regions[layer]
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
                                      "order (order = 'sequence')")
@@ -438,19 +440,19 @@ class _Masks:
         return "causal_keys" if bool((seen.astype(bool) == want).all()) else None
 
 
-def _outside_reader(graph: ir.Graph, attn: Attention, layer: int, decoder) -> str | None:
+def _outside_reader(attn: Attention, cache_region: tuple | None = None) -> str | None:
     """The name of a node (or "a graph output") that reads a block's attention other than on
     the way to its output, where the op would not replace what it reads: the probabilities
-    (a token pass's scores, output_attentions); in a KV-cache decoder, any value of the
-    attention over the cache (a FastV score reads its keys), which moves into an If branch.
-    None when nothing does (a fused Attention op exposes nothing)."""
+    (a token pass's scores, output_attentions); in a KV-cache decoder (its `cache_region`),
+    any value of the attention over the cache (a FastV score reads its keys), which moves
+    into an If branch. None when nothing does (a fused Attention op exposes nothing)."""
     if attn.core.op_type != "Softmax":
         return None
-    feeding = ancestors(attn.output, set())[0]
-    watched, inside, ends = [attn.core], feeding, {attn.output}
-    if decoder is not None:
-        watched, presents, merge = _cache_region(graph, attn, layer)
-        watched = [node for node in watched if node not in merge]
+    if cache_region is None:
+        watched, inside, ends = [attn.core], ancestors(attn.output, set())[0], {attn.output}
+    else:
+        nodes, presents, merge = cache_region
+        watched = [node for node in nodes if node not in merge]
         inside, ends = set(watched), {attn.output, *presents}
     for node in watched:
         for out in node.outputs:
