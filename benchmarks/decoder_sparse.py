@@ -15,7 +15,11 @@ the table shows medians. The FLOPs ideal is the prompt's (the op's selection inc
 Fidelity: cosine of the prompt's last-token logits against the dense build, and how many
 of the generated tokens agree (random weights: neither is discriminating).
 
+With `--window W` the same layers are Mistral's, each sliding over W tokens (the op takes
+the window; a dense build masks its [N, N] scores).
+
     python benchmarks/decoder_sparse.py [--prompt 8192] [--density 0.25] [--new 64] [--rounds 5] [--keep 0.5]
+                                        [--window 4096]
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ def make_model(args):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=args.width, intermediate_size=args.width * 4, num_hidden_layers=args.layers,
-                            num_attention_heads=args.width // 64, num_key_value_heads=2, vocab_size=32000,
-                            max_position_embeddings=2 * args.prompt + args.new, eos_token_id=0, bos_token_id=1)
-    model = tf.LlamaForCausalLM(config).eval()
+    common = dict(hidden_size=args.width, intermediate_size=args.width * 4, num_hidden_layers=args.layers,
+                  num_attention_heads=args.width // 64, num_key_value_heads=2, vocab_size=32000,
+                  max_position_embeddings=2 * args.prompt + args.new, eos_token_id=0, bos_token_id=1)
+    if args.window:  # Mistral: the same layers, each sliding over the window
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=args.window)).eval()
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common)).eval()
     with torch.no_grad():  # random init is tiny; widen it so logits are not near-ties
         model.lm_head.weight.mul_(20)
     return model
@@ -78,6 +85,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--keep", type=float, default=0.5, help="FastV's share of the prunable tokens kept after layer 1")
     ap.add_argument("--no-fastv", action="store_true", help="leave out the FastV and FastV + sparse builds")
+    ap.add_argument("--window", type=int, default=0, help="a Mistral whose layers slide over this many tokens")
     ap.add_argument("--out", type=Path, default=Path("builds/bench_decoder_sparse"))
     args = ap.parse_args()
 
@@ -107,7 +115,8 @@ def main() -> None:
     logits = {name: gen.session.run(prefill)["logits"][0, -1] for name, gen in generators.items()}
     cosine = {name: float(logits["dense"] @ x / np.linalg.norm(logits["dense"]) / np.linalg.norm(x))
               for name, x in logits.items() if name != "dense"}
-    print(f"LLaMA {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
+    family = f"Mistral (window {args.window})" if args.window else "LLaMA"
+    print(f"{family} {args.layers} layers, width {args.width}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f} M "
           f"parameters; prompt {args.prompt} tokens, {args.new} new tokens, {args.threads} threads; sparse: "
           f"{top_k} of {blocks} key blocks of {args.block_size} in every layer", flush=True)
     results, tokens, cache = generation_rounds(generators, prompt, args.new, args.rounds,

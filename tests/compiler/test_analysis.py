@@ -47,6 +47,21 @@ def test_graph_without_attention_says_what_is_missing():
         analyse(model)
 
 
+
+def test_attention_whose_logits_add_two_terms_is_refused_naming_them():
+    """q·kᵀ + a position bias + a mask, added one after the other: no one mask a pass could
+    rewrite (taking one and dropping the other would build a wrong model)."""
+    f = onnx.TensorProto.FLOAT
+    ins = [oh.make_tensor_value_info(n, f, [1, 2, 8, 4]) for n in ("q", "k", "v")]
+    ins += [oh.make_tensor_value_info(n, f, [1, 2, 8, 8]) for n in ("bias", "mask")]
+    nodes = [oh.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), oh.make_node("MatMul", ["q", "kt"], ["s"]),
+             oh.make_node("Add", ["s", "bias"], ["s1"]), oh.make_node("Add", ["s1", "mask"], ["s2"]),
+             oh.make_node("Softmax", ["s2"], ["p"], axis=-1), oh.make_node("MatMul", ["p", "v"], ["y"])]
+    graph = oh.make_graph(nodes, "attention", ins, [oh.make_tensor_value_info("y", f, [1, 2, 8, 4])])
+    model = ir.serde.deserialize_model(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)]))
+    with pytest.raises(StructureError, match=r"adds more than one term to its logits \(e.g. a position bias and a mask"):
+        analyse(model)
+
 def test_a_compile_analyses_once_and_again_after_rewiring(tiny_vit_onnx, monkeypatch):
     """AnalysePass shares its structure with the token passes; a pass that rewired the
     graph since (here: pruning itself) makes the next reader analyse again."""

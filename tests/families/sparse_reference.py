@@ -26,13 +26,17 @@ def sparse_prompt_attention(layers, **attrs):
         k, v = (x.repeat_interleave(groups, dim=1).numpy() for x in (key, value))  # grouped heads repeated
         scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
         n = query.shape[2]
+        # the key bias: the mask's diagonal (a query sees its own key unless it is padding; the last
+        # row would not show the keys a sliding window hides from it)
         if attention_mask is None:
             bias = np.zeros((query.shape[0], n), np.float32)
         elif attention_mask.dtype == torch.bool:  # True attends
-            bias = np.where(attention_mask[:, 0, -1, :n].numpy(), 0.0, np.finfo(np.float32).min).astype(np.float32)
+            bias = np.where(attention_mask[:, 0, :n, :n].diagonal(dim1=-2, dim2=-1).numpy(), 0.0,
+                            np.finfo(np.float32).min).astype(np.float32)
         else:
-            bias = attention_mask[:, 0, -1, :n].numpy().astype(np.float32)
-        (out,) = OP.run_reference(query.numpy(), k, v, bias, causal=1, scale=scaling, **attrs)
+            bias = attention_mask[:, 0, :n, :n].diagonal(dim1=-2, dim2=-1).numpy().astype(np.float32)
+        window = kwargs.get("sliding_window") or 0  # the layer's own window (None: full attention)
+        (out,) = OP.run_reference(query.numpy(), k, v, bias, causal=1, scale=scaling, window=window, **attrs)
         return torch.from_numpy(out).transpose(1, 2).contiguous(), None
 
     return attention

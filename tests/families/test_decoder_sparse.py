@@ -236,10 +236,34 @@ def test_sparse_decoders_are_refused_for_tensorrt(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()
 
 
-def test_a_sliding_window_decoder_attends_sparsely_up_to_its_window(tmp_path):
-    """Mistral's layers slide over 16 tokens: a prompt of at most 16 (the window masks none of
-    its keys) attends block-sparsely, a longer one densely as exported."""
-    trimrt.compile(make("mistral", 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
+@pytest.mark.parametrize("family, windows", [("mistral", [16, 16]), ("qwen2", [None, 12])])
+def test_a_sliding_window_decoder_attends_sparsely_within_its_window(family, windows, tmp_path):
+    """Mistral's layers slide over 16 tokens, Qwen2's second over 12: each layer's window is
+    found on its mask and goes into the op, so prompts shorter and longer than the window
+    (left-padded too) generate as the same block-sparse attention within the window does."""
+    manifest = trimrt.compile(make(family, 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "sparse_attention")
+    assert [layer.get("window") for layer in report["layers"]] == windows
+    gen = trimrt.load(tmp_path / "b").generator()
+    rng = np.random.default_rng(0)
+    reference = sparse_prompt_model(make(family, 2), [0, 1], block_size=4, top_k=2)
+    for length in (15, 23, 40):
+        prompts = [list(rng.integers(3, VOCAB, length)), list(rng.integers(3, VOCAB, length - 5))]
+        want = hf_greedy(reference, prompts, 6)
+        assert [r.tokens for r in gen.generate(prompts, max_new_tokens=6)] == want
+        if length > 16:  # the sparse prompt changes what the dense model generates
+            assert want != hf_greedy(make(family, 2), prompts, 6)
+
+
+def test_a_window_too_long_to_probe_keeps_longer_prompts_dense(tmp_path, monkeypatch):
+    """A window past the longest probe: the op runs on prompts no longer than it (where the
+    window masks nothing), a longer prompt attends densely, as exported."""
+    from trimrt.passes import sparse_attention
+
+    monkeypatch.setattr(sparse_attention, "_LONGEST_WINDOW_PROBE", 20)
+    manifest = trimrt.compile(make("mistral", 2), {"sparse_attention": {"block_size": 4, "top_k": 2}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "sparse_attention")
+    assert all("window" not in layer for layer in report["layers"])
     gen = trimrt.load(tmp_path / "b").generator()
     rng = np.random.default_rng(0)
     short = [list(rng.integers(3, VOCAB, 15)), list(rng.integers(3, VOCAB, 12))]

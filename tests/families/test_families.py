@@ -4,7 +4,8 @@ axis, static token count}, and RoBERTa, DistilBERT, DeiT (CLS + distillation tok
 protected) and Qwen2 in two forms each, ALBERT (one layer's weights shared by all blocks), SigLIP
 (no CLS; an attention-pooling head), ELECTRA and Mistral in one. In each cell the structure is found, a
 keep-everything recipe reproduces the original, and a pruning recipe matches the same
-pruning written in PyTorch on the Hugging Face modules (hf_reference). Swin's windowed
+pruning written in PyTorch on the Hugging Face modules (hf_reference); block-sparse
+attention over every block reproduces the original too, whatever form the mask takes. Swin's windowed
 attention, GPT-NeoX's parallel attention / MLP and BLOOM's head-folded ALiBi attention are
 refused, named.
 
@@ -106,6 +107,27 @@ def test_keep_everything_reproduces_original(cell, tmp_path):
     assert list(got) == list(want)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
+
+
+def test_sparse_attention_with_every_block_reproduces_original(cell, tmp_path):
+    """[sparse_attention] over every block (4 of 8 tokens: 24 tokens or 17 patches) in both blocks is the attention as
+    exported, whatever form its mask takes there: a padding mask (symbolic shapes in
+    TorchScript's), a static export's causal mask folded into a constant, a decoder's causal
+    and padding mask in one (-inf where it masks) on a left-padded row."""
+    family, _, path, _, _, feeds = cell
+    feeds = {name: value.copy() for name, value in feeds.items()}  # (the cell's are shared)
+    real = np.ones(feeds["input_ids"].shape if "input_ids" in feeds else (B, tokens_of(family)), bool)
+    if family in DECODERS:
+        feeds["attention_mask"][1, :5], real[1, :5] = 0, False
+    manifest = trimrt.compile(str(path), {"sparse_attention": {"block_size": 8, "top_k": 4}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "sparse_attention")
+    assert [layer["causal"] for layer in report["layers"]] == [family in DECODERS] * 2
+    want = run_onnx(path, feeds)
+    got = trimrt.load(tmp_path / "b").run(feeds)
+    assert list(got) == list(want)
+    for name in want:  # a padding query of a decoder sees no key: compared at the real tokens
+        rows = real if want[name].shape[:2] == real.shape else np.ones(want[name].shape[:1], bool)
+        np.testing.assert_allclose(got[name][rows], want[name][rows], atol=1e-5, err_msg=name)
 
 
 def test_pruning_matches_pytorch(cell, tmp_path):

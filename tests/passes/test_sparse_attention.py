@@ -239,3 +239,22 @@ def test_a_padding_mask_becomes_the_key_bias(small_vocab_bert):
     assert np.isfinite(got).all()
     # row 1's real tokens (blocks 0 and 1) see only blocks 0 and 1: with top_k = 2 its attention is exact
     np.testing.assert_allclose(got[1, :12], want[1, :12], rtol=1e-4, atol=1e-4)
+
+
+def test_a_padding_mask_a_token_pruning_gathered_becomes_the_key_bias(small_vocab_bert):
+    """EViT at block 0 gathers the padding mask of the tokens it keeps (a value with no shape
+    left): block 1 sparse over every block is the pruned build on a padded batch."""
+    from trimrt.compiler.pipeline import build_passes, run_pipeline
+
+    feeds = {"input_ids": np.random.default_rng(1).integers(0, 60, (2, 30)), "attention_mask": np.ones((2, 30), np.int64)}
+    feeds["attention_mask"][1, 20:] = 0
+    pruning = {"method": "cls_attention", "layers": [0], "keep": 0.5}
+
+    def build(sparse):
+        model = ir.load(small_vocab_bert)
+        recipe = load_recipe({"token_pruning": pruning, **({"sparse_attention": sparse} if sparse else {})})
+        run_pipeline(model, build_passes(recipe))
+        return run_model(model, feeds)
+
+    pruned = build(None)
+    np.testing.assert_allclose(build({"top_k": 4, "block_size": 4, "layers": [1]}), pruned, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,50 @@ def test_a_query_block_that_may_see_no_key_gives_zeros(rectify, rng):
         np.testing.assert_allclose(got[1, :, 10:], want[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("rectify", [0, 1])
+def test_a_causal_query_whose_keys_are_all_minus_inf_gives_zeros(rectify, rng, device):
+    """A left-padded causal prompt masked with -inf (a boolean mask's, as exports write it):
+    row 1's first 5 tokens see only masked keys inside a block that has keys to see. Their
+    softmax is over -inf only: zeros, as PyTorch's exported attention gives them (NaN would
+    reach the real tokens through their values), from reference, decomposition and kernel."""
+    q, k, v = _qkv(rng, 2, 2, 24, 8)
+    bias = np.zeros((2, 24), np.float32)
+    bias[1, :5] = -np.inf
+    attrs = {"block_size": 8, "top_k": 2, "causal": 1, "rectify": rectify, "scale": 8**-0.5}
+    want = OP.run_reference(q, k, v, bias, **attrs)[0]
+    assert (want[1, :, :5] == 0).all() and np.isfinite(want).all()
+    np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v, bias], **attrs)[0], want, atol=1e-5)
+    np.testing.assert_allclose(run_triton(OP, [q, k, v, bias], device, **attrs)[0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [5, 8, 13, 20])
+def test_a_sliding_window_sees_no_key_window_positions_back(window, rng, device):
+    """Every block selected with a window is dense causal attention within the window (a
+    Mistral layer's); fewer blocks: decomposition and kernel are the reference, and a key
+    outside every query's window is never seen (its value changes nothing)."""
+    q, k, v = _qkv(rng, 2, 2, 45, 8)
+    bias = key_bias(rng, 2, 45, "left_padding")
+    t = np.arange(45)
+    logits = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) * 0.3 + bias[:, None, None, :]
+    logits = np.where((t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window), logits, -np.inf)
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    dense = (p / p.sum(axis=-1, keepdims=True)) @ v
+    attrs = {"block_size": 8, "causal": 1, "scale": 0.3, "window": window}
+    rows = np.broadcast_to((bias > -1e4)[:, None, :, None], dense.shape)
+    every = OP.run_reference(q, k, v, bias, top_k=0, rectify=1, **attrs)[0]
+    np.testing.assert_allclose(every[rows], dense[rows], atol=1e-5)
+    for rectify in (0, 1, 2):
+        want = OP.run_reference(q, k, v, bias, top_k=2, rectify=rectify, **attrs)[0]
+        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, v, bias], top_k=2, rectify=rectify,
+                                                     **attrs)[0], want, atol=1e-5)
+        np.testing.assert_allclose(run_triton(OP, [q, k, v, bias], device, top_k=2, rectify=rectify, **attrs)[0], want,
+                                   atol=1e-5)
+        far = v.copy()
+        far[:, :, :44 - window - 8] += 100.0  # keys the last block's queries never see
+        np.testing.assert_allclose(OP.run_reference(q, k, far, bias, top_k=2, rectify=rectify, **attrs)[0][:, :, 40:],
+                                   want[:, :, 40:], atol=1e-5)
+
+
 def test_one_block_each_is_block_diagonal_attention(rng):
     """top_k = 1 with the diagonal always kept: each query block attends its own block."""
     q, k, v = _qkv(rng, 1, 2, 12, 4)
@@ -227,6 +271,8 @@ def test_reference_refuses_bad_shapes():
         OP.run_reference(q, q, q, _unbiased(q), tau=1.5)
     with pytest.raises(ValueError, match=r"key_bias must be \[B, N\] = \[1, 4\], got \[4\]"):
         OP.run_reference(q, q, q, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=r"window must be >= 0 and needs causal = 1, got window 4, causal 0"):
+        OP.run_reference(q, q, q, _unbiased(q), window=4)
 
 
 def test_describe_gives_the_shape_of_q():

@@ -124,6 +124,12 @@ def is_constant(value: ir.Value | None) -> bool:
         value.producer() is not None and value.producer().op_type == "Constant"))
 
 
+def _all_zero(value: ir.Value) -> bool:
+    """A constant of zeros only (adding it to the logits masks nothing)."""
+    tensor = ir.convenience.get_const_tensor(value) if is_constant(value) else None
+    return tensor is not None and not np.any(tensor.numpy())
+
+
 def ancestors(value: ir.Value, stop: set[ir.Value], *, through_shapes: bool = True
               ) -> tuple[set[ir.Node], set[ir.Value]]:
     """(the nodes `value` is computed by, not walking past the values of `stop`; the values of
@@ -154,13 +160,14 @@ def _is_parameter(value: ir.Value | None, depth: int = 4) -> bool:
 
 
 def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | None = None, depth: int = 8,
-                 through: frozenset[str] = _PASS_THROUGH):
+                 through: frozenset[str] = _PASS_THROUGH, masks: int = 1):
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
     Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
     mask if any: an additive tensor (Add of a non-constant value) or the Where node that
     selects between the logits and a fill value. `through`: the ops passed through
-    unchanged (with a Reshape, the walk finds the heads-folded attention analysis refuses).
+    unchanged (with a Reshape, the walk finds the heads-folded attention analysis refuses);
+    `masks`: how many masking terms may be met (past one, the outer is kept).
     """
     node = value.producer() if value is not None else None
     if node is None or depth == 0:
@@ -175,19 +182,23 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
             a, c = b, scalar_constant(a)
         if c is None or c == 0:
             return None
-        return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1, through)
+        return _walk_scores(a, scale * c if op == "Mul" else scale / c, mask, depth - 1, through, masks)
     elif op == "Add":
         # scores + mask: whichever input leads to the Q·Kᵀ MatMul is the scores, the other the mask
         for i, candidate in enumerate(node.inputs):
-            found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1, through)
+            found = None if is_constant(candidate) else _walk_scores(candidate, scale, mask, depth - 1, through, masks)
             if found is not None:
                 other = node.inputs[1 - i]
-                return found[0], found[1], found[2] if is_constant(other) else other
+                if _all_zero(other):
+                    return found
+                # a constant is a mask too (a static export's causal mask, folded); two masking
+                # terms in one attention are not one mask a pass could rewrite
+                return None if found[2] is not None and masks < 2 else (found[0], found[1], other)
     elif op == "Where":  # masked_fill(mask, -inf): follow the branch that is not constant
         branch = node.inputs[2] if is_constant(node.inputs[1]) else node.inputs[1]
-        return _walk_scores(branch, scale, node, depth - 1, through)
+        return _walk_scores(branch, scale, node, depth - 1, through, masks)
     elif op in through:
-        return _walk_scores(node.inputs[0], scale, mask, depth - 1, through)
+        return _walk_scores(node.inputs[0], scale, mask, depth - 1, through, masks)
     return None
 
 
@@ -363,9 +374,16 @@ def analyse(model: ir.Model, shared: dict | None = None) -> TransformerMap:
     graph = model.graph
     attentions = _find_attentions(graph)
     if not attentions:
+        summed = next((n for n in graph if n.op_type == "Softmax" and _walk_scores(n.inputs[0], masks=2) is not None),
+                      None)
+        if summed is not None:
+            raise StructureError(
+                f"attention at {summed.name!r} adds more than one term to its logits (e.g. a position bias and a mask, "
+                "added one after the other); token passes and sparse attention rewrite one mask; this model is not "
+                "supported")
         # logits from Q·Kᵀ through a Reshape: heads folded into the batch axis
         folded = next((n for n in graph if n.op_type == "Softmax" and _walk_scores(n.inputs[0]) is None
-                       and _walk_scores(n.inputs[0], through=_PASS_THROUGH | {"Reshape"}) is not None), None)
+                       and _walk_scores(n.inputs[0], through=_PASS_THROUGH | {"Reshape"}, masks=2) is not None), None)
         if folded is not None:
             raise StructureError(
                 f"attention at {folded.name!r} computes its scores on [batch·heads, tokens, tokens] tensors, reshaped "

@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ..compiler.analysis import Attention, ancestors, structure_of
+from ..compiler.analysis import Attention, ancestors, is_constant, structure_of
 from ..compiler.decoder import DECODER_SPEC
 from ..errors import RecipeError, StructureError
 from ..plugins import REGISTRY
@@ -95,14 +95,17 @@ class SparseAttentionPass(TrimrtPass):
                                  f"blocks see {n} tokens: give the model's patch grid")
         top_k = opts.top_k or 0
         masks = _Masks(model, n, decoder, self.tokens)
-        done, prompt = [], None
+        done, prompts = [], {}
         for layer in layers:
             attn = tmap.blocks[layer].attention
             q, k, v, causal = _operands(attn, layer, masks)
+            window = masks.window(attn)  # None: a sliding window longer than probed (dense past it)
             if decoder is not None:
-                if prompt is None:
-                    prompt = _is_long_prompt(self.builder(model.graph, "trimrt_sparse_prompt"), model.graph, decoder,
-                                             opts)
+                limit = decoder.sliding_window if window is None else None
+                if limit not in prompts:
+                    prompts[limit] = _is_long_prompt(self.builder(model.graph, f"trimrt_sparse_prompt_{limit or 'all'}"),
+                                                     model.graph, decoder, opts, limit)
+                prompt = prompts[limit]
                 region, presents, merge = regions[layer]
             if opts.order != "sequence" and causal:
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
@@ -118,7 +121,8 @@ class SparseAttentionPass(TrimrtPass):
                 bias = b.Gather(bias, order, axis=1)
             (out,) = b.emit(REGISTRY["BlockSparseAttention"], [q, k, v, bias], name=f"trimrt_sparse_{layer}",
                             block_size=opts.block_size, top_k=top_k, tau=float(opts.tau), sink=opts.sink,
-                            local=opts.local, causal=causal, rectify=_RECTIFY[opts.rectify], scale=float(attn.scale))
+                            local=opts.local, causal=causal, rectify=_RECTIFY[opts.rectify], scale=float(attn.scale),
+                            window=window or 0)
             if opts.order != "sequence":
                 out = b.Gather(out, inverse, axis=2)
             out.dtype, out.shape = attn.output.dtype, attn.output.shape
@@ -127,7 +131,7 @@ class SparseAttentionPass(TrimrtPass):
             else:
                 b.insert_after(attn.output.producer())
                 ir.convenience.replace_all_uses_with(attn.output, out)
-            done.append({"block": layer, "causal": bool(causal),
+            done.append({"block": layer, "causal": bool(causal), **({"window": window} if window else {}),
                          "key_blocks": min(top_k or blocks, blocks) if blocks else top_k or "all"})
         density = round(min(top_k or blocks, blocks) / blocks, 4) if blocks else None
         self.record({"tokens": n, "prompt_only": decoder is not None, "kept_dense": sorted(scored),
@@ -194,22 +198,23 @@ def _orders(b, q: ir.Value, patches: np.ndarray) -> tuple[ir.Value, ir.Value]:
     return order, inverse
 
 
-def _is_long_prompt(b: GraphBuilder, graph: ir.Graph, decoder, opts: SparseAttentionOptions) -> ir.Value:
+def _is_long_prompt(b: GraphBuilder, graph: ir.Graph, decoder, opts: SparseAttentionOptions, limit: int | None
+                    ) -> ir.Value:
     """A decoder step without a past (its attention mask as wide as its tokens: a shared cache
     buffer is longer than the past it holds, so the past's length would not tell) whose tokens
     make more than top_k blocks: a shorter prompt selects every block, which is dense attention
-    (unless tau masks some), so it takes the dense path, without the op's selection cost. In a
-    decoder with sliding windows, a prompt no longer than the smallest window (where the
-    window masks nothing the causal rule lets through); a longer one attends densely, as
-    exported."""
+    (unless tau masks some), so it takes the dense path, without the op's selection cost.
+    `limit`: a sliding window the op does not apply (longer than its probe): a prompt no longer
+    than it (where the window masks nothing the causal rule lets through); a longer one attends
+    densely, as exported."""
     inputs = {v.name: v for v in graph.inputs}
     width = b.Shape(inputs[ATTENTION_MASK], start=1, end=2)
     tokens = b.Shape(inputs[decoder.token_input], start=1, end=2)
     prompt = b.Equal(width, tokens)
     if opts.top_k and opts.tau >= 1.0:
         prompt = b.And(prompt, b.Greater(tokens, b.const(np.array([opts.top_k * opts.block_size]))))
-    if decoder.sliding_window is not None:  # a longer prompt's window masks keys the op would see
-        prompt = b.And(prompt, b.LessOrEqual(tokens, b.const(np.array([decoder.sliding_window]))))
+    if limit is not None:  # a longer prompt's window masks keys the op would see
+        prompt = b.And(prompt, b.LessOrEqual(tokens, b.const(np.array([limit]))))
     b.insert_after(None)
     return prompt
 
@@ -330,6 +335,8 @@ class _Masks:
     def __init__(self, model: ir.Model, tokens, decoder=None, prompt: int = 32):
         self.model, self.tokens, self.decoder, self.prompt = model, tokens, decoder, prompt
         self.known, self.proto = {}, None
+        self.probed = {}  # mask name -> its shape on a probe
+        self.windows = {}  # mask name -> its sliding window (0: none; None: a decoder's, too long to probe)
 
     def kind(self, attn: Attention) -> str | None:
         if attn.mask is None and attn.mask_select is None:
@@ -346,6 +353,16 @@ class _Masks:
             self.known[value.name] = classify(value, visible)
         return self.known[value.name]
 
+    def window(self, attn: Attention) -> int | None:
+        """The sliding window of a block's causal mask: 0 when it has none; None for a decoder's
+        window longer than `_LONGEST_WINDOW_PROBE`, or a reduced block's own mask in a decoder with
+        windows (the op then runs on prompts no longer than the smallest window)."""
+        kind = self.kind(attn)
+        if kind == "causal" and self.decoder is not None and self.decoder.sliding_window:
+            return None  # a reduced block's own causal mask: the model's windows are not in it
+        value = self._pattern(attn)[0] if kind == "causal_keys" else None
+        return 0 if value is None else self.windows.get(value.name, 0)
+
     def key_bias(self, b, attn: Attention, q: ir.Value) -> ir.Value:
         """The op's key_bias [B, N]: the mask's values where it biases keys (its last query row,
         which sees every key a causal mask lets through; a Where mask as 0 / its fill, a boolean
@@ -360,8 +377,15 @@ class _Masks:
             where = attn.mask_select
             bias = b.Where(where.inputs[0], zero, b.CastLike(where.inputs[2], q)) if self._logits_first(attn) else \
                 b.Where(where.inputs[0], b.CastLike(where.inputs[1], q), zero)
-        rank = len(bias.shape)
-        if rank >= 2 and bias.shape[-2] != 1:  # [.., N, N]: its last row
+        # (a mask a token pass gathered has no shape: the probe's tells)
+        shape = bias.shape if bias.shape is not None else self.probed[self._pattern(attn)[0].name]
+        rank = len(shape)
+        if self.window(attn):  # [B, 1, N, N] with a window: its diagonal (a query sees its own key unless padding)
+            width = b.Shape(bias, start=-1)
+            flat = b.Reshape(bias, b.Concat(b.Shape(bias, start=0, end=1), b.const([-1]), axis=0))
+            diagonal = b.Mul(b.Range(b.const(0), b.Squeeze(width), b.const(1)), b.Add(b.Squeeze(width), b.const(1)))
+            return b.CastLike(b.Gather(flat, diagonal, axis=1), q)
+        if rank >= 2 and shape[-2] != 1:  # [.., N, N]: its last row
             bias = b.Slice(bias, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([rank - 2]))
         rows = b.Reshape(bias, b.Concat(b.Shape(bias, start=0, end=1) if rank == 4 else b.const([1]), b.const([-1]),
                                         axis=0))
@@ -389,55 +413,101 @@ class _Masks:
     def _classify(self, value: ir.Value, visible) -> str | None:
         """"keys" when the mask is the same for every query on probe inputs (integer inputs 1: a
         padding mask then masks nothing, a causal one still shows), "causal" when it is the causal
-        rule and reads no input's values, else None."""
-        if value.shape is not None and len(value.shape) == 4 and value.shape[1] != 1:
+        rule and reads no input's values, "causal_keys" when it looks causal there and reads
+        [B, N] inputs (a padding mask and the causal rule in one: `_causal_keys` decides), else None."""
+        if value.shape is not None and len(value.shape) == 4 and isinstance(value.shape[1], int) and value.shape[1] != 1:
             return None
-        from ..compiler.onnx_runner import OnnxRunner
-        from ..plugins import runnable_proto
-
-        if self.proto is None:
-            self.proto = runnable_proto(ir.serde.serialize_model(self.model))
         # the graph inputs whose values the mask reads (a shape read does not count)
         read = ancestors(value, set(self.model.graph.inputs), through_shapes=False)[1]
-        causal = not read
         # a mask that reads a [B, N, N] input could vary by query on other inputs than the probes'
-        same_rows = all(x.shape is not None and len(x.shape) <= 2 for x in read)
+        rows_read = all(x.shape is not None and len(x.shape) <= 2 for x in read)
+        same_rows, causal = rows_read, True
         for n in ([self.tokens] if isinstance(self.tokens, int) else [7, 19]):
             feeds = {x.name: np.full([d if isinstance(d, int) else n for d in x.shape],
                                      1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
                      for x in self.model.graph.inputs}
-            mask = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
-            if mask.ndim < 2 or mask.shape[-1] != n or mask.shape[-2] not in (1, n):
+            mask = self._values(value, feeds)
+            keys = mask.shape[-1] if mask.ndim >= 2 else 0  # (after a token reduction, fewer than n)
+            if mask.ndim < 2 or mask.shape[-2] not in (1, keys) or (mask.ndim == 4 and mask.shape[1] != 1):
                 return None
             same_rows &= bool((mask == mask[..., :1, :]).all())
-            if mask.shape[-2] == n:
-                seen = visible(mask.reshape(-1, n, n))
+            if mask.shape[-2] == keys:
+                seen = visible(mask.reshape(-1, keys, keys))
                 causal &= not any(x is None for x in seen.reshape(-1)) and bool(
-                    (seen == np.tril(np.ones((n, n), bool))).all())
-        return "keys" if same_rows else "causal" if causal else None
-
+                    (seen == np.tril(np.ones((keys, keys), bool))).all())
+        if same_rows:
+            return "keys"
+        if causal and not read:
+            return "causal"
+        return self._causal_keys(value, visible, self._padded_feeds(n, read)) if causal and rows_read else None
 
     def _classify_prompt(self, value: ir.Value, visible) -> str | None:
-        """A KV-cache decoder's mask on a probe prompt of two rows, the second left-padded:
-        "causal_keys" when each row's query i sees the keys up to i that its last query sees."""
-        from ..compiler.onnx_runner import OnnxRunner
-        from ..plugins import runnable_proto
-
-        if self.proto is None:
-            self.proto = runnable_proto(ir.serde.serialize_model(self.model))
+        """A KV-cache decoder's mask: "causal_keys" when `_causal_keys` finds it on a prompt."""
         n = min(self.prompt, self.decoder.sliding_window or self.prompt)  # (a prompt the window masks nothing of)
         feeds = self.decoder.random_feeds(batch=2, new=n, past=0)
         feeds[ATTENTION_MASK][1, :3] = 0
         if POSITION_IDS in feeds:
             feeds[POSITION_IDS] = np.maximum(np.cumsum(feeds[ATTENTION_MASK], axis=1) - 1, 0)
-        mask = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
-        if mask.ndim != 4 or mask.shape[-2:] != (n, n):
+        kind = self._causal_keys(value, visible, feeds)
+        window = self.decoder.sliding_window
+        if kind and window:  # the mask's own window (or none), on a prompt longer than the smallest one
+            found = window + 8 <= _LONGEST_WINDOW_PROBE and self._causal_keys(
+                value, visible, self.decoder.random_feeds(batch=1, new=window + 8, past=0))
+            # not probed, or not a window's pattern: the op runs on prompts no longer than the smallest window
+            self.windows[value.name] = self.windows.get(value.name, 0) if found else None
+        return kind
+
+    def _padded_feeds(self, n: int, read: set[ir.Value]) -> dict[str, np.ndarray]:
+        """Probe inputs of n tokens whose last row is left-padded by 3 in every [B, N] input the
+        mask reads (a padding mask's 0s; the other inputs 1s / 0s as in the first probe)."""
+        feeds = {}
+        for x in self.model.graph.inputs:
+            shape = [d if isinstance(d, int) else (2 if i == 0 else n) for i, d in enumerate(x.shape)]
+            feeds[x.name] = np.full(shape, 1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
+            if x in read and len(shape) == 2 and shape[1] > 3:
+                feeds[x.name][-1, :3] = 0
+        return feeds
+
+    def _causal_keys(self, value: ir.Value, visible, feeds: dict[str, np.ndarray]) -> str | None:
+        """"causal_keys" when, on `feeds` (a prompt, rows left-padded or not), each query sees
+        the keys up to itself that are not padding (those its own query sees), within a sliding
+        window if the mask has one (recorded in `windows`)."""
+        mask = self._values(value, feeds)
+        n = mask.shape[-1]
+        if mask.ndim != 4 or mask.shape[-2] != n or mask.shape[1] != 1:
             return None
-        seen = visible(np.broadcast_to(mask, (2, mask.shape[1], n, n)))
+        seen = visible(np.broadcast_to(mask, (len(next(iter(feeds.values()))), 1, n, n))[:, 0])
         if any(x is None for x in seen.reshape(-1)):
             return None
-        want = np.tril(np.ones((n, n), bool)) & seen[:, :, -1:, :].astype(bool)
-        return "causal_keys" if bool((seen.astype(bool) == want).all()) else None
+        seen = seen.astype(bool)
+        keys = seen[:, np.arange(n), np.arange(n)][:, None, :]  # [B, 1, N]: the keys that are not padding
+        gap = np.arange(n)[:, None] - np.arange(n)[None, :]  # query − key
+        hidden = (gap >= 0) & keys & ~seen  # in the past, not padding, yet masked: a window's
+        window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
+        if not bool((seen == ((gap >= 0) & keys & ((gap < window) | (window == 0)))).all()):
+            return None
+        if window:
+            self.windows[value.name] = window
+        return "causal_keys"
+
+    def _values(self, value: ir.Value, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The mask's values on `feeds` (a constant's own)."""
+        from ..compiler.onnx_runner import OnnxRunner
+        from ..plugins import runnable_proto
+
+        constant = ir.convenience.get_const_tensor(value) if is_constant(value) else None
+        if constant is not None:
+            values = constant.numpy()
+        else:
+            if self.proto is None:
+                self.proto = runnable_proto(ir.serde.serialize_model(self.model))
+            values = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
+        self.probed[value.name] = values.shape
+        return values
+
+
+#: the longest sliding window whose mask a decoder's probe computes ([1, 1, W, W] values)
+_LONGEST_WINDOW_PROBE = 8192
 
 
 def _outside_reader(attn: Attention, cache_region: tuple | None = None) -> str | None:

@@ -6,17 +6,20 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
 
 1. block means q̄, k̄, v̄ (over each block's tokens whose key is not masked: padding
    counts for nothing, whatever its values) and the pooled probabilities
-   P = softmax(q̄·k̄ᵀ·scale) over the key blocks a query block may see (causal: j ≤ i);
+   P = softmax(q̄·k̄ᵀ·scale) over the key blocks a query block may see (causal: j ≤ i; with a
+   sliding `window`, only blocks holding a key some query of the block sees in it);
 2. selection: the `sink` first blocks and the `local` nearest ones (|i − j| < local; the
    diagonal when local = 1) always, then the highest P, `top_k` blocks in all (0: every
    block); a static count, so the shape never depends on the data. With `tau` < 1 a
    query block keeps, of those, only the ones (largest P first) until their mass reaches
    tau: the rest of its slots are masked (a static upper bound plus a mask);
 3. exact attention of each query block over the tokens of its selected blocks only
-   ([block × top_k·block] products, never N × N), causal inside the diagonal block;
+   ([block × top_k·block] products, never N × N), causal inside the diagonal block; with
+   `window` (causal only) a query sees no key `window` or more positions before it;
 4. `rectify`: the sparse output over-weights the selected blocks and loses the rest. A
    non-selected block whose pooled score is reliable (GAPR: |q̄·k̄| above the pooling error
-   |mean|Δq|·k̄| + |q̄·mean|Δk||; causal: only blocks wholly in the past, j < i) is pooled.
+   |mean|Δq|·k̄| + |q̄·mean|Δk||; causal: only blocks wholly in the past, j < i, and inside
+   every query's window) is pooled.
    rectify = 1 (per token): each pooled block joins every query's softmax as one key k̄
    with value v̄ and the weight of its c tokens (logit q·k̄·scale + log c + their mean key
    bias, over the tokens whose key is not masked), so the selected keys' mass is
@@ -56,7 +59,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray, *, block_size: int, top_k: int,
-              tau: float, sink: int, local: int, causal: int, rectify: int, scale: float) -> tuple[np.ndarray]:
+              tau: float, sink: int, local: int, causal: int, rectify: int, scale: float, window: int = 0
+              ) -> tuple[np.ndarray]:
     """q, k, v [B, H, N, Dh], key_bias [B, N] -> (out [B, H, N, Dh],)."""
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {q.shape}, {k.shape}, "
@@ -69,6 +73,9 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
                          f"{block_size}, {top_k}, {sink}, {local}")
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"BlockSparseAttention: tau (the pooled mass to cover) must be in (0, 1], got {tau}")
+    if window < 0 or (window and not causal):
+        raise ValueError(f"BlockSparseAttention: window must be >= 0 and needs causal = 1, got window {window}, "
+                         f"causal {causal}")
     if rectify not in (0, RECTIFY_TOKENS, RECTIFY_BLOCKS):
         raise ValueError(f"BlockSparseAttention: rectify must be 0 (off), {RECTIFY_TOKENS} (per token) or "
                          f"{RECTIFY_BLOCKS} (per block, as published), got {rectify}")
@@ -85,6 +92,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     qm, km, vm = ((x * pooling).sum(axis=3) / pooled_counts for x in (qb, kb, vb))  # block means [B, H, nb, Dh]
     i, j = np.arange(nb)[:, None], np.arange(nb)[None, :]
     allowed = ((j <= i) if causal else np.ones((nb, nb), bool)) & (bias > MASKED_BIAS).any(axis=2)[:, None, None, :]
+    if window:  # a block some query of block i sees a key of: the nearest pair closer than the window
+        allowed &= (j >= i) | ((i - j - 1) * block_size + 1 < window)
     p = _softmax(np.where(allowed, qm @ km.swapaxes(-1, -2) * scale, -np.inf))  # [B, H, nb, nb]
     forced = ((j < sink) | (np.abs(i - j) < local)) & allowed
     # forced blocks first, the diagonal first of them (when forced: the decomposition's causal rule expects it there)
@@ -102,6 +111,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
     if causal:
         pos = np.arange(nb * block_size).reshape(nb, block_size)
         key_ok &= (pos[None, None, None, None] <= pos[None, None, :, :, None, None])
+        if window:
+            key_ok &= (pos[None, None, :, :, None, None] - pos[None, None, None, None] < window)
     logits = np.einsum("bhiqd,bhjkd->bhiqjk", qb, kb) * scale + bias[:, None, None, None]
     logits = np.where(key_ok, logits, -np.inf).reshape(b, h, nb, block_size, nb * block_size)
     values = vb.reshape(b, h, 1, nb * block_size, d)
@@ -111,6 +122,8 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
         gain = np.abs(qm @ km.swapaxes(-1, -2))
         error = np.abs(dq @ km.swapaxes(-1, -2)) + np.abs(qm @ dk.swapaxes(-1, -2))
         pooled = allowed & ~selected & (gain > error) & ((j < i) if causal else True)
+        if window:  # wholly inside the window of every query of the block
+            pooled &= (i - j + 1) * block_size - 1 < window
     if rectify == RECTIFY_TOKENS:  # one pooled key per such block in every query's softmax
         tokens = pooled_counts[:, 0, :, 0]  # [B, nb]: a pooled key stands for the block's tokens not masked
         weight = np.log(tokens) + np.where(bias > MASKED_BIAS, bias, 0.0).sum(axis=2) / tokens
@@ -177,7 +190,13 @@ def decompose(b, q, k, v, key_bias):
     blocks = b.Range(zero, nb, one)
     i, j = b.Unsqueeze(blocks, ax(1)), b.Unsqueeze(blocks, ax(0))
     seen = b.Greater(b.ReduceMax(token_bias, ax(2), keepdims=0), fconst(MASKED_BIAS))  # [B, nb]: a key not masked
-    allowed = b.And(b.Or(b.Not(causal), b.LessOrEqual(j, i)), b.Unsqueeze(seen, ax(1, 2)))  # [B, 1, nb, nb]
+    window = b.attr("window")
+    windowed = b.Greater(window, zero)
+    # (with a window: a block some query of block i sees a key of)
+    in_window = b.Or(b.Not(windowed), b.Or(b.GreaterOrEqual(j, i), b.Less(b.Add(b.Mul(b.Sub(b.Sub(i, j), one), bs), one),
+                                                                           window)))
+    allowed = b.And(b.And(b.Or(b.Not(causal), b.LessOrEqual(j, i)), in_window),
+                    b.Unsqueeze(seen, ax(1, 2)))  # [B, 1, nb, nb]
     pooled_dot = b.MatMul(qm, km_t)  # q̄·k̄ [B, H, nb, nb]: the pooled logits, and GAPR's gain
     p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
@@ -251,9 +270,9 @@ def decompose(b, q, k, v, key_bias):
         key_pos = sub.Reshape(sub.Add(sub.Mul(where, bs), sub.Range(zero, bs, one)), ax(0, 0, 0, -1))  # [B, H, nb, K·bs]
         slot_ok = sub.Reshape(sub.Expand(sub.Unsqueeze(chosen_ok, ax(-1)),
                                          sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)), ax(0, 0, 0, -1))
-        visible = sub.And(sub.Unsqueeze(slot_ok, ax(3)),
-                          sub.LessOrEqual(sub.Unsqueeze(key_pos, ax(3)), sub.Unsqueeze(pos, ax(-1))))
-        return sub.Where(visible, logits, minus_inf)
+        before = sub.Sub(sub.Unsqueeze(pos, ax(-1)), sub.Unsqueeze(key_pos, ax(3)))  # query − key positions
+        visible = sub.And(sub.Unsqueeze(slot_ok, ax(3)), sub.GreaterOrEqual(before, zero))
+        return sub.Where(sub.And(visible, sub.Or(sub.Not(windowed), sub.Less(before, window))), logits, minus_inf)
 
     def products(rule, name: str):
         """The logits [B, H, nb, bs, K·bs] with `rule` (the causal masking, or none) applied in the
@@ -270,7 +289,8 @@ def decompose(b, q, k, v, key_bias):
         return lambda sub: [_branch(sub, per_key_bias, masked, ruled(all_keys), f"{name}_masked_keys")]
 
     per_key_bias = b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0)))
-    leads = b.And(b.Greater(b.attr("local"), zero), b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
+    leads = b.And(b.And(b.Greater(b.attr("local"), zero), b.Not(windowed)),
+                  b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
 
     def causal_logits(sub):
         return [_branch(sub, leads, products(diagonal_first, "diagonal_first"), products(causal_rule, "causal_rule"),
@@ -310,7 +330,9 @@ def decompose(b, q, k, v, key_bias):
         dq, dk = spread(qb, qm), spread(kb, km)
         gain = sub.Abs(pooled_dot)
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
-        past = sub.Or(sub.Not(causal), sub.Less(j, i))
+        past = sub.Or(sub.Not(causal), sub.Less(j, i))  # and, with a window, inside every query's
+        past = sub.And(past, sub.Or(sub.Not(windowed), sub.Less(sub.Sub(sub.Mul(sub.Add(sub.Sub(i, j), one), bs), one),
+                                                                 window)))
         pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)), sub.Less(selected, fconst(0.5)))
 
         def per_token(tok):
@@ -340,10 +362,14 @@ def decompose(b, q, k, v, key_bias):
         return [_branch(sub, sub.Equal(b.attr("rectify"), b.const(RECTIFY_BLOCKS)), per_block, per_token, "per_block")]
 
     out = _branch(b, b.Greater(b.attr("rectify"), zero), rectified, lambda sub: [sub.Identity(sparse)], "rectify")
-    # a query block that may see no key block (all of them masked) has no softmax: zeros
+    # a query block that may see no key block (all of them masked) has no softmax: zeros; so has a
+    # causal query whose keys up to itself are all -inf (a left-padded prompt's padding: its
+    # softmax, over -inf only, is NaN, which would reach the real tokens through its values)
     sees = b.Unsqueeze(b.ReduceMax(b.CastLike(chosen_ok, q), ax(-1), keepdims=1), ax(-1))  # [B, H, nb, 1, 1]
-    out = _branch(b, b.Less(b.ReduceMin(sees, keepdims=0), fconst(0.5)),
-                  lambda sub: [sub.Where(sub.Greater(sees, fconst(0.5)), out, fconst(0.0))],
+    blind_rows = b.And(causal, b.Equal(b.ReduceMin(bias, keepdims=0), minus_inf))
+    out = _branch(b, b.Or(b.Less(b.ReduceMin(sees, keepdims=0), fconst(0.5)), blind_rows),
+                  lambda sub: [sub.Where(sub.And(sub.Greater(sees, fconst(0.5)), sub.Not(sub.IsNaN(out))), out,
+                                         fconst(0.0))],
                   lambda sub: [sub.Identity(out)], "blind")
     out = b.Reshape(out, b.Concat(ax(0, 0, -1), b.Slice(b.Shape(v), ax(3), ax(4)), axis=0))
     return b.Slice(out, ax(0), b.Reshape(n, ax(1)), ax(2))
@@ -358,7 +384,7 @@ def _branch(b, condition, then, otherwise, name: str, count: int = 1):
 
 
 def examples(rng):
-    """Ragged last blocks, causal and not, sinks and windows, a mass threshold, padded keys (a
+    """Ragged last blocks, causal and not, sinks and local blocks, a sliding window, a mass threshold, padded keys (a
     left-padded prompt's first blocks see no key) and a finite key bias, every block selected,
     batch > 1."""
     cases = []
@@ -370,6 +396,7 @@ def examples(rng):
         ((1, 2, 64, 8), {"block_size": 8, "top_k": 6, "tau": 0.7, "causal": 0, "rectify": 1}, None),
         ((2, 2, 40, 8), {"block_size": 8, "top_k": 2, "causal": 1, "rectify": 2}, "padding"),
         ((2, 2, 30, 8), {"block_size": 4, "top_k": 3, "causal": 1, "rectify": 1}, "left_padding"),
+        ((2, 2, 40, 8), {"block_size": 8, "top_k": 3, "causal": 1, "rectify": 1, "window": 13}, "left_padding"),
     ]:
         q, k, v = (rng.standard_normal((batch, heads, n, dh)).astype(np.float32) for _ in range(3))
         cases.append(([q, k, v, key_bias(rng, batch, n, bias)], {"scale": dh**-0.5, **attrs}))
@@ -408,6 +435,8 @@ OP = OpDef.of_module(
         AttrSpec("sink", int, "the first blocks every query block keeps", 1),
         AttrSpec("local", int, "blocks within this distance of the diagonal are always kept (1: the diagonal)", 1),
         AttrSpec("causal", int, "1: a query sees no later key (decoders)", 0),
+        AttrSpec("window", int, "a sliding window (causal only): a query sees no key this many positions or more "
+                 "before it (0: none)", 0),
         AttrSpec("rectify", int, "0: off; 1: the reliable skipped blocks as pooled keys in every query's softmax; 2: "
                  "Rectified SpaAttn's per-block formula", 1),
         AttrSpec("scale", float, "multiplier applied to q·kᵀ before the softmax", 1.0),

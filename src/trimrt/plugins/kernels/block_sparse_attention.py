@@ -24,7 +24,8 @@ MAX_BLOCK_D = 128
 
 @triton.jit
 def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_ptr, N, H, NB, K, D, BS, scale,
-                                  out_ptr, lse_ptr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+                                  window, out_ptr, lse_ptr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+                                  BLOCK_D: tl.constexpr):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     bias_row = bias_ptr + (bh // H) * N
@@ -51,7 +52,7 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, chosen_ptr, ok_
         logits = tl.sum(q[:, :, None] * kt[None, :, :], axis=1) * scale + key_bias[None, :]  # [BLOCK, BLOCK]
         visible = col_ok[None, :] & row_ok[:, None]
         if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None])
+            visible = visible & (cols[None, :] <= rows[:, None]) & ((window == 0) | (rows[:, None] - cols[None, :] < window))
         logits = tl.where(visible, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
@@ -79,7 +80,7 @@ def _block_means(x: torch.Tensor, bs: int, nb: int, pooling: torch.Tensor) -> tu
 
 
 def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, local: int, causal: int,
-                  scale: float):
+                  scale: float, block_size: int = 1, window: int = 0):
     """(pooled probabilities P [B, H, nb, nb], chosen [B, H, nb, K] int64, chosen_ok [B, H, nb, K],
     allowed [B, 1, nb, nb]): the op's selection rule, ties to the lower block; `seen` [B, nb]:
     the blocks with a key not masked; a slot is not ok when its block may not be seen or comes
@@ -87,6 +88,8 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
     i = torch.arange(nb, device=qm.device)[:, None]
     j = torch.arange(nb, device=qm.device)[None, :]
     allowed = ((j <= i) if causal else torch.ones(nb, nb, dtype=torch.bool, device=qm.device)) & seen[:, None, None, :]
+    if window:  # a block some query of block i sees a key of
+        allowed = allowed & ((j >= i) | ((i - j - 1) * block_size + 1 < window))
     p = torch.softmax(torch.where(allowed, qm @ km.transpose(-1, -2) * scale, float("-inf")), dim=-1)
     forced = ((j < sink) | ((i - j).abs() < local)) & allowed
     rank = torch.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)), -1.0)
@@ -97,7 +100,7 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
     return p, order, (ranked > -0.5) & ((ranked > 1.5) | within_tau), allowed
 
 
-def pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal: int):
+def pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal: int, window: int = 0):
     """GAPR's pooled blocks [B, H, nb, nb]: allowed, not selected, wholly in the past when causal,
     and a gain above the pooling error (the spread over the tokens `pooling` counts)."""
     nb = p.shape[-1]
@@ -111,6 +114,8 @@ def pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal
     i = torch.arange(nb, device=p.device)[:, None]
     j = torch.arange(nb, device=p.device)[None, :]
     past = (j < i) if causal else torch.ones_like(allowed)
+    if window:  # wholly inside the window of every query of the block
+        past = past & ((i - j + 1) * qb.shape[3] - 1 < window)
     return allowed & past & ~selected & (gain > error)
 
 
@@ -123,12 +128,14 @@ def rectify_per_token(sparse, lse, qb, km, vm, bias, pooling, pooled, scale: flo
     logits = torch.einsum("bhiqd,bhjd->bhiqj", qb, km) * scale + weight[:, None, None, None, :]
     logits = torch.where(pooled[:, :, :, None, :], logits, float("-inf"))
     top = torch.maximum(lse, logits.amax(dim=-1))[..., None]
+    top = torch.where(torch.isinf(top), 0.0, top)  # a query that sees no key and no pooled key: zeros
     sparse_w, pooled_w = torch.exp(lse[..., None] - top), torch.exp(logits - top)
-    return (sparse * sparse_w + pooled_w @ vm[:, :, None]) / (sparse_w + pooled_w.sum(dim=-1, keepdim=True))
+    total = sparse_w + pooled_w.sum(dim=-1, keepdim=True)
+    return (sparse * sparse_w + pooled_w @ vm[:, :, None]) / torch.where(total > 0, total, 1.0)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor, *, block_size: int, top_k: int,
-        tau: float, sink: int, local: int, causal: int, rectify: int, scale: float, out=None):
+        tau: float, sink: int, local: int, causal: int, rectify: int, scale: float, window: int = 0, out=None):
     """q, k, v [B, H, N, Dh], key_bias [B, N] -> (out [B, H, N, Dh],), matching the op's reference."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"BlockSparseAttention: need q, k, v of one shape [B, H, N, Dh], got {tuple(q.shape)}, "
@@ -148,15 +155,16 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tenso
     _, vm = _block_means(v, block_size, nb, pooling)
     seen = pooling.any(dim=2)
     p, chosen, chosen_ok, allowed = select_blocks(qm, km, seen, nb=nb, top_k=top_k, tau=tau, sink=sink, local=local,
-                                                  causal=causal, scale=scale)
+                                                  causal=causal, scale=scale, block_size=block_size, window=window)
     sparse = torch.empty((b, h, n, d), dtype=torch.float32, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     block_sparse_attention_kernel[(nb, b * h)](
         q.contiguous(), k.contiguous(), v.contiguous(), key_bias.float().contiguous(), chosen.contiguous(),
-        chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), sparse, lse,
+        chosen_ok.to(torch.int8).contiguous(), n, h, nb, chosen.shape[-1], d, block_size, float(scale), int(window),
+        sparse, lse,
         CAUSAL=bool(causal), BLOCK=block(block_size), BLOCK_D=block(d, MAX_BLOCK_D))
     if rectify:
-        pooled = pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal)
+        pooled = pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal, window)
         blocks = torch.nn.functional.pad(sparse, (0, 0, 0, nb * block_size - n)).reshape(b, h, nb, block_size, d)
         if rectify == RECTIFY_BLOCKS:
             pooled_p = p * pooled
