@@ -119,13 +119,14 @@ def test_a_causal_query_whose_keys_are_all_minus_inf_gives_zeros(rectify, rng, d
     np.testing.assert_allclose(run_triton(OP, [q, k, v, bias], device, **attrs)[0], want, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", [None, "left_padding"])  # (the diagonal-first rule; the general one)
 @pytest.mark.parametrize("window", [5, 8, 13, 20])
-def test_a_sliding_window_sees_no_key_window_positions_back(window, rng, device):
+def test_a_sliding_window_sees_no_key_window_positions_back(window, padding, rng, device):
     """Every block selected with a window is dense causal attention within the window (a
     Mistral layer's); fewer blocks: decomposition and kernel are the reference, and a key
     outside every query's window is never seen (its value changes nothing)."""
     q, k, v = _qkv(rng, 2, 2, 45, 8)
-    bias = key_bias(rng, 2, 45, "left_padding")
+    bias = key_bias(rng, 2, 45, padding)
     t = np.arange(45)
     logits = q.astype(np.float64) @ k.astype(np.float64).swapaxes(-1, -2) * 0.3 + bias[:, None, None, :]
     logits = np.where((t[None, :] <= t[:, None]) & (t[:, None] - t[None, :] < window), logits, -np.inf)

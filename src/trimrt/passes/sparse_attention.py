@@ -365,7 +365,7 @@ class _Masks:
 
     def key_bias(self, b, attn: Attention, q: ir.Value) -> ir.Value:
         """The op's key_bias [B, N]: the mask's values where it biases keys (its last query row,
-        which sees every key a causal mask lets through; a Where mask as 0 / its fill, a boolean
+        which sees every key a causal mask lets through, or with a window its diagonal; a Where mask as 0 / its fill, a boolean
         one as 0 / -inf), or zeros."""
         batch_and_keys = b.Concat(b.Shape(q, start=0, end=1), b.Shape(q, start=2, end=3), axis=0)
         if self.kind(attn) not in ("keys", "causal_keys"):

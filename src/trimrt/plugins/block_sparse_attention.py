@@ -264,6 +264,21 @@ def decompose(b, q, k, v, key_bias):
                                 ax(0, 0, 0, 1, -1))  # [B, H, nb, 1, K·bs]
         return sub.Add(sub.Add(logits, slot_bias), triangle)
 
+    def window_first(sub, logits):
+        """diagonal_first with a sliding window: a key `window` or more positions before its query
+        gets a very negative logit through one Min with a bound that is ±(at least 2^99): in float32
+        from exact half-integers (key − query + window − ½, scaled by a power of two), so its sign
+        is exact; casting to float16 makes it ±inf. One Sub and one Min over the logits (the
+        general rule's Where and its boolean passes cost ~2× the products' time)."""
+        big = 2.0**100
+        key_pos = sub.Cast(sub.Reshape(sub.Add(sub.Mul(where, bs), sub.Range(zero, bs, one)), ax(0, 0, 0, 1, -1)), to=1)
+        first = sub.Cast(sub.Reshape(sub.Mul(blocks, bs), ax(-1, 1, 1)), to=1)  # [nb, 1, 1]: the blocks' first query
+        offset = sub.Cast(sub.Sub(window, one), to=1)  # the window's reach back, in positions
+        reach = sub.Mul(sub.Add(sub.Sub(key_pos, first), sub.Add(offset, b.const(0.5, np.float32))), b.const(big, np.float32))
+        rows = sub.Mul(sub.Cast(sub.Unsqueeze(sub.Range(zero, bs, one), ax(-1)), to=1), b.const(big, np.float32))  # [bs, 1]
+        bound = sub.CastLike(sub.Sub(reach, rows), q)  # [B, H, nb, bs, K·bs]: > 0 where the key is in the window
+        return sub.Min(diagonal_first(sub, logits), bound)
+
     def causal_rule(sub, logits):
         """Keys after the query, and slots that count for nothing (fewer than K allowed blocks,
         or past tau), masked."""
@@ -289,12 +304,14 @@ def decompose(b, q, k, v, key_bias):
         return lambda sub: [_branch(sub, per_key_bias, masked, ruled(all_keys), f"{name}_masked_keys")]
 
     per_key_bias = b.Or(b.Or(ragged, biased), b.Less(tau, fconst(1.0)))
-    leads = b.And(b.And(b.Greater(b.attr("local"), zero), b.Not(windowed)),
-                  b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
+    leads = b.And(b.Greater(b.attr("local"), zero), b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
 
     def causal_logits(sub):
-        return [_branch(sub, leads, products(diagonal_first, "diagonal_first"), products(causal_rule, "causal_rule"),
-                        "diagonal_first")]
+        def first(lead):
+            return [_branch(lead, windowed, products(window_first, "window_first"), products(diagonal_first, "diagonal"),
+                            "windowed")]
+
+        return [_branch(sub, leads, first, products(causal_rule, "causal_rule"), "diagonal_first")]
 
     logits = _branch(b, causal, causal_logits, products(lambda sub, x: x, "plain"), "causal")
     # per-token rectification reads the sparse softmax's log-sum-exp back as max logit − log max
@@ -330,7 +347,7 @@ def decompose(b, q, k, v, key_bias):
         dq, dk = spread(qb, qm), spread(kb, km)
         gain = sub.Abs(pooled_dot)
         error = sub.Add(sub.Abs(sub.MatMul(dq, km_t)), sub.Abs(sub.MatMul(qm, sub.Transpose(dk, perm=[0, 1, 3, 2]))))
-        past = sub.Or(sub.Not(causal), sub.Less(j, i))  # and, with a window, inside every query's
+        past = sub.Or(sub.Not(causal), sub.Less(j, i))  # wholly in the past, and within every query's window
         past = sub.And(past, sub.Or(sub.Not(windowed), sub.Less(sub.Sub(sub.Mul(sub.Add(sub.Sub(i, j), one), bs), one),
                                                                  window)))
         pooled = sub.And(sub.And(sub.And(allowed, past), sub.Greater(gain, error)), sub.Less(selected, fconst(0.5)))
@@ -384,9 +401,9 @@ def _branch(b, condition, then, otherwise, name: str, count: int = 1):
 
 
 def examples(rng):
-    """Ragged last blocks, causal and not, sinks and local blocks, a sliding window, a mass threshold, padded keys (a
-    left-padded prompt's first blocks see no key) and a finite key bias, every block selected,
-    batch > 1."""
+    """Ragged last blocks, causal and not, sinks and local blocks, a sliding window, a mass
+    threshold, padded keys (a left-padded prompt's first blocks see no key) and a finite key
+    bias, every block selected, batch > 1."""
     cases = []
     for (batch, heads, n, dh), attrs, bias in [
         ((1, 1, 8, 4), {"block_size": 4, "top_k": 0}, None),
