@@ -120,7 +120,7 @@ def test_a_causal_query_whose_keys_are_all_minus_inf_gives_zeros(rectify, rng, d
 
 
 @pytest.mark.parametrize("padding", [None, "left_padding"])  # (the diagonal-first rule; the general one)
-@pytest.mark.parametrize("window", [5, 8, 13, 20])
+@pytest.mark.parametrize("window", [5, 8, 13, 16, 20])  # (8 and 16: whole blocks)
 def test_a_sliding_window_sees_no_key_window_positions_back(window, padding, rng, device):
     """Every block selected with a window is dense causal attention within the window (a
     Mistral layer's); fewer blocks: decomposition and kernel are the reference, and a key
@@ -146,6 +146,22 @@ def test_a_sliding_window_sees_no_key_window_positions_back(window, padding, rng
         far[:, :, :44 - window - 8] += 100.0  # keys the last block's queries never see
         np.testing.assert_allclose(OP.run_reference(q, k, far, bias, top_k=2, rectify=rectify, **attrs)[0][:, :, 40:],
                                    want[:, :, 40:], atol=1e-5)
+
+
+def test_a_window_of_whole_blocks_keeps_the_block_at_its_edge(rng):
+    """Blocks of 8, a window of 16, two slots and no sink: query block 3 keeps its diagonal
+    and block 1, at the window's edge (partly seen), whatever the pooled scores say; block 2
+    is not attended (its values change nothing)."""
+    q, k, v = _qkv(rng, 1, 2, 32, 8)
+    attrs = {"block_size": 8, "top_k": 2, "sink": 0, "local": 1, "causal": 1, "rectify": 0, "scale": 0.3, "window": 16}
+    want = OP.run_reference(q, k, v, _unbiased(q), **attrs)[0]
+    for block, moves in ((1, True), (2, False)):
+        changed = v.copy()
+        changed[:, :, 8 * block:8 * block + 8] += 10.0
+        got = OP.run_reference(q, k, changed, _unbiased(q), **attrs)[0]
+        assert (np.abs(got[:, :, 24:] - want[:, :, 24:]).max() > 1e-3) == moves
+        np.testing.assert_allclose(run_decomposition("BlockSparseAttention", [q, k, changed, _unbiased(q)], **attrs)[0],
+                                   got, atol=1e-5)
 
 
 def test_one_block_each_is_block_diagonal_attention(rng):

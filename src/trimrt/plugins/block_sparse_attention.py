@@ -9,7 +9,8 @@ The tokens are cut into blocks of `block_size` (the last one may be shorter). Pe
    P = softmax(q̄·k̄ᵀ·scale) over the key blocks a query block may see (causal: j ≤ i; with a
    sliding `window`, only blocks holding a key some query of the block sees in it);
 2. selection: the `sink` first blocks and the `local` nearest ones (|i − j| < local; the
-   diagonal when local = 1) always, then the highest P, `top_k` blocks in all (0: every
+   diagonal when local = 1) always (and, with a `window` of whole blocks, the block at its
+   edge, j = i − window / block_size), then the highest P, `top_k` blocks in all (0: every
    block); a static count, so the shape never depends on the data. With `tau` < 1 a
    query block keeps, of those, only the ones (largest P first) until their mass reaches
    tau: the rest of its slots are masked (a static upper bound plus a mask);
@@ -96,8 +97,13 @@ def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, key_bias: np.ndarray,
         allowed &= (j >= i) | ((i - j - 1) * block_size + 1 < window)
     p = _softmax(np.where(allowed, qm @ km.swapaxes(-1, -2) * scale, -np.inf))  # [B, H, nb, nb]
     forced = ((j < sink) | (np.abs(i - j) < local)) & allowed
-    # forced blocks first, the diagonal first of them (when forced: the decomposition's causal rule expects it there)
-    chosen = np.argsort(-np.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)), -1.0), axis=-1, kind="stable")
+    # a window of whole blocks: the block at its edge, partly seen, is kept after the diagonal
+    edge = ((j == i - window // block_size) & allowed) if window and window % block_size == 0 else np.zeros_like(allowed)
+    forced |= edge
+    # forced blocks first, the diagonal first of them, then the window's edge (when forced: the decomposition's causal
+    # rule expects them there)
+    chosen = np.argsort(-np.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)) + 2.0 * edge, -1.0), axis=-1,
+                        kind="stable")
     chosen = chosen[..., :min(top_k, nb) if top_k > 0 else nb]  # [B, H, nb, K]
     mass = np.take_along_axis(p, chosen, axis=-1)
     kept = np.take_along_axis(np.broadcast_to(forced, p.shape), chosen, axis=-1) | (np.cumsum(mass, axis=-1) - mass < tau)
@@ -200,10 +206,14 @@ def decompose(b, q, k, v, key_bias):
     pooled_dot = b.MatMul(qm, km_t)  # q̄·k̄ [B, H, nb, nb]: the pooled logits, and GAPR's gain
     p = b.Softmax(b.Where(allowed, b.Mul(pooled_dot, scale), minus_inf), axis=-1)  # [B, H, nb, nb]
     distance = b.Abs(b.Sub(i, j))
-    forced = b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed)
+    # a window of whole blocks: the block at its edge (partly seen) is forced, in slot 1 after the diagonal
+    whole = b.And(windowed, b.Equal(b.Mod(window, bs), zero))
+    edge = b.And(b.And(whole, b.Equal(j, b.Sub(i, b.Div(window, bs)))), allowed)
+    forced = b.Or(b.And(b.Or(b.Less(j, b.attr("sink")), b.Less(distance, b.attr("local"))), allowed), edge)
     lead = b.And(forced, b.Equal(i, j))  # the diagonal, when forced, in slot 0: see causal_rule
-    rank = b.Where(allowed, b.Add(p, b.Add(b.Mul(b.CastLike(forced, q), fconst(2.0)), b.Mul(b.CastLike(lead, q),
-                                                                                          fconst(4.0)))), fconst(-1.0))
+    rank = b.Where(allowed, b.Add(b.Add(p, b.Add(b.Mul(b.CastLike(forced, q), fconst(2.0)), b.Mul(b.CastLike(lead, q),
+                                                                                                 fconst(4.0)))),
+                                  b.Mul(b.CastLike(edge, q), fconst(2.0))), fconst(-1.0))
     count = b.Where(b.Greater(top_k, zero), b.Min(top_k, nb), nb)
     ranked, chosen = b.TopK(rank, b.Reshape(count, ax(1)), axis=-1, largest=1, sorted=1, _outputs=2)  # [B, H, nb, K]
     # a slot counts if its block may be seen and is forced or comes before tau's mass is reached
@@ -249,23 +259,31 @@ def decompose(b, q, k, v, key_bias):
 
     biased = b.Greater(b.ReduceMax(b.Abs(bias), keepdims=0), fconst(0.0))
 
-    def diagonal_first(sub, logits):
+    def diagonal_first(sub, logits, edge: bool = False):
         """The causal rule when every query block's diagonal leads its slots (forced: local >= 1;
         seen: no block wholly masked): a triangle over slot 0's keys, and a bias per slot for the
         slots that count for nothing (fewer than K allowed blocks, or past tau), as two
-        broadcast Adds (ONNX Runtime's Where over the logits costs ~8× its Add)."""
+        broadcast Adds (ONNX Runtime's Where over the logits costs ~8× its Add). `edge`: a
+        window of whole blocks, whose edge block (forced) is slot 1 of the query blocks that
+        have one (i >= window / block_size): the keys at and below its diagonal are masked too."""
         # (the width from chosen's shape: a Shape of the logits would read them after the Adds, which then could not
         # write over them)
         rows, cols = sub.Range(zero, bs, one), sub.Range(zero, sub.Mul(sub.Gather(sub.Shape(chosen), b.const(-1)), bs), one)
-        above = sub.And(sub.Greater(sub.Unsqueeze(cols, ax(0)), sub.Unsqueeze(rows, ax(1))), sub.Less(cols, bs))
-        triangle = sub.Where(above, minus_inf, fconst(0.0))  # [bs, K·bs]
+        row, col = sub.Unsqueeze(rows, ax(1)), sub.Unsqueeze(cols, ax(0))
+        above = sub.And(sub.Greater(col, row), sub.Less(cols, bs))  # [bs, K·bs]
+        if edge:  # [nb, bs, K·bs]
+            below = sub.And(sub.LessOrEqual(sub.Sub(col, bs), row), sub.And(sub.GreaterOrEqual(cols, bs),
+                                                                          sub.Less(cols, sub.Mul(bs, b.const(2)))))
+            has_edge = sub.Unsqueeze(sub.GreaterOrEqual(blocks, sub.Div(window, bs)), ax(1, 2))
+            above = sub.Or(above, sub.And(below, has_edge))
+        triangle = sub.Where(above, minus_inf, fconst(0.0))
         slot_bias = sub.Reshape(sub.Expand(sub.Unsqueeze(sub.Where(chosen_ok, fconst(0.0), minus_inf), ax(-1)),
                                            sub.Concat(sub.Shape(chosen), sub.Reshape(bs, ax(1)), axis=0)),
                                 ax(0, 0, 0, 1, -1))  # [B, H, nb, 1, K·bs]
         return sub.Add(sub.Add(logits, slot_bias), triangle)
 
     def window_first(sub, logits):
-        """diagonal_first with a sliding window: a key `window` or more positions before its query
+        """diagonal_first with a sliding window not of whole blocks: a key `window` or more positions before its query
         gets a very negative logit through one Min with a bound that is ±(at least 2^99): in float32
         from exact half-integers (key − query + window − ½, scaled by a power of two), so its sign
         is exact; casting to float16 makes it ±inf. One Sub and one Min over the logits (the
@@ -307,9 +325,12 @@ def decompose(b, q, k, v, key_bias):
     leads = b.And(b.Greater(b.attr("local"), zero), b.Cast(b.ReduceMin(b.Cast(seen, to=6), keepdims=0), to=9))
 
     def causal_logits(sub):
+        def windows(win):
+            return [_branch(win, whole, products(lambda s, x: diagonal_first(s, x, edge=True), "edge_first"),
+                            products(window_first, "window_first"), "whole_blocks")]
+
         def first(lead):
-            return [_branch(lead, windowed, products(window_first, "window_first"), products(diagonal_first, "diagonal"),
-                            "windowed")]
+            return [_branch(lead, windowed, windows, products(diagonal_first, "diagonal"), "windowed")]
 
         return [_branch(sub, leads, first, products(causal_rule, "causal_rule"), "diagonal_first")]
 

@@ -92,7 +92,9 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
         allowed = allowed & ((j >= i) | ((i - j - 1) * block_size + 1 < window))
     p = torch.softmax(torch.where(allowed, qm @ km.transpose(-1, -2) * scale, float("-inf")), dim=-1)
     forced = ((j < sink) | ((i - j).abs() < local)) & allowed
-    rank = torch.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)), -1.0)
+    edge = (j == i - window // block_size) & allowed if window and window % block_size == 0 else torch.zeros_like(allowed)
+    forced = forced | edge  # a window of whole blocks: the block at its edge, after the diagonal
+    rank = torch.where(allowed, p + 2.0 * forced + 4.0 * (forced & (i == j)) + 2.0 * edge, -1.0)
     count = min(top_k, nb) if top_k > 0 else nb
     order = torch.sort(-rank, dim=-1, stable=True).indices[..., :count]
     ranked, mass = torch.gather(rank, -1, order), torch.gather(p, -1, order)
