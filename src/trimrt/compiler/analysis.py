@@ -164,7 +164,8 @@ def _walk_scores(value: ir.Value | None, scale: float = 1.0, mask: ir.Value | No
     """Walk from the Softmax input back to the Q·Kᵀ MatMul; None if this is no attention.
 
     Returns (matmul, scale, mask): the product of scalar factors met on the way, and the
-    mask if any: an additive tensor (Add of a non-constant value) or the Where node that
+    mask if any: an additive tensor (Add of anything but zeros: a static export folds its
+    causal mask into a constant) or the Where node that
     selects between the logits and a fill value. `through`: the ops passed through
     unchanged (with a Reshape, the walk finds the heads-folded attention analysis refuses);
     `masks`: how many masking terms may be met (past one, the outer is kept).

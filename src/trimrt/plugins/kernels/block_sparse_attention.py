@@ -103,8 +103,8 @@ def select_blocks(qm, km, seen, *, nb: int, top_k: int, tau: float, sink: int, l
 
 
 def pooled_blocks(qb, kb, qm, km, pooling, p, chosen, chosen_ok, allowed, causal: int, window: int = 0):
-    """GAPR's pooled blocks [B, H, nb, nb]: allowed, not selected, wholly in the past when causal,
-    and a gain above the pooling error (the spread over the tokens `pooling` counts)."""
+    """GAPR's pooled blocks [B, H, nb, nb]: allowed, not selected, wholly in the past when causal
+    (and inside every query's window), and a gain above the pooling error (the spread over the tokens `pooling` counts)."""
     nb = p.shape[-1]
     selected = torch.zeros_like(p, dtype=torch.bool).scatter(-1, chosen, chosen_ok)
     weights = pooling[:, None, :, :, None].float()
