@@ -53,6 +53,27 @@ def _images(rng, rows):
     return {"pixel_values": rng.standard_normal((rows, 3, 32, 32)).astype(np.float32)}
 
 
+def _replicas(url: str, count: int = 2, timeout: float = 90.0, without: int | None = None) -> dict:
+    """{pid: /health answer} of `count` replicas (none of them `without`). Serve's router may send
+    one client's sequential requests to the same replica, so health is asked 8 at a time, until
+    that many replicas have answered or `timeout` seconds have passed."""
+    def health(_):
+        status, _, body = http(f"{url}/health")
+        return json.loads(body) if status == 200 else None  # a replica being replaced may answer 5xx
+
+    seen: dict = {}
+    deadline = time.monotonic() + timeout
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        while True:
+            for answer in filter(None, pool.map(health, range(8))):
+                seen[answer["pid"]] = answer
+            seen.pop(without, None)
+            if len(seen) >= count:
+                return seen
+            assert time.monotonic() < deadline, f"{count} replicas did not answer within {timeout:.0f} s: {sorted(seen)}"
+            time.sleep(0.5)
+
+
 def test_json_and_npz_bodies_answer_what_session_run_returns(served, builds):
     session = trimrt.load(builds["vit"])
     rng = np.random.default_rng(0)
@@ -84,21 +105,12 @@ def test_concurrent_clients_get_session_run_s_answers_and_requests_are_batched(s
     rng = np.random.default_rng(1)
     requests = [_images(rng, int(rows)) for rows in rng.integers(1, 4, 96)]
 
-    def health():
-        return json.loads(http(f"{served['vit']}/health")[2])
-
-    before = {}
-    for _ in range(20):  # both replicas' counters (each answer names its replica)
-        h = health()
-        before[h["pid"]] = h
+    before = _replicas(served["vit"])  # both replicas' counters (each answer names its replica)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda feeds: infer(served["vit"], feeds), requests))
     for feeds, answer in zip(requests, answers):
         np.testing.assert_allclose(answer["logits"].astype(np.float32), session.run(feeds)["logits"], rtol=0, atol=1e-6)
-    after = {}
-    for _ in range(40):
-        h = health()
-        after[h["pid"]] = h
+    after = _replicas(served["vit"])
     served_requests = sum(h["requests"] - before.get(pid, {"requests": 0})["requests"] for pid, h in after.items())
     runs = sum(h["runs"] - before.get(pid, {"runs": 0})["runs"] for pid, h in after.items())
     assert served_requests == len(requests) and runs < served_requests  # some requests shared a run
@@ -108,9 +120,7 @@ def test_a_killed_replica_is_replaced_and_clients_never_get_a_wrong_answer(serve
     session = trimrt.load(builds["vit"])
     rng = np.random.default_rng(2)
     requests = [_images(rng, int(rows)) for rows in rng.integers(1, 3, 120)]
-    pids = {json.loads(http(f"{served['vit']}/health")[2])["pid"] for _ in range(20)}
-    assert len(pids) == 2
-    victim = sorted(pids)[0]
+    victim = min(_replicas(served["vit"]))
     outcomes = []
 
     def client(feeds):
@@ -132,13 +142,7 @@ def test_a_killed_replica_is_replaced_and_clients_never_get_a_wrong_answer(serve
             np.testing.assert_allclose(answer["logits"].astype(np.float32), session.run(feeds)["logits"], rtol=0,
                                        atol=1e-6)
     assert sum(isinstance(o, int) for o in outcomes) >= len(requests) - 4
-    deadline = time.monotonic() + 90
-    while True:  # Serve's controller starts a replacement replica
-        alive = {json.loads(http(f"{served['vit']}/health")[2])["pid"] for _ in range(20)}
-        if len(alive) == 2 and victim not in alive:
-            break
-        assert time.monotonic() < deadline, f"no replacement replica: {alive}"
-        time.sleep(1)
+    _replicas(served["vit"], without=victim)  # Serve's controller starts a replacement replica
     np.testing.assert_array_equal(infer(served["vit"], requests[0])["logits"].astype(np.float32),
                                   session.run(requests[0])["logits"])
 
