@@ -11,8 +11,10 @@ install:
 demo: install
 	$(PYTHON) examples/01_vit_token_pruning.py
 
+# two workers, a test file each at a time (its module fixtures built once): the suite is mostly
+# single-threaded export and graph work, so the second core halves its time
 test: install lint triton-env
-	$(PYTHON) -m pytest -q -ra --durations=25
+	$(PYTHON) -m pytest -q -ra --durations=25 -n 2 --dist loadfile
 
 # pyflakes + import order (pyproject's [tool.ruff]); part of `make test`, so CI runs it
 lint:

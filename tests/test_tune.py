@@ -162,9 +162,9 @@ def test_bad_data_and_options_are_one_line_errors(tiny_vit_onnx, data, tmp_path)
 def test_the_top1_budget_applies_to_the_logits(tiny_vit_onnx, data, tmp_path):
     _, onnx_path = tiny_vit_onnx
     result = CliRunner().invoke(main, ["tune", str(onnx_path), "--data", str(data / "cal"), "--eval", str(data / "eval"),
-                                       "--metric", "top1", "--min-top1", "0.75", "--samples", "4", "--budget", "2m",
+                                       "--metric", "top1", "--min-top1", "0.75", "--samples", "4", "--budget", "30s",
                                        "-o", str(tmp_path / "best")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 0, result.output  # screening stopped at 3/4 of the budget: the rest timed what met it
     assert "top1 " in result.output and "≥ 0.75" in result.output
     report = (tmp_path / "best" / "tune_report.md").read_text()
     assert "| candidate | top1 |" in report and "top1 ≥ 0.75" in report

@@ -353,7 +353,7 @@ def _minutes(seconds: float) -> str:
               help="The budget with --metric perplexity: the build's perplexity at most this much higher, relative "
                    "(default 0.02: +2%).")
 @click.option("--budget", "budget_s", default="20m", show_default=True, callback=_duration,
-              help="Time to spend (600, 20m, 1h).")
+              help="Time to spend (600, 20m, 1h); screening stops at 3/4 of it, the rest times what met the budget.")
 @click.option("--batch", default=1, show_default=True, type=_count("batch"), help="Batch size the speed is measured at.")
 @click.option("--threads", default=2, show_default=True, type=_count("threads"))
 @click.option("--samples", default=32, show_default=True, type=click.IntRange(1, 4096),

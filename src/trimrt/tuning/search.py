@@ -13,6 +13,9 @@
    rungs of growing rounds; after each rung the faster third goes on. The best is the
    fastest at the highest rung it reached.
 
+Screening stops at `SCREENING_SHARE` of the time budget, so that a budget too short to
+screen the whole space still times what met it and chooses among that.
+
 The work folder (`OUT.tune/`) keeps the compiled candidates and `state.json`, written after
 every measurement: running the same command again resumes where it stopped.
 """
@@ -36,6 +39,8 @@ from .space import COMBINED, QUANTIZATION, REDUCTION, Candidate, candidates
 
 #: timed rounds of the successive-halving rungs
 RUNGS = (5, 15, 40)
+#: the share of the time budget screening may use; the rest is kept for timing
+SCREENING_SHARE = 0.75
 #: a calibrated INT8 method is combined with reductions only when its gap to a fidelity of 1
 #: is at most this share of round-to-nearest's
 CALIBRATED_GAIN = 0.9
@@ -108,8 +113,9 @@ class _Clock:
         #: a timed round's cost before one was timed: the original and a build, each once
         self.round_guess_s = 0.0
 
-    def expired(self) -> bool:
-        return time.monotonic() > self.deadline
+    def expired(self, share: float = 1.0) -> bool:
+        """Whether `share` of the budget is spent."""
+        return time.monotonic() > self.started + share * (self.deadline - self.started)
 
     def say(self, message: str, measurements=(), to_screen: int = 0, timings: list[tuple[int, int]] = ()) -> None:
         """`to_screen`: candidates still to compile and score; `timings`: (candidates, rounds)
@@ -184,7 +190,7 @@ def tune(model, *, data: str | Path, eval_data: str | Path, out_dir: str | Path,
 
     def screen(candidate: Candidate) -> Measurement:
         m = state.get(candidate)
-        if m.status == "pending" and not clock.expired():
+        if m.status == "pending" and not clock.expired(SCREENING_SHARE):
             to_screen, feasible = _planned(space, state)
             clock.phase = "screening"
             say(f"[{len(state.done()) + 1}] compiling and evaluating {candidate.name}", state.entries.values(),
