@@ -138,6 +138,33 @@ def test_sparse_attention_with_every_block_reproduces_original(family, exporter,
         np.testing.assert_allclose(got[name][rows], want[name][rows], atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_a_sliding_window_longer_than_the_first_probes_is_found(exporter, tmp_path):
+    """A Mistral exported without a KV cache (an embedding model's form, e5-mistral's) whose
+    window of 24 tokens the first probes (7 and 19 tokens) cannot show: the pass finds it on
+    a long probe, and sparse attention over every block is the export's attention on a
+    left-padded 40-token prompt (it attended past the window before)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    module = tf.MistralModel(tf.MistralConfig(hidden_size=64, num_key_value_heads=2, vocab_size=200, use_cache=False,
+                                              num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                              sliding_window=24)).eval()
+    ids = torch.randint(0, 200, (2, 40))
+    path = tmp_path / "mistral.onnx"
+    feeds = export(module, {"input_ids": ids, "attention_mask": torch.ones(2, 40, dtype=torch.long)}, exporter, False,
+                   path)
+    feeds["attention_mask"][1, :5] = 0
+    manifest = trimrt.compile(str(path), {"sparse_attention": {"block_size": 8, "top_k": 5}}, tmp_path / "b")
+    report = next(p["report"] for p in manifest["passes"] if p["pass"] == "sparse_attention")
+    assert [(layer["causal"], layer.get("window")) for layer in report["layers"]] == [(True, 24)] * 2
+    want = run_onnx(path, feeds)["last_hidden_state"]
+    got = trimrt.load(tmp_path / "b").run(feeds)["last_hidden_state"]
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+    np.testing.assert_allclose(got[1, 5:], want[1, 5:], atol=1e-5)
+
+
 def test_pruning_matches_pytorch(cell, tmp_path):
     family, shape, path, module, inputs, feeds = cell
     recipe, reference = recipe_for(family)

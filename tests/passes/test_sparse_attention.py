@@ -126,19 +126,24 @@ def test_it_composes_with_token_pruning(tiny_vit_onnx):
 def test_what_the_pass_refuses(tiny_vit_onnx, small_llama, tmp_path):
     with pytest.raises(RecipeError, match=r"\[sparse_attention\] layers \[7\] do not exist: the model has 4 blocks"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", layers=[7], top_k=2)
-    # the LLaMA's causal mask plus its transpose: only the diagonal is seen (a window of one)
-    model = ir.load(small_llama[1])
-    mask = structure_of(model, {}).blocks[0].attention.mask
-    readers = list(mask.uses())
-    transpose = ir.Node("", "Transpose", [mask], attributes=[ir.AttrInt64s("perm", [1, 0])])
-    window = ir.Node("", "Add", [mask, transpose.outputs[0]])
-    model.graph.insert_after(mask.producer(), [transpose, window])
-    for user, index in readers:
-        user.replace_input_with(index, window.outputs[0])
-    ir.save(model, tmp_path / "window.onnx")
+    def remasked(name, plus_causal):  # the LLaMA's causal mask transposed (each query sees the keys after it)
+        model = ir.load(small_llama[1])
+        mask = structure_of(model, {}).blocks[0].attention.mask
+        readers = list(mask.uses())
+        nodes = [ir.Node("", "Transpose", [mask], attributes=[ir.AttrInt64s("perm", [1, 0])])]
+        if plus_causal:  # and the causal mask: only the diagonal is seen, a window of one
+            nodes.append(ir.Node("", "Add", [mask, nodes[0].outputs[0]]))
+        model.graph.insert_after(mask.producer(), nodes)
+        for user, index in readers:
+            user.replace_input_with(index, nodes[-1].outputs[0])
+        ir.save(model, tmp_path / name)
+        return tmp_path / name
+
     with pytest.raises(StructureError, match=r"\[sparse_attention\] block 0's attention has a mask that is neither "
                                              r"the causal rule nor a bias of the keys alone"):
-        apply_recipe(tmp_path / "window.onnx", "sparse_attention", top_k=2)
+        apply_recipe(remasked("anticausal.onnx", False), "sparse_attention", top_k=2)
+    _, reports = apply_recipe(remasked("diagonal.onnx", True), "sparse_attention", top_k=2)
+    assert [(e["block"], e["causal"], e.get("window")) for e in reports["sparse_attention"]["layers"]][0] == (0, True, 1)
     with pytest.raises(StructureError, match=r"the grid \[16, 16\] has 256 patches but the blocks see 65 tokens"):
         apply_recipe(tiny_vit_onnx[1], "sparse_attention", top_k=2, order="tiled", grid=[16, 16])
     # block 2's probabilities as a graph output (output_attentions): dense by default, refused listed

@@ -360,7 +360,7 @@ class _Masks:
         kind = self.kind(attn)
         if kind == "causal" and self.decoder is not None and self.decoder.sliding_window:
             return None  # a reduced block's own causal mask: the model's windows are not in it
-        value = self._pattern(attn)[0] if kind == "causal_keys" else None
+        value = self._pattern(attn)[0] if kind in ("causal", "causal_keys") else None
         return 0 if value is None else self.windows.get(value.name, 0)
 
     def key_bias(self, b, attn: Attention, q: ir.Value) -> ir.Value:
@@ -413,8 +413,11 @@ class _Masks:
     def _classify(self, value: ir.Value, visible) -> str | None:
         """"keys" when the mask is the same for every query on probe inputs (integer inputs 1: a
         padding mask then masks nothing, a causal one still shows), "causal" when it is the causal
-        rule and reads no input's values, "causal_keys" when it looks causal there and reads
-        [B, N] inputs (a padding mask and the causal rule in one: `_causal_keys` decides), else None."""
+        rule (within a sliding window or not) and reads no input's values, "causal_keys" when it
+        looks causal there and reads [B, N] inputs (a padding mask and the causal rule in one:
+        `_causal_keys` decides on a left-padded row), else None. A causal mask of a graph whose
+        token count is not fixed is probed once more, on `_LONGEST_WINDOW_PROBE` + 8 tokens, for a
+        sliding window longer than the first probes (e5-mistral's 4096)."""
         if value.shape is not None and len(value.shape) == 4 and isinstance(value.shape[1], int) and value.shape[1] != 1:
             return None
         # the graph inputs whose values the mask reads (a shape read does not count)
@@ -422,24 +425,57 @@ class _Masks:
         # a mask that reads a [B, N, N] input could vary by query on other inputs than the probes'
         rows_read = all(x.shape is not None and len(x.shape) <= 2 for x in read)
         same_rows, causal = rows_read, True
-        for n in ([self.tokens] if isinstance(self.tokens, int) else [7, 19]):
-            feeds = {x.name: np.full([d if isinstance(d, int) else n for d in x.shape],
-                                     1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
-                     for x in self.model.graph.inputs}
-            mask = self._values(value, feeds)
+        dynamic = not isinstance(self.tokens, int)
+        for n in ([7, 19] if dynamic else [self.tokens]):
+            mask = self._values(value, self._probe_feeds(n))
             keys = mask.shape[-1] if mask.ndim >= 2 else 0  # (after a token reduction, fewer than n)
             if mask.ndim < 2 or mask.shape[-2] not in (1, keys) or (mask.ndim == 4 and mask.shape[1] != 1):
                 return None
             same_rows &= bool((mask == mask[..., :1, :]).all())
-            if mask.shape[-2] == keys:
-                seen = visible(mask.reshape(-1, keys, keys))
-                causal &= not any(x is None for x in seen.reshape(-1)) and bool(
-                    (seen == np.tril(np.ones((keys, keys), bool))).all())
+            causal &= mask.shape[-2] == 1 or self._causal_keys(value, visible, mask=mask, padding=False) is not None
         if same_rows:
             return "keys"
-        if causal and not read:
-            return "causal"
-        return self._causal_keys(value, visible, self._padded_feeds(n, read)) if causal and rows_read else None
+        if not causal or (read and not rows_read):
+            return None
+        kind = self._causal_keys(value, visible, self._probe_feeds(n, padded=read)) if read else "causal"
+        if kind and dynamic and not self.windows.get(value.name) and not self._long_probe(value, visible):
+            return None
+        return kind
+
+    def _long_probe(self, value: ir.Value, visible) -> bool:
+        """Record the sliding window (if any) of a causal mask on one row of `_LONGEST_WINDOW_PROBE`
+        + 8 tokens; False when the mask is not a window's there. A mask the graph cannot compute
+        that long (a causal table sliced to the model's positions) has no window the model's
+        prompts reach."""
+        n, shape = _LONGEST_WINDOW_PROBE + 8, self.probed[value.name]
+        try:
+            return self._probe_window(value, visible, self._probe_feeds(n, batch=1), n) is not False
+        except Exception:  # noqa: BLE001 - ONNX Runtime's errors for a length past the model's tables
+            return True
+        finally:
+            self.probed[value.name] = shape  # (key_bias reads the first probes' shape)
+
+    def _probe_window(self, value: ir.Value, visible, feeds: dict[str, np.ndarray], n: int) -> bool | None:
+        """Whether the causal mask on `feeds` (one unpadded row of `n` tokens, longer than the
+        first probes) is the causal rule within a sliding window (recorded in `windows`) or
+        without one; None when it is not n × n there (a causal table sliced to fewer positions).
+        Two query rows are read (the middle and the last one: the first probes saw every row
+        of a short prompt), not the [N, N] mask (8200² values by NumPy: seconds)."""
+        mask = self._values(value, feeds)
+        if mask.ndim < 2 or mask.shape[-2:] != (n, n):
+            return None
+        rows = np.array([n // 2, n - 1])
+        seen = visible(mask.reshape(-1, n, n)[:, rows, :])
+        if any(x is None for x in seen.reshape(-1)):
+            return False
+        gap = rows[:, None] - np.arange(n)[None, :]  # query − key
+        hidden = (gap >= 0) & ~seen.astype(bool)
+        window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
+        if not bool((seen.astype(bool) == ((gap >= 0) & ((gap < window) | (window == 0)))).all()):
+            return False
+        if window:
+            self.windows[value.name] = window
+        return True
 
     def _classify_prompt(self, value: ir.Value, visible) -> str | None:
         """A KV-cache decoder's mask: "causal_keys" when `_causal_keys` finds it on a prompt."""
@@ -451,36 +487,40 @@ class _Masks:
         kind = self._causal_keys(value, visible, feeds)
         window = self.decoder.sliding_window
         if kind and window:  # the mask's own window (or none), on a prompt longer than the smallest one
-            found = window + 8 <= _LONGEST_WINDOW_PROBE and self._causal_keys(
-                value, visible, self.decoder.random_feeds(batch=1, new=window + 8, past=0))
+            found = window + 8 <= _LONGEST_WINDOW_PROBE and self._probe_window(
+                value, visible, self.decoder.random_feeds(batch=1, new=window + 8, past=0), window + 8)
             # not probed, or not a window's pattern: the op runs on prompts no longer than the smallest window
             self.windows[value.name] = self.windows.get(value.name, 0) if found else None
         return kind
 
-    def _padded_feeds(self, n: int, read: set[ir.Value]) -> dict[str, np.ndarray]:
-        """Probe inputs of n tokens whose last row is left-padded by 3 in every [B, N] input the
-        mask reads (a padding mask's 0s; the other inputs 1s / 0s as in the first probe)."""
+    def _probe_feeds(self, n: int, padded: set[ir.Value] = frozenset(), batch: int = 2) -> dict[str, np.ndarray]:
+        """Probe inputs of `batch` rows of n tokens: integer inputs 1, others 0, except that the
+        last row is left-padded by 3 (0s) in the [B, N] inputs `padded` (a padding mask's)."""
         feeds = {}
         for x in self.model.graph.inputs:
-            shape = [d if isinstance(d, int) else (2 if i == 0 else n) for i, d in enumerate(x.shape)]
+            shape = [d if isinstance(d, int) else (batch if i == 0 else n) for i, d in enumerate(x.shape)]
             feeds[x.name] = np.full(shape, 1 if np.issubdtype(x.dtype.numpy(), np.integer) else 0, x.dtype.numpy())
-            if x in read and len(shape) == 2 and shape[1] > 3:
+            if x in padded and len(shape) == 2 and shape[1] > 3:
                 feeds[x.name][-1, :3] = 0
         return feeds
 
-    def _causal_keys(self, value: ir.Value, visible, feeds: dict[str, np.ndarray]) -> str | None:
-        """"causal_keys" when, on `feeds` (a prompt, rows left-padded or not), each query sees
-        the keys up to itself that are not padding (those its own query sees), within a sliding
-        window if the mask has one (recorded in `windows`)."""
-        mask = self._values(value, feeds)
+    def _causal_keys(self, value: ir.Value, visible, feeds: dict[str, np.ndarray] | None = None,
+                     mask: np.ndarray | None = None, padding: bool = True) -> str | None:
+        """"causal_keys" when, on `feeds` (a prompt, rows left-padded or not; or the `mask` they
+        gave), each query sees the keys up to itself that are not padding (those its own query
+        sees; without `padding`, every key is), within a sliding window if the mask has one
+        (recorded in `windows`)."""
+        mask = self._values(value, feeds) if mask is None else mask
         n = mask.shape[-1]
-        if mask.ndim != 4 or mask.shape[-2] != n or mask.shape[1] != 1:
+        if mask.ndim < 2 or mask.shape[-2] != n or (mask.ndim == 4 and mask.shape[1] != 1):
             return None
-        seen = visible(np.broadcast_to(mask, (len(next(iter(feeds.values()))), 1, n, n))[:, 0])
+        seen = visible(mask.reshape(-1, n, n))
         if any(x is None for x in seen.reshape(-1)):
             return None
         seen = seen.astype(bool)
         keys = seen[:, np.arange(n), np.arange(n)][:, None, :]  # [B, 1, N]: the keys that are not padding
+        if not padding and not keys.all():
+            return None
         gap = np.arange(n)[:, None] - np.arange(n)[None, :]  # query − key
         hidden = (gap >= 0) & keys & ~seen  # in the past, not padding, yet masked: a window's
         window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
