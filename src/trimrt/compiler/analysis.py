@@ -247,11 +247,21 @@ def _find_residual_add(attn: Attention) -> tuple[ir.Node, ir.Value, bool] | None
             joined = False
             if user.op_type == "Add":
                 other = [v for v in user.inputs if v is not value]
-                if other and other[0] in ancestors:
-                    return user, other[0], parallel
+                stream = next((v for v in _cast_chain(other[0]) if v in ancestors), None) if other else None
+                if stream is not None:
+                    return user, stream, parallel
                 joined = bool(other) and not _is_parameter(other[0])
             queue.extend((out, depth + 1, parallel or joined) for out in user.outputs)
     return None
+
+
+def _cast_chain(value: ir.Value) -> list[ir.Value]:
+    """`value` and what it was cast from, back through Casts (an fp16 TorchScript export adds
+    the stream to the attention's output through a Cast of it)."""
+    chain = [value]
+    while chain[-1].producer() is not None and chain[-1].producer().op_type == "Cast" and len(chain) < 4:
+        chain.append(chain[-1].producer().inputs[0])
+    return chain
 
 
 def _find_attentions(graph: ir.Graph) -> list[Attention]:

@@ -111,6 +111,8 @@ class SparseAttentionPass(TrimrtPass):
                 raise StructureError(f"[sparse_attention] block {layer}'s attention is causal: its tokens keep their "
                                      "order (order = 'sequence')")
             b = self.builder(model.graph, f"trimrt_sparse_{layer}")
+            if len({x.dtype for x in (q, k, v)} - {None}) > 1:  # (fp16 products, fp32 softmax and context: the op's)
+                q, k = b.CastLike(q, v), b.CastLike(k, v)
             if attn.k_transposed:
                 k = b.op("Transpose", [k], {"perm": [0, 1, 3, 2]}, name=f"trimrt_sparse_{layer}_keys")
             if opts.order != "sequence":
@@ -595,8 +597,8 @@ def _operands(attn: Attention, layer: int, masks: _Masks) -> tuple[ir.Value, ir.
     kind = masks.kind(attn)
     if kind is None:
         raise StructureError(f"[sparse_attention] block {layer}'s attention has a mask that is neither the causal rule "
-                             "nor a bias of the keys alone (e.g. padding and causal in one mask, or a window); "
-                             "block-sparse attention takes those two only so far: remove the block from layers")
+                             "nor a bias of the keys alone (nor the two in one, within a sliding window or not); "
+                             "block-sparse attention takes those only: remove the block from layers")
     masked = kind in ("causal", "causal_keys")
     if attn.core.op_type == "Attention":
         q, k, v = attn.core.inputs[:3]
