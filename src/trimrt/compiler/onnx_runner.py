@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..runtime.backends import OnnxRuntimeBackend
 
@@ -35,41 +37,11 @@ def with_outputs(model: onnx.ModelProto, names: Sequence[str], *, replace: bool 
     if missing:
         raise ValueError(f"no node of the model produces {missing}")
     graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in added)
-    if replace:
-        _keep_only_what_outputs_need(graph)
-    return copy
-
-
-def _keep_only_what_outputs_need(graph: onnx.GraphProto) -> None:
-    """Remove the nodes and initializers no output of `graph` depends on (the inputs stay: the
-    callers feed them all)."""
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    needed, names = set(), [o.name for o in graph.output]
-    while names:
-        i = producer.get(names.pop())
-        if i is not None and i not in needed:
-            needed.add(i)
-            names.extend(_reads(graph.node[i]))
-    nodes = [graph.node[i] for i in sorted(needed)]
-    # (an initializer named as an input is its default: without it the input would be required)
-    read = {name for node in nodes for name in _reads(node)} | {x.name for x in [*graph.output, *graph.input]}
-    initializers = [t for t in graph.initializer if t.name in read]
-    kept_nodes, kept_initializers = [onnx.NodeProto() for _ in nodes], [onnx.TensorProto() for _ in initializers]
-    for new, old in [*zip(kept_nodes, nodes), *zip(kept_initializers, initializers)]:
-        new.CopyFrom(old)
-    del graph.node[:], graph.initializer[:]
-    graph.node.extend(kept_nodes)
-    graph.initializer.extend(kept_initializers)
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """The names `node` reads: its inputs, and those its subgraphs (If / Loop / Scan bodies)
-    read (their own values included: a superset is harmless)."""
-    names = [x for x in node.input if x]
-    for attribute in node.attribute:
-        for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            names += [x for inner in body.node for x in _reads(inner)]
-    return names
+    if not replace:
+        return copy
+    pruned = ir.serde.deserialize_model(copy)
+    RemoveUnusedNodesPass()(pruned)  # (an initializer named as an input, its default, stays)
+    return ir.serde.serialize_model(pruned)
 
 
 class OnnxRunner(OnnxRuntimeBackend):

@@ -468,16 +468,10 @@ class _Masks:
             return None
         rows = np.array([n // 2, n - 1])
         seen = visible(mask.reshape(-1, n, n)[:, rows, :])
-        if any(x is None for x in seen.reshape(-1)):
-            return False
-        gap = rows[:, None] - np.arange(n)[None, :]  # query − key
-        hidden = (gap >= 0) & ~seen.astype(bool)
-        window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
-        if not bool((seen.astype(bool) == ((gap >= 0) & ((gap < window) | (window == 0)))).all()):
-            return False
+        window = None if any(x is None for x in seen.reshape(-1)) else _causal_window(seen.astype(bool), rows, True)
         if window:
             self.windows[value.name] = window
-        return True
+        return window is not None
 
     def _classify_prompt(self, value: ir.Value, visible) -> str | None:
         """A KV-cache decoder's mask: "causal_keys" when `_causal_keys` finds it on a prompt."""
@@ -523,14 +517,10 @@ class _Masks:
         keys = seen[:, np.arange(n), np.arange(n)][:, None, :]  # [B, 1, N]: the keys that are not padding
         if not padding and not keys.all():
             return None
-        gap = np.arange(n)[:, None] - np.arange(n)[None, :]  # query − key
-        hidden = (gap >= 0) & keys & ~seen  # in the past, not padding, yet masked: a window's
-        window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
-        if not bool((seen == ((gap >= 0) & keys & ((gap < window) | (window == 0)))).all()):
-            return None
+        window = _causal_window(seen, np.arange(n), keys)
         if window:
             self.windows[value.name] = window
-        return "causal_keys"
+        return None if window is None else "causal_keys"
 
     def _values(self, value: ir.Value, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The mask's values on `feeds` (a constant's own)."""
@@ -546,6 +536,16 @@ class _Masks:
             values = np.asarray(OnnxRunner(self.proto, [value.name], replace=True).run(feeds)[value.name])
         self.probed[value.name] = values.shape
         return values
+
+
+def _causal_window(seen: np.ndarray, rows: np.ndarray, keys) -> int | None:
+    """The sliding window (0: none) of what query rows `rows` see (`seen` [B, R, N]) when each
+    sees the keys up to itself among `keys` (those not padding, [B, 1, N] or True), within
+    the window; None when they do not."""
+    gap = rows[:, None] - np.arange(seen.shape[-1])[None, :]  # query − key
+    hidden = (gap >= 0) & keys & ~seen  # in the past, not padding, yet masked: a window's
+    window = int(np.broadcast_to(gap, hidden.shape)[hidden].min()) if hidden.any() else 0
+    return window if bool((seen == ((gap >= 0) & keys & ((gap < window) | (window == 0)))).all()) else None
 
 
 #: the longest sliding window whose mask a decoder's probe computes ([1, 1, W, W] values)
